@@ -1,0 +1,69 @@
+// Argument checks and dispatch shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) ops,
+// so that both backends reject bad input with the same message. Exception types follow
+// torch: a wrong dtype raises TypeError, a wrong shape or value ValueError, anything else
+// (devices, layout) RuntimeError.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/TensorUtils.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+namespace llama_ext {
+
+// float32, float16, bfloat16 and float64. CUDA kernels reject float64 before dispatching.
+#define LLAMA_EXT_DISPATCH_FLOATING(TYPE, NAME, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
+
+inline void check_floating(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
+                   " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
+                   t.scalar_type());
+}
+
+inline void check_cuda_dtype(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() != at::kDouble, name,
+                   " is float64, which the CUDA kernels do not support (use float32, float16 or bfloat16)");
+}
+
+inline void check_same_dtype(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name,
+                   " (", ref.scalar_type(), "), got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (", ref.device(),
+              "), got ", t.device());
+}
+
+inline void check_min_dim(const at::Tensor& t, const char* name, int64_t min_dim) {
+  TORCH_CHECK_VALUE(t.dim() >= min_dim, name, " must have at least ", min_dim, " dimension(s), got a ", t.dim(),
+                    "-dim tensor");
+}
+
+inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be a ", dim, "-dim tensor, got ", t.dim(), " dims with shape ",
+                    t.sizes());
+}
+
+// Kernels index the last dim with unit stride; every other dim may be strided.
+inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 0 || t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
+              " must be contiguous in its last dimension (stride 1), got strides ", t.strides());
+}
+
+// True when all leading dims of t collapse into one strided row dimension without a copy.
+inline bool rows_collapse(const at::Tensor& t) {
+  const int64_t cols = t.size(-1);
+  const int64_t rows = cols == 0 ? 0 : t.numel() / cols;
+  return at::detail::computeStride(t.sizes(), t.strides(), at::IntArrayRef{rows, cols}).has_value();
+}
+
+// t as [rows, cols] with one row stride: a view when the leading dims collapse, else a copy.
+inline at::Tensor as_rows(const at::Tensor& t) {
+  const int64_t cols = t.size(-1);
+  const int64_t rows = cols == 0 ? 0 : t.numel() / cols;
+  return rows_collapse(t) ? t.view({rows, cols}) : t.contiguous().view({rows, cols});
+}
+
+}  // namespace llama_ext

@@ -1,0 +1,55 @@
+// Every llama_ext operator schema, in one place. The kernels register themselves per
+// backend (TORCH_LIBRARY_IMPL in csrc/<op>.cpp for CPU, csrc/cuda/<op>.cu for CUDA);
+// autograd and fake (meta) kernels live in llama_ext/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+// `import llama_ext._C` only has to load this library so the registrations below run;
+// the module itself is empty (no pybind11, every entry point is a torch op).
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+
+TORCH_LIBRARY(llama_ext, m) {
+  // ---- RMSNorm ------------------------------------------------------------------------
+  // out = weight * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) per row, float32.
+  m.def("rms_norm(Tensor input, Tensor? weight, float eps) -> (Tensor out, Tensor rstd)");
+  // residual_out = input + residual; out = rms_norm(residual_out).
+  m.def(
+      "fused_add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float eps)"
+      " -> (Tensor out, Tensor residual_out, Tensor rstd)");
+  // Inference form: residual <- input + residual, input <- rms_norm(residual).
+  m.def("fused_add_rms_norm_(Tensor(a!) input, Tensor(b!) residual, Tensor? weight, float eps) -> ()");
+  // Shared backward of both forms: grad_input = d rms_norm / d input (+ grad_residual_out
+  // when given, the residual branch of fused_add_rms_norm); grad_weight is reduced over rows
+  // in fp32 and is an empty tensor when weight is None or compute_grad_weight is false.
+  m.def(
+      "rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor rstd,"
+      " Tensor? grad_residual_out, bool compute_grad_weight) -> (Tensor grad_input, Tensor grad_weight)");
+
+  // ---- Rotary position embedding ------------------------------------------------------
+  // q [batch, seq, n_q_heads, head_dim], k [batch, seq, n_kv_heads, head_dim],
+  // cos/sin float32 [max_position, rotary_dim / 2], positions int32/int64 [batch, seq] or [seq].
+  // inverse=True rotates by -theta (the backward of the forward rotation).
+  m.def(
+      "apply_rotary(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? positions,"
+      " bool interleaved, bool inverse) -> (Tensor q_out, Tensor k_out)");
+  m.def(
+      "apply_rotary_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, Tensor? positions,"
+      " bool interleaved, bool inverse) -> ()");
+
+  // ---- Grouped-query attention --------------------------------------------------------
+  // Batched: q [batch, seq_q, n_q_heads, d], k/v [batch, seq_k, n_kv_heads, d], cu_seqlens None.
+  // Varlen:  q [total_q, n_q_heads, d], k/v [total_k, n_kv_heads, d], int32 cu_seqlens_q/k
+  //          [batch + 1], max_seqlen_q/k bound the per-sequence lengths.
+  // out has q's shape; lse is float32 [batch, n_q_heads, seq_q] (varlen: [n_q_heads, total_q]).
+  // causal masks bottom-right: query i sees keys j <= i + seq_k - seq_q.
+  m.def(
+      "gqa_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
+      " int max_seqlen_q, int max_seqlen_k, bool causal, float scale) -> (Tensor out, Tensor lse)");
+  m.def(
+      "gqa_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+      " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
+      " float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}

@@ -1,0 +1,26 @@
+"""llama_ext: fused RMSNorm, rotary embedding and grouped-query attention for PyTorch.
+
+Every op is a ``torch.ops.llama_ext`` custom op with CPU and (when built) CUDA kernels,
+autograd, and fake kernels for ``torch.compile``.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.llama_ext)
+from .ops import fused_add_rms_norm, fused_add_rms_norm_, rms_norm
+from .modules import RMSNorm
+
+__version__ = "0.1.0"
+
+
+def cuda_kernels_built() -> bool:
+    """True when this build of the extension contains the CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("llama_ext::rms_norm", "CUDA")
+
+
+__all__ = [
+    "RMSNorm",
+    "cuda_kernels_built",
+    "fused_add_rms_norm",
+    "fused_add_rms_norm_",
+    "rms_norm",
+]

@@ -1,0 +1,129 @@
+"""Functional ops: thin wrappers over ``torch.ops.llama_ext``, plus their fake (meta)
+kernels for ``torch.compile`` and their autograd formulas.
+
+The kernels themselves, and all argument checking, live in C++ (``csrc/``).
+"""
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.llama_ext
+
+
+def _rstd_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _check_no_grad_inplace(name: str, *tensors: Optional[Tensor]) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise RuntimeError(
+            f"{name} writes its inputs in place and has no autograd formula; "
+            f"call it under torch.no_grad() or use the out-of-place form for training"
+        )
+
+
+def _contiguous_grad(grad: Optional[Tensor]) -> Optional[Tensor]:
+    """Incoming gradients may be expanded (stride 0, e.g. from ``.sum()``); kernels need a
+    contiguous last dim."""
+    if grad is None or grad.dim() == 0 or grad.size(-1) <= 1 or grad.stride(-1) == 1:
+        return grad
+    return grad.contiguous()
+
+
+# ---- RMSNorm ------------------------------------------------------------------------------
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim, with HF ``LlamaRMSNorm`` numerics.
+
+    ``y = weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)``: statistics and the
+    normalization run in float32 (float64 for float64 input), the normalized value is
+    rounded once to ``x.dtype``, then multiplied by ``weight`` (same dtype as ``x``;
+    ``None`` means ones) and rounded again. ``x`` may have any leading dims and strided
+    rows; its last dim must be contiguous. Differentiable in ``x`` and ``weight``.
+    """
+    return _ops.rms_norm(x, weight, eps)[0]
+
+
+def fused_add_rms_norm(
+    x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6
+) -> Tuple[Tensor, Tensor]:
+    """``res = x + residual`` (rounded to ``x.dtype``) and ``rms_norm(res)`` in one pass.
+
+    Returns ``(rms_norm(res, weight, eps), res)``. Differentiable in all three tensors.
+    """
+    out, residual_out, _ = _ops.fused_add_rms_norm(x, residual, weight, eps)
+    return out, residual_out
+
+
+def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> None:
+    """In-place, inference-only form: ``residual <- x + residual``, ``x <- rms_norm(residual)``."""
+    _check_no_grad_inplace("fused_add_rms_norm_", x, residual, weight)
+    _ops.fused_add_rms_norm_(x, residual, weight, eps)
+
+
+@torch.library.register_fake("llama_ext::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+        x.shape[:-1], dtype=_rstd_dtype(x.dtype)
+    )
+
+
+@torch.library.register_fake("llama_ext::fused_add_rms_norm")
+def _fused_add_rms_norm_fake(x, residual, weight, eps):
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out, torch.empty_like(out), x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x.dtype))
+
+
+@torch.library.register_fake("llama_ext::fused_add_rms_norm_")
+def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps):
+    return None
+
+
+@torch.library.register_fake("llama_ext::rms_norm_backward")
+def _rms_norm_backward_fake(grad_out, x, weight, rstd, grad_residual_out, compute_grad_weight):
+    n = x.shape[-1] if (compute_grad_weight and weight is not None) else 0
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((n,))
+
+
+def _rms_norm_weight_grad(ctx, grad_weight: Tensor) -> Optional[Tensor]:
+    return grad_weight if ctx.weight_needs_grad else None
+
+
+def _rms_norm_setup_context(ctx, inputs, output):
+    x, weight, _ = inputs
+    _, rstd = output
+    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[1]
+    ctx.save_for_backward(x, weight, rstd)
+
+
+def _rms_norm_backward(ctx, grad_out, _grad_rstd):
+    x, weight, rstd = ctx.saved_tensors
+    grad_x, grad_weight = _ops.rms_norm_backward(_contiguous_grad(grad_out), x, weight, rstd, None, ctx.weight_needs_grad)
+    return grad_x, _rms_norm_weight_grad(ctx, grad_weight), None
+
+
+def _fused_add_rms_norm_setup_context(ctx, inputs, output):
+    _, _, weight, _ = inputs
+    _, residual_out, rstd = output
+    ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
+    ctx.save_for_backward(residual_out, weight, rstd)
+
+
+def _fused_add_rms_norm_backward(ctx, grad_out, grad_residual_out, _grad_rstd):
+    residual_out, weight, rstd = ctx.saved_tensors
+    grad_sum, grad_weight = _ops.rms_norm_backward(
+        _contiguous_grad(grad_out), residual_out, weight, rstd, _contiguous_grad(grad_residual_out),
+        ctx.weight_needs_grad,
+    )
+    # residual_out = x + residual, so both inputs receive the same gradient.
+    return grad_sum, grad_sum, _rms_norm_weight_grad(ctx, grad_weight), None
+
+
+torch.library.register_autograd(
+    "llama_ext::rms_norm", _rms_norm_backward, setup_context=_rms_norm_setup_context
+)
+torch.library.register_autograd(
+    "llama_ext::fused_add_rms_norm", _fused_add_rms_norm_backward, setup_context=_fused_add_rms_norm_setup_context
+)

@@ -1,0 +1,106 @@
+"""Builds the one extension module, ``llama_ext._C``.
+
+CUDA sources are compiled whenever torch is a CUDA build and nvcc can be found, GPU or not,
+for ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``). ``LLAMA_EXT_CPU_ONLY=1`` skips them.
+"""
+import glob
+import os
+import platform
+import shutil
+
+from setuptools import find_packages, setup
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _is_wrapper_script(path):
+    """The nvcc on PATH may be a shell script that execs the real one; torch would then
+    derive CUDA_HOME from the script's folder, which holds no headers or libraries."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"#!"
+    except OSError:
+        return False
+
+
+def _find_cuda_home():
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return home
+    nvcc = shutil.which("nvcc")
+    if nvcc and not _is_wrapper_script(nvcc):
+        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+def _want_cuda():
+    if os.environ.get("LLAMA_EXT_CPU_ONLY", "0") == "1":
+        return False
+    import torch
+
+    if torch.version.cuda is None:
+        return False
+    home = _find_cuda_home()
+    if home is None:
+        return False
+    # torch.utils.cpp_extension read CUDA_HOME at import time; point it at the real toolkit.
+    os.environ["CUDA_HOME"] = home
+    cpp_extension.CUDA_HOME = home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return True
+
+
+def _cpu_vector_flags():
+    """at::vec picks its vector width from CPU_CAPABILITY_* macros; without one it falls back
+    to scalar loops. On x86-64 build for AVX2 + FMA + F16C (every x86 server since 2013);
+    LLAMA_EXT_CPU_VEC=0 turns this off for older machines."""
+    if os.environ.get("LLAMA_EXT_CPU_VEC", "1") != "1" or platform.machine() not in ("x86_64", "AMD64"):
+        return []
+    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def _extension():
+    cxx_flags = ["-O3"] + _cpu_vector_flags()
+    sources = sorted(glob.glob("csrc/*.cpp"))
+    if os.environ.get("LLAMA_EXT_OPENMP", "1") == "1":
+        cxx_flags.append("-fopenmp")
+    if _want_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        nvcc_flags = [
+            "-O3",
+            "--use_fast_math",
+            "--expt-relaxed-constexpr",
+            "-lineinfo",
+            "-U__CUDA_NO_HALF_OPERATORS__",
+            "-U__CUDA_NO_HALF_CONVERSIONS__",
+            "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        ]
+        if os.environ.get("LLAMA_EXT_PTXAS_VERBOSE") == "1":
+            nvcc_flags.append("-Xptxas=-v")
+        threads = os.environ.get("LLAMA_EXT_NVCC_THREADS", "2")
+        nvcc_flags += ["--threads", threads]
+        return cpp_extension.CUDAExtension(
+            "llama_ext._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags + ["-DLLAMA_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+        )
+    return cpp_extension.CppExtension(
+        "llama_ext._C",
+        sources,
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
+    )
+
+
+setup(
+    name="llama_ext",
+    version="0.1.0",
+    packages=find_packages(include=["llama_ext", "llama_ext.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
