@@ -1,0 +1,113 @@
+// Grouped-query attention argument checks, shared by the CPU and CUDA implementations.
+//
+// Batched: q [batch, seq_q, n_q_heads, head_dim], k/v [batch, seq_k, n_kv_heads, head_dim].
+// Varlen:  q [total_q, n_q_heads, head_dim], k/v [total_k, n_kv_heads, head_dim], with int32
+//          cu_seqlens_q/k [batch + 1] (prefix sums of the sequence lengths, from 0 to total).
+// Query head h reads kv head h / (n_q_heads / n_kv_heads). Every dim may be strided except
+// the last, which must be contiguous.
+#pragma once
+
+#include <cmath>
+#include <optional>
+
+#include "common.h"
+
+namespace llama_ext {
+
+struct AttentionShape {
+  int64_t batch;
+  int64_t seq_q;  // batched: the sequence length; varlen: max_seqlen_q
+  int64_t seq_k;  // batched: the sequence length; varlen: max_seqlen_k
+  int64_t n_q_heads;
+  int64_t n_kv_heads;
+  int64_t head_dim;
+  bool varlen;
+  int64_t group() const { return n_q_heads / n_kv_heads; }
+};
+
+// Checks that cu_seqlens starts at 0, never decreases, ends at total and that no sequence is
+// longer than max_seqlen. Reads the values on the host (a device sync for CUDA tensors).
+inline void check_cu_seqlens_values(const at::Tensor& cu_seqlens, const char* name, int64_t total,
+                                    int64_t max_seqlen, const char* max_name) {
+  const at::Tensor host = cu_seqlens.to(at::kCPU).contiguous();
+  const int32_t* c = host.const_data_ptr<int32_t>();
+  const int64_t n = host.numel();
+  TORCH_CHECK_VALUE(c[0] == 0, name, "[0] must be 0, got ", c[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(c[i] >= c[i - 1], name, " must be non-decreasing, but ", name, "[", i, "] = ", c[i], " < ",
+                      name, "[", i - 1, "] = ", c[i - 1]);
+    TORCH_CHECK_VALUE(c[i] - c[i - 1] <= max_seqlen, "sequence ", i - 1, " has length ", c[i] - c[i - 1],
+                      " (from ", name, "), longer than ", max_name, " = ", max_seqlen);
+  }
+  TORCH_CHECK_VALUE(c[n - 1] == total, name, "[-1] must equal the number of packed tokens (", total, "), got ",
+                    c[n - 1]);
+}
+
+inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double scale) {
+  check_floating(q, "q");
+  check_same_dtype(k, "k", q, "q");
+  check_same_dtype(v, "v", q, "q");
+  check_same_device(k, "k", q, "q");
+  check_same_device(v, "v", q, "q");
+  TORCH_CHECK_VALUE(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+                    "cu_seqlens_q and cu_seqlens_k must be given together (varlen) or both be None (batched)");
+  const bool varlen = cu_seqlens_q.has_value();
+  const int64_t rank = varlen ? 3 : 4;
+  const char* layout = varlen ? "[total_tokens, heads, head_dim]" : "[batch, seq, heads, head_dim]";
+  TORCH_CHECK_VALUE(q.dim() == rank, "q must be ", layout, ", got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == rank, "k must be ", layout, ", got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the same shape as k (", k.sizes(), "), got ", v.sizes());
+  check_last_dim_contiguous(q, "q");
+  check_last_dim_contiguous(k, "k");
+  check_last_dim_contiguous(v, "v");
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a finite number > 0, got ", scale);
+
+  AttentionShape s{};
+  s.varlen = varlen;
+  s.head_dim = q.size(-1);
+  s.n_q_heads = q.size(-2);
+  s.n_kv_heads = k.size(-2);
+  TORCH_CHECK_VALUE(k.size(-1) == s.head_dim, "k's head_dim (", k.size(-1), ") must equal q's head_dim (", s.head_dim,
+                    ")");
+  TORCH_CHECK_VALUE(s.head_dim >= 8 && s.head_dim <= 256 && s.head_dim % 8 == 0,
+                    "head_dim must be a multiple of 8 between 8 and 256, got ", s.head_dim);
+  TORCH_CHECK_VALUE(s.n_kv_heads >= 1 && s.n_q_heads >= 1, "q and k need at least one head, got n_q_heads = ",
+                    s.n_q_heads, ", n_kv_heads = ", s.n_kv_heads);
+  TORCH_CHECK_VALUE(s.n_q_heads % s.n_kv_heads == 0, "n_q_heads (", s.n_q_heads,
+                    ") must be a multiple of n_kv_heads (", s.n_kv_heads, ")");
+  if (!varlen) {
+    s.batch = q.size(0);
+    s.seq_q = q.size(1);
+    s.seq_k = k.size(1);
+    TORCH_CHECK_VALUE(k.size(0) == s.batch, "k's batch size (", k.size(0), ") must equal q's (", s.batch, ")");
+    return s;
+  }
+  const at::Tensor& cq = *cu_seqlens_q;
+  const at::Tensor& ck = *cu_seqlens_k;
+  TORCH_CHECK_TYPE(cq.scalar_type() == at::kInt, "cu_seqlens_q must be int32, got ", cq.scalar_type());
+  TORCH_CHECK_TYPE(ck.scalar_type() == at::kInt, "cu_seqlens_k must be int32, got ", ck.scalar_type());
+  check_same_device(cq, "cu_seqlens_q", q, "q");
+  check_same_device(ck, "cu_seqlens_k", q, "q");
+  TORCH_CHECK_VALUE(cq.dim() == 1 && cq.numel() >= 1, "cu_seqlens_q must be 1-dim [batch + 1], got shape ",
+                    cq.sizes());
+  TORCH_CHECK_VALUE(ck.sizes() == cq.sizes(), "cu_seqlens_k must have the shape of cu_seqlens_q (", cq.sizes(),
+                    "), got ", ck.sizes());
+  TORCH_CHECK_VALUE(max_seqlen_q >= 0 && max_seqlen_k >= 0, "max_seqlen_q and max_seqlen_k must be >= 0, got ",
+                    max_seqlen_q, " and ", max_seqlen_k);
+  check_cu_seqlens_values(cq, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q");
+  check_cu_seqlens_values(ck, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k");
+  s.batch = cq.numel() - 1;
+  s.seq_q = max_seqlen_q;
+  s.seq_k = max_seqlen_k;
+  return s;
+}
+
+// lse is float32 (float64 for float64 inputs): [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].
+inline at::ScalarType lse_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+}  // namespace llama_ext
