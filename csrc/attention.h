@@ -9,6 +9,8 @@
 
 #include <cmath>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "common.h"
 
@@ -108,6 +110,24 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
 // lse is float32 (float64 for float64 inputs): [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].
 inline at::ScalarType lse_dtype(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Checks of the backward's extra tensors, after check_attention_args(q, k, v, ...) gave shape.
+inline void check_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
+                                          const at::Tensor& q, const AttentionShape& shape) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
+    check_same_dtype(t, name, q, "q");
+    check_same_device(t, name, q, "q");
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have q's shape (", q.sizes(), "), got ", t.sizes());
+    check_last_dim_contiguous(t, name);
+  }
+  check_same_device(lse, "lse", q, "q");
+  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), "lse must be ", lse_dtype(q.scalar_type()),
+                   ", got ", lse.scalar_type());
+  const std::vector<int64_t> lse_shape = shape.varlen ? std::vector<int64_t>{shape.n_q_heads, q.size(0)}
+                                                      : std::vector<int64_t>{shape.batch, shape.n_q_heads, shape.seq_q};
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
+                    ", got ", lse.sizes());
 }
 
 }  // namespace llama_ext

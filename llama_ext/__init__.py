@@ -6,8 +6,8 @@ autograd, and fake kernels for ``torch.compile``.
 import torch
 
 from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.llama_ext)
-from .ops import fused_add_rms_norm, fused_add_rms_norm_, rms_norm
-from .modules import RMSNorm
+from .ops import fused_add_rms_norm, fused_add_rms_norm_, gqa_attention, gqa_attention_varlen, rms_norm
+from .modules import GQAttention, KVCache, RMSNorm
 
 __version__ = "0.1.0"
 
@@ -18,9 +18,13 @@ def cuda_kernels_built() -> bool:
 
 
 __all__ = [
+    "GQAttention",
+    "KVCache",
     "RMSNorm",
     "cuda_kernels_built",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",
+    "gqa_attention",
+    "gqa_attention_varlen",
     "rms_norm",
 ]

@@ -127,3 +127,112 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "llama_ext::fused_add_rms_norm", _fused_add_rms_norm_backward, setup_context=_fused_add_rms_norm_setup_context
 )
+
+
+# ---- Grouped-query attention ----------------------------------------------------------------
+
+
+def _default_scale(head_dim: int, scale: Optional[float]) -> float:
+    return float(head_dim) ** -0.5 if scale is None else float(scale)
+
+
+def gqa_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None, return_lse: bool = False
+):
+    """Grouped-query attention ``softmax(scale * q k^T) v``, fused and memory-efficient.
+
+    ``q`` is ``[batch, seq_q, n_q_heads, head_dim]``; ``k`` and ``v`` are
+    ``[batch, seq_k, n_kv_heads, head_dim]`` with ``n_q_heads % n_kv_heads == 0`` (MQA and MHA
+    included). Query head ``h`` reads kv head ``h // (n_q_heads // n_kv_heads)``; K and V are
+    never repeated or copied. Any strides work as long as the last dim is contiguous, so HF's
+    ``[b, h, s, d]`` tensors pass as ``.transpose(1, 2)`` views.
+
+    ``causal=True`` aligns the mask bottom-right: query ``i`` sees keys
+    ``j <= i + seq_k - seq_q`` (as FlashAttention does; torch's SDPA aligns top-left), so a
+    KV-cache decode step (``seq_q`` 1 or a few tokens) is a plain call. ``scale`` defaults to
+    ``head_dim ** -0.5``. The softmax runs in float32 (float64 for float64 input) with online
+    rescaling; no ``[seq_q, seq_k]`` matrix is materialized.
+
+    A query row that sees no key (``seq_q > seq_k`` under causal, or ``seq_k == 0``) gives an
+    output row of zeros and ``lse = 0``. With ``return_lse=True`` returns ``(out, lse)``,
+    ``lse`` float32 (float64 for float64 input) ``[batch, n_q_heads, seq_q]``: the natural log
+    of the softmax denominator, ``logsumexp(scale * q k^T)``. Differentiable in q, k and v;
+    ``lse`` is not differentiable.
+    """
+    out, lse = _ops.gqa_attention_forward(q, k, v, None, None, 0, 0, causal, _default_scale(q.shape[-1], scale))
+    return (out, lse) if return_lse else out
+
+
+def gqa_attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+):
+    """:func:`gqa_attention` over packed variable-length sequences (FlashAttention's varlen API).
+
+    ``q`` is ``[total_q, n_q_heads, head_dim]`` and ``k``/``v`` ``[total_k, n_kv_heads, head_dim]``:
+    sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of ``q`` and
+    ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of ``k``/``v``. ``cu_seqlens_*`` are int32
+    ``[batch + 1]`` prefix sums from 0 to the total; ``max_seqlen_*`` bound every sequence's
+    length. Causal masking is bottom-right within each sequence; a sequence with 0 keys gives
+    zeros. ``lse`` is ``[n_q_heads, total_q]``. Everything else as in :func:`gqa_attention`.
+    """
+    out, lse = _ops.gqa_attention_forward(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, _default_scale(q.shape[-1], scale)
+    )
+    return (out, lse) if return_lse else out
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("llama_ext::gqa_attention_forward")
+def _gqa_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if cu_seqlens_q is None:
+        lse_shape = (q.shape[0], q.shape[2], q.shape[1])
+    else:
+        lse_shape = (q.shape[1], q.shape[0])
+    return out, q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.register_fake("llama_ext::gqa_attention_backward")
+def _gqa_attention_backward_fake(
+    grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+):
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        torch.empty_like(k, memory_format=torch.contiguous_format),
+        torch.empty_like(v, memory_format=torch.contiguous_format),
+    )
+
+
+def _gqa_attention_setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+    ctx.attrs = (max_seqlen_q, max_seqlen_k, causal, scale)
+
+
+def _gqa_attention_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+    max_seqlen_q, max_seqlen_k, causal, scale = ctx.attrs
+    grad_q, grad_k, grad_v = _ops.gqa_attention_backward(
+        _contiguous_grad(grad_out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        causal, scale,
+    )
+    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "llama_ext::gqa_attention_forward", _gqa_attention_backward, setup_context=_gqa_attention_setup_context
+)

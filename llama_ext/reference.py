@@ -36,3 +36,86 @@ def hf_rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -
     h = h * torch.rsqrt(variance + eps)
     h = h.to(input_dtype)
     return h if weight is None else weight * h
+
+
+# ---- Grouped-query attention ----------------------------------------------------------------
+
+
+def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
+    """``[b, n_kv_heads, s, d]`` -> ``[b, n_kv_heads * n_rep, s, d]``, as HF's ``repeat_kv``."""
+    b, h, s, d = x.shape
+    if n_rep == 1:
+        return x
+    return x[:, :, None, :, :].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def causal_mask_bottom_right(seq_q: int, seq_k: int, device=None) -> Tensor:
+    """Boolean ``[seq_q, seq_k]``, True where query ``i`` may see key ``j``: ``j <= i + seq_k - seq_q``."""
+    i = torch.arange(seq_q, device=device)[:, None]
+    j = torch.arange(seq_k, device=device)[None, :]
+    return j <= i + (seq_k - seq_q)
+
+
+def gqa_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None
+) -> Tuple[Tensor, Tensor]:
+    """float64 ``(out, lse)`` of :func:`llama_ext.gqa_attention` on ``[batch, seq, heads, d]``
+    inputs: repeat_kv, masked softmax with the bottom-right causal mask. Rows that see no key
+    give zeros and lse 0, the kernels' convention."""
+    d = q.shape[-1]
+    scale = d**-0.5 if scale is None else scale
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
+    n_rep = q64.shape[1] // k64.shape[1]
+    k64, v64 = repeat_kv(k64, n_rep), repeat_kv(v64, n_rep)
+    scores = (q64 @ k64.transpose(-1, -2)) * scale
+    seq_q, seq_k = q.shape[1], k.shape[1]
+    visible = (
+        causal_mask_bottom_right(seq_q, seq_k, q.device)
+        if causal
+        else torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
+    )
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)  # -inf on rows that see nothing
+    seen = visible.any(-1)  # [seq_q]
+    probs = torch.where(seen[:, None], torch.exp(scores - torch.where(seen, lse, 0.0)[..., None]), 0.0)
+    out = (probs @ v64).transpose(1, 2)
+    return out, torch.where(seen, lse, 0.0)
+
+
+def gqa_attention_varlen_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+) -> Tuple[Tensor, Tensor]:
+    """float64 ``(out [total_q, h, d], lse [h, total_q])``: the batched reference per sequence."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        o, l = gqa_attention_reference(
+            q[None, cq[b] : cq[b + 1]], k[None, ck[b] : ck[b + 1]], v[None, ck[b] : ck[b + 1]], causal,
+            q.shape[-1] ** -0.5 if scale is None else scale,
+        )
+        outs.append(o[0])
+        lses.append(l[0])
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
+def hf_eager_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+    """HF ``eager_attention_forward`` in the input dtype (repeat_kv, matmul, fp32 softmax, matmul)
+    on ``[batch, heads, seq, d]`` tensors, with an additive bottom-right causal mask: the
+    benchmarks' eager baseline. Returns ``[batch, seq_q, heads, d]`` as HF does."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    n_rep = q.shape[1] // k.shape[1]
+    key_states, value_states = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    attn_weights = torch.matmul(q, key_states.transpose(2, 3)) * scale
+    if causal:
+        visible = causal_mask_bottom_right(q.shape[2], k.shape[2], q.device)
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
+        attn_weights = attn_weights + mask
+    attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)
+    attn_output = torch.matmul(attn_weights, value_states)
+    return attn_output.transpose(1, 2).contiguous()
