@@ -1,0 +1,468 @@
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+
+import llama_ext
+from llama_ext.reference import (
+    causal_mask_bottom_right,
+    gqa_attention_reference,
+    gqa_attention_varlen_reference,
+    hf_eager_attention,
+)
+
+from conftest import CUDA_DTYPES, DEVICES, assert_close, device_dtype_params, poison_allocator
+
+# The CUDA kernels have instantiations for these head dims only; the CPU takes any multiple of 8.
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def make(shape, device, dtype, scale=1.0):
+    return (torch.randn(shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+
+def skip_unsupported(device, head_dim):
+    if device == "cuda" and head_dim not in CUDA_HEAD_DIMS:
+        pytest.skip(f"the CUDA kernel has no head_dim {head_dim} instantiation (only {CUDA_HEAD_DIMS}); CPU covers it")
+
+
+def qkv(batch, seq_q, seq_k, n_q, n_kv, d, device, dtype):
+    return (
+        make((batch, seq_q, n_q, d), device, dtype),
+        make((batch, seq_k, n_kv, d), device, dtype),
+        make((batch, seq_k, n_kv, d), device, dtype),
+    )
+
+
+def assert_lse_close(lse, expected, dtype):
+    # lse is computed in fp32 (fp64 for fp64) from the exact inputs, whatever their dtype.
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert_close(lse, expected, torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+
+
+# (batch, seq_q, seq_k, n_q_heads, n_kv_heads, head_dim, causal)
+FORWARD_CASES = [
+    (2, 17, 17, 32, 8, 128, True),
+    (1, 127, 127, 12, 4, 64, True),
+    (2, 129, 129, 8, 1, 32, False),
+    (1, 129, 300, 8, 8, 80, True),  # seq_q < seq_k: bottom-right diagonal
+    (1, 300, 129, 5, 5, 96, True),  # seq_q > seq_k: the first rows see no key
+    (3, 1, 1, 8, 1, 256, True),
+    (1, 1, 1000, 32, 8, 128, True),  # decode step over a long cache
+    (1, 1000, 1000, 12, 4, 40, True),
+    (2, 3, 130, 8, 2, 8, False),
+    (1, 64, 17, 8, 1, 256, False),
+    (2, 37, 45, 5, 5, 32, True),
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}".format(*c[:6], "causal" if c[6] else "full"))
+def test_forward_matches_float64(device, dtype, case):
+    batch, seq_q, seq_k, n_q, n_kv, d, causal = case
+    skip_unsupported(device, d)
+    q, k, v = qkv(batch, seq_q, seq_k, n_q, n_kv, d, device, dtype)
+    poison_allocator(device, q.shape, dtype=dtype)
+    poison_allocator(device, (batch, n_q, seq_q), dtype=torch.float32)
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = gqa_attention_reference(q, k, v, causal)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (batch, n_q, seq_q)
+    assert_close(out, ref_out, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    assert torch.equal(llama_ext.gqa_attention(q, k, v, causal=causal), out)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.float32, torch.bfloat16]))
+@pytest.mark.parametrize("d", [8, 32, 40, 64, 80, 96, 128, 256])
+def test_every_head_dim(device, dtype, d):
+    skip_unsupported(device, d)
+    q, k, v = qkv(2, 33, 33, 6, 2, d, device, dtype)
+    out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
+    ref_out, ref_lse = gqa_attention_reference(q, k, v)
+    assert_close(out, ref_out, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fully_masked_rows_give_zeros_and_zero_lse(device):
+    q, k, v = qkv(1, 10, 4, 4, 2, 32, device, torch.float32)
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=True, return_lse=True)
+    # Bottom-right: query i sees keys j <= i - 6, so rows 0..5 see nothing.
+    assert torch.equal(out[:, :6], torch.zeros_like(out[:, :6]))
+    assert torch.equal(lse[:, :, :6], torch.zeros_like(lse[:, :, :6]))
+    assert (out[:, 6:].abs().sum(-1) > 0).all()
+    q, k, v = qkv(1, 3, 0, 4, 2, 32, device, torch.float32)
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=False, return_lse=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(CUDA_DTYPES))
+@pytest.mark.parametrize("seq_q,seq_k,causal", [(129, 129, True), (17, 200, False), (1, 1, True)])
+def test_matches_torch_sdpa(device, dtype, seq_q, seq_k, causal):
+    """SDPA aligns its causal mask top-left: compare only where that agrees (square or non-causal)."""
+    q, k, v = qkv(2, seq_q, seq_k, 12, 4, 64, device, dtype)
+    expected = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, enable_gqa=True
+    ).transpose(1, 2)
+    assert_close(llama_ext.gqa_attention(q, k, v, causal=causal), expected, dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(CUDA_DTYPES))
+@pytest.mark.parametrize("seq_q,seq_k", [(17, 17), (5, 127), (1, 129)])
+def test_matches_hf_eager_attention_forward(device, dtype, seq_q, seq_k):
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    n_q, n_kv, d = 8, 2, 64
+    q, k, v = qkv(2, seq_q, seq_k, n_q, n_kv, d, device, dtype)
+    visible = causal_mask_bottom_right(seq_q, seq_k, device)
+    mask = torch.zeros(seq_q, seq_k, device=device, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)
+    module = types.SimpleNamespace(num_key_value_groups=n_q // n_kv, training=False)
+    hf_out, _ = eager_attention_forward(
+        module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask[None, None], scaling=d**-0.5
+    )
+    ours = llama_ext.gqa_attention(q, k, v, causal=True)
+    # HF rounds the probabilities to the input dtype before the second matmul: one more rounding.
+    assert_close(ours, hf_out, dtype, scale=2.0)
+    assert_close(hf_eager_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), hf_out, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_hf_layout_views(device, dtype):
+    """[b, h, s, d] tensors passed as transpose views: strided, last dim contiguous, no copy."""
+    q = make((2, 8, 40, 64), device, dtype).transpose(1, 2)
+    k = make((2, 2, 50, 64), device, dtype).transpose(1, 2)
+    v = make((2, 2, 50, 64), device, dtype)[:, :, :, :].transpose(1, 2)
+    assert not q.is_contiguous()
+    out = llama_ext.gqa_attention(q, k, v)
+    assert_close(out, gqa_attention_reference(q, k, v)[0], dtype)
+
+
+def make_varlen(lens_q, lens_k, n_q, n_kv, d, device, dtype):
+    cu_q = torch.tensor([0] + lens_q, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    cu_k = torch.tensor([0] + lens_k, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(device)
+    q = make((sum(lens_q), n_q, d), device, dtype)
+    k = make((sum(lens_k), n_kv, d), device, dtype)
+    v = make((sum(lens_k), n_kv, d), device, dtype)
+    return q, k, v, cu_q, cu_k
+
+
+VARLEN_CASES = [
+    # lens_q, lens_k, causal
+    ([5, 0, 300, 1, 129], [5, 0, 300, 40, 129], True),
+    ([17, 3, 200], [17, 0, 250], True),  # a sequence with queries but no keys
+    ([64, 1, 130], [10, 500, 130], False),
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", VARLEN_CASES, ids=["mixed", "no-keys", "full"])
+def test_varlen_matches_float64(device, dtype, case):
+    lens_q, lens_k, causal = case
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, 12, 4, 64, device, dtype)
+    poison_allocator(device, q.shape, dtype=dtype)
+    out, lse = llama_ext.gqa_attention_varlen(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True
+    )
+    ref_out, ref_lse = gqa_attention_varlen_reference(q, k, v, cu_q, cu_k, causal)
+    assert out.shape == q.shape and lse.shape == (12, q.shape[0])
+    assert_close(out, ref_out, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_varlen_equals_batched_per_sequence(device):
+    """Packing sequences changes nothing: each one equals its own batched call, bit for bit."""
+    lens = [7, 130, 1]
+    q, k, v, cu_q, cu_k = make_varlen(lens, lens, 8, 2, 32, device, torch.float32)
+    out = llama_ext.gqa_attention_varlen(q, k, v, cu_q, cu_k, max(lens), max(lens))
+    for b, (start, end) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist())):
+        single = llama_ext.gqa_attention(q[None, start:end], k[None, start:end], v[None, start:end])
+        assert torch.equal(out[start:end], single[0]), f"sequence {b}"
+
+
+def grads_of(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    torch.autograd.backward(fn(*leaves), grad_out)
+    return [t.grad for t in leaves]
+
+
+# (batch, seq_q, seq_k, n_q_heads, n_kv_heads, head_dim, causal)
+BACKWARD_CASES = [
+    (2, 17, 17, 8, 2, 64, True),
+    (1, 129, 300, 12, 4, 32, True),
+    (1, 300, 129, 5, 5, 80, True),
+    (2, 127, 127, 8, 1, 128, False),
+    (1, 1, 257, 8, 2, 256, True),
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=lambda c: "b{}-q{}-k{}-h{}/{}-d{}-{}".format(*c[:6], "causal" if c[6] else "full"))
+def test_backward_matches_float64(device, dtype, case):
+    batch, seq_q, seq_k, n_q, n_kv, d, causal = case
+    skip_unsupported(device, d)
+    q, k, v = qkv(batch, seq_q, seq_k, n_q, n_kv, d, device, dtype)
+    grad_out = make(q.shape, device, dtype)
+    got = grads_of(lambda a, b, c: llama_ext.gqa_attention(a, b, c, causal=causal), (q, k, v), grad_out)
+    expected = grads_of(lambda a, b, c: gqa_attention_reference(a, b, c, causal)[0], [t.double() for t in (q, k, v)], grad_out.double())
+    # Gradients sum over up to seq_q * group terms, each rounded once to the dtype.
+    for name, g, e in zip("qkv", got, expected):
+        assert g.dtype == dtype and g.shape == e.shape, name
+        assert_close(g, e, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_varlen_backward_matches_float64(device, dtype):
+    lens_q, lens_k = [5, 0, 200, 3, 1], [5, 0, 150, 0, 70]
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, 8, 2, 64, device, dtype)
+    grad_out = make(q.shape, device, dtype)
+    got = grads_of(lambda a, b, c: llama_ext.gqa_attention_varlen(a, b, c, cu_q, cu_k, 200, 150), (q, k, v), grad_out)
+    expected = grads_of(
+        lambda a, b, c: gqa_attention_varlen_reference(a, b, c, cu_q, cu_k)[0], [t.double() for t in (q, k, v)], grad_out.double()
+    )
+    for g, e in zip(got, expected):
+        assert_close(g, e, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    q, k, v = qkv(1, 700, 700, 8, 1, 64, device, torch.float32)
+    grad_out = make(q.shape, device, torch.float32)
+    first = grads_of(llama_ext.gqa_attention, (q, k, v), grad_out)
+    for _ in range(2):
+        for a, b in zip(first, grads_of(llama_ext.gqa_attention, (q, k, v), grad_out)):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "seq_q,seq_k,causal,n_q,n_kv", [(5, 5, True, 4, 2), (3, 7, True, 2, 1), (6, 4, True, 2, 2), (4, 6, False, 3, 1)]
+)
+def test_gradcheck_float64(seq_q, seq_k, causal, n_q, n_kv):
+    q, k, v = (t.requires_grad_() for t in qkv(2, seq_q, seq_k, n_q, n_kv, 8, "cpu", torch.float64))
+    assert torch.autograd.gradcheck(lambda a, b, c: llama_ext.gqa_attention(a, b, c, causal=causal), (q, k, v))
+
+
+def test_gradcheck_varlen_float64():
+    q, k, v, cu_q, cu_k = make_varlen([3, 0, 4], [5, 2, 4], 2, 1, 8, "cpu", torch.float64)
+    for t in (q, k, v):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c: llama_ext.gqa_attention_varlen(a, b, c, cu_q, cu_k, 4, 5), (q, k, v))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_opcheck(device, dtype):
+    q, k, v = qkv(2, 9, 13, 4, 2, 32, device, dtype)
+    for t in (q, k, v):
+        t.requires_grad_(dtype != torch.float16 or device != "cpu")
+    fwd = torch.ops.llama_ext.gqa_attention_forward
+    for causal in (True, False):
+        opcheck(fwd, (q, k, v, None, None, 0, 0, causal, 0.3))
+    out, lse = fwd(q.detach(), k.detach(), v.detach(), None, None, 0, 0, True, 0.3)
+    opcheck(
+        torch.ops.llama_ext.gqa_attention_backward,
+        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, 0, 0, True, 0.3),
+    )
+    qv, kv, vv, cu_q, cu_k = make_varlen([3, 0, 9], [4, 2, 9], 4, 2, 32, device, dtype)
+    opcheck(fwd, (qv, kv, vv, cu_q, cu_k, 9, 9, True, 0.3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    def step(q, k, v, cu_q, cu_k):
+        batched = llama_ext.gqa_attention(q * 2.0, k, v)
+        packed = llama_ext.gqa_attention_varlen(q[0], k[0], v[0], cu_q, cu_k, 6, 10, causal=False)
+        return batched.sum() + packed.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    q, k, v = (t.requires_grad_() for t in qkv(1, 10, 10, 4, 2, 32, device, torch.float32))
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    out = compiled(q, k, v, cu, cu)
+    torch.testing.assert_close(out, step(q, k, v, cu, cu))
+    out.backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_sequences(device):
+    for seq_q, seq_k in [(0, 0), (0, 5), (5, 0)]:
+        q, k, v = (t.requires_grad_() for t in qkv(2, seq_q, seq_k, 4, 2, 32, device, torch.float32))
+        out, lse = llama_ext.gqa_attention(q, k, v, causal=False, return_lse=True)
+        assert out.shape == q.shape and lse.shape == (2, 4, seq_q)
+        out.sum().backward()
+        assert q.grad.shape == q.shape and k.grad.shape == k.shape
+        assert torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(q.grad, torch.zeros_like(q))
+    q, k, v, cu_q, cu_k = make_varlen([0, 0], [0, 0], 4, 2, 32, device, torch.float32)
+    assert llama_ext.gqa_attention_varlen(q, k, v, cu_q, cu_k, 0, 0).shape == (0, 4, 32)
+
+
+def test_lse_is_not_differentiable():
+    q, k, v = (t.requires_grad_() for t in qkv(1, 4, 4, 2, 1, 8, "cpu", torch.float32))
+    out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
+    assert out.requires_grad and not lse.requires_grad
+
+
+def _args(q, k, v, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    return q, k, v, cu_q, cu_k, max_q, max_k
+
+
+def _bad_inputs(d):
+    f32 = dict(device=d)
+    i32 = dict(device=d, dtype=torch.int32)
+    ok_q, ok_k = torch.randn(1, 4, 4, 32, **f32), torch.randn(1, 4, 2, 32, **f32)
+    packed_q, packed_k = torch.randn(6, 4, 32, **f32), torch.randn(6, 2, 32, **f32)
+    cu = torch.tensor([0, 2, 6], **i32)
+    return [
+        ("heads not divisible", _args(torch.randn(1, 4, 5, 32, **f32), ok_k, ok_k), ValueError, "multiple of n_kv_heads"),
+        ("head_dim mismatch", _args(ok_q, torch.randn(1, 4, 2, 64, **f32), torch.randn(1, 4, 2, 64, **f32)), ValueError, "head_dim"),
+        ("head_dim not multiple of 8", _args(torch.randn(1, 4, 4, 12, **f32), torch.randn(1, 4, 2, 12, **f32), torch.randn(1, 4, 2, 12, **f32)), ValueError, "multiple of 8"),
+        ("head_dim too large", _args(torch.randn(1, 2, 1, 264, **f32), torch.randn(1, 2, 1, 264, **f32), torch.randn(1, 2, 1, 264, **f32)), ValueError, "between 8 and 256"),
+        ("dtype mismatch", _args(ok_q, ok_k.half(), ok_k.half()), TypeError, "same dtype"),
+        ("integer q", _args(ok_q.int(), ok_k.int(), ok_k.int()), TypeError, "floating-point"),
+        ("v shape", _args(ok_q, ok_k, torch.randn(1, 5, 2, 32, **f32)), ValueError, "v must have the same shape"),
+        ("batch mismatch", _args(ok_q, torch.randn(2, 4, 2, 32, **f32), torch.randn(2, 4, 2, 32, **f32)), ValueError, "batch size"),
+        ("0-dim", _args(torch.tensor(1.0, **f32), ok_k, ok_k), ValueError, "must be"),
+        ("3-dim batched", _args(packed_q, packed_k, packed_k), ValueError, r"\[batch, seq, heads, head_dim\]"),
+        ("last dim strided", _args(torch.randn(1, 4, 32, 4, **f32).transpose(-1, -2), ok_k, ok_k), RuntimeError, "contiguous in its last dimension"),
+        ("cu_seqlens_k missing", _args(packed_q, packed_k, packed_k, cu, None, 4, 4), ValueError, "given together"),
+        ("cu_seqlens decreasing", _args(packed_q, packed_k, packed_k, torch.tensor([0, 4, 2, 6], **i32), torch.tensor([0, 2, 4, 6], **i32), 4, 4), ValueError, "non-decreasing"),
+        ("cu_seqlens wrong total", _args(packed_q, packed_k, packed_k, torch.tensor([0, 2, 5], **i32), cu, 4, 4), ValueError, "number of packed tokens"),
+        ("cu_seqlens not starting at 0", _args(packed_q, packed_k, packed_k, torch.tensor([1, 2, 6], **i32), cu, 4, 4), ValueError, r"\[0\] must be 0"),
+        ("cu_seqlens int64", _args(packed_q, packed_k, packed_k, cu.long(), cu.long(), 4, 4), TypeError, "int32"),
+        ("max_seqlen too small", _args(packed_q, packed_k, packed_k, cu, cu, 3, 4), ValueError, "longer than max_seqlen_q"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("index", range(len(_bad_inputs("cpu"))), ids=[c[0] for c in _bad_inputs("cpu")])
+def test_bad_input_raises_clear_error(device, index):
+    _, args, exc, message = _bad_inputs(device)[index]
+    with pytest.raises(exc, match=message):
+        torch.ops.llama_ext.gqa_attention_forward(*args, True, 0.125)
+
+
+def test_bad_scale_and_devices():
+    q, k, v = qkv(1, 4, 4, 2, 1, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="scale"):
+        llama_ext.gqa_attention(q, k, v, scale=-1.0)
+    out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse[:, :, :2], None, None, 0, 0, True, 0.2)
+    with pytest.raises(TypeError, match="lse must be"):
+        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse.double(), None, None, 0, 0, True, 0.2)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="same device"):
+            llama_ext.gqa_attention(q, k.cuda(), v.cuda())
+    if not torch.cuda.is_available():
+        return
+    with pytest.raises(TypeError, match="float64"):
+        llama_ext.gqa_attention(q.double().cuda(), k.double().cuda(), v.double().cuda())
+
+
+# ---- GQAttention module --------------------------------------------------------------------
+
+
+class HFStyleRope:
+    """A minimal rotary embedding with the ``rope(q, k, positions)`` interface of
+    ``llama_ext.RotaryEmbedding`` on [batch, seq, heads, head_dim] tensors, in HF's
+    rotate_half convention. It stands in until RotaryEmbedding lands on main."""
+
+    def __init__(self, head_dim, max_positions=64, base=10000.0):
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def tables(self, positions, device):
+        return self.cos.to(device)[positions], self.sin.to(device)[positions]
+
+    def __call__(self, q, k, positions):
+        cos, sin = self.tables(positions, q.device)
+        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+
+        def rotate(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
+
+        return rotate(q), rotate(k)
+
+
+def hf_llama_attention(hidden, heads, kv_heads, head_dim, bias, device):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    config = LlamaConfig(
+        hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+        attention_bias=bias,
+    )
+    config._attn_implementation = "eager"
+    hf = LlamaAttention(config, layer_idx=0).to(device)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.05)
+    return hf
+
+
+def hf_forward(hf, x, cos, sin):
+    seq = x.shape[1]
+    visible = causal_mask_bottom_right(seq, seq, x.device)
+    mask = torch.zeros(seq, seq, device=x.device).masked_fill(~visible, torch.finfo(torch.float32).min)
+    return hf(x, position_embeddings=(cos, sin), attention_mask=mask[None, None])[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim,bias", [(8, 2, 32, False), (4, 4, 64, True), (6, 1, None, False)])
+def test_module_matches_hf_llama_attention_without_rope(device, heads, kv_heads, head_dim, bias):
+    hidden = 192
+    hf = hf_llama_attention(hidden, heads, kv_heads, head_dim, bias, device)
+    ours = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, bias=bias).to(device)
+    ours.load_state_dict(hf.state_dict())
+    x = make((2, 23, hidden), device, torch.float32)
+    d = ours.head_dim
+    # cos = 1, sin = 0: HF's rotary becomes the identity, matching a rope-less module.
+    identity = (torch.ones(2, 23, d, device=device), torch.zeros(2, 23, d, device=device))
+    torch.testing.assert_close(ours(x), hf_forward(hf, x, *identity), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_with_rope_matches_hf_llama_attention(device):
+    hidden, heads, kv_heads, head_dim = 128, 8, 2, 32
+    hf = hf_llama_attention(hidden, heads, kv_heads, head_dim, False, device)
+    rope = HFStyleRope(head_dim)
+    ours = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    ours.load_state_dict(hf.state_dict())
+    x = make((2, 19, hidden), device, torch.float32)
+    positions = torch.arange(19, device=device)
+    cos, sin = rope.tables(positions, device)
+    expected = hf_forward(hf, x, cos[None].expand(2, -1, -1), sin[None].expand(2, -1, -1))
+    torch.testing.assert_close(ours(x), expected, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(ours(x, positions=positions), expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_kv_cache_decode_equals_full_forward(device, with_rope):
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 16
+    rope = HFStyleRope(head_dim) if with_rope else None
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    x = make((2, 12, hidden), device, torch.float32)
+    full = attn(x)
+    cache = llama_ext.KVCache()
+    steps = [attn(x[:, :5], cache=cache)]  # prefill 5 tokens, then 3 + 1 + 1 + 1 + 1 more
+    assert cache.offset == 5
+    for start, end in [(5, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:
+        steps.append(attn(x[:, start:end], cache=cache))
+    assert cache.offset == 12 and cache.k.shape == (2, 12, kv_heads, head_dim)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_module_trains_and_rejects_bad_heads():
+    attn = llama_ext.GQAttention(64, 4, 2)
+    x = torch.randn(2, 7, 64, requires_grad=True)
+    attn(x).sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in attn.parameters())
+    with pytest.raises(ValueError, match="multiple of num_kv_heads"):
+        llama_ext.GQAttention(64, 6, 4)
