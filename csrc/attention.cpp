@@ -316,14 +316,15 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
 
 struct BackwardScratch {
   at::Tensor q, dout, dq;  // [G * block_q, d] packed query-side rows (acc dtype)
-  at::Tensor out;          // [G * block_q, d] packed out rows, for D
   at::Tensor p, dp;        // [G * block_q * kBlockK] probability and dP / dS tiles
 };
 
 // One task: keys [key0, key1) of kv head kvh in sequence b. dk/dv of these keys are written
 // here; the task's share of dq goes to dq_partial (its own chunk slice, zero-initialized).
+// delta is D = rowsum(dO * O) laid out like q without its last dim.
 template <typename T>
-void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& dq_partial, const at::Tensor& dk,
+void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& delta, const at::Tensor& dq_partial,
+                    const at::Tensor& dk,
                     const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1, int64_t block_q,
                     BackwardScratch& ws) {
   using acc_t = at::opmath_type<T>;
@@ -339,7 +340,7 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
   at::Tensor dv_acc = at::zeros({key1 - key0, d}, acc_opts);
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
-  const at::Tensor q_seq = pb.q_rows(pb.q, b), out_seq = pb.q_rows(pb.out, b);
+  const at::Tensor q_seq = pb.q_rows(pb.q, b), delta_seq = pb.q_rows(delta, b);
   const at::Tensor dout_seq = pb.q_rows(dout, b), dq_seq = pb.q_rows(dq_partial, b);
   const at::Tensor lse_seq = pb.lse_rows(pb.lse, b);
   // Under causal, query rows before the first one that sees key0 get nothing from this chunk.
@@ -347,13 +348,12 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
   for (int64_t q0 = first_row - first_row % block_q; q0 < lq; q0 += block_q) {
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
-    at::Tensor q_pack = ws.q.narrow(0, 0, M), do_pack = ws.dout.narrow(0, 0, M), o_pack = ws.out.narrow(0, 0, M);
+    at::Tensor q_pack = ws.q.narrow(0, 0, M), do_pack = ws.dout.narrow(0, 0, M);
     q_pack.view({G, rows, d}).copy_(group_rows(q_seq, kvh, G, q0, rows));
     do_pack.view({G, rows, d}).copy_(group_rows(dout_seq, kvh, G, q0, rows));
-    o_pack.view({G, rows, d}).copy_(group_rows(out_seq, kvh, G, q0, rows));
-    const at::Tensor delta = do_pack.mul(o_pack).sum(1);  // D = rowsum(dO * O)   [M]
-    const at::Tensor lse = lse_seq.narrow(0, kvh * G, G).narrow(1, q0, rows).reshape({M}).contiguous();
-    const acc_t* delta_ptr = delta.const_data_ptr<acc_t>();
+    const at::Tensor delta_blk = delta_seq.narrow(0, q0, rows).narrow(1, kvh * G, G).t().contiguous();  // [G, rows]
+    const at::Tensor lse = lse_seq.narrow(0, kvh * G, G).narrow(1, q0, rows).contiguous();
+    const acc_t* delta_ptr = delta_blk.const_data_ptr<acc_t>();
     const acc_t* lse_ptr = lse.const_data_ptr<acc_t>();
     at::Tensor dq_acc = ws.dq.narrow(0, 0, M);
     dq_acc.zero_();
@@ -415,20 +415,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), q.sizes().begin(), q.sizes().end());
     const at::Tensor dq_partial = at::zeros(partial_shape, acc_opts);
+    // D = rowsum(dO * O) in the accumulation dtype, once for all chunks: [.., seq, n_q_heads].
+    const at::Tensor delta = grad_out.to(acc_opts.dtype()).mul(out.to(acc_opts.dtype())).sum(-1);
     if (tasks > 0) {
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
         BackwardScratch ws;
         ws.q = at::empty({G * block_q, d}, acc_opts);
         ws.dout = at::empty({G * block_q, d}, acc_opts);
-        ws.out = at::empty({G * block_q, d}, acc_opts);
         ws.dq = at::empty({G * block_q, d}, acc_opts);
         ws.p = at::empty({G * block_q * kBlockK}, acc_opts);
         ws.dp = at::empty({G * block_q * kBlockK}, acc_opts);
         for (int64_t t = begin; t < end; ++t) {
           const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
           const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
-          backward_chunk<scalar_t>(pb, grad_out, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
+          backward_chunk<scalar_t>(pb, grad_out, delta, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
                                    (c + 1) * chunk_keys, block_q, ws);
         }
       });

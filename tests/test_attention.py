@@ -51,7 +51,7 @@ FORWARD_CASES = [
     (1, 300, 129, 5, 5, 96, True),  # seq_q > seq_k: the first rows see no key
     (3, 1, 1, 8, 1, 256, True),
     (1, 1, 1000, 32, 8, 128, True),  # decode step over a long cache
-    (1, 1000, 1000, 12, 4, 40, True),
+    (1, 1000, 1000, 4, 2, 40, True),
     (2, 3, 130, 8, 2, 8, False),
     (1, 64, 17, 8, 1, 256, False),
     (2, 37, 45, 5, 5, 32, True),
@@ -242,14 +242,16 @@ def test_backward_is_deterministic(device):
 )
 def test_gradcheck_float64(seq_q, seq_k, causal, n_q, n_kv):
     q, k, v = (t.requires_grad_() for t in qkv(2, seq_q, seq_k, n_q, n_kv, 8, "cpu", torch.float64))
-    assert torch.autograd.gradcheck(lambda a, b, c: llama_ext.gqa_attention(a, b, c, causal=causal), (q, k, v))
+    fn = lambda a, b, c: llama_ext.gqa_attention(a, b, c, causal=causal)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
 def test_gradcheck_varlen_float64():
     q, k, v, cu_q, cu_k = make_varlen([3, 0, 4], [5, 2, 4], 2, 1, 8, "cpu", torch.float64)
     for t in (q, k, v):
         t.requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b, c: llama_ext.gqa_attention_varlen(a, b, c, cu_q, cu_k, 4, 5), (q, k, v))
+    fn = lambda a, b, c: llama_ext.gqa_attention_varlen(a, b, c, cu_q, cu_k, 4, 5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
