@@ -132,8 +132,12 @@ torch.library.register_autograd(
 # ---- Grouped-query attention ----------------------------------------------------------------
 
 
-def _default_scale(head_dim: int, scale: Optional[float]) -> float:
-    return float(head_dim) ** -0.5 if scale is None else float(scale)
+def _default_scale(q: Tensor, scale: Optional[float]) -> float:
+    """``head_dim ** -0.5`` unless given; a q without dims gets 1.0 so the kernel's shape check
+    reports it."""
+    if scale is not None:
+        return float(scale)
+    return float(q.shape[-1]) ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
 
 
 def gqa_attention(
@@ -159,7 +163,7 @@ def gqa_attention(
     of the softmax denominator, ``logsumexp(scale * q k^T)``. Differentiable in q, k and v;
     ``lse`` is not differentiable.
     """
-    out, lse = _ops.gqa_attention_forward(q, k, v, None, None, 0, 0, causal, _default_scale(q.shape[-1], scale))
+    out, lse = _ops.gqa_attention_forward(q, k, v, None, None, 0, 0, causal, _default_scale(q, scale))
     return (out, lse) if return_lse else out
 
 
@@ -185,7 +189,7 @@ def gqa_attention_varlen(
     zeros. ``lse`` is ``[n_q_heads, total_q]``. Everything else as in :func:`gqa_attention`.
     """
     out, lse = _ops.gqa_attention_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, _default_scale(q.shape[-1], scale)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, _default_scale(q, scale)
     )
     return (out, lse) if return_lse else out
 

@@ -347,6 +347,8 @@ def test_bad_input_raises_clear_error(device, index):
 
 def test_bad_scale_and_devices():
     q, k, v = qkv(1, 4, 4, 2, 1, 32, "cpu", torch.float32)
+    with pytest.raises(ValueError, match="q must be"):
+        llama_ext.gqa_attention(torch.tensor(1.0), k, v)
     with pytest.raises(ValueError, match="scale"):
         llama_ext.gqa_attention(q, k, v, scale=-1.0)
     out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
