@@ -320,18 +320,22 @@ struct BackwardScratch {
 };
 
 // One task: keys [key0, key1) of kv head kvh in sequence b. dk/dv of these keys are written
-// here; the task's share of dq goes to dq_partial (its own chunk slice, zero-initialized).
+// here; the task's share of dq goes to dq_partial (its own chunk slice; rows it does not reach
+// are zeroed).
 // delta is D = rowsum(dO * O) laid out like q without its last dim.
 template <typename T>
 void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& delta, const at::Tensor& dq_partial,
-                    const at::Tensor& dk,
-                    const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1, int64_t block_q,
-                    BackwardScratch& ws) {
+                    const at::Tensor& dk, const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1,
+                    int64_t block_q, BackwardScratch& ws) {
   using acc_t = at::opmath_type<T>;
   const int64_t G = pb.shape.group(), d = pb.shape.head_dim;
   const int64_t lq = pb.len_q(b), lk = pb.len_k(b);
   key1 = std::min(key1, lk);
-  if (key0 >= key1) return;
+  const at::Tensor dq_seq = pb.q_rows(dq_partial, b);
+  if (key0 >= key1) {  // no keys in this chunk: it contributes nothing to dq
+    group_rows(dq_seq, kvh, G, 0, lq).zero_();
+    return;
+  }
   const auto acc_opts = ws.q.options();
   // Widened K/V of the chunk, read once; dK/dV accumulators of the chunk.
   const at::Tensor k_chunk = pb.k_rows(pb.k, b).select(1, kvh).narrow(0, key0, key1 - key0).to(acc_opts.dtype());
@@ -341,11 +345,13 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
   const at::Tensor q_seq = pb.q_rows(pb.q, b), delta_seq = pb.q_rows(delta, b);
-  const at::Tensor dout_seq = pb.q_rows(dout, b), dq_seq = pb.q_rows(dq_partial, b);
+  const at::Tensor dout_seq = pb.q_rows(dout, b);
   const at::Tensor lse_seq = pb.lse_rows(pb.lse, b);
   // Under causal, query rows before the first one that sees key0 get nothing from this chunk.
   const int64_t first_row = pb.causal ? std::clamp<int64_t>(key0 - (lk - lq), 0, lq) : 0;
-  for (int64_t q0 = first_row - first_row % block_q; q0 < lq; q0 += block_q) {
+  const int64_t first_block_row = first_row - first_row % block_q;
+  group_rows(dq_seq, kvh, G, 0, first_block_row).zero_();  // rows this chunk never reaches
+  for (int64_t q0 = first_block_row; q0 < lq; q0 += block_q) {
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
     at::Tensor q_pack = ws.q.narrow(0, 0, M), do_pack = ws.dout.narrow(0, 0, M);
@@ -414,7 +420,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), q.sizes().begin(), q.sizes().end());
-    const at::Tensor dq_partial = at::zeros(partial_shape, acc_opts);
+    const at::Tensor dq_partial = at::empty(partial_shape, acc_opts);  // every row written by its task
     // D = rowsum(dO * O) in the accumulation dtype, once for all chunks: [.., seq, n_q_heads].
     const at::Tensor delta = grad_out.to(acc_opts.dtype()).mul(out.to(acc_opts.dtype())).sum(-1);
     if (tasks > 0) {

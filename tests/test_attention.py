@@ -183,7 +183,14 @@ def test_varlen_equals_batched_per_sequence(device):
         assert torch.equal(out[start:end], single[0]), f"sequence {b}"
 
 
+def poison_backward_workspace(q):
+    """The CPU backward keeps up to 8 fp32 dq partials (one per key chunk) shaped like q: poison
+    blocks of those sizes so that a partial row nobody writes shows up as NaN."""
+    poison_allocator(q.device, *[(chunks,) + tuple(q.shape) for chunks in range(1, 9)])
+
+
 def grads_of(fn, inputs, grad_out):
+    poison_backward_workspace(inputs[0])
     leaves = [t.detach().clone().requires_grad_() for t in inputs]
     torch.autograd.backward(fn(*leaves), grad_out)
     return [t.grad for t in leaves]
