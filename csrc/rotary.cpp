@@ -1,0 +1,214 @@
+// Rotary position embedding on the CPU: q and k rotated in one pass over the tokens.
+//
+// For a token at position p, each (x1, x2) pair of a head is rotated by theta = p * inv_freq[i]:
+//   y1 = x1 * cos - x2 * sin,   y2 = x2 * cos + x1 * sin      (inverse: sin -> -sin)
+// with the pair (i, i + rotary_dim/2) (rotate_half, Llama/NeoX) or (2i, 2i+1) (GPT-J). cos/sin
+// come from a precomputed [max_position, rotary_dim/2] table row, so the kernel does no
+// transcendentals: 2 FMAs + 2 multiplies per pair, in fp32 (fp64 for float64), rounded once on
+// the store. Dims past rotary_dim are copied (out of place) or left alone (in place).
+//
+// Bytes per token: read and write (n_q_heads + n_kv_heads) * head_dim elements, plus one table row
+// of cos and sin (rotary_dim * 4 bytes, from L1/L2 for every head of the token). That is the
+// minimum any out-of-place rotation moves, so the kernel is memory-bound; it is fast because it
+// touches q and k exactly once (HF's eager code materializes rotate_half, q * cos, ... : about
+// five q-sized temporaries), stays in registers between load and store, and spreads tokens over
+// threads with at::parallel_for. GPT-J pairs are split into even/odd lanes with deinterleave2 so
+// the same vector math applies.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstring>
+
+#include "cpu_vec.h"
+#include "rotary.h"
+
+namespace llama_ext {
+namespace {
+
+using cpu::VecIO;
+
+// One of q / k: source and destination (the same pointer in place) with their strides.
+template <typename T>
+struct RotaryOperand {
+  const T* src;
+  int64_t src_batch_stride, src_seq_stride, src_head_stride;
+  T* dst;
+  int64_t dst_batch_stride, dst_seq_stride, dst_head_stride;
+  int64_t heads;
+};
+
+template <typename T>
+struct RotaryArgs {
+  using table_t = at::opmath_type<T>;
+  RotaryOperand<T> q, k;
+  const table_t* cos;
+  const table_t* sin;
+  int64_t cos_stride, sin_stride;
+  const void* positions;  // null: position = seq index
+  bool positions_int64;
+  int64_t pos_batch_stride, pos_seq_stride;
+  int64_t seq, head_dim, half;
+  bool copy_pass_through;  // out of place: dims past rotary_dim are copied to dst
+
+  int64_t position(int64_t b, int64_t s) const {
+    if (positions == nullptr) return s;
+    const int64_t offset = b * pos_batch_stride + s * pos_seq_stride;
+    return positions_int64 ? static_cast<const int64_t*>(positions)[offset]
+                           : static_cast<const int32_t*>(positions)[offset];
+  }
+};
+
+// Rotates one head: rotate_half pairing (i, i + half).
+template <typename T>
+inline void rotate_half_head(const T* src, T* dst, const at::opmath_type<T>* cos, const at::opmath_type<T>* sin,
+                             int64_t half, bool inverse) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  for (int64_t i = 0; i < half; i += W) {
+    const int64_t count = std::min(W, half - i);
+    const bool full = count == W;
+    const Vec x1 = full ? IO::load(src + i) : IO::load_partial(src + i, count);
+    const Vec x2 = full ? IO::load(src + half + i) : IO::load_partial(src + half + i, count);
+    const Vec c = Vec::loadu(cos + i, count);
+    Vec s = Vec::loadu(sin + i, count);
+    if (inverse) s = s.neg();
+    IO::store(dst + i, at::vec::fmsub(x1, c, x2 * s), count);
+    IO::store(dst + half + i, at::vec::fmadd(x2, c, x1 * s), count);
+  }
+}
+
+// Rotates one head: GPT-J pairing (2i, 2i + 1). Each step handles W pairs = 2W elements.
+template <typename T>
+inline void rotate_interleaved_head(const T* src, T* dst, const at::opmath_type<T>* cos,
+                                    const at::opmath_type<T>* sin, int64_t half, bool inverse) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  for (int64_t i = 0; i < half; i += W) {
+    const int64_t pairs = std::min(W, half - i);
+    const int64_t lo_count = std::min(W, 2 * pairs);  // elements in the first vector
+    const int64_t hi_count = 2 * pairs - lo_count;    // elements in the second
+    const T* p = src + 2 * i;
+    const Vec a = lo_count == W ? IO::load(p) : IO::load_partial(p, lo_count);
+    const Vec b = hi_count == W ? IO::load(p + W) : (hi_count > 0 ? IO::load_partial(p + W, hi_count) : Vec(0));
+    const auto [even, odd] = at::vec::deinterleave2(a, b);
+    const Vec c = Vec::loadu(cos + i, pairs);
+    Vec s = Vec::loadu(sin + i, pairs);
+    if (inverse) s = s.neg();
+    const auto [ya, yb] = at::vec::interleave2(at::vec::fmsub(even, c, odd * s), at::vec::fmadd(odd, c, even * s));
+    IO::store(dst + 2 * i, ya, lo_count);
+    if (hi_count > 0) IO::store(dst + 2 * i + W, yb, hi_count);
+  }
+}
+
+template <typename T>
+void rotate_tokens(const RotaryArgs<T>& a, bool interleaved, bool inverse, int64_t token_begin, int64_t token_end) {
+  const int64_t rotary_dim = 2 * a.half;
+  const size_t pass_bytes = static_cast<size_t>(a.head_dim - rotary_dim) * sizeof(T);
+  for (int64_t t = token_begin; t < token_end; ++t) {
+    const int64_t b = t / a.seq, s = t % a.seq;
+    const int64_t pos = a.position(b, s);
+    const auto* cos = a.cos + pos * a.cos_stride;
+    const auto* sin = a.sin + pos * a.sin_stride;
+    for (const RotaryOperand<T>* op : {&a.q, &a.k}) {
+      const T* src = op->src + b * op->src_batch_stride + s * op->src_seq_stride;
+      T* dst = op->dst + b * op->dst_batch_stride + s * op->dst_seq_stride;
+      for (int64_t h = 0; h < op->heads; ++h) {
+        const T* x = src + h * op->src_head_stride;
+        T* y = dst + h * op->dst_head_stride;
+        if (interleaved) {
+          rotate_interleaved_head<T>(x, y, cos, sin, a.half, inverse);
+        } else {
+          rotate_half_head<T>(x, y, cos, sin, a.half, inverse);
+        }
+        if (a.copy_pass_through && pass_bytes > 0) std::memcpy(y + rotary_dim, x + rotary_dim, pass_bytes);
+      }
+    }
+  }
+}
+
+// Raises IndexError naming the first position outside [0, max_position).
+void check_positions_in_table(const at::Tensor& positions, const RotaryGeometry& g) {
+  const at::Tensor p = positions.dim() == 1 ? positions.view({1, g.seq}) : positions;
+  AT_DISPATCH_INDEX_TYPES(p.scalar_type(), "check_positions_in_table", [&] {
+    const index_t* data = p.const_data_ptr<index_t>();
+    for (int64_t b = 0; b < p.size(0); ++b) {
+      for (int64_t s = 0; s < p.size(1); ++s) {
+        const int64_t pos = data[b * p.stride(0) + s * p.stride(1)];
+        TORCH_CHECK_INDEX(pos >= 0 && pos < g.max_position, "positions", positions.dim() == 1 ? "" : "[b, s]",
+                          " has a value ", pos, " (at batch ", b, ", seq ", s,
+                          ") outside the cos/sin table of ", g.max_position, " positions");
+      }
+    }
+  });
+}
+
+template <typename T>
+RotaryOperand<T> make_operand(const at::Tensor& src, const at::Tensor& dst) {
+  return {src.const_data_ptr<T>(), src.stride(0), src.stride(1), src.stride(2),
+          dst.mutable_data_ptr<T>(), dst.stride(0), dst.stride(1), dst.stride(2), src.size(2)};
+}
+
+// Rotates q -> q_out and k -> k_out (q_out may be q, k_out may be k).
+void rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                const std::optional<at::Tensor>& positions, bool interleaved, bool inverse, const at::Tensor& q_out,
+                const at::Tensor& k_out, const RotaryGeometry& g) {
+  if (positions.has_value()) check_positions_in_table(*positions, g);
+  if (g.tokens() == 0 || g.q_heads + g.k_heads == 0 || g.head_dim == 0) return;
+  // float64 inputs compute in float64: widen float32 tables once (they are small).
+  const at::ScalarType table_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor cos_t = cos.to(table_dtype), sin_t = sin.to(table_dtype);
+  const bool copy_pass_through = !q_out.is_same(q);
+  LLAMA_EXT_DISPATCH_FLOATING(q.scalar_type(), "apply_rotary_cpu", [&] {
+    using table_t = at::opmath_type<scalar_t>;
+    RotaryArgs<scalar_t> a{};
+    a.q = make_operand<scalar_t>(q, q_out);
+    a.k = make_operand<scalar_t>(k, k_out);
+    a.cos = cos_t.const_data_ptr<table_t>();
+    a.sin = sin_t.const_data_ptr<table_t>();
+    a.cos_stride = cos_t.stride(0);
+    a.sin_stride = sin_t.stride(0);
+    if (positions.has_value()) {
+      a.positions = positions->const_data_ptr();
+      a.positions_int64 = positions->scalar_type() == at::kLong;
+      std::tie(a.pos_batch_stride, a.pos_seq_stride) = positions_strides(*positions);
+    }
+    a.seq = g.seq;
+    a.head_dim = g.head_dim;
+    a.half = g.half;
+    a.copy_pass_through = copy_pass_through;
+    // Tokens per task: about 16K elements of q + k, at least one token.
+    const int64_t grain = std::max<int64_t>(1, 16384 / ((g.q_heads + g.k_heads) * g.head_dim));
+    at::parallel_for(0, g.tokens(), grain, [&](int64_t begin, int64_t end) {
+      rotate_tokens<scalar_t>(a, interleaved, inverse, begin, end);
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> apply_rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                    const at::Tensor& sin, const std::optional<at::Tensor>& positions,
+                                                    bool interleaved, bool inverse) {
+  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
+  // Outputs are contiguous [batch, seq, heads, head_dim] whatever the input strides.
+  at::Tensor q_out = at::empty(q.sizes(), q.options());
+  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  rotary_cpu(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, g);
+  return {q_out, k_out};
+}
+
+void apply_rotary_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                              const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
+  rotary_cpu(q, k, cos, sin, positions, interleaved, inverse, q, k, g);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
+  m.impl("apply_rotary", &apply_rotary_cpu);
+  m.impl("apply_rotary_", &apply_rotary_inplace_cpu);
+}
+
+}  // namespace llama_ext
