@@ -1,0 +1,72 @@
+"""Quick rotary benchmark (not a test): llama_ext.apply_rotary vs HF's eager apply_rotary_pos_emb
+(q and k), torch.compile of it, and a copy of the same bytes, all out of place, reported in GB/s
+of q + k read and written. Defaults: batch 1, 1024 tokens, 32/8 heads, head_dim 128.
+
+    python scripts/bench_rotary.py [--device cpu|cuda] [--tokens 1024] [--reps 50]
+"""
+import argparse
+import time
+
+import torch
+
+import llama_ext
+from llama_ext.reference import hf_apply_rotary_pos_emb, hf_cos_sin
+
+
+def timeit(fn, device, reps):
+    for _ in range(5):
+        fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=50)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--no-compile", action="store_true")
+    args = parser.parse_args()
+    device, b, s = args.device, args.batch, args.tokens
+    cos, sin = llama_ext.rope_cos_sin(args.head_dim, max(s, 2048), device=device)
+    positions = torch.arange(s, device=device).expand(b, s)
+    compiled = None if args.no_compile else torch.compile(hf_apply_rotary_pos_emb)
+    for name in args.dtypes.split(","):
+        dtype = getattr(torch, name)
+        # HF layout [b, h, s, d]; the fused op takes the same memory as [b, s, h, d] views.
+        q = torch.randn(b, args.q_heads, s, args.head_dim, device=device).to(dtype)
+        k = torch.randn(b, args.kv_heads, s, args.head_dim, device=device).to(dtype)
+        hf_cos, hf_sin = hf_cos_sin(cos, sin, positions, dtype)
+        qkv = torch.cat((q.flatten(), k.flatten()))
+        nbytes = 2 * qkv.numel() * qkv.element_size()  # read + write
+        results = {
+            "llama_ext": timeit(lambda: llama_ext.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, positions), device, args.reps),
+            "hf eager": timeit(lambda: hf_apply_rotary_pos_emb(q, k, hf_cos, hf_sin), device, args.reps),
+            "copy": timeit(lambda: qkv.clone(), device, args.reps),
+        }
+        if compiled is not None:
+            results["torch.compile"] = timeit(lambda: compiled(q, k, hf_cos, hf_sin), device, args.reps)
+        for label, seconds in results.items():
+            print(f"{name:9s} {label:14s} {seconds * 1e3:8.3f} ms {nbytes / seconds / 1e9:7.1f} GB/s")
+        ours = results["llama_ext"]
+        summary = f"{name:9s} speedup: {results['hf eager'] / ours:.2f}x eager"
+        if compiled is not None:
+            summary += f", {results['torch.compile'] / ours:.2f}x torch.compile"
+        print(summary + f", {results['copy'] / ours * 100:.0f}% of copy bandwidth")
+
+
+if __name__ == "__main__":
+    main()
