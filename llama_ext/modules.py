@@ -38,6 +38,7 @@ class RotaryEmbedding(nn.Module):
     and returns to the original ones for sequences within ``max_position_embeddings`` again;
     ``longrope`` switches to ``long_factor`` tables past ``original_max_position_embeddings``.
     Those two types read ``positions.max()`` on the host (one device sync per call, as HF).
+    ``interleaved=True`` pairs dims GPT-J style; ``device`` is where the tables are built.
     """
 
     def __init__(

@@ -5,6 +5,7 @@ of q + k read and written. Defaults: batch 1, 1024 tokens, 32/8 heads, head_dim 
     python scripts/bench_rotary.py [--device cpu|cuda] [--tokens 1024] [--reps 50]
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -13,19 +14,22 @@ import llama_ext
 from llama_ext.reference import hf_apply_rotary_pos_emb, hf_cos_sin
 
 
-def timeit(fn, device, reps):
-    for _ in range(5):
-        fn()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    best = float("inf")
+def time_interleaved(fns, device, reps):
+    """Best and median seconds per call of each fn. Calls run round-robin, so load from other
+    processes on a shared machine hits every candidate alike."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for fn in fns.values():
+        for _ in range(5):
+            fn()
+    samples = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            samples[name].append(time.perf_counter() - t0)
+    return {name: (min(ts), statistics.median(ts)) for name, ts in samples.items()}
 
 
 def main():
@@ -52,21 +56,25 @@ def main():
         hf_cos, hf_sin = hf_cos_sin(cos, sin, positions, dtype)
         qkv = torch.cat((q.flatten(), k.flatten()))
         nbytes = 2 * qkv.numel() * qkv.element_size()  # read + write
-        results = {
-            "llama_ext": timeit(lambda: llama_ext.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, positions), device, args.reps),
-            "hf eager": timeit(lambda: hf_apply_rotary_pos_emb(q, k, hf_cos, hf_sin), device, args.reps),
-            "copy": timeit(lambda: qkv.clone(), device, args.reps),
+        fns = {
+            "llama_ext": lambda: llama_ext.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, positions),
+            "hf eager": lambda: hf_apply_rotary_pos_emb(q, k, hf_cos, hf_sin),
+            "copy": lambda: qkv.clone(),
         }
         if compiled is not None:
-            results["torch.compile"] = timeit(lambda: compiled(q, k, hf_cos, hf_sin), device, args.reps)
-        for label, seconds in results.items():
-            print(f"{name:9s} {label:14s} {seconds * 1e3:8.3f} ms {nbytes / seconds / 1e9:7.1f} GB/s")
-        ours = results["llama_ext"]
-        summary = f"{name:9s} speedup: {results['hf eager'] / ours:.2f}x eager"
-        if compiled is not None:
-            summary += f", {results['torch.compile'] / ours:.2f}x torch.compile"
-        print(summary + f", {results['copy'] / ours * 100:.0f}% of copy bandwidth")
-
+            fns["torch.compile"] = lambda: compiled(q, k, hf_cos, hf_sin)
+        results = time_interleaved(fns, device, args.reps)
+        for label, (best, median) in results.items():
+            print(
+                f"{name:9s} {label:14s} best {best * 1e3:7.3f} ms {nbytes / best / 1e9:6.1f} GB/s"
+                f"   median {median * 1e3:7.3f} ms {nbytes / median / 1e9:6.1f} GB/s"
+            )
+        for stat, index in (("best", 0), ("median", 1)):
+            ours = results["llama_ext"][index]
+            summary = f"{name:9s} {stat:6s} speedup: {results['hf eager'][index] / ours:.2f}x eager"
+            if compiled is not None:
+                summary += f", {results['torch.compile'][index] / ours:.2f}x torch.compile"
+            print(summary + f", {results['copy'][index] / ours * 100:.0f}% of copy bandwidth")
 
 if __name__ == "__main__":
     main()
