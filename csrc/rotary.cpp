@@ -11,11 +11,12 @@
 // of cos and sin (rotary_dim * 4 bytes, from L1/L2 for every head of the token). That is the
 // minimum any out-of-place rotation moves, so the kernel is memory-bound; it is fast because it
 // touches q and k exactly once (HF's eager code materializes rotate_half, q * cos, ... : about
-// five q-sized temporaries), stays in registers between load and store, and spreads tokens over
-// threads with at::parallel_for. GPT-J pairs are split into even/odd lanes with deinterleave2 so
+// five q-sized temporaries), stays in registers between load and store, walks the rows in memory
+// order for both [b, s, h, d] and [b, h, s, d] layouts, and spreads rows over threads with
+// at::parallel_for. bf16/fp16 move as whole 16-lane vectors (a partial store is far slower). GPT-J pairs are split into even/odd lanes with deinterleave2 so
 // the same vector math applies.
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -167,29 +168,41 @@ inline void rotate_interleaved_head(const T* src, T* dst, const at::opmath_type<
   }
 }
 
+// Rotates rows [row_begin, row_end), a row being one head of one token. Rows are numbered
+// token-major ([batch, seq, head], the natural layout of q/k projections) or, for inputs laid out
+// [batch, head, seq] in memory (HF's transposed views), head-major, so either layout streams
+// through memory in order. Token-major reuses a token's cos/sin row from L1 for all its heads.
 template <typename T>
-void rotate_tokens(const RotaryArgs<T>& a, bool interleaved, bool inverse, int64_t token_begin, int64_t token_end) {
+void rotate_rows(const RotaryArgs<T>& a, bool head_major, bool interleaved, bool inverse, int64_t row_begin,
+                 int64_t row_end) {
+  const int64_t heads = a.q.heads + a.k.heads;
   const int64_t rotary_dim = 2 * a.half;
   const size_t pass_bytes = static_cast<size_t>(a.head_dim - rotary_dim) * sizeof(T);
-  for (int64_t t = token_begin; t < token_end; ++t) {
-    const int64_t b = t / a.seq, s = t % a.seq;
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    int64_t b, s, head;
+    if (head_major) {
+      s = row % a.seq;
+      head = row / a.seq % heads;
+      b = row / (a.seq * heads);
+    } else {
+      head = row % heads;
+      s = row / heads % a.seq;
+      b = row / (heads * a.seq);
+    }
     const int64_t pos = a.position(b, s);
     const auto* cos = a.cos + pos * a.cos_stride;
     const auto* sin = a.sin + pos * a.sin_stride;
-    for (const RotaryOperand<T>* op : {&a.q, &a.k}) {
-      const T* src = op->src + b * op->src_batch_stride + s * op->src_seq_stride;
-      T* dst = op->dst + b * op->dst_batch_stride + s * op->dst_seq_stride;
-      for (int64_t h = 0; h < op->heads; ++h) {
-        const T* x = src + h * op->src_head_stride;
-        T* y = dst + h * op->dst_head_stride;
-        if (interleaved) {
-          rotate_interleaved_head<T>(x, y, cos, sin, a.half, inverse);
-        } else {
-          rotate_half_head<T>(x, y, cos, sin, a.half, inverse);
-        }
-        if (a.copy_pass_through && pass_bytes > 0) std::memcpy(y + rotary_dim, x + rotary_dim, pass_bytes);
-      }
+    const bool is_q = head < a.q.heads;
+    const RotaryOperand<T>& op = is_q ? a.q : a.k;
+    const int64_t h = is_q ? head : head - a.q.heads;
+    const T* x = op.src + b * op.src_batch_stride + s * op.src_seq_stride + h * op.src_head_stride;
+    T* y = op.dst + b * op.dst_batch_stride + s * op.dst_seq_stride + h * op.dst_head_stride;
+    if (interleaved) {
+      rotate_interleaved_head<T>(x, y, cos, sin, a.half, inverse);
+    } else {
+      rotate_half_head<T>(x, y, cos, sin, a.half, inverse);
     }
+    if (a.copy_pass_through && pass_bytes > 0) std::memcpy(y + rotary_dim, x + rotary_dim, pass_bytes);
   }
 }
 
@@ -243,10 +256,11 @@ void rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
     a.head_dim = g.head_dim;
     a.half = g.half;
     a.copy_pass_through = copy_pass_through;
-    // Tokens per task: about 16K elements of q + k, at least one token.
-    const int64_t grain = std::max<int64_t>(1, 16384 / ((g.q_heads + g.k_heads) * g.head_dim));
-    at::parallel_for(0, g.tokens(), grain, [&](int64_t begin, int64_t end) {
-      rotate_tokens<scalar_t>(a, interleaved, inverse, begin, end);
+    // Rows per task: about 16K elements, at least one row.
+    const int64_t grain = std::max<int64_t>(1, 16384 / g.head_dim);
+    const bool head_major = g.seq > 1 && q.size(2) > 1 && q.stride(1) < q.stride(2);
+    at::parallel_for(0, g.tokens() * (g.q_heads + g.k_heads), grain, [&](int64_t begin, int64_t end) {
+      rotate_rows<scalar_t>(a, head_major, interleaved, inverse, begin, end);
     });
   });
 }
@@ -255,9 +269,9 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_cpu(const at::Tensor& q, const a
                                                     const at::Tensor& sin, const std::optional<at::Tensor>& positions,
                                                     bool interleaved, bool inverse) {
   const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
-  // Outputs are contiguous [batch, seq, heads, head_dim] whatever the input strides.
-  at::Tensor q_out = at::empty(q.sizes(), q.options());
-  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  // Outputs keep the inputs' layout (empty_like): HF's transposed views stay transposed.
+  at::Tensor q_out = at::empty_like(q);
+  at::Tensor k_out = at::empty_like(k);
   rotary_cpu(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, g);
   return {q_out, k_out};
 }

@@ -145,8 +145,10 @@ def apply_rotary(
     ``q`` is ``[batch, seq, n_q_heads, head_dim]`` and ``k`` ``[batch, seq, n_kv_heads, head_dim]``
     (head counts may differ), any strides with a contiguous last dim: HF's
     ``[batch, heads, seq, head_dim]`` tensors pass as ``q.transpose(1, 2)`` without a copy. The
-    outputs have q's and k's shapes and are contiguous (``[batch, seq, heads, head_dim]`` memory
-    order, whatever the input strides).
+    outputs have q's and k's shapes and layouts, as ``torch.empty_like`` makes them: the same
+    strides for dense inputs (so a transposed HF view gives a transposed output whose
+    ``.transpose(1, 2)`` is contiguous), dense in the same dim order otherwise (a slice of a fused
+    qkv projection gives a contiguous ``[batch, seq, heads, head_dim]`` output).
 
     ``cos``/``sin`` are ``[max_position, rotary_dim // 2]`` tables (:func:`llama_ext.rope_cos_sin`),
     float32; float64 ``q``/``k`` (CPU only) may also take float64 tables and compute in float64,
@@ -181,10 +183,7 @@ def apply_rotary_(
 
 @torch.library.register_fake("llama_ext::apply_rotary")
 def _apply_rotary_fake(q, k, cos, sin, positions, interleaved, inverse):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-    )
+    return torch.empty_like(q), torch.empty_like(k)
 
 
 @torch.library.register_fake("llama_ext::apply_rotary_")

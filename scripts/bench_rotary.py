@@ -2,7 +2,7 @@
 (q and k), torch.compile of it, and a copy of the same bytes, all out of place, reported in GB/s
 of q + k read and written. Defaults: batch 1, 1024 tokens, 32/8 heads, head_dim 128.
 
-    python scripts/bench_rotary.py [--device cpu|cuda] [--tokens 1024] [--reps 50]
+    PYTHONPATH=. python scripts/bench_rotary.py [--device cpu|cuda] [--tokens 1024] [--reps 50] [--threads N]
 """
 import argparse
 import statistics
@@ -43,7 +43,10 @@ def main():
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for every candidate (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, b, s = args.device, args.batch, args.tokens
     cos, sin = llama_ext.rope_cos_sin(args.head_dim, max(s, 2048), device=device)
     positions = torch.arange(s, device=device).expand(b, s)

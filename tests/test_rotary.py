@@ -155,7 +155,7 @@ def test_strided_inputs_no_copy(device, dtype, interleaved):
     # HF layout [b, h, s, d] as transposed views.
     q_hf, k_hf = make((b, n_q, s, d), device, dtype), make((b, n_kv, s, d), device, dtype)
     q_out, k_out = llama_ext.apply_rotary(q_hf.transpose(1, 2), k_hf.transpose(1, 2), cos, sin, positions, interleaved)
-    assert q_out.is_contiguous() and k_out.is_contiguous()
+    assert q_out.transpose(1, 2).is_contiguous() and k_out.transpose(1, 2).is_contiguous()  # layout kept
     check_against_reference(q_hf.transpose(1, 2), k_hf.transpose(1, 2), q_out, k_out, cos, sin, positions, interleaved)
     # q and k as views into one fused qkv projection, rotated in place: v must stay untouched.
     qkv = make((b, s, n_q + 2 * n_kv, d), device, dtype)
@@ -166,6 +166,9 @@ def test_strided_inputs_no_copy(device, dtype, interleaved):
     q_ref, k_ref = original[:, :, :n_q], original[:, :, n_q : n_q + n_kv]
     check_against_reference(q_ref, k_ref, q, k, cos, sin, positions, interleaved)
     assert torch.equal(qkv[:, :, n_q + n_kv :], original[:, :, n_q + n_kv :])
+    q_out, k_out = llama_ext.apply_rotary(q_ref, k_ref, cos, sin, positions, interleaved)
+    assert q_out.is_contiguous() and k_out.is_contiguous()  # non-dense views give dense outputs
+    check_against_reference(q_ref, k_ref, q_out, k_out, cos, sin, positions, interleaved)
     # Rows offset by one element: no 16-byte alignment, so CUDA takes its scalar path.
     flat = make((b, s, n_q * d + 1), device, dtype)
     q_odd = flat[:, :, 1:].view(b, s, n_q, d)

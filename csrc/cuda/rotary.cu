@@ -16,7 +16,7 @@
 // STG.E.128) when all bases and strides are 16-byte aligned, and a scalar path otherwise. Offsets
 // are 64-bit, so tensors past 2^31 elements are fine. Positions outside the table trip a
 // device-side assert (as torch's index ops do) and are never used to read memory.
-#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -269,9 +269,9 @@ std::tuple<at::Tensor, at::Tensor> apply_rotary_cuda(const at::Tensor& q, const 
                                                      const std::optional<at::Tensor>& positions, bool interleaved,
                                                      bool inverse) {
   const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
-  // Outputs are contiguous [batch, seq, heads, head_dim] whatever the input strides.
-  at::Tensor q_out = at::empty(q.sizes(), q.options());
-  at::Tensor k_out = at::empty(k.sizes(), k.options());
+  // Outputs keep the inputs' layout (empty_like): HF's transposed views stay transposed.
+  at::Tensor q_out = at::empty_like(q);
+  at::Tensor k_out = at::empty_like(k);
   rotary_cuda(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, g);
   return {q_out, k_out};
 }
