@@ -1,4 +1,4 @@
-// Rotary position embedding on the CPU: q and k rotated in one pass over the tokens.
+// Rotary position embedding on the CPU: q and k rotated in one pass.
 //
 // For a token at position p, each (x1, x2) pair of a head is rotated by theta = p * inv_freq[i]:
 //   y1 = x1 * cos - x2 * sin,   y2 = x2 * cos + x1 * sin      (inverse: sin -> -sin)
@@ -8,13 +8,13 @@
 // the store. Dims past rotary_dim are copied (out of place) or left alone (in place).
 //
 // Bytes per token: read and write (n_q_heads + n_kv_heads) * head_dim elements, plus one table row
-// of cos and sin (rotary_dim * 4 bytes, from L1/L2 for every head of the token). That is the
-// minimum any out-of-place rotation moves, so the kernel is memory-bound; it is fast because it
-// touches q and k exactly once (HF's eager code materializes rotate_half, q * cos, ... : about
-// five q-sized temporaries), stays in registers between load and store, walks the rows in memory
-// order for both [b, s, h, d] and [b, h, s, d] layouts, and spreads rows over threads with
-// at::parallel_for. bf16/fp16 move as whole 16-lane vectors (a partial store is far slower). GPT-J pairs are split into even/odd lanes with deinterleave2 so
-// the same vector math applies.
+// of cos and sin (rotary_dim * 4 bytes, L1/L2-resident). That is the minimum any out-of-place
+// rotation moves, so the kernel is memory-bound. It is fast because it touches q and k exactly
+// once (HF's eager code materializes rotate_half, q * cos, ...: about five q-sized temporaries),
+// keeps each vector in registers between load and store, walks the rows in memory order for both
+// [b, s, h, d] and HF's [b, h, s, d] layouts, and spreads rows over threads with
+// at::parallel_for. bf16/fp16 move as whole 16-lane vectors (partial stores are far slower);
+// GPT-J pairs are split into even/odd lanes with deinterleave2 so the same vector math applies.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
