@@ -12,8 +12,8 @@
 // rotation moves, so the kernel is memory-bound. It is fast because it touches q and k exactly
 // once (HF's eager code materializes rotate_half, q * cos, ...: about five q-sized temporaries),
 // keeps each vector in registers between load and store, walks the rows in memory order for both
-// [b, s, h, d] and HF's [b, h, s, d] layouts, and spreads rows over threads with
-// at::parallel_for. bf16/fp16 move as whole 16-lane vectors (partial stores are far slower);
+// [b, s, h, d] and HF's [b, h, s, d] layouts (see rotate_all), and spreads them over threads
+// with at::parallel_for. bf16/fp16 move as whole 16-lane vectors (partial stores are far slower);
 // GPT-J pairs are split into even/odd lanes with deinterleave2 so the same vector math applies.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
@@ -168,42 +168,60 @@ inline void rotate_interleaved_head(const T* src, T* dst, const at::opmath_type<
   }
 }
 
-// Rotates rows [row_begin, row_end), a row being one head of one token. Rows are numbered
-// token-major ([batch, seq, head], the natural layout of q/k projections) or, for inputs laid out
-// [batch, head, seq] in memory (HF's transposed views), head-major, so either layout streams
-// through memory in order. Token-major reuses a token's cos/sin row from L1 for all its heads.
+// Rotates one head of one token (a "row").
 template <typename T>
-void rotate_rows(const RotaryArgs<T>& a, bool head_major, bool interleaved, bool inverse, int64_t row_begin,
-                 int64_t row_end) {
-  const int64_t heads = a.q.heads + a.k.heads;
-  const int64_t rotary_dim = 2 * a.half;
-  const size_t pass_bytes = static_cast<size_t>(a.head_dim - rotary_dim) * sizeof(T);
-  for (int64_t row = row_begin; row < row_end; ++row) {
-    int64_t b, s, head;
-    if (head_major) {
-      s = row % a.seq;
-      head = row / a.seq % heads;
-      b = row / (a.seq * heads);
-    } else {
-      head = row % heads;
-      s = row / heads % a.seq;
-      b = row / (heads * a.seq);
-    }
-    const int64_t pos = a.position(b, s);
-    const auto* cos = a.cos + pos * a.cos_stride;
-    const auto* sin = a.sin + pos * a.sin_stride;
-    const bool is_q = head < a.q.heads;
-    const RotaryOperand<T>& op = is_q ? a.q : a.k;
-    const int64_t h = is_q ? head : head - a.q.heads;
-    const T* x = op.src + b * op.src_batch_stride + s * op.src_seq_stride + h * op.src_head_stride;
-    T* y = op.dst + b * op.dst_batch_stride + s * op.dst_seq_stride + h * op.dst_head_stride;
-    if (interleaved) {
-      rotate_interleaved_head<T>(x, y, cos, sin, a.half, inverse);
-    } else {
-      rotate_half_head<T>(x, y, cos, sin, a.half, inverse);
-    }
-    if (a.copy_pass_through && pass_bytes > 0) std::memcpy(y + rotary_dim, x + rotary_dim, pass_bytes);
+inline void rotate_row(const RotaryArgs<T>& a, bool interleaved, bool inverse, int64_t b, int64_t s, int64_t head) {
+  const int64_t pos = a.position(b, s);
+  const auto* cos = a.cos + pos * a.cos_stride;
+  const auto* sin = a.sin + pos * a.sin_stride;
+  const bool is_q = head < a.q.heads;
+  const RotaryOperand<T>& op = is_q ? a.q : a.k;
+  const int64_t h = is_q ? head : head - a.q.heads;
+  const T* x = op.src + b * op.src_batch_stride + s * op.src_seq_stride + h * op.src_head_stride;
+  T* y = op.dst + b * op.dst_batch_stride + s * op.dst_seq_stride + h * op.dst_head_stride;
+  if (interleaved) {
+    rotate_interleaved_head<T>(x, y, cos, sin, a.half, inverse);
+  } else {
+    rotate_half_head<T>(x, y, cos, sin, a.half, inverse);
   }
+  const int64_t rotary_dim = 2 * a.half;
+  if (a.copy_pass_through && rotary_dim < a.head_dim) {
+    std::memcpy(y + rotary_dim, x + rotary_dim, static_cast<size_t>(a.head_dim - rotary_dim) * sizeof(T));
+  }
+}
+
+// Tokens per tile of the head-major walk: their cos/sin rows (32 * rotary_dim * 4 bytes) stay in
+// L1 while every head of the tile is rotated.
+constexpr int64_t kSeqTile = 32;
+
+// Spreads the rows over threads in memory order. Token-major ([batch, seq, head], the natural
+// layout of q/k projections): a token's heads are adjacent and share its cos/sin row from L1.
+// For inputs laid out [batch, head, seq] in memory (HF's transposed views), tiles of kSeqTile
+// tokens are walked head by head, so each head streams a contiguous run and the tile's table rows
+// are reused from L1 across heads instead of re-read once per head.
+template <typename T>
+void rotate_all(const RotaryArgs<T>& a, int64_t batch, bool head_major, bool interleaved, bool inverse) {
+  const int64_t heads = a.q.heads + a.k.heads;
+  if (head_major) {
+    const int64_t tiles = (a.seq + kSeqTile - 1) / kSeqTile;
+    at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t unit = begin; unit < end; ++unit) {
+        const int64_t b = unit / tiles;
+        const int64_t s_begin = unit % tiles * kSeqTile, s_end = std::min(a.seq, s_begin + kSeqTile);
+        for (int64_t head = 0; head < heads; ++head) {
+          for (int64_t s = s_begin; s < s_end; ++s) rotate_row<T>(a, interleaved, inverse, b, s, head);
+        }
+      }
+    });
+    return;
+  }
+  // Rows per task: about 16K elements, at least one row.
+  const int64_t grain = std::max<int64_t>(1, 16384 / a.head_dim);
+  at::parallel_for(0, batch * a.seq * heads, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      rotate_row<T>(a, interleaved, inverse, row / (heads * a.seq), row / heads % a.seq, row % heads);
+    }
+  });
 }
 
 // Raises IndexError naming the first position outside [0, max_position).
@@ -256,12 +274,8 @@ void rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
     a.head_dim = g.head_dim;
     a.half = g.half;
     a.copy_pass_through = copy_pass_through;
-    // Rows per task: about 16K elements, at least one row.
-    const int64_t grain = std::max<int64_t>(1, 16384 / g.head_dim);
     const bool head_major = g.seq > 1 && q.size(2) > 1 && q.stride(1) < q.stride(2);
-    at::parallel_for(0, g.tokens() * (g.q_heads + g.k_heads), grain, [&](int64_t begin, int64_t end) {
-      rotate_rows<scalar_t>(a, head_major, interleaved, inverse, begin, end);
-    });
+    rotate_all<scalar_t>(a, g.batch, head_major, interleaved, inverse);
   });
 }
 

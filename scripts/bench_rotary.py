@@ -53,14 +53,17 @@ def main():
     compiled = None if args.no_compile else torch.compile(hf_apply_rotary_pos_emb)
     for name in args.dtypes.split(","):
         dtype = getattr(torch, name)
-        # HF layout [b, h, s, d]; the fused op takes the same memory as [b, s, h, d] views.
+        # HF layout [b, h, s, d]: "llama_ext" takes it as [b, s, h, d] views (no copy);
+        # "llama_ext bshd" is the projection-native contiguous [b, s, h, d] layout.
         q = torch.randn(b, args.q_heads, s, args.head_dim, device=device).to(dtype)
         k = torch.randn(b, args.kv_heads, s, args.head_dim, device=device).to(dtype)
         hf_cos, hf_sin = hf_cos_sin(cos, sin, positions, dtype)
         qkv = torch.cat((q.flatten(), k.flatten()))
         nbytes = 2 * qkv.numel() * qkv.element_size()  # read + write
+        q_bshd, k_bshd = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
         fns = {
             "llama_ext": lambda: llama_ext.apply_rotary(q.transpose(1, 2), k.transpose(1, 2), cos, sin, positions),
+            "llama_ext bshd": lambda: llama_ext.apply_rotary(q_bshd, k_bshd, cos, sin, positions),
             "hf eager": lambda: hf_apply_rotary_pos_emb(q, k, hf_cos, hf_sin),
             "copy": lambda: qkv.clone(),
         }
@@ -69,7 +72,7 @@ def main():
         results = time_interleaved(fns, device, args.reps)
         for label, (best, median) in results.items():
             print(
-                f"{name:9s} {label:14s} best {best * 1e3:7.3f} ms {nbytes / best / 1e9:6.1f} GB/s"
+                f"{name:9s} {label:15s} best {best * 1e3:7.3f} ms {nbytes / best / 1e9:6.1f} GB/s"
                 f"   median {median * 1e3:7.3f} ms {nbytes / median / 1e9:6.1f} GB/s"
             )
         for stat, index in (("best", 0), ("median", 1)):
