@@ -6,8 +6,17 @@ autograd, and fake kernels for ``torch.compile``.
 import torch
 
 from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.llama_ext)
-from .ops import fused_add_rms_norm, fused_add_rms_norm_, gqa_attention, gqa_attention_varlen, rms_norm
-from .modules import GQAttention, KVCache, RMSNorm
+from .ops import (
+    apply_rotary,
+    apply_rotary_,
+    fused_add_rms_norm,
+    fused_add_rms_norm_,
+    gqa_attention,
+    gqa_attention_varlen,
+    rms_norm,
+)
+from .modules import GQAttention, KVCache, RMSNorm, RotaryEmbedding
+from .rope import rope_cos_sin
 
 __version__ = "0.1.0"
 
@@ -21,10 +30,14 @@ __all__ = [
     "GQAttention",
     "KVCache",
     "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "apply_rotary_",
     "cuda_kernels_built",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",
     "gqa_attention",
     "gqa_attention_varlen",
     "rms_norm",
+    "rope_cos_sin",
 ]

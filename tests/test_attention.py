@@ -375,31 +375,6 @@ def test_bad_scale_and_devices():
 # ---- GQAttention module --------------------------------------------------------------------
 
 
-class HFStyleRope:
-    """A minimal rotary embedding with the ``rope(q, k, positions)`` interface of
-    ``llama_ext.RotaryEmbedding`` on [batch, seq, heads, head_dim] tensors, in HF's
-    rotate_half convention. It stands in until RotaryEmbedding lands on main."""
-
-    def __init__(self, head_dim, max_positions=64, base=10000.0):
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        freqs = torch.arange(max_positions, dtype=torch.float32)[:, None] * inv_freq[None]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos, self.sin = emb.cos(), emb.sin()
-
-    def tables(self, positions, device):
-        return self.cos.to(device)[positions], self.sin.to(device)[positions]
-
-    def __call__(self, q, k, positions):
-        cos, sin = self.tables(positions, q.device)
-        cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-
-        def rotate(x):
-            x1, x2 = x.chunk(2, dim=-1)
-            return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
-
-        return rotate(q), rotate(k)
-
-
 def hf_llama_attention(hidden, heads, kv_heads, head_dim, bias, device):
     pytest.importorskip("transformers")
     from transformers import LlamaConfig
@@ -440,15 +415,17 @@ def test_module_matches_hf_llama_attention_without_rope(device, heads, kv_heads,
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_module_with_rope_matches_hf_llama_attention(device):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
     hidden, heads, kv_heads, head_dim = 128, 8, 2, 32
     hf = hf_llama_attention(hidden, heads, kv_heads, head_dim, False, device)
-    rope = HFStyleRope(head_dim)
+    hf_rope = LlamaRotaryEmbedding(hf.config).to(device)
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=hf.config.max_position_embeddings, device=device)
     ours = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
     ours.load_state_dict(hf.state_dict())
     x = make((2, 19, hidden), device, torch.float32)
     positions = torch.arange(19, device=device)
-    cos, sin = rope.tables(positions, device)
-    expected = hf_forward(hf, x, cos[None].expand(2, -1, -1), sin[None].expand(2, -1, -1))
+    expected = hf_forward(hf, x, *hf_rope(x, positions[None].expand(2, -1)))
     torch.testing.assert_close(ours(x), expected, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(ours(x, positions=positions), expected, atol=2e-5, rtol=2e-5)
 
@@ -457,7 +434,7 @@ def test_module_with_rope_matches_hf_llama_attention(device):
 @pytest.mark.parametrize("with_rope", [False, True])
 def test_kv_cache_decode_equals_full_forward(device, with_rope):
     hidden, heads, kv_heads, head_dim = 96, 6, 2, 16
-    rope = HFStyleRope(head_dim) if with_rope else None
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device) if with_rope else None
     attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
     x = make((2, 12, hidden), device, torch.float32)
     full = attn(x)
