@@ -174,13 +174,16 @@ def test_varlen_matches_float64(device, dtype, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_varlen_equals_batched_per_sequence(device):
-    """Packing sequences changes nothing: each one equals its own batched call, bit for bit."""
+    """Packing sequences changes nothing: each one equals its own batched call."""
     lens = [7, 130, 1]
     q, k, v, cu_q, cu_k = make_varlen(lens, lens, 8, 2, 32, device, torch.float32)
     out = llama_ext.gqa_attention_varlen(q, k, v, cu_q, cu_k, max(lens), max(lens))
     for b, (start, end) in enumerate(zip(cu_q[:-1].tolist(), cu_q[1:].tolist())):
-        single = llama_ext.gqa_attention(q[None, start:end], k[None, start:end], v[None, start:end])
-        assert torch.equal(out[start:end], single[0]), f"sequence {b}"
+        single = llama_ext.gqa_attention(q[None, start:end], k[None, start:end], v[None, start:end])[0]
+        if device == "cpu":  # one code path for both layouts on the CPU: identical bits
+            assert torch.equal(out[start:end], single), f"sequence {b}"
+        else:
+            assert_close(out[start:end], single, torch.float32)
 
 
 def poison_backward_workspace(q):
@@ -234,8 +237,10 @@ def test_varlen_backward_matches_float64(device, dtype):
         assert_close(g, e, dtype, scale=4.0)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_backward_is_deterministic(device):
+def test_backward_is_deterministic():
+    """The CPU backward sums dq partials in a shape-determined order: bit-identical every run.
+    (The issue promises this for the CPU kernel only.)"""
+    device = "cpu"
     q, k, v = qkv(1, 700, 700, 8, 1, 64, device, torch.float32)
     grad_out = make(q.shape, device, torch.float32)
     first = grads_of(llama_ext.gqa_attention, (q, k, v), grad_out)
