@@ -118,6 +118,57 @@ at::Tensor group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t
   return seq.narrow(0, row0, rows).narrow(1, kvh * group, group).transpose(0, 1);
 }
 
+// Row copies between strided T rows and packed acc_t rows, converting with at::vec (cheaper
+// than a TensorIterator copy_ for the small blocks here, which run once per tile).
+template <typename T>
+void load_rows(const T* src, int64_t src_stride, at::opmath_type<T>* dst, int64_t rows, int64_t d) {
+  using IO = cpu::VecIO<T>;
+  constexpr int64_t W = IO::kWidth;
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* in = src + r * src_stride;
+    at::opmath_type<T>* out = dst + r * d;
+    int64_t c = 0;
+    for (; c + W <= d; c += W) IO::load(in + c).store(out + c);
+    if (c < d) IO::load_partial(in + c, d - c).store(out + c, d - c);
+  }
+}
+
+template <typename T>
+void store_rows(const at::opmath_type<T>* src, T* dst, int64_t dst_stride, int64_t rows, int64_t d) {
+  using IO = cpu::VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  for (int64_t r = 0; r < rows; ++r) {
+    const at::opmath_type<T>* in = src + r * d;
+    T* out = dst + r * dst_stride;
+    int64_t c = 0;
+    for (; c + W <= d; c += W) IO::store(out + c, Vec::loadu(in + c));
+    if (c < d) IO::store(out + c, Vec::loadu(in + c, d - c), d - c);
+  }
+}
+
+// Packs group_rows(seq, ...) into a contiguous [G * rows, d] acc_t matrix (head-major).
+template <typename T>
+void pack_group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0, int64_t rows,
+                     at::opmath_type<T>* dst) {
+  const int64_t d = seq.size(2);
+  const T* base = seq.const_data_ptr<T>() + row0 * seq.stride(0);
+  for (int64_t g = 0; g < group; ++g) {
+    load_rows<T>(base + (kvh * group + g) * seq.stride(1), seq.stride(0), dst + g * rows * d, rows, d);
+  }
+}
+
+// The inverse of pack_group_rows: writes [G * rows, d] acc_t rows into seq, rounding to T.
+template <typename T>
+void unpack_group_rows(const at::opmath_type<T>* src, const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0,
+                       int64_t rows) {
+  const int64_t d = seq.size(2);
+  T* base = seq.mutable_data_ptr<T>() + row0 * seq.stride(0);
+  for (int64_t g = 0; g < group; ++g) {
+    store_rows<T>(src + g * rows * d, base + (kvh * group + g) * seq.stride(1), seq.stride(0), rows, d);
+  }
+}
+
 // exp with ~1 ulp error in fp32 (Sleef u20 variant: faster than the u10 one); plain exp in fp64.
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
@@ -208,7 +259,7 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
   const at::Tensor v_seq = pb.k_rows(pb.v, b).select(1, kvh);
 
   at::Tensor q_pack = ws.q.narrow(0, 0, M);
-  q_pack.view({G, rows, d}).copy_(group_rows(q_seq, kvh, G, q0, rows));
+  pack_group_rows<T>(q_seq, kvh, G, q0, rows, q_pack.mutable_data_ptr<acc_t>());
   at::Tensor acc = ws.acc.narrow(0, 0, M);
   acc.zero_();
   std::vector<acc_t> m(M, -std::numeric_limits<acc_t>::infinity()), l(M, acc_t(0));
@@ -221,8 +272,10 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
     const int64_t n = std::min(kBlockK, k_end - k0);
     at::Tensor k_blk = k_seq.narrow(0, k0, n), v_blk = v_seq.narrow(0, k0, n);
     if constexpr (kWiden) {
-      k_blk = ws.k.narrow(0, 0, n).copy_(k_blk);
-      v_blk = ws.v.narrow(0, 0, n).copy_(v_blk);
+      load_rows<T>(k_blk.const_data_ptr<T>(), k_blk.stride(0), ws.k.mutable_data_ptr<acc_t>(), n, d);
+      load_rows<T>(v_blk.const_data_ptr<T>(), v_blk.stride(0), ws.v.mutable_data_ptr<acc_t>(), n, d);
+      k_blk = ws.k.narrow(0, 0, n);
+      v_blk = ws.v.narrow(0, 0, n);
     }
     at::Tensor scores = ws.scores.narrow(0, 0, M * n).view({M, n});
     at::mm_out(scores, q_pack, k_blk.t());
@@ -248,7 +301,7 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
     for (int64_t c = 0; c < d; ++c) o[c] *= inv;
     lse_ptr[r] = l[r] > 0 ? m[r] * scale + std::log(l[r]) : acc_t(0);
   }
-  group_rows(pb.q_rows(pb.out, b), kvh, G, q0, rows).copy_(acc.view({G, rows, d}));
+  unpack_group_rows<T>(acc_ptr, pb.q_rows(pb.out, b), kvh, G, q0, rows);
   pb.lse_rows(pb.lse, b).narrow(0, kvh * G, G).narrow(1, q0, rows).copy_(lse_block.view({G, rows}));
 }
 
@@ -355,8 +408,8 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
     at::Tensor q_pack = ws.q.narrow(0, 0, M), do_pack = ws.dout.narrow(0, 0, M);
-    q_pack.view({G, rows, d}).copy_(group_rows(q_seq, kvh, G, q0, rows));
-    do_pack.view({G, rows, d}).copy_(group_rows(dout_seq, kvh, G, q0, rows));
+    pack_group_rows<T>(q_seq, kvh, G, q0, rows, q_pack.mutable_data_ptr<acc_t>());
+    pack_group_rows<T>(dout_seq, kvh, G, q0, rows, do_pack.mutable_data_ptr<acc_t>());
     const at::Tensor delta_blk = delta_seq.narrow(0, q0, rows).narrow(1, kvh * G, G).t().contiguous();  // [G, rows]
     const at::Tensor lse = lse_seq.narrow(0, kvh * G, G).narrow(1, q0, rows).contiguous();
     const acc_t* delta_ptr = delta_blk.const_data_ptr<acc_t>();
@@ -383,7 +436,7 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
       dk_acc.narrow(0, k0 - key0, n).addmm_(dp.t(), q_pack, /*beta=*/1, /*alpha=*/scale);
       dq_acc.addmm_(dp, k_blk, /*beta=*/1, /*alpha=*/scale);
     }
-    group_rows(dq_seq, kvh, G, q0, rows).copy_(dq_acc.view({G, rows, d}));
+    unpack_group_rows<acc_t>(dq_acc.const_data_ptr<acc_t>(), dq_seq, kvh, G, q0, rows);
   }
   pb.k_rows(dk, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(dk_acc);
   pb.k_rows(dv, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(dv_acc);
