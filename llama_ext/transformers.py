@@ -39,9 +39,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import llama_ext
+import transformers
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
+
+# The attention forward below mirrors transformers 5.x's (the `cache` argument, `Cache.update`'s
+# signature, the mask registry); 4.x differs in all three.
+MIN_TRANSFORMERS_VERSION = "5.0"
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"llama_ext.transformers needs transformers >= {MIN_TRANSFORMERS_VERSION}, found {transformers.__version__}"
+    )
 
 ATTN_IMPLEMENTATION = "llama_ext"
 
