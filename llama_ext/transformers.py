@@ -40,9 +40,6 @@ from torch import Tensor, nn
 
 import llama_ext
 import transformers
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function
 
 # The attention forward below mirrors transformers 5.x's (the `cache` argument, `Cache.update`'s
 # signature, the mask registry); 4.x differs in all three.
@@ -51,6 +48,10 @@ if int(transformers.__version__.split(".")[0]) < 5:
     raise ImportError(
         f"llama_ext.transformers needs transformers >= {MIN_TRANSFORMERS_VERSION}, found {transformers.__version__}"
     )
+
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function  # noqa: E402
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 ATTN_IMPLEMENTATION = "llama_ext"
 
@@ -197,7 +198,8 @@ def llama_ext_padding_mask(
     if not _is_causal_or_sliding(mask_function):
         raise ValueError(
             "llama_ext attention supports causal masks with 2D padding only; this model built a different "
-            "mask (packed sequences given by position_ids without an attention_mask, or a custom mask function)"
+            "mask (packed sequences given by position_ids without an attention_mask, bidirectional attention, "
+            "or a custom mask function)"
         )
     if attention_mask is None:
         return None

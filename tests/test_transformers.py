@@ -94,11 +94,14 @@ def assert_rel_close(actual, expected, rel, what=""):
     torch.testing.assert_close(actual.detach(), expected.detach(), rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
 
 
-def left_padded_batch(lengths, seq, device):
+def padded_batch(lengths, seq, device, side="left"):
     ids = torch.randint(2, VOCAB, (len(lengths), seq), device=device)
     mask = torch.zeros(len(lengths), seq, dtype=torch.long, device=device)
     for row, length in enumerate(lengths):
-        mask[row, seq - length:] = 1
+        if side == "left":
+            mask[row, seq - length:] = 1
+        else:
+            mask[row, :length] = 1
     return ids.masked_fill(mask == 0, 0), mask
 
 
@@ -176,14 +179,29 @@ def test_logits_and_grads_match_hf_eager(device, family, seq):
 @needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
-def test_left_padded_batch_matches_hf_eager(device, family):
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_hf_eager(device, family, side):
     hf, ours = build_pair(family, device)
-    ids, mask = left_padded_batch([40, 33, 7, 1], 40, device)
+    ids, mask = padded_batch([40, 33, 7, 1], 40, device, side)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     logits_hf, grads_hf = loss_and_grads(hf, ids, mask, position_ids)
     logits, grads = loss_and_grads(ours, ids, mask, position_ids)
     valid = mask.bool()  # HF's rows at padding positions are a meaningless average; ours are zeros
     assert_rel_close(logits[valid], logits_hf[valid], 1e-4, what="logits")
+    assert_grads_close(grads, grads_hf, 1e-3)
+
+
+@needs_ops
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradient_checkpointing_matches_hf_eager(device):
+    hf, ours = build_pair("qwen3", device)
+    # renamed in transformers 5.x; the old name warns
+    enable = getattr(ours, "activation_checkpointing_enable", ours.gradient_checkpointing_enable)
+    enable()
+    ids = torch.randint(0, VOCAB, (2, 24), device=device)
+    logits_hf, grads_hf = loss_and_grads(hf, ids)
+    logits, grads = loss_and_grads(ours, ids)
+    assert_rel_close(logits, logits_hf, 1e-4, what="logits")
     assert_grads_close(grads, grads_hf, 1e-3)
 
 
@@ -197,7 +215,7 @@ def test_left_padded_batch_matches_hf_eager(device, family):
 def test_greedy_generate_matches_hf_eager(device, family, padded):
     hf, ours = build_pair(family, device)
     if padded:
-        ids, mask = left_padded_batch([12, 5], 12, device)
+        ids, mask = padded_batch([12, 5], 12, device)
     else:
         ids, mask = torch.randint(2, VOCAB, (1, 9), device=device), None
     kwargs = dict(attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True, pad_token_id=0)
@@ -242,7 +260,7 @@ def test_attn_implementation_llama_ext_matches_eager(device):
     registry_model.load_state_dict(hf.state_dict())
     registry_model.to(device)
     assert registry_model.config._attn_implementation == "llama_ext"
-    ids, mask = left_padded_batch([20, 11], 20, device)
+    ids, mask = padded_batch([20, 11], 20, device)
     with torch.no_grad():
         expected = hf.eval()(ids, attention_mask=mask).logits
         actual = registry_model.eval()(ids, attention_mask=mask).logits
