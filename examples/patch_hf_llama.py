@@ -2,6 +2,9 @@
 
     python examples/patch_hf_llama.py [--device cuda] [--steps 5]
 
+(with llama_ext installed, e.g. by `make build`; from an in-place build run it from the repo root
+as `PYTHONPATH=. python examples/patch_hf_llama.py`).
+
 Builds a small random Llama (no download), copies it, patches the copy with
 ``llama_ext.transformers.patch_model`` and compares the two on the same work: a few AdamW
 steps on random tokens (the losses agree, the step time gives the speedup), then greedy
