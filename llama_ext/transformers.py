@@ -24,9 +24,10 @@ transformers 5.x offers that keeps the change to the one model being patched):
 
 Exactness: anything the kernels cannot reproduce exactly raises ``ValueError`` naming the
 setting (active sliding window, attention dropout in training, ``output_attentions``, softcap,
-4D or packed-sequence masks, static KV caches); nothing silently falls back to HF code.
+4D, bidirectional or custom masks, static KV caches); nothing silently falls back to HF code.
 
-Padded batches are unpadded to :func:`llama_ext.gqa_attention_varlen`. Query rows at padding
+Padded batches are unpadded to :func:`llama_ext.gqa_attention_varlen`, as are packed sequences
+(several per row, restarting position_ids, no attention_mask: transformers detects them). Query rows at padding
 positions are not attended by anything; their outputs are zeros (HF computes a meaningless
 average there), so compare models on non-padding positions only.
 """
@@ -112,7 +113,7 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal
     k_lens = key_valid.sum(1, dtype=torch.int32)
     cu_seqlens_q = F.pad(q_lens.cumsum(0, dtype=torch.int32), (1, 0))
     cu_seqlens_k = F.pad(k_lens.cumsum(0, dtype=torch.int32), (1, 0))
-    out_packed = llama_ext.gqa_attention_varlen(
+    out_tokens = llama_ext.gqa_attention_varlen(
         q.reshape(batch * seq_q, n_q_heads, head_dim).index_select(0, q_index),
         k.reshape(batch * seq_k, -1, head_dim).index_select(0, k_index),
         v.reshape(batch * seq_k, -1, head_dim).index_select(0, k_index),
@@ -123,8 +124,31 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal
         causal=causal,
         scale=scale,
     )
-    out = out_packed.new_zeros(batch * seq_q, n_q_heads, head_dim).index_copy(0, q_index, out_packed)
+    out = out_tokens.new_zeros(batch * seq_q, n_q_heads, head_dim).index_copy(0, q_index, out_tokens)
     return out.view(batch, seq_q, n_q_heads, head_dim)
+
+
+def _packed_attention(q: Tensor, k: Tensor, v: Tensor, sequence_ids: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+    """Attention within each packed sequence: q/k/v [batch, seq, heads, d] hold several sequences
+    per row, ``sequence_ids`` [batch, seq] numbers them; every row of q/k/v is a token of one."""
+    batch, seq, n_q_heads, head_dim = q.shape
+    starts = torch.ones_like(sequence_ids, dtype=torch.bool)
+    starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
+    start_rows = starts.reshape(-1).nonzero().squeeze(1)
+    cu_seqlens = F.pad(start_rows, (0, 1), value=batch * seq).to(torch.int32)
+    max_seqlen = int(cu_seqlens.diff().max())
+    out = llama_ext.gqa_attention_varlen(
+        q.reshape(batch * seq, n_q_heads, head_dim),
+        k.reshape(batch * seq, -1, head_dim),
+        v.reshape(batch * seq, -1, head_dim),
+        cu_seqlens,
+        cu_seqlens,
+        max_seqlen,
+        max_seqlen,
+        causal=causal,
+        scale=scale,
+    )
+    return out.view(batch, seq, n_q_heads, head_dim)
 
 
 def llama_ext_attention_forward(
@@ -141,8 +165,8 @@ def llama_ext_attention_forward(
     **kwargs,
 ) -> Tuple[Tensor, None]:
     """transformers attention-interface signature: query [batch, n_q_heads, seq_q, d], key/value
-    [batch, n_kv_heads, seq_k, d] (HF layout), attention_mask None or the bool [batch, seq_k]
-    padding mask made by :func:`llama_ext_padding_mask`. Returns ([batch, seq_q, n_q_heads, d], None)."""
+    [batch, n_kv_heads, seq_k, d] (HF layout), attention_mask what :func:`llama_ext_padding_mask`
+    made (None, bool padding mask or packed-sequence ids). Returns ([batch, seq_q, n_q_heads, d], None)."""
     _reject_unsupported_attention(module, key, dropout, sliding_window, softcap, kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # The kernels take [batch, seq, heads, d] with any strides but a contiguous last dim: HF's
@@ -156,30 +180,33 @@ def llama_ext_attention_forward(
             f"{tuple(attention_mask.shape)} for {key.shape[2]} keys (custom 4D masks and static KV caches are "
             "not supported)"
         )
-    return _varlen_attention(q, k, v, attention_mask.to(torch.bool), causal, scaling), None
+    if attention_mask.dtype == torch.bool:
+        return _varlen_attention(q, k, v, attention_mask, causal, scaling), None
+    return _packed_attention(q, k, v, attention_mask, causal, scaling), None
 
 
 # ---- mask function (the "llama_ext" entry of the mask registry) -----------------------------
 
 
-def _mask_parts(mask_function):
-    """The elementary functions an ``and_masks(...)`` combination is made of."""
-    inner = [
-        cell.cell_contents
-        for cell in (getattr(mask_function, "__closure__", None) or ())
-        if isinstance(cell.cell_contents, tuple)
-    ]
-    if getattr(mask_function, "__name__", "") != "and_mask" or not inner:
+def _closure_values(fn) -> list:
+    return [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())]
+
+
+def _mask_parts(mask_function) -> list:
+    """The elementary mask functions that transformers' ``and_masks(...)`` and
+    ``remap_positions_for_packed_sequence(...)`` wrappers are made of."""
+    if not getattr(mask_function, "__qualname__", "").startswith(("and_masks.", "remap_positions_for_packed_sequence.")):
         return [mask_function]
-    return [part for fn in inner[0] for part in _mask_parts(fn)]
+    parts = []
+    for value in _closure_values(mask_function):
+        for fn in value if isinstance(value, tuple) else (value,):
+            if callable(fn):
+                parts += _mask_parts(fn)
+    return parts
 
 
-def _is_causal_or_sliding(mask_function) -> bool:
-    # The sliding-window part is checked against the real key count in the attention function.
-    return all(
-        part is causal_mask_function or part.__qualname__.startswith("sliding_window_overlay.")
-        for part in _mask_parts(mask_function)
-    )
+def _is_part(fn, maker: str) -> bool:
+    return getattr(fn, "__qualname__", "").startswith(maker + ".")
 
 
 def llama_ext_padding_mask(
@@ -193,14 +220,32 @@ def llama_ext_padding_mask(
     **kwargs,
 ) -> Optional[Tensor]:
     """transformers mask-interface signature. The kernels mask causally themselves, so the model
-    only has to hand over which keys are padding: the bool [batch, kv_length] mask, or None
-    when nothing is padded."""
-    if not _is_causal_or_sliding(mask_function):
+    only hands over what is not plain causal attention:
+
+    * None: nothing (no padding, one sequence per row);
+    * a bool [batch, kv_length] tensor: which keys are real tokens (padding is False);
+    * an int64 [batch, seq] tensor: packed sequences (several per row, found by transformers
+      from position_ids that restart), the id of the sequence each token belongs to.
+
+    A sliding window is checked against the key count in the attention function; any other
+    mask pattern (bidirectional, custom mask functions) raises.
+    """
+    parts = _mask_parts(mask_function)
+    packed = [part for part in parts if _is_part(part, "packed_sequence_mask_function")]
+    unsupported = [
+        part
+        for part in parts
+        if part is not causal_mask_function and not _is_part(part, "sliding_window_overlay") and part not in packed
+    ]
+    if unsupported:
         raise ValueError(
-            "llama_ext attention supports causal masks with 2D padding only; this model built a different "
-            "mask (packed sequences given by position_ids without an attention_mask, bidirectional attention, "
-            "or a custom mask function)"
+            "llama_ext attention supports causal masks with padding or packed sequences only; this model built a "
+            f"mask from {', '.join(getattr(p, '__qualname__', repr(p)) for p in unsupported)} (bidirectional "
+            "attention or a custom mask function)"
         )
+    if packed:  # transformers only looks for packing when there is neither a padding mask nor a cache
+        (sequence_ids,) = [value for value in _closure_values(packed[0]) if isinstance(value, Tensor)]
+        return sequence_ids
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]

@@ -105,11 +105,11 @@ def padded_batch(lengths, seq, device, side="left"):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-def loss_and_grads(model, ids, mask=None, position_ids=None):
+def loss_and_grads(model, ids, mask=None, position_ids=None, **kwargs):
     """Next-token cross entropy over non-padding positions; returns (logits, {name: grad})."""
     model.train()
     model.zero_grad(set_to_none=True)
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids).logits
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, **kwargs).logits
     labels = ids[:, 1:].clone()
     if mask is not None:  # predicting from or to a padding position is no real loss term
         labels[(mask[:, :-1] == 0) | (mask[:, 1:] == 0)] = -100
@@ -299,12 +299,27 @@ def test_output_attentions_raises():
 
 
 @needs_ops
-def test_packed_sequences_raise():
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_sequences_match_hf_eager(device, family):
+    """Several sequences per row, marked only by restarting position_ids (no attention_mask, no
+    cache: a packed training batch); transformers masks each sequence off from the others."""
+    hf, ours = build_pair(family, device)
+    lengths = [[5, 11, 8], [24], [1, 23]]
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths]).to(device)
+    ids = torch.randint(0, VOCAB, position_ids.shape, device=device)
+    logits_hf, grads_hf = loss_and_grads(hf, ids, position_ids=position_ids, use_cache=False)
+    logits, grads = loss_and_grads(ours, ids, position_ids=position_ids, use_cache=False)
+    assert_rel_close(logits, logits_hf, 1e-4, what="logits")
+    assert_grads_close(grads, grads_hf, 1e-3)
+
+
+@needs_ops
+def test_bidirectional_mask_raises():
     _, ours = build_pair("llama", "cpu")
-    # Two sequences packed in one row; HF detects packing without a cache (a training setup).
-    position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
-    with pytest.raises(ValueError, match="packed sequences"):
-        ours(torch.randint(0, VOCAB, (1, 8)), position_ids=position_ids, use_cache=False)
+    ours.config.is_causal = False  # transformers then builds a bidirectional mask
+    with pytest.raises(ValueError, match="bidirectional"):
+        ours(torch.randint(0, VOCAB, (1, 8)))
 
 
 @needs_ops
