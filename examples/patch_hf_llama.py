@@ -81,7 +81,10 @@ def main():
     print(f"training {args.steps} steps of {args.batch}x{args.seq} tokens on {args.device}")
     print("  loss HF eager:", " ".join(f"{x:.4f}" for x in hf_losses))
     print("  loss llama_ext:", " ".join(f"{x:.4f}" for x in our_losses))
-    print(f"  step time: HF eager {hf_step * 1e3:.1f} ms, llama_ext {our_step * 1e3:.1f} ms, speedup {hf_step / our_step:.2f}x")
+    print(
+        f"  step time: HF eager {hf_step * 1e3:.1f} ms, llama_ext {our_step * 1e3:.1f} ms, "
+        f"speedup {hf_step / our_step:.2f}x"
+    )
 
     # The patched model's state dict is HF's (same names, same Parameters): hand its trained
     # weights back to the HF model and both generate from the same weights.

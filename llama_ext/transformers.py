@@ -96,7 +96,9 @@ def _reject_unsupported_attention(module, key: Tensor, dropout: float, sliding_w
         )
 
 
-def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+def _varlen_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: bool, scale: Optional[float]
+) -> Tensor:
     """Attention over the valid (mask True) tokens of each sequence, through the varlen kernel.
 
     q [batch, seq_q, n_q_heads, d]; k/v [batch, seq_k, n_kv_heads, d]; key_valid bool
@@ -128,7 +130,9 @@ def _varlen_attention(q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal
     return out.view(batch, seq_q, n_q_heads, head_dim)
 
 
-def _packed_attention(q: Tensor, k: Tensor, v: Tensor, sequence_ids: Tensor, causal: bool, scale: Optional[float]) -> Tensor:
+def _packed_attention(
+    q: Tensor, k: Tensor, v: Tensor, sequence_ids: Tensor, causal: bool, scale: Optional[float]
+) -> Tensor:
     """Attention within each packed sequence: q/k/v [batch, seq, heads, d] hold several sequences
     per row, ``sequence_ids`` [batch, seq] numbers them; every row of q/k/v is a token of one."""
     batch, seq, n_q_heads, head_dim = q.shape
@@ -371,7 +375,9 @@ def patch_model(model: nn.Module) -> nn.Module:
         )
     _check_ops_available()
     if getattr(config, "output_attentions", False):
-        raise ValueError("config.output_attentions=True is not supported: llama_ext attention never forms the attention matrix")
+        raise ValueError(
+            "config.output_attentions=True is not supported: llama_ext attention never forms the attention matrix"
+        )
     cache_implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
     if cache_implementation not in (None, "dynamic"):
         raise ValueError(
@@ -393,4 +399,10 @@ def patch_model(model: nn.Module) -> nn.Module:
     return model
 
 
-__all__ = ["ATTN_IMPLEMENTATION", "SUPPORTED_FAMILIES", "llama_ext_attention_forward", "llama_ext_padding_mask", "patch_model"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "SUPPORTED_FAMILIES",
+    "llama_ext_attention_forward",
+    "llama_ext_padding_mask",
+    "patch_model",
+]

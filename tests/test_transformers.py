@@ -91,7 +91,9 @@ def build_pair(family, device, dtype=torch.float32, **overrides):
 def assert_rel_close(actual, expected, rel, what=""):
     """|actual - expected| <= rel * (max|expected| + |expected|) elementwise."""
     scale = expected.detach().abs().max().item()
-    torch.testing.assert_close(actual.detach(), expected.detach(), rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.detach(), expected.detach(), rtol=rel, atol=rel * scale, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def padded_batch(lengths, seq, device, side="left"):
@@ -113,7 +115,9 @@ def loss_and_grads(model, ids, mask=None, position_ids=None, **kwargs):
     labels = ids[:, 1:].clone()
     if mask is not None:  # predicting from or to a padding position is no real loss term
         labels[(mask[:, :-1] == 0) | (mask[:, 1:] == 0)] = -100
-    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, VOCAB).float(), labels.reshape(-1), ignore_index=-100)
+    loss = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, VOCAB).float(), labels.reshape(-1), ignore_index=-100
+    )
     loss.backward()
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -218,7 +222,9 @@ def test_greedy_generate_matches_hf_eager(device, family, padded):
         ids, mask = padded_batch([12, 5], 12, device)
     else:
         ids, mask = torch.randint(2, VOCAB, (1, 9), device=device), None
-    kwargs = dict(attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True, pad_token_id=0)
+    kwargs = dict(
+        attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False, use_cache=True, pad_token_id=0
+    )
     with torch.no_grad():
         expected = hf.eval().generate(ids, **kwargs)
         actual = ours.eval().generate(ids, **kwargs)
