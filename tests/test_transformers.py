@@ -152,6 +152,16 @@ def test_patch_replaces_norms_sharing_weights(family):
     for name, p in hf.named_parameters():
         assert p is weights[name], f"{name} is not the original Parameter"
     assert hf.config._attn_implementation == "llama_ext"
+    assert patch_model(hf) is hf  # patching again changes nothing
+    assert [n for n, m in hf.named_modules() if isinstance(m, llama_ext.RMSNorm)] == norms
+    assert all(p is weights[name] for name, p in hf.named_parameters())
+
+
+def test_patch_names_missing_ops(monkeypatch):
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"))
+    monkeypatch.delattr(llama_ext, "gqa_attention_varlen", raising=False)
+    with pytest.raises(RuntimeError, match="gqa_attention_varlen"):
+        patch_model(model)
 
 
 def test_unsupported_family_raises_naming_the_supported_ones():
@@ -326,6 +336,13 @@ def test_bidirectional_mask_raises():
     ours.config.is_causal = False  # transformers then builds a bidirectional mask
     with pytest.raises(ValueError, match="bidirectional"):
         ours(torch.randint(0, VOCAB, (1, 8)))
+
+
+@needs_ops
+def test_static_cache_raises():
+    _, ours = build_pair("llama", "cpu")
+    with pytest.raises(ValueError, match="StaticCache"):
+        ours.eval().generate(torch.randint(2, VOCAB, (1, 4)), max_new_tokens=2, cache_implementation="static")
 
 
 @needs_ops
