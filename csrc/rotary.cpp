@@ -190,36 +190,24 @@ inline void rotate_row(const RotaryArgs<T>& a, bool interleaved, bool inverse, i
   }
 }
 
-// Tokens per tile of the head-major walk: their cos/sin rows (32 * rotary_dim * 4 bytes) stay in
-// L1 while every head of the tile is rotated.
-constexpr int64_t kSeqTile = 32;
-
 // Spreads the rows over threads in memory order. Token-major ([batch, seq, head], the natural
 // layout of q/k projections): a token's heads are adjacent and share its cos/sin row from L1.
-// For inputs laid out [batch, head, seq] in memory (HF's transposed views), tiles of kSeqTile
-// tokens are walked head by head, so each head streams a contiguous run and the tile's table rows
-// are reused from L1 across heads instead of re-read once per head.
+// Head-major ([batch, head, seq], HF's transposed views): each head streams through memory in
+// order. (Tiling tokens to reuse cos/sin rows across heads measured slower: breaking the
+// sequential streams costs more than re-reading the table from L2/L3.)
 template <typename T>
 void rotate_all(const RotaryArgs<T>& a, int64_t batch, bool head_major, bool interleaved, bool inverse) {
   const int64_t heads = a.q.heads + a.k.heads;
-  if (head_major) {
-    const int64_t tiles = (a.seq + kSeqTile - 1) / kSeqTile;
-    at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t unit = begin; unit < end; ++unit) {
-        const int64_t b = unit / tiles;
-        const int64_t s_begin = unit % tiles * kSeqTile, s_end = std::min(a.seq, s_begin + kSeqTile);
-        for (int64_t head = 0; head < heads; ++head) {
-          for (int64_t s = s_begin; s < s_end; ++s) rotate_row<T>(a, interleaved, inverse, b, s, head);
-        }
-      }
-    });
-    return;
-  }
+  const int64_t seq = a.seq;
   // Rows per task: about 16K elements, at least one row.
   const int64_t grain = std::max<int64_t>(1, 16384 / a.head_dim);
-  at::parallel_for(0, batch * a.seq * heads, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * seq * heads, grain, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
-      rotate_row<T>(a, interleaved, inverse, row / (heads * a.seq), row / heads % a.seq, row % heads);
+      if (head_major) {
+        rotate_row<T>(a, interleaved, inverse, row / (heads * seq), row % seq, row / seq % heads);
+      } else {
+        rotate_row<T>(a, interleaved, inverse, row / (heads * seq), row / heads % seq, row % heads);
+      }
     }
   });
 }

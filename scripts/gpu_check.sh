@@ -31,13 +31,13 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs with a time limit, logs, 
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; git rev-parse --short HEAD 2>/dev/null; date -u; } | tee "$RESULTS/env.log"
 
-if stage build 300 env LLAMA_EXT_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace; then
+if stage build 200 env LLAMA_EXT_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace; then
   grep -E "spill (stores|loads)" "$RESULTS/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" >"$RESULTS/spills.log"
-  stage tests 150 $PY -m pytest tests -q -x -rs -p no:cacheprovider
-  for tool in memcheck racecheck synccheck; do
-    stage "$tool" 60 compute-sanitizer --tool "$tool" --error-exitcode 1 $PY scripts/sanitize_kernels.py
-  done
-  stage bench 120 $PY -m benchmarks --device cuda --out "$RESULTS/bench"
+  stage tests 110 $PY -m pytest tests -q -rs -p no:cacheprovider
+  stage memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/sanitize_kernels.py
+  stage racecheck 45 env SANITIZE_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 1 $PY scripts/sanitize_kernels.py
+  stage synccheck 30 env SANITIZE_QUICK=1 compute-sanitizer --tool synccheck --error-exitcode 1 $PY scripts/sanitize_kernels.py
+  stage bench 90 $PY -m benchmarks --device cuda --out "$RESULTS/bench"
 fi
 
 echo

@@ -3,9 +3,15 @@ synccheck) in `make gpu-check`: tails that are not multiples of any vector or ti
 misaligned and strided rows, the register-cached and looped RMSNorm paths, every attention
 head_dim, causal and not, seq_q != seq_k, decode, varlen. Sizes stay small: the sanitizers
 slow kernels down a hundredfold."""
+import os
+
 import torch
 
 import llama_ext
+
+# racecheck and synccheck are far slower than memcheck: SANITIZE_QUICK=1 keeps every kernel
+# and head_dim but fewer dtypes and shapes.
+QUICK = os.environ.get("SANITIZE_QUICK") == "1"
 
 assert torch.cuda.is_available() and llama_ext.cuda_kernels_built(), "needs a GPU and the CUDA build"
 dev = "cuda"
@@ -49,14 +55,28 @@ if hasattr(llama_ext, "apply_rotary"):
     exercised.append("rotary")
 
 if hasattr(llama_ext, "gqa_attention"):
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+    # Tile edges: forward 128 queries x 64 keys (64 x 32 at d=256); backward 64 keys x 64 or 32
+    # queries. (300, 20) causal leaves whole query blocks with no visible key.
+    shapes = ((1, 1), (17, 17), (64, 64), (63, 65), (129, 129), (1, 77), (65, 130), (200, 33), (300, 20))
+    if QUICK:
+        shapes = ((17, 17), (63, 65), (300, 20))
+    for dtype in (torch.bfloat16, torch.float32) if QUICK else (torch.float16, torch.bfloat16, torch.float32):
         for head_dim in (32, 64, 80, 96, 128, 256):
-            for seq_q, seq_k in ((1, 1), (17, 17), (129, 129), (1, 77), (65, 130)):
+            for seq_q, seq_k in shapes:
                 for causal in (True, False):
                     q = rnd(2, seq_q, 8, head_dim, dtype=dtype).requires_grad_()
                     k = rnd(2, seq_k, 2, head_dim, dtype=dtype).requires_grad_()
                     v = rnd(2, seq_k, 2, head_dim, dtype=dtype).requires_grad_()
                     llama_ext.gqa_attention(q, k, v, causal=causal).float().sum().backward()
+            # Head counts 5/5 and 8/1, the HF [b, h, s, d] layout as a transposed view, and rows
+            # that are not 16-byte aligned (no cp.async).
+            for h_q, h_kv in ((5, 5), (8, 1)):
+                q = rnd(1, h_q, 257, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
+                k = rnd(1, h_kv, 257, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
+                v = rnd(1, h_kv, 257, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
+                llama_ext.gqa_attention(q, k, v, causal=True).float().sum().backward()
+            unaligned = [rnd(1, 127, 4, head_dim + 1, dtype=dtype)[..., 1:] for _ in range(3)]
+            llama_ext.gqa_attention(*unaligned, causal=True)
             lens = torch.tensor([0, 5, 70, 1], device=dev)
             cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
             total = int(lens.sum())

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llama_ext
-from llama_ext.reference import fused_add_rms_norm_reference, rms_norm_reference
+from llama_ext.reference import fused_add_rms_norm_reference, rms_norm_reference, rotary_reference
 
 from conftest import DEVICES, TOLERANCES, assert_close, dtypes_for
 
@@ -92,6 +92,45 @@ def test_property_fused_add_rms_norm_and_inplace(device, data):
     torch.testing.assert_close(x_in, y, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_property_apply_rotary_forward_backward(device, data):
+    dtype = data.draw(st.sampled_from(dtypes_for(device)))
+    batch, seq = data.draw(st.integers(0, 3)), data.draw(st.integers(0, 9))
+    n_kv = data.draw(st.integers(1, 3))
+    n_q = n_kv * data.draw(st.integers(1, 3))
+    head_dim = 2 * data.draw(st.integers(1, 64))
+    rotary_dim = 2 * data.draw(st.integers(1, head_dim // 2))
+    interleaved = data.draw(st.booleans())
+    hf_layout = data.draw(st.booleans())  # [b, h, s, d] storage passed as a transposed view
+    max_position = seq + data.draw(st.integers(1, 8))
+    positions_kind = data.draw(st.sampled_from(["none", "seq", "batch_seq"]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+
+    def make(heads):
+        shape = (batch, heads, seq, head_dim) if hf_layout else (batch, seq, heads, head_dim)
+        t = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        return t.transpose(1, 2) if hf_layout else t
+
+    q, k = make(n_q).requires_grad_(), make(n_kv).requires_grad_()
+    cos, sin = llama_ext.rope_cos_sin(rotary_dim, max_position, device=device)
+    index_dtype = data.draw(st.sampled_from([torch.int32, torch.int64]))
+    positions = {
+        "none": None,
+        "seq": torch.randint(0, max_position, (seq,), generator=gen).to(device=device, dtype=index_dtype),
+        "batch_seq": torch.randint(0, max_position, (batch, seq), generator=gen).to(device=device, dtype=index_dtype),
+    }[positions_kind]
+    q2, k2 = llama_ext.apply_rotary(q, k, cos, sin, positions, interleaved=interleaved)
+    assert_close(q2, rotary_reference(q, cos, sin, positions, interleaved), dtype)
+    assert_close(k2, rotary_reference(k, cos, sin, positions, interleaved), dtype)
+    # The backward is the inverse rotation.
+    gq, gk = torch.randn_like(q2), torch.randn_like(k2)
+    torch.autograd.backward([q2, k2], [gq, gk])
+    assert_close(q.grad, rotary_reference(gq, cos, sin, positions, interleaved, inverse=True), dtype)
+    assert_close(k.grad, rotary_reference(gk, cos, sin, positions, interleaved, inverse=True), dtype)
+
+
 # ---- bad input never writes --------------------------------------------------------------
 
 
@@ -105,6 +144,17 @@ def test_failed_inplace_call_writes_nothing(device):
     with pytest.raises(ValueError, match="eps"):
         llama_ext.fused_add_rms_norm_(x, residual, None, -1.0)
     assert torch.equal(x, before[0]) and torch.equal(residual, before[1])
+
+
+@pytest.mark.parametrize("device", ["cpu"])  # CUDA reports positions through a device assert
+def test_failed_inplace_rotary_writes_nothing(device):
+    q, k = torch.randn(1, 6, 4, 64, device=device), torch.randn(1, 6, 2, 64, device=device)
+    cos, sin = llama_ext.rope_cos_sin(64, 8, device=device)
+    before = (q.clone(), k.clone())
+    bad_positions = torch.tensor([0, 1, 2, 3, 4, 8], device=device)  # 8 is past the table
+    with pytest.raises(IndexError, match="positions"):
+        llama_ext.apply_rotary_(q, k, cos, sin, bad_positions)
+    assert torch.equal(q, before[0]) and torch.equal(k, before[1])
 
 
 # ---- numerical edge cases ------------------------------------------------------------------
@@ -163,6 +213,30 @@ def test_rms_norm_more_than_2_pow_31_elements_cpu():
     del x, y
 
 
+@pytest.mark.slow
+def test_apply_rotary_more_than_2_pow_31_elements_cpu():
+    """q with 2^31 + 2^18 elements (4.3 GB in bf16): the last tokens, whose offsets pass 2^31,
+    must equal the same tokens rotated in a small tensor."""
+    heads, head_dim = 32, 128
+    seq = 2**31 // (heads * head_dim) + 64
+    base = torch.randn(64, heads * head_dim).to(torch.bfloat16)
+    q = _tile_rows(base, seq).view(1, seq, heads, head_dim)
+    k = q[:, :, :1].clone()
+    assert q.numel() > 2**31
+    cos, sin = llama_ext.rope_cos_sin(head_dim, 64)
+    positions = torch.arange(seq) % 64
+    llama_ext.apply_rotary_(q, k, cos, sin, positions)
+    small = base.view(64, 1, heads, head_dim).transpose(0, 1).contiguous()  # [1, 64, h, d]
+    small_k = small[:, :, :1].clone()
+    llama_ext.apply_rotary_(small, small_k, cos, sin, torch.arange(64))
+    tail = slice(seq - 64, seq)
+    first = (seq - 64) % 64
+    expected = torch.cat([small[:, first:], small[:, :first]], dim=1)
+    torch.testing.assert_close(q[:, tail], expected, atol=0, rtol=0)
+    torch.testing.assert_close(k[:, tail], torch.cat([small_k[:, first:], small_k[:, :first]], dim=1), atol=0, rtol=0)
+    del q, k
+
+
 # ---- threads, streams, graphs, memory --------------------------------------------------------
 
 
@@ -191,8 +265,30 @@ def _op_calls(device):
         llama_ext.rms_norm(xg, w).sum().backward()
         assert torch.isfinite(xg.grad).all()
 
+    q = torch.randn(2, 5, 4, 64, device=device)
+    k = torch.randn(2, 5, 2, 64, device=device)
+    cos, sin = llama_ext.rope_cos_sin(64, 16, device=device)
+    positions = torch.tensor([3, 1, 4, 1, 5], device=device)
+    q_ref = rotary_reference(q, cos, sin, positions)
+
+    def rotary():
+        q2, _ = llama_ext.apply_rotary(q, k, cos, sin, positions)
+        assert_close(q2, q_ref, torch.float32)
+
+    def rotary_inplace():
+        qi, ki = q.clone(), k.clone()
+        llama_ext.apply_rotary_(qi, ki, cos, sin, positions)
+        assert_close(qi, q_ref, torch.float32)
+
+    def rotary_backward():
+        qg = q.clone().requires_grad_()
+        q2, _ = llama_ext.apply_rotary(qg, k, cos, sin, positions)
+        q2.sum().backward()
+        assert torch.isfinite(qg.grad).all()
+
     return [("rms_norm", rms), ("fused_add_rms_norm", fused), ("fused_add_rms_norm_", fused_inplace),
-            ("rms_norm_backward", rms_backward)]
+            ("rms_norm_backward", rms_backward), ("apply_rotary", rotary), ("apply_rotary_", rotary_inplace),
+            ("apply_rotary_backward", rotary_backward)]
 
 
 def test_threads_call_every_op_at_once():
