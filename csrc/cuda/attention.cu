@@ -12,6 +12,7 @@
 #include <climits>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../attention.h"
 #include "attention_launch.cuh"
@@ -60,9 +61,15 @@ bool rows_aligned16(const at::Tensor& t) {
 }
 
 // lse (and delta): batched [batch, heads, seq_q], varlen [heads, total_q], both contiguous.
-at::Tensor empty_lse(const at::Tensor& q, const AttentionShape& s) {
-  const auto opts = q.options().dtype(at::kFloat);
-  return s.varlen ? at::empty({s.n_q_heads, q.size(0)}, opts) : at::empty({s.batch, s.n_q_heads, s.seq_q}, opts);
+std::vector<int64_t> lse_shape(const at::Tensor& q, const AttentionShape& s) {
+  if (s.varlen) return {s.n_q_heads, q.size(0)};
+  return {s.batch, s.n_q_heads, s.seq_q};
+}
+
+// The kernels index cu_seqlens with unit stride; the caller keeps these alive past the launches.
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
 }
 
 Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
@@ -103,10 +110,11 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cuda(const at::Tensor& 
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = empty_lse(q, s);
+  at::Tensor lse = at::empty(lse_shape(q, s), q.options().dtype(at::kFloat));
   if (s.batch == 0 || s.seq_q == 0) return {out, lse};  // no query rows: nothing to launch
 
-  Params p = make_params(q, k, v, lse, cu_seqlens_q, cu_seqlens_k, s, causal, scale);
+  const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
+  Params p = make_params(q, k, v, lse, cu_q, cu_k, s, causal, scale);
   p.out = out.data_ptr();
   p.out_strides = strides_of(out, s.varlen);
   const int batch = static_cast<int>(s.batch);
@@ -138,23 +146,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cuda(
   check_like_q(out, "out");
   check_same_device(lse, "lse", q, "q");
   TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
-  const at::Tensor lse_c = lse.contiguous();
+  const std::vector<int64_t> expected_lse = lse_shape(q, s);
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected_lse), "lse must have shape ", at::IntArrayRef(expected_lse),
+                    ", got ", lse.sizes());
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor lse_c = lse.contiguous();
   // The kernels read each row with unit stride; a gradient that arrives expanded is copied.
   const at::Tensor dout = grad_out.stride(-1) == 1 ? grad_out : grad_out.contiguous();
   const at::Tensor fwd_out = out.stride(-1) == 1 ? out : out.contiguous();
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  TORCH_CHECK_VALUE(lse_c.sizes() == empty_lse(q, s).sizes(), "lse must have shape ", empty_lse(q, s).sizes(),
-                    ", got ", lse.sizes());
   if (s.batch == 0 || k.numel() == 0) {  // no keys: every gradient is 0
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
   at::Tensor delta = at::empty_like(lse_c);
 
-  Params p = make_params(q, k, v, lse_c, cu_seqlens_q, cu_seqlens_k, s, causal, scale);
+  const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
+  Params p = make_params(q, k, v, lse_c, cu_q, cu_k, s, causal, scale);
   p.dout = dout.const_data_ptr();
   p.dout_strides = strides_of(dout, s.varlen);
   p.fwd_out = fwd_out.const_data_ptr();

@@ -57,7 +57,9 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const int b = blockIdx.z;
   const int head = blockIdx.y;
   const Seq seq = sequence(p, b);
-  const int m0 = blockIdx.x * C::kBlockM;
+  // Highest query blocks first: under a causal mask they have the most keys, and launching
+  // them early lets the short low blocks fill the last wave instead of trailing it.
+  const int m0 = (gridDim.x - 1 - blockIdx.x) * C::kBlockM;
   if (m0 >= seq.len_q) return;  // varlen: this sequence is shorter than max_seqlen_q
   const int kv_head = head / p.group;
   const int warp = threadIdx.x / 32;
