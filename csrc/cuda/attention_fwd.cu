@@ -20,9 +20,10 @@
 // rows padded by 16 bytes (conflict-free ldmatrix): 102 KB at D = 128, 99 KB at D = 256.
 //
 // Cost. 4 * s_q * s_k * D FLOPs per head (halved causal), all on tensor cores; global traffic
-// is Q and O once plus K and V once per CTA, i.e. s_k * D * 2 * 2 bytes per kBlockM queries:
-// at D = 128 that is 64 FLOPs per byte of K/V read, compute-bound on A100/H100 class GPUs, and
-// the [s_q, s_k] score matrix never exists in memory.
+// is Q and O once plus K and V once per CTA: each key costs 2 * D * 2 bytes (its K and V rows,
+// 16-bit) and brings 4 * kBlockM * D FLOPs, i.e. kBlockM FLOPs per byte of K/V read (128, or 64
+// at D = 256; L2 serves the repeats across the CTAs of a head group): compute-bound on
+// A100/H100, and the [s_q, s_k] score matrix never exists in memory.
 #include "attention_launch.cuh"
 
 namespace llama_ext::cuda::attention {
