@@ -1,0 +1,207 @@
+// CUDA entry points of grouped-query attention: argument checks, output allocation, the
+// kernel parameters (pointers and element strides: q, k, v are read in place, any strides
+// with a contiguous last dim) and the choice of kernel:
+//   fp16 / bf16 forward, every supported head_dim  -> tensor cores (attention_fwd.cu)
+//   fp16 / bf16 backward, head_dim <= 128          -> tensor cores (attention_bwd.cu)
+//   float32, and the fp16 / bf16 backward at 256   -> SIMT (attention_simt.cu)
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <climits>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../attention.h"
+#include "attention_launch.cuh"
+
+namespace llama_ext {
+namespace {
+
+using cuda::attention::Params;
+using cuda::attention::Strides;
+
+// Calls f(std::integral_constant<int, D>{}) for the D in Ds equal to head_dim.
+template <int... Ds, typename F>
+void dispatch_head_dim(int64_t head_dim, F&& f) {
+  const bool found = ((head_dim == Ds ? (f(std::integral_constant<int, Ds>{}), true) : false) || ...);
+  TORCH_CHECK(found, "internal error: no kernel for head_dim ", head_dim);
+}
+
+void check_cuda_attention(const at::Tensor& q, const AttentionShape& s) {
+  check_cuda_dtype(q, "q");
+  constexpr int64_t kHeadDims[] = {32, 64, 80, 96, 128, 256};
+  bool supported = false;
+  for (int64_t d : kHeadDims) supported |= s.head_dim == d;
+  TORCH_CHECK_VALUE(supported, "head_dim ", s.head_dim,
+                    " is not supported by the CUDA attention kernels (supported: 32, 64, 80, 96, 128, 256)");
+  TORCH_CHECK_VALUE(s.batch <= 65535 && s.n_q_heads <= 65535,
+                    "the CUDA attention kernels support at most 65535 sequences and 65535 query heads, got batch = ",
+                    s.batch, ", n_q_heads = ", s.n_q_heads);
+  TORCH_CHECK_VALUE(s.seq_q <= INT_MAX && s.seq_k <= INT_MAX, "sequence lengths must be below 2^31, got ", s.seq_q,
+                    " and ", s.seq_k);
+}
+
+Strides strides_of(const at::Tensor& t, bool varlen) {
+  if (varlen) return Strides{0, t.stride(0), t.stride(1)};
+  return Strides{t.stride(0), t.stride(1), t.stride(2)};
+}
+
+// cp.async moves 16-byte chunks: the base and every (non-head_dim) stride must keep each row
+// 16-byte aligned. Otherwise the kernels stage tiles through registers instead.
+bool rows_aligned16(const at::Tensor& t) {
+  if (!cuda::is_aligned(t.const_data_ptr(), 16)) return false;
+  const int64_t chunk = 16 / t.element_size();
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    if (t.stride(i) % chunk != 0) return false;
+  }
+  return true;
+}
+
+// lse (and delta): batched [batch, heads, seq_q], varlen [heads, total_q], both contiguous.
+std::vector<int64_t> lse_shape(const at::Tensor& q, const AttentionShape& s) {
+  if (s.varlen) return {s.n_q_heads, q.size(0)};
+  return {s.batch, s.n_q_heads, s.seq_q};
+}
+
+// The kernels index cu_seqlens with unit stride; the caller keeps these alive past the launches.
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
+  if (!t.has_value()) return std::nullopt;
+  return t->contiguous();
+}
+
+Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                   const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
+                   const AttentionShape& s, bool causal, double scale) {
+  Params p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.q_strides = strides_of(q, s.varlen);
+  p.k_strides = strides_of(k, s.varlen);
+  p.v_strides = strides_of(v, s.varlen);
+  p.lse = lse.data_ptr<float>();
+  p.lse_batch = s.varlen ? 0 : lse.stride(0);
+  p.lse_head = s.varlen ? lse.stride(0) : lse.stride(1);
+  p.cu_seqlens_q = s.varlen ? cu_seqlens_q->const_data_ptr<int>() : nullptr;
+  p.cu_seqlens_k = s.varlen ? cu_seqlens_k->const_data_ptr<int>() : nullptr;
+  p.seq_q = static_cast<int>(s.seq_q);
+  p.seq_k = static_cast<int>(s.seq_k);
+  p.n_q_heads = static_cast<int>(s.n_q_heads);
+  p.group = static_cast<int>(s.group());
+  p.head_dim = static_cast<int>(s.head_dim);
+  p.scale = static_cast<float>(scale);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.causal = causal;
+  p.aligned16 = rows_aligned16(q) && rows_aligned16(k) && rows_aligned16(v);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v,
+                                                              const std::optional<at::Tensor>& cu_seqlens_q,
+                                                              const std::optional<at::Tensor>& cu_seqlens_k,
+                                                              int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                              double scale) {
+  const AttentionShape s = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_cuda_attention(q, s);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty(lse_shape(q, s), q.options().dtype(at::kFloat));
+  if (s.batch == 0 || s.seq_q == 0) return {out, lse};  // no query rows: nothing to launch
+
+  const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
+  Params p = make_params(q, k, v, lse, cu_q, cu_k, s, causal, scale);
+  p.out = out.data_ptr();
+  p.out_strides = strides_of(out, s.varlen);
+  const int batch = static_cast<int>(s.batch);
+  LLAMA_EXT_DISPATCH_CUDA_FLOATING(q.scalar_type(), "gqa_attention_forward", [&] {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      cuda::attention::launch_forward_simt<float>(p, batch, stream);
+    } else {
+      dispatch_head_dim<32, 64, 80, 96, 128, 256>(s.head_dim, [&](auto d) {
+        cuda::attention::launch_forward_tc<scalar_t, decltype(d)::value>(p, batch, stream);
+      });
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale) {
+  const AttentionShape s = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_cuda_attention(q, s);
+  const auto check_like_q = [&](const at::Tensor& t, const char* name) {
+    check_same_dtype(t, name, q, "q");
+    check_same_device(t, name, q, "q");
+    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have q's shape (", q.sizes(), "), got ", t.sizes());
+  };
+  check_like_q(grad_out, "grad_out");
+  check_like_q(out, "out");
+  check_same_device(lse, "lse", q, "q");
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
+  const std::vector<int64_t> expected_lse = lse_shape(q, s);
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected_lse), "lse must have shape ", at::IntArrayRef(expected_lse),
+                    ", got ", lse.sizes());
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor lse_c = lse.contiguous();
+  // The kernels read each row with unit stride; a gradient that arrives expanded is copied.
+  const at::Tensor dout = grad_out.stride(-1) == 1 ? grad_out : grad_out.contiguous();
+  const at::Tensor fwd_out = out.stride(-1) == 1 ? out : out.contiguous();
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  if (s.batch == 0 || k.numel() == 0) {  // no keys: every gradient is 0
+    return {dq.zero_(), dk.zero_(), dv.zero_()};
+  }
+  at::Tensor delta = at::empty_like(lse_c);
+
+  const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
+  Params p = make_params(q, k, v, lse_c, cu_q, cu_k, s, causal, scale);
+  p.dout = dout.const_data_ptr();
+  p.dout_strides = strides_of(dout, s.varlen);
+  p.fwd_out = fwd_out.const_data_ptr();
+  p.fwd_out_strides = strides_of(fwd_out, s.varlen);
+  p.aligned16 = p.aligned16 && rows_aligned16(dout);
+  p.delta = delta.data_ptr<float>();
+  p.dq_strides = strides_of(dq, s.varlen);
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.dk_strides = strides_of(dk, s.varlen);
+  p.dv_strides = strides_of(dv, s.varlen);
+  const int batch = static_cast<int>(s.batch);
+  const int n_kv_heads = static_cast<int>(s.n_kv_heads);
+  LLAMA_EXT_DISPATCH_CUDA_FLOATING(q.scalar_type(), "gqa_attention_backward", [&] {
+    cuda::attention::launch_backward_delta<scalar_t>(p, batch, stream);
+    if (std::is_same_v<scalar_t, float> || s.head_dim > 128) {
+      cuda::attention::launch_backward_simt<scalar_t>(p, batch, n_kv_heads, dq.data_ptr(), stream);
+      return;
+    }
+    if constexpr (!std::is_same_v<scalar_t, float>) {
+      // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
+      at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+      p.dq_accum = dq_accum.data_ptr<float>();
+      dispatch_head_dim<32, 64, 80, 96, 128>(s.head_dim, [&](auto d) {
+        cuda::attention::launch_backward_tc<scalar_t, decltype(d)::value>(p, batch, n_kv_heads, stream);
+      });
+      dq.copy_(dq_accum.mul_(scale));
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama_ext, CUDA, m) {
+  m.impl("gqa_attention_forward", &gqa_attention_forward_cuda);
+  m.impl("gqa_attention_backward", &gqa_attention_backward_cuda);
+}
+
+}  // namespace llama_ext

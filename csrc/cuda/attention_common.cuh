@@ -1,0 +1,151 @@
+// Indexing, masking and tile staging shared by every CUDA attention kernel (tensor-core
+// forward/backward in attention_fwd.cu / attention_bwd.cu, SIMT path in attention_simt.cu),
+// so the semantics (GQA head mapping, bottom-right causal mask, varlen offsets, strides,
+// lse layout) are written once.
+#pragma once
+
+#include <cstdint>
+
+#include "common.cuh"
+#include "mma.cuh"
+
+namespace llama_ext::cuda::attention {
+
+// Element strides of one [.., seq, heads, head_dim] operand. The element (b, row, head, d)
+// of sequence b lives at b * batch + (seq_start(b) + row) * row + head * head + d; varlen
+// operands have batch = 0 and seq_start = cu_seqlens[b], batched ones seq_start = 0.
+struct Strides {
+  int64_t batch;
+  int64_t row;
+  int64_t head;
+};
+
+struct Params {
+  // Forward inputs/outputs.
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;  // forward: out; backward: unused
+  float* lse;
+  Strides q_strides, k_strides, v_strides, out_strides;
+  // lse (and delta, same layout) at b * lse_batch + head * lse_head + seq_start_q(b) + row.
+  int64_t lse_batch;
+  int64_t lse_head;
+  // Varlen prefix sums (nullptr when batched).
+  const int* cu_seqlens_q;
+  const int* cu_seqlens_k;
+  int seq_q;  // batched: the length; varlen: max_seqlen_q
+  int seq_k;
+  int n_q_heads;
+  int group;  // n_q_heads / n_kv_heads: query head h reads kv head h / group
+  int head_dim;
+  float scale;
+  float scale_log2;  // scale * log2(e): scores go to exp2 directly
+  bool causal;
+  bool aligned16;  // every row of q, k, v (and dout, out in the backward) starts 16-byte aligned
+
+  // Backward only.
+  const void* dout;
+  Strides dout_strides;
+  const void* fwd_out;  // the forward's output, read by the delta pre-kernel
+  Strides fwd_out_strides;
+  float* delta;     // rowsum(dout * out), lse's layout
+  float* dq_accum;  // fp32, q's shape, contiguous (dq_strides)
+  Strides dq_strides;
+  void* dk;
+  void* dv;
+  Strides dk_strides, dv_strides;  // dk and dv share k's (contiguous) shape
+};
+
+// Where sequence b lives and how long it is.
+struct Seq {
+  int64_t start_q;
+  int64_t start_k;
+  int len_q;
+  int len_k;
+};
+
+__device__ __forceinline__ Seq sequence(const Params& p, int b) {
+  if (p.cu_seqlens_q == nullptr) return Seq{0, 0, p.seq_q, p.seq_k};
+  const int q0 = p.cu_seqlens_q[b];
+  const int k0 = p.cu_seqlens_k[b];
+  return Seq{q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};
+}
+
+// Element offset of (b, row, head, 0) of one operand, with row relative to the sequence start.
+__device__ __forceinline__ int64_t offset(const Strides& s, int b, int64_t seq_start, int64_t row, int head) {
+  return b * s.batch + (seq_start + row) * s.row + head * s.head;
+}
+
+__device__ __forceinline__ int64_t lse_offset(const Params& p, int b, const Seq& seq, int64_t row, int head) {
+  return b * p.lse_batch + head * p.lse_head + seq.start_q + row;
+}
+
+// Number of `block`-sized tiles covering n >= 0 items (device code; common.cuh's ceil_div is host-only).
+__device__ __forceinline__ int tiles_of(int n, int block) { return (n + block - 1) / block; }
+
+// ---- the causal mask, aligned bottom-right: query i sees keys j <= i + len_k - len_q -------
+
+__device__ __forceinline__ bool key_visible(int query, int key, const Seq& seq, bool causal) {
+  return key < seq.len_k && (!causal || key <= query + seq.len_k - seq.len_q);
+}
+
+// Number of leading keys that queries [0, query_end) see (every query sees a prefix of keys).
+__device__ __forceinline__ int key_end(int query_end, const Seq& seq, bool causal) {
+  if (!causal) return seq.len_k;
+  return max(0, min(seq.len_k, query_end + seq.len_k - seq.len_q));
+}
+
+// First query that sees `key` (queries before it do not; every later one does).
+__device__ __forceinline__ int first_query(int key, const Seq& seq, bool causal) {
+  return causal ? max(0, key - (seq.len_k - seq.len_q)) : 0;
+}
+
+// True when some (query, key) of the tile [q0, q0 + rows) x [k0, k0 + cols) is invisible, so
+// the tile needs per-element masking (the key tail, or the causal diagonal).
+__device__ __forceinline__ bool tile_needs_mask(int q0, int k0, int cols, const Seq& seq, bool causal) {
+  return k0 + cols > seq.len_k || (causal && k0 + cols - 1 > q0 + seq.len_k - seq.len_q);
+}
+
+// A launch with a zero grid dimension is an error: launchers skip empty work (seq 0, batch 0).
+inline bool grid_empty(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
+
+// ---- staging [rows, D] tiles into shared memory ----------------------------------------------
+
+// Row pitch of a shared tile: 16 bytes of padding, so the 8 rows one ldmatrix phase reads fall
+// on 8 distinct 16-byte bank groups. The pitch is 2D + 16 bytes = 20, 36, 44, 52, 68, 132 words
+// for D = 32, 64, 80, 96, 128, 256, i.e. 20, 4, 12, 20, 4, 4 (mod 32): a multiple of 4 words whose
+// 8 multiples (mod 32) are the 8 distinct groups {0, 4, ..., 28}.
+template <int D>
+constexpr int smem_pitch() { return D + 8; }
+
+// Copies rows [0, rows) of a global tile (row r at src + r * row_stride, D contiguous elements)
+// into smem [rows][pitch]; rows >= valid_rows are zero-filled. With `async` (every row 16-byte
+// aligned) it issues cp.async (the caller commits and waits); otherwise it loads through
+// registers element by element, correct for any alignment. Either way the data is visible
+// after the caller's next __syncthreads().
+template <typename T, int D, int kRows, int kThreads>
+__device__ __forceinline__ void load_tile(T* smem, const T* src, int64_t row_stride, int valid_rows, bool async) {
+  constexpr int kChunksPerRow = D * static_cast<int>(sizeof(T)) / 16;
+  constexpr int kChunks = kRows * kChunksPerRow;
+  static_assert(D * sizeof(T) % 16 == 0, "rows must be whole 16-byte chunks");
+  constexpr int kPitch = smem_pitch<D>();
+  constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int c = threadIdx.x; c < kChunks; c += kThreads) {
+    const int r = c / kChunksPerRow;
+    const int col = (c % kChunksPerRow) * kElems;
+    T* dst = smem + r * kPitch + col;
+    const bool valid = r < valid_rows;
+    if (async) {
+      mma::cp_async_16(dst, valid ? src + r * row_stride + col : src, valid);
+    } else {
+      alignas(16) T tmp[kElems];
+#pragma unroll
+      for (int e = 0; e < kElems; ++e) tmp[e] = valid ? src[r * row_stride + col + e] : from_float<T>(0.f);
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(tmp);
+    }
+  }
+}
+
+}  // namespace llama_ext::cuda::attention

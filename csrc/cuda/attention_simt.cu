@@ -1,0 +1,207 @@
+// Grouped-query attention on CUDA cores (SIMT): the path for float32 inputs (no fp32 tensor
+// core op is exact enough to match a float32 reference), and for the backward at head_dim 256
+// in fp16 / bf16 (whose dK + dV rows do not fit the tensor-core kernel's registers).
+//
+// Algorithm. One warp per row, the row's head_dim spread over the lanes (lane l holds dims
+// l, l + 32, ..., up to 8 slots for head_dim 256), fp32 math whatever the storage type:
+//   forward: one query row; for each key it sees (a prefix, causal or not) the dot product
+//            q.k is reduced across the warp, then the same online softmax as the tensor-core
+//            kernel (base 2, running max and sum, O rescaled) accumulates O in registers.
+//   dq:      one query row; P and dS are recomputed per key from lse and delta, dq += dS k.
+//   dk, dv:  one key row; it loops over every query head of its group and every query that
+//            sees the key, dv += P dO and dk += dS q, so the group sum happens in registers and
+//            nothing is written twice (deterministic, no atomics).
+// It shares Params, the sequence/stride offsets and the causal-mask helpers with the
+// tensor-core kernels (attention_common.cuh), so both paths mask and index identically.
+//
+// Cost. The same FLOPs as the tensor-core kernels (plus a second score recompute in the
+// backward) at CUDA-core rate, with a 5-step shuffle reduction per dot product and K/V read
+// from L2 by every row: correct and memory-light (O(sequence)), not fast.
+#include "attention_launch.cuh"
+
+namespace llama_ext::cuda::attention {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kSlots = 8;  // head_dim <= 256 = 8 slots x 32 lanes
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Lane `lane` holds dims lane + 32 * i of a row, zero past head_dim.
+template <typename T>
+__device__ __forceinline__ void load_row(float (&dst)[kSlots], const T* row, int head_dim, int lane, float mul = 1.f) {
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int d = lane + 32 * i;
+    dst[i] = d < head_dim ? to_float(row[d]) * mul : 0.f;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store_row(T* row, const float (&src)[kSlots], int head_dim, int lane, float mul) {
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int d = lane + 32 * i;
+    if (d < head_dim) row[d] = from_float<T>(src[i] * mul);
+  }
+}
+
+// The dot product of a register row with a global row, summed over the warp (all lanes get it).
+template <typename T>
+__device__ __forceinline__ float dot_row(const float (&x)[kSlots], const T* row, int head_dim, int lane) {
+  float sum = 0.f;
+#pragma unroll
+  for (int i = 0; i < kSlots; ++i) {
+    const int d = lane + 32 * i;
+    if (d < head_dim) sum += x[i] * to_float(row[d]);
+  }
+  return warp_reduce_sum(sum);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_kernel(const Params p) {
+  const int b = blockIdx.z;
+  const int head = blockIdx.y;
+  const Seq seq = sequence(p, b);
+  const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= seq.len_q) return;
+  const int lane = threadIdx.x % 32;
+  const int kv_head = head / p.group;
+  const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, 0, kv_head);
+  const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
+
+  float q[kSlots], o[kSlots] = {};
+  load_row(q, static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, row, head), p.head_dim, lane,
+           p.scale_log2);
+  float row_max = -INFINITY, row_sum = 0.f;
+  const int n_keys = key_end(row + 1, seq, p.causal);  // the keys this row sees: [0, n_keys)
+  for (int j = 0; j < n_keys; ++j) {
+    const float s = dot_row(q, k + j * p.k_strides.row, p.head_dim, lane);
+    const float new_max = fmaxf(row_max, s);
+    const float alpha = exp2f(row_max - new_max);  // 0 for the first key (row_max = -inf)
+    const float pj = exp2f(s - new_max);
+    row_sum = row_sum * alpha + pj;
+    const T* v_row = v + j * p.v_strides.row;
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int d = lane + 32 * i;
+      o[i] = o[i] * alpha + (d < p.head_dim ? pj * to_float(v_row[d]) : 0.f);
+    }
+    row_max = new_max;
+  }
+  // A row that sees no key (row_sum 0) gets output 0 and lse 0, as in the tensor-core kernel.
+  store_row(static_cast<T*>(p.out) + offset(p.out_strides, b, seq.start_q, row, head), o, p.head_dim, lane,
+            row_sum > 0.f ? 1.f / row_sum : 0.f);
+  if (lane == 0) {
+    p.lse[lse_offset(p, b, seq, row, head)] = row_sum > 0.f ? (row_max + __log2f(row_sum)) / kLog2e : 0.f;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_simt_kernel(const Params p, T* dq) {
+  const int b = blockIdx.z;
+  const int head = blockIdx.y;
+  const Seq seq = sequence(p, b);
+  const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  if (row >= seq.len_q) return;
+  const int lane = threadIdx.x % 32;
+  const int kv_head = head / p.group;
+  const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, 0, kv_head);
+  const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
+
+  float q[kSlots], dout[kSlots], acc[kSlots] = {};
+  load_row(q, static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, row, head), p.head_dim, lane,
+           p.scale_log2);
+  load_row(dout, static_cast<const T*>(p.dout) + offset(p.dout_strides, b, seq.start_q, row, head), p.head_dim,
+           lane);
+  const int64_t at = lse_offset(p, b, seq, row, head);
+  const float lse2 = p.lse[at] * kLog2e;
+  const float delta = p.delta[at];
+  const int n_keys = key_end(row + 1, seq, p.causal);
+  for (int j = 0; j < n_keys; ++j) {
+    const T* k_row = k + j * p.k_strides.row;
+    const float pj = exp2f(dot_row(q, k_row, p.head_dim, lane) - lse2);
+    const float ds = pj * (dot_row(dout, v + j * p.v_strides.row, p.head_dim, lane) - delta);
+#pragma unroll
+    for (int i = 0; i < kSlots; ++i) {
+      const int d = lane + 32 * i;
+      if (d < p.head_dim) acc[i] += ds * to_float(k_row[d]);
+    }
+  }
+  store_row(dq + offset(p.dq_strides, b, seq.start_q, row, head), acc, p.head_dim, lane, p.scale);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dkdv_simt_kernel(const Params p) {
+  const int b = blockIdx.z;
+  const int kv_head = blockIdx.y;
+  const Seq seq = sequence(p, b);
+  const int key = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
+  if (key >= seq.len_k) return;
+  const int lane = threadIdx.x % 32;
+
+  float k[kSlots], v[kSlots], dk[kSlots] = {}, dv[kSlots] = {};
+  load_row(k, static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, key, kv_head), p.head_dim, lane,
+           p.scale_log2);
+  load_row(v, static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, key, kv_head), p.head_dim, lane);
+  const int query_begin = first_query(key, seq, p.causal);  // every later query sees the key too
+  for (int head = kv_head * p.group; head < (kv_head + 1) * p.group; ++head) {
+    const T* q = static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, 0, head);
+    const T* dout = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, seq.start_q, 0, head);
+    for (int i = query_begin; i < seq.len_q; ++i) {
+      const int64_t at = lse_offset(p, b, seq, i, head);
+      const T* q_row = q + i * p.q_strides.row;
+      const T* do_row = dout + i * p.dout_strides.row;
+      const float pi = exp2f(dot_row(k, q_row, p.head_dim, lane) - p.lse[at] * kLog2e);
+      const float ds = pi * (dot_row(v, do_row, p.head_dim, lane) - p.delta[at]);
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s) {
+        const int d = lane + 32 * s;
+        if (d < p.head_dim) {
+          dv[s] += pi * to_float(do_row[d]);
+          dk[s] += ds * to_float(q_row[d]);
+        }
+      }
+    }
+  }
+  store_row(static_cast<T*>(p.dk) + offset(p.dk_strides, b, seq.start_k, key, kv_head), dk, p.head_dim, lane,
+            p.scale);
+  store_row(static_cast<T*>(p.dv) + offset(p.dv_strides, b, seq.start_k, key, kv_head), dv, p.head_dim, lane, 1.f);
+}
+
+dim3 row_grid(int rows, int heads, int batch) {
+  return dim3(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock)), heads, batch);
+}
+
+}  // namespace
+
+template <typename T>
+void launch_forward_simt(const Params& p, int batch, cudaStream_t stream) {
+  const dim3 grid = row_grid(p.seq_q, p.n_q_heads, batch);
+  if (grid_empty(grid)) return;
+  attention_forward_simt_kernel<T><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void launch_backward_simt(const Params& p, int batch, int n_kv_heads, void* dq, cudaStream_t stream) {
+  const dim3 dq_grid = row_grid(p.seq_q, p.n_q_heads, batch);
+  if (!grid_empty(dq_grid)) {
+    attention_backward_dq_simt_kernel<T><<<dq_grid, kWarpsPerBlock * 32, 0, stream>>>(p, static_cast<T*>(dq));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const dim3 dkdv_grid = row_grid(p.seq_k, n_kv_heads, batch);
+  if (!grid_empty(dkdv_grid)) {
+    attention_backward_dkdv_simt_kernel<T><<<dkdv_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+#define LLAMA_EXT_INSTANTIATE_SIMT(T)                                          \
+  template void launch_forward_simt<T>(const Params&, int, cudaStream_t); \
+  template void launch_backward_simt<T>(const Params&, int, int, void*, cudaStream_t);
+LLAMA_EXT_INSTANTIATE_SIMT(float)
+LLAMA_EXT_INSTANTIATE_SIMT(__half)
+LLAMA_EXT_INSTANTIATE_SIMT(__nv_bfloat16)
+#undef LLAMA_EXT_INSTANTIATE_SIMT
+
+}  // namespace llama_ext::cuda::attention
