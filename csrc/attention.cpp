@@ -333,8 +333,7 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
   Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, causal, scale);
   const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
   pb.out = at::empty(q.sizes(), q.options());
-  pb.lse = shape.varlen ? at::empty({shape.n_q_heads, q.size(0)}, lse_opts)
-                        : at::empty({shape.batch, shape.n_q_heads, shape.seq_q}, lse_opts);
+  pb.lse = at::empty(lse_shape(q, shape), lse_opts);
   const int64_t G = shape.group(), d = shape.head_dim;
   const int64_t block_q = block_q_for(G);
   const int64_t q_blocks = ceil_div(shape.seq_q, block_q);

@@ -113,6 +113,12 @@ inline at::ScalarType lse_dtype(at::ScalarType input_dtype) {
 }
 
 // Checks of the backward's extra tensors, after check_attention_args(q, k, v, ...) gave shape.
+// lse: batched [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].
+inline std::vector<int64_t> lse_shape(const at::Tensor& q, const AttentionShape& shape) {
+  if (shape.varlen) return {shape.n_q_heads, q.size(0)};
+  return {shape.batch, shape.n_q_heads, shape.seq_q};
+}
+
 inline void check_attention_backward_args(const at::Tensor& grad_out, const at::Tensor& out, const at::Tensor& lse,
                                           const at::Tensor& q, const AttentionShape& shape) {
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
@@ -124,9 +130,8 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
   check_same_device(lse, "lse", q, "q");
   TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), "lse must be ", lse_dtype(q.scalar_type()),
                    ", got ", lse.scalar_type());
-  const std::vector<int64_t> lse_shape = shape.varlen ? std::vector<int64_t>{shape.n_q_heads, q.size(0)}
-                                                      : std::vector<int64_t>{shape.batch, shape.n_q_heads, shape.seq_q};
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(lse_shape), "lse must have shape ", at::IntArrayRef(lse_shape),
+  const std::vector<int64_t> expected = lse_shape(q, shape);
+  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected), "lse must have shape ", at::IntArrayRef(expected),
                     ", got ", lse.sizes());
 }
 

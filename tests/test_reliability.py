@@ -11,7 +11,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import llama_ext
-from llama_ext.reference import fused_add_rms_norm_reference, rms_norm_reference, rotary_reference
+from llama_ext.reference import (
+    fused_add_rms_norm_reference,
+    gqa_attention_reference,
+    gqa_attention_varlen_reference,
+    rms_norm_reference,
+    rotary_reference,
+)
 
 from conftest import DEVICES, TOLERANCES, assert_close, dtypes_for
 
@@ -131,6 +137,91 @@ def test_property_apply_rotary_forward_backward(device, data):
     assert_close(k.grad, rotary_reference(gk, cos, sin, positions, interleaved, inverse=True), dtype)
 
 
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+
+
+def _attention_head_dim(data, device):
+    if device == "cpu":
+        return 8 * data.draw(st.integers(1, 32))
+    return data.draw(st.sampled_from(CUDA_HEAD_DIMS))
+
+
+def _attention_tolerance_scale(dtype):
+    # The output is a convex combination of v rows, and p is rounded to the input dtype before
+    # the second product on tensor cores: a few ulps of the dtype.
+    return 2.0 if dtype in (torch.float16, torch.bfloat16) else 4.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_property_gqa_attention_forward_backward(device, data):
+    dtype = data.draw(st.sampled_from(dtypes_for(device)))
+    batch = data.draw(st.integers(0, 2))
+    seq_q, seq_k = data.draw(st.integers(0, 40)), data.draw(st.integers(0, 40))
+    n_kv = data.draw(st.integers(1, 3))
+    n_q = n_kv * data.draw(st.integers(1, 3))
+    d = _attention_head_dim(data, device)
+    causal = data.draw(st.booleans())
+    hf_layout = data.draw(st.booleans())
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+
+    def make(seq, heads):
+        shape = (batch, heads, seq, d) if hf_layout else (batch, seq, heads, d)
+        t = torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+        return (t.transpose(1, 2) if hf_layout else t).requires_grad_()
+
+    q, k, v = make(seq_q, n_q), make(seq_k, n_kv), make(seq_k, n_kv)
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True)
+    out_ref, lse_ref = gqa_attention_reference(q, k, v, causal)
+    scale = _attention_tolerance_scale(dtype)
+    assert_close(out, out_ref, dtype, scale=scale)
+    assert_close(lse, lse_ref, torch.float32 if dtype != torch.float64 else dtype, scale=scale * 10)
+    grad = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    out.backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    gqa_attention_reference(*leaves, causal)[0].backward(grad.double())
+    for got, ref in zip((q.grad, k.grad, v.grad), (l.grad for l in leaves)):
+        assert_close(got, ref, dtype, scale=4 * scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_property_gqa_attention_varlen(device, data):
+    dtype = data.draw(st.sampled_from(dtypes_for(device)))
+    lens_q = data.draw(st.lists(st.integers(0, 30), min_size=1, max_size=4))
+    causal = data.draw(st.booleans())
+    same_lengths = data.draw(st.booleans())  # self-attention packing vs q/k of different lengths
+    lens_k = lens_q if same_lengths else data.draw(st.lists(st.integers(0, 30), min_size=len(lens_q), max_size=len(lens_q)))
+    n_kv = data.draw(st.integers(1, 2))
+    n_q = n_kv * data.draw(st.integers(1, 3))
+    d = _attention_head_dim(data, device)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+
+    def cu(lens):
+        return torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+    def make(total, heads):
+        return torch.randn(total, heads, d, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    q, k, v = make(sum(lens_q), n_q), make(sum(lens_k), n_kv), make(sum(lens_k), n_kv)
+    cu_q, cu_k = cu(lens_q), cu(lens_k)
+    out, lse = llama_ext.gqa_attention_varlen(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True
+    )
+    out_ref, lse_ref = gqa_attention_varlen_reference(q, k, v, cu_q, cu_k, causal)
+    scale = _attention_tolerance_scale(dtype)
+    assert_close(out, out_ref, dtype, scale=scale)
+    assert_close(lse, lse_ref, torch.float32 if dtype != torch.float64 else dtype, scale=scale * 10)
+    grad = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    out.backward(grad)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    gqa_attention_varlen_reference(*leaves, cu_q, cu_k, causal)[0].backward(grad.double())
+    for got, ref in zip((q.grad, k.grad, v.grad), (l.grad for l in leaves)):
+        assert_close(got, ref, dtype, scale=4 * scale)
+
+
 # ---- bad input never writes --------------------------------------------------------------
 
 
@@ -186,6 +277,56 @@ def test_rms_norm_fp16_huge_values_do_not_overflow(device):
     y = llama_ext.rms_norm(x, None)
     assert torch.isfinite(y).all()
     assert_close(y, rms_norm_reference(x), torch.float16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_nan_stays_in_its_head(device, dtype):
+    q, k = torch.randn(2, 5, 4, 64, device=device).to(dtype), torch.randn(2, 5, 2, 64, device=device).to(dtype)
+    cos, sin = llama_ext.rope_cos_sin(64, 8, device=device)
+    clean_q, clean_k = llama_ext.apply_rotary(q, k, cos, sin)
+    q[1, 2, 3, 5] = float("nan")
+    k[0, 4, 1, 40] = float("inf")
+    q2, k2 = llama_ext.apply_rotary(q, k, cos, sin)
+    bad_q = torch.zeros(q.shape[:3], dtype=torch.bool, device=device)
+    bad_q[1, 2, 3] = True
+    bad_k = torch.zeros(k.shape[:3], dtype=torch.bool, device=device)
+    bad_k[0, 4, 1] = True
+    assert not torch.isfinite(q2[1, 2, 3]).all() and not torch.isfinite(k2[0, 4, 1]).all()
+    assert torch.equal(q2[~bad_q], clean_q[~bad_q]) and torch.equal(k2[~bad_k], clean_k[~bad_k])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_nan_stays_in_its_rows_and_heads(device, dtype):
+    """A NaN query row poisons only that row; a NaN key poisons only the query rows of its group
+    that see it (under causal: the queries at or after it). Other batches and groups are
+    bit-identical to the clean result."""
+    q = torch.randn(2, 16, 4, 64, device=device).to(dtype)
+    k = torch.randn(2, 16, 2, 64, device=device).to(dtype)
+    v = torch.randn(2, 16, 2, 64, device=device).to(dtype)
+    clean = llama_ext.gqa_attention(q, k, v, causal=True)
+    q[0, 3, 1, 7] = float("nan")  # batch 0, query 3, head 1 (group 0)
+    k[1, 9, 1, 0] = float("nan")  # batch 1, key 9, kv head 1 -> query heads 2, 3, queries >= 9
+    out = llama_ext.gqa_attention(q, k, v, causal=True)
+    poisoned = torch.zeros(out.shape[:3], dtype=torch.bool, device=device)
+    poisoned[0, 3, 1] = True
+    poisoned[1, 9:, 2:] = True
+    assert torch.isnan(out[poisoned]).all()
+    assert torch.equal(out[~poisoned], clean[~poisoned])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_fp16_huge_values_stay_finite(device):
+    """Scores of 1e4-sized fp16 inputs reach ~1e9: far past fp16, fine for the fp32 softmax."""
+    q = (torch.rand(1, 33, 4, 64, device=device) * 2e4 - 1e4).to(torch.float16)
+    k = (torch.rand(1, 33, 2, 64, device=device) * 2e4 - 1e4).to(torch.float16)
+    v = torch.randn(1, 33, 2, 64, device=device).to(torch.float16)
+    out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    out_ref, _ = gqa_attention_reference(q, k, v)
+    # Softmax this sharp is a one-hot pick of v; tiny fp32 score differences cannot flip it.
+    assert_close(out, out_ref, torch.float16, scale=4.0)
 
 
 # ---- huge tensors: 64-bit indexing ---------------------------------------------------------
@@ -286,9 +427,31 @@ def _op_calls(device):
         q2.sum().backward()
         assert torch.isfinite(qg.grad).all()
 
+    aq = torch.randn(2, 9, 4, 32, device=device)
+    ak = torch.randn(2, 11, 2, 32, device=device)
+    av = torch.randn(2, 11, 2, 32, device=device)
+    attn_ref, _ = gqa_attention_reference(aq, ak, av)
+    cu = torch.tensor([0, 9, 18], device=device, dtype=torch.int32)
+    varlen_ref = attn_ref.reshape(18, 4, 32)
+
+    def attention():
+        assert_close(llama_ext.gqa_attention(aq, ak, av), attn_ref, torch.float32, scale=4.0)
+
+    def attention_varlen():
+        flat = [t[:, :9].reshape(18, t.shape[2], 32) for t in (aq, ak, av)]
+        out = llama_ext.gqa_attention_varlen(*flat, cu, cu, 9, 9)
+        ref, _ = gqa_attention_varlen_reference(*flat, cu, cu)
+        assert_close(out, ref, torch.float32, scale=4.0)
+
+    def attention_backward():
+        qg = aq.clone().requires_grad_()
+        llama_ext.gqa_attention(qg, ak, av).sum().backward()
+        assert torch.isfinite(qg.grad).all()
+
     return [("rms_norm", rms), ("fused_add_rms_norm", fused), ("fused_add_rms_norm_", fused_inplace),
             ("rms_norm_backward", rms_backward), ("apply_rotary", rotary), ("apply_rotary_", rotary_inplace),
-            ("apply_rotary_backward", rotary_backward)]
+            ("apply_rotary_backward", rotary_backward), ("gqa_attention", attention),
+            ("gqa_attention_varlen", attention_varlen), ("gqa_attention_backward", attention_backward)]
 
 
 def test_threads_call_every_op_at_once():
@@ -361,18 +524,28 @@ def test_cuda_graph_capture_of_forward_ops():
     x = torch.randn(8, 256, device="cuda")
     r = torch.randn(8, 256, device="cuda")
     w = torch.randn(256, device="cuda")
+    q = torch.randn(1, 17, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 17, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(1, 17, 2, 64, device="cuda", dtype=torch.bfloat16)
+    cos, sin = llama_ext.rope_cos_sin(64, 32, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # warm up outside the graph
         llama_ext.rms_norm(x, w)
         llama_ext.fused_add_rms_norm(x, r, w)
+        llama_ext.gqa_attention(*llama_ext.apply_rotary(q, k, cos, sin), v)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = llama_ext.rms_norm(x, w)
         fy, fres = llama_ext.fused_add_rms_norm(x, r, w)
+        q2, k2 = llama_ext.apply_rotary(q, k, cos, sin)
+        attn = llama_ext.gqa_attention(q2, k2, v)
     x.copy_(torch.randn_like(x))
+    q.copy_(torch.randn_like(q))
     graph.replay()
     torch.cuda.synchronize()
     assert_close(y, rms_norm_reference(x, w), torch.float32)
     assert_close(fy, fused_add_rms_norm_reference(x, r, w)[0], torch.float32)
+    q_ref, k_ref = (rotary_reference(t, cos, sin) for t in (q, k))
+    assert_close(attn, gqa_attention_reference(q_ref, k_ref, v)[0], torch.bfloat16, scale=4.0)

@@ -60,12 +60,6 @@ bool rows_aligned16(const at::Tensor& t) {
   return true;
 }
 
-// lse (and delta): batched [batch, heads, seq_q], varlen [heads, total_q], both contiguous.
-std::vector<int64_t> lse_shape(const at::Tensor& q, const AttentionShape& s) {
-  if (s.varlen) return {s.n_q_heads, q.size(0)};
-  return {s.batch, s.n_q_heads, s.seq_q};
-}
-
 // The kernels index cu_seqlens with unit stride; the caller keeps these alive past the launches.
 std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t) {
   if (!t.has_value()) return std::nullopt;
@@ -137,24 +131,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cuda(
     double scale) {
   const AttentionShape s = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
   check_cuda_attention(q, s);
-  const auto check_like_q = [&](const at::Tensor& t, const char* name) {
-    check_same_dtype(t, name, q, "q");
-    check_same_device(t, name, q, "q");
-    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have q's shape (", q.sizes(), "), got ", t.sizes());
-  };
-  check_like_q(grad_out, "grad_out");
-  check_like_q(out, "out");
-  check_same_device(lse, "lse", q, "q");
-  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, "lse must be float32, got ", lse.scalar_type());
-  const std::vector<int64_t> expected_lse = lse_shape(q, s);
-  TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected_lse), "lse must have shape ", at::IntArrayRef(expected_lse),
-                    ", got ", lse.sizes());
+  check_attention_backward_args(grad_out, out, lse, q, s);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor lse_c = lse.contiguous();
-  // The kernels read each row with unit stride; a gradient that arrives expanded is copied.
-  const at::Tensor dout = grad_out.stride(-1) == 1 ? grad_out : grad_out.contiguous();
-  const at::Tensor fwd_out = out.stride(-1) == 1 ? out : out.contiguous();
+  const at::Tensor& dout = grad_out;  // last dims are contiguous (checked above)
+  const at::Tensor& fwd_out = out;
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
