@@ -15,13 +15,13 @@ import llama_ext
 from llama_ext.reference import hf_rms_norm
 
 from .common import backward_closure, compiled, llama_ext_cuda_skip, sweep
+from .harness import CPU_JUDGING_MAX_OUTPUT_BYTES, Case, OpBench, Provider
 
 HIDDEN = 4096
 EPS = 1e-6
-TOKENS = {  # (quick, full) per device
-    "cpu": ([256, 1024, 2048], [128, 256, 512, 1024, 2048, 4096, 8192]),
-    "cuda": ([1024, 8192, 32768], [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]),
-}
+FULL_TOKENS = {"cpu": [128, 256, 512, 1024, 2048, 4096, 8192],
+               "cuda": [512, 1024, 2048, 4096, 8192, 16384, 32768, 65536]}
+CUDA_QUICK_TOKENS = [4096, 32768]  # 32768 x 4096 bf16: the CUDA target point
 SMOKE_TOKENS = [16]
 SMOKE_HIDDEN = 64
 
@@ -49,23 +49,25 @@ def _cases(cfg, fused: bool):
     cases = []
     for dtype in cfg.dtypes:
         e = torch.empty((), dtype=dtype).element_size()
+        # The quick CPU point is the 16 MB output the targets are set at: 1024 tokens fp32, 2048 bf16.
+        cpu_quick = [CPU_JUDGING_MAX_OUTPUT_BYTES // (HIDDEN * e)]
+        tokens_sweep = sweep(cfg, {"cpu": (cpu_quick, FULL_TOKENS["cpu"]),
+                                   "cuda": (CUDA_QUICK_TOKENS, FULL_TOKENS["cuda"])}, SMOKE_TOKENS)
         for mode, n_streams in streams.items():
-            for tokens in sweep(cfg, TOKENS, SMOKE_TOKENS):
+            for tokens in tokens_sweep:
                 n = tokens * hidden
-                cases.append(
-                    dict(mode=mode, dtype=dtype, size=tokens, label=f"{tokens}x{hidden}",
-                         unit="GB/s", work=n_streams * n * e + 2 * hidden * e, out_bytes=n * e,
-                         params={"tokens": tokens, "hidden": hidden, "eps": EPS})
-                )
+                cases.append(Case(mode=mode, dtype=dtype, size=tokens, label=f"{tokens}x{hidden}", unit="GB/s",
+                                  work=n_streams * n * e + 2 * hidden * e, out_bytes=n * e,
+                                  params={"tokens": tokens, "hidden": hidden, "eps": EPS}))
     return cases
 
 
 def _make_inputs(case, device, fused):
-    g = torch.Generator(device="cpu").manual_seed(case.size)
+    g = torch.Generator(device=device).manual_seed(case.size)
     shape = (case.params["tokens"], case.params["hidden"])
 
     def rand(*s):  # random, never zeros: timing on zeros can flatter some kernels
-        return torch.randn(*s, generator=g).to(device=device, dtype=case.dtype)
+        return torch.randn(*s, generator=g, device=device).to(case.dtype)
 
     inputs = {"x": rand(*shape), "weight": rand(shape[-1]), "grad": rand(*shape)}
     if fused:
@@ -74,8 +76,6 @@ def _make_inputs(case, device, fused):
 
 
 def build(cfg, fused: bool):
-    from .harness import Case, OpBench, Provider
-
     eager_fn, eager_src = _eager_rms_norm()
     if fused:
         def eager(x, residual, weight):
@@ -124,7 +124,7 @@ def build(cfg, fused: bool):
         name=op,
         title="fused add + RMSNorm (y, x + residual)" if fused else "RMSNorm",
         size_name="tokens",
-        cases=[Case(**c) for c in _cases(cfg, fused)],
+        cases=_cases(cfg, fused),
         providers=providers,
         make_inputs=lambda case: _make_inputs(case, cfg.device, fused),
         notes=["bwd times the backward pass alone (autograd.grad on a retained graph) for dx and dweight"

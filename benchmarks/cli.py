@@ -11,7 +11,8 @@ import torch
 from . import harness, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEFAULT_DTYPES = ["float32", "bfloat16"]
+# CPU: both dtypes the targets are set in; CUDA: bf16, the dtype of every CUDA target.
+DEFAULT_DTYPES = {"cpu": ["float32", "bfloat16"], "cuda": ["bfloat16"]}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results")
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
@@ -36,7 +37,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--op", action="append", choices=ops + ["none"],
                    help="op to run (repeatable; default: all). 'none' with --e2e runs only the end-to-end model")
     p.add_argument("--dtype", action="append", choices=list(DTYPES),
-                   help=f"dtype to run (repeatable; default: {' and '.join(DEFAULT_DTYPES)})")
+                   help="dtype to run (repeatable; default: float32 and bfloat16 on CPU, bfloat16 on CUDA)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--provider", action="append", choices=PROVIDERS,
@@ -57,7 +58,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> Dict:
     """Runs the selected benchmarks and returns the JSON-ready result (also used by the tests)."""
     start = time.time()
-    cfg = harness.RunConfig(device=args.device, dtypes=[DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES)],
+    cfg = harness.RunConfig(device=args.device, dtypes=[DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])],
                             full=args.full, smoke=args.smoke,
                             min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100)
     env = harness.environment(cfg.device)

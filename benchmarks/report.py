@@ -93,8 +93,8 @@ def write_json(result: Dict[str, Any], path: str) -> None:
 
 
 def plot_op(op: Dict[str, Any], path: str, device: str) -> Optional[str]:
-    """Throughput against size, one panel per (mode, dtype), one line per provider, the measured
-    ceiling as a dashed line. Returns the path, or None when there is nothing to draw."""
+    """Throughput against size, one panel per dtype (rows) and mode (columns), one line per
+    provider, the measured ceiling as a dashed line. Returns the path, or None when there is nothing to draw."""
     if op["status"] != "ok" or not op["cases"]:
         return None
     import matplotlib
@@ -104,9 +104,12 @@ def plot_op(op: Dict[str, Any], path: str, device: str) -> Optional[str]:
 
     panels: Dict[tuple, List[Dict[str, Any]]] = {}
     for case in op["cases"]:
-        panels.setdefault((case["mode"], case["dtype"]), []).append(case)
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4), squeeze=False)
-    for ax, ((mode, dtype), cases) in zip(axes[0], panels.items()):
+        panels.setdefault((case["dtype"], case["mode"]), []).append(case)
+    dtypes = list(dict.fromkeys(d for d, _ in panels))  # one row per dtype, one column per mode
+    modes = list(dict.fromkeys(m for _, m in panels))
+    fig, axes = plt.subplots(len(dtypes), len(modes), figsize=(5.2 * len(modes), 4 * len(dtypes)), squeeze=False)
+    for (dtype, mode), cases in panels.items():
+        ax = axes[dtypes.index(dtype)][modes.index(mode)]
         cases = sorted(cases, key=lambda c: c["size"])
         for provider in op["providers"]:
             points = [(c["size"], c["results"][provider]["throughput"]) for c in cases
@@ -119,7 +122,8 @@ def plot_op(op: Dict[str, Any], path: str, device: str) -> Optional[str]:
                        label=f"measured {cases[0]['ceiling_kind']} ceiling")
         large = [c["size"] for c in cases if not c["judging"]]
         if large:
-            ax.axvspan(min(large), max(large), color="0.9", label="> 16 MB out (page faults)")
+            # Half a doubling either side, so that a single large size still shows on the log axis.
+            ax.axvspan(min(large) / 2**0.5, max(large) * 2**0.5, color="0.9", label="> 16 MB out (page faults)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel(op["size_name"])
         ax.set_ylabel(cases[0]["unit"])
