@@ -137,10 +137,11 @@ def time_cpu(fn: Callable[[], Any], min_run_time: float) -> Dict[str, Any]:
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    first = timer.timeit(1).mean  # also a warm-up call
+    first = timer.timeit(1).mean  # the caller has warmed up, so this is a sample too
     number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
     n_samples = int(min(100, max(3, min_run_time / (first * number))))
-    samples = [timer.timeit(number).mean for _ in range(n_samples)]
+    samples = [first] if number == 1 else []
+    samples += [timer.timeit(number).mean for _ in range(n_samples - len(samples))]
     return dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
                 method="torch.utils.benchmark.Timer")
 
