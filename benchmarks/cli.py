@@ -42,6 +42,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--provider", action="append", choices=PROVIDERS,
                    help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
     p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
     p.add_argument("--e2e", action="store_true", help="also run the end-to-end Llama benchmark (benchmarks.e2e)")
     p.add_argument("--out", default=DEFAULT_OUT, help="directory for JSON, markdown and plots (default: bench-results/)")
@@ -52,14 +53,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
+    if args.smoke and args.update_results_md:
+        p.error("--smoke timings are not results: drop --update-results-md")
     return args
 
 
 def run(args: argparse.Namespace) -> Dict:
-    """Runs the selected benchmarks and returns the JSON-ready result (also used by the tests)."""
+    """Runs the selected benchmarks and returns the JSON-ready result."""
     start = time.time()
-    cfg = harness.RunConfig(device=args.device, dtypes=[DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])],
-                            full=args.full, smoke=args.smoke,
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])]
+    cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke,
                             min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100)
     env = harness.environment(cfg.device)
     warning = harness.load_warning(env)
@@ -100,7 +105,7 @@ def run(args: argparse.Namespace) -> Dict:
 
 def _argv_of(args: argparse.Namespace) -> List[str]:
     argv = [f"--op {o}" for o in args.op or []] + [f"--dtype {d}" for d in args.dtype or []]
-    argv += [f"--provider {p}" for p in args.provider or []]
+    argv += [f"--provider {p}" for p in args.provider or []] + ([f"--threads {args.threads}"] if args.threads else [])
     argv += [f"--device {args.device}"] + [f"--{flag}" for flag in ("full", "e2e", "smoke") if getattr(args, flag)]
     return argv
 

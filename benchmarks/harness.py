@@ -157,24 +157,27 @@ class _L2Flusher:
         self.buffer.zero_()
 
 
-def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int) -> Dict[str, Any]:
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        median, p20, p80 = do_bench(fn, warmup=25, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, method="triton.testing.do_bench (L2 flushed)")
-    flush = _L2Flusher(device)
-    fn()
-    torch.cuda.synchronize()
+def _cuda_call_ms(fn: Callable[[], Any]) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     fn()
     end.record()
     torch.cuda.synchronize()
-    estimate_ms = max(start.elapsed_time(end), 1e-3)
-    n = int(min(1000, max(5, rep_ms / estimate_ms)))
+    return max(start.elapsed_time(end), 1e-3)
+
+
+def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int) -> Dict[str, Any]:
+    # At least 10 samples, however slow the call (eager attention at long sequences).
+    rep_ms = max(rep_ms, 10 * _cuda_call_ms(fn))
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        median, p20, p80 = do_bench(fn, warmup=25, rep=int(rep_ms) + 1, quantiles=[0.5, 0.2, 0.8])
+        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, method="triton.testing.do_bench (L2 flushed)")
+    flush = _L2Flusher(device)
+    n = int(min(1000, max(10, rep_ms / _cuda_call_ms(fn))))
     pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
     for s, e in pairs:
         flush()
