@@ -21,10 +21,8 @@ import datetime
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -43,8 +41,6 @@ CPU_JUDGING_MAX_OUTPUT_BYTES = 16 * MB
 UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
 # Which measured ceiling a throughput unit is compared with.
 UNIT_CEILING = {"GB/s": "copy", "TFLOP/s": "matmul"}
-
-PROVIDER_ORDER = ("eager", "native", "compile", "llama_ext")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -104,6 +100,9 @@ class Provider:
 
 @dataclass
 class OpBench:
+    """An op's benchmark. The provider named "eager" comes first: the others' speedups and
+    output differences are taken against it."""
+
     name: str
     title: str
     size_name: str  # what Case.size counts, for the plot's x axis
@@ -450,16 +449,3 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
         })
     return dict(record, status="ok", cases=cases)
 
-
-def time_wall(fn: Callable[[], Any], device: str, repeats: int, setup: Optional[Callable[[], Any]] = None):
-    """Median and p20/p80 of ``repeats`` wall-clock runs of ``fn`` (``setup`` runs untimed
-    before each), for end-to-end steps too long or too stateful for the op timers."""
-    samples = []
-    for _ in range(repeats):
-        state = setup() if setup else None
-        synchronize(device)
-        start = time.perf_counter()
-        fn() if setup is None else fn(state)
-        synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return dict(_quantiles(samples), samples=repeats, method="wall clock (time.perf_counter)")
