@@ -53,12 +53,36 @@ def _want_cuda():
     return True
 
 
+def _host_cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def _cpu_vector_flags():
     """at::vec picks its vector width from CPU_CAPABILITY_* macros; without one it falls back
-    to scalar loops. On x86-64 build for AVX2 + FMA + F16C (every x86 server since 2013);
-    LLAMA_EXT_CPU_VEC=0 turns this off for older machines."""
-    if os.environ.get("LLAMA_EXT_CPU_VEC", "1") != "1" or platform.machine() not in ("x86_64", "AMD64"):
+    to scalar loops. pip compiles on the machine that runs the code, so, like torch.compile,
+    target the build host: AVX-512 where it has AVX-512 (F/BW/VL/DQ), else AVX2 + FMA + F16C.
+    LLAMA_EXT_CPU_VEC=avx512|avx2|none overrides (e.g. to build for another machine)."""
+    choice = os.environ.get("LLAMA_EXT_CPU_VEC", "auto")
+    if platform.machine() not in ("x86_64", "AMD64") or choice == "none":
         return []
+    if choice == "auto":
+        flags = _host_cpu_flags()
+        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
+            choice = "avx512"
+        elif {"avx2", "fma", "f16c"} <= flags:
+            choice = "avx2"
+        else:
+            return []
+    if choice == "avx512":
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 

@@ -8,6 +8,45 @@
 
 namespace llama_ext::cpu {
 
+// One float vector of bfloat16/float16 values <-> their bits through a single full-width
+// access. at::vec's own reduced-float vectors hold twice the lanes of a float vector and
+// fall back to memcpy for a half-width store, which costs more than the math here.
+#if defined(CPU_CAPABILITY_AVX512)
+#define LLAMA_EXT_FAST_REDUCED_IO 1
+using FloatReg = __m512;
+using HalfBits = __m256i;
+inline HalfBits load_half_bits(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline void store_half_bits(void* p, HalfBits b) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), b); }
+#elif defined(CPU_CAPABILITY_AVX2)
+#define LLAMA_EXT_FAST_REDUCED_IO 1
+using FloatReg = __m256;
+using HalfBits = __m128i;
+inline HalfBits load_half_bits(const void* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline void store_half_bits(void* p, HalfBits b) { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), b); }
+#endif
+
+#if defined(LLAMA_EXT_FAST_REDUCED_IO)
+template <typename T>
+inline HalfBits float_to_bits(FloatReg v) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    return at::vec::cvtfp32_bf16(v);  // round to nearest even, NaN preserved, as c10::BFloat16
+  } else {
+    return at::vec::cvtfp32_fp16(v);
+  }
+}
+
+template <typename T>
+inline FloatReg bits_to_float(HalfBits bits) {
+  FloatReg out;
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    at::vec::cvtbf16_fp32(bits, out);
+  } else {
+    at::vec::cvtfp16_fp32(bits, out);
+  }
+  return out;
+}
+#endif
+
 template <typename T>
 struct VecIO {
   using acc_t = at::opmath_type<T>;
@@ -18,6 +57,9 @@ struct VecIO {
   // Loads kWidth elements starting at p.
   static Vec load(const T* p) {
     if constexpr (kReduced) {
+#if defined(LLAMA_EXT_FAST_REDUCED_IO)
+      return Vec(bits_to_float<T>(load_half_bits(p)));
+#endif
       Vec out;
       at::vec::load_to_float<T>(p, out);
       return out;
@@ -40,6 +82,17 @@ struct VecIO {
   // Stores count (default kWidth) elements, each rounded once to T.
   static void store(T* p, Vec v, int64_t count = kWidth) {
     if constexpr (kReduced) {
+#if defined(LLAMA_EXT_FAST_REDUCED_IO)
+      const HalfBits bits = float_to_bits<T>(v);
+      if (count == kWidth) {
+        store_half_bits(p, bits);
+      } else {
+        alignas(64) T buf[kWidth];
+        store_half_bits(buf, bits);
+        for (int64_t i = 0; i < count; ++i) p[i] = buf[i];
+      }
+      return;
+#endif
       at::vec::convert_from_float<T>(v, v).store(p, count);
     } else {
       v.store(p, count);
@@ -49,6 +102,9 @@ struct VecIO {
   // Rounds every lane to T and back: the value a tensor of dtype T would hold.
   static Vec round(Vec v) {
     if constexpr (kReduced) {
+#if defined(LLAMA_EXT_FAST_REDUCED_IO)
+      return Vec(bits_to_float<T>(float_to_bits<T>(v)));
+#endif
       auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
       (void)hi;
       return lo;

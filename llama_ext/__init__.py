@@ -6,8 +6,9 @@ autograd, and fake kernels for ``torch.compile``.
 import torch
 
 from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.llama_ext)
-from .ops import fused_add_rms_norm, fused_add_rms_norm_, rms_norm
-from .modules import RMSNorm
+from .ops import apply_rotary, apply_rotary_, fused_add_rms_norm, fused_add_rms_norm_, rms_norm
+from .modules import RMSNorm, RotaryEmbedding
+from .rope import rope_cos_sin
 
 __version__ = "0.1.0"
 
@@ -19,8 +20,12 @@ def cuda_kernels_built() -> bool:
 
 __all__ = [
     "RMSNorm",
+    "RotaryEmbedding",
+    "apply_rotary",
+    "apply_rotary_",
     "cuda_kernels_built",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",
     "rms_norm",
+    "rope_cos_sin",
 ]

@@ -127,3 +127,86 @@ torch.library.register_autograd(
 torch.library.register_autograd(
     "llama_ext::fused_add_rms_norm", _fused_add_rms_norm_backward, setup_context=_fused_add_rms_norm_setup_context
 )
+
+
+# ---- Rotary position embedding --------------------------------------------------------------
+
+
+def apply_rotary(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Optional[Tensor] = None,
+    interleaved: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """Rotary position embedding of ``q`` and ``k`` in one pass; returns new ``(q, k)``.
+
+    ``q`` is ``[batch, seq, n_q_heads, head_dim]`` and ``k`` ``[batch, seq, n_kv_heads, head_dim]``
+    (head counts may differ), any strides with a contiguous last dim: HF's
+    ``[batch, heads, seq, head_dim]`` tensors pass as ``q.transpose(1, 2)`` without a copy. The
+    outputs have q's and k's shapes and layouts, as ``torch.empty_like`` makes them: the same
+    strides for dense inputs (so a transposed HF view gives a transposed output whose
+    ``.transpose(1, 2)`` is contiguous), dense in the same dim order otherwise (a slice of a fused
+    qkv projection gives a contiguous ``[batch, seq, heads, head_dim]`` output).
+
+    ``cos``/``sin`` are ``[max_position, rotary_dim // 2]`` tables (:func:`llama_ext.rope_cos_sin`),
+    float32; float64 ``q``/``k`` (CPU only) may also take float64 tables and compute in float64,
+    which makes ``gradcheck`` exact. ``positions`` (int32/int64, ``[batch, seq]`` or ``[seq]``)
+    picks each token's table row; ``None`` means ``0..seq-1``. A position outside the table raises
+    ``IndexError`` on CPU and a device-side assert on CUDA.
+
+    The first ``rotary_dim`` dims of each head are rotated, pairing ``(i, i + rotary_dim/2)``
+    (Llama/NeoX ``rotate_half``) or, with ``interleaved``, ``(2i, 2i+1)`` (GPT-J); the rest pass
+    through unchanged. Math is fp32 from the fp32 tables, rounded once to the input dtype.
+
+    Differentiable in ``q`` and ``k`` (the gradient is the inverse rotation); no gradient flows to
+    ``cos``/``sin`` or ``positions``.
+    """
+    return _ops.apply_rotary(q, k, cos, sin, positions, interleaved, False)
+
+
+def apply_rotary_(
+    q: Tensor,
+    k: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Optional[Tensor] = None,
+    interleaved: bool = False,
+) -> Tuple[Tensor, Tensor]:
+    """In-place, inference-only :func:`apply_rotary`: rotates ``q`` and ``k`` where they are
+    (any strides, e.g. views into a fused qkv projection) and returns them."""
+    _check_no_grad_inplace("apply_rotary_", q, k)
+    _ops.apply_rotary_(q, k, cos, sin, positions, interleaved, False)
+    return q, k
+
+
+@torch.library.register_fake("llama_ext::apply_rotary")
+def _apply_rotary_fake(q, k, cos, sin, positions, interleaved, inverse):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@torch.library.register_fake("llama_ext::apply_rotary_")
+def _apply_rotary_inplace_fake(q, k, cos, sin, positions, interleaved, inverse):
+    return None
+
+
+def _apply_rotary_setup_context(ctx, inputs, output):
+    _, _, cos, sin, positions, interleaved, inverse = inputs
+    ctx.interleaved = interleaved
+    ctx.inverse = inverse
+    ctx.save_for_backward(cos, sin, positions)
+
+
+def _apply_rotary_backward(ctx, grad_q, grad_k):
+    cos, sin, positions = ctx.saved_tensors
+    # A rotation's transpose is the rotation by -theta: the same op with `inverse` flipped.
+    grad_q, grad_k = _ops.apply_rotary(
+        _contiguous_grad(grad_q), _contiguous_grad(grad_k), cos, sin, positions, ctx.interleaved, not ctx.inverse
+    )
+    return grad_q, grad_k, None, None, None, None, None
+
+
+torch.library.register_autograd(
+    "llama_ext::apply_rotary", _apply_rotary_backward, setup_context=_apply_rotary_setup_context
+)

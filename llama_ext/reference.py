@@ -38,20 +38,84 @@ def hf_rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -
     return h if weight is None else weight * h
 
 
-# ---- Rotary position embedding (HF-style eager) ----------------------------------------------
+# ---- Rotary position embedding -------------------------------------------------------------
+
+
+def _gather_table(table: Tensor, positions: Optional[Tensor], batch: int, seq: int) -> Tensor:
+    """Rows of a [max_position, rotary_dim // 2] table for each token, as [batch, seq, 1, half]."""
+    if positions is None:
+        positions = torch.arange(seq, device=table.device)
+    positions = positions.long().expand(batch, seq)
+    return table[positions].unsqueeze(2)
+
+
+def rotary_reference(
+    x: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    positions: Optional[Tensor] = None,
+    interleaved: bool = False,
+    inverse: bool = False,
+) -> Tensor:
+    """float64 rotation of ``x`` [batch, seq, heads, head_dim] by the table rows at ``positions``.
+
+    Rotate-half pairs (i, i + rotary_dim/2); ``interleaved`` pairs (2i, 2i+1) as GPT-J does.
+    Dims past ``rotary_dim = 2 * cos.shape[-1]`` pass through; ``inverse`` rotates by -theta.
+    """
+    x64 = x.double()
+    batch, seq, _, _ = x.shape
+    half = cos.shape[-1]
+    c = _gather_table(cos.double(), positions, batch, seq)
+    s = _gather_table(sin.double(), positions, batch, seq)
+    if inverse:
+        s = -s
+    rot, rest = x64[..., : 2 * half], x64[..., 2 * half :]
+    if interleaved:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., :half], rot[..., half:]
+        rotated = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+def gptj_rotary_reference(x: Tensor, cos: Tensor, sin: Tensor, positions: Optional[Tensor] = None) -> Tensor:
+    """GPT-J's own formulation (``rotate_every_two`` with ``repeat_interleave``d tables), in float64:
+    an independent check of ``interleaved=True``."""
+    x64 = x.double()
+    batch, seq, _, _ = x.shape
+    rotary_dim = 2 * cos.shape[-1]
+    c = _gather_table(cos.double(), positions, batch, seq).repeat_interleave(2, dim=-1)
+    s = _gather_table(sin.double(), positions, batch, seq).repeat_interleave(2, dim=-1)
+    rot, rest = x64[..., :rotary_dim], x64[..., rotary_dim:]
+    every_two = torch.stack((-rot[..., 1::2], rot[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat((rot * c + every_two * s, rest), dim=-1)
 
 
 def hf_rotate_half(x: Tensor) -> Tensor:
-    """HF ``rotate_half``: ``(x1, x2) -> (-x2, x1)`` over the two halves of the last dim."""
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    """HF ``rotate_half``."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
     return torch.cat((-x2, x1), dim=-1)
 
 
-def hf_apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
-    """HF ``apply_rotary_pos_emb``: q, k ``[batch, heads, seq, head_dim]``, cos/sin
-    ``[batch, seq, head_dim]`` (each frequency twice, in the input dtype)."""
-    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
-    return q * cos + hf_rotate_half(q) * sin, k * cos + hf_rotate_half(k) * sin
+def hf_apply_rotary_pos_emb(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1
+) -> Tuple[Tensor, Tensor]:
+    """HF ``apply_rotary_pos_emb``, in the input dtype: the eager baseline. ``cos``/``sin`` are
+    HF's per-token [batch, seq, head_dim] tables (halves duplicated, already in q's dtype)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    q_embed = (q * cos) + (hf_rotate_half(q) * sin)
+    k_embed = (k * cos) + (hf_rotate_half(k) * sin)
+    return q_embed, k_embed
+
+
+def hf_cos_sin(cos: Tensor, sin: Tensor, positions: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+    """Our [max_position, half] tables as HF's per-token [batch, seq, 2 * half] cos/sin in ``dtype``
+    (what ``LlamaRotaryEmbedding.forward`` returns)."""
+    c, s = cos[positions.long()], sin[positions.long()]
+    return torch.cat((c, c), dim=-1).to(dtype), torch.cat((s, s), dim=-1).to(dtype)
 
 
 # ---- Grouped-query attention (HF-style eager) ------------------------------------------------

@@ -1,0 +1,112 @@
+// Shared CUDA building blocks: dtype dispatch to native half types, 16-byte vector access,
+// warp and block reductions. Kept light (no ATen/cuda/CUDAContext.h, no cuBLAS headers) so
+// every .cu compiles fast.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+namespace llama_ext::cuda {
+
+// ---- dtypes -------------------------------------------------------------------------------
+
+// Dispatches float32 / float16 / bfloat16 to `scalar_t` = float / __half / __nv_bfloat16
+// (native types: their intrinsics are what the kernels want, not c10's wrappers).
+#define LLAMA_EXT_DISPATCH_CUDA_FLOATING(TYPE, NAME, ...)                                   \
+  [&] {                                                                                    \
+    switch (TYPE) {                                                                        \
+      case at::ScalarType::Float: {                                                        \
+        using scalar_t = float;                                                            \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case at::ScalarType::Half: {                                                         \
+        using scalar_t = __half;                                                           \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      case at::ScalarType::BFloat16: {                                                     \
+        using scalar_t = __nv_bfloat16;                                                    \
+        return __VA_ARGS__();                                                              \
+      }                                                                                    \
+      default:                                                                             \
+        TORCH_CHECK_TYPE(false, NAME, ": CUDA kernels support float32, float16 and bfloat16, got ", TYPE); \
+    }                                                                                      \
+  }()
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+// The value a tensor of dtype T holds after storing x: one round-to-nearest-even.
+template <typename T>
+__device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// Pointer to a tensor's data as the native element type.
+template <typename T>
+T* data_ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+template <typename T>
+const T* const_data_ptr(const at::Tensor& t) { return reinterpret_cast<const T*>(t.const_data_ptr()); }
+
+// ---- 16-byte vectors ------------------------------------------------------------------------
+
+constexpr int kVecBytes = 16;
+
+template <typename T>
+constexpr int vec_elems() { return kVecBytes / static_cast<int>(sizeof(T)); }
+
+// N elements moved as one 16-byte load/store (LDG.128 / STG.128) when the address is aligned.
+template <typename T, int N = vec_elems<T>()>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
+  __device__ __forceinline__ static Vec load(const T* p) { return *reinterpret_cast<const Vec*>(p); }
+  __device__ __forceinline__ void store(T* p) const { *reinterpret_cast<Vec*>(p) = *this; }
+};
+
+inline bool is_aligned(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// A [rows, n] operand can take the vector path when its base is 16-byte aligned and every row
+// starts 16-byte aligned: the row stride (in elements) is a multiple of the vector width.
+inline bool rows_vectorizable(const void* base, int64_t row_stride, int64_t n, int elem_bytes) {
+  const int64_t vec = kVecBytes / elem_bytes;
+  return is_aligned(base, kVecBytes) && row_stride % vec == 0 && n % vec == 0;
+}
+
+// ---- reductions ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_reduce_sum(float x) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  return x;
+}
+
+// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
+// result. `scratch` is 32 floats of shared memory, reusable after the call returns.
+__device__ __forceinline__ float block_reduce_sum(float x, float* scratch) {
+  const int lane = threadIdx.x % 32;
+  const int warp = threadIdx.x / 32;
+  const int n_warps = blockDim.x / 32;
+  x = warp_reduce_sum(x);
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  x = lane < n_warps ? scratch[lane] : 0.f;
+  return warp_reduce_sum(x);
+}
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace llama_ext::cuda
