@@ -17,6 +17,7 @@ from typing import List, Optional
 
 import torch
 
+from .common import missing_api
 from .harness import Case, OpBench, Provider, RunConfig
 
 MODELS = {  # Llama-shaped: GQA 4:1, SwiGLU MLP of ~2.75x hidden. The CPU model's vocabulary is kept
@@ -52,7 +53,8 @@ def _patch_missing() -> Optional[str]:
         from llama_ext.transformers import patch_model  # noqa: F401
     except ImportError as exc:
         return f"llama_ext.transformers.patch_model is not available yet ({exc})"
-    return None
+    # patch_model routes attention to these; it raises without them.
+    return missing_api("gqa_attention", "gqa_attention_varlen")
 
 
 def _model(cfg: RunConfig, dtype: torch.dtype, provider: str):
