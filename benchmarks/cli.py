@@ -78,19 +78,7 @@ def run(args: argparse.Namespace) -> Dict:
 
         builders = dict(builders, e2e=e2e.build)
         selected = selected + ["e2e"]
-    results = []
-    for name in selected:
-        bench = builders[name](cfg)
-        if args.provider:
-            bench.providers = [p for p in bench.providers if p.name in args.provider]
-        op = harness.run_op(bench, cfg, ceilings, progress=not args.no_progress)
-        print(report.op_table(op), flush=True)
-        results.append(op)
-    # Ceilings last, so that an op-less run (e2e only) still records both.
-    ceilings.copy_gbps()
-    for dtype in cfg.dtypes:
-        ceilings.matmul_tflops(dtype)
-    return {
+    result = {
         "schema_version": 1,
         "command": "python -m benchmarks " + " ".join(_argv_of(args)),
         "config": {"device": cfg.device, "dtypes": [harness.dtype_name(d) for d in cfg.dtypes], "full": cfg.full,
@@ -98,9 +86,25 @@ def run(args: argparse.Namespace) -> Dict:
         "env": env,
         "warning": warning,
         "ceilings": ceilings.as_dict(),
-        "ops": results,
-        "elapsed_s": time.time() - start,
+        "ops": [],
+        "elapsed_s": 0.0,
     }
+    for name in selected:
+        bench = builders[name](cfg)
+        if args.provider:
+            bench.providers = [p for p in bench.providers if p.name in args.provider]
+        op = harness.run_op(bench, cfg, ceilings, progress=not args.no_progress)
+        print(report.op_table(op), flush=True)
+        result["ops"].append(op)
+        # The tables so far, so that a run stopped by a time limit still leaves its numbers.
+        result.update(ceilings=ceilings.as_dict(), elapsed_s=time.time() - start)
+        report.write_tables(result, args.out)
+    # Ceilings last, so that an op-less run (e2e only) still records both.
+    ceilings.copy_gbps()
+    for dtype in cfg.dtypes:
+        ceilings.matmul_tflops(dtype)
+    result.update(ceilings=ceilings.as_dict(), elapsed_s=time.time() - start)
+    return result
 
 
 def _argv_of(args: argparse.Namespace) -> List[str]:

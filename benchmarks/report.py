@@ -136,16 +136,23 @@ def plot_op(op: Dict[str, Any], path: str, device: str) -> Optional[str]:
     return path
 
 
-def write_outputs(result: Dict[str, Any], out_dir: str) -> List[str]:
+def write_tables(result: Dict[str, Any], out_dir: str) -> List[str]:
+    """results-<device>.json (every number) and results-<device>.md (the tables)."""
     os.makedirs(out_dir, exist_ok=True)
-    device = result["env"]["device"]
-    tag = device.split(":")[0]
+    tag = result["env"]["device"].split(":")[0]
     paths = [os.path.join(out_dir, f"results-{tag}.json"), os.path.join(out_dir, f"results-{tag}.md")]
     write_json(result, paths[0])
     with open(paths[1], "w") as f:
         f.write(markdown(result))
+    return paths
+
+
+def write_outputs(result: Dict[str, Any], out_dir: str) -> List[str]:
+    """The tables and one plot per op."""
+    paths = write_tables(result, out_dir)
+    device = result["env"]["device"]
     for op in result["ops"]:
-        png = plot_op(op, os.path.join(out_dir, f"{op['op']}-{tag}.png"), device)
+        png = plot_op(op, os.path.join(out_dir, f"{op['op']}-{device.split(':')[0]}.png"), device)
         if png:
             paths.append(png)
     return paths
