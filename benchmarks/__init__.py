@@ -1,0 +1,1 @@
+"""llama_ext benchmark suite: ``python -m benchmarks`` (``make bench``); see ``--help``."""

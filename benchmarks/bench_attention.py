@@ -1,0 +1,154 @@
+"""Grouped-query attention at batch 1 with Llama-3-8B heads (32 query, 8 kv, head_dim 128),
+causal, over a sweep of sequence lengths: forward, forward + backward, and (``--full``) decode
+(one query against the whole sequence's keys).
+
+q, k and v are ``[batch, seq, heads, head_dim]`` as the projections produce them; HF's eager
+code and SDPA receive the ``[batch, heads, seq, head_dim]`` transpose views, and every provider
+returns ``[batch, seq, q_heads, head_dim]`` contiguous, ready for the output projection (as
+HF's attention functions do). TFLOP/s counts ``4 * b * s_q * s_k * h_q * d``, halved for causal
+self-attention (decode sees every key: not halved), times 3.5 for forward + backward (the
+backward is 2.5 forwards).
+"""
+import torch
+import torch.nn.functional as F
+
+import llama_ext
+from llama_ext import reference
+
+from .common import compiled, llama_ext_cuda_skip, missing_api, sweep
+from .harness import Case, OpBench, Provider
+
+HEADS = (32, 8)
+HEAD_DIM = 128
+SEQ = {  # quick: short enough for the 3-minute CPU run; the CPU targets are at 2048 (--full)
+    "cpu": ([512], [256, 512, 1024, 2048, 4096]),
+    "cuda": ([8192], [1024, 2048, 4096, 8192, 16384]),
+}
+SMOKE = dict(seq=[16], heads=(4, 2), head_dim=16)
+# SDPA's kernels, by the aten op each runs (forward or backward names start the same way).
+SDPA_BACKENDS = {
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
+    "aten::_scaled_dot_product_flash_attention": "flash",
+    "aten::_scaled_dot_product_efficient_attention": "efficient",
+    "aten::_scaled_dot_product_cudnn_attention": "cudnn",
+    "aten::_scaled_dot_product_attention_math": "math",
+}
+
+
+def sdpa_backend(fn) -> str:
+    """The SDPA backend a call runs, read from the ops it dispatches (SDPA picks at run time)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        fn()
+    names = {e.name for e in prof.events()}
+    for prefix, backend in SDPA_BACKENDS.items():  # most specific first
+        if any(n.startswith(prefix) for n in names):
+            return backend
+    return "unknown"
+
+
+def _eager_attention():
+    try:
+        from transformers.models.llama.modeling_llama import eager_attention_forward
+    except ImportError:
+        def fallback(q, k, v, mask, scaling):  # the same math with its own bottom-right causal mask
+            return reference.hf_eager_attention(q, k, v, causal=True, scale=scaling)
+
+        return fallback, "llama_ext.reference.hf_eager_attention (transformers not installed)"
+
+    class Attributes:  # all that eager_attention_forward reads from its module (dynamo traces this class)
+        def __init__(self, groups):
+            self.num_key_value_groups, self.training = groups, False
+
+    def hf(q, k, v, mask, scaling):
+        return eager_attention_forward(Attributes(q.shape[1] // k.shape[1]), q, k, v, mask, scaling)[0]
+
+    return hf, "transformers eager_attention_forward (repeat_kv + matmul + softmax)"
+
+
+def _cases(cfg):
+    q_heads, kv_heads = SMOKE["heads"] if cfg.smoke else HEADS
+    d = SMOKE["head_dim"] if cfg.smoke else HEAD_DIM
+    seqs = sweep(cfg, SEQ, SMOKE["seq"])
+    modes = ["fwd", "fwd+bwd"] + (["decode"] if cfg.full else [])
+    cases = []
+    for dtype in cfg.dtypes:
+        e = torch.empty((), dtype=dtype).element_size()
+        for mode in modes:
+            for seq in seqs:
+                seq_q = 1 if mode == "decode" else seq
+                flops = 4 * seq_q * seq * q_heads * d * (1.0 if mode == "decode" else 0.5)
+                cases.append(Case(
+                    mode=mode, dtype=dtype, size=seq, label=f"{seq_q}x{seq} {q_heads}/{kv_heads}x{d}", unit="TFLOP/s",
+                    work=flops * (3.5 if mode == "fwd+bwd" else 1.0), out_bytes=seq_q * q_heads * d * e,
+                    params={"batch": 1, "seq_q": seq_q, "seq_k": seq, "q_heads": q_heads, "kv_heads": kv_heads,
+                            "head_dim": d, "causal": True, "scale": d**-0.5},
+                ))
+    return cases
+
+
+def _make_inputs(case, device):
+    p = case.params
+    g = torch.Generator(device=device).manual_seed(case.size)
+
+    def rand(*shape):  # random, never zeros
+        return torch.randn(*shape, generator=g, device=device).to(case.dtype)
+
+    b, s_q, s_k, d = p["batch"], p["seq_q"], p["seq_k"], p["head_dim"]
+    inputs = {"q": rand(b, s_q, p["q_heads"], d), "k": rand(b, s_k, p["kv_heads"], d),
+              "v": rand(b, s_k, p["kv_heads"], d), "grad": rand(b, s_q, p["q_heads"], d)}
+    # HF's additive causal mask, aligned bottom-right (query i sees keys j <= i + s_k - s_q).
+    masked = torch.ones(s_q, s_k, dtype=torch.bool, device=device).triu(1 + s_k - s_q)
+    mask = torch.zeros(s_q, s_k, dtype=case.dtype, device=device).masked_fill(masked, torch.finfo(case.dtype).min)
+    inputs["mask"] = mask[None, None]
+    return inputs
+
+
+def build(cfg):
+    attend_hf, eager_src = _eager_attention()
+
+    def eager(q, k, v, inputs, scale):
+        return attend_hf(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inputs["mask"], scale)
+
+    def native(q, k, v, inputs, scale):
+        # SDPA aligns the causal mask top-left; a single decode query sees every key anyway.
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=q.shape[1] > 1, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    def ours(q, k, v, inputs, scale):
+        return llama_ext.gqa_attention(q, k, v, causal=True, scale=scale)
+
+    def provider(get_fn, record_backend=False):
+        def make(case, inputs):
+            fn, scale = get_fn(), case.params["scale"]
+            training = case.mode == "fwd+bwd"
+            leaves = [inputs[n].detach().requires_grad_(training) for n in ("q", "k", "v")]
+
+            def closure():
+                out = fn(*leaves, inputs, scale)
+                return torch.autograd.grad(out, leaves, inputs["grad"]) if training else out
+            if record_backend:
+                closure.details = {"sdpa_backend": sdpa_backend(closure)}
+            return closure
+        return make
+
+    return OpBench(
+        name="attention",
+        title="GQA attention, causal (gqa_attention)",
+        size_name="sequence length (keys)",
+        cases=_cases(cfg),
+        providers=[
+            Provider("eager", provider(lambda: eager), eager_src),
+            Provider("native", provider(lambda: native, record_backend=True),
+                     "F.scaled_dot_product_attention(enable_gqa=True); backend per case in JSON (sdpa_backend)"),
+            Provider("compile", provider(compiled(eager)), "torch.compile of eager"),
+            Provider("llama_ext", provider(lambda: ours), "llama_ext.gqa_attention",
+                     llama_ext_cuda_skip(cfg, "gqa_attention_forward")),
+        ],
+        make_inputs=lambda case: _make_inputs(case, cfg.device),
+        skip_reason=missing_api("gqa_attention"),
+        notes=["fwd+bwd times one forward and its backward (dq, dk, dv) together",
+               "HF's additive causal mask is built once outside the timing, as HF builds it once per forward"],
+    )

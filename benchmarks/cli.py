@@ -1,0 +1,126 @@
+"""Command line of the benchmark suite: selects ops, dtypes, device and sweep, runs them with
+the shared harness, prints one table per op and writes JSON, markdown and PNG plots."""
+import argparse
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import harness, report
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# CPU: both dtypes the targets are set in; CUDA: bf16, the dtype of every CUDA target.
+DEFAULT_DTYPES = {"cpu": ["float32", "bfloat16"], "cuda": ["bfloat16"]}
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results")
+RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+
+
+def _op_builders() -> Dict[str, Callable]:
+    from . import bench_attention, bench_rms_norm, bench_rotary
+
+    return {
+        "rms_norm": bench_rms_norm.build_rms_norm,
+        "fused_add_rms_norm": bench_rms_norm.build_fused_add_rms_norm,
+        "rotary": bench_rotary.build,
+        "attention": bench_attention.build,
+    }
+
+
+PROVIDERS = ["eager", "native", "compile", "llama_ext", "sdpa"]
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    ops = list(_op_builders())
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--op", action="append", choices=ops + ["none"],
+                   help="op to run (repeatable; default: all). 'none' with --e2e runs only the end-to-end model")
+    p.add_argument("--dtype", action="append", choices=list(DTYPES),
+                   help="dtype to run (repeatable; default: float32 and bfloat16 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda[:N] (default: cuda when available)")
+    p.add_argument("--provider", action="append", choices=PROVIDERS,
+                   help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
+    p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
+    p.add_argument("--e2e", action="store_true", help="also run the end-to-end Llama benchmark (benchmarks.e2e)")
+    p.add_argument("--out", default=DEFAULT_OUT, help="directory for JSON, markdown and plots (default: bench-results/)")
+    p.add_argument("--update-results-md", action="store_true",
+                   help="rewrite this device's section of benchmarks/RESULTS.md with the run's tables")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and short timings, to check the suite runs")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda, but torch sees no CUDA device")
+    if args.smoke and args.update_results_md:
+        p.error("--smoke timings are not results: drop --update-results-md")
+    return args
+
+
+def run(args: argparse.Namespace) -> Dict:
+    """Runs the selected benchmarks and returns the JSON-ready result."""
+    start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtypes = [DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])]
+    cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke,
+                            min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100)
+    env = harness.environment(cfg.device)
+    warning = harness.load_warning(env)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+    ceilings = harness.Ceilings(cfg)
+    builders = _op_builders()
+    selected = [] if args.op and "none" in args.op else (args.op or list(builders))
+    if args.e2e:
+        from . import e2e
+
+        builders = dict(builders, e2e=e2e.build)
+        selected = selected + ["e2e"]
+    result = {
+        "schema_version": 1,
+        "command": "python -m benchmarks " + " ".join(_argv_of(args)),
+        "config": {"device": cfg.device, "dtypes": [harness.dtype_name(d) for d in cfg.dtypes], "full": cfg.full,
+                   "smoke": cfg.smoke, "ops": selected, "e2e": args.e2e},
+        "env": env,
+        "warning": warning,
+        "ceilings": ceilings.as_dict(),
+        "ops": [],
+        "elapsed_s": 0.0,
+    }
+    for name in selected:
+        bench = builders[name](cfg)
+        if args.provider:
+            bench.providers = [p for p in bench.providers if p.name in args.provider]
+        op = harness.run_op(bench, cfg, ceilings, progress=not args.no_progress)
+        print(report.op_table(op), flush=True)
+        result["ops"].append(op)
+        # The tables so far, so that a run stopped by a time limit still leaves its numbers.
+        result.update(ceilings=ceilings.as_dict(), elapsed_s=time.time() - start)
+        report.write_tables(result, args.out)
+    # Ceilings last, so that an op-less run (e2e only) still records both.
+    ceilings.copy_gbps()
+    for dtype in cfg.dtypes:
+        ceilings.matmul_tflops(dtype)
+    result.update(ceilings=ceilings.as_dict(), elapsed_s=time.time() - start)
+    return result
+
+
+def _argv_of(args: argparse.Namespace) -> List[str]:
+    argv = [f"--op {o}" for o in args.op or []] + [f"--dtype {d}" for d in args.dtype or []]
+    argv += [f"--provider {p}" for p in args.provider or []] + ([f"--threads {args.threads}"] if args.threads else [])
+    argv += [f"--device {args.device}"] + [f"--{flag}" for flag in ("full", "e2e", "smoke") if getattr(args, flag)]
+    return argv
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    paths = report.write_outputs(result, args.out)
+    if args.update_results_md:
+        report.update_results_md(result, RESULTS_MD)
+        paths.append(RESULTS_MD)
+    print(report.header_text(result))
+    print("wrote " + ", ".join(os.path.relpath(p) for p in paths))
+    return 0

@@ -1,0 +1,47 @@
+"""Pieces the op modules share: size sweeps, provider closures and availability checks."""
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+import llama_ext
+
+
+def sweep(cfg, sizes: Dict[str, Tuple[List[int], List[int]]], smoke_sizes: List[int]) -> List[int]:
+    """The sizes to run: ``sizes[device] = (quick, full)``; tiny ones for the smoke test."""
+    if cfg.smoke:
+        return smoke_sizes
+    quick, full = sizes["cuda" if cfg.is_cuda else "cpu"]
+    return full if cfg.full else quick
+
+
+def backward_closure(outputs, inputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> Callable:
+    """Times the backward pass alone: the forward graph is built once and retained."""
+    outputs = tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+    return lambda: torch.autograd.grad(outputs, inputs, grads, retain_graph=True)
+
+
+def compiled(fn: Callable) -> Callable[[], Callable]:
+    """A fresh ``torch.compile(fn, fullgraph=True)`` per case. Dynamo's caches are cleared
+    first: they are keyed by the code object, and past the recompile limit dynamo would
+    silently run eager code under the compile label."""
+
+    def make() -> Callable:
+        torch._dynamo.reset()
+        return torch.compile(fn, fullgraph=True, dynamic=False)
+
+    return make
+
+
+def missing_api(*names: str) -> Optional[str]:
+    """Why an op module must skip itself: the llama_ext functions it benchmarks are not there yet."""
+    missing = [n for n in names if not hasattr(llama_ext, n)]
+    if missing:
+        return f"llama_ext has no {', '.join(missing)} yet (the op has not landed in this build)"
+    return None
+
+
+def llama_ext_cuda_skip(cfg, schema_name: str) -> Optional[str]:
+    """On CUDA, the llama_ext provider runs only when this build has the op's CUDA kernel."""
+    if cfg.is_cuda and not torch._C._dispatch_has_kernel_for_dispatch_key(f"llama_ext::{schema_name}", "CUDA"):
+        return f"this llama_ext build has no CUDA kernel for {schema_name}"
+    return None

@@ -1,0 +1,162 @@
+"""End-to-end: a small random Llama built with transformers, run with HF's eager attention,
+HF's SDPA attention, and llama_ext (``llama_ext.transformers.patch_model``):
+
+- train: one forward + backward of the causal-LM loss (gradients zeroed, no optimizer), tokens/s;
+- prefill: the prompt's forward with the KV cache, tokens/s (the median ms is its latency);
+- decode: greedy steps of one token on a copy of the prefilled cache, tokens/s.
+
+``python -m benchmarks.e2e`` runs it alone (same options as ``python -m benchmarks``);
+``python -m benchmarks --e2e`` adds it to the op benchmarks. All three providers build the
+same weights from the same seed; "max diff vs eager" compares the prefill logits, and the
+decoded token ids (0 means the same greedy tokens).
+"""
+import copy
+import inspect
+import sys
+from typing import List, Optional
+
+import torch
+
+from .common import missing_api
+from .harness import Case, OpBench, Provider, RunConfig
+
+MODELS = {  # Llama-shaped: GQA 4:1, SwiGLU MLP of ~2.75x hidden. The CPU model's vocabulary is kept
+    # small so that the LM head does not dwarf the layers the kernels serve.
+    "cpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=8192),
+    "cuda": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000),
+    "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=128),
+}
+SHAPES = {  # (batch, train seq, prompt, decoded tokens); --full doubles the sequence lengths
+    "cpu": (1, 256, 128, 16),
+    "cuda": (4, 2048, 1024, 64),
+    "smoke": (1, 16, 8, 4),
+}
+
+
+def _kind(cfg: RunConfig) -> str:
+    return "smoke" if cfg.smoke else ("cuda" if cfg.is_cuda else "cpu")
+
+
+def _transformers_missing() -> Optional[str]:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return "transformers is not installed (pip install .[transformers])"
+    return None
+
+
+def _patch_missing() -> Optional[str]:
+    try:
+        from llama_ext.transformers import patch_model  # noqa: F401
+    except ImportError as exc:
+        return f"llama_ext.transformers.patch_model is not available yet ({exc})"
+    # patch_model routes attention to these; it raises without them.
+    return missing_api("gqa_attention", "gqa_attention_varlen")
+
+
+def _model(cfg: RunConfig, dtype: torch.dtype, provider: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(0)  # the same weights for every provider
+    config = LlamaConfig(**MODELS[_kind(cfg)], max_position_embeddings=8192)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if provider == "sdpa" else "eager")
+    model = model.to(device=cfg.device, dtype=dtype)
+    if provider == "llama_ext":
+        from llama_ext.transformers import patch_model
+
+        patch_model(model)
+    return model
+
+
+def _closure(case: Case, inputs, model):
+    ids = inputs["ids"]
+    if case.mode == "train":
+        model.train()
+
+        def train_step():
+            model(input_ids=ids, labels=ids).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return train_step
+    model.eval()
+    prompt = ids[:, : case.params["prompt"]]
+    if case.mode == "prefill":
+        def prefill():
+            with torch.no_grad():
+                return model(input_ids=prompt, use_cache=True).logits
+
+        return prefill
+    # transformers renamed past_key_values to cache (argument and output) in 5.x.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        first = model(input_ids=prompt, use_cache=True)
+    prefilled, first_token = getattr(first, cache_name), first.logits[:, -1:].argmax(-1)
+
+    def decode():
+        cache, token, tokens = copy.deepcopy(prefilled), first_token, []
+        with torch.no_grad():
+            for _ in range(case.params["new_tokens"]):
+                out = model(input_ids=token, use_cache=True, **{cache_name: cache})
+                cache, token = getattr(out, cache_name), out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+        return torch.cat(tokens, dim=1)
+
+    return decode
+
+
+def build(cfg: RunConfig) -> OpBench:
+    batch, seq, prompt, new_tokens = SHAPES[_kind(cfg)]
+    if cfg.full and not cfg.smoke:
+        seq, prompt = 2 * seq, 2 * prompt
+    model_desc = MODELS[_kind(cfg)]
+    cases = []
+    for dtype in cfg.dtypes:
+        for mode, tokens, size in (("train", batch * seq, seq), ("prefill", batch * prompt, prompt),
+                                   ("decode", batch * new_tokens, prompt)):
+            cases.append(Case(mode=mode, dtype=dtype, size=size, label=f"b{batch} " + (
+                f"s{seq}" if mode == "train" else f"prompt {prompt}" + (f" +{new_tokens}" if mode == "decode" else "")),
+                unit="tokens/s", work=tokens, out_bytes=0,
+                params={"batch": batch, "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "model": model_desc}))
+
+    def provider(name):
+        return lambda case, inputs: _closure(case, inputs, _model(cfg, case.dtype, name))
+
+    def make_inputs(case):
+        g = torch.Generator().manual_seed(0)
+        return {"ids": torch.randint(model_desc["vocab_size"], (batch, seq), generator=g).to(cfg.device)}
+
+    return OpBench(
+        name="e2e",
+        title=f"end-to-end Llama ({model_desc['num_hidden_layers']} layers, hidden {model_desc['hidden_size']}, "
+              f"{model_desc['num_attention_heads']}/{model_desc['num_key_value_heads']} heads, "
+              f"vocab {model_desc['vocab_size']})",
+        size_name="tokens",
+        cases=cases,
+        providers=[
+            Provider("eager", provider("eager"), "transformers, attn_implementation='eager'"),
+            Provider("sdpa", provider("sdpa"), "transformers, attn_implementation='sdpa'"),
+            Provider("llama_ext", provider("llama_ext"), "llama_ext.transformers.patch_model on the eager model",
+                     _patch_missing()),
+        ],
+        make_inputs=make_inputs,
+        skip_reason=_transformers_missing(),
+        notes=["train: forward + backward of the LM loss, gradients zeroed, no optimizer step",
+               "decode: greedy steps on a deep copy of the prefilled KV cache (the copy is timed too; it is small)"],
+    )
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from . import cli
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--dtype" not in argv:  # one dtype by default: fp32 on CPU, bf16 on CUDA
+        device = argv[argv.index("--device") + 1] if "--device" in argv else ("cuda" if torch.cuda.is_available() else "cpu")
+        argv += ["--dtype", "bfloat16" if device.startswith("cuda") else "float32"]
+    return cli.main(["--op", "none", "--e2e", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

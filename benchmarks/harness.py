@@ -1,0 +1,452 @@
+"""The shared benchmark harness: timing, machine ceilings, peak memory, environment record,
+and the runner that measures every provider of every case and keeps every number.
+
+An op module (``bench_<op>.py``) describes *what* to measure as an :class:`OpBench`: its cases
+(one shape, dtype and mode each, with the work one call does) and its providers (eager, torch
+native, torch.compile, llama_ext), each of which turns a case's inputs into a closure to time.
+This module decides *how* to measure, identically for every op:
+
+- CPU: ``torch.utils.benchmark.Timer`` with all of torch's threads (its default is 1), samples
+  of at least ~1 ms each after a warm-up call, median and p20/p80 over the samples.
+- CUDA: ``triton.testing.do_bench`` (which zeroes a buffer larger than L2 before every call)
+  when triton is installed, else CUDA events around each call with the same L2 flush between.
+- Throughput from the minimum work a call must do (bytes every implementation has to move,
+  or FLOPs), so every provider of a case is scored on the same amount of work.
+- Ceilings measured in the same run: copy bandwidth (``dst.copy_(src)``, bytes read plus
+  written; CPU at the 16 MB judging size, CUDA far beyond L2) and a large matmul in each dtype.
+- Peak memory of one call above what was live before it: CUDA ``max_memory_allocated``; CPU
+  the largest total of live allocations in a profiler memory trace.
+"""
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+# Kineto logs every profiler start and stop to stderr; the CPU peak-memory trace starts one per
+# measurement. Read at the first profiler use, so setting it here is early enough.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+MB = 1 << 20
+# On the 2-core CPU machine a fresh tensor of 32 MB or more is mmap'ed by glibc on every call
+# and pays ~13 ms of page faults, whatever the kernel; 16 MB pays nothing. CPU cases whose
+# largest output exceeds this are reported separately and not used to judge kernels.
+CPU_JUDGING_MAX_OUTPUT_BYTES = 16 * MB
+
+UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
+# Which measured ceiling a throughput unit is compared with.
+UNIT_CEILING = {"GB/s": "copy", "TFLOP/s": "matmul"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+def short_error(exc: BaseException, limit: int = 160) -> str:
+    """First line of an exception, for tables and JSON."""
+    lines = str(exc).strip().splitlines()
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class RunConfig:
+    device: str
+    dtypes: List[torch.dtype]
+    full: bool = False
+    smoke: bool = False  # tiny sizes and short timing, for the test suite
+    min_run_time: float = 0.3  # seconds of samples per (case, provider) on CPU
+    cuda_rep_ms: int = 100  # do_bench's measuring time per (case, provider) on CUDA
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass
+class Case:
+    """One measured point: an op in one mode, dtype and size.
+
+    ``work`` is what one call must do, in the unit's numerator (bytes for GB/s, FLOPs for
+    TFLOP/s, tokens for tokens/s); ``size`` is the sweep variable plotted on the x axis.
+    """
+
+    mode: str
+    dtype: torch.dtype
+    size: int
+    label: str
+    unit: str
+    work: float
+    out_bytes: int
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Provider:
+    """``build(case, inputs)`` returns the closure to time; its return value is compared with
+    eager's to record the largest difference. ``skip_reason`` marks a provider that cannot run
+    at all here (missing library, kernel not built for this device)."""
+
+    name: str
+    build: Optional[Callable[[Case, Any], Callable[[], Any]]]
+    source: str = ""
+    skip_reason: Optional[str] = None
+
+
+@dataclass
+class OpBench:
+    """An op's benchmark. The provider named "eager" comes first: the others' speedups and
+    output differences are taken against it."""
+
+    name: str
+    title: str
+    size_name: str  # what Case.size counts, for the plot's x axis
+    cases: List[Case]
+    providers: List[Provider]
+    make_inputs: Optional[Callable[[Case], Any]]
+    skip_reason: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+
+# ---- timing ---------------------------------------------------------------------------------
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _quantiles(samples: List[float]) -> Dict[str, float]:
+    ordered = sorted(samples)
+
+    def pick(q):  # linear interpolation between order statistics
+        pos = q * (len(ordered) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+    return {"median_ms": pick(0.5) * 1e3, "p20_ms": pick(0.2) * 1e3, "p80_ms": pick(0.8) * 1e3}
+
+
+def time_cpu(fn: Callable[[], Any], min_run_time: float) -> Dict[str, Any]:
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    first = timer.timeit(1).mean  # the caller has warmed up, so this is a sample too
+    number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
+    n_samples = int(min(100, max(3, min_run_time / (first * number))))
+    samples = [first] if number == 1 else []
+    samples += [timer.timeit(number).mean for _ in range(n_samples - len(samples))]
+    return dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
+                method="torch.utils.benchmark.Timer")
+
+
+class _L2Flusher:
+    """Zeroes a buffer twice the size of L2 so the next call starts from a cold cache."""
+
+    def __init__(self, device: str):
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * MB) or 64 * MB
+        self.buffer = torch.empty(2 * l2, dtype=torch.int8, device=device)
+
+    def __call__(self):
+        self.buffer.zero_()
+
+
+def _cuda_call_ms(fn: Callable[[], Any]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return max(start.elapsed_time(end), 1e-3)
+
+
+def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int) -> Dict[str, Any]:
+    # At least 10 samples, however slow the call (eager attention at long sequences).
+    rep_ms = max(rep_ms, 10 * _cuda_call_ms(fn))
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        median, p20, p80 = do_bench(fn, warmup=25, rep=int(rep_ms) + 1, quantiles=[0.5, 0.2, 0.8])
+        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, method="triton.testing.do_bench (L2 flushed)")
+    flush = _L2Flusher(device)
+    n = int(min(1000, max(10, rep_ms / _cuda_call_ms(fn))))
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
+    for s, e in pairs:
+        flush()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    samples = [s.elapsed_time(e) * 1e-3 for s, e in pairs]
+    return dict(_quantiles(samples), samples=n, method="CUDA events (L2 flushed)")
+
+
+def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:
+    if cfg.is_cuda:
+        return time_cuda(fn, cfg.device, cfg.cuda_rep_ms)
+    return time_cpu(fn, cfg.min_run_time)
+
+
+# ---- peak memory ----------------------------------------------------------------------------
+
+
+def _cpu_peak_from_profiler(fn: Callable[[], Any]) -> int:
+    """Largest sum of live allocations made during one call, from the profiler's memory trace
+    (allocations are positive events, frees negative)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def _rss_kb(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"{field_name} missing from /proc/self/status")
+
+
+def _cpu_peak_from_rss(fn: Callable[[], Any]) -> int:
+    """Growth of the resident set's high-water mark over one call (Linux: writing 5 to
+    clear_refs resets VmHWM). Underestimates when freed memory is reused."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _rss_kb("VmRSS")
+    fn()
+    return max(0, _rss_kb("VmHWM") - before) * 1024
+
+
+def peak_memory(fn: Callable[[], Any], device: str) -> Dict[str, Any]:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return {"peak_mem_bytes": torch.cuda.max_memory_allocated() - before,
+                "peak_mem_method": "torch.cuda.max_memory_allocated"}
+    try:
+        return {"peak_mem_bytes": _cpu_peak_from_profiler(fn), "peak_mem_method": "profiler memory trace"}
+    except Exception:  # profiler internals differ across torch versions
+        try:
+            return {"peak_mem_bytes": _cpu_peak_from_rss(fn), "peak_mem_method": "RSS high-water growth"}
+        except OSError as exc:
+            return {"peak_mem_bytes": None, "peak_mem_method": short_error(exc)}
+
+
+# ---- ceilings -------------------------------------------------------------------------------
+
+
+class Ceilings:
+    """Copy bandwidth and per-dtype matmul rate of this machine, measured once per run, lazily."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.copy: Optional[Dict[str, Any]] = None
+        self.matmul: Dict[str, Dict[str, Any]] = {}
+
+    def copy_gbps(self) -> float:
+        if self.copy is None:
+            cfg = self.cfg
+            # CPU: the judging output size (preallocated, so no page faults), so that the ceiling
+            # and the judged cases see the same cache behaviour. CUDA: far beyond L2.
+            nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_JUDGING_MAX_OUTPUT_BYTES)
+            src = torch.randn(nbytes // 4, device=cfg.device)
+            dst = torch.empty_like(src)
+            t = time_fn(lambda: dst.copy_(src), cfg)
+            self.copy = dict(t, bytes=2 * nbytes, gbps=2 * nbytes / (t["median_ms"] * 1e-3) / 1e9,
+                             what=f"dst.copy_(src), {nbytes // MB} MB each, bytes read + written")
+        return self.copy["gbps"]
+
+    def matmul_tflops(self, dtype: torch.dtype) -> float:
+        key = dtype_name(dtype)
+        if key not in self.matmul:
+            cfg = self.cfg
+            n = 256 if cfg.smoke else (8192 if cfg.is_cuda else 2048)
+            a = torch.randn(n, n, device=cfg.device).to(dtype)
+            b = torch.randn(n, n, device=cfg.device).to(dtype)
+            t = time_fn(lambda: torch.mm(a, b), cfg)
+            self.matmul[key] = dict(t, n=n, tflops=2 * n**3 / (t["median_ms"] * 1e-3) / 1e12,
+                                    what=f"torch.mm {n}x{n}x{n} in {key}")
+        return self.matmul[key]["tflops"]
+
+    def for_unit(self, unit: str, dtype: torch.dtype) -> Optional[float]:
+        kind = UNIT_CEILING.get(unit)
+        if kind == "copy":
+            return self.copy_gbps()
+        if kind == "matmul":
+            return self.matmul_tflops(dtype)
+        return None
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"copy": self.copy, "matmul": self.matmul}
+
+
+# ---- environment ----------------------------------------------------------------------------
+
+
+def _git(*args: str) -> Optional[str]:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _version(module_name: str) -> Optional[str]:
+    try:
+        module = __import__(module_name)
+    except Exception:
+        return None
+    return getattr(module, "__version__", "unknown")
+
+
+def environment(device: str) -> Dict[str, Any]:
+    import llama_ext
+
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    env = {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "device": device,
+        "device_name": torch.cuda.get_device_name(device) if device.startswith("cuda") else _cpu_model(),
+        "cpu_model": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "llama_ext": getattr(llama_ext, "__version__", None),
+        "llama_ext_cuda_kernels": llama_ext.cuda_kernels_built(),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(status) if status is not None else None,
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(device)
+        env.update(cuda_capability=f"{props.major}.{props.minor}", gpu_memory_gb=round(props.total_memory / 1e9, 1),
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return env
+
+
+def load_warning(env: Dict[str, Any]) -> Optional[str]:
+    load = env.get("load_average_at_start")
+    cpus = env.get("logical_cpus") or 1
+    if env["device"] == "cpu" and load and load[0] > 0.5 * cpus:
+        return (f"1-minute load average {load[0]:.1f} on {cpus} CPUs at start: other processes compete "
+                f"for the cores, so CPU timings are pessimistic and noisy")
+    return None
+
+
+# ---- runner ---------------------------------------------------------------------------------
+
+
+def _tensors(value) -> List[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def max_abs_diff(actual, expected) -> Optional[float]:
+    a, e = _tensors(actual), _tensors(expected)
+    if not a or len(a) != len(e) or any(x.shape != y.shape for x, y in zip(a, e)):
+        return None
+    return max(((x.float() - y.float()).abs().max().item() if x.numel() else 0.0) for x, y in zip(a, e))
+
+
+def is_judging(case: Case, cfg: RunConfig) -> bool:
+    """The page-fault cost of a fresh large CPU output skews memory-bound ops only: a few ms
+    are noise against attention's hundreds."""
+    return cfg.is_cuda or case.unit != "GB/s" or case.out_bytes <= CPU_JUDGING_MAX_OUTPUT_BYTES
+
+
+def _measure(provider: Provider, case: Case, inputs, cfg: RunConfig, ceilings: Ceilings, eager_out):
+    try:
+        fn = provider.build(case, inputs)
+        out = fn()  # first call: compiles, autotunes, allocates
+        synchronize(cfg.device)
+        timing = time_fn(fn, cfg)
+        memory = peak_memory(fn, cfg.device)
+    except Exception as exc:  # a provider that cannot run this case is a result, not a crash
+        return {"status": "n/a", "reason": short_error(exc)}, None
+    finally:
+        if cfg.is_cuda:
+            torch.cuda.empty_cache()
+    seconds = timing["median_ms"] * 1e-3
+    throughput = case.work / seconds / UNIT_SCALE[case.unit]
+    ceiling = ceilings.for_unit(case.unit, case.dtype)
+    result = {"status": "ok", **getattr(fn, "details", {}), **timing, "throughput": throughput,
+              "fraction_of_ceiling": throughput / ceiling if ceiling else None, **memory,
+              "max_abs_diff_vs_eager": max_abs_diff(out, eager_out) if eager_out is not None else None}
+    return result, out
+
+
+def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = True) -> Dict[str, Any]:
+    """Measures every provider on every case; returns the op's JSON record."""
+    record: Dict[str, Any] = {
+        "op": bench.name, "title": bench.title, "size_name": bench.size_name, "notes": bench.notes,
+        "providers": {p.name: {"source": p.source, "skip_reason": p.skip_reason} for p in bench.providers},
+    }
+    if bench.skip_reason:
+        return dict(record, status="skipped", reason=bench.skip_reason, cases=[])
+    from tqdm import tqdm
+
+    cases = []
+    for case in tqdm(bench.cases, desc=bench.name, unit="case", leave=False, disable=not progress or cfg.smoke):
+        inputs = bench.make_inputs(case)
+        results, eager_out = {}, None
+        for provider in bench.providers:
+            if provider.skip_reason:
+                results[provider.name] = {"status": "skipped", "reason": provider.skip_reason}
+                continue
+            results[provider.name], out = _measure(provider, case, inputs, cfg, ceilings, eager_out)
+            if provider.name == "eager":
+                eager_out = out
+        eager_ms = results.get("eager", {}).get("median_ms")
+        for r in results.values():
+            if r["status"] == "ok":
+                r["speedup_vs_eager"] = eager_ms / r["median_ms"] if eager_ms else None
+        del inputs, eager_out
+        ceiling = ceilings.for_unit(case.unit, case.dtype)
+        cases.append({
+            "mode": case.mode, "dtype": dtype_name(case.dtype), "size": case.size, "label": case.label,
+            "unit": case.unit, "work": case.work, "out_bytes": case.out_bytes, "judging": is_judging(case, cfg),
+            "ceiling": ceiling, "ceiling_kind": UNIT_CEILING.get(case.unit), "params": case.params,
+            "results": results,
+        })
+    return dict(record, status="ok", cases=cases)
+
