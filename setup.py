@@ -81,8 +81,11 @@ def _cpu_vector_flags():
         else:
             return []
     if choice == "avx512":
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
+                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+        if "avx512_bf16" in _host_cpu_flags():  # one-instruction fp32 -> bf16 rounding
+            flags.append("-mavx512bf16")
+        return flags
     return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 

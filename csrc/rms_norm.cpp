@@ -73,15 +73,26 @@ void add_rms_norm_rows(const RowsArgs<T>& a, int64_t row_begin, int64_t row_end)
       }
       src = res_out;
     } else {
+      // Four independent accumulators hide the FMA latency; their sum order is fixed.
+      Vec acc1(acc_t(0)), acc2(acc_t(0)), acc3(acc_t(0));
       int64_t j = 0;
+      for (; j + 4 * W <= n; j += 4 * W) {
+        const Vec v0 = IO::load(src + j), v1 = IO::load(src + j + W);
+        const Vec v2 = IO::load(src + j + 2 * W), v3 = IO::load(src + j + 3 * W);
+        sum_sq = at::vec::fmadd(v0, v0, sum_sq);
+        acc1 = at::vec::fmadd(v1, v1, acc1);
+        acc2 = at::vec::fmadd(v2, v2, acc2);
+        acc3 = at::vec::fmadd(v3, v3, acc3);
+      }
       for (; j < n_vec; j += W) {
-        Vec v = IO::load(src + j);
+        const Vec v = IO::load(src + j);
         sum_sq = at::vec::fmadd(v, v, sum_sq);
       }
       if (j < n) {
-        Vec v = IO::load_partial(src + j, n - j);
+        const Vec v = IO::load_partial(src + j, n - j);
         sum_sq = at::vec::fmadd(v, v, sum_sq);
       }
+      sum_sq = (sum_sq + acc1) + (acc2 + acc3);
     }
     const acc_t mean_sq = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum_sq) / acc_t(n);
     const acc_t rstd = acc_t(1) / std::sqrt(mean_sq + static_cast<acc_t>(a.eps));
@@ -90,12 +101,16 @@ void add_rms_norm_rows(const RowsArgs<T>& a, int64_t row_begin, int64_t row_end)
     T* y = a.y + r * a.y_stride;
     const Vec rstd_v(rstd);
     int64_t j = 0;
-    for (; j < n; j += W) {
-      const int64_t count = std::min(W, n - j);
-      const bool full = count == W;
-      Vec h = IO::round((full ? IO::load(src + j) : IO::load_partial(src + j, count)) * rstd_v);
-      if (a.weight != nullptr) h = h * (full ? IO::load(a.weight + j) : IO::load_partial(a.weight + j, count));
-      IO::store(y + j, h, count);
+    // Branch-free full-width loops; the weight test is hoisted out of them.
+    if (a.weight != nullptr) {
+      for (; j < n_vec; j += W) IO::store(y + j, IO::round(IO::load(src + j) * rstd_v) * IO::load(a.weight + j));
+    } else {
+      for (; j < n_vec; j += W) IO::store(y + j, IO::load(src + j) * rstd_v);
+    }
+    if (j < n) {
+      Vec h = IO::round(IO::load_partial(src + j, n - j) * rstd_v);
+      if (a.weight != nullptr) h = h * IO::load_partial(a.weight + j, n - j);
+      IO::store(y + j, h, n - j);
     }
   }
 }
@@ -285,7 +300,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
     const int64_t rows_per_chunk = rows == 0 ? 0 : (rows + chunks - 1) / chunks;
     at::Tensor partial = at::zeros({chunks, n}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // Small inputs stay on one thread: a task gets at least row_grain(n) rows' worth of chunks.
+    const int64_t chunk_grain = std::max<int64_t>(1, row_grain(n) / std::max<int64_t>(1, rows_per_chunk));
+    at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const int64_t r0 = std::min(rows, c * rows_per_chunk);
         const int64_t r1 = std::min(rows, r0 + rows_per_chunk);
