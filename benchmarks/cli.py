@@ -44,6 +44,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
     p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
+    p.add_argument("--size", action="append", type=int,
+                   help="size to run instead of the sweep (repeatable): rows for RMSNorm, tokens for rotary, "
+                        "sequence length for attention; e.g. --op attention --size 2048 for the CPU targets")
     p.add_argument("--e2e", action="store_true", help="also run the end-to-end Llama benchmark (benchmarks.e2e)")
     p.add_argument("--out", default=DEFAULT_OUT, help="directory for JSON, markdown and plots (default: bench-results/)")
     p.add_argument("--update-results-md", action="store_true",
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])]
-    cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke,
+    cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke, sizes=args.size,
                             min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100)
     env = harness.environment(cfg.device)
     warning = harness.load_warning(env)
@@ -110,7 +113,7 @@ def run(args: argparse.Namespace) -> Dict:
 def _argv_of(args: argparse.Namespace) -> List[str]:
     argv = [f"--op {o}" for o in args.op or []] + [f"--dtype {d}" for d in args.dtype or []]
     argv += [f"--provider {p}" for p in args.provider or []] + ([f"--threads {args.threads}"] if args.threads else [])
-    argv += [f"--device {args.device}"] + [f"--{flag}" for flag in ("full", "e2e", "smoke") if getattr(args, flag)]
+    argv += [f"--size {n}" for n in args.size or []] + [f"--device {args.device}"] + [f"--{flag}" for flag in ("full", "e2e", "smoke") if getattr(args, flag)]
     return argv
 
 

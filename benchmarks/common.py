@@ -10,6 +10,8 @@ def sweep(cfg, sizes: Dict[str, Tuple[List[int], List[int]]], smoke_sizes: List[
     """The sizes to run: ``sizes[device] = (quick, full)``; tiny ones for the smoke test."""
     if cfg.smoke:
         return smoke_sizes
+    if cfg.sizes:
+        return list(cfg.sizes)
     quick, full = sizes["cuda" if cfg.is_cuda else "cpu"]
     return full if cfg.full else quick
 

@@ -60,6 +60,7 @@ class RunConfig:
     dtypes: List[torch.dtype]
     full: bool = False
     smoke: bool = False  # tiny sizes and short timing, for the test suite
+    sizes: Optional[List[int]] = None  # explicit sizes instead of the sweep (--size)
     min_run_time: float = 0.3  # seconds of samples per (case, provider) on CPU
     cuda_rep_ms: int = 100  # do_bench's measuring time per (case, provider) on CUDA
 
