@@ -2,11 +2,15 @@
 # `make gpu-check`: the whole CUDA verification in one call on a lent GPU machine (system
 # python3 with torch, no venv, no downloads). Builds for the local GPU with all cores, runs the
 # test suite on CUDA, runs compute-sanitizer (memcheck, racecheck, synccheck) over every CUDA
-# kernel at odd sizes, then the benchmark. Logs go to $OUT (else ./gpu-results); a short
-# summary is printed last. Each stage has a time limit so the whole run fits in 8 minutes.
+# kernel at odd sizes, then the benchmark (which rewrites the GPU section of
+# benchmarks/RESULTS.md). Each stage has a time limit so the whole run fits in 8 minutes.
+# Results go to $OUT (else ./gpu-results), at most 8 files since that is what the device tool
+# brings back: summary.txt, env.log, build.log, tests.log, sanitize.log, bench.md, bench.json,
+# RESULTS.md. The summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${OUT:-$PWD/gpu-results}
+WORK=$(mktemp -d)
 mkdir -p "$RESULTS"
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -22,25 +26,32 @@ stage() {  # stage NAME LIMIT_SECONDS COMMAND...: runs with a time limit, logs, 
   local name=$1 limit=$2; shift 2
   local start=$SECONDS
   echo "=== $name (limit ${limit}s)"
-  timeout --kill-after=10 "$limit" "$@" >"$RESULTS/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" >"$WORK/$name.log" 2>&1
   local rc=$?
-  tail -n 25 "$RESULTS/$name.log"
-  summary+=("$(printf '%-12s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$RESULTS/$name.log" | cut -c1-100)")")
+  tail -n 25 "$WORK/$name.log"
+  summary+=("$(printf '%-10s rc=%-3s %4ss  %s' "$name" "$rc" "$((SECONDS - start))" "$(tail -n 1 "$WORK/$name.log" | cut -c1-110)")")
   return $rc
 }
 
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader; $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'; git rev-parse --short HEAD 2>/dev/null; date -u; } | tee "$RESULTS/env.log"
 
 if stage build 200 env LLAMA_EXT_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace; then
-  grep -E "spill (stores|loads)" "$RESULTS/build.log" | grep -v " 0 bytes spill stores, 0 bytes spill loads" >"$RESULTS/spills.log"
   stage tests 110 $PY -m pytest tests -q -rs -p no:cacheprovider
   stage memcheck 60 compute-sanitizer --tool memcheck --error-exitcode 1 $PY scripts/sanitize_kernels.py
   stage racecheck 45 env SANITIZE_QUICK=1 compute-sanitizer --tool racecheck --error-exitcode 1 $PY scripts/sanitize_kernels.py
   stage synccheck 30 env SANITIZE_QUICK=1 compute-sanitizer --tool synccheck --error-exitcode 1 $PY scripts/sanitize_kernels.py
-  stage bench 90 $PY -m benchmarks --device cuda --out "$RESULTS/bench"
+  stage bench 90 $PY -m benchmarks --device cuda --out "$WORK/bench" --update-results-md --no-progress
 fi
 
-echo
-echo "=== summary ($(cat "$RESULTS/env.log" | head -n 1))"
-printf '%s\n' "${summary[@]}"
-[ -s "$RESULTS/spills.log" ] && echo "register spills:" && cat "$RESULTS/spills.log"
+cp "$WORK/build.log" "$RESULTS/build.log"
+[ -f "$WORK/tests.log" ] && cp "$WORK/tests.log" "$RESULTS/tests.log"
+cat "$WORK"/{memcheck,racecheck,synccheck}.log >"$RESULTS/sanitize.log" 2>/dev/null
+[ -f "$WORK/bench/results-cuda.md" ] && cp "$WORK/bench/results-cuda.md" "$RESULTS/bench.md"
+[ -f "$WORK/bench/results-cuda.json" ] && cp "$WORK/bench/results-cuda.json" "$RESULTS/bench.json"
+cp benchmarks/RESULTS.md "$RESULTS/RESULTS.md"
+{
+  echo "=== summary ($(head -n 1 "$RESULTS/env.log"))"
+  printf '%s\n' "${summary[@]}"
+  spills=$(grep -E "spill (stores|loads)" "$WORK/build.log" | grep -vc " 0 bytes spill stores, 0 bytes spill loads")
+  echo "kernels with register spills: $spills"
+} | tee "$RESULTS/summary.txt"
