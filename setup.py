@@ -68,9 +68,11 @@ def _cpu_vector_flags():
     """at::vec picks its vector width from CPU_CAPABILITY_* macros; without one it falls back
     to scalar loops. pip compiles on the machine that runs the code, so, like torch.compile,
     target the build host: AVX-512 where it has AVX-512 (F/BW/VL/DQ), else AVX2 + FMA + F16C.
-    LLAMA_EXT_CPU_VEC=avx512|avx2|none overrides (e.g. to build for another machine)."""
-    choice = os.environ.get("LLAMA_EXT_CPU_VEC", "auto")
-    if platform.machine() not in ("x86_64", "AMD64") or choice == "none":
+    LLAMA_EXT_CPU_VEC=avx512|avx2|none (or 0) overrides (e.g. to build for another machine)."""
+    choice = os.environ.get("LLAMA_EXT_CPU_VEC", "auto").lower()
+    if choice not in ("auto", "avx512", "avx2", "none", "0"):
+        raise ValueError(f"LLAMA_EXT_CPU_VEC must be auto, avx512, avx2 or none, got {choice!r}")
+    if platform.machine() not in ("x86_64", "AMD64") or choice in ("none", "0"):
         return []
     if choice == "auto":
         flags = _host_cpu_flags()

@@ -292,7 +292,7 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
     acc.addmm_(scores, v_blk);
   }
 
-  at::Tensor lse_block = at::empty({M}, acc.options().dtype(lse_dtype(pb.q.scalar_type())));
+  at::Tensor lse_block = at::empty({M}, acc.options().dtype(stats_dtype(pb.q.scalar_type())));
   auto* lse_ptr = lse_block.mutable_data_ptr<acc_t>();
   for (int64_t r = 0; r < M; ++r) {
     // l == 0 only when the row saw no key: output zeros and lse = 0 (finite) by convention.
@@ -331,9 +331,9 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, causal, scale);
-  const auto lse_opts = q.options().dtype(lse_dtype(q.scalar_type()));
-  pb.out = at::empty(q.sizes(), q.options());
-  pb.lse = at::empty(lse_shape(q, shape), lse_opts);
+  const auto lse_opts = q.options().dtype(stats_dtype(q.scalar_type()));
+  pb.out = new_output(at::empty(q.sizes(), q.options()));
+  pb.lse = new_output(at::empty(lse_shape(q, shape), lse_opts));
   const int64_t G = shape.group(), d = shape.head_dim;
   const int64_t block_q = block_q_for(G);
   const int64_t q_blocks = ceil_div(shape.seq_q, block_q);
@@ -454,8 +454,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
   Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, causal, scale);
   pb.out = out;
   pb.lse = lse;
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
+  at::Tensor dv = new_output(at::empty(v.sizes(), v.options()));
   const int64_t G = shape.group(), d = shape.head_dim;
   const int64_t block_q = block_q_for(G);
   const int64_t key_blocks = ceil_div(shape.seq_k, kBlockK);
@@ -472,7 +472,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), q.sizes().begin(), q.sizes().end());
-    const at::Tensor dq_partial = at::empty(partial_shape, acc_opts);  // every row written by its task
+    const at::Tensor dq_partial = new_output(at::empty(partial_shape, acc_opts));  // every row written by its task
     // D = rowsum(dO * O) in the accumulation dtype, once for all chunks: [.., seq, n_q_heads].
     const at::Tensor delta = grad_out.to(acc_opts.dtype()).mul(out.to(acc_opts.dtype())).sum(-1);
     if (tasks > 0) {

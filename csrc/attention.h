@@ -107,10 +107,6 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   return s;
 }
 
-// lse is float32 (float64 for float64 inputs): [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].
-inline at::ScalarType lse_dtype(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // Checks of the backward's extra tensors, after check_attention_args(q, k, v, ...) gave shape.
 // lse: batched [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].
@@ -128,7 +124,7 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
     check_last_dim_contiguous(t, name);
   }
   check_same_device(lse, "lse", q, "q");
-  TORCH_CHECK_TYPE(lse.scalar_type() == lse_dtype(q.scalar_type()), "lse must be ", lse_dtype(q.scalar_type()),
+  TORCH_CHECK_TYPE(lse.scalar_type() == stats_dtype(q.scalar_type()), "lse must be ", stats_dtype(q.scalar_type()),
                    ", got ", lse.scalar_type());
   const std::vector<int64_t> expected = lse_shape(q, shape);
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected), "lse must have shape ", at::IntArrayRef(expected),

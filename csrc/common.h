@@ -9,6 +9,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+
 namespace llama_ext {
 
 // float32, float16, bfloat16 and float64. CUDA kernels reject float64 before dispatching.
@@ -50,6 +54,23 @@ inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 0 || t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
               " must be contiguous in its last dimension (stride 1), got strides ", t.strides());
+}
+
+// Row statistics (RMSNorm's rstd, attention's lse) are float32, float64 for float64 inputs.
+inline at::ScalarType stats_dtype(at::ScalarType input_dtype) {
+  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Every op allocates its outputs through this. With LLAMA_EXT_POISON_OUTPUTS=1 (the test suite
+// sets it) they start as NaN, so an element a kernel forgets to write fails the comparison
+// with the reference instead of passing by luck with whatever memory held.
+inline at::Tensor new_output(at::Tensor t) {
+  static const bool poison = [] {
+    const char* v = std::getenv("LLAMA_EXT_POISON_OUTPUTS");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  if (poison && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 // True when all leading dims of t collapse into one strided row dimension without a copy.

@@ -121,11 +121,6 @@ void launch_add_rms_norm(const RowsArgs<T>& args, int64_t rows) {
                    [&](int64_t begin, int64_t end) { add_rms_norm_rows<T>(args, begin, end); });
 }
 
-// Shapes of rstd: the leading dims of input.
-at::Tensor empty_rstd(const at::Tensor& input) {
-  return at::empty(input.sizes().slice(0, input.dim() - 1), input.options().dtype(rstd_dtype(input.scalar_type())));
-}
-
 template <typename T>
 const T* optional_ptr(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
@@ -160,37 +155,19 @@ void add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at:
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                                 double eps) {
-  check_rms_norm_args(input, weight, eps);
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  at::Tensor rstd = empty_rstd(input);
-  add_rms_norm_cpu(as_rows(input), at::Tensor(), at::Tensor(), weight, as_rows(out), rstd, eps);
-  return {out, rstd};
+  return rms_norm_forward(add_rms_norm_cpu, input, weight, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& input,
                                                                       const at::Tensor& residual,
                                                                       const std::optional<at::Tensor>& weight,
                                                                       double eps) {
-  check_fused_add_rms_norm_args(input, residual, weight, eps);
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  at::Tensor residual_out = at::empty(input.sizes(), input.options());
-  at::Tensor rstd = empty_rstd(input);
-  add_rms_norm_cpu(as_rows(input), as_rows(residual), as_rows(residual_out), weight, as_rows(out), rstd, eps);
-  return {out, residual_out, rstd};
+  return fused_add_rms_norm_forward(add_rms_norm_cpu, input, residual, weight, eps);
 }
 
 void fused_add_rms_norm_inplace_cpu(const at::Tensor& input, const at::Tensor& residual,
                                     const std::optional<at::Tensor>& weight, double eps) {
-  check_fused_add_rms_norm_args(input, residual, weight, eps);
-  if (rows_collapse(input) && rows_collapse(residual)) {
-    const at::Tensor x = as_rows(input), res = as_rows(residual);
-    add_rms_norm_cpu(x, res, res, weight, x, at::Tensor(), eps);
-    return;
-  }
-  // Leading dims that cannot be viewed as rows: compute out of place, then write back.
-  auto [out, residual_out, rstd] = fused_add_rms_norm_cpu(input, residual, weight, eps);
-  residual.copy_(residual_out);
-  input.copy_(out);
+  fused_add_rms_norm_inplace(add_rms_norm_cpu, input, residual, weight, eps);
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -263,12 +240,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
                                                          const std::optional<at::Tensor>& grad_residual_out,
                                                          bool compute_grad_weight) {
   check_rms_norm_backward_args(grad_out, input, weight, rstd, grad_residual_out);
-  TORCH_CHECK_TYPE(rstd.scalar_type() == rstd_dtype(input.scalar_type()), "rstd must be ",
-                   rstd_dtype(input.scalar_type()), ", got ", rstd.scalar_type());
   const bool want_dweight = compute_grad_weight && weight.has_value();
   const int64_t n = input.size(-1);
-  at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_weight = at::empty({want_dweight ? n : 0}, input.options());
+  at::Tensor grad_input = new_output(at::empty(input.sizes(), input.options()));
+  at::Tensor grad_weight = new_output(at::empty({want_dweight ? n : 0}, input.options()));
   const at::Tensor x = as_rows(input), g = as_rows(grad_out), dx = as_rows(grad_input);
   const at::Tensor rstd_flat = rstd.contiguous();
   const at::Tensor gres = grad_residual_out.has_value() ? as_rows(*grad_residual_out) : at::Tensor();

@@ -1,12 +1,17 @@
 // RMSNorm argument checks, shared by the CPU and CUDA implementations.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty.h>
+
 #include <cmath>
 #include <optional>
+#include <tuple>
 
 #include "common.h"
 
 namespace llama_ext {
+
 
 inline void check_rms_norm_args(const at::Tensor& input, const std::optional<at::Tensor>& weight, double eps) {
   check_floating(input, "input");
@@ -51,6 +56,8 @@ inline void check_rms_norm_backward_args(const at::Tensor& grad_out, const at::T
   TORCH_CHECK_VALUE(rstd.numel() * input.size(-1) == input.numel(), "rstd must hold one value per row of input (",
                     input.numel() / input.size(-1), "), got shape ", rstd.sizes());
   check_same_device(rstd, "rstd", input, "input");
+  TORCH_CHECK_TYPE(rstd.scalar_type() == stats_dtype(input.scalar_type()), "rstd must be ",
+                   stats_dtype(input.scalar_type()), ", got ", rstd.scalar_type());
   if (grad_residual_out.has_value()) {
     check_same_dtype(*grad_residual_out, "grad_residual_out", input, "input");
     check_same_device(*grad_residual_out, "grad_residual_out", input, "input");
@@ -59,9 +66,57 @@ inline void check_rms_norm_backward_args(const at::Tensor& grad_out, const at::T
   }
 }
 
-// rstd is float32 for every input dtype except float64 (gradcheck), where it is float64.
-inline at::ScalarType rstd_dtype(at::ScalarType input_dtype) {
-  return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
+
+// ---- host side shared by both backends --------------------------------------------------------
+// Checks, output allocation, [rows, n] views and the in-place fallback are the same on CPU and
+// CUDA; only the kernel launch differs. A launcher runs one backend's forward kernel on [rows, n]
+// views: residual and residual_out are both defined or both undefined, rstd may be undefined.
+using AddRmsNormLauncher = void (*)(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& residual_out,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& y,
+                                    const at::Tensor& rstd, double eps);
+
+// rstd has the leading dims of input.
+inline at::Tensor new_rstd(const at::Tensor& input) {
+  return new_output(at::empty(input.sizes().slice(0, input.dim() - 1),
+                              input.options().dtype(stats_dtype(input.scalar_type()))));
+}
+
+inline std::tuple<at::Tensor, at::Tensor> rms_norm_forward(AddRmsNormLauncher launch, const at::Tensor& input,
+                                                           const std::optional<at::Tensor>& weight, double eps) {
+  check_rms_norm_args(input, weight, eps);
+  at::Tensor out = new_output(at::empty(input.sizes(), input.options()));
+  at::Tensor rstd = new_rstd(input);
+  launch(as_rows(input), at::Tensor(), at::Tensor(), weight, as_rows(out), rstd, eps);
+  return {out, rstd};
+}
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward(
+    AddRmsNormLauncher launch, const at::Tensor& input, const at::Tensor& residual,
+    const std::optional<at::Tensor>& weight, double eps) {
+  check_fused_add_rms_norm_args(input, residual, weight, eps);
+  at::Tensor out = new_output(at::empty(input.sizes(), input.options()));
+  at::Tensor residual_out = new_output(at::empty(input.sizes(), input.options()));
+  at::Tensor rstd = new_rstd(input);
+  launch(as_rows(input), as_rows(residual), as_rows(residual_out), weight, as_rows(out), rstd, eps);
+  return {out, residual_out, rstd};
+}
+
+inline void fused_add_rms_norm_inplace(AddRmsNormLauncher launch, const at::Tensor& input, const at::Tensor& residual,
+                                       const std::optional<at::Tensor>& weight, double eps) {
+  check_fused_add_rms_norm_args(input, residual, weight, eps);
+  // Written tensors must not alias themselves (expanded views) or each other.
+  at::assert_no_internal_overlap(input);
+  at::assert_no_internal_overlap(residual);
+  at::assert_no_overlap(input, residual);
+  if (rows_collapse(input) && rows_collapse(residual)) {
+    const at::Tensor x = as_rows(input), res = as_rows(residual);
+    launch(x, res, res, weight, x, at::Tensor(), eps);
+    return;
+  }
+  // Leading dims that cannot be viewed as rows: compute out of place, then write back.
+  auto [out, residual_out, rstd] = fused_add_rms_norm_forward(launch, input, residual, weight, eps);
+  residual.copy_(residual_out);
+  input.copy_(out);
 }
 
 }  // namespace llama_ext

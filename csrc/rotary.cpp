@@ -267,21 +267,17 @@ void rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                    const at::Tensor& sin, const std::optional<at::Tensor>& positions,
-                                                    bool interleaved, bool inverse) {
-  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
-  // Outputs keep the inputs' layout (empty_like): HF's transposed views stay transposed.
-  at::Tensor q_out = at::empty_like(q);
-  at::Tensor k_out = at::empty_like(k);
-  rotary_cpu(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, g);
-  return {q_out, k_out};
+std::tuple<at::Tensor, at::Tensor> apply_rotary_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    const std::optional<at::Tensor>& positions, bool interleaved,
+                                                    bool inverse) {
+  return apply_rotary_forward(rotary_cpu, q, k, cos, sin, positions, interleaved, inverse);
 }
 
-void apply_rotary_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                              const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
-  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
-  rotary_cpu(q, k, cos, sin, positions, interleaved, inverse, q, k, g);
+void apply_rotary_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                              const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
+                              bool inverse) {
+  apply_rotary_inplace(rotary_cpu, q, k, cos, sin, positions, interleaved, inverse);
 }
 
 }  // namespace

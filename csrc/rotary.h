@@ -2,7 +2,11 @@
 // implementations.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/empty_like.h>
+
 #include <optional>
+#include <tuple>
 
 #include "common.h"
 
@@ -75,6 +79,37 @@ inline RotaryGeometry check_rotary_args(const at::Tensor& q, const at::Tensor& k
 inline std::pair<int64_t, int64_t> positions_strides(const at::Tensor& positions) {
   return positions.dim() == 1 ? std::pair<int64_t, int64_t>{0, positions.stride(0)}
                               : std::pair<int64_t, int64_t>{positions.stride(0), positions.stride(1)};
+}
+
+// ---- host side shared by both backends --------------------------------------------------------
+// A launcher rotates q and k into q_out and k_out (which may be q and k themselves).
+using RotaryLauncher = void (*)(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
+                                bool inverse, const at::Tensor& q_out, const at::Tensor& k_out,
+                                const RotaryGeometry& g);
+
+inline std::tuple<at::Tensor, at::Tensor> apply_rotary_forward(RotaryLauncher launch, const at::Tensor& q,
+                                                               const at::Tensor& k, const at::Tensor& cos,
+                                                               const at::Tensor& sin,
+                                                               const std::optional<at::Tensor>& positions,
+                                                               bool interleaved, bool inverse) {
+  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
+  // Outputs keep the inputs' layout (empty_like): HF's transposed views stay transposed.
+  at::Tensor q_out = new_output(at::empty_like(q));
+  at::Tensor k_out = new_output(at::empty_like(k));
+  launch(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, g);
+  return {q_out, k_out};
+}
+
+inline void apply_rotary_inplace(RotaryLauncher launch, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& cos, const at::Tensor& sin,
+                                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
+  // Written tensors must not alias themselves (expanded views) or each other.
+  at::assert_no_internal_overlap(q);
+  at::assert_no_internal_overlap(k);
+  at::assert_no_overlap(q, k);
+  launch(q, k, cos, sin, positions, interleaved, inverse, q, k, g);
 }
 
 }  // namespace llama_ext

@@ -164,6 +164,10 @@ class GQAttention(nn.Module):
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        if head_dim is None and hidden_size % num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_heads ({num_heads}), or pass head_dim"
+            )
         self.head_dim = hidden_size // num_heads if head_dim is None else head_dim
         self.scaling = self.head_dim**-0.5
         factory = dict(device=device, dtype=dtype)

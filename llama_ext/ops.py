@@ -11,7 +11,8 @@ from torch import Tensor
 _ops = torch.ops.llama_ext
 
 
-def _rstd_dtype(dtype: torch.dtype) -> torch.dtype:
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Row statistics (RMSNorm's rstd, attention's lse) are float32, float64 for float64 inputs."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -66,14 +67,14 @@ def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Optional[Tensor] = 
 @torch.library.register_fake("llama_ext::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        x.shape[:-1], dtype=_rstd_dtype(x.dtype)
+        x.shape[:-1], dtype=_stats_dtype(x.dtype)
     )
 
 
 @torch.library.register_fake("llama_ext::fused_add_rms_norm")
 def _fused_add_rms_norm_fake(x, residual, weight, eps):
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return out, torch.empty_like(out), x.new_empty(x.shape[:-1], dtype=_rstd_dtype(x.dtype))
+    return out, torch.empty_like(out), x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
 
 
 @torch.library.register_fake("llama_ext::fused_add_rms_norm_")
@@ -277,10 +278,6 @@ def gqa_attention_varlen(
     return (out, lse) if return_lse else out
 
 
-def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake("llama_ext::gqa_attention_forward")
 def _gqa_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -288,7 +285,7 @@ def _gqa_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])
     else:
         lse_shape = (q.shape[1], q.shape[0])
-    return out, q.new_empty(lse_shape, dtype=_lse_dtype(q.dtype))
+    return out, q.new_empty(lse_shape, dtype=_stats_dtype(q.dtype))
 
 
 @torch.library.register_fake("llama_ext::gqa_attention_backward")

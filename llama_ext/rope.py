@@ -161,6 +161,10 @@ def rope_inv_freq(
     rope_type = rope_type_of(rope_scaling)
     scaling = rope_scaling or {}
     base = scaling.get("rope_theta") or base
+    if not base > 0:
+        raise ValueError(f"base (rope_theta) must be > 0, got {base}")
+    if "factor" in scaling and not scaling["factor"] > 0:
+        raise ValueError(f"rope_scaling['factor'] must be > 0, got {scaling['factor']}")
     if rope_type == "default":
         return _default(rotary_dim, base, device), 1.0
     if rope_type == "linear":

@@ -7,6 +7,7 @@ batches on their non-padding positions, greedy generate() token for token, bf16 
 HF's own bf16 error.
 """
 import copy
+import os
 import pathlib
 import subprocess
 import sys
@@ -18,16 +19,15 @@ import llama_ext
 
 from conftest import DEVICES
 
-transformers = pytest.importorskip(
-    "transformers", minversion="5.0", reason="needs transformers >= 5.0 (pip install .[transformers])"
-)
+if os.environ.get("CI") == "true":  # CI installs transformers: a missing one is a failure, not a skip
+    import transformers
+else:
+    transformers = pytest.importorskip(
+        "transformers", minversion="5.0", reason="needs transformers >= 5.0 (pip install .[transformers])"
+    )
 
 from llama_ext.transformers import SUPPORTED_FAMILIES, patch_model  # noqa: E402
 
-_MISSING_OPS = [name for name in ("apply_rotary", "gqa_attention", "gqa_attention_varlen") if not hasattr(llama_ext, name)]
-needs_ops = pytest.mark.skipif(
-    bool(_MISSING_OPS), reason=f"llama_ext has no {', '.join(_MISSING_OPS)} yet (op not merged into this build)"
-)
 
 VOCAB = 96
 LLAMA31_ROPE = {
@@ -41,10 +41,10 @@ LLAMA31_ROPE = {
 
 
 def tiny_config(family, **overrides):
-    """2 layers, hidden 128, 8 query / 2 kv heads of head_dim 16."""
+    """2 layers, hidden 256, 8 query / 2 kv heads of head_dim 32 (the smallest the CUDA kernels take)."""
     common = dict(
         vocab_size=VOCAB,
-        hidden_size=128,
+        hidden_size=256,
         intermediate_size=192,
         num_hidden_layers=2,
         num_attention_heads=8,
@@ -65,7 +65,7 @@ def tiny_config(family, **overrides):
     elif family == "qwen2":
         config = transformers.Qwen2Config(**common)
     elif family == "qwen3":
-        config = transformers.Qwen3Config(**common, head_dim=16)
+        config = transformers.Qwen3Config(**common, head_dim=32)
     else:
         raise AssertionError(family)
     for key, value in overrides.items():
@@ -137,7 +137,6 @@ def test_importing_llama_ext_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[1])
 
 
-@needs_ops
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_patch_replaces_norms_sharing_weights(family):
     hf, _ = build_pair(family, "cpu")
@@ -174,7 +173,6 @@ def test_unsupported_family_raises_naming_the_supported_ones():
 # ---- fp32 parity: logits and gradients ---------------------------------------------------------
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("seq", [1, 13, 64])
@@ -190,7 +188,6 @@ def test_logits_and_grads_match_hf_eager(device, family, seq):
         assert_grads_close(grads, grads_hf, 1e-3)
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -205,7 +202,6 @@ def test_padded_batch_matches_hf_eager(device, family, side):
     assert_grads_close(grads, grads_hf, 1e-3)
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradient_checkpointing_matches_hf_eager(device):
     hf, ours = build_pair("qwen3", device)
@@ -222,7 +218,6 @@ def test_gradient_checkpointing_matches_hf_eager(device):
 # ---- generation ---------------------------------------------------------------------------------
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("padded", [False, True], ids=["batch1", "left_padded"])
@@ -245,7 +240,6 @@ def test_greedy_generate_matches_hf_eager(device, family, padded):
 # ---- bf16 --------------------------------------------------------------------------------------
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_logits_within_bf16_tolerance(device, family):
@@ -258,9 +252,11 @@ def test_bf16_logits_within_bf16_tolerance(device, family):
         logits = ours.eval()(ids).logits
     assert logits.dtype == torch.bfloat16
     logits = logits.float()
-    # A few bf16 roundings through two layers: within 1/32 of the logit range of HF's bf16 logits...
-    assert_rel_close(logits, logits_hf, 2 ** -5, what="bf16 logits vs HF bf16")
-    # ...and no further from the fp32 model than HF's own bf16 computation is (up to 1.5x).
+    # Both bf16 runs round differently through two layers of width 256; elementwise they agree
+    # to 1/16 of the logit range (their worst element; almost all agree to far less)...
+    assert_rel_close(logits, logits_hf, 2 ** -4, what="bf16 logits vs HF bf16")
+    # ...and, the real criterion, llama_ext is no further from the fp32 model than HF's own bf16
+    # computation is (up to 1.5x).
     err, err_hf = (logits - exact).abs().mean(), (logits_hf - exact).abs().mean()
     assert err <= 1.5 * err_hf, f"llama_ext bf16 error {err:.3g} vs HF bf16 error {err_hf:.3g}"
 
@@ -268,7 +264,6 @@ def test_bf16_logits_within_bf16_tolerance(device, family):
 # ---- the registry entry alone ------------------------------------------------------------------
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 def test_attn_implementation_llama_ext_matches_eager(device):
     hf, _ = build_pair("llama", device)
@@ -287,7 +282,6 @@ def test_attn_implementation_llama_ext_matches_eager(device):
 # ---- settings that cannot be served exactly raise --------------------------------------------
 
 
-@needs_ops
 def test_active_sliding_window_raises_inactive_matches():
     hf, ours = build_pair("mistral", "cpu", sliding_window=16)
     short = torch.randint(0, VOCAB, (1, 16))
@@ -297,7 +291,6 @@ def test_active_sliding_window_raises_inactive_matches():
             ours(torch.randint(0, VOCAB, (1, 17)))
 
 
-@needs_ops
 def test_attention_dropout_in_training_raises():
     _, ours = build_pair("llama", "cpu", attention_dropout=0.1)
     ids = torch.randint(0, VOCAB, (1, 8))
@@ -307,14 +300,12 @@ def test_attention_dropout_in_training_raises():
         ours.train()(ids)
 
 
-@needs_ops
 def test_output_attentions_raises():
     _, ours = build_pair("qwen2", "cpu")
     with pytest.raises(ValueError, match="output_attentions"):
         ours(torch.randint(0, VOCAB, (1, 8)), output_attentions=True)
 
 
-@needs_ops
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_packed_sequences_match_hf_eager(device, family):
@@ -330,7 +321,6 @@ def test_packed_sequences_match_hf_eager(device, family):
     assert_grads_close(grads, grads_hf, 1e-3)
 
 
-@needs_ops
 def test_bidirectional_mask_raises():
     _, ours = build_pair("llama", "cpu")
     ours.config.is_causal = False  # transformers then builds a bidirectional mask
@@ -338,14 +328,12 @@ def test_bidirectional_mask_raises():
         ours(torch.randint(0, VOCAB, (1, 8)))
 
 
-@needs_ops
 def test_static_cache_raises():
     _, ours = build_pair("llama", "cpu")
     with pytest.raises(ValueError, match="StaticCache"):
         ours.eval().generate(torch.randint(2, VOCAB, (1, 4)), max_new_tokens=2, cache_implementation="static")
 
 
-@needs_ops
 def test_4d_mask_raises():
     _, ours = build_pair("llama", "cpu")
     mask = torch.zeros(1, 1, 8, 8)

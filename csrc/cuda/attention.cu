@@ -3,7 +3,9 @@
 // with a contiguous last dim) and the choice of kernel:
 //   fp16 / bf16 forward, every supported head_dim  -> tensor cores (attention_fwd.cu)
 //   fp16 / bf16 backward, head_dim <= 128          -> tensor cores (attention_bwd.cu)
-//   float32, and the fp16 / bf16 backward at 256   -> SIMT (attention_simt.cu)
+//   float32, the fp16 / bf16 backward at 256, and
+//   any tensor-core kernel whose shared memory the device lacks (sm_86/89 at D=128)
+//                                                  -> SIMT (attention_simt.cu)
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
@@ -103,8 +105,8 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cuda(const at::Tensor& 
   check_cuda_attention(q, s);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty(lse_shape(q, s), q.options().dtype(at::kFloat));
+  at::Tensor out = new_output(at::empty(q.sizes(), q.options()));
+  at::Tensor lse = new_output(at::empty(lse_shape(q, s), q.options().dtype(at::kFloat)));
   if (s.batch == 0 || s.seq_q == 0) return {out, lse};  // no query rows: nothing to launch
 
   const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
@@ -113,13 +115,13 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cuda(const at::Tensor& 
   p.out_strides = strides_of(out, s.varlen);
   const int batch = static_cast<int>(s.batch);
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(q.scalar_type(), "gqa_attention_forward", [&] {
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      cuda::attention::launch_forward_simt<float>(p, batch, stream);
-    } else {
+    bool launched = false;
+    if constexpr (!std::is_same_v<scalar_t, float>) {
       dispatch_head_dim<32, 64, 80, 96, 128, 256>(s.head_dim, [&](auto d) {
-        cuda::attention::launch_forward_tc<scalar_t, decltype(d)::value>(p, batch, stream);
+        launched = cuda::attention::launch_forward_tc<scalar_t, decltype(d)::value>(p, batch, stream);
       });
     }
+    if (!launched) cuda::attention::launch_forward_simt<scalar_t>(p, batch, stream);
   });
   return {out, lse};
 }
@@ -137,9 +139,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cuda(
   const at::Tensor lse_c = lse.contiguous();
   const at::Tensor& dout = grad_out;  // last dims are contiguous (checked above)
   const at::Tensor& fwd_out = out;
-  at::Tensor dq = at::empty(q.sizes(), q.options());
-  at::Tensor dk = at::empty(k.sizes(), k.options());
-  at::Tensor dv = at::empty(v.sizes(), v.options());
+  at::Tensor dq = new_output(at::empty(q.sizes(), q.options()));
+  at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
+  at::Tensor dv = new_output(at::empty(v.sizes(), v.options()));
   if (s.batch == 0 || k.numel() == 0) {  // no keys: every gradient is 0
     return {dq.zero_(), dk.zero_(), dv.zero_()};
   }
@@ -162,19 +164,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cuda(
   const int n_kv_heads = static_cast<int>(s.n_kv_heads);
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(q.scalar_type(), "gqa_attention_backward", [&] {
     cuda::attention::launch_backward_delta<scalar_t>(p, batch, stream);
-    if (std::is_same_v<scalar_t, float> || s.head_dim > 128) {
-      cuda::attention::launch_backward_simt<scalar_t>(p, batch, n_kv_heads, dq.data_ptr(), stream);
-      return;
-    }
+    bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
-      at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
-      p.dq_accum = dq_accum.data_ptr<float>();
-      dispatch_head_dim<32, 64, 80, 96, 128>(s.head_dim, [&](auto d) {
-        cuda::attention::launch_backward_tc<scalar_t, decltype(d)::value>(p, batch, n_kv_heads, stream);
-      });
-      dq.copy_(dq_accum.mul_(scale));
+      if (s.head_dim <= 128) {
+        // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
+        at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+        p.dq_accum = dq_accum.data_ptr<float>();
+        dispatch_head_dim<32, 64, 80, 96, 128>(s.head_dim, [&](auto d) {
+          launched = cuda::attention::launch_backward_tc<scalar_t, decltype(d)::value>(p, batch, n_kv_heads, stream);
+        });
+        if (launched) dq.copy_(dq_accum.mul_(scale));
+      }
     }
+    if (!launched) cuda::attention::launch_backward_simt<scalar_t>(p, batch, n_kv_heads, dq.data_ptr(), stream);
   });
   return {dq, dk, dv};
 }

@@ -285,15 +285,17 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_ker
 }  // namespace
 
 template <typename T, int D>
-void launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t stream) {
+bool launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t stream) {
   using C = BwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T) + 4 * C::kBlockM * sizeof(float);
+  if (!smem_fits(smem_bytes)) return false;
   auto kernel = attention_backward_tc_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_k, C::kBlockN)), n_kv_heads, batch);
-  if (grid_empty(grid)) return;
+  if (grid_empty(grid)) return true;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 template <typename T>
@@ -305,11 +307,11 @@ void launch_backward_delta(const Params& p, int batch, cudaStream_t stream) {
 }
 
 #define LLAMA_EXT_INSTANTIATE_BWD(T)                                                \
-  template void launch_backward_tc<T, 32>(const Params&, int, int, cudaStream_t);  \
-  template void launch_backward_tc<T, 64>(const Params&, int, int, cudaStream_t);  \
-  template void launch_backward_tc<T, 80>(const Params&, int, int, cudaStream_t);  \
-  template void launch_backward_tc<T, 96>(const Params&, int, int, cudaStream_t);  \
-  template void launch_backward_tc<T, 128>(const Params&, int, int, cudaStream_t);
+  template bool launch_backward_tc<T, 32>(const Params&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 64>(const Params&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 80>(const Params&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 96>(const Params&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 128>(const Params&, int, int, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_BWD(__half)
 LLAMA_EXT_INSTANTIATE_BWD(__nv_bfloat16)
 #undef LLAMA_EXT_INSTANTIATE_BWD

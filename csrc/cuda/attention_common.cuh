@@ -110,6 +110,15 @@ __device__ __forceinline__ bool tile_needs_mask(int q0, int k0, int cols, const 
 // A launch with a zero grid dimension is an error: launchers skip empty work (seq 0, batch 0).
 inline bool grid_empty(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
 
+// Whether the current device can give one CTA `bytes` of dynamic shared memory: 163 KB on
+// sm_80, 227 KB on sm_90, but 99 KB on sm_86/sm_89, where the sm_80 binary also runs.
+inline bool smem_fits(size_t bytes) {
+  int device = 0, max_bytes = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return bytes <= static_cast<size_t>(max_bytes);
+}
+
 // ---- staging [rows, D] tiles into shared memory ----------------------------------------------
 
 // Row pitch of a shared tile: 16 bytes of padding, so the 8 rows one ldmatrix phase reads fall

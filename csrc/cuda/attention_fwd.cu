@@ -210,24 +210,26 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
 }  // namespace
 
 template <typename T, int D>
-void launch_forward_tc(const Params& p, int batch, cudaStream_t stream) {
+bool launch_forward_tc(const Params& p, int batch, cudaStream_t stream) {
   using C = FwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T);
+  if (!smem_fits(smem_bytes)) return false;
   auto kernel = attention_forward_tc_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, batch);
-  if (grid_empty(grid)) return;
+  if (grid_empty(grid)) return true;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 #define LLAMA_EXT_INSTANTIATE_FWD(T)                                          \
-  template void launch_forward_tc<T, 32>(const Params&, int, cudaStream_t);  \
-  template void launch_forward_tc<T, 64>(const Params&, int, cudaStream_t);  \
-  template void launch_forward_tc<T, 80>(const Params&, int, cudaStream_t);  \
-  template void launch_forward_tc<T, 96>(const Params&, int, cudaStream_t);  \
-  template void launch_forward_tc<T, 128>(const Params&, int, cudaStream_t); \
-  template void launch_forward_tc<T, 256>(const Params&, int, cudaStream_t);
+  template bool launch_forward_tc<T, 32>(const Params&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 64>(const Params&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 80>(const Params&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 96>(const Params&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 128>(const Params&, int, cudaStream_t); \
+  template bool launch_forward_tc<T, 256>(const Params&, int, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_FWD(__half)
 LLAMA_EXT_INSTANTIATE_FWD(__nv_bfloat16)
 #undef LLAMA_EXT_INSTANTIATE_FWD

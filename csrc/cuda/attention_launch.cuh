@@ -9,14 +9,17 @@
 
 namespace llama_ext::cuda::attention {
 
-// Tensor cores (T = __half / __nv_bfloat16), D in {32, 64, 80, 96, 128, 256}.
+// Tensor cores (T = __half / __nv_bfloat16), D in {32, 64, 80, 96, 128, 256}. Returns false,
+// launching nothing, when the device lacks the kernel's shared memory (the caller falls back
+// to the SIMT kernels).
 template <typename T, int D>
-void launch_forward_tc(const Params& p, int batch, cudaStream_t stream);
+bool launch_forward_tc(const Params& p, int batch, cudaStream_t stream);
 
 // Tensor cores, D in {32, 64, 80, 96, 128}: dk and dv written, dq accumulated into p.dq_accum
 // (fp32, zeroed by the caller, unscaled: the caller multiplies by p.scale). Needs p.delta.
+// Returns false, launching nothing, when the device lacks the kernel's shared memory.
 template <typename T, int D>
-void launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t stream);
+bool launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t stream);
 
 // delta = rowsum(dout * out) in fp32, lse's layout. T = float / __half / __nv_bfloat16.
 template <typename T>

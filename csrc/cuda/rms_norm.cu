@@ -149,6 +149,7 @@ void launch_fwd(const FwdParams<T>& p, int64_t rows, bool vectorizable, cudaStre
 void add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& residual_out,
                        const std::optional<at::Tensor>& weight, const at::Tensor& y, const at::Tensor& rstd,
                        double eps) {
+  check_cuda_dtype(x, "input");
   const int64_t rows = x.size(0);
   if (rows == 0) return;
   TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "rms_norm: more than 2^31 - 1 rows is not supported");
@@ -182,46 +183,21 @@ void add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual, const at
   });
 }
 
-at::Tensor empty_rstd(const at::Tensor& input) {
-  return at::empty(input.sizes().slice(0, input.dim() - 1), input.options().dtype(at::kFloat));
-}
-
 std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                                  double eps) {
-  check_rms_norm_args(input, weight, eps);
-  check_cuda_dtype(input, "input");
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  at::Tensor rstd = empty_rstd(input);
-  add_rms_norm_cuda(as_rows(input), at::Tensor(), at::Tensor(), weight, as_rows(out), rstd, eps);
-  return {out, rstd};
+  return rms_norm_forward(add_rms_norm_cuda, input, weight, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& input,
                                                                        const at::Tensor& residual,
                                                                        const std::optional<at::Tensor>& weight,
                                                                        double eps) {
-  check_fused_add_rms_norm_args(input, residual, weight, eps);
-  check_cuda_dtype(input, "input");
-  at::Tensor out = at::empty(input.sizes(), input.options());
-  at::Tensor residual_out = at::empty(input.sizes(), input.options());
-  at::Tensor rstd = empty_rstd(input);
-  add_rms_norm_cuda(as_rows(input), as_rows(residual), as_rows(residual_out), weight, as_rows(out), rstd, eps);
-  return {out, residual_out, rstd};
+  return fused_add_rms_norm_forward(add_rms_norm_cuda, input, residual, weight, eps);
 }
 
 void fused_add_rms_norm_inplace_cuda(const at::Tensor& input, const at::Tensor& residual,
                                      const std::optional<at::Tensor>& weight, double eps) {
-  check_fused_add_rms_norm_args(input, residual, weight, eps);
-  check_cuda_dtype(input, "input");
-  if (rows_collapse(input) && rows_collapse(residual)) {
-    const at::Tensor x = as_rows(input), res = as_rows(residual);
-    add_rms_norm_cuda(x, res, res, weight, x, at::Tensor(), eps);
-    return;
-  }
-  // Leading dims that cannot be viewed as rows: compute out of place, then write back.
-  auto [out, residual_out, rstd] = fused_add_rms_norm_cuda(input, residual, weight, eps);
-  residual.copy_(residual_out);
-  input.copy_(out);
+  fused_add_rms_norm_inplace(add_rms_norm_cuda, input, residual, weight, eps);
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -366,11 +342,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
                                                           bool compute_grad_weight) {
   check_rms_norm_backward_args(grad_out, input, weight, rstd, grad_residual_out);
   check_cuda_dtype(input, "input");
-  TORCH_CHECK_TYPE(rstd.scalar_type() == at::kFloat, "rstd must be float32, got ", rstd.scalar_type());
   const bool want_dweight = compute_grad_weight && weight.has_value();
   const int64_t n = input.size(-1);
-  at::Tensor grad_input = at::empty(input.sizes(), input.options());
-  at::Tensor grad_weight = at::empty({want_dweight ? n : 0}, input.options());
+  at::Tensor grad_input = new_output(at::empty(input.sizes(), input.options()));
+  at::Tensor grad_weight = new_output(at::empty({want_dweight ? n : 0}, input.options()));
   const at::Tensor x = as_rows(input), g = as_rows(grad_out), dx = as_rows(grad_input);
   const at::Tensor rstd_flat = rstd.contiguous();
   const at::Tensor gres = grad_residual_out.has_value() ? as_rows(*grad_residual_out) : at::Tensor();

@@ -211,7 +211,7 @@ void launch(const RotaryParams<T>& base, cudaStream_t stream) {
   const int max_by = std::max(1, 512 / bx);
   const int rounds = static_cast<int>(ceil_div(heads, max_by));
   const int by = static_cast<int>(ceil_div(heads, rounds));
-  const int bz = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(p.tokens, 128 / (bx * by))));
+  const int bz = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({p.tokens, 128 / (bx * by), 64})));  // blockDim.z <= 64
   const dim3 block(bx, by, bz);
   const int64_t blocks = ceil_div(p.tokens, bz);
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), "apply_rotary: too many tokens (", p.tokens, ")");
@@ -264,22 +264,17 @@ void rotary_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_rotary_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                                                     const at::Tensor& sin,
-                                                     const std::optional<at::Tensor>& positions, bool interleaved,
-                                                     bool inverse) {
-  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
-  // Outputs keep the inputs' layout (empty_like): HF's transposed views stay transposed.
-  at::Tensor q_out = at::empty_like(q);
-  at::Tensor k_out = at::empty_like(k);
-  rotary_cuda(q, k, cos, sin, positions, interleaved, inverse, q_out, k_out, g);
-  return {q_out, k_out};
+std::tuple<at::Tensor, at::Tensor> apply_rotary_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                    const at::Tensor& cos, const at::Tensor& sin,
+                                                    const std::optional<at::Tensor>& positions, bool interleaved,
+                                                    bool inverse) {
+  return apply_rotary_forward(rotary_cuda, q, k, cos, sin, positions, interleaved, inverse);
 }
 
-void apply_rotary_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
-                               const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
-  const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
-  rotary_cuda(q, k, cos, sin, positions, interleaved, inverse, q, k, g);
+void apply_rotary_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                              const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
+                              bool inverse) {
+  apply_rotary_inplace(rotary_cuda, q, k, cos, sin, positions, interleaved, inverse);
 }
 
 }  // namespace
