@@ -153,23 +153,6 @@ void add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at:
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_cpu(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                                double eps) {
-  return rms_norm_forward(add_rms_norm_cpu, input, weight, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_cpu(const at::Tensor& input,
-                                                                      const at::Tensor& residual,
-                                                                      const std::optional<at::Tensor>& weight,
-                                                                      double eps) {
-  return fused_add_rms_norm_forward(add_rms_norm_cpu, input, residual, weight, eps);
-}
-
-void fused_add_rms_norm_inplace_cpu(const at::Tensor& input, const at::Tensor& residual,
-                                    const std::optional<at::Tensor>& weight, double eps) {
-  fused_add_rms_norm_inplace(add_rms_norm_cpu, input, residual, weight, eps);
-}
-
 // ---- backward -------------------------------------------------------------------------------
 
 // A fixed number of row chunks (not the thread count) keeps the dweight sum order, and so its
@@ -299,9 +282,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
-  m.impl("rms_norm", &rms_norm_cpu);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cpu);
-  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_inplace_cpu);
+  m.impl("rms_norm", &rms_norm_forward<add_rms_norm_cpu>);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_forward<add_rms_norm_cpu>);
+  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_inplace<add_rms_norm_cpu>);
   m.impl("rms_norm_backward", &rms_norm_backward_cpu);
 }
 

@@ -81,8 +81,11 @@ inline at::Tensor new_rstd(const at::Tensor& input) {
                               input.options().dtype(stats_dtype(input.scalar_type()))));
 }
 
-inline std::tuple<at::Tensor, at::Tensor> rms_norm_forward(AddRmsNormLauncher launch, const at::Tensor& input,
-                                                           const std::optional<at::Tensor>& weight, double eps) {
+// The op implementations: each backend registers these with its launcher, e.g.
+// m.impl("rms_norm", &rms_norm_forward<add_rms_norm_cpu>).
+template <AddRmsNormLauncher launch>
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward(const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                                    double eps) {
   check_rms_norm_args(input, weight, eps);
   at::Tensor out = new_output(at::empty(input.sizes(), input.options()));
   at::Tensor rstd = new_rstd(input);
@@ -90,9 +93,11 @@ inline std::tuple<at::Tensor, at::Tensor> rms_norm_forward(AddRmsNormLauncher la
   return {out, rstd};
 }
 
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward(
-    AddRmsNormLauncher launch, const at::Tensor& input, const at::Tensor& residual,
-    const std::optional<at::Tensor>& weight, double eps) {
+template <AddRmsNormLauncher launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward(const at::Tensor& input,
+                                                                          const at::Tensor& residual,
+                                                                          const std::optional<at::Tensor>& weight,
+                                                                          double eps) {
   check_fused_add_rms_norm_args(input, residual, weight, eps);
   at::Tensor out = new_output(at::empty(input.sizes(), input.options()));
   at::Tensor residual_out = new_output(at::empty(input.sizes(), input.options()));
@@ -101,8 +106,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward
   return {out, residual_out, rstd};
 }
 
-inline void fused_add_rms_norm_inplace(AddRmsNormLauncher launch, const at::Tensor& input, const at::Tensor& residual,
-                                       const std::optional<at::Tensor>& weight, double eps) {
+template <AddRmsNormLauncher launch>
+void fused_add_rms_norm_inplace(const at::Tensor& input, const at::Tensor& residual,
+                                const std::optional<at::Tensor>& weight, double eps) {
   check_fused_add_rms_norm_args(input, residual, weight, eps);
   // Written tensors must not alias themselves (expanded views) or each other.
   at::assert_no_internal_overlap(input);
@@ -114,7 +120,7 @@ inline void fused_add_rms_norm_inplace(AddRmsNormLauncher launch, const at::Tens
     return;
   }
   // Leading dims that cannot be viewed as rows: compute out of place, then write back.
-  auto [out, residual_out, rstd] = fused_add_rms_norm_forward(launch, input, residual, weight, eps);
+  auto [out, residual_out, rstd] = fused_add_rms_norm_forward<launch>(input, residual, weight, eps);
   residual.copy_(residual_out);
   input.copy_(out);
 }

@@ -267,24 +267,11 @@ void rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_rotary_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                    const at::Tensor& cos, const at::Tensor& sin,
-                                                    const std::optional<at::Tensor>& positions, bool interleaved,
-                                                    bool inverse) {
-  return apply_rotary_forward(rotary_cpu, q, k, cos, sin, positions, interleaved, inverse);
-}
-
-void apply_rotary_inplace_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                              const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
-                              bool inverse) {
-  apply_rotary_inplace(rotary_cpu, q, k, cos, sin, positions, interleaved, inverse);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
-  m.impl("apply_rotary", &apply_rotary_cpu);
-  m.impl("apply_rotary_", &apply_rotary_inplace_cpu);
+  m.impl("apply_rotary", &apply_rotary_forward<rotary_cpu>);
+  m.impl("apply_rotary_", &apply_rotary_inplace<rotary_cpu>);
 }
 
 }  // namespace llama_ext

@@ -88,11 +88,13 @@ using RotaryLauncher = void (*)(const at::Tensor& q, const at::Tensor& k, const 
                                 bool inverse, const at::Tensor& q_out, const at::Tensor& k_out,
                                 const RotaryGeometry& g);
 
-inline std::tuple<at::Tensor, at::Tensor> apply_rotary_forward(RotaryLauncher launch, const at::Tensor& q,
-                                                               const at::Tensor& k, const at::Tensor& cos,
-                                                               const at::Tensor& sin,
-                                                               const std::optional<at::Tensor>& positions,
-                                                               bool interleaved, bool inverse) {
+// The op implementations: each backend registers these with its launcher, e.g.
+// m.impl("apply_rotary", &apply_rotary_forward<rotary_cpu>).
+template <RotaryLauncher launch>
+std::tuple<at::Tensor, at::Tensor> apply_rotary_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                                        const at::Tensor& sin,
+                                                        const std::optional<at::Tensor>& positions, bool interleaved,
+                                                        bool inverse) {
   const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
   // Outputs keep the inputs' layout (empty_like): HF's transposed views stay transposed.
   at::Tensor q_out = new_output(at::empty_like(q));
@@ -101,9 +103,9 @@ inline std::tuple<at::Tensor, at::Tensor> apply_rotary_forward(RotaryLauncher la
   return {q_out, k_out};
 }
 
-inline void apply_rotary_inplace(RotaryLauncher launch, const at::Tensor& q, const at::Tensor& k,
-                                 const at::Tensor& cos, const at::Tensor& sin,
-                                 const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
+template <RotaryLauncher launch>
+void apply_rotary_inplace(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin,
+                          const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
   const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
   // Written tensors must not alias themselves (expanded views) or each other.
   at::assert_no_internal_overlap(q);

@@ -183,23 +183,6 @@ void add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual, const at
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_cuda(const at::Tensor& input, const std::optional<at::Tensor>& weight,
-                                                 double eps) {
-  return rms_norm_forward(add_rms_norm_cuda, input, weight, eps);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_cuda(const at::Tensor& input,
-                                                                       const at::Tensor& residual,
-                                                                       const std::optional<at::Tensor>& weight,
-                                                                       double eps) {
-  return fused_add_rms_norm_forward(add_rms_norm_cuda, input, residual, weight, eps);
-}
-
-void fused_add_rms_norm_inplace_cuda(const at::Tensor& input, const at::Tensor& residual,
-                                     const std::optional<at::Tensor>& weight, double eps) {
-  fused_add_rms_norm_inplace(add_rms_norm_cuda, input, residual, weight, eps);
-}
-
 // ---- backward -------------------------------------------------------------------------------
 
 template <typename T>
@@ -412,9 +395,9 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CUDA, m) {
-  m.impl("rms_norm", &rms_norm_cuda);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm_cuda);
-  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_inplace_cuda);
+  m.impl("rms_norm", &rms_norm_forward<add_rms_norm_cuda>);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_forward<add_rms_norm_cuda>);
+  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_inplace<add_rms_norm_cuda>);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
 }
 

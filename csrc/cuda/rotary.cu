@@ -264,24 +264,11 @@ void rotary_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> apply_rotary_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                    const at::Tensor& cos, const at::Tensor& sin,
-                                                    const std::optional<at::Tensor>& positions, bool interleaved,
-                                                    bool inverse) {
-  return apply_rotary_forward(rotary_cuda, q, k, cos, sin, positions, interleaved, inverse);
-}
-
-void apply_rotary_inplace_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
-                              const at::Tensor& sin, const std::optional<at::Tensor>& positions, bool interleaved,
-                              bool inverse) {
-  apply_rotary_inplace(rotary_cuda, q, k, cos, sin, positions, interleaved, inverse);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CUDA, m) {
-  m.impl("apply_rotary", &apply_rotary_cuda);
-  m.impl("apply_rotary_", &apply_rotary_inplace_cuda);
+  m.impl("apply_rotary", &apply_rotary_forward<rotary_cuda>);
+  m.impl("apply_rotary_", &apply_rotary_inplace<rotary_cuda>);
 }
 
 }  // namespace llama_ext::cuda
