@@ -293,7 +293,7 @@ def test_gradcheck_varlen_float64():
 def test_opcheck(device, dtype):
     q, k, v = qkv(2, 9, 13, 4, 2, 32, device, dtype)
     for t in (q, k, v):
-        t.requires_grad_(dtype != torch.float16 or device != "cpu")
+        t.requires_grad_()
     fwd = torch.ops.llama_ext.gqa_attention_forward
     for causal in (True, False):
         opcheck(fwd, (q, k, v, None, None, 0, 0, causal, 0.3))
@@ -306,14 +306,15 @@ def test_opcheck(device, dtype):
     opcheck(fwd, (qv, kv, vv, cu_q, cu_k, 9, 9, True, 0.3))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: the real compiler, with codegen
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(device, backend):
     def step(q, k, v, cu_q, cu_k):
         batched = llama_ext.gqa_attention(q * 2.0, k, v)
         packed = llama_ext.gqa_attention_varlen(q[0], k[0], v[0], cu_q, cu_k, 6, 10, causal=False)
         return batched.sum() + packed.sum()
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
     q, k, v = (t.requires_grad_() for t in qkv(1, 10, 10, 4, 2, 32, device, torch.float32))
     cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
     out = compiled(q, k, v, cu, cu)

@@ -466,14 +466,21 @@ def _tile_rows(base, rows):
     return base.repeat(reps, 1)[:rows]
 
 
-@pytest.mark.slow
-def test_rms_norm_more_than_2_pow_31_elements_cpu():
+# CPU: in CI (marked slow, well under a minute). CUDA: in `make gpu-check`.
+HUGE_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.slow),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+]
+
+
+@pytest.mark.parametrize("device", HUGE_DEVICES)
+def test_rms_norm_more_than_2_pow_31_elements(device):
     hidden = 4096
     rows = 2**31 // hidden + 64  # 2^31 + 262144 elements, 4.3 GB in bf16
-    base = torch.randn(64, hidden).to(torch.bfloat16)
+    base = torch.randn(64, hidden).to(device=device, dtype=torch.bfloat16)
     x = _tile_rows(base, rows)
     assert x.numel() > 2**31
-    w = torch.randn(hidden).to(torch.bfloat16)
+    w = torch.randn(hidden).to(device=device, dtype=torch.bfloat16)
     y = llama_ext.rms_norm(x, w)
     expected = llama_ext.rms_norm(base, w)
     # The rows past element 2^31 must equal the same rows computed in a small tensor.
@@ -482,22 +489,22 @@ def test_rms_norm_more_than_2_pow_31_elements_cpu():
     del x, y
 
 
-@pytest.mark.slow
-def test_apply_rotary_more_than_2_pow_31_elements_cpu():
+@pytest.mark.parametrize("device", HUGE_DEVICES)
+def test_apply_rotary_more_than_2_pow_31_elements(device):
     """q with 2^31 + 2^18 elements (4.3 GB in bf16): the last tokens, whose offsets pass 2^31,
     must equal the same tokens rotated in a small tensor."""
     heads, head_dim = 32, 128
     seq = 2**31 // (heads * head_dim) + 64
-    base = torch.randn(64, heads * head_dim).to(torch.bfloat16)
+    base = torch.randn(64, heads * head_dim).to(device=device, dtype=torch.bfloat16)
     q = _tile_rows(base, seq).view(1, seq, heads, head_dim)
     k = q[:, :, :1].clone()
     assert q.numel() > 2**31
-    cos, sin = llama_ext.rope_cos_sin(head_dim, 64)
-    positions = torch.arange(seq) % 64
+    cos, sin = llama_ext.rope_cos_sin(head_dim, 64, device=device)
+    positions = torch.arange(seq, device=device) % 64
     llama_ext.apply_rotary_(q, k, cos, sin, positions)
     small = base.view(64, 1, heads, head_dim).transpose(0, 1).contiguous()  # [1, 64, h, d]
     small_k = small[:, :, :1].clone()
-    llama_ext.apply_rotary_(small, small_k, cos, sin, torch.arange(64))
+    llama_ext.apply_rotary_(small, small_k, cos, sin, torch.arange(64, device=device))
     tail = slice(seq - 64, seq)
     first = (seq - 64) % 64
     expected = torch.cat([small[:, first:], small[:, :first]], dim=1)

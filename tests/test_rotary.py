@@ -250,22 +250,22 @@ def test_opcheck(device, dtype):
     q, k = qk(2, 3, (3, 1), 16, device, dtype)
     cos, sin = tables(12, device)
     positions = random_positions(2, 3, device, torch.int32)
-    needs_grad = dtype != torch.float16 or device != "cpu"
-    args = (q.requires_grad_(needs_grad), k.requires_grad_(needs_grad), cos, sin)
+    args = (q.requires_grad_(), k.requires_grad_(), cos, sin)
     opcheck(torch.ops.llama_ext.apply_rotary, args + (positions, False, False))
     opcheck(torch.ops.llama_ext.apply_rotary, args + (None, True, True))
     opcheck(torch.ops.llama_ext.apply_rotary_, (q.detach().clone(), k.detach().clone(), cos, sin, positions, False, False))
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: the real compiler, with codegen
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+def test_torch_compile_fullgraph(device, backend):
     rope = llama_ext.RotaryEmbedding(64, max_position_embeddings=128).to(device)
 
     def attention_inputs(q, k, positions):
         q2, k2 = rope(q * 2.0, k, positions)
         return q2.sum(-1) + k2.sum(-1).mean(-1, keepdim=True)
 
-    compiled = torch.compile(attention_inputs, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(attention_inputs, fullgraph=True, backend=backend)
     q, k = qk(2, 5, (4, 2), 64, device, torch.float32)
     q.requires_grad_()
     positions = random_positions(2, 5, device, max_position=128)
