@@ -6,12 +6,12 @@ import torch
 from torch.library import opcheck
 
 import llama_ext
-from llama_ext.reference import (
-    gptj_rotary_reference,
-    hf_apply_rotary_pos_emb,
-    hf_cos_sin,
-    rotary_reference,
-)
+from llama_ext.reference import gptj_rotary_reference, hf_cos_sin, rotary_reference
+
+try:  # the external reference: transformers' own code; the project's copy only without it
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_apply_rotary_pos_emb
+except ImportError:
+    from llama_ext.reference import hf_apply_rotary_pos_emb
 
 from conftest import CUDA_DTYPES, DEVICES, assert_close, device_dtype_params
 
