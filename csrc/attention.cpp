@@ -29,19 +29,25 @@
 // order afterwards. The number of chunks depends only on the shapes, so results are
 // bit-identical for any thread count (deterministic).
 //
-// Precision: products and softmax run in fp32 (fp64 for fp64 input). bf16/fp16 blocks are
-// widened to fp32 once per block (a block of K/V is reused by G*rows query rows) and the
-// products go through ATen's fp32 BLAS (MKL/oneDNN): reduced-precision inputs are exact in
-// fp32, so the products are exactly the fp32-accumulated ones. out and the gradients are
-// rounded once to the input dtype.
+// Tile products come from a policy (see "tile products" below), so the loops above are
+// written once:
+//  - bf16 on hosts with AVX512-BF16: bf16 tiles stay bf16 and multiply on VDPBF16PS
+//    (bf16_dot.h), which runs at twice the fp32 FMA rate. As FlashAttention does on GPUs, the
+//    probabilities P (forward) and P, dS (backward) are rounded to bf16 to enter the second
+//    product; scores, softmax statistics and all accumulators are fp32.
+//  - everything else (fp32, fp64, fp16, and bf16 without AVX512-BF16): blocks are widened to
+//    the op-math type once per block (a K/V block serves G*rows query rows) and multiplied by
+//    ATen's BLAS; reduced-precision inputs are exact in fp32, so these products are exactly the
+//    fp32-accumulated ones.
+// out and the gradients are rounded once to the input dtype; lse stays fp32 (fp64 for fp64).
 //
 // FLOPs: forward 4 b seq_q seq_k n_q_heads d (half of it under causal); backward 2.5x that
 // (5 products instead of 2). Bytes: q, out read/written once; each K/V block is read once per
 // query block of each group (G times fewer than with repeated K/V) and stays in L2 while the
-// group's rows use it; the score tile ([256, 128] fp32 = 128 KB) stays in L2. The BLAS products
-// run at the machine's fp32 matmul rate, and the elementwise softmax (exp per score) is
-// vectorized with at::vec; that is what makes this faster than an unfused composite that
-// writes and reads [seq_q, seq_k] scores several times.
+// group's rows use it; the score tile ([256, 128] fp32 = 128 KB) stays in L2. Why it is fast:
+// the products run at the machine's matmul rate for the dtype, the elementwise softmax (one
+// exp per score) is vectorized with at::vec, and no [seq_q, seq_k] tensor is ever written and
+// read back, as an unfused composite does several times.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/addmm.h>
@@ -53,9 +59,11 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "attention.h"
+#include "bf16_dot.h"
 #include "cpu_vec.h"
 
 namespace llama_ext {
@@ -118,28 +126,34 @@ at::Tensor group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t
   return seq.narrow(0, row0, rows).narrow(1, kvh * group, group).transpose(0, 1);
 }
 
-// Row copies between strided T rows and packed acc_t rows, converting with at::vec (cheaper
-// than a TensorIterator copy_ for the small blocks here, which run once per tile).
-template <typename T>
-void load_rows(const T* src, int64_t src_stride, at::opmath_type<T>* dst, int64_t rows, int64_t d) {
-  using IO = cpu::VecIO<T>;
-  constexpr int64_t W = IO::kWidth;
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* in = src + r * src_stride;
-    at::opmath_type<T>* out = dst + r * d;
-    int64_t c = 0;
-    for (; c + W <= d; c += W) IO::load(in + c).store(out + c);
-    if (c < d) IO::load_partial(in + c, d - c).store(out + c, d - c);
+// Row copies between strided T rows and packed rows of U (T, or its op-math type), converting
+// with at::vec (cheaper than a TensorIterator copy_ for the small blocks here, which run once
+// per tile).
+template <typename T, typename U>
+void load_rows(const T* src, int64_t src_stride, U* dst, int64_t rows, int64_t d) {
+  if constexpr (std::is_same_v<T, U>) {
+    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * src_stride, src + r * src_stride + d, dst + r * d);
+  } else {
+    using IO = cpu::VecIO<T>;
+    constexpr int64_t W = IO::kWidth;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* in = src + r * src_stride;
+      U* out = dst + r * d;
+      int64_t c = 0;
+      for (; c + W <= d; c += W) IO::load(in + c).store(out + c);
+      if (c < d) IO::load_partial(in + c, d - c).store(out + c, d - c);
+    }
   }
 }
 
 template <typename T>
-void store_rows(const at::opmath_type<T>* src, T* dst, int64_t dst_stride, int64_t rows, int64_t d) {
+void store_rows(const at::opmath_type<T>* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows,
+                int64_t d) {
   using IO = cpu::VecIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
   for (int64_t r = 0; r < rows; ++r) {
-    const at::opmath_type<T>* in = src + r * d;
+    const at::opmath_type<T>* in = src + r * src_stride;
     T* out = dst + r * dst_stride;
     int64_t c = 0;
     for (; c + W <= d; c += W) IO::store(out + c, Vec::loadu(in + c));
@@ -147,25 +161,26 @@ void store_rows(const at::opmath_type<T>* src, T* dst, int64_t dst_stride, int64
   }
 }
 
-// Packs group_rows(seq, ...) into a contiguous [G * rows, d] acc_t matrix (head-major).
-template <typename T>
-void pack_group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0, int64_t rows,
-                     at::opmath_type<T>* dst) {
+// Packs group_rows(seq, ...) into a contiguous [G * rows, d] matrix of U (head-major).
+template <typename T, typename U>
+void pack_group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0, int64_t rows, U* dst) {
   const int64_t d = seq.size(2);
   const T* base = seq.const_data_ptr<T>() + row0 * seq.stride(0);
   for (int64_t g = 0; g < group; ++g) {
-    load_rows<T>(base + (kvh * group + g) * seq.stride(1), seq.stride(0), dst + g * rows * d, rows, d);
+    load_rows<T, U>(base + (kvh * group + g) * seq.stride(1), seq.stride(0), dst + g * rows * d, rows, d);
   }
 }
 
-// The inverse of pack_group_rows: writes [G * rows, d] acc_t rows into seq, rounding to T.
+// The inverse of pack_group_rows: writes [G * rows, d] acc_t rows (row stride src_stride) into
+// seq, rounding to T.
 template <typename T>
-void unpack_group_rows(const at::opmath_type<T>* src, const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0,
-                       int64_t rows) {
+void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const at::Tensor& seq, int64_t kvh,
+                       int64_t group, int64_t row0, int64_t rows) {
   const int64_t d = seq.size(2);
   T* base = seq.mutable_data_ptr<T>() + row0 * seq.stride(0);
   for (int64_t g = 0; g < group; ++g) {
-    store_rows<T>(src + g * rows * d, base + (kvh * group + g) * seq.stride(1), seq.stride(0), rows, d);
+    store_rows<T>(src + g * rows * src_stride, src_stride, base + (kvh * group + g) * seq.stride(1), seq.stride(0),
+                  rows, d);
   }
 }
 
@@ -196,17 +211,244 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t valid, acc_t sca
   std::fill(dp + valid, dp + n, acc_t(0));
 }
 
+// ---- tile products ----------------------------------------------------------------------------
+//
+// The two policies of the file comment, BlasTiles<T> and Bf16DotTiles, with one interface:
+// load the query-side rows of a block, S (and dP) for a key block, then accumulate P V (or
+// the three gradient products). A policy's score tiles are fp32 rows of stride
+// score_stride(n) >= n; columns past n hold scores of zero-padded keys and are masked like any
+// key the row cannot see. The softmax writes probabilities through probs(row, n), in place
+// over the scores or into the policy's bf16 tile.
+
+template <typename T>
+struct BlasTiles {
+  using acc_t = at::opmath_type<T>;
+  using prob_t = acc_t;  // the softmax writes P over the scores, in place
+  static constexpr bool kWiden = !std::is_same_v<T, acc_t>;
+
+  int64_t d, M = 0;
+  at::Tensor q, dout;        // [max_rows, d] packed query-side rows
+  at::Tensor s, dp;          // [max_rows * kBlockK] score / probability and dP / dS tiles
+  at::Tensor acc, dq;        // [max_rows, d] output / dq accumulators
+  at::Tensor k_blk, v_blk;   // forward: the current [n, d] block (widened into k_buf/v_buf)
+  at::Tensor k_buf, v_buf;   // [kBlockK, d]
+  at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], widened once per chunk
+
+  BlasTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts) : d(head_dim) {
+    q = at::empty({max_rows, d}, acc_opts);
+    dout = at::empty({max_rows, d}, acc_opts);
+    s = at::empty({max_rows * kBlockK}, acc_opts);
+    dp = at::empty({max_rows * kBlockK}, acc_opts);
+    acc = at::empty({max_rows, d}, acc_opts);
+    dq = at::empty({max_rows, d}, acc_opts);
+    if constexpr (kWiden) {
+      k_buf = at::empty({kBlockK, d}, acc_opts);
+      v_buf = at::empty({kBlockK, d}, acc_opts);
+    }
+  }
+  int64_t score_stride(int64_t n) const { return n; }
+  int64_t acc_stride() const { return d; }
+  acc_t* scores() { return s.mutable_data_ptr<acc_t>(); }
+  acc_t* grad_scores() { return dp.mutable_data_ptr<acc_t>(); }
+  prob_t* probs(int64_t row, int64_t n) { return scores() + row * n; }
+  at::Tensor tile(const at::Tensor& buf, int64_t n) { return buf.narrow(0, 0, M * n).view({M, n}); }
+
+  void load_queries(const at::Tensor& q_seq, int64_t kvh, int64_t G, int64_t q0, int64_t rows) {
+    M = G * rows;
+    pack_group_rows<T, acc_t>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<acc_t>());
+  }
+  at::Tensor staged(const at::Tensor& blk, const at::Tensor& buf) {
+    if constexpr (kWiden) {
+      load_rows<T, acc_t>(blk.const_data_ptr<T>(), blk.stride(0), buf.mutable_data_ptr<acc_t>(), blk.size(0), d);
+      return buf.narrow(0, 0, blk.size(0));
+    }
+    return blk;
+  }
+
+  // Forward: S = Q K_blk^T for keys [k0, k0 + n) of the [len_k, d] views.
+  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
+    k_blk = staged(k_seq.narrow(0, k0, n), k_buf);
+    v_blk = staged(v_seq.narrow(0, k0, n), v_buf);
+    at::Tensor out = tile(s, n);
+    at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
+  }
+  void accumulate_values(int64_t n) { acc.narrow(0, 0, M).addmm_(tile(s, n), v_blk); }
+
+  // Backward.
+  void load_key_chunk(const at::Tensor& k_rows, const at::Tensor& v_rows) {
+    k_chunk = k_rows.to(q.scalar_type());
+    v_chunk = v_rows.to(q.scalar_type());
+    dk = at::zeros(k_chunk.sizes(), q.options());
+    dv = at::zeros(v_chunk.sizes(), q.options());
+  }
+  void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
+                        int64_t rows) {
+    load_queries(q_seq, kvh, G, q0, rows);
+    pack_group_rows<T, acc_t>(dout_seq, kvh, G, q0, rows, dout.mutable_data_ptr<acc_t>());
+  }
+  // S = Q K^T and dP = dO V^T for chunk keys [k0, k0 + n).
+  void backward_scores(int64_t k0, int64_t n) {
+    at::Tensor s_tile = tile(s, n), dp_tile = tile(dp, n);
+    at::mm_out(s_tile, q.narrow(0, 0, M), k_chunk.narrow(0, k0, n).t());
+    at::mm_out(dp_tile, dout.narrow(0, 0, M), v_chunk.narrow(0, k0, n).t());
+  }
+  // dV += P^T dO, dK += dS^T Q, dQ += dS K (the softmax scale is applied by the caller).
+  void accumulate_grads(int64_t k0, int64_t n) {
+    const at::Tensor p_tile = tile(s, n), ds_tile = tile(dp, n);
+    dv.narrow(0, k0, n).addmm_(p_tile.t(), dout.narrow(0, 0, M));
+    dk.narrow(0, k0, n).addmm_(ds_tile.t(), q.narrow(0, 0, M));
+    dq.narrow(0, 0, M).addmm_(ds_tile, k_chunk.narrow(0, k0, n));
+  }
+};
+
+#if defined(LLAMA_EXT_BF16_DOT)
+struct Bf16DotTiles {
+  using acc_t = float;
+  using prob_t = at::BFloat16;  // the softmax rounds P to bf16 for the P V product
+  using bf16 = at::BFloat16;
+  static constexpr int64_t kLanes = cpu::bf16_dot::kLanes;
+
+  int64_t d, d_pad, M = 0;
+  // Query side: row-major [max_rows, d] (A of Q K^T, dO V^T) and row pairs
+  // [max_rows / 2][d_pad][2] (B of P^T dO, dS^T Q).
+  std::vector<bf16> q, dout, q_pairs, dout_pairs;
+  std::vector<float> s, dp;                  // [max_rows, kBlockK] fp32 score and dP / dS tiles
+  std::vector<bf16> p, p_pairs, ds, ds_pairs;  // bf16 P and dS, row-major and row pairs
+  at::Tensor acc, dq;                        // [max_rows, d_pad] fp32
+  // Key side, per block of kBlockK keys: K^T and V^T packed [d/2][kBlockK][2] (B of Q K^T and
+  // dO V^T), V and K packed [kBlockK/2][d_pad][2] (B of P V and dS K).
+  std::vector<bf16> k_t, v_t, v_pairs, k_pairs;
+  at::Tensor dk, dv;  // backward: [chunk keys, d_pad] fp32
+
+  Bf16DotTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
+      : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)) {
+    const int64_t rows_even = cpu::bf16_dot::round_up(max_rows, 2);
+    q.resize(max_rows * d);
+    dout.resize(max_rows * d);
+    q_pairs.resize(rows_even * d_pad);
+    dout_pairs.resize(rows_even * d_pad);
+    s.resize(max_rows * kBlockK);
+    dp.resize(max_rows * kBlockK);
+    p.resize(max_rows * kBlockK);
+    ds.resize(max_rows * kBlockK);
+    p_pairs.resize(rows_even * kBlockK);
+    ds_pairs.resize(rows_even * kBlockK);
+    acc = at::empty({max_rows, d_pad}, acc_opts);
+    dq = at::empty({max_rows, d_pad}, acc_opts);
+    k_t.resize(d * kBlockK);
+    v_pairs.resize(kBlockK * d_pad);
+  }
+  static int64_t score_stride(int64_t n) { return cpu::bf16_dot::round_up(n, kLanes); }
+  int64_t acc_stride() const { return d_pad; }
+  float* scores() { return s.data(); }
+  float* grad_scores() { return dp.data(); }
+  prob_t* probs(int64_t row, int64_t n) { return p.data() + row * score_stride(n); }
+
+  void load_queries(const at::Tensor& q_seq, int64_t kvh, int64_t G, int64_t q0, int64_t rows) {
+    M = G * rows;
+    pack_group_rows<bf16, bf16>(q_seq, kvh, G, q0, rows, q.data());
+  }
+  // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K^T.
+  void pack_keys_transposed(const at::Tensor& seq, int64_t k0, int64_t n, bf16* dst, int64_t ldb) const {
+    cpu::bf16_dot::pack_transposed(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldb);
+  }
+  // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K (K rows padded to ldk).
+  void pack_keys_as_rows(const at::Tensor& seq, int64_t k0, int64_t n, int64_t ldk, bf16* dst) const {
+    cpu::bf16_dot::pack_row_pairs(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldk / 2,
+                                  d_pad);
+  }
+  // Out[M, n16] = X[M, d] Y^T with Y^T packed (ldb columns).
+  void product_with_keys(const std::vector<bf16>& x, const bf16* y_t, int64_t ldb, int64_t n, float* out) const {
+    const int64_t n16 = score_stride(n);
+    cpu::bf16_dot::gemm(M, n16, d / 2, {x.data(), d, 2}, y_t, ldb, out, n16, /*accumulate=*/false);
+  }
+
+  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
+    const int64_t n16 = score_stride(n);
+    pack_keys_transposed(k_seq, k0, n, k_t.data(), n16);
+    pack_keys_as_rows(v_seq, k0, n, n16, v_pairs.data());
+    product_with_keys(q, k_t.data(), n16, n, s.data());
+  }
+  void accumulate_values(int64_t n) {
+    const int64_t n16 = score_stride(n);
+    cpu::bf16_dot::gemm(M, d_pad, n16 / 2, {p.data(), n16, 2}, v_pairs.data(), d_pad, acc.mutable_data_ptr<float>(),
+                        d_pad, /*accumulate=*/true);
+  }
+
+  void load_key_chunk(const at::Tensor& k_rows, const at::Tensor& v_rows) {
+    const int64_t keys = k_rows.size(0), blocks = ceil_div(keys, kBlockK);
+    k_t.resize(blocks * d * kBlockK);
+    v_t.resize(blocks * d * kBlockK);
+    k_pairs.resize(blocks * kBlockK * d_pad);
+    for (int64_t blk = 0; blk < blocks; ++blk) {
+      const int64_t k0 = blk * kBlockK, n = std::min(kBlockK, keys - k0);
+      pack_keys_transposed(k_rows, k0, n, k_t.data() + blk * d * kBlockK, kBlockK);
+      pack_keys_transposed(v_rows, k0, n, v_t.data() + blk * d * kBlockK, kBlockK);
+      pack_keys_as_rows(k_rows, k0, n, kBlockK, k_pairs.data() + blk * kBlockK * d_pad);
+    }
+    dk = at::zeros({keys, d_pad}, acc.options());
+    dv = at::zeros({keys, d_pad}, acc.options());
+  }
+  void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
+                        int64_t rows) {
+    load_queries(q_seq, kvh, G, q0, rows);
+    pack_group_rows<bf16, bf16>(dout_seq, kvh, G, q0, rows, dout.data());
+    const int64_t row_pairs = ceil_div(M, 2);
+    cpu::bf16_dot::pack_row_pairs(q.data(), d, M, d, q_pairs.data(), row_pairs, d_pad);
+    cpu::bf16_dot::pack_row_pairs(dout.data(), d, M, d, dout_pairs.data(), row_pairs, d_pad);
+  }
+  // k0 is a multiple of kBlockK (chunks are whole blocks); n <= kBlockK.
+  void backward_scores(int64_t k0, int64_t n) {
+    const int64_t blk = k0 / kBlockK;
+    product_with_keys(q, k_t.data() + blk * d * kBlockK, kBlockK, n, s.data());
+    product_with_keys(dout, v_t.data() + blk * d * kBlockK, kBlockK, n, dp.data());
+  }
+  void accumulate_grads(int64_t k0, int64_t n) {
+    namespace dot = cpu::bf16_dot;
+    const int64_t n16 = score_stride(n), row_pairs = ceil_div(M, 2);
+    dot::round_row_pairs(s.data(), n16, M, n16, p_pairs.data());
+    dot::round_row_pairs(dp.data(), n16, M, n16, ds_pairs.data());
+    dot::round_rows(dp.data(), n16, M, n16, ds.data(), n16);
+    // As A operands with strides (2, 2 n16) the row-pair layouts read as P^T and dS^T.
+    dot::gemm(n, d_pad, row_pairs, {p_pairs.data(), 2, 2 * n16}, dout_pairs.data(), d_pad,
+              dv.mutable_data_ptr<float>() + k0 * d_pad, d_pad, /*accumulate=*/true);
+    dot::gemm(n, d_pad, row_pairs, {ds_pairs.data(), 2, 2 * n16}, q_pairs.data(), d_pad,
+              dk.mutable_data_ptr<float>() + k0 * d_pad, d_pad, /*accumulate=*/true);
+    dot::gemm(M, d_pad, n16 / 2, {ds.data(), n16, 2}, k_pairs.data() + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
+              dq.mutable_data_ptr<float>(), d_pad, /*accumulate=*/true);
+  }
+};
+#endif
+
+// Runs body with the tile policy for dtype T.
+template <typename T, typename Body>
+void with_tiles(int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
+#if defined(LLAMA_EXT_BF16_DOT)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    Bf16DotTiles tiles(max_rows, d, acc_opts);
+    body(tiles);
+  } else
+#endif
+  {
+    BlasTiles<T> tiles(max_rows, d, acc_opts);
+    body(tiles);
+  }
+}
+
 // ---- forward --------------------------------------------------------------------------------
 
-// Online-softmax update of one score row: turns s[0, n) into probabilities exp(scale (s - m'))
-// for the first `valid` columns and 0 after, updates the running max m and sum l, and returns
-// the factor by which the row's output accumulator must be rescaled.
-template <typename acc_t>
-acc_t online_softmax_row(acc_t* s, int64_t n, int64_t valid, acc_t scale, acc_t& m, acc_t& l) {
+// Online-softmax update of one score row: writes probabilities exp(scale (s - m')) of s[0, n)
+// to p[0, n) (p may alias s) for the first `valid` columns and 0 after, updates the running
+// max m and sum l, and returns the factor by which the row's output accumulator must be
+// rescaled. l sums the probabilities before any rounding to prob_t.
+template <typename acc_t, typename prob_t>
+acc_t online_softmax_row(const acc_t* s, prob_t* p, int64_t n, int64_t valid, acc_t scale, acc_t& m, acc_t& l) {
+  using IO = cpu::VecIO<prob_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
+  static_assert(IO::kWidth == W, "probabilities are stored one score vector at a time");
   if (valid == 0) {
-    std::fill(s, s + n, acc_t(0));
+    std::fill(p, p + n, prob_t(0));
     return acc_t(1);
   }
   const int64_t valid_vec = valid - valid % W;
@@ -220,76 +462,58 @@ acc_t online_softmax_row(acc_t* s, int64_t n, int64_t valid, acc_t scale, acc_t&
   Vec sum_v(acc_t(0));
   int64_t j = 0;
   for (; j + W <= valid; j += W) {
-    const Vec p = exp_fast(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
-    p.store(s + j);
-    sum_v = sum_v + p;
+    const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
+    IO::store(p + j, e);
+    sum_v = sum_v + e;
   }
   if (j < valid) {
-    const Vec p = exp_fast(at::vec::fmadd(Vec::loadu(s + j, valid - j), scale_v, shift_v));
-    p.store(s + j, valid - j);
-    sum_v = sum_v + Vec::set(Vec(acc_t(0)), p, valid - j);
+    const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j, valid - j), scale_v, shift_v));
+    IO::store(p + j, e, valid - j);
+    sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, valid - j);
   }
-  std::fill(s + valid, s + n, acc_t(0));
+  std::fill(p + valid, p + n, prob_t(0));
   l = l * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum_v);
   m = m_new;
   return alpha;
 }
 
-
-// Per-thread scratch, allocated once per at::parallel_for range.
-struct ForwardScratch {
-  at::Tensor q;       // [G * block_q, d] packed query rows
-  at::Tensor acc;     // [G * block_q, d] output accumulator
-  at::Tensor scores;  // [G * block_q * kBlockK] score / probability tile
-  at::Tensor k, v;    // [kBlockK, d] widened K/V block (reduced dtypes only)
-};
-
-template <typename T>
-void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_t block_q, ForwardScratch& ws) {
+template <typename T, typename Tiles>
+void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
-  constexpr bool kWiden = !std::is_same_v<T, acc_t>;
   const int64_t G = pb.shape.group(), d = pb.shape.head_dim;
   const int64_t lq = pb.len_q(b), lk = pb.len_k(b);
   const int64_t q0 = qb * block_q;
   if (q0 >= lq) return;
   const int64_t rows = std::min(block_q, lq - q0);
   const int64_t M = G * rows;
-  const at::Tensor q_seq = pb.q_rows(pb.q, b);
   const at::Tensor k_seq = pb.k_rows(pb.k, b).select(1, kvh);  // [lk, d]
   const at::Tensor v_seq = pb.k_rows(pb.v, b).select(1, kvh);
 
-  at::Tensor q_pack = ws.q.narrow(0, 0, M);
-  pack_group_rows<T>(q_seq, kvh, G, q0, rows, q_pack.mutable_data_ptr<acc_t>());
-  at::Tensor acc = ws.acc.narrow(0, 0, M);
+  tiles.load_queries(pb.q_rows(pb.q, b), kvh, G, q0, rows);
+  const int64_t acc_stride = tiles.acc_stride();
+  at::Tensor acc = tiles.acc.narrow(0, 0, M);
   acc.zero_();
-  std::vector<acc_t> m(M, -std::numeric_limits<acc_t>::infinity()), l(M, acc_t(0));
   acc_t* acc_ptr = acc.mutable_data_ptr<acc_t>();
+  std::vector<acc_t> m(M, -std::numeric_limits<acc_t>::infinity()), l(M, acc_t(0));
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
   // Keys beyond the last row's diagonal are masked for the whole block: never visited.
   const int64_t k_end = pb.keys_visible(q0 + rows - 1, lq, lk);
   for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
     const int64_t n = std::min(kBlockK, k_end - k0);
-    at::Tensor k_blk = k_seq.narrow(0, k0, n), v_blk = v_seq.narrow(0, k0, n);
-    if constexpr (kWiden) {
-      load_rows<T>(k_blk.const_data_ptr<T>(), k_blk.stride(0), ws.k.mutable_data_ptr<acc_t>(), n, d);
-      load_rows<T>(v_blk.const_data_ptr<T>(), v_blk.stride(0), ws.v.mutable_data_ptr<acc_t>(), n, d);
-      k_blk = ws.k.narrow(0, 0, n);
-      v_blk = ws.v.narrow(0, 0, n);
-    }
-    at::Tensor scores = ws.scores.narrow(0, 0, M * n).view({M, n});
-    at::mm_out(scores, q_pack, k_blk.t());
-    acc_t* s = scores.mutable_data_ptr<acc_t>();
+    tiles.forward_scores(k_seq, v_seq, k0, n);
+    const int64_t stride = tiles.score_stride(n);
+    const acc_t* s = tiles.scores();
     for (int64_t r = 0; r < M; ++r) {
       const int64_t i = q0 + r % rows;
       const int64_t valid = std::clamp<int64_t>(pb.keys_visible(i, lq, lk) - k0, 0, n);
-      const acc_t alpha = online_softmax_row<acc_t>(s + r * n, n, valid, scale, m[r], l[r]);
+      const acc_t alpha = online_softmax_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, valid, scale, m[r], l[r]);
       if (alpha != acc_t(1)) {
-        acc_t* o = acc_ptr + r * d;
+        acc_t* o = acc_ptr + r * acc_stride;
         for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
       }
     }
-    acc.addmm_(scores, v_blk);
+    tiles.accumulate_values(n);
   }
 
   at::Tensor lse_block = at::empty({M}, acc.options().dtype(stats_dtype(pb.q.scalar_type())));
@@ -297,11 +521,11 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
   for (int64_t r = 0; r < M; ++r) {
     // l == 0 only when the row saw no key: output zeros and lse = 0 (finite) by convention.
     const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
-    acc_t* o = acc_ptr + r * d;
+    acc_t* o = acc_ptr + r * acc_stride;
     for (int64_t c = 0; c < d; ++c) o[c] *= inv;
     lse_ptr[r] = l[r] > 0 ? m[r] * scale + std::log(l[r]) : acc_t(0);
   }
-  unpack_group_rows<T>(acc_ptr, pb.q_rows(pb.out, b), kvh, G, q0, rows);
+  unpack_group_rows<T>(acc_ptr, acc_stride, pb.q_rows(pb.out, b), kvh, G, q0, rows);
   pb.lse_rows(pb.lse, b).narrow(0, kvh * G, G).narrow(1, q0, rows).copy_(lse_block.view({G, rows}));
 }
 
@@ -346,19 +570,13 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
     const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-      ForwardScratch ws;
-      ws.q = at::empty({G * block_q, d}, acc_opts);
-      ws.acc = at::empty({G * block_q, d}, acc_opts);
-      ws.scores = at::empty({G * block_q * kBlockK}, acc_opts);
-      if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-        ws.k = at::empty({kBlockK, d}, acc_opts);
-        ws.v = at::empty({kBlockK, d}, acc_opts);
-      }
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t b = t / tasks_per_seq, rest = t % tasks_per_seq;
-        const int64_t kvh = rest / q_blocks, qb = zigzag(rest % q_blocks, q_blocks);
-        forward_block<scalar_t>(pb, b, kvh, qb, block_q, ws);
-      }
+      with_tiles<scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t b = t / tasks_per_seq, rest = t % tasks_per_seq;
+          const int64_t kvh = rest / q_blocks, qb = zigzag(rest % q_blocks, q_blocks);
+          forward_block<scalar_t>(pb, b, kvh, qb, block_q, tiles);
+        }
+      });
     });
   });
   return {pb.out, pb.lse};
@@ -366,19 +584,14 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
 
 // ---- backward -------------------------------------------------------------------------------
 
-struct BackwardScratch {
-  at::Tensor q, dout, dq;  // [G * block_q, d] packed query-side rows (acc dtype)
-  at::Tensor p, dp;        // [G * block_q * kBlockK] probability and dP / dS tiles
-};
-
 // One task: keys [key0, key1) of kv head kvh in sequence b. dk/dv of these keys are written
 // here; the task's share of dq goes to dq_partial (its own chunk slice; rows it does not reach
 // are zeroed).
 // delta is D = rowsum(dO * O) laid out like q without its last dim.
-template <typename T>
+template <typename T, typename Tiles>
 void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& delta, const at::Tensor& dq_partial,
                     const at::Tensor& dk, const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1,
-                    int64_t block_q, BackwardScratch& ws) {
+                    int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
   const int64_t G = pb.shape.group(), d = pb.shape.head_dim;
   const int64_t lq = pb.len_q(b), lk = pb.len_k(b);
@@ -388,12 +601,8 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
     group_rows(dq_seq, kvh, G, 0, lq).zero_();
     return;
   }
-  const auto acc_opts = ws.q.options();
-  // Widened K/V of the chunk, read once; dK/dV accumulators of the chunk.
-  const at::Tensor k_chunk = pb.k_rows(pb.k, b).select(1, kvh).narrow(0, key0, key1 - key0).to(acc_opts.dtype());
-  const at::Tensor v_chunk = pb.k_rows(pb.v, b).select(1, kvh).narrow(0, key0, key1 - key0).to(acc_opts.dtype());
-  at::Tensor dk_acc = at::zeros({key1 - key0, d}, acc_opts);
-  at::Tensor dv_acc = at::zeros({key1 - key0, d}, acc_opts);
+  tiles.load_key_chunk(pb.k_rows(pb.k, b).select(1, kvh).narrow(0, key0, key1 - key0),
+                       pb.k_rows(pb.v, b).select(1, kvh).narrow(0, key0, key1 - key0));
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
   const at::Tensor q_seq = pb.q_rows(pb.q, b), delta_seq = pb.q_rows(delta, b);
@@ -406,39 +615,34 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
   for (int64_t q0 = first_block_row; q0 < lq; q0 += block_q) {
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
-    at::Tensor q_pack = ws.q.narrow(0, 0, M), do_pack = ws.dout.narrow(0, 0, M);
-    pack_group_rows<T>(q_seq, kvh, G, q0, rows, q_pack.mutable_data_ptr<acc_t>());
-    pack_group_rows<T>(dout_seq, kvh, G, q0, rows, do_pack.mutable_data_ptr<acc_t>());
+    tiles.load_query_grads(q_seq, dout_seq, kvh, G, q0, rows);
     const at::Tensor delta_blk = delta_seq.narrow(0, q0, rows).narrow(1, kvh * G, G).t().contiguous();  // [G, rows]
     const at::Tensor lse = lse_seq.narrow(0, kvh * G, G).narrow(1, q0, rows).contiguous();
     const acc_t* delta_ptr = delta_blk.const_data_ptr<acc_t>();
     const acc_t* lse_ptr = lse.const_data_ptr<acc_t>();
-    at::Tensor dq_acc = ws.dq.narrow(0, 0, M);
+    at::Tensor dq_acc = tiles.dq.narrow(0, 0, M);
     dq_acc.zero_();
 
     const int64_t k_end = std::min(key1, pb.keys_visible(q0 + rows - 1, lq, lk));
     for (int64_t k0 = key0; k0 < k_end; k0 += kBlockK) {
       const int64_t n = std::min(kBlockK, k_end - k0);
-      const at::Tensor k_blk = k_chunk.narrow(0, k0 - key0, n), v_blk = v_chunk.narrow(0, k0 - key0, n);
-      at::Tensor p = ws.p.narrow(0, 0, M * n).view({M, n});
-      at::Tensor dp = ws.dp.narrow(0, 0, M * n).view({M, n});
-      at::mm_out(p, q_pack, k_blk.t());
-      at::mm_out(dp, do_pack, v_blk.t());
-      acc_t* p_ptr = p.mutable_data_ptr<acc_t>();
-      acc_t* dp_ptr = dp.mutable_data_ptr<acc_t>();
+      tiles.backward_scores(k0 - key0, n);
+      const int64_t stride = tiles.score_stride(n);
+      acc_t* p_ptr = tiles.scores();
+      acc_t* dp_ptr = tiles.grad_scores();
       for (int64_t r = 0; r < M; ++r) {
         const int64_t i = q0 + r % rows;
         const int64_t valid = std::clamp<int64_t>(pb.keys_visible(i, lq, lk) - k0, 0, n);
-        probs_and_grad_row<acc_t>(p_ptr + r * n, dp_ptr + r * n, n, valid, scale, lse_ptr[r], delta_ptr[r]);
+        probs_and_grad_row<acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, valid, scale, lse_ptr[r],
+                                  delta_ptr[r]);
       }
-      dv_acc.narrow(0, k0 - key0, n).addmm_(p.t(), do_pack);
-      dk_acc.narrow(0, k0 - key0, n).addmm_(dp.t(), q_pack, /*beta=*/1, /*alpha=*/scale);
-      dq_acc.addmm_(dp, k_blk, /*beta=*/1, /*alpha=*/scale);
+      tiles.accumulate_grads(k0 - key0, n);
     }
-    unpack_group_rows<acc_t>(dq_acc.const_data_ptr<acc_t>(), dq_seq, kvh, G, q0, rows);
+    dq_acc.mul_(scale);
+    unpack_group_rows<acc_t>(dq_acc.const_data_ptr<acc_t>(), tiles.acc_stride(), dq_seq, kvh, G, q0, rows);
   }
-  pb.k_rows(dk, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(dk_acc);
-  pb.k_rows(dv, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(dv_acc);
+  pb.k_rows(dk, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.dk.narrow(1, 0, d).mul_(scale));
+  pb.k_rows(dv, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.dv.narrow(1, 0, d));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
@@ -478,18 +682,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     if (tasks > 0) {
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-        BackwardScratch ws;
-        ws.q = at::empty({G * block_q, d}, acc_opts);
-        ws.dout = at::empty({G * block_q, d}, acc_opts);
-        ws.dq = at::empty({G * block_q, d}, acc_opts);
-        ws.p = at::empty({G * block_q * kBlockK}, acc_opts);
-        ws.dp = at::empty({G * block_q * kBlockK}, acc_opts);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
-          const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
-          backward_chunk<scalar_t>(pb, grad_out, delta, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
-                                   (c + 1) * chunk_keys, block_q, ws);
-        }
+        with_tiles<scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
+          for (int64_t t = begin; t < end; ++t) {
+            const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
+            const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
+            backward_chunk<scalar_t>(pb, grad_out, delta, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
+                                     (c + 1) * chunk_keys, block_q, tiles);
+          }
+        });
       });
     }
     // Sum the chunk partials in chunk order.
