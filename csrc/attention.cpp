@@ -184,6 +184,29 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
   }
 }
 
+// D = rowsum(dO * O) of the group rows in pack_group_rows order: out[g * rows + r] is the
+// fp32 (fp64) dot product of row q0 + r of head kvh * G + g in a_seq and b_seq [len, heads, d].
+template <typename T>
+void group_row_dots(const at::Tensor& a_seq, const at::Tensor& b_seq, int64_t kvh, int64_t group, int64_t row0,
+                    int64_t rows, at::opmath_type<T>* out) {
+  using IO = cpu::VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  const int64_t d = a_seq.size(2);
+  for (int64_t g = 0; g < group; ++g) {
+    const int64_t head = kvh * group + g;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* a = a_seq.const_data_ptr<T>() + (row0 + r) * a_seq.stride(0) + head * a_seq.stride(1);
+      const T* b = b_seq.const_data_ptr<T>() + (row0 + r) * b_seq.stride(0) + head * b_seq.stride(1);
+      Vec sum(0);
+      int64_t c = 0;
+      for (; c + W <= d; c += W) sum = at::vec::fmadd(IO::load(a + c), IO::load(b + c), sum);
+      if (c < d) sum = at::vec::fmadd(IO::load_partial(a + c, d - c), IO::load_partial(b + c, d - c), sum);
+      out[g * rows + r] = at::vec::vec_reduce_all<at::opmath_type<T>>([](Vec& x, Vec& y) { return x + y; }, sum);
+    }
+  }
+}
+
 // exp with ~1 ulp error in fp32 (Sleef u20 variant: faster than the u10 one); plain exp in fp64.
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
@@ -587,9 +610,8 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
 // One task: keys [key0, key1) of kv head kvh in sequence b. dk/dv of these keys are written
 // here; the task's share of dq goes to dq_partial (its own chunk slice; rows it does not reach
 // are zeroed).
-// delta is D = rowsum(dO * O) laid out like q without its last dim.
 template <typename T, typename Tiles>
-void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& delta, const at::Tensor& dq_partial,
+void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& dq_partial,
                     const at::Tensor& dk, const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1,
                     int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
@@ -605,8 +627,9 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
                        pb.k_rows(pb.v, b).select(1, kvh).narrow(0, key0, key1 - key0));
   const acc_t scale = static_cast<acc_t>(pb.scale);
 
-  const at::Tensor q_seq = pb.q_rows(pb.q, b), delta_seq = pb.q_rows(delta, b);
+  const at::Tensor q_seq = pb.q_rows(pb.q, b), out_seq = pb.q_rows(pb.out, b);
   const at::Tensor dout_seq = pb.q_rows(dout, b);
+  std::vector<acc_t> delta(G * block_q);
   const at::Tensor lse_seq = pb.lse_rows(pb.lse, b);
   // Under causal, query rows before the first one that sees key0 get nothing from this chunk.
   const int64_t first_row = pb.causal ? std::clamp<int64_t>(key0 - (lk - lq), 0, lq) : 0;
@@ -616,9 +639,8 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
     tiles.load_query_grads(q_seq, dout_seq, kvh, G, q0, rows);
-    const at::Tensor delta_blk = delta_seq.narrow(0, q0, rows).narrow(1, kvh * G, G).t().contiguous();  // [G, rows]
+    group_row_dots<T>(dout_seq, out_seq, kvh, G, q0, rows, delta.data());
     const at::Tensor lse = lse_seq.narrow(0, kvh * G, G).narrow(1, q0, rows).contiguous();
-    const acc_t* delta_ptr = delta_blk.const_data_ptr<acc_t>();
     const acc_t* lse_ptr = lse.const_data_ptr<acc_t>();
     at::Tensor dq_acc = tiles.dq.narrow(0, 0, M);
     dq_acc.zero_();
@@ -634,7 +656,7 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
         const int64_t i = q0 + r % rows;
         const int64_t valid = std::clamp<int64_t>(pb.keys_visible(i, lq, lk) - k0, 0, n);
         probs_and_grad_row<acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, valid, scale, lse_ptr[r],
-                                  delta_ptr[r]);
+                                  delta[r]);
       }
       tiles.accumulate_grads(k0 - key0, n);
     }
@@ -643,6 +665,33 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
   }
   pb.k_rows(dk, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.dk.narrow(1, 0, d).mul_(scale));
   pb.k_rows(dv, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.dv.narrow(1, 0, d));
+}
+
+// out = sum over c of partials[c] (contiguous [chunks, ...out's shape], acc_t), added in chunk
+// order and rounded once to T: the fixed order keeps dq bit-identical for any thread count.
+template <typename T>
+void sum_partials(const at::Tensor& partials, const at::Tensor& out) {
+  using acc_t = at::opmath_type<T>;
+  using IO = cpu::VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  const int64_t chunks = partials.size(0), numel = out.numel();
+  const acc_t* in = partials.const_data_ptr<acc_t>();
+  T* dst = out.mutable_data_ptr<T>();
+  at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    for (; i + W <= end; i += W) {
+      Vec sum = Vec::loadu(in + i);
+      for (int64_t c = 1; c < chunks; ++c) sum = sum + Vec::loadu(in + c * numel + i);
+      IO::store(dst + i, sum);
+    }
+    if (i < end) {
+      const int64_t count = end - i;
+      Vec sum = Vec::loadu(in + i, count);
+      for (int64_t c = 1; c < chunks; ++c) sum = sum + Vec::loadu(in + c * numel + i, count);
+      IO::store(dst + i, sum, count);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
@@ -677,8 +726,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), q.sizes().begin(), q.sizes().end());
     const at::Tensor dq_partial = new_output(at::empty(partial_shape, acc_opts));  // every row written by its task
-    // D = rowsum(dO * O) in the accumulation dtype, once for all chunks: [.., seq, n_q_heads].
-    const at::Tensor delta = grad_out.to(acc_opts.dtype()).mul(out.to(acc_opts.dtype())).sum(-1);
     if (tasks > 0) {
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
@@ -686,16 +733,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
           for (int64_t t = begin; t < end; ++t) {
             const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
             const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
-            backward_chunk<scalar_t>(pb, grad_out, delta, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
+            backward_chunk<scalar_t>(pb, grad_out, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
                                      (c + 1) * chunk_keys, block_q, tiles);
           }
         });
       });
     }
-    // Sum the chunk partials in chunk order.
-    at::Tensor dq_sum = dq_partial.select(0, 0).clone();
-    for (int64_t c = 1; c < chunks; ++c) dq_sum.add_(dq_partial.select(0, c));
-    dq = dq_sum.to(q.scalar_type());
+    dq = new_output(at::empty(q.sizes(), q.options()));
+    sum_partials<scalar_t>(dq_partial, dq);
   });
   return {dq, dk, dv};
 }
