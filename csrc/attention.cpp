@@ -9,9 +9,9 @@
 // Forward, one task per (sequence, kv head, query block), spread with at::parallel_for. A task
 // packs the block's rows of all G query heads of the group into one [G * rows, d] matrix, so
 // every K/V block it reads serves the whole group with one product each:
-//   S = Q K_blk^T                                 [G*rows, block_k]  (BLAS)
+//   S = Q K_blk^T                                 [G*rows, block_k]  (tile product)
 //   online softmax per row: m' = max(m, max S), p = exp(scale (S - m')),
-//   l' = l exp(scale (m - m')) + sum p,  O <- O exp(scale (m - m')) + P V_blk  (BLAS)
+//   l' = l exp(scale (m - m')) + sum p,  O <- O exp(scale (m - m')) + P V_blk  (tile product)
 // and at the end out = O / l, lse = scale m + log l. Only the block's [G*rows, block_k] score
 // tile exists, never [seq_q, seq_k]: memory is O(sequence). Causal masking is bottom-right
 // (query i sees keys j <= i + seq_k - seq_q); key blocks entirely above the diagonal of the
@@ -25,19 +25,19 @@
 //   dV_blk += P^T dO,  dP = dO V_blk^T,  dS = P (dP - D),
 //   dK_blk += scale dS^T Q,  dQ += scale dS K_blk
 // dK and dV of a key block are owned by one task and summed over the group's query heads and
-// all query blocks in a fixed order. dQ gets one fp32 partial per key chunk, reduced in chunk
+// all query blocks in a fixed order. dQ gets one op-math (fp32, fp64 for fp64) partial per key chunk, reduced in chunk
 // order afterwards. The number of chunks depends only on the shapes, so results are
 // bit-identical for any thread count (deterministic).
 //
 // Tile products come from a policy (see "tile products" below), so the loops above are
 // written once:
-//  - bf16 on hosts with AVX512-BF16: bf16 tiles stay bf16 and multiply on VDPBF16PS
-//    (bf16_dot.h), which runs at twice the fp32 FMA rate. As FlashAttention does on GPUs, the
+//  - bf16, in builds for AVX512-BF16 hosts (setup.py targets the build host's ISA): bf16 tiles
+//    stay bf16 and multiply on VDPBF16PS (bf16_dot.h), at twice the fp32 FMA rate. As FlashAttention does on GPUs, the
 //    probabilities P (forward) and P, dS (backward) are rounded to bf16 to enter the second
 //    product; scores, softmax statistics and all accumulators are fp32.
-//  - everything else (fp32, fp64, fp16, and bf16 without AVX512-BF16): blocks are widened to
-//    the op-math type once per block (a K/V block serves G*rows query rows) and multiplied by
-//    ATen's BLAS; reduced-precision inputs are exact in fp32, so these products are exactly the
+//  - everything else (fp32, fp64, fp16, and bf16 in builds without AVX512-BF16): blocks are
+//    widened to the op-math type once per block (a K/V block serves G*rows query rows) and
+//    multiplied by ATen's BLAS; reduced-precision inputs are exact in fp32, so these products are exactly the
 //    fp32-accumulated ones.
 // out and the gradients are rounded once to the input dtype; lse stays fp32 (fp64 for fp64).
 //
@@ -333,13 +333,14 @@ struct Bf16DotTiles {
 
   int64_t d, d_pad, M = 0;
   // Query side: row-major [max_rows, d] (A of Q K^T, dO V^T) and row pairs
-  // [max_rows / 2][d_pad][2] (B of P^T dO, dS^T Q).
+  // [ceil(max_rows / 2)][d_pad][2] (B of P^T dO, dS^T Q).
   std::vector<bf16> q, dout, q_pairs, dout_pairs;
   std::vector<float> s, dp;                  // [max_rows, kBlockK] fp32 score and dP / dS tiles
   std::vector<bf16> p, p_pairs, ds, ds_pairs;  // bf16 P and dS, row-major and row pairs
   at::Tensor acc, dq;                        // [max_rows, d_pad] fp32
-  // Key side, per block of kBlockK keys: K^T and V^T packed [d/2][kBlockK][2] (B of Q K^T and
-  // dO V^T), V and K packed [kBlockK/2][d_pad][2] (B of P V and dS K).
+  // Key side, per block of n <= kBlockK keys (n16 = n rounded up to 16): K^T and V^T packed
+  // [d/2][ldb][2] (B of Q K^T and dO V^T; ldb = n16 in the forward, kBlockK per block of the
+  // backward's chunk), V and K packed [n16/2 or kBlockK/2][d_pad][2] (B of P V and dS K).
   std::vector<bf16> k_t, v_t, v_pairs, k_pairs;
   at::Tensor dk, dv;  // backward: [chunk keys, d_pad] fp32
 
@@ -530,7 +531,8 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
     for (int64_t r = 0; r < M; ++r) {
       const int64_t i = q0 + r % rows;
       const int64_t valid = std::clamp<int64_t>(pb.keys_visible(i, lq, lk) - k0, 0, n);
-      const acc_t alpha = online_softmax_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, valid, scale, m[r], l[r]);
+      const acc_t alpha =
+          online_softmax_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, valid, scale, m[r], l[r]);
       if (alpha != acc_t(1)) {
         acc_t* o = acc_ptr + r * acc_stride;
         for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
