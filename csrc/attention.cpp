@@ -243,6 +243,15 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t valid, acc_t sca
 // key the row cannot see. The softmax writes probabilities through probs(row, n), in place
 // over the scores or into the policy's bf16 tile.
 
+enum class Pass { kForward, kBackward };
+
+// Per-thread scratch, uninitialized. Allocated like an output so that under the test suite's
+// LLAMA_EXT_POISON_OUTPUTS=1 it starts as NaN: a product that reads an element no pack or
+// product wrote fails the comparison instead of reading zeros by luck.
+inline at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  return new_output(at::empty(shape, opts));
+}
+
 template <typename T>
 struct BlasTiles {
   using acc_t = at::opmath_type<T>;
@@ -250,23 +259,26 @@ struct BlasTiles {
   static constexpr bool kWiden = !std::is_same_v<T, acc_t>;
 
   int64_t d, M = 0;
-  at::Tensor q, dout;        // [max_rows, d] packed query-side rows
-  at::Tensor s, dp;          // [max_rows * kBlockK] score / probability and dP / dS tiles
-  at::Tensor acc, dq;        // [max_rows, d] output / dq accumulators
-  at::Tensor k_blk, v_blk;   // forward: the current [n, d] block (widened into k_buf/v_buf)
-  at::Tensor k_buf, v_buf;   // [kBlockK, d]
+  at::Tensor q, s;            // [max_rows, d] packed query rows; [max_rows * kBlockK] S / P tile
+  at::Tensor acc;             // forward: [max_rows, d] output accumulator
+  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block (widened into k_buf/v_buf)
+  at::Tensor k_buf, v_buf;    // forward: [kBlockK, d]
+  at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
   at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], widened once per chunk
 
-  BlasTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts) : d(head_dim) {
-    q = at::empty({max_rows, d}, acc_opts);
-    dout = at::empty({max_rows, d}, acc_opts);
-    s = at::empty({max_rows * kBlockK}, acc_opts);
-    dp = at::empty({max_rows * kBlockK}, acc_opts);
-    acc = at::empty({max_rows, d}, acc_opts);
-    dq = at::empty({max_rows, d}, acc_opts);
-    if constexpr (kWiden) {
-      k_buf = at::empty({kBlockK, d}, acc_opts);
-      v_buf = at::empty({kBlockK, d}, acc_opts);
+  BlasTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts) : d(head_dim) {
+    q = scratch({max_rows, d}, acc_opts);
+    s = scratch({max_rows * kBlockK}, acc_opts);
+    if (pass == Pass::kForward) {
+      acc = scratch({max_rows, d}, acc_opts);
+      if constexpr (kWiden) {
+        k_buf = scratch({kBlockK, d}, acc_opts);
+        v_buf = scratch({kBlockK, d}, acc_opts);
+      }
+    } else {
+      dout = scratch({max_rows, d}, acc_opts);
+      dp = scratch({max_rows * kBlockK}, acc_opts);
+      dq = scratch({max_rows, d}, acc_opts);
     }
   }
   int64_t score_stride(int64_t n) const { return n; }
@@ -332,45 +344,53 @@ struct Bf16DotTiles {
   static constexpr int64_t kLanes = cpu::bf16_dot::kLanes;
 
   int64_t d, d_pad, M = 0;
-  // Query side: row-major [max_rows, d] (A of Q K^T, dO V^T) and row pairs
-  // [ceil(max_rows / 2)][d_pad][2] (B of P^T dO, dS^T Q).
-  std::vector<bf16> q, dout, q_pairs, dout_pairs;
-  std::vector<float> s, dp;                  // [max_rows, kBlockK] fp32 score and dP / dS tiles
-  std::vector<bf16> p, p_pairs, ds, ds_pairs;  // bf16 P and dS, row-major and row pairs
-  at::Tensor acc, dq;                        // [max_rows, d_pad] fp32
-  // Key side, per block of n <= kBlockK keys (n16 = n rounded up to 16): K^T and V^T packed
-  // [d/2][ldb][2] (B of Q K^T and dO V^T; ldb = n16 in the forward, kBlockK per block of the
-  // backward's chunk), V and K packed [n16/2 or kBlockK/2][d_pad][2] (B of P V and dS K).
-  std::vector<bf16> k_t, v_t, v_pairs, k_pairs;
-  at::Tensor dk, dv;  // backward: [chunk keys, d_pad] fp32
+  at::Tensor q;     // [max_rows, d] bf16 query rows (A of Q K^T)
+  at::Tensor s;     // [max_rows, kBlockK] fp32 score tile
+  at::Tensor k_t;   // K^T packed [d/2][ldb][2] (B of Q K^T): ldb = n16 in the forward; in the
+                    // backward one [d/2][kBlockK][2] block per kBlockK keys of the chunk
+  // Forward: bf16 P [max_rows, n16], V packed [n16/2][d_pad][2] (B of P V), fp32 output
+  // accumulator [max_rows, d_pad].
+  at::Tensor p, v_pairs, acc;
+  // Backward: dO rows (A of dO V^T); Q and dO as row pairs [ceil(max_rows / 2)][d_pad][2] (B of
+  // dS^T Q and P^T dO); the fp32 dP / dS tile; bf16 P and dS as row pairs (A of P^T dO, dS^T Q
+  // with strides (2, 2 n16)) and dS row-major (A of dS K); dq accumulator [max_rows, d_pad];
+  // per block of the chunk: V^T packed like k_t (B of dO V^T) and K packed
+  // [kBlockK/2][d_pad][2] (B of dS K); dK and dV accumulators [chunk keys, d_pad].
+  at::Tensor dout, q_pairs, dout_pairs, dp, p_pairs, ds_pairs, ds, dq, v_t, k_pairs, dk, dv;
 
-  Bf16DotTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
+  Bf16DotTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
       : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)) {
+    const auto bf16_opts = acc_opts.dtype(at::kBFloat16);
     const int64_t rows_even = cpu::bf16_dot::round_up(max_rows, 2);
-    q.resize(max_rows * d);
-    dout.resize(max_rows * d);
-    q_pairs.resize(rows_even * d_pad);
-    dout_pairs.resize(rows_even * d_pad);
-    s.resize(max_rows * kBlockK);
-    dp.resize(max_rows * kBlockK);
-    p.resize(max_rows * kBlockK);
-    ds.resize(max_rows * kBlockK);
-    p_pairs.resize(rows_even * kBlockK);
-    ds_pairs.resize(rows_even * kBlockK);
-    acc = at::empty({max_rows, d_pad}, acc_opts);
-    dq = at::empty({max_rows, d_pad}, acc_opts);
-    k_t.resize(d * kBlockK);
-    v_pairs.resize(kBlockK * d_pad);
+    q = scratch({max_rows * d}, bf16_opts);
+    s = scratch({max_rows * kBlockK}, acc_opts);
+    if (pass == Pass::kForward) {
+      k_t = scratch({d * kBlockK}, bf16_opts);
+      p = scratch({max_rows * kBlockK}, bf16_opts);
+      v_pairs = scratch({kBlockK * d_pad}, bf16_opts);
+      acc = scratch({max_rows, d_pad}, acc_opts);
+    } else {
+      dout = scratch({max_rows * d}, bf16_opts);
+      q_pairs = scratch({rows_even * d_pad}, bf16_opts);
+      dout_pairs = scratch({rows_even * d_pad}, bf16_opts);
+      dp = scratch({max_rows * kBlockK}, acc_opts);
+      p_pairs = scratch({rows_even * kBlockK}, bf16_opts);
+      ds_pairs = scratch({rows_even * kBlockK}, bf16_opts);
+      ds = scratch({max_rows * kBlockK}, bf16_opts);
+      dq = scratch({max_rows, d_pad}, acc_opts);
+    }
   }
+  static bf16* bf16_ptr(const at::Tensor& t) { return t.mutable_data_ptr<bf16>(); }
+  static float* fp32_ptr(const at::Tensor& t) { return t.mutable_data_ptr<float>(); }
   static int64_t score_stride(int64_t n) { return cpu::bf16_dot::round_up(n, kLanes); }
   int64_t acc_stride() const { return d_pad; }
-  float* scores() { return s.data(); }
-  float* grad_scores() { return dp.data(); }
-  prob_t* probs(int64_t row, int64_t n) { return p.data() + row * score_stride(n); }
+  float* scores() { return fp32_ptr(s); }
+  float* grad_scores() { return fp32_ptr(dp); }
+  prob_t* probs(int64_t row, int64_t n) { return bf16_ptr(p) + row * score_stride(n); }
 
   void load_queries(const at::Tensor& q_seq, int64_t kvh, int64_t G, int64_t q0, int64_t rows) {
     M = G * rows;
-    pack_group_rows<bf16, bf16>(q_seq, kvh, G, q0, rows, q.data());
+    pack_group_rows<bf16, bf16>(q_seq, kvh, G, q0, rows, bf16_ptr(q));
   }
   // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K^T.
   void pack_keys_transposed(const at::Tensor& seq, int64_t k0, int64_t n, bf16* dst, int64_t ldb) const {
@@ -381,80 +401,83 @@ struct Bf16DotTiles {
     cpu::bf16_dot::pack_row_pairs(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldk / 2,
                                   d_pad);
   }
-  // Out[M, n16] = X[M, d] Y^T with Y^T packed (ldb columns).
-  void product_with_keys(const std::vector<bf16>& x, const bf16* y_t, int64_t ldb, int64_t n, float* out) const {
+  // out[M, n16] = x[M, d] Y^T with Y^T packed (ldb columns).
+  void product_with_keys(const at::Tensor& x, const bf16* y_t, int64_t ldb, int64_t n, float* out) const {
     const int64_t n16 = score_stride(n);
-    cpu::bf16_dot::gemm(M, n16, d / 2, {x.data(), d, 2}, y_t, ldb, out, n16, /*accumulate=*/false);
+    cpu::bf16_dot::gemm(M, n16, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n16, /*accumulate=*/false);
   }
 
   void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
     const int64_t n16 = score_stride(n);
-    pack_keys_transposed(k_seq, k0, n, k_t.data(), n16);
-    pack_keys_as_rows(v_seq, k0, n, n16, v_pairs.data());
-    product_with_keys(q, k_t.data(), n16, n, s.data());
+    pack_keys_transposed(k_seq, k0, n, bf16_ptr(k_t), n16);
+    pack_keys_as_rows(v_seq, k0, n, n16, bf16_ptr(v_pairs));
+    product_with_keys(q, bf16_ptr(k_t), n16, n, fp32_ptr(s));
   }
   void accumulate_values(int64_t n) {
     const int64_t n16 = score_stride(n);
-    cpu::bf16_dot::gemm(M, d_pad, n16 / 2, {p.data(), n16, 2}, v_pairs.data(), d_pad, acc.mutable_data_ptr<float>(),
-                        d_pad, /*accumulate=*/true);
+    cpu::bf16_dot::gemm(M, d_pad, n16 / 2, {bf16_ptr(p), n16, 2}, bf16_ptr(v_pairs), d_pad, fp32_ptr(acc), d_pad,
+                        /*accumulate=*/true);
   }
 
   void load_key_chunk(const at::Tensor& k_rows, const at::Tensor& v_rows) {
     const int64_t keys = k_rows.size(0), blocks = ceil_div(keys, kBlockK);
-    k_t.resize(blocks * d * kBlockK);
-    v_t.resize(blocks * d * kBlockK);
-    k_pairs.resize(blocks * kBlockK * d_pad);
+    const auto bf16_opts = s.options().dtype(at::kBFloat16);
+    if (!k_t.defined() || k_t.numel() < blocks * d * kBlockK) {  // grows to the largest chunk
+      k_t = scratch({blocks * d * kBlockK}, bf16_opts);
+      v_t = scratch({blocks * d * kBlockK}, bf16_opts);
+      k_pairs = scratch({blocks * kBlockK * d_pad}, bf16_opts);
+    }
     for (int64_t blk = 0; blk < blocks; ++blk) {
       const int64_t k0 = blk * kBlockK, n = std::min(kBlockK, keys - k0);
-      pack_keys_transposed(k_rows, k0, n, k_t.data() + blk * d * kBlockK, kBlockK);
-      pack_keys_transposed(v_rows, k0, n, v_t.data() + blk * d * kBlockK, kBlockK);
-      pack_keys_as_rows(k_rows, k0, n, kBlockK, k_pairs.data() + blk * kBlockK * d_pad);
+      pack_keys_transposed(k_rows, k0, n, bf16_ptr(k_t) + blk * d * kBlockK, kBlockK);
+      pack_keys_transposed(v_rows, k0, n, bf16_ptr(v_t) + blk * d * kBlockK, kBlockK);
+      pack_keys_as_rows(k_rows, k0, n, kBlockK, bf16_ptr(k_pairs) + blk * kBlockK * d_pad);
     }
-    dk = at::zeros({keys, d_pad}, acc.options());
-    dv = at::zeros({keys, d_pad}, acc.options());
+    dk = at::zeros({keys, d_pad}, s.options());
+    dv = at::zeros({keys, d_pad}, s.options());
   }
   void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
                         int64_t rows) {
     load_queries(q_seq, kvh, G, q0, rows);
-    pack_group_rows<bf16, bf16>(dout_seq, kvh, G, q0, rows, dout.data());
+    pack_group_rows<bf16, bf16>(dout_seq, kvh, G, q0, rows, bf16_ptr(dout));
     const int64_t row_pairs = ceil_div(M, 2);
-    cpu::bf16_dot::pack_row_pairs(q.data(), d, M, d, q_pairs.data(), row_pairs, d_pad);
-    cpu::bf16_dot::pack_row_pairs(dout.data(), d, M, d, dout_pairs.data(), row_pairs, d_pad);
+    cpu::bf16_dot::pack_row_pairs(bf16_ptr(q), d, M, d, bf16_ptr(q_pairs), row_pairs, d_pad);
+    cpu::bf16_dot::pack_row_pairs(bf16_ptr(dout), d, M, d, bf16_ptr(dout_pairs), row_pairs, d_pad);
   }
   // k0 is a multiple of kBlockK (chunks are whole blocks); n <= kBlockK.
   void backward_scores(int64_t k0, int64_t n) {
-    const int64_t blk = k0 / kBlockK;
-    product_with_keys(q, k_t.data() + blk * d * kBlockK, kBlockK, n, s.data());
-    product_with_keys(dout, v_t.data() + blk * d * kBlockK, kBlockK, n, dp.data());
+    const int64_t block_offset = (k0 / kBlockK) * d * kBlockK;
+    product_with_keys(q, bf16_ptr(k_t) + block_offset, kBlockK, n, fp32_ptr(s));
+    product_with_keys(dout, bf16_ptr(v_t) + block_offset, kBlockK, n, fp32_ptr(dp));
   }
   void accumulate_grads(int64_t k0, int64_t n) {
     namespace dot = cpu::bf16_dot;
     const int64_t n16 = score_stride(n), row_pairs = ceil_div(M, 2);
-    dot::round_row_pairs(s.data(), n16, M, n16, p_pairs.data());
-    dot::round_row_pairs(dp.data(), n16, M, n16, ds_pairs.data());
-    dot::round_rows(dp.data(), n16, M, n16, ds.data(), n16);
+    dot::round_row_pairs(fp32_ptr(s), n16, M, n16, bf16_ptr(p_pairs));
+    dot::round_row_pairs(fp32_ptr(dp), n16, M, n16, bf16_ptr(ds_pairs));
+    dot::round_rows(fp32_ptr(dp), n16, M, n16, bf16_ptr(ds), n16);
     // As A operands with strides (2, 2 n16) the row-pair layouts read as P^T and dS^T.
-    dot::gemm(n, d_pad, row_pairs, {p_pairs.data(), 2, 2 * n16}, dout_pairs.data(), d_pad,
-              dv.mutable_data_ptr<float>() + k0 * d_pad, d_pad, /*accumulate=*/true);
-    dot::gemm(n, d_pad, row_pairs, {ds_pairs.data(), 2, 2 * n16}, q_pairs.data(), d_pad,
-              dk.mutable_data_ptr<float>() + k0 * d_pad, d_pad, /*accumulate=*/true);
-    dot::gemm(M, d_pad, n16 / 2, {ds.data(), n16, 2}, k_pairs.data() + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
-              dq.mutable_data_ptr<float>(), d_pad, /*accumulate=*/true);
+    dot::gemm(n, d_pad, row_pairs, {bf16_ptr(p_pairs), 2, 2 * n16}, bf16_ptr(dout_pairs), d_pad,
+              fp32_ptr(dv) + k0 * d_pad, d_pad, /*accumulate=*/true);
+    dot::gemm(n, d_pad, row_pairs, {bf16_ptr(ds_pairs), 2, 2 * n16}, bf16_ptr(q_pairs), d_pad,
+              fp32_ptr(dk) + k0 * d_pad, d_pad, /*accumulate=*/true);
+    dot::gemm(M, d_pad, n16 / 2, {bf16_ptr(ds), n16, 2}, bf16_ptr(k_pairs) + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
+              fp32_ptr(dq), d_pad, /*accumulate=*/true);
   }
 };
 #endif
 
 // Runs body with the tile policy for dtype T.
 template <typename T, typename Body>
-void with_tiles(int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
+void with_tiles(Pass pass, int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
 #if defined(LLAMA_EXT_BF16_DOT)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    Bf16DotTiles tiles(max_rows, d, acc_opts);
+    Bf16DotTiles tiles(pass, max_rows, d, acc_opts);
     body(tiles);
   } else
 #endif
   {
-    BlasTiles<T> tiles(max_rows, d, acc_opts);
+    BlasTiles<T> tiles(pass, max_rows, d, acc_opts);
     body(tiles);
   }
 }
@@ -595,7 +618,7 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
     const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-      with_tiles<scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
+      with_tiles<scalar_t>(Pass::kForward, G * block_q, d, acc_opts, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t b = t / tasks_per_seq, rest = t % tasks_per_seq;
           const int64_t kvh = rest / q_blocks, qb = zigzag(rest % q_blocks, q_blocks);
@@ -731,7 +754,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     if (tasks > 0) {
       at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
         const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-        with_tiles<scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
+        with_tiles<scalar_t>(Pass::kBackward, G * block_q, d, acc_opts, [&](auto& tiles) {
           for (int64_t t = begin; t < end; ++t) {
             const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
             const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
