@@ -86,7 +86,7 @@ def _cpu_vector_flags():
         flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
                  "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
         # fp32 -> bf16 rounding in one instruction, and the VDPBF16PS tile products of bf16
-        # attention (csrc/bf16_dot.h).
+        # attention (csrc/cpu/bf16_dot.h).
         if "avx512_bf16" in _host_cpu_flags():
             flags.append("-mavx512bf16")
         return flags
@@ -95,7 +95,7 @@ def _cpu_vector_flags():
 
 def _extension():
     cxx_flags = ["-O3"] + _cpu_vector_flags()
-    sources = sorted(glob.glob("csrc/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if os.environ.get("LLAMA_EXT_OPENMP", "1") == "1":
         cxx_flags.append("-fopenmp")
     if _want_cuda():

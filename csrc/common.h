@@ -1,4 +1,4 @@
-// Argument checks and dispatch shared by the CPU (csrc/*.cpp) and CUDA (csrc/cuda/*.cu) ops,
+// Argument checks and dispatch shared by the CPU (csrc/cpu/*.cpp) and CUDA (csrc/cuda/*.cu) ops,
 // so that both backends reject bad input with the same message. Exception types follow
 // torch: a wrong dtype raises TypeError, a wrong shape or value ValueError, anything else
 // (devices, layout) RuntimeError.

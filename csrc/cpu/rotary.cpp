@@ -22,7 +22,7 @@
 #include <cstring>
 
 #include "cpu_vec.h"
-#include "rotary.h"
+#include "../rotary.h"
 
 namespace llama_ext {
 namespace {

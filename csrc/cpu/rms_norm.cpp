@@ -18,7 +18,7 @@
 #include <cmath>
 
 #include "cpu_vec.h"
-#include "rms_norm.h"
+#include "../rms_norm.h"
 
 namespace llama_ext {
 namespace {

@@ -29,7 +29,7 @@
 // order afterwards. The number of chunks depends only on the shapes, so results are
 // bit-identical for any thread count (deterministic).
 //
-// Tile products come from a policy (see "tile products" below), so the loops above are
+// Tile products come from a policy (attention_tiles.h), so the loops above are
 // written once:
 //  - bf16, in builds for AVX512-BF16 hosts (setup.py targets the build host's ISA): bf16 tiles
 //    stay bf16 and multiply on VDPBF16PS (bf16_dot.h), at twice the fp32 FMA rate. As FlashAttention does on GPUs, the
@@ -50,9 +50,7 @@
 // read back, as an unfused composite does several times.
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
@@ -62,23 +60,22 @@
 #include <type_traits>
 #include <vector>
 
-#include "attention.h"
-#include "bf16_dot.h"
+#include "../attention.h"
+#include "attention_tiles.h"
 #include "cpu_vec.h"
 
 namespace llama_ext {
 namespace {
 
+using namespace cpu::attention;
+
 // Rows of all G heads of a query block together: G * block_q ~ kTargetRows keeps the score
 // tile in L2 and the products large enough for BLAS to run at full rate.
 constexpr int64_t kTargetRows = 256;
-constexpr int64_t kBlockK = 128;
 // Backward: aim for this many tasks (sequences * kv heads * key chunks) so that every thread
 // has work even with batch 1 and few kv heads; at most kMaxKeyChunks dQ partials.
 constexpr int64_t kTargetBackwardTasks = 32;
 constexpr int64_t kMaxKeyChunks = 8;
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(kTargetRows / group, 16, 128); }
 
@@ -124,64 +121,6 @@ std::vector<int64_t> host_offsets(const std::optional<at::Tensor>& cu_seqlens) {
 // [G, rows, d].
 at::Tensor group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0, int64_t rows) {
   return seq.narrow(0, row0, rows).narrow(1, kvh * group, group).transpose(0, 1);
-}
-
-// Row copies between strided T rows and packed rows of U (T, or its op-math type), converting
-// with at::vec (cheaper than a TensorIterator copy_ for the small blocks here, which run once
-// per tile).
-template <typename T, typename U>
-void load_rows(const T* src, int64_t src_stride, U* dst, int64_t rows, int64_t d) {
-  if constexpr (std::is_same_v<T, U>) {
-    for (int64_t r = 0; r < rows; ++r) std::copy(src + r * src_stride, src + r * src_stride + d, dst + r * d);
-  } else {
-    using IO = cpu::VecIO<T>;
-    constexpr int64_t W = IO::kWidth;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* in = src + r * src_stride;
-      U* out = dst + r * d;
-      int64_t c = 0;
-      for (; c + W <= d; c += W) IO::load(in + c).store(out + c);
-      if (c < d) IO::load_partial(in + c, d - c).store(out + c, d - c);
-    }
-  }
-}
-
-template <typename T>
-void store_rows(const at::opmath_type<T>* src, int64_t src_stride, T* dst, int64_t dst_stride, int64_t rows,
-                int64_t d) {
-  using IO = cpu::VecIO<T>;
-  using Vec = typename IO::Vec;
-  constexpr int64_t W = IO::kWidth;
-  for (int64_t r = 0; r < rows; ++r) {
-    const at::opmath_type<T>* in = src + r * src_stride;
-    T* out = dst + r * dst_stride;
-    int64_t c = 0;
-    for (; c + W <= d; c += W) IO::store(out + c, Vec::loadu(in + c));
-    if (c < d) IO::store(out + c, Vec::loadu(in + c, d - c), d - c);
-  }
-}
-
-// Packs group_rows(seq, ...) into a contiguous [G * rows, d] matrix of U (head-major).
-template <typename T, typename U>
-void pack_group_rows(const at::Tensor& seq, int64_t kvh, int64_t group, int64_t row0, int64_t rows, U* dst) {
-  const int64_t d = seq.size(2);
-  const T* base = seq.const_data_ptr<T>() + row0 * seq.stride(0);
-  for (int64_t g = 0; g < group; ++g) {
-    load_rows<T, U>(base + (kvh * group + g) * seq.stride(1), seq.stride(0), dst + g * rows * d, rows, d);
-  }
-}
-
-// The inverse of pack_group_rows: writes [G * rows, d] acc_t rows (row stride src_stride) into
-// seq, rounding to T.
-template <typename T>
-void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const at::Tensor& seq, int64_t kvh,
-                       int64_t group, int64_t row0, int64_t rows) {
-  const int64_t d = seq.size(2);
-  T* base = seq.mutable_data_ptr<T>() + row0 * seq.stride(0);
-  for (int64_t g = 0; g < group; ++g) {
-    store_rows<T>(src + g * rows * src_stride, src_stride, base + (kvh * group + g) * seq.stride(1), seq.stride(0),
-                  rows, d);
-  }
 }
 
 // D = rowsum(dO * O) of the group rows in pack_group_rows order: out[g * rows + r] is the
@@ -232,254 +171,6 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t valid, acc_t sca
   }
   std::fill(p + valid, p + n, acc_t(0));
   std::fill(dp + valid, dp + n, acc_t(0));
-}
-
-// ---- tile products ----------------------------------------------------------------------------
-//
-// The two policies of the file comment, BlasTiles<T> and Bf16DotTiles, with one interface:
-// load the query-side rows of a block, S (and dP) for a key block, then accumulate P V (or
-// the three gradient products). A policy's score tiles are fp32 rows of stride
-// score_stride(n) >= n; columns past n hold scores of zero-padded keys and are masked like any
-// key the row cannot see. The softmax writes probabilities through probs(row, n), in place
-// over the scores or into the policy's bf16 tile.
-
-enum class Pass { kForward, kBackward };
-
-// Per-thread scratch, uninitialized. Allocated like an output so that under the test suite's
-// LLAMA_EXT_POISON_OUTPUTS=1 it starts as NaN: a product that reads an element no pack or
-// product wrote fails the comparison instead of reading zeros by luck.
-inline at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  return new_output(at::empty(shape, opts));
-}
-
-template <typename T>
-struct BlasTiles {
-  using acc_t = at::opmath_type<T>;
-  using prob_t = acc_t;  // the softmax writes P over the scores, in place
-  static constexpr bool kWiden = !std::is_same_v<T, acc_t>;
-
-  int64_t d, M = 0;
-  at::Tensor q, s;            // [max_rows, d] packed query rows; [max_rows * kBlockK] S / P tile
-  at::Tensor acc;             // forward: [max_rows, d] output accumulator
-  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block (widened into k_buf/v_buf)
-  at::Tensor k_buf, v_buf;    // forward: [kBlockK, d]
-  at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
-  at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], widened once per chunk
-
-  BlasTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts) : d(head_dim) {
-    q = scratch({max_rows, d}, acc_opts);
-    s = scratch({max_rows * kBlockK}, acc_opts);
-    if (pass == Pass::kForward) {
-      acc = scratch({max_rows, d}, acc_opts);
-      if constexpr (kWiden) {
-        k_buf = scratch({kBlockK, d}, acc_opts);
-        v_buf = scratch({kBlockK, d}, acc_opts);
-      }
-    } else {
-      dout = scratch({max_rows, d}, acc_opts);
-      dp = scratch({max_rows * kBlockK}, acc_opts);
-      dq = scratch({max_rows, d}, acc_opts);
-    }
-  }
-  int64_t score_stride(int64_t n) const { return n; }
-  int64_t acc_stride() const { return d; }
-  acc_t* scores() { return s.mutable_data_ptr<acc_t>(); }
-  acc_t* grad_scores() { return dp.mutable_data_ptr<acc_t>(); }
-  prob_t* probs(int64_t row, int64_t n) { return scores() + row * n; }
-  at::Tensor tile(const at::Tensor& buf, int64_t n) { return buf.narrow(0, 0, M * n).view({M, n}); }
-
-  void load_queries(const at::Tensor& q_seq, int64_t kvh, int64_t G, int64_t q0, int64_t rows) {
-    M = G * rows;
-    pack_group_rows<T, acc_t>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<acc_t>());
-  }
-  at::Tensor staged(const at::Tensor& blk, const at::Tensor& buf) {
-    if constexpr (kWiden) {
-      load_rows<T, acc_t>(blk.const_data_ptr<T>(), blk.stride(0), buf.mutable_data_ptr<acc_t>(), blk.size(0), d);
-      return buf.narrow(0, 0, blk.size(0));
-    }
-    return blk;
-  }
-
-  // Forward: S = Q K_blk^T for keys [k0, k0 + n) of the [len_k, d] views.
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
-    k_blk = staged(k_seq.narrow(0, k0, n), k_buf);
-    v_blk = staged(v_seq.narrow(0, k0, n), v_buf);
-    at::Tensor out = tile(s, n);
-    at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
-  }
-  void accumulate_values(int64_t n) { acc.narrow(0, 0, M).addmm_(tile(s, n), v_blk); }
-
-  // Backward.
-  void load_key_chunk(const at::Tensor& k_rows, const at::Tensor& v_rows) {
-    k_chunk = k_rows.to(q.scalar_type());
-    v_chunk = v_rows.to(q.scalar_type());
-    dk = at::zeros(k_chunk.sizes(), q.options());
-    dv = at::zeros(v_chunk.sizes(), q.options());
-  }
-  void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
-                        int64_t rows) {
-    load_queries(q_seq, kvh, G, q0, rows);
-    pack_group_rows<T, acc_t>(dout_seq, kvh, G, q0, rows, dout.mutable_data_ptr<acc_t>());
-  }
-  // S = Q K^T and dP = dO V^T for chunk keys [k0, k0 + n).
-  void backward_scores(int64_t k0, int64_t n) {
-    at::Tensor s_tile = tile(s, n), dp_tile = tile(dp, n);
-    at::mm_out(s_tile, q.narrow(0, 0, M), k_chunk.narrow(0, k0, n).t());
-    at::mm_out(dp_tile, dout.narrow(0, 0, M), v_chunk.narrow(0, k0, n).t());
-  }
-  // dV += P^T dO, dK += dS^T Q, dQ += dS K (the softmax scale is applied by the caller).
-  void accumulate_grads(int64_t k0, int64_t n) {
-    const at::Tensor p_tile = tile(s, n), ds_tile = tile(dp, n);
-    dv.narrow(0, k0, n).addmm_(p_tile.t(), dout.narrow(0, 0, M));
-    dk.narrow(0, k0, n).addmm_(ds_tile.t(), q.narrow(0, 0, M));
-    dq.narrow(0, 0, M).addmm_(ds_tile, k_chunk.narrow(0, k0, n));
-  }
-};
-
-#if defined(LLAMA_EXT_BF16_DOT)
-struct Bf16DotTiles {
-  using acc_t = float;
-  using prob_t = at::BFloat16;  // the softmax rounds P to bf16 for the P V product
-  using bf16 = at::BFloat16;
-  static constexpr int64_t kLanes = cpu::bf16_dot::kLanes;
-
-  int64_t d, d_pad, M = 0;
-  at::Tensor q;     // [max_rows, d] bf16 query rows (A of Q K^T)
-  at::Tensor s;     // [max_rows, kBlockK] fp32 score tile
-  at::Tensor k_t;   // K^T packed [d/2][ldb][2] (B of Q K^T): ldb = n16 in the forward; in the
-                    // backward one [d/2][kBlockK][2] block per kBlockK keys of the chunk
-  // Forward: bf16 P [max_rows, n16], V packed [n16/2][d_pad][2] (B of P V), fp32 output
-  // accumulator [max_rows, d_pad].
-  at::Tensor p, v_pairs, acc;
-  // Backward: dO rows (A of dO V^T); Q and dO as row pairs [ceil(max_rows / 2)][d_pad][2] (B of
-  // dS^T Q and P^T dO); the fp32 dP / dS tile; bf16 P and dS as row pairs (A of P^T dO, dS^T Q
-  // with strides (2, 2 n16)) and dS row-major (A of dS K); dq accumulator [max_rows, d_pad];
-  // per block of the chunk: V^T packed like k_t (B of dO V^T) and K packed
-  // [kBlockK/2][d_pad][2] (B of dS K); dK and dV accumulators [chunk keys, d_pad].
-  at::Tensor dout, q_pairs, dout_pairs, dp, p_pairs, ds_pairs, ds, dq, v_t, k_pairs, dk, dv;
-
-  Bf16DotTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
-      : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)) {
-    const auto bf16_opts = acc_opts.dtype(at::kBFloat16);
-    const int64_t rows_even = cpu::bf16_dot::round_up(max_rows, 2);
-    q = scratch({max_rows * d}, bf16_opts);
-    s = scratch({max_rows * kBlockK}, acc_opts);
-    if (pass == Pass::kForward) {
-      k_t = scratch({d * kBlockK}, bf16_opts);
-      p = scratch({max_rows * kBlockK}, bf16_opts);
-      v_pairs = scratch({kBlockK * d_pad}, bf16_opts);
-      acc = scratch({max_rows, d_pad}, acc_opts);
-    } else {
-      dout = scratch({max_rows * d}, bf16_opts);
-      q_pairs = scratch({rows_even * d_pad}, bf16_opts);
-      dout_pairs = scratch({rows_even * d_pad}, bf16_opts);
-      dp = scratch({max_rows * kBlockK}, acc_opts);
-      p_pairs = scratch({rows_even * kBlockK}, bf16_opts);
-      ds_pairs = scratch({rows_even * kBlockK}, bf16_opts);
-      ds = scratch({max_rows * kBlockK}, bf16_opts);
-      dq = scratch({max_rows, d_pad}, acc_opts);
-    }
-  }
-  static bf16* bf16_ptr(const at::Tensor& t) { return t.mutable_data_ptr<bf16>(); }
-  static float* fp32_ptr(const at::Tensor& t) { return t.mutable_data_ptr<float>(); }
-  static int64_t score_stride(int64_t n) { return cpu::bf16_dot::round_up(n, kLanes); }
-  int64_t acc_stride() const { return d_pad; }
-  float* scores() { return fp32_ptr(s); }
-  float* grad_scores() { return fp32_ptr(dp); }
-  prob_t* probs(int64_t row, int64_t n) { return bf16_ptr(p) + row * score_stride(n); }
-
-  void load_queries(const at::Tensor& q_seq, int64_t kvh, int64_t G, int64_t q0, int64_t rows) {
-    M = G * rows;
-    pack_group_rows<bf16, bf16>(q_seq, kvh, G, q0, rows, bf16_ptr(q));
-  }
-  // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K^T.
-  void pack_keys_transposed(const at::Tensor& seq, int64_t k0, int64_t n, bf16* dst, int64_t ldb) const {
-    cpu::bf16_dot::pack_transposed(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldb);
-  }
-  // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K (K rows padded to ldk).
-  void pack_keys_as_rows(const at::Tensor& seq, int64_t k0, int64_t n, int64_t ldk, bf16* dst) const {
-    cpu::bf16_dot::pack_row_pairs(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldk / 2,
-                                  d_pad);
-  }
-  // out[M, n16] = x[M, d] Y^T with Y^T packed (ldb columns).
-  void product_with_keys(const at::Tensor& x, const bf16* y_t, int64_t ldb, int64_t n, float* out) const {
-    const int64_t n16 = score_stride(n);
-    cpu::bf16_dot::gemm(M, n16, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n16, /*accumulate=*/false);
-  }
-
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
-    const int64_t n16 = score_stride(n);
-    pack_keys_transposed(k_seq, k0, n, bf16_ptr(k_t), n16);
-    pack_keys_as_rows(v_seq, k0, n, n16, bf16_ptr(v_pairs));
-    product_with_keys(q, bf16_ptr(k_t), n16, n, fp32_ptr(s));
-  }
-  void accumulate_values(int64_t n) {
-    const int64_t n16 = score_stride(n);
-    cpu::bf16_dot::gemm(M, d_pad, n16 / 2, {bf16_ptr(p), n16, 2}, bf16_ptr(v_pairs), d_pad, fp32_ptr(acc), d_pad,
-                        /*accumulate=*/true);
-  }
-
-  void load_key_chunk(const at::Tensor& k_rows, const at::Tensor& v_rows) {
-    const int64_t keys = k_rows.size(0), blocks = ceil_div(keys, kBlockK);
-    const auto bf16_opts = s.options().dtype(at::kBFloat16);
-    if (!k_t.defined() || k_t.numel() < blocks * d * kBlockK) {  // grows to the largest chunk
-      k_t = scratch({blocks * d * kBlockK}, bf16_opts);
-      v_t = scratch({blocks * d * kBlockK}, bf16_opts);
-      k_pairs = scratch({blocks * kBlockK * d_pad}, bf16_opts);
-    }
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t k0 = blk * kBlockK, n = std::min(kBlockK, keys - k0);
-      pack_keys_transposed(k_rows, k0, n, bf16_ptr(k_t) + blk * d * kBlockK, kBlockK);
-      pack_keys_transposed(v_rows, k0, n, bf16_ptr(v_t) + blk * d * kBlockK, kBlockK);
-      pack_keys_as_rows(k_rows, k0, n, kBlockK, bf16_ptr(k_pairs) + blk * kBlockK * d_pad);
-    }
-    dk = at::zeros({keys, d_pad}, s.options());
-    dv = at::zeros({keys, d_pad}, s.options());
-  }
-  void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
-                        int64_t rows) {
-    load_queries(q_seq, kvh, G, q0, rows);
-    pack_group_rows<bf16, bf16>(dout_seq, kvh, G, q0, rows, bf16_ptr(dout));
-    const int64_t row_pairs = ceil_div(M, 2);
-    cpu::bf16_dot::pack_row_pairs(bf16_ptr(q), d, M, d, bf16_ptr(q_pairs), row_pairs, d_pad);
-    cpu::bf16_dot::pack_row_pairs(bf16_ptr(dout), d, M, d, bf16_ptr(dout_pairs), row_pairs, d_pad);
-  }
-  // k0 is a multiple of kBlockK (chunks are whole blocks); n <= kBlockK.
-  void backward_scores(int64_t k0, int64_t n) {
-    const int64_t block_offset = (k0 / kBlockK) * d * kBlockK;
-    product_with_keys(q, bf16_ptr(k_t) + block_offset, kBlockK, n, fp32_ptr(s));
-    product_with_keys(dout, bf16_ptr(v_t) + block_offset, kBlockK, n, fp32_ptr(dp));
-  }
-  void accumulate_grads(int64_t k0, int64_t n) {
-    namespace dot = cpu::bf16_dot;
-    const int64_t n16 = score_stride(n), row_pairs = ceil_div(M, 2);
-    dot::round_row_pairs(fp32_ptr(s), n16, M, n16, bf16_ptr(p_pairs));
-    dot::round_row_pairs(fp32_ptr(dp), n16, M, n16, bf16_ptr(ds_pairs));
-    dot::round_rows(fp32_ptr(dp), n16, M, n16, bf16_ptr(ds), n16);
-    // As A operands with strides (2, 2 n16) the row-pair layouts read as P^T and dS^T.
-    dot::gemm(n, d_pad, row_pairs, {bf16_ptr(p_pairs), 2, 2 * n16}, bf16_ptr(dout_pairs), d_pad,
-              fp32_ptr(dv) + k0 * d_pad, d_pad, /*accumulate=*/true);
-    dot::gemm(n, d_pad, row_pairs, {bf16_ptr(ds_pairs), 2, 2 * n16}, bf16_ptr(q_pairs), d_pad,
-              fp32_ptr(dk) + k0 * d_pad, d_pad, /*accumulate=*/true);
-    dot::gemm(M, d_pad, n16 / 2, {bf16_ptr(ds), n16, 2}, bf16_ptr(k_pairs) + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
-              fp32_ptr(dq), d_pad, /*accumulate=*/true);
-  }
-};
-#endif
-
-// Runs body with the tile policy for dtype T.
-template <typename T, typename Body>
-void with_tiles(Pass pass, int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
-#if defined(LLAMA_EXT_BF16_DOT)
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    Bf16DotTiles tiles(pass, max_rows, d, acc_opts);
-    body(tiles);
-  } else
-#endif
-  {
-    BlasTiles<T> tiles(pass, max_rows, d, acc_opts);
-    body(tiles);
-  }
 }
 
 // ---- forward --------------------------------------------------------------------------------
