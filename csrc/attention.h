@@ -1,4 +1,5 @@
-// Grouped-query attention argument checks, shared by the CPU and CUDA implementations.
+// Grouped-query attention: argument checks and the host templates shared by the CPU and CUDA
+// implementations.
 //
 // Batched: q [batch, seq_q, n_q_heads, head_dim], k/v [batch, seq_k, n_kv_heads, head_dim].
 // Varlen:  q [total_q, n_q_heads, head_dim], k/v [total_k, n_kv_heads, head_dim], with int32
@@ -7,8 +8,11 @@
 // the last, which must be contiguous.
 #pragma once
 
+#include <ATen/ops/empty.h>
+
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -61,7 +65,7 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   const char* layout = varlen ? "[total_tokens, heads, head_dim]" : "[batch, seq, heads, head_dim]";
   TORCH_CHECK_VALUE(q.dim() == rank, "q must be ", layout, ", got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == rank, "k must be ", layout, ", got shape ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the same shape as k (", k.sizes(), "), got ", v.sizes());
+  check_same_shape(v, "v", k, "k");
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
@@ -120,7 +124,7 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
     check_same_dtype(t, name, q, "q");
     check_same_device(t, name, q, "q");
-    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have q's shape (", q.sizes(), "), got ", t.sizes());
+    check_same_shape(t, name, q, "q");
     check_last_dim_contiguous(t, name);
   }
   check_same_device(lse, "lse", q, "q");
@@ -129,6 +133,64 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
   const std::vector<int64_t> expected = lse_shape(q, shape);
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected), "lse must have shape ", at::IntArrayRef(expected),
                     ", got ", lse.sizes());
+}
+
+// ---- host side shared by both backends --------------------------------------------------------
+// Checks, output allocation and the calls with no work are the same on CPU and CUDA; only the
+// launch differs. A launcher receives one checked call with its outputs allocated, and only
+// when both q and k hold at least one token.
+struct AttentionCall {
+  at::Tensor q, k, v;
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set (varlen) or both empty
+  AttentionShape shape;
+  bool causal;
+  double scale;
+  at::Tensor out, lse;               // forward: written; backward: read
+  at::Tensor grad_out, dq, dk, dv;   // backward only: grad_out read, the gradients written
+};
+
+// A backend's own limits, checked after the shared ones and before anything is allocated.
+using AttentionLimits = void (*)(const at::Tensor& q, const AttentionShape& shape);
+using AttentionLauncher = void (*)(const AttentionCall& call);
+
+// The CPU kernels take everything check_attention_args accepts.
+inline void no_backend_limits(const at::Tensor&, const AttentionShape&) {}
+
+// The op implementations: each backend registers these with its limits and launchers, e.g.
+// m.impl("gqa_attention_forward", &gqa_attention_forward<no_backend_limits, attention_forward_cpu>).
+template <AttentionLimits check_limits, AttentionLauncher launch>
+std::tuple<at::Tensor, at::Tensor> gqa_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const std::optional<at::Tensor>& cu_seqlens_q,
+                                                         const std::optional<at::Tensor>& cu_seqlens_k,
+                                                         int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                         double scale) {
+  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale};
+  call.shape = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_limits(q, call.shape);
+  call.out = new_output(at::empty(q.sizes(), q.options()));
+  call.lse = new_output(at::empty(lse_shape(q, call.shape), q.options().dtype(stats_dtype(q.scalar_type()))));
+  if (q.numel() == 0) return {call.out, call.lse};
+  if (k.numel() == 0) return {call.out.zero_(), call.lse.zero_()};  // no row sees a key
+  launch(call);
+  return {call.out, call.lse};
+}
+
+template <AttentionLimits check_limits, AttentionLauncher launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale) {
+  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale, out, lse, grad_out};
+  call.shape = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  check_attention_backward_args(grad_out, out, lse, q, call.shape);
+  check_limits(q, call.shape);
+  call.dq = new_output(at::empty(q.sizes(), q.options()));
+  call.dk = new_output(at::empty(k.sizes(), k.options()));
+  call.dv = new_output(at::empty(v.sizes(), v.options()));
+  if (q.numel() == 0 || k.numel() == 0) return {call.dq.zero_(), call.dk.zero_(), call.dv.zero_()};
+  launch(call);
+  return {call.dq, call.dk, call.dv};
 }
 
 }  // namespace llama_ext

@@ -61,7 +61,7 @@ struct BwdConfig {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
-    attention_backward_tc_kernel(const Params p) {
+    attention_backward_tc_kernel(const AttentionParams p) {
   using C = BwdConfig<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
 constexpr int kDeltaWarps = 4;
 
 template <typename T>
-__global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_kernel(const Params p) {
+__global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_kernel(const AttentionParams p) {
   const int b = blockIdx.z;
   const int head = blockIdx.y;
   const Seq seq = sequence(p, b);
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_ker
 }  // namespace
 
 template <typename T, int D>
-bool launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t stream) {
+bool launch_backward_tc(const AttentionParams& p, int batch, int n_kv_heads, cudaStream_t stream) {
   using C = BwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T) + 4 * C::kBlockM * sizeof(float);
   if (!smem_fits(smem_bytes)) return false;
@@ -299,7 +299,7 @@ bool launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t
 }
 
 template <typename T>
-void launch_backward_delta(const Params& p, int batch, cudaStream_t stream) {
+void launch_backward_delta(const AttentionParams& p, int batch, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, kDeltaWarps)), p.n_q_heads, batch);
   if (grid_empty(grid)) return;
   attention_backward_delta_kernel<T><<<grid, kDeltaWarps * 32, 0, stream>>>(p);
@@ -307,17 +307,17 @@ void launch_backward_delta(const Params& p, int batch, cudaStream_t stream) {
 }
 
 #define LLAMA_EXT_INSTANTIATE_BWD(T)                                                \
-  template bool launch_backward_tc<T, 32>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 64>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 80>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 96>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 128>(const Params&, int, int, cudaStream_t);
+  template bool launch_backward_tc<T, 32>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 64>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 80>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 96>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 128>(const AttentionParams&, int, int, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_BWD(__half)
 LLAMA_EXT_INSTANTIATE_BWD(__nv_bfloat16)
 #undef LLAMA_EXT_INSTANTIATE_BWD
 
-template void launch_backward_delta<float>(const Params&, int, cudaStream_t);
-template void launch_backward_delta<__half>(const Params&, int, cudaStream_t);
-template void launch_backward_delta<__nv_bfloat16>(const Params&, int, cudaStream_t);
+template void launch_backward_delta<float>(const AttentionParams&, int, cudaStream_t);
+template void launch_backward_delta<__half>(const AttentionParams&, int, cudaStream_t);
+template void launch_backward_delta<__nv_bfloat16>(const AttentionParams&, int, cudaStream_t);
 
 }  // namespace llama_ext::cuda::attention

@@ -20,7 +20,7 @@ struct Strides {
   int64_t head;
 };
 
-struct Params {
+struct AttentionParams {
   // Forward inputs/outputs.
   const void* q;
   const void* k;
@@ -65,7 +65,7 @@ struct Seq {
   int len_k;
 };
 
-__device__ __forceinline__ Seq sequence(const Params& p, int b) {
+__device__ __forceinline__ Seq sequence(const AttentionParams& p, int b) {
   if (p.cu_seqlens_q == nullptr) return Seq{0, 0, p.seq_q, p.seq_k};
   const int q0 = p.cu_seqlens_q[b];
   const int k0 = p.cu_seqlens_k[b];
@@ -77,7 +77,7 @@ __device__ __forceinline__ int64_t offset(const Strides& s, int b, int64_t seq_s
   return b * s.batch + (seq_start + row) * s.row + head * s.head;
 }
 
-__device__ __forceinline__ int64_t lse_offset(const Params& p, int b, const Seq& seq, int64_t row, int head) {
+__device__ __forceinline__ int64_t lse_offset(const AttentionParams& p, int b, const Seq& seq, int64_t row, int head) {
   return b * p.lse_batch + head * p.lse_head + seq.start_q + row;
 }
 

@@ -48,7 +48,7 @@ struct FwdConfig {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
-    attention_forward_tc_kernel(const Params p) {
+    attention_forward_tc_kernel(const AttentionParams p) {
   using C = FwdConfig<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -210,7 +210,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
 }  // namespace
 
 template <typename T, int D>
-bool launch_forward_tc(const Params& p, int batch, cudaStream_t stream) {
+bool launch_forward_tc(const AttentionParams& p, int batch, cudaStream_t stream) {
   using C = FwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T);
   if (!smem_fits(smem_bytes)) return false;
@@ -224,12 +224,12 @@ bool launch_forward_tc(const Params& p, int batch, cudaStream_t stream) {
 }
 
 #define LLAMA_EXT_INSTANTIATE_FWD(T)                                          \
-  template bool launch_forward_tc<T, 32>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 64>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 80>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 96>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 128>(const Params&, int, cudaStream_t); \
-  template bool launch_forward_tc<T, 256>(const Params&, int, cudaStream_t);
+  template bool launch_forward_tc<T, 32>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 64>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 80>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 96>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 128>(const AttentionParams&, int, cudaStream_t); \
+  template bool launch_forward_tc<T, 256>(const AttentionParams&, int, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_FWD(__half)
 LLAMA_EXT_INSTANTIATE_FWD(__nv_bfloat16)
 #undef LLAMA_EXT_INSTANTIATE_FWD

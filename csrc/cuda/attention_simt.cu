@@ -11,7 +11,7 @@
 //   dk, dv:  one key row; it loops over every query head of its group and every query that
 //            sees the key, dv += P dO and dk += dS q, so the group sum happens in registers and
 //            nothing is written twice (deterministic, no atomics).
-// It shares Params, the sequence/stride offsets and the causal-mask helpers with the
+// It shares AttentionParams, the sequence/stride offsets and the causal-mask helpers with the
 // tensor-core kernels (attention_common.cuh), so both paths mask and index identically.
 //
 // Cost. The same FLOPs as the tensor-core kernels (plus a second score recompute in the
@@ -58,7 +58,7 @@ __device__ __forceinline__ float dot_row(const float (&x)[kSlots], const T* row,
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_kernel(const Params p) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_kernel(const AttentionParams p) {
   const int b = blockIdx.z;
   const int head = blockIdx.y;
   const Seq seq = sequence(p, b);
@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_ke
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_simt_kernel(const Params p, T* dq) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_simt_kernel(const AttentionParams p, T* dq) {
   const int b = blockIdx.z;
   const int head = blockIdx.y;
   const Seq seq = sequence(p, b);
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_sim
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dkdv_simt_kernel(const Params p) {
+__global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dkdv_simt_kernel(const AttentionParams p) {
   const int b = blockIdx.z;
   const int kv_head = blockIdx.y;
   const Seq seq = sequence(p, b);
@@ -175,7 +175,7 @@ dim3 row_grid(int rows, int heads, int batch) {
 }  // namespace
 
 template <typename T>
-void launch_forward_simt(const Params& p, int batch, cudaStream_t stream) {
+void launch_forward_simt(const AttentionParams& p, int batch, cudaStream_t stream) {
   const dim3 grid = row_grid(p.seq_q, p.n_q_heads, batch);
   if (grid_empty(grid)) return;
   attention_forward_simt_kernel<T><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
@@ -183,7 +183,7 @@ void launch_forward_simt(const Params& p, int batch, cudaStream_t stream) {
 }
 
 template <typename T>
-void launch_backward_simt(const Params& p, int batch, int n_kv_heads, void* dq, cudaStream_t stream) {
+void launch_backward_simt(const AttentionParams& p, int batch, int n_kv_heads, void* dq, cudaStream_t stream) {
   const dim3 dq_grid = row_grid(p.seq_q, p.n_q_heads, batch);
   if (!grid_empty(dq_grid)) {
     attention_backward_dq_simt_kernel<T><<<dq_grid, kWarpsPerBlock * 32, 0, stream>>>(p, static_cast<T*>(dq));
@@ -197,8 +197,8 @@ void launch_backward_simt(const Params& p, int batch, int n_kv_heads, void* dq, 
 }
 
 #define LLAMA_EXT_INSTANTIATE_SIMT(T)                                          \
-  template void launch_forward_simt<T>(const Params&, int, cudaStream_t); \
-  template void launch_backward_simt<T>(const Params&, int, int, void*, cudaStream_t);
+  template void launch_forward_simt<T>(const AttentionParams&, int, cudaStream_t); \
+  template void launch_backward_simt<T>(const AttentionParams&, int, int, void*, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_SIMT(float)
 LLAMA_EXT_INSTANTIATE_SIMT(__half)
 LLAMA_EXT_INSTANTIATE_SIMT(__nv_bfloat16)
