@@ -19,7 +19,7 @@ from llama_ext.reference import (
     rotary_reference,
 )
 
-from conftest import DEVICES, TOLERANCES, assert_close, dtypes_for
+from conftest import CUDA_HEAD_DIMS, DEVICES, TOLERANCES, assert_close, dtypes_for
 
 # Deterministic and bounded: a fixed seed per test (derandomize), no example database on disk,
 # a fixed number of examples, no per-example deadline (the first call may compile or warm up).
@@ -135,9 +135,6 @@ def test_property_apply_rotary_forward_backward(device, data):
     torch.autograd.backward([q2, k2], [gq, gk])
     assert_close(q.grad, rotary_reference(gq, cos, sin, positions, interleaved, inverse=True), dtype)
     assert_close(k.grad, rotary_reference(gk, cos, sin, positions, interleaved, inverse=True), dtype)
-
-
-CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 
 
 def _attention_head_dim(data, device):

@@ -33,8 +33,6 @@
 namespace llama_ext::cuda::attention {
 namespace {
 
-constexpr float kLog2e = 1.4426950408889634f;
-
 template <int D>
 struct BwdConfig {
   static constexpr int kBlockN = 64;
@@ -56,7 +54,7 @@ struct BwdConfig {
   static_assert(kBlockN == 16 * kWarps, "each warp owns 16 keys");
   static_assert(kWarps % kRowGroups == 0 && kDTiles % kDimSplits == 0, "dQ work splits evenly over warps");
   static_assert(kDTiles % 2 == 0 && kMTiles % 2 == 0, "B fragments are loaded in n-tile pairs");
-  static_assert(D <= 128, "dK + dV of D = 256 do not fit in registers");
+  static_assert(D <= kMaxBackwardTcHeadDim, "dK + dV of larger head dims do not fit in registers");
 };
 
 template <typename T, int D>
@@ -282,42 +280,47 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_ker
   if (lane == 0) p.delta[lse_offset(p, b, seq, row, head)] = sum;
 }
 
-}  // namespace
-
 template <typename T, int D>
-bool launch_backward_tc(const AttentionParams& p, int batch, int n_kv_heads, cudaStream_t stream) {
+bool launch_backward_kernel(const AttentionParams& p, cudaStream_t stream) {
   using C = BwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T) + 4 * C::kBlockM * sizeof(float);
   if (!smem_fits(smem_bytes)) return false;
   auto kernel = attention_backward_tc_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_k, C::kBlockN)), n_kv_heads, batch);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_k, C::kBlockN)), p.n_kv_heads, p.batch);
   if (grid_empty(grid)) return true;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
+}  // namespace
+
 template <typename T>
-void launch_backward_delta(const AttentionParams& p, int batch, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, kDeltaWarps)), p.n_q_heads, batch);
+bool launch_backward_tc(const AttentionParams& p, cudaStream_t stream) {
+  return dispatch_head_dim(p.head_dim, [&](auto d) {
+    constexpr int D = decltype(d)::value;
+    if constexpr (D <= kMaxBackwardTcHeadDim) {
+      return launch_backward_kernel<T, D>(p, stream);
+    } else {
+      return false;
+    }
+  });
+}
+
+template <typename T>
+void launch_backward_delta(const AttentionParams& p, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, kDeltaWarps)), p.n_q_heads, p.batch);
   if (grid_empty(grid)) return;
   attention_backward_delta_kernel<T><<<grid, kDeltaWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-#define LLAMA_EXT_INSTANTIATE_BWD(T)                                                \
-  template bool launch_backward_tc<T, 32>(const AttentionParams&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 64>(const AttentionParams&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 80>(const AttentionParams&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 96>(const AttentionParams&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 128>(const AttentionParams&, int, int, cudaStream_t);
-LLAMA_EXT_INSTANTIATE_BWD(__half)
-LLAMA_EXT_INSTANTIATE_BWD(__nv_bfloat16)
-#undef LLAMA_EXT_INSTANTIATE_BWD
-
-template void launch_backward_delta<float>(const AttentionParams&, int, cudaStream_t);
-template void launch_backward_delta<__half>(const AttentionParams&, int, cudaStream_t);
-template void launch_backward_delta<__nv_bfloat16>(const AttentionParams&, int, cudaStream_t);
+#define LLAMA_EXT_INSTANTIATE_BWD_TC(T) template bool launch_backward_tc<T>(const AttentionParams&, cudaStream_t);
+LLAMA_EXT_ATTENTION_TC_TYPES(LLAMA_EXT_INSTANTIATE_BWD_TC)
+#undef LLAMA_EXT_INSTANTIATE_BWD_TC
+#define LLAMA_EXT_INSTANTIATE_DELTA(T) template void launch_backward_delta<T>(const AttentionParams&, cudaStream_t);
+LLAMA_EXT_ATTENTION_TYPES(LLAMA_EXT_INSTANTIATE_DELTA)
+#undef LLAMA_EXT_INSTANTIATE_DELTA
 
 }  // namespace llama_ext::cuda::attention

@@ -202,36 +202,34 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
           mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv);
     }
     if (t == 0) {
-      p.lse[lse_offset(p, b, seq, rows[r], head)] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994531f : 0.f;
+      p.lse[lse_offset(p, b, seq, rows[r], head)] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : 0.f;
     }
   }
 }
 
-}  // namespace
-
 template <typename T, int D>
-bool launch_forward_tc(const AttentionParams& p, int batch, cudaStream_t stream) {
+bool launch_forward_kernel(const AttentionParams& p, cudaStream_t stream) {
   using C = FwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T);
   if (!smem_fits(smem_bytes)) return false;
   auto kernel = attention_forward_tc_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, batch);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, p.batch);
   if (grid_empty(grid)) return true;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
-#define LLAMA_EXT_INSTANTIATE_FWD(T)                                          \
-  template bool launch_forward_tc<T, 32>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 64>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 80>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 96>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 128>(const AttentionParams&, int, cudaStream_t); \
-  template bool launch_forward_tc<T, 256>(const AttentionParams&, int, cudaStream_t);
-LLAMA_EXT_INSTANTIATE_FWD(__half)
-LLAMA_EXT_INSTANTIATE_FWD(__nv_bfloat16)
+}  // namespace
+
+template <typename T>
+bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream) {
+  return dispatch_head_dim(p.head_dim, [&](auto d) { return launch_forward_kernel<T, decltype(d)::value>(p, stream); });
+}
+
+#define LLAMA_EXT_INSTANTIATE_FWD(T) template bool launch_forward_tc<T>(const AttentionParams&, cudaStream_t);
+LLAMA_EXT_ATTENTION_TC_TYPES(LLAMA_EXT_INSTANTIATE_FWD)
 #undef LLAMA_EXT_INSTANTIATE_FWD
 
 }  // namespace llama_ext::cuda::attention
