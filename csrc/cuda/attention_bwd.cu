@@ -35,6 +35,7 @@ namespace {
 
 template <int D>
 struct BwdConfig {
+  static constexpr int kD = D;
   static constexpr int kBlockN = 64;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
@@ -57,193 +58,130 @@ struct BwdConfig {
   static_assert(D <= kMaxBackwardTcHeadDim, "dK + dV of larger head dims do not fit in registers");
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(BwdConfig<D>::kThreads)
-    attention_backward_tc_kernel(const AttentionParams p) {
-  using C = BwdConfig<D>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + C::kBlockN * C::kPitch;
-  T* sQ = sV + C::kBlockN * C::kPitch;     // [2][kBlockM][kPitch]
-  T* sdO = sQ + 2 * C::kBlockM * C::kPitch;  // [2][kBlockM][kPitch]
-  T* sdS = sdO + 2 * C::kBlockM * C::kPitch;  // [kBlockM][kDsPitch]
-  float* sLse2 = reinterpret_cast<float*>(sdS + C::kBlockM * C::kDsPitch);  // [2][kBlockM], lse * log2 e
-  float* sDelta = sLse2 + 2 * C::kBlockM;                                   // [2][kBlockM]
+// The query tile of one iteration of a CTA's loop: query head `head`, rows [m0, m0 + kBlockM).
+// Iteration `it` takes query head kv_head * group + it / m_blocks and query block
+// m_block_begin + it % m_blocks.
+struct QueryTile {
+  int head;
+  int m0;
+};
 
-  const int b = blockIdx.z;
-  const int kv_head = blockIdx.y;
-  const Seq seq = sequence(p, b);
-  const int n0 = blockIdx.x * C::kBlockN;
-  if (n0 >= seq.len_k) return;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+template <typename C>
+__device__ __forceinline__ QueryTile query_tile(const AttentionParams& p, int kv_head, int m_block_begin, int m_blocks,
+                                                int it) {
+  return QueryTile{kv_head * p.group + it / m_blocks, (m_block_begin + it % m_blocks) * C::kBlockM};
+}
+
+// Stage: load the Q and dO rows of a query tile into buffer `buf`, with lse * log2(e) and delta.
+// Rows past the sequence are zero-filled and get lse = +inf, so their P (and dS) is exactly 0.
+template <typename T, typename C>
+__device__ __forceinline__ void load_query_tile(T* sQ, T* sdO, float* sLse2, float* sDelta, const AttentionParams& p,
+                                                const Seq& seq, int b, const QueryTile& tile, int buf) {
+  const T* q = static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, tile.m0, tile.head);
+  const T* dout = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, seq.start_q, tile.m0, tile.head);
+  load_tile<T, C::kD, C::kBlockM, C::kThreads>(sQ + buf * C::kBlockM * C::kPitch, q, p.q_strides.row,
+                                               seq.len_q - tile.m0, p.aligned16);
+  load_tile<T, C::kD, C::kBlockM, C::kThreads>(sdO + buf * C::kBlockM * C::kPitch, dout, p.dout_strides.row,
+                                               seq.len_q - tile.m0, p.aligned16);
+  for (int i = threadIdx.x; i < C::kBlockM; i += C::kThreads) {
+    const bool valid = tile.m0 + i < seq.len_q;
+    const int64_t at = lse_offset(p, b, seq, tile.m0 + i, tile.head);
+    sLse2[buf * C::kBlockM + i] = valid ? p.lse[at] * kLog2e : INFINITY;
+    sDelta[buf * C::kBlockM + i] = valid ? p.delta[at] : 0.f;
+  }
+}
+
+// Stage: P^T = exp2(S^T * scale * log2(e) - lse * log2(e)) for the warp's 16 keys (from kw) x
+// kBlockM queries, S^T = K Q^T; 0 where the key is invisible to the query. Element e of m-tile
+// mt is key kw + g + 8 * (e / 2), query mt * 8 + 2t + e % 2 (both local to the tile).
+template <typename T, typename C>
+__device__ __forceinline__ void probabilities_t(float (&p_t)[C::kMTiles][4], const T* sK, const T* q_tile,
+                                                const float* lse2, const AttentionParams& p, const Seq& seq, int m0,
+                                                int n0, int kw, int lane) {
   const int g = lane / 4, t = lane % 4;
-
-  const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, n0, kv_head);
-  const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, n0, kv_head);
-  load_tile<T, D, C::kBlockN, C::kThreads>(sK, k, p.k_strides.row, seq.len_k - n0, p.aligned16);
-  load_tile<T, D, C::kBlockN, C::kThreads>(sV, v, p.v_strides.row, seq.len_k - n0, p.aligned16);
-
-  // Query blocks that can see a key of this block: from the first query that sees key n0.
-  const int m_block_begin = first_query(n0, seq, p.causal) / C::kBlockM;
-  const int m_blocks = tiles_of(seq.len_q, C::kBlockM) - m_block_begin;
-  const int n_iters = m_blocks > 0 ? p.group * m_blocks : 0;
-
-  // Iteration `it` handles query head kv_head * group + it / m_blocks, query block
-  // m_block_begin + it % m_blocks.
-  auto load_q_block = [&](int it, int buf) {
-    const int head = kv_head * p.group + it / m_blocks;
-    const int m0 = (m_block_begin + it % m_blocks) * C::kBlockM;
-    const T* q = static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, m0, head);
-    const T* dout = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, seq.start_q, m0, head);
-    load_tile<T, D, C::kBlockM, C::kThreads>(sQ + buf * C::kBlockM * C::kPitch, q, p.q_strides.row,
-                                             seq.len_q - m0, p.aligned16);
-    load_tile<T, D, C::kBlockM, C::kThreads>(sdO + buf * C::kBlockM * C::kPitch, dout, p.dout_strides.row,
-                                             seq.len_q - m0, p.aligned16);
-    for (int i = threadIdx.x; i < C::kBlockM; i += C::kThreads) {
-      const bool valid = m0 + i < seq.len_q;
-      const int64_t at = lse_offset(p, b, seq, m0 + i, head);
-      // Query rows past the sequence get lse = +inf, so their P (and dS) is exactly 0.
-      sLse2[buf * C::kBlockM + i] = valid ? p.lse[at] * kLog2e : INFINITY;
-      sDelta[buf * C::kBlockM + i] = valid ? p.delta[at] : 0.f;
-    }
-  };
-  if (n_iters > 0) load_q_block(0, 0);
-  mma::cp_async_commit();
-
-  const int kw = warp * 16;  // the warp's keys within the block
-  float dk_acc[C::kDTiles][4] = {};
-  float dv_acc[C::kDTiles][4] = {};
-
-  for (int it = 0; it < n_iters; ++it) {
-    mma::cp_async_wait<0>();
-    __syncthreads();  // block `it` visible; everyone is done with the other buffer and with sdS
-    if (it + 1 < n_iters) load_q_block(it + 1, (it + 1) % 2);
-    mma::cp_async_commit();
-
-    const int buf = it % 2;
-    const int head = kv_head * p.group + it / m_blocks;
-    const int m0 = (m_block_begin + it % m_blocks) * C::kBlockM;
-    const T* q_tile = sQ + buf * C::kBlockM * C::kPitch;
-    const T* do_tile = sdO + buf * C::kBlockM * C::kPitch;
-    const float* lse2 = sLse2 + buf * C::kBlockM;
-    const float* delta = sDelta + buf * C::kBlockM;
-
-    // S^T = K Q^T: the warp's 16 keys x kBlockM queries. Element e of m-tile mt is key
-    // kw + g + 8 * (e / 2), query mt * 8 + 2t + e % 2 (both local to the tile).
-    float p_t[C::kMTiles][4] = {};
 #pragma unroll
-    for (int kc = 0; kc < C::kDChunks; ++kc) {
-      uint32_t a[4];
-      mma::load_a(a, sK, C::kPitch, kw, kc * 16, lane);
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
 #pragma unroll
-      for (int mt = 0; mt < C::kMTiles; mt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_nk(b0, b1, q_tile, C::kPitch, mt * 8, kc * 16, lane);
-        mma::mma_16x8x16<T>(p_t[mt], a, b0);
-        mma::mma_16x8x16<T>(p_t[mt + 1], a, b1);
-      }
-    }
-    const bool masked = tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal);
+    for (int e = 0; e < 4; ++e) p_t[mt][e] = 0.f;
+  }
+  mma::warp_gemm_nk<T, C::kDChunks, C::kMTiles>(p_t, mma::ATileRows<T>{sK, C::kPitch, kw}, q_tile, C::kPitch, 0, lane);
+  const bool masked = tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal);
 #pragma unroll
-    for (int mt = 0; mt < C::kMTiles; ++mt) {
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int query = mt * 8 + 2 * t + e % 2;
-        const int key = kw + g + 8 * (e / 2);
-        const bool visible = !masked || key_visible(m0 + query, n0 + key, seq, p.causal);
-        p_t[mt][e] = visible ? exp2f(p_t[mt][e] * p.scale_log2 - lse2[query]) : 0.f;
-      }
-    }
-
-    // dV += P^T dO.
-#pragma unroll
-    for (int kc = 0; kc < C::kMChunks; ++kc) {
-      uint32_t a[4];
-      mma::pack_a_from_acc<T>(a, p_t[2 * kc], p_t[2 * kc + 1]);
-#pragma unroll
-      for (int dt = 0; dt < C::kDTiles; dt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_kn(b0, b1, do_tile, C::kPitch, kc * 16, dt * 8, lane);
-        mma::mma_16x8x16<T>(dv_acc[dt], a, b0);
-        mma::mma_16x8x16<T>(dv_acc[dt + 1], a, b1);
-      }
-    }
-
-    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place.
-    float ds_t[C::kMTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < C::kDChunks; ++kc) {
-      uint32_t a[4];
-      mma::load_a(a, sV, C::kPitch, kw, kc * 16, lane);
-#pragma unroll
-      for (int mt = 0; mt < C::kMTiles; mt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_nk(b0, b1, do_tile, C::kPitch, mt * 8, kc * 16, lane);
-        mma::mma_16x8x16<T>(ds_t[mt], a, b0);
-        mma::mma_16x8x16<T>(ds_t[mt + 1], a, b1);
-      }
-    }
-#pragma unroll
-    for (int mt = 0; mt < C::kMTiles; ++mt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ds_t[mt][e] = p_t[mt][e] * (ds_t[mt][e] - delta[mt * 8 + 2 * t + e % 2]);
-    }
-
-    // dK += dS^T Q.
-#pragma unroll
-    for (int kc = 0; kc < C::kMChunks; ++kc) {
-      uint32_t a[4];
-      mma::pack_a_from_acc<T>(a, ds_t[2 * kc], ds_t[2 * kc + 1]);
-#pragma unroll
-      for (int dt = 0; dt < C::kDTiles; dt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_kn(b0, b1, q_tile, C::kPitch, kc * 16, dt * 8, lane);
-        mma::mma_16x8x16<T>(dk_acc[dt], a, b0);
-        mma::mma_16x8x16<T>(dk_acc[dt + 1], a, b1);
-      }
-    }
-
-    // dS (queries x keys) to shared memory for dQ = dS K, which needs all 64 keys per row.
-#pragma unroll
-    for (int mt = 0; mt < C::kMTiles; ++mt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        sdS[(mt * 8 + 2 * t + e % 2) * C::kDsPitch + kw + g + 8 * (e / 2)] = from_float<T>(ds_t[mt][e]);
-    }
-    __syncthreads();
-
-    // dQ tile += dS K: warp -> 16 query rows (row_group) x kDqTiles n-tiles of dims (dim_split).
-    const int row_group = warp % C::kRowGroups;
-    const int dim0 = (warp / C::kRowGroups) * C::kDqTiles * 8;
-    float dq_acc[C::kDqTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < C::kBlockN / 16; ++kc) {
-      uint32_t a[4];
-      mma::load_a(a, sdS, C::kDsPitch, row_group * 16, kc * 16, lane);
-#pragma unroll
-      for (int nt = 0; nt < C::kDqTiles; ++nt) {
-        uint32_t bf[2];
-        mma::load_b_kn(bf, sK, C::kPitch, kc * 16, dim0 + nt * 8, lane);
-        mma::mma_16x8x16<T>(dq_acc[nt], a, bf);
-      }
-    }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int row = m0 + row_group * 16 + g + 8 * r;
-      if (row >= seq.len_q) continue;
-      float* dq_row = p.dq_accum + offset(p.dq_strides, b, seq.start_q, row, head) + dim0 + 2 * t;
-#pragma unroll
-      for (int nt = 0; nt < C::kDqTiles; ++nt) {
-        atomicAdd(dq_row + nt * 8, dq_acc[nt][2 * r]);
-        atomicAdd(dq_row + nt * 8 + 1, dq_acc[nt][2 * r + 1]);
-      }
+    for (int e = 0; e < 4; ++e) {
+      const int query = mt * 8 + 2 * t + e % 2;
+      const int key = kw + g + 8 * (e / 2);
+      const bool visible = !masked || key_visible(m0 + query, n0 + key, seq, p.causal);
+      p_t[mt][e] = visible ? exp2f(p_t[mt][e] * p.scale_log2 - lse2[query]) : 0.f;
     }
   }
-  mma::cp_async_wait<0>();
+}
 
-  // Store the warp's 16 rows of dK (scaled) and dV; dk/dv are allocated contiguous, so each
-  // pair of adjacent elements is 4-byte aligned.
+// Stage: dS^T = P^T * (dP^T - delta) with dP^T = V dO^T, for the warp's 16 keys.
+template <typename T, typename C>
+__device__ __forceinline__ void score_grads_t(float (&ds_t)[C::kMTiles][4], const float (&p_t)[C::kMTiles][4],
+                                              const T* sV, const T* do_tile, const float* delta, int kw, int lane) {
+  const int t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ds_t[mt][e] = 0.f;
+  }
+  mma::warp_gemm_nk<T, C::kDChunks, C::kMTiles>(ds_t, mma::ATileRows<T>{sV, C::kPitch, kw}, do_tile, C::kPitch, 0,
+                                                lane);
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ds_t[mt][e] = p_t[mt][e] * (ds_t[mt][e] - delta[mt * 8 + 2 * t + e % 2]);
+  }
+}
+
+// Stage: dS (queries x keys) to shared memory, rounded to T: dQ = dS K needs all 64 keys of a row.
+template <typename T, typename C>
+__device__ __forceinline__ void store_score_grads(T* sdS, const float (&ds_t)[C::kMTiles][4], int kw, int lane) {
+  const int g = lane / 4, t = lane % 4;
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      sdS[(mt * 8 + 2 * t + e % 2) * C::kDsPitch + kw + g + 8 * (e / 2)] = from_float<T>(ds_t[mt][e]);
+  }
+}
+
+// Stage: dQ tile += dS K into the fp32 workspace with atomicAdd. Warp w takes 16 query rows
+// (row group w % kRowGroups) x kDqTiles n-tiles of dims (from dim0).
+template <typename T, typename C>
+__device__ __forceinline__ void accumulate_dq(const T* sdS, const T* sK, const AttentionParams& p, const Seq& seq,
+                                              int b, const QueryTile& tile, int warp, int lane) {
+  const int g = lane / 4, t = lane % 4;
+  const int row_group = warp % C::kRowGroups;
+  const int dim0 = (warp / C::kRowGroups) * C::kDqTiles * 8;
+  float dq_acc[C::kDqTiles][4] = {};
+  mma::warp_gemm_kn<T, C::kBlockN / 16, C::kDqTiles>(dq_acc, mma::ATileRows<T>{sdS, C::kDsPitch, row_group * 16}, sK,
+                                                     C::kPitch, dim0, lane);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = tile.m0 + row_group * 16 + g + 8 * r;
+    if (row >= seq.len_q) continue;
+    float* dq_row = p.dq_accum + offset(p.dq_strides, b, seq.start_q, row, tile.head) + dim0 + 2 * t;
+#pragma unroll
+    for (int nt = 0; nt < C::kDqTiles; ++nt) {
+      atomicAdd(dq_row + nt * 8, dq_acc[nt][2 * r]);
+      atomicAdd(dq_row + nt * 8 + 1, dq_acc[nt][2 * r + 1]);
+    }
+  }
+}
+
+// Stage: store the warp's 16 rows of dK (scaled) and dV; dk/dv are allocated contiguous, so each
+// pair of adjacent elements is 4-byte aligned. The sequence's offsets are read again here rather
+// than kept live in registers across the main loop.
+template <typename T, typename C>
+__device__ __forceinline__ void write_back_dkdv(const float (&dk_acc)[C::kDTiles][4],
+                                                const float (&dv_acc)[C::kDTiles][4], const AttentionParams& p, int b,
+                                                int kv_head, int n0, int kw, int lane) {
+  const Seq seq = sequence(p, b);
+  const int g = lane / 4, t = lane % 4;
   T* dk = static_cast<T*>(p.dk);
   T* dv = static_cast<T*>(p.dv);
 #pragma unroll
@@ -259,6 +197,77 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
       *reinterpret_cast<uint32_t*>(dv_row + dt * 8 + 2 * t) = mma::pack2<T>(dv_acc[dt][2 * r], dv_acc[dt][2 * r + 1]);
     }
   }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads)
+    attention_backward_tc_kernel(const AttentionParams p) {
+  using C = BwdConfig<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + C::kBlockN * C::kPitch;
+  T* sQ = sV + C::kBlockN * C::kPitch;        // [2][kBlockM][kPitch]
+  T* sdO = sQ + 2 * C::kBlockM * C::kPitch;   // [2][kBlockM][kPitch]
+  T* sdS = sdO + 2 * C::kBlockM * C::kPitch;  // [kBlockM][kDsPitch]
+  float* sLse2 = reinterpret_cast<float*>(sdS + C::kBlockM * C::kDsPitch);  // [2][kBlockM], lse * log2 e
+  float* sDelta = sLse2 + 2 * C::kBlockM;                                   // [2][kBlockM]
+
+  const int b = blockIdx.z;
+  const int kv_head = blockIdx.y;
+  const Seq seq = sequence(p, b);
+  const int n0 = blockIdx.x * C::kBlockN;
+  if (n0 >= seq.len_k) return;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, n0, kv_head);
+  const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, n0, kv_head);
+  load_tile<T, D, C::kBlockN, C::kThreads>(sK, k, p.k_strides.row, seq.len_k - n0, p.aligned16);
+  load_tile<T, D, C::kBlockN, C::kThreads>(sV, v, p.v_strides.row, seq.len_k - n0, p.aligned16);
+
+  // Query blocks that can see a key of this block: from the first query that sees key n0.
+  const int m_block_begin = first_query(n0, seq, p.causal) / C::kBlockM;
+  const int m_blocks = tiles_of(seq.len_q, C::kBlockM) - m_block_begin;
+  const int n_iters = m_blocks > 0 ? p.group * m_blocks : 0;
+  if (n_iters > 0) {
+    load_query_tile<T, C>(sQ, sdO, sLse2, sDelta, p, seq, b, query_tile<C>(p, kv_head, m_block_begin, m_blocks, 0), 0);
+  }
+  mma::cp_async_commit();
+
+  const int kw = warp * 16;  // the warp's keys within the block
+  float dk_acc[C::kDTiles][4] = {};
+  float dv_acc[C::kDTiles][4] = {};
+
+  for (int it = 0; it < n_iters; ++it) {
+    mma::cp_async_wait<0>();
+    __syncthreads();  // tile `it` visible; everyone is done with the other buffer and with sdS
+    if (it + 1 < n_iters) {
+      load_query_tile<T, C>(sQ, sdO, sLse2, sDelta, p, seq, b,
+                            query_tile<C>(p, kv_head, m_block_begin, m_blocks, it + 1), (it + 1) % 2);
+    }
+    mma::cp_async_commit();
+
+    const int buf = it % 2;
+    const QueryTile tile = query_tile<C>(p, kv_head, m_block_begin, m_blocks, it);
+    const T* q_tile = sQ + buf * C::kBlockM * C::kPitch;
+    const T* do_tile = sdO + buf * C::kBlockM * C::kPitch;
+
+    float p_t[C::kMTiles][4];
+    probabilities_t<T, C>(p_t, sK, q_tile, sLse2 + buf * C::kBlockM, p, seq, tile.m0, n0, kw, lane);
+    // dV += P^T dO
+    mma::warp_gemm_kn<T, C::kMChunks, C::kDTiles>(dv_acc, mma::AAccumulators<T, C::kMTiles>{p_t}, do_tile, C::kPitch,
+                                                  0, lane);
+    float ds_t[C::kMTiles][4];
+    score_grads_t<T, C>(ds_t, p_t, sV, do_tile, sDelta + buf * C::kBlockM, kw, lane);
+    // dK += dS^T Q
+    mma::warp_gemm_kn<T, C::kMChunks, C::kDTiles>(dk_acc, mma::AAccumulators<T, C::kMTiles>{ds_t}, q_tile, C::kPitch,
+                                                  0, lane);
+    store_score_grads<T, C>(sdS, ds_t, kw, lane);
+    __syncthreads();
+    accumulate_dq<T, C>(sdS, sK, p, seq, b, tile, warp, lane);
+  }
+  mma::cp_async_wait<0>();
+  write_back_dkdv<T, C>(dk_acc, dv_acc, p, b, kv_head, n0, kw, lane);
 }
 
 // delta_i = sum_d dO[i, d] * O[i, d] in fp32: one warp per (row, head).

@@ -31,6 +31,7 @@ namespace {
 
 template <int D>
 struct FwdConfig {
+  static constexpr int kD = D;
   static constexpr int kBlockM = D <= 128 ? 128 : 64;
   static constexpr int kBlockN = D <= 128 ? 64 : 32;
   static constexpr int kWarps = kBlockM / 16;
@@ -45,6 +46,123 @@ struct FwdConfig {
   static_assert(D % 16 == 0 && kBlockN % 16 == 0 && kBlockM % 16 == 0, "tiles are whole mma shapes");
   static_assert(kDTiles % 2 == 0 && kNTiles % 2 == 0, "B fragments are loaded in n-tile pairs");
 };
+
+// The online-softmax state of this thread's two rows of the warp's 16 (rows g and g + 8), in
+// base 2: the running max of the scaled scores and this thread's share of the running sum (its
+// 2 of every 8 columns; the other 3 lanes of its quad hold the rest).
+struct SoftmaxRows {
+  float max[2];
+  float sum[2];
+};
+
+// Stage: load key/value tile `block` (kBlockN keys from key block * kBlockN) into buffer `buf`;
+// keys past the sequence are zero-filled.
+template <typename T, typename C>
+__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const AttentionParams& p,
+                                             const Seq& seq, int block, int buf) {
+  const int n0 = block * C::kBlockN;
+  load_tile<T, C::kD, C::kBlockN, C::kThreads>(sK + buf * C::kBlockN * C::kPitch, k + n0 * p.k_strides.row,
+                                               p.k_strides.row, seq.len_k - n0, p.aligned16);
+  load_tile<T, C::kD, C::kBlockN, C::kThreads>(sV + buf * C::kBlockN * C::kPitch, v + n0 * p.v_strides.row,
+                                               p.v_strides.row, seq.len_k - n0, p.aligned16);
+}
+
+// Stage: S = Q K^T for the warp's 16 rows x kBlockN keys (fp32 accumulators, unscaled).
+template <typename T, typename C, typename QSource>
+__device__ __forceinline__ void score_tile(float (&s)[C::kNTiles][4], const QSource& q, const T* k_tile, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+  }
+  mma::warp_gemm_nk<T, C::kDChunks, C::kNTiles>(s, q, k_tile, C::kPitch, 0, lane);
+}
+
+// Stage: scale into base 2 and, on tiles that cross the causal diagonal or the key tail, set
+// invisible scores to -inf. Accumulator element e of n-tile nt is row rows[e / 2], key
+// n0 + nt * 8 + 2t + e % 2.
+template <typename C>
+__device__ __forceinline__ void scale_and_mask(float (&s)[C::kNTiles][4], const AttentionParams& p, const Seq& seq,
+                                               const int (&rows)[2], int n0, bool masked, int t) {
+#pragma unroll
+  for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[nt][e] *= p.scale_log2;
+      if (masked && !key_visible(rows[e / 2], n0 + nt * 8 + 2 * t + e % 2, seq, p.causal)) s[nt][e] = -INFINITY;
+    }
+  }
+}
+
+// Stage: online softmax. Turns the scaled scores into probabilities exp2(s - max), updates each
+// row's max and sum, and rescales the row's output accumulators by exp2(old max - new max). A
+// row's 8 * kNTiles columns are spread over the 4 lanes of a quad.
+template <typename C>
+__device__ __forceinline__ void online_softmax(float (&s)[C::kNTiles][4], SoftmaxRows& rows,
+                                               float (&o_acc)[C::kDTiles][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = rows.max[r];
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
+    // exp2 gives 0 for its (masked) scores rather than NaN.
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float alpha = exp2f(rows.max[r] - base);  // 0 on the first visible tile
+    rows.max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; ++nt) {
+      s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
+      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
+      sum += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+    rows.sum[r] = rows.sum[r] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < C::kDTiles; ++dt) {
+      o_acc[dt][2 * r] *= alpha;
+      o_acc[dt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// Stage: O += P V. k-chunk kc of P is the accumulators of n-tiles 2kc and 2kc + 1 of S, rounded
+// to T in registers.
+template <typename T, typename C>
+__device__ __forceinline__ void accumulate_pv(float (&o_acc)[C::kDTiles][4], const float (&s)[C::kNTiles][4],
+                                              const T* v_tile, int lane) {
+  mma::warp_gemm_kn<T, C::kNChunks, C::kDTiles>(o_acc, mma::AAccumulators<T, C::kNTiles>{s}, v_tile, C::kPitch, 0,
+                                                lane);
+}
+
+// Stage: write O / l and lse = (max + log2 l) * ln 2 of this thread's rows. Rows that saw no key
+// (causal with len_q > len_k, or len_k = 0) have l = 0: they get output 0 and lse 0.
+template <typename T, typename C>
+__device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], const SoftmaxRows& rows_state,
+                                           const AttentionParams& p, const Seq& seq, int b, int head,
+                                           const int (&rows)[2], int t) {
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = rows_state.sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (rows[r] >= seq.len_q) continue;
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    T* out_row = out + offset(p.out_strides, b, seq.start_q, rows[r], head);
+#pragma unroll
+    for (int dt = 0; dt < C::kDTiles; ++dt) {
+      // Two adjacent elements; out is allocated contiguous, so the pair is 4-byte aligned.
+      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) =
+          mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv);
+    }
+    if (t == 0) {
+      p.lse[lse_offset(p, b, seq, rows[r], head)] = sum > 0.f ? (rows_state.max[r] + __log2f(sum)) * kLn2 : 0.f;
+    }
+  }
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
@@ -74,137 +192,45 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const int rows_end = min(m0 + C::kBlockM, seq.len_q);
   const int n_key_blocks = tiles_of(key_end(rows_end, seq, p.causal), C::kBlockN);
 
-  auto load_kv = [&](int block, int buf) {
-    const int n0 = block * C::kBlockN;
-    load_tile<T, D, C::kBlockN, C::kThreads>(sK + buf * C::kBlockN * C::kPitch, k + n0 * p.k_strides.row,
-                                             p.k_strides.row, seq.len_k - n0, p.aligned16);
-    load_tile<T, D, C::kBlockN, C::kThreads>(sV + buf * C::kBlockN * C::kPitch, v + n0 * p.v_strides.row,
-                                             p.v_strides.row, seq.len_k - n0, p.aligned16);
-  };
   load_tile<T, D, C::kBlockM, C::kThreads>(sQ, q, p.q_strides.row, seq.len_q - m0, p.aligned16);
-  if (n_key_blocks > 0) load_kv(0, 0);
+  if (n_key_blocks > 0) load_kv_tile<T, C>(sK, sV, k, v, p, seq, 0, 0);
   mma::cp_async_commit();
 
   // This thread's two rows of every 16-row fragment: g and g + 8 of the warp's 16.
   const int row0 = m0 + warp * 16 + g;
   const int rows[2] = {row0, row0 + 8};
   float o_acc[C::kDTiles][4] = {};
-  float row_max[2] = {-INFINITY, -INFINITY};  // base-2 scaled scores
-  float row_sum[2] = {0.f, 0.f};              // this thread's partial sums (its 2 of 8 columns per n-tile)
+  SoftmaxRows state{{-INFINITY, -INFINITY}, {0.f, 0.f}};
   uint32_t q_frag[C::kQInRegisters ? C::kDChunks : 1][4];
 
   for (int block = 0; block < n_key_blocks; ++block) {
     mma::cp_async_wait<0>();
     __syncthreads();  // tile `block` is visible to all; everyone is done with buffer (block + 1) % 2
-    if (C::kQInRegisters && block == 0) {
+    if constexpr (C::kQInRegisters) {
+      if (block == 0) {
 #pragma unroll
-      for (int kc = 0; kc < (C::kQInRegisters ? C::kDChunks : 0); ++kc)
-        mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
+        for (int kc = 0; kc < C::kDChunks; ++kc) mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
+      }
     }
-    if (block + 1 < n_key_blocks) load_kv(block + 1, (block + 1) % 2);
+    if (block + 1 < n_key_blocks) load_kv_tile<T, C>(sK, sV, k, v, p, seq, block + 1, (block + 1) % 2);
     mma::cp_async_commit();
 
     const T* k_tile = sK + (block % 2) * C::kBlockN * C::kPitch;
     const T* v_tile = sV + (block % 2) * C::kBlockN * C::kPitch;
     const int n0 = block * C::kBlockN;
 
-    // S = Q K^T for the warp's 16 rows x kBlockN keys.
-    float s[C::kNTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < C::kDChunks; ++kc) {
-      uint32_t a[4];
-      if constexpr (C::kQInRegisters) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = q_frag[kc][i];
-      } else {
-        mma::load_a(a, sQ, C::kPitch, warp * 16, kc * 16, lane);
-      }
-#pragma unroll
-      for (int nt = 0; nt < C::kNTiles; nt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_nk(b0, b1, k_tile, C::kPitch, nt * 8, kc * 16, lane);
-        mma::mma_16x8x16<T>(s[nt], a, b0);
-        mma::mma_16x8x16<T>(s[nt + 1], a, b1);
-      }
+    float s[C::kNTiles][4];
+    if constexpr (C::kQInRegisters) {
+      score_tile<T, C>(s, mma::ARegisters<C::kDChunks>{q_frag}, k_tile, lane);
+    } else {
+      score_tile<T, C>(s, mma::ATileRows<T>{sQ, C::kPitch, warp * 16}, k_tile, lane);
     }
-
-    // Scale into base 2 and mask. Accumulator element e of n-tile nt is row rows[e / 2],
-    // key n0 + nt * 8 + 2t + e % 2.
-    const bool masked = tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal);
-#pragma unroll
-    for (int nt = 0; nt < C::kNTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] *= p.scale_log2;
-        if (masked && !key_visible(rows[e / 2], n0 + nt * 8 + 2 * t + e % 2, seq, p.causal)) s[nt][e] = -INFINITY;
-      }
-    }
-
-    // Online softmax. A row's 8 * kNTiles columns are spread over the 4 lanes of a quad.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < C::kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
-      // exp2 gives 0 for its (masked) scores rather than NaN.
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(row_max[r] - base);  // 0 on the first visible tile
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < C::kNTiles; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < C::kDTiles; ++dt) {
-        o_acc[dt][2 * r] *= alpha;
-        o_acc[dt][2 * r + 1] *= alpha;
-      }
-    }
-
-    // O += P V: k-chunk kc of P is the S accumulators of n-tiles 2kc and 2kc + 1.
-#pragma unroll
-    for (int kc = 0; kc < C::kNChunks; ++kc) {
-      uint32_t a[4];
-      mma::pack_a_from_acc<T>(a, s[2 * kc], s[2 * kc + 1]);
-#pragma unroll
-      for (int dt = 0; dt < C::kDTiles; dt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_kn(b0, b1, v_tile, C::kPitch, kc * 16, dt * 8, lane);
-        mma::mma_16x8x16<T>(o_acc[dt], a, b0);
-        mma::mma_16x8x16<T>(o_acc[dt + 1], a, b1);
-      }
-    }
+    scale_and_mask<C>(s, p, seq, rows, n0, tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal), t);
+    online_softmax<C>(s, state, o_acc);
+    accumulate_pv<T, C>(o_acc, s, v_tile, lane);
   }
   mma::cp_async_wait<0>();  // nothing may be in flight when the CTA exits
-
-  // Normalize and store. Rows that saw no key (causal with len_q > len_k, or len_k = 0) have
-  // row_sum 0: they get output 0 and lse 0.
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (rows[r] >= seq.len_q) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    T* out_row = out + offset(p.out_strides, b, seq.start_q, rows[r], head);
-#pragma unroll
-    for (int dt = 0; dt < C::kDTiles; ++dt) {
-      // Two adjacent elements; out is allocated contiguous, so the pair is 4-byte aligned.
-      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) =
-          mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv);
-    }
-    if (t == 0) {
-      p.lse[lse_offset(p, b, seq, rows[r], head)] = sum > 0.f ? (row_max[r] + __log2f(sum)) * kLn2 : 0.f;
-    }
-  }
+  write_back<T, C>(o_acc, state, p, seq, b, head, rows, t);
 }
 
 template <typename T, int D>
