@@ -24,6 +24,16 @@
 // 16-bit) and brings 4 * kBlockM * D FLOPs, i.e. kBlockM FLOPs per byte of K/V read (128, or 64
 // at D = 256; L2 serves the repeats across the CTAs of a head group): compute-bound on
 // A100/H100, and the [s_q, s_k] score matrix never exists in memory.
+//
+// Resources (ptxas -v, CUDA 13.0; no spills). Registers, dynamic shared memory and the CTAs per
+// SM they allow (sm_80: 64K registers, 164 KB; sm_90: 64K, 228 KB):
+//   D      threads   registers sm_80 / sm_90   shared memory   CTAs per SM sm_80 / sm_90
+//   32     256       105 / 106                 30 KB           2 / 2
+//   64     256       128 / 125                 54 KB           2 / 2
+//   80     256       128 / 128                 66 KB           2 / 2
+//   96     256       134 / 134                 78 KB           1 / 1
+//   128    256       197 / 197                 102 KB          1 / 1
+//   256    128       234 / 234                 99 KB           1 / 2
 #include "attention_launch.cuh"
 
 namespace llama_ext::cuda::attention {
@@ -36,6 +46,9 @@ struct FwdConfig {
   static constexpr int kBlockN = D <= 128 ? 64 : 32;
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
+  // Two CTAs per SM up to D = 80: ptxas must then fit 65536 / (2 * 256) = 128 registers. At
+  // D = 96 that bound spills (40 bytes), so D = 96 keeps one CTA per SM at 134 registers.
+  static constexpr int kMinCtasPerSm = D <= 80 ? 2 : 1;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kPitch = smem_pitch<D>();
   static constexpr int kDTiles = D / 8;   // n-tiles of O (8 dims each)
@@ -138,11 +151,13 @@ __device__ __forceinline__ void accumulate_pv(float (&o_acc)[C::kDTiles][4], con
 }
 
 // Stage: write O / l and lse = (max + log2 l) * ln 2 of this thread's rows. Rows that saw no key
-// (causal with len_q > len_k, or len_k = 0) have l = 0: they get output 0 and lse 0.
+// (causal with len_q > len_k, or len_k = 0) have l = 0: they get output 0 and lse 0, written as
+// such, since their O may hold 0 * Inf = NaN from a non-finite V row of a tile they shared. The
+// sequence's offsets are read again here rather than kept live in registers across the key loop.
 template <typename T, typename C>
 __device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], const SoftmaxRows& rows_state,
-                                           const AttentionParams& p, const Seq& seq, int b, int head,
-                                           const int (&rows)[2], int t) {
+                                           const AttentionParams& p, int b, int head, const int (&rows)[2], int t) {
+  const Seq seq = sequence(p, b);
   T* out = static_cast<T*>(p.out);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -150,22 +165,23 @@ __device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], 
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
     if (rows[r] >= seq.len_q) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const bool saw_keys = sum != 0.f;  // NaN too: a NaN score makes the row NaN
+    const float inv = 1.f / sum;
     T* out_row = out + offset(p.out_strides, b, seq.start_q, rows[r], head);
 #pragma unroll
     for (int dt = 0; dt < C::kDTiles; ++dt) {
       // Two adjacent elements; out is allocated contiguous, so the pair is 4-byte aligned.
       *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) =
-          mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv);
+          saw_keys ? mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv) : 0u;
     }
     if (t == 0) {
-      p.lse[lse_offset(p, b, seq, rows[r], head)] = sum > 0.f ? (rows_state.max[r] + __log2f(sum)) * kLn2 : 0.f;
+      p.lse[lse_offset(p, b, seq, rows[r], head)] = saw_keys ? (rows_state.max[r] + __log2f(sum)) * kLn2 : 0.f;
     }
   }
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(FwdConfig<D>::kThreads)
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtasPerSm)
     attention_forward_tc_kernel(const AttentionParams p) {
   using C = FwdConfig<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -230,7 +246,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
     accumulate_pv<T, C>(o_acc, s, v_tile, lane);
   }
   mma::cp_async_wait<0>();  // nothing may be in flight when the CTA exits
-  write_back<T, C>(o_acc, state, p, seq, b, head, rows, t);
+  write_back<T, C>(o_acc, state, p, b, head, rows, t);
 }
 
 template <typename T, int D>
