@@ -1,6 +1,8 @@
 # Two commands on a fresh machine: `make test` and `make bench`. Both create .venv, install
 # torch (a CUDA build, so the CUDA kernels compile even without a GPU) and the requirements,
-# and build the extension in place with `pip install --no-build-isolation -e .`.
+# and build the extension in place (`setup.py build_ext --inplace`; tests and benchmarks import
+# ./llama_ext). The build is a file that depends on every source: an unchanged tree builds
+# nothing, and a changed one recompiles only what changed (ninja, objects kept under build/).
 PYTHON ?= python3
 VENV ?= .venv
 VPY := $(VENV)/bin/python
@@ -10,7 +12,7 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME MAX_JOBS
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all build test bench gpu-check clean
+.PHONY: all build test bench wheel gpu-check clean FORCE
 
 all: test
 
@@ -21,8 +23,20 @@ $(VENV)/.installed: requirements-dev.txt
 	$(VPY) -m pip install -q -r requirements-dev.txt
 	touch $@
 
-build: $(VENV)/.installed
-	$(VPY) -m pip install -q --no-build-isolation --no-deps -e .
+SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
+BUILT := build/.built
+# The environment setup.py reads is an input too: build/.env changes only when it does.
+BUILD_ENV := $(LLAMA_EXT_CPU_ONLY):$(LLAMA_EXT_CPU_CAPABILITIES):$(LLAMA_EXT_OPENMP):$(TORCH_CUDA_ARCH_LIST):$(CUDA_HOME)
+
+build/.env: FORCE
+	@mkdir -p build
+	@echo '$(BUILD_ENV)' | cmp -s - $@ || echo '$(BUILD_ENV)' > $@
+
+$(BUILT): $(VENV)/.installed $(SOURCES) build/.env
+	$(VPY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(BUILT)
 
 test: build
 	$(VPY) -m pytest tests -q -rs
@@ -30,9 +44,13 @@ test: build
 bench: build
 	$(VPY) -m benchmarks $(BENCH_ARGS)
 
+# A wheel for this Python and torch, in dist/ (README: "Wheels").
+wheel: $(VENV)/.installed
+	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
 # On a lent GPU machine: system python3 with torch, no venv and no downloads.
 gpu-check:
 	bash scripts/gpu_check.sh
 
 clean:
-	rm -rf build *.egg-info llama_ext/*.so
+	rm -rf build dist *.egg-info llama_ext/*.so

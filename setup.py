@@ -1,17 +1,21 @@
-"""Builds the one extension module, ``llama_ext._C``.
+"""Builds the extension: ``llama_ext._C`` (the Python module, the op schemas and the CUDA
+kernels) and one library of CPU kernels per vector ISA level, ``llama_ext._cpu_<level>``.
 
 CUDA sources are compiled whenever torch is a CUDA build and nvcc can be found, GPU or not,
 for ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``). ``LLAMA_EXT_CPU_ONLY=1`` skips them.
+``LLAMA_EXT_CPU_CAPABILITIES=default,avx2`` builds only the CPU levels named (default: all).
 """
 import glob
 import os
 import platform
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+BUILD_DIR = os.path.join(ROOT, "build")
 
 
 def _is_wrapper_script(path):
@@ -53,85 +57,132 @@ def _want_cuda():
     return True
 
 
-def _host_cpu_flags():
+# The CPU kernel levels, lowest first, and the compiler flags of each. Every csrc/cpu/*.cpp is
+# compiled once per level into its own library, llama_ext/_cpu_<level>.so (csrc/cpu/capability.h
+# says why and what a kernel file must follow); at import llama_ext loads the best one the CPU
+# runs (llama_ext/_cpu_kernels.py; csrc/module.cpp names the CPU features each level needs).
+# at::vec picks its vector width from the CPU_CAPABILITY macros, and puts its code in a
+# namespace of that name.
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_AVX512 = _AVX2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
+CPU_LEVELS = {
+    "default": [],
+    "avx2": _AVX2 + ["-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "avx512": _AVX512 + ["-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    # VCVTNEPS2BF16 (fp32 -> bf16 in one instruction) and the VDPBF16PS tile products of bf16
+    # attention (csrc/cpu/bf16_dot.h).
+    "avx512_bf16": _AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def _cpu_levels():
+    """The levels to build: all of them on x86-64 (only the portable one elsewhere), or the
+    comma-separated LLAMA_EXT_CPU_CAPABILITIES, which may only trim ("default" is always built,
+    so the build runs on any CPU)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return ["default"]
+    chosen = os.environ.get("LLAMA_EXT_CPU_CAPABILITIES")
+    if not chosen:
+        return list(CPU_LEVELS)
+    names = {n.strip().lower() for n in chosen.split(",") if n.strip()}
+    unknown = names - set(CPU_LEVELS)
+    if unknown:
+        raise ValueError(f"LLAMA_EXT_CPU_CAPABILITIES: unknown level(s) {sorted(unknown)}; known: {list(CPU_LEVELS)}")
+    return [n for n in CPU_LEVELS if n in names or n == "default"]
+
+
+def _sources(*patterns):
+    return sorted(f for p in patterns for f in glob.glob(os.path.join("csrc", p), recursive=True))
+
+
+def _config_stamp(config):
+    """A file whose content is the build's configuration, rewritten only when that changes: as
+    a dependency of every extension it makes setuptools rebuild when flags change (e.g. a CPU-only
+    build followed by a CUDA one), while an unchanged tree is skipped without compiling."""
+    path = os.path.join(BUILD_DIR, "config.txt")
+    text = repr(config)
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+        with open(path) as f:
+            if f.read() == text:
+                return path
     except OSError:
         pass
-    return set()
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return path
 
 
-def _cpu_vector_flags():
-    """at::vec picks its vector width from CPU_CAPABILITY_* macros; without one it falls back
-    to scalar loops. pip compiles on the machine that runs the code, so, like torch.compile,
-    target the build host: AVX-512 where it has AVX-512 (F/BW/VL/DQ), else AVX2 + FMA + F16C.
-    LLAMA_EXT_CPU_VEC=avx512|avx2|none (or 0) overrides (e.g. to build for another machine)."""
-    choice = os.environ.get("LLAMA_EXT_CPU_VEC", "auto").lower()
-    if choice not in ("auto", "avx512", "avx2", "none", "0"):
-        raise ValueError(f"LLAMA_EXT_CPU_VEC must be auto, avx512, avx2 or none, got {choice!r}")
-    if platform.machine() not in ("x86_64", "AMD64") or choice in ("none", "0"):
-        return []
-    if choice == "auto":
-        flags = _host_cpu_flags()
-        if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"} <= flags:
-            choice = "avx512"
-        elif {"avx2", "fma", "f16c"} <= flags:
-            choice = "avx2"
-        else:
-            return []
-    if choice == "avx512":
-        flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c",
-                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
-        # fp32 -> bf16 rounding in one instruction, and the VDPBF16PS tile products of bf16
-        # attention (csrc/cpu/bf16_dot.h).
-        if "avx512_bf16" in _host_cpu_flags():
-            flags.append("-mavx512bf16")
-        return flags
-    return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+def _extensions():
+    openmp = os.environ.get("LLAMA_EXT_OPENMP", "1") == "1"
+    common = ["-O3"] + (["-fopenmp"] if openmp else [])
+    link = ["-fopenmp"] if openmp else []
+    cuda = _want_cuda()
+    nvcc_flags = [
+        "-O3",
+        "--use_fast_math",
+        "--expt-relaxed-constexpr",
+        "-lineinfo",
+        "-U__CUDA_NO_HALF_OPERATORS__",
+        "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+        "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "--threads", os.environ.get("LLAMA_EXT_NVCC_THREADS", "2"),
+    ] + (["-Xptxas=-v"] if os.environ.get("LLAMA_EXT_PTXAS_VERBOSE") == "1" else [])
+    levels = _cpu_levels()
+    stamp = _config_stamp(dict(common=common, cuda=cuda and nvcc_flags, arch=os.environ.get("TORCH_CUDA_ARCH_LIST"),
+                               levels={n: CPU_LEVELS[n] for n in levels}))
+    headers = _sources("**/*.h", "**/*.cuh") + [stamp, "setup.py"]
+
+    # The module and schemas, plus the CUDA kernels: compiled once, no vector ISA flags.
+    main_sources = _sources("*.cpp")
+    if cuda:
+        main = cpp_extension.CUDAExtension(
+            "llama_ext._C", main_sources + _sources("cuda/*.cu"), depends=headers,
+            extra_compile_args={"cxx": common, "nvcc": nvcc_flags}, extra_link_args=link)
+    else:
+        main = cpp_extension.CppExtension("llama_ext._C", main_sources, depends=headers,
+                                          extra_compile_args={"cxx": common}, extra_link_args=link)
+    # Hidden symbols: the libraries share inline functions compiled for different ISAs, and none
+    # may resolve to another library's copy.
+    hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
+    kernels = [
+        cpp_extension.CppExtension(f"llama_ext._cpu_{name}", _sources("cpu/*.cpp"), depends=headers,
+                                   extra_compile_args={"cxx": common + hidden + CPU_LEVELS[name]},
+                                   extra_link_args=link)
+        for name in levels
+    ]
+    return [main] + kernels
 
 
-def _extension():
-    cxx_flags = ["-O3"] + _cpu_vector_flags()
-    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    if os.environ.get("LLAMA_EXT_OPENMP", "1") == "1":
-        cxx_flags.append("-fopenmp")
-    if _want_cuda():
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        nvcc_flags = [
-            "-O3",
-            "--use_fast_math",
-            "--expt-relaxed-constexpr",
-            "-lineinfo",
-            "-U__CUDA_NO_HALF_OPERATORS__",
-            "-U__CUDA_NO_HALF_CONVERSIONS__",
-            "-U__CUDA_NO_BFLOAT16_OPERATORS__",
-            "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
-        ]
-        if os.environ.get("LLAMA_EXT_PTXAS_VERBOSE") == "1":
-            nvcc_flags.append("-Xptxas=-v")
-        threads = os.environ.get("LLAMA_EXT_NVCC_THREADS", "2")
-        nvcc_flags += ["--threads", threads]
-        return cpp_extension.CUDAExtension(
-            "llama_ext._C",
-            sources,
-            extra_compile_args={"cxx": cxx_flags + ["-DLLAMA_EXT_WITH_CUDA"], "nvcc": nvcc_flags},
-            extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
-        )
-    return cpp_extension.CppExtension(
-        "llama_ext._C",
-        sources,
-        extra_compile_args={"cxx": cxx_flags},
-        extra_link_args=["-fopenmp"] if "-fopenmp" in cxx_flags else [],
-    )
+class BuildExt(cpp_extension.BuildExtension):
+    """Objects go to a persistent folder per extension (build/obj-<python>/<extension>), whatever
+    build_temp pip or setuptools picked: ninja then recompiles only what changed, in pip builds
+    too, and the CPU levels' objects of the same source do not overwrite each other."""
+
+    def build_extension(self, ext):
+        given = self.build_temp
+        self.build_temp = os.path.join(BUILD_DIR, f"obj-{sys.implementation.cache_tag}", ext.name.split(".")[-1])
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = given
+
+
+def _torch_requirement():
+    """The torch this build links against, to the minor version: libtorch's C++ ABI changes between
+    minor releases, so a wheel built against 2.14 must not be installed next to 2.15."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return f"torch=={major}.{minor}.*"
 
 
 setup(
     name="llama_ext",
+    install_requires=[_torch_requirement()],
     version="0.1.0",
     packages=find_packages(include=["llama_ext", "llama_ext.*"]),
-    ext_modules=[_extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": BuildExt},
 )

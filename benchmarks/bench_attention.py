@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import llama_ext
 from llama_ext import reference
 
-from .common import compiled, llama_ext_cuda_skip, missing_api, sweep
+from .common import compiled, llama_ext_cuda_skip, sweep
 from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
@@ -148,7 +148,6 @@ def build(cfg):
                      llama_ext_cuda_skip(cfg, "gqa_attention_forward")),
         ],
         make_inputs=lambda case: _make_inputs(case, cfg.device),
-        skip_reason=missing_api("gqa_attention"),
         notes=["fwd+bwd times one forward and its backward (dq, dk, dv) together",
                "HF's additive causal mask is built once outside the timing, as HF builds it once per forward"],
     )

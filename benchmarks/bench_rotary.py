@@ -13,7 +13,7 @@ import torch
 import llama_ext
 from llama_ext import reference
 
-from .common import backward_closure, compiled, llama_ext_cuda_skip, missing_api, sweep
+from .common import backward_closure, compiled, llama_ext_cuda_skip, sweep
 from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
@@ -106,7 +106,6 @@ def build(cfg):
                      llama_ext_cuda_skip(cfg, "apply_rotary")),
         ],
         make_inputs=lambda case: _make_inputs(case, cfg.device),
-        skip_reason=missing_api("apply_rotary", "rope_cos_sin"),
         notes=["cos/sin tables are built once outside the timing (HF: [1, seq, head_dim] in the input dtype; "
                "llama_ext: fp32 [positions, head_dim / 2])",
                "bwd times the backward pass alone (autograd.grad on a retained graph) for dq and dk"],

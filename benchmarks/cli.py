@@ -43,6 +43,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--provider", action="append", choices=PROVIDERS,
                    help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
+    p.add_argument("--budget", type=float,
+                   help="seconds per case and provider: a provider whose warm-up call takes longer gets one timed "
+                        "call, marked * (default: 2 on CPU, 20 with --full, 10 on CUDA)")
     p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
     p.add_argument("--size", action="append", type=int,
                    help="size to run instead of the sweep (repeatable): rows for RMSNorm, tokens for rotary, "
@@ -67,13 +70,17 @@ def run(args: argparse.Namespace) -> Dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtypes = [DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])]
+    cuda = args.device.startswith("cuda")
+    budget = args.budget or (10.0 if cuda else 20.0 if args.full else 2.0)
     cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke, sizes=args.size,
-                            min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100)
+                            min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100,
+                            budget_s=budget)
     env = harness.environment(cfg.device)
     warning = harness.load_warning(env)
     if warning:
         print(f"warning: {warning}", file=sys.stderr)
     ceilings = harness.Ceilings(cfg)
+    ceilings.measure(cfg.dtypes)
     builders = _op_builders()
     selected = [] if args.op and "none" in args.op else (args.op or list(builders))
     if args.e2e:
@@ -85,7 +92,7 @@ def run(args: argparse.Namespace) -> Dict:
         "schema_version": 1,
         "command": "python -m benchmarks " + " ".join(_argv_of(args)),
         "config": {"device": cfg.device, "dtypes": [harness.dtype_name(d) for d in cfg.dtypes], "full": cfg.full,
-                   "smoke": cfg.smoke, "ops": selected, "e2e": args.e2e},
+                   "smoke": cfg.smoke, "ops": selected, "e2e": args.e2e, "budget_s": cfg.budget_s},
         "env": env,
         "warning": warning,
         "ceilings": ceilings.as_dict(),
@@ -97,15 +104,16 @@ def run(args: argparse.Namespace) -> Dict:
         if args.provider:
             bench.providers = [p for p in bench.providers if p.name in args.provider]
         op = harness.run_op(bench, cfg, ceilings, progress=not args.no_progress)
-        print(report.op_table(op), flush=True)
         result["ops"].append(op)
         # The tables so far, so that a run stopped by a time limit still leaves its numbers.
         result.update(ceilings=ceilings.as_dict(), elapsed_s=time.time() - start)
         report.write_tables(result, args.out)
-    # Ceilings last, so that an op-less run (e2e only) still records both.
-    ceilings.copy_gbps()
-    for dtype in cfg.dtypes:
-        ceilings.matmul_tflops(dtype)
+    # Again after the ops: a ceiling measured while other processes ran is too low, and a
+    # fraction of it too high. The tables are printed once the ceilings are final.
+    ceilings.measure(cfg.dtypes)
+    for op in result["ops"]:
+        harness.apply_ceilings(op, ceilings)
+        print(report.op_table(op, report.op_isa(result)), flush=True)
     result.update(ceilings=ceilings.as_dict(), elapsed_s=time.time() - start)
     return result
 
@@ -113,6 +121,7 @@ def run(args: argparse.Namespace) -> Dict:
 def _argv_of(args: argparse.Namespace) -> List[str]:
     argv = [f"--op {o}" for o in args.op or []] + [f"--dtype {d}" for d in args.dtype or []]
     argv += [f"--provider {p}" for p in args.provider or []] + ([f"--threads {args.threads}"] if args.threads else [])
+    argv += [f"--budget {args.budget:g}"] if args.budget else []
     argv += [f"--size {n}" for n in args.size or []] + [f"--device {args.device}"] + [f"--{flag}" for flag in ("full", "e2e", "smoke") if getattr(args, flag)]
     return argv
 

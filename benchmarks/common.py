@@ -1,9 +1,7 @@
-"""Pieces the op modules share: size sweeps, provider closures and availability checks."""
+"""Pieces the op modules share: size sweeps, provider closures, the CUDA kernel check."""
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
-
-import llama_ext
 
 
 def sweep(cfg, sizes: Dict[str, Tuple[List[int], List[int]]], smoke_sizes: List[int]) -> List[int]:
@@ -32,14 +30,6 @@ def compiled(fn: Callable) -> Callable[[], Callable]:
         return torch.compile(fn, fullgraph=True, dynamic=False)
 
     return make
-
-
-def missing_api(*names: str) -> Optional[str]:
-    """Why an op module must skip itself: the llama_ext functions it benchmarks are not there yet."""
-    missing = [n for n in names if not hasattr(llama_ext, n)]
-    if missing:
-        return f"llama_ext has no {', '.join(missing)} yet (the op has not landed in this build)"
-    return None
 
 
 def llama_ext_cuda_skip(cfg, schema_name: str) -> Optional[str]:

@@ -5,19 +5,16 @@ HF's SDPA attention, and llama_ext (``llama_ext.transformers.patch_model``):
 - prefill: the prompt's forward with the KV cache, tokens/s (the median ms is its latency);
 - decode: greedy steps of one token on a copy of the prefilled cache, tokens/s.
 
-``python -m benchmarks.e2e`` runs it alone (same options as ``python -m benchmarks``);
-``python -m benchmarks --e2e`` adds it to the op benchmarks. All three providers build the
+``python -m benchmarks --e2e`` adds it to the op benchmarks; ``--op none --e2e`` runs it alone. All three providers build the
 same weights from the same seed; "max diff vs eager" compares the prefill logits, and the
 decoded token ids (0 means the same greedy tokens).
 """
 import copy
 import inspect
-import sys
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from .common import missing_api
 from .harness import Case, OpBench, Provider, RunConfig
 
 MODELS = {  # Llama-shaped: GQA 4:1, SwiGLU MLP of ~2.75x hidden. The CPU model's vocabulary is kept
@@ -46,15 +43,6 @@ def _transformers_missing() -> Optional[str]:
     except ImportError:
         return "transformers is not installed (pip install .[transformers])"
     return None
-
-
-def _patch_missing() -> Optional[str]:
-    try:
-        from llama_ext.transformers import patch_model  # noqa: F401
-    except ImportError as exc:
-        return f"llama_ext.transformers.patch_model is not available yet ({exc})"
-    # patch_model routes attention to these; it raises without them.
-    return missing_api("gqa_attention", "gqa_attention_varlen")
 
 
 def _model(cfg: RunConfig, dtype: torch.dtype, provider: str):
@@ -138,8 +126,7 @@ def build(cfg: RunConfig) -> OpBench:
         providers=[
             Provider("eager", provider("eager"), "transformers, attn_implementation='eager'"),
             Provider("sdpa", provider("sdpa"), "transformers, attn_implementation='sdpa'"),
-            Provider("llama_ext", provider("llama_ext"), "llama_ext.transformers.patch_model on the eager model",
-                     _patch_missing()),
+            Provider("llama_ext", provider("llama_ext"), "llama_ext.transformers.patch_model on the eager model"),
         ],
         make_inputs=make_inputs,
         skip_reason=_transformers_missing(),
@@ -147,16 +134,3 @@ def build(cfg: RunConfig) -> OpBench:
                "decode: greedy steps on a deep copy of the prefilled KV cache (the copy is timed too; it is small)"],
     )
 
-
-def main(argv: Optional[List[str]] = None) -> int:
-    from . import cli
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--dtype" not in argv:  # one dtype by default: fp32 on CPU, bf16 on CUDA
-        device = argv[argv.index("--device") + 1] if "--device" in argv else ("cuda" if torch.cuda.is_available() else "cpu")
-        argv += ["--dtype", "bfloat16" if device.startswith("cuda") else "float32"]
-    return cli.main(["--op", "none", "--e2e", *argv])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

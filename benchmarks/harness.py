@@ -8,12 +8,19 @@ This module decides *how* to measure, identically for every op:
 
 - CPU: ``torch.utils.benchmark.Timer`` with all of torch's threads (its default is 1), samples
   of at least ~1 ms each after a warm-up call, median and p20/p80 over the samples.
+- A time budget per (case, provider): a provider whose warm-up call alone exceeds it (eager
+  bf16 attention where the CPU emulates bf16 matmuls) gets one timed call instead of a
+  sampling run, marked ``single_call`` in the JSON and with ``*`` in the tables, so that a run
+  finishes on any CPU.
 - CUDA: ``triton.testing.do_bench`` (which zeroes a buffer larger than L2 before every call)
   when triton is installed, else CUDA events around each call with the same L2 flush between.
 - Throughput from the minimum work a call must do (bytes every implementation has to move,
   or FLOPs), so every provider of a case is scored on the same amount of work.
-- Ceilings measured in the same run: copy bandwidth (``dst.copy_(src)``, bytes read plus
-  written; CPU at the 16 MB judging size, CUDA far beyond L2) and a large matmul in each dtype.
+- Ceilings measured in the same run, before and after the ops, the best of several rounds:
+  copy bandwidth (``dst.copy_(src)``, bytes read plus written; CPU at the 16 MB judging size,
+  CUDA far beyond L2) and a large matmul per dtype. A reduced-precision dtype's matmul ceiling
+  is the best of its own rate and fp32's (a kernel may widen to fp32 where the CPU emulates
+  bf16/fp16 matmuls). A case faster than its ceiling is flagged, not shown as a fraction.
 - Peak memory of one call above what was live before it: CUDA ``max_memory_allocated``; CPU
   the largest total of live allocations in a profiler memory trace.
 """
@@ -23,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -39,6 +47,8 @@ MB = 1 << 20
 CPU_JUDGING_MAX_OUTPUT_BYTES = 16 * MB
 
 UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
+# Rounds of each ceiling measurement; a round is a whole sampling run, the best round counts.
+CEILING_ROUNDS = 3
 # Which measured ceiling a throughput unit is compared with.
 UNIT_CEILING = {"GB/s": "copy", "TFLOP/s": "matmul"}
 
@@ -63,6 +73,7 @@ class RunConfig:
     sizes: Optional[List[int]] = None  # explicit sizes instead of the sweep (--size)
     min_run_time: float = 0.3  # seconds of samples per (case, provider) on CPU
     cuda_rep_ms: int = 100  # do_bench's measuring time per (case, provider) on CUDA
+    budget_s: float = 2.0  # a provider whose warm-up call takes longer gets one timed call
 
     @property
     def is_cuda(self) -> bool:
@@ -130,16 +141,18 @@ def _quantiles(samples: List[float]) -> Dict[str, float]:
         lo, hi = math.floor(pos), math.ceil(pos)
         return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
-    return {"median_ms": pick(0.5) * 1e3, "p20_ms": pick(0.2) * 1e3, "p80_ms": pick(0.8) * 1e3}
+    return {"median_ms": pick(0.5) * 1e3, "p20_ms": pick(0.2) * 1e3, "p80_ms": pick(0.8) * 1e3,
+            "min_ms": ordered[0] * 1e3}
 
 
-def time_cpu(fn: Callable[[], Any], min_run_time: float) -> Dict[str, Any]:
+def time_cpu(fn: Callable[[], Any], min_run_time: float, budget_s: float = math.inf) -> Dict[str, Any]:
     from torch.utils import benchmark
 
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     first = timer.timeit(1).mean  # the caller has warmed up, so this is a sample too
     number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
-    n_samples = int(min(100, max(3, min_run_time / (first * number))))
+    # At least 3 samples, more up to min_run_time, fewer (down to 2) to stay within the budget.
+    n_samples = int(min(100, max(3, min_run_time / (first * number)), max(2, budget_s / (first * number))))
     samples = [first] if number == 1 else []
     samples += [timer.timeit(number).mean for _ in range(n_samples - len(samples))]
     return dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
@@ -192,7 +205,18 @@ def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int) -> Dict[str, Any]
 def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:
     if cfg.is_cuda:
         return time_cuda(fn, cfg.device, cfg.cuda_rep_ms)
-    return time_cpu(fn, cfg.min_run_time)
+    return time_cpu(fn, cfg.min_run_time, cfg.budget_s)
+
+
+def time_one_call(fn: Callable[[], Any], device: str) -> Dict[str, Any]:
+    """One timed call, for a provider over its budget: every statistic is that call."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    ms = (time.perf_counter() - start) * 1e3
+    return dict(median_ms=ms, p20_ms=ms, p80_ms=ms, min_ms=ms, samples=1, calls_per_sample=1,
+                method="one call (warm-up call over the time budget)", single_call=True)
 
 
 # ---- peak memory ----------------------------------------------------------------------------
@@ -257,48 +281,83 @@ def peak_memory(fn: Callable[[], Any], device: str) -> Dict[str, Any]:
 
 
 class Ceilings:
-    """Copy bandwidth and per-dtype matmul rate of this machine, measured once per run, lazily."""
+    """Copy bandwidth and per-dtype matmul rate of this machine. ``measure()`` runs at the start
+    and at the end of a run; each time every ceiling takes the best of CEILING_ROUNDS sampling
+    rounds, and keeps the best over both times: other processes can only make a measured
+    ceiling lower than the machine's, never higher."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.copy: Optional[Dict[str, Any]] = None
-        self.matmul: Dict[str, Dict[str, Any]] = {}
+        self.matmul: Dict[str, Dict[str, Any]] = {}  # per dtype, its own math
 
-    def copy_gbps(self) -> float:
-        if self.copy is None:
-            cfg = self.cfg
-            # CPU: the judging output size (preallocated, so no page faults), so that the ceiling
-            # and the judged cases see the same cache behaviour. CUDA: far beyond L2.
-            nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_JUDGING_MAX_OUTPUT_BYTES)
-            src = torch.randn(nbytes // 4, device=cfg.device)
-            dst = torch.empty_like(src)
-            t = time_fn(lambda: dst.copy_(src), cfg)
-            self.copy = dict(t, bytes=2 * nbytes, gbps=2 * nbytes / (t["median_ms"] * 1e-3) / 1e9,
-                             what=f"dst.copy_(src), {nbytes // MB} MB each, bytes read + written")
-        return self.copy["gbps"]
+    def _best(self, previous: Optional[Dict[str, Any]], fn: Callable[[], Any], work: float, unit_scale: float,
+              **what) -> Dict[str, Any]:
+        best = previous
+        for _ in range(CEILING_ROUNDS):
+            t = time_fn(fn, self.cfg)
+            rate = work / (t["min_ms"] * 1e-3) / unit_scale
+            if best is None or rate > best["rate"]:
+                best = dict(t, rate=rate, **what)
+        return best
 
-    def matmul_tflops(self, dtype: torch.dtype) -> float:
+    def _measure_copy(self) -> None:
+        cfg = self.cfg
+        # CPU: the judging output size (preallocated, so no page faults), so that the ceiling
+        # and the judged cases see the same cache behaviour. CUDA: far beyond L2.
+        nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_JUDGING_MAX_OUTPUT_BYTES)
+        src = torch.randn(nbytes // 4, device=cfg.device)
+        dst = torch.empty_like(src)
+        self.copy = self._best(self.copy, lambda: dst.copy_(src), 2 * nbytes, 1e9, bytes=2 * nbytes, unit="GB/s",
+                               what=f"dst.copy_(src), {nbytes // MB} MB each, bytes read + written, best sample")
+
+    def _measure_matmul(self, dtype: torch.dtype) -> None:
+        cfg = self.cfg
         key = dtype_name(dtype)
-        if key not in self.matmul:
-            cfg = self.cfg
-            n = 256 if cfg.smoke else (8192 if cfg.is_cuda else 2048)
-            a = torch.randn(n, n, device=cfg.device).to(dtype)
-            b = torch.randn(n, n, device=cfg.device).to(dtype)
-            t = time_fn(lambda: torch.mm(a, b), cfg)
-            self.matmul[key] = dict(t, n=n, tflops=2 * n**3 / (t["median_ms"] * 1e-3) / 1e12,
-                                    what=f"torch.mm {n}x{n}x{n} in {key}")
-        return self.matmul[key]["tflops"]
+        n = 256 if cfg.smoke else (8192 if cfg.is_cuda else 2048)
+        a = torch.randn(n, n, device=cfg.device).to(dtype)
+        b = torch.randn(n, n, device=cfg.device).to(dtype)
+        self.matmul[key] = self._best(self.matmul.get(key), lambda: torch.mm(a, b), 2 * n**3, 1e12, n=n,
+                                      unit="TFLOP/s", what=f"torch.mm {n}x{n}x{n} in {key}, best sample")
+
+    def measure(self, dtypes) -> None:
+        """(Re)measures the copy ceiling and the matmul ceilings of dtypes (plus fp32, which a
+        reduced dtype's ceiling includes), keeping each one's best so far."""
+        self._measure_copy()
+        for dtype in dict.fromkeys([*dtypes, torch.float32]):
+            self._measure_matmul(dtype)
+
+    def matmul_tflops(self, dtype: torch.dtype) -> Optional[float]:
+        """The best matmul rate for dtype's math: its own, or for bf16/fp16 fp32's if higher."""
+        rates = [self.matmul[k]["rate"] for k in (dtype_name(dtype), "float32")
+                 if k in self.matmul and (k == dtype_name(dtype) or dtype in (torch.bfloat16, torch.float16))]
+        return max(rates) if rates else None
 
     def for_unit(self, unit: str, dtype: torch.dtype) -> Optional[float]:
         kind = UNIT_CEILING.get(unit)
         if kind == "copy":
-            return self.copy_gbps()
+            return self.copy["rate"] if self.copy else None
         if kind == "matmul":
             return self.matmul_tflops(dtype)
         return None
 
     def as_dict(self) -> Dict[str, Any]:
         return {"copy": self.copy, "matmul": self.matmul}
+
+
+def apply_ceilings(op: Dict[str, Any], ceilings: Ceilings) -> None:
+    """Sets each case's ceiling and every result's fraction of it from the ceilings as they stand
+    (called again after the final measurement). A result above its ceiling gets no fraction and
+    ``above_ceiling``: either the ceiling was measured under load or the work count is wrong."""
+    for case in op.get("cases", []):
+        ceiling = ceilings.for_unit(case["unit"], getattr(torch, case["dtype"]))
+        case["ceiling"] = ceiling
+        for r in case["results"].values():
+            if r["status"] != "ok":
+                continue
+            above = bool(ceiling) and r["throughput"] > ceiling
+            r["above_ceiling"] = above
+            r["fraction_of_ceiling"] = r["throughput"] / ceiling if ceiling and not above else None
 
 
 # ---- environment ----------------------------------------------------------------------------
@@ -343,7 +402,9 @@ def environment(device: str) -> Dict[str, Any]:
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # torch's own kernels
+        "llama_ext_cpu_capability": llama_ext.cpu_capability(),  # the ISA level of llama_ext's CPU kernels
+        "cpu_levels": [name for name, missing in llama_ext._cpu_kernels.levels().items() if missing is None],
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
@@ -395,29 +456,34 @@ def is_judging(case: Case, cfg: RunConfig) -> bool:
     return cfg.is_cuda or case.unit != "GB/s" or case.out_bytes <= CPU_JUDGING_MAX_OUTPUT_BYTES
 
 
-def _measure(provider: Provider, case: Case, inputs, cfg: RunConfig, ceilings: Ceilings, eager_out):
+def _measure(provider: Provider, case: Case, inputs, cfg: RunConfig, eager_out):
     try:
         fn = provider.build(case, inputs)
+        synchronize(cfg.device)
+        start = time.perf_counter()
         out = fn()  # first call: compiles, autotunes, allocates
         synchronize(cfg.device)
-        timing = time_fn(fn, cfg)
-        memory = peak_memory(fn, cfg.device)
+        if time.perf_counter() - start > cfg.budget_s:
+            timing = time_one_call(fn, cfg.device)
+            memory = {"peak_mem_bytes": None, "peak_mem_method": "not measured (over the time budget)"}
+        else:
+            timing = dict(time_fn(fn, cfg), single_call=False)
+            memory = peak_memory(fn, cfg.device)
     except Exception as exc:  # a provider that cannot run this case is a result, not a crash
         return {"status": "n/a", "reason": short_error(exc)}, None
     finally:
         if cfg.is_cuda:
             torch.cuda.empty_cache()
     seconds = timing["median_ms"] * 1e-3
-    throughput = case.work / seconds / UNIT_SCALE[case.unit]
-    ceiling = ceilings.for_unit(case.unit, case.dtype)
-    result = {"status": "ok", **getattr(fn, "details", {}), **timing, "throughput": throughput,
-              "fraction_of_ceiling": throughput / ceiling if ceiling else None, **memory,
+    result = {"status": "ok", **getattr(fn, "details", {}), **timing,
+              "throughput": case.work / seconds / UNIT_SCALE[case.unit], **memory,
               "max_abs_diff_vs_eager": max_abs_diff(out, eager_out) if eager_out is not None else None}
     return result, out
 
 
 def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = True) -> Dict[str, Any]:
-    """Measures every provider on every case; returns the op's JSON record."""
+    """Measures every provider on every case; returns the op's JSON record, its fractions of
+    the ceilings as measured so far (apply_ceilings updates them)."""
     record: Dict[str, Any] = {
         "op": bench.name, "title": bench.title, "size_name": bench.size_name, "notes": bench.notes,
         "providers": {p.name: {"source": p.source, "skip_reason": p.skip_reason} for p in bench.providers},
@@ -434,7 +500,7 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
             if provider.skip_reason:
                 results[provider.name] = {"status": "skipped", "reason": provider.skip_reason}
                 continue
-            results[provider.name], out = _measure(provider, case, inputs, cfg, ceilings, eager_out)
+            results[provider.name], out = _measure(provider, case, inputs, cfg, eager_out)
             if provider.name == "eager":
                 eager_out = out
         eager_ms = results.get("eager", {}).get("median_ms")
@@ -442,12 +508,13 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
             if r["status"] == "ok":
                 r["speedup_vs_eager"] = eager_ms / r["median_ms"] if eager_ms else None
         del inputs, eager_out
-        ceiling = ceilings.for_unit(case.unit, case.dtype)
         cases.append({
             "mode": case.mode, "dtype": dtype_name(case.dtype), "size": case.size, "label": case.label,
             "unit": case.unit, "work": case.work, "out_bytes": case.out_bytes, "judging": is_judging(case, cfg),
-            "ceiling": ceiling, "ceiling_kind": UNIT_CEILING.get(case.unit), "params": case.params,
+            "ceiling": None, "ceiling_kind": UNIT_CEILING.get(case.unit), "params": case.params,
             "results": results,
         })
-    return dict(record, status="ok", cases=cases)
+    op = dict(record, status="ok", cases=cases)
+    apply_ceilings(op, ceilings)
+    return op
 

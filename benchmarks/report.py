@@ -27,11 +27,16 @@ def _case_rows(case: Dict[str, Any]) -> List[str]:
             rows.append(head + f"| n/a | | | | | | {r['reason'].replace('|', '/')} |")
             continue
         fraction, speedup, diff = r["fraction_of_ceiling"], r.get("speedup_vs_eager"), r["max_abs_diff_vs_eager"]
+        single = r.get("single_call")
+        if r.get("above_ceiling"):
+            of_ceiling = f"above {ceiling} ceiling!"
+        else:
+            of_ceiling = "" if fraction is None else f"{100 * fraction:.0f}% {ceiling}"
         cells = [
-            _fmt_ms(r["median_ms"]),
-            f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}",
+            _fmt_ms(r["median_ms"]) + ("*" if single else ""),
+            "1 call" if single else f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}",
             f"{r['throughput']:.3g}",
-            "" if fraction is None else f"{100 * fraction:.0f}% {ceiling}",
+            of_ceiling,
             "" if speedup is None else f"{speedup:.2f}x",
             _fmt_mb(r["peak_mem_bytes"]),
             "" if diff is None else f"{diff:.1e}",
@@ -40,9 +45,10 @@ def _case_rows(case: Dict[str, Any]) -> List[str]:
     return rows
 
 
-def op_table(op: Dict[str, Any]) -> str:
-    """Markdown table of one op, judging sizes first, then (CPU) the page-fault-bound sizes."""
-    lines = [f"### {op['title']}"]
+def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
+    """Markdown table of one op, judging sizes first, then (CPU) the page-fault-bound sizes.
+    isa names the vector ISA the CPU kernels ran on."""
+    lines = [f"### {op['title']}" + (f" [CPU kernels: {isa}]" if isa else "")]
     if op["status"] == "skipped":
         return "\n".join(lines + ["", f"skipped: {op['reason']}", ""])
     unit = op["cases"][0]["unit"] if op["cases"] else ""
@@ -58,6 +64,12 @@ def op_table(op: Dict[str, Any]) -> str:
                   "on this machine, whatever the kernel): shown for completeness, not used to judge kernels.",
                   ""] + header + large
     skipped = [f"- {name}: skipped ({p['skip_reason']})" for name, p in op["providers"].items() if p["skip_reason"]]
+    results = [r for c in op["cases"] for r in c["results"].values()]
+    if any(r.get("single_call") for r in results):
+        skipped.append("- \\*: one timed call after the warm-up, which alone exceeded the per-case time budget")
+    if any(r.get("above_ceiling") for r in results):
+        skipped.append("- above ceiling: faster than the ceiling measured in this run (a ceiling measured under "
+                       "load, or a miscounted amount of work); no fraction is shown")
     sources = [f"- {name}: {p['source']}" for name, p in op["providers"].items() if p["source"] and not p["skip_reason"]]
     lines += [""] + sources + skipped + [f"- {note}" for note in op["notes"]] + [""]
     return "\n".join(lines)
@@ -70,21 +82,33 @@ def header_text(result: Dict[str, Any]) -> str:
         f"- machine: {env['device_name']} ({env['device']}), {env['logical_cpus']} logical CPUs, torch threads "
         f"{env['torch_threads']}, load average at start {', '.join(f'{v:.2f}' for v in env['load_average_at_start'] or [])}",
         f"- software: torch {env['torch']} (CUDA {env['torch_cuda']}), python {env['python']}, transformers "
-        f"{env['transformers']}, triton {env['triton']}, CPU capability {env['cpu_capability']}",
+        f"{env['transformers']}, triton {env['triton']}",
+        f"- ISA: llama_ext CPU kernels **{env['llama_ext_cpu_capability']}** (this CPU runs: "
+        f"{', '.join(env['cpu_levels'])}); torch's own CPU kernels {env['cpu_capability']}",
     ]
     if ceilings["copy"]:
         c = ceilings["copy"]
-        lines.append(f"- copy ceiling: {c['gbps']:.1f} GB/s ({c['what']})")
+        lines.append(f"- copy ceiling: {c['rate']:.1f} GB/s ({c['what']}, before and after the ops)")
     for name, m in ceilings["matmul"].items():
-        lines.append(f"- matmul ceiling {name}: {m['tflops'] * 1e3:.1f} GFLOP/s ({m['what']})")
+        lines.append(f"- matmul rate {name}: {m['rate'] * 1e3:.1f} GFLOP/s ({m['what']}, before and after the ops)")
+    reduced = [n for n in ceilings["matmul"] if n in ("bfloat16", "float16")]
+    if reduced and "float32" in ceilings["matmul"]:
+        lines.append(f"- matmul ceiling of {' and '.join(reduced)}: the better of its own rate and float32's "
+                     "(where the CPU emulates reduced-precision matmuls, kernels widen to fp32)")
     if result.get("warning"):
         lines.append(f"- warning: {result['warning']}")
     lines.append(f"- command: `{result['command']}`; run time {result['elapsed_s']:.0f} s")
     return "\n".join(lines)
 
 
+def op_isa(result: Dict[str, Any]) -> Optional[str]:
+    env = result["env"]
+    return None if env["device"].startswith("cuda") else env.get("llama_ext_cpu_capability")
+
+
 def markdown(result: Dict[str, Any]) -> str:
-    return header_text(result) + "\n\n" + "\n".join(op_table(op) for op in result["ops"])
+    isa = op_isa(result)
+    return header_text(result) + "\n\n" + "\n".join(op_table(op, isa) for op in result["ops"])
 
 
 def write_json(result: Dict[str, Any], path: str) -> None:
@@ -158,15 +182,26 @@ def write_outputs(result: Dict[str, Any], out_dir: str) -> List[str]:
     return paths
 
 
+def results_md_section(result: Dict[str, Any]) -> str:
+    """RESULTS.md keeps one section per CUDA run and per CPU ISA level: "cuda", "cpu-avx2", ..."""
+    device = result["env"]["device"].split(":")[0]
+    return device if device == "cuda" else f"{device}-{result['env']['llama_ext_cpu_capability']}"
+
+
 def update_results_md(result: Dict[str, Any], path: str) -> None:
-    """Rewrites this device's section of RESULTS.md (between its begin/end markers)."""
-    tag = result["env"]["device"].split(":")[0]
+    """Rewrites this run's section of RESULTS.md (between its begin/end markers), or adds it
+    before the GPU part when this ISA level has none yet."""
+    tag = results_md_section(result)
     begin, end = f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
     with open(path) as f:
         text = f.read()
-    if begin not in text or end not in text:
-        raise ValueError(f"{path} has no {begin} ... {end} section to update")
     body = f"{begin}\n{markdown(result)}\n{end}"
-    text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S)
+    if begin in text and end in text:
+        text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S)
+    else:
+        heading = f"### CPU kernels at the {result['env']['llama_ext_cpu_capability']} level\n\n"
+        where = text.find("\n## GPU")
+        where = len(text) if where < 0 else where + 1
+        text = text[:where] + heading + body + "\n\n" + text[where:]
     with open(path, "w") as f:
         f.write(text)

@@ -1,45 +1,92 @@
-// The Python module llama_ext._C. Importing it only has to load this library so that the
-// operator registrations (csrc/registration.cpp, TORCH_LIBRARY_IMPL in the backends) run; the
-// module itself is empty (no pybind11, every entry point is a torch op). Its one job is to
-// refuse, naming the feature, on a CPU that lacks the vector ISA the CPU kernels were built for.
+// The Python module llama_ext._C. Loading this library runs the op schemas' registration
+// (csrc/registration.cpp) and the CUDA kernels' TORCH_LIBRARY_IMPL; the CPU kernels live in one
+// library per vector ISA level (csrc/cpu/capability.h), of which llama_ext/_cpu_kernels.py loads
+// one. This module's one function tells which levels this CPU can run:
+//
+//   llama_ext._C.cpu_capabilities() -> ((level, missing), ...), lowest level first,
+//
+// where missing is None when the CPU (and its OS, which must save the wider registers) runs the
+// level, else the features it lacks, for the error message of a forced level.
 #include <Python.h>
 
 namespace {
 
-// The CPU kernels are compiled for the build host's vector ISA (setup.py). On a CPU without
-// it the first op would die of SIGILL; the import names the missing feature instead.
-const char* missing_cpu_feature() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-#if defined(CPU_CAPABILITY_AVX512)
-  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
-    return "AVX-512 (F, BW, VL, DQ)";
-  }
+#define LLAMA_EXT_X86 1
 #endif
-#if defined(__AVX512BF16__)
-  if (!__builtin_cpu_supports("avx512bf16")) return "AVX512-BF16";
+
+// __builtin_cpu_supports takes string literals only, hence one function per level. The
+// features are exactly those of the level's compiler flags (setup.py, CPU_LEVELS).
+bool has_avx2() {
+#if defined(LLAMA_EXT_X86)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
 #endif
-#if defined(__AVX2__)
-  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma") || !__builtin_cpu_supports("f16c")) {
-    return "AVX2, FMA and F16C";
-  }
-#endif
-#endif
-  return nullptr;
 }
+
+bool has_avx512() {
+#if defined(LLAMA_EXT_X86)
+  return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool has_avx512_bf16() {
+#if defined(LLAMA_EXT_X86)
+  return has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool always() { return true; }
+
+struct Level {
+  const char* name;
+  const char* features;  // what the level needs, for messages
+  bool (*supported)();
+};
+
+constexpr Level kLevels[] = {
+    {"default", "nothing", &always},
+    {"avx2", "AVX2, FMA and F16C", &has_avx2},
+    {"avx512", "AVX-512 F, BW, VL and DQ", &has_avx512},
+    {"avx512_bf16", "AVX-512 F, BW, VL, DQ and BF16", &has_avx512_bf16},
+};
+
+PyObject* cpu_capabilities(PyObject*, PyObject*) {
+#if defined(LLAMA_EXT_X86)
+  __builtin_cpu_init();
+#endif
+  constexpr Py_ssize_t n = sizeof(kLevels) / sizeof(kLevels[0]);
+  PyObject* result = PyTuple_New(n);
+  if (result == nullptr) return nullptr;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const Level& level = kLevels[i];
+    PyObject* entry = level.supported() ? Py_BuildValue("(sO)", level.name, Py_None)
+                                        : Py_BuildValue("(ss)", level.name, level.features);
+    if (entry == nullptr) {
+      Py_DECREF(result);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(result, i, entry);
+  }
+  return result;
+}
+
+PyMethodDef methods[] = {
+    {"cpu_capabilities", &cpu_capabilities, METH_NOARGS,
+     "((level, missing), ...), lowest level first: missing is None when this CPU runs the level, else the "
+     "CPU features it lacks."},
+    {nullptr, nullptr, 0, nullptr},
+};
 
 }  // namespace
 
 extern "C" PyObject* PyInit__C(void) {
-  if (const char* feature = missing_cpu_feature()) {
-    PyErr_Format(PyExc_ImportError,
-                 "llama_ext was built for CPUs with %s, which this CPU lacks. Rebuild it on this machine "
-                 "(pip install --no-build-isolation --force-reinstall .), or build with LLAMA_EXT_CPU_VEC=avx2 "
-                 "(or none) for older CPUs.",
-                 feature);
-    return nullptr;
-  }
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

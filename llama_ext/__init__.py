@@ -5,7 +5,8 @@ autograd, and fake kernels for ``torch.compile``.
 """
 import torch
 
-from . import _C  # noqa: F401  (loads the kernels and registers torch.ops.llama_ext)
+from . import _C  # noqa: F401  (registers torch.ops.llama_ext and its CUDA kernels)
+from . import _cpu_kernels  # loads the CPU kernels of the best ISA level this CPU runs
 from .ops import (
     apply_rotary,
     apply_rotary_,
@@ -26,6 +27,13 @@ def cuda_kernels_built() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("llama_ext::rms_norm", "CUDA")
 
 
+def cpu_capability() -> str:
+    """The vector ISA level of the CPU kernels in use: ``"avx512_bf16"``, ``"avx512"``,
+    ``"avx2"`` or ``"default"`` (portable). The best one this CPU runs, unless the environment
+    variable ``LLAMA_EXT_CPU_CAPABILITY`` chose a lower one before import."""
+    return _cpu_kernels.CAPABILITY
+
+
 __all__ = [
     "GQAttention",
     "KVCache",
@@ -33,6 +41,7 @@ __all__ = [
     "RotaryEmbedding",
     "apply_rotary",
     "apply_rotary_",
+    "cpu_capability",
     "cuda_kernels_built",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",

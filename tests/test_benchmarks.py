@@ -2,46 +2,15 @@
 every available provider produced a number and every skipped one says why. No speed is asserted."""
 import json
 import math
+import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import llama_ext
-from benchmarks import bench_attention, bench_rotary, cli, harness, report
+from benchmarks import cli, harness, report
 
 SMOKE_ARGS = ["--smoke", "--no-progress", "--dtype", "float32", "--device", "cpu"]
-
-
-def _stand_in_rope_cos_sin(rotary_dim, max_position, base=10000.0, rope_scaling=None, device=None):
-    inv_freq = 1.0 / base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
-    angles = torch.arange(max_position, dtype=torch.float64)[:, None] * inv_freq
-    return angles.cos().float().to(device), angles.sin().float().to(device)
-
-
-def _stand_in_apply_rotary(q, k, cos, sin, positions=None, interleaved=False):
-    def rotate(x):
-        c, s = cos[: x.shape[1], None, :], sin[: x.shape[1], None, :]
-        x1, x2 = x.float().chunk(2, dim=-1)
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-    return rotate(q), rotate(k)
-
-
-def _stand_in_gqa_attention(q, k, v, causal=True, scale=None):
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         is_causal=causal and q.shape[1] > 1, scale=scale, enable_gqa=True)
-    return out.transpose(1, 2).contiguous()
-
-
-@pytest.fixture
-def ops_present(monkeypatch):
-    """Pure-PyTorch stand-ins for the ops still being written, so their benchmark modules run
-    end to end; once an op lands in llama_ext, its real kernel is benchmarked instead."""
-    for name, fn in [("rope_cos_sin", _stand_in_rope_cos_sin), ("apply_rotary", _stand_in_apply_rotary),
-                     ("gqa_attention", _stand_in_gqa_attention)]:
-        if not hasattr(llama_ext, name):
-            monkeypatch.setattr(llama_ext, name, fn, raising=False)
 
 
 def _check_result(result, where):
@@ -71,7 +40,7 @@ def _check_op(op, expected_providers):
                 assert result["status"] == "ok", (op["op"], case["mode"], name, result.get("reason"))
 
 
-def test_smoke_run_writes_json_tables_and_plots(tmp_path, ops_present, capsys):
+def test_smoke_run_writes_json_tables_and_plots(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli.main(SMOKE_ARGS + ["--op", "rms_norm", "--op", "rotary", "--op", "attention", "--out", str(out)]) == 0
     data = json.loads((out / "results-cpu.json").read_text())
@@ -79,8 +48,9 @@ def test_smoke_run_writes_json_tables_and_plots(tmp_path, ops_present, capsys):
     assert {"env", "config", "ceilings", "ops", "elapsed_s", "command"} <= set(data)
     for key in ("device_name", "torch", "torch_threads", "git_commit", "date_utc"):
         assert key in data["env"]
-    assert data["ceilings"]["copy"]["gbps"] > 0
-    assert data["ceilings"]["matmul"]["float32"]["tflops"] > 0
+    assert data["ceilings"]["copy"]["rate"] > 0
+    assert data["ceilings"]["matmul"]["float32"]["rate"] > 0
+    assert data["env"]["llama_ext_cpu_capability"] == llama_ext.cpu_capability()
     ops = {op["op"]: op for op in data["ops"]}
     assert list(ops) == ["rms_norm", "rotary", "attention"]
     _check_op(ops["rms_norm"], ["eager", "native", "compile", "llama_ext"])
@@ -97,20 +67,53 @@ def test_smoke_run_writes_json_tables_and_plots(tmp_path, ops_present, capsys):
     for name in ops:
         assert (out / f"{name}-cpu.png").stat().st_size > 0
     stdout = capsys.readouterr().out
-    assert "### RMSNorm" in stdout and "| llama_ext |" in stdout
+    assert f"### RMSNorm [CPU kernels: {llama_ext.cpu_capability()}]" in stdout and "| llama_ext |" in stdout
     assert (out / "results-cpu.md").read_text().count("### ") == 3
 
 
-def test_ops_skip_cleanly_while_llama_ext_lacks_them(monkeypatch):
-    for name in ("apply_rotary", "rope_cos_sin", "gqa_attention"):
-        monkeypatch.delattr(llama_ext, name, raising=False)
-    cfg = harness.RunConfig(device="cpu", dtypes=[torch.float32], smoke=True)
+def _toy_bench(providers, unit="GB/s", work=64.0):
+    case = harness.Case(mode="fwd", dtype=torch.bfloat16, size=8, label="8", unit=unit, work=work, out_bytes=32)
+    return harness.OpBench(name="toy", title="toy", size_name="n", cases=[case], providers=providers,
+                           make_inputs=lambda c: torch.randn(8) + 3)
+
+
+def test_provider_over_budget_gets_one_marked_call():
+    calls = {"slow": 0, "fast": 0}
+
+    def counted(name, seconds):
+        def build(case, inputs):
+            def fn():
+                calls[name] += 1
+                time.sleep(seconds)
+                return inputs * 2
+            return fn
+        return build
+
+    cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.05, budget_s=0.1)
+    bench = _toy_bench([harness.Provider("eager", counted("fast", 0.0)), harness.Provider("slow", counted("slow", 0.15))])
+    op = harness.run_op(bench, cfg, harness.Ceilings(cfg), progress=False)
+    slow, fast = op["cases"][0]["results"]["slow"], op["cases"][0]["results"]["eager"]
+    assert calls["slow"] == 2  # the warm-up, then one timed call
+    assert slow["single_call"] and slow["samples"] == 1 and slow["median_ms"] >= 150
+    assert not fast["single_call"] and calls["fast"] > 3
+    table = report.op_table(op)
+    assert "| 1 call |" in table and "one timed call" in table
+
+
+def test_reduced_dtype_ceiling_is_the_best_rate_for_its_math_and_excess_is_flagged():
+    cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.01)
     ceilings = harness.Ceilings(cfg)
-    for module, missing in ((bench_rotary, "apply_rotary"), (bench_attention, "gqa_attention")):
-        op = harness.run_op(module.build(cfg), cfg, ceilings, progress=False)
-        assert op["status"] == "skipped" and missing in op["reason"] and op["cases"] == []
-        assert "skipped: " in report.op_table(op)
-    assert ceilings.copy is None  # nothing was measured
+    ceilings.measure([torch.bfloat16])
+    own = ceilings.matmul["bfloat16"]["rate"]
+    fp32 = ceilings.matmul["float32"]["rate"]
+    assert ceilings.matmul_tflops(torch.bfloat16) == max(own, fp32)
+    assert ceilings.matmul_tflops(torch.float32) == fp32
+    # A result faster than its ceiling is flagged, never shown as a fraction over 100%.
+    bench = _toy_bench([harness.Provider("eager", lambda c, x: lambda: x * 2)], unit="TFLOP/s", work=1e15)
+    op = harness.run_op(bench, cfg, ceilings, progress=False)
+    result = op["cases"][0]["results"]["eager"]
+    assert result["above_ceiling"] and result["fraction_of_ceiling"] is None
+    assert "above matmul ceiling!" in report.op_table(op) and "%" not in report.op_table(op).split("|---|")[-1]
 
 
 def test_failing_provider_is_recorded_not_raised():
@@ -149,14 +152,23 @@ def test_e2e_smoke(tmp_path):
 
 def test_update_results_md_rewrites_only_its_section(tmp_path):
     path = tmp_path / "RESULTS.md"
-    path.write_text("# R\n<!-- cpu:begin -->\nold cpu\n<!-- cpu:end -->\n<!-- cuda:begin -->\nold gpu\n<!-- cuda:end -->\n")
+    path.write_text("# R\n<!-- cpu-avx2:begin -->\nold cpu\n<!-- cpu-avx2:end -->\n"
+                    "<!-- cpu-avx512:begin -->\nold avx512\n<!-- cpu-avx512:end -->\n"
+                    "## GPU\n<!-- cuda:begin -->\nold gpu\n<!-- cuda:end -->\n")
     result = {
         "env": {"device": "cpu", "date_utc": "d", "git_commit": "c", "git_dirty": False, "device_name": "n",
                 "logical_cpus": 2, "torch_threads": 2, "load_average_at_start": [0.1, 0.1, 0.1], "torch": "t",
-                "torch_cuda": None, "python": "p", "transformers": None, "triton": None, "cpu_capability": "x"},
+                "torch_cuda": None, "python": "p", "transformers": None, "triton": None, "cpu_capability": "x",
+                "llama_ext_cpu_capability": "avx2", "cpu_levels": ["default", "avx2"]},
         "ceilings": {"copy": None, "matmul": {}}, "warning": None, "command": "python -m benchmarks",
         "elapsed_s": 1.0, "ops": [],
     }
     report.update_results_md(result, str(path))
     text = path.read_text()
-    assert "old cpu" not in text and "old gpu" in text and "commit c" in text
+    assert "old cpu" not in text and "old avx512" in text and "old gpu" in text and "commit c" in text
+    # A level without a section yet gets its own, before the GPU part.
+    result["env"]["llama_ext_cpu_capability"] = "default"
+    report.update_results_md(result, str(path))
+    text = path.read_text()
+    assert "<!-- cpu-default:begin -->" in text and text.index("cpu-default") < text.index("## GPU")
+    assert "old avx512" in text and "old gpu" in text

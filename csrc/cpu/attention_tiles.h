@@ -1,8 +1,9 @@
 // The tile products of the CPU attention kernel (attention.cpp), as two interchangeable policies
 // with one interface, and the row copies that pack blocks for them:
-//  - BlasTiles<T>: blocks widened to the op-math type once per block and multiplied by ATen's
-//    BLAS (fp32, fp64, fp16, and bf16 without AVX512-BF16). Reduced-precision inputs are exact
-//    in fp32, so these are exactly the fp32-accumulated products.
+//  - BlasTiles<T>: tiles in the op-math type multiplied by ATen's BLAS (fp32, fp64, fp16, and
+//    bf16 below the avx512_bf16 level). fp16/bf16 K and V are widened once per (sequence, kv
+//    head) and thread in the forward, once per key chunk in the backward. Reduced-precision
+//    inputs are exact in fp32, so these are exactly the fp32-accumulated products.
 //  - Bf16DotTiles: bf16 tiles multiplied on AVX512-BF16 VDPBF16PS (bf16_dot.h); P (and dS) are
 //    rounded to bf16 before the second product, as FlashAttention does on GPUs.
 #pragma once
@@ -112,8 +113,16 @@ struct BlasTiles {
   int64_t d, M = 0;
   at::Tensor q, s;            // [max_rows, d] packed query rows; [max_rows * kBlockK] S / P tile
   at::Tensor acc;             // forward: [max_rows, d] output accumulator
-  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block (widened into k_buf/v_buf)
-  at::Tensor k_buf, v_buf;    // forward: [kBlockK, d]
+  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block (a view of the inputs or of k_wide/v_wide)
+  // Forward, T != acc_t: the op-math copies of the K and V rows of the (sequence, kv head) the
+  // last block came from, widened block by block on first use. A thread's tasks are mostly
+  // query blocks of one kv head, each of which reads every key block up to its diagonal:
+  // widening each key once per kv head, not once per query block, takes the conversion (and
+  // its reads of the strided bf16 rows) out of the inner loop.
+  at::Tensor k_wide, v_wide;  // [>= len_k, d], allocated by the first forward block
+  const void* wide_k_src = nullptr;
+  const void* wide_v_src = nullptr;
+  int64_t widened = 0;        // rows [0, widened) of k_wide/v_wide hold the current K/V
   at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
   at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], widened once per chunk
 
@@ -122,10 +131,6 @@ struct BlasTiles {
     s = scratch({max_rows * kBlockK}, acc_opts);
     if (pass == Pass::kForward) {
       acc = scratch({max_rows, d}, acc_opts);
-      if constexpr (kWiden) {
-        k_buf = scratch({kBlockK, d}, acc_opts);
-        v_buf = scratch({kBlockK, d}, acc_opts);
-      }
     } else {
       dout = scratch({max_rows, d}, acc_opts);
       dp = scratch({max_rows * kBlockK}, acc_opts);
@@ -143,18 +148,39 @@ struct BlasTiles {
     M = G * rows;
     pack_group_rows<T, acc_t>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<acc_t>());
   }
-  at::Tensor staged(const at::Tensor& blk, const at::Tensor& buf) {
-    if constexpr (kWiden) {
-      load_rows<T, acc_t>(blk.const_data_ptr<T>(), blk.stride(0), buf.mutable_data_ptr<acc_t>(), blk.size(0), d);
-      return buf.narrow(0, 0, blk.size(0));
+  // Widens K/V rows up to `end` of the [len_k, d] views into k_wide/v_wide (restarting when the
+  // views are another (sequence, kv head)'s).
+  void widen_keys(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t end) {
+    const int64_t len_k = k_seq.size(0);
+    const bool fits = k_wide.defined() && k_wide.size(0) >= len_k;
+    if (k_seq.const_data_ptr() != wide_k_src || v_seq.const_data_ptr() != wide_v_src || !fits) {
+      wide_k_src = k_seq.const_data_ptr();
+      wide_v_src = v_seq.const_data_ptr();
+      widened = 0;
+      if (!fits) {  // grows to the longest sequence
+        k_wide = scratch({len_k, d}, q.options());
+        v_wide = scratch({len_k, d}, q.options());
+      }
     }
-    return blk;
+    if (widened >= end) return;
+    const int64_t rows = end - widened;
+    load_rows<T, acc_t>(k_seq.const_data_ptr<T>() + widened * k_seq.stride(0), k_seq.stride(0),
+                        k_wide.mutable_data_ptr<acc_t>() + widened * d, rows, d);
+    load_rows<T, acc_t>(v_seq.const_data_ptr<T>() + widened * v_seq.stride(0), v_seq.stride(0),
+                        v_wide.mutable_data_ptr<acc_t>() + widened * d, rows, d);
+    widened = end;
   }
 
   // Forward: S = Q K_blk^T for keys [k0, k0 + n) of the [len_k, d] views.
   void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
-    k_blk = staged(k_seq.narrow(0, k0, n), k_buf);
-    v_blk = staged(v_seq.narrow(0, k0, n), v_buf);
+    if constexpr (kWiden) {
+      widen_keys(k_seq, v_seq, k0 + n);
+      k_blk = k_wide.narrow(0, k0, n);
+      v_blk = v_wide.narrow(0, k0, n);
+    } else {
+      k_blk = k_seq.narrow(0, k0, n);
+      v_blk = v_seq.narrow(0, k0, n);
+    }
     at::Tensor out = tile(s, n);
     at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
   }

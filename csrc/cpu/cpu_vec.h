@@ -2,6 +2,8 @@
 // type (float for float/half/bfloat16, double for double), store back with one rounding.
 #pragma once
 
+#include "capability.h"
+
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>

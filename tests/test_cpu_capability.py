@@ -1,0 +1,118 @@
+"""Run-time CPU ISA dispatch: one kernel library per level (csrc/cpu/capability.h), the best
+one the CPU runs loaded at import, LLAMA_EXT_CPU_CAPABILITY forcing a lower one.
+
+This process runs the kernels at one level; the key correctness tests run again in a
+subprocess at every other level this CPU supports, so that the AVX2 and portable paths stay
+tested on AVX-512 machines."""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import llama_ext
+from llama_ext import _cpu_kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEVELS = list(_cpu_kernels.levels())
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+# Every level a full build holds on x86-64 (setup.py builds fewer only when told to).
+FULL_BUILD = X86 and not os.environ.get("LLAMA_EXT_CPU_CAPABILITIES")
+# The tests that compare every kernel with float64 and HF: forward, backward, every head dim,
+# fully masked rows, strided inputs, determinism.
+KEY_TESTS = ("matches_float64 or follows_hf or every_head_dim or fully_masked or deterministic or strided "
+             "or unaligned or hf_layout")
+
+
+def _runnable_built():
+    return [n for n, missing in _cpu_kernels.levels().items() if missing is None and _cpu_kernels.library_path(n)]
+
+
+def _run(code_or_args, level, timeout=120):
+    env = dict(os.environ, **({_cpu_kernels.ENV_VAR: level} if level is not None else {}))
+    if level is None:
+        env.pop(_cpu_kernels.ENV_VAR, None)
+    args = code_or_args if isinstance(code_or_args, list) else ["-c", code_or_args]
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_levels_lowest_first_and_default_always_runs():
+    assert LEVELS == ["default", "avx2", "avx512", "avx512_bf16"]
+    levels = _cpu_kernels.levels()
+    assert levels["default"] is None
+    # A level implies every one below it.
+    supported = [levels[n] is None for n in LEVELS]
+    assert supported == sorted(supported, reverse=True)
+
+
+@pytest.mark.skipif(not FULL_BUILD, reason="a build trimmed by LLAMA_EXT_CPU_CAPABILITIES, or not x86-64")
+def test_every_level_is_built():
+    assert [n for n in LEVELS if _cpu_kernels.library_path(n)] == LEVELS
+
+
+def test_import_picks_the_best_level_unless_forced():
+    forced = os.environ.get(_cpu_kernels.ENV_VAR)
+    assert llama_ext.cpu_capability() == (forced or _runnable_built()[-1])
+    result = _run("import llama_ext; print(llama_ext.cpu_capability())", None)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [_runnable_built()[-1]]
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_forced_level_is_loaded_or_refused_clearly(level):
+    result = _run("import llama_ext; print(llama_ext.cpu_capability())", level)
+    missing = _cpu_kernels.levels()[level]
+    if missing is None and _cpu_kernels.library_path(level):
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.split() == [level]
+    elif missing is not None:  # the CPU lacks it: a clear error, never SIGILL
+        assert result.returncode == 1
+        assert f"LLAMA_EXT_CPU_CAPABILITY={level}, but this CPU lacks {missing}" in result.stderr
+    else:
+        assert result.returncode == 1 and "left that level out" in result.stderr
+
+
+def test_unknown_level_is_refused():
+    result = _run("import llama_ext", "avx1024")
+    assert result.returncode == 1
+    assert "ValueError: LLAMA_EXT_CPU_CAPABILITY='avx1024' is not a CPU level" in result.stderr
+
+
+# What each level's library must contain: the AVX-512 code is really compiled in, even on a build
+# host that cannot run it, and a lower level never contains a higher level's instructions.
+DISASSEMBLY = {
+    "default": (["xmm"], ["ymm", "zmm"]),
+    "avx2": (["ymm", "vfmadd", "vcvtph2ps"], ["zmm"]),
+    "avx512": (["zmm"], ["vdpbf16ps"]),
+    "avx512_bf16": (["zmm", "vdpbf16ps", "vcvtneps2bf16"], []),
+}
+
+
+@pytest.mark.skipif(not X86 or shutil.which("objdump") is None, reason="needs x86-64 and objdump")
+@pytest.mark.parametrize("level", LEVELS)
+def test_library_holds_its_level_instructions(level):
+    path = _cpu_kernels.library_path(level)
+    if path is None:
+        pytest.skip(f"this build left out {level}")
+    text = subprocess.run(["objdump", "-d", "--no-show-raw-insn", path], capture_output=True, text=True,
+                          check=True).stdout
+    present, absent = DISASSEMBLY[level]
+    for mnemonic in present:
+        assert mnemonic in text, f"{level}: no {mnemonic} in {path}"
+    for mnemonic in absent:
+        assert mnemonic not in text, f"{level}: {mnemonic} in {path}"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_key_correctness_tests_pass_at_every_level(level):
+    if level not in _runnable_built():
+        pytest.skip(f"this CPU or build cannot run {level}")
+    if level == llama_ext.cpu_capability():
+        pytest.skip(f"{level} is this process's level: the whole suite runs on it")
+    tests = ["tests/test_attention.py", "tests/test_rms_norm.py", "tests/test_rotary.py"]
+    result = _run(["-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "-k", KEY_TESTS], level,
+                  timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
