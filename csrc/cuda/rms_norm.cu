@@ -12,10 +12,10 @@
 //     at n = 128): G = min(32, next_pow2(chunks)) threads per row, 256 / G rows per 256-thread
 //     CTA, reduced with shuffles only.
 //   - Longer rows: one CTA per row, G = blockDim = about chunks / 2 threads (32..512).
-// A thread keeps its chunks in registers (kCache per thread, sized to the layout: 1, 2, 4 or 8)
-// so x (and residual) are read from DRAM once; rows wider than the cache (forward: 4096 chunks,
-// 32768 bf16 / 16384 fp32; backward: 2048 chunks) loop and re-read the row from L2 in the second
-// pass; so does the unaligned forward.
+// A thread keeps its chunks in registers (kCache per thread, the next power of two of what the
+// layout gives it: 1, 2, 4 or 8) so x (and residual, g) are read from DRAM once; rows wider than
+// the cache (forward: 4096 chunks, 32768 bf16 / 16384 fp32; backward: 2048 chunks) and the
+// unaligned kernels loop and re-read the row from L1/L2 in the second pass.
 //
 // Forward, per row: s = x (or round(x + residual), written to residual_out), rstd =
 // rsqrt(sum(s^2)/n + eps), y = round_out(w' * [round_in](s * rstd)), w' = offset + w (see
@@ -26,15 +26,32 @@
 // Backward: a grid sized to fill the GPU (occupancy API) strides over row blocks. Per row:
 // dot = sum(g*w'*x) (group reduction), dx = rstd*g*w' - x*rstd^3*dot/n (+ grad of residual_out),
 // and dweight += g * xhat (xhat = x*rstd, rounded to the input dtype when cast_before_weight) in
-// fp32: in registers for cached layouts, else in the CTA's own row of a [grid, chunks*kChunk]
-// workspace with 16-byte read-modify-writes. Short-row CTAs add their groups' register sums
-// through shared memory in group order; a second kernel sums the workspace over CTAs in order:
-// deterministic, no atomics.
+// fp32, each thread into its own chunks of its group's row of sums with 16-byte accesses: in
+// shared memory when the CTA's rows of sums fit 32 KB (all short rows; one CTA per row up to
+// 8192 elements), else in the CTA's row of the [grid, chunks*kChunk] workspace. The CTA adds its
+// groups' rows in group order into its workspace row; a second kernel sums the workspace over
+// CTAs in order: deterministic, no atomics. The grid is the same for the aligned and unaligned
+// kernels, so dweight's bits do not depend on the layout either.
 //
-// ptxas (-O3 --use_fast_math, CUDA 13, -Xptxas -v), registers per thread at kMaxThreads launch
-// bounds, 0 bytes spill everywhere; shared memory 128 B static (+ dynamic: rows per CTA x row
-// floats, <= 32 KB, for the short-row backward). Listed as <T, W, O> bf16 = <bf16, bf16, bf16>:
-//   LLAMA_EXT_RMS_NORM_PTXAS_TABLE
+// ptxas -v (CUDA 13.0, setup.py's flags), registers per thread over the 7 <input, weight, out>
+// dtype combinations, sm_80 / sm_90; 128 B static shared memory (block reduction), plus for the
+// backward's dweight sums up to 32 KB dynamic. Occupancy: resident warps of 64 at the highest
+// count, for 256-thread CTAs (short rows) / the 512-thread worst case of long rows.
+//   forward  aligned   cache 1:  23-32 / 24-32    100% / 100%
+//   forward  aligned   cache 2:  30-34 / 30-40     75% /  75%
+//   forward  aligned   cache 4:  44-52 / 44-64     50% /  50%
+//   forward  aligned   cache 8:  64-72 / 64-105    25% /  25%
+//   forward  aligned   loop:     32-39 / 32-40     75% /  75%
+//   forward  unaligned loop:     40-64 / 32-64     50% /  50%
+//   backward aligned   cache 1:  48-63 / 40-64     50% /  50%
+//   backward aligned   cache 2:  61-85 / 60-96     25% /  25%
+//   backward aligned   cache 4:  94-128 / 92-128   25% /  25%
+//   backward aligned   loop:     55-64 / 55-85     25% /  25%
+//   backward unaligned loop:     60-98 / 58-102    25% /  25%
+//   reduce_dweight:              24 / 28
+// Spills: none, except 4-8 bytes (one register, STL/LDL once) in three backward instantiations
+// where ptxas stops at 64 registers: sm_80 <bf16|fp16, fp32, fp32> loop, sm_90 <bf16> cache 1
+// and <fp16> cache 2. Every aligned kernel moves rows with LDG.E.128 / STG.E.128 (cuobjdump).
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
 
