@@ -13,6 +13,7 @@ from .ops import (
     fused_add_rms_norm_,
     gqa_attention,
     gqa_attention_varlen,
+    gqa_attention_with_kvcache,
     rms_norm,
 )
 from .modules import GQAttention, KVCache, RMSNorm, RotaryEmbedding
@@ -38,6 +39,7 @@ __all__ = [
     "fused_add_rms_norm_",
     "gqa_attention",
     "gqa_attention_varlen",
+    "gqa_attention_with_kvcache",
     "rms_norm",
     "rope_cos_sin",
 ]
