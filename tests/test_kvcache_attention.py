@@ -318,3 +318,23 @@ def test_cuda_graph_capture():
     graph.replay()
     ref_out = case.reference()[0]
     assert_close(out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_gqattention_with_kvcache_module(device, with_rope):
+    """GQAttention decoding through KVCache (the fused op, inference) equals the full forward,
+    including when the cache outgrows its initial capacity."""
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 32
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device) if with_rope else None
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    x = make((2, 12, hidden), device, torch.float32)
+    with torch.no_grad():
+        full = attn(x)
+        cache = llama_ext.KVCache(capacity=6)
+        steps = [attn(x[:, :5], cache=cache)]
+        for start, end in [(5, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:
+            steps.append(attn(x[:, start:end], cache=cache))
+    assert cache.offset == 12 and cache.k.shape == (2, 12, kv_heads, head_dim)
+    assert cache.cache_seqlens.tolist() == [12, 12]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
