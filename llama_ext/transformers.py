@@ -24,7 +24,11 @@ transformers 5.x offers that keeps the change to the one model being patched):
 
 Exactness: anything the kernels cannot reproduce exactly raises ``ValueError`` naming the
 setting (active sliding window, attention dropout in training, ``output_attentions``, softcap,
-4D, bidirectional or custom masks, static KV caches); nothing silently falls back to HF code.
+4D, bidirectional or custom masks, padded batches on a static cache); nothing silently falls
+back to HF code. HF's static cache (``cache_implementation="static"``) runs on
+:func:`llama_ext.gqa_attention_with_kvcache`, which appends to the cache's buffers in place and
+reads the lengths on the device, so a ``torch.compile(fullgraph=True)`` decode step has no host
+sync.
 
 Padded batches are unpadded to :func:`llama_ext.gqa_attention_varlen`, as are packed sequences
 (several per row, restarting position_ids, no attention_mask: transformers detects them). Query rows at padding
@@ -415,8 +419,8 @@ def patch_model(model: nn.Module) -> nn.Module:
     RMSNorms become :class:`llama_ext.RMSNorm` (same weights), the rotary embedding runs on
     :func:`llama_ext.apply_rotary` and attention on :func:`llama_ext.gqa_attention` /
     :func:`llama_ext.gqa_attention_varlen` (padded batches), registered as the ``"llama_ext"``
-    attention implementation. Training, ``generate()`` with the default DynamicCache and
-    left-padded batches are supported; settings the kernels cannot serve exactly raise
+    attention implementation. Training, ``generate()`` with the default DynamicCache (and
+    left-padded batches) or ``cache_implementation="static"`` are supported; settings the kernels cannot serve exactly raise
     ``ValueError`` when they occur (see the module docstring). Returns ``model``.
     """
     config = getattr(model, "config", None)

@@ -11,7 +11,8 @@
 //     all G query heads of its group (x seq_q) into one fp32 [rows, d] matrix (q rotated at
 //     positions cache_seqlens[b] + i and rounded to q's dtype first, as apply_rotary would give
 //     it, then pre-multiplied by the scale), and walks its key range in blocks of kKeyBlock
-//     keys. Each K and V row is widened to fp32 once and serves every row of the group:
+//     keys. Each K row is converted to fp32 in registers, chunk by chunk, against four rows at
+//     a time, and each V row is widened once; both serve every row of the group:
 //       S[r, j] = q_r . k_j        (d/W FMAs and one horizontal sum per score)
 //       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
 //       online softmax per row: m' = max(m, max_j S), p = exp(S - m'), l' = l e^(m - m') + sum p
@@ -50,7 +51,7 @@ namespace {
 using cpu::VecIO;
 
 constexpr int64_t kKeyBlock = 64;         // keys per online-softmax update
-constexpr int64_t kMaxRows = 64;          // query rows (G heads x seq_q tokens) per task
+constexpr int64_t kMaxRows = 64;          // query rows (G heads x seq_q tokens) per task, a multiple of 4
 constexpr int64_t kMinKeysPerSplit = 256;
 
 // exp with ~1 ulp error in fp32 (Sleef u20 variant); plain exp in fp64.
@@ -217,6 +218,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
             int64_t nr, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
+  using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
   constexpr bool kWiden = !std::is_same_v<T, acc_t>;
   const int64_t d = a.head_dim, dpad = a.dpad, G = a.group(), L = a.length(b);
@@ -254,25 +256,33 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
         if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
       }
     }
-    // Scores: each K row widened once, dotted with every row.
+    // Scores: four rows at a time against each K row, converted chunk by chunk in registers
+    // (one conversion per element and row group; q rows past nr are zeros or stale, unused).
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t* kr;
-      if constexpr (kWiden) {
-        widen_row<T>(kp[j], kbuf, d);
-        kr = kbuf;
-      } else {
-        kr = kp[j];
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        const acc_t* qr = buf.q.data() + r * dpad;
-        Vec s0(0), s1(0);
+      const T* kr = kp[j];
+      for (int64_t r0 = 0; r0 < nr; r0 += 4) {
+        const acc_t* q0 = buf.q.data() + r0 * dpad;
+        Vec s0(0), s1(0), s2(0), s3(0);
         int64_t c = 0;
-        for (; c + 2 * W <= d; c += 2 * W) {
-          s0 = at::vec::fmadd(Vec::loadu(qr + c), Vec::loadu(kr + c), s0);
-          s1 = at::vec::fmadd(Vec::loadu(qr + c + W), Vec::loadu(kr + c + W), s1);
+        for (; c + W <= d; c += W) {
+          const Vec kc = IO::load(kr + c);
+          s0 = at::vec::fmadd(Vec::loadu(q0 + c), kc, s0);
+          s1 = at::vec::fmadd(Vec::loadu(q0 + dpad + c), kc, s1);
+          s2 = at::vec::fmadd(Vec::loadu(q0 + 2 * dpad + c), kc, s2);
+          s3 = at::vec::fmadd(Vec::loadu(q0 + 3 * dpad + c), kc, s3);
         }
-        for (; c < d; c += W) s0 = at::vec::fmadd(Vec::loadu(qr + c), load_row<T>(kr + c, std::min(W, d - c)), s0);
-        buf.s[r * kKeyBlock + j] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s0 + s1);
+        if (c < d) {
+          const Vec kc = IO::load_partial(kr + c, d - c);
+          s0 = at::vec::fmadd(Vec::loadu(q0 + c), kc, s0);
+          s1 = at::vec::fmadd(Vec::loadu(q0 + dpad + c), kc, s1);
+          s2 = at::vec::fmadd(Vec::loadu(q0 + 2 * dpad + c), kc, s2);
+          s3 = at::vec::fmadd(Vec::loadu(q0 + 3 * dpad + c), kc, s3);
+        }
+        const Vec sums[4] = {s0, s1, s2, s3};
+        for (int64_t i = 0; i < 4 && r0 + i < nr; ++i) {
+          buf.s[(r0 + i) * kKeyBlock + j] =
+              at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sums[i]);
+        }
       }
     }
     // Softcap, masks and the online softmax, per row, over the whole kKeyBlock columns (those
