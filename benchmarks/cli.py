@@ -18,13 +18,14 @@ RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.m
 
 
 def _op_builders() -> Dict[str, Callable]:
-    from . import bench_attention, bench_rms_norm, bench_rotary
+    from . import bench_attention, bench_decode, bench_rms_norm, bench_rotary
 
     return {
         "rms_norm": bench_rms_norm.build_rms_norm,
         "fused_add_rms_norm": bench_rms_norm.build_fused_add_rms_norm,
         "rotary": bench_rotary.build,
         "attention": bench_attention.build,
+        "decode": bench_decode.build,
     }
 
 

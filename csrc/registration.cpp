@@ -54,4 +54,17 @@ TORCH_LIBRARY(llama_ext, m) {
       "gqa_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
       " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
       " float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+
+  // ---- Attention against a KV cache (decode), csrc/kvcache_attention.h ------------------------
+  // q [batch, seq_q, n_q_heads, d]; k_cache/v_cache [batch, capacity, n_kv_heads, d] or, with an
+  // int32 block_table [batch, max_blocks], paged [num_blocks, block_size, n_kv_heads, d]; int32
+  // cache_seqlens [batch]. k/v [batch, seq_new, n_kv_heads, d] (optional, together) are written
+  // into the caches at cache_seqlens (k rotated with rotary_cos/sin), then q (rotated at
+  // cache_seqlens + i) attends over cache_seqlens + seq_new tokens. window_left/right: -1 is
+  // unbounded; softcap 0 is off. lse is float32 [batch, n_q_heads, seq_q].
+  m.def(
+      "gqa_attention_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor cache_seqlens,"
+      " Tensor? k, Tensor? v, Tensor? block_table, bool causal, float scale, Tensor? rotary_cos,"
+      " Tensor? rotary_sin, bool rotary_interleaved, int window_left, int window_right, float softcap)"
+      " -> (Tensor out, Tensor lse)");
 }

@@ -14,6 +14,7 @@ from .ops import (
     fused_add_rms_norm_,
     gqa_attention,
     gqa_attention_varlen,
+    gqa_attention_with_kvcache,
     rms_norm,
 )
 from .modules import GQAttention, KVCache, RMSNorm, RotaryEmbedding
@@ -47,6 +48,7 @@ __all__ = [
     "fused_add_rms_norm_",
     "gqa_attention",
     "gqa_attention_varlen",
+    "gqa_attention_with_kvcache",
     "rms_norm",
     "rope_cos_sin",
 ]

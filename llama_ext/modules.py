@@ -135,27 +135,72 @@ class RotaryEmbedding(nn.Module):
 class KVCache:
     """Keys and values of past tokens for incremental decoding with :class:`GQAttention`.
 
-    Holds ``k`` and ``v`` as ``[batch, seq, n_kv_heads, head_dim]`` (the layout
-    :func:`llama_ext.gqa_attention` reads). :meth:`update` appends a step and returns the
-    full k/v; :attr:`offset` is the number of cached tokens, the position of the next one.
-    Storage grows by concatenation: simple, and fine for tests and short generations.
+    Preallocated ``[batch, capacity, n_kv_heads, head_dim]`` buffers (allocated at the first
+    step, in its dtype and device) filled in place by :func:`llama_ext.gqa_attention_with_kvcache`,
+    which appends a step's k/v and attends over the cache in one call. ``capacity`` is the
+    initial number of tokens per sequence; a step past it reallocates to twice the size
+    (pass the generation's total length to avoid that). :attr:`offset` (a host int, so no device
+    sync) is the number of cached tokens, the position of the next one; :attr:`cache_seqlens`
+    is the same count as the op's int32 device tensor. :attr:`k`/:attr:`v` are views of the
+    filled part.
     """
 
-    def __init__(self):
-        self.k = None
-        self.v = None
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self.k_cache = self.v_cache = self.cache_seqlens = None
+        self.offset = 0
 
     @property
-    def offset(self) -> int:
-        return 0 if self.k is None else self.k.shape[1]
+    def k(self) -> Optional[Tensor]:
+        return None if self.k_cache is None else self.k_cache[:, : self.offset]
+
+    @property
+    def v(self) -> Optional[Tensor]:
+        return None if self.v_cache is None else self.v_cache[:, : self.offset]
+
+    def _reserve(self, k: Tensor) -> None:
+        batch, new, heads, d = k.shape
+        needed = self.offset + new
+        if self.k_cache is not None and needed <= self.k_cache.shape[1]:
+            return
+        capacity = max(self.capacity, needed, 2 * (0 if self.k_cache is None else self.k_cache.shape[1]))
+        k_cache = k.new_empty((batch, capacity, heads, d))
+        v_cache = torch.empty_like(k_cache)
+        if self.k_cache is not None:
+            k_cache[:, : self.offset] = self.k_cache[:, : self.offset]
+            v_cache[:, : self.offset] = self.v_cache[:, : self.offset]
+        else:
+            self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=k.device)
+        self.k_cache, self.v_cache = k_cache, v_cache
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+        """Appends ``k``/``v`` ``[batch, new, n_kv_heads, head_dim]`` and returns causal attention
+        of ``q`` ``[batch, new, n_heads, head_dim]`` over every cached token. With autograd
+        recording (training through a cache), the step's k/v are still cached (detached) and the
+        attention runs on :func:`llama_ext.gqa_attention`, differentiable in this step's q/k/v."""
+        self._reserve(k)
+        start, new = self.offset, k.shape[1]
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            with torch.no_grad():
+                self.k_cache[:, start : start + new] = k
+                self.v_cache[:, start : start + new] = v
+            k_all = torch.cat([self.k_cache[:, :start], k], dim=1)
+            v_all = torch.cat([self.v_cache[:, :start], v], dim=1)
+            out = ops.gqa_attention(q, k_all, v_all, causal=True, scale=scale)
+        else:
+            out = ops.gqa_attention_with_kvcache(q, self.k_cache, self.v_cache, self.cache_seqlens, k, v, scale=scale)
+        self.cache_seqlens += new
+        self.offset += new
+        return out
 
     def update(self, k: Tensor, v: Tensor):
-        """Appends ``k``/``v`` ``[batch, new, n_kv_heads, head_dim]``; returns the cached k, v."""
-        if self.k is None:
-            self.k, self.v = k, v
-        else:
-            self.k = torch.cat([self.k, k], dim=1)
-            self.v = torch.cat([self.v, v], dim=1)
+        """Appends ``k``/``v`` without attending; returns the cached k, v (views)."""
+        self._reserve(k)
+        new = k.shape[1]
+        self.k_cache[:, self.offset : self.offset + new] = k
+        self.v_cache[:, self.offset : self.offset + new] = v
+        self.cache_seqlens += new
+        self.offset += new
         return self.k, self.v
 
 
@@ -166,7 +211,8 @@ class GQAttention(nn.Module):
     state_dict loads as is. ``rope`` is an optional rotary embedding called as
     ``rope(q, k, positions)`` on ``[batch, seq, heads, head_dim]`` tensors (e.g.
     ``llama_ext.RotaryEmbedding``). Attention is causal (bottom-right aligned, so cached
-    decoding needs no mask) through :func:`llama_ext.gqa_attention`.
+    decoding needs no mask) through :func:`llama_ext.gqa_attention`, and with a :class:`KVCache`
+    through :func:`llama_ext.gqa_attention_with_kvcache`.
     """
 
     def __init__(
@@ -216,8 +262,9 @@ class GQAttention(nn.Module):
                 positions = torch.arange(offset, offset + seq, device=x.device)
             q, k = self.rope(q, k, positions)
         if cache is not None:
-            k, v = cache.update(k, v)
-        out = ops.gqa_attention(q, k, v, causal=True, scale=self.scaling)
+            out = cache.attend(q, k, v, scale=self.scaling)
+        else:
+            out = ops.gqa_attention(q, k, v, causal=True, scale=self.scaling)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:

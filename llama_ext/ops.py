@@ -364,3 +364,73 @@ def _gqa_attention_backward(ctx, grad_out, _grad_lse):
 torch.library.register_autograd(
     "llama_ext::gqa_attention_forward", _gqa_attention_backward, setup_context=_gqa_attention_setup_context
 )
+
+
+# ---- Attention against a KV cache (decode) ----------------------------------------------------
+
+
+def gqa_attention_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+):
+    """Attention of new queries against a KV cache, with the new keys/values appended in place
+    (FlashAttention's ``flash_attn_with_kvcache``): the decode step of a generation loop.
+
+    ``q`` is ``[batch, seq_q, n_q_heads, d]``. The caches are ``[batch, capacity, n_kv_heads, d]``
+    or, with ``block_table`` (int32 ``[batch, max_blocks]``: the cache block holding each
+    ``block_size`` tokens of a sequence), paged ``[num_blocks, block_size, n_kv_heads, d]``.
+    ``cache_seqlens`` (int32 ``[batch]``) counts the tokens each sequence already holds.
+
+    When ``k``/``v`` (``[batch, seq_new, n_kv_heads, d]``) are given they are first written into the
+    caches at positions ``cache_seqlens[b] .. cache_seqlens[b] + seq_new - 1`` (``k`` rotated by
+    ``rotary_cos``/``rotary_sin`` when given: float32 ``[max_position, rotary_dim / 2]`` tables as
+    :func:`llama_ext.rope_cos_sin` returns, pairs as in :func:`llama_ext.apply_rotary`); then ``q``
+    (rotated at positions ``cache_seqlens[b] + i`` when the tables are given; they need ``k``)
+    attends over the first ``cache_seqlens[b] + seq_new`` tokens of its sequence. The causal mask
+    and ``window_size=(left, right)`` align bottom-right as in :func:`gqa_attention` (``-1`` is
+    unbounded; causal forces ``right = 0``); ``softcap > 0`` maps scores ``s`` to
+    ``softcap * tanh(s / softcap)`` before masking. ``cache_seqlens`` is not advanced: the caller
+    owns it. Nothing but the written slots of the caches changes.
+
+    Returns ``out`` (``[batch, seq_q, n_q_heads, d]``) or ``(out, lse)`` with ``lse`` float32
+    ``[batch, n_q_heads, seq_q]``; a row that sees no key gives zeros and lse 0. Inference only:
+    an input that requires grad (with grad mode on) raises. A ``cache_seqlens + seq_new`` beyond
+    the capacity, a block table entry outside the cache or a position outside the rotary tables
+    raises before anything is written on CPU and is a device-side assert on CUDA, whose calls
+    never synchronize with the host (a decode step captures in a CUDA graph).
+    """
+    if torch.is_grad_enabled():
+        for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("k", k), ("v", v)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(
+                    f"gqa_attention_with_kvcache is an inference op without a gradient, but {name} requires grad; "
+                    f"call it under torch.no_grad() (or use gqa_attention for training)"
+                )
+    left, right = window_size
+    out, lse = _ops.gqa_attention_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, _default_scale(q, scale), rotary_cos,
+        rotary_sin, rotary_interleaved, int(left), int(right), float(softcap),
+    )
+    return (out, lse) if return_lse else out
+
+
+@torch.library.register_fake("llama_ext::gqa_attention_with_kvcache")
+def _gqa_attention_with_kvcache_fake(
+    q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, scale, rotary_cos, rotary_sin, rotary_interleaved,
+    window_left, window_right, softcap,
+):
+    out = q.new_empty(q.shape)
+    return out, q.new_empty((q.shape[0], q.shape[2], q.shape[1]), dtype=_stats_dtype(q.dtype))

@@ -210,3 +210,85 @@ def hf_eager_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, sca
     attn_weights = torch.nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(q.dtype)
     attn_output = torch.matmul(attn_weights, value_states)
     return attn_output.transpose(1, 2).contiguous()
+
+
+# ---- Attention against a KV cache -------------------------------------------------------------
+
+
+def _cache_slots(cache_len: int, b: int, block_size: int, block_table: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """(block, offset) of tokens 0..cache_len-1 of sequence ``b``: the batch row itself for a
+    contiguous cache, the block table's entries for a paged one."""
+    pos = torch.arange(cache_len)
+    if block_table is None:
+        return torch.full_like(pos, b), pos
+    return block_table[b].cpu().long()[pos // block_size], pos % block_size
+
+
+def gqa_attention_with_kvcache_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor,
+    k: Optional[Tensor] = None,
+    v: Optional[Tensor] = None,
+    block_table: Optional[Tensor] = None,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    rotary_cos: Optional[Tensor] = None,
+    rotary_sin: Optional[Tensor] = None,
+    rotary_interleaved: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """float64 ``(out, lse, k_cache', v_cache')`` of :func:`llama_ext.gqa_attention_with_kvcache`;
+    the caches are updated copies in their own dtype (the new k rotated in float64 and rounded
+    once, as apply_rotary does; q likewise before the attention). Window and softcap as
+    FlashAttention: query i sits at i' = i + L - seq_q and sees keys i' - left <= j <= i' + right
+    (causal: right = 0); scores s = scale q.k become softcap * tanh(s / softcap) before masking.
+    Rows that see no key give zeros and lse 0."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    k_cache, v_cache = k_cache.clone(), v_cache.clone()
+    block_size = k_cache.shape[1]
+    seq_q, seq_new = q.shape[1], 0 if k is None else k.shape[1]
+    n_rep = q.shape[2] // k_cache.shape[2]
+    left, right = window_size
+    right = 0 if causal else right
+    lens = cache_seqlens.cpu().tolist()
+    outs, lses = [], []
+    for b, start in enumerate(lens):
+        length = start + seq_new
+        qb = q[b : b + 1]
+        if seq_new:
+            kb, vb = k[b : b + 1], v[b : b + 1]
+            if rotary_cos is not None:
+                pos = torch.arange(start, length, device=k.device)[None]
+                kb = rotary_reference(kb, rotary_cos, rotary_sin, pos, rotary_interleaved).to(k.dtype)
+            blk, off = _cache_slots(length, b, block_size, block_table)
+            k_cache[blk[start:], off[start:]] = kb[0].to(k_cache.device)
+            v_cache[blk[start:], off[start:]] = vb[0].to(v_cache.device)
+        if rotary_cos is not None:
+            pos = torch.arange(start, start + seq_q, device=q.device)[None]
+            qb = rotary_reference(qb, rotary_cos, rotary_sin, pos, rotary_interleaved).to(q.dtype)
+        blk, off = _cache_slots(length, b, block_size, block_table)
+        kk = k_cache[blk, off].double().transpose(0, 1)  # [kv_heads, L, d]
+        vv = v_cache[blk, off].double().transpose(0, 1)
+        kk, vv = kk.repeat_interleave(n_rep, 0), vv.repeat_interleave(n_rep, 0)
+        qq = qb[0].double().transpose(0, 1)  # [heads, seq_q, d]
+        scores = (qq @ kk.transpose(-1, -2)) * scale
+        if softcap > 0:
+            scores = softcap * torch.tanh(scores / softcap)
+        i = torch.arange(seq_q, device=q.device)[:, None] + (length - seq_q)
+        j = torch.arange(length, device=q.device)[None, :]
+        visible = torch.ones(seq_q, length, dtype=torch.bool, device=q.device)
+        if left >= 0:
+            visible &= j >= i - left
+        if right >= 0:
+            visible &= j <= i + right
+        scores = scores.masked_fill(~visible, float("-inf"))
+        seen = visible.any(-1)
+        lse = torch.logsumexp(scores, dim=-1) if length else torch.zeros(scores.shape[:-1], dtype=torch.float64)
+        shift = torch.where(seen, lse, 0.0)[..., None]
+        probs = torch.where(seen[:, None], torch.exp(scores - shift), 0.0)
+        outs.append((probs @ vv).transpose(0, 1))
+        lses.append(torch.where(seen, lse, 0.0))
+    return torch.stack(outs), torch.stack(lses), k_cache, v_cache

@@ -24,7 +24,11 @@ transformers 5.x offers that keeps the change to the one model being patched):
 
 Exactness: anything the kernels cannot reproduce exactly raises ``ValueError`` naming the
 setting (active sliding window, attention dropout in training, ``output_attentions``, softcap,
-4D, bidirectional or custom masks, static KV caches); nothing silently falls back to HF code.
+4D, bidirectional or custom masks, padded batches on a static cache); nothing silently falls
+back to HF code. HF's static cache (``cache_implementation="static"``) runs on
+:func:`llama_ext.gqa_attention_with_kvcache`, which appends to the cache's buffers in place and
+reads the lengths on the device, so a ``torch.compile(fullgraph=True)`` decode step has no host
+sync.
 
 Padded batches are unpadded to :func:`llama_ext.gqa_attention_varlen`, as are packed sequences
 (several per row, restarting position_ids, no attention_mask: transformers detects them). Query rows at padding
@@ -234,8 +238,11 @@ def llama_ext_padding_mask(
     A sliding window is checked against the key count in the attention function; any other
     mask pattern (bidirectional, custom mask functions) raises.
     """
-    parts = _mask_parts(mask_function)
-    packed = [part for part in parts if _is_part(part, "packed_sequence_mask_function")]
+    # Plain causal (the compiled static-cache decode step's case) skips the closure walk, which
+    # dynamo cannot trace.
+    plain = mask_function is causal_mask_function
+    parts = [mask_function] if plain else _mask_parts(mask_function)
+    packed = [] if plain else [part for part in parts if _is_part(part, "packed_sequence_mask_function")]
     unsupported = [
         part
         for part in parts
@@ -294,11 +301,7 @@ def _patched_attention_forward(
 ):
     """HF's Llama/Mistral/Qwen2/Qwen3 attention forward, with the rotary on llama_ext."""
     cache = cache if cache is not None else past_key_values  # the name changed in transformers 5.x
-    if cache is not None and getattr(cache, "is_compileable", False):
-        raise ValueError(
-            f"{type(cache).__name__} (a static, compileable KV cache) is not supported by patch_model; "
-            "use the default DynamicCache"
-        )
+    static_layer = _static_cache_layer(cache, self.layer_idx) if cache is not None else None
     if position_embeddings is None:
         raise ValueError("patch_model's attention needs the model's position_embeddings (cos, sin)")
     heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
@@ -308,6 +311,9 @@ def _patched_attention_forward(
     if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim of every head
         q, k = self.q_norm(q), self.k_norm(k)
     q, k = _apply_rotary_from_hf(q, k, *position_embeddings)
+    if static_layer is not None:
+        out = _static_cache_attention(self, static_layer, q, k, v, attention_mask, kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
     # From here on HF's layout [batch, heads, seq, d], which the cache and the registry expect.
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     if cache is not None:
@@ -331,6 +337,57 @@ def _patched_attention_forward(
     )
     attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return self.o_proj(attn_output), attn_weights
+
+
+# ---- static KV cache (cache_implementation="static") on gqa_attention_with_kvcache --------------
+
+
+def _static_cache_layer(cache, layer_idx: int):
+    """The layer of a static (compileable) cache that this attention serves, or None for
+    dynamic caches. Static layers other than transformers' plain StaticLayer (sliding-window
+    rings, quantized or offloaded layers) raise."""
+    if not getattr(cache, "is_compileable", False):
+        return None
+    layers = getattr(cache, "layers", None)
+    layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
+    if type(layer).__name__ != "StaticLayer":
+        raise ValueError(
+            f"{type(cache).__name__} with {type(layer).__name__} layers is not supported by patch_model; use "
+            'cache_implementation="static" (StaticLayer) or the default DynamicCache'
+        )
+    return layer
+
+
+def _static_cache_attention(module, layer, q: Tensor, k: Tensor, v: Tensor, attention_mask, kwargs) -> Tensor:
+    """Appends this step's k/v [batch, seq, n_kv_heads, d] to the static layer's buffers and attends
+    over them in one llama_ext.gqa_attention_with_kvcache call. The buffers ([batch, heads,
+    max_cache_len, d]) pass as transposed views; the layer's device-side length counter feeds
+    cache_seqlens, so a compiled decode step needs no host sync."""
+    _reject_unsupported_attention(module, k.transpose(1, 2), module.attention_dropout if module.training else 0.0,
+                                  None, None, kwargs)
+    # The lengths live on the device: a window is exact only if no sequence can outgrow it.
+    sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
+    if sliding_window is not None and sliding_window < layer.max_cache_len:
+        raise ValueError(
+            f"sliding_window={sliding_window} is shorter than the static cache ({layer.max_cache_len} tokens): "
+            "sliding-window attention is not supported by patch_model's static-cache path"
+        )
+    if attention_mask is not None:
+        # A 2D padding mask reaches here only when not all of its tokens are real (the mask
+        # function drops all-True masks while it can check them): padded batches need varlen.
+        raise ValueError(
+            "patch_model's static-cache path needs unpadded batches (attention_mask None or all ones); use the "
+            "default DynamicCache for padded batches"
+        )
+    if not layer.is_initialized:
+        layer.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
+    batch, seq = q.shape[:2]
+    cache_seqlens = layer.cumulative_length.to(torch.int32).expand(batch)
+    out = llama_ext.gqa_attention_with_kvcache(
+        q, layer.keys.transpose(1, 2), layer.values.transpose(1, 2), cache_seqlens, k, v, scale=module.scaling
+    )
+    layer.cumulative_length.add_(seq)
+    return out
 
 
 # ---- patch_model ------------------------------------------------------------------------------
@@ -362,8 +419,8 @@ def patch_model(model: nn.Module) -> nn.Module:
     RMSNorms become :class:`llama_ext.RMSNorm` (same weights), the rotary embedding runs on
     :func:`llama_ext.apply_rotary` and attention on :func:`llama_ext.gqa_attention` /
     :func:`llama_ext.gqa_attention_varlen` (padded batches), registered as the ``"llama_ext"``
-    attention implementation. Training, ``generate()`` with the default DynamicCache and
-    left-padded batches are supported; settings the kernels cannot serve exactly raise
+    attention implementation. Training, ``generate()`` with the default DynamicCache (and
+    left-padded batches) or ``cache_implementation="static"`` are supported; settings the kernels cannot serve exactly raise
     ``ValueError`` when they occur (see the module docstring). Returns ``model``.
     """
     config = getattr(model, "config", None)
@@ -379,10 +436,10 @@ def patch_model(model: nn.Module) -> nn.Module:
             "config.output_attentions=True is not supported: llama_ext attention never forms the attention matrix"
         )
     cache_implementation = getattr(getattr(model, "generation_config", None), "cache_implementation", None)
-    if cache_implementation not in (None, "dynamic"):
+    if cache_implementation not in (None, "dynamic", "static"):
         raise ValueError(
             f"generation_config.cache_implementation={cache_implementation!r} is not supported by patch_model; "
-            "use the default dynamic cache"
+            'use the default dynamic cache or "static"'
         )
 
     _, norm_class_name, attention_class_name = SUPPORTED_FAMILIES[model_type]

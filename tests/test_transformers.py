@@ -328,10 +328,13 @@ def test_bidirectional_mask_raises():
         ours(torch.randint(0, VOCAB, (1, 8)))
 
 
-def test_static_cache_raises():
+def test_static_cache_with_padded_batch_raises():
+    """The static cache runs on gqa_attention_with_kvcache (tests/test_transformers_static_cache.py),
+    which has no padding mask: a left-padded batch on it raises."""
     _, ours = build_pair("llama", "cpu")
-    with pytest.raises(ValueError, match="StaticCache"):
-        ours.eval().generate(torch.randint(2, VOCAB, (1, 4)), max_new_tokens=2, cache_implementation="static")
+    ids, mask = padded_batch([6, 3], 6, "cpu")
+    with pytest.raises(ValueError, match="unpadded"):
+        ours.eval().generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static", pad_token_id=0)
 
 
 def test_4d_mask_raises():

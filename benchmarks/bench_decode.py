@@ -1,0 +1,137 @@
+"""Decode: one new token per sequence against a KV cache (gqa_attention_with_kvcache), Llama-3-8B
+heads (32 query, 8 kv, head_dim 128), over batch sizes and context lengths.
+
+Throughput is the K/V bytes a decode step must read, ``2 * batch * context * kv_heads * d``
+elements, in GB/s: the measure that the copy-bandwidth ceiling bounds. llama_ext appends the
+step's k/v (one token, at position context - 1) and attends over the whole cache in one call,
+on a contiguous cache (``contiguous``) or a paged one with 16-token blocks scattered over the
+pool (``paged16``). HF eager attention, SDPA and torch.compile of eager attend over the same
+cache (as HF's ``[batch, heads, seq, d]`` transpose views), without the append (the new token
+equals the cached last one, so all outputs agree): they do less work than llama_ext for the
+same score.
+"""
+import torch
+import torch.nn.functional as F
+
+import llama_ext
+
+from .bench_attention import _eager_attention, sdpa_backend
+from .common import compiled, llama_ext_cuda_skip, missing_api
+from .harness import Case, OpBench, Provider
+
+HEADS = (32, 8)
+HEAD_DIM = 128
+BLOCK_SIZE = 16
+# (batches, contexts): quick, then --full. The CPU target point is batch 1 at 4096.
+SIZES = {
+    "cpu": (([1], [4096]), ([1, 8], [1024, 2048, 4096])),
+    "cuda": (([1, 32], [8192]), ([1, 8, 32], [1024, 2048, 4096, 8192, 16384])),
+}
+SMOKE = dict(batches=[2], contexts=[40], heads=(4, 2), head_dim=16)
+
+
+def _cases(cfg):
+    if cfg.smoke:
+        batches, contexts = SMOKE["batches"], SMOKE["contexts"]
+        (q_heads, kv_heads), d = SMOKE["heads"], SMOKE["head_dim"]
+    else:
+        quick, full = SIZES["cuda" if cfg.is_cuda else "cpu"]
+        batches, contexts = full if cfg.full else quick
+        contexts = list(cfg.sizes) if cfg.sizes else contexts
+        (q_heads, kv_heads), d = HEADS, HEAD_DIM
+    cases = []
+    for dtype in cfg.dtypes:
+        e = torch.empty((), dtype=dtype).element_size()
+        for layout in ("contiguous", "paged16"):
+            for batch in batches:
+                for ctx in contexts:
+                    cases.append(Case(
+                        mode=f"b{batch} {layout}", dtype=dtype, size=ctx,
+                        label=f"b{batch} 1x{ctx} {q_heads}/{kv_heads}x{d} {layout}", unit="GB/s",
+                        work=2 * batch * ctx * kv_heads * d * e, out_bytes=batch * q_heads * d * e,
+                        params={"batch": batch, "context": ctx, "q_heads": q_heads, "kv_heads": kv_heads,
+                                "head_dim": d, "paged": layout == "paged16", "scale": d**-0.5},
+                    ))
+    return cases
+
+
+def _make_inputs(case, device):
+    p = case.params
+    g = torch.Generator(device=device).manual_seed(case.size)
+
+    def rand(*shape):  # random, never zeros
+        return torch.randn(*shape, generator=g, device=device).to(case.dtype)
+
+    b, ctx, kvh, d = p["batch"], p["context"], p["kv_heads"], p["head_dim"]
+    k_cache, v_cache = rand(b, ctx, kvh, d), rand(b, ctx, kvh, d)
+    # The step's new k/v are the cache's last token, so every provider computes the same output.
+    inputs = {"q": rand(b, 1, p["q_heads"], d), "k": k_cache[:, -1:].clone(), "v": v_cache[:, -1:].clone(),
+              "k_cache": k_cache, "v_cache": v_cache,
+              "cache_seqlens": torch.full((b,), ctx - 1, dtype=torch.int32, device=device)}
+    if p["paged"]:
+        # The same tokens in BLOCK_SIZE-token blocks, scattered over the pool in random order.
+        blocks = -(-ctx // BLOCK_SIZE)
+        perm = torch.randperm(b * blocks, generator=torch.Generator().manual_seed(0)).to(device)
+        pool_k = torch.empty(b * blocks, BLOCK_SIZE, kvh, d, dtype=case.dtype, device=device)
+        pool_v = torch.empty_like(pool_k)
+        padded = blocks * BLOCK_SIZE
+        pad = (0, 0, 0, 0, 0, padded - ctx)
+        pool_k[perm] = F.pad(k_cache, pad).view(b * blocks, BLOCK_SIZE, kvh, d)
+        pool_v[perm] = F.pad(v_cache, pad).view(b * blocks, BLOCK_SIZE, kvh, d)
+        inputs.update(pool_k=pool_k, pool_v=pool_v, block_table=perm.view(b, blocks).to(torch.int32))
+    return inputs
+
+
+def build(cfg):
+    attend_hf, eager_src = _eager_attention()
+
+    def eager(inputs, scale):
+        q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k_cache", "v_cache"))
+        return attend_hf(q, k, v, None, scale)
+
+    def native(inputs, scale):
+        q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k_cache", "v_cache"))
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    def ours(inputs, scale):
+        if "block_table" in inputs:
+            return llama_ext.gqa_attention_with_kvcache(
+                inputs["q"], inputs["pool_k"], inputs["pool_v"], inputs["cache_seqlens"], inputs["k"], inputs["v"],
+                block_table=inputs["block_table"], scale=scale)
+        return llama_ext.gqa_attention_with_kvcache(
+            inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["k"], inputs["v"],
+            scale=scale)
+
+    def provider(get_fn, record_backend=False):
+        def make(case, inputs):
+            fn, scale = get_fn(), case.params["scale"]
+
+            def closure():
+                with torch.no_grad():
+                    return fn(inputs, scale)
+            if record_backend:
+                closure.details = {"sdpa_backend": sdpa_backend(closure)}
+            return closure
+        return make
+
+    return OpBench(
+        name="decode",
+        title="Decode against a KV cache (gqa_attention_with_kvcache), K/V bytes read",
+        size_name="context length (cached tokens)",
+        cases=_cases(cfg),
+        providers=[
+            Provider("eager", provider(lambda: eager), eager_src + " on the cache slice"),
+            Provider("native", provider(lambda: native, record_backend=True),
+                     "F.scaled_dot_product_attention(enable_gqa=True) on the cache slice"),
+            Provider("compile", provider(compiled(eager)), "torch.compile of eager"),
+            Provider("llama_ext", provider(lambda: ours),
+                     "llama_ext.gqa_attention_with_kvcache (appends the step's k/v, then attends)",
+                     llama_ext_cuda_skip(cfg, "gqa_attention_with_kvcache")),
+        ],
+        make_inputs=lambda case: _make_inputs(case, cfg.device),
+        skip_reason=missing_api("gqa_attention_with_kvcache"),
+        notes=["GB/s counts the K/V cache bytes one decode step reads (2 x batch x context x kv_heads x d)",
+               "paged16 cases: llama_ext reads 16-token blocks in random pool order through the block table; "
+               "the other providers read the same tokens contiguously"],
+    )

@@ -1,0 +1,539 @@
+// Attention against a KV cache (decode) on the CPU: split-KV, paged, with the new tokens'
+// append and rotary fused in. Semantics in csrc/kvcache_attention.h.
+//
+// Stages, per call:
+//  1. Values check (before anything is written): cache_seqlens[b] + seq_new within the
+//     capacity, the block_table entries a sequence uses within the cache, rotary positions
+//     within the table.
+//  2. Append: each new k/v row is written to its cache slot (k rotated by the table row of
+//     its position, with the rotary op's own code: rotary_head.h), in parallel over tokens.
+//  3. Attention, one task per (batch, kv head, row tile, key split). A task packs the rows of
+//     all G query heads of its group (x seq_q) into one fp32 [rows, d] matrix (q rotated at
+//     positions cache_seqlens[b] + i and rounded to q's dtype first, as apply_rotary would give
+//     it, then pre-multiplied by the scale), and walks its key range in blocks of kKeyBlock
+//     keys. Each K row is converted to fp32 in registers, chunk by chunk, against four rows at
+//     a time, and each V row is widened once; both serve every row of the group:
+//       S[r, j] = q_r . k_j        (d/W FMAs and one horizontal sum per score)
+//       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
+//       online softmax per row: m' = max(m, max_j S), p = exp(S - m'), l' = l e^(m - m') + sum p
+//       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (four keys per pass over O)
+//     Paged caches are gathered through the block table: the rows' addresses are resolved
+//     once per key block by walking the pages, never by a division per key.
+//  4. Combine: with more than one split, each split leaves its normalized output and lse
+//     (fp32) in a scratch buffer; lse = log sum_s e^(lse_s), out = sum_s e^(lse_s - lse) out_s.
+//     A row that sees no key gets zeros and lse = 0.
+// The split count depends only on the shapes, the lengths and the thread count: a key range is
+// split only as far as needed to give every thread several tasks, and never below
+// kMinKeysPerSplit keys (a split costs one [rows, d] partial write and read).
+//
+// Bytes: every visible K and V element is read once per (group, row tile): 2 L n_kv_heads d
+// elements per sequence, the floor for decode; q and out are negligible. FLOPs: 4 L n_q_heads d
+// per query token, one exp per score. With G query heads sharing each widened K/V row, a
+// decode step is memory-bound: the kernel streams the cache sequentially (the hardware
+// prefetcher follows each row's stride) with the math in L1-resident buffers.
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../kvcache_attention.h"
+#include "cpu_vec.h"
+#include "rotary_head.h"
+
+namespace llama_ext {
+namespace {
+
+using cpu::VecIO;
+
+constexpr int64_t kKeyBlock = 64;         // keys per online-softmax update
+constexpr int64_t kMaxRows = 64;          // query rows (G heads x seq_q tokens) per task, a multiple of 4
+constexpr int64_t kMinKeysPerSplit = 256;
+
+// exp with ~1 ulp error in fp32 (Sleef u20 variant); plain exp in fp64.
+inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
+inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
+
+template <typename T>
+struct KVCacheCpuParams {
+  using acc_t = at::opmath_type<T>;
+  const T* q;
+  int64_t q_stride[3];  // batch, seq, head
+  const T* k_cache;
+  const T* v_cache;
+  int64_t k_stride[3];  // block (batch), token, head
+  int64_t v_stride[3];
+  const int32_t* seqlens;
+  const int32_t* block_table;  // null: contiguous cache, block = batch row
+  int64_t bt_stride[2];
+  int64_t block_size;
+  const acc_t* cos;  // null: no rotary
+  const acc_t* sin;
+  int64_t cos_stride, sin_stride;
+  int64_t rotary_half;
+  bool interleaved;
+  T* out;      // contiguous [batch, seq_q, n_q_heads, d]
+  acc_t* lse;  // contiguous [batch, n_q_heads, seq_q]
+  int64_t batch, seq_q, seq_new, n_q_heads, n_kv_heads, head_dim, dpad;
+  int64_t window_left, window_right;
+  acc_t scale, softcap;
+  int64_t row_tiles, splits;
+  acc_t* partial_out;  // splits > 1: [task][kMaxRows][dpad] normalized outputs
+  acc_t* partial_lse;  // [task][kMaxRows]
+
+  int64_t group() const { return n_q_heads / n_kv_heads; }
+  int64_t rows() const { return group() * seq_q; }
+  int64_t length(int64_t b) const { return static_cast<int64_t>(seqlens[b]) + seq_new; }
+  int64_t block_of(int64_t b, int64_t page) const {
+    return block_table == nullptr ? b : block_table[b * bt_stride[0] + page * bt_stride[1]];
+  }
+  // Visible keys [lo, hi) of the query at index i of sequence b (length L).
+  std::pair<int64_t, int64_t> visible(int64_t i, int64_t L) const {
+    const int64_t pos = i + L - seq_q;
+    const int64_t lo = window_left >= 0 ? std::max<int64_t>(0, pos - window_left) : 0;
+    const int64_t hi = window_right >= 0 ? std::min<int64_t>(L, pos + window_right + 1) : L;
+    return {lo, std::max(lo, hi)};
+  }
+};
+
+// ---- stage 1: values --------------------------------------------------------------------------
+
+void check_values(const KVCacheAttentionParams& p) {
+  const at::Tensor seqlens = p.cache_seqlens.contiguous();
+  const int32_t* sl = seqlens.const_data_ptr<int32_t>();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    TORCH_CHECK_VALUE(sl[b] >= 0, "cache_seqlens[", b, "] = ", sl[b], " is negative");
+    TORCH_CHECK_VALUE(sl[b] + p.seq_new <= p.capacity, "cache_seqlens[", b, "] + seq_new = ", sl[b], " + ", p.seq_new,
+                      " exceeds the cache capacity of ", p.capacity, " tokens",
+                      p.paged ? " (block_table columns x block_size)" : "");
+    const int64_t L = sl[b] + p.seq_new;
+    if (p.paged) {
+      const at::Tensor& bt = *p.block_table;
+      const int32_t* t = bt.const_data_ptr<int32_t>();
+      for (int64_t page = 0; page * p.block_size < L; ++page) {
+        const int64_t blk = t[b * bt.stride(0) + page * bt.stride(1)];
+        TORCH_CHECK_INDEX(blk >= 0 && blk < p.num_blocks, "block_table[", b, ", ", page, "] = ", blk,
+                          " is outside the cache's ", p.num_blocks, " blocks");
+      }
+    }
+    if (p.rotary_half > 0) {
+      const int64_t last = sl[b] + std::max(p.seq_q, p.seq_new) - 1;
+      TORCH_CHECK_INDEX(last < p.rotary_positions, "position ", last, " (cache_seqlens[", b,
+                        "] + new tokens) is outside the rotary_cos/rotary_sin table of ", p.rotary_positions,
+                        " positions");
+    }
+  }
+}
+
+// ---- stage 2: append --------------------------------------------------------------------------
+
+template <typename T>
+inline void rotate_head(const KVCacheCpuParams<T>& a, const T* src, T* dst, int64_t pos) {
+  const auto* cos = a.cos + pos * a.cos_stride;
+  const auto* sin = a.sin + pos * a.sin_stride;
+  if (a.interleaved) {
+    cpu::rotate_interleaved_head<T>(src, dst, cos, sin, a.rotary_half, false);
+  } else {
+    cpu::rotate_half_head<T>(src, dst, cos, sin, a.rotary_half, false);
+  }
+  const int64_t rotary_dim = 2 * a.rotary_half;
+  if (src != dst && rotary_dim < a.head_dim) {
+    std::memcpy(dst + rotary_dim, src + rotary_dim, static_cast<size_t>(a.head_dim - rotary_dim) * sizeof(T));
+  }
+}
+
+template <typename T>
+void append_new_tokens(const KVCacheCpuParams<T>& a, const at::Tensor& k, const at::Tensor& v) {
+  T* k_cache = const_cast<T*>(a.k_cache);
+  T* v_cache = const_cast<T*>(a.v_cache);
+  const T* k_src = k.const_data_ptr<T>();
+  const T* v_src = v.const_data_ptr<T>();
+  const int64_t heads = a.n_kv_heads, d = a.head_dim;
+  const size_t row_bytes = static_cast<size_t>(d) * sizeof(T);
+  at::parallel_for(0, a.batch * a.seq_new * heads, std::max<int64_t>(1, 4096 / d), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t % heads, i = t / heads % a.seq_new, b = t / (heads * a.seq_new);
+      const int64_t pos = a.seqlens[b] + i;
+      const int64_t blk = a.block_of(b, pos / a.block_size), off = pos % a.block_size;
+      T* kd = k_cache + blk * a.k_stride[0] + off * a.k_stride[1] + h * a.k_stride[2];
+      T* vd = v_cache + blk * a.v_stride[0] + off * a.v_stride[1] + h * a.v_stride[2];
+      const T* ks = k_src + b * k.stride(0) + i * k.stride(1) + h * k.stride(2);
+      const T* vs = v_src + b * v.stride(0) + i * v.stride(1) + h * v.stride(2);
+      if (a.cos != nullptr) {
+        rotate_head<T>(a, ks, kd, pos);
+      } else {
+        std::memcpy(kd, ks, row_bytes);
+      }
+      std::memcpy(vd, vs, row_bytes);
+    }
+  });
+}
+
+// ---- stage 3: attention -----------------------------------------------------------------------
+
+// dst[0, d) <- src[0, d) widened to acc_t; dst's padding to dpad stays as it was (zero).
+template <typename T>
+inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
+  using IO = VecIO<T>;
+  constexpr int64_t W = IO::kWidth;
+  int64_t c = 0;
+  for (; c + W <= d; c += W) IO::load(src + c).store(dst + c);
+  if (c < d) IO::load_partial(src + c, d - c).store(dst + c, d - c);
+}
+
+// cnt (<= W) elements of a K/V row at p: widened rows are padded to whole vectors with zeros,
+// rows read in place (fp32, fp64) end at d.
+template <typename T>
+inline at::vec::Vectorized<at::opmath_type<T>> load_row(const at::opmath_type<T>* p, int64_t cnt) {
+  using Vec = at::vec::Vectorized<at::opmath_type<T>>;
+  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
+    if (cnt < Vec::size()) return Vec::loadu(p, cnt);
+  }
+  return Vec::loadu(p);
+}
+
+// Per-thread buffers of one task, padded to whole vectors (zeros in the padding).
+template <typename acc_t>
+struct TaskBuffers {
+  std::vector<acc_t> q, o, s, kv, m, l;
+  std::vector<int64_t> lo, hi;
+  TaskBuffers(int64_t dpad)
+      : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), kv(4 * dpad), m(kMaxRows),
+        l(kMaxRows), lo(kMaxRows), hi(kMaxRows) {}
+};
+
+template <typename T>
+inline const T* cache_row(const T* base, const int64_t* stride, int64_t blk, int64_t off, int64_t h) {
+  return base + blk * stride[0] + off * stride[1] + h * stride[2];
+}
+
+// Rows [r0, r0 + nr) of the group (row r: head kvh * G + r / seq_q, query index r % seq_q)
+// against keys [j0, j1) of sequence b: fills o (unnormalized), m and l of each row.
+template <typename T>
+void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t b, int64_t kvh, int64_t r0,
+            int64_t nr, int64_t j0, int64_t j1) {
+  using acc_t = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using IO = VecIO<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kWiden = !std::is_same_v<T, acc_t>;
+  const int64_t d = a.head_dim, dpad = a.dpad, G = a.group(), L = a.length(b);
+  const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
+
+  // q rows: rotated (rounded to T, as apply_rotary would return them), widened, scaled.
+  alignas(64) T qrot[256];
+  for (int64_t r = 0; r < nr; ++r) {
+    const int64_t h = kvh * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
+    const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
+    if (a.cos != nullptr) {
+      rotate_head<T>(a, src, qrot, a.seqlens[b] + i);
+      src = qrot;
+    }
+    acc_t* qr = buf.q.data() + r * dpad;
+    widen_row<T>(src, qr, d);
+    for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(qr + c) * Vec(a.scale)).store(qr + c);
+    std::fill(buf.o.data() + r * dpad, buf.o.data() + (r + 1) * dpad, acc_t(0));
+    buf.m[r] = neg_inf;
+    buf.l[r] = 0;
+    std::tie(buf.lo[r], buf.hi[r]) = a.visible(i, L);
+  }
+
+  const T* kp[kKeyBlock];
+  const T* vp[kKeyBlock];
+  acc_t* kbuf = buf.kv.data();
+  for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
+    const int64_t n = std::min(kKeyBlock, j1 - jb);
+    // Row addresses of the block, walking the pages.
+    {
+      int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
+      for (int64_t j = 0; j < n; ++j) {
+        kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, kvh);
+        vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, kvh);
+        if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
+      }
+    }
+    // Scores: four rows at a time against each K row, converted chunk by chunk in registers
+    // (one conversion per element and row group; q rows past nr are zeros or stale, unused).
+    for (int64_t j = 0; j < n; ++j) {
+      const T* kr = kp[j];
+      for (int64_t r0 = 0; r0 < nr; r0 += 4) {
+        const acc_t* q0 = buf.q.data() + r0 * dpad;
+        Vec s0(0), s1(0), s2(0), s3(0);
+        int64_t c = 0;
+        for (; c + W <= d; c += W) {
+          const Vec kc = IO::load(kr + c);
+          s0 = at::vec::fmadd(Vec::loadu(q0 + c), kc, s0);
+          s1 = at::vec::fmadd(Vec::loadu(q0 + dpad + c), kc, s1);
+          s2 = at::vec::fmadd(Vec::loadu(q0 + 2 * dpad + c), kc, s2);
+          s3 = at::vec::fmadd(Vec::loadu(q0 + 3 * dpad + c), kc, s3);
+        }
+        if (c < d) {
+          const Vec kc = IO::load_partial(kr + c, d - c);
+          s0 = at::vec::fmadd(Vec::loadu(q0 + c), kc, s0);
+          s1 = at::vec::fmadd(Vec::loadu(q0 + dpad + c), kc, s1);
+          s2 = at::vec::fmadd(Vec::loadu(q0 + 2 * dpad + c), kc, s2);
+          s3 = at::vec::fmadd(Vec::loadu(q0 + 3 * dpad + c), kc, s3);
+        }
+        const Vec sums[4] = {s0, s1, s2, s3};
+        for (int64_t i = 0; i < 4 && r0 + i < nr; ++i) {
+          buf.s[(r0 + i) * kKeyBlock + j] =
+              at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sums[i]);
+        }
+      }
+    }
+    // Softcap, masks and the online softmax, per row, over the whole kKeyBlock columns (those
+    // past n and outside the row's visible range are -inf); p overwrites s.
+    acc_t alpha[kMaxRows];
+    for (int64_t r = 0; r < nr; ++r) {
+      acc_t* s = buf.s.data() + r * kKeyBlock;
+      const int64_t vlo = std::clamp(buf.lo[r] - jb, int64_t(0), n);
+      const int64_t vhi = std::clamp(buf.hi[r] - jb, int64_t(0), n);
+      if (vhi <= vlo) {
+        alpha[r] = 1;
+        continue;
+      }
+      if (a.softcap > 0) {
+        const Vec inv(acc_t(1) / a.softcap), cap(a.softcap);
+        for (int64_t j = 0; j < kKeyBlock; j += W) (cap * (Vec::loadu(s + j) * inv).tanh()).store(s + j);
+      }
+      std::fill(s, s + vlo, neg_inf);
+      std::fill(s + vhi, s + kKeyBlock, neg_inf);
+      Vec mx(neg_inf);
+      for (int64_t j = 0; j < kKeyBlock; j += W) mx = at::vec::maximum(mx, Vec::loadu(s + j));
+      const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx);
+      const acc_t m_new = std::max(buf.m[r], tile_max);
+      alpha[r] = std::exp(buf.m[r] - m_new);  // 0 on the first visible block (m = -inf)
+      Vec sum(0);
+      const Vec shift(-m_new);
+      for (int64_t j = 0; j < kKeyBlock; j += W) {
+        const Vec e = exp_fast(Vec::loadu(s + j) + shift);  // exp(-inf) = 0 on masked columns
+        e.store(s + j);
+        sum = sum + e;
+      }
+      buf.l[r] = buf.l[r] * alpha[r] + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
+      buf.m[r] = m_new;
+    }
+    for (int64_t r = 0; r < nr; ++r) {
+      if (alpha[r] == acc_t(1)) continue;
+      acc_t* o = buf.o.data() + r * dpad;
+      const Vec al(alpha[r]);
+      for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(o + c) * al).store(o + c);
+    }
+    // O_r += sum_j p[r, j] v_j: V rows widened once, four per pass over O where all four are
+    // visible to the row; a key a row does not see is never multiplied in (0 * Inf would be NaN).
+    for (int64_t j = 0; j < n; j += 4) {
+      const int64_t nj = std::min<int64_t>(4, n - j);
+      const acc_t* vr[4];
+      for (int64_t t = 0; t < nj; ++t) {
+        if constexpr (kWiden) {
+          widen_row<T>(vp[j + t], kbuf + t * dpad, d);
+          vr[t] = kbuf + t * dpad;
+        } else {
+          vr[t] = vp[j + t];
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t t0 = std::max<int64_t>(0, buf.lo[r] - jb - j);
+        const int64_t t1 = std::min<int64_t>(nj, buf.hi[r] - jb - j);
+        if (t1 <= t0) continue;
+        const acc_t* pr = buf.s.data() + r * kKeyBlock + j;
+        acc_t* o = buf.o.data() + r * dpad;
+        if (t0 == 0 && t1 == 4) {
+          const Vec p0(pr[0]), p1(pr[1]), p2(pr[2]), p3(pr[3]);
+          for (int64_t c = 0; c < d; c += W) {
+            const int64_t cnt = std::min(W, d - c);
+            Vec acc = Vec::loadu(o + c);
+            acc = at::vec::fmadd(p0, load_row<T>(vr[0] + c, cnt), acc);
+            acc = at::vec::fmadd(p1, load_row<T>(vr[1] + c, cnt), acc);
+            acc = at::vec::fmadd(p2, load_row<T>(vr[2] + c, cnt), acc);
+            acc = at::vec::fmadd(p3, load_row<T>(vr[3] + c, cnt), acc);
+            acc.store(o + c);
+          }
+        } else {
+          for (int64_t t = t0; t < t1; ++t) {
+            const Vec pt(pr[t]);
+            for (int64_t c = 0; c < d; c += W) {
+              const int64_t cnt = std::min(W, d - c);
+              at::vec::fmadd(pt, load_row<T>(vr[t] + c, cnt), Vec::loadu(o + c)).store(o + c);
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+// Stores row r's result: out and lse directly (one split) or the split's partial.
+template <typename T>
+void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t task, int64_t b,
+                int64_t kvh, int64_t r0, int64_t nr) {
+  using acc_t = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using IO = VecIO<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t d = a.head_dim, G = a.group();
+  for (int64_t r = 0; r < nr; ++r) {
+    const acc_t l = buf.l[r];
+    const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
+    const acc_t* o = buf.o.data() + r * a.dpad;
+    if (a.splits > 1) {
+      acc_t* dst = a.partial_out + (task * kMaxRows + r) * a.dpad;
+      for (int64_t c = 0; c < a.dpad; c += W) (Vec::loadu(o + c) * Vec(inv)).store(dst + c);
+      a.partial_lse[task * kMaxRows + r] =
+          l > 0 ? buf.m[r] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
+      continue;
+    }
+    const int64_t h = kvh * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
+    T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
+    for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(o + c) * Vec(inv), std::min(W, d - c));
+    a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = l > 0 ? buf.m[r] + std::log(l) : acc_t(0);
+  }
+}
+
+// ---- stage 4: combine -------------------------------------------------------------------------
+
+template <typename T>
+void combine_splits(const KVCacheCpuParams<T>& a) {
+  using acc_t = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  using IO = VecIO<T>;
+  constexpr int64_t W = Vec::size();
+  const int64_t d = a.head_dim, G = a.group(), R = a.rows();
+  at::parallel_for(0, a.batch * a.n_kv_heads * R, 16, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc(a.dpad);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t row = t % R, bh = t / R, tile = row / kMaxRows, r = row % kMaxRows;
+      const int64_t b = bh / a.n_kv_heads, kvh = bh % a.n_kv_heads;
+      const int64_t task0 = (bh * a.row_tiles + tile) * a.splits;
+      acc_t mx = -std::numeric_limits<acc_t>::infinity();
+      for (int64_t s = 0; s < a.splits; ++s) mx = std::max(mx, a.partial_lse[(task0 + s) * kMaxRows + r]);
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      acc_t sum = 0;
+      if (mx != -std::numeric_limits<acc_t>::infinity()) {
+        for (int64_t s = 0; s < a.splits; ++s) {
+          const acc_t ls = a.partial_lse[(task0 + s) * kMaxRows + r];
+          if (ls == -std::numeric_limits<acc_t>::infinity()) continue;
+          const acc_t w = std::exp(ls - mx);
+          sum += w;
+          const acc_t* src = a.partial_out + ((task0 + s) * kMaxRows + r) * a.dpad;
+          for (int64_t c = 0; c < a.dpad; c += W) at::vec::fmadd(Vec(w), Vec::loadu(src + c), Vec::loadu(&acc[c])).store(&acc[c]);
+        }
+      }
+      const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
+      const int64_t h = kvh * G + row / a.seq_q, i = row % a.seq_q;
+      T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
+      for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(&acc[c]) * Vec(inv), std::min(W, d - c));
+      a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = sum > 0 ? mx + std::log(sum) : acc_t(0);
+    }
+  });
+}
+
+// ---- driver -----------------------------------------------------------------------------------
+
+template <typename T>
+void run(const KVCacheAttentionParams& p) {
+  using acc_t = at::opmath_type<T>;
+  constexpr int64_t W = at::vec::Vectorized<acc_t>::size();
+  KVCacheCpuParams<T> a{};
+  a.q = p.q.const_data_ptr<T>();
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = p.q.stride(i);
+    a.k_stride[i] = p.k_cache.stride(i);
+    a.v_stride[i] = p.v_cache.stride(i);
+  }
+  a.k_cache = p.k_cache.const_data_ptr<T>();
+  a.v_cache = p.v_cache.const_data_ptr<T>();
+  const at::Tensor seqlens = p.cache_seqlens.contiguous();
+  a.seqlens = seqlens.const_data_ptr<int32_t>();
+  if (p.paged) {
+    a.block_table = p.block_table->const_data_ptr<int32_t>();
+    a.bt_stride[0] = p.block_table->stride(0);
+    a.bt_stride[1] = p.block_table->stride(1);
+  }
+  a.block_size = p.block_size;
+  at::Tensor cos_t, sin_t;
+  if (p.rotary_half > 0) {
+    // float64 q computes in float64: widen float32 tables (test-sized) once.
+    cos_t = p.rotary_cos->to(c10::CppTypeToScalarType<acc_t>::value);
+    sin_t = p.rotary_sin->to(c10::CppTypeToScalarType<acc_t>::value);
+    a.cos = cos_t.const_data_ptr<acc_t>();
+    a.sin = sin_t.const_data_ptr<acc_t>();
+    a.cos_stride = cos_t.stride(0);
+    a.sin_stride = sin_t.stride(0);
+  }
+  a.rotary_half = p.rotary_half;
+  a.interleaved = p.rotary_interleaved;
+  a.out = p.out.mutable_data_ptr<T>();
+  a.lse = p.lse.mutable_data_ptr<acc_t>();
+  a.batch = p.batch;
+  a.seq_q = p.seq_q;
+  a.seq_new = p.seq_new;
+  a.n_q_heads = p.n_q_heads;
+  a.n_kv_heads = p.n_kv_heads;
+  a.head_dim = p.head_dim;
+  a.dpad = (p.head_dim + W - 1) / W * W;
+  a.window_left = p.window_left;
+  a.window_right = p.window_right;
+  a.scale = static_cast<acc_t>(p.scale);
+  a.softcap = static_cast<acc_t>(p.softcap);
+
+  if (p.seq_new > 0) append_new_tokens<T>(a, *p.k, *p.v);
+  const int64_t R = a.rows();
+  if (p.batch == 0 || R == 0) return;
+
+  a.row_tiles = (R + kMaxRows - 1) / kMaxRows;
+  int64_t max_len = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, a.length(b));
+  const int64_t units = p.batch * p.n_kv_heads * a.row_tiles;
+  const int64_t want = (4 * at::get_num_threads() + units - 1) / units;
+  a.splits = std::clamp<int64_t>(std::min(want, max_len / kMinKeysPerSplit), 1, 1024);
+  at::Tensor partial_out, partial_lse;
+  const int64_t tasks = units * a.splits;
+  if (a.splits > 1) {
+    const auto opts = p.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    partial_out = at::empty({tasks, kMaxRows, a.dpad}, opts);
+    partial_lse = at::empty({tasks, kMaxRows}, opts);
+    a.partial_out = partial_out.mutable_data_ptr<acc_t>();
+    a.partial_lse = partial_lse.mutable_data_ptr<acc_t>();
+  }
+
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    TaskBuffers<acc_t> buf(a.dpad);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t split = task % a.splits, unit = task / a.splits;
+      const int64_t tile = unit % a.row_tiles, bh = unit / a.row_tiles;
+      const int64_t b = bh / a.n_kv_heads, kvh = bh % a.n_kv_heads;
+      const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, R - r0);
+      // The tile's key range: the union of its rows' visible ranges, cut into splits.
+      const int64_t L = a.length(b);
+      int64_t lo = L, hi = 0;
+      for (int64_t r = r0; r < r0 + nr; ++r) {
+        const auto [l, h] = a.visible(r % a.seq_q, L);
+        if (h > l) lo = std::min(lo, l), hi = std::max(hi, h);
+      }
+      const int64_t span = std::max<int64_t>(0, hi - lo);
+      const int64_t chunk = (span + a.splits - 1) / a.splits;
+      const int64_t j0 = std::min(hi, lo + split * chunk), j1 = std::min(hi, j0 + chunk);
+      attend<T>(a, buf, b, kvh, r0, nr, std::max(j0, lo), std::max(j1, lo));
+      store_rows<T>(a, buf, task, b, kvh, r0, nr);
+    }
+  });
+  if (a.splits > 1) combine_splits<T>(a);
+}
+
+void kvcache_attention_cpu(const KVCacheAttentionParams& p) {
+  check_values(p);
+  LLAMA_EXT_DISPATCH_FLOATING(p.q.scalar_type(), "gqa_attention_with_kvcache_cpu", [&] { run<scalar_t>(p); });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
+  m.impl("gqa_attention_with_kvcache", &gqa_attention_with_kvcache<kvcache_attention_cpu>);
+}
+
+}  // namespace llama_ext

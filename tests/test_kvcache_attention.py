@@ -1,0 +1,340 @@
+"""gqa_attention_with_kvcache against the float64 reference: contiguous and paged caches, the
+append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
+cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
+import pytest
+import torch
+from torch.library import opcheck
+
+import llama_ext
+from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
+
+from conftest import DEVICES, assert_close, device_dtype_params
+
+CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+NAN = float("nan")
+
+
+def make(shape, device, dtype):
+    return torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+
+
+def bits(t):
+    """The tensor's raw bits, so NaN slots compare equal to themselves."""
+    return t.view({8: torch.int64, 4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+class Case:
+    """A decode problem: caches filled with random tokens up to cache_seqlens (+ seq_new, the
+    slots the call writes) and NaN everywhere else, so a read past a sequence's length or a
+    write outside its slots shows."""
+
+    def __init__(self, device, dtype, lens, seq_q, seq_new, n_q, n_kv, d, block_size=None, capacity=None, rotary=None):
+        self.device, self.dtype = device, dtype
+        batch = len(lens)
+        capacity = capacity or max(lens) + seq_new + 5
+        self.cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
+        self.q = make((batch, seq_q, n_q, d), device, dtype)
+        self.k = make((batch, seq_new, n_kv, d), device, dtype) if seq_new else None
+        self.v = make((batch, seq_new, n_kv, d), device, dtype) if seq_new else None
+        if block_size is None:
+            self.block_table = None
+            self.k_cache = torch.full((batch, capacity, n_kv, d), NAN, device=device, dtype=dtype)
+            self.v_cache = torch.full_like(self.k_cache, NAN)
+            for b, n in enumerate(lens):
+                self.k_cache[b, :n] = make((n, n_kv, d), device, dtype)
+                self.v_cache[b, :n] = make((n, n_kv, d), device, dtype)
+        else:
+            # Blocks shuffled over the cache, with spares that no sequence owns.
+            max_blocks = -(-capacity // block_size)
+            num_blocks = batch * max_blocks + 3
+            perm = torch.randperm(num_blocks)[: batch * max_blocks].view(batch, max_blocks)
+            self.block_table = perm.to(torch.int32).to(device)
+            self.k_cache = torch.full((num_blocks, block_size, n_kv, d), NAN, device=device, dtype=dtype)
+            self.v_cache = torch.full_like(self.k_cache, NAN)
+            for b, n in enumerate(lens):
+                for j in range(n):
+                    blk = int(perm[b, j // block_size])
+                    self.k_cache[blk, j % block_size] = make((n_kv, d), device, dtype)
+                    self.v_cache[blk, j % block_size] = make((n_kv, d), device, dtype)
+        self.rotary_cos = self.rotary_sin = None
+        if rotary is not None:
+            rotary_dim, positions = rotary
+            self.rotary_cos, self.rotary_sin = (
+                t.to(device) for t in llama_ext.rope_cos_sin(rotary_dim, positions, base=500.0)
+            )
+
+    def call(self, **kw):
+        return llama_ext.gqa_attention_with_kvcache(
+            self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.k, self.v, block_table=self.block_table,
+            rotary_cos=self.rotary_cos, rotary_sin=self.rotary_sin, return_lse=True, **kw,
+        )
+
+    def reference(self, **kw):
+        return gqa_attention_with_kvcache_reference(
+            self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.k, self.v, self.block_table,
+            rotary_cos=self.rotary_cos, rotary_sin=self.rotary_sin, **kw,
+        )
+
+    def check(self, **kw):
+        """Runs the op, compares out, lse and both caches with the reference."""
+        ref_out, ref_lse, ref_k, ref_v = self.reference(**kw)
+        k0, v0 = self.k_cache.clone(), self.v_cache.clone()
+        out, lse = self.call(**kw)
+        assert out.shape == self.q.shape and out.dtype == self.dtype
+        assert lse.shape == (self.q.shape[0], self.q.shape[2], self.q.shape[1])
+        assert lse.dtype == (torch.float64 if self.dtype == torch.float64 else torch.float32)
+        assert_close(out, ref_out, self.dtype)
+        assert_close(lse, ref_lse, torch.float64 if self.dtype == torch.float64 else torch.float32, scale=2.0)
+        for cache, before, ref in ((self.k_cache, k0, ref_k), (self.v_cache, v0, ref_v)):
+            written = ~torch.eq(bits(before), bits(ref)).all(-1, keepdim=True).expand_as(ref)
+            # Untouched slots keep their bits (NaN poison included); written ones hold the new
+            # tokens (rotated ones within a rounding of the float64 rotation).
+            assert torch.equal(bits(cache)[~written], bits(before)[~written])
+            assert_close(cache[written], ref[written], self.dtype)
+        return out, lse
+
+
+def skip_cuda_head_dim(device, d):
+    if device == "cuda" and d not in CUDA_HEAD_DIMS:
+        pytest.skip(f"CUDA has no kvcache kernel for head_dim {d} (checked in test_bad_input)")
+
+
+# (n_q_heads, n_kv_heads, head_dim)
+GROUPINGS = [(32, 8, 64), (8, 1, 128), (4, 4, 32)]
+LENS = [0, 1, 37, 130]  # an empty sequence, one token, odd lengths
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("heads", GROUPINGS, ids=lambda h: "{}/{}-d{}".format(*h))
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+@pytest.mark.parametrize("seq_new,seq_q", [(0, 1), (1, 1), (3, 3), (2, 5)])
+def test_matches_reference(device, dtype, heads, block_size, seq_new, seq_q):
+    n_q, n_kv, d = heads
+    case = Case(device, dtype, LENS, seq_q, seq_new, n_q, n_kv, d, block_size=block_size)
+    case.check()
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("block_size", [None, 32, 64], ids=["contiguous", "paged32", "paged64"])
+def test_long_context_split_path(device, dtype, block_size):
+    """Several thousand keys: the key range is split over tasks (CPU) / CTAs (CUDA) and combined."""
+    case = Case(device, dtype, [3001, 4099], 1, 1, 8, 1, 128, block_size=block_size)
+    case.check()
+    case = Case(device, dtype, [2500], 2, 2, 32, 8, 128, block_size=block_size)
+    case.check(causal=False)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
+@pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_fused_rotary(device, dtype, interleaved, rotary_dim, block_size):
+    case = Case(device, dtype, [0, 5, 40], 3, 3, 8, 2, 64, block_size=block_size, rotary=(rotary_dim, 64))
+    out, _ = case.check(rotary_interleaved=interleaved)
+    # The same as rotating with apply_rotary and calling without tables.
+    pos = case.cache_seqlens.long()[:, None] + torch.arange(3, device=device)
+    case2 = Case(device, dtype, [0, 5, 40], 3, 3, 8, 2, 64, block_size=block_size)
+    case2.q, case2.k, case2.v = case.q, case.k, case.v
+    q_rot, k_rot = llama_ext.apply_rotary(case.q, case.k, case.rotary_cos, case.rotary_sin, pos, interleaved)
+    k_cache, v_cache = case.k_cache.clone(), case.v_cache.clone()
+    case2.k_cache, case2.v_cache, case2.block_table = k_cache, v_cache, case.block_table
+    # case.k_cache already holds the rotated new tokens: write the same slots again from k_rot.
+    out2 = llama_ext.gqa_attention_with_kvcache(
+        q_rot, k_cache, v_cache, case.cache_seqlens, k_rot, case.v, block_table=case.block_table
+    )
+    assert torch.equal(bits(k_cache), bits(case.k_cache))
+    assert_close(out2, out, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize(
+    "causal,window,softcap",
+    [(True, (0, -1), 0.0), (True, (1, -1), 0.0), (True, (16, -1), 0.0), (True, (1000, -1), 0.0),
+     (False, (7, 3), 0.0), (False, (-1, 2), 0.0), (True, (-1, -1), 5.0), (True, (20, -1), 2.0)],
+)
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_window_and_softcap(device, dtype, causal, window, softcap, block_size):
+    case = Case(device, dtype, [0, 3, 70, 300], 4, 2, 8, 2, 64, block_size=block_size)
+    case.check(causal=causal, window_size=window, softcap=softcap)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_equals_gqa_attention_on_the_cache(device, dtype):
+    """A decode step is gqa_attention over the cache slice (lse included)."""
+    case = Case(device, dtype, [100, 100], 2, 2, 16, 4, 64)
+    out, lse = case.call()
+    k = case.k_cache[:, :102]
+    v = case.v_cache[:, :102]
+    ref_out, ref_lse = llama_ext.gqa_attention(case.q, k, v, return_lse=True)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+    ref64, lse64 = gqa_attention_reference(case.q, k, v)
+    assert_close(out, ref64, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_cuda_head_dim_and_strided_q(device):
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    for d in CUDA_HEAD_DIMS:
+        case = Case(device, dtype, [9, 200], 2, 1, 8, 2, d, block_size=16)
+        case.q = make((2, 8, 2, d), device, dtype).transpose(1, 2)  # HF's [b, h, s, d] as a view
+        case.check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_shapes(device):
+    case = Case(device, torch.float32, [3, 4], 0, 2, 4, 2, 32)  # seq_q = 0: only the append
+    out, lse = case.call()
+    assert out.shape == (2, 0, 4, 32) and lse.shape == (2, 4, 0)
+    ref = case.reference()
+    assert torch.equal(bits(case.k_cache), bits(ref[2]))
+    case = Case(device, torch.float32, [0, 0], 1, 0, 4, 2, 32)  # nothing cached: zeros, lse 0
+    out, lse = case.call()
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))
+
+
+def bad_cases(device):
+    """(description, kwargs overrides, exception, message) of invalid calls."""
+    dev = torch.device(device)
+    return [
+        ("q dtype", dict(q=lambda c: c.q.half() if c.q.dtype != torch.half else c.q.float()), TypeError, "k_cache"),
+        ("seqlens dtype", dict(cache_seqlens=lambda c: c.cache_seqlens.long()), TypeError, "cache_seqlens"),
+        ("seqlens shape", dict(cache_seqlens=lambda c: c.cache_seqlens[:1]), ValueError, "cache_seqlens"),
+        ("heads", dict(q=lambda c: c.q[:, :, :3]), ValueError, "n_kv_heads"),
+        ("k without v", dict(v=lambda c: None), ValueError, "k and v"),
+        ("k heads", dict(k=lambda c: c.k[:, :, :1], v=lambda c: c.v[:, :, :1]), ValueError, "k must be"),
+        ("block_table dtype", dict(block_table=lambda c: c.block_table.long()), TypeError, "block_table"),
+        ("block_table shape", dict(block_table=lambda c: c.block_table[:1]), ValueError, "block_table"),
+        ("capacity", dict(cache_seqlens=lambda c: c.cache_seqlens + 100), ValueError, "capacity"),
+        ("negative length", dict(cache_seqlens=lambda c: c.cache_seqlens - 10), ValueError, "negative"),
+        ("block out of range", dict(block_table=lambda c: c.block_table + 1000), IndexError, "block_table"),
+        ("rotary without k", dict(k=lambda c: None, v=lambda c: None, rotary=True), ValueError, "need k"),
+        ("rotary table short", dict(rotary_short=True), IndexError, "rotary"),
+        ("window", dict(window_size=(-2, 0)), ValueError, "window_size"),
+        ("softcap", dict(softcap=-1.0), ValueError, "softcap"),
+        ("head_dim", dict(head_dim=12), ValueError, "head_dim"),
+    ] if dev.type == "cpu" else [
+        ("q dtype", dict(q=lambda c: c.q.half()), TypeError, "k_cache"),
+        ("float64", dict(dtype=torch.float64), TypeError, "float64"),
+        ("head_dim", dict(head_dim=40), ValueError, "head_dim"),
+        ("block_table dtype", dict(block_table=lambda c: c.block_table.long()), TypeError, "block_table"),
+        ("seqlens on cpu", dict(cache_seqlens=lambda c: c.cache_seqlens.cpu()), RuntimeError, "cache_seqlens"),
+    ]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_input_raises_and_writes_nothing(device):
+    for name, over, exc, match in bad_cases(device):
+        over = dict(over)
+        d = over.pop("head_dim", 32)
+        dtype = over.pop("dtype", torch.float32)
+        rotary = over.pop("rotary", False) or over.pop("rotary_short", False)
+        case = Case(device, dtype, [5, 9], 2, 2, 4, 2, d, block_size=16, rotary=(d, 8 if name == "rotary table short" else 64) if rotary else None)
+        k0, v0 = case.k_cache.clone(), case.v_cache.clone()
+        args = dict(q=case.q, k_cache=case.k_cache, v_cache=case.v_cache, cache_seqlens=case.cache_seqlens, k=case.k,
+                    v=case.v, block_table=case.block_table, rotary_cos=case.rotary_cos, rotary_sin=case.rotary_sin)
+        kw = {}
+        for key, val in over.items():
+            if key in args:
+                args[key] = val(case)
+            else:
+                kw[key] = val
+        with pytest.raises(exc, match=match):
+            llama_ext.gqa_attention_with_kvcache(**args, **kw)
+        assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0)), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_requires_grad_raises(device):
+    case = Case(device, torch.float32, [5], 1, 1, 4, 2, 32)
+    case.q.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inference op"):
+        case.call()
+    with torch.no_grad():
+        case.call()
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_opcheck(device, dtype):
+    op = torch.ops.llama_ext.gqa_attention_with_kvcache
+    for block_size in (None, 16):
+        case = Case(device, dtype, [3, 20], 2, 2, 8, 2, 64, block_size=block_size, rotary=(64, 64))
+        # Finite caches: opcheck compares outputs of repeated runs.
+        case.k_cache.nan_to_num_(0.0)
+        case.v_cache.nan_to_num_(0.0)
+        opcheck(op, (case.q, case.k_cache, case.v_cache, case.cache_seqlens, case.k, case.v, case.block_table, True,
+                     0.125, case.rotary_cos, case.rotary_sin, False, -1, -1, 0.0))
+        opcheck(op, (case.q, case.k_cache, case.v_cache, case.cache_seqlens, None, None, case.block_table, False,
+                     0.125, None, None, False, 4, 1, 3.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend):
+    torch._dynamo.reset()
+    case = Case(device, torch.float32, [7, 30], 1, 1, 8, 2, 64, block_size=16, rotary=(64, 64))
+    case.k_cache.nan_to_num_(0.0)
+    case.v_cache.nan_to_num_(0.0)
+
+    def step(q, k_cache, v_cache, seqlens, k, v, block_table, cos, sin):
+        out = llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k, v, block_table=block_table,
+                                                   rotary_cos=cos, rotary_sin=sin)
+        return out * 2
+
+    args = (case.k_cache.clone(), case.v_cache.clone())
+    expected = step(case.q, *args, case.cache_seqlens, case.k, case.v, case.block_table, case.rotary_cos, case.rotary_sin)
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    out = compiled(case.q, case.k_cache, case.v_cache, case.cache_seqlens, case.k, case.v, case.block_table,
+                   case.rotary_cos, case.rotary_sin)
+    torch.testing.assert_close(out, expected)
+    # The compiled call wrote the caches in place, as eager does.
+    assert torch.equal(case.k_cache, args[0]) and torch.equal(case.v_cache, args[1])
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    case = Case("cuda", torch.bfloat16, [100, 3000], 1, 1, 32, 8, 128, block_size=16, rotary=(128, 4096))
+    case.k_cache.nan_to_num_(0.0)
+    case.v_cache.nan_to_num_(0.0)
+    k0, v0 = case.k_cache.clone(), case.v_cache.clone()
+    expected, _ = case.call()
+    case.k_cache.copy_(k0)
+    case.v_cache.copy_(v0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        case.call()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, _ = case.call()
+    case.k_cache.copy_(k0)
+    case.v_cache.copy_(v0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, expected)
+    # The graph follows cache_seqlens' device value: one more token changes the result.
+    case.cache_seqlens += 1
+    graph.replay()
+    ref_out = case.reference()[0]
+    assert_close(out, ref_out, torch.bfloat16)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_gqattention_with_kvcache_module(device, with_rope):
+    """GQAttention decoding through KVCache (the fused op, inference) equals the full forward,
+    including when the cache outgrows its initial capacity."""
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 32
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device) if with_rope else None
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    x = make((2, 12, hidden), device, torch.float32)
+    with torch.no_grad():
+        full = attn(x)
+        cache = llama_ext.KVCache(capacity=6)
+        steps = [attn(x[:, :5], cache=cache)]
+        for start, end in [(5, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:
+            steps.append(attn(x[:, start:end], cache=cache))
+    assert cache.offset == 12 and cache.k.shape == (2, 12, kv_heads, head_dim)
+    assert cache.cache_seqlens.tolist() == [12, 12]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)

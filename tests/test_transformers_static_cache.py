@@ -1,0 +1,79 @@
+"""patch_model with HF's static KV cache (cache_implementation="static"), served by
+gqa_attention_with_kvcache: greedy generate() token-identical to HF eager, and a compiled
+decode step (fullgraph) equal to HF's."""
+import copy
+import os
+
+import pytest
+import torch
+
+from conftest import DEVICES
+
+if os.environ.get("CI") == "true":
+    import transformers
+else:
+    transformers = pytest.importorskip("transformers", minversion="5.0", reason="needs transformers >= 5.0")
+
+from llama_ext.transformers import patch_model  # noqa: E402
+
+VOCAB = 96
+
+
+def build_pair(device):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False,
+        pad_token_id=0, bos_token_id=1, eos_token_id=None,
+    )
+    config._attn_implementation = "eager"
+    hf = transformers.LlamaForCausalLM(config).to(device).eval()
+    ours = patch_model(copy.deepcopy(hf))
+    return hf, ours
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 2])
+def test_static_cache_generate_matches_hf_eager(device, batch):
+    hf, ours = build_pair(device)
+    ids = torch.randint(2, VOCAB, (batch, 9), device=device)
+    kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+        static = ours.generate(ids, cache_implementation="static", **kwargs)
+        dynamic = ours.generate(ids, **kwargs)
+    assert torch.equal(static, expected), f"static cache tokens differ:\n{static}\n{expected}"
+    assert torch.equal(dynamic, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_step_under_static_cache(device):
+    """One decode step compiled with fullgraph=True (a graph break or a data-dependent host read
+    fails the compile) gives HF eager's logits, step after step."""
+    torch._dynamo.reset()
+    hf, ours = build_pair(device)
+    ids = torch.randint(2, VOCAB, (2, 7), device=device)
+    cache = transformers.StaticCache(config=ours.config, max_cache_len=32)
+    hf_cache = transformers.DynamicCache(config=hf.config)
+
+    def step(token, position):
+        return ours(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None],
+                    use_cache=True).logits
+
+    compiled = torch.compile(step, fullgraph=True)
+    with torch.no_grad():
+        ours(input_ids=ids, past_key_values=cache, use_cache=True)
+        hf_logits = hf(input_ids=ids, past_key_values=hf_cache, use_cache=True).logits
+        token = hf_logits[:, -1:].argmax(-1)
+        for pos in range(7, 11):
+            position = torch.tensor([pos], device=device)
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                logits = compiled(token, position) if pos > 7 else step(token, position)
+            finally:
+                if device == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+            expected = hf(input_ids=token, past_key_values=hf_cache, use_cache=True).logits
+            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+            token = expected[:, -1:].argmax(-1)
