@@ -6,6 +6,7 @@ output. The first GPU run is rare: these make sure it cannot be lost to the scri
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
 
@@ -27,10 +28,16 @@ MAX_RESULT_FILES = 8  # what the device tool brings back from $OUT
 
 def dry_run(out, **env):
     full_env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, **env)
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, env=full_env, capture_output=True, text=True,
-                          timeout=900)
+    # Its own session, so that a timeout here ends every stage it started.
+    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     summary = (out / "summary.txt").read_text()
-    return proc, summary
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), summary
 
 
 def stage_rows(summary):
