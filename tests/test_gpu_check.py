@@ -26,6 +26,11 @@ STAGE_ORDER = ["env", "build", "tests", "memcheck", "racecheck", "synccheck"]
 MAX_RESULT_FILES = 8  # what the device tool brings back from $OUT
 
 
+# The limits are sized for the GPU machine; a loaded CI machine takes longer over the stubbed stages.
+WIDENED = {f"GPU_CHECK_LIMIT_{s}": "400" for s in STAGE_ORDER + ["bench_rms_norm", "bench_fused_add_rms_norm",
+                                                                 "bench_attention"]}
+
+
 def dry_run(out, **env):
     full_env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, **env)
     # Its own session, so that a timeout here ends every stage it started.
@@ -59,12 +64,9 @@ def test_stage_limits_fit_nine_minutes():
 
 
 def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
-    # The CUDA tests and memcheck fail, one benchmark op hangs past its (shortened) limit; the
-    # other limits are widened since a loaded CI machine is not what they are sized for.
-    widened = {f"GPU_CHECK_LIMIT_{s}": "400" for s in STAGE_ORDER + ["bench_rms_norm", "bench_fused_add_rms_norm",
-                                                                    "bench_attention"]}
+    # The CUDA tests and memcheck fail, one benchmark op hangs past its (shortened) limit.
     proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="tests,memcheck", GPU_CHECK_STUB_HANG="bench_rotary",
-                            GPU_CHECK_LIMIT_bench_rotary="3", **widened)
+                            GPU_CHECK_LIMIT_bench_rotary="3", **WIDENED)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = summary.splitlines()[0]
     assert first.startswith("gpu-check: FAIL (DRY RUN"), summary
@@ -92,7 +94,7 @@ def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
 
 
 def test_dry_run_build_failure_skips_the_rest_and_says_why(tmp_path):
-    proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="build")
+    proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="build", **WIDENED)
     assert proc.returncode == 1
     first = summary.splitlines()[0]
     assert "first failure: build FAIL: csrc/cuda/stub.cu(1): error" in first, summary
