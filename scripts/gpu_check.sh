@@ -43,10 +43,10 @@ TOTAL_LIMIT=540  # 9 minutes: the device tool's 10-minute command limit minus a 
 GRACE=3
 declare -A LIMIT=(
   [env]=20 [build]=150 [tests]=110
-  [memcheck]=60 [racecheck]=30 [synccheck]=20
+  [memcheck]=55 [racecheck]=35 [synccheck]=25
   [bench_attention]=40 [bench_other]=18
 )
-SANITIZE_TAIL=15
+SANITIZE_TAIL=8
 
 RESULTS=${OUT:-$PWD/gpu-results}
 WORK=$(mktemp -d)
