@@ -48,9 +48,11 @@ bench: build
 wheel: $(VENV)/.installed
 	$(VPY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
-# On a lent GPU machine: system python3 with torch, no venv and no downloads.
+# On a lent GPU machine: system python3 with torch, no venv and no downloads; every core builds
+# (MAX_JOBS above is sized for the 2-core CI machine). LLAMA_EXT_GPU_CHECK_DRY_RUN=1: the same
+# flow without a GPU, GPU stages stubbed.
 gpu-check:
-	bash scripts/gpu_check.sh
+	MAX_JOBS=$$(nproc) bash scripts/gpu_check.sh
 
 clean:
 	rm -rf build dist *.egg-info llama_ext/*.so

@@ -2,7 +2,7 @@
 kernels) and one library of CPU kernels per vector ISA level, ``llama_ext._cpu_<level>``.
 
 CUDA sources are compiled whenever torch is a CUDA build and nvcc can be found, GPU or not,
-for ``TORCH_CUDA_ARCH_LIST`` (default ``8.0;9.0``). ``LLAMA_EXT_CPU_ONLY=1`` skips them.
+for ``TORCH_CUDA_ARCH_LIST`` (default: see ``_default_cuda_arch_list``). ``LLAMA_EXT_CPU_ONLY=1`` skips them.
 ``LLAMA_EXT_CPU_CAPABILITIES=default,avx2`` builds only the CPU levels named (default: all).
 """
 import glob
@@ -40,6 +40,27 @@ def _find_cuda_home():
     return None
 
 
+def _default_cuda_arch_list(cuda_home):
+    """Every current NVIDIA GPU generation: A100 (8.0), RTX 30xx / A10 (8.6), RTX 40xx / L4 / L40
+    (8.9), H100 / H200 (9.0) and, where nvcc and torch know it, RTX 50xx (12.0); PTX of the
+    newest lets later GPUs compile the kernels at load time."""
+    import subprocess
+
+    import torch
+
+    archs = ["8.0", "8.6", "8.9", "9.0"]
+    try:
+        nvcc_archs = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
+                                    capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        nvcc_archs = []
+    # torch.utils.cpp_extension accepts 12.0 from torch 2.7 on.
+    torch_knows_sm120 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 7)
+    if "compute_120" in nvcc_archs and torch_knows_sm120:
+        archs.append("12.0")
+    return ";".join(archs) + "+PTX"
+
+
 def _want_cuda():
     if os.environ.get("LLAMA_EXT_CPU_ONLY", "0") == "1":
         return False
@@ -53,7 +74,7 @@ def _want_cuda():
     # torch.utils.cpp_extension read CUDA_HOME at import time; point it at the real toolkit.
     os.environ["CUDA_HOME"] = home
     cpp_extension.CUDA_HOME = home
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", _default_cuda_arch_list(home))
     return True
 
 

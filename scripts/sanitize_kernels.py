@@ -1,91 +1,341 @@
-"""Calls every CUDA kernel once at odd sizes, for compute-sanitizer (memcheck, racecheck,
-synccheck) in `make gpu-check`: tails that are not multiples of any vector or tile width,
-misaligned and strided rows, the register-cached and looped RMSNorm paths, every attention
-head_dim, causal and not, seq_q != seq_k, decode, varlen. Sizes stay small: the sanitizers
-slow kernels down a hundredfold."""
+"""The case list that compute-sanitizer (memcheck, racecheck, synccheck) walks in `make gpu-check`:
+every CUDA kernel and every tail of it, at the smallest sizes that reach them.
+
+Each case is one function registered with @case: it names the sanitizer tools it is meant for
+and calls the ops at sizes chosen to end inside a vector, a warp, a block or a tile. Adding a
+kernel is adding one such function (or one line to a per-head-dim loop at the bottom). Cases are
+ordered so that the first ones reach every kernel once and later ones add tails; with --deadline
+the script starts no case after that time and names the ones it left out (exit 3), so a time
+limit costs coverage of tails, never a silent pass.
+
+Sizes and why (the largest tiles and thresholds the kernels use today, plus a tail):
+- RMSNorm rows of 1, 7, 128 (67 rows: warp-sized rows, several per block), 769 (odd: scalar
+  path), 4104 (16-byte vectors, register-cached row, one partial block), 65544 (longer than any
+  register cache: the looped path in the forward and the backward's workspace), an aligned and an
+  unaligned strided view. Shared memory: the block reduction, hence every tool.
+- Rotary: vector (16-byte chunks) and scalar (a rotary half that is no multiple of a vector, a
+  misaligned view) paths, both pairings, pass-through dims, positions in int64 and int32, the HF
+  [b, h, s, d] layout. No shared memory or barriers: memcheck only.
+- Attention, per supported head_dim (probed from the op itself, so a new head_dim is covered
+  without an edit): 130 queries x 197 keys crosses every query tile (<= 128) and key tile
+  (<= 64) with a tail; 197 x 130 causal leaves 67 query rows with no visible key; decode (1
+  query); non-causal; a misaligned copy of q/k/v (no cp.async); fp16 and bf16 tensor-core
+  instantiations; fp32 (SIMT); varlen with an empty sequence; group sizes 2 and 8.
+
+Run as `python scripts/sanitize_kernels.py [--tool memcheck] [--deadline UNIX_TIME]`; `--device cpu`
+walks the same cases on the CPU kernels (the dry run of `make gpu-check`, which checks that the
+case list itself runs); `--list` prints the cases.
+"""
+import argparse
+import inspect
 import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Tuple
 
 import torch
 
 import llama_ext
 
-# racecheck and synccheck are far slower than memcheck: SANITIZE_QUICK=1 keeps every kernel
-# and head_dim but fewer dtypes and shapes.
-QUICK = os.environ.get("SANITIZE_QUICK") == "1"
-
-assert torch.cuda.is_available() and llama_ext.cuda_kernels_built(), "needs a GPU and the CUDA build"
-dev = "cuda"
-torch.manual_seed(0)
-exercised = []
+ALL_TOOLS = ("memcheck", "racecheck", "synccheck")
+MEMCHECK = ("memcheck",)
+# Exit status when --deadline left cases out (the caller reports it as incomplete).
+EXIT_INCOMPLETE = 3
 
 
-def rnd(*shape, dtype):
-    return torch.randn(*shape, device=dev, dtype=dtype)
+@dataclass
+class Case:
+    name: str
+    tools: Tuple[str, ...]
+    run: Callable[[str], None]
 
 
-for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    # RMSNorm: tails (7), unaligned rows (769), vectors (4096), looped paths (65536, 16384 bwd).
-    for hidden in (1, 7, 769, 4096, 16384, 65536):
-        x = rnd(3, hidden, dtype=dtype).requires_grad_()
-        w = rnd(hidden, dtype=dtype).requires_grad_()
-        r = rnd(3, hidden, dtype=dtype).requires_grad_()
-        llama_ext.rms_norm(x, w).sum().backward()
-        y, res = llama_ext.fused_add_rms_norm(x, r, w)
-        (y.float().sum() + res.float().sum()).backward()
-        with torch.no_grad():
-            llama_ext.fused_add_rms_norm_(x.detach().clone(), r.detach().clone(), w.detach())
-    strided = rnd(5, 3 * 1024, dtype=dtype)[:, 1024:2048]
-    llama_ext.rms_norm(strided, None)
-exercised.append("rms_norm")
+CASES = []
 
-if hasattr(llama_ext, "apply_rotary"):
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for head_dim, rotary_dim in ((64, 64), (80, 80), (128, 64), (256, 256)):
-            cos, sin = llama_ext.rope_cos_sin(rotary_dim, 64, device=dev)
-            for interleaved in (False, True):
-                q = rnd(2, 13, 12, head_dim, dtype=dtype).requires_grad_()
-                k = rnd(2, 13, 4, head_dim, dtype=dtype).requires_grad_()
-                q2, k2 = llama_ext.apply_rotary(q, k, cos, sin, interleaved=interleaved)
-                (q2.float().sum() + k2.float().sum()).backward()
-                # HF layout [b, h, s, d] as a transposed view, with explicit positions.
-                qt = rnd(2, 5, 13, head_dim, dtype=dtype).transpose(1, 2)
-                kt = rnd(2, 1, 13, head_dim, dtype=dtype).transpose(1, 2)
-                pos = torch.randint(0, 64, (2, 13), device=dev)
-                llama_ext.apply_rotary_(qt, kt, cos, sin, positions=pos, interleaved=interleaved)
-    exercised.append("rotary")
 
-if hasattr(llama_ext, "gqa_attention"):
-    # Tile edges: forward 128 queries x 64 keys (64 x 32 at d=256); backward 64 keys x 64 or 32
-    # queries. (300, 20) causal leaves whole query blocks with no visible key.
-    shapes = ((1, 1), (17, 17), (64, 64), (63, 65), (129, 129), (1, 77), (65, 130), (200, 33), (300, 20))
-    if QUICK:
-        shapes = ((17, 17), (63, 65), (300, 20))
-    for dtype in (torch.bfloat16, torch.float32) if QUICK else (torch.float16, torch.bfloat16, torch.float32):
-        for head_dim in (32, 64, 80, 96, 128, 256):
-            for seq_q, seq_k in shapes:
-                for causal in (True, False):
-                    q = rnd(2, seq_q, 8, head_dim, dtype=dtype).requires_grad_()
-                    k = rnd(2, seq_k, 2, head_dim, dtype=dtype).requires_grad_()
-                    v = rnd(2, seq_k, 2, head_dim, dtype=dtype).requires_grad_()
-                    llama_ext.gqa_attention(q, k, v, causal=causal).float().sum().backward()
-            # Head counts 5/5 and 8/1, the HF [b, h, s, d] layout as a transposed view, and rows
-            # that are not 16-byte aligned (no cp.async).
-            for h_q, h_kv in ((5, 5), (8, 1)):
-                q = rnd(1, h_q, 257, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
-                k = rnd(1, h_kv, 257, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
-                v = rnd(1, h_kv, 257, head_dim, dtype=dtype).transpose(1, 2).requires_grad_()
-                llama_ext.gqa_attention(q, k, v, causal=True).float().sum().backward()
-            unaligned = [rnd(1, 127, 4, head_dim + 1, dtype=dtype)[..., 1:] for _ in range(3)]
-            llama_ext.gqa_attention(*unaligned, causal=True)
-            lens = torch.tensor([0, 5, 70, 1], device=dev)
-            cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
-            total = int(lens.sum())
-            q = rnd(total, 6, head_dim, dtype=dtype).requires_grad_()
-            k = rnd(total, 3, head_dim, dtype=dtype).requires_grad_()
-            v = rnd(total, 3, head_dim, dtype=dtype).requires_grad_()
-            out = llama_ext.gqa_attention_varlen(q, k, v, cu, cu, 70, 70, causal=True)
-            out.float().sum().backward()
-    exercised.append("attention")
+def case(name, tools=ALL_TOOLS):
+    """Registers fn(device) as a sanitizer case for `tools`."""
 
-torch.cuda.synchronize()
-print("sanitized kernels:", ", ".join(exercised))
+    def register(fn):
+        CASES.append(Case(name, tuple(tools), fn))
+        return fn
+
+    return register
+
+
+def rnd(*shape, dtype, device):
+    return torch.randn(*shape, device=device, dtype=dtype)
+
+
+def misaligned(*shape, dtype, device):
+    """A view whose base is one element past an allocation and whose rows are one element
+    longer than they look: neither 16-byte aligned nor vectorizable."""
+    *lead, last = shape
+    return rnd(*lead, last + 1, dtype=dtype, device=device)[..., 1:]
+
+
+def accepts(fn, keyword):
+    return keyword in inspect.signature(fn).parameters
+
+
+HALF = (torch.bfloat16, torch.float16)
+
+# ---- RMSNorm ----------------------------------------------------------------------------------
+
+
+def rms_norm_calls(x, w, r):
+    """Forward (plain, fused, in place) and backward (with and without weight, fused) on one shape."""
+    x = x.detach().requires_grad_()
+    r = r.detach().requires_grad_()
+    wg = w.detach().requires_grad_()
+    y = llama_ext.rms_norm(x, wg)
+    y.backward(torch.randn_like(y))
+    y = llama_ext.rms_norm(x, None)
+    y.backward(torch.randn_like(y))
+    y, res = llama_ext.fused_add_rms_norm(x, r, wg)
+    torch.autograd.backward((y, res), (torch.randn_like(y), torch.randn_like(res)))
+    if accepts(llama_ext.rms_norm, "offset"):  # Gemma / OLMo 2 forms
+        y = llama_ext.rms_norm(x, wg, offset=1.0, cast_before_weight=False)
+        y.backward(torch.randn_like(y))
+    with torch.no_grad():
+        llama_ext.fused_add_rms_norm_(x.detach().clone(), r.detach().clone(), w)
+
+
+def rms_norm_rows(sizes, dtypes, device, make=rnd):
+    for dtype in dtypes:
+        for rows, hidden in sizes:
+            w = rnd(hidden, dtype=dtype, device=device)
+            rms_norm_calls(make(rows, hidden, dtype=dtype, device=device),
+                           w, make(rows, hidden, dtype=dtype, device=device))
+
+
+@case("rms_norm_vector")
+def _(device):
+    rms_norm_rows(((67, 128), (3, 4104), (2, 65544)), (torch.float32, torch.bfloat16), device)
+    rms_norm_rows(((3, 4104),), (torch.float16,), device)
+    # Rows of an aligned strided view: vectorized, with a row stride that is not the length.
+    rms_norm_rows(((5, 1024),), (torch.bfloat16,), device,
+                  make=lambda r, n, dtype, device: rnd(r, 3 * n, dtype=dtype, device=device)[:, n:2 * n])
+
+
+@case("rms_norm_scalar")
+def _(device):
+    rms_norm_rows(((67, 1), (67, 7), (3, 769), (2, 16411)), (torch.float32, torch.bfloat16), device)
+    rms_norm_rows(((3, 4104), (2, 65544)), (torch.bfloat16,), device, make=misaligned)
+
+
+# ---- Rotary -----------------------------------------------------------------------------------
+
+
+def rotary_calls(dtype, head_dim, rotary_dim, device, make=rnd):
+    cos, sin = llama_ext.rope_cos_sin(rotary_dim, 64, device=device)
+    for interleaved in (False, True):
+        q = make(2, 13, 12, head_dim, dtype=dtype, device=device).requires_grad_()
+        k = make(2, 13, 4, head_dim, dtype=dtype, device=device).requires_grad_()
+        q2, k2 = llama_ext.apply_rotary(q, k, cos, sin, interleaved=interleaved)
+        torch.autograd.backward((q2, k2), (torch.randn_like(q2), torch.randn_like(k2)))
+        # HF layout [b, h, s, d] as a transposed view, in place, explicit positions.
+        for pos_dtype in (torch.int64, torch.int32):
+            qt = rnd(2, 5, 13, head_dim, dtype=dtype, device=device).transpose(1, 2)
+            kt = rnd(2, 1, 13, head_dim, dtype=dtype, device=device).transpose(1, 2)
+            pos = torch.randint(0, 64, (2, 13), device=device, dtype=pos_dtype)
+            llama_ext.apply_rotary_(qt, kt, cos, sin, positions=pos, interleaved=interleaved)
+
+
+@case("rotary_vector", MEMCHECK)
+def _(device):
+    for dtype in (torch.float32, torch.bfloat16):
+        rotary_calls(dtype, 128, 64, device)  # half the dims pass through
+        rotary_calls(dtype, 64, 64, device)
+
+
+@case("rotary_scalar", MEMCHECK)
+def _(device):
+    rotary_calls(torch.bfloat16, 80, 40, device)  # a rotary half of 20: no whole vectors
+    rotary_calls(torch.float32, 128, 128, device, make=misaligned)
+
+
+# ---- Attention --------------------------------------------------------------------------------
+
+
+# --head-dims: a subset of the supported dims (the dry run on the CPU, whose kernels take every
+# multiple of 8, keeps it short).
+HEAD_DIMS_WANTED = None
+
+
+def supported_head_dims(device):
+    """The head dims the attention op accepts on this device: its own check is the one list.
+    Tensor-core shapes are multiples of 16, so only those are asked."""
+    dims = []
+    for d in range(16, 257, 16):
+        q = torch.randn(1, 1, 1, d, device=device, dtype=torch.bfloat16)
+        try:
+            llama_ext.gqa_attention(q, q, q)
+        except ValueError:
+            continue
+        dims.append(d)
+    if HEAD_DIMS_WANTED is not None:
+        missing = sorted(set(HEAD_DIMS_WANTED) - set(dims))
+        assert not missing, f"--head-dims {missing} not supported on {device} (supported: {dims})"
+        dims = [d for d in dims if d in HEAD_DIMS_WANTED]
+    return dims
+
+
+def attention_call(dtype, d, seq_q, seq_k, device, *, causal=True, heads=(2, 1), batch=2, make=rnd,
+                   backward=True, **kwargs):
+    h_q, h_kv = heads
+    q = make(batch, seq_q, h_q, d, dtype=dtype, device=device).requires_grad_(backward)
+    k = make(batch, seq_k, h_kv, d, dtype=dtype, device=device).requires_grad_(backward)
+    v = make(batch, seq_k, h_kv, d, dtype=dtype, device=device).requires_grad_(backward)
+    out = llama_ext.gqa_attention(q, k, v, causal=causal, **kwargs)
+    if backward:
+        out.backward(torch.randn_like(out))
+
+
+def hf_layout(*shape, dtype, device):
+    """[b, s, h, d] as a transposed view of HF's [b, h, s, d]."""
+    b, s, h, d = shape
+    return rnd(b, h, s, d, dtype=dtype, device=device).transpose(1, 2)
+
+
+def attention_tiles(d, device):
+    """Every query and key tile with a tail, forward and backward, both half dtypes."""
+    for dtype in HALF:
+        attention_call(dtype, d, 130, 197, device)
+
+
+def attention_edges(d, device):
+    """Rows with no visible key, decode, non-causal, no cp.async, HF layout, group of 8, and
+    window/softcap where the op has them."""
+    dtype = torch.bfloat16
+    attention_call(dtype, d, 197, 130, device)
+    attention_call(dtype, d, 1, 197, device, backward=False)
+    attention_call(dtype, d, 130, 197, device, causal=False)
+    attention_call(dtype, d, 67, 67, device, make=misaligned)
+    attention_call(dtype, d, 67, 67, device, heads=(8, 1), batch=1, make=hf_layout)
+    if accepts(llama_ext.gqa_attention, "window_size"):
+        attention_call(dtype, d, 130, 197, device, window_size=(70, 0))
+        attention_call(dtype, d, 130, 197, device, causal=False, window_size=(33, 20), softcap=30.0)
+
+
+def attention_simt(device):
+    """fp32 inputs take the SIMT kernels, any head_dim at run time: the extremes and a tail."""
+    dims = supported_head_dims(device)
+    for d in (dims[0], dims[-1]):
+        attention_call(torch.float32, d, 130, 197, device)
+        attention_call(torch.float32, d, 197, 130, device, make=misaligned)
+
+
+def attention_varlen(dtype, d, device):
+    lens = torch.tensor([0, 5, 130, 1], device=device)
+    cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    total, longest = int(lens.sum()), int(lens.max())
+    q = rnd(total, 4, d, dtype=dtype, device=device).requires_grad_()
+    k = rnd(total, 2, d, dtype=dtype, device=device).requires_grad_()
+    v = rnd(total, 2, d, dtype=dtype, device=device).requires_grad_()
+    out = llama_ext.gqa_attention_varlen(q, k, v, cu, cu, longest, longest, causal=True)
+    out.backward(torch.randn_like(out))
+
+
+@case("attention_simt_and_varlen")
+def _(device):
+    attention_simt(device)
+    attention_varlen(torch.bfloat16, 128, device)
+    attention_varlen(torch.float32, 64, device)
+
+
+# ---- Decode against a KV cache ------------------------------------------------------------------
+
+
+def kvcache_calls(d, device):
+    """Contiguous and paged caches, a long sequence (split over keys) beside a short and an
+    empty one, one and several new tokens appended, fused rotary."""
+    dtype = torch.bfloat16
+    batch, h_q, h_kv, capacity = 3, 8, 2, 1200
+    seqlens = torch.tensor([1000, 3, 0], device=device, dtype=torch.int32)
+    cos, sin = llama_ext.rope_cos_sin(d, capacity, device=device)
+    for seq_new in (1, 3):
+        q = rnd(batch, seq_new, h_q, d, dtype=dtype, device=device)
+        k_new = rnd(batch, seq_new, h_kv, d, dtype=dtype, device=device)
+        v_new = rnd(batch, seq_new, h_kv, d, dtype=dtype, device=device)
+        k_cache = rnd(batch, capacity, h_kv, d, dtype=dtype, device=device)
+        v_cache = rnd(batch, capacity, h_kv, d, dtype=dtype, device=device)
+        llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, return_lse=True)
+        llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new,
+                                             rotary_cos=cos, rotary_sin=sin)
+        for block in (16, 64):
+            blocks = -(-capacity // block)
+            table = torch.randperm(batch * blocks, device=device).to(torch.int32).view(batch, blocks)
+            k_pages = rnd(batch * blocks, block, h_kv, d, dtype=dtype, device=device)
+            v_pages = rnd(batch * blocks, block, h_kv, d, dtype=dtype, device=device)
+            llama_ext.gqa_attention_with_kvcache(q, k_pages, v_pages, seqlens, k=k_new, v=v_new, block_table=table)
+
+
+# Per head_dim: tiles first (every kernel once), then the edges, which --deadline may leave out.
+# The per-head-dim cases need the device to probe the supported dims, so they are registered in
+# main() through these makers.
+PER_HEAD_DIM = [
+    ("attention_tiles_d{}", ALL_TOOLS, attention_tiles),
+]
+if hasattr(llama_ext, "gqa_attention_with_kvcache"):
+    PER_HEAD_DIM.append(("kvcache_d{}", ALL_TOOLS, kvcache_calls))
+PER_HEAD_DIM_EDGES = [
+    ("attention_edges_d{}", MEMCHECK, attention_edges),
+]
+
+
+def register_per_head_dim(device):
+    dims = supported_head_dims(device)
+    for makers in (PER_HEAD_DIM, PER_HEAD_DIM_EDGES):
+        for d in dims:
+            for name, tools, fn in makers:
+                CASES.append(Case(name.format(d), tools, lambda dev, fn=fn, d=d: fn(d, dev)))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tool", choices=ALL_TOOLS, default="memcheck", help="the sanitizer tool this run is under")
+    p.add_argument("--device", default="cuda", help="cuda, or cpu for the dry run")
+    p.add_argument("--deadline", type=float, default=0,
+                   help="start no case after this time, in seconds since the epoch (0: none); the caller sets it "
+                        "from its own clock, so the interpreter's and CUDA's start-up count")
+    p.add_argument("--head-dims", help="comma-separated subset of the supported head dims (default: all)")
+    p.add_argument("--list", action="store_true", help="print the cases and exit")
+    args = p.parse_args()
+    global HEAD_DIMS_WANTED
+    if args.head_dims:
+        HEAD_DIMS_WANTED = [int(d) for d in args.head_dims.split(",")]
+
+    if args.device == "cuda":
+        assert torch.cuda.is_available() and llama_ext.cuda_kernels_built(), "needs a GPU and the CUDA build"
+    start = time.monotonic()
+    torch.manual_seed(0)
+    register_per_head_dim(args.device)
+    selected = [c for c in CASES if args.tool in c.tools]
+    if args.list:
+        for c in selected:
+            print(c.name)
+        return 0
+    done, left_out = [], []
+    for c in selected:
+        if args.deadline and time.time() > args.deadline:
+            left_out.append(c.name)
+            continue
+        t0 = time.monotonic()
+        print(f"case {c.name} ...", flush=True)
+        c.run(args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        print(f"case {c.name} ok {time.monotonic() - t0:.1f}s", flush=True)
+        done.append(c.name)
+    print(f"sanitize cases ({args.tool}, {args.device}): {len(done)} of {len(selected)} run "
+          f"in {time.monotonic() - start:.0f}s")
+    if left_out:
+        print(f"left out at the deadline: {', '.join(left_out)}")
+        return EXIT_INCOMPLETE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

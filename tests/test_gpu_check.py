@@ -1,0 +1,194 @@
+"""`make gpu-check` (scripts/gpu_check.sh) on a machine without a GPU: its dry run
+(LLAMA_EXT_GPU_CHECK_DRY_RUN=1: nvidia-smi, compute-sanitizer, the CUDA build and the CUDA tests
+stubbed; the real control flow, limits, sanitizer case list on the CPU kernels, CPU benchmark
+and summary), its stage plan against the 9-minute limit, and the summary's reading of real tool
+output. The first GPU run is rare: these make sure it cannot be lost to the script itself."""
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+from conftest import DEVICES
+
+# The script's own tests need no GPU: they belong to the CPU half (CI), not to the CUDA half
+# that `make gpu-check` runs.
+pytestmark = pytest.mark.skipif("cpu" not in DEVICES, reason="CPU half only (LLAMA_EXT_TEST_DEVICES excludes cpu)")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_check.sh"
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check_summary  # noqa: E402
+
+STAGE_ORDER = ["env", "build", "tests", "memcheck", "racecheck", "synccheck"]
+MAX_RESULT_FILES = 8  # what the device tool brings back from $OUT
+
+
+# The limits are sized for the GPU machine; a loaded CI machine takes longer over the stubbed stages.
+WIDENED = {f"GPU_CHECK_LIMIT_{s}": "400" for s in STAGE_ORDER + ["bench_rms_norm", "bench_fused_add_rms_norm",
+                                                                 "bench_attention"]}
+
+
+def dry_run(out, **env):
+    full_env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(out), PYTHON=sys.executable, **env)
+    # Its own session, so that a timeout here ends every stage it started.
+    proc = subprocess.Popen(["bash", str(SCRIPT)], cwd=ROOT, env=full_env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=1200)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    summary = (out / "summary.txt").read_text()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), summary
+
+
+def stage_rows(summary):
+    """{stage: (status, detail)} from the summary's stage table."""
+    rows = {}
+    for line in summary.splitlines():
+        m = re.match(r"(\w+)\s+(ok|FAIL|TIMEOUT|INCOMPLETE|SKIPPED)\s+\d+ /\s*\d+ s  (.*)", line)
+        if m:
+            rows[m.group(1)] = (m.group(2), m.group(3))
+    return rows
+
+
+def test_stage_limits_fit_nine_minutes():
+    proc = subprocess.run(["bash", str(SCRIPT), "--plan"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable), timeout=300)
+    assert proc.returncode == 0, f"the stage limits do not fit:\n{proc.stdout}{proc.stderr}"
+    stages = [line.split()[0] for line in proc.stdout.splitlines()[:-1]]
+    assert stages[:6] == STAGE_ORDER and "bench_attention" in stages and "bench_rms_norm" in stages
+
+
+def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
+    # The CUDA tests and memcheck fail, one benchmark op hangs past its (shortened) limit.
+    proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="tests,memcheck", GPU_CHECK_STUB_HANG="bench_rotary",
+                            GPU_CHECK_LIMIT_bench_rotary="3", **WIDENED)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = summary.splitlines()[0]
+    assert first.startswith("gpu-check: FAIL (DRY RUN"), summary
+    assert "first failure: tests FAIL" in first and "test_stub_fails_on_request" in first, first
+    assert "also: memcheck FAIL" in summary and "also: bench_rotary TIMEOUT" in summary, summary
+
+    rows = stage_rows(summary)
+    assert list(rows)[:6] == STAGE_ORDER, summary
+    assert rows["env"][0] == "ok" and rows["build"][0] == "ok", summary
+    assert rows["racecheck"][0] == "ok" and rows["synccheck"][0] == "ok", summary
+    for tool in ("racecheck", "synccheck"):
+        m = re.search(r"(\d+) of (\d+) cases", rows[tool][1])
+        assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, rows[tool]
+    assert rows["bench_rotary"][0] == "TIMEOUT" and rows["bench_attention"][0] == "ok", summary
+
+    assert "failing tests (1):" in summary
+    assert "scripts/gpu_check_stubs/test_stub.py::test_stub_fails_on_request" in summary
+    assert "memcheck: [" in summary and "Invalid __global__ read" in summary  # the report, with its case
+    # The benchmark of what worked, merged.
+    bench = (tmp_path / "bench.md").read_text()
+    assert "RMSNorm" in bench or "rms_norm" in bench, bench[:500]
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) <= MAX_RESULT_FILES and all((tmp_path / f).is_file() for f in files), files
+    assert proc.stdout.rstrip().splitlines()[-1] == first  # the verdict is also the last line printed
+
+
+def test_dry_run_build_failure_skips_the_rest_and_says_why(tmp_path):
+    proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="build", **WIDENED)
+    assert proc.returncode == 1
+    first = summary.splitlines()[0]
+    assert "first failure: build FAIL: csrc/cuda/stub.cu(1): error" in first, summary
+    rows = stage_rows(summary)
+    for s in ("tests", "memcheck", "racecheck", "synccheck", "bench"):
+        assert rows[s] == ("SKIPPED", "no build"), summary
+
+
+# ---- the summary on the output of the real tools ------------------------------------------------
+
+PYTEST_XDIST_LOG = """\
+============================= test session starts ==============================
+created: 8/8 workers
+8 workers [3 items]
+
+[gw1] [ 33%] PASSED tests/test_rms_norm.py::test_rms_norm[cuda-float32]
+[gw0] [ 66%] FAILED tests/test_attention.py::test_forward[cuda-bfloat16-128]
+[gw2] [100%] SKIPPED tests/test_reliability.py::test_second_gpu
+=========================== short test summary info ============================
+SKIPPED [1] tests/test_reliability.py:677: needs a second GPU
+FAILED tests/test_attention.py::test_forward[cuda-bfloat16-128] - AssertionError: Tensor-likes are not close!
+=================== 1 failed, 1 passed, 1 skipped in 41.20s ====================
+"""
+
+MEMCHECK_LOG = """\
+========= COMPUTE-SANITIZER
+case rms_norm_vector ...
+case rms_norm_vector ok 2.1s
+case attention_tiles_d80 ...
+========= Invalid __global__ read of size 16 bytes
+=========     at void llama_ext::cuda::attention::attention_forward_tc_kernel<__nv_bfloat16, 80>(Params)+0x1a30 in attention_fwd.cu:120
+=========     by thread (3,0,0) in block (1,0,0)
+=========     Address 0x7f0000001000 is out of bounds
+case attention_tiles_d80 ok 1.0s
+sanitize cases (memcheck, cuda): 2 of 9 run in 50s
+left out at the deadline: attention_edges_d32, attention_edges_d64
+========= ERROR SUMMARY: 1 error
+"""
+
+BUILD_LOG = """\
+ptxas info    : Compiling entry function '_ZN9llama_ext4cuda6kernelILi1EEEvv' for 'sm_90'
+ptxas info    : Function properties for _ZN9llama_ext4cuda6kernelILi1EEEvv
+    8 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads
+ptxas info    : Compiling entry function '_ZN9llama_ext4cuda6kernelILi2EEEvv' for 'sm_90'
+ptxas info    : Function properties for _ZN9llama_ext4cuda6kernelILi2EEEvv
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+"""
+
+
+def write_work(work, stages, logs):
+    work.mkdir()
+    (work / "stages.tsv").write_text("".join("\t".join(map(str, row)) + "\n" for row in stages))
+    for name, text in logs.items():
+        (work / f"{name}.log").write_text(text)
+
+
+def test_summary_reads_pytest_sanitizer_and_ptxas_output(tmp_path, capsys):
+    work, results = tmp_path / "work", tmp_path / "results"
+    results.mkdir()
+    write_work(work, [("env", 0, 3, 30), ("build", 0, 90, 150), ("tests", 1, 41, 120), ("memcheck", 1, 55, 60),
+                      ("racecheck", 3, 30, 30), ("synccheck", 124, 25, 20), ("bench_rotary", 1, 4, 20)],
+               {"env": "NVIDIA H200, 580.159.04, 143771 MiB, 9.0\n", "build": BUILD_LOG, "tests": PYTEST_XDIST_LOG,
+                "memcheck": MEMCHECK_LOG,
+                "racecheck": "case rms_norm_vector ...\ncase rms_norm_vector ok 1.0s\n"
+                             "sanitize cases (racecheck, cuda): 1 of 8 run in 16s\n"
+                             "left out at the deadline: attention_tiles_d32\n========= ERROR SUMMARY: 0 errors\n",
+                "synccheck": "case rms_norm_vector ...\ncase rms_norm_vector ok 1.0s\ncase attention_tiles_d32 ...\n",
+                "bench_rotary": "Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"})
+    rc = gpu_check_summary.summarize(str(work), str(results), total_limit=540, grace=5, elapsed=300, dry_run=False)
+    assert rc == 1
+    summary = (results / "summary.txt").read_text()
+    first = summary.splitlines()[0]
+    assert first.startswith("gpu-check: FAIL - first failure: tests FAIL: 1 failed, 1 passed, 1 skipped"), first
+    assert "tests/test_attention.py::test_forward[cuda-bfloat16-128]" in first
+    rows = stage_rows(summary)
+    assert rows["build"] == ("ok", "2 kernels compiled, 1 with register spills")
+    assert rows["memcheck"][0] == "FAIL" and "1 errors, 2 of 9 cases" in rows["memcheck"][1]
+    assert "[attention_tiles_d80] Invalid __global__ read of size 16 bytes at void llama_ext" in rows["memcheck"][1]
+    assert rows["racecheck"][0] == "INCOMPLETE" and "attention_tiles_d32" in rows["racecheck"][1]
+    assert rows["synccheck"] == ("TIMEOUT", "stopped at its limit in case attention_tiles_d32; "
+                                            "case list did not finish")
+    assert rows["bench_rotary"] == ("FAIL", "RuntimeError: CUDA error: an illegal memory access")
+    assert "_ZN9llama_ext4cuda6kernelILi1EEEvv: 4 bytes spill stores, 4 bytes spill loads" in summary
+    assert "failing tests (1):" in summary
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == first
+
+
+def test_summary_passes_only_when_every_stage_is_ok(tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    results.mkdir()
+    write_work(work, [("env", 0, 3, 30), ("build", 0, 90, 150), ("tests", 0, 41, 120)],
+               {"build": BUILD_LOG.replace("4 bytes spill", "0 bytes spill"),
+                "tests": PYTEST_XDIST_LOG.replace("1 failed, ", "").replace("FAILED", "PASSED")})
+    assert gpu_check_summary.summarize(str(work), str(results), 540, 5, 200, dry_run=False) == 0
+    summary = (results / "summary.txt").read_text()
+    assert summary.startswith("gpu-check: PASS - 3 stages"), summary
+    assert "register spills:" not in summary
