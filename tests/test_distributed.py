@@ -25,6 +25,7 @@ from llama_ext.distributed import (
     _ring_step_slices,
     context_parallel_attention,
     gather_from_context_parallel,
+    ring_communication_bytes,
     shard_for_context_parallel,
 )
 
@@ -148,6 +149,23 @@ def _ring_attention_worker(rank, world):
     assert torch.equal(gathered, x)
     (gathered * x).sum().backward()
     assert torch.equal(local.grad, shard_for_context_parallel(x, 1))
+
+    # the volume ring_communication_bytes reports is what the ring sends
+    sent, batch = [], dist.batch_isend_irecv
+
+    def record(ops):
+        sent.extend(op.tensor.nbytes for op in ops if op.op is dist.isend)
+        return batch(ops)
+
+    dist.batch_isend_irecv = record
+    try:
+        q, k, v = (torch.randn(1, 8 * world, 2, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        out = context_parallel_attention(q, k, v)
+        forward_bytes = sum(sent)
+        out.backward(torch.ones_like(out))
+    finally:
+        dist.batch_isend_irecv = batch
+    assert ring_communication_bytes(k, k, world) == {"forward": forward_bytes, "backward": sum(sent) - forward_bytes}
 
     # scale and a non-default head_dim pass through
     q, k, v = (torch.randn(1, 16 * world, 2, 24) for _ in range(3))
