@@ -55,7 +55,8 @@ def step_volume(config: LlamaConfig, batch: int, seq: int, world: int, dtype: to
     matmul_params = config.num_hidden_layers * layer_params + config.hidden_size * config.vocab_size  # + lm_head
     all_params = matmul_params + config.hidden_size * config.vocab_size  # + embedding
     grad_bytes = 2 * (world - 1) * all_params * 4 // world
-    flops = 6 * matmul_params * batch * seq + 7 * config.num_hidden_layers * batch * config.num_attention_heads * head_dim * seq**2
+    attention_flops = 7 * config.num_hidden_layers * batch * config.num_attention_heads * head_dim * seq**2
+    flops = 6 * matmul_params * batch * seq + attention_flops
     return dict(ring_bytes=ring_bytes, grad_bytes=grad_bytes, single_device_flops=flops)
 
 

@@ -46,9 +46,10 @@ DTensor: importing llama_ext registers sharding rules (``register_sharding``) fo
 * ``gqa_attention_forward``/``_backward``: batch or heads (the kv heads must split evenly, so
   every rank keeps whole query groups); varlen: heads.
 
-Anything else (``Partial`` inputs, the hidden dim, sequence-sharded attention) raises
-``ValueError`` naming the op and the placements, instead of gathering silently; for a sequence
-split across ranks use :func:`context_parallel_attention`.
+Anything else (``Partial`` inputs, the hidden dim, sequence-sharded attention) raises an error
+naming the op, the placements and the supported shardings (DTensor's sharding propagation reports
+it as a ``RuntimeError``) instead of gathering silently; for a sequence split across ranks use
+:func:`context_parallel_attention`.
 """
 from typing import Callable, Dict, List, Optional, Tuple
 

@@ -385,12 +385,17 @@ def _tiny_llama(transformers, seed=0):
     return transformers.LlamaForCausalLM(config)
 
 
+def _full(t):
+    """A DTensor's whole value (what one process would hold); plain tensors as they are."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def _params(model):
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return {n: _full(p).detach().clone() for n, p in model.named_parameters()}
 
 
 def _grads(model):
-    return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad) for n, p in model.named_parameters()}
+    return {n: _full(p.grad) for n, p in model.named_parameters()}
 
 
 def _sgd(params, lr=0.5):
@@ -499,11 +504,16 @@ def _tensor_parallel_worker(rank, world):
                 plan[layer + "input_layernorm"] = SequenceParallel()
                 plan[layer + "post_attention_layernorm"] = SequenceParallel()
                 plan[layer + "self_attn"] = PrepareModuleInput(
-                    input_kwarg_layouts={"hidden_states": Shard(1)}, desired_input_kwarg_layouts={"hidden_states": Replicate()}
+                    input_kwarg_layouts={"hidden_states": Shard(1)},
+                    desired_input_kwarg_layouts={"hidden_states": Replicate()},
                 )
-                plan[layer + "mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+                plan[layer + "mlp"] = PrepareModuleInput(
+                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                )
         if sequence_parallel:
-            plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False)
+            plan["model.embed_tokens"] = RowwiseParallel(
+                input_layouts=Replicate(), output_layouts=Shard(1), use_local_output=False
+            )
             plan["model.norm"] = SequenceParallel()
             plan["lm_head"] = ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())
         return plan
