@@ -19,6 +19,7 @@ from .ops import (
 )
 from .modules import GQAttention, KVCache, RMSNorm, RotaryEmbedding
 from .rope import rope_cos_sin
+from . import distributed  # noqa: F401,E402  (registers the DTensor sharding rules of the ops)
 
 __version__ = "0.1.0"
 

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 import llama_ext
 import transformers
+from llama_ext.distributed import hf_context_parallel_attention
 
 # The attention forward below mirrors transformers 5.x's (the `cache` argument, `Cache.update`'s
 # signature, the mask registry); 4.x differs in all three.
@@ -180,6 +181,12 @@ def llama_ext_attention_forward(
     # The kernels take [batch, seq, heads, d] with any strides but a contiguous last dim: HF's
     # [batch, heads, seq, d] tensors pass as transposed views, with no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    group = getattr(module, "context_parallel_group", None)
+    if group is not None:
+        out = hf_context_parallel_attention(
+            q, k, v, attention_mask, kwargs.get("position_ids"), sliding_window, causal, scaling, group
+        )
+        return out, None
     if attention_mask is None:
         return llama_ext.gqa_attention(q, k, v, causal=causal, scale=scaling), None
     if attention_mask.dim() != 2 or attention_mask.shape != (key.shape[0], key.shape[2]):
@@ -413,7 +420,7 @@ def _replace_rms_norms(model: nn.Module, norm_class_name: str) -> int:
     return replaced
 
 
-def patch_model(model: nn.Module) -> nn.Module:
+def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
     """Run a Llama, Mistral, Qwen2 or Qwen3 transformers model on llama_ext, in place.
 
     RMSNorms become :class:`llama_ext.RMSNorm` (same weights), the rotary embedding runs on
@@ -422,6 +429,12 @@ def patch_model(model: nn.Module) -> nn.Module:
     attention implementation. Training, ``generate()`` with the default DynamicCache (and
     left-padded batches) or ``cache_implementation="static"`` are supported; settings the kernels cannot serve exactly raise
     ``ValueError`` when they occur (see the module docstring). Returns ``model``.
+
+    ``context_parallel_group`` (a torch.distributed process group, or ``dist.group.WORLD``) makes
+    attention ring attention over that group (:mod:`llama_ext.distributed`): the model then takes
+    this rank's share of every sequence, ``input_ids``, ``position_ids`` (required) and labels
+    each passed through :func:`llama_ext.distributed.shard_for_context_parallel`, for training
+    and scoring (no KV cache, padding mask or packing).
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -449,6 +462,7 @@ def patch_model(model: nn.Module) -> nn.Module:
     _replace_rms_norms(model, norm_class_name)
     for attention in attention_modules:
         attention.forward = types.MethodType(_patched_attention_forward, attention)
+        attention.context_parallel_group = context_parallel_group
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
