@@ -210,15 +210,20 @@ def gqa_attention_varlen_reference(
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
-def hf_eager_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def hf_eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None, mask: Optional[Tensor] = None
+) -> Tensor:
     """HF ``eager_attention_forward`` in the input dtype (repeat_kv, matmul, fp32 softmax, matmul)
-    on ``[batch, heads, seq, d]`` tensors, with an additive bottom-right causal mask: the
-    benchmarks' eager baseline. Returns ``[batch, seq_q, heads, d]`` as HF does."""
+    on ``[batch, heads, seq, d]`` tensors, with an additive bottom-right causal mask (or the
+    additive ``mask`` given, which replaces it): the benchmarks' eager baseline. Returns
+    ``[batch, seq_q, heads, d]`` as HF does."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n_rep = q.shape[1] // k.shape[1]
     key_states, value_states = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     attn_weights = torch.matmul(q, key_states.transpose(2, 3)) * scale
-    if causal:
+    if mask is not None:
+        attn_weights = attn_weights + mask
+    elif causal:
         visible = causal_mask_bottom_right(q.shape[2], k.shape[2], q.device)
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
         attn_weights = attn_weights + mask
