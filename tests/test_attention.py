@@ -663,6 +663,30 @@ def test_kv_cache_decode_equals_full_forward(device, with_rope):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_window_softcap_decode_equals_full_forward(device):
+    """A windowed, softcapped module: the full forward matches the float64 reference on its own
+    projections, and cached decoding step by step past the window gives the same outputs."""
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 32
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device)
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope, window_size=(3, 0), softcap=5.0)
+    attn = attn.to(device)
+    assert "window_size=(3, 0)" in repr(attn) and "softcap=5.0" in repr(attn)
+    x = make((2, 12, hidden), device, torch.float32)
+    full = attn(x)
+    with torch.no_grad():
+        q = attn.q_proj(x).view(2, 12, heads, head_dim)
+        k = attn.k_proj(x).view(2, 12, kv_heads, head_dim)
+        q, k = rope(q, k, torch.arange(12, device=device))
+        v = attn.v_proj(x).view(2, 12, kv_heads, head_dim)
+        ref = gqa_attention_reference(q, k, v, True, None, (3, 0), 5.0)[0].float()
+        expected = attn.o_proj(ref.reshape(2, 12, heads * head_dim))
+    torch.testing.assert_close(full, expected, atol=2e-5, rtol=2e-5)
+    cache = llama_ext.KVCache()
+    steps = [attn(x[:, :5], cache=cache)] + [attn(x[:, i : i + 1], cache=cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 def test_module_trains_and_rejects_bad_heads():
     attn = llama_ext.GQAttention(64, 4, 2)
     x = torch.randn(2, 7, 64, requires_grad=True)
