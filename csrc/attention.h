@@ -1,4 +1,5 @@
-// Grouped-query attention argument checks, shared by the CPU and CUDA implementations.
+// Grouped-query attention: argument checks and the host templates shared by the CPU and CUDA
+// implementations.
 //
 // Batched: q [batch, seq_q, n_q_heads, head_dim], k/v [batch, seq_k, n_kv_heads, head_dim].
 // Varlen:  q [total_q, n_q_heads, head_dim], k/v [total_k, n_kv_heads, head_dim], with int32
@@ -7,12 +8,16 @@
 // the last, which must be contiguous.
 #pragma once
 
+#include <ATen/ops/empty.h>
+
 #include <algorithm>
 #include <cmath>
 #include <optional>
+#include <tuple>
 #include <utility>
 #include <vector>
 
+#include "attention_window.h"
 #include "common.h"
 
 namespace llama_ext {
@@ -62,7 +67,7 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   const char* layout = varlen ? "[total_tokens, heads, head_dim]" : "[batch, seq, heads, head_dim]";
   TORCH_CHECK_VALUE(q.dim() == rank, "q must be ", layout, ", got shape ", q.sizes());
   TORCH_CHECK_VALUE(k.dim() == rank, "k must be ", layout, ", got shape ", k.sizes());
-  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), "v must have the same shape as k (", k.sizes(), "), got ", v.sizes());
+  check_same_shape(v, "v", k, "k");
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
@@ -108,45 +113,6 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   return s;
 }
 
-// The keys each query row sees: causal masking and the sliding window, aligned bottom-right.
-// With i' = i + len_k - len_q, row i sees keys j in [key_begin(i), key_end(i)):
-// i' - left <= j <= i' + right and 0 <= j < len_k; -1 leaves a side unbounded. Both bounds are
-// non-decreasing in i, which lets kernels skip whole key blocks and query blocks. Shared by the
-// CPU and CUDA kernels (I: int64_t on the CPU, int on CUDA, where every length is < 2^31 and
-// make_key_window keeps left and right below len_q + len_k).
-struct KeyWindow {
-  int64_t left = -1;
-  int64_t right = -1;
-
-  template <typename I>
-  C10_HOST_DEVICE I key_begin(I i, I len_q, I len_k) const {
-    const I ip = i + len_k - len_q;
-    return left < 0 || ip <= static_cast<I>(left) ? I(0) : ip - static_cast<I>(left);
-  }
-  template <typename I>
-  C10_HOST_DEVICE I key_end(I i, I len_q, I len_k) const {
-    const I ip = i + len_k - len_q;
-    const I end = right < 0 || static_cast<I>(right) >= len_k - ip ? len_k : ip + static_cast<I>(right) + 1;
-    const I begin = key_begin(i, len_q, len_k);
-    return end > begin ? end : begin;  // empty ranges as [begin, begin)
-  }
-  // The first row whose keys reach key0 or beyond (key_end > key0), in [0, len_q].
-  template <typename I>
-  C10_HOST_DEVICE I first_row_reaching(I key0, I len_q, I len_k) const {
-    if (right < 0) return I(0);
-    const I row = key0 - static_cast<I>(right) - (len_k - len_q);  // key_end(row) = key0 + 1 when unclamped
-    return row < 0 ? I(0) : (row > len_q ? len_q : row);
-  }
-  // The first row whose keys all lie at key1 or beyond (key_begin >= key1), in [0, len_q]:
-  // rows from here on see nothing of [0, key1).
-  template <typename I>
-  C10_HOST_DEVICE I first_row_past(I key1, I len_q, I len_k) const {
-    if (left < 0) return len_q;
-    const I row = key1 + static_cast<I>(left) - (len_k - len_q);  // key_begin(row) = key1 when unclamped
-    return row < 0 ? I(0) : (row > len_q ? len_q : row);
-  }
-};
-
 // Checks window_size and softcap (ValueError naming them) and folds causal into the window.
 // Sides longer than both sequences together mean the same as unbounded ones and are clamped
 // there, so the KeyWindow arithmetic never overflows.
@@ -177,7 +143,7 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{grad_out, "grad_out"}, {out, "out"}}) {
     check_same_dtype(t, name, q, "q");
     check_same_device(t, name, q, "q");
-    TORCH_CHECK_VALUE(t.sizes() == q.sizes(), name, " must have q's shape (", q.sizes(), "), got ", t.sizes());
+    check_same_shape(t, name, q, "q");
     check_last_dim_contiguous(t, name);
   }
   check_same_device(lse, "lse", q, "q");
@@ -186,6 +152,69 @@ inline void check_attention_backward_args(const at::Tensor& grad_out, const at::
   const std::vector<int64_t> expected = lse_shape(q, shape);
   TORCH_CHECK_VALUE(lse.sizes() == at::IntArrayRef(expected), "lse must have shape ", at::IntArrayRef(expected),
                     ", got ", lse.sizes());
+}
+
+// ---- host side shared by both backends --------------------------------------------------------
+// Checks, output allocation and the calls with no work are the same on CPU and CUDA; only the
+// launch differs. A launcher receives one checked call with its outputs allocated, and only
+// when both q and k hold at least one token.
+struct AttentionCall {
+  at::Tensor q, k, v;
+  std::optional<at::Tensor> cu_seqlens_q, cu_seqlens_k;  // both set (varlen) or both empty
+  AttentionShape shape;
+  bool causal;
+  double scale;
+  KeyWindow window;  // the keys each row sees, causal folded in
+  double softcap;    // 0: off
+  at::Tensor out, lse;               // forward: written; backward: read
+  at::Tensor grad_out, dq, dk, dv;   // backward only: grad_out read, the gradients written
+};
+
+// A backend's own limits, checked after the shared ones and before anything is allocated.
+using AttentionLimits = void (*)(const at::Tensor& q, const AttentionShape& shape);
+using AttentionLauncher = void (*)(const AttentionCall& call);
+
+// The CPU kernels take everything check_attention_args accepts.
+inline void no_backend_limits(const at::Tensor&, const AttentionShape&) {}
+
+// The op implementations: each backend registers these with its limits and launchers, e.g.
+// m.impl("gqa_attention_forward", &gqa_attention_forward<no_backend_limits, attention_forward_cpu>).
+template <AttentionLimits check_limits, AttentionLauncher launch>
+std::tuple<at::Tensor, at::Tensor> gqa_attention_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                         const std::optional<at::Tensor>& cu_seqlens_q,
+                                                         const std::optional<at::Tensor>& cu_seqlens_k,
+                                                         int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+                                                         double scale, int64_t window_left, int64_t window_right,
+                                                         double softcap) {
+  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale, {}, softcap};
+  call.shape = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  call.window = make_key_window(call.shape, causal, window_left, window_right, softcap);
+  check_limits(q, call.shape);
+  call.out = new_output(at::empty(q.sizes(), q.options()));
+  call.lse = new_output(at::empty(lse_shape(q, call.shape), q.options().dtype(stats_dtype(q.scalar_type()))));
+  if (q.numel() == 0) return {call.out, call.lse};
+  if (k.numel() == 0) return {call.out.zero_(), call.lse.zero_()};  // no row sees a key
+  launch(call);
+  return {call.out, call.lse};
+}
+
+template <AttentionLimits check_limits, AttentionLauncher launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
+    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
+    double scale, int64_t window_left, int64_t window_right, double softcap) {
+  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale, {}, softcap, out, lse, grad_out};
+  call.shape = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  call.window = make_key_window(call.shape, causal, window_left, window_right, softcap);
+  check_attention_backward_args(grad_out, out, lse, q, call.shape);
+  check_limits(q, call.shape);
+  call.dq = new_output(at::empty(q.sizes(), q.options()));
+  call.dk = new_output(at::empty(k.sizes(), k.options()));
+  call.dv = new_output(at::empty(v.sizes(), v.options()));
+  if (q.numel() == 0 || k.numel() == 0) return {call.dq.zero_(), call.dk.zero_(), call.dv.zero_()};
+  launch(call);
+  return {call.dq, call.dk, call.dv};
 }
 
 }  // namespace llama_ext

@@ -31,11 +31,6 @@ inline void check_rms_norm_args(const at::Tensor& input, const std::optional<at:
   }
 }
 
-inline void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
-  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the same shape as ", ref_name, " (", ref.sizes(),
-                    "), got ", t.sizes());
-}
-
 inline void check_fused_add_rms_norm_args(const at::Tensor& input, const at::Tensor& residual,
                                           const std::optional<at::Tensor>& weight, double eps) {
   check_rms_norm_args(input, weight, eps);

@@ -92,14 +92,34 @@ int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(kTargetRows / gr
 // cheap and expensive causal blocks: 0, n-1, 1, n-2, ...
 int64_t zigzag(int64_t p, int64_t n) { return p % 2 == 0 ? p / 2 : n - 1 - p / 2; }
 
-// The inputs cut into per-sequence views: q/out/grads [len_q, heads, d], lse [heads, len_q].
-struct Problem {
+std::vector<int64_t> host_offsets(const std::optional<at::Tensor>& cu_seqlens) {
+  if (!cu_seqlens.has_value()) return {};
+  const at::Tensor host = cu_seqlens->to(at::kCPU).to(at::kLong).contiguous();
+  const int64_t* p = host.const_data_ptr<int64_t>();
+  return std::vector<int64_t>(p, p + host.numel());
+}
+
+// The call's tensors cut into per-sequence views: q/out/grads [len_q, heads, d], lse [heads, len_q].
+struct AttentionParams {
   at::Tensor q, k, v, out, lse;
-  std::vector<int64_t> q_begin, k_begin;  // varlen: cu_seqlens; empty when batched
+  std::vector<int64_t> q_begin, k_begin;  // varlen: cu_seqlens on the host; empty when batched
   AttentionShape shape;
   KeyWindow window;  // causal folded in
   double scale;
   double softcap;  // 0: off
+
+  explicit AttentionParams(const AttentionCall& call)
+      : q(call.q),
+        k(call.k),
+        v(call.v),
+        out(call.out),
+        lse(call.lse),
+        q_begin(host_offsets(call.cu_seqlens_q)),
+        k_begin(host_offsets(call.cu_seqlens_k)),
+        shape(call.shape),
+        window(call.window),
+        scale(call.scale),
+        softcap(call.softcap) {}
 
   int64_t len_q(int64_t b) const { return shape.varlen ? q_begin[b + 1] - q_begin[b] : shape.seq_q; }
   int64_t len_k(int64_t b) const { return shape.varlen ? k_begin[b + 1] - k_begin[b] : shape.seq_k; }
@@ -120,13 +140,6 @@ struct Problem {
     return {lo, std::clamp<int64_t>(window.key_end(i, lq, lk) - k0, lo, n)};
   }
 };
-
-std::vector<int64_t> host_offsets(const std::optional<at::Tensor>& cu_seqlens) {
-  if (!cu_seqlens.has_value()) return {};
-  const at::Tensor host = cu_seqlens->to(at::kCPU).to(at::kLong).contiguous();
-  const int64_t* p = host.const_data_ptr<int64_t>();
-  return std::vector<int64_t>(p, p + host.numel());
-}
 
 // Rows [row0, row0 + rows) of the G heads of kv head kvh in a [len, heads, d] view, as
 // [G, rows, d].
@@ -256,7 +269,7 @@ acc_t online_softmax_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64
 }
 
 template <typename T, typename Tiles>
-void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_t block_q, Tiles& tiles) {
+void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb, int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
   const int64_t G = pb.shape.group(), d = pb.shape.head_dim;
   const int64_t lq = pb.len_q(b), lk = pb.len_k(b);
@@ -312,48 +325,20 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
   pb.lse_rows(pb.lse, b).narrow(0, kvh * G, G).narrow(1, q0, rows).copy_(lse_block.view({G, rows}));
 }
 
-Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                     const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                     const AttentionShape& shape, const KeyWindow& window, double scale, double softcap) {
-  Problem pb;
-  pb.q = q;
-  pb.k = k;
-  pb.v = v;
-  pb.shape = shape;
-  pb.window = window;
-  pb.scale = scale;
-  pb.softcap = softcap;
-  pb.q_begin = host_offsets(cu_seqlens_q);
-  pb.k_begin = host_offsets(cu_seqlens_k);
-  return pb;
-}
-
-std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v,
-                                                             const std::optional<at::Tensor>& cu_seqlens_q,
-                                                             const std::optional<at::Tensor>& cu_seqlens_k,
-                                                             int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                             double scale, int64_t window_left, int64_t window_right,
-                                                             double softcap) {
-  const AttentionShape shape =
-      check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
-  const KeyWindow window = make_key_window(shape, causal, window_left, window_right, softcap);
+void attention_forward_cpu(const AttentionCall& call) {
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
-  Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, window, scale, softcap);
-  const auto lse_opts = q.options().dtype(stats_dtype(q.scalar_type()));
-  pb.out = new_output(at::empty(q.sizes(), q.options()));
-  pb.lse = new_output(at::empty(lse_shape(q, shape), lse_opts));
+  const AttentionParams pb(call);
+  const AttentionShape& shape = pb.shape;
   const int64_t G = shape.group(), d = shape.head_dim;
   const int64_t block_q = block_q_for(G);
   const int64_t q_blocks = ceil_div(shape.seq_q, block_q);
   const int64_t tasks_per_seq = shape.n_kv_heads * q_blocks;
   const int64_t tasks = shape.batch * tasks_per_seq;
-  if (tasks == 0) return {pb.out, pb.lse};
 
-  LLAMA_EXT_DISPATCH_FLOATING(q.scalar_type(), "gqa_attention_forward_cpu", [&] {
+  LLAMA_EXT_DISPATCH_FLOATING(pb.q.scalar_type(), "gqa_attention_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto acc_opts = pb.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
       with_tiles<scalar_t>(Pass::kForward, G * block_q, d, acc_opts, [&](auto& tiles) {
@@ -365,7 +350,6 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
       });
     });
   });
-  return {pb.out, pb.lse};
 }
 
 // ---- backward -------------------------------------------------------------------------------
@@ -374,7 +358,7 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
 // here; the task's share of dq goes to dq_partial (its own chunk slice; rows it does not reach
 // are zeroed).
 template <typename T, typename Tiles>
-void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor& dq_partial,
+void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at::Tensor& dq_partial,
                     const at::Tensor& dk, const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1,
                     int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
@@ -468,22 +452,11 @@ void sum_partials(const at::Tensor& partials, const at::Tensor& out) {
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale, int64_t window_left, int64_t window_right, double softcap) {
-  const AttentionShape shape =
-      check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
-  const KeyWindow window = make_key_window(shape, causal, window_left, window_right, softcap);
+void attention_backward_cpu(const AttentionCall& call) {
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
-  check_attention_backward_args(grad_out, out, lse, q, shape);
-  Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, window, scale, softcap);
-  pb.out = out;
-  pb.lse = lse;
-  at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
-  at::Tensor dv = new_output(at::empty(v.sizes(), v.options()));
+  const AttentionParams pb(call);
+  const AttentionShape& shape = pb.shape;
   const int64_t G = shape.group(), d = shape.head_dim;
   const int64_t block_q = block_q_for(G);
   const int64_t key_blocks = ceil_div(shape.seq_k, kBlockK);
@@ -494,37 +467,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
   const int64_t chunk_keys = ceil_div(std::max<int64_t>(key_blocks, 1), chunks) * kBlockK;
   const int64_t tasks = seq_heads * chunks;
 
-  at::Tensor dq;
-  LLAMA_EXT_DISPATCH_FLOATING(q.scalar_type(), "gqa_attention_backward_cpu", [&] {
+  LLAMA_EXT_DISPATCH_FLOATING(pb.q.scalar_type(), "gqa_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    const auto acc_opts = pb.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<int64_t> partial_shape{chunks};
-    partial_shape.insert(partial_shape.end(), q.sizes().begin(), q.sizes().end());
+    partial_shape.insert(partial_shape.end(), pb.q.sizes().begin(), pb.q.sizes().end());
     const at::Tensor dq_partial = new_output(at::empty(partial_shape, acc_opts));  // every row written by its task
-    if (tasks > 0) {
-      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-        const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-        with_tiles<scalar_t>(Pass::kBackward, G * block_q, d, acc_opts, [&](auto& tiles) {
-          for (int64_t t = begin; t < end; ++t) {
-            const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
-            const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
-            backward_chunk<scalar_t>(pb, grad_out, dq_partial.select(0, c), dk, dv, b, kvh, c * chunk_keys,
-                                     (c + 1) * chunk_keys, block_q, tiles);
-          }
-        });
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
+      with_tiles<scalar_t>(Pass::kBackward, G * block_q, d, acc_opts, [&](auto& tiles) {
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
+          const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
+          backward_chunk<scalar_t>(pb, call.grad_out, dq_partial.select(0, c), call.dk, call.dv, b, kvh,
+                                   c * chunk_keys, (c + 1) * chunk_keys, block_q, tiles);
+        }
       });
-    }
-    dq = new_output(at::empty(q.sizes(), q.options()));
-    sum_partials<scalar_t>(dq_partial, dq);
+    });
+    sum_partials<scalar_t>(dq_partial, call.dq);
   });
-  return {dq, dk, dv};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
-  m.impl("gqa_attention_forward", &gqa_attention_forward_cpu);
-  m.impl("gqa_attention_backward", &gqa_attention_backward_cpu);
+  m.impl("gqa_attention_forward", &gqa_attention_forward<no_backend_limits, attention_forward_cpu>);
+  m.impl("gqa_attention_backward", &gqa_attention_backward<no_backend_limits, attention_backward_cpu>);
 }
 
 }  // namespace llama_ext

@@ -65,10 +65,11 @@ struct VecIO {
     if constexpr (kReduced) {
 #if defined(LLAMA_EXT_FAST_REDUCED_IO)
       return Vec(bits_to_float<T>(load_half_bits(p)));
-#endif
+#else
       Vec out;
       at::vec::load_to_float<T>(p, out);
       return out;
+#endif
     } else {
       return Vec::loadu(p);
     }
@@ -97,9 +98,9 @@ struct VecIO {
         store_half_bits(buf, bits);
         for (int64_t i = 0; i < count; ++i) p[i] = buf[i];
       }
-      return;
-#endif
+#else
       at::vec::convert_from_float<T>(v, v).store(p, count);
+#endif
     } else {
       v.store(p, count);
     }
@@ -110,10 +111,11 @@ struct VecIO {
     if constexpr (kReduced) {
 #if defined(LLAMA_EXT_FAST_REDUCED_IO)
       return Vec(bits_to_float<T>(float_to_bits<T>(v)));
-#endif
+#else
       auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v));
       (void)hi;
       return lo;
+#endif
     } else {
       return v;
     }

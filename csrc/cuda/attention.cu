@@ -1,5 +1,5 @@
-// CUDA entry points of grouped-query attention: argument checks, output allocation, the
-// kernel parameters (pointers and element strides: q, k, v are read in place, any strides
+// CUDA launchers of grouped-query attention (the host templates in attention.h check the
+// arguments and allocate the outputs): the CUDA limits, the kernel parameters (pointers and element strides: q, k, v are read in place, any strides
 // with a contiguous last dim) and the choice of kernel:
 //   fp16 / bf16 forward, every supported head_dim  -> tensor cores (attention_fwd.cu)
 //   fp16 / bf16 backward, head_dim <= 128          -> tensor cores (attention_bwd.cu)
@@ -11,6 +11,7 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <climits>
 #include <tuple>
 #include <type_traits>
@@ -22,7 +23,7 @@
 namespace llama_ext {
 namespace {
 
-using cuda::attention::Params;
+using cuda::attention::AttentionParams;
 using cuda::attention::Strides;
 
 // Calls f(std::integral_constant<int, D>{}) for the D in Ds equal to head_dim.
@@ -68,10 +69,11 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& t)
   return t->contiguous();
 }
 
-Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
-                   const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                   const AttentionShape& s, bool causal, double scale) {
-  Params p{};
+AttentionParams make_params(const AttentionCall& call, const at::Tensor& lse,
+                            const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k) {
+  const at::Tensor &q = call.q, &k = call.k, &v = call.v;
+  const AttentionShape& s = call.shape;
+  AttentionParams p{};
   p.q = q.const_data_ptr();
   p.k = k.const_data_ptr();
   p.v = v.const_data_ptr();
@@ -88,33 +90,28 @@ Params make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   p.n_q_heads = static_cast<int>(s.n_q_heads);
   p.group = static_cast<int>(s.group());
   p.head_dim = static_cast<int>(s.head_dim);
-  p.scale = static_cast<float>(scale);
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.causal = causal;
+  p.scale = static_cast<float>(call.scale);
+  p.scale_log2 = static_cast<float>(call.scale * 1.4426950408889634);
+  // Sides past seq_k (left) or seq_q (right) reach every key already: clamped there, the
+  // kernels' int arithmetic on them cannot overflow.
+  p.window.left = std::min(call.window.left, s.seq_k);
+  p.window.right = std::min(call.window.right, s.seq_q);
+  p.softcap_log2 = static_cast<float>(call.softcap * 1.4426950408889634);
+  p.inv_softcap_log2 = call.softcap > 0 ? 1.f / p.softcap_log2 : 0.f;
   p.aligned16 = rows_aligned16(q) && rows_aligned16(k) && rows_aligned16(v);
   return p;
 }
 
-std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                              const at::Tensor& v,
-                                                              const std::optional<at::Tensor>& cu_seqlens_q,
-                                                              const std::optional<at::Tensor>& cu_seqlens_k,
-                                                              int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                              double scale) {
-  const AttentionShape s = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
-  check_cuda_attention(q, s);
-  const c10::cuda::CUDAGuard guard(q.device());
+void attention_forward_cuda(const AttentionCall& call) {
+  const AttentionShape& s = call.shape;
+  const c10::cuda::CUDAGuard guard(call.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = new_output(at::empty(q.sizes(), q.options()));
-  at::Tensor lse = new_output(at::empty(lse_shape(q, s), q.options().dtype(at::kFloat)));
-  if (s.batch == 0 || s.seq_q == 0) return {out, lse};  // no query rows: nothing to launch
-
-  const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
-  Params p = make_params(q, k, v, lse, cu_q, cu_k, s, causal, scale);
-  p.out = out.data_ptr();
-  p.out_strides = strides_of(out, s.varlen);
+  const auto cu_q = contiguous_or_none(call.cu_seqlens_q), cu_k = contiguous_or_none(call.cu_seqlens_k);
+  AttentionParams p = make_params(call, call.lse, cu_q, cu_k);
+  p.out = call.out.data_ptr();
+  p.out_strides = strides_of(call.out, s.varlen);
   const int batch = static_cast<int>(s.batch);
-  LLAMA_EXT_DISPATCH_CUDA_FLOATING(q.scalar_type(), "gqa_attention_forward", [&] {
+  LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_forward", [&] {
     bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) {
       dispatch_head_dim<32, 64, 80, 96, 128, 256>(s.head_dim, [&](auto d) {
@@ -123,69 +120,52 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cuda(const at::Tensor& 
     }
     if (!launched) cuda::attention::launch_forward_simt<scalar_t>(p, batch, stream);
   });
-  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
-    const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
-  const AttentionShape s = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
-  check_cuda_attention(q, s);
-  check_attention_backward_args(grad_out, out, lse, q, s);
-  const c10::cuda::CUDAGuard guard(q.device());
+void attention_backward_cuda(const AttentionCall& call) {
+  const AttentionShape& s = call.shape;
+  const c10::cuda::CUDAGuard guard(call.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const at::Tensor lse_c = lse.contiguous();
-  const at::Tensor& dout = grad_out;  // last dims are contiguous (checked above)
-  const at::Tensor& fwd_out = out;
-  at::Tensor dq = new_output(at::empty(q.sizes(), q.options()));
-  at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
-  at::Tensor dv = new_output(at::empty(v.sizes(), v.options()));
-  if (s.batch == 0 || k.numel() == 0) {  // no keys: every gradient is 0
-    return {dq.zero_(), dk.zero_(), dv.zero_()};
-  }
-  at::Tensor delta = at::empty_like(lse_c);
-
-  const auto cu_q = contiguous_or_none(cu_seqlens_q), cu_k = contiguous_or_none(cu_seqlens_k);
-  Params p = make_params(q, k, v, lse_c, cu_q, cu_k, s, causal, scale);
-  p.dout = dout.const_data_ptr();
-  p.dout_strides = strides_of(dout, s.varlen);
-  p.fwd_out = fwd_out.const_data_ptr();
-  p.fwd_out_strides = strides_of(fwd_out, s.varlen);
-  p.aligned16 = p.aligned16 && rows_aligned16(dout);
+  const at::Tensor lse = call.lse.contiguous();  // the kernels index lse rows with unit stride
+  at::Tensor delta = at::empty_like(lse);
+  const auto cu_q = contiguous_or_none(call.cu_seqlens_q), cu_k = contiguous_or_none(call.cu_seqlens_k);
+  AttentionParams p = make_params(call, lse, cu_q, cu_k);
+  p.dout = call.grad_out.const_data_ptr();
+  p.dout_strides = strides_of(call.grad_out, s.varlen);
+  p.fwd_out = call.out.const_data_ptr();
+  p.fwd_out_strides = strides_of(call.out, s.varlen);
+  p.aligned16 = p.aligned16 && rows_aligned16(call.grad_out);
   p.delta = delta.data_ptr<float>();
-  p.dq_strides = strides_of(dq, s.varlen);
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.dk_strides = strides_of(dk, s.varlen);
-  p.dv_strides = strides_of(dv, s.varlen);
+  p.dq_strides = strides_of(call.dq, s.varlen);
+  p.dk = call.dk.data_ptr();
+  p.dv = call.dv.data_ptr();
+  p.dk_strides = strides_of(call.dk, s.varlen);
+  p.dv_strides = strides_of(call.dv, s.varlen);
   const int batch = static_cast<int>(s.batch);
   const int n_kv_heads = static_cast<int>(s.n_kv_heads);
-  LLAMA_EXT_DISPATCH_CUDA_FLOATING(q.scalar_type(), "gqa_attention_backward", [&] {
+  LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_backward", [&] {
     cuda::attention::launch_backward_delta<scalar_t>(p, batch, stream);
     bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) {
       if (s.head_dim <= 128) {
         // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
-        at::Tensor dq_accum = at::zeros(q.sizes(), q.options().dtype(at::kFloat));
+        at::Tensor dq_accum = at::zeros(call.q.sizes(), call.q.options().dtype(at::kFloat));
         p.dq_accum = dq_accum.data_ptr<float>();
         dispatch_head_dim<32, 64, 80, 96, 128>(s.head_dim, [&](auto d) {
           launched = cuda::attention::launch_backward_tc<scalar_t, decltype(d)::value>(p, batch, n_kv_heads, stream);
         });
-        if (launched) dq.copy_(dq_accum.mul_(scale));
+        if (launched) call.dq.copy_(dq_accum.mul_(call.scale));
       }
     }
-    if (!launched) cuda::attention::launch_backward_simt<scalar_t>(p, batch, n_kv_heads, dq.data_ptr(), stream);
+    if (!launched) cuda::attention::launch_backward_simt<scalar_t>(p, batch, n_kv_heads, call.dq.data_ptr(), stream);
   });
-  return {dq, dk, dv};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CUDA, m) {
-  m.impl("gqa_attention_forward", &gqa_attention_forward_cuda);
-  m.impl("gqa_attention_backward", &gqa_attention_backward_cuda);
+  m.impl("gqa_attention_forward", &gqa_attention_forward<check_cuda_attention, attention_forward_cuda>);
+  m.impl("gqa_attention_backward", &gqa_attention_backward<check_cuda_attention, attention_backward_cuda>);
 }
 
 }  // namespace llama_ext

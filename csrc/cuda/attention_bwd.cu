@@ -7,13 +7,18 @@
 // A pre-kernel computes delta (fp32, lse's layout). Then one CTA owns kBlockN = 64 keys of one
 // (sequence, kv head); each of its 4 warps owns 16 keys and keeps their dK and dV rows in fp32
 // registers for the whole kernel. The CTA walks every query head of the kv head's group and
-// every query block that can see its keys (causal: from the first query that sees key n0 on),
-// streaming Q and dO tiles (kBlockM queries) through shared memory with cp.async double
-// buffering. Per tile, on tensor cores (mma.sync m16n8k16, fp32 accumulate):
-//   S^T  = K Q^T     -> P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked
+// query block that can see one of its keys (from the first query whose causal / sliding window
+// reaches key n0 to the last whose window starts before the block's end; the others are never
+// loaded), streaming Q and dO tiles (kBlockM queries) through shared memory with cp.async
+// double buffering. Per tile, on tensor cores (mma.sync m16n8k16, fp32 accumulate):
+//   dP^T = V dO^T
+//   S^T  = K Q^T     -> P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked,
+//                       dS^T = P^T * (dP^T - delta)
 //   dV  += P^T dO    (P^T straight from the accumulators into A fragments)
-//   dP^T = V dO^T    -> dS^T = P^T * (dP^T - delta)
 //   dK  += dS^T Q
+// With a logit softcap, S^T is capped (t = tanh(S^T scale / softcap), capped score softcap t)
+// before the exp2 and dS^T is multiplied by the cap's derivative 1 - t^2; computing dP^T
+// first keeps t out of registers (P^T and dS^T are finished in one elementwise pass).
 //   dS^T goes to shared memory as dS, then dQ_tile = dS K is added to an fp32 workspace with
 //   atomicAdd (the standard FA2 choice: CTAs of different key blocks add into the same dQ
 //   rows, so dQ's summation order, and its last bits, can vary run to run; dK and dV are
@@ -61,7 +66,7 @@ struct BwdConfig {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
-    attention_backward_tc_kernel(const Params p) {
+    attention_backward_tc_kernel(const AttentionParams p) {
   using C = BwdConfig<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
@@ -86,9 +91,10 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
   load_tile<T, D, C::kBlockN, C::kThreads>(sK, k, p.k_strides.row, seq.len_k - n0, p.aligned16);
   load_tile<T, D, C::kBlockN, C::kThreads>(sV, v, p.v_strides.row, seq.len_k - n0, p.aligned16);
 
-  // Query blocks that can see a key of this block: from the first query that sees key n0.
-  const int m_block_begin = first_query(n0, seq, p.causal) / C::kBlockM;
-  const int m_blocks = tiles_of(seq.len_q, C::kBlockM) - m_block_begin;
+  // Query blocks that can see a key of this block: from the first query whose window reaches
+  // key n0 to the last whose window starts before n0 + kBlockN.
+  const int m_block_begin = first_query_reaching(n0, seq, p.window) / C::kBlockM;
+  const int m_blocks = tiles_of(first_query_past(n0 + C::kBlockN, seq, p.window), C::kBlockM) - m_block_begin;
   const int n_iters = m_blocks > 0 ? p.group * m_blocks : 0;
 
   // Iteration `it` handles query head kv_head * group + it / m_blocks, query block
@@ -131,8 +137,23 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
     const float* lse2 = sLse2 + buf * C::kBlockM;
     const float* delta = sDelta + buf * C::kBlockM;
 
-    // S^T = K Q^T: the warp's 16 keys x kBlockM queries. Element e of m-tile mt is key
-    // kw + g + 8 * (e / 2), query mt * 8 + 2t + e % 2 (both local to the tile).
+    // dP^T = V dO^T: the warp's 16 keys x kBlockM queries. Element e of m-tile mt is key
+    // kw + g + 8 * (e / 2), query mt * 8 + 2t + e % 2 (both local to the tile); S^T below too.
+    float ds_t[C::kMTiles][4] = {};
+#pragma unroll
+    for (int kc = 0; kc < C::kDChunks; ++kc) {
+      uint32_t a[4];
+      mma::load_a(a, sV, C::kPitch, kw, kc * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < C::kMTiles; mt += 2) {
+        uint32_t b0[2], b1[2];
+        mma::load_b_pair_nk(b0, b1, do_tile, C::kPitch, mt * 8, kc * 16, lane);
+        mma::mma_16x8x16<T>(ds_t[mt], a, b0);
+        mma::mma_16x8x16<T>(ds_t[mt + 1], a, b1);
+      }
+    }
+
+    // S^T = K Q^T.
     float p_t[C::kMTiles][4] = {};
 #pragma unroll
     for (int kc = 0; kc < C::kDChunks; ++kc) {
@@ -146,15 +167,27 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
         mma::mma_16x8x16<T>(p_t[mt + 1], a, b1);
       }
     }
-    const bool masked = tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal);
+
+    // P^T (masked) and dS^T = P^T * (dP^T - delta) [* (1 - t^2) under softcap], in place.
+    const bool masked = tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window);
 #pragma unroll
     for (int mt = 0; mt < C::kMTiles; ++mt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int query = mt * 8 + 2 * t + e % 2;
         const int key = kw + g + 8 * (e / 2);
-        const bool visible = !masked || key_visible(m0 + query, n0 + key, seq, p.causal);
-        p_t[mt][e] = visible ? exp2f(p_t[mt][e] * p.scale_log2 - lse2[query]) : 0.f;
+        const bool visible = !masked || key_visible(m0 + query, n0 + key, seq, p.window);
+        const float s2 = p_t[mt][e] * p.scale_log2;
+        float prob, slope = 1.f;
+        if (p.softcap_log2 > 0.f) {
+          const float th = softcap_tanh(s2, p);
+          prob = exp2f(p.softcap_log2 * th - lse2[query]);
+          slope = 1.f - th * th;
+        } else {
+          prob = exp2f(s2 - lse2[query]);
+        }
+        p_t[mt][e] = visible ? prob : 0.f;
+        ds_t[mt][e] = p_t[mt][e] * (ds_t[mt][e] - delta[query]) * slope;
       }
     }
 
@@ -170,26 +203,6 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
         mma::mma_16x8x16<T>(dv_acc[dt], a, b0);
         mma::mma_16x8x16<T>(dv_acc[dt + 1], a, b1);
       }
-    }
-
-    // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta) in place.
-    float ds_t[C::kMTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < C::kDChunks; ++kc) {
-      uint32_t a[4];
-      mma::load_a(a, sV, C::kPitch, kw, kc * 16, lane);
-#pragma unroll
-      for (int mt = 0; mt < C::kMTiles; mt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_nk(b0, b1, do_tile, C::kPitch, mt * 8, kc * 16, lane);
-        mma::mma_16x8x16<T>(ds_t[mt], a, b0);
-        mma::mma_16x8x16<T>(ds_t[mt + 1], a, b1);
-      }
-    }
-#pragma unroll
-    for (int mt = 0; mt < C::kMTiles; ++mt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ds_t[mt][e] = p_t[mt][e] * (ds_t[mt][e] - delta[mt * 8 + 2 * t + e % 2]);
     }
 
     // dK += dS^T Q.
@@ -267,7 +280,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
 constexpr int kDeltaWarps = 4;
 
 template <typename T>
-__global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_kernel(const Params p) {
+__global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_kernel(const AttentionParams p) {
   const int b = blockIdx.z;
   const int head = blockIdx.y;
   const Seq seq = sequence(p, b);
@@ -285,7 +298,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_ker
 }  // namespace
 
 template <typename T, int D>
-bool launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t stream) {
+bool launch_backward_tc(const AttentionParams& p, int batch, int n_kv_heads, cudaStream_t stream) {
   using C = BwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T) + 4 * C::kBlockM * sizeof(float);
   if (!smem_fits(smem_bytes)) return false;
@@ -299,7 +312,7 @@ bool launch_backward_tc(const Params& p, int batch, int n_kv_heads, cudaStream_t
 }
 
 template <typename T>
-void launch_backward_delta(const Params& p, int batch, cudaStream_t stream) {
+void launch_backward_delta(const AttentionParams& p, int batch, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, kDeltaWarps)), p.n_q_heads, batch);
   if (grid_empty(grid)) return;
   attention_backward_delta_kernel<T><<<grid, kDeltaWarps * 32, 0, stream>>>(p);
@@ -307,17 +320,17 @@ void launch_backward_delta(const Params& p, int batch, cudaStream_t stream) {
 }
 
 #define LLAMA_EXT_INSTANTIATE_BWD(T)                                                \
-  template bool launch_backward_tc<T, 32>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 64>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 80>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 96>(const Params&, int, int, cudaStream_t);  \
-  template bool launch_backward_tc<T, 128>(const Params&, int, int, cudaStream_t);
+  template bool launch_backward_tc<T, 32>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 64>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 80>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 96>(const AttentionParams&, int, int, cudaStream_t);  \
+  template bool launch_backward_tc<T, 128>(const AttentionParams&, int, int, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_BWD(__half)
 LLAMA_EXT_INSTANTIATE_BWD(__nv_bfloat16)
 #undef LLAMA_EXT_INSTANTIATE_BWD
 
-template void launch_backward_delta<float>(const Params&, int, cudaStream_t);
-template void launch_backward_delta<__half>(const Params&, int, cudaStream_t);
-template void launch_backward_delta<__nv_bfloat16>(const Params&, int, cudaStream_t);
+template void launch_backward_delta<float>(const AttentionParams&, int, cudaStream_t);
+template void launch_backward_delta<__half>(const AttentionParams&, int, cudaStream_t);
+template void launch_backward_delta<__nv_bfloat16>(const AttentionParams&, int, cudaStream_t);
 
 }  // namespace llama_ext::cuda::attention

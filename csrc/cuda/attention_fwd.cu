@@ -9,10 +9,13 @@
 //                          old O rescaled by exp2(m_old - m_new)
 //   O += P V_j             P converted from the S accumulators straight into A fragments
 //                          (no shared-memory round trip), V via ldmatrix.trans
-// At the end O / l is written and lse = (m + log2 l) * ln 2. Causal tiles past the diagonal
-// are never loaded (the key loop stops at the last visible key of the CTA's last row); only
-// tiles crossing the diagonal or the key tail pay for per-element masking. Query/key tails
-// are zero-filled by the loads and masked, so any sequence length works.
+// At the end O / l is written and lse = (m + log2 l) * ln 2. Key tiles outside every row's
+// causal / sliding window are never loaded (the key loop runs from the tile holding the first
+// row's first key to the last row's last key); only tiles crossing the diagonal, a window
+// edge or the key tail pay for per-element masking, against each row's [begin, end) computed
+// once per CTA. With a logit softcap the fp32 scores become softcap tanh(s / softcap) (in
+// base 2, attention_common.cuh) before masking. Query/key tails are zero-filled by the loads
+// and masked, so any sequence length works.
 //
 // Tiles. D <= 128: kBlockM = 128 (8 warps), kBlockN = 64, Q in registers (D / 16 x 4 regs);
 // D = 256: kBlockM = 64 (4 warps), kBlockN = 32, Q fragments re-read from shared memory to
@@ -48,7 +51,7 @@ struct FwdConfig {
 
 template <typename T, int D>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
-    attention_forward_tc_kernel(const Params p) {
+    attention_forward_tc_kernel(const AttentionParams p) {
   using C = FwdConfig<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
@@ -72,9 +75,11 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
 
   const int rows_end = min(m0 + C::kBlockM, seq.len_q);
-  const int n_key_blocks = tiles_of(key_end(rows_end, seq, p.causal), C::kBlockN);
+  const int first_key_block = key_begin(m0, seq, p.window) / C::kBlockN;
+  const int n_key_blocks = max(0, tiles_of(key_end(rows_end - 1, seq, p.window), C::kBlockN) - first_key_block);
 
-  auto load_kv = [&](int block, int buf) {
+  auto load_kv = [&](int it, int buf) {
+    const int block = first_key_block + it;
     const int n0 = block * C::kBlockN;
     load_tile<T, D, C::kBlockN, C::kThreads>(sK + buf * C::kBlockN * C::kPitch, k + n0 * p.k_strides.row,
                                              p.k_strides.row, seq.len_k - n0, p.aligned16);
@@ -91,22 +96,24 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   float o_acc[C::kDTiles][4] = {};
   float row_max[2] = {-INFINITY, -INFINITY};  // base-2 scaled scores
   float row_sum[2] = {0.f, 0.f};              // this thread's partial sums (its 2 of 8 columns per n-tile)
+  const int key_lo[2] = {key_begin(rows[0], seq, p.window), key_begin(rows[1], seq, p.window)};
+  const int key_hi[2] = {key_end(rows[0], seq, p.window), key_end(rows[1], seq, p.window)};
   uint32_t q_frag[C::kQInRegisters ? C::kDChunks : 1][4];
 
-  for (int block = 0; block < n_key_blocks; ++block) {
+  for (int it = 0; it < n_key_blocks; ++it) {
     mma::cp_async_wait<0>();
-    __syncthreads();  // tile `block` is visible to all; everyone is done with buffer (block + 1) % 2
-    if (C::kQInRegisters && block == 0) {
+    __syncthreads();  // tile `it` is visible to all; everyone is done with buffer (it + 1) % 2
+    if (C::kQInRegisters && it == 0) {
 #pragma unroll
       for (int kc = 0; kc < (C::kQInRegisters ? C::kDChunks : 0); ++kc)
         mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
     }
-    if (block + 1 < n_key_blocks) load_kv(block + 1, (block + 1) % 2);
+    if (it + 1 < n_key_blocks) load_kv(it + 1, (it + 1) % 2);
     mma::cp_async_commit();
 
-    const T* k_tile = sK + (block % 2) * C::kBlockN * C::kPitch;
-    const T* v_tile = sV + (block % 2) * C::kBlockN * C::kPitch;
-    const int n0 = block * C::kBlockN;
+    const T* k_tile = sK + (it % 2) * C::kBlockN * C::kPitch;
+    const T* v_tile = sV + (it % 2) * C::kBlockN * C::kPitch;
+    const int n0 = (first_key_block + it) * C::kBlockN;
 
     // S = Q K^T for the warp's 16 rows x kBlockN keys.
     float s[C::kNTiles][4] = {};
@@ -128,15 +135,16 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
       }
     }
 
-    // Scale into base 2 and mask. Accumulator element e of n-tile nt is row rows[e / 2],
+    // Scale into base 2, cap, and mask. Accumulator element e of n-tile nt is row rows[e / 2],
     // key n0 + nt * 8 + 2t + e % 2.
-    const bool masked = tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal);
+    const bool masked = tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window);
 #pragma unroll
     for (int nt = 0; nt < C::kNTiles; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] *= p.scale_log2;
-        if (masked && !key_visible(rows[e / 2], n0 + nt * 8 + 2 * t + e % 2, seq, p.causal)) s[nt][e] = -INFINITY;
+        s[nt][e] = capped_score(s[nt][e] * p.scale_log2, p);
+        const int key = n0 + nt * 8 + 2 * t + e % 2;
+        if (masked && (key < key_lo[e / 2] || key >= key_hi[e / 2])) s[nt][e] = -INFINITY;
       }
     }
 
@@ -184,7 +192,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   }
   mma::cp_async_wait<0>();  // nothing may be in flight when the CTA exits
 
-  // Normalize and store. Rows that saw no key (causal with len_q > len_k, or len_k = 0) have
+  // Normalize and store. Rows that saw no key (causal with len_q > len_k, an empty window, or len_k = 0) have
   // row_sum 0: they get output 0 and lse 0.
   T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -210,7 +218,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
 }  // namespace
 
 template <typename T, int D>
-bool launch_forward_tc(const Params& p, int batch, cudaStream_t stream) {
+bool launch_forward_tc(const AttentionParams& p, int batch, cudaStream_t stream) {
   using C = FwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T);
   if (!smem_fits(smem_bytes)) return false;
@@ -224,12 +232,12 @@ bool launch_forward_tc(const Params& p, int batch, cudaStream_t stream) {
 }
 
 #define LLAMA_EXT_INSTANTIATE_FWD(T)                                          \
-  template bool launch_forward_tc<T, 32>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 64>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 80>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 96>(const Params&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 128>(const Params&, int, cudaStream_t); \
-  template bool launch_forward_tc<T, 256>(const Params&, int, cudaStream_t);
+  template bool launch_forward_tc<T, 32>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 64>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 80>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 96>(const AttentionParams&, int, cudaStream_t);  \
+  template bool launch_forward_tc<T, 128>(const AttentionParams&, int, cudaStream_t); \
+  template bool launch_forward_tc<T, 256>(const AttentionParams&, int, cudaStream_t);
 LLAMA_EXT_INSTANTIATE_FWD(__half)
 LLAMA_EXT_INSTANTIATE_FWD(__nv_bfloat16)
 #undef LLAMA_EXT_INSTANTIATE_FWD
