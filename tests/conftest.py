@@ -1,5 +1,6 @@
 """Shared test parametrization: every test runs on CPU and, when a GPU exists, on CUDA."""
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +15,28 @@ DEVICES = os.environ.get("LLAMA_EXT_TEST_DEVICES", "cpu,cuda").split(",")
 DEVICES = [d for d in DEVICES if d == "cpu" or (d == "cuda" and torch.cuda.is_available())]
 CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_DTYPES = CUDA_DTYPES + (torch.float64,)
+
+
+def _cuda_attention_kernel_list():
+    """The one list of what the CUDA attention kernels cover, read from its X-macros in
+    csrc/cuda/attention_launch.cuh: (head dims, tensor-core dtypes, largest head dim with a
+    tensor-core backward)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_launch.cuh")
+    with open(path) as f:
+        text = f.read()
+
+    def x_macro(name):
+        m = re.search(rf"#define {name}\(X\)((?: X\([^)]*\))+)\s*$", text, flags=re.M)
+        assert m, f"{name} not found in {path}"
+        return re.findall(r"X\(([^)]*)\)", m.group(1))
+
+    m = re.search(r"kMaxBackwardTcHeadDim = (\d+);", text)
+    assert m, f"kMaxBackwardTcHeadDim not found in {path}"
+    head_dims = tuple(int(d) for d in x_macro("LLAMA_EXT_ATTENTION_HEAD_DIMS"))
+    return head_dims, tuple(x_macro("LLAMA_EXT_ATTENTION_TC_TYPES")), int(m.group(1))
+
+
+CUDA_HEAD_DIMS, CUDA_TC_TYPES, CUDA_MAX_BACKWARD_TC_HEAD_DIM = _cuda_attention_kernel_list()
 
 # Tolerances against a float64 reference: a few units in the last place of each dtype,
 # scaled for one intermediate rounding (HF numerics round the normalized value once).

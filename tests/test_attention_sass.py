@@ -12,10 +12,17 @@ import subprocess
 
 import pytest
 
+from conftest import CUDA_HEAD_DIMS, CUDA_MAX_BACKWARD_TC_HEAD_DIM, CUDA_TC_TYPES
+
 ARCHS = ("sm_80", "sm_90")
-# Kernel name fragments (they appear verbatim inside the mangled names) and how many
-# instantiations each must have: 6 head dims x 2 half dtypes forward, 5 x 2 backward.
-TENSOR_CORE_KERNELS = {"attention_forward_tc_kernel": 12, "attention_backward_tc_kernel": 10}
+# Kernel name fragments (they appear verbatim inside the mangled names) and the (dtype, head_dim)
+# instantiations each must have, from the one list in csrc/cuda/attention_launch.cuh.
+TENSOR_CORE_KERNELS = {
+    "attention_forward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
+    "attention_backward_tc_kernel": {
+        (t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS if d <= CUDA_MAX_BACKWARD_TC_HEAD_DIM
+    },
+}
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
@@ -67,6 +74,18 @@ def _sass_for(sass_by_arch, arch):
     return sass_by_arch[arch]
 
 
+def _template_args(name, kernel):
+    """(dtype, head_dim) of a mangled `kernel<T, D, ...>` instantiation: after the kernel's name
+    come I, T as <length><identifier>, and D as Li<value>E."""
+    m = re.search(rf"{kernel}I(\d+)", name)
+    assert m, f"{name}: no template arguments after {kernel}"
+    start = m.end()
+    dtype = name[start: start + int(m.group(1))]
+    d = re.match(r"Li(\d+)E", name[start + int(m.group(1)):])
+    assert d, f"{name}: no head_dim after the dtype {dtype}"
+    return dtype, int(d.group(1))
+
+
 def _functions(sass):
     """{mangled function name: its SASS text} from a cuobjdump -sass listing."""
     parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
@@ -77,8 +96,10 @@ def _functions(sass):
 @pytest.mark.parametrize("kernel", sorted(TENSOR_CORE_KERNELS))
 def test_attention_kernels_use_tensor_cores(sass_by_arch, arch, kernel):
     functions = {name: body for name, body in _functions(_sass_for(sass_by_arch, arch)).items() if kernel in name}
-    assert len(functions) == TENSOR_CORE_KERNELS[kernel], (
-        f"{arch}: expected {TENSOR_CORE_KERNELS[kernel]} instantiations of {kernel}, found {sorted(functions)}"
+    found = {_template_args(name, kernel) for name in functions}
+    assert found == TENSOR_CORE_KERNELS[kernel], (
+        f"{arch}: {kernel} instantiations differ from attention_launch.cuh's list: missing "
+        f"{sorted(TENSOR_CORE_KERNELS[kernel] - found)}, unexpected {sorted(found - TENSOR_CORE_KERNELS[kernel])}"
     )
     for name, body in functions.items():
         opcodes = set(re.findall(r"\b([A-Z][A-Z0-9]+)(?:\.[A-Z0-9_.]+)?\s", body))

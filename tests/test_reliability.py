@@ -19,7 +19,7 @@ from llama_ext.reference import (
     rotary_reference,
 )
 
-from conftest import DEVICES, TOLERANCES, assert_close, dtypes_for
+from conftest import CUDA_HEAD_DIMS, DEVICES, TOLERANCES, assert_close, dtypes_for
 
 # Deterministic and bounded: a fixed seed per test (derandomize), no example database on disk,
 # a fixed number of examples, no per-example deadline (the first call may compile or warm up).
@@ -135,9 +135,6 @@ def test_property_apply_rotary_forward_backward(device, data):
     torch.autograd.backward([q2, k2], [gq, gk])
     assert_close(q.grad, rotary_reference(gq, cos, sin, positions, interleaved, inverse=True), dtype)
     assert_close(k.grad, rotary_reference(gk, cos, sin, positions, interleaved, inverse=True), dtype)
-
-
-CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 
 
 def _attention_head_dim(data, device):
@@ -453,6 +450,37 @@ def test_attention_nan_stays_in_its_rows_and_heads(device, dtype):
     poisoned[1, 9:, 2:] = True
     assert torch.isnan(out[poisoned]).all()
     assert torch.equal(out[~poisoned], clean[~poisoned])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_attention_nonfinite_value_contract(device, dtype, bad):
+    """Documented (README, NaN and Inf): a NaN/Inf in a V row reaches the rows that see its key;
+    the tile products may also carry it (0 * Inf = NaN) to rows of the same query tile that do
+    not, but never to rows of an earlier query tile (causal: no query of the tile sees the key),
+    other batches or other head groups; rows that see no key stay exactly 0 with lse 0."""
+    # 512 queries and keys, causal: key 400 is seen by queries >= 400 of heads 0, 1 (kv head 0).
+    # Rows < 256 lie in query tiles that never reach key 400 (tiles of at most 128 rows).
+    q = torch.randn(2, 512, 4, 64, device=device).to(dtype)
+    k = torch.randn(2, 512, 2, 64, device=device).to(dtype)
+    v = torch.randn(2, 512, 2, 64, device=device).to(dtype)
+    clean = llama_ext.gqa_attention(q, k, v, causal=True)
+    v[0, 400, 0, 5] = bad
+    out = llama_ext.gqa_attention(q, k, v, causal=True)
+    assert (~torch.isfinite(out[0, 400:, :2])).any(-1).all()  # every row that sees it
+    unaffected = torch.ones(out.shape[:3], dtype=torch.bool, device=device)
+    unaffected[0, 256:, :2] = False
+    assert torch.equal(out[unaffected], clean[unaffected])
+    # 80 queries, 64 keys: queries 0..15 see no key, but share tiles with the non-finite V row.
+    q = torch.randn(1, 80, 2, 64, device=device).to(dtype)
+    k = torch.randn(1, 64, 1, 64, device=device).to(dtype)
+    v = torch.randn(1, 64, 1, 64, device=device).to(dtype)
+    v[0, 5, 0, 3] = bad
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=True, return_lse=True)
+    assert torch.equal(out[0, :16], torch.zeros_like(out[0, :16]))
+    assert torch.equal(lse[0, :, :16], torch.zeros_like(lse[0, :, :16]))
+    assert (~torch.isfinite(out[0, 21:])).any(-1).all()  # queries >= 21 see key 5
 
 
 @pytest.mark.parametrize("device", DEVICES)

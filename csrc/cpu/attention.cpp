@@ -315,11 +315,18 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
   at::Tensor lse_block = at::empty({M}, acc.options().dtype(stats_dtype(pb.q.scalar_type())));
   auto* lse_ptr = lse_block.mutable_data_ptr<acc_t>();
   for (int64_t r = 0; r < M; ++r) {
-    // l == 0 only when the row saw no key: output zeros and lse = 0 (finite) by convention.
-    const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+    // l == 0 only when the row saw no key: output zeros and lse = 0 (finite) by convention,
+    // written as such, since the row's accumulator may hold 0 * Inf = NaN from a non-finite V
+    // row that the tile product multiplied by its zero probability.
     acc_t* o = acc_ptr + r * acc_stride;
-    for (int64_t c = 0; c < d; ++c) o[c] *= inv;
-    lse_ptr[r] = l[r] > 0 ? m[r] * softmax_scale + std::log(l[r]) : acc_t(0);
+    if (l[r] != 0) {  // NaN too: a NaN score makes the row NaN
+      const acc_t inv = acc_t(1) / l[r];
+      for (int64_t c = 0; c < d; ++c) o[c] *= inv;
+      lse_ptr[r] = m[r] * softmax_scale + std::log(l[r]);
+    } else {
+      std::fill(o, o + d, acc_t(0));
+      lse_ptr[r] = acc_t(0);
+    }
   }
   unpack_group_rows<T>(acc_ptr, acc_stride, pb.q_rows(pb.out, b), kvh, G, q0, rows);
   pb.lse_rows(pb.lse, b).narrow(0, kvh * G, G).narrow(1, q0, rows).copy_(lse_block.view({G, rows}));

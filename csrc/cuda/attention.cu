@@ -11,11 +11,11 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <c10/util/StringUtil.h>
+
 #include <algorithm>
 #include <climits>
-#include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "../attention.h"
 #include "attention_launch.cuh"
@@ -26,20 +26,12 @@ namespace {
 using cuda::attention::AttentionParams;
 using cuda::attention::Strides;
 
-// Calls f(std::integral_constant<int, D>{}) for the D in Ds equal to head_dim.
-template <int... Ds, typename F>
-void dispatch_head_dim(int64_t head_dim, F&& f) {
-  const bool found = ((head_dim == Ds ? (f(std::integral_constant<int, Ds>{}), true) : false) || ...);
-  TORCH_CHECK(found, "internal error: no kernel for head_dim ", head_dim);
-}
-
 void check_cuda_attention(const at::Tensor& q, const AttentionShape& s) {
   check_cuda_dtype(q, "q");
-  constexpr int64_t kHeadDims[] = {32, 64, 80, 96, 128, 256};
-  bool supported = false;
-  for (int64_t d : kHeadDims) supported |= s.head_dim == d;
-  TORCH_CHECK_VALUE(supported, "head_dim ", s.head_dim,
-                    " is not supported by the CUDA attention kernels (supported: 32, 64, 80, 96, 128, 256)");
+  const auto& dims = cuda::attention::kHeadDims;
+  TORCH_CHECK_VALUE(std::find(dims.begin(), dims.end(), s.head_dim) != dims.end(), "head_dim ",
+                    s.head_dim, " is not supported by the CUDA attention kernels (supported: ",
+                    c10::Join(", ", dims), ")");
   TORCH_CHECK_VALUE(s.batch <= 65535 && s.n_q_heads <= 65535,
                     "the CUDA attention kernels support at most 65535 sequences and 65535 query heads, got batch = ",
                     s.batch, ", n_q_heads = ", s.n_q_heads);
@@ -85,18 +77,20 @@ AttentionParams make_params(const AttentionCall& call, const at::Tensor& lse,
   p.lse_head = s.varlen ? lse.stride(0) : lse.stride(1);
   p.cu_seqlens_q = s.varlen ? cu_seqlens_q->const_data_ptr<int>() : nullptr;
   p.cu_seqlens_k = s.varlen ? cu_seqlens_k->const_data_ptr<int>() : nullptr;
+  p.batch = static_cast<int>(s.batch);
   p.seq_q = static_cast<int>(s.seq_q);
   p.seq_k = static_cast<int>(s.seq_k);
   p.n_q_heads = static_cast<int>(s.n_q_heads);
+  p.n_kv_heads = static_cast<int>(s.n_kv_heads);
   p.group = static_cast<int>(s.group());
   p.head_dim = static_cast<int>(s.head_dim);
   p.scale = static_cast<float>(call.scale);
-  p.scale_log2 = static_cast<float>(call.scale * 1.4426950408889634);
+  p.scale_log2 = static_cast<float>(call.scale * cuda::attention::kLog2e);
   // Sides past seq_k (left) or seq_q (right) reach every key already: clamped there, the
   // kernels' int arithmetic on them cannot overflow.
   p.window.left = std::min(call.window.left, s.seq_k);
   p.window.right = std::min(call.window.right, s.seq_q);
-  p.softcap_log2 = static_cast<float>(call.softcap * 1.4426950408889634);
+  p.softcap_log2 = static_cast<float>(call.softcap * cuda::attention::kLog2e);
   p.inv_softcap_log2 = call.softcap > 0 ? 1.f / p.softcap_log2 : 0.f;
   p.aligned16 = rows_aligned16(q) && rows_aligned16(k) && rows_aligned16(v);
   return p;
@@ -110,15 +104,10 @@ void attention_forward_cuda(const AttentionCall& call) {
   AttentionParams p = make_params(call, call.lse, cu_q, cu_k);
   p.out = call.out.data_ptr();
   p.out_strides = strides_of(call.out, s.varlen);
-  const int batch = static_cast<int>(s.batch);
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_forward", [&] {
     bool launched = false;
-    if constexpr (!std::is_same_v<scalar_t, float>) {
-      dispatch_head_dim<32, 64, 80, 96, 128, 256>(s.head_dim, [&](auto d) {
-        launched = cuda::attention::launch_forward_tc<scalar_t, decltype(d)::value>(p, batch, stream);
-      });
-    }
-    if (!launched) cuda::attention::launch_forward_simt<scalar_t>(p, batch, stream);
+    if constexpr (!std::is_same_v<scalar_t, float>) launched = cuda::attention::launch_forward_tc<scalar_t>(p, stream);
+    if (!launched) cuda::attention::launch_forward_simt<scalar_t>(p, stream);
   });
 }
 
@@ -141,23 +130,22 @@ void attention_backward_cuda(const AttentionCall& call) {
   p.dv = call.dv.data_ptr();
   p.dk_strides = strides_of(call.dk, s.varlen);
   p.dv_strides = strides_of(call.dv, s.varlen);
-  const int batch = static_cast<int>(s.batch);
-  const int n_kv_heads = static_cast<int>(s.n_kv_heads);
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_backward", [&] {
-    cuda::attention::launch_backward_delta<scalar_t>(p, batch, stream);
+    cuda::attention::launch_backward_delta<scalar_t>(p, stream);
     bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (s.head_dim <= 128) {
+      if (s.head_dim <= cuda::attention::kMaxBackwardTcHeadDim) {
         // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
         at::Tensor dq_accum = at::zeros(call.q.sizes(), call.q.options().dtype(at::kFloat));
         p.dq_accum = dq_accum.data_ptr<float>();
-        dispatch_head_dim<32, 64, 80, 96, 128>(s.head_dim, [&](auto d) {
-          launched = cuda::attention::launch_backward_tc<scalar_t, decltype(d)::value>(p, batch, n_kv_heads, stream);
-        });
+        launched = cuda::attention::launch_backward_tc<scalar_t>(p, stream);
         if (launched) call.dq.copy_(dq_accum.mul_(call.scale));
       }
     }
-    if (!launched) cuda::attention::launch_backward_simt<scalar_t>(p, batch, n_kv_heads, call.dq.data_ptr(), stream);
+    if (!launched) {
+      p.dq = call.dq.data_ptr();
+      cuda::attention::launch_backward_simt<scalar_t>(p, stream);
+    }
   });
 }
 

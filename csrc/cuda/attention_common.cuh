@@ -12,6 +12,10 @@
 
 namespace llama_ext::cuda::attention {
 
+// Scores go to exp2 as s * scale * log2(e); lse = (max + log2(sum)) * ln(2).
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.69314718055994531f;
+
 // Element strides of one [.., seq, heads, head_dim] operand. The element (b, row, head, d)
 // of sequence b lives at b * batch + (seq_start(b) + row) * row + head * head + d; varlen
 // operands have batch = 0 and seq_start = cu_seqlens[b], batched ones seq_start = 0.
@@ -35,9 +39,11 @@ struct AttentionParams {
   // Varlen prefix sums (nullptr when batched).
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
+  int batch;
   int seq_q;  // batched: the length; varlen: max_seqlen_q
   int seq_k;
   int n_q_heads;
+  int n_kv_heads;
   int group;  // n_q_heads / n_kv_heads: query head h reads kv head h / group
   int head_dim;
   float scale;
@@ -53,7 +59,8 @@ struct AttentionParams {
   const void* fwd_out;  // the forward's output, read by the delta pre-kernel
   Strides fwd_out_strides;
   float* delta;     // rowsum(dout * out), lse's layout
-  float* dq_accum;  // fp32, q's shape, contiguous (dq_strides)
+  float* dq_accum;  // tensor cores: fp32, q's shape, contiguous (dq_strides)
+  void* dq;         // SIMT: dq itself, contiguous (dq_strides)
   Strides dq_strides;
   void* dk;
   void* dv;

@@ -12,8 +12,8 @@
 // At the end O / l is written and lse = (m + log2 l) * ln 2. Key tiles outside every row's
 // causal / sliding window are never loaded (the key loop runs from the tile holding the first
 // row's first key to the last row's last key); only tiles crossing the diagonal, a window
-// edge or the key tail pay for per-element masking, against each row's [begin, end) computed
-// once per CTA. With a logit softcap the fp32 scores become softcap tanh(s / softcap) (in
+// edge or the key tail pay for per-element masking, against each row's [begin, end), computed
+// on those tiles only. With a logit softcap the fp32 scores become softcap tanh(s / softcap) (in
 // base 2, attention_common.cuh) before masking. Query/key tails are zero-filled by the loads
 // and masked, so any sequence length works.
 //
@@ -27,6 +27,16 @@
 // 16-bit) and brings 4 * kBlockM * D FLOPs, i.e. kBlockM FLOPs per byte of K/V read (128, or 64
 // at D = 256; L2 serves the repeats across the CTAs of a head group): compute-bound on
 // A100/H100, and the [s_q, s_k] score matrix never exists in memory.
+//
+// Resources (ptxas -v, CUDA 13.0; no spills). Registers, dynamic shared memory and the CTAs per
+// SM they allow (sm_80: 64K registers, 164 KB; sm_90: 64K, 228 KB):
+//   D      threads   registers sm_80 / sm_90   shared memory   CTAs per SM sm_80 / sm_90
+//   32     256       123 / 127                 30 KB           2 / 2
+//   64     256       127 / 127                 54 KB           2 / 2
+//   80     256       128 / 128                 66 KB           2 / 2
+//   96     256       176 / 174                 78 KB           1 / 1
+//   128    256       204 / 204                 102 KB          1 / 1
+//   256    128       242 / 243                 99 KB           1 / 2
 #include "attention_launch.cuh"
 
 namespace llama_ext::cuda::attention {
@@ -34,10 +44,14 @@ namespace {
 
 template <int D>
 struct FwdConfig {
+  static constexpr int kD = D;
   static constexpr int kBlockM = D <= 128 ? 128 : 64;
   static constexpr int kBlockN = D <= 128 ? 64 : 32;
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
+  // Two CTAs per SM up to D = 80: ptxas must then fit 65536 / (2 * 256) = 128 registers. At
+  // D = 96 that bound spills, so D = 96 keeps one CTA per SM (at 174-176 registers).
+  static constexpr int kMinCtasPerSm = D <= 80 ? 2 : 1;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kPitch = smem_pitch<D>();
   static constexpr int kDTiles = D / 8;   // n-tiles of O (8 dims each)
@@ -49,8 +63,140 @@ struct FwdConfig {
   static_assert(kDTiles % 2 == 0 && kNTiles % 2 == 0, "B fragments are loaded in n-tile pairs");
 };
 
+// The online-softmax state of this thread's two rows of the warp's 16 (rows g and g + 8), in
+// base 2: the running max of the scaled scores and this thread's share of the running sum (its
+// 2 of every 8 columns; the other 3 lanes of its quad hold the rest).
+struct SoftmaxRows {
+  float max[2];
+  float sum[2];
+};
+
+// Stage: load key/value tile `block` (kBlockN keys from key block * kBlockN) into buffer `buf`;
+// keys past the sequence are zero-filled.
+template <typename T, typename C>
+__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const AttentionParams& p,
+                                             const Seq& seq, int block, int buf) {
+  const int n0 = block * C::kBlockN;
+  load_tile<T, C::kD, C::kBlockN, C::kThreads>(sK + buf * C::kBlockN * C::kPitch, k + n0 * p.k_strides.row,
+                                               p.k_strides.row, seq.len_k - n0, p.aligned16);
+  load_tile<T, C::kD, C::kBlockN, C::kThreads>(sV + buf * C::kBlockN * C::kPitch, v + n0 * p.v_strides.row,
+                                               p.v_strides.row, seq.len_k - n0, p.aligned16);
+}
+
+// Stage: S = Q K^T for the warp's 16 rows x kBlockN keys (fp32 accumulators, unscaled).
+template <typename T, typename C, typename QSource>
+__device__ __forceinline__ void score_tile(float (&s)[C::kNTiles][4], const QSource& q, const T* k_tile, int lane) {
+#pragma unroll
+  for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+  }
+  mma::warp_gemm_nk<T, C::kDChunks, C::kNTiles>(s, q, k_tile, C::kPitch, 0, lane);
+}
+
+// Stage: scale into base 2, apply the logit softcap (fp32), and, on tiles that cross the
+// causal diagonal, a window edge or the key tail, set invisible scores to -inf. Each row's key
+// range [begin, end) is computed here, on masked tiles only, rather than kept live across the
+// key loop: two CTAs per SM leave no registers to spare at D = 64. Accumulator element e of
+// n-tile nt is row rows[e / 2], key n0 + nt * 8 + 2t + e % 2.
+template <typename C>
+__device__ __forceinline__ void scale_and_mask(float (&s)[C::kNTiles][4], const AttentionParams& p, const Seq& seq,
+                                               const int (&rows)[2], int n0, bool masked, int t) {
+#pragma unroll
+  for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[nt][e] = capped_score(s[nt][e] * p.scale_log2, p);
+  }
+  if (!masked) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int lo = key_begin(rows[r], seq, p.window), hi = key_end(rows[r], seq, p.window);
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        const int key = n0 + nt * 8 + 2 * t + e % 2;
+        if (key < lo || key >= hi) s[nt][e] = -INFINITY;
+      }
+    }
+  }
+}
+
+// Stage: online softmax. Turns the scaled scores into probabilities exp2(s - max), updates each
+// row's max and sum, and rescales the row's output accumulators by exp2(old max - new max). A
+// row's 8 * kNTiles columns are spread over the 4 lanes of a quad.
+template <typename C>
+__device__ __forceinline__ void online_softmax(float (&s)[C::kNTiles][4], SoftmaxRows& rows,
+                                               float (&o_acc)[C::kDTiles][4]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = rows.max[r];
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
+    // exp2 gives 0 for its (masked) scores rather than NaN.
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float alpha = exp2f(rows.max[r] - base);  // 0 on the first visible tile
+    rows.max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; ++nt) {
+      s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
+      s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
+      sum += s[nt][2 * r] + s[nt][2 * r + 1];
+    }
+    rows.sum[r] = rows.sum[r] * alpha + sum;
+#pragma unroll
+    for (int dt = 0; dt < C::kDTiles; ++dt) {
+      o_acc[dt][2 * r] *= alpha;
+      o_acc[dt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// Stage: O += P V. k-chunk kc of P is the accumulators of n-tiles 2kc and 2kc + 1 of S, rounded
+// to T in registers.
+template <typename T, typename C>
+__device__ __forceinline__ void accumulate_pv(float (&o_acc)[C::kDTiles][4], const float (&s)[C::kNTiles][4],
+                                              const T* v_tile, int lane) {
+  mma::warp_gemm_kn<T, C::kNChunks, C::kDTiles>(o_acc, mma::AAccumulators<T, C::kNTiles>{s}, v_tile, C::kPitch, 0,
+                                                lane);
+}
+
+// Stage: write O / l and lse = (max + log2 l) * ln 2 of this thread's rows. Rows that saw no key
+// (causal with len_q > len_k, an empty window, or len_k = 0) have l = 0: they get output 0 and
+// lse 0, written as such, since their O may hold 0 * Inf = NaN from a non-finite V row of a tile they shared. The
+// sequence's offsets are read again here rather than kept live in registers across the key loop.
+template <typename T, typename C>
+__device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], const SoftmaxRows& rows_state,
+                                           const AttentionParams& p, int b, int head, const int (&rows)[2], int t) {
+  const Seq seq = sequence(p, b);
+  T* out = static_cast<T*>(p.out);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = rows_state.sum[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    if (rows[r] >= seq.len_q) continue;
+    const bool saw_keys = sum != 0.f;  // NaN too: a NaN score makes the row NaN
+    const float inv = 1.f / sum;
+    T* out_row = out + offset(p.out_strides, b, seq.start_q, rows[r], head);
+#pragma unroll
+    for (int dt = 0; dt < C::kDTiles; ++dt) {
+      // Two adjacent elements; out is allocated contiguous, so the pair is 4-byte aligned.
+      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) =
+          saw_keys ? mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv) : 0u;
+    }
+    if (t == 0) {
+      p.lse[lse_offset(p, b, seq, rows[r], head)] = saw_keys ? (rows_state.max[r] + __log2f(sum)) * kLn2 : 0.f;
+    }
+  }
+}
+
 template <typename T, int D>
-__global__ void __launch_bounds__(FwdConfig<D>::kThreads)
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtasPerSm)
     attention_forward_tc_kernel(const AttentionParams p) {
   using C = FwdConfig<D>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -78,168 +224,70 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads)
   const int first_key_block = key_begin(m0, seq, p.window) / C::kBlockN;
   const int n_key_blocks = max(0, tiles_of(key_end(rows_end - 1, seq, p.window), C::kBlockN) - first_key_block);
 
-  auto load_kv = [&](int it, int buf) {
-    const int block = first_key_block + it;
-    const int n0 = block * C::kBlockN;
-    load_tile<T, D, C::kBlockN, C::kThreads>(sK + buf * C::kBlockN * C::kPitch, k + n0 * p.k_strides.row,
-                                             p.k_strides.row, seq.len_k - n0, p.aligned16);
-    load_tile<T, D, C::kBlockN, C::kThreads>(sV + buf * C::kBlockN * C::kPitch, v + n0 * p.v_strides.row,
-                                             p.v_strides.row, seq.len_k - n0, p.aligned16);
-  };
   load_tile<T, D, C::kBlockM, C::kThreads>(sQ, q, p.q_strides.row, seq.len_q - m0, p.aligned16);
-  if (n_key_blocks > 0) load_kv(0, 0);
+  if (n_key_blocks > 0) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block, 0);
   mma::cp_async_commit();
 
   // This thread's two rows of every 16-row fragment: g and g + 8 of the warp's 16.
   const int row0 = m0 + warp * 16 + g;
   const int rows[2] = {row0, row0 + 8};
   float o_acc[C::kDTiles][4] = {};
-  float row_max[2] = {-INFINITY, -INFINITY};  // base-2 scaled scores
-  float row_sum[2] = {0.f, 0.f};              // this thread's partial sums (its 2 of 8 columns per n-tile)
-  const int key_lo[2] = {key_begin(rows[0], seq, p.window), key_begin(rows[1], seq, p.window)};
-  const int key_hi[2] = {key_end(rows[0], seq, p.window), key_end(rows[1], seq, p.window)};
+  SoftmaxRows state{{-INFINITY, -INFINITY}, {0.f, 0.f}};
   uint32_t q_frag[C::kQInRegisters ? C::kDChunks : 1][4];
 
   for (int it = 0; it < n_key_blocks; ++it) {
     mma::cp_async_wait<0>();
     __syncthreads();  // tile `it` is visible to all; everyone is done with buffer (it + 1) % 2
-    if (C::kQInRegisters && it == 0) {
+    if constexpr (C::kQInRegisters) {
+      if (it == 0) {
 #pragma unroll
-      for (int kc = 0; kc < (C::kQInRegisters ? C::kDChunks : 0); ++kc)
-        mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
+        for (int kc = 0; kc < C::kDChunks; ++kc) mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
+      }
     }
-    if (it + 1 < n_key_blocks) load_kv(it + 1, (it + 1) % 2);
+    if (it + 1 < n_key_blocks) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block + it + 1, (it + 1) % 2);
     mma::cp_async_commit();
 
     const T* k_tile = sK + (it % 2) * C::kBlockN * C::kPitch;
     const T* v_tile = sV + (it % 2) * C::kBlockN * C::kPitch;
     const int n0 = (first_key_block + it) * C::kBlockN;
 
-    // S = Q K^T for the warp's 16 rows x kBlockN keys.
-    float s[C::kNTiles][4] = {};
-#pragma unroll
-    for (int kc = 0; kc < C::kDChunks; ++kc) {
-      uint32_t a[4];
-      if constexpr (C::kQInRegisters) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) a[i] = q_frag[kc][i];
-      } else {
-        mma::load_a(a, sQ, C::kPitch, warp * 16, kc * 16, lane);
-      }
-#pragma unroll
-      for (int nt = 0; nt < C::kNTiles; nt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_nk(b0, b1, k_tile, C::kPitch, nt * 8, kc * 16, lane);
-        mma::mma_16x8x16<T>(s[nt], a, b0);
-        mma::mma_16x8x16<T>(s[nt + 1], a, b1);
-      }
+    float s[C::kNTiles][4];
+    if constexpr (C::kQInRegisters) {
+      score_tile<T, C>(s, mma::ARegisters<C::kDChunks>{q_frag}, k_tile, lane);
+    } else {
+      score_tile<T, C>(s, mma::ATileRows<T>{sQ, C::kPitch, warp * 16}, k_tile, lane);
     }
-
-    // Scale into base 2, cap, and mask. Accumulator element e of n-tile nt is row rows[e / 2],
-    // key n0 + nt * 8 + 2t + e % 2.
-    const bool masked = tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window);
-#pragma unroll
-    for (int nt = 0; nt < C::kNTiles; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[nt][e] = capped_score(s[nt][e] * p.scale_log2, p);
-        const int key = n0 + nt * 8 + 2 * t + e % 2;
-        if (masked && (key < key_lo[e / 2] || key >= key_hi[e / 2])) s[nt][e] = -INFINITY;
-      }
-    }
-
-    // Online softmax. A row's 8 * kNTiles columns are spread over the 4 lanes of a quad.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < C::kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row that has seen no visible key yet keeps max -inf; subtract 0 instead so that
-      // exp2 gives 0 for its (masked) scores rather than NaN.
-      const float base = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(row_max[r] - base);  // 0 on the first visible tile
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < C::kNTiles; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - base);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int dt = 0; dt < C::kDTiles; ++dt) {
-        o_acc[dt][2 * r] *= alpha;
-        o_acc[dt][2 * r + 1] *= alpha;
-      }
-    }
-
-    // O += P V: k-chunk kc of P is the S accumulators of n-tiles 2kc and 2kc + 1.
-#pragma unroll
-    for (int kc = 0; kc < C::kNChunks; ++kc) {
-      uint32_t a[4];
-      mma::pack_a_from_acc<T>(a, s[2 * kc], s[2 * kc + 1]);
-#pragma unroll
-      for (int dt = 0; dt < C::kDTiles; dt += 2) {
-        uint32_t b0[2], b1[2];
-        mma::load_b_pair_kn(b0, b1, v_tile, C::kPitch, kc * 16, dt * 8, lane);
-        mma::mma_16x8x16<T>(o_acc[dt], a, b0);
-        mma::mma_16x8x16<T>(o_acc[dt + 1], a, b1);
-      }
-    }
+    scale_and_mask<C>(s, p, seq, rows, n0, tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window), t);
+    online_softmax<C>(s, state, o_acc);
+    accumulate_pv<T, C>(o_acc, s, v_tile, lane);
   }
   mma::cp_async_wait<0>();  // nothing may be in flight when the CTA exits
-
-  // Normalize and store. Rows that saw no key (causal with len_q > len_k, an empty window, or len_k = 0) have
-  // row_sum 0: they get output 0 and lse 0.
-  T* out = static_cast<T*>(p.out);
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = row_sum[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    if (rows[r] >= seq.len_q) continue;
-    const float inv = sum > 0.f ? 1.f / sum : 0.f;
-    T* out_row = out + offset(p.out_strides, b, seq.start_q, rows[r], head);
-#pragma unroll
-    for (int dt = 0; dt < C::kDTiles; ++dt) {
-      // Two adjacent elements; out is allocated contiguous, so the pair is 4-byte aligned.
-      *reinterpret_cast<uint32_t*>(out_row + dt * 8 + 2 * t) =
-          mma::pack2<T>(o_acc[dt][2 * r] * inv, o_acc[dt][2 * r + 1] * inv);
-    }
-    if (t == 0) {
-      p.lse[lse_offset(p, b, seq, rows[r], head)] = sum > 0.f ? (row_max[r] + __log2f(sum)) * 0.69314718055994531f : 0.f;
-    }
-  }
+  write_back<T, C>(o_acc, state, p, b, head, rows, t);
 }
 
-}  // namespace
-
 template <typename T, int D>
-bool launch_forward_tc(const AttentionParams& p, int batch, cudaStream_t stream) {
+bool launch_forward_kernel(const AttentionParams& p, cudaStream_t stream) {
   using C = FwdConfig<D>;
   const size_t smem_bytes = C::kSmemElems * sizeof(T);
   if (!smem_fits(smem_bytes)) return false;
   auto kernel = attention_forward_tc_kernel<T, D>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, batch);
+  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, p.batch);
   if (grid_empty(grid)) return true;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return true;
 }
 
-#define LLAMA_EXT_INSTANTIATE_FWD(T)                                          \
-  template bool launch_forward_tc<T, 32>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 64>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 80>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 96>(const AttentionParams&, int, cudaStream_t);  \
-  template bool launch_forward_tc<T, 128>(const AttentionParams&, int, cudaStream_t); \
-  template bool launch_forward_tc<T, 256>(const AttentionParams&, int, cudaStream_t);
-LLAMA_EXT_INSTANTIATE_FWD(__half)
-LLAMA_EXT_INSTANTIATE_FWD(__nv_bfloat16)
+}  // namespace
+
+template <typename T>
+bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream) {
+  return dispatch_head_dim(p.head_dim, [&](auto d) { return launch_forward_kernel<T, decltype(d)::value>(p, stream); });
+}
+
+#define LLAMA_EXT_INSTANTIATE_FWD(T) template bool launch_forward_tc<T>(const AttentionParams&, cudaStream_t);
+LLAMA_EXT_ATTENTION_TC_TYPES(LLAMA_EXT_INSTANTIATE_FWD)
 #undef LLAMA_EXT_INSTANTIATE_FWD
 
 }  // namespace llama_ext::cuda::attention

@@ -164,4 +164,85 @@ __device__ __forceinline__ void pack_a_from_acc(uint32_t (&a)[4], const float (&
   a[3] = pack2<T>(hi[2], hi[3]);
 }
 
+// ---- warp-level GEMM ----------------------------------------------------------------------------
+// One warp accumulates a 16 x (8 * kNTiles) fp32 tile, acc += A B, with A 16 x (16 * kKChunks)
+// and B read from a shared tile. The accumulator layout is the C/D fragment of the header:
+// acc[nt] holds n-tile nt (columns 8 nt .. 8 nt + 7). A comes one k-chunk at a time from one of
+// the sources below: a shared tile, fragments already in registers, or the accumulators of a
+// previous product (P from S, without leaving registers).
+
+// A fragments of 16 rows (from row0) of a [rows][ld] shared tile.
+template <typename T>
+struct ATileRows {
+  const T* tile;
+  int ld;
+  int row0;
+  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int kc, int lane) const {
+    load_a(a, tile, ld, row0, kc * 16, lane);
+  }
+};
+
+// A fragments held in registers, one per k-chunk.
+template <int kKChunks>
+struct ARegisters {
+  const uint32_t (&frag)[kKChunks][4];
+  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int kc, int) const {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = frag[kc][i];
+  }
+};
+
+// A fragments rounded to T from fp32 accumulators [2 * kKChunks][4] of the same 16 rows.
+template <typename T, int kAccTiles>
+struct AAccumulators {
+  const float (&acc)[kAccTiles][4];
+  __device__ __forceinline__ void operator()(uint32_t (&a)[4], int kc, int) const {
+    pack_a_from_acc<T>(a, acc[2 * kc], acc[2 * kc + 1]);
+  }
+};
+
+// acc += A X^T for X stored [n][k] in shared memory (row n is column n of B: K in Q K^T),
+// n-tiles from column n0 of B. B fragments come two n-tiles per ldmatrix.x4.
+template <typename T, int kKChunks, int kNTiles, typename ASource>
+__device__ __forceinline__ void warp_gemm_nk(float (&acc)[kNTiles][4], const ASource& a_source, const T* x, int ld,
+                                             int n0, int lane) {
+  static_assert(kNTiles % 2 == 0, "B fragments of X^T are loaded in n-tile pairs");
+#pragma unroll
+  for (int kc = 0; kc < kKChunks; ++kc) {
+    uint32_t a[4];
+    a_source(a, kc, lane);
+#pragma unroll
+    for (int nt = 0; nt < kNTiles; nt += 2) {
+      uint32_t b0[2], b1[2];
+      load_b_pair_nk(b0, b1, x, ld, n0 + nt * 8, kc * 16, lane);
+      mma_16x8x16<T>(acc[nt], a, b0);
+      mma_16x8x16<T>(acc[nt + 1], a, b1);
+    }
+  }
+}
+
+// acc += A X for X stored [k][n] in shared memory (row k is row k of B: V in P V), n-tiles from
+// column n0. B fragments come two n-tiles per ldmatrix.x4.trans, an odd last one by .x2.trans.
+template <typename T, int kKChunks, int kNTiles, typename ASource>
+__device__ __forceinline__ void warp_gemm_kn(float (&acc)[kNTiles][4], const ASource& a_source, const T* x, int ld,
+                                             int n0, int lane) {
+#pragma unroll
+  for (int kc = 0; kc < kKChunks; ++kc) {
+    uint32_t a[4];
+    a_source(a, kc, lane);
+#pragma unroll
+    for (int nt = 0; nt + 1 < kNTiles; nt += 2) {
+      uint32_t b0[2], b1[2];
+      load_b_pair_kn(b0, b1, x, ld, kc * 16, n0 + nt * 8, lane);
+      mma_16x8x16<T>(acc[nt], a, b0);
+      mma_16x8x16<T>(acc[nt + 1], a, b1);
+    }
+    if constexpr (kNTiles % 2 == 1) {
+      uint32_t b[2];
+      load_b_kn(b, x, ld, kc * 16, n0 + (kNTiles - 1) * 8, lane);
+      mma_16x8x16<T>(acc[kNTiles - 1], a, b);
+    }
+  }
+}
+
 }  // namespace llama_ext::cuda::mma
