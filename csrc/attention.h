@@ -10,12 +10,14 @@
 
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
 #include <utility>
 #include <vector>
 
+#include "attention_window.h"
 #include "common.h"
 
 namespace llama_ext {
@@ -111,6 +113,23 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   return s;
 }
 
+// Checks window_size and softcap (ValueError naming them) and folds causal into the window.
+// Sides longer than both sequences together mean the same as unbounded ones and are clamped
+// there, so the KeyWindow arithmetic never overflows.
+inline KeyWindow make_key_window(const AttentionShape& s, bool causal, int64_t window_left, int64_t window_right,
+                                 double softcap) {
+  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (window_left) must be -1 (unbounded) or >= 0, got ",
+                    window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (window_right) must be -1 (unbounded) or >= 0, got ",
+                    window_right);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0 (0: off), got ",
+                    softcap);
+  const int64_t longest = s.seq_q + s.seq_k;
+  KeyWindow w;
+  w.left = std::min(window_left, longest);
+  w.right = causal ? 0 : std::min(window_right, longest);
+  return w;
+}
 
 // Checks of the backward's extra tensors, after check_attention_args(q, k, v, ...) gave shape.
 // lse: batched [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].
@@ -145,6 +164,8 @@ struct AttentionCall {
   AttentionShape shape;
   bool causal;
   double scale;
+  KeyWindow window;  // the keys each row sees, causal folded in
+  double softcap;    // 0: off
   at::Tensor out, lse;               // forward: written; backward: read
   at::Tensor grad_out, dq, dk, dv;   // backward only: grad_out read, the gradients written
 };
@@ -163,9 +184,11 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward(const at::Tensor& q, co
                                                          const std::optional<at::Tensor>& cu_seqlens_q,
                                                          const std::optional<at::Tensor>& cu_seqlens_k,
                                                          int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                         double scale) {
-  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale};
+                                                         double scale, int64_t window_left, int64_t window_right,
+                                                         double softcap) {
+  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale, {}, softcap};
   call.shape = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  call.window = make_key_window(call.shape, causal, window_left, window_right, softcap);
   check_limits(q, call.shape);
   call.out = new_output(at::empty(q.sizes(), q.options()));
   call.lse = new_output(at::empty(lse_shape(q, call.shape), q.options().dtype(stats_dtype(q.scalar_type()))));
@@ -180,9 +203,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
-  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale, out, lse, grad_out};
+    double scale, int64_t window_left, int64_t window_right, double softcap) {
+  AttentionCall call{q, k, v, cu_seqlens_q, cu_seqlens_k, {}, causal, scale, {}, softcap, out, lse, grad_out};
   call.shape = check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  call.window = make_key_window(call.shape, causal, window_left, window_right, softcap);
   check_attention_backward_args(grad_out, out, lse, q, call.shape);
   check_limits(q, call.shape);
   call.dq = new_output(at::empty(q.sizes(), q.options()));

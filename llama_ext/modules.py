@@ -1,5 +1,5 @@
 """``nn.Module`` front ends of the ops."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -173,7 +173,15 @@ class KVCache:
             self.cache_seqlens = torch.zeros(batch, dtype=torch.int32, device=k.device)
         self.k_cache, self.v_cache = k_cache, v_cache
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = None) -> Tensor:
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: Optional[float] = None,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+    ) -> Tensor:
         """Appends ``k``/``v`` ``[batch, new, n_kv_heads, head_dim]`` and returns causal attention
         of ``q`` ``[batch, new, n_heads, head_dim]`` over every cached token. With autograd
         recording (training through a cache), the step's k/v are still cached (detached) and the
@@ -186,9 +194,14 @@ class KVCache:
                 self.v_cache[:, start : start + new] = v
             k_all = torch.cat([self.k_cache[:, :start], k], dim=1)
             v_all = torch.cat([self.v_cache[:, :start], v], dim=1)
-            out = ops.gqa_attention(q, k_all, v_all, causal=True, scale=scale)
+            out = ops.gqa_attention(
+                q, k_all, v_all, causal=True, scale=scale, window_size=window_size, softcap=softcap
+            )
         else:
-            out = ops.gqa_attention_with_kvcache(q, self.k_cache, self.v_cache, self.cache_seqlens, k, v, scale=scale)
+            out = ops.gqa_attention_with_kvcache(
+                q, self.k_cache, self.v_cache, self.cache_seqlens, k, v,
+                scale=scale, window_size=window_size, softcap=softcap,
+            )
         self.cache_seqlens += new
         self.offset += new
         return out
@@ -211,8 +224,9 @@ class GQAttention(nn.Module):
     state_dict loads as is. ``rope`` is an optional rotary embedding called as
     ``rope(q, k, positions)`` on ``[batch, seq, heads, head_dim]`` tensors (e.g.
     ``llama_ext.RotaryEmbedding``). Attention is causal (bottom-right aligned, so cached
-    decoding needs no mask) through :func:`llama_ext.gqa_attention`, and with a :class:`KVCache`
-    through :func:`llama_ext.gqa_attention_with_kvcache`.
+    decoding needs no mask) through :func:`llama_ext.gqa_attention`, with its ``window_size``
+    (e.g. ``(sliding_window - 1, 0)`` for a window of ``sliding_window`` keys) and ``softcap``, and
+    with a :class:`KVCache` through :func:`llama_ext.gqa_attention_with_kvcache`.
     """
 
     def __init__(
@@ -225,6 +239,8 @@ class GQAttention(nn.Module):
         rope=None,
         device=None,
         dtype=None,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -244,6 +260,8 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias, **factory)
         self.rope = rope
+        self.window_size = tuple(window_size)
+        self.softcap = softcap
 
     def forward(self, x: Tensor, positions: Tensor = None, cache: KVCache = None) -> Tensor:
         """``x`` ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``.
@@ -262,10 +280,14 @@ class GQAttention(nn.Module):
                 positions = torch.arange(offset, offset + seq, device=x.device)
             q, k = self.rope(q, k, positions)
         if cache is not None:
-            out = cache.attend(q, k, v, scale=self.scaling)
+            out = cache.attend(q, k, v, scale=self.scaling, window_size=self.window_size, softcap=self.softcap)
         else:
-            out = ops.gqa_attention(q, k, v, causal=True, scale=self.scaling)
+            out = ops.gqa_attention(
+                q, k, v, causal=True, scale=self.scaling, window_size=self.window_size, softcap=self.softcap
+            )
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        extra = f", window_size={self.window_size}" if self.window_size != (-1, -1) else ""
+        extra += f", softcap={self.softcap}" if self.softcap else ""
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}{extra}"

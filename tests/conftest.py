@@ -17,7 +17,6 @@ CUDA_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 CPU_DTYPES = CUDA_DTYPES + (torch.float64,)
 
 
-
 def _cuda_attention_kernel_list():
     """The one list of what the CUDA attention kernels cover, read from its X-macros in
     csrc/cuda/attention_launch.cuh: (head dims, tensor-core dtypes, largest head dim with a

@@ -113,3 +113,13 @@ def test_attention_tensor_core_kernels_do_not_spill(sass_by_arch, arch):
     for name, body in _functions(_sass_for(sass_by_arch, arch)).items():
         if any(kernel in name for kernel in TENSOR_CORE_KERNELS):
             assert not re.search(r"\b(STL|LDL)\b", body), f"{arch} {name} spills to local memory"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_softcap_uses_no_approximate_tanh(sass_by_arch, arch):
+    # --use_fast_math would turn tanhf into MUFU.TANH (~2^-11 relative error): the softcap's
+    # tanh must be the full-precision one (precise_tanh in attention_common.cuh).
+    functions = {n: b for n, b in _functions(_sass_for(sass_by_arch, arch)).items() if "attention" in n}
+    assert functions, f"{arch}: no attention kernels in the SASS"
+    for name, body in functions.items():
+        assert "MUFU.TANH" not in body, f"{arch} {name} uses the approximate tanh"

@@ -86,7 +86,12 @@ AttentionParams make_params(const AttentionCall& call, const at::Tensor& lse,
   p.head_dim = static_cast<int>(s.head_dim);
   p.scale = static_cast<float>(call.scale);
   p.scale_log2 = static_cast<float>(call.scale * cuda::attention::kLog2e);
-  p.causal = call.causal;
+  // Sides past seq_k (left) or seq_q (right) reach every key already: clamped there, the
+  // kernels' int arithmetic on them cannot overflow.
+  p.window.left = std::min(call.window.left, s.seq_k);
+  p.window.right = std::min(call.window.right, s.seq_q);
+  p.softcap_log2 = static_cast<float>(call.softcap * cuda::attention::kLog2e);
+  p.inv_softcap_log2 = call.softcap > 0 ? 1.f / p.softcap_log2 : 0.f;
   p.aligned16 = rows_aligned16(q) && rows_aligned16(k) && rows_aligned16(v);
   return p;
 }

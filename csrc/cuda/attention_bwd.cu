@@ -7,13 +7,18 @@
 // A pre-kernel computes delta (fp32, lse's layout). Then one CTA owns kBlockN = 64 keys of one
 // (sequence, kv head); each of its 4 warps owns 16 keys and keeps their dK and dV rows in fp32
 // registers for the whole kernel. The CTA walks every query head of the kv head's group and
-// every query block that can see its keys (causal: from the first query that sees key n0 on),
-// streaming Q and dO tiles (kBlockM queries) through shared memory with cp.async double
-// buffering. Per tile, on tensor cores (mma.sync m16n8k16, fp32 accumulate):
-//   S^T  = K Q^T     -> P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked
+// query block that can see one of its keys (from the first query whose causal / sliding window
+// reaches key n0 to the last whose window starts before the block's end; the others are never
+// loaded), streaming Q and dO tiles (kBlockM queries) through shared memory with cp.async
+// double buffering. Per tile, on tensor cores (mma.sync m16n8k16, fp32 accumulate):
+//   dP^T = V dO^T
+//   S^T  = K Q^T     -> P^T = exp2(S^T * scale * log2 e - lse * log2 e), masked,
+//                       dS^T = P^T * (dP^T - delta)
 //   dV  += P^T dO    (P^T straight from the accumulators into A fragments)
-//   dP^T = V dO^T    -> dS^T = P^T * (dP^T - delta)
 //   dK  += dS^T Q
+// With a logit softcap, S^T is capped (t = tanh(S^T scale / softcap), capped score softcap t)
+// before the exp2 and dS^T is multiplied by the cap's derivative 1 - t^2; computing dP^T
+// first keeps t out of registers (P^T and dS^T are finished in one elementwise pass).
 //   dS^T goes to shared memory as dS, then dQ_tile = dS K is added to an fp32 workspace with
 //   atomicAdd (the standard FA2 choice: CTAs of different key blocks add into the same dQ
 //   rows, so dQ's summation order, and its last bits, can vary run to run; dK and dV are
@@ -32,11 +37,11 @@
 // Resources (ptxas -v, CUDA 13.0; 128 threads; no spills). Dynamic shared memory and the CTAs per
 // SM that registers and shared memory allow (sm_80: 64K registers, 164 KB; sm_90: 64K, 228 KB):
 //   D      registers sm_80 / sm_90   shared memory   CTAs per SM sm_80 / sm_90
-//   32     168 / 167                 40 KB           3 / 3
-//   64     197 / 178                 64 KB           2 / 2
-//   80     168 / 167                 49 KB           3 / 3
-//   96     196 / 167                 57 KB           2 / 3
-//   128    240 / 244                 73 KB           2 / 2
+//   32     162 / 168                 40 KB           3 / 3
+//   64     189 / 194                 64 KB           2 / 2
+//   80     171 / 166                 49 KB           2 / 3
+//   96     177 / 182                 57 KB           2 / 2
+//   128    240 / 234                 73 KB           2 / 2
 // The delta pre-kernel: 29-30 registers, no shared memory.
 #include "attention_launch.cuh"
 
@@ -101,13 +106,32 @@ __device__ __forceinline__ void load_query_tile(T* sQ, T* sdO, float* sLse2, flo
   }
 }
 
-// Stage: P^T = exp2(S^T * scale * log2(e) - lse * log2(e)) for the warp's 16 keys (from kw) x
-// kBlockM queries, S^T = K Q^T; 0 where the key is invisible to the query. Element e of m-tile
-// mt is key kw + g + 8 * (e / 2), query mt * 8 + 2t + e % 2 (both local to the tile).
+// Stage: dP^T = V dO^T for the warp's 16 keys (from kw) x kBlockM queries. Computed before S^T,
+// so that the softcap's tanh, which both P^T and dS^T need, lives only within one elementwise
+// pass. Element e of m-tile mt is key kw + g + 8 * (e / 2), query mt * 8 + 2t + e % 2 (both
+// local to the tile), as in every [kMTiles][4] array below.
 template <typename T, typename C>
-__device__ __forceinline__ void probabilities_t(float (&p_t)[C::kMTiles][4], const T* sK, const T* q_tile,
-                                                const float* lse2, const AttentionParams& p, const Seq& seq, int m0,
-                                                int n0, int kw, int lane) {
+__device__ __forceinline__ void prob_grads_t(float (&dp_t)[C::kMTiles][4], const T* sV, const T* do_tile, int kw,
+                                             int lane) {
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dp_t[mt][e] = 0.f;
+  }
+  mma::warp_gemm_nk<T, C::kDChunks, C::kMTiles>(dp_t, mma::ATileRows<T>{sV, C::kPitch, kw}, do_tile, C::kPitch, 0,
+                                                lane);
+}
+
+// Stage: S^T = K Q^T, then in one elementwise pass P^T = exp2(capped(S^T * scale * log2(e)) -
+// lse * log2(e)), 0 where the key is invisible to the query, and dS^T = P^T * (dP^T - delta),
+// times the softcap's derivative 1 - t^2 (t = tanh(S^T scale / softcap)) when capped. ds_t holds
+// dP^T on entry and dS^T on return.
+template <typename T, typename C>
+__device__ __forceinline__ void probabilities_and_score_grads_t(float (&p_t)[C::kMTiles][4],
+                                                                float (&ds_t)[C::kMTiles][4], const T* sK,
+                                                                const T* q_tile, const float* lse2, const float* delta,
+                                                                const AttentionParams& p, const Seq& seq, int m0,
+                                                                int n0, int kw, int lane) {
   const int g = lane / 4, t = lane % 4;
 #pragma unroll
   for (int mt = 0; mt < C::kMTiles; ++mt) {
@@ -115,35 +139,26 @@ __device__ __forceinline__ void probabilities_t(float (&p_t)[C::kMTiles][4], con
     for (int e = 0; e < 4; ++e) p_t[mt][e] = 0.f;
   }
   mma::warp_gemm_nk<T, C::kDChunks, C::kMTiles>(p_t, mma::ATileRows<T>{sK, C::kPitch, kw}, q_tile, C::kPitch, 0, lane);
-  const bool masked = tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal);
+  const bool masked = tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window);
 #pragma unroll
   for (int mt = 0; mt < C::kMTiles; ++mt) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int query = mt * 8 + 2 * t + e % 2;
       const int key = kw + g + 8 * (e / 2);
-      const bool visible = !masked || key_visible(m0 + query, n0 + key, seq, p.causal);
-      p_t[mt][e] = visible ? exp2f(p_t[mt][e] * p.scale_log2 - lse2[query]) : 0.f;
+      const bool visible = !masked || key_visible(m0 + query, n0 + key, seq, p.window);
+      const float s2 = p_t[mt][e] * p.scale_log2;
+      float prob, slope = 1.f;
+      if (p.softcap_log2 > 0.f) {
+        const float th = softcap_tanh(s2, p);
+        prob = exp2f(p.softcap_log2 * th - lse2[query]);
+        slope = 1.f - th * th;
+      } else {
+        prob = exp2f(s2 - lse2[query]);
+      }
+      p_t[mt][e] = visible ? prob : 0.f;
+      ds_t[mt][e] = p_t[mt][e] * (ds_t[mt][e] - delta[query]) * slope;
     }
-  }
-}
-
-// Stage: dS^T = P^T * (dP^T - delta) with dP^T = V dO^T, for the warp's 16 keys.
-template <typename T, typename C>
-__device__ __forceinline__ void score_grads_t(float (&ds_t)[C::kMTiles][4], const float (&p_t)[C::kMTiles][4],
-                                              const T* sV, const T* do_tile, const float* delta, int kw, int lane) {
-  const int t = lane % 4;
-#pragma unroll
-  for (int mt = 0; mt < C::kMTiles; ++mt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) ds_t[mt][e] = 0.f;
-  }
-  mma::warp_gemm_nk<T, C::kDChunks, C::kMTiles>(ds_t, mma::ATileRows<T>{sV, C::kPitch, kw}, do_tile, C::kPitch, 0,
-                                                lane);
-#pragma unroll
-  for (int mt = 0; mt < C::kMTiles; ++mt) {
-#pragma unroll
-    for (int e = 0; e < 4; ++e) ds_t[mt][e] = p_t[mt][e] * (ds_t[mt][e] - delta[mt * 8 + 2 * t + e % 2]);
   }
 }
 
@@ -235,9 +250,10 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
   load_tile<T, D, C::kBlockN, C::kThreads>(sK, k, p.k_strides.row, seq.len_k - n0, p.aligned16);
   load_tile<T, D, C::kBlockN, C::kThreads>(sV, v, p.v_strides.row, seq.len_k - n0, p.aligned16);
 
-  // Query blocks that can see a key of this block: from the first query that sees key n0.
-  const int m_block_begin = first_query(n0, seq, p.causal) / C::kBlockM;
-  const int m_blocks = tiles_of(seq.len_q, C::kBlockM) - m_block_begin;
+  // Query blocks that can see a key of this block: from the first query whose window reaches
+  // key n0 to the last whose window starts before n0 + kBlockN.
+  const int m_block_begin = first_query_reaching(n0, seq, p.window) / C::kBlockM;
+  const int m_blocks = tiles_of(first_query_past(n0 + C::kBlockN, seq, p.window), C::kBlockM) - m_block_begin;
   const int n_iters = m_blocks > 0 ? p.group * m_blocks : 0;
   if (n_iters > 0) {
     load_query_tile<T, C>(sQ, sdO, sLse2, sDelta, p, seq, b, query_tile<C>(p, kv_head, m_block_begin, m_blocks, 0), 0);
@@ -262,13 +278,14 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads)
     const T* q_tile = sQ + buf * C::kBlockM * C::kPitch;
     const T* do_tile = sdO + buf * C::kBlockM * C::kPitch;
 
+    float ds_t[C::kMTiles][4];
+    prob_grads_t<T, C>(ds_t, sV, do_tile, kw, lane);
     float p_t[C::kMTiles][4];
-    probabilities_t<T, C>(p_t, sK, q_tile, sLse2 + buf * C::kBlockM, p, seq, tile.m0, n0, kw, lane);
+    probabilities_and_score_grads_t<T, C>(p_t, ds_t, sK, q_tile, sLse2 + buf * C::kBlockM, sDelta + buf * C::kBlockM,
+                                          p, seq, tile.m0, n0, kw, lane);
     // dV += P^T dO
     mma::warp_gemm_kn<T, C::kMChunks, C::kDTiles>(dv_acc, mma::AAccumulators<T, C::kMTiles>{p_t}, do_tile, C::kPitch,
                                                   0, lane);
-    float ds_t[C::kMTiles][4];
-    score_grads_t<T, C>(ds_t, p_t, sV, do_tile, sDelta + buf * C::kBlockM, kw, lane);
     // dK += dS^T Q
     mma::warp_gemm_kn<T, C::kMChunks, C::kDTiles>(dk_acc, mma::AAccumulators<T, C::kMTiles>{ds_t}, q_tile, C::kPitch,
                                                   0, lane);

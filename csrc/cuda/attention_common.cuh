@@ -1,11 +1,12 @@
 // Indexing, masking and tile staging shared by every CUDA attention kernel (tensor-core
 // forward/backward in attention_fwd.cu / attention_bwd.cu, SIMT path in attention_simt.cu),
-// so the semantics (GQA head mapping, bottom-right causal mask, varlen offsets, strides,
-// lse layout) are written once.
+// so the semantics (GQA head mapping, bottom-right causal / sliding-window mask, logit softcap,
+// varlen offsets, strides, lse layout) are written once.
 #pragma once
 
 #include <cstdint>
 
+#include "../attention_window.h"
 #include "common.cuh"
 #include "mma.cuh"
 
@@ -47,7 +48,9 @@ struct AttentionParams {
   int head_dim;
   float scale;
   float scale_log2;  // scale * log2(e): scores go to exp2 directly
-  bool causal;
+  KeyWindow window;  // causal folded in; left <= seq_k, right <= seq_q (attention.cu clamps)
+  float softcap_log2;      // softcap * log2(e), 0 when off
+  float inv_softcap_log2;  // its inverse (0 when off)
   bool aligned16;  // every row of q, k, v (and dout, out in the backward) starts 16-byte aligned
 
   // Backward only.
@@ -91,27 +94,53 @@ __device__ __forceinline__ int64_t lse_offset(const AttentionParams& p, int b, c
 // Number of `block`-sized tiles covering n >= 0 items (device code; common.cuh's ceil_div is host-only).
 __device__ __forceinline__ int tiles_of(int n, int block) { return (n + block - 1) / block; }
 
-// ---- the causal mask, aligned bottom-right: query i sees keys j <= i + len_k - len_q -------
+// ---- the mask: causal and sliding window, aligned bottom-right (KeyWindow) ---------------------
+// Row `query` sees keys [key_begin(query), key_end(query)); both bounds are non-decreasing.
 
-__device__ __forceinline__ bool key_visible(int query, int key, const Seq& seq, bool causal) {
-  return key < seq.len_k && (!causal || key <= query + seq.len_k - seq.len_q);
+__device__ __forceinline__ int key_begin(int query, const Seq& seq, const KeyWindow& w) {
+  return w.key_begin(query, seq.len_q, seq.len_k);
+}
+__device__ __forceinline__ int key_end(int query, const Seq& seq, const KeyWindow& w) {
+  return w.key_end(query, seq.len_q, seq.len_k);
 }
 
-// Number of leading keys that queries [0, query_end) see (every query sees a prefix of keys).
-__device__ __forceinline__ int key_end(int query_end, const Seq& seq, bool causal) {
-  if (!causal) return seq.len_k;
-  return max(0, min(seq.len_k, query_end + seq.len_k - seq.len_q));
+__device__ __forceinline__ bool key_visible(int query, int key, const Seq& seq, const KeyWindow& w) {
+  return key >= key_begin(query, seq, w) && key < key_end(query, seq, w);
 }
 
-// First query that sees `key` (queries before it do not; every later one does).
-__device__ __forceinline__ int first_query(int key, const Seq& seq, bool causal) {
-  return causal ? max(0, key - (seq.len_k - seq.len_q)) : 0;
+// Queries [first, end) are the only ones that may see a key of [key0, key1).
+__device__ __forceinline__ int first_query_reaching(int key0, const Seq& seq, const KeyWindow& w) {
+  return static_cast<int>(w.first_row_reaching<int64_t>(key0, seq.len_q, seq.len_k));
+}
+__device__ __forceinline__ int first_query_past(int key1, const Seq& seq, const KeyWindow& w) {
+  return static_cast<int>(w.first_row_past<int64_t>(key1, seq.len_q, seq.len_k));
 }
 
 // True when some (query, key) of the tile [q0, q0 + rows) x [k0, k0 + cols) is invisible, so
-// the tile needs per-element masking (the key tail, or the causal diagonal).
-__device__ __forceinline__ bool tile_needs_mask(int q0, int k0, int cols, const Seq& seq, bool causal) {
-  return k0 + cols > seq.len_k || (causal && k0 + cols - 1 > q0 + seq.len_k - seq.len_q);
+// the tile needs per-element masking (the key tail, the causal diagonal, a window edge): the
+// last row must see from k0 on and the first row up to the tile's last key.
+__device__ __forceinline__ bool tile_needs_mask(int q0, int rows, int k0, int cols, const Seq& seq,
+                                                const KeyWindow& w) {
+  const int last = min(q0 + rows, seq.len_q) - 1;
+  return key_begin(last, seq, w) > k0 || key_end(q0, seq, w) < k0 + cols;
+}
+
+// ---- the logit softcap, on base-2 scores s2 = scale log2(e) q.k --------------------------------
+// softcap tanh(scale q.k / softcap) in base 2 is softcap_log2 tanh(s2 / softcap_log2).
+// --use_fast_math compiles tanhf to MUFU.TANH (about 2^-11 relative error, far outside the
+// fp32 tolerance), so tanh is built from expm1f, a full-precision libdevice function also for
+// small |x|: tanh|x| = -expm1(-2|x|) / (2 + expm1(-2|x|)), a few ulp with the fast division.
+__device__ __forceinline__ float precise_tanh(float x) {
+  const float em = expm1f(-2.f * fabsf(x));
+  return copysignf(-em / (2.f + em), x);
+}
+
+// t = tanh(s2 / softcap_log2): the capped score is softcap_log2 t, its derivative 1 - t^2.
+__device__ __forceinline__ float softcap_tanh(float s2, const AttentionParams& p) {
+  return precise_tanh(s2 * p.inv_softcap_log2);
+}
+__device__ __forceinline__ float capped_score(float s2, const AttentionParams& p) {
+  return p.softcap_log2 > 0.f ? p.softcap_log2 * softcap_tanh(s2, p) : s2;
 }
 
 // A launch with a zero grid dimension is an error: launchers skip empty work (seq 0, batch 0).

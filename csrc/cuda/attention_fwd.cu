@@ -9,10 +9,13 @@
 //                          old O rescaled by exp2(m_old - m_new)
 //   O += P V_j             P converted from the S accumulators straight into A fragments
 //                          (no shared-memory round trip), V via ldmatrix.trans
-// At the end O / l is written and lse = (m + log2 l) * ln 2. Causal tiles past the diagonal
-// are never loaded (the key loop stops at the last visible key of the CTA's last row); only
-// tiles crossing the diagonal or the key tail pay for per-element masking. Query/key tails
-// are zero-filled by the loads and masked, so any sequence length works.
+// At the end O / l is written and lse = (m + log2 l) * ln 2. Key tiles outside every row's
+// causal / sliding window are never loaded (the key loop runs from the tile holding the first
+// row's first key to the last row's last key); only tiles crossing the diagonal, a window
+// edge or the key tail pay for per-element masking, against each row's [begin, end), computed
+// on those tiles only. With a logit softcap the fp32 scores become softcap tanh(s / softcap) (in
+// base 2, attention_common.cuh) before masking. Query/key tails are zero-filled by the loads
+// and masked, so any sequence length works.
 //
 // Tiles. D <= 128: kBlockM = 128 (8 warps), kBlockN = 64, Q in registers (D / 16 x 4 regs);
 // D = 256: kBlockM = 64 (4 warps), kBlockN = 32, Q fragments re-read from shared memory to
@@ -28,12 +31,12 @@
 // Resources (ptxas -v, CUDA 13.0; no spills). Registers, dynamic shared memory and the CTAs per
 // SM they allow (sm_80: 64K registers, 164 KB; sm_90: 64K, 228 KB):
 //   D      threads   registers sm_80 / sm_90   shared memory   CTAs per SM sm_80 / sm_90
-//   32     256       105 / 106                 30 KB           2 / 2
-//   64     256       128 / 125                 54 KB           2 / 2
+//   32     256       123 / 127                 30 KB           2 / 2
+//   64     256       127 / 127                 54 KB           2 / 2
 //   80     256       128 / 128                 66 KB           2 / 2
-//   96     256       134 / 134                 78 KB           1 / 1
-//   128    256       197 / 197                 102 KB          1 / 1
-//   256    128       234 / 234                 99 KB           1 / 2
+//   96     256       176 / 174                 78 KB           1 / 1
+//   128    256       204 / 204                 102 KB          1 / 1
+//   256    128       242 / 243                 99 KB           1 / 2
 #include "attention_launch.cuh"
 
 namespace llama_ext::cuda::attention {
@@ -47,7 +50,7 @@ struct FwdConfig {
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
   // Two CTAs per SM up to D = 80: ptxas must then fit 65536 / (2 * 256) = 128 registers. At
-  // D = 96 that bound spills (40 bytes), so D = 96 keeps one CTA per SM at 134 registers.
+  // D = 96 that bound spills, so D = 96 keeps one CTA per SM (at 174-176 registers).
   static constexpr int kMinCtasPerSm = D <= 80 ? 2 : 1;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kPitch = smem_pitch<D>();
@@ -91,18 +94,30 @@ __device__ __forceinline__ void score_tile(float (&s)[C::kNTiles][4], const QSou
   mma::warp_gemm_nk<T, C::kDChunks, C::kNTiles>(s, q, k_tile, C::kPitch, 0, lane);
 }
 
-// Stage: scale into base 2 and, on tiles that cross the causal diagonal or the key tail, set
-// invisible scores to -inf. Accumulator element e of n-tile nt is row rows[e / 2], key
-// n0 + nt * 8 + 2t + e % 2.
+// Stage: scale into base 2, apply the logit softcap (fp32), and, on tiles that cross the
+// causal diagonal, a window edge or the key tail, set invisible scores to -inf. Each row's key
+// range [begin, end) is computed here, on masked tiles only, rather than kept live across the
+// key loop: two CTAs per SM leave no registers to spare at D = 64. Accumulator element e of
+// n-tile nt is row rows[e / 2], key n0 + nt * 8 + 2t + e % 2.
 template <typename C>
 __device__ __forceinline__ void scale_and_mask(float (&s)[C::kNTiles][4], const AttentionParams& p, const Seq& seq,
                                                const int (&rows)[2], int n0, bool masked, int t) {
 #pragma unroll
   for (int nt = 0; nt < C::kNTiles; ++nt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[nt][e] *= p.scale_log2;
-      if (masked && !key_visible(rows[e / 2], n0 + nt * 8 + 2 * t + e % 2, seq, p.causal)) s[nt][e] = -INFINITY;
+    for (int e = 0; e < 4; ++e) s[nt][e] = capped_score(s[nt][e] * p.scale_log2, p);
+  }
+  if (!masked) return;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int lo = key_begin(rows[r], seq, p.window), hi = key_end(rows[r], seq, p.window);
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 2 * r; e < 2 * r + 2; ++e) {
+        const int key = n0 + nt * 8 + 2 * t + e % 2;
+        if (key < lo || key >= hi) s[nt][e] = -INFINITY;
+      }
     }
   }
 }
@@ -151,8 +166,8 @@ __device__ __forceinline__ void accumulate_pv(float (&o_acc)[C::kDTiles][4], con
 }
 
 // Stage: write O / l and lse = (max + log2 l) * ln 2 of this thread's rows. Rows that saw no key
-// (causal with len_q > len_k, or len_k = 0) have l = 0: they get output 0 and lse 0, written as
-// such, since their O may hold 0 * Inf = NaN from a non-finite V row of a tile they shared. The
+// (causal with len_q > len_k, an empty window, or len_k = 0) have l = 0: they get output 0 and
+// lse 0, written as such, since their O may hold 0 * Inf = NaN from a non-finite V row of a tile they shared. The
 // sequence's offsets are read again here rather than kept live in registers across the key loop.
 template <typename T, typename C>
 __device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], const SoftmaxRows& rows_state,
@@ -206,10 +221,11 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtas
   const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
 
   const int rows_end = min(m0 + C::kBlockM, seq.len_q);
-  const int n_key_blocks = tiles_of(key_end(rows_end, seq, p.causal), C::kBlockN);
+  const int first_key_block = key_begin(m0, seq, p.window) / C::kBlockN;
+  const int n_key_blocks = max(0, tiles_of(key_end(rows_end - 1, seq, p.window), C::kBlockN) - first_key_block);
 
   load_tile<T, D, C::kBlockM, C::kThreads>(sQ, q, p.q_strides.row, seq.len_q - m0, p.aligned16);
-  if (n_key_blocks > 0) load_kv_tile<T, C>(sK, sV, k, v, p, seq, 0, 0);
+  if (n_key_blocks > 0) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block, 0);
   mma::cp_async_commit();
 
   // This thread's two rows of every 16-row fragment: g and g + 8 of the warp's 16.
@@ -219,21 +235,21 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtas
   SoftmaxRows state{{-INFINITY, -INFINITY}, {0.f, 0.f}};
   uint32_t q_frag[C::kQInRegisters ? C::kDChunks : 1][4];
 
-  for (int block = 0; block < n_key_blocks; ++block) {
+  for (int it = 0; it < n_key_blocks; ++it) {
     mma::cp_async_wait<0>();
-    __syncthreads();  // tile `block` is visible to all; everyone is done with buffer (block + 1) % 2
+    __syncthreads();  // tile `it` is visible to all; everyone is done with buffer (it + 1) % 2
     if constexpr (C::kQInRegisters) {
-      if (block == 0) {
+      if (it == 0) {
 #pragma unroll
         for (int kc = 0; kc < C::kDChunks; ++kc) mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
       }
     }
-    if (block + 1 < n_key_blocks) load_kv_tile<T, C>(sK, sV, k, v, p, seq, block + 1, (block + 1) % 2);
+    if (it + 1 < n_key_blocks) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block + it + 1, (it + 1) % 2);
     mma::cp_async_commit();
 
-    const T* k_tile = sK + (block % 2) * C::kBlockN * C::kPitch;
-    const T* v_tile = sV + (block % 2) * C::kBlockN * C::kPitch;
-    const int n0 = block * C::kBlockN;
+    const T* k_tile = sK + (it % 2) * C::kBlockN * C::kPitch;
+    const T* v_tile = sV + (it % 2) * C::kBlockN * C::kPitch;
+    const int n0 = (first_key_block + it) * C::kBlockN;
 
     float s[C::kNTiles][4];
     if constexpr (C::kQInRegisters) {
@@ -241,7 +257,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtas
     } else {
       score_tile<T, C>(s, mma::ATileRows<T>{sQ, C::kPitch, warp * 16}, k_tile, lane);
     }
-    scale_and_mask<C>(s, p, seq, rows, n0, tile_needs_mask(m0, n0, C::kBlockN, seq, p.causal), t);
+    scale_and_mask<C>(s, p, seq, rows, n0, tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window), t);
     online_softmax<C>(s, state, o_acc);
     accumulate_pv<T, C>(o_acc, s, v_tile, lane);
   }

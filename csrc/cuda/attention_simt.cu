@@ -4,14 +4,16 @@
 //
 // Algorithm. One warp per row, the row's head_dim spread over the lanes (lane l holds dims
 // l, l + 32, ..., up to 8 slots for head_dim 256), fp32 math whatever the storage type:
-//   forward: one query row; for each key it sees (a prefix, causal or not) the dot product
-//            q.k is reduced across the warp, then the same online softmax as the tensor-core
-//            kernel (base 2, running max and sum, O rescaled) accumulates O in registers.
-//   dq:      one query row; P and dS are recomputed per key from lse and delta, dq += dS k.
+//   forward: one query row; for each key it sees (the row's causal / sliding-window range) the
+//            dot product q.k is reduced across the warp, capped under a logit softcap, then
+//            the same online softmax as the tensor-core kernel (base 2, running max and sum,
+//            O rescaled) accumulates O in registers.
+//   dq:      one query row; P and dS are recomputed per key from lse and delta, dq += dS k
+//            (dS times 1 - t^2 under softcap).
 //   dk, dv:  one key row; it loops over every query head of its group and every query that
 //            sees the key, dv += P dO and dk += dS q, so the group sum happens in registers and
 //            nothing is written twice (deterministic, no atomics).
-// It shares AttentionParams, the sequence/stride offsets and the causal-mask helpers with the
+// It shares AttentionParams, the sequence/stride offsets, the mask and softcap helpers with the
 // tensor-core kernels (attention_common.cuh), so both paths mask and index identically.
 //
 // Cost. The same FLOPs as the tensor-core kernels (plus a second score recompute in the
@@ -19,7 +21,7 @@
 // from L2 by every row: correct and memory-light (O(sequence)), not fast.
 //
 // Resources (ptxas -v, CUDA 13.0, sm_80; 128 threads, no shared memory, no spills): forward 56
-// registers (9 CTAs = 36 warps per SM), dq 61-62 (8 CTAs), dk/dv 91-94 (5 CTAs).
+// registers (9 CTAs = 36 warps per SM), dq 56-62 (8-9 CTAs), dk/dv 91 (5 CTAs).
 #include "attention_launch.cuh"
 
 namespace llama_ext::cuda::attention {
@@ -59,6 +61,17 @@ __device__ __forceinline__ float dot_row(const float (&x)[kSlots], const T* row,
   return warp_reduce_sum(sum);
 }
 
+// P = exp2(capped s2 - lse2) of a base-2 score s2; slope = d capped / d s2 (1 without softcap).
+__device__ __forceinline__ float probability(float s2, float lse2, const AttentionParams& p, float& slope) {
+  if (p.softcap_log2 > 0.f) {
+    const float th = softcap_tanh(s2, p);
+    slope = 1.f - th * th;
+    return exp2f(p.softcap_log2 * th - lse2);
+  }
+  slope = 1.f;
+  return exp2f(s2 - lse2);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_kernel(const AttentionParams p) {
   const int b = blockIdx.z;
@@ -75,9 +88,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_ke
   load_row(q, static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, row, head), p.head_dim, lane,
            p.scale_log2);
   float row_max = -INFINITY, row_sum = 0.f;
-  const int n_keys = key_end(row + 1, seq, p.causal);  // the keys this row sees: [0, n_keys)
-  for (int j = 0; j < n_keys; ++j) {
-    const float s = dot_row(q, k + j * p.k_strides.row, p.head_dim, lane);
+  const int key_hi = key_end(row, seq, p.window);
+  for (int j = key_begin(row, seq, p.window); j < key_hi; ++j) {
+    const float s = capped_score(dot_row(q, k + j * p.k_strides.row, p.head_dim, lane), p);
     const float new_max = fmaxf(row_max, s);
     const float alpha = exp2f(row_max - new_max);  // 0 for the first key (row_max = -inf)
     const float pj = exp2f(s - new_max);
@@ -118,11 +131,12 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_sim
   const int64_t at = lse_offset(p, b, seq, row, head);
   const float lse2 = p.lse[at] * kLog2e;
   const float delta = p.delta[at];
-  const int n_keys = key_end(row + 1, seq, p.causal);
-  for (int j = 0; j < n_keys; ++j) {
+  const int key_hi = key_end(row, seq, p.window);
+  for (int j = key_begin(row, seq, p.window); j < key_hi; ++j) {
     const T* k_row = k + j * p.k_strides.row;
-    const float pj = exp2f(dot_row(q, k_row, p.head_dim, lane) - lse2);
-    const float ds = pj * (dot_row(dout, v + j * p.v_strides.row, p.head_dim, lane) - delta);
+    float slope;
+    const float pj = probability(dot_row(q, k_row, p.head_dim, lane), lse2, p, slope);
+    const float ds = pj * (dot_row(dout, v + j * p.v_strides.row, p.head_dim, lane) - delta) * slope;
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       const int d = lane + 32 * i;
@@ -145,16 +159,19 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dkdv_s
   load_row(k, static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, key, kv_head), p.head_dim, lane,
            p.scale_log2);
   load_row(v, static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, key, kv_head), p.head_dim, lane);
-  const int query_begin = first_query(key, seq, p.causal);  // every later query sees the key too
+  // The queries that see the key: [query_begin, query_end), as both window bounds are monotone.
+  const int query_begin = first_query_reaching(key, seq, p.window);
+  const int query_end = first_query_past(key + 1, seq, p.window);
   for (int head = kv_head * p.group; head < (kv_head + 1) * p.group; ++head) {
     const T* q = static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, 0, head);
     const T* dout = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, seq.start_q, 0, head);
-    for (int i = query_begin; i < seq.len_q; ++i) {
+    for (int i = query_begin; i < query_end; ++i) {
       const int64_t at = lse_offset(p, b, seq, i, head);
       const T* q_row = q + i * p.q_strides.row;
       const T* do_row = dout + i * p.dout_strides.row;
-      const float pi = exp2f(dot_row(k, q_row, p.head_dim, lane) - p.lse[at] * kLog2e);
-      const float ds = pi * (dot_row(v, do_row, p.head_dim, lane) - p.delta[at]);
+      float slope;
+      const float pi = probability(dot_row(k, q_row, p.head_dim, lane), p.lse[at] * kLog2e, p, slope);
+      const float ds = pi * (dot_row(v, do_row, p.head_dim, lane) - p.delta[at]) * slope;
 #pragma unroll
       for (int s = 0; s < kSlots; ++s) {
         const int d = lane + 32 * s;
