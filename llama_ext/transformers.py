@@ -404,7 +404,11 @@ def _is_registry_attention(module: nn.Module) -> bool:
     return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
 
 
-@functools.lru_cache(maxsize=None)
+# attention class -> its forward with the rotary on llama_ext (filled when a model is patched; a
+# plain dict, so torch.compile traces the lookup)
+_PATCHED_FORWARDS = {}
+
+
 def _forward_with_llama_ext_rotary(attention_class):
     """``attention_class.forward`` (decorators included) with ``apply_rotary_pos_emb`` bound to
     llama_ext's; the forward itself when it applies no rotary embedding."""
@@ -425,7 +429,7 @@ def _patched_attention_forward(self, *args, **kwargs):
             f"{type(cache).__name__} (a static, compileable KV cache) is not supported by patch_model; "
             "use the default DynamicCache"
         )
-    return _forward_with_llama_ext_rotary(type(self))(self, *args, **kwargs)
+    return _PATCHED_FORWARDS[type(self)](self, *args, **kwargs)
 
 
 # ---- patch_model ------------------------------------------------------------------------------
@@ -537,8 +541,9 @@ def patch_model(model: nn.Module) -> nn.Module:
     attention_modules = [m for m in model.modules() if _is_registry_attention(m)]
     if not attention_modules:
         raise ValueError(f"found no attention module in {type(model).__name__} that uses transformers' attention registry")
-    for attention_class in {type(m) for m in attention_modules}:
-        _forward_with_llama_ext_rotary(attention_class)  # raises for a rotary llama_ext does not compute
+    for attention_class in {type(m) for m in attention_modules} - _PATCHED_FORWARDS.keys():
+        # raises for a rotary llama_ext does not compute
+        _PATCHED_FORWARDS[attention_class] = _forward_with_llama_ext_rotary(attention_class)
     for parent, name, norm in _rms_norm_replacements(model):
         setattr(parent, name, norm)
     for attention in attention_modules:
