@@ -1,13 +1,16 @@
 """Grouped-query attention at batch 1 with Llama-3-8B heads (32 query, 8 kv, head_dim 128),
 causal, over a sweep of sequence lengths: forward, forward + backward, and (``--full``) decode
-(one query against the whole sequence's keys).
+(one query against the whole sequence's keys); at sequences longer than ``WINDOW`` also both
+with a causal sliding window of ``WINDOW`` keys (``window_size=(WINDOW - 1, 0)``, Mistral's), whose
+cost should track the window, not the sequence: compare the ``fwd`` and ``fwd-window`` rows of
+one size (e.g. ``--size 4096``).
 
 q, k and v are ``[batch, seq, heads, head_dim]`` as the projections produce them; HF's eager
 code and SDPA receive the ``[batch, heads, seq, head_dim]`` transpose views, and every provider
 returns ``[batch, seq, q_heads, head_dim]`` contiguous, ready for the output projection (as
-HF's attention functions do). TFLOP/s counts ``4 * b * s_q * s_k * h_q * d``, halved for causal
-self-attention (decode sees every key: not halved), times 3.5 for forward + backward (the
-backward is 2.5 forwards).
+HF's attention functions do). TFLOP/s counts ``4 * h_q * d`` per visible (query, key) pair (``b * s_q * s_k``, halved for
+causal self-attention; decode sees every key; a window sees at most ``WINDOW`` keys per query),
+times 3.5 for forward + backward (the backward is 2.5 forwards).
 """
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,8 @@ SEQ = {  # quick: short enough for the 3-minute CPU run; the CPU targets are at 
     "cpu": ([512], [256, 512, 1024, 2048, 4096]),
     "cuda": ([8192], [1024, 2048, 4096, 8192, 16384]),
 }
-SMOKE = dict(seq=[16], heads=(4, 2), head_dim=16)
+SMOKE = dict(seq=[16], heads=(4, 2), head_dim=16, window=8)
+WINDOW = 512
 # SDPA's kernels, by the aten op each runs (forward or backward names start the same way).
 SDPA_BACKENDS = {
     "aten::_scaled_dot_product_flash_attention_for_cpu": "flash (CPU)",
@@ -52,8 +56,8 @@ def _eager_attention():
     try:
         from transformers.models.llama.modeling_llama import eager_attention_forward
     except ImportError:
-        def fallback(q, k, v, mask, scaling):  # the same math with its own bottom-right causal mask
-            return reference.hf_eager_attention(q, k, v, causal=True, scale=scaling)
+        def fallback(q, k, v, mask, scaling):  # the same math
+            return reference.hf_eager_attention(q, k, v, scale=scaling, mask=mask)
 
         return fallback, "llama_ext.reference.hf_eager_attention (transformers not installed)"
 
@@ -67,23 +71,34 @@ def _eager_attention():
     return hf, "transformers eager_attention_forward (repeat_kv + matmul + softmax)"
 
 
+def _visible_pairs(seq_q, seq_k, window):
+    """(query, key) pairs a causal (windowed: ``window`` keys per query at most) mask lets through."""
+    return int(reference.attention_mask_bottom_right(seq_q, seq_k, True, (window - 1 if window else -1, 0)).sum())
+
+
 def _cases(cfg):
     q_heads, kv_heads = SMOKE["heads"] if cfg.smoke else HEADS
     d = SMOKE["head_dim"] if cfg.smoke else HEAD_DIM
+    window = SMOKE["window"] if cfg.smoke else WINDOW
     seqs = sweep(cfg, SEQ, SMOKE["seq"])
-    modes = ["fwd", "fwd+bwd"] + (["decode"] if cfg.full else [])
+    modes = ["fwd", "fwd+bwd"] + (["decode"] if cfg.full else []) + ["fwd-window", "fwd+bwd-window"]
     cases = []
     for dtype in cfg.dtypes:
         e = torch.empty((), dtype=dtype).element_size()
         for mode in modes:
+            windowed = mode.endswith("-window")
             for seq in seqs:
+                if windowed and seq <= window:
+                    continue  # the window would be the whole sequence
                 seq_q = 1 if mode == "decode" else seq
-                flops = 4 * seq_q * seq * q_heads * d * (1.0 if mode == "decode" else 0.5)
+                flops = 4 * _visible_pairs(seq_q, seq, window if windowed else 0) * q_heads * d
+                label = f"{seq_q}x{seq} {q_heads}/{kv_heads}x{d}" + (f" window {window}" if windowed else "")
                 cases.append(Case(
-                    mode=mode, dtype=dtype, size=seq, label=f"{seq_q}x{seq} {q_heads}/{kv_heads}x{d}", unit="TFLOP/s",
-                    work=flops * (3.5 if mode == "fwd+bwd" else 1.0), out_bytes=seq_q * q_heads * d * e,
+                    mode=mode, dtype=dtype, size=seq, label=label, unit="TFLOP/s",
+                    work=flops * (3.5 if mode.startswith("fwd+bwd") else 1.0), out_bytes=seq_q * q_heads * d * e,
                     params={"batch": 1, "seq_q": seq_q, "seq_k": seq, "q_heads": q_heads, "kv_heads": kv_heads,
-                            "head_dim": d, "causal": True, "scale": d**-0.5},
+                            "head_dim": d, "causal": True, "scale": d**-0.5,
+                            "window_size": (window - 1 if windowed else -1, 0)},
                 ))
     return cases
 
@@ -98,10 +113,13 @@ def _make_inputs(case, device):
     b, s_q, s_k, d = p["batch"], p["seq_q"], p["seq_k"], p["head_dim"]
     inputs = {"q": rand(b, s_q, p["q_heads"], d), "k": rand(b, s_k, p["kv_heads"], d),
               "v": rand(b, s_k, p["kv_heads"], d), "grad": rand(b, s_q, p["q_heads"], d)}
-    # HF's additive causal mask, aligned bottom-right (query i sees keys j <= i + s_k - s_q).
-    masked = torch.ones(s_q, s_k, dtype=torch.bool, device=device).triu(1 + s_k - s_q)
-    mask = torch.zeros(s_q, s_k, dtype=case.dtype, device=device).masked_fill(masked, torch.finfo(case.dtype).min)
+    # HF's additive causal (sliding-window) mask, aligned bottom-right (query i sees keys
+    # i' - left <= j <= i', i' = i + s_k - s_q); SDPA takes the boolean form.
+    visible = reference.attention_mask_bottom_right(s_q, s_k, True, p["window_size"], device)
+    mask = torch.zeros(s_q, s_k, dtype=case.dtype, device=device).masked_fill(~visible, torch.finfo(case.dtype).min)
     inputs["mask"] = mask[None, None]
+    inputs["visible"] = visible if p["window_size"][0] >= 0 else None
+    inputs["window_size"] = p["window_size"]
     return inputs
 
 
@@ -112,18 +130,21 @@ def build(cfg):
         return attend_hf(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), inputs["mask"], scale)
 
     def native(q, k, v, inputs, scale):
-        # SDPA aligns the causal mask top-left; a single decode query sees every key anyway.
+        # SDPA aligns the causal mask top-left; a single decode query sees every key anyway. It
+        # has no sliding window: windowed cases pass the boolean mask.
+        visible = inputs["visible"]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             is_causal=q.shape[1] > 1, scale=scale, enable_gqa=True)
+                                             attn_mask=visible, is_causal=visible is None and q.shape[1] > 1,
+                                             scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
 
     def ours(q, k, v, inputs, scale):
-        return llama_ext.gqa_attention(q, k, v, causal=True, scale=scale)
+        return llama_ext.gqa_attention(q, k, v, causal=True, scale=scale, window_size=inputs["window_size"])
 
     def provider(get_fn, record_backend=False):
         def make(case, inputs):
             fn, scale = get_fn(), case.params["scale"]
-            training = case.mode == "fwd+bwd"
+            training = case.mode.startswith("fwd+bwd")
             leaves = [inputs[n].detach().requires_grad_(training) for n in ("q", "k", "v")]
 
             def closure():
@@ -144,7 +165,7 @@ def build(cfg):
             Provider("native", provider(lambda: native, record_backend=True),
                      "F.scaled_dot_product_attention(enable_gqa=True); backend per case in JSON (sdpa_backend)"),
             Provider("compile", provider(compiled(eager)), "torch.compile of eager"),
-            Provider("llama_ext", provider(lambda: ours), "llama_ext.gqa_attention",
+            Provider("llama_ext", provider(lambda: ours), "llama_ext.gqa_attention(window_size=...)",
                      llama_ext_cuda_skip(cfg, "gqa_attention_forward")),
         ],
         make_inputs=lambda case: _make_inputs(case, cfg.device),

@@ -7,6 +7,7 @@
 // the last, which must be contiguous.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <utility>
@@ -107,6 +108,62 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   return s;
 }
 
+// The keys each query row sees: causal masking and the sliding window, aligned bottom-right.
+// With i' = i + len_k - len_q, row i sees keys j in [key_begin(i), key_end(i)):
+// i' - left <= j <= i' + right and 0 <= j < len_k; -1 leaves a side unbounded. Both bounds are
+// non-decreasing in i, which lets kernels skip whole key blocks and query blocks. Shared by the
+// CPU and CUDA kernels (I: int64_t on the CPU, int on CUDA, where every length is < 2^31 and
+// make_key_window keeps left and right below len_q + len_k).
+struct KeyWindow {
+  int64_t left = -1;
+  int64_t right = -1;
+
+  template <typename I>
+  C10_HOST_DEVICE I key_begin(I i, I len_q, I len_k) const {
+    const I ip = i + len_k - len_q;
+    return left < 0 || ip <= static_cast<I>(left) ? I(0) : ip - static_cast<I>(left);
+  }
+  template <typename I>
+  C10_HOST_DEVICE I key_end(I i, I len_q, I len_k) const {
+    const I ip = i + len_k - len_q;
+    const I end = right < 0 || static_cast<I>(right) >= len_k - ip ? len_k : ip + static_cast<I>(right) + 1;
+    const I begin = key_begin(i, len_q, len_k);
+    return end > begin ? end : begin;  // empty ranges as [begin, begin)
+  }
+  // The first row whose keys reach key0 or beyond (key_end > key0), in [0, len_q].
+  template <typename I>
+  C10_HOST_DEVICE I first_row_reaching(I key0, I len_q, I len_k) const {
+    if (right < 0) return I(0);
+    const I row = key0 - static_cast<I>(right) - (len_k - len_q);  // key_end(row) = key0 + 1 when unclamped
+    return row < 0 ? I(0) : (row > len_q ? len_q : row);
+  }
+  // The first row whose keys all lie at key1 or beyond (key_begin >= key1), in [0, len_q]:
+  // rows from here on see nothing of [0, key1).
+  template <typename I>
+  C10_HOST_DEVICE I first_row_past(I key1, I len_q, I len_k) const {
+    if (left < 0) return len_q;
+    const I row = key1 + static_cast<I>(left) - (len_k - len_q);  // key_begin(row) = key1 when unclamped
+    return row < 0 ? I(0) : (row > len_q ? len_q : row);
+  }
+};
+
+// Checks window_size and softcap (ValueError naming them) and folds causal into the window.
+// Sides longer than both sequences together mean the same as unbounded ones and are clamped
+// there, so the KeyWindow arithmetic never overflows.
+inline KeyWindow make_key_window(const AttentionShape& s, bool causal, int64_t window_left, int64_t window_right,
+                                 double softcap) {
+  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (window_left) must be -1 (unbounded) or >= 0, got ",
+                    window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (window_right) must be -1 (unbounded) or >= 0, got ",
+                    window_right);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0 (0: off), got ",
+                    softcap);
+  const int64_t longest = s.seq_q + s.seq_k;
+  KeyWindow w;
+  w.left = std::min(window_left, longest);
+  w.right = causal ? 0 : std::min(window_right, longest);
+  return w;
+}
 
 // Checks of the backward's extra tensors, after check_attention_args(q, k, v, ...) gave shape.
 // lse: batched [batch, n_q_heads, seq_q], varlen [n_q_heads, total_q].

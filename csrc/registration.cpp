@@ -37,12 +37,17 @@ TORCH_LIBRARY(llama_ext, m) {
   // Varlen:  q [total_q, n_q_heads, d], k/v [total_k, n_kv_heads, d], int32 cu_seqlens_q/k
   //          [batch + 1], max_seqlen_q/k bound the per-sequence lengths.
   // out has q's shape; lse is float32 [batch, n_q_heads, seq_q] (varlen: [n_q_heads, total_q]).
-  // causal masks bottom-right: query i sees keys j <= i + seq_k - seq_q.
+  // Masks align bottom-right: with i' = i + seq_k - seq_q, query i sees keys j with
+  // i' - window_left <= j <= i' + window_right (-1: that side unbounded); causal makes
+  // window_right 0. softcap > 0 maps scores s = scale q.k to softcap tanh(s / softcap) before
+  // masking; 0 turns it off.
   m.def(
       "gqa_attention_forward(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k,"
-      " int max_seqlen_q, int max_seqlen_k, bool causal, float scale) -> (Tensor out, Tensor lse)");
+      " int max_seqlen_q, int max_seqlen_k, bool causal, float scale, int window_left, int window_right,"
+      " float softcap) -> (Tensor out, Tensor lse)");
   m.def(
       "gqa_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
       " Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, bool causal,"
-      " float scale) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+      " float scale, int window_left, int window_right, float softcap)"
+      " -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }

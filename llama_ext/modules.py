@@ -1,5 +1,5 @@
 """``nn.Module`` front ends of the ops."""
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -144,7 +144,8 @@ class GQAttention(nn.Module):
     state_dict loads as is. ``rope`` is an optional rotary embedding called as
     ``rope(q, k, positions)`` on ``[batch, seq, heads, head_dim]`` tensors (e.g.
     ``llama_ext.RotaryEmbedding``). Attention is causal (bottom-right aligned, so cached
-    decoding needs no mask) through :func:`llama_ext.gqa_attention`.
+    decoding needs no mask) through :func:`llama_ext.gqa_attention`, with its ``window_size``
+    (e.g. ``(sliding_window - 1, 0)`` for a window of ``sliding_window`` keys) and ``softcap``.
     """
 
     def __init__(
@@ -157,6 +158,8 @@ class GQAttention(nn.Module):
         rope=None,
         device=None,
         dtype=None,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
     ):
         super().__init__()
         if num_heads % num_kv_heads != 0:
@@ -176,6 +179,8 @@ class GQAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, num_kv_heads * self.head_dim, bias=bias, **factory)
         self.o_proj = nn.Linear(num_heads * self.head_dim, hidden_size, bias=bias, **factory)
         self.rope = rope
+        self.window_size = tuple(window_size)
+        self.softcap = softcap
 
     def forward(self, x: Tensor, positions: Tensor = None, cache: KVCache = None) -> Tensor:
         """``x`` ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``.
@@ -195,8 +200,12 @@ class GQAttention(nn.Module):
             q, k = self.rope(q, k, positions)
         if cache is not None:
             k, v = cache.update(k, v)
-        out = ops.gqa_attention(q, k, v, causal=True, scale=self.scaling)
+        out = ops.gqa_attention(
+            q, k, v, causal=True, scale=self.scaling, window_size=self.window_size, softcap=self.softcap
+        )
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))
 
     def extra_repr(self) -> str:
-        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}"
+        extra = f", window_size={self.window_size}" if self.window_size != (-1, -1) else ""
+        extra += f", softcap={self.softcap}" if self.softcap else ""
+        return f"heads={self.num_heads}, kv_heads={self.num_kv_heads}, head_dim={self.head_dim}{extra}"

@@ -224,8 +224,28 @@ def _default_scale(q: Tensor, scale: Optional[float]) -> float:
     return float(q.shape[-1]) ** -0.5 if q.dim() > 0 and q.shape[-1] > 0 else 1.0
 
 
+def _window(window_size) -> Tuple[int, int]:
+    """``window_size`` as the kernels' ``(window_left, window_right)`` ints. Their values (-1 or
+    >= 0) are checked by the kernels, with the other arguments."""
+    try:
+        left, right = window_size
+    except (TypeError, ValueError):
+        raise TypeError(f"window_size must be a pair of ints (left, right), got {window_size!r}") from None
+    for side, value in (("left", left), ("right", right)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"window_size ({side}) must be an int, got {type(value).__name__} {value!r}")
+    return left, right
+
+
 def gqa_attention(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None, return_lse: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    return_lse: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ):
     """Grouped-query attention ``softmax(scale * q k^T) v``, fused and memory-efficient.
 
@@ -238,16 +258,28 @@ def gqa_attention(
     ``causal=True`` aligns the mask bottom-right: query ``i`` sees keys
     ``j <= i + seq_k - seq_q`` (as FlashAttention does; torch's SDPA aligns top-left), so a
     KV-cache decode step (``seq_q`` 1 or a few tokens) is a plain call. ``scale`` defaults to
-    ``head_dim ** -0.5``. The softmax runs in float32 (float64 for float64 input) with online
+    ``head_dim ** -0.5``.
+
+    ``window_size=(left, right)`` is a sliding window as in FlashAttention: with
+    ``i' = i + seq_k - seq_q``, query ``i`` sees keys ``i' - left <= j <= i' + right``; ``-1``
+    leaves that side unbounded (the default ``(-1, -1)``: no window). With ``causal=True`` the
+    right side is 0 whatever is passed, so a causal window of ``left + 1`` keys is
+    ``window_size=(left, 0)`` (or ``(left, -1)``). Key blocks outside every row's window are
+    never read: the cost grows with the window, not with ``seq_k``. ``softcap > 0`` caps the
+    scores smoothly before masking and softmax, ``s -> softcap * tanh(s / softcap)`` with
+    ``s = scale * q.k`` (Gemma 2); ``0`` turns it off. The backward uses the exact derivative. The softmax runs in float32 (float64 for float64 input) with online
     rescaling; no ``[seq_q, seq_k]`` matrix is materialized.
 
     A query row that sees no key (``seq_q > seq_k`` under causal, or ``seq_k == 0``) gives an
     output row of zeros and ``lse = 0``. With ``return_lse=True`` returns ``(out, lse)``,
     ``lse`` float32 (float64 for float64 input) ``[batch, n_q_heads, seq_q]``: the natural log
-    of the softmax denominator, ``logsumexp(scale * q k^T)``. Differentiable in q, k and v;
+    of the softmax denominator, ``logsumexp`` over the visible keys of the (capped) scores. Differentiable in q, k and v;
     ``lse`` is not differentiable.
     """
-    out, lse = _ops.gqa_attention_forward(q, k, v, None, None, 0, 0, causal, _default_scale(q, scale))
+    left, right = _window(window_size)
+    out, lse = _ops.gqa_attention_forward(
+        q, k, v, None, None, 0, 0, causal, _default_scale(q, scale), left, right, float(softcap)
+    )
     return (out, lse) if return_lse else out
 
 
@@ -262,6 +294,8 @@ def gqa_attention_varlen(
     causal: bool = True,
     scale: Optional[float] = None,
     return_lse: bool = False,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ):
     """:func:`gqa_attention` over packed variable-length sequences (FlashAttention's varlen API).
 
@@ -269,17 +303,22 @@ def gqa_attention_varlen(
     sequence ``b`` owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of ``q`` and
     ``cu_seqlens_k[b]:cu_seqlens_k[b+1]`` of ``k``/``v``. ``cu_seqlens_*`` are int32
     ``[batch + 1]`` prefix sums from 0 to the total; ``max_seqlen_*`` bound every sequence's
-    length. Causal masking is bottom-right within each sequence; a sequence with 0 keys gives
+    length. Causal masking and the sliding window are bottom-right within each sequence (``i'``
+    counts from the end of that sequence's keys); a sequence with 0 keys gives
     zeros. ``lse`` is ``[n_q_heads, total_q]``. Everything else as in :func:`gqa_attention`.
     """
+    left, right = _window(window_size)
     out, lse = _ops.gqa_attention_forward(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, _default_scale(q, scale)
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, _default_scale(q, scale),
+        left, right, float(softcap),
     )
     return (out, lse) if return_lse else out
 
 
 @torch.library.register_fake("llama_ext::gqa_attention_forward")
-def _gqa_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale):
+def _gqa_attention_forward_fake(
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap
+):
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if cu_seqlens_q is None:
         lse_shape = (q.shape[0], q.shape[2], q.shape[1])
@@ -290,7 +329,8 @@ def _gqa_attention_forward_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
 
 @torch.library.register_fake("llama_ext::gqa_attention_backward")
 def _gqa_attention_backward_fake(
-    grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    grad_out, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+    window_left, window_right, softcap,
 ):
     return (
         torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -300,21 +340,19 @@ def _gqa_attention_backward_fake(
 
 
 def _gqa_attention_setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale = inputs
+    q, k, v, cu_seqlens_q, cu_seqlens_k, *attrs = inputs
     out, lse = output
     ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-    ctx.attrs = (max_seqlen_q, max_seqlen_k, causal, scale)
+    ctx.attrs = attrs  # max_seqlen_q, max_seqlen_k, causal, scale, window_left, window_right, softcap
 
 
 def _gqa_attention_backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-    max_seqlen_q, max_seqlen_k, causal, scale = ctx.attrs
     grad_q, grad_k, grad_v = _ops.gqa_attention_backward(
-        _contiguous_grad(grad_out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-        causal, scale,
+        _contiguous_grad(grad_out), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *ctx.attrs
     )
-    return grad_q, grad_k, grad_v, None, None, None, None, None, None
+    return (grad_q, grad_k, grad_v) + (None,) * (2 + len(ctx.attrs))
 
 
 torch.library.register_autograd(

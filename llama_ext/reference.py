@@ -131,29 +131,53 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
 
 def causal_mask_bottom_right(seq_q: int, seq_k: int, device=None) -> Tensor:
     """Boolean ``[seq_q, seq_k]``, True where query ``i`` may see key ``j``: ``j <= i + seq_k - seq_q``."""
-    i = torch.arange(seq_q, device=device)[:, None]
+    return attention_mask_bottom_right(seq_q, seq_k, True, (-1, -1), device)
+
+
+def attention_mask_bottom_right(
+    seq_q: int, seq_k: int, causal: bool = True, window_size: Tuple[int, int] = (-1, -1), device=None
+) -> Tensor:
+    """Boolean ``[seq_q, seq_k]``, True where query ``i`` may see key ``j``, as FlashAttention
+    defines it: with ``i' = i + seq_k - seq_q`` (bottom-right alignment), ``i' - left <= j <= i' + right``
+    for ``window_size = (left, right)``, ``-1`` meaning unbounded on that side; ``causal`` makes
+    ``right`` 0."""
+    left, right = window_size
+    if causal:
+        right = 0
+    i = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
     j = torch.arange(seq_k, device=device)[None, :]
-    return j <= i + (seq_k - seq_q)
+    visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        visible &= j >= i - left
+    if right >= 0:
+        visible &= j <= i + right
+    return visible
 
 
 def gqa_attention_reference(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    causal: bool = True,
+    scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """float64 ``(out, lse)`` of :func:`llama_ext.gqa_attention` on ``[batch, seq, heads, d]``
-    inputs: repeat_kv, masked softmax with the bottom-right causal mask. Rows that see no key
-    give zeros and lse 0, the kernels' convention."""
+    inputs: repeat_kv, scores ``s = scale * q k^T`` (``softcap * tanh(s / softcap)`` when
+    ``softcap > 0``), masked softmax with the bottom-right causal / sliding-window mask of
+    :func:`attention_mask_bottom_right`. Rows that see no key give zeros and lse 0, the kernels'
+    convention. Differentiable (autograd through tanh gives the softcap's exact derivative)."""
     d = q.shape[-1]
     scale = d**-0.5 if scale is None else scale
     q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
     n_rep = q64.shape[1] // k64.shape[1]
     k64, v64 = repeat_kv(k64, n_rep), repeat_kv(v64, n_rep)
     scores = (q64 @ k64.transpose(-1, -2)) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
     seq_q, seq_k = q.shape[1], k.shape[1]
-    visible = (
-        causal_mask_bottom_right(seq_q, seq_k, q.device)
-        if causal
-        else torch.ones(seq_q, seq_k, dtype=torch.bool, device=q.device)
-    )
+    visible = attention_mask_bottom_right(seq_q, seq_k, causal, window_size, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)  # -inf on rows that see nothing
     seen = visible.any(-1)  # [seq_q]
@@ -170,6 +194,8 @@ def gqa_attention_varlen_reference(
     cu_seqlens_k: Tensor,
     causal: bool = True,
     scale: Optional[float] = None,
+    window_size: Tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
 ) -> Tuple[Tensor, Tensor]:
     """float64 ``(out [total_q, h, d], lse [h, total_q])``: the batched reference per sequence."""
     outs, lses = [], []
@@ -177,22 +203,27 @@ def gqa_attention_varlen_reference(
     for b in range(len(cq) - 1):
         o, l = gqa_attention_reference(
             q[None, cq[b] : cq[b + 1]], k[None, ck[b] : ck[b + 1]], v[None, ck[b] : ck[b + 1]], causal,
-            q.shape[-1] ** -0.5 if scale is None else scale,
+            q.shape[-1] ** -0.5 if scale is None else scale, window_size, softcap,
         )
         outs.append(o[0])
         lses.append(l[0])
     return torch.cat(outs, 0), torch.cat(lses, 1)
 
 
-def hf_eager_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None) -> Tensor:
+def hf_eager_attention(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool = True, scale: Optional[float] = None, mask: Optional[Tensor] = None
+) -> Tensor:
     """HF ``eager_attention_forward`` in the input dtype (repeat_kv, matmul, fp32 softmax, matmul)
-    on ``[batch, heads, seq, d]`` tensors, with an additive bottom-right causal mask: the
-    benchmarks' eager baseline. Returns ``[batch, seq_q, heads, d]`` as HF does."""
+    on ``[batch, heads, seq, d]`` tensors, with an additive bottom-right causal mask (or the
+    additive ``mask`` given, which replaces it): the benchmarks' eager baseline. Returns
+    ``[batch, seq_q, heads, d]`` as HF does."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n_rep = q.shape[1] // k.shape[1]
     key_states, value_states = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     attn_weights = torch.matmul(q, key_states.transpose(2, 3)) * scale
-    if causal:
+    if mask is not None:
+        attn_weights = attn_weights + mask
+    elif causal:
         visible = causal_mask_bottom_right(q.shape[2], k.shape[2], q.device)
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill(~visible, torch.finfo(q.dtype).min)
         attn_weights = attn_weights + mask

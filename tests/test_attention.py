@@ -306,15 +306,18 @@ def test_opcheck(device, dtype):
     for t in (q, k, v):
         t.requires_grad_()
     fwd = torch.ops.llama_ext.gqa_attention_forward
-    for causal in (True, False):
-        opcheck(fwd, (q, k, v, None, None, 0, 0, causal, 0.3))
-    out, lse = fwd(q.detach(), k.detach(), v.detach(), None, None, 0, 0, True, 0.3)
-    opcheck(
-        torch.ops.llama_ext.gqa_attention_backward,
-        (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, 0, 0, True, 0.3),
-    )
+    # (causal, window_left, window_right, softcap)
+    for options in [(True, -1, -1, 0.0), (False, -1, -1, 0.0), (True, 4, 0, 0.0), (False, 2, 3, 1.5)]:
+        causal, *rest = options
+        opcheck(fwd, (q, k, v, None, None, 0, 0, causal, 0.3, *rest))
+        out, lse = fwd(q.detach(), k.detach(), v.detach(), None, None, 0, 0, causal, 0.3, *rest)
+        opcheck(
+            torch.ops.llama_ext.gqa_attention_backward,
+            (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, None, None, 0, 0, causal, 0.3, *rest),
+        )
     qv, kv, vv, cu_q, cu_k = make_varlen([3, 0, 9], [4, 2, 9], 4, 2, 32, device, dtype)
-    opcheck(fwd, (qv, kv, vv, cu_q, cu_k, 9, 9, True, 0.3))
+    opcheck(fwd, (qv, kv, vv, cu_q, cu_k, 9, 9, True, 0.3, -1, -1, 0.0))
+    opcheck(fwd, (qv, kv, vv, cu_q, cu_k, 9, 9, True, 0.3, 3, 0, 2.0))
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])  # inductor: the real compiler, with codegen
@@ -323,7 +326,11 @@ def test_torch_compile_fullgraph(device, backend):
     def step(q, k, v, cu_q, cu_k):
         batched = llama_ext.gqa_attention(q * 2.0, k, v)
         packed = llama_ext.gqa_attention_varlen(q[0], k[0], v[0], cu_q, cu_k, 6, 10, causal=False)
-        return batched.sum() + packed.sum()
+        windowed = llama_ext.gqa_attention(q, k, v, window_size=(3, 0), softcap=2.5)
+        packed_windowed = llama_ext.gqa_attention_varlen(
+            q[0], k[0], v[0], cu_q, cu_k, 6, 10, causal=False, window_size=(2, 1), softcap=1.5
+        )
+        return batched.sum() + packed.sum() + windowed.sum() + packed_windowed.sum()
 
     compiled = torch.compile(step, fullgraph=True, backend=backend)
     q, k, v = (t.requires_grad_() for t in qkv(1, 10, 10, 4, 2, 32, device, torch.float32))
@@ -389,7 +396,7 @@ def _bad_inputs(d):
 def test_bad_input_raises_clear_error(device, index):
     _, args, exc, message = _bad_inputs(device)[index]
     with pytest.raises(exc, match=message):
-        torch.ops.llama_ext.gqa_attention_forward(*args, True, 0.125)
+        torch.ops.llama_ext.gqa_attention_forward(*args, True, 0.125, -1, -1, 0.0)
 
 
 def test_bad_scale_and_devices():
@@ -400,9 +407,9 @@ def test_bad_scale_and_devices():
         llama_ext.gqa_attention(q, k, v, scale=-1.0)
     out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
     with pytest.raises(ValueError, match="lse must have shape"):
-        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse[:, :, :2], None, None, 0, 0, True, 0.2)
+        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse[:, :, :2], None, None, 0, 0, True, 0.2, -1, -1, 0.0)
     with pytest.raises(TypeError, match="lse must be"):
-        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse.double(), None, None, 0, 0, True, 0.2)
+        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse.double(), None, None, 0, 0, True, 0.2, -1, -1, 0.0)
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="same device"):
             llama_ext.gqa_attention(q, k.cuda(), v.cuda())
@@ -410,6 +417,175 @@ def test_bad_scale_and_devices():
         return
     with pytest.raises(TypeError, match="float64"):
         llama_ext.gqa_attention(q.double().cuda(), k.double().cuda(), v.double().cuda())
+
+
+# ---- sliding window and logit softcap --------------------------------------------------------
+
+
+def window_id(c):
+    return "b{}-q{}-k{}-h{}/{}-d{}-{}-w{},{}-cap{}".format(*c[:6], "causal" if c[6] else "full", *c[7], c[8])
+
+
+# (batch, seq_q, seq_k, n_q_heads, n_kv_heads, head_dim, causal, window_size, softcap)
+WINDOW_CASES = [
+    (2, 300, 300, 8, 2, 64, True, (0, 0), 0.0),  # window 0: each query sees its own key only
+    (1, 300, 300, 8, 2, 64, False, (0, 0), 0.0),
+    (1, 257, 257, 4, 1, 32, True, (1, -1), 0.0),  # window 1
+    (1, 257, 257, 4, 4, 32, False, (1, 1), 0.0),
+    (2, 700, 700, 8, 2, 64, True, (200, 0), 0.0),  # smaller than the sequence, over several key blocks
+    (1, 700, 700, 6, 2, 64, False, (150, 90), 0.0),
+    (1, 700, 700, 4, 2, 64, False, (-1, 40), 0.0),  # right side only
+    (1, 129, 129, 8, 2, 128, True, (1000, 0), 0.0),  # larger than the sequence
+    (1, 129, 400, 8, 2, 80, True, (100, 0), 0.0),  # seq_q < seq_k
+    (1, 400, 129, 5, 5, 96, False, (20, 30), 0.0),  # seq_q > seq_k: the first rows see no key
+    (1, 1, 1000, 32, 8, 128, True, (255, 0), 0.0),  # decode step with a window
+    (2, 129, 129, 8, 2, 64, True, (-1, -1), 30.0),  # softcap alone
+    (1, 300, 300, 8, 2, 256, True, (64, 0), 50.0),  # Gemma 2 style: window and softcap
+    (1, 129, 300, 6, 3, 32, False, (40, 40), 2.0),  # a softcap that bites
+    (1, 300, 129, 4, 2, 40, True, (-1, -1), 1.0),
+]
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=window_id)
+def test_window_softcap_forward_matches_float64(device, dtype, case):
+    batch, seq_q, seq_k, n_q, n_kv, d, causal, window, softcap = case
+    q, k, v = qkv(batch, seq_q, seq_k, n_q, n_kv, d, device, dtype)
+    if cuda_rejects(device, q, k, v):
+        return
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True, window_size=window, softcap=softcap)
+    ref_out, ref_lse = gqa_attention_reference(q, k, v, causal, None, window, softcap)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (batch, n_q, seq_q)
+    assert_close(out, ref_out, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", WINDOW_CASES, ids=window_id)
+def test_window_softcap_backward_matches_float64(device, dtype, case):
+    batch, seq_q, seq_k, n_q, n_kv, d, causal, window, softcap = case
+    q, k, v = qkv(batch, seq_q, seq_k, n_q, n_kv, d, device, dtype)
+    if cuda_rejects(device, q, k, v):
+        return
+    grad_out = make(q.shape, device, dtype)
+    options = dict(window_size=window, softcap=softcap)
+    got = grads_of(lambda a, b, c: llama_ext.gqa_attention(a, b, c, causal=causal, **options), (q, k, v), grad_out)
+    expected = grads_of(
+        lambda a, b, c: gqa_attention_reference(a, b, c, causal, None, window, softcap)[0],
+        [t.double() for t in (q, k, v)], grad_out.double(),
+    )
+    for name, g, e in zip("qkv", got, expected):
+        assert g.dtype == dtype and g.shape == e.shape, name
+        assert_close(g, e, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("causal,window,softcap", [(True, (50, 0), 0.0), (False, (30, 10), 5.0), (True, (0, 0), 0.0)])
+def test_window_softcap_varlen_matches_float64(device, dtype, causal, window, softcap):
+    lens_q, lens_k = [5, 0, 300, 1, 129, 3], [5, 0, 300, 40, 129, 0]
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, 8, 2, 64, device, dtype)
+    options = dict(causal=causal, window_size=window, softcap=softcap)
+    out, lse = llama_ext.gqa_attention_varlen(q, k, v, cu_q, cu_k, 300, 300, return_lse=True, **options)
+    ref_out, ref_lse = gqa_attention_varlen_reference(q, k, v, cu_q, cu_k, causal, None, window, softcap)
+    assert_close(out, ref_out, dtype)
+    assert_lse_close(lse, ref_lse, dtype)
+    grad_out = make(q.shape, device, dtype)
+    got = grads_of(lambda a, b, c: llama_ext.gqa_attention_varlen(a, b, c, cu_q, cu_k, 300, 300, **options), (q, k, v), grad_out)
+    expected = grads_of(
+        lambda a, b, c: gqa_attention_varlen_reference(a, b, c, cu_q, cu_k, causal, None, window, softcap)[0],
+        [t.double() for t in (q, k, v)], grad_out.double(),
+    )
+    for g, e in zip(got, expected):
+        assert_close(g, e, dtype, scale=4.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_window_equivalences(device):
+    """A window at least as long as the sequence is no window; under causal the right side is
+    0 whatever is passed (as FlashAttention treats it); (-1, -1) and softcap 0 are the defaults."""
+    q, k, v = qkv(2, 150, 150, 8, 2, 64, device, torch.float32)
+    for causal in (True, False):
+        plain = llama_ext.gqa_attention(q, k, v, causal=causal)
+        assert torch.equal(llama_ext.gqa_attention(q, k, v, causal=causal, window_size=(-1, -1), softcap=0.0), plain)
+        assert_close(llama_ext.gqa_attention(q, k, v, causal=causal, window_size=(150, 150)), plain, torch.float32)
+        assert_close(llama_ext.gqa_attention(q, k, v, causal=causal, window_size=(2**40, 2**40)), plain, torch.float32)
+    causal_window = llama_ext.gqa_attention(q, k, v, causal=True, window_size=(20, 0))
+    for right in (-1, 7):
+        assert torch.equal(llama_ext.gqa_attention(q, k, v, causal=True, window_size=(20, right)), causal_window)
+    # Non-causal with right = 0 is the causal window.
+    assert torch.equal(llama_ext.gqa_attention(q, k, v, causal=False, window_size=(20, 0)), causal_window)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(CUDA_DTYPES))
+def test_keys_outside_every_window_are_never_read(device, dtype):
+    """Key blocks no query row sees are skipped, not masked: NaN keys and values there (and a NaN
+    query whose window does not reach them) leave every output and gradient outside their reach
+    intact, and those keys get exactly zero gradients."""
+    # Decode: one query over 1000 keys with a 256-key window sees keys 744..999 only.
+    q, k, v = qkv(1, 1, 1000, 8, 2, 64, device, dtype)
+    k[:, :512], v[:, :512] = float("nan"), float("nan")
+    options = dict(causal=True, window_size=(255, 0))
+    grad_out = make(q.shape, device, dtype)
+    dq, dk, dv = grads_of(lambda a, b, c: llama_ext.gqa_attention(a, b, c, **options), (q, k, v), grad_out)
+    expected = gqa_attention_reference(q, k.nan_to_num(), v.nan_to_num(), True, None, (255, 0))[0]
+    assert_close(llama_ext.gqa_attention(q, k, v, **options), expected, dtype)
+    assert torch.isfinite(dq).all()
+    assert torch.equal(dk[:, :512], torch.zeros_like(dk[:, :512])) and torch.equal(dv[:, :512], torch.zeros_like(dv[:, :512]))
+    # Training: a NaN query row (and its output gradient) at the end of a 1000-token sequence
+    # with a 50-key window reaches no gradient of the first 512 keys.
+    q, k, v = qkv(1, 1000, 1000, 4, 2, 64, device, dtype)
+    grad_out = make(q.shape, device, dtype)
+    options = dict(causal=True, window_size=(50, 0))
+    clean = grads_of(lambda a, b, c: llama_ext.gqa_attention(a, b, c, **options), (q, k, v), grad_out)
+    q[:, -1], grad_out[:, -1] = float("nan"), float("nan")
+    poisoned = grads_of(lambda a, b, c: llama_ext.gqa_attention(a, b, c, **options), (q, k, v), grad_out)
+    for name, a, b in zip("kv", clean[1:], poisoned[1:]):
+        assert torch.equal(a[:, :512], b[:, :512]), f"d{name}"
+
+
+@pytest.mark.parametrize(
+    "seq_q,seq_k,causal,window,softcap",
+    [(6, 6, True, (2, 0), 0.0), (5, 7, False, (1, 2), 0.0), (7, 4, False, (0, 1), 0.0), (6, 6, True, (-1, -1), 1.5),
+     (5, 8, False, (3, 1), 0.8)],
+)
+def test_gradcheck_window_softcap_float64(seq_q, seq_k, causal, window, softcap):
+    q, k, v = (t.requires_grad_() for t in qkv(2, seq_q, seq_k, 4, 2, 8, "cpu", torch.float64))
+    fn = lambda a, b, c: llama_ext.gqa_attention(a, b, c, causal=causal, window_size=window, softcap=softcap)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), fast_mode=True)
+    qv, kv, vv, cu_q, cu_k = make_varlen([3, 0, 5], [4, 2, 5], 2, 1, 8, "cpu", torch.float64)
+    for t in (qv, kv, vv):
+        t.requires_grad_()
+    fn = lambda a, b, c: llama_ext.gqa_attention_varlen(  # noqa: E731
+        a, b, c, cu_q, cu_k, 5, 5, causal=causal, window_size=window, softcap=softcap
+    )
+    assert torch.autograd.gradcheck(fn, (qv, kv, vv), fast_mode=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_window_and_softcap_raise(device):
+    q, k, v = qkv(1, 4, 4, 2, 1, 32, device, torch.float32)
+    cases = [
+        (dict(window_size=(-2, 0)), ValueError, r"window_size\[0\] \(window_left\) must be -1"),
+        (dict(window_size=(3, -7)), ValueError, r"window_size\[1\] \(window_right\) must be -1"),
+        (dict(softcap=-1.0), ValueError, "softcap must be a finite number >= 0"),
+        (dict(softcap=float("inf")), ValueError, "softcap must be"),
+        (dict(softcap=float("nan")), ValueError, "softcap must be"),
+        (dict(window_size=(4,)), TypeError, "window_size must be a pair"),
+        (dict(window_size=4), TypeError, "window_size must be a pair"),
+        (dict(window_size=(1.5, 0)), TypeError, r"window_size \(left\) must be an int"),
+        (dict(window_size=(0, True)), TypeError, r"window_size \(right\) must be an int"),
+    ]
+    cu = torch.tensor([0, 4], dtype=torch.int32, device=device)
+    for kwargs, exc, message in cases:
+        with pytest.raises(exc, match=message):
+            llama_ext.gqa_attention(q, k, v, **kwargs)
+        with pytest.raises(exc, match=message):
+            llama_ext.gqa_attention_varlen(q[0], k[0], v[0], cu, cu, 4, 4, **kwargs)
+    out, lse = llama_ext.gqa_attention(q, k, v, return_lse=True)
+    with pytest.raises(ValueError, match="window_left"):
+        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse, None, None, 0, 0, True, 0.2, -3, 0, 0.0)
+    with pytest.raises(ValueError, match="softcap"):
+        torch.ops.llama_ext.gqa_attention_backward(out, q, k, v, out, lse, None, None, 0, 0, True, 0.2, -1, -1, -0.5)
 
 
 # ---- GQAttention module --------------------------------------------------------------------
@@ -484,6 +660,30 @@ def test_kv_cache_decode_equals_full_forward(device, with_rope):
     for start, end in [(5, 8), (8, 9), (9, 10), (10, 11), (11, 12)]:
         steps.append(attn(x[:, start:end], cache=cache))
     assert cache.offset == 12 and cache.k.shape == (2, 12, kv_heads, head_dim)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_module_window_softcap_decode_equals_full_forward(device):
+    """A windowed, softcapped module: the full forward matches the float64 reference on its own
+    projections, and cached decoding step by step past the window gives the same outputs."""
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 32
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device)
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope, window_size=(3, 0), softcap=5.0)
+    attn = attn.to(device)
+    assert "window_size=(3, 0)" in repr(attn) and "softcap=5.0" in repr(attn)
+    x = make((2, 12, hidden), device, torch.float32)
+    full = attn(x)
+    with torch.no_grad():
+        q = attn.q_proj(x).view(2, 12, heads, head_dim)
+        k = attn.k_proj(x).view(2, 12, kv_heads, head_dim)
+        q, k = rope(q, k, torch.arange(12, device=device))
+        v = attn.v_proj(x).view(2, 12, kv_heads, head_dim)
+        ref = gqa_attention_reference(q, k, v, True, None, (3, 0), 5.0)[0].float()
+        expected = attn.o_proj(ref.reshape(2, 12, heads * head_dim))
+    torch.testing.assert_close(full, expected, atol=2e-5, rtol=2e-5)
+    cache = llama_ext.KVCache()
+    steps = [attn(x[:, :5], cache=cache)] + [attn(x[:, i : i + 1], cache=cache) for i in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

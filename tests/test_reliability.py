@@ -146,6 +146,14 @@ def _attention_head_dim(data, device):
     return data.draw(st.sampled_from(CUDA_HEAD_DIMS))
 
 
+def _attention_window_softcap(data):
+    """A random sliding window (each side unbounded, 0, or up to past the longest sequence) and
+    softcap (often off)."""
+    side = st.one_of(st.just(-1), st.integers(0, 45))
+    window = (data.draw(side), data.draw(side))
+    return window, data.draw(st.sampled_from([0.0, 0.0, 0.5, 3.0, 30.0]))
+
+
 def _attention_tolerance_scale(dtype):
     # The output is a convex combination of v rows, and p is rounded to the input dtype before
     # the second product on tensor cores: a few ulps of the dtype.
@@ -163,6 +171,7 @@ def test_property_gqa_attention_forward_backward(device, data):
     n_q = n_kv * data.draw(st.integers(1, 3))
     d = _attention_head_dim(data, device)
     causal = data.draw(st.booleans())
+    window, softcap = _attention_window_softcap(data)
     hf_layout = data.draw(st.booleans())
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
 
@@ -172,15 +181,15 @@ def test_property_gqa_attention_forward_backward(device, data):
         return (t.transpose(1, 2) if hf_layout else t).requires_grad_()
 
     q, k, v = make(seq_q, n_q), make(seq_k, n_kv), make(seq_k, n_kv)
-    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True)
-    out_ref, lse_ref = gqa_attention_reference(q, k, v, causal)
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True, window_size=window, softcap=softcap)
+    out_ref, lse_ref = gqa_attention_reference(q, k, v, causal, None, window, softcap)
     scale = _attention_tolerance_scale(dtype)
     assert_close(out, out_ref, dtype, scale=scale)
     assert_close(lse, lse_ref, torch.float32 if dtype != torch.float64 else dtype, scale=scale * 10)
     grad = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
     out.backward(grad)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    gqa_attention_reference(*leaves, causal)[0].backward(grad.double())
+    gqa_attention_reference(*leaves, causal, None, window, softcap)[0].backward(grad.double())
     for got, ref in zip((q.grad, k.grad, v.grad), (l.grad for l in leaves)):
         assert_close(got, ref, dtype, scale=4 * scale)
 
@@ -192,6 +201,7 @@ def test_property_gqa_attention_varlen(device, data):
     dtype = data.draw(st.sampled_from(dtypes_for(device)))
     lens_q = data.draw(st.lists(st.integers(0, 30), min_size=1, max_size=4))
     causal = data.draw(st.booleans())
+    window, softcap = _attention_window_softcap(data)
     same_lengths = data.draw(st.booleans())  # self-attention packing vs q/k of different lengths
     lens_k = lens_q if same_lengths else data.draw(st.lists(st.integers(0, 30), min_size=len(lens_q), max_size=len(lens_q)))
     n_kv = data.draw(st.integers(1, 2))
@@ -208,16 +218,17 @@ def test_property_gqa_attention_varlen(device, data):
     q, k, v = make(sum(lens_q), n_q), make(sum(lens_k), n_kv), make(sum(lens_k), n_kv)
     cu_q, cu_k = cu(lens_q), cu(lens_k)
     out, lse = llama_ext.gqa_attention_varlen(
-        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, return_lse=True, window_size=window,
+        softcap=softcap,
     )
-    out_ref, lse_ref = gqa_attention_varlen_reference(q, k, v, cu_q, cu_k, causal)
+    out_ref, lse_ref = gqa_attention_varlen_reference(q, k, v, cu_q, cu_k, causal, None, window, softcap)
     scale = _attention_tolerance_scale(dtype)
     assert_close(out, out_ref, dtype, scale=scale)
     assert_close(lse, lse_ref, torch.float32 if dtype != torch.float64 else dtype, scale=scale * 10)
     grad = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
     out.backward(grad)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    gqa_attention_varlen_reference(*leaves, cu_q, cu_k, causal)[0].backward(grad.double())
+    gqa_attention_varlen_reference(*leaves, cu_q, cu_k, causal, None, window, softcap)[0].backward(grad.double())
     for got, ref in zip((q.grad, k.grad, v.grad), (l.grad for l in leaves)):
         assert_close(got, ref, dtype, scale=4 * scale)
 

@@ -13,19 +13,28 @@
 //   online softmax per row: m' = max(m, max S), p = exp(scale (S - m')),
 //   l' = l exp(scale (m - m')) + sum p,  O <- O exp(scale (m - m')) + P V_blk  (tile product)
 // and at the end out = O / l, lse = scale m + log l. Only the block's [G*rows, block_k] score
-// tile exists, never [seq_q, seq_k]: memory is O(sequence). Causal masking is bottom-right
-// (query i sees keys j <= i + seq_k - seq_q); key blocks entirely above the diagonal of the
-// query block are never visited, partial ones mask per row by limiting the valid columns.
-// A row that sees no key (seq_q > seq_k under causal, or a sequence with 0 keys) gives zeros
-// and lse = 0.
+// tile exists, never [seq_q, seq_k]: memory is O(sequence). Causal masking and the sliding
+// window are bottom-right (KeyWindow, attention.h: row i sees keys [key_begin(i), key_end(i)),
+// both non-decreasing in i): a query block visits only keys from its first row's begin to its
+// last row's end, so key blocks outside every row's window are never read and the cost tracks
+// the window, not the sequence; partial blocks mask per row by the row's valid column range.
+// A row that sees no key (seq_q > seq_k under causal, an empty window, or a sequence with
+// 0 keys) gives zeros and lse = 0.
+//
+// Logit softcap c > 0 (Gemma 2): the visible columns of the fp32 score tile become
+// s' = c tanh(scale s / c) before the softmax, which then runs with scale 1 (m, lse are in
+// units of s'). The backward recomputes t = tanh(scale s / c), P = exp(c t - lse) and
+// multiplies dS by ds'/d(scale s) = 1 - t^2; the trailing scale of dK and dQ stays. tanh is
+// Sleef's 1-ulp vector tanh.
 //
 // Backward (FlashAttention-2): one task per (sequence, kv head, chunk of key blocks). For each
 // query block it recomputes S from q, k and the saved lse (P = exp(scale S - lse)), with
 // D = rowsum(dO * O):
-//   dV_blk += P^T dO,  dP = dO V_blk^T,  dS = P (dP - D),
+//   dV_blk += P^T dO,  dP = dO V_blk^T,  dS = P (dP - D)  [times 1 - t^2 under softcap],
 //   dK_blk += scale dS^T Q,  dQ += scale dS K_blk
-// dK and dV of a key block are owned by one task and summed over the group's query heads and
-// all query blocks in a fixed order. dQ gets one op-math (fp32, fp64 for fp64) partial per key chunk, reduced in chunk
+// A chunk visits only the query blocks whose rows can see one of its keys (first_row_reaching
+// to first_row_past). dK and dV of a key block are owned by one task and summed over the
+// group's query heads and all query blocks in a fixed order. dQ gets one op-math (fp32, fp64 for fp64) partial per key chunk, reduced in chunk
 // order afterwards. The number of chunks depends only on the shapes, so results are
 // bit-identical for any thread count (deterministic).
 //
@@ -88,8 +97,9 @@ struct Problem {
   at::Tensor q, k, v, out, lse;
   std::vector<int64_t> q_begin, k_begin;  // varlen: cu_seqlens; empty when batched
   AttentionShape shape;
-  bool causal;
+  KeyWindow window;  // causal folded in
   double scale;
+  double softcap;  // 0: off
 
   int64_t len_q(int64_t b) const { return shape.varlen ? q_begin[b + 1] - q_begin[b] : shape.seq_q; }
   int64_t len_k(int64_t b) const { return shape.varlen ? k_begin[b + 1] - k_begin[b] : shape.seq_k; }
@@ -104,9 +114,10 @@ struct Problem {
   at::Tensor lse_rows(const at::Tensor& t, int64_t b) const {
     return shape.varlen ? t.narrow(1, q_begin[b], len_q(b)) : t.select(0, b);
   }
-  // Key positions a query row may see: [0, keys_visible(i)).
-  int64_t keys_visible(int64_t i, int64_t lq, int64_t lk) const {
-    return causal ? std::clamp<int64_t>(i + lk - lq + 1, 0, lk) : lk;
+  // Columns [lo, hi) of the key block [k0, k0 + n) that row i sees.
+  std::pair<int64_t, int64_t> visible_columns(int64_t i, int64_t lq, int64_t lk, int64_t k0, int64_t n) const {
+    const int64_t lo = std::clamp<int64_t>(window.key_begin(i, lq, lk) - k0, 0, n);
+    return {lo, std::clamp<int64_t>(window.key_end(i, lq, lk) - k0, lo, n)};
   }
 };
 
@@ -150,66 +161,95 @@ void group_row_dots(const at::Tensor& a_seq, const at::Tensor& b_seq, int64_t kv
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
-// Backward of one row of a tile: p[0, n) <- P = exp(scale s - lse) on the first `valid`
-// columns (0 after), dp[0, n) <- dS = P (dP - D).
+// Softcap of the visible columns [lo, hi) of a score row, in place: s <- c tanh(scale s / c).
 template <typename acc_t>
-void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t valid, acc_t scale, acc_t lse, acc_t delta) {
+void softcap_row(acc_t* s, int64_t lo, int64_t hi, acc_t scale, acc_t cap) {
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const Vec scale_v(scale), neg_lse_v(-lse), delta_v(delta);
-  int64_t j = 0;
-  for (; j + W <= valid; j += W) {
-    const Vec pv = exp_fast(at::vec::fmadd(Vec::loadu(p + j), scale_v, neg_lse_v));
+  const Vec in_v(scale / cap), cap_v(cap);
+  int64_t j = lo;
+  for (; j + W <= hi; j += W) ((Vec::loadu(s + j) * in_v).tanh() * cap_v).store(s + j);
+  if (j < hi) ((Vec::loadu(s + j, hi - j) * in_v).tanh() * cap_v).store(s + j, hi - j);
+}
+
+// Backward of one row of a tile, on its visible columns [lo, hi) (0 elsewhere):
+// p <- P = exp(scale s - lse), dp <- dS = P (dP - D); under softcap (kSoftcap, cap > 0)
+// P = exp(cap t - lse) and dS = P (dP - D) (1 - t^2) with t = tanh(scale s / cap).
+template <bool kSoftcap, typename acc_t>
+void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t cap, acc_t lse,
+                        acc_t delta) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec scale_v(scale), neg_lse_v(-lse), delta_v(delta), one_v(acc_t(1));
+  const Vec in_v(kSoftcap ? scale / cap : acc_t(0)), cap_v(cap);
+  const auto grad = [&](const Vec& s, const Vec& dpv, Vec& pv, Vec& dsv) {
+    if constexpr (kSoftcap) {
+      const Vec t = (s * in_v).tanh();
+      pv = exp_fast(at::vec::fmadd(t, cap_v, neg_lse_v));
+      dsv = pv * (dpv - delta_v) * (one_v - t * t);
+    } else {
+      pv = exp_fast(at::vec::fmadd(s, scale_v, neg_lse_v));
+      dsv = pv * (dpv - delta_v);
+    }
+  };
+  int64_t j = lo;
+  Vec pv, dsv;
+  for (; j + W <= hi; j += W) {
+    grad(Vec::loadu(p + j), Vec::loadu(dp + j), pv, dsv);
     pv.store(p + j);
-    (pv * (Vec::loadu(dp + j) - delta_v)).store(dp + j);
+    dsv.store(dp + j);
   }
-  if (j < valid) {
-    const int64_t count = valid - j;
-    const Vec pv = exp_fast(at::vec::fmadd(Vec::loadu(p + j, count), scale_v, neg_lse_v));
+  if (j < hi) {
+    const int64_t count = hi - j;
+    grad(Vec::loadu(p + j, count), Vec::loadu(dp + j, count), pv, dsv);
     pv.store(p + j, count);
-    (pv * (Vec::loadu(dp + j, count) - delta_v)).store(dp + j, count);
+    dsv.store(dp + j, count);
   }
-  std::fill(p + valid, p + n, acc_t(0));
-  std::fill(dp + valid, dp + n, acc_t(0));
+  std::fill(p, p + lo, acc_t(0));
+  std::fill(dp, dp + lo, acc_t(0));
+  std::fill(p + hi, p + n, acc_t(0));
+  std::fill(dp + hi, dp + n, acc_t(0));
 }
 
 // ---- forward --------------------------------------------------------------------------------
 
 // Online-softmax update of one score row: writes probabilities exp(scale (s - m')) of s[0, n)
-// to p[0, n) (p may alias s) for the first `valid` columns and 0 after, updates the running
-// max m and sum l, and returns the factor by which the row's output accumulator must be
-// rescaled. l sums the probabilities before any rounding to prob_t.
+// to p[0, n) (p may alias s) for the visible columns [lo, hi) and 0 elsewhere, updates the
+// running max m and sum l, and returns the factor by which the row's output accumulator must
+// be rescaled. l sums the probabilities before any rounding to prob_t.
 template <typename acc_t, typename prob_t>
-acc_t online_softmax_row(const acc_t* s, prob_t* p, int64_t n, int64_t valid, acc_t scale, acc_t& m, acc_t& l) {
+acc_t online_softmax_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t& m,
+                         acc_t& l) {
   using IO = cpu::VecIO<prob_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   static_assert(IO::kWidth == W, "probabilities are stored one score vector at a time");
-  if (valid == 0) {
+  if (lo == hi) {
     std::fill(p, p + n, prob_t(0));
     return acc_t(1);
   }
-  const int64_t valid_vec = valid - valid % W;
+  const int64_t vec_end = hi - (hi - lo) % W;
   Vec max_v(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = 0; j < valid_vec; j += W) max_v = at::vec::maximum(max_v, Vec::loadu(s + j));
+  for (int64_t j = lo; j < vec_end; j += W) max_v = at::vec::maximum(max_v, Vec::loadu(s + j));
   acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_v);
-  for (int64_t j = valid_vec; j < valid; ++j) tile_max = std::max(tile_max, s[j]);
+  for (int64_t j = vec_end; j < hi; ++j) tile_max = std::max(tile_max, s[j]);
   const acc_t m_new = std::max(m, tile_max);
   const acc_t alpha = std::exp((m - m_new) * scale);  // 0 on the first visited block (m = -inf)
   const Vec scale_v(scale), shift_v(-m_new * scale);
   Vec sum_v(acc_t(0));
-  int64_t j = 0;
-  for (; j + W <= valid; j += W) {
+  int64_t j = lo;
+  for (; j + W <= hi; j += W) {
     const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
     IO::store(p + j, e);
     sum_v = sum_v + e;
   }
-  if (j < valid) {
-    const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j, valid - j), scale_v, shift_v));
-    IO::store(p + j, e, valid - j);
-    sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, valid - j);
+  if (j < hi) {
+    const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
+    IO::store(p + j, e, hi - j);
+    sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, hi - j);
   }
-  std::fill(p + valid, p + n, prob_t(0));
+  std::fill(p, p + lo, prob_t(0));
+  std::fill(p + hi, p + n, prob_t(0));
   l = l * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum_v);
   m = m_new;
   return alpha;
@@ -233,20 +273,24 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
   acc.zero_();
   acc_t* acc_ptr = acc.mutable_data_ptr<acc_t>();
   std::vector<acc_t> m(M, -std::numeric_limits<acc_t>::infinity()), l(M, acc_t(0));
-  const acc_t scale = static_cast<acc_t>(pb.scale);
+  const acc_t scale = static_cast<acc_t>(pb.scale), cap = static_cast<acc_t>(pb.softcap);
+  // Capped scores enter the softmax as they are: its statistics are in units of s'.
+  const acc_t softmax_scale = cap > 0 ? acc_t(1) : scale;
 
-  // Keys beyond the last row's diagonal are masked for the whole block: never visited.
-  const int64_t k_end = pb.keys_visible(q0 + rows - 1, lq, lk);
-  for (int64_t k0 = 0; k0 < k_end; k0 += kBlockK) {
+  // Keys before the first row's window or past the last row's are masked for the whole
+  // block: never visited.
+  const int64_t k_begin = pb.window.key_begin(q0, lq, lk);
+  const int64_t k_end = pb.window.key_end(q0 + rows - 1, lq, lk);
+  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
     const int64_t n = std::min(kBlockK, k_end - k0);
     tiles.forward_scores(k_seq, v_seq, k0, n);
     const int64_t stride = tiles.score_stride(n);
-    const acc_t* s = tiles.scores();
+    acc_t* s = tiles.scores();
     for (int64_t r = 0; r < M; ++r) {
-      const int64_t i = q0 + r % rows;
-      const int64_t valid = std::clamp<int64_t>(pb.keys_visible(i, lq, lk) - k0, 0, n);
+      const auto [lo, hi] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
+      if (cap > 0) softcap_row<acc_t>(s + r * stride, lo, hi, scale, cap);
       const acc_t alpha =
-          online_softmax_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, valid, scale, m[r], l[r]);
+          online_softmax_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, m[r], l[r]);
       if (alpha != acc_t(1)) {
         acc_t* o = acc_ptr + r * acc_stride;
         for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
@@ -262,7 +306,7 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
     const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
     acc_t* o = acc_ptr + r * acc_stride;
     for (int64_t c = 0; c < d; ++c) o[c] *= inv;
-    lse_ptr[r] = l[r] > 0 ? m[r] * scale + std::log(l[r]) : acc_t(0);
+    lse_ptr[r] = l[r] > 0 ? m[r] * softmax_scale + std::log(l[r]) : acc_t(0);
   }
   unpack_group_rows<T>(acc_ptr, acc_stride, pb.q_rows(pb.out, b), kvh, G, q0, rows);
   pb.lse_rows(pb.lse, b).narrow(0, kvh * G, G).narrow(1, q0, rows).copy_(lse_block.view({G, rows}));
@@ -270,14 +314,15 @@ void forward_block(const Problem& pb, int64_t b, int64_t kvh, int64_t qb, int64_
 
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const std::optional<at::Tensor>& cu_seqlens_q, const std::optional<at::Tensor>& cu_seqlens_k,
-                     const AttentionShape& shape, bool causal, double scale) {
+                     const AttentionShape& shape, const KeyWindow& window, double scale, double softcap) {
   Problem pb;
   pb.q = q;
   pb.k = k;
   pb.v = v;
   pb.shape = shape;
-  pb.causal = causal;
+  pb.window = window;
   pb.scale = scale;
+  pb.softcap = softcap;
   pb.q_begin = host_offsets(cu_seqlens_q);
   pb.k_begin = host_offsets(cu_seqlens_k);
   return pb;
@@ -288,12 +333,14 @@ std::tuple<at::Tensor, at::Tensor> gqa_attention_forward_cpu(const at::Tensor& q
                                                              const std::optional<at::Tensor>& cu_seqlens_q,
                                                              const std::optional<at::Tensor>& cu_seqlens_k,
                                                              int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-                                                             double scale) {
+                                                             double scale, int64_t window_left, int64_t window_right,
+                                                             double softcap) {
   const AttentionShape shape =
       check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  const KeyWindow window = make_key_window(shape, causal, window_left, window_right, softcap);
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
-  Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, causal, scale);
+  Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, window, scale, softcap);
   const auto lse_opts = q.options().dtype(stats_dtype(q.scalar_type()));
   pb.out = new_output(at::empty(q.sizes(), q.options()));
   pb.lse = new_output(at::empty(lse_shape(q, shape), lse_opts));
@@ -341,17 +388,21 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
   }
   tiles.load_key_chunk(pb.k_rows(pb.k, b).select(1, kvh).narrow(0, key0, key1 - key0),
                        pb.k_rows(pb.v, b).select(1, kvh).narrow(0, key0, key1 - key0));
-  const acc_t scale = static_cast<acc_t>(pb.scale);
+  const acc_t scale = static_cast<acc_t>(pb.scale), cap = static_cast<acc_t>(pb.softcap);
 
   const at::Tensor q_seq = pb.q_rows(pb.q, b), out_seq = pb.q_rows(pb.out, b);
   const at::Tensor dout_seq = pb.q_rows(dout, b);
   std::vector<acc_t> delta(G * block_q);
   const at::Tensor lse_seq = pb.lse_rows(pb.lse, b);
-  // Under causal, query rows before the first one that sees key0 get nothing from this chunk.
-  const int64_t first_row = pb.causal ? std::clamp<int64_t>(key0 - (lk - lq), 0, lq) : 0;
+  // Rows before the first one whose window reaches key0, and from the first one whose window
+  // starts at key1 or later, get nothing from this chunk: their query blocks are skipped.
+  const int64_t first_row = pb.window.first_row_reaching(key0, lq, lk);
+  const int64_t row_end = pb.window.first_row_past(key1, lq, lk);
   const int64_t first_block_row = first_row - first_row % block_q;
-  group_rows(dq_seq, kvh, G, 0, first_block_row).zero_();  // rows this chunk never reaches
-  for (int64_t q0 = first_block_row; q0 < lq; q0 += block_q) {
+  const int64_t block_row_end = std::clamp(ceil_div(row_end, block_q) * block_q, first_block_row, lq);
+  group_rows(dq_seq, kvh, G, 0, first_block_row).zero_();
+  group_rows(dq_seq, kvh, G, block_row_end, lq - block_row_end).zero_();
+  for (int64_t q0 = first_block_row; q0 < block_row_end; q0 += block_q) {
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
     tiles.load_query_grads(q_seq, dout_seq, kvh, G, q0, rows);
@@ -361,18 +412,25 @@ void backward_chunk(const Problem& pb, const at::Tensor& dout, const at::Tensor&
     at::Tensor dq_acc = tiles.dq.narrow(0, 0, M);
     dq_acc.zero_();
 
-    const int64_t k_end = std::min(key1, pb.keys_visible(q0 + rows - 1, lq, lk));
-    for (int64_t k0 = key0; k0 < k_end; k0 += kBlockK) {
+    // The block's keys within the chunk, from the key block holding its first row's first
+    // key (tiles address the chunk by whole key blocks).
+    const int64_t k_begin = std::max(key0, pb.window.key_begin(q0, lq, lk));
+    const int64_t k_end = std::min(key1, pb.window.key_end(q0 + rows - 1, lq, lk));
+    for (int64_t k0 = key0 + (k_begin - key0) / kBlockK * kBlockK; k0 < k_end; k0 += kBlockK) {
       const int64_t n = std::min(kBlockK, k_end - k0);
       tiles.backward_scores(k0 - key0, n);
       const int64_t stride = tiles.score_stride(n);
       acc_t* p_ptr = tiles.scores();
       acc_t* dp_ptr = tiles.grad_scores();
       for (int64_t r = 0; r < M; ++r) {
-        const int64_t i = q0 + r % rows;
-        const int64_t valid = std::clamp<int64_t>(pb.keys_visible(i, lq, lk) - k0, 0, n);
-        probs_and_grad_row<acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, valid, scale, lse_ptr[r],
-                                  delta[r]);
+        const auto [lo, hi] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
+        if (cap > 0) {
+          probs_and_grad_row<true, acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
+                                          lse_ptr[r], delta[r]);
+        } else {
+          probs_and_grad_row<false, acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
+                                           lse_ptr[r], delta[r]);
+        }
       }
       tiles.accumulate_grads(k0 - key0, n);
     }
@@ -414,13 +472,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqa_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
     const at::Tensor& lse, const std::optional<at::Tensor>& cu_seqlens_q,
     const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal,
-    double scale) {
+    double scale, int64_t window_left, int64_t window_right, double softcap) {
   const AttentionShape shape =
       check_attention_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale);
+  const KeyWindow window = make_key_window(shape, causal, window_left, window_right, softcap);
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
   check_attention_backward_args(grad_out, out, lse, q, shape);
-  Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, causal, scale);
+  Problem pb = make_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, shape, window, scale, softcap);
   pb.out = out;
   pb.lse = lse;
   at::Tensor dk = new_output(at::empty(k.sizes(), k.options()));
