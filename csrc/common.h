@@ -40,9 +40,9 @@ inline void check_same_device(const at::Tensor& t, const char* name, const at::T
               "), got ", t.device());
 }
 
-inline void check_min_dim(const at::Tensor& t, const char* name, int64_t min_dim) {
-  TORCH_CHECK_VALUE(t.dim() >= min_dim, name, " must have at least ", min_dim, " dimension(s), got a ", t.dim(),
-                    "-dim tensor");
+inline void check_same_shape(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  TORCH_CHECK_VALUE(t.sizes() == ref.sizes(), name, " must have the same shape as ", ref_name, " (", ref.sizes(),
+                    "), got ", t.sizes());
 }
 
 inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {

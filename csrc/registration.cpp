@@ -6,20 +6,29 @@
 
 TORCH_LIBRARY(llama_ext, m) {
   // ---- RMSNorm ------------------------------------------------------------------------
-  // out = weight * (x * rstd).to(x.dtype), rstd = rsqrt(mean(x^2) + eps) per row, float32.
-  m.def("rms_norm(Tensor input, Tensor? weight, float eps) -> (Tensor out, Tensor rstd)");
+  // rstd = rsqrt(mean(x^2) + eps) per row (float32; float64 for float64 input), w' = offset +
+  // weight (ones when None). cast_before_weight: out = w' * (x * rstd).to(x.dtype) in the
+  // promoted dtype (HF Llama); otherwise out = (w' * x * rstd).to(x.dtype) (Gemma, OLMo 2).
+  // weight has input's dtype or, with float16/bfloat16 input, float32.
+  m.def(
+      "rms_norm(Tensor input, Tensor? weight, float eps, float offset=0., bool cast_before_weight=True)"
+      " -> (Tensor out, Tensor rstd)");
   // residual_out = input + residual; out = rms_norm(residual_out).
   m.def(
-      "fused_add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float eps)"
-      " -> (Tensor out, Tensor residual_out, Tensor rstd)");
+      "fused_add_rms_norm(Tensor input, Tensor residual, Tensor? weight, float eps, float offset=0.,"
+      " bool cast_before_weight=True) -> (Tensor out, Tensor residual_out, Tensor rstd)");
   // Inference form: residual <- input + residual, input <- rms_norm(residual).
-  m.def("fused_add_rms_norm_(Tensor(a!) input, Tensor(b!) residual, Tensor? weight, float eps) -> ()");
+  m.def(
+      "fused_add_rms_norm_(Tensor(a!) input, Tensor(b!) residual, Tensor? weight, float eps, float offset=0.,"
+      " bool cast_before_weight=True) -> ()");
   // Shared backward of both forms: grad_input = d rms_norm / d input (+ grad_residual_out
-  // when given, the residual branch of fused_add_rms_norm); grad_weight is reduced over rows
-  // in fp32 and is an empty tensor when weight is None or compute_grad_weight is false.
+  // when given, the residual branch of fused_add_rms_norm); grad_weight (weight's dtype) is
+  // reduced over rows in fp32 and is an empty tensor when weight is None or compute_grad_weight
+  // is false.
   m.def(
       "rms_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor rstd,"
-      " Tensor? grad_residual_out, bool compute_grad_weight) -> (Tensor grad_input, Tensor grad_weight)");
+      " Tensor? grad_residual_out, bool compute_grad_weight, float offset=0., bool cast_before_weight=True)"
+      " -> (Tensor grad_input, Tensor grad_weight)");
 
   // ---- Rotary position embedding ------------------------------------------------------
   // q [batch, seq, n_q_heads, head_dim], k [batch, seq, n_kv_heads, head_dim],

@@ -9,21 +9,43 @@ from .rope import cos_sin_from_inv_freq, rope_inv_freq, rope_type_of
 
 
 class RMSNorm(nn.Module):
-    """Drop-in for HF ``LlamaRMSNorm``: ``weight`` starts at ones; see :func:`llama_ext.rms_norm`."""
+    """Drop-in for HF's RMSNorm modules (see :func:`llama_ext.rms_norm`).
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, device=None, dtype=None):
+    The defaults are HF ``LlamaRMSNorm`` (Qwen, Mistral too): ``weight`` starts at ones, the
+    normalized value is rounded to the input dtype before the weight multiplies it. Gemma
+    (1, 2, 3): ``offset=1.0, cast_before_weight=False`` with ``weight`` starting at zeros; OLMo 2:
+    ``cast_before_weight=False``. ``weight`` starts at ``1 - offset``, so the weight applied
+    starts at ones (zeros for Gemma, as there).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        offset: float = 0.0,
+        cast_before_weight: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.full((hidden_size,), 1.0 - offset, device=device, dtype=dtype))
         self.variance_epsilon = eps
+        self.offset = offset
+        self.cast_before_weight = cast_before_weight
 
     def forward(self, x: Tensor, residual: Tensor = None):
         """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.variance_epsilon)
-        return ops.fused_add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+            return ops.rms_norm(x, self.weight, self.variance_epsilon, self.offset, self.cast_before_weight)
+        return ops.fused_add_rms_norm(
+            x, residual, self.weight, self.variance_epsilon, self.offset, self.cast_before_weight
+        )
 
     def extra_repr(self) -> str:
-        return f"{self.weight.shape[0]}, eps={self.variance_epsilon}"
+        return (
+            f"{self.weight.shape[0]}, eps={self.variance_epsilon}, offset={self.offset}, "
+            f"cast_before_weight={self.cast_before_weight}"
+        )
 
 
 class RotaryEmbedding(nn.Module):

@@ -35,57 +35,97 @@ def _contiguous_grad(grad: Optional[Tensor]) -> Optional[Tensor]:
 # ---- RMSNorm ------------------------------------------------------------------------------
 
 
-def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
-    """RMSNorm over the last dim, with HF ``LlamaRMSNorm`` numerics.
+def rms_norm(
+    x: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
+) -> Tensor:
+    """RMSNorm over the last dim, with the numerics of HF's RMSNorm modules.
 
-    ``y = weight * (x * rsqrt(mean(x**2, -1) + eps)).to(x.dtype)``: statistics and the
-    normalization run in float32 (float64 for float64 input), the normalized value is
-    rounded once to ``x.dtype``, then multiplied by ``weight`` (same dtype as ``x``;
-    ``None`` means ones) and rounded again. ``x`` may have any leading dims and strided
-    rows; its last dim must be contiguous. Differentiable in ``x`` and ``weight``.
+    Statistics and the normalization run in float32 (float64 for float64 input):
+    ``xhat = x * rsqrt(mean(x**2, -1) + eps)``. The weight applied is ``offset + weight``
+    (``None`` means ones; Gemma stores ``weight`` around 0 and uses ``offset=1.0``), in float32.
+
+    - ``cast_before_weight=True`` (HF ``LlamaRMSNorm``, Qwen, Mistral): ``xhat`` is rounded to
+      ``x.dtype``, then multiplied by the weight in the promoted dtype of ``x`` and ``weight``,
+      which is also the output dtype (float32 for a float32 weight with bf16/fp16 ``x``).
+    - ``cast_before_weight=False`` (Gemma, OLMo 2): ``xhat * (offset + weight)`` in float32,
+      rounded once to ``x.dtype``, the output dtype.
+
+    ``weight`` has ``x``'s dtype or, for float16/bfloat16 ``x``, float32. ``x`` may have any
+    leading dims and strided rows; its last dim must be contiguous. Differentiable in ``x`` and
+    ``weight`` (whose gradient has ``weight``'s dtype).
     """
-    return _ops.rms_norm(x, weight, eps)[0]
+    return _ops.rms_norm(x, weight, eps, offset, cast_before_weight)[0]
 
 
 def fused_add_rms_norm(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """``res = x + residual`` (rounded to ``x.dtype``) and ``rms_norm(res)`` in one pass.
 
-    Returns ``(rms_norm(res, weight, eps), res)``. Differentiable in all three tensors.
+    Returns ``(rms_norm(res, weight, eps, offset, cast_before_weight), res)``. Differentiable in
+    all three tensors.
     """
-    out, residual_out, _ = _ops.fused_add_rms_norm(x, residual, weight, eps)
+    out, residual_out, _ = _ops.fused_add_rms_norm(x, residual, weight, eps, offset, cast_before_weight)
     return out, residual_out
 
 
-def fused_add_rms_norm_(x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> None:
-    """In-place, inference-only form: ``residual <- x + residual``, ``x <- rms_norm(residual)``."""
+def fused_add_rms_norm_(
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    cast_before_weight: bool = True,
+) -> None:
+    """In-place, inference-only form: ``residual <- x + residual``, ``x <- rms_norm(residual)``.
+
+    The result must have ``x``'s dtype: a float32 weight with bf16/fp16 ``x`` needs
+    ``cast_before_weight=False`` here (``TypeError`` otherwise).
+    """
     _check_no_grad_inplace("fused_add_rms_norm_", x, residual, weight)
-    _ops.fused_add_rms_norm_(x, residual, weight, eps)
+    _ops.fused_add_rms_norm_(x, residual, weight, eps, offset, cast_before_weight)
+
+
+def _rms_norm_out_dtype(x: Tensor, weight: Optional[Tensor], cast_before_weight: bool) -> torch.dtype:
+    """The output dtype HF's module gives: promoted with the weight's only in the Llama order."""
+    if cast_before_weight and weight is not None:
+        return torch.promote_types(x.dtype, weight.dtype)
+    return x.dtype
 
 
 @torch.library.register_fake("llama_ext::rms_norm")
-def _rms_norm_fake(x, weight, eps):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
-        x.shape[:-1], dtype=_stats_dtype(x.dtype)
-    )
+def _rms_norm_fake(x, weight, eps, offset=0.0, cast_before_weight=True):
+    out = torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_rms_norm_out_dtype(x, weight, cast_before_weight))
+    return out, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
 
 
 @torch.library.register_fake("llama_ext::fused_add_rms_norm")
-def _fused_add_rms_norm_fake(x, residual, weight, eps):
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    return out, torch.empty_like(out), x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
+def _fused_add_rms_norm_fake(x, residual, weight, eps, offset=0.0, cast_before_weight=True):
+    out = torch.empty_like(x, memory_format=torch.contiguous_format, dtype=_rms_norm_out_dtype(x, weight, cast_before_weight))
+    residual_out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out, residual_out, x.new_empty(x.shape[:-1], dtype=_stats_dtype(x.dtype))
 
 
 @torch.library.register_fake("llama_ext::fused_add_rms_norm_")
-def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps):
+def _fused_add_rms_norm_inplace_fake(x, residual, weight, eps, offset=0.0, cast_before_weight=True):
     return None
 
 
 @torch.library.register_fake("llama_ext::rms_norm_backward")
-def _rms_norm_backward_fake(grad_out, x, weight, rstd, grad_residual_out, compute_grad_weight):
-    n = x.shape[-1] if (compute_grad_weight and weight is not None) else 0
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((n,))
+def _rms_norm_backward_fake(grad_out, x, weight, rstd, grad_residual_out, compute_grad_weight, offset=0.0,
+                            cast_before_weight=True):
+    want = compute_grad_weight and weight is not None
+    grad_weight = x.new_empty((x.shape[-1] if want else 0,), dtype=weight.dtype if weight is not None else x.dtype)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), grad_weight
 
 
 def _rms_norm_weight_grad(ctx, grad_weight: Tensor) -> Optional[Tensor]:
@@ -93,22 +133,26 @@ def _rms_norm_weight_grad(ctx, grad_weight: Tensor) -> Optional[Tensor]:
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
-    x, weight, _ = inputs
+    x, weight, _, offset, cast_before_weight = inputs
     _, rstd = output
     ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[1]
+    ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
     ctx.save_for_backward(x, weight, rstd)
 
 
 def _rms_norm_backward(ctx, grad_out, _grad_rstd):
     x, weight, rstd = ctx.saved_tensors
-    grad_x, grad_weight = _ops.rms_norm_backward(_contiguous_grad(grad_out), x, weight, rstd, None, ctx.weight_needs_grad)
-    return grad_x, _rms_norm_weight_grad(ctx, grad_weight), None
+    grad_x, grad_weight = _ops.rms_norm_backward(
+        _contiguous_grad(grad_out), x, weight, rstd, None, ctx.weight_needs_grad, ctx.offset, ctx.cast_before_weight
+    )
+    return grad_x, _rms_norm_weight_grad(ctx, grad_weight), None, None, None
 
 
 def _fused_add_rms_norm_setup_context(ctx, inputs, output):
-    _, _, weight, _ = inputs
+    _, _, weight, _, offset, cast_before_weight = inputs
     _, residual_out, rstd = output
     ctx.weight_needs_grad = weight is not None and ctx.needs_input_grad[2]
+    ctx.offset, ctx.cast_before_weight = offset, cast_before_weight
     ctx.save_for_backward(residual_out, weight, rstd)
 
 
@@ -116,10 +160,10 @@ def _fused_add_rms_norm_backward(ctx, grad_out, grad_residual_out, _grad_rstd):
     residual_out, weight, rstd = ctx.saved_tensors
     grad_sum, grad_weight = _ops.rms_norm_backward(
         _contiguous_grad(grad_out), residual_out, weight, rstd, _contiguous_grad(grad_residual_out),
-        ctx.weight_needs_grad,
+        ctx.weight_needs_grad, ctx.offset, ctx.cast_before_weight,
     )
     # residual_out = x + residual, so both inputs receive the same gradient.
-    return grad_sum, grad_sum, _rms_norm_weight_grad(ctx, grad_weight), None
+    return grad_sum, grad_sum, _rms_norm_weight_grad(ctx, grad_weight), None, None, None
 
 
 torch.library.register_autograd(

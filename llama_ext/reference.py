@@ -13,29 +13,40 @@ from torch import Tensor
 # ---- RMSNorm ------------------------------------------------------------------------------
 
 
-def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
-    """float64 RMSNorm over the last dim."""
+def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, offset: float = 0.0) -> Tensor:
+    """float64 RMSNorm over the last dim; the weight applied is ``offset + weight`` (ones for None).
+    The cast order (``cast_before_weight``) only moves roundings, which float64 does not have."""
     x64 = x.double()
     y = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps)
-    return y if weight is None else y * weight.double()
+    w = torch.ones((), dtype=torch.float64, device=x.device) if weight is None else weight.double()
+    return y * (offset + w) if (weight is not None or offset != 0.0) else y
 
 
 def fused_add_rms_norm_reference(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6
+    x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, offset: float = 0.0
 ) -> Tuple[Tensor, Tensor]:
     """float64 ``(rms_norm(x + residual), x + residual)``."""
     res = x.double() + residual.double()
-    return rms_norm_reference(res, weight, eps), res
+    return rms_norm_reference(res, weight, eps, offset), res
 
 
-def hf_rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6) -> Tensor:
-    """HF ``LlamaRMSNorm.forward``, in the input dtype: the eager baseline."""
+def hf_rms_norm(
+    x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, offset: float = 0.0, cast_before_weight: bool = True
+) -> Tensor:
+    """HF's RMSNorm forward in the input dtype (the eager baseline): ``LlamaRMSNorm`` with
+    ``cast_before_weight``, else ``Olmo2RMSNorm`` (``offset=0``) / ``GemmaRMSNorm`` (``offset=1``)."""
     input_dtype = x.dtype
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
-    h = h.to(input_dtype)
-    return h if weight is None else weight * h
+    if weight is None:
+        return (h * (offset + 1.0)).to(input_dtype)
+    if cast_before_weight:
+        if offset == 0.0:
+            return weight * h.to(input_dtype)
+        out_dtype = torch.promote_types(input_dtype, weight.dtype)
+        return ((offset + weight.float()) * h.to(input_dtype).float()).to(out_dtype)
+    return (h * (offset + weight.float() if offset != 0.0 else weight.float())).to(input_dtype)
 
 
 # ---- Rotary position embedding -------------------------------------------------------------

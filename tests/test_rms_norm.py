@@ -7,6 +7,8 @@ from llama_ext.reference import fused_add_rms_norm_reference, hf_rms_norm, rms_n
 
 from conftest import CUDA_DTYPES, DEVICES, assert_close, device_dtype_params
 
+REDUCED = (torch.float16, torch.bfloat16)
+
 # 1 and 7: tails only; 769 and 4099: unaligned rows (scalar CUDA path); 64, 5120: 16-byte
 # vectors; 65536: wider than the CUDA register cache (looped path).
 HIDDEN_SIZES = [1, 7, 64, 769, 4099, 5120, 65536]
@@ -224,6 +226,8 @@ BAD_INPUTS = [
     ("bool input", lambda d: (torch.ones(2, 4, dtype=torch.bool, device=d), None), TypeError, "floating-point"),
     ("weight size", lambda d: (torch.randn(2, 4, device=d), torch.ones(5, device=d)), ValueError, "weight must have shape"),
     ("weight dtype", lambda d: (torch.randn(2, 4, device=d), torch.ones(4, device=d, dtype=torch.float16)), TypeError, "weight must have the same dtype"),
+    ("bf16 weight, fp32 input", lambda d: (torch.randn(2, 4, device=d), torch.ones(4, device=d, dtype=torch.bfloat16)), TypeError, "or, with float16/bfloat16 input, be float32"),
+    ("fp64 weight, bf16 input", lambda d: (torch.randn(2, 4, device=d, dtype=torch.bfloat16), torch.ones(4, device=d, dtype=torch.float64)), TypeError, "weight must have the same dtype"),
     ("last dim strided", lambda d: (torch.randn(4, 2, device=d).t(), None), RuntimeError, "contiguous in its last dimension"),
 ]
 
@@ -252,3 +256,280 @@ def test_inplace_refuses_autograd():
     x = torch.randn(2, 4, requires_grad=True)
     with pytest.raises(RuntimeError, match="no autograd"):
         llama_ext.fused_add_rms_norm_(x, torch.randn(2, 4))
+
+
+# ---- variants: offset (Gemma's 1 + weight) and the cast order -----------------------------------
+
+VARIANTS = [
+    pytest.param(0.0, True, id="llama"),
+    pytest.param(0.0, False, id="olmo2"),
+    pytest.param(1.0, False, id="gemma"),
+    pytest.param(1.0, True, id="offset-cast-first"),
+]
+
+
+def weight_dtypes(dtype):
+    return (dtype, torch.float32) if dtype in REDUCED else (dtype,)
+
+
+def expected_out_dtype(dtype, weight_dtype, cast_before_weight):
+    """What HF's modules return: Llama multiplies in the promoted dtype, Gemma/OLMo 2 cast back."""
+    return torch.promote_types(dtype, weight_dtype) if cast_before_weight else dtype
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("offset,cast_before_weight", VARIANTS)
+@pytest.mark.parametrize("hidden", [7, 128, 769, 4096])
+def test_variants_match_float64(device, dtype, offset, cast_before_weight, hidden):
+    for weight_dtype in weight_dtypes(dtype):
+        x, residual = make((3, 5, hidden), device, dtype, scale=3.0), make((3, 5, hidden), device, dtype)
+        weight = make((hidden,), device, weight_dtype, scale=0.5)
+        out_dtype = expected_out_dtype(dtype, weight_dtype, cast_before_weight)
+        y = llama_ext.rms_norm(x, weight, 1e-5, offset, cast_before_weight)
+        assert y.dtype == out_dtype
+        assert_close(y, rms_norm_reference(x, weight, 1e-5, offset), dtype, scale=2.0)
+
+        y, res = llama_ext.fused_add_rms_norm(x, residual, weight, 1e-5, offset, cast_before_weight)
+        assert y.dtype == out_dtype and res.dtype == dtype
+        assert_close(res, x.double() + residual.double(), dtype)
+        assert_close(y, rms_norm_reference(res, weight, 1e-5, offset), dtype, scale=2.0)
+
+        if out_dtype == dtype:
+            x_in, res_in = x.clone(), residual.clone()
+            llama_ext.fused_add_rms_norm_(x_in, res_in, weight, 1e-5, offset, cast_before_weight)
+            assert torch.equal(res_in, res) and torch.equal(x_in, y)
+        else:
+            with pytest.raises(TypeError, match="writes the result into input"):
+                llama_ext.fused_add_rms_norm_(x.clone(), residual.clone(), weight, 1e-5, offset, cast_before_weight)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("offset,cast_before_weight", VARIANTS)
+def test_variants_without_weight(device, dtype, offset, cast_before_weight):
+    """None is a weight of ones: the weight applied is offset + 1."""
+    x = make((4, 100), device, dtype, scale=2.0)
+    y = llama_ext.rms_norm(x, None, 1e-6, offset, cast_before_weight)
+    assert y.dtype == dtype
+    assert_close(y, rms_norm_reference(x, None, 1e-6, offset), dtype, scale=2.0)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("offset,cast_before_weight", VARIANTS)
+@pytest.mark.parametrize("hidden", [7, 128, 4096, 16384])
+def test_variants_backward_match_float64(device, dtype, offset, cast_before_weight, hidden):
+    for weight_dtype in weight_dtypes(dtype):
+        x = make((6, 5, hidden), device, dtype).requires_grad_()
+        residual = make((6, 5, hidden), device, dtype).requires_grad_()
+        weight = make((hidden,), device, weight_dtype, scale=0.5).requires_grad_()
+        out_dtype = expected_out_dtype(dtype, weight_dtype, cast_before_weight)
+        g_y, g_res = make((6, 5, hidden), device, out_dtype), make((6, 5, hidden), device, dtype)
+        y, res = llama_ext.fused_add_rms_norm(x, residual, weight, 1e-6, offset, cast_before_weight)
+        torch.autograd.backward([y, res], [g_y, g_res])
+        assert x.grad.dtype == dtype and weight.grad.dtype == weight_dtype
+
+        leaves = [t.detach().double().requires_grad_() for t in (x, residual, weight)]
+        y64, res64 = fused_add_rms_norm_reference(*leaves, 1e-6, offset)
+        torch.autograd.backward([y64, res64], [g_y.double(), g_res.double()])
+        assert_close(x.grad, leaves[0].grad, dtype, scale=8.0)
+        assert_close(residual.grad, leaves[1].grad, dtype, scale=8.0)
+        # dweight sums 30 rows of g * xhat; with cast_before_weight xhat was rounded to dtype.
+        assert_close(weight.grad, leaves[2].grad, dtype, scale=16.0)
+
+        x.grad = weight.grad = None
+        llama_ext.rms_norm(x, weight, 1e-6, offset, cast_before_weight).backward(g_y)
+        x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+        rms_norm_reference(x64, w64, 1e-6, offset).backward(g_y.double())
+        assert_close(x.grad, x64.grad, dtype, scale=8.0)
+        assert_close(weight.grad, w64.grad, dtype, scale=16.0)
+
+
+def _hf_norm_classes():
+    transformers = pytest.importorskip("transformers")  # noqa: F841
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    # HF class -> (offset, cast_before_weight) of the llama_ext module that replaces it.
+    return {
+        LlamaRMSNorm: (0.0, True),
+        Qwen3RMSNorm: (0.0, True),
+        Olmo2RMSNorm: (0.0, False),
+        GemmaRMSNorm: (1.0, False),
+        Gemma2RMSNorm: (1.0, False),
+        Gemma3RMSNorm: (1.0, False),
+    }
+
+
+HF_NORMS = ["LlamaRMSNorm", "Qwen3RMSNorm", "Olmo2RMSNorm", "GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"]
+
+
+# (device, input dtype, weight dtype): the module in the input's dtype, and fp32 modules on fp16/bf16.
+HF_DTYPES = [
+    pytest.param(d, t, w, id=f"{d}-{str(t).split('.')[-1]}-weight-{str(w).split('.')[-1]}")
+    for d in DEVICES
+    for t in CUDA_DTYPES
+    for w in weight_dtypes(t)
+]
+
+
+@pytest.mark.parametrize("device,dtype,weight_dtype", HF_DTYPES)
+@pytest.mark.parametrize("hf_name", HF_NORMS)
+@pytest.mark.parametrize("hidden", [128, 4096])
+def test_module_follows_each_hf_norm_bit_for_bit(device, dtype, weight_dtype, hf_name, hidden):
+    """Same numerics as HF's module, for its own dtypes (including an fp32 module on bf16/fp16
+    activations): the output dtype is HF's, and only the fp32 sum order of the statistics
+    differs, so results agree to an ulp or two of the output dtype and nearly all are identical."""
+    cls = next(c for c in _hf_norm_classes() if c.__name__ == hf_name)
+    offset, cast_before_weight = _hf_norm_classes()[cls]
+    hf = cls(hidden, eps=1e-6).to(device=device, dtype=weight_dtype)
+    with torch.no_grad():
+        hf.weight.normal_(0.0, 0.5)
+    ours = llama_ext.RMSNorm(hidden, eps=1e-6, offset=offset, cast_before_weight=cast_before_weight).to(
+        device=device, dtype=weight_dtype
+    )
+    ours.load_state_dict(hf.state_dict())
+    x = make((16, hidden), device, dtype, scale=2.0)
+    expected = hf(x)
+    actual = ours(x)
+    assert actual.dtype == expected.dtype
+    out_eps = torch.finfo(expected.dtype).eps
+    # An fp32 result of a bf16-rounded value inherits that rounding's ulp.
+    torch.testing.assert_close(actual, expected, atol=0, rtol=4 * max(out_eps, torch.finfo(dtype).eps))
+    if dtype in REDUCED:  # a rounding to the input dtype hides rstd's last bit
+        assert (actual == expected).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("hf_name", HF_NORMS)
+def test_module_gradients_follow_hf(device, hf_name):
+    """fp32 module on fp32 input: gradients of input and weight match HF's autograd closely."""
+    cls = next(c for c in _hf_norm_classes() if c.__name__ == hf_name)
+    offset, cast_before_weight = _hf_norm_classes()[cls]
+    hf = cls(96, eps=1e-6).to(device)
+    with torch.no_grad():
+        hf.weight.normal_(0.0, 0.5)
+    ours = llama_ext.RMSNorm(96, eps=1e-6, offset=offset, cast_before_weight=cast_before_weight).to(device)
+    ours.load_state_dict(hf.state_dict())
+    x = make((4, 7, 96), device, torch.float32).requires_grad_()
+    g = make((4, 7, 96), device, torch.float32)
+    dx_hf, dw_hf = torch.autograd.grad(hf(x), (x, hf.weight), g)
+    dx, dw = torch.autograd.grad(ours(x), (x, ours.weight), g)
+    torch.testing.assert_close(dx, dx_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, dw_hf, atol=1e-5, rtol=1e-5)
+
+
+def test_module_weight_starts_at_applied_ones():
+    assert torch.equal(llama_ext.RMSNorm(8).weight, torch.ones(8))
+    gemma = llama_ext.RMSNorm(8, offset=1.0, cast_before_weight=False)
+    assert torch.equal(gemma.weight, torch.zeros(8))
+    x = make((3, 8), "cpu", torch.float32)
+    torch.testing.assert_close(gemma(x), llama_ext.RMSNorm(8)(x), atol=0, rtol=0)
+    assert "offset=1.0" in repr(gemma) and "cast_before_weight=False" in repr(gemma)
+
+
+@pytest.mark.parametrize("offset,cast_before_weight", VARIANTS)
+def test_variants_gradcheck_float64(offset, cast_before_weight):
+    x = torch.randn(4, 3, 13, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 3, 13, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: llama_ext.rms_norm(a, b, 1e-6, offset, cast_before_weight), (x, w))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: llama_ext.fused_add_rms_norm(a, b, c, 1e-6, offset, cast_before_weight), (x, r, w)
+    )
+    assert torch.autograd.gradcheck(lambda a: llama_ext.rms_norm(a, None, 1e-6, offset, cast_before_weight), (x,))
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(REDUCED))
+@pytest.mark.parametrize("offset,cast_before_weight", VARIANTS)
+def test_variants_opcheck(device, dtype, offset, cast_before_weight):
+    x = make((3, 5, 64), device, dtype).requires_grad_()
+    w = make((64,), device, torch.float32).requires_grad_()
+    w_same = make((64,), device, dtype).requires_grad_()
+    r = make((3, 5, 64), device, dtype)
+    for weight in (w, w_same):
+        opcheck(torch.ops.llama_ext.rms_norm, (x, weight, 1e-6, offset, cast_before_weight))
+        opcheck(torch.ops.llama_ext.fused_add_rms_norm, (x, r, weight, 1e-6, offset, cast_before_weight))
+        y, rstd = torch.ops.llama_ext.rms_norm(x.detach(), weight.detach(), 1e-6, offset, cast_before_weight)
+        opcheck(
+            torch.ops.llama_ext.rms_norm_backward,
+            (torch.randn_like(y), x.detach(), weight.detach(), rstd, r, True, offset, cast_before_weight),
+        )
+    opcheck(torch.ops.llama_ext.fused_add_rms_norm_, (x.detach().clone(), r.clone(), w.detach(), 1e-6, offset, False))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_variants_torch_compile_fullgraph(device):
+    """A Gemma-style norm and a Llama norm with an fp32 weight on bf16 activations, through inductor."""
+    gemma = llama_ext.RMSNorm(64, offset=1.0, cast_before_weight=False).to(device)
+    llama = llama_ext.RMSNorm(64).to(device)
+    with torch.no_grad():
+        gemma.weight.normal_(0.0, 0.5)
+        llama.weight.normal_()
+
+    def block(x, residual):
+        h, res = gemma(x, residual)
+        return llama(h) + res
+
+    compiled = torch.compile(block, fullgraph=True, backend="inductor")
+    x = make((4, 64), device, torch.bfloat16).requires_grad_()
+    r = make((4, 64), device, torch.bfloat16)
+    out = compiled(x, r)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, block(x, r))
+    out.sum().backward()
+    assert gemma.weight.grad.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+
+
+def test_variants_bad_input():
+    x = torch.randn(2, 4, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="offset must be a finite number"):
+        llama_ext.rms_norm(x, None, 1e-6, float("nan"))
+    with pytest.raises(TypeError, match="writes the result into input"):
+        llama_ext.fused_add_rms_norm_(x, x.clone(), torch.ones(4), 1e-6, 0.0, True)
+    w = torch.ones(4)
+    y, rstd = torch.ops.llama_ext.rms_norm(x, w, 1e-6, 0.0, True)
+    with pytest.raises(TypeError, match="grad_out must have the forward output's dtype"):
+        torch.ops.llama_ext.rms_norm_backward(y.bfloat16(), x, w, rstd, None, True, 0.0, True)
+    with pytest.raises(TypeError, match="grad_out must have the forward output's dtype"):
+        torch.ops.llama_ext.rms_norm_backward(y, x, w, rstd, None, True, 0.0, False)
+
+
+# ---- layout independence ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(CUDA_DTYPES))
+@pytest.mark.parametrize("hidden", [128, 1024, 4096, 16384, 65536])
+@pytest.mark.parametrize("offset,cast_before_weight", [VARIANTS[0], VARIANTS[2]])
+def test_misaligned_rows_give_the_same_bits(device, dtype, hidden, offset, cast_before_weight):
+    """A row one element off its 16-byte alignment (the unaligned, element-wise CUDA path) gives
+    exactly the bits of its contiguous copy (the vectorized path): forward, fused, in place and
+    backward (dx and dweight), for short (per-row warp), register-cached and looped rows."""
+    rows = 3 if hidden >= 16384 else 37
+    def misaligned(t):
+        wide = torch.empty(t.shape[0], t.shape[1] + 1, device=device, dtype=t.dtype)
+        wide[:, 1:] = t
+        return wide[:, 1:]
+
+    x, r = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
+    g, g_res = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
+    w = make((hidden,), device, dtype)
+    xs, rs, gs, g_res_s = (misaligned(t) for t in (x, r, g, g_res))
+    assert xs.data_ptr() % 16 != 0 and torch.equal(xs, x)
+    args = (w, 1e-6, offset, cast_before_weight)
+
+    assert torch.equal(llama_ext.rms_norm(xs, *args), llama_ext.rms_norm(x, *args))
+    y_s, res_s = llama_ext.fused_add_rms_norm(xs, rs, *args)
+    y, res = llama_ext.fused_add_rms_norm(x, r, *args)
+    assert torch.equal(y_s, y) and torch.equal(res_s, res)
+    x_in, r_in = misaligned(x), misaligned(r)
+    llama_ext.fused_add_rms_norm_(x_in, r_in, *args)
+    assert torch.equal(x_in, y) and torch.equal(r_in, res)
+
+    rstd = torch.ops.llama_ext.rms_norm(res, *args)[1]
+    dx_s, dw_s = torch.ops.llama_ext.rms_norm_backward(gs, misaligned(res), w, rstd, g_res_s, True, offset,
+                                                       cast_before_weight)
+    dx, dw = torch.ops.llama_ext.rms_norm_backward(g, res, w, rstd, g_res, True, offset, cast_before_weight)
+    assert torch.equal(dx_s, dx) and torch.equal(dw_s, dw)

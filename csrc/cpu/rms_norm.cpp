@@ -2,14 +2,17 @@
 //
 // Forward, per row of n elements: (optionally s = round(x + residual), written out) then
 // one pass for sum(s^2), rstd = 1/sqrt(sum/n + eps), and one pass writing
-// y = round(w * round(s * rstd)). The row is read from memory once: the second pass hits L1/L2
-// (a 4096-wide bf16 row is 8 KB). Bytes: read n*(1 [+1 residual]) + n weight (cached),
-// write n (+n residual_out). FLOPs are negligible; the kernel is memory-bound.
+// y = round(w' * round(s * rstd)) (cast_before_weight) or round(w' * s * rstd), w' = offset + w.
+// The row is read from memory once: the second pass hits L1/L2 (a 4096-wide bf16 row is 8 KB).
+// Bytes: read n*(1 [+1 residual]) + n weight (cached), write n (+n residual_out). FLOPs are
+// negligible; the kernel is memory-bound. Element j of a row always lands in the same lane and
+// accumulator, whatever the row's address or stride, so results do not depend on the layout.
 //
-// Backward, per row: dot = sum(g * w * x), dx = rstd * g * w - x * rstd^3 * dot / n
-// (+ grad_residual_out), and dweight partial sums g * round(x * rstd) accumulated in fp32
-// per fixed chunk of rows, then reduced over chunks in order: deterministic for any thread
-// count. Rows are spread over threads with at::parallel_for.
+// Backward, per row: dot = sum(g * w' * x), dx = rstd * g * w' - x * rstd^3 * dot / n
+// (+ grad_residual_out), and dweight partial sums g * xhat (xhat = x * rstd, rounded to the
+// input dtype when cast_before_weight) accumulated in fp32 per fixed chunk of rows, then reduced
+// over chunks in order: deterministic for any thread count. Rows are spread over threads with
+// at::parallel_for.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -28,128 +31,129 @@ using cpu::VecIO;
 // Rows per parallel task: enough elements to amortize the task, at least one row.
 inline int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
-// Row pointers with their strides; a null pointer means the operand is absent.
 template <typename T>
-struct RowsArgs {
-  const T* x;                // [rows, n] input
-  int64_t x_stride;
-  const T* residual;         // [rows, n] or null
-  int64_t residual_stride;
-  T* residual_out;           // [rows, n] or null (with residual)
-  int64_t residual_out_stride;
-  const T* weight;           // [n] or null (ones)
-  T* y;                      // [rows, n]
-  int64_t y_stride;
-  at::opmath_type<T>* rstd;  // [rows] or null
-  int64_t n;
-  double eps;
+const T* row_of(const void* base, int64_t stride, int64_t r) { return static_cast<const T*>(base) + r * stride; }
+template <typename T>
+T* row_of(void* base, int64_t stride, int64_t r) { return static_cast<T*>(base) + r * stride; }
+
+// The weight a row is multiplied by: offset + weight[j], or offset + 1 without a weight.
+template <typename W>
+struct AppliedWeight {
+  using Vec = typename VecIO<W>::Vec;
+  using acc_t = typename VecIO<W>::acc_t;
+  const W* weight;  // null: ones
+  bool has_offset;  // offset 0 is not added, so a -0 weight keeps its sign as in HF's product
+  Vec offset;
+  Vec scale;  // offset + 1, used without a weight
+  AppliedWeight(const void* w, double off)
+      : weight(static_cast<const W*>(w)), has_offset(off != 0.0), offset(acc_t(off)), scale(acc_t(off + 1.0)) {}
+  Vec apply(Vec wv) const { return has_offset ? offset + wv : wv; }
+  Vec load(int64_t j) const { return weight ? apply(VecIO<W>::load(weight + j)) : scale; }
+  Vec load(int64_t j, int64_t count) const {
+    return weight ? apply(VecIO<W>::load_partial(weight + j, count)) : scale;
+  }
 };
 
+// Sum of squares of a row with four independent accumulators (they hide the FMA latency; their
+// sum order is fixed).
 template <typename T>
-void add_rms_norm_rows(const RowsArgs<T>& a, int64_t row_begin, int64_t row_end) {
+typename VecIO<T>::acc_t sum_of_squares(const T* src, int64_t n) {
   using IO = VecIO<T>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
-  const int64_t n = a.n;
-  const int64_t n_vec = n - n % W;
+  Vec acc0(acc_t(0)), acc1(acc_t(0)), acc2(acc_t(0)), acc3(acc_t(0));
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    const Vec v0 = IO::load(src + j), v1 = IO::load(src + j + W);
+    const Vec v2 = IO::load(src + j + 2 * W), v3 = IO::load(src + j + 3 * W);
+    acc0 = at::vec::fmadd(v0, v0, acc0);
+    acc1 = at::vec::fmadd(v1, v1, acc1);
+    acc2 = at::vec::fmadd(v2, v2, acc2);
+    acc3 = at::vec::fmadd(v3, v3, acc3);
+  }
+  for (; j + W <= n; j += W) {
+    const Vec v = IO::load(src + j);
+    acc0 = at::vec::fmadd(v, v, acc0);
+  }
+  if (j < n) {
+    const Vec v = IO::load_partial(src + j, n - j);
+    acc0 = at::vec::fmadd(v, v, acc0);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, (acc0 + acc1) + (acc2 + acc3));
+}
+
+// res_out = round(x + res); returns the sum of squares of res_out (one accumulator: the row's
+// store stream is the bottleneck).
+template <typename T>
+typename VecIO<T>::acc_t add_residual(const T* x, const T* res, T* res_out, int64_t n) {
+  using IO = VecIO<T>;
+  using acc_t = typename IO::acc_t;
+  using Vec = typename IO::Vec;
+  constexpr int64_t W = IO::kWidth;
+  Vec sum_sq(acc_t(0));
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const Vec s = IO::round(IO::load(x + j) + IO::load(res + j));
+    IO::store(res_out + j, s);
+    sum_sq = at::vec::fmadd(s, s, sum_sq);
+  }
+  if (j < n) {
+    const Vec s = IO::round(IO::load_partial(x + j, n - j) + IO::load_partial(res + j, n - j));
+    IO::store(res_out + j, s, n - j);
+    sum_sq = at::vec::fmadd(s, s, sum_sq);
+  }
+  return at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum_sq);
+}
+
+// y = round_O(w' * [round_T](src * rstd)), branch-free per template.
+template <typename T, typename W, typename O, bool kCast>
+void write_normalized(const T* src, const AppliedWeight<W>& w, O* y, int64_t n, typename VecIO<T>::acc_t rstd) {
+  using IO = VecIO<T>;
+  using Vec = typename IO::Vec;
+  constexpr int64_t kW = IO::kWidth;
+  const Vec rstd_v(rstd);
+  auto normalized = [&](Vec v) { return kCast ? IO::round(v * rstd_v) : v * rstd_v; };
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) VecIO<O>::store(y + j, normalized(IO::load(src + j)) * w.load(j));
+  if (j < n) VecIO<O>::store(y + j, normalized(IO::load_partial(src + j, n - j)) * w.load(j, n - j), n - j);
+}
+
+template <typename T, typename W, typename O>
+void rms_norm_rows(const RMSNormParams& p, int64_t row_begin, int64_t row_end) {
+  using acc_t = typename VecIO<T>::acc_t;
+  const int64_t n = p.n;
+  const AppliedWeight<W> w(p.weight, p.offset);
+  // Without a weight and offset the cast order cannot change a bit: skip the extra rounding.
+  const bool cast = p.cast_before_weight && (p.weight != nullptr || p.offset != 0.0);
   for (int64_t r = row_begin; r < row_end; ++r) {
     // src is the row that gets normalized: x itself, or round(x + residual) stored first.
-    const T* src = a.x + r * a.x_stride;
-    Vec sum_sq(acc_t(0));
-    if (a.residual != nullptr) {
-      const T* res = a.residual + r * a.residual_stride;
-      T* res_out = a.residual_out + r * a.residual_out_stride;
-      int64_t j = 0;
-      for (; j < n_vec; j += W) {
-        Vec s = IO::round(IO::load(src + j) + IO::load(res + j));
-        IO::store(res_out + j, s);
-        sum_sq = at::vec::fmadd(s, s, sum_sq);
-      }
-      if (j < n) {
-        Vec s = IO::round(IO::load_partial(src + j, n - j) + IO::load_partial(res + j, n - j));
-        IO::store(res_out + j, s, n - j);
-        sum_sq = at::vec::fmadd(s, s, sum_sq);
-      }
+    const T* src = row_of<T>(p.x, p.x_stride, r);
+    acc_t sum_sq;
+    if (p.residual != nullptr) {
+      T* res_out = row_of<T>(p.residual_out, p.residual_out_stride, r);
+      sum_sq = add_residual<T>(src, row_of<T>(p.residual, p.residual_stride, r), res_out, n);
       src = res_out;
     } else {
-      // Four independent accumulators hide the FMA latency; their sum order is fixed.
-      Vec acc1(acc_t(0)), acc2(acc_t(0)), acc3(acc_t(0));
-      int64_t j = 0;
-      for (; j + 4 * W <= n; j += 4 * W) {
-        const Vec v0 = IO::load(src + j), v1 = IO::load(src + j + W);
-        const Vec v2 = IO::load(src + j + 2 * W), v3 = IO::load(src + j + 3 * W);
-        sum_sq = at::vec::fmadd(v0, v0, sum_sq);
-        acc1 = at::vec::fmadd(v1, v1, acc1);
-        acc2 = at::vec::fmadd(v2, v2, acc2);
-        acc3 = at::vec::fmadd(v3, v3, acc3);
-      }
-      for (; j < n_vec; j += W) {
-        const Vec v = IO::load(src + j);
-        sum_sq = at::vec::fmadd(v, v, sum_sq);
-      }
-      if (j < n) {
-        const Vec v = IO::load_partial(src + j, n - j);
-        sum_sq = at::vec::fmadd(v, v, sum_sq);
-      }
-      sum_sq = (sum_sq + acc1) + (acc2 + acc3);
+      sum_sq = sum_of_squares<T>(src, n);
     }
-    const acc_t mean_sq = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, sum_sq) / acc_t(n);
-    const acc_t rstd = acc_t(1) / std::sqrt(mean_sq + static_cast<acc_t>(a.eps));
-    if (a.rstd != nullptr) a.rstd[r] = rstd;
-
-    T* y = a.y + r * a.y_stride;
-    const Vec rstd_v(rstd);
-    int64_t j = 0;
-    // Branch-free full-width loops; the weight test is hoisted out of them.
-    if (a.weight != nullptr) {
-      for (; j < n_vec; j += W) IO::store(y + j, IO::round(IO::load(src + j) * rstd_v) * IO::load(a.weight + j));
+    const acc_t rstd = acc_t(1) / std::sqrt(sum_sq / acc_t(n) + static_cast<acc_t>(p.eps));
+    if (p.rstd != nullptr) static_cast<acc_t*>(p.rstd)[r] = rstd;
+    O* y = row_of<O>(p.y, p.y_stride, r);
+    if (cast) {
+      write_normalized<T, W, O, true>(src, w, y, n, rstd);
     } else {
-      for (; j < n_vec; j += W) IO::store(y + j, IO::load(src + j) * rstd_v);
-    }
-    if (j < n) {
-      Vec h = IO::round(IO::load_partial(src + j, n - j) * rstd_v);
-      if (a.weight != nullptr) h = h * IO::load_partial(a.weight + j, n - j);
-      IO::store(y + j, h, n - j);
+      write_normalized<T, W, O, false>(src, w, y, n, rstd);
     }
   }
 }
 
-template <typename T>
-void launch_add_rms_norm(const RowsArgs<T>& args, int64_t rows) {
-  at::parallel_for(0, rows, row_grain(args.n),
-                   [&](int64_t begin, int64_t end) { add_rms_norm_rows<T>(args, begin, end); });
-}
-
-template <typename T>
-const T* optional_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
-// Runs the forward on [rows, n] views; residual/residual_out/rstd may be undefined.
-void add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& residual_out,
-                      const std::optional<at::Tensor>& weight, const at::Tensor& y, const at::Tensor& rstd,
-                      double eps) {
-  const int64_t n = x.size(-1);
-  const int64_t rows = x.size(0);
-  LLAMA_EXT_DISPATCH_FLOATING(x.scalar_type(), "add_rms_norm_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    RowsArgs<scalar_t> args{};
-    args.x = x.const_data_ptr<scalar_t>();
-    args.x_stride = x.stride(0);
-    if (residual.defined()) {
-      args.residual = residual.const_data_ptr<scalar_t>();
-      args.residual_stride = residual.stride(0);
-      args.residual_out = residual_out.mutable_data_ptr<scalar_t>();
-      args.residual_out_stride = residual_out.stride(0);
-    }
-    args.weight = optional_ptr<scalar_t>(weight);
-    args.y = y.mutable_data_ptr<scalar_t>();
-    args.y_stride = y.stride(0);
-    args.rstd = rstd.defined() ? rstd.mutable_data_ptr<acc_t>() : nullptr;
-    args.n = n;
-    args.eps = eps;
-    launch_add_rms_norm<scalar_t>(args, rows);
+void rms_norm_cpu(const RMSNormParams& p) {
+  LLAMA_EXT_DISPATCH_FLOATING(p.dtype, "rms_norm_cpu", [&] {
+    dispatch_weight_and_out<scalar_t>(p.dtype, p.weight_dtype, p.out_dtype, [&]<typename W, typename O>() {
+      at::parallel_for(0, p.rows, row_grain(p.n),
+                       [&](int64_t begin, int64_t end) { rms_norm_rows<scalar_t, W, O>(p, begin, end); });
+    });
   });
 }
 
@@ -159,133 +163,99 @@ void add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual, const at:
 // bits, independent of how many threads run.
 constexpr int64_t kWeightGradChunks = 32;
 
-template <typename T>
-struct BackwardArgs {
-  const T* grad_out;                   // [rows, n]
-  int64_t grad_out_stride;
-  const T* x;                          // [rows, n]
-  int64_t x_stride;
-  const T* weight;                     // [n] or null
-  const at::opmath_type<T>* rstd;      // [rows]
-  const T* grad_residual;              // [rows, n] or null
-  int64_t grad_residual_stride;
-  T* grad_x;                           // [rows, n]
-  int64_t grad_x_stride;
-  int64_t n;
-};
-
-template <typename T>
-void rms_norm_backward_rows(const BackwardArgs<T>& a, int64_t row_begin, int64_t row_end,
-                            at::opmath_type<T>* dweight_partial /* [n] or null */) {
+// dx for rows [row_begin, row_end); with dweight_partial, also adds g * xhat of those rows to it.
+template <typename T, typename W, typename O>
+void rms_norm_backward_rows(const RMSNormBackwardParams& p, int64_t row_begin, int64_t row_end,
+                            typename VecIO<T>::acc_t* dweight_partial /* [n] or null */) {
   using IO = VecIO<T>;
+  using OIO = VecIO<O>;
   using acc_t = typename IO::acc_t;
   using Vec = typename IO::Vec;
-  constexpr int64_t W = IO::kWidth;
-  const int64_t n = a.n;
+  constexpr int64_t kW = IO::kWidth;
+  const int64_t n = p.n;
+  const AppliedWeight<W> w(p.weight, p.offset);
+  const acc_t* rstds = static_cast<const acc_t*>(p.rstd);
   for (int64_t r = row_begin; r < row_end; ++r) {
-    const T* g = a.grad_out + r * a.grad_out_stride;
-    const T* x = a.x + r * a.x_stride;
-    const acc_t rstd = a.rstd[r];
+    const O* g = row_of<O>(p.grad_out, p.grad_out_stride, r);
+    const T* x = row_of<T>(p.x, p.x_stride, r);
+    const acc_t rstd = rstds[r];
     Vec dot(acc_t(0));
-    for (int64_t j = 0; j < n; j += W) {
-      const int64_t count = std::min(W, n - j);
-      const bool full = count == W;
-      Vec gw = full ? IO::load(g + j) : IO::load_partial(g + j, count);
-      if (a.weight != nullptr) gw = gw * (full ? IO::load(a.weight + j) : IO::load_partial(a.weight + j, count));
+    for (int64_t j = 0; j < n; j += kW) {
+      const int64_t count = std::min(kW, n - j);
+      const bool full = count == kW;
+      const Vec gw = (full ? OIO::load(g + j) : OIO::load_partial(g + j, count)) * (full ? w.load(j) : w.load(j, count));
       dot = at::vec::fmadd(gw, full ? IO::load(x + j) : IO::load_partial(x + j, count), dot);
     }
-    const acc_t dot_sum = at::vec::vec_reduce_all<acc_t>([](Vec& p, Vec& q) { return p + q; }, dot);
+    const acc_t dot_sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, dot);
     const Vec rstd_v(rstd);
     const Vec x_coef(-rstd * rstd * rstd * dot_sum / acc_t(n));
-    T* dx = a.grad_x + r * a.grad_x_stride;
-    const T* gres = a.grad_residual != nullptr ? a.grad_residual + r * a.grad_residual_stride : nullptr;
-    for (int64_t j = 0; j < n; j += W) {
-      const int64_t count = std::min(W, n - j);
-      const bool full = count == W;
-      const Vec gv = full ? IO::load(g + j) : IO::load_partial(g + j, count);
+    T* dx = row_of<T>(p.grad_x, p.grad_x_stride, r);
+    const T* gres = p.grad_residual != nullptr ? row_of<T>(p.grad_residual, p.grad_residual_stride, r) : nullptr;
+    for (int64_t j = 0; j < n; j += kW) {
+      const int64_t count = std::min(kW, n - j);
+      const bool full = count == kW;
+      const Vec gv = full ? OIO::load(g + j) : OIO::load_partial(g + j, count);
       const Vec xv = full ? IO::load(x + j) : IO::load_partial(x + j, count);
-      Vec gw = gv;
-      if (a.weight != nullptr) gw = gw * (full ? IO::load(a.weight + j) : IO::load_partial(a.weight + j, count));
-      Vec d = at::vec::fmadd(xv, x_coef, gw * rstd_v);
+      Vec d = at::vec::fmadd(xv, x_coef, gv * (full ? w.load(j) : w.load(j, count)) * rstd_v);
       if (gres != nullptr) d = d + (full ? IO::load(gres + j) : IO::load_partial(gres + j, count));
       IO::store(dx + j, d, count);
       if (dweight_partial != nullptr) {
+        const Vec xhat = p.cast_before_weight ? IO::round(xv * rstd_v) : xv * rstd_v;
         const Vec acc = Vec::loadu(dweight_partial + j, count);
-        at::vec::fmadd(gv, IO::round(xv * rstd_v), acc).store(dweight_partial + j, count);
+        at::vec::fmadd(gv, xhat, acc).store(dweight_partial + j, count);
       }
     }
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                         const std::optional<at::Tensor>& weight,
-                                                         const at::Tensor& rstd,
-                                                         const std::optional<at::Tensor>& grad_residual_out,
-                                                         bool compute_grad_weight) {
-  check_rms_norm_backward_args(grad_out, input, weight, rstd, grad_residual_out);
-  const bool want_dweight = compute_grad_weight && weight.has_value();
-  const int64_t n = input.size(-1);
-  at::Tensor grad_input = new_output(at::empty(input.sizes(), input.options()));
-  at::Tensor grad_weight = new_output(at::empty({want_dweight ? n : 0}, input.options()));
-  const at::Tensor x = as_rows(input), g = as_rows(grad_out), dx = as_rows(grad_input);
-  const at::Tensor rstd_flat = rstd.contiguous();
-  const at::Tensor gres = grad_residual_out.has_value() ? as_rows(*grad_residual_out) : at::Tensor();
-  const int64_t rows = x.size(0);
-
-  LLAMA_EXT_DISPATCH_FLOATING(input.scalar_type(), "rms_norm_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    BackwardArgs<scalar_t> args{};
-    args.grad_out = g.const_data_ptr<scalar_t>();
-    args.grad_out_stride = g.stride(0);
-    args.x = x.const_data_ptr<scalar_t>();
-    args.x_stride = x.stride(0);
-    args.weight = optional_ptr<scalar_t>(weight);
-    args.rstd = rstd_flat.const_data_ptr<acc_t>();
-    if (gres.defined()) {
-      args.grad_residual = gres.const_data_ptr<scalar_t>();
-      args.grad_residual_stride = gres.stride(0);
-    }
-    args.grad_x = dx.mutable_data_ptr<scalar_t>();
-    args.grad_x_stride = dx.stride(0);
-    args.n = n;
-    if (!want_dweight) {
-      at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
-        rms_norm_backward_rows<scalar_t>(args, begin, end, nullptr);
-      });
-      return;
-    }
-    const int64_t chunks = std::max<int64_t>(1, std::min(rows, kWeightGradChunks));
-    const int64_t rows_per_chunk = rows == 0 ? 0 : (rows + chunks - 1) / chunks;
-    at::Tensor partial = at::zeros({chunks, n}, input.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
-    // Small inputs stay on one thread: a task gets at least row_grain(n) rows' worth of chunks.
-    const int64_t chunk_grain = std::max<int64_t>(1, row_grain(n) / std::max<int64_t>(1, rows_per_chunk));
-    at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t r0 = std::min(rows, c * rows_per_chunk);
-        const int64_t r1 = std::min(rows, r0 + rows_per_chunk);
-        rms_norm_backward_rows<scalar_t>(args, r0, r1, partial_ptr + c * n);
-      }
+template <typename T, typename W, typename O>
+void rms_norm_backward_typed(const RMSNormBackwardParams& p, const at::TensorOptions& options) {
+  using acc_t = typename VecIO<T>::acc_t;
+  const int64_t rows = p.rows, n = p.n;
+  if (p.grad_weight == nullptr) {
+    at::parallel_for(0, rows, row_grain(n), [&](int64_t begin, int64_t end) {
+      rms_norm_backward_rows<T, W, O>(p, begin, end, nullptr);
     });
-    scalar_t* dw = grad_weight.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t j = begin; j < end; ++j) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < chunks; ++c) sum += partial_ptr[c * n + j];
-        dw[j] = static_cast<scalar_t>(sum);
-      }
+    return;
+  }
+  const int64_t chunks = std::min(rows, kWeightGradChunks);
+  const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
+  at::Tensor partial = at::zeros({chunks, n}, options.dtype(c10::CppTypeToScalarType<acc_t>::value));
+  acc_t* partial_ptr = partial.mutable_data_ptr<acc_t>();
+  // Small inputs stay on one thread: a task gets at least row_grain(n) rows' worth of chunks.
+  const int64_t chunk_grain = std::max<int64_t>(1, row_grain(n) / rows_per_chunk);
+  at::parallel_for(0, chunks, chunk_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t r0 = std::min(rows, c * rows_per_chunk);
+      const int64_t r1 = std::min(rows, r0 + rows_per_chunk);
+      rms_norm_backward_rows<T, W, O>(p, r0, r1, partial_ptr + c * n);
+    }
+  });
+  W* dw = static_cast<W*>(p.grad_weight);
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < chunks; ++c) sum += partial_ptr[c * n + j];
+      dw[j] = static_cast<W>(sum);
+    }
+  });
+}
+
+void rms_norm_backward_cpu(const RMSNormBackwardParams& p, const at::TensorOptions& options) {
+  LLAMA_EXT_DISPATCH_FLOATING(p.dtype, "rms_norm_backward_cpu", [&] {
+    dispatch_weight_and_out<scalar_t>(p.dtype, p.weight_dtype, p.out_dtype, [&]<typename W, typename O>() {
+      rms_norm_backward_typed<scalar_t, W, O>(p, options);
     });
   });
-  return {grad_input, grad_weight};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
-  m.impl("rms_norm", &rms_norm_forward<add_rms_norm_cpu>);
-  m.impl("fused_add_rms_norm", &fused_add_rms_norm_forward<add_rms_norm_cpu>);
-  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_inplace<add_rms_norm_cpu>);
-  m.impl("rms_norm_backward", &rms_norm_backward_cpu);
+  m.impl("rms_norm", &rms_norm_forward<rms_norm_cpu>);
+  m.impl("fused_add_rms_norm", &fused_add_rms_norm_forward<rms_norm_cpu>);
+  m.impl("fused_add_rms_norm_", &fused_add_rms_norm_inplace<rms_norm_cpu>);
+  m.impl("rms_norm_backward", &rms_norm_backward<rms_norm_backward_cpu>);
 }
 
 }  // namespace llama_ext
