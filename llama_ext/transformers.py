@@ -104,17 +104,15 @@ def _reject_unsupported_attention(module, dropout: float, kwargs) -> None:
 
 
 def _kernel_options(sliding_window: Optional[int], softcap: Optional[float]) -> dict:
-    """The attention kernels' ``window_size``/``softcap`` for HF's arguments, given only where a
-    layer uses them. HF's window ``W`` keeps keys ``j > i - W`` (``sliding_window_overlay``): the
-    query and the ``W - 1`` keys before it."""
-    options = {}
-    if sliding_window is not None:
-        if sliding_window < 1:
-            raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
-        options["window_size"] = (int(sliding_window) - 1, 0)
-    if softcap is not None:
-        options["softcap"] = float(softcap)
-    return options
+    """The attention kernels' ``window_size``/``softcap`` for HF's arguments (None: off). HF's
+    window ``W`` keeps keys ``j > i - W`` (``sliding_window_overlay``): the query and the
+    ``W - 1`` keys before it."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
+    return {
+        "window_size": (-1, -1) if sliding_window is None else (int(sliding_window) - 1, 0),
+        "softcap": 0.0 if softcap is None else float(softcap),
+    }
 
 
 def _check_window_over_padding(key_valid: Tensor) -> None:
@@ -143,7 +141,7 @@ def _varlen_attention(
     any mask, left padding included. Rows of padding queries are zeros. ``options`` are the
     kernels' window_size/softcap.
     """
-    if "window_size" in options:
+    if options["window_size"][0] >= 0:
         _check_window_over_padding(key_valid)
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k = k.shape[1]
@@ -439,10 +437,9 @@ def _is_rms_norm_like(module: nn.Module) -> bool:
     return type(module).__name__.endswith("RMSNorm") and not isinstance(module, llama_ext.RMSNorm)
 
 
-def _rms_norm_variant(norm: nn.Module) -> Tuple[float, dict]:
-    """``(eps, options)`` such that ``llama_ext.RMSNorm(n, eps, **options)`` computes what the HF
-    module ``norm`` does; ``options`` holds ``offset``/``cast_before_weight`` where they differ
-    from Llama's. Found on a CPU copy of ``norm`` with random weights: fp32 inputs tell the
+def _rms_norm_variant(norm: nn.Module) -> Tuple[float, float, bool]:
+    """``(eps, offset, cast_before_weight)`` such that ``llama_ext.RMSNorm`` with them computes
+    what the HF module ``norm`` does. Found on a CPU copy of ``norm`` with random weights: fp32 inputs tell the
     weight applied (``weight`` or ``1 + weight``) and check the eps (rows whose mean square is
     near it); bf16 inputs with an fp32 weight tell the rounding order from the result's dtype
     (fp32: the normalized value was rounded to bf16 and then multiplied, as Llama does; bf16: the
@@ -483,12 +480,7 @@ def _rms_norm_variant(norm: nn.Module) -> Tuple[float, dict]:
         expected_bf16 = (normalized(x.bfloat16()) * scaled).bfloat16().double()
     if not close(out_bf16, expected_bf16, 2 ** -7):
         raise ValueError(f"{name} in bf16 is not an RMSNorm llama_ext computes (neither rounding order matches)")
-    options = {}
-    if offset != 0.0:
-        options["offset"] = offset
-    if not cast_before_weight:
-        options["cast_before_weight"] = False
-    return eps, options
+    return eps, offset, cast_before_weight
 
 
 def _rms_norm_replacements(model: nn.Module) -> list:
@@ -499,8 +491,10 @@ def _rms_norm_replacements(model: nn.Module) -> list:
         for name, child in parent.named_children():
             if not _is_rms_norm_like(child):
                 continue
-            eps, options = _rms_norm_variant(child)
-            norm = llama_ext.RMSNorm(child.weight.shape[0], eps=eps, device="meta", **options)
+            eps, offset, cast_before_weight = _rms_norm_variant(child)
+            norm = llama_ext.RMSNorm(
+                child.weight.shape[0], eps=eps, offset=offset, cast_before_weight=cast_before_weight, device="meta"
+            )
             norm.weight = child.weight
             norm.train(child.training)
             replacements.append((parent, name, norm))
