@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import llama_ext
 
 from .bench_attention import _eager_attention, sdpa_backend
-from .common import compiled, llama_ext_cuda_skip, missing_api
+from .common import compiled, llama_ext_cuda_skip
 from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
@@ -130,7 +130,6 @@ def build(cfg):
                      llama_ext_cuda_skip(cfg, "gqa_attention_with_kvcache")),
         ],
         make_inputs=lambda case: _make_inputs(case, cfg.device),
-        skip_reason=missing_api("gqa_attention_with_kvcache"),
         notes=["GB/s counts the K/V cache bytes one decode step reads (2 x batch x context x kv_heads x d)",
                "paged16 cases: llama_ext reads 16-token blocks in random pool order through the block table; "
                "the other providers read the same tokens contiguously"],

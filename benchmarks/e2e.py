@@ -1,4 +1,4 @@
-"""End-to-end: a small random Llama built with transformers, run with HF's eager attention,
+"""End-to-end: a small random Llama and a Gemma-style model (``FAMILIES``) built with transformers, run with HF's eager attention,
 HF's SDPA attention, and llama_ext (``llama_ext.transformers.patch_model``):
 
 - train: one forward + backward of the causal-LM loss (gradients zeroed, no optimizer), tokens/s;
@@ -26,6 +26,10 @@ MODELS = {  # Llama-shaped: GQA 4:1, SwiGLU MLP of ~2.75x hidden. The CPU model'
     "smoke": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=128),
 }
+# Model rows: the Llama shape above, and a Gemma-style one with Gemma 3's attention on the same
+# widths: head_dim 256 (fewer heads), sliding-window layers (window a quarter of the training
+# sequence; every 4th layer full), QK norms and (1 + weight) RMSNorms, per-layer-type rope bases.
+FAMILIES = ("llama", "gemma3")
 SHAPES = {  # (batch, train seq, prompt, decoded tokens); --full doubles the sequence lengths
     "cpu": (1, 256, 128, 16),
     "cuda": (4, 2048, 1024, 64),
@@ -45,11 +49,25 @@ def _transformers_missing() -> Optional[str]:
     return None
 
 
-def _model(cfg: RunConfig, dtype: torch.dtype, provider: str):
-    from transformers import AutoModelForCausalLM, LlamaConfig
+def _config(cfg: RunConfig, family: str):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    shape = MODELS[_kind(cfg)]
+    if family == "llama":
+        return LlamaConfig(**shape, max_position_embeddings=8192)
+    heads = max(shape["hidden_size"] // 256, 1)
+    layers = shape["num_hidden_layers"]
+    return Gemma3TextConfig(
+        **dict(shape, num_attention_heads=heads, num_key_value_heads=max(heads // 2, 1)), head_dim=256,
+        query_pre_attn_scalar=256, sliding_window=max(SHAPES[_kind(cfg)][1] // 4, 1), max_position_embeddings=8192,
+        layer_types=["full_attention" if (i + 1) % 4 == 0 else "sliding_attention" for i in range(layers)])
+
+
+def _model(cfg: RunConfig, dtype: torch.dtype, provider: str, family: str = "llama"):
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)  # the same weights for every provider
-    config = LlamaConfig(**MODELS[_kind(cfg)], max_position_embeddings=8192)
+    config = _config(cfg, family)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa" if provider == "sdpa" else "eager")
     model = model.to(device=cfg.device, dtype=dtype)
     if provider == "llama_ext":
@@ -101,16 +119,18 @@ def build(cfg: RunConfig) -> OpBench:
         seq, prompt = 2 * seq, 2 * prompt
     model_desc = MODELS[_kind(cfg)]
     cases = []
-    for dtype in cfg.dtypes:
-        for mode, tokens, size in (("train", batch * seq, seq), ("prefill", batch * prompt, prompt),
-                                   ("decode", batch * new_tokens, prompt)):
-            cases.append(Case(mode=mode, dtype=dtype, size=size, label=f"b{batch} " + (
-                f"s{seq}" if mode == "train" else f"prompt {prompt}" + (f" +{new_tokens}" if mode == "decode" else "")),
-                unit="tokens/s", work=tokens, out_bytes=0,
-                params={"batch": batch, "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "model": model_desc}))
+    for family in FAMILIES:
+        for dtype in cfg.dtypes:
+            for mode, tokens, size in (("train", batch * seq, seq), ("prefill", batch * prompt, prompt),
+                                       ("decode", batch * new_tokens, prompt)):
+                cases.append(Case(mode=mode, dtype=dtype, size=size, label=f"{family} b{batch} " + (
+                    f"s{seq}" if mode == "train" else f"prompt {prompt}" + (f" +{new_tokens}" if mode == "decode" else "")),
+                    unit="tokens/s", work=tokens, out_bytes=0,
+                    params={"batch": batch, "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "model": model_desc,
+                            "family": family}))
 
     def provider(name):
-        return lambda case, inputs: _closure(case, inputs, _model(cfg, case.dtype, name))
+        return lambda case, inputs: _closure(case, inputs, _model(cfg, case.dtype, name, case.params["family"]))
 
     def make_inputs(case):
         g = torch.Generator().manual_seed(0)
@@ -118,7 +138,7 @@ def build(cfg: RunConfig) -> OpBench:
 
     return OpBench(
         name="e2e",
-        title=f"end-to-end Llama ({model_desc['num_hidden_layers']} layers, hidden {model_desc['hidden_size']}, "
+        title=f"end-to-end Llama and Gemma-style ({model_desc['num_hidden_layers']} layers, hidden {model_desc['hidden_size']}, "
               f"{model_desc['num_attention_heads']}/{model_desc['num_key_value_heads']} heads, "
               f"vocab {model_desc['vocab_size']})",
         size_name="tokens",

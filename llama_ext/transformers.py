@@ -1,4 +1,4 @@
-"""Run HF transformers Llama-family models on llama_ext's kernels: ``patch_model(model)``.
+"""Run HF transformers RMSNorm + RoPE + GQA decoders on llama_ext's kernels: ``patch_model(model)``.
 
 Importing this module imports ``transformers`` (an optional dependency: ``pip install
 .[transformers]``) and registers the ``"llama_ext"`` attention implementation, so
@@ -6,36 +6,49 @@ Importing this module imports ``transformers`` (an optional dependency: ``pip in
 only; ``patch_model`` moves RMSNorm and the rotary embedding too). ``import llama_ext`` alone
 never imports transformers.
 
-What ``patch_model`` changes, and through which hook (each chosen as the narrowest one
-transformers 5.x offers that keeps the change to the one model being patched):
+One mechanism serves every family; nothing here is written per model. What ``patch_model``
+changes, and through which hook (each chosen as the narrowest one transformers 5.x offers that
+keeps the change to the one model being patched):
 
-* every family RMSNorm (including Qwen3's per-head ``q_norm``/``k_norm`` over head_dim) is
-  replaced by :class:`llama_ext.RMSNorm` holding the *same* ``weight`` Parameter;
-* attention goes through transformers' attention-function registry:
-  ``AttentionInterface.register("llama_ext", ...)`` for the kernel, and
+* RMSNorms are found by behaviour: every module named ``*RMSNorm`` is probed on a CPU copy with
+  random weights, which fixes its variant (weight or ``1 + weight``, as Gemma stores it; the
+  normalized value rounded to the input dtype before the weight, as Llama does, or one rounding
+  of the fp32 product, as Gemma and OLMo 2 do) and checks its eps. It is replaced by
+  :class:`llama_ext.RMSNorm` of that variant holding the *same* ``weight`` Parameter, wherever it
+  sits (before or after attention and MLP, per-head QK norms over head_dim or full-width ones);
+* attention modules are those whose forward calls transformers' attention-function registry.
+  They keep running their own class's forward (fused or separate projections, QK norms, layers
+  without rope, the scale, window and softcap each family passes: all exactly as HF wrote them),
+  with two hooks: ``AttentionInterface.register("llama_ext", ...)`` for the kernel (and
   ``AttentionMaskInterface.register("llama_ext", ...)`` so the model hands it the 2D padding mask
-  (or None) rather than a dense 4D mask; the model's ``config._attn_implementation`` is set to it;
-* the rotary embedding: transformers exposes ``apply_rotary_pos_emb`` only as a module-level
-  function of ``modeling_<family>``, shared by every model of that family in the process
-  (including unpatched ones, e.g. a reference model). So each attention module gets its own
-  ``forward`` instead: the same projections, cache update and registry call as HF's, with the
-  rotation done by :func:`llama_ext.apply_rotary` directly in the projection's
-  ``[batch, seq, heads, head_dim]`` layout.
+  or None rather than a dense 4D mask; ``config._attn_implementation`` is set to it), and the
+  rotary embedding: transformers calls ``apply_rotary_pos_emb`` as a module-level function of
+  ``modeling_<family>``, shared by every model of that family in the process (including unpatched
+  ones, e.g. a reference model), so each patched module runs a copy of its forward in which that
+  one global name is bound to :func:`llama_ext.apply_rotary` (checked against the family's own
+  function on probe inputs first). The rotation uses HF's cos/sin, so every rope type (llama3,
+  longrope, per-layer-type bases, partial rotary) is computed from exactly HF's angles.
 
-Exactness: anything the kernels cannot reproduce exactly raises ``ValueError`` naming the
-setting (active sliding window, attention dropout in training, ``output_attentions``, softcap,
-4D, bidirectional or custom masks, padded batches on a static cache); nothing silently falls
-back to HF code. HF's static cache (``cache_implementation="static"``) runs on
-:func:`llama_ext.gqa_attention_with_kvcache`, which appends to the cache's buffers in place and
-reads the lengths on the device, so a ``torch.compile(fullgraph=True)`` decode step has no host
-sync.
+Exactness: what the kernels cannot reproduce exactly raises ``ValueError`` naming it (attention
+dropout in training, ``output_attentions``, 4D, bidirectional or custom masks, a sliding window
+over a padding mask with holes, padded batches on a static cache, an RMSNorm or rotary that is not
+one the kernels compute, a model family without a parity test); nothing silently falls back to HF
+code. HF's sliding window ``W`` (a query sees itself and the ``W - 1`` keys before it) is the
+kernels' ``window_size=(W - 1, 0)``; logit softcapping is the kernels' ``softcap``.
+
+HF's static cache (``cache_implementation="static"``): the family's forward writes the step's k/v
+into the cache's buffers as usual, and attention then runs on
+:func:`llama_ext.gqa_attention_with_kvcache` over those buffers, with the lengths read from the
+layer's device-side counter, so a ``torch.compile(fullgraph=True)`` decode step has no host sync.
 
 Padded batches are unpadded to :func:`llama_ext.gqa_attention_varlen`, as are packed sequences
 (several per row, restarting position_ids, no attention_mask: transformers detects them). Query rows at padding
 positions are not attended by anything; their outputs are zeros (HF computes a meaningless
 average there), so compare models on non-padding positions only.
 """
-import sys
+import copy
+import functools
+import inspect
 import types
 from typing import Optional, Tuple
 
@@ -57,30 +70,35 @@ if int(transformers.__version__.split(".")[0]) < 5:
 
 from transformers import AttentionInterface  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, causal_mask_function  # noqa: E402
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS  # noqa: E402
 
 ATTN_IMPLEMENTATION = "llama_ext"
 
-# model_type -> (family name, RMSNorm class name, attention class name)
+# model_type -> family name: the families whose parity with HF eager tests/test_transformers.py
+# checks. The patching itself is generic; a family joins this table with its test.
 SUPPORTED_FAMILIES = {
-    "llama": ("Llama", "LlamaRMSNorm", "LlamaAttention"),
-    "mistral": ("Mistral", "MistralRMSNorm", "MistralAttention"),
-    "qwen2": ("Qwen2", "Qwen2RMSNorm", "Qwen2Attention"),
-    "qwen3": ("Qwen3", "Qwen3RMSNorm", "Qwen3Attention"),
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "mixtral": "Mixtral",
+    "qwen2": "Qwen2",
+    "qwen3": "Qwen3",
+    "qwen3_moe": "Qwen3-MoE",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text)",
+    "phi3": "Phi-3",
+    "olmo2": "OLMo 2",
+    "granite": "Granite",
+    "smollm3": "SmolLM3",
 }
-
-# The llama_ext ops this module calls; they are checked once, when a model is patched.
-_REQUIRED_OPS = ("RMSNorm", "apply_rotary", "gqa_attention", "gqa_attention_varlen")
 
 
 def _supported_families_text() -> str:
-    return ", ".join(f"{name} (model_type '{key}')" for key, (name, _, _) in SUPPORTED_FAMILIES.items())
+    return ", ".join(f"{name} (model_type '{key}')" for key, name in SUPPORTED_FAMILIES.items())
 
 
 # ---- attention function (the "llama_ext" entry of the registry) ----------------------------
 
 
-def _reject_unsupported_attention(module, key: Tensor, dropout: float, sliding_window, softcap, kwargs) -> None:
+def _reject_unsupported_attention(module, dropout: float, kwargs) -> None:
     if dropout > 0:
         raise ValueError(
             f"llama_ext attention has no dropout, but attention_dropout={dropout} is active (the model is in "
@@ -89,28 +107,48 @@ def _reject_unsupported_attention(module, key: Tensor, dropout: float, sliding_w
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
         raise ValueError("output_attentions=True is not supported: llama_ext attention never forms the attention matrix")
-    if softcap is not None:
-        raise ValueError(f"attention logit softcapping (softcap={softcap}) is not supported by llama_ext attention")
-    # A sliding window of W only removes keys once a query sees more than W of them; below that
-    # it is plain causal attention. (A sliding-window cache keeps W - 1 past keys, so decoding
-    # one token at a time past the window stays exact.)
-    if sliding_window is not None and key.shape[2] > sliding_window:
+
+
+def _kernel_options(sliding_window: Optional[int], softcap: Optional[float]) -> dict:
+    """The attention kernels' ``window_size``/``softcap`` for HF's arguments (None: off). HF's
+    window ``W`` keeps keys ``j > i - W`` (``sliding_window_overlay``): the query and the
+    ``W - 1`` keys before it."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be a positive number of keys, got {sliding_window}")
+    return {
+        "window_size": (-1, -1) if sliding_window is None else (int(sliding_window) - 1, 0),
+        "softcap": 0.0 if softcap is None else float(softcap),
+    }
+
+
+def _check_window_over_padding(key_valid: Tensor) -> None:
+    """A window counts positions of the padded row; the unpadded kernel counts tokens. The two
+    agree when each row's tokens are contiguous (left or right padding), not across holes."""
+    seq_k = key_valid.shape[1]
+    index = torch.arange(seq_k, device=key_valid.device)
+    first = torch.where(key_valid, index, seq_k).amin(1)
+    last = torch.where(key_valid, index, -1).amax(1)
+    count = key_valid.sum(1)
+    if not bool(((count == 0) | (last - first + 1 == count)).all()):
         raise ValueError(
-            f"sliding-window attention is active (sliding_window={sliding_window}, {key.shape[2]} keys) and is "
-            "not supported by llama_ext attention; keep sequences within the window"
+            "sliding-window attention with an attention_mask that has padding between a sequence's tokens is not "
+            "supported by llama_ext attention (only left or right padding)"
         )
 
 
 def _varlen_attention(
-    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: bool, scale: Optional[float]
+    q: Tensor, k: Tensor, v: Tensor, key_valid: Tensor, causal: bool, scale: Optional[float], **options
 ) -> Tensor:
     """Attention over the valid (mask True) tokens of each sequence, through the varlen kernel.
 
     q [batch, seq_q, n_q_heads, d]; k/v [batch, seq_k, n_kv_heads, d]; key_valid bool
     [batch, seq_k]. The queries are the last seq_q key positions, so each sequence's valid
     queries are the last of its valid keys: bottom-right causal alignment is the right one for
-    any mask, left padding included. Rows of padding queries are zeros.
+    any mask, left padding included. Rows of padding queries are zeros. ``options`` are the
+    kernels' window_size/softcap.
     """
+    if options["window_size"][0] >= 0:
+        _check_window_over_padding(key_valid)
     batch, seq_q, n_q_heads, head_dim = q.shape
     seq_k = k.shape[1]
     query_valid = key_valid[:, seq_k - seq_q:]
@@ -130,16 +168,18 @@ def _varlen_attention(
         int(k_lens.max()),
         causal=causal,
         scale=scale,
+        **options,
     )
     out = out_tokens.new_zeros(batch * seq_q, n_q_heads, head_dim).index_copy(0, q_index, out_tokens)
     return out.view(batch, seq_q, n_q_heads, head_dim)
 
 
 def _packed_attention(
-    q: Tensor, k: Tensor, v: Tensor, sequence_ids: Tensor, causal: bool, scale: Optional[float]
+    q: Tensor, k: Tensor, v: Tensor, sequence_ids: Tensor, causal: bool, scale: Optional[float], **options
 ) -> Tensor:
     """Attention within each packed sequence: q/k/v [batch, seq, heads, d] hold several sequences
-    per row, ``sequence_ids`` [batch, seq] numbers them; every row of q/k/v is a token of one."""
+    per row, ``sequence_ids`` [batch, seq] numbers them; every row of q/k/v is a token of one.
+    A window counts positions within each sequence, as HF's (position_ids restart per sequence)."""
     batch, seq, n_q_heads, head_dim = q.shape
     starts = torch.ones_like(sequence_ids, dtype=torch.bool)
     starts[:, 1:] = sequence_ids[:, 1:] != sequence_ids[:, :-1]
@@ -156,6 +196,7 @@ def _packed_attention(
         max_seqlen,
         causal=causal,
         scale=scale,
+        **options,
     )
     return out.view(batch, seq, n_q_heads, head_dim)
 
@@ -175,29 +216,36 @@ def llama_ext_attention_forward(
 ) -> Tuple[Tensor, None]:
     """transformers attention-interface signature: query [batch, n_q_heads, seq_q, d], key/value
     [batch, n_kv_heads, seq_k, d] (HF layout), attention_mask what :func:`llama_ext_padding_mask`
-    made (None, bool padding mask or packed-sequence ids). Returns ([batch, seq_q, n_q_heads, d], None)."""
-    _reject_unsupported_attention(module, key, dropout, sliding_window, softcap, kwargs)
+    made (None, bool padding mask or packed-sequence ids); ``sliding_window`` and ``softcap`` as
+    the model passes them (None: off). Returns ([batch, seq_q, n_q_heads, d], None)."""
+    static_layer = kwargs.pop(_STATIC_LAYER_KWARG, None)
+    _reject_unsupported_attention(module, dropout, kwargs)
+    options = _kernel_options(sliding_window, softcap)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # The kernels take [batch, seq, heads, d] with any strides but a contiguous last dim: HF's
     # [batch, heads, seq, d] tensors pass as transposed views, with no copy.
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if static_layer is not None:
+        return _static_cache_attention(static_layer, q, k, v, attention_mask, options, scaling), None
     group = getattr(module, "context_parallel_group", None)
     if group is not None:
+        if options["softcap"]:
+            raise ValueError("context-parallel attention does not support logit softcapping (softcap)")
         out = hf_context_parallel_attention(
             q, k, v, attention_mask, kwargs.get("position_ids"), sliding_window, causal, scaling, group
         )
         return out, None
     if attention_mask is None:
-        return llama_ext.gqa_attention(q, k, v, causal=causal, scale=scaling), None
+        return llama_ext.gqa_attention(q, k, v, causal=causal, scale=scaling, **options), None
     if attention_mask.dim() != 2 or attention_mask.shape != (key.shape[0], key.shape[2]):
         raise ValueError(
             "llama_ext attention takes a 2D [batch, kv_length] padding mask; got attention_mask of shape "
-            f"{tuple(attention_mask.shape)} for {key.shape[2]} keys (custom 4D masks and static KV caches are "
-            "not supported)"
+            f"{tuple(attention_mask.shape)} for {key.shape[2]} keys (custom 4D masks are not "
+            "supported)"
         )
     if attention_mask.dtype == torch.bool:
-        return _varlen_attention(q, k, v, attention_mask, causal, scaling), None
-    return _packed_attention(q, k, v, attention_mask, causal, scaling), None
+        return _varlen_attention(q, k, v, attention_mask, causal, scaling, **options), None
+    return _packed_attention(q, k, v, attention_mask, causal, scaling, **options), None
 
 
 # ---- mask function (the "llama_ext" entry of the mask registry) -----------------------------
@@ -242,8 +290,8 @@ def llama_ext_padding_mask(
     * an int64 [batch, seq] tensor: packed sequences (several per row, found by transformers
       from position_ids that restart), the id of the sequence each token belongs to.
 
-    A sliding window is checked against the key count in the attention function; any other
-    mask pattern (bidirectional, custom mask functions) raises.
+    A sliding-window overlay is left to the attention function, which applies each layer's
+    ``sliding_window`` in the kernel; any other mask pattern (bidirectional, custom mask functions) raises.
     """
     # Plain causal (the compiled static-cache decode step's case) skips the closure walk, which
     # dynamo cannot trace.
@@ -281,13 +329,14 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, llama_ext_padding_mask)
 
 def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
     """Rotate q [batch, seq, n_q_heads, d] and k [batch, seq, n_kv_heads, d] by HF's per-token
-    cos/sin ([batch or 1, seq, d], both halves equal).
+    cos/sin ([batch or 1, seq, rotary_dim], both halves equal; rotary_dim <= d, the rest of each
+    head passes through, as in HF's partial rotary).
 
-    Each token's first half of cos/sin becomes one row of a [rows, d/2] table, looked up at
-    position = row index: the rotation uses exactly HF's angles, whatever the rope type
-    (llama3, linear, dynamic, ... and their attention scaling are all folded into cos/sin).
+    Each token's first half of cos/sin becomes one row of a [rows, rotary_dim/2] table, looked up
+    at position = row index: the rotation uses exactly HF's angles, whatever the rope type
+    (llama3, linear, dynamic, longrope, ... and their attention scaling are all folded into cos/sin).
     """
-    half = q.shape[-1] // 2
+    half = cos.shape[-1] // 2
     table_batch, seq = cos.shape[0], cos.shape[1]
     if table_batch not in (1, q.shape[0]):
         raise ValueError(f"rotary cos/sin have batch {table_batch}, expected 1 or {q.shape[0]}")
@@ -297,56 +346,113 @@ def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tup
     return llama_ext.apply_rotary(q, k, cos_table, sin_table, positions[0] if table_batch == 1 else positions)
 
 
-def _patched_attention_forward(
-    self,
-    hidden_states: Tensor,
-    position_embeddings: Optional[Tuple[Tensor, Tensor]] = None,
-    attention_mask: Optional[Tensor] = None,
-    cache=None,
-    past_key_values=None,
-    **kwargs,
-):
-    """HF's Llama/Mistral/Qwen2/Qwen3 attention forward, with the rotary on llama_ext."""
-    cache = cache if cache is not None else past_key_values  # the name changed in transformers 5.x
-    static_layer = _static_cache_layer(cache, self.layer_idx) if cache is not None else None
-    if position_embeddings is None:
-        raise ValueError("patch_model's attention needs the model's position_embeddings (cos, sin)")
-    heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(heads_shape)
-    k = self.k_proj(hidden_states).view(heads_shape)
-    v = self.v_proj(hidden_states).view(heads_shape)
-    if hasattr(self, "q_norm"):  # Qwen3: RMSNorm over head_dim of every head
-        q, k = self.q_norm(q), self.k_norm(k)
-    q, k = _apply_rotary_from_hf(q, k, *position_embeddings)
-    if static_layer is not None:
-        out = _static_cache_attention(self, static_layer, q, k, v, attention_mask, kwargs)
-        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), None
-    # From here on HF's layout [batch, heads, seq, d], which the cache and the registry expect.
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if cache is not None:
-        k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+def _apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` on llama_ext:
+    q/k are [batch, heads, seq, d] (``unsqueeze_dim=1``, how attention modules call it) or
+    [batch, seq, heads, d] (``unsqueeze_dim=2``); the results have the inputs' layout."""
+    if unsqueeze_dim == 2:
+        return _apply_rotary_from_hf(q, k, cos, sin)
+    if unsqueeze_dim != 1:
+        raise ValueError(f"apply_rotary_pos_emb: unsqueeze_dim must be 1 or 2, got {unsqueeze_dim}")
+    # The kernel writes its outputs in the inputs' strides, so the rotated [batch, seq, heads, d]
+    # views transpose back to contiguous HF-layout tensors.
+    q, k = _apply_rotary_from_hf(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    return q.transpose(1, 2), k.transpose(1, 2)
 
-    # patch_model selects "llama_ext"; a later set_attn_implementation still takes effect.
-    eager = sys.modules[type(self).__module__].eager_attention_forward
-    attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager)
-    # Mistral reads the window from the config, Qwen2/Qwen3 per layer; Llama has none.
-    sliding_window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
-    attn_output, attn_weights = attention_interface(
-        self,
-        q,
-        k,
-        v,
-        attention_mask,
-        dropout=self.attention_dropout if self.training else 0.0,
-        scaling=self.scaling,
-        sliding_window=sliding_window,
-        **kwargs,
-    )
-    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return self.o_proj(attn_output), attn_weights
+
+_ROTARY_NAME = "apply_rotary_pos_emb"
+
+
+@functools.lru_cache(maxsize=None)
+def _check_rotary(rotary_fn) -> None:
+    """Raise unless the family's ``apply_rotary_pos_emb`` computes what :func:`_apply_rotary_pos_emb`
+    does: same parameters, same results on random q/k and angles, full width and (where the
+    family's function takes it) partial."""
+    where = f"{rotary_fn.__module__}.{rotary_fn.__qualname__}"
+    params = list(inspect.signature(rotary_fn).parameters)
+    if params != list(inspect.signature(_apply_rotary_pos_emb).parameters):
+        raise ValueError(f"{where}{inspect.signature(rotary_fn)} is not the rotary embedding llama_ext computes")
+    generator = torch.Generator().manual_seed(0)
+    batch, seq, head_dim = 2, 5, 16
+    q = torch.randn(batch, 4, seq, head_dim, generator=generator)
+    k = torch.randn(batch, 2, seq, head_dim, generator=generator)
+    for rotary_dim in (head_dim, head_dim // 2):
+        angles = 10 * torch.rand(batch, seq, rotary_dim // 2, generator=generator)
+        cos, sin = angles.cos().repeat(1, 1, 2), angles.sin().repeat(1, 1, 2)
+        try:
+            expected = rotary_fn(q, k, cos, sin)
+        except RuntimeError:  # a full-width-only rotation refuses narrower tables: never called with them
+            if rotary_dim < head_dim:
+                continue
+            raise
+        actual = _apply_rotary_pos_emb(q, k, cos, sin)
+        if not all(torch.allclose(a, e, rtol=1e-5, atol=1e-5) for a, e in zip(actual, expected)):
+            raise ValueError(
+                f"{where} is not the rotary embedding llama_ext computes (half-split rotate_half rotation of the "
+                f"first {rotary_dim} of {head_dim} dims by cos/sin)"
+            )
+
+
+def _with_global(fn, name: str, value):
+    """A copy of ``fn`` in which the global ``name`` is ``value``. A decorator chain
+    (``functools.wraps`` wrappers such as transformers' ``deprecate_kwarg``) is copied with each
+    wrapper's closure pointing at the copy of what it wraps, so every decorator still applies."""
+    inner = getattr(fn, "__wrapped__", None)
+    closure, fn_globals = fn.__closure__, fn.__globals__
+    if inner is None:
+        fn_globals = {**fn_globals, name: value}
+    else:
+        inner_copy = _with_global(inner, name, value)
+        cells = [cell for cell in closure or () if cell.cell_contents is inner]
+        if not cells:
+            raise ValueError(f"cannot rebind {name} in {fn.__qualname__}: its wrapper does not hold the wrapped function")
+        closure = tuple(types.CellType(inner_copy) if cell in cells else cell for cell in closure)
+    result = types.FunctionType(fn.__code__, fn_globals, fn.__name__, fn.__defaults__, closure)
+    result.__kwdefaults__ = fn.__kwdefaults__
+    result.__dict__.update(fn.__dict__)
+    result.__qualname__, result.__doc__, result.__module__ = fn.__qualname__, fn.__doc__, fn.__module__
+    if inner is not None:
+        result.__wrapped__ = inner_copy
+    return result
+
+
+def _is_registry_attention(module: nn.Module) -> bool:
+    """An attention module that calls transformers' attention-function registry in its forward."""
+    code = getattr(inspect.unwrap(type(module).forward), "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+# attention class -> its forward with the rotary on llama_ext (filled when a model is patched; a
+# plain dict, so torch.compile traces the lookup)
+_PATCHED_FORWARDS = {}
+
+
+def _forward_with_llama_ext_rotary(attention_class):
+    """``attention_class.forward`` (decorators included) with ``apply_rotary_pos_emb`` bound to
+    llama_ext's; the forward itself when it applies no rotary embedding."""
+    forward = attention_class.forward
+    inner = inspect.unwrap(forward)
+    if _ROTARY_NAME not in inner.__code__.co_names:
+        return forward
+    _check_rotary(inner.__globals__[_ROTARY_NAME])
+    return _with_global(forward, _ROTARY_NAME, _apply_rotary_pos_emb)
+
+
+def _patched_attention_forward(self, *args, **kwargs):
+    """The attention module's own HF forward, with the rotary on llama_ext (attention reaches
+    llama_ext through the registry). A static cache's layer travels to the attention function in
+    the forward's kwargs, which every family hands on to the registry call."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))  # the name changed in transformers 5.x
+    static_layer = _static_cache_layer(cache, self.layer_idx) if cache is not None else None
+    if static_layer is not None:
+        kwargs[_STATIC_LAYER_KWARG] = static_layer
+    return _PATCHED_FORWARDS[type(self)](self, *args, **kwargs)
 
 
 # ---- static KV cache (cache_implementation="static") on gqa_attention_with_kvcache --------------
+
+# The forward's kwarg that carries a static cache's layer to the attention function.
+_STATIC_LAYER_KWARG = "llama_ext_static_cache_layer"
 
 
 def _static_cache_layer(cache, layer_idx: int):
@@ -365,20 +471,12 @@ def _static_cache_layer(cache, layer_idx: int):
     return layer
 
 
-def _static_cache_attention(module, layer, q: Tensor, k: Tensor, v: Tensor, attention_mask, kwargs) -> Tensor:
-    """Appends this step's k/v [batch, seq, n_kv_heads, d] to the static layer's buffers and attends
-    over them in one llama_ext.gqa_attention_with_kvcache call. The buffers ([batch, heads,
-    max_cache_len, d]) pass as transposed views; the layer's device-side length counter feeds
-    cache_seqlens, so a compiled decode step needs no host sync."""
-    _reject_unsupported_attention(module, k.transpose(1, 2), module.attention_dropout if module.training else 0.0,
-                                  None, None, kwargs)
-    # The lengths live on the device: a window is exact only if no sequence can outgrow it.
-    sliding_window = getattr(module, "sliding_window", getattr(module.config, "sliding_window", None))
-    if sliding_window is not None and sliding_window < layer.max_cache_len:
-        raise ValueError(
-            f"sliding_window={sliding_window} is shorter than the static cache ({layer.max_cache_len} tokens): "
-            "sliding-window attention is not supported by patch_model's static-cache path"
-        )
+def _static_cache_attention(layer, q: Tensor, k: Tensor, v: Tensor, attention_mask, options: dict,
+                            scaling: Optional[float]) -> Tensor:
+    """Attention of q [batch, seq, n_q_heads, d] over a static layer's buffers k/v ([batch,
+    max_cache_len, n_kv_heads, d] views), which the family's forward has just appended this step's
+    k/v to: one llama_ext.gqa_attention_with_kvcache call, with the layer's device-side length
+    counter as cache_seqlens, so a compiled decode step needs no host sync."""
     if attention_mask is not None:
         # A 2D padding mask reaches here only when not all of its tokens are real (the mask
         # function drops all-True masks while it can check them): padded batches need varlen.
@@ -386,49 +484,94 @@ def _static_cache_attention(module, layer, q: Tensor, k: Tensor, v: Tensor, atte
             "patch_model's static-cache path needs unpadded batches (attention_mask None or all ones); use the "
             "default DynamicCache for padded batches"
         )
-    if not layer.is_initialized:
-        layer.lazy_initialization(k.transpose(1, 2), v.transpose(1, 2))
-    batch, seq = q.shape[:2]
-    cache_seqlens = layer.cumulative_length.to(torch.int32).expand(batch)
-    out = llama_ext.gqa_attention_with_kvcache(
-        q, layer.keys.transpose(1, 2), layer.values.transpose(1, 2), cache_seqlens, k, v, scale=module.scaling
-    )
-    layer.cumulative_length.add_(seq)
-    return out
+    cache_seqlens = layer.cumulative_length.to(torch.int32).expand(q.shape[0])
+    return llama_ext.gqa_attention_with_kvcache(q, k, v, cache_seqlens, scale=scaling, **options)
 
 
 # ---- patch_model ------------------------------------------------------------------------------
 
 
-def _check_ops_available() -> None:
-    missing = [name for name in _REQUIRED_OPS if not hasattr(llama_ext, name)]
-    if missing:
-        raise RuntimeError(f"this build of llama_ext lacks {', '.join(missing)}, which patch_model needs")
+def _is_rms_norm_like(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("RMSNorm") and not isinstance(module, llama_ext.RMSNorm)
 
 
-def _replace_rms_norms(model: nn.Module, norm_class_name: str) -> int:
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child).__name__ != norm_class_name:
+def _rms_norm_variant(norm: nn.Module) -> Tuple[float, float, bool]:
+    """``(eps, offset, cast_before_weight)`` such that ``llama_ext.RMSNorm`` with them computes
+    what the HF module ``norm`` does. Found on a CPU copy of ``norm`` with random weights: fp32 inputs tell the
+    weight applied (``weight`` or ``1 + weight``) and check the eps (rows whose mean square is
+    near it); bf16 inputs with an fp32 weight tell the rounding order from the result's dtype
+    (fp32: the normalized value was rounded to bf16 and then multiplied, as Llama does; bf16: the
+    fp32 product was rounded once, as Gemma and OLMo 2 do) and check the values."""
+    name = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or not isinstance(eps, float):
+        raise ValueError(f"{name} is not an RMSNorm llama_ext computes (it needs a 1-D weight and a float eps)")
+    generator = torch.Generator().manual_seed(0)
+    probe_weight = nn.Parameter(torch.randn(weight.shape[0], generator=generator))
+    probe = copy.deepcopy(norm, {id(weight): probe_weight}).cpu()
+    row_scales = torch.tensor([max(eps, 1e-12) ** 0.5, 0.1, 1.0, 30.0]).unsqueeze(1)  # the first: eps matters
+    x = torch.randn(4, weight.shape[0], generator=generator) * row_scales
+
+    def normalized(inputs: Tensor) -> Tensor:
+        inputs = inputs.double()
+        return inputs * torch.rsqrt(inputs.pow(2).mean(-1, keepdim=True) + eps)
+
+    def close(actual: Tensor, expected: Tensor, tol: float) -> bool:
+        return actual.shape == expected.shape and torch.allclose(
+            actual.double(), expected, rtol=tol, atol=tol * expected.abs().max().item()
+        )
+
+    with torch.no_grad():
+        out, out_bf16 = probe(x), probe(x.bfloat16())
+    offsets = [offset for offset in (0.0, 1.0) if close(out, normalized(x) * (offset + probe_weight.double()), 1e-5)]
+    if not offsets or out_bf16.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"{name} is not an RMSNorm llama_ext computes: x / sqrt(mean(x^2) + eps) times weight or 1 + weight, "
+            f"with eps={eps}"
+        )
+    offset, cast_before_weight = offsets[0], out_bf16.dtype == torch.float32
+    scaled = offset + probe_weight.double()
+    if cast_before_weight:
+        expected_bf16 = normalized(x.bfloat16()).bfloat16().double() * scaled
+    else:
+        expected_bf16 = (normalized(x.bfloat16()) * scaled).bfloat16().double()
+    if not close(out_bf16, expected_bf16, 2 ** -7):
+        raise ValueError(f"{name} in bf16 is not an RMSNorm llama_ext computes (neither rounding order matches)")
+    return eps, offset, cast_before_weight
+
+
+def _rms_norm_replacements(model: nn.Module) -> list:
+    """``(parent, name, llama_ext.RMSNorm)`` for every RMSNorm of ``model``, each sharing the
+    original's weight Parameter (optimizers and tied state keep working)."""
+    replacements = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if not _is_rms_norm_like(child):
                 continue
-            norm = llama_ext.RMSNorm(child.weight.shape[0], eps=child.variance_epsilon, device="meta")
-            norm.weight = child.weight  # the same Parameter: optimizers and tied state keep working
+            eps, offset, cast_before_weight = _rms_norm_variant(child)
+            norm = llama_ext.RMSNorm(
+                child.weight.shape[0], eps=eps, offset=offset, cast_before_weight=cast_before_weight, device="meta"
+            )
+            norm.weight = child.weight
             norm.train(child.training)
-            setattr(parent, name, norm)
-            replaced += 1
-    return replaced
+            replacements.append((parent, name, norm))
+    return replacements
 
 
 def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
-    """Run a Llama, Mistral, Qwen2 or Qwen3 transformers model on llama_ext, in place.
+    """Run a transformers RMSNorm + RoPE + GQA decoder on llama_ext, in place.
 
-    RMSNorms become :class:`llama_ext.RMSNorm` (same weights), the rotary embedding runs on
-    :func:`llama_ext.apply_rotary` and attention on :func:`llama_ext.gqa_attention` /
-    :func:`llama_ext.gqa_attention_varlen` (padded batches), registered as the ``"llama_ext"``
-    attention implementation. Training, ``generate()`` with the default DynamicCache (and
-    left-padded batches) or ``cache_implementation="static"`` are supported; settings the kernels cannot serve exactly raise
-    ``ValueError`` when they occur (see the module docstring). Returns ``model``.
+    RMSNorms become :class:`llama_ext.RMSNorm` (same weights, the variant the family uses), the
+    rotary embedding runs on :func:`llama_ext.apply_rotary` and attention on
+    :func:`llama_ext.gqa_attention` / :func:`llama_ext.gqa_attention_varlen` (padded batches), with
+    sliding windows and logit softcapping as the model sets them, registered as the
+    ``"llama_ext"`` attention implementation; everything else (MLPs and MoE experts, embeddings,
+    final logit softcapping) stays HF's. Families: see ``SUPPORTED_FAMILIES``. Training,
+    ``generate()`` with the default DynamicCache (and left-padded batches) or
+    ``cache_implementation="static"`` are supported; settings the kernels cannot serve exactly
+    raise ``ValueError`` (see the module docstring), before the model is changed where they are
+    visible in it. Returns ``model``.
 
     ``context_parallel_group`` (a torch.distributed process group, or ``dist.group.WORLD``) makes
     attention ring attention over that group (:mod:`llama_ext.distributed`): the model then takes
@@ -443,7 +586,6 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
             f"patch_model supports {_supported_families_text()}; got {type(model).__name__} "
             f"with model_type {model_type!r}"
         )
-    _check_ops_available()
     if getattr(config, "output_attentions", False):
         raise ValueError(
             "config.output_attentions=True is not supported: llama_ext attention never forms the attention matrix"
@@ -455,11 +597,14 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
             'use the default dynamic cache or "static"'
         )
 
-    _, norm_class_name, attention_class_name = SUPPORTED_FAMILIES[model_type]
-    attention_modules = [m for m in model.modules() if type(m).__name__ == attention_class_name]
+    attention_modules = [m for m in model.modules() if _is_registry_attention(m)]
     if not attention_modules:
-        raise ValueError(f"found no {attention_class_name} module in {type(model).__name__}; nothing to patch")
-    _replace_rms_norms(model, norm_class_name)
+        raise ValueError(f"found no attention module in {type(model).__name__} that uses transformers' attention registry")
+    for attention_class in {type(m) for m in attention_modules} - _PATCHED_FORWARDS.keys():
+        # raises for a rotary llama_ext does not compute
+        _PATCHED_FORWARDS[attention_class] = _forward_with_llama_ext_rotary(attention_class)
+    for parent, name, norm in _rms_norm_replacements(model):
+        setattr(parent, name, norm)
     for attention in attention_modules:
         attention.forward = types.MethodType(_patched_attention_forward, attention)
         attention.context_parallel_group = context_parallel_group
