@@ -31,7 +31,7 @@
 //   32     256       105 / 106                 30 KB           2 / 2
 //   64     256       128 / 125                 54 KB           2 / 2
 //   80     256       128 / 128                 66 KB           2 / 2
-//   96     256       134 / 134                 78 KB           1 / 1
+//   96     256       166 / 169                 78 KB           1 / 1
 //   128    256       197 / 197                 102 KB          1 / 1
 //   256    128       234 / 234                 99 KB           1 / 2
 #include "attention_launch.cuh"
@@ -47,7 +47,7 @@ struct FwdConfig {
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
   // Two CTAs per SM up to D = 80: ptxas must then fit 65536 / (2 * 256) = 128 registers. At
-  // D = 96 that bound spills (40 bytes), so D = 96 keeps one CTA per SM at 134 registers.
+  // D = 96 that bound spills (40 bytes), so D = 96 keeps one CTA per SM (166-169 registers).
   static constexpr int kMinCtasPerSm = D <= 80 ? 2 : 1;
   static constexpr bool kQInRegisters = D <= 128;
   static constexpr int kPitch = smem_pitch<D>();
