@@ -38,6 +38,7 @@
 // Bytes: K and V once per (group, row tile), q and out once; splits add 2 x rows x d fp32 of
 // partials per split. Offsets are 64-bit.
 #include <ATen/ops/empty.h>
+#include <c10/util/StringUtil.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -45,6 +46,7 @@
 #include <limits>
 
 #include "../kvcache_attention.h"
+#include "attention_launch.cuh"
 #include "common.cuh"
 
 namespace llama_ext::cuda {
@@ -55,8 +57,8 @@ constexpr int kRows = 8;          // query rows per CTA
 constexpr int kKeysPerStep = 4;   // consecutive keys a lane group takes per step
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kMaxSplits = 128;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using attention::kLn2;
+using attention::kLog2e;
 
 struct KVCacheKernelParams {
   const void* q;
@@ -414,12 +416,12 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
 
 // ---- host -------------------------------------------------------------------------------------
 
-// Calls f(std::integral_constant<int, D>{}) for the D in Ds equal to head_dim.
-template <int... Ds, typename F>
-void dispatch_head_dim(int64_t head_dim, F&& f) {
-  const bool found = ((head_dim == Ds ? (f(std::integral_constant<int, Ds>{}), true) : false) || ...);
-  TORCH_CHECK_VALUE(found, "head_dim ", head_dim,
-                    " is not supported by the CUDA kvcache attention kernels (supported: 32, 64, 80, 96, 128, 256)");
+// The prefill kernels' head dims (attention_launch.cuh's one list).
+void check_head_dim(int64_t head_dim) {
+  const auto& dims = attention::kHeadDims;
+  TORCH_CHECK_VALUE(std::find(dims.begin(), dims.end(), head_dim) != dims.end(), "head_dim ", head_dim,
+                    " is not supported by the CUDA kvcache attention kernels (supported: ",
+                    c10::Join(", ", dims), ")");
 }
 
 void check_cache_alignment(const at::Tensor& cache, const char* name) {
@@ -432,7 +434,7 @@ void check_cache_alignment(const at::Tensor& cache, const char* name) {
 
 void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   check_cuda_dtype(a.q, "q");
-  dispatch_head_dim<32, 64, 80, 96, 128, 256>(a.head_dim, [](auto) {});
+  check_head_dim(a.head_dim);
   check_cache_alignment(a.k_cache, "k_cache");
   check_cache_alignment(a.v_cache, "v_cache");
   TORCH_CHECK_VALUE(a.capacity <= std::numeric_limits<int32_t>::max() && a.num_blocks <= std::numeric_limits<int32_t>::max(),
@@ -514,9 +516,10 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
     }
     if (rows_total == 0) return;
     const dim3 grid(p.splits, static_cast<unsigned>(a.n_kv_heads * p.row_tiles), static_cast<unsigned>(a.batch));
-    dispatch_head_dim<32, 64, 80, 96, 128, 256>(a.head_dim, [&](auto d) {
+    attention::dispatch_head_dim(static_cast<int>(a.head_dim), [&](auto d) {
       attend_kernel<scalar_t, decltype(d)::value><<<grid, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return true;
     });
     if (p.splits > 1) {
       combine_kernel<scalar_t><<<static_cast<unsigned>(a.batch * a.n_q_heads * a.seq_q), kThreads, 0, stream>>>(p);
