@@ -23,7 +23,7 @@ from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
 HEAD_DIM = 128
-SEQ = {  # quick: short enough for the 3-minute CPU run; the CPU targets are at 2048 (--full)
+SEQ = {  # quick: short enough for the 3-minute CPU run; the CPU reference point is 2048 (--full)
     "cpu": ([512], [256, 512, 1024, 2048, 4096]),
     "cuda": ([8192], [1024, 2048, 4096, 8192, 16384]),
 }

@@ -22,7 +22,7 @@ from .harness import Case, OpBench, Provider
 HEADS = (32, 8)
 HEAD_DIM = 128
 BLOCK_SIZE = 16
-# (batches, contexts): quick, then --full. The CPU target point is batch 1 at 4096.
+# (batches, contexts): quick, then --full. The CPU reference point is batch 1 at 4096.
 SIZES = {
     "cpu": (([1], [4096]), ([1, 8], [1024, 2048, 4096])),
     "cuda": (([1, 32], [8192]), ([1, 8, 32], [1024, 2048, 4096, 8192, 16384])),

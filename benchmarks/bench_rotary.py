@@ -20,7 +20,7 @@ HEADS = (32, 8)
 HEAD_DIM = 128
 BASE = 10000.0
 TOKENS = {
-    "cpu": ([1024], [128, 256, 512, 1024, 2048, 4096, 8192]),  # quick: the targets' point
+    "cpu": ([1024], [128, 256, 512, 1024, 2048, 4096, 8192]),  # quick: the reference point
     "cuda": ([32768], [1024, 2048, 4096, 8192, 16384, 32768, 65536]),
 }
 SMOKE = dict(tokens=[16], heads=(4, 2), head_dim=16)

@@ -11,7 +11,7 @@ import torch
 from . import harness, report
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# CPU: both dtypes the targets are set in; CUDA: bf16, the dtype of every CUDA target.
+# CPU: both dtypes; CUDA: bf16, the dtype models run in there.
 DEFAULT_DTYPES = {"cpu": ["float32", "bfloat16"], "cuda": ["bfloat16"]}
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench-results")
 RESULTS_MD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -50,7 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
     p.add_argument("--size", action="append", type=int,
                    help="size to run instead of the sweep (repeatable): rows for RMSNorm, tokens for rotary, "
-                        "sequence length for attention; e.g. --op attention --size 2048 for the CPU targets")
+                        "sequence length for attention; e.g. --op attention --size 2048 for the CPU reference point")
     p.add_argument("--e2e", action="store_true", help="also run the end-to-end Llama benchmark (benchmarks.e2e)")
     p.add_argument("--out", default=DEFAULT_OUT, help="directory for JSON, markdown and plots (default: bench-results/)")
     p.add_argument("--update-results-md", action="store_true",

@@ -17,7 +17,7 @@ This module decides *how* to measure, identically for every op:
 - Throughput from the minimum work a call must do (bytes every implementation has to move,
   or FLOPs), so every provider of a case is scored on the same amount of work.
 - Ceilings measured in the same run, before and after the ops, the best of several rounds:
-  copy bandwidth (``dst.copy_(src)``, bytes read plus written; CPU at the 16 MB judging size,
+  copy bandwidth (``dst.copy_(src)``, bytes read plus written; CPU at the 16 MB headline size,
   CUDA far beyond L2) and a large matmul per dtype. A reduced-precision dtype's matmul ceiling
   is the best of its own rate and fp32's (a kernel may widen to fp32 where the CPU emulates
   bf16/fp16 matmuls). A case faster than its ceiling is flagged, not shown as a fraction.
@@ -44,7 +44,7 @@ MB = 1 << 20
 # On the 2-core CPU machine a fresh tensor of 32 MB or more is mmap'ed by glibc on every call
 # and pays ~13 ms of page faults, whatever the kernel; 16 MB pays nothing. CPU cases whose
 # largest output exceeds this are reported separately and not used to judge kernels.
-CPU_JUDGING_MAX_OUTPUT_BYTES = 16 * MB
+CPU_HEADLINE_MAX_OUTPUT_BYTES = 16 * MB
 
 UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
 # Rounds of each ceiling measurement; a round is a whole sampling run, the best round counts.
@@ -303,9 +303,9 @@ class Ceilings:
 
     def _measure_copy(self) -> None:
         cfg = self.cfg
-        # CPU: the judging output size (preallocated, so no page faults), so that the ceiling
+        # CPU: the headline output size (preallocated, so no page faults), so that the ceiling
         # and the judged cases see the same cache behaviour. CUDA: far beyond L2.
-        nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_JUDGING_MAX_OUTPUT_BYTES)
+        nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_HEADLINE_MAX_OUTPUT_BYTES)
         src = torch.randn(nbytes // 4, device=cfg.device)
         dst = torch.empty_like(src)
         self.copy = self._best(self.copy, lambda: dst.copy_(src), 2 * nbytes, 1e9, bytes=2 * nbytes, unit="GB/s",
@@ -450,10 +450,10 @@ def max_abs_diff(actual, expected) -> Optional[float]:
     return max(((x.float() - y.float()).abs().max().item() if x.numel() else 0.0) for x, y in zip(a, e))
 
 
-def is_judging(case: Case, cfg: RunConfig) -> bool:
+def is_headline(case: Case, cfg: RunConfig) -> bool:
     """The page-fault cost of a fresh large CPU output skews memory-bound ops only: a few ms
     are noise against attention's hundreds."""
-    return cfg.is_cuda or case.unit != "GB/s" or case.out_bytes <= CPU_JUDGING_MAX_OUTPUT_BYTES
+    return cfg.is_cuda or case.unit != "GB/s" or case.out_bytes <= CPU_HEADLINE_MAX_OUTPUT_BYTES
 
 
 def _measure(provider: Provider, case: Case, inputs, cfg: RunConfig, eager_out):
@@ -510,7 +510,7 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
         del inputs, eager_out
         cases.append({
             "mode": case.mode, "dtype": dtype_name(case.dtype), "size": case.size, "label": case.label,
-            "unit": case.unit, "work": case.work, "out_bytes": case.out_bytes, "judging": is_judging(case, cfg),
+            "unit": case.unit, "work": case.work, "out_bytes": case.out_bytes, "headline": is_headline(case, cfg),
             "ceiling": None, "ceiling_kind": UNIT_CEILING.get(case.unit), "params": case.params,
             "results": results,
         })

@@ -46,7 +46,7 @@ def _case_rows(case: Dict[str, Any]) -> List[str]:
 
 
 def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
-    """Markdown table of one op, judging sizes first, then (CPU) the page-fault-bound sizes.
+    """Markdown table of one op, headline sizes first, then (CPU) the page-fault-bound sizes.
     isa names the vector ISA the CPU kernels ran on."""
     lines = [f"### {op['title']}" + (f" [CPU kernels: {isa}]" if isa else "")]
     if op["status"] == "skipped":
@@ -56,9 +56,9 @@ def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
         f"| mode | dtype | {op['size_name']} | provider | median ms | p20-p80 ms | {unit} | of ceiling | vs eager | peak MB | max diff vs eager |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    judging = [row for c in op["cases"] if c["judging"] for row in _case_rows(c)]
-    large = [row for c in op["cases"] if not c["judging"] for row in _case_rows(c)]
-    lines += [""] + header + judging
+    headline = [row for c in op["cases"] if c["headline"] for row in _case_rows(c)]
+    large = [row for c in op["cases"] if not c["headline"] for row in _case_rows(c)]
+    lines += [""] + header + headline
     if large:
         lines += ["", "Outputs over 16 MB (each fresh CPU tensor of 32 MB or more pays ~13 ms of page faults "
                   "on this machine, whatever the kernel): shown for completeness, not used to judge kernels.",
@@ -144,7 +144,7 @@ def plot_op(op: Dict[str, Any], path: str, device: str) -> Optional[str]:
         if ceilings:
             ax.axhline(ceilings[0], color="k", linestyle="--", linewidth=1,
                        label=f"measured {cases[0]['ceiling_kind']} ceiling")
-        large = [c["size"] for c in cases if not c["judging"]]
+        large = [c["size"] for c in cases if not c["headline"]]
         if large:
             # Half a doubling either side, so that a single large size still shows on the log axis.
             ax.axvspan(min(large) / 2**0.5, max(large) * 2**0.5, color="0.9", label="> 16 MB out (page faults)")

@@ -29,7 +29,7 @@ def _check_op(op, expected_providers):
     assert set(op["providers"]) == set(expected_providers)
     assert op["cases"], op["op"]
     for case in op["cases"]:
-        assert {"mode", "dtype", "size", "label", "unit", "work", "judging", "ceiling", "results"} <= set(case)
+        assert {"mode", "dtype", "size", "label", "unit", "work", "headline", "ceiling", "results"} <= set(case)
         assert case["work"] > 0
         for name, info in op["providers"].items():
             result = case["results"][name]

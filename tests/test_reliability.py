@@ -257,7 +257,7 @@ def test_failed_inplace_rotary_writes_nothing(device):
 
 
 def _bad_input_cases():
-    """(name, build(device) -> (op, args), exception, message regex): issue 7's bad inputs for
+    """(name, build(device) -> (op, args), exception, message regex): the bad inputs for
     every op. Tensors in args are checked unchanged after the failed call."""
     f32, i32 = torch.float32, torch.int32
 
