@@ -194,7 +194,7 @@ class _RingAttention(torch.autograd.Function):
             src = (ring.rank - step) % ring.world
             rows, keys, step_causal = _ring_step_slices(step, ring.rank, src, local, causal)
             out, lse = _ops.gqa_attention_forward(
-                q[:, rows], kv[0][:, keys], kv[1][:, keys], None, None, 0, 0, step_causal, scale
+                q[:, rows], kv[0][:, keys], kv[1][:, keys], None, None, 0, 0, step_causal, scale, -1, -1, 0.0
             )
             if out_acc is None:  # step 0 covers every query row
                 out_acc, lse_acc = out.to(acc_dtype), lse
@@ -226,7 +226,7 @@ class _RingAttention(torch.autograd.Function):
             rows, keys, step_causal = _ring_step_slices(step, ring.rank, src, local, causal=ctx.causal)
             dq_part, dk_part, dv_part = _ops.gqa_attention_backward(
                 grad_out[:, rows], q[:, rows], kv[0][:, keys], kv[1][:, keys], out[:, rows],
-                lse[:, :, rows].contiguous(), None, None, 0, 0, step_causal, ctx.scale,
+                lse[:, :, rows].contiguous(), None, None, 0, 0, step_causal, ctx.scale, -1, -1, 0.0,
             )
             dq[:, rows] += dq_part
             if dkv_works is not None:  # this block's accumulator, from the ranks that held it before

@@ -297,7 +297,8 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const KVCacheKernelPar
         const int64_t j = j0 + u;
         seen[u] = key_ok[u] && j >= lo[r] && j < hi[r];
         float x = s[r][u];
-        if (p.softcap > 0.f) x = p.softcap * tanhf(x / p.softcap);
+        // The precise tanh: --use_fast_math would make tanhf the approximate MUFU.TANH.
+        if (p.softcap > 0.f) x = p.softcap * attention::precise_tanh(x / p.softcap);
         s[r][u] = seen[u] ? x * kLog2e : -INFINITY;
         mx = fmaxf(mx, s[r][u]);
       }
