@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import llama_ext
 from llama_ext import reference
 
-from .common import compiled, llama_ext_cuda_skip, sweep
+from .common import compiled, llama_ext_cuda_skip, random_inputs, sweep
 from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
@@ -105,10 +105,7 @@ def _cases(cfg):
 
 def _make_inputs(case, device):
     p = case.params
-    g = torch.Generator(device=device).manual_seed(case.size)
-
-    def rand(*shape):  # random, never zeros
-        return torch.randn(*shape, generator=g, device=device).to(case.dtype)
+    rand = random_inputs(case, device)
 
     b, s_q, s_k, d = p["batch"], p["seq_q"], p["seq_k"], p["head_dim"]
     inputs = {"q": rand(b, s_q, p["q_heads"], d), "k": rand(b, s_k, p["kv_heads"], d),

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import llama_ext
 
 from .bench_attention import _eager_attention, sdpa_backend
-from .common import compiled, llama_ext_cuda_skip
+from .common import compiled, llama_ext_cuda_skip, random_inputs
 from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
@@ -57,10 +57,7 @@ def _cases(cfg):
 
 def _make_inputs(case, device):
     p = case.params
-    g = torch.Generator(device=device).manual_seed(case.size)
-
-    def rand(*shape):  # random, never zeros
-        return torch.randn(*shape, generator=g, device=device).to(case.dtype)
+    rand = random_inputs(case, device)
 
     b, ctx, kvh, d = p["batch"], p["context"], p["kv_heads"], p["head_dim"]
     k_cache, v_cache = rand(b, ctx, kvh, d), rand(b, ctx, kvh, d)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import llama_ext
 from llama_ext.reference import hf_rms_norm
 
-from .common import backward_closure, compiled, llama_ext_cuda_skip, sweep
+from .common import backward_closure, compiled, llama_ext_cuda_skip, random_inputs, sweep
 from .harness import CPU_HEADLINE_MAX_OUTPUT_BYTES, Case, OpBench, Provider
 
 HIDDEN = 4096
@@ -63,11 +63,8 @@ def _cases(cfg, fused: bool):
 
 
 def _make_inputs(case, device, fused):
-    g = torch.Generator(device=device).manual_seed(case.size)
+    rand = random_inputs(case, device)
     shape = (case.params["tokens"], case.params["hidden"])
-
-    def rand(*s):  # random, never zeros: timing on zeros can flatter some kernels
-        return torch.randn(*s, generator=g, device=device).to(case.dtype)
 
     inputs = {"x": rand(*shape), "weight": rand(shape[-1]), "grad": rand(*shape)}
     if fused:

@@ -13,7 +13,7 @@ import torch
 import llama_ext
 from llama_ext import reference
 
-from .common import backward_closure, compiled, llama_ext_cuda_skip, sweep
+from .common import backward_closure, compiled, llama_ext_cuda_skip, random_inputs, sweep
 from .harness import Case, OpBench, Provider
 
 HEADS = (32, 8)
@@ -44,10 +44,7 @@ def _hf_cos_sin(tokens: int, head_dim: int, dtype, device):
 
 def _make_inputs(case, device):
     p = case.params
-    g = torch.Generator(device=device).manual_seed(case.size)
-
-    def rand(*shape):  # random, never zeros
-        return torch.randn(*shape, generator=g, device=device).to(case.dtype)
+    rand = random_inputs(case, device)
 
     b, s, d = 1, p["tokens"], p["head_dim"]
     inputs = {"q": rand(b, s, p["q_heads"], d), "k": rand(b, s, p["kv_heads"], d)}

@@ -4,6 +4,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 
+def random_inputs(case, device) -> Callable[..., torch.Tensor]:
+    """rand(*shape): normal samples in the case's dtype, seeded by its size, never zeros (timing on
+    zeros can flatter some kernels)."""
+    generator = torch.Generator(device=device).manual_seed(case.size)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator, device=device).to(case.dtype)
+
+    return rand
+
+
 def sweep(cfg, sizes: Dict[str, Tuple[List[int], List[int]]], smoke_sizes: List[int]) -> List[int]:
     """The sizes to run: ``sizes[device] = (quick, full)``; tiny ones for the smoke test."""
     if cfg.smoke:
