@@ -4,6 +4,7 @@
 
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/macros/Macros.h>
 
 #include <optional>
 #include <tuple>
@@ -79,6 +80,38 @@ inline RotaryGeometry check_rotary_args(const at::Tensor& q, const at::Tensor& k
 inline std::pair<int64_t, int64_t> positions_strides(const at::Tensor& positions) {
   return positions.dim() == 1 ? std::pair<int64_t, int64_t>{0, positions.stride(0)}
                               : std::pair<int64_t, int64_t>{positions.stride(0), positions.stride(1)};
+}
+
+// The cos/sin tables and positions of one call as both backends' kernels read them. Table is
+// float (float64 on the CPU for float64 q).
+template <typename Table>
+struct RotaryTables {
+  const Table* cos;
+  const Table* sin;
+  int64_t cos_stride, sin_stride;
+  const void* positions;  // null: position = seq index
+  bool positions_int64;
+  int64_t pos_batch_stride, pos_seq_stride;
+
+  C10_HOST_DEVICE int64_t position(int64_t b, int64_t s) const {
+    if (positions == nullptr) return s;
+    const int64_t offset = b * pos_batch_stride + s * pos_seq_stride;
+    return positions_int64 ? static_cast<const int64_t*>(positions)[offset]
+                           : static_cast<const int32_t*>(positions)[offset];
+  }
+};
+
+template <typename Table>
+RotaryTables<Table> rotary_tables(const at::Tensor& cos, const at::Tensor& sin,
+                                  const std::optional<at::Tensor>& positions) {
+  RotaryTables<Table> t{cos.const_data_ptr<Table>(), sin.const_data_ptr<Table>(), cos.stride(0), sin.stride(0),
+                        nullptr, false, 0, 0};
+  if (positions.has_value()) {
+    t.positions = positions->const_data_ptr();
+    t.positions_int64 = positions->scalar_type() == at::kLong;
+    std::tie(t.pos_batch_stride, t.pos_seq_stride) = positions_strides(*positions);
+  }
+  return t;
 }
 
 // ---- host side shared by both backends --------------------------------------------------------

@@ -46,29 +46,17 @@ template <typename T>
 struct RotaryArgs {
   using table_t = at::opmath_type<T>;
   RotaryOperand<T> q, k;
-  const table_t* cos;
-  const table_t* sin;
-  int64_t cos_stride, sin_stride;
-  const void* positions;  // null: position = seq index
-  bool positions_int64;
-  int64_t pos_batch_stride, pos_seq_stride;
+  RotaryTables<table_t> tables;
   int64_t seq, head_dim, half;
   bool copy_pass_through;  // out of place: dims past rotary_dim are copied to dst
-
-  int64_t position(int64_t b, int64_t s) const {
-    if (positions == nullptr) return s;
-    const int64_t offset = b * pos_batch_stride + s * pos_seq_stride;
-    return positions_int64 ? static_cast<const int64_t*>(positions)[offset]
-                           : static_cast<const int32_t*>(positions)[offset];
-  }
 };
 
 // Rotates one head of one token (a "row").
 template <typename T>
 inline void rotate_row(const RotaryArgs<T>& a, bool interleaved, bool inverse, int64_t b, int64_t s, int64_t head) {
-  const int64_t pos = a.position(b, s);
-  const auto* cos = a.cos + pos * a.cos_stride;
-  const auto* sin = a.sin + pos * a.sin_stride;
+  const int64_t pos = a.tables.position(b, s);
+  const auto* cos = a.tables.cos + pos * a.tables.cos_stride;
+  const auto* sin = a.tables.sin + pos * a.tables.sin_stride;
   const bool is_q = head < a.q.heads;
   const RotaryOperand<T>& op = is_q ? a.q : a.k;
   const int64_t h = is_q ? head : head - a.q.heads;
@@ -144,15 +132,7 @@ void rotary_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
     RotaryArgs<scalar_t> a{};
     a.q = make_operand<scalar_t>(q, q_out);
     a.k = make_operand<scalar_t>(k, k_out);
-    a.cos = cos_t.const_data_ptr<table_t>();
-    a.sin = sin_t.const_data_ptr<table_t>();
-    a.cos_stride = cos_t.stride(0);
-    a.sin_stride = sin_t.stride(0);
-    if (positions.has_value()) {
-      a.positions = positions->const_data_ptr();
-      a.positions_int64 = positions->scalar_type() == at::kLong;
-      std::tie(a.pos_batch_stride, a.pos_seq_stride) = positions_strides(*positions);
-    }
+    a.tables = rotary_tables<table_t>(cos_t, sin_t, positions);
     a.seq = g.seq;
     a.head_dim = g.head_dim;
     a.half = g.half;

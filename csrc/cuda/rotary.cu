@@ -40,12 +40,7 @@ struct Operand {
 template <typename T>
 struct RotaryParams {
   Operand<T> q, k;
-  const float* cos;
-  const float* sin;
-  int64_t cos_stride, sin_stride;
-  const void* positions;  // null: position = seq index
-  bool positions_int64;
-  int64_t pos_batch_stride, pos_seq_stride;
+  RotaryTables<float> tables;
   int64_t tokens, seq, max_position;
   int head_dim, half;
   int rotary_chunks, pass_chunks;  // per head
@@ -96,16 +91,11 @@ __global__ void rotary_kernel(const RotaryParams<T> p) {
   const int64_t token = static_cast<int64_t>(blockIdx.x) * blockDim.z + threadIdx.z;
   if (token >= p.tokens) return;
   const int64_t b = token / p.seq, s = token % p.seq;
-  int64_t pos = s;
-  if (p.positions != nullptr) {
-    const int64_t offset = b * p.pos_batch_stride + s * p.pos_seq_stride;
-    pos = p.positions_int64 ? static_cast<const int64_t*>(p.positions)[offset]
-                            : static_cast<const int32_t*>(p.positions)[offset];
-  }
+  const int64_t pos = p.tables.position(b, s);
   CUDA_KERNEL_ASSERT(pos >= 0 && pos < p.max_position && "apply_rotary: position outside the cos/sin table");
   if (pos < 0 || pos >= p.max_position) return;  // never index the table out of bounds
-  const float* cos_row = p.cos + pos * p.cos_stride;
-  const float* sin_row = p.sin + pos * p.sin_stride;
+  const float* cos_row = p.tables.cos + pos * p.tables.cos_stride;
+  const float* sin_row = p.tables.sin + pos * p.tables.sin_stride;
   const int heads = p.q.heads + p.k.heads;
   const int rotary_dim = 2 * p.half;
 
@@ -232,15 +222,7 @@ void rotary_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos
     RotaryParams<scalar_t> p{};
     p.q = make_operand<scalar_t>(q, q_out);
     p.k = make_operand<scalar_t>(k, k_out);
-    p.cos = cos.const_data_ptr<float>();
-    p.sin = sin.const_data_ptr<float>();
-    p.cos_stride = cos.stride(0);
-    p.sin_stride = sin.stride(0);
-    if (positions.has_value()) {
-      p.positions = positions->const_data_ptr();
-      p.positions_int64 = positions->scalar_type() == at::kLong;
-      std::tie(p.pos_batch_stride, p.pos_seq_stride) = positions_strides(*positions);
-    }
+    p.tables = rotary_tables<float>(cos, sin, positions);
     p.tokens = g.tokens();
     p.seq = g.seq;
     p.max_position = g.max_position;
