@@ -19,14 +19,14 @@
 # Usage: scripts/check_wheel.sh [--no-sdist-build] [--tests "tests/test_x.py ..."]
 # Environment: PYTHON, the build environment (default .venv/bin/python, which `make` creates);
 # CHECK_DIR, the work folder (default /tmp/llama_ext-check-wheel; the fresh environment is
-# $CHECK_DIR/venv, kept between runs); the build's own variables (LLAMA_EXT_CPU_ONLY,
+# $CHECK_DIR/venv, kept between runs, or CHECK_VENV); the build's own variables (LLAMA_EXT_CPU_ONLY,
 # LLAMA_EXT_CPU_CAPABILITIES, TORCH_CUDA_ARCH_LIST, MAX_JOBS) pass through to both builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
 PY=${PYTHON:-$REPO/.venv/bin/python}
 CHECK_DIR=${CHECK_DIR:-/tmp/llama_ext-check-wheel}
-VENV=$CHECK_DIR/venv
+VENV=${CHECK_VENV:-$CHECK_DIR/venv}
 SDIST_BUILD=1
 TESTS="tests/test_cpu_capability.py tests/test_rms_norm.py tests/test_rotary.py tests/test_kvcache_attention.py"
 while [ $# -gt 0 ]; do
