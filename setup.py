@@ -136,7 +136,9 @@ def _config_stamp(config):
 
 def _extensions():
     openmp = os.environ.get("LLAMA_EXT_OPENMP", "1") == "1"
-    common = ["-O3"] + (["-fopenmp"] if openmp else [])
+    # -g0: Python's own CFLAGS ask for debug info, which makes the template-heavy kernel objects
+    # several times larger and the compile slower.
+    common = ["-O3", "-g0"] + (["-fopenmp"] if openmp else [])
     link = ["-fopenmp"] if openmp else []
     cuda = _want_cuda()
     nvcc_flags = [

@@ -3,7 +3,10 @@ HF's SDPA attention, and llama_ext (``llama_ext.transformers.patch_model``):
 
 - train: one forward + backward of the causal-LM loss (gradients zeroed, no optimizer), tokens/s;
 - prefill: the prompt's forward with the KV cache, tokens/s (the median ms is its latency);
-- decode: greedy steps of one token on a copy of the prefilled cache, tokens/s.
+- decode: greedy steps of one token on a copy of the prefilled cache, tokens/s;
+- generate (Llama): ``model.generate()`` with HF's static KV cache and its decode step compiled by
+  ``torch.compile(fullgraph=True)`` (transformers' own ``compile_config`` path), new tokens/s of
+  the whole call, prefill included; the warm-up call compiles.
 
 ``python -m benchmarks --e2e`` adds it to the op benchmarks; ``--op none --e2e`` runs it alone. All three providers build the
 same weights from the same seed; "max diff vs eager" compares the prefill logits, and the
@@ -77,7 +80,7 @@ def _model(cfg: RunConfig, dtype: torch.dtype, provider: str, family: str = "lla
     return model
 
 
-def _closure(case: Case, inputs, model):
+def _closure(case: Case, inputs, model, smoke: bool):
     ids = inputs["ids"]
     if case.mode == "train":
         model.train()
@@ -95,6 +98,8 @@ def _closure(case: Case, inputs, model):
                 return model(input_ids=prompt, use_cache=True).logits
 
         return prefill
+    if case.mode == "generate":
+        return _generate(case, prompt, model, smoke)
     # transformers renamed past_key_values to cache (argument and output) in 5.x.
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     with torch.no_grad():
@@ -113,24 +118,51 @@ def _closure(case: Case, inputs, model):
     return decode
 
 
+def _generate(case: Case, prompt, model, smoke: bool):
+    """generate() as transformers serves compiled decoding: a static cache, the decode step
+    compiled with fullgraph (a graph break fails the case), the prefill left eager. On CPU
+    transformers compiles only when asked (``_compile_all_devices``). The smoke run traces with
+    the eager backend: it checks the graph is whole, without paying for inductor's C++ compiles."""
+    from transformers import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="eager" if smoke else "inductor",
+                                   mode="reduce-overhead" if prompt.is_cuda else "default")
+    compile_config._compile_all_devices = True
+    torch._dynamo.reset()  # each provider's model compiles afresh, within dynamo's recompile limit
+    new_tokens = case.params["new_tokens"]
+
+    def generate():
+        with torch.no_grad():
+            ids = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 cache_implementation="static", compile_config=compile_config,
+                                 pad_token_id=model.config.eos_token_id)
+        return ids[:, prompt.shape[1]:]
+
+    return generate
+
+
 def build(cfg: RunConfig) -> OpBench:
     batch, seq, prompt, new_tokens = SHAPES[_kind(cfg)]
     if cfg.full and not cfg.smoke:
         seq, prompt = 2 * seq, 2 * prompt
     model_desc = MODELS[_kind(cfg)]
     cases = []
+    labels = {"train": f"s{seq}", "prefill": f"prompt {prompt}", "decode": f"prompt {prompt} +{new_tokens}",
+              "generate": f"prompt {prompt} +{new_tokens}, static cache, compiled"}
     for family in FAMILIES:
+        modes = [("train", batch * seq, seq), ("prefill", batch * prompt, prompt), ("decode", batch * new_tokens, prompt)]
+        if family == "llama":  # the compiled generate() row: Llama only (each provider pays a compile)
+            modes.append(("generate", batch * new_tokens, prompt))
         for dtype in cfg.dtypes:
-            for mode, tokens, size in (("train", batch * seq, seq), ("prefill", batch * prompt, prompt),
-                                       ("decode", batch * new_tokens, prompt)):
-                cases.append(Case(mode=mode, dtype=dtype, size=size, label=f"{family} b{batch} " + (
-                    f"s{seq}" if mode == "train" else f"prompt {prompt}" + (f" +{new_tokens}" if mode == "decode" else "")),
-                    unit="tokens/s", work=tokens, out_bytes=0,
-                    params={"batch": batch, "seq": seq, "prompt": prompt, "new_tokens": new_tokens, "model": model_desc,
-                            "family": family}))
+            for mode, tokens, size in modes:
+                cases.append(Case(mode=mode, dtype=dtype, size=size, label=f"{family} b{batch} {labels[mode]}",
+                                  unit="tokens/s", work=tokens, out_bytes=0,
+                                  params={"batch": batch, "seq": seq, "prompt": prompt, "new_tokens": new_tokens,
+                                          "model": model_desc, "family": family}))
 
     def provider(name):
-        return lambda case, inputs: _closure(case, inputs, _model(cfg, case.dtype, name, case.params["family"]))
+        return lambda case, inputs: _closure(case, inputs, _model(cfg, case.dtype, name, case.params["family"]),
+                                             cfg.smoke)
 
     def make_inputs(case):
         g = torch.Generator().manual_seed(0)
@@ -151,6 +183,9 @@ def build(cfg: RunConfig) -> OpBench:
         make_inputs=make_inputs,
         skip_reason=_transformers_missing(),
         notes=["train: forward + backward of the LM loss, gradients zeroed, no optimizer step",
-               "decode: greedy steps on a deep copy of the prefilled KV cache (the copy is timed too; it is small)"],
+               "decode: greedy steps on a deep copy of the prefilled KV cache (the copy is timed too; it is small)",
+               "generate: model.generate(cache_implementation='static') with transformers' compile_config "
+               "(torch.compile fullgraph of the decode step" + (", eager backend in --smoke" if cfg.smoke else "")
+               + "); tokens/s of new tokens over the whole call, prefill included"],
     )
 

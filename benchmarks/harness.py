@@ -20,7 +20,8 @@ This module decides *how* to measure, identically for every op:
   copy bandwidth (``dst.copy_(src)``, bytes read plus written; CPU at the 16 MB headline size,
   CUDA far beyond L2) and a large matmul per dtype. A reduced-precision dtype's matmul ceiling
   is the best of its own rate and fp32's (a kernel may widen to fp32 where the CPU emulates
-  bf16/fp16 matmuls). A case faster than its ceiling is flagged, not shown as a fraction.
+  bf16/fp16 matmuls; there its own rate comes from one call at a quarter of the size, since the
+  full size would take a minute). A case faster than its ceiling is flagged, not shown as a fraction.
 - Peak memory of one call above what was live before it: CUDA ``max_memory_allocated``; CPU
   the largest total of live allocations in a profiler memory trace.
 """
@@ -315,16 +316,37 @@ class Ceilings:
         cfg = self.cfg
         key = dtype_name(dtype)
         n = 256 if cfg.smoke else (8192 if cfg.is_cuda else 2048)
+        if dtype in (torch.float16, torch.bfloat16) and not cfg.is_cuda and self._emulated(dtype, n // 4):
+            return
         a = torch.randn(n, n, device=cfg.device).to(dtype)
         b = torch.randn(n, n, device=cfg.device).to(dtype)
         self.matmul[key] = self._best(self.matmul.get(key), lambda: torch.mm(a, b), 2 * n**3, 1e12, n=n,
                                       unit="TFLOP/s", what=f"torch.mm {n}x{n}x{n} in {key}, best sample")
 
+    def _emulated(self, dtype: torch.dtype, n: int) -> bool:
+        """Whether this CPU runs dtype's matmul at under half the float32 rate (emulated: e.g. bf16
+        at ~1 GFLOP/s on AVX2, where the full-size measurement alone would take a minute), judged
+        from one call at size n; if so, that call is the dtype's own rate. Its ceiling is then
+        float32's (``matmul_tflops``), so nothing is lost by not measuring it at full size."""
+        a = torch.randn(n, n).to(dtype)
+        b = torch.randn(n, n).to(dtype)
+        torch.mm(a, b)  # warm-up
+        t = time_one_call(lambda: torch.mm(a, b), self.cfg.device)
+        rate = 2 * n**3 / (t["min_ms"] * 1e-3) / 1e12
+        if rate >= 0.5 * self.matmul["float32"]["rate"]:
+            return False
+        key = dtype_name(dtype)
+        if key not in self.matmul or rate > self.matmul[key]["rate"]:
+            self.matmul[key] = dict(t, rate=rate, n=n, unit="TFLOP/s", what=(
+                f"torch.mm {n}x{n}x{n} in {key}, one call: under half the float32 rate (emulated), "
+                "not measured at full size"))
+        return True
+
     def measure(self, dtypes) -> None:
-        """(Re)measures the copy ceiling and the matmul ceilings of dtypes (plus fp32, which a
-        reduced dtype's ceiling includes), keeping each one's best so far."""
+        """(Re)measures the copy ceiling and the matmul ceilings of fp32 (first: a reduced dtype's
+        ceiling includes it) and of dtypes, keeping each one's best so far."""
         self._measure_copy()
-        for dtype in dict.fromkeys([*dtypes, torch.float32]):
+        for dtype in dict.fromkeys([torch.float32, *dtypes]):
             self._measure_matmul(dtype)
 
     def matmul_tflops(self, dtype: torch.dtype) -> Optional[float]:

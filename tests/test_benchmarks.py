@@ -144,10 +144,13 @@ def test_e2e_smoke(tmp_path):
     data = json.loads((out / "results-cpu.json").read_text())
     (op,) = data["ops"]
     _check_op(op, ["eager", "sdpa", "llama_ext"])
-    assert {c["mode"] for c in op["cases"]} == {"train", "prefill", "decode"}
+    rows = {(c["params"]["family"], c["mode"]) for c in op["cases"]}
+    assert rows == {(f, m) for f in ("llama", "gemma3") for m in ("train", "prefill", "decode")} | {("llama", "generate")}
     for case in op["cases"]:
         if case["mode"] != "train":  # same weights, same tokens: the same logits and greedy tokens
             assert case["results"]["sdpa"]["max_abs_diff_vs_eager"] < 1e-3
+        if case["mode"] == "generate":  # compiled, on the static cache: HF eager's greedy tokens
+            assert case["results"]["llama_ext"]["max_abs_diff_vs_eager"] == 0
 
 
 def test_update_results_md_rewrites_only_its_section(tmp_path):
