@@ -22,17 +22,18 @@
 // Cost. 4 * s_q * s_k * D FLOPs per head (halved causal), all on tensor cores. Global traffic is
 // Q and O once plus K and V once per CTA: block_m FLOPs per byte of K/V (L2 serves the repeats
 // across the CTAs of a head group); the [s_q, s_k] score matrix never exists in memory.
-// Shared-memory reads, the limit of an mma.sync kernel on A100/H100: per key tile a warp reads
-// K and V (2 * block_n * D * 2 bytes, by ldmatrix) and, unless held in registers, its rows of Q
-// (rows * D * 2) for 4 * rows * block_n * D FLOPs, i.e. bytes per FLOP
-//   1 / (16 * m-tiles)                      Q in registers
-//   (1 + rows / (2 * block_n)) / (16 * m-tiles)   Q from shared memory
+// Shared-memory reads, which bound mma.sync kernels on A100/H100: per key tile a warp reads K
+// and V (2 * block_n * D * 2 bytes, by ldmatrix) and, unless held in registers, its rows of Q
+// (rows * D * 2) for 4 * rows * block_n * D FLOPs (rows = 16 * m-tiles), i.e. bytes per FLOP
+//   Q in registers:          1 / (16 * m-tiles)
+//   Q from shared memory:    (1 + rows / (2 * block_n)) / (16 * m-tiles)
 // FlashAttention-2 (128 x 64 tiles, 4 warps of 32 rows, Q from shared memory) reads 1/25.6. Here:
 // D = 32, 64: 32 rows per warp, Q in registers: 1/32; D = 128: 32 rows, Q from shared memory,
-// 32-key tiles (64 keys spill at 255 registers): 1/21.3; D = 80, 96: 16 rows, Q from shared
-// memory, 32-key tiles: 1/12.8 (32 rows need over 230 registers there, halving the warps per SM;
-// Q in registers spills on sm_120 within the 128 registers of two CTAs of 8 warps); D = 256: 16
-// rows, Q from shared memory: 1/12.8 (the 16 x 256 fp32 O takes 128 registers alone).
+// 32-key tiles (64-key tiles spill at 255 registers): 1/21.3; D = 80, 96: 16 rows, Q from shared
+// memory, 32-key tiles: 1/12.8, at two CTAs of 8 warps per SM (32 rows need over 230 registers
+// there, halving the warps per SM, and Q in registers spills on sm_120 within the 128 registers
+// of two CTAs); D = 256: 16 rows, Q from shared memory: 1/12.8 (the 16 x 256 fp32 O alone takes
+// 128 registers).
 //
 // Tiles (kFwdTiles, chosen per device at run time by choose_forward_tile from its shared memory;
 // rows padded by 16 bytes for conflict-free ldmatrix) and resources (ptxas -v, CUDA 13.0, no
