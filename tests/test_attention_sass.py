@@ -1,9 +1,10 @@
 """The CUDA attention kernels really run on tensor cores: their SASS, read from the built
-extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) for
-both architectures the extension targets by default (TORCH_CUDA_ARCH_LIST 8.0;9.0). Needs no
-GPU, only a CUDA build and cuobjdump (on PATH, in $CUDA_HOME/bin, or shipped in triton's
-package). A build for other architectures only (`make gpu-check` builds for the local GPU)
-skips the missing one, saying so, and must contain at least one of the two."""
+extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) for every
+architecture the extension targets by default (TORCH_CUDA_ARCH_LIST 8.0;8.6;8.9;9.0;12.0), in every
+instantiation the sources list (the forward: one per dtype and tile configuration of kFwdTiles in
+csrc/cuda/attention_fwd.cu), without spills. Needs no GPU, only a CUDA build and cuobjdump (on PATH,
+in $CUDA_HOME/bin, or shipped in triton's package). A build for fewer architectures (`make
+gpu-check` builds for the local GPU) skips the missing ones, saying so, and must contain one."""
 import importlib.util
 import os
 import re
@@ -14,11 +15,27 @@ import pytest
 
 from conftest import CUDA_HEAD_DIMS, CUDA_MAX_BACKWARD_TC_HEAD_DIM, CUDA_TC_TYPES
 
-ARCHS = ("sm_80", "sm_90")
-# Kernel name fragments (they appear verbatim inside the mangled names) and the (dtype, head_dim)
-# instantiations each must have, from the one list in csrc/cuda/attention_launch.cuh.
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
+FORWARD_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_fwd.cu")
+
+
+def _forward_tiles():
+    """kFwdTiles of attention_fwd.cu: (head_dim, block_m, block_n, warps, q_in_registers,
+    min_ctas_per_sm) per configuration, in the order of their indices."""
+    with open(FORWARD_SOURCE) as f:
+        text = f.read()
+    m = re.search(r"kFwdTiles\[\] = \{(.*?)\n\};", text, flags=re.S)
+    assert m, f"kFwdTiles not found in {FORWARD_SOURCE}"
+    rows = re.findall(r"\{(\d+), (\d+), (\d+), (\d+), (true|false), (\d+)\}", m.group(1))
+    return [(int(d), int(bm), int(bn), int(w), q == "true", int(c)) for d, bm, bn, w, q, c in rows]
+
+
+FORWARD_TILES = _forward_tiles()
+# Kernel name fragments (they appear verbatim inside the mangled names) and the instantiations
+# each must have: (dtype, head_dim) from the one list in csrc/cuda/attention_launch.cuh, plus the
+# forward's tile index.
 TENSOR_CORE_KERNELS = {
-    "attention_forward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
+    "attention_forward_tc_kernel": {(t, d, i) for t in CUDA_TC_TYPES for i, (d, *_) in enumerate(FORWARD_TILES)},
     "attention_backward_tc_kernel": {
         (t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS if d <= CUDA_MAX_BACKWARD_TC_HEAD_DIM
     },
@@ -75,15 +92,15 @@ def _sass_for(sass_by_arch, arch):
 
 
 def _template_args(name, kernel):
-    """(dtype, head_dim) of a mangled `kernel<T, D, ...>` instantiation: after the kernel's name
-    come I, T as <length><identifier>, and D as Li<value>E."""
+    """(dtype, head_dim, further int arguments...) of a mangled `kernel<T, D, ...>` instantiation:
+    after the kernel's name come I, T as <length><identifier>, then each int as Li<value>E."""
     m = re.search(rf"{kernel}I(\d+)", name)
     assert m, f"{name}: no template arguments after {kernel}"
     start = m.end()
     dtype = name[start: start + int(m.group(1))]
-    d = re.match(r"Li(\d+)E", name[start + int(m.group(1)):])
-    assert d, f"{name}: no head_dim after the dtype {dtype}"
-    return dtype, int(d.group(1))
+    ints = re.match(r"((?:Li\d+E)+)", name[start + int(m.group(1)):])
+    assert ints, f"{name}: no head_dim after the dtype {dtype}"
+    return (dtype, *(int(v) for v in re.findall(r"Li(\d+)E", ints.group(1))))
 
 
 def _functions(sass):
@@ -98,13 +115,22 @@ def test_attention_kernels_use_tensor_cores(sass_by_arch, arch, kernel):
     functions = {name: body for name, body in _functions(_sass_for(sass_by_arch, arch)).items() if kernel in name}
     found = {_template_args(name, kernel) for name in functions}
     assert found == TENSOR_CORE_KERNELS[kernel], (
-        f"{arch}: {kernel} instantiations differ from attention_launch.cuh's list: missing "
+        f"{arch}: {kernel} instantiations differ from the sources' lists: missing "
         f"{sorted(TENSOR_CORE_KERNELS[kernel] - found)}, unexpected {sorted(found - TENSOR_CORE_KERNELS[kernel])}"
     )
     for name, body in functions.items():
         opcodes = set(re.findall(r"\b([A-Z][A-Z0-9]+)(?:\.[A-Z0-9_.]+)?\s", body))
         missing = [op for op in REQUIRED_OPCODES if op not in opcodes]
         assert not missing, f"{arch} {name}: no {missing} in its SASS"
+
+
+def test_forward_tiles_cover_every_head_dim():
+    # Every listed head dim has a tensor-core forward tile, and each tile is whole warps of whole
+    # 16-row m-tiles (16 or 32 rows per warp) over whole 16-key chunks.
+    assert {d for d, *_ in FORWARD_TILES} == set(CUDA_HEAD_DIMS)
+    for d, block_m, block_n, warps, _, min_ctas in FORWARD_TILES:
+        assert block_m % (16 * warps) == 0 and block_m // warps in (16, 32), (d, block_m, warps)
+        assert block_n % 16 == 0 and min_ctas >= 1, (d, block_n, min_ctas)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

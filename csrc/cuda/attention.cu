@@ -4,7 +4,8 @@
 //   fp16 / bf16 forward, every supported head_dim  -> tensor cores (attention_fwd.cu)
 //   fp16 / bf16 backward, head_dim <= 128          -> tensor cores (attention_bwd.cu)
 //   float32, the fp16 / bf16 backward at 256, and
-//   any tensor-core kernel whose shared memory the device lacks (sm_86/89 at D=128)
+//   any tensor-core kernel whose shared memory the device lacks (the forward has a
+//   tile for every built arch, chosen from the device's shared memory: attention_fwd.cu)
 //                                                  -> SIMT (attention_simt.cu)
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>

@@ -1,10 +1,12 @@
 // Grouped-query attention forward on tensor cores (fp16 / bf16), FlashAttention-2 style.
 //
-// Algorithm. One CTA owns kBlockM query rows of one (sequence, query head); each of its
-// kBlockM / 16 warps owns 16 rows. The CTA streams the K/V tiles of the head's kv head
-// (h / group: K and V are read in place, never repeated) through shared memory, kBlockN keys
-// at a time, double-buffered with cp.async so tile j + 1 lands while tile j is multiplied:
-//   S = Q K_j^T            mma.sync m16n8k16, Q fragments in registers (D <= 128), K via ldmatrix
+// Algorithm. One CTA owns block_m query rows of one (sequence, query head); each warp owns 16 or
+// 32 of them (one or two 16-row m-tiles). The CTA streams the K/V tiles of the head's kv head
+// (h / group: K and V are read in place, never repeated) through shared memory, block_n keys at
+// a time, double-buffered with cp.async so tile j + 1 lands while tile j is multiplied:
+//   S = Q K_j^T            mma.sync m16n8k16; Q fragments held in registers or re-read from
+//                          shared memory (FwdTile::q_in_registers), K via ldmatrix, each K
+//                          fragment multiplied into every m-tile of the warp
 //   online softmax         fp32, base 2: s * scale * log2(e), running row max m and sum l, the
 //                          old O rescaled by exp2(m_old - m_new)
 //   O += P V_j             P converted from the S accumulators straight into A fragments
@@ -17,53 +19,153 @@
 // base 2, attention_common.cuh) before masking. Query/key tails are zero-filled by the loads
 // and masked, so any sequence length works.
 //
-// Tiles. D <= 128: kBlockM = 128 (8 warps), kBlockN = 64, Q in registers (D / 16 x 4 regs);
-// D = 256: kBlockM = 64 (4 warps), kBlockN = 32, Q fragments re-read from shared memory to
-// leave registers for the 16 x 256 fp32 O accumulator. Shared memory: Q + 2 x (K + V) tiles,
-// rows padded by 16 bytes (conflict-free ldmatrix): 102 KB at D = 128, 99 KB at D = 256.
+// Cost. 4 * s_q * s_k * D FLOPs per head (halved causal), all on tensor cores. Global traffic is
+// Q and O once plus K and V once per CTA: block_m FLOPs per byte of K/V (L2 serves the repeats
+// across the CTAs of a head group); the [s_q, s_k] score matrix never exists in memory.
+// Shared-memory reads, which bound mma.sync kernels on A100/H100: per key tile a warp reads K
+// and V (2 * block_n * D * 2 bytes, by ldmatrix) and, unless held in registers, its rows of Q
+// (rows * D * 2) for 4 * rows * block_n * D FLOPs (rows = 16 * m-tiles), i.e. bytes per FLOP
+//   Q in registers:          1 / (16 * m-tiles)
+//   Q from shared memory:    (1 + rows / (2 * block_n)) / (16 * m-tiles)
+// FlashAttention-2 (128 x 64 tiles, 4 warps of 32 rows, Q from shared memory) reads 1/25.6. Here:
+// D = 32, 64: 32 rows per warp, Q in registers: 1/32; D = 128: 32 rows, Q from shared memory,
+// 32-key tiles (64-key tiles spill at 255 registers): 1/21.3; D = 80, 96: 16 rows, Q from shared
+// memory, 32-key tiles: 1/12.8, at two CTAs of 8 warps per SM (32 rows need over 230 registers
+// there, halving the warps per SM, and Q in registers spills on sm_120 within the 128 registers
+// of two CTAs); D = 256: 16 rows, Q from shared memory: 1/12.8 (the 16 x 256 fp32 O alone takes
+// 128 registers).
 //
-// Cost. 4 * s_q * s_k * D FLOPs per head (halved causal), all on tensor cores; global traffic
-// is Q and O once plus K and V once per CTA: each key costs 2 * D * 2 bytes (its K and V rows,
-// 16-bit) and brings 4 * kBlockM * D FLOPs, i.e. kBlockM FLOPs per byte of K/V read (128, or 64
-// at D = 256; L2 serves the repeats across the CTAs of a head group): compute-bound on
-// A100/H100, and the [s_q, s_k] score matrix never exists in memory.
-//
-// Resources (ptxas -v, CUDA 13.0; no spills). Registers, dynamic shared memory and the CTAs per
-// SM they allow (sm_80: 64K registers, 164 KB; sm_90: 64K, 228 KB):
-//   D      threads   registers sm_80 / sm_90   shared memory   CTAs per SM sm_80 / sm_90
-//   32     256       123 / 127                 30 KB           2 / 2
-//   64     256       127 / 127                 54 KB           2 / 2
-//   80     256       128 / 128                 66 KB           2 / 2
-//   96     256       176 / 174                 78 KB           1 / 1
-//   128    256       204 / 204                 102 KB          1 / 1
-//   256    128       242 / 243                 99 KB           1 / 2
+// Tiles (kFwdTiles, chosen per device at run time by choose_forward_tile from its shared memory;
+// rows padded by 16 bytes for conflict-free ldmatrix) and resources (ptxas -v, CUDA 13.0, no
+// spills; registers sm_80 = sm_86 = sm_89 / sm_90 / sm_120; CTAs per SM from registers and
+// shared memory: 64K registers everywhere, 164 KB sm_80, 228 KB sm_90, 100 KB sm_86/89/120):
+//   D    block_m x block_n  warps x rows  Q     smem    registers        CTAs/SM (warps)
+//   32   128 x 64           4 x 32        regs  30 KB   168 / 167 / 168  3 (12) everywhere
+//   64   128 x 64           4 x 32        regs  54 KB   242 / 246 / 255  2 (8) sm_80, sm_90
+//   64   128 x 32           4 x 32        regs  36 KB   192 / 186 / 243  2 (8) 100 KB parts
+//   80   128 x 32           8 x 16        smem  44 KB   117 / 120 / 128  2 (16) everywhere
+//   96   128 x 32           8 x 16        smem  52 KB   127 / 128 / 128  2 (16) sm_80, sm_90; 1 (8) 100 KB parts
+//   128  128 x 32           4 x 32        smem  68 KB   249 / 251 / 255  2 (8) sm_80, sm_90
+//   128  128 x 32           8 x 16        regs  68 KB   184 / 188 / 208  1 (8) 100 KB parts
+//   256  64 x 32            4 x 16        smem  99 KB   242 / 243 / 255  1 (4) sm_80, 100 KB parts; 2 (8) sm_90
 #include "attention_launch.cuh"
+
+#include <utility>
 
 namespace llama_ext::cuda::attention {
 namespace {
 
-template <int D>
+// One forward tile configuration: block_m query rows per CTA over `warps` warps (16 or 32 rows
+// each), block_n keys per K/V tile, Q fragments kept in registers or re-read from shared memory,
+// and the CTAs per SM that __launch_bounds__ asks registers for.
+struct FwdTile {
+  int head_dim;
+  int block_m;
+  int block_n;
+  int warps;
+  bool q_in_registers;
+  int min_ctas_per_sm;
+
+  // Q, then K and V double-buffered, 16-bit elements, rows padded (smem_pitch).
+  constexpr int64_t smem_bytes() const { return int64_t{block_m + 4 * block_n} * (head_dim + 8) * 2; }
+};
+
+// What a device grants in shared memory: per CTA (cudaDevAttrMaxSharedMemoryPerBlockOptin), per
+// SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor) and reserved by the system per CTA.
+struct SmemLimits {
+  int64_t per_block;
+  int64_t per_sm;
+  int64_t reserved_per_block;
+};
+inline constexpr SmemLimits kSmemSm80{163 * 1024, 164 * 1024, 1024};
+inline constexpr SmemLimits kSmemSm90{227 * 1024, 228 * 1024, 1024};
+inline constexpr SmemLimits kSmemSm86{99 * 1024, 100 * 1024, 1024};  // also sm_89, sm_120
+
+// The forward's tile configurations, each head dim's in order of preference (the opening comment
+// says why each): a head dim's second entry serves the ~100 KB parts, whose shared memory holds
+// fewer CTAs of the first than its registers allow.
+inline constexpr FwdTile kFwdTiles[] = {
+    // D    M    N  warps  Q in regs  CTAs/SM
+    {32, 128, 64, 4, true, 3},
+    {64, 128, 64, 4, true, 2},
+    {64, 128, 32, 4, true, 2},
+    {80, 128, 32, 8, false, 2},
+    {96, 128, 32, 8, false, 2},
+    {128, 128, 32, 4, false, 2},
+    {128, 128, 32, 8, true, 1},
+    {256, 64, 32, 4, false, 1},
+};
+inline constexpr int kNumFwdTiles = static_cast<int>(sizeof(kFwdTiles) / sizeof(kFwdTiles[0]));
+
+// Index into kFwdTiles of the configuration launched for head_dim on a device with these limits:
+// the first whose CTAs per SM (those its registers were bounded for) fit the SM's shared memory,
+// else the first of which one CTA fits; -1 when none does (the SIMT kernel runs instead).
+constexpr int choose_forward_tile(int head_dim, const SmemLimits& smem) {
+  int fits_one = -1;
+  for (int i = 0; i < kNumFwdTiles; ++i) {
+    const FwdTile& c = kFwdTiles[i];
+    if (c.head_dim != head_dim || c.smem_bytes() > smem.per_block) continue;
+    if (c.min_ctas_per_sm * (c.smem_bytes() + smem.reserved_per_block) <= smem.per_sm) return i;
+    if (fits_one < 0) fits_one = i;
+  }
+  return fits_one;
+}
+
+// The choice for the built archs, checked at compile time: every head dim on tensor cores
+// everywhere; on sm_80 / sm_90 at the occupancy its registers allow.
+constexpr bool every_head_dim_on_tensor_cores(const SmemLimits& smem, bool at_full_occupancy) {
+  for (int d : kHeadDims) {
+    const int i = choose_forward_tile(d, smem);
+    if (i < 0) return false;
+    const FwdTile& c = kFwdTiles[i];
+    if (at_full_occupancy && c.min_ctas_per_sm * (c.smem_bytes() + smem.reserved_per_block) > smem.per_sm) return false;
+  }
+  return true;
+}
+static_assert(every_head_dim_on_tensor_cores(kSmemSm80, true) && every_head_dim_on_tensor_cores(kSmemSm90, true) &&
+              every_head_dim_on_tensor_cores(kSmemSm86, false));
+static_assert(kFwdTiles[choose_forward_tile(64, kSmemSm86)].block_n == 32 &&
+              kFwdTiles[choose_forward_tile(128, kSmemSm80)].warps == 4 &&
+              kFwdTiles[choose_forward_tile(128, kSmemSm86)].warps == 8);
+static_assert(choose_forward_tile(128, SmemLimits{64 * 1024, 64 * 1024, 1024}) == -1 &&
+              choose_forward_tile(48, kSmemSm90) == -1);
+
+// The current device's limits.
+SmemLimits device_smem_limits() {
+  int device = 0, per_block = 0, per_sm = 0, reserved = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  return SmemLimits{per_block, per_sm, reserved};
+}
+
+template <int kTile>
 struct FwdConfig {
-  static constexpr int kD = D;
-  static constexpr int kBlockM = D <= 128 ? 128 : 64;
-  static constexpr int kBlockN = D <= 128 ? 64 : 32;
-  static constexpr int kWarps = kBlockM / 16;
+  static constexpr FwdTile kCfg = kFwdTiles[kTile];
+  static constexpr int kD = kCfg.head_dim;
+  static constexpr int kBlockM = kCfg.block_m;
+  static constexpr int kBlockN = kCfg.block_n;
+  static constexpr int kWarps = kCfg.warps;
   static constexpr int kThreads = kWarps * 32;
-  // Two CTAs per SM up to D = 80: ptxas must then fit 65536 / (2 * 256) = 128 registers. At
-  // D = 96 that bound spills, so D = 96 keeps one CTA per SM (at 174-176 registers).
-  static constexpr int kMinCtasPerSm = D <= 80 ? 2 : 1;
-  static constexpr bool kQInRegisters = D <= 128;
-  static constexpr int kPitch = smem_pitch<D>();
-  static constexpr int kDTiles = D / 8;   // n-tiles of O (8 dims each)
-  static constexpr int kDChunks = D / 16;  // k-chunks of Q K^T (16 dims each)
-  static constexpr int kNTiles = kBlockN / 8;   // n-tiles of S (8 keys each)
+  static constexpr int kRowsPerWarp = kBlockM / kWarps;
+  static constexpr int kMTiles = kRowsPerWarp / 16;  // 16-row m-tiles per warp
+  static constexpr int kMinCtasPerSm = kCfg.min_ctas_per_sm;
+  static constexpr bool kQInRegisters = kCfg.q_in_registers;
+  static constexpr int kPitch = smem_pitch<kD>();
+  static constexpr int kDTiles = kD / 8;         // n-tiles of O (8 dims each)
+  static constexpr int kDChunks = kD / 16;       // k-chunks of Q K^T (16 dims each)
+  static constexpr int kNTiles = kBlockN / 8;    // n-tiles of S (8 keys each)
   static constexpr int kNChunks = kBlockN / 16;  // k-chunks of P V (16 keys each)
+  static constexpr int kQFragChunks = kQInRegisters ? kDChunks : 1;  // Q's k-chunks held in registers
   static constexpr int kSmemElems = (kBlockM + 4 * kBlockN) * kPitch;  // Q, K[2], V[2]
-  static_assert(D % 16 == 0 && kBlockN % 16 == 0 && kBlockM % 16 == 0, "tiles are whole mma shapes");
+  static_assert(kPitch == kD + 8 && kCfg.smem_bytes() == 2 * int64_t{kSmemElems}, "FwdTile::smem_bytes is the layout's");
+  static_assert(kRowsPerWarp * kWarps == kBlockM && kMTiles * 16 == kRowsPerWarp, "warps own whole m-tiles");
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0, "tiles are whole mma shapes");
   static_assert(kDTiles % 2 == 0 && kNTiles % 2 == 0, "B fragments are loaded in n-tile pairs");
 };
 
-// The online-softmax state of this thread's two rows of the warp's 16 (rows g and g + 8), in
+// The online-softmax state of this thread's two rows of one 16-row m-tile (rows g and g + 8), in
 // base 2: the running max of the scaled scores and this thread's share of the running sum (its
 // 2 of every 8 columns; the other 3 lanes of its quad hold the rest).
 struct SoftmaxRows {
@@ -83,22 +185,52 @@ __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* 
                                                p.v_strides.row, seq.len_k - n0, p.aligned16);
 }
 
-// Stage: S = Q K^T for the warp's 16 rows x kBlockN keys (fp32 accumulators, unscaled).
-template <typename T, typename C, typename QSource>
-__device__ __forceinline__ void score_tile(float (&s)[C::kNTiles][4], const QSource& q, const T* k_tile, int lane) {
+// Stage: S = Q K^T for the warp's kMTiles x 16 rows x kBlockN keys (fp32 accumulators,
+// unscaled). Each K fragment pair is loaded once and multiplied into every m-tile of the warp:
+// that reuse is what more rows per warp buys. Q's A fragments come from registers (q_frag) or
+// from the warp's rows of sQ.
+template <typename T, typename C>
+__device__ __forceinline__ void score_tile(float (&s)[C::kMTiles][C::kNTiles][4],
+                                           const uint32_t (&q_frag)[C::kMTiles][C::kQFragChunks][4], const T* sQ,
+                                           int warp_row0, const T* k_tile, int lane) {
 #pragma unroll
-  for (int nt = 0; nt < C::kNTiles; ++nt) {
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
 #pragma unroll
-    for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    for (int nt = 0; nt < C::kNTiles; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[mt][nt][e] = 0.f;
+    }
   }
-  mma::warp_gemm_nk<T, C::kDChunks, C::kNTiles>(s, q, k_tile, C::kPitch, 0, lane);
+#pragma unroll
+  for (int kc = 0; kc < C::kDChunks; ++kc) {
+    uint32_t a[C::kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < C::kMTiles; ++mt) {
+      if constexpr (C::kQInRegisters) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) a[mt][i] = q_frag[mt][kc][i];
+      } else {
+        mma::load_a(a[mt], sQ, C::kPitch, warp_row0 + mt * 16, kc * 16, lane);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < C::kNTiles; nt += 2) {
+      uint32_t b0[2], b1[2];
+      mma::load_b_pair_nk(b0, b1, k_tile, C::kPitch, nt * 8, kc * 16, lane);
+#pragma unroll
+      for (int mt = 0; mt < C::kMTiles; ++mt) {
+        mma::mma_16x8x16<T>(s[mt][nt], a[mt], b0);
+        mma::mma_16x8x16<T>(s[mt][nt + 1], a[mt], b1);
+      }
+    }
+  }
 }
 
 // Stage: scale into base 2, apply the logit softcap (fp32), and, on tiles that cross the
 // causal diagonal, a window edge or the key tail, set invisible scores to -inf. Each row's key
 // range [begin, end) is computed here, on masked tiles only, rather than kept live across the
-// key loop: two CTAs per SM leave no registers to spare at D = 64. Accumulator element e of
-// n-tile nt is row rows[e / 2], key n0 + nt * 8 + 2t + e % 2.
+// key loop, to leave the registers to the accumulators. Accumulator element e of n-tile nt is
+// row rows[e / 2], key n0 + nt * 8 + 2t + e % 2.
 template <typename C>
 __device__ __forceinline__ void scale_and_mask(float (&s)[C::kNTiles][4], const AttentionParams& p, const Seq& seq,
                                                const int (&rows)[2], int n0, bool masked, int t) {
@@ -122,9 +254,9 @@ __device__ __forceinline__ void scale_and_mask(float (&s)[C::kNTiles][4], const 
   }
 }
 
-// Stage: online softmax. Turns the scaled scores into probabilities exp2(s - max), updates each
-// row's max and sum, and rescales the row's output accumulators by exp2(old max - new max). A
-// row's 8 * kNTiles columns are spread over the 4 lanes of a quad.
+// Stage: online softmax of one m-tile. Turns the scaled scores into probabilities exp2(s - max),
+// updates each row's max and sum, and rescales the row's output accumulators by
+// exp2(old max - new max). A row's 8 * kNTiles columns are spread over the 4 lanes of a quad.
 template <typename C>
 __device__ __forceinline__ void online_softmax(float (&s)[C::kNTiles][4], SoftmaxRows& rows,
                                                float (&o_acc)[C::kDTiles][4]) {
@@ -156,19 +288,34 @@ __device__ __forceinline__ void online_softmax(float (&s)[C::kNTiles][4], Softma
   }
 }
 
-// Stage: O += P V. k-chunk kc of P is the accumulators of n-tiles 2kc and 2kc + 1 of S, rounded
-// to T in registers.
+// Stage: O += P V. k-chunk kc of an m-tile's P is the accumulators of its n-tiles 2kc and
+// 2kc + 1 of S, rounded to T in registers; each V fragment pair serves every m-tile of the warp.
 template <typename T, typename C>
-__device__ __forceinline__ void accumulate_pv(float (&o_acc)[C::kDTiles][4], const float (&s)[C::kNTiles][4],
-                                              const T* v_tile, int lane) {
-  mma::warp_gemm_kn<T, C::kNChunks, C::kDTiles>(o_acc, mma::AAccumulators<T, C::kNTiles>{s}, v_tile, C::kPitch, 0,
-                                                lane);
+__device__ __forceinline__ void accumulate_pv(float (&o_acc)[C::kMTiles][C::kDTiles][4],
+                                              const float (&s)[C::kMTiles][C::kNTiles][4], const T* v_tile, int lane) {
+#pragma unroll
+  for (int kc = 0; kc < C::kNChunks; ++kc) {
+    uint32_t a[C::kMTiles][4];
+#pragma unroll
+    for (int mt = 0; mt < C::kMTiles; ++mt) mma::pack_a_from_acc<T>(a[mt], s[mt][2 * kc], s[mt][2 * kc + 1]);
+#pragma unroll
+    for (int dt = 0; dt < C::kDTiles; dt += 2) {
+      uint32_t b0[2], b1[2];
+      mma::load_b_pair_kn(b0, b1, v_tile, C::kPitch, kc * 16, dt * 8, lane);
+#pragma unroll
+      for (int mt = 0; mt < C::kMTiles; ++mt) {
+        mma::mma_16x8x16<T>(o_acc[mt][dt], a[mt], b0);
+        mma::mma_16x8x16<T>(o_acc[mt][dt + 1], a[mt], b1);
+      }
+    }
+  }
 }
 
-// Stage: write O / l and lse = (max + log2 l) * ln 2 of this thread's rows. Rows that saw no key
-// (causal with len_q > len_k, an empty window, or len_k = 0) have l = 0: they get output 0 and
-// lse 0, written as such, since their O may hold 0 * Inf = NaN from a non-finite V row of a tile they shared. The
-// sequence's offsets are read again here rather than kept live in registers across the key loop.
+// Stage: write O / l and lse = (max + log2 l) * ln 2 of this thread's two rows of one m-tile.
+// Rows that saw no key (causal with len_q > len_k, an empty window, or len_k = 0) have l = 0:
+// they get output 0 and lse 0, written as such, since their O may hold 0 * Inf = NaN from a
+// non-finite V row of a tile they shared. The sequence's offsets are read again here rather
+// than kept live in registers across the key loop.
 template <typename T, typename C>
 __device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], const SoftmaxRows& rows_state,
                                            const AttentionParams& p, int b, int head, const int (&rows)[2], int t) {
@@ -195,10 +342,11 @@ __device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], 
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtasPerSm)
+template <typename T, int D, int kTile>
+__global__ void __launch_bounds__(FwdConfig<kTile>::kThreads, FwdConfig<kTile>::kMinCtasPerSm)
     attention_forward_tc_kernel(const AttentionParams p) {
-  using C = FwdConfig<D>;
+  using C = FwdConfig<kTile>;
+  static_assert(C::kD == D, "the kernel's name carries its tile's head dim");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sK = sQ + C::kBlockM * C::kPitch;     // [2][kBlockN][kPitch]
@@ -228,12 +376,20 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtas
   if (n_key_blocks > 0) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block, 0);
   mma::cp_async_commit();
 
-  // This thread's two rows of every 16-row fragment: g and g + 8 of the warp's 16.
-  const int row0 = m0 + warp * 16 + g;
-  const int rows[2] = {row0, row0 + 8};
-  float o_acc[C::kDTiles][4] = {};
-  SoftmaxRows state{{-INFINITY, -INFINITY}, {0.f, 0.f}};
-  uint32_t q_frag[C::kQInRegisters ? C::kDChunks : 1][4];
+  // The warp's rows are warp_row0 + [0, kRowsPerWarp) of the tile; this thread holds rows g and
+  // g + 8 of each of its 16-row m-tiles.
+  const int warp_row0 = warp * C::kRowsPerWarp;
+  int rows[C::kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) {
+    rows[mt][0] = m0 + warp_row0 + mt * 16 + g;
+    rows[mt][1] = rows[mt][0] + 8;
+  }
+  float o_acc[C::kMTiles][C::kDTiles][4] = {};
+  SoftmaxRows state[C::kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) state[mt] = SoftmaxRows{{-INFINITY, -INFINITY}, {0.f, 0.f}};
+  uint32_t q_frag[C::kMTiles][C::kQFragChunks][4];
 
   for (int it = 0; it < n_key_blocks; ++it) {
     mma::cp_async_wait<0>();
@@ -241,7 +397,12 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtas
     if constexpr (C::kQInRegisters) {
       if (it == 0) {
 #pragma unroll
-        for (int kc = 0; kc < C::kDChunks; ++kc) mma::load_a(q_frag[kc], sQ, C::kPitch, warp * 16, kc * 16, lane);
+        for (int mt = 0; mt < C::kMTiles; ++mt) {
+#pragma unroll
+          for (int kc = 0; kc < C::kDChunks; ++kc) {
+            mma::load_a(q_frag[mt][kc], sQ, C::kPitch, warp_row0 + mt * 16, kc * 16, lane);
+          }
+        }
       }
     }
     if (it + 1 < n_key_blocks) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block + it + 1, (it + 1) % 2);
@@ -251,39 +412,49 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads, FwdConfig<D>::kMinCtas
     const T* v_tile = sV + (it % 2) * C::kBlockN * C::kPitch;
     const int n0 = (first_key_block + it) * C::kBlockN;
 
-    float s[C::kNTiles][4];
-    if constexpr (C::kQInRegisters) {
-      score_tile<T, C>(s, mma::ARegisters<C::kDChunks>{q_frag}, k_tile, lane);
-    } else {
-      score_tile<T, C>(s, mma::ATileRows<T>{sQ, C::kPitch, warp * 16}, k_tile, lane);
+    float s[C::kMTiles][C::kNTiles][4];
+    score_tile<T, C>(s, q_frag, sQ, warp_row0, k_tile, lane);
+    const bool masked = tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window);
+#pragma unroll
+    for (int mt = 0; mt < C::kMTiles; ++mt) {
+      scale_and_mask<C>(s[mt], p, seq, rows[mt], n0, masked, t);
+      online_softmax<C>(s[mt], state[mt], o_acc[mt]);
     }
-    scale_and_mask<C>(s, p, seq, rows, n0, tile_needs_mask(m0, C::kBlockM, n0, C::kBlockN, seq, p.window), t);
-    online_softmax<C>(s, state, o_acc);
     accumulate_pv<T, C>(o_acc, s, v_tile, lane);
   }
   mma::cp_async_wait<0>();  // nothing may be in flight when the CTA exits
-  write_back<T, C>(o_acc, state, p, b, head, rows, t);
+#pragma unroll
+  for (int mt = 0; mt < C::kMTiles; ++mt) write_back<T, C>(o_acc[mt], state[mt], p, b, head, rows[mt], t);
 }
 
-template <typename T, int D>
-bool launch_forward_kernel(const AttentionParams& p, cudaStream_t stream) {
-  using C = FwdConfig<D>;
-  const size_t smem_bytes = C::kSmemElems * sizeof(T);
-  if (!smem_fits(smem_bytes)) return false;
-  auto kernel = attention_forward_tc_kernel<T, D>;
+template <typename T, int kTile>
+void launch_forward_kernel(const AttentionParams& p, cudaStream_t stream) {
+  using C = FwdConfig<kTile>;
+  constexpr size_t smem_bytes = C::kSmemElems * sizeof(T);
+  auto kernel = attention_forward_tc_kernel<T, C::kD, kTile>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, p.batch);
-  if (grid_empty(grid)) return true;
+  if (grid_empty(grid)) return;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return true;
+}
+
+// Calls launch_forward_kernel<T, tile> for the run-time index `tile` of kFwdTiles.
+template <typename T, int... kTiles>
+void launch_forward_tile(int tile, const AttentionParams& p, cudaStream_t stream,
+                         std::integer_sequence<int, kTiles...>) {
+  ((tile == kTiles ? launch_forward_kernel<T, kTiles>(p, stream) : void()), ...);
 }
 
 }  // namespace
 
 template <typename T>
 bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream) {
-  return dispatch_head_dim(p.head_dim, [&](auto d) { return launch_forward_kernel<T, decltype(d)::value>(p, stream); });
+  static_assert(sizeof(T) == 2, "FwdTile::smem_bytes counts 16-bit elements");
+  const int tile = choose_forward_tile(p.head_dim, device_smem_limits());
+  if (tile < 0) return false;
+  launch_forward_tile<T>(tile, p, stream, std::make_integer_sequence<int, kNumFwdTiles>{});
+  return true;
 }
 
 #define LLAMA_EXT_INSTANTIATE_FWD(T) template bool launch_forward_tc<T>(const AttentionParams&, cudaStream_t);
