@@ -1,9 +1,10 @@
 """The CUDA attention kernels really run on tensor cores: their SASS, read from the built
-extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) for
-both architectures the extension targets by default (TORCH_CUDA_ARCH_LIST 8.0;9.0). Needs no
-GPU, only a CUDA build and cuobjdump (on PATH, in $CUDA_HOME/bin, or shipped in triton's
-package). A build for other architectures only (`make gpu-check` builds for the local GPU)
-skips the missing one, saying so, and must contain at least one of the two."""
+extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async), and no
+local-memory traffic (spills), for every architecture the extension targets by default
+(TORCH_CUDA_ARCH_LIST 8.0;8.6;8.9;9.0;12.0). Needs no GPU, only a CUDA build and cuobjdump (on
+PATH, in $CUDA_HOME/bin, or shipped in triton's package). A build for other architectures only
+(`make gpu-check` builds for the local GPU) skips the missing ones, saying so, and must contain
+at least one of them."""
 import importlib.util
 import os
 import re
@@ -12,17 +13,19 @@ import subprocess
 
 import pytest
 
-from conftest import CUDA_HEAD_DIMS, CUDA_MAX_BACKWARD_TC_HEAD_DIM, CUDA_TC_TYPES
+from conftest import CUDA_HEAD_DIMS, CUDA_TC_TYPES
 
-ARCHS = ("sm_80", "sm_90")
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 # Kernel name fragments (they appear verbatim inside the mangled names) and the (dtype, head_dim)
 # instantiations each must have, from the one list in csrc/cuda/attention_launch.cuh.
 TENSOR_CORE_KERNELS = {
     "attention_forward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
-    "attention_backward_tc_kernel": {
-        (t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS if d <= CUDA_MAX_BACKWARD_TC_HEAD_DIM
-    },
+    "attention_backward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
 }
+# The backward's tile configurations (BwdConfig<D, keys, queries, two warps per key slice>) that
+# must exist besides one per head dim: D = 256 on 64 x 64 tiles (sm_80 / sm_90 shared memory)
+# and on 32 x 32 tiles (the ~100 KB of sm_86 / sm_89 / sm_120).
+BACKWARD_D256_CONFIGS = {(256, 64, 64, 1), (256, 32, 32, 1)}
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
@@ -75,13 +78,14 @@ def _sass_for(sass_by_arch, arch):
 
 
 def _template_args(name, kernel):
-    """(dtype, head_dim) of a mangled `kernel<T, D, ...>` instantiation: after the kernel's name
-    come I, T as <length><identifier>, and D as Li<value>E."""
+    """(dtype, head_dim) of a mangled `kernel<T, D, ...>` or `kernel<T, Config<D, ...>>`
+    instantiation: after the kernel's name come I, T as <length><identifier>, and then D as the
+    first integer argument, Li<value>E."""
     m = re.search(rf"{kernel}I(\d+)", name)
     assert m, f"{name}: no template arguments after {kernel}"
     start = m.end()
     dtype = name[start: start + int(m.group(1))]
-    d = re.match(r"Li(\d+)E", name[start + int(m.group(1)):])
+    d = re.search(r"Li(\d+)E", name[start + int(m.group(1)):])
     assert d, f"{name}: no head_dim after the dtype {dtype}"
     return dtype, int(d.group(1))
 
@@ -105,6 +109,21 @@ def test_attention_kernels_use_tensor_cores(sass_by_arch, arch, kernel):
         opcodes = set(re.findall(r"\b([A-Z][A-Z0-9]+)(?:\.[A-Z0-9_.]+)?\s", body))
         missing = [op for op in REQUIRED_OPCODES if op not in opcodes]
         assert not missing, f"{arch} {name}: no {missing} in its SASS"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_attention_backward_d256_configs(sass_by_arch, arch):
+    # Each dtype has both D = 256 backward configurations, so the device picks one by its shared memory.
+    names = [n for n in _functions(_sass_for(sass_by_arch, arch)) if "attention_backward_tc_kernel" in n]
+    for dtype in CUDA_TC_TYPES:
+        found = {
+            tuple(int(x) for x in m.groups())
+            for n in names
+            if _template_args(n, "attention_backward_tc_kernel")[0] == dtype
+            for m in [re.search(r"BwdConfigILi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", n)]
+            if m
+        }
+        assert BACKWARD_D256_CONFIGS <= found, f"{arch} {dtype}: backward configs {sorted(found)}"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
