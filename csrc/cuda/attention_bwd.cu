@@ -59,15 +59,16 @@
 // Resources (ptxas -v, CUDA 13.0; no spills on any built arch). Registers, dynamic shared
 // memory, and the CTAs per SM they allow (sm_80: 64K registers, 164 KB; sm_90: 64K, 228 KB;
 // sm_86 / 89 / 120: 64K, 100 KB, 99 KB per block):
-//   D    keys x queries  warps  Q/dO buffers  registers  shared memory  CTAs per SM sm_80 / 90 / 86
-//   32   64 x 64         4      2             181        40 KB          2 / 2 / 2
-//   64   64 x 64         4      2             223        64 KB          2 / 2 / 1
-//   80   64 x 32         4      2             192        49 KB          2 / 2 / 2
-//   96   64 x 32         4      2             206        57 KB          2 / 2 / 1
-//   128  64 x 32         4      2             244        73 KB          2 / 2 / 1
-//   256  64 x 64         8      1             243        159.5 KB       1 / 1 / -
-//   256  32 x 32         4      1             241        73.8 KB        - / - / 1
-// The delta pre-kernel: 29-30 registers, no shared memory.
+//   D    keys x queries  warps  Q/dO    registers                     shared    CTAs per SM
+//                               buffers sm_80 / 86 / 89 / 90 / 120    memory    sm_80 / 90 / 86, 89, 120
+//   32   64 x 64         4      2       181 / 181 / 181 / 187 / 195   40 KB     2 / 2 / 2
+//   64   64 x 64         4      2       223 / 223 / 223 / 215 / 233   64 KB     2 / 2 / 1
+//   80   64 x 32         4      2       192 / 192 / 192 / 206 / 216   49 KB     2 / 2 / 2
+//   96   64 x 32         4      2       206 / 206 / 206 / 210 / 230   57 KB     2 / 2 / 1
+//   128  64 x 32         4      2       244 / 244 / 244 / 244 / 253   73 KB     2 / 2 / 1
+//   256  64 x 64         8      1       243 / 243 / 243 / 250 / 238   159.5 KB  1 / 1 / -
+//   256  32 x 32         4      1       241 / 241 / 241 / 241 / 243   73.8 KB   - / - / 1
+// The delta pre-kernel: 29-40 registers, no shared memory.
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
