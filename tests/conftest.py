@@ -19,8 +19,7 @@ CPU_DTYPES = CUDA_DTYPES + (torch.float64,)
 
 def _cuda_attention_kernel_list():
     """The one list of what the CUDA attention kernels cover, read from its X-macros in
-    csrc/cuda/attention_launch.cuh: (head dims, tensor-core dtypes, largest head dim with a
-    tensor-core backward)."""
+    csrc/cuda/attention_launch.cuh: (head dims, tensor-core dtypes)."""
     path = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_launch.cuh")
     with open(path) as f:
         text = f.read()
@@ -30,13 +29,11 @@ def _cuda_attention_kernel_list():
         assert m, f"{name} not found in {path}"
         return re.findall(r"X\(([^)]*)\)", m.group(1))
 
-    m = re.search(r"kMaxBackwardTcHeadDim = (\d+);", text)
-    assert m, f"kMaxBackwardTcHeadDim not found in {path}"
     head_dims = tuple(int(d) for d in x_macro("LLAMA_EXT_ATTENTION_HEAD_DIMS"))
-    return head_dims, tuple(x_macro("LLAMA_EXT_ATTENTION_TC_TYPES")), int(m.group(1))
+    return head_dims, tuple(x_macro("LLAMA_EXT_ATTENTION_TC_TYPES"))
 
 
-CUDA_HEAD_DIMS, CUDA_TC_TYPES, CUDA_MAX_BACKWARD_TC_HEAD_DIM = _cuda_attention_kernel_list()
+CUDA_HEAD_DIMS, CUDA_TC_TYPES = _cuda_attention_kernel_list()
 
 # Tolerances against a float64 reference: a few units in the last place of each dtype,
 # scaled for one intermediate rounding (HF numerics round the normalized value once).

@@ -238,14 +238,17 @@ def test_varlen_backward_matches_float64(device, dtype):
 
 
 @pytest.mark.parametrize(
-    "device,dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16)] + [("cuda", torch.bfloat16)] * ("cuda" in DEVICES)
+    "device,dtype,d",
+    [("cpu", torch.float32, 64), ("cpu", torch.bfloat16, 64)]
+    + [("cuda", torch.bfloat16, 64), ("cuda", torch.bfloat16, 256)] * ("cuda" in DEVICES),
 )
-def test_backward_is_deterministic(device, dtype):
+def test_backward_is_deterministic(device, dtype, d):
     """The CPU backward sums dq partials in a shape-determined order: every gradient is
     bit-identical every run, whatever the thread count. On CUDA dk and dv are (one CTA owns
-    each key block); dq is accumulated with fp32 atomics, so only its value, not its bits, is
-    checked there."""
-    q, k, v = qkv(1, 700, 700, 8, 1, 64, device, dtype)
+    each key block and share of the GQA group, the shares' partials are summed in a fixed
+    order); dq is accumulated with fp32 atomics, so only its value, not its bits, is checked
+    there."""
+    q, k, v = qkv(1, 700, 700, 8, 1, d, device, dtype)
     grad_out = make(q.shape, device, dtype)
     first = grads_of(llama_ext.gqa_attention, (q, k, v), grad_out)
     threads = torch.get_num_threads()

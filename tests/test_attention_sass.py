@@ -1,10 +1,11 @@
 """The CUDA attention kernels really run on tensor cores: their SASS, read from the built
-extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async) for every
-architecture the extension targets by default (TORCH_CUDA_ARCH_LIST 8.0;8.6;8.9;9.0;12.0), in every
-instantiation the sources list (the forward: one per dtype and tile configuration of kFwdTiles in
-csrc/cuda/attention_fwd.cu), without spills. Needs no GPU, only a CUDA build and cuobjdump (on PATH,
-in $CUDA_HOME/bin, or shipped in triton's package). A build for fewer architectures (`make
-gpu-check` builds for the local GPU) skips the missing ones, saying so, and must contain one."""
+extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async), and no
+local-memory traffic (spills), for every architecture the extension targets by default
+(TORCH_CUDA_ARCH_LIST 8.0;8.6;8.9;9.0;12.0), in every instantiation the sources list (the forward:
+one per dtype and tile configuration of kFwdTiles in csrc/cuda/attention_fwd.cu). Needs no GPU,
+only a CUDA build and cuobjdump (on PATH, in $CUDA_HOME/bin, or shipped in triton's package). A
+build for other architectures only (`make gpu-check` builds for the local GPU) skips the missing
+ones, saying so, and must contain at least one of them."""
 import importlib.util
 import os
 import re
@@ -13,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import CUDA_HEAD_DIMS, CUDA_MAX_BACKWARD_TC_HEAD_DIM, CUDA_TC_TYPES
+from conftest import CUDA_HEAD_DIMS, CUDA_TC_TYPES
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 FORWARD_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_fwd.cu")
@@ -36,10 +37,12 @@ FORWARD_TILES = _forward_tiles()
 # forward's tile index.
 TENSOR_CORE_KERNELS = {
     "attention_forward_tc_kernel": {(t, d, i) for t in CUDA_TC_TYPES for i, (d, *_) in enumerate(FORWARD_TILES)},
-    "attention_backward_tc_kernel": {
-        (t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS if d <= CUDA_MAX_BACKWARD_TC_HEAD_DIM
-    },
+    "attention_backward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
 }
+# The backward's tile configurations (BwdConfig<D, keys, queries, two warps per key slice>) that
+# must exist besides one per head dim: D = 256 on 64 x 64 tiles (sm_80 / sm_90 shared memory)
+# and on 32 x 32 tiles (the ~100 KB of sm_86 / sm_89 / sm_120).
+BACKWARD_D256_CONFIGS = {(256, 64, 64, 1), (256, 32, 32, 1)}
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
@@ -92,15 +95,21 @@ def _sass_for(sass_by_arch, arch):
 
 
 def _template_args(name, kernel):
-    """(dtype, head_dim, further int arguments...) of a mangled `kernel<T, D, ...>` instantiation:
-    after the kernel's name come I, T as <length><identifier>, then each int as Li<value>E."""
+    """(dtype, head_dim, further arguments...) of a mangled `kernel<T, D, ...>` or
+    `kernel<T, Config<D, ...>>` instantiation: after the kernel's name come I, T as
+    <length><identifier>, then a config struct's <length><identifier>I if there is one, and each
+    int or bool argument as Li<value>E / Lb<value>E."""
     m = re.search(rf"{kernel}I(\d+)", name)
     assert m, f"{name}: no template arguments after {kernel}"
     start = m.end()
     dtype = name[start: start + int(m.group(1))]
-    ints = re.match(r"((?:Li\d+E)+)", name[start + int(m.group(1)):])
-    assert ints, f"{name}: no head_dim after the dtype {dtype}"
-    return (dtype, *(int(v) for v in re.findall(r"Li(\d+)E", ints.group(1))))
+    rest = name[start + int(m.group(1)):]
+    config = re.match(r"(\d+)", rest)
+    if config:
+        rest = rest[len(config.group(1)) + int(config.group(1)):].removeprefix("I")
+    values = re.match(r"((?:L[ib]\d+E)+)", rest)
+    assert values, f"{name}: no head_dim after the dtype {dtype}"
+    return (dtype, *(int(v) for v in re.findall(r"L[ib](\d+)E", values.group(1))))
 
 
 def _functions(sass):
@@ -113,7 +122,10 @@ def _functions(sass):
 @pytest.mark.parametrize("kernel", sorted(TENSOR_CORE_KERNELS))
 def test_attention_kernels_use_tensor_cores(sass_by_arch, arch, kernel):
     functions = {name: body for name, body in _functions(_sass_for(sass_by_arch, arch)).items() if kernel in name}
-    found = {_template_args(name, kernel) for name in functions}
+    # Compared on as many leading arguments as the expected entries name (the backward's tile
+    # configurations beyond the head dim are checked by test_attention_backward_d256_configs).
+    width = len(next(iter(TENSOR_CORE_KERNELS[kernel])))
+    found = {_template_args(name, kernel)[:width] for name in functions}
     assert found == TENSOR_CORE_KERNELS[kernel], (
         f"{arch}: {kernel} instantiations differ from the sources' lists: missing "
         f"{sorted(TENSOR_CORE_KERNELS[kernel] - found)}, unexpected {sorted(found - TENSOR_CORE_KERNELS[kernel])}"
@@ -134,10 +146,26 @@ def test_forward_tiles_cover_every_head_dim():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_tensor_core_kernels_do_not_spill(sass_by_arch, arch):
+def test_attention_backward_d256_configs(sass_by_arch, arch):
+    # Each dtype has both D = 256 backward configurations, so the device picks one by its shared memory.
+    names = [n for n in _functions(_sass_for(sass_by_arch, arch)) if "attention_backward_tc_kernel" in n]
+    for dtype in CUDA_TC_TYPES:
+        found = {
+            tuple(int(x) for x in m.groups())
+            for n in names
+            if _template_args(n, "attention_backward_tc_kernel")[0] == dtype
+            for m in [re.search(r"BwdConfigILi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", n)]
+            if m
+        }
+        assert BACKWARD_D256_CONFIGS <= found, f"{arch} {dtype}: backward configs {sorted(found)}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", sorted(TENSOR_CORE_KERNELS))
+def test_attention_tensor_core_kernels_do_not_spill(sass_by_arch, arch, kernel):
     # Local-memory traffic (STL/LDL) in the hot kernels would mean register spills.
     for name, body in _functions(_sass_for(sass_by_arch, arch)).items():
-        if any(kernel in name for kernel in TENSOR_CORE_KERNELS):
+        if kernel in name:
             assert not re.search(r"\b(STL|LDL)\b", body), f"{arch} {name} spills to local memory"
 
 

@@ -2,10 +2,9 @@
 // arguments and allocate the outputs): the CUDA limits, the kernel parameters (pointers and element strides: q, k, v are read in place, any strides
 // with a contiguous last dim) and the choice of kernel:
 //   fp16 / bf16 forward, every supported head_dim  -> tensor cores (attention_fwd.cu)
-//   fp16 / bf16 backward, head_dim <= 128          -> tensor cores (attention_bwd.cu)
-//   float32, the fp16 / bf16 backward at 256, and
-//   any tensor-core kernel whose shared memory the device lacks (the forward has a
-//   tile for every built arch, chosen from the device's shared memory: attention_fwd.cu)
+//   fp16 / bf16 backward, every supported head_dim -> tensor cores (attention_bwd.cu)
+//   float32, and any tensor-core kernel whose shared memory the device lacks (each tensor-core
+//   kernel has a tile for every built arch, chosen from the device's shared memory)
 //                                                  -> SIMT (attention_simt.cu)
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -135,13 +134,11 @@ void attention_backward_cuda(const AttentionCall& call) {
     cuda::attention::launch_backward_delta<scalar_t>(p, stream);
     bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) {
-      if (s.head_dim <= cuda::attention::kMaxBackwardTcHeadDim) {
-        // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
-        at::Tensor dq_accum = at::zeros(call.q.sizes(), call.q.options().dtype(at::kFloat));
-        p.dq_accum = dq_accum.data_ptr<float>();
-        launched = cuda::attention::launch_backward_tc<scalar_t>(p, stream);
-        if (launched) call.dq.copy_(dq_accum.mul_(call.scale));
-      }
+      // dq is summed over key blocks with fp32 atomics (see attention_bwd.cu), then scaled.
+      at::Tensor dq_accum = at::zeros(call.q.sizes(), call.q.options().dtype(at::kFloat));
+      p.dq_accum = dq_accum.data_ptr<float>();
+      launched = cuda::attention::launch_backward_tc<scalar_t>(p, call.dk, call.dv, stream);
+      if (launched) call.dq.copy_(dq_accum.mul_(call.scale));
     }
     if (!launched) {
       p.dq = call.dq.data_ptr();

@@ -10,9 +10,9 @@
 
 #include "attention_common.cuh"
 
-// The head dims of the CUDA kernels. Every one has a tensor-core forward; those up to
-// kMaxBackwardTcHeadDim also a tensor-core backward. The argument check, the kernel dispatch and
-// tests/test_attention_sass.py's expected instantiations all read this one list.
+// The head dims of the CUDA kernels. Every one has a tensor-core forward and backward. The
+// argument check, the kernel dispatch and tests/test_attention_sass.py's expected
+// instantiations all read this one list.
 #define LLAMA_EXT_ATTENTION_HEAD_DIMS(X) X(32) X(64) X(80) X(96) X(128) X(256)
 // The element types of the tensor-core kernels; float32 runs on the SIMT kernels only.
 #define LLAMA_EXT_ATTENTION_TC_TYPES(X) X(__half) X(__nv_bfloat16)
@@ -23,7 +23,6 @@ namespace llama_ext::cuda::attention {
 #define LLAMA_EXT_ATTENTION_LIST_ITEM(D) D,
 inline constexpr std::array kHeadDims{LLAMA_EXT_ATTENTION_HEAD_DIMS(LLAMA_EXT_ATTENTION_LIST_ITEM)};
 #undef LLAMA_EXT_ATTENTION_LIST_ITEM
-inline constexpr int kMaxBackwardTcHeadDim = 128;
 
 // Returns f(std::integral_constant<int, D>{}) for the listed D equal to head_dim (which the
 // argument check has already restricted to the list).
@@ -44,12 +43,12 @@ bool dispatch_head_dim(int head_dim, F&& f) {
 template <typename T>
 bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream);
 
-// Tensor cores, head_dim <= kMaxBackwardTcHeadDim: dk and dv written, dq accumulated into
-// p.dq_accum (fp32, zeroed by the caller, unscaled: the caller multiplies by p.scale). Needs
-// p.delta. Returns false, launching nothing, for larger head dims or when the device lacks the
-// kernel's shared memory.
+// Tensor cores: dk and dv (p.dk, p.dv; the tensors themselves for the deterministic sum of
+// the group split's partials) written, dq accumulated into p.dq_accum (fp32, zeroed by the
+// caller, unscaled: the caller multiplies by p.scale). Needs p.delta. Returns false, launching
+// nothing, when the device lacks the shared memory of every configuration of the head dim.
 template <typename T>
-bool launch_backward_tc(const AttentionParams& p, cudaStream_t stream);
+bool launch_backward_tc(const AttentionParams& p, const at::Tensor& dk, const at::Tensor& dv, cudaStream_t stream);
 
 // delta = rowsum(dout * out) in fp32, lse's layout. T = float / __half / __nv_bfloat16.
 template <typename T>
