@@ -88,6 +88,24 @@ def test_every_head_dim(device, dtype, d):
     assert_lse_close(lse, ref_lse, dtype)
 
 
+@pytest.mark.parametrize("device,dtype", device_dtype_params([torch.bfloat16, torch.float16]))
+@pytest.mark.parametrize("d", [8, 40, 80, 96, 256])
+@pytest.mark.parametrize("seq_k", [129, 135, 136, 137, 143, 144, 145])
+def test_key_block_and_row_tails(device, dtype, d, seq_k):
+    """Tails of the blocked products: 1, 7, 8, 9, 15, 16 and 17 keys past a full 128-key block,
+    7 query rows per head (an odd number of rows per group), head dims off the vector width, and a
+    window whose first key is not a multiple of 16. The outputs start as NaN (poisoned), so an
+    unwritten or over-read column fails."""
+    q, k, v = qkv(1, 7, seq_k, 6, 2, d, device, dtype)
+    if cuda_rejects(device, q, k, v):
+        return
+    for causal, window in [(True, (-1, -1)), (False, (-1, -1)), (True, (seq_k - 11, 0))]:
+        out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True, window_size=window)
+        ref_out, ref_lse = gqa_attention_reference(q, k, v, causal, None, window)
+        assert_close(out, ref_out, dtype)
+        assert_lse_close(lse, ref_lse, dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_fully_masked_rows_give_zeros_and_zero_lse(device):
     q, k, v = qkv(1, 10, 4, 4, 2, 32, device, torch.float32)
