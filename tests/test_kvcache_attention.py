@@ -338,3 +338,58 @@ def test_gqattention_with_kvcache_module(device, with_rope):
     assert cache.offset == 12 and cache.k.shape == (2, 12, kv_heads, head_dim)
     assert cache.cache_seqlens.tolist() == [12, 12]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_gqattention_with_paged_kvcache_module(device, with_rope):
+    """GQAttention decoding through PagedKVCache equals decoding through the contiguous KVCache,
+    while the pool grows past its initial blocks."""
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 32
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device) if with_rope else None
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    x = make((2, 23, hidden), device, torch.float32)
+    chunks = [(0, 5), (5, 8), (8, 9), (9, 10), (10, 17), (17, 18), (18, 23)]
+    with torch.no_grad():
+        contiguous, paged = llama_ext.KVCache(capacity=32), llama_ext.PagedKVCache(num_blocks=3, block_size=4)
+        expected = torch.cat([attn(x[:, s:e], cache=contiguous) for s, e in chunks], dim=1)
+        got = torch.cat([attn(x[:, s:e], cache=paged) for s, e in chunks], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert paged.lengths == [23, 23] and paged.offset == 23
+    assert paged.k_cache.shape[0] >= 12 and paged.block_table.shape == (2, 6)  # 6 blocks of 4 per sequence
+    for b in range(2):
+        k, v = paged.sequence(b)
+        torch.testing.assert_close(k, contiguous.k[b], atol=0, rtol=0)
+        torch.testing.assert_close(v, contiguous.v[b], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_kvcache_free_and_reuse(device):
+    """Freeing a sequence returns its blocks, and its slot restarts at position 0 while the other
+    sequence keeps its tokens: each slot then equals a contiguous cache of its own sequence."""
+    hidden, heads, kv_heads, head_dim = 64, 4, 2, 16
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device)
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    first = make((2, 9, hidden), device, torch.float32)
+    after = make((2, 6, hidden), device, torch.float32)
+    with torch.no_grad():
+        cache = llama_ext.PagedKVCache(num_blocks=8, block_size=4)
+        attn(first[:, :7], cache=cache)
+        attn(first[:, 7:9], cache=cache)
+        in_use = 8 - len(cache.free_blocks)
+        cache.free(1)
+        assert len(cache.free_blocks) == 8 - in_use + 3 and cache.lengths == [9, 0]
+        with pytest.raises(ValueError, match="different lengths"):
+            cache.offset
+        got = torch.cat([attn(after[:, :4], cache=cache), attn(after[:, 4:5], cache=cache),
+                         attn(after[:, 5:6], cache=cache)], dim=1)
+        assert cache.lengths == [15, 6]
+        # Slot 0: one sequence of 15 tokens; slot 1: a new sequence of 6.
+        alone = llama_ext.KVCache()
+        attn(first[:1], cache=alone)
+        expected0 = attn(after[:1], cache=alone)
+        expected1 = attn(after[1:])
+    torch.testing.assert_close(got[:1], expected0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], expected1, atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.lengths == [0, 0] and len(cache.free_blocks) == cache.k_cache.shape[0]
