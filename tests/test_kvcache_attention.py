@@ -393,3 +393,82 @@ def test_paged_kvcache_free_and_reuse(device):
     torch.testing.assert_close(got[1:], expected1, atol=1e-5, rtol=1e-5)
     cache.reset()
     assert cache.lengths == [0, 0] and len(cache.free_blocks) == cache.k_cache.shape[0]
+
+
+# ---- gqa_attention routes decode-shaped calls to the KV-cache kernels --------------------------
+
+
+def _decode_route_max_seq_q():
+    """The seq_q limits of the routing in csrc/attention.h (the one place they are set)."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "attention.h")
+    text = open(path).read()
+    limits = {dev: re.search(rf"kDecodeRouteMaxSeqQ{name} = (\d+);", text) for dev, name in (("cpu", "Cpu"), ("cuda", "Cuda"))}
+    assert all(limits.values()), f"kDecodeRouteMaxSeqQ* not found in {path}"
+    return {dev: int(m.group(1)) for dev, m in limits.items()}
+
+
+DECODE_ROUTE_MAX_SEQ_Q = _decode_route_max_seq_q()
+
+
+def _kv_view(k):
+    """k of gqa_attention as the full cache of gqa_attention_with_kvcache (nothing appended)."""
+    return torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=k.device)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("heads", GROUPINGS, ids=lambda h: "{}/{}-d{}".format(*h))
+@pytest.mark.parametrize("seq_q", ["1", "3", "max"])
+@pytest.mark.parametrize("seq_k", [37, 2500], ids=["short", "split"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gqa_attention_decode_shapes_route_to_kvcache(device, dtype, heads, seq_q, seq_k, causal):
+    """gqa_attention with up to the routing limit of query tokens matches the float64 reference
+    (out and lse), and is the KV-cache kernel's result bit for bit (it ran there); strided q/k/v
+    (HF's transposed views) included."""
+    n_q, n_kv, d = heads
+    seq_q = {"1": 1, "3": 3, "max": DECODE_ROUTE_MAX_SEQ_Q[device]}[seq_q]
+    q = make((2, n_q, seq_q, d), device, dtype).transpose(1, 2)
+    k, v = (make((2, n_kv, seq_k, d), device, dtype).transpose(1, 2) for _ in range(2))
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = gqa_attention_reference(q, k, v, causal=causal)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+    kv_out, kv_lse = llama_ext.gqa_attention_with_kvcache(q, k, v, _kv_view(k), causal=causal, return_lse=True)
+    assert torch.equal(out, kv_out) and torch.equal(lse, kv_lse)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("causal,window,softcap", [(True, (5, 0), 0.0), (False, (7, 2), 0.0), (True, (-1, -1), 30.0),
+                                                   (False, (40, 3), 20.0)])
+def test_gqa_attention_decode_route_window_and_softcap(device, dtype, causal, window, softcap):
+    """Windows (some rows see no key when seq_q > seq_k) and softcap on the routed path."""
+    for seq_q, seq_k in ((3, 300), (4, 2)):
+        q = make((2, seq_q, 8, 64), device, dtype)
+        k, v = (make((2, seq_k, 2, 64), device, dtype) for _ in range(2))
+        out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True, window_size=window, softcap=softcap)
+        ref_out, ref_lse = gqa_attention_reference(q, k, v, causal=causal, window_size=window, softcap=softcap)
+        assert_close(out, ref_out, dtype)
+        assert_close(lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal,window,softcap", [(True, (-1, -1), 0.0), (False, (3, 1), 5.0)])
+def test_gqa_attention_backward_through_routed_forward(device, causal, window, softcap):
+    """The backward recomputes from the routed forward's out and lse: gradcheck in float64 (CPU)
+    and bf16/fp32 gradients against the float64 reference's."""
+    fn = lambda q, k, v: llama_ext.gqa_attention(q, k, v, causal=causal, window_size=window, softcap=softcap)  # noqa: E731
+    if device == "cpu":
+        q = make((2, 2, 4, 8), device, torch.float64).requires_grad_()
+        k, v = (make((2, 9, 2, 8), device, torch.float64).requires_grad_() for _ in range(2))
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+    for dtype in (torch.float32, torch.bfloat16):
+        q = make((2, 3, 8, 64), device, dtype).requires_grad_()
+        k, v = (make((2, 700, 2, 64), device, dtype).requires_grad_() for _ in range(2))
+        grad = make((2, 3, 8, 64), device, dtype)
+        fn(q, k, v).backward(grad)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        gqa_attention_reference(q64, k64, v64, causal=causal, window_size=window, softcap=softcap)[0].backward(grad.double())
+        for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            assert_close(got, ref, dtype, scale=4.0)

@@ -32,8 +32,9 @@
 // Bytes: every visible K and V element is read once per (group, row tile): 2 L n_kv_heads d
 // elements per sequence, the floor for decode; q and out are negligible. FLOPs: 4 L n_q_heads d
 // per query token, one exp per score. With G query heads sharing each widened K/V row, a
-// decode step is memory-bound: the kernel streams the cache sequentially (the hardware
-// prefetcher follows each row's stride) with the math in L1-resident buffers.
+// decode step is memory-bound: the kernel walks the cache in key order with the math in
+// L1-resident buffers, and prefetches the rows a block needs one stage ahead (a kv head's rows
+// lie n_kv_heads x d elements apart, a few per page, beyond the hardware prefetchers' reach).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -319,23 +320,41 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     std::tie(buf.lo[r], buf.hi[r]) = a.visible(i, L);
   }
 
-  // Key rows of a block, padded to a multiple of 8 with copies of the last one (their scores
-  // are masked to -inf, so their probabilities are 0).
-  const T* kp[kKeyBlock];
-  const T* vp[kKeyBlock];
+  // Row addresses of the keys [jb, jb + n), walking the pages, padded to a multiple of 8 with
+  // copies of the last one (their scores are masked to -inf, so their probabilities are 0).
+  const auto resolve = [&](int64_t jb, int64_t n, const T** kp, const T** vp) {
+    int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
+    for (int64_t j = 0; j < n; ++j) {
+      kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, kvh);
+      vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, kvh);
+      if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
+    }
+    for (int64_t j = n; j < (n + 7) / 8 * 8; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
+  };
+  // Rows of one kv head lie n_kv_heads x d elements apart: a few per 4 KB page, too sparse for
+  // the hardware prefetchers, which stop at page boundaries. The next block's K rows and this
+  // block's V rows are prefetched while this block's scores are computed.
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const auto prefetch_rows = [&](const T* const* rows, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      const char* p = reinterpret_cast<const char*>(rows[j]);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+    }
+  };
+  const T* kv_rows[2][2][kKeyBlock];  // [current / next][k / v][key]
+  int cur = 0;
+  if (j0 < j1) resolve(j0, std::min(kKeyBlock, j1 - j0), kv_rows[0][0], kv_rows[0][1]);
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
     const int64_t npad = (n + 7) / 8 * 8;
-    // Row addresses of the block, walking the pages.
-    {
-      int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
-      for (int64_t j = 0; j < n; ++j) {
-        kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, kvh);
-        vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, kvh);
-        if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
-      }
-      for (int64_t j = n; j < npad; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
+    const T* const* kp = kv_rows[cur][0];
+    const T* const* vp = kv_rows[cur][1];
+    prefetch_rows(vp, n);
+    if (jb + kKeyBlock < j1) {
+      const int64_t n_next = std::min(kKeyBlock, j1 - jb - kKeyBlock);
+      resolve(jb + kKeyBlock, n_next, kv_rows[cur ^ 1][0], kv_rows[cur ^ 1][1]);
+      prefetch_rows(kv_rows[cur ^ 1][0], n_next);
     }
     // Scores S[r, j] = q_r . k_j: four rows against two keys, two against four, one against
     // eight, by what is left of the rows.
@@ -402,6 +421,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
       for (int64_t j = 0; j < nv; j += kPvKeys)
         pv_tile<T, 1>(s + r * kKeyBlock + j, kKeyBlock, vp + j, d, buf.o.data() + r * dpad, dpad);
     }
+    cur ^= 1;
   }
 }
 
