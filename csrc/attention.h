@@ -188,13 +188,11 @@ inline void no_backend_limits(const at::Tensor&, const AttentionShape&) {}
 // appended, nothing written), the mask and window aligned bottom-right, rows without keys
 // zero with lse 0. Forward only: the backward recomputes from out and lse as for any forward.
 //
-// seq_q limits, from the benchmark of both paths side by side (32/8 and 8/1 heads x 128, 4K
-// keys): on the CPU the KV-cache kernel is ahead up to 16 query tokens (its row tiles hold
-// 64 = G x seq_q rows; the prefill tiles win from about 32 tokens on, where they are GEMMs);
-// on CUDA the KV-cache kernel is built for a few rows per group (flash-decoding), the prefill
-// kernels' 64- and 128-row tiles take over beyond.
-inline constexpr int64_t kDecodeRouteMaxSeqQCpu = 16;
-inline constexpr int64_t kDecodeRouteMaxSeqQCuda = 4;
+// The seq_q limit: on the CPU (32/8 heads x 128, 4K keys, bf16, side by side with the prefill
+// kernel) the KV-cache kernel is 1.9x faster at 1 query token and 1.5x at 4, and slower from
+// 16 on, where the prefill tiles become GEMMs; on CUDA the KV-cache kernel is built for a few
+// rows per group (flash-decoding), the prefill kernels' 64- and 128-row tiles take over beyond.
+inline constexpr int64_t kDecodeRouteMaxSeqQ = 4;
 
 inline bool rows_in_16byte_vectors(const at::Tensor& t) {
   const int64_t vec = 16 / t.element_size();
@@ -208,10 +206,10 @@ inline bool routes_to_kvcache(const AttentionCall& call) {
   if (call.q.is_cuda()) {
     // The CUDA KV-cache kernels read whole 16-byte vectors of the cache rows and index their
     // grid by batch and n_kv_heads x row tiles (at most 65535 each).
-    return s.seq_q <= kDecodeRouteMaxSeqQCuda && s.n_q_heads * s.seq_q <= 65535 && rows_in_16byte_vectors(call.k) &&
+    return s.seq_q <= kDecodeRouteMaxSeqQ && s.n_q_heads * s.seq_q <= 65535 && rows_in_16byte_vectors(call.k) &&
            rows_in_16byte_vectors(call.v);
   }
-  return s.seq_q <= kDecodeRouteMaxSeqQCpu;
+  return s.seq_q <= kDecodeRouteMaxSeqQ;
 }
 
 // Runs the call on this backend's gqa_attention_with_kvcache kernel (through the dispatcher, at

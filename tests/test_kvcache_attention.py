@@ -8,7 +8,7 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
-from conftest import DEVICES, assert_close, device_dtype_params
+from conftest import DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, device_dtype_params
 
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 NAN = float("nan")
@@ -398,21 +398,6 @@ def test_paged_kvcache_free_and_reuse(device):
 # ---- gqa_attention routes decode-shaped calls to the KV-cache kernels --------------------------
 
 
-def _decode_route_max_seq_q():
-    """The seq_q limits of the routing in csrc/attention.h (the one place they are set)."""
-    import os
-    import re
-
-    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "attention.h")
-    text = open(path).read()
-    limits = {dev: re.search(rf"kDecodeRouteMaxSeqQ{name} = (\d+);", text) for dev, name in (("cpu", "Cpu"), ("cuda", "Cuda"))}
-    assert all(limits.values()), f"kDecodeRouteMaxSeqQ* not found in {path}"
-    return {dev: int(m.group(1)) for dev, m in limits.items()}
-
-
-DECODE_ROUTE_MAX_SEQ_Q = _decode_route_max_seq_q()
-
-
 def _kv_view(k):
     """k of gqa_attention as the full cache of gqa_attention_with_kvcache (nothing appended)."""
     return torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=k.device)
@@ -428,7 +413,7 @@ def test_gqa_attention_decode_shapes_route_to_kvcache(device, dtype, heads, seq_
     (out and lse), and is the KV-cache kernel's result bit for bit (it ran there); strided q/k/v
     (HF's transposed views) included."""
     n_q, n_kv, d = heads
-    seq_q = {"1": 1, "3": 3, "max": DECODE_ROUTE_MAX_SEQ_Q[device]}[seq_q]
+    seq_q = {"1": 1, "3": 3, "max": DECODE_ROUTE_MAX_SEQ_Q}[seq_q]
     q = make((2, n_q, seq_q, d), device, dtype).transpose(1, 2)
     k, v = (make((2, n_kv, seq_k, d), device, dtype).transpose(1, 2) for _ in range(2))
     out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True)
@@ -444,7 +429,7 @@ def test_gqa_attention_decode_shapes_route_to_kvcache(device, dtype, heads, seq_
                                                    (False, (40, 3), 20.0)])
 def test_gqa_attention_decode_route_window_and_softcap(device, dtype, causal, window, softcap):
     """Windows (some rows see no key when seq_q > seq_k) and softcap on the routed path."""
-    for seq_q, seq_k in ((3, 300), (4, 2)):
+    for seq_q, seq_k in ((3, 300), (DECODE_ROUTE_MAX_SEQ_Q, 2)):
         q = make((2, seq_q, 8, 64), device, dtype)
         k, v = (make((2, seq_k, 2, 64), device, dtype) for _ in range(2))
         out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True, window_size=window, softcap=softcap)
