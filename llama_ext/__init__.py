@@ -17,7 +17,7 @@ from .ops import (
     gqa_attention_with_kvcache,
     rms_norm,
 )
-from .modules import GQAttention, KVCache, RMSNorm, RotaryEmbedding
+from .modules import GQAttention, KVCache, PagedKVCache, RMSNorm, RotaryEmbedding
 from .rope import rope_cos_sin
 from . import distributed  # noqa: F401,E402  (registers the DTensor sharding rules of the ops)
 
@@ -39,6 +39,7 @@ def cpu_capability() -> str:
 __all__ = [
     "GQAttention",
     "KVCache",
+    "PagedKVCache",
     "RMSNorm",
     "RotaryEmbedding",
     "apply_rotary",

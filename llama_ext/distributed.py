@@ -44,7 +44,9 @@ DTensor: importing llama_ext registers sharding rules (``register_sharding``) fo
 * ``apply_rotary(_)``: batch, sequence (``positions`` sharded alike: ``[seq]`` as ``Shard(0)``,
   ``[batch, seq]`` as ``Shard(1)``; explicit positions required) or heads;
 * ``gqa_attention_forward``/``_backward``: batch or heads (the kv heads must split evenly, so
-  every rank keeps whole query groups); varlen: heads.
+  every rank keeps whole query groups); varlen: heads;
+* ``gqa_attention_with_kvcache``: heads (q, caches, k/v; lse along its heads dim) or, with
+  contiguous caches, batch (with ``cache_seqlens``); ``block_table`` and rotary tables replicated.
 
 Anything else (``Partial`` inputs, the hidden dim, sequence-sharded attention) raises an error
 naming the op, the placements and the supported shardings (DTensor's sharding propagation reports
@@ -413,6 +415,18 @@ def _register_sharding_rules() -> None:
     register("apply_rotary", lambda s: rotary_layouts(s, lambda d: [Shard(d), Shard(d)]))
     register("apply_rotary_", lambda s: rotary_layouts(s, lambda d: []))
 
+    def check_whole_groups(what: str, q, head_dim: int, n_kv_heads: int) -> None:
+        """Heads sharded W ways must split the kv heads evenly: every rank keeps whole query groups."""
+        head_shards = 1
+        for m, p in enumerate(q.placements):
+            if type(p) is Shard and p.dim % q.ndim == head_dim:
+                head_shards *= q.mesh.size(m)
+        if n_kv_heads % head_shards:
+            raise ValueError(
+                f"llama_ext {what} on heads sharded {head_shards} ways needs n_kv_heads ({n_kv_heads}) "
+                "divisible by that, so that every rank keeps whole query groups"
+            )
+
     # Attention: batch or heads. Batched q/k/v/out [batch, seq, heads, d], lse [batch, heads, seq];
     # varlen q/k/v/out [total, heads, d], lse [heads, total] (heads only).
     def attention_layouts(specs, n_out):
@@ -420,15 +434,7 @@ def _register_sharding_rules() -> None:
         varlen = isinstance(specs.get("cu_seqlens_q"), DTensorSpec)
         head_dim = 1 if varlen else 2
         lse_head_dim = 0 if varlen else 1
-        head_shards = 1
-        for m, p in enumerate(q.placements):
-            if type(p) is Shard and p.dim % q.ndim == head_dim:
-                head_shards *= q.mesh.size(m)
-        if k.shape[head_dim] % head_shards:
-            raise ValueError(
-                f"llama_ext attention on heads sharded {head_shards} ways needs n_kv_heads ({k.shape[head_dim]}) "
-                "divisible by that, so that every rank keeps whole query groups"
-            )
+        check_whole_groups("attention", q, head_dim, k.shape[head_dim])
         tensors = [n for n, s in specs.items() if isinstance(s, DTensorSpec) and not n.startswith("cu_seqlens")]
         outputs = [Shard(head_dim)] * 3 if n_out == 3 else [Shard(head_dim), Shard(lse_head_dim)]
         heads = {n: (lse_head_dim if n == "lse" else head_dim) for n in tensors}
@@ -439,6 +445,24 @@ def _register_sharding_rules() -> None:
 
     register("gqa_attention_forward", lambda s: attention_layouts(s, 2))
     register("gqa_attention_backward", lambda s: attention_layouts(s, 3))
+
+    # Attention against a KV cache: q/k/v/out [batch, seq, heads, d], caches [batch or blocks,
+    # capacity, kv_heads, d], lse [batch, heads, seq]; cache_seqlens [batch] and block_table
+    # [batch, max_blocks] go with the batch; rotary tables are replicated. Heads: every rank
+    # holds its kv heads of every cache slot. Batch: contiguous caches only (a paged pool is
+    # shared by the sequences, so each rank would write its own slots into a "replicated" pool).
+    def kvcache_layouts(specs):
+        q, k_cache = specs["q"], specs["k_cache"]
+        check_whole_groups("gqa_attention_with_kvcache", q, 2, k_cache.shape[2])
+        present = {n for n, s in specs.items() if isinstance(s, DTensorSpec)}
+        per_head = {n: 2 for n in ("q", "k_cache", "v_cache", "k", "v") if n in present}
+        layouts = [("heads (dim 2; lse dim 1)", per_head, [Shard(2), Shard(1)])]
+        if "block_table" not in present:
+            per_seq = {n: 0 for n in ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v") if n in present}
+            layouts.append(("batch (dim 0, contiguous caches)", per_seq, [Shard(0), Shard(0)]))
+        return layouts
+
+    register("gqa_attention_with_kvcache", kvcache_layouts)
 
 
 if dist.is_available():

@@ -1,5 +1,5 @@
 """``nn.Module`` front ends of the ops."""
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -158,6 +158,10 @@ class KVCache:
     def v(self) -> Optional[Tensor]:
         return None if self.v_cache is None else self.v_cache[:, : self.offset]
 
+    def positions(self, seq: int, device=None) -> Tensor:
+        """Positions of the next ``seq`` tokens, ``[seq]``."""
+        return torch.arange(self.offset, self.offset + seq, device=device)
+
     def _reserve(self, k: Tensor) -> None:
         batch, new, heads, d = k.shape
         needed = self.offset + new
@@ -217,6 +221,146 @@ class KVCache:
         return self.k, self.v
 
 
+class PagedKVCache:
+    """A :class:`KVCache` whose tokens live in fixed-size blocks of a shared pool (vLLM's paged
+    attention): sequences take blocks as they grow and return them when freed, so a batch of
+    sequences of different lengths holds only the blocks it uses, and a finished sequence's slot
+    can start a new one while the others keep decoding.
+
+    The pool ``[num_blocks, block_size, n_kv_heads, head_dim]`` (per k and v, allocated at the
+    first step in its dtype and device; it doubles when no block is free) is read and written by
+    :func:`llama_ext.gqa_attention_with_kvcache` through an int32 :attr:`block_table`
+    ``[batch, max_blocks]``. Block bookkeeping is on the host (:attr:`lengths`, a free list), so
+    a step never syncs with the device; the device tables are rewritten only on steps where a
+    sequence crosses into a new block or is reset.
+    """
+
+    def __init__(self, num_blocks: int = 64, block_size: int = 16):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks} and {block_size}")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.k_cache = self.v_cache = self.block_table = self.cache_seqlens = None
+        self.lengths: List[int] = []
+        self.blocks: List[List[int]] = []  # each sequence's blocks, in token order
+        self.free_blocks: List[int] = []
+        self._tables_stale = True
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def offset(self) -> int:
+        """The common length of the sequences (the position of the next token)."""
+        if len(set(self.lengths)) > 1:
+            raise ValueError(f"the sequences of this cache have different lengths {self.lengths}: use positions()")
+        return self.lengths[0] if self.lengths else 0
+
+    def positions(self, seq: int, device=None) -> Tensor:
+        """Positions of the next ``seq`` tokens: ``[seq]``, or ``[batch, seq]`` when the
+        sequences have different lengths."""
+        if len(set(self.lengths)) <= 1:
+            start = self.lengths[0] if self.lengths else 0
+            return torch.arange(start, start + seq, device=device)
+        starts = torch.tensor(self.lengths, device=device).unsqueeze(1)
+        return starts + torch.arange(seq, device=device)
+
+    def _allocate(self, k: Tensor) -> None:
+        batch, _, heads, d = k.shape
+        if self.k_cache is None:
+            self.k_cache = k.new_empty((self.num_blocks, self.block_size, heads, d))
+            self.v_cache = torch.empty_like(self.k_cache)
+            self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
+            self.lengths = [0] * batch
+            self.blocks = [[] for _ in range(batch)]
+        elif batch != self.batch:
+            raise ValueError(f"this cache holds {self.batch} sequences, but k has batch {batch}")
+
+    def _take_block(self) -> int:
+        if not self.free_blocks:  # grow the pool: existing block ids stay valid
+            old = self.k_cache.shape[0]
+            grow = lambda t: torch.cat([t, torch.empty_like(t)])  # noqa: E731
+            self.k_cache, self.v_cache = grow(self.k_cache), grow(self.v_cache)
+            self.free_blocks = list(range(2 * old - 1, old - 1, -1))
+        return self.free_blocks.pop()
+
+    def _reserve(self, new: int) -> None:
+        for b, length in enumerate(self.lengths):
+            while len(self.blocks[b]) * self.block_size < length + new:
+                self.blocks[b].append(self._take_block())
+                self._tables_stale = True
+        if self._tables_stale:
+            max_blocks = max(1, max(len(blocks) for blocks in self.blocks))
+            table = torch.zeros(self.batch, max_blocks, dtype=torch.int32)
+            for b, blocks in enumerate(self.blocks):
+                table[b, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            device = self.k_cache.device
+            self.block_table = table.to(device)
+            self.cache_seqlens = torch.tensor(self.lengths, dtype=torch.int32).to(device)
+            self._tables_stale = False
+
+    def _slots(self, b: int, start: int, end: int) -> Tuple[Tensor, Tensor]:
+        """(block, offset) index tensors of tokens [start, end) of sequence b."""
+        pos = torch.arange(start, end)
+        blocks = torch.tensor(self.blocks[b], dtype=torch.long)[pos // self.block_size]
+        return blocks.to(self.k_cache.device), (pos % self.block_size).to(self.k_cache.device)
+
+    def sequence(self, b: int) -> Tuple[Tensor, Tensor]:
+        """The cached k, v of sequence b, gathered: ``[length, n_kv_heads, head_dim]`` each."""
+        if self.k_cache is None:
+            raise ValueError("the cache is empty")
+        blk, off = self._slots(b, 0, self.lengths[b])
+        return self.k_cache[blk, off], self.v_cache[blk, off]
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        scale: Optional[float] = None,
+        window_size: Tuple[int, int] = (-1, -1),
+        softcap: float = 0.0,
+    ) -> Tensor:
+        """As :meth:`KVCache.attend`: appends ``k``/``v`` ``[batch, new, n_kv_heads, head_dim]``
+        to every sequence and returns causal attention of ``q`` over each sequence's tokens."""
+        self._allocate(k)
+        new = k.shape[1]
+        self._reserve(new)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            # Training through a cache: the step's k/v are cached (detached), attention runs on
+            # gqa_attention over the gathered tokens, differentiable in this step's q/k/v.
+            length = self.offset
+            with torch.no_grad():
+                for b in range(self.batch):
+                    blk, off = self._slots(b, length, length + new)
+                    self.k_cache[blk, off], self.v_cache[blk, off] = k[b], v[b]
+            past = [self.sequence(b) for b in range(self.batch)]
+            k_all = torch.cat([torch.stack([p[0][:length] for p in past]), k], dim=1)
+            v_all = torch.cat([torch.stack([p[1][:length] for p in past]), v], dim=1)
+            out = ops.gqa_attention(q, k_all, v_all, causal=True, scale=scale, window_size=window_size, softcap=softcap)
+        else:
+            out = ops.gqa_attention_with_kvcache(
+                q, self.k_cache, self.v_cache, self.cache_seqlens, k, v, block_table=self.block_table,
+                scale=scale, window_size=window_size, softcap=softcap,
+            )
+        self.cache_seqlens += new
+        self.lengths = [length + new for length in self.lengths]
+        return out
+
+    def free(self, b: int) -> None:
+        """Ends sequence b: its blocks return to the pool and its slot restarts empty (the next
+        step's token of this slot is position 0 of a new sequence)."""
+        self.free_blocks.extend(reversed(self.blocks[b]))
+        self.blocks[b] = []
+        self.lengths[b] = 0
+        self._tables_stale = True
+
+    def reset(self) -> None:
+        """Frees every sequence (the pool stays allocated)."""
+        for b in range(self.batch):
+            self.free(b)
+
+
 class GQAttention(nn.Module):
     """Llama self-attention with grouped-query heads; a drop-in for HF's ``LlamaAttention``.
 
@@ -226,7 +370,7 @@ class GQAttention(nn.Module):
     ``llama_ext.RotaryEmbedding``). Attention is causal (bottom-right aligned, so cached
     decoding needs no mask) through :func:`llama_ext.gqa_attention`, with its ``window_size``
     (e.g. ``(sliding_window - 1, 0)`` for a window of ``sliding_window`` keys) and ``softcap``, and
-    with a :class:`KVCache` through :func:`llama_ext.gqa_attention_with_kvcache`.
+    with a :class:`KVCache` or :class:`PagedKVCache` through :func:`llama_ext.gqa_attention_with_kvcache`.
     """
 
     def __init__(
@@ -263,11 +407,11 @@ class GQAttention(nn.Module):
         self.window_size = tuple(window_size)
         self.softcap = softcap
 
-    def forward(self, x: Tensor, positions: Tensor = None, cache: KVCache = None) -> Tensor:
+    def forward(self, x: Tensor, positions: Tensor = None, cache=None) -> Tensor:
         """``x`` ``[batch, seq, hidden]`` -> ``[batch, seq, hidden]``.
 
         ``positions`` (``[seq]`` or ``[batch, seq]``) feed the rotary embedding and default to
-        ``offset .. offset + seq - 1``, ``offset`` being the cache's length (0 without cache).
+        the cache's next positions (``cache.positions(seq)``; ``0 .. seq - 1`` without cache).
         With ``cache``, this step's k/v are appended and attention runs over all cached tokens.
         """
         batch, seq, _ = x.shape
@@ -276,8 +420,7 @@ class GQAttention(nn.Module):
         v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
         if self.rope is not None:
             if positions is None:
-                offset = 0 if cache is None else cache.offset
-                positions = torch.arange(offset, offset + seq, device=x.device)
+                positions = torch.arange(seq, device=x.device) if cache is None else cache.positions(seq, x.device)
             q, k = self.rope(q, k, positions)
         if cache is not None:
             out = cache.attend(q, k, v, scale=self.scaling, window_size=self.window_size, softcap=self.softcap)

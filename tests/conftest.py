@@ -35,6 +35,19 @@ def _cuda_attention_kernel_list():
 
 CUDA_HEAD_DIMS, CUDA_TC_TYPES = _cuda_attention_kernel_list()
 
+
+def _decode_route_max_seq_q():
+    """The most query tokens of a batched gqa_attention call routed to the KV-cache kernels (set
+    once, in csrc/attention.h)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "attention.h")
+    with open(path) as f:
+        m = re.search(r"kDecodeRouteMaxSeqQ = (\d+);", f.read())
+    assert m, f"kDecodeRouteMaxSeqQ not found in {path}"
+    return int(m.group(1))
+
+
+DECODE_ROUTE_MAX_SEQ_Q = _decode_route_max_seq_q()
+
 # Tolerances against a float64 reference: a few units in the last place of each dtype,
 # scaled for one intermediate rounding (HF numerics round the normalized value once).
 TOLERANCES = {

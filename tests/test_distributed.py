@@ -342,10 +342,49 @@ def _dtensor_worker(rank, world):
         [Shard(1)] * 3 + [Replicate()],
     )
 
+    # Attention against a KV cache (inference, in place): heads or, contiguous, batch; the caches
+    # are written on every rank's shard as on the full tensors.
+    def check_kvcache(placements, paged=False):
+        batch, cap, d = 2, 24, 32
+        q, k_new, v_new = torch.randn(batch, 2, 2 * world, d), torch.randn(batch, 2, world, d), torch.randn(batch, 2, world, d)
+        lens = torch.tensor([5, 13], dtype=torch.int32)
+        if paged:
+            caches = [torch.randn(7, 8, world, d) for _ in range(2)]
+            table = torch.tensor([[3, 0, 5], [6, 1, 2]], dtype=torch.int32)
+        else:
+            caches = [torch.randn(batch, cap, world, d) for _ in range(2)]
+            table = None
+        args = dict(q=q, k_cache=caches[0], v_cache=caches[1], cache_seqlens=lens, k=k_new, v=v_new, block_table=table)
+        with torch.no_grad():
+            full = {n: t.clone() for n, t in args.items() if t is not None}
+            expected = llama_ext.gqa_attention_with_kvcache(**full, return_lse=True)
+            dts = {n: distribute_tensor(t.clone(), mesh, [placements.get(n, Replicate())]) for n, t in full.items()}
+            with redistributions() as calls:
+                got = llama_ext.gqa_attention_with_kvcache(**dts, return_lse=True)
+            assert not calls, calls
+        for g, e in zip(got, expected):
+            assert_close(g.full_tensor(), e, torch.float32)
+        for n in ("k_cache", "v_cache"):
+            assert_close(dts[n].full_tensor(), full[n], torch.float32)
+
+    heads = {n: Shard(2) for n in ("q", "k_cache", "v_cache", "k", "v")}
+    check_kvcache(heads)
+    check_kvcache(heads, paged=True)
+    check_kvcache({n: Shard(0) for n in ("q", "k_cache", "v_cache", "cache_seqlens", "k", "v")})
+
     # Placements the ops cannot compute locally raise instead of gathering.
     def raises(fn, *args, match="cannot run locally"):
         with pytest.raises(RuntimeError, match=match):
             fn(*args)
+
+    kv_q, kv_cache, kv_lens = torch.randn(2, 1, 2 * world, 32), torch.randn(2, 16, world, 32), torch.tensor([3, 9], dtype=torch.int32)
+    kvcache = llama_ext.gqa_attention_with_kvcache
+    with torch.no_grad():
+        raises(kvcache, dt(kv_q, Shard(1)), dt(kv_cache, Shard(1)), dt(kv_cache.clone(), Shard(1)), dt(kv_lens, Replicate()))
+        raises(kvcache, dt(kv_q, Shard(0)), dt(kv_cache, Shard(2)), dt(kv_cache.clone(), Shard(2)), dt(kv_lens, Replicate()))
+        pool, table = torch.randn(6, 8, world, 32), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+        raises(lambda *a: kvcache(*a[:4], block_table=a[4]), dt(kv_q, Shard(0)), dt(pool, Shard(0)),
+               dt(pool.clone(), Shard(0)), dt(kv_lens, Shard(0)), dt(table, Shard(0)))
 
     raises(llama_ext.rms_norm, dt(x, Shard(2)), dt(w, Replicate()))
     raises(llama_ext.rms_norm, dt(x, Shard(1)), dt(w, Shard(0)))

@@ -8,7 +8,7 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
-from conftest import DEVICES, assert_close, device_dtype_params
+from conftest import DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, device_dtype_params
 
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 NAN = float("nan")
@@ -338,3 +338,122 @@ def test_gqattention_with_kvcache_module(device, with_rope):
     assert cache.offset == 12 and cache.k.shape == (2, 12, kv_heads, head_dim)
     assert cache.cache_seqlens.tolist() == [12, 12]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("with_rope", [False, True])
+def test_gqattention_with_paged_kvcache_module(device, with_rope):
+    """GQAttention decoding through PagedKVCache equals decoding through the contiguous KVCache,
+    while the pool grows past its initial blocks."""
+    hidden, heads, kv_heads, head_dim = 96, 6, 2, 32
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device) if with_rope else None
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    x = make((2, 23, hidden), device, torch.float32)
+    chunks = [(0, 5), (5, 8), (8, 9), (9, 10), (10, 17), (17, 18), (18, 23)]
+    with torch.no_grad():
+        contiguous, paged = llama_ext.KVCache(capacity=32), llama_ext.PagedKVCache(num_blocks=3, block_size=4)
+        expected = torch.cat([attn(x[:, s:e], cache=contiguous) for s, e in chunks], dim=1)
+        got = torch.cat([attn(x[:, s:e], cache=paged) for s, e in chunks], dim=1)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert paged.lengths == [23, 23] and paged.offset == 23
+    assert paged.k_cache.shape[0] >= 12 and paged.block_table.shape == (2, 6)  # 6 blocks of 4 per sequence
+    for b in range(2):
+        k, v = paged.sequence(b)
+        torch.testing.assert_close(k, contiguous.k[b], atol=0, rtol=0)
+        torch.testing.assert_close(v, contiguous.v[b], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_kvcache_free_and_reuse(device):
+    """Freeing a sequence returns its blocks, and its slot restarts at position 0 while the other
+    sequence keeps its tokens: each slot then equals a contiguous cache of its own sequence."""
+    hidden, heads, kv_heads, head_dim = 64, 4, 2, 16
+    rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device)
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
+    first = make((2, 9, hidden), device, torch.float32)
+    after = make((2, 6, hidden), device, torch.float32)
+    with torch.no_grad():
+        cache = llama_ext.PagedKVCache(num_blocks=8, block_size=4)
+        attn(first[:, :7], cache=cache)
+        attn(first[:, 7:9], cache=cache)
+        in_use = 8 - len(cache.free_blocks)
+        cache.free(1)
+        assert len(cache.free_blocks) == 8 - in_use + 3 and cache.lengths == [9, 0]
+        with pytest.raises(ValueError, match="different lengths"):
+            cache.offset
+        got = torch.cat([attn(after[:, :4], cache=cache), attn(after[:, 4:5], cache=cache),
+                         attn(after[:, 5:6], cache=cache)], dim=1)
+        assert cache.lengths == [15, 6]
+        # Slot 0: one sequence of 15 tokens; slot 1: a new sequence of 6.
+        alone = llama_ext.KVCache()
+        attn(first[:1], cache=alone)
+        expected0 = attn(after[:1], cache=alone)
+        expected1 = attn(after[1:])
+    torch.testing.assert_close(got[:1], expected0, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[1:], expected1, atol=1e-5, rtol=1e-5)
+    cache.reset()
+    assert cache.lengths == [0, 0] and len(cache.free_blocks) == cache.k_cache.shape[0]
+
+
+# ---- gqa_attention routes decode-shaped calls to the KV-cache kernels --------------------------
+
+
+def _kv_view(k):
+    """k of gqa_attention as the full cache of gqa_attention_with_kvcache (nothing appended)."""
+    return torch.full((k.shape[0],), k.shape[1], dtype=torch.int32, device=k.device)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("heads", GROUPINGS, ids=lambda h: "{}/{}-d{}".format(*h))
+@pytest.mark.parametrize("seq_q", ["1", "3", "max"])
+@pytest.mark.parametrize("seq_k", [37, 2500], ids=["short", "split"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_gqa_attention_decode_shapes_route_to_kvcache(device, dtype, heads, seq_q, seq_k, causal):
+    """gqa_attention with up to the routing limit of query tokens matches the float64 reference
+    (out and lse), and is the KV-cache kernel's result bit for bit (it ran there); strided q/k/v
+    (HF's transposed views) included."""
+    n_q, n_kv, d = heads
+    seq_q = {"1": 1, "3": 3, "max": DECODE_ROUTE_MAX_SEQ_Q}[seq_q]
+    q = make((2, n_q, seq_q, d), device, dtype).transpose(1, 2)
+    k, v = (make((2, n_kv, seq_k, d), device, dtype).transpose(1, 2) for _ in range(2))
+    out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True)
+    ref_out, ref_lse = gqa_attention_reference(q, k, v, causal=causal)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+    kv_out, kv_lse = llama_ext.gqa_attention_with_kvcache(q, k, v, _kv_view(k), causal=causal, return_lse=True)
+    assert torch.equal(out, kv_out) and torch.equal(lse, kv_lse)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("causal,window,softcap", [(True, (5, 0), 0.0), (False, (7, 2), 0.0), (True, (-1, -1), 30.0),
+                                                   (False, (40, 3), 20.0)])
+def test_gqa_attention_decode_route_window_and_softcap(device, dtype, causal, window, softcap):
+    """Windows (some rows see no key when seq_q > seq_k) and softcap on the routed path."""
+    for seq_q, seq_k in ((3, 300), (DECODE_ROUTE_MAX_SEQ_Q, 2)):
+        q = make((2, seq_q, 8, 64), device, dtype)
+        k, v = (make((2, seq_k, 2, 64), device, dtype) for _ in range(2))
+        out, lse = llama_ext.gqa_attention(q, k, v, causal=causal, return_lse=True, window_size=window, softcap=softcap)
+        ref_out, ref_lse = gqa_attention_reference(q, k, v, causal=causal, window_size=window, softcap=softcap)
+        assert_close(out, ref_out, dtype)
+        assert_close(lse, ref_lse, torch.float64 if dtype == torch.float64 else torch.float32, scale=2.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal,window,softcap", [(True, (-1, -1), 0.0), (False, (3, 1), 5.0)])
+def test_gqa_attention_backward_through_routed_forward(device, causal, window, softcap):
+    """The backward recomputes from the routed forward's out and lse: gradcheck in float64 (CPU)
+    and bf16/fp32 gradients against the float64 reference's."""
+    fn = lambda q, k, v: llama_ext.gqa_attention(q, k, v, causal=causal, window_size=window, softcap=softcap)  # noqa: E731
+    if device == "cpu":
+        q = make((2, 2, 4, 8), device, torch.float64).requires_grad_()
+        k, v = (make((2, 9, 2, 8), device, torch.float64).requires_grad_() for _ in range(2))
+        assert torch.autograd.gradcheck(fn, (q, k, v))
+    for dtype in (torch.float32, torch.bfloat16):
+        q = make((2, 3, 8, 64), device, dtype).requires_grad_()
+        k, v = (make((2, 700, 2, 64), device, dtype).requires_grad_() for _ in range(2))
+        grad = make((2, 3, 8, 64), device, dtype)
+        fn(q, k, v).backward(grad)
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        gqa_attention_reference(q64, k64, v64, causal=causal, window_size=window, softcap=softcap)[0].backward(grad.double())
+        for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+            assert_close(got, ref, dtype, scale=4.0)

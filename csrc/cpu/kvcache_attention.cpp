@@ -11,12 +11,15 @@
 //     all G query heads of its group (x seq_q) into one fp32 [rows, d] matrix (q rotated at
 //     positions cache_seqlens[b] + i and rounded to q's dtype first, as apply_rotary would give
 //     it, then pre-multiplied by the scale), and walks its key range in blocks of kKeyBlock
-//     keys. Each K row is converted to fp32 in registers, chunk by chunk, against four rows at
-//     a time, and each V row is widened once; both serve every row of the group:
-//       S[r, j] = q_r . k_j        (d/W FMAs and one horizontal sum per score)
+//     keys. K and V rows are widened to fp32 in registers, chunk by chunk, and each chunk
+//     serves several rows of the group at once (no fp32 copy of the cache is ever stored):
+//       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
+//                                  is left of the rows): 8 accumulators, reduced to their 8
+//                                  scores by one transposing hadd tree
 //       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
-//       online softmax per row: m' = max(m, max_j S), p = exp(S - m'), l' = l e^(m - m') + sum p
-//       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (four keys per pass over O)
+//       online softmax per row, vectorized over the block: m' = max(m, max_j S),
+//       p = exp(S - m'), l' = l e^(m - m') + sum p
+//       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (tiles of 2 rows x 4 keys, p in registers)
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
@@ -29,8 +32,9 @@
 // Bytes: every visible K and V element is read once per (group, row tile): 2 L n_kv_heads d
 // elements per sequence, the floor for decode; q and out are negligible. FLOPs: 4 L n_q_heads d
 // per query token, one exp per score. With G query heads sharing each widened K/V row, a
-// decode step is memory-bound: the kernel streams the cache sequentially (the hardware
-// prefetcher follows each row's stride) with the math in L1-resident buffers.
+// decode step is memory-bound: the kernel walks the cache in key order with the math in
+// L1-resident buffers, and prefetches the rows a block needs one stage ahead (a kv head's rows
+// lie n_kv_heads x d elements apart, a few per page, beyond the hardware prefetchers' reach).
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -185,30 +189,106 @@ inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
   if (c < d) IO::load_partial(src + c, d - c).store(dst + c, d - c);
 }
 
-// cnt (<= W) elements of a K/V row at p: widened rows are padded to whole vectors with zeros,
-// rows read in place (fp32, fp64) end at d.
-template <typename T>
-inline at::vec::Vectorized<at::opmath_type<T>> load_row(const at::opmath_type<T>* p, int64_t cnt) {
-  using Vec = at::vec::Vectorized<at::opmath_type<T>>;
-  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
-    if (cnt < Vec::size()) return Vec::loadu(p, cnt);
-  }
-  return Vec::loadu(p);
-}
-
 // Per-thread buffers of one task, padded to whole vectors (zeros in the padding).
 template <typename acc_t>
 struct TaskBuffers {
-  std::vector<acc_t> q, o, s, kv, m, l;
+  std::vector<acc_t> q, o, s, m, l;
   std::vector<int64_t> lo, hi;
   TaskBuffers(int64_t dpad)
-      : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), kv(4 * dpad), m(kMaxRows),
+      : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), m(kMaxRows),
         l(kMaxRows), lo(kMaxRows), hi(kMaxRows) {}
 };
 
 template <typename T>
 inline const T* cache_row(const T* base, const int64_t* stride, int64_t blk, int64_t off, int64_t h) {
   return base + blk * stride[0] + off * stride[1] + h * stride[2];
+}
+
+// Lane sums of eight vectors: out[i] = sum of the lanes of acc[i]. One transposing hadd tree
+// (AVX2, and AVX-512 after folding each vector's halves) instead of eight horizontal sums.
+template <typename acc_t>
+inline void lane_sums8(const at::vec::Vectorized<acc_t> (&acc)[8], acc_t* out) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<acc_t, float>) {
+    __m256 v[8];
+    for (int i = 0; i < 8; ++i) {
+#if defined(CPU_CAPABILITY_AVX512)
+      const __m512 x = acc[i];
+      v[i] = _mm256_add_ps(_mm512_castps512_ps256(x), _mm512_extractf32x8_ps(x, 1));
+#else
+      v[i] = acc[i];
+#endif
+    }
+    const __m256 s01 = _mm256_hadd_ps(v[0], v[1]), s23 = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 s45 = _mm256_hadd_ps(v[4], v[5]), s67 = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 s0123 = _mm256_hadd_ps(s01, s23), s4567 = _mm256_hadd_ps(s45, s67);
+    // s0123 = [0 1 2 3 | 0 1 2 3] (sums of the low and high 128-bit halves), likewise s4567.
+    const __m256 lo = _mm256_permute2f128_ps(s0123, s4567, 0x20);
+    const __m256 hi = _mm256_permute2f128_ps(s0123, s4567, 0x31);
+    _mm256_storeu_ps(out, _mm256_add_ps(lo, hi));
+    return;
+  }
+#endif
+  using Vec = at::vec::Vectorized<acc_t>;
+  for (int i = 0; i < 8; ++i) {
+    Vec x = acc[i];
+    out[i] = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, x);
+  }
+}
+
+// Elements [c, c + W) of a K/V row in acc_t (the row ends at d: a tail chunk is zero-padded).
+template <typename T>
+inline at::vec::Vectorized<at::opmath_type<T>> load_chunk(const T* row, int64_t c, int64_t d) {
+  using IO = VecIO<T>;
+  return c + IO::kWidth <= d ? IO::load(row + c) : IO::load_partial(row + c, d - c);
+}
+
+// Scores of R query rows (q, dpad apart, scaled) against 8 / R keys: s[r * ld + t] = q_r . k_t.
+// Each K chunk is widened once in registers and serves all R rows.
+template <typename T, int R>
+inline void score_tile(const at::opmath_type<T>* q, int64_t dpad, const T* const* k, int64_t d, at::opmath_type<T>* s,
+                       int64_t ld) {
+  using acc_t = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int J = 8 / R;
+  constexpr int64_t W = Vec::size();
+  Vec acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = Vec(0);
+  for (int64_t c = 0; c < d; c += W) {
+    Vec kc[J];
+    for (int t = 0; t < J; ++t) kc[t] = load_chunk<T>(k[t], c, d);
+    for (int r = 0; r < R; ++r) {
+      const Vec qc = Vec::loadu(q + r * dpad + c);
+      for (int t = 0; t < J; ++t) acc[r * J + t] = at::vec::fmadd(qc, kc[t], acc[r * J + t]);
+    }
+  }
+  acc_t sums[8];
+  lane_sums8<acc_t>(acc, sums);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
+}
+
+// O_r += sum_t p[r, t] v_t for R rows (o and p rows ld_o / ld_p apart) and kPvKeys keys: each V
+// chunk is widened once in registers and serves all R rows; the probabilities stay in registers.
+constexpr int kPvKeys = 4;
+template <typename T, int R>
+inline void pv_tile(const at::opmath_type<T>* p, int64_t ld_p, const T* const* v, int64_t d, at::opmath_type<T>* o,
+                    int64_t ld_o) {
+  using acc_t = at::opmath_type<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  Vec pr[R][kPvKeys];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < kPvKeys; ++t) pr[r][t] = Vec(p[r * ld_p + t]);
+  for (int64_t c = 0; c < d; c += W) {
+    Vec vc[kPvKeys];
+    for (int t = 0; t < kPvKeys; ++t) vc[t] = load_chunk<T>(v[t], c, d);
+    for (int r = 0; r < R; ++r) {
+      Vec acc = Vec::loadu(o + r * ld_o + c);
+      for (int t = 0; t < kPvKeys; ++t) acc = at::vec::fmadd(pr[r][t], vc[t], acc);
+      acc.store(o + r * ld_o + c);
+    }
+  }
 }
 
 // Rows [r0, r0 + nr) of the group (row r: head kvh * G + r / seq_q, query index r % seq_q)
@@ -218,9 +298,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
             int64_t nr, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
-  using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
-  constexpr bool kWiden = !std::is_same_v<T, acc_t>;
   const int64_t d = a.head_dim, dpad = a.dpad, G = a.group(), L = a.length(b);
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
@@ -242,128 +320,108 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     std::tie(buf.lo[r], buf.hi[r]) = a.visible(i, L);
   }
 
-  const T* kp[kKeyBlock];
-  const T* vp[kKeyBlock];
-  acc_t* kbuf = buf.kv.data();
+  // Row addresses of the keys [jb, jb + n), walking the pages, padded to a multiple of 8 with
+  // copies of the last one (their scores are masked to -inf, so their probabilities are 0).
+  const auto resolve = [&](int64_t jb, int64_t n, const T** kp, const T** vp) {
+    int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
+    for (int64_t j = 0; j < n; ++j) {
+      kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, kvh);
+      vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, kvh);
+      if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
+    }
+    for (int64_t j = n; j < (n + 7) / 8 * 8; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
+  };
+  // Rows of one kv head lie n_kv_heads x d elements apart: a few per 4 KB page, too sparse for
+  // the hardware prefetchers, which stop at page boundaries. The next block's K rows and this
+  // block's V rows are prefetched while this block's scores are computed.
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const auto prefetch_rows = [&](const T* const* rows, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+      const char* p = reinterpret_cast<const char*>(rows[j]);
+      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+    }
+  };
+  const T* kv_rows[2][2][kKeyBlock];  // [current / next][k / v][key]
+  int cur = 0;
+  if (j0 < j1) resolve(j0, std::min(kKeyBlock, j1 - j0), kv_rows[0][0], kv_rows[0][1]);
+  acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
-    // Row addresses of the block, walking the pages.
-    {
-      int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
-      for (int64_t j = 0; j < n; ++j) {
-        kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, kvh);
-        vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, kvh);
-        if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
-      }
+    const int64_t npad = (n + 7) / 8 * 8;
+    const T* const* kp = kv_rows[cur][0];
+    const T* const* vp = kv_rows[cur][1];
+    prefetch_rows(vp, n);
+    if (jb + kKeyBlock < j1) {
+      const int64_t n_next = std::min(kKeyBlock, j1 - jb - kKeyBlock);
+      resolve(jb + kKeyBlock, n_next, kv_rows[cur ^ 1][0], kv_rows[cur ^ 1][1]);
+      prefetch_rows(kv_rows[cur ^ 1][0], n_next);
     }
-    // Scores: four rows at a time against each K row, converted chunk by chunk in registers
-    // (one conversion per element and row group; q rows past nr are zeros or stale, unused).
-    for (int64_t j = 0; j < n; ++j) {
-      const T* kr = kp[j];
-      for (int64_t r0 = 0; r0 < nr; r0 += 4) {
-        const acc_t* q0 = buf.q.data() + r0 * dpad;
-        Vec s0(0), s1(0), s2(0), s3(0);
-        int64_t c = 0;
-        for (; c + W <= d; c += W) {
-          const Vec kc = IO::load(kr + c);
-          s0 = at::vec::fmadd(Vec::loadu(q0 + c), kc, s0);
-          s1 = at::vec::fmadd(Vec::loadu(q0 + dpad + c), kc, s1);
-          s2 = at::vec::fmadd(Vec::loadu(q0 + 2 * dpad + c), kc, s2);
-          s3 = at::vec::fmadd(Vec::loadu(q0 + 3 * dpad + c), kc, s3);
-        }
-        if (c < d) {
-          const Vec kc = IO::load_partial(kr + c, d - c);
-          s0 = at::vec::fmadd(Vec::loadu(q0 + c), kc, s0);
-          s1 = at::vec::fmadd(Vec::loadu(q0 + dpad + c), kc, s1);
-          s2 = at::vec::fmadd(Vec::loadu(q0 + 2 * dpad + c), kc, s2);
-          s3 = at::vec::fmadd(Vec::loadu(q0 + 3 * dpad + c), kc, s3);
-        }
-        const Vec sums[4] = {s0, s1, s2, s3};
-        for (int64_t i = 0; i < 4 && r0 + i < nr; ++i) {
-          buf.s[(r0 + i) * kKeyBlock + j] =
-              at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sums[i]);
-        }
+    // Scores S[r, j] = q_r . k_j: four rows against two keys, two against four, one against
+    // eight, by what is left of the rows.
+    for (int64_t r = 0; r < nr;) {
+      const acc_t* q = buf.q.data() + r * dpad;
+      acc_t* sr = s + r * kKeyBlock;
+      if (nr - r >= 4) {
+        for (int64_t j = 0; j < npad; j += 2) score_tile<T, 4>(q, dpad, kp + j, d, sr + j, kKeyBlock);
+        r += 4;
+      } else if (nr - r >= 2) {
+        for (int64_t j = 0; j < npad; j += 4) score_tile<T, 2>(q, dpad, kp + j, d, sr + j, kKeyBlock);
+        r += 2;
+      } else {
+        for (int64_t j = 0; j < npad; j += 8) score_tile<T, 1>(q, dpad, kp + j, d, sr + j, kKeyBlock);
+        r += 1;
       }
     }
     // Softcap, masks and the online softmax, per row, over the whole kKeyBlock columns (those
-    // past n and outside the row's visible range are -inf); p overwrites s.
-    acc_t alpha[kMaxRows];
+    // past n and outside the row's visible range are -inf); p overwrites s, and is 0 for every
+    // key the row does not see.
     for (int64_t r = 0; r < nr; ++r) {
-      acc_t* s = buf.s.data() + r * kKeyBlock;
+      acc_t* sr = s + r * kKeyBlock;
       const int64_t vlo = std::clamp(buf.lo[r] - jb, int64_t(0), n);
       const int64_t vhi = std::clamp(buf.hi[r] - jb, int64_t(0), n);
       if (vhi <= vlo) {
-        alpha[r] = 1;
+        std::fill(sr, sr + kKeyBlock, acc_t(0));
         continue;
       }
       if (a.softcap > 0) {
         const Vec inv(acc_t(1) / a.softcap), cap(a.softcap);
-        for (int64_t j = 0; j < kKeyBlock; j += W) (cap * (Vec::loadu(s + j) * inv).tanh()).store(s + j);
+        for (int64_t j = 0; j < kKeyBlock; j += W) (cap * (Vec::loadu(sr + j) * inv).tanh()).store(sr + j);
       }
-      std::fill(s, s + vlo, neg_inf);
-      std::fill(s + vhi, s + kKeyBlock, neg_inf);
+      std::fill(sr, sr + vlo, neg_inf);
+      std::fill(sr + vhi, sr + kKeyBlock, neg_inf);
       Vec mx(neg_inf);
-      for (int64_t j = 0; j < kKeyBlock; j += W) mx = at::vec::maximum(mx, Vec::loadu(s + j));
+      for (int64_t j = 0; j < kKeyBlock; j += W) mx = at::vec::maximum(mx, Vec::loadu(sr + j));
       const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx);
       const acc_t m_new = std::max(buf.m[r], tile_max);
-      alpha[r] = std::exp(buf.m[r] - m_new);  // 0 on the first visible block (m = -inf)
+      const acc_t alpha = std::exp(buf.m[r] - m_new);  // 0 on the first visible block (m = -inf)
       Vec sum(0);
       const Vec shift(-m_new);
       for (int64_t j = 0; j < kKeyBlock; j += W) {
-        const Vec e = exp_fast(Vec::loadu(s + j) + shift);  // exp(-inf) = 0 on masked columns
-        e.store(s + j);
+        const Vec e = exp_fast(Vec::loadu(sr + j) + shift);  // exp(-inf) = 0 on masked columns
+        e.store(sr + j);
         sum = sum + e;
       }
-      buf.l[r] = buf.l[r] * alpha[r] + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
+      buf.l[r] = buf.l[r] * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
       buf.m[r] = m_new;
-    }
-    for (int64_t r = 0; r < nr; ++r) {
-      if (alpha[r] == acc_t(1)) continue;
-      acc_t* o = buf.o.data() + r * dpad;
-      const Vec al(alpha[r]);
-      for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(o + c) * al).store(o + c);
-    }
-    // O_r += sum_j p[r, j] v_j: V rows widened once, four per pass over O where all four are
-    // visible to the row; a key a row does not see is never multiplied in (0 * Inf would be NaN).
-    for (int64_t j = 0; j < n; j += 4) {
-      const int64_t nj = std::min<int64_t>(4, n - j);
-      const acc_t* vr[4];
-      for (int64_t t = 0; t < nj; ++t) {
-        if constexpr (kWiden) {
-          widen_row<T>(vp[j + t], kbuf + t * dpad, d);
-          vr[t] = kbuf + t * dpad;
-        } else {
-          vr[t] = vp[j + t];
-        }
-      }
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t t0 = std::max<int64_t>(0, buf.lo[r] - jb - j);
-        const int64_t t1 = std::min<int64_t>(nj, buf.hi[r] - jb - j);
-        if (t1 <= t0) continue;
-        const acc_t* pr = buf.s.data() + r * kKeyBlock + j;
+      if (alpha != acc_t(1)) {
         acc_t* o = buf.o.data() + r * dpad;
-        if (t0 == 0 && t1 == 4) {
-          const Vec p0(pr[0]), p1(pr[1]), p2(pr[2]), p3(pr[3]);
-          for (int64_t c = 0; c < d; c += W) {
-            const int64_t cnt = std::min(W, d - c);
-            Vec acc = Vec::loadu(o + c);
-            acc = at::vec::fmadd(p0, load_row<T>(vr[0] + c, cnt), acc);
-            acc = at::vec::fmadd(p1, load_row<T>(vr[1] + c, cnt), acc);
-            acc = at::vec::fmadd(p2, load_row<T>(vr[2] + c, cnt), acc);
-            acc = at::vec::fmadd(p3, load_row<T>(vr[3] + c, cnt), acc);
-            acc.store(o + c);
-          }
-        } else {
-          for (int64_t t = t0; t < t1; ++t) {
-            const Vec pt(pr[t]);
-            for (int64_t c = 0; c < d; c += W) {
-              const int64_t cnt = std::min(W, d - c);
-              at::vec::fmadd(pt, load_row<T>(vr[t] + c, cnt), Vec::loadu(o + c)).store(o + c);
-            }
-          }
-        }
+        const Vec al(alpha);
+        for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(o + c) * al).store(o + c);
       }
     }
+    // O_r += sum_j p[r, j] v_j: two rows against four keys at a time. Keys a row does not see
+    // have p = 0 and lie within the sequence (finite values), so they add nothing.
+    const int64_t nv = (n + kPvKeys - 1) / kPvKeys * kPvKeys;
+    int64_t r = 0;
+    for (; r + 2 <= nr; r += 2) {
+      for (int64_t j = 0; j < nv; j += kPvKeys)
+        pv_tile<T, 2>(s + r * kKeyBlock + j, kKeyBlock, vp + j, d, buf.o.data() + r * dpad, dpad);
+    }
+    if (r < nr) {
+      for (int64_t j = 0; j < nv; j += kPvKeys)
+        pv_tile<T, 1>(s + r * kKeyBlock + j, kKeyBlock, vp + j, d, buf.o.data() + r * dpad, dpad);
+    }
+    cur ^= 1;
   }
 }
 
