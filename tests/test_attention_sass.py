@@ -22,7 +22,11 @@ TENSOR_CORE_KERNELS = {
     "attention_backward_tc_kernel": {
         (t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS if d <= CUDA_MAX_BACKWARD_TC_HEAD_DIM
     },
+    # The decode kernel of gqa_attention_with_kvcache (csrc/cuda/kvcache_attention.cu).
+    "attend_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
 }
+# Kernels that must not touch local memory either (no spills, no stack arrays), beyond the above.
+NO_LOCAL_MEMORY_KERNELS = ("attend_simt_kernel",)
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
@@ -111,7 +115,7 @@ def test_attention_kernels_use_tensor_cores(sass_by_arch, arch, kernel):
 def test_attention_tensor_core_kernels_do_not_spill(sass_by_arch, arch):
     # Local-memory traffic (STL/LDL) in the hot kernels would mean register spills.
     for name, body in _functions(_sass_for(sass_by_arch, arch)).items():
-        if any(kernel in name for kernel in TENSOR_CORE_KERNELS):
+        if any(kernel in name for kernel in (*TENSOR_CORE_KERNELS, *NO_LOCAL_MEMORY_KERNELS)):
             assert not re.search(r"\b(STL|LDL)\b", body), f"{arch} {name} spills to local memory"
 
 
