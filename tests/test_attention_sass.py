@@ -38,11 +38,15 @@ FORWARD_TILES = _forward_tiles()
 TENSOR_CORE_KERNELS = {
     "attention_forward_tc_kernel": {(t, d, i) for t in CUDA_TC_TYPES for i, (d, *_) in enumerate(FORWARD_TILES)},
     "attention_backward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
+    # The decode kernel of gqa_attention_with_kvcache (csrc/cuda/kvcache_attention.cu).
+    "attend_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
 }
 # The backward's tile configurations (BwdConfig<D, keys, queries, two warps per key slice>) that
 # must exist besides one per head dim: D = 256 on 64 x 64 tiles (sm_80 / sm_90 shared memory)
 # and on 32 x 32 tiles (the ~100 KB of sm_86 / sm_89 / sm_120).
 BACKWARD_D256_CONFIGS = {(256, 64, 64, 1), (256, 32, 32, 1)}
+# Kernels that must not touch local memory either (no spills, no stack arrays), beyond the above.
+NO_LOCAL_MEMORY_KERNELS = ("attend_simt_kernel",)
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
@@ -161,8 +165,8 @@ def test_attention_backward_d256_configs(sass_by_arch, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("kernel", sorted(TENSOR_CORE_KERNELS))
-def test_attention_tensor_core_kernels_do_not_spill(sass_by_arch, arch, kernel):
+@pytest.mark.parametrize("kernel", sorted(TENSOR_CORE_KERNELS) + list(NO_LOCAL_MEMORY_KERNELS))
+def test_attention_kernels_do_not_spill(sass_by_arch, arch, kernel):
     # Local-memory traffic (STL/LDL) in the hot kernels would mean register spills.
     for name, body in _functions(_sass_for(sass_by_arch, arch)).items():
         if kernel in name:

@@ -1,42 +1,75 @@
 // Attention against a KV cache (decode) on CUDA: split-KV flash-decoding, paged, with the new
 // tokens' append and rotary fused in. Semantics in csrc/kvcache_attention.h. No host syncs: the
-// split count comes from the SM count and the cache capacity, the lengths are read on the
-// device, so a decode step captures in a CUDA graph.
+// split count comes from the SM count, the kernel's occupancy and the cache capacity, the
+// lengths are read on the device, so a decode step captures in a CUDA graph.
 //
 // Kernels, in stream order:
 //  1. append: one CTA per new token writes its k (rotated: pairs (i, i + half) or (2i, 2i+1),
 //     fp32 math from the fp32 tables, one rounding) and v rows into their cache slots.
-//  2. attend: one CTA per (key split, kv head x row tile, batch). The rows of a tile are up to
-//     kRows query rows of the group (G query heads x seq_q tokens), held in shared memory in
-//     fp32 (q rotated at cache_seqlens[b] + i and rounded to T, as apply_rotary would return it,
-//     then pre-multiplied by scale). The CTA's key range (its split of the union of the rows'
-//     visible ranges) is walked by lane groups of TPK threads, one 16-byte chunk of a K/V row
-//     per thread (two for fp32 at d = 256); each group takes kKeysPerStep consecutive keys per
-//     step, so every K/V element is loaded once per CTA, i.e. once per group of query heads:
-//       s[r, u] = q_r . k_u     (per-thread partial dots, a shuffle butterfly over the group)
-//       softcap, window/causal masks per row (bottom-right aligned), log2 domain
-//       m' = max(m, s), l' = l 2^(m - m') + sum_u 2^(s - m'), O <- O 2^(m - m') + sum_u p_u v_u
-//     The lane groups' (m, l, O) are merged in shared memory in a fixed order (deterministic),
-//     and the CTA writes out/lse directly (one split) or an fp32 partial.
+//  2. attend: one CTA per (key split, kv head x row tile, batch). A row tile holds query rows of
+//     one kv head's group, row = (query head in group) x seq_q + (query token), so each K/V
+//     element is read once per group (per row tile when G x seq_q exceeds a tile). A CTA walks
+//     its split of the union of its rows' visible key ranges.
+//     float16 / bfloat16, tensor cores (attend_tc_kernel): 16 rows (one m16 tile, q rotated and
+//     rounded to T in shared memory), 4 warps. Key tiles of kKeys = 64 (32 at d = 256) keys of
+//     K and V are staged in shared memory by cp.async in a kStages-deep ring (the prologue
+//     fills kStages - 1, each step refills the stage freed by the previous step): each 16-byte
+//     chunk of a key row is gathered through the block table on its own, so any block size
+//     works and tiles need no alignment to blocks; keys past the split (and blocks outside the
+//     cache, after a device-side assert) are zero-filled by the copy, never read. Warp w takes
+//     keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice and split
+//     O's columns, so O stays at 64 fp32 registers per thread):
+//       S = Q K^T (mma.m16n8k16, Q from shared memory by ldmatrix, K by ldmatrix),
+//       x = scale S, softcap tanh(x / softcap) (the precise tanh), causal/window masks per row
+//       (bottom-right aligned), log2 domain; m' = max(m, rowmax), P = 2^(x - m') (quad
+//       shuffles), l' = l 2^(m - m') + rowsum P, O = O 2^(m - m') + P V with P rounded to T
+//       in registers as the A fragment (V by ldmatrix.trans).
+//     The warps' (m, l, O) are merged in shared memory (over the dead stages) in warp order,
+//     so the result is deterministic.
+//     float32, CUDA cores (attend_simt_kernel): 8 rows, lane groups of up to 32 threads per key
+//     reading 16-byte chunks directly, per-thread dots with a shuffle butterfly, the same online
+//     softmax per lane group, merged in group order. fp32 has no tensor-core path.
+//     Either writes out/lse directly (one split) or an fp32 partial per split.
 //  3. combine (splits > 1): per query row, lse = log sum_s e^(lse_s), out = sum_s
 //     e^(lse_s - lse) out_s, in split order.
-// Paged caches are gathered through the block table inside the kernel (any block size); a
-// block index, length or rotary position that is out of range fires a device-side assert and
+// A block index, length or rotary position that is out of range fires a device-side assert and
 // the access is skipped, never made.
 //
-// Why CUDA cores, not tensor cores. Decode moves 2 L n_kv_heads d elements of K/V and does
-// 4 L n_q_heads d FLOPs: with G = n_q_heads / n_kv_heads query heads per group, 2 G FLOPs per
-// byte of bf16 K/V. The H200 streams 4.8 TB/s and its CUDA cores do 67 TFLOP/s fp32, i.e. 14
-// FLOPs per byte: decode with G x seq_q <= 8 (every Llama grouping at seq_q = 1: 4, 8) stays
-// under half of that, so the FMA pipes keep pace with memory and the kernel is bound by DRAM
-// bandwidth as a tensor-core kernel would be, without the shared-memory staging and fragment
-// layouts. The costs that do compete are the exps (one per score per key step) and the
-// shuffle reductions (rows x log2 TPK per key), both bounded by kRows = 8 per CTA; longer row
-// tiles (speculative decoding with many tokens) become compute-bound here and are better
-// served by the prefill kernels.
+// Splits: units = batch x kv_heads x row tiles CTAs per split; slots = SMs x resident CTAs per
+// SM (cudaOccupancyMaxActiveBlocksPerMultiprocessor at the kernel's registers and shared
+// memory); at most one split per 256 keys of capacity, at most 128. If all of those fit in one
+// wave of slots, all of them; else the smallest count whose wave efficiency (CTAs / whole waves
+// of slots) is within 85% of the best.
+// H200 (132 SMs, 3 CTAs per SM at d = 128), 32/8 heads, context 8192: batch 1 -> 32 splits of
+// 256 keys, 256 CTAs in one wave; batch 32 -> 3 splits, 768 CTAs in 1.94 waves.
+//
+// Bytes in flight. At d = 128 a stage is 64 keys x (K + V) x 256 B = 32 KB of data (34 KB with
+// the row padding); two stages: while a tile is multiplied the next one is in flight, so a CTA
+// keeps 32-64 KB in flight and an H200 SM (3 CTAs) 96-192 KB, against a bandwidth-delay product
+// of about 29 KB per SM (4.8 TB/s / 132 SMs x ~0.8 us), i.e. more than 3x. Deeper rings for
+// smaller d (4 stages at d = 32 and 64, 3 at 80), within 72 KB of stages per CTA so that every
+// sm_80+ GPU (99 KB per block on sm_86/89/120) runs every head dim.
 //
 // Bytes: K and V once per (group, row tile), q and out once; splits add 2 x rows x d fp32 of
-// partials per split. Offsets are 64-bit.
+// partials per split. FLOPs: 4 x 16 x L x d per (kv head, row tile) on tensor cores; decode
+// (G x seq_q <= 16) moves 2 L d x 2 bytes for them, 16 FLOPs/byte at most, far under the
+// tensor cores' ratio, so the kernel is bound by DRAM bandwidth. Offsets are 64-bit, key
+// indices 32-bit (capacity <= 2^30).
+//
+// Registers (ptxas -v, CUDA 13.0; fp16 and bf16 alike), shared memory per CTA (dynamic +
+// static) and resident CTAs per SM (the least of the register, shared-memory and thread
+// limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
+//   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
+//         registers             smem     CTAs/SM   registers             smem     CTAs/SM
+//   32    80/80/80/80/76        41.9 KB  3/2/2/5/2  162/164/164/163/168  3.1 KB   3/3/3/3/3
+//   64    95/95/95/93/95        74.9 KB  2/1/1/3/1  161/163/163/164/168  4.6 KB   3/3/3/3/3
+//   80    114/114/114/119/118   69.4 KB  2/1/1/3/1  157/158/158/161/168  5.3 KB   3/3/3/3/3
+//   96    128/126/126/125/124   55.9 KB  2/1/1/4/1  157/158/158/161/168  6.3 KB   3/3/3/3/3
+//   128   140/142/142/144/124   72.9 KB  2/1/1/3/1  162/162/162/163/174  8.3 KB   3/3/3/3/2
+//   256   132/132/132/134/142   74.6 KB  2/1/1/3/1  215/216/216/217/225  16.3 KB  2/2/2/2/2
+// No spills and no local memory, except the fp32 kernel at d = 32 and 64 on sm_120 (4 bytes
+// spilled, an 8-byte stack frame).
+
 #include <ATen/ops/empty.h>
 #include <c10/util/StringUtil.h>
 #include <torch/library.h>
@@ -44,6 +77,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "../kvcache_attention.h"
 #include "attention_launch.cuh"
@@ -52,11 +86,12 @@
 namespace llama_ext::cuda {
 namespace {
 
-constexpr int kThreads = 128;
-constexpr int kRows = 8;          // query rows per CTA
-constexpr int kKeysPerStep = 4;   // consecutive keys a lane group takes per step
+constexpr int kThreads = 128;     // append, combine and the CUDA-core attend kernel
+constexpr int kRows = 8;          // query rows per CTA of the CUDA-core attend kernel
+constexpr int kKeysPerStep = 4;   // consecutive keys one of its lane groups takes per step
 constexpr int kMinKeysPerSplit = 256;
 constexpr int kMaxSplits = 128;
+constexpr int64_t kMaxCapacity = int64_t{1} << 30;
 using attention::kLn2;
 using attention::kLog2e;
 
@@ -104,9 +139,10 @@ __device__ __forceinline__ bool length_ok(const KVCacheKernelParams& p, int b) {
 
 // The cache block of token j of sequence b, or -1 (after a device-side assert) when the block
 // table names a block outside the cache.
-__device__ __forceinline__ int64_t cache_block(const KVCacheKernelParams& p, int b, int64_t j) {
+// Keys are int: a length is at most the capacity, below 2^31 (checked on the host).
+__device__ __forceinline__ int64_t cache_block(const KVCacheKernelParams& p, int b, int j) {
   if (p.block_table == nullptr) return b;
-  const int64_t blk = p.block_table[b * p.bt_stride[0] + (j / p.block_size) * p.bt_stride[1]];
+  const int64_t blk = p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(j / p.block_size) * p.bt_stride[1]];
   const bool ok = blk >= 0 && blk < p.num_blocks;
   CUDA_KERNEL_ASSERT(ok && "gqa_attention_with_kvcache: block_table entry outside the cache");
   return ok ? blk : -1;
@@ -144,7 +180,7 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
   if (!length_ok(p, b)) return;
   const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
   if (p.cos != nullptr && !position_ok(p, pos)) return;
-  const int64_t blk = cache_block(p, b, pos);
+  const int64_t blk = cache_block(p, b, static_cast<int>(pos));
   if (blk < 0) return;
   const int64_t off = pos % p.block_size;
   const T* k_src = static_cast<const T*>(p.k_new) + b * p.kn_stride[0] + i * p.kn_stride[1];
@@ -159,12 +195,85 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
   }
 }
 
-// ---- 2. attend --------------------------------------------------------------------------------
+// ---- 2. attend: what both kernels share --------------------------------------------------------
+
+// Element e of query row `row` of kv head kvh's group (row = head in group x seq_q + token), as
+// the attention sees it: rotated at cache_seqlens[b] + i and rounded to T (what apply_rotary
+// would return) when tables are given, else as stored. 0 for a rotary position off the table.
+template <typename T>
+__device__ __forceinline__ float query_element(const KVCacheKernelParams& p, int b, int kvh, int row, int e,
+                                               bool valid_len) {
+  const int h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
+  const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + i * p.q_stride[1] + h * p.q_stride[2];
+  if (p.cos != nullptr && valid_len) {
+    const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
+    return position_ok(p, pos) ? round_to<T>(rotated(p, src, e, pos)) : 0.f;
+  }
+  return to_float(src[e]);
+}
+
+// The keys [lo, hi) query row `row` sees in a sequence of L keys (bottom-right aligned causal
+// mask and window); lo = hi = 0 when it sees none.
+__device__ __forceinline__ void visible_keys(const KVCacheKernelParams& p, int row, int L, int& lo, int& hi) {
+  const int64_t pos = static_cast<int64_t>(row % p.seq_q) + L - p.seq_q;
+  const int64_t row_lo = p.window_left >= 0 ? max64(0, pos - p.window_left) : 0;
+  const int64_t row_hi = p.window_right >= 0 ? min64(L, pos + p.window_right + 1) : L;
+  const bool any = row_hi > row_lo;
+  lo = any ? static_cast<int>(row_lo) : 0;
+  hi = any ? static_cast<int>(row_hi) : 0;
+}
+
+// The softcapped score in the log2 domain: softcap tanh(x / softcap) log2(e), x = scale q.k.
+// The precise tanh: --use_fast_math would make tanhf the approximate MUFU.TANH.
+__device__ __forceinline__ float score_log2(const KVCacheKernelParams& p, float x) {
+  if (p.softcap > 0.f) x = p.softcap * attention::precise_tanh(x / p.softcap);
+  return x * kLog2e;
+}
+
+// Writes element e of query row `row`'s result, from its unnormalized output `acc` and its
+// softmax statistics (row_max in log2, row_sum; row_sum = 0: no key seen): out and lse (one
+// split) or this split's fp32 partial.
+template <typename T>
+__device__ __forceinline__ void store_result(const KVCacheKernelParams& p, int b, int kvh, int row, int split, int e,
+                                             float acc, float row_max, float row_sum) {
+  const int h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
+  const int64_t out_row = (static_cast<int64_t>(b) * p.seq_q + i) * p.n_q_heads + h;
+  const int64_t lse_idx = (static_cast<int64_t>(b) * p.n_q_heads + h) * p.seq_q + i;
+  const bool any = row_sum > 0.f;
+  const float o = any ? acc / row_sum : 0.f;
+  const float lse = any ? (row_max + log2f(row_sum)) * kLn2 : (p.splits == 1 ? 0.f : -INFINITY);
+  if (p.splits == 1) {
+    static_cast<T*>(p.out)[out_row * p.head_dim + e] = from_float<T>(o);
+    if (e == 0) p.lse[lse_idx] = lse;
+  } else {
+    const int64_t rows_total = static_cast<int64_t>(p.batch) * p.n_q_heads * p.seq_q;
+    p.partial_out[(split * rows_total + lse_idx) * p.head_dim + e] = o;
+    if (e == 0) p.partial_lse[split * rows_total + lse_idx] = lse;
+  }
+}
+
+// CTA key range [j_begin, j_end) of `split`: the union [tile_lo, tile_hi) of its rows' visible
+// ranges, from tile_lo rounded down to `align` keys, cut into p.splits chunks of whole
+// `align`-key tiles (so every tile starts at a multiple of `align`).
+__device__ __forceinline__ void split_range(const KVCacheKernelParams& p, int split, int tile_lo, int tile_hi,
+                                            int align, int& j_begin, int& j_end) {
+  if (tile_hi <= tile_lo) {
+    j_begin = j_end = 0;
+    return;
+  }
+  const int64_t base = tile_lo / align * align;
+  const int64_t span = tile_hi - base;
+  const int64_t chunk = ((span + p.splits - 1) / p.splits + align - 1) / align * align;
+  j_begin = static_cast<int>(min64(tile_hi, base + split * chunk));
+  j_end = static_cast<int>(min64(tile_hi, static_cast<int64_t>(j_begin) + chunk));
+}
+
+// ---- 2a. attend on CUDA cores (float32) ---------------------------------------------------------
 
 constexpr int pow2_at_least(int n) { return n <= 1 ? 1 : 2 * pow2_at_least((n + 1) / 2); }
 
 template <typename T, int D>
-struct Tiling {
+struct SimtTiling {
   static constexpr int kVec = vec_elems<T>();                          // elements per 16-byte chunk
   static constexpr int kChunks = D / kVec;                             // chunks per K/V row
   static constexpr int kLanes = kChunks >= 32 ? 32 : pow2_at_least(kChunks);  // threads per key
@@ -175,52 +284,36 @@ struct Tiling {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) attend_kernel(const KVCacheKernelParams p) {
-  using Tl = Tiling<T, D>;
+__global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKernelParams p) {
+  using Tl = SimtTiling<T, D>;
   constexpr int E = Tl::kElems, V = Tl::kVec, LANES = Tl::kLanes, NG = Tl::kGroups, U = kKeysPerStep;
   __shared__ float q_s[kRows][D];
   __shared__ float o_s[kRows][D];
   __shared__ float m_s[NG][kRows];
   __shared__ float l_s[NG][kRows];
+  __shared__ float row_max_s[kRows], row_sum_s[kRows];
 
   const int split = blockIdx.x, kvh = blockIdx.y / p.row_tiles, tile = blockIdx.y % p.row_tiles, b = blockIdx.z;
   const int row0 = tile * kRows, nrows = min(kRows, p.rows - row0);
   const bool valid_len = length_ok(p, b);
-  const int64_t L = valid_len ? p.length(b) : 0;
-  const int64_t start = p.seqlens[b];
+  const int L = valid_len ? static_cast<int>(p.length(b)) : 0;
 
   // ---- stage: q rows (rotated, rounded to T, scaled) into shared memory; visible ranges.
   for (int t = threadIdx.x; t < kRows * D; t += blockDim.x) {
     const int r = t / D, e = t % D;
-    float x = 0.f;
-    if (r < nrows) {
-      const int row = row0 + r, h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
-      const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + i * p.q_stride[1] + h * p.q_stride[2];
-      if (p.cos != nullptr && valid_len) {
-        x = position_ok(p, start + i) ? round_to<T>(rotated(p, src, e, start + i)) : 0.f;
-      } else {
-        x = to_float(src[e]);
-      }
-    }
-    q_s[r][e] = x * p.scale;
+    q_s[r][e] = r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) * p.scale : 0.f;
   }
-  // Visible keys [lo, hi) of each row; L <= capacity < 2^31 (checked on the host), so int32.
   int lo[kRows], hi[kRows];
-  int64_t tile_lo = L, tile_hi = 0;
+  int tile_lo = L, tile_hi = 0;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    const int64_t pos = (row0 + r) % p.seq_q + L - p.seq_q;
-    const int64_t row_lo = p.window_left >= 0 ? max64(0, pos - p.window_left) : 0;
-    const int64_t row_hi = p.window_right >= 0 ? min64(L, pos + p.window_right + 1) : L;
-    const bool any = r < nrows && row_hi > row_lo;
-    lo[r] = any ? static_cast<int>(row_lo) : 0;
-    hi[r] = any ? static_cast<int>(row_hi) : 0;
-    if (any) tile_lo = min64(tile_lo, row_lo), tile_hi = max64(tile_hi, row_hi);
+    int row_lo = 0, row_hi = 0;
+    if (r < nrows) visible_keys(p, row0 + r, L, row_lo, row_hi);
+    if (row_hi > row_lo) tile_lo = min(tile_lo, row_lo), tile_hi = max(tile_hi, row_hi);
+    lo[r] = row_lo, hi[r] = row_hi;
   }
-  const int64_t span = max64(0, tile_hi - tile_lo);
-  const int64_t chunk = (span + p.splits - 1) / p.splits;
-  const int64_t j_begin = min64(tile_hi, tile_lo + split * chunk);
-  const int64_t j_end = min64(tile_hi, j_begin + chunk);
+  int j_begin, j_end;
+  split_range(p, split, tile_lo, tile_hi, 1, j_begin, j_end);
   __syncthreads();
 
   // ---- stage: stream the key range; each lane group keeps its own (m, l, O).
@@ -237,13 +330,13 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const KVCacheKernelPar
   }
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_stride[2];
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_stride[2];
-  for (int64_t jw = j_begin + warp * KPW * U; jw < j_end; jw += NG * U) {
-    const int64_t j0 = jw + (grp % KPW) * U;
+  for (int jw = j_begin + warp * KPW * U; jw < j_end; jw += NG * U) {
+    const int j0 = jw + (grp % KPW) * U;
     Vec<T, V> kc[U][Tl::kChunksPerLane], vc[U][Tl::kChunksPerLane];
     bool key_ok[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t j = j0 + u;
+      const int j = j0 + u;
       const int64_t blk = j < j_end ? cache_block(p, b, j) : -1;
       key_ok[u] = blk >= 0;
       const int64_t off = j % p.block_size;
@@ -294,12 +387,9 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const KVCacheKernelPar
       bool seen[U];
 #pragma unroll
       for (int u = 0; u < U; ++u) {
-        const int64_t j = j0 + u;
+        const int j = j0 + u;
         seen[u] = key_ok[u] && j >= lo[r] && j < hi[r];
-        float x = s[r][u];
-        // The precise tanh: --use_fast_math would make tanhf the approximate MUFU.TANH.
-        if (p.softcap > 0.f) x = p.softcap * attention::precise_tanh(x / p.softcap);
-        s[r][u] = seen[u] ? x * kLog2e : -INFINITY;
+        s[r][u] = seen[u] ? score_log2(p, s[r][u]) : -INFINITY;
         mx = fmaxf(mx, s[r][u]);
       }
       if (mx == -INFINITY) continue;
@@ -335,15 +425,22 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const KVCacheKernelPar
   }
   for (int t = threadIdx.x; t < kRows * D; t += blockDim.x) o_s[t / D][t % D] = 0.f;
   __syncthreads();
-  float row_max[kRows], row_sum[kRows];
+  // Row statistics in registers (compile-time row indices) for the merge, in shared memory for
+  // the write-out, whose row index is a run-time value.
+  float row_max[kRows];
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     row_max[r] = -INFINITY;
     for (int g = 0; g < NG; ++g) row_max[r] = fmaxf(row_max[r], m_s[g][r]);
-    row_sum[r] = 0.f;
+  }
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    float mx = -INFINITY, sum = 0.f;
+    for (int g = 0; g < NG; ++g) mx = fmaxf(mx, m_s[g][r]);
     for (int g = 0; g < NG; ++g) {
-      if (m_s[g][r] != -INFINITY) row_sum[r] += l_s[g][r] * exp2f(m_s[g][r] - row_max[r]);
+      if (m_s[g][r] != -INFINITY) sum += l_s[g][r] * exp2f(m_s[g][r] - mx);
     }
+    row_max_s[r] = mx, row_sum_s[r] = sum;
   }
   for (int g = 0; g < NG; ++g) {
     if (grp == g) {
@@ -366,19 +463,202 @@ __global__ void __launch_bounds__(kThreads) attend_kernel(const KVCacheKernelPar
   // ---- stage: write out/lse (one split) or this split's partial.
   for (int t = threadIdx.x; t < nrows * D; t += blockDim.x) {
     const int r = t / D, e = t % D;
-    const int row = row0 + r, h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
-    const int64_t out_row = (static_cast<int64_t>(b) * p.seq_q + i) * p.n_q_heads + h;
-    const int64_t lse_idx = (static_cast<int64_t>(b) * p.n_q_heads + h) * p.seq_q + i;
-    const bool any = row_sum[r] > 0.f;
-    const float o = any ? o_s[r][e] / row_sum[r] : 0.f;
-    if (p.splits == 1) {
-      static_cast<T*>(p.out)[out_row * D + e] = from_float<T>(o);
-      if (e == 0) p.lse[lse_idx] = any ? (row_max[r] + log2f(row_sum[r])) * kLn2 : 0.f;
-    } else {
-      const int64_t rows_total = static_cast<int64_t>(p.batch) * p.n_q_heads * p.seq_q;
-      p.partial_out[(split * rows_total + lse_idx) * D + e] = o;
-      if (e == 0) p.partial_lse[split * rows_total + lse_idx] = any ? (row_max[r] + log2f(row_sum[r])) * kLn2 : -INFINITY;
+    store_result<T>(p, b, kvh, row0 + r, split, e, o_s[r][e], row_max_s[r], row_sum_s[r]);
+  }
+}
+
+// ---- 2b. attend on tensor cores (float16 / bfloat16) ------------------------------------------
+
+constexpr int kTcRows = 16;                 // query rows per CTA: one m16 tile
+constexpr int kTcThreads = 128;             // 4 warps
+constexpr int kTcStageBudget = 72 * 1024;   // bytes of K/V stages per CTA
+
+template <typename T, int D>
+struct TcTiling {
+  static constexpr int kWarps = kTcThreads / 32;
+  static constexpr int kWarpsN = D > 128 ? 2 : 1;   // warps sharing a key slice, splitting O's columns
+  static constexpr int kWarpsK = kWarps / kWarpsN;  // key slices of 16 keys per tile
+  static constexpr int kKeys = 16 * kWarpsK;        // keys per tile
+  static constexpr int kPitch = attention::smem_pitch<D>();
+  static constexpr int kTileElems = kKeys * kPitch;  // one K or V tile in shared memory
+  static constexpr int kStageBytes = 2 * kTileElems * static_cast<int>(sizeof(T));
+  static constexpr int kStages = std::clamp(kTcStageBudget / kStageBytes, 2, 4);
+  static constexpr int kOCols = D / kWarpsN;        // O columns per warp
+  static constexpr int kONTiles = kOCols / 8;
+  static constexpr int kVec = vec_elems<T>();
+  static constexpr int kChunksPerRow = D / kVec;
+  static constexpr int kChunksPerThread = kKeys * kChunksPerRow / kTcThreads;
+  static constexpr size_t kSmemBytes = static_cast<size_t>(kTcRows * kPitch + 2 * kStages * kTileElems) * sizeof(T);
+  static_assert(kKeys * kChunksPerRow % kTcThreads == 0, "a tile is whole 16-byte chunks per thread");
+  static_assert(kONTiles % 2 == 0 && D % 16 == 0, "P V takes n-tile pairs, Q K^T 16-wide k-chunks");
+  static_assert(static_cast<size_t>(kWarpsK) * kTcRows * D * sizeof(float) <= 2 * kStages * kTileElems * sizeof(T),
+                "the merge buffer overlays the K/V stages");
+};
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKernelParams p) {
+  using Tl = TcTiling<T, D>;
+  constexpr int P = Tl::kPitch, KEYS = Tl::kKeys, S = Tl::kStages, WK = Tl::kWarpsK;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);  // [kTcRows][P]
+  T* k_s = q_s + kTcRows * P;               // [S][KEYS][P]
+  T* v_s = k_s + S * Tl::kTileElems;        // [S][KEYS][P]
+  float* o_merge = reinterpret_cast<float*>(k_s);  // [WK][kTcRows][D], after the key loop
+  __shared__ float m_s[WK][kTcRows], l_s[WK][kTcRows], row_max_s[kTcRows], row_sum_s[kTcRows];
+
+  const int split = blockIdx.x, kvh = blockIdx.y / p.row_tiles, tile = blockIdx.y % p.row_tiles, b = blockIdx.z;
+  const int row0 = tile * kTcRows, nrows = min(kTcRows, p.rows - row0);
+  const bool valid_len = length_ok(p, b);
+  const int L = valid_len ? static_cast<int>(p.length(b)) : 0;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int wk = warp / Tl::kWarpsN, wn = warp % Tl::kWarpsN, g = lane / 4, tq = lane % 4;
+
+  // ---- stage: the 16 query rows (rotated, rounded to T) into shared memory; visible ranges of
+  // the tile and of this thread's two fragment rows, g and g + 8.
+  for (int t = threadIdx.x; t < kTcRows * D; t += kTcThreads) {
+    const int r = t / D, e = t % D;
+    q_s[r * P + e] = from_float<T>(r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) : 0.f);
+  }
+  int tile_lo = L, tile_hi = 0;
+  for (int r = 0; r < nrows; ++r) {
+    int lo, hi;
+    visible_keys(p, row0 + r, L, lo, hi);
+    if (hi > lo) tile_lo = min(tile_lo, lo), tile_hi = max(tile_hi, hi);
+  }
+  int lo[2], hi[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    lo[h] = hi[h] = 0;
+    if (g + 8 * h < nrows) visible_keys(p, row0 + g + 8 * h, L, lo[h], hi[h]);
+  }
+  int j_begin, j_end;
+  split_range(p, split, tile_lo, tile_hi, KEYS, j_begin, j_end);
+  const int n_tiles = (j_end - j_begin + KEYS - 1) / KEYS;
+
+  // ---- stage: K/V tiles [jt, jt + KEYS) into shared memory with cp.async, each key row
+  // gathered through the block table; keys past j_end (and unreadable blocks) are zero-filled,
+  // so the products never meet the cache's unwritten slots.
+  const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_stride[2];
+  const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_stride[2];
+  auto load_kv = [&](int stage, int jt) {
+    T* k_dst = k_s + stage * Tl::kTileElems;
+    T* v_dst = v_s + stage * Tl::kTileElems;
+#pragma unroll
+    for (int i = 0; i < Tl::kChunksPerThread; ++i) {
+      const int c = threadIdx.x + i * kTcThreads;
+      const int r = c / Tl::kChunksPerRow, col = c % Tl::kChunksPerRow * Tl::kVec;
+      const int j = jt + r;
+      const int64_t blk = j < j_end ? cache_block(p, b, j) : -1;
+      const bool ok = blk >= 0;
+      const int64_t off = j % p.block_size;
+      const T* k_src = ok ? k_base + blk * p.k_stride[0] + off * p.k_stride[1] + col : k_base;
+      const T* v_src = ok ? v_base + blk * p.v_stride[0] + off * p.v_stride[1] + col : v_base;
+      mma::cp_async_16(k_dst + r * P + col, k_src, ok);
+      mma::cp_async_16(v_dst + r * P + col, v_src, ok);
     }
+  };
+#pragma unroll
+  for (int s = 0; s < S - 1; ++s) {
+    if (s < n_tiles) load_kv(s, j_begin + s * KEYS);
+    mma::cp_async_commit();
+  }
+
+  // ---- stage: the key loop. Warp (wk, wn) takes keys [16 wk, 16 wk + 16) of each tile and
+  // O's columns [wn kOCols, (wn + 1) kOCols): S = Q K^T (16 x 16), masks and the online
+  // softmax in the log2 domain, O = O corr + P V with P rounded to T in registers.
+  float o[Tl::kONTiles][4];
+#pragma unroll
+  for (int nt = 0; nt < Tl::kONTiles; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  for (int t = 0; t < n_tiles; ++t) {
+    mma::cp_async_wait<S - 2>();
+    __syncthreads();  // tile t landed for every thread; every warp is done with tile t - 1's stage
+    if (t + S - 1 < n_tiles) load_kv((t + S - 1) % S, j_begin + (t + S - 1) * KEYS);
+    mma::cp_async_commit();
+
+    const T* k_tile = k_s + (t % S) * Tl::kTileElems + wk * 16 * P;
+    const T* v_tile = v_s + (t % S) * Tl::kTileElems + wk * 16 * P;
+    float s[2][4] = {};
+    mma::warp_gemm_nk<T, D / 16, 2>(s, mma::ATileRows<T>{q_s, P, 0}, k_tile, P, 0, lane);
+
+    const int key0 = j_begin + t * KEYS + wk * 16;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int j = key0 + 8 * nt + 2 * tq + c;
+          const bool seen = j < j_end && j >= lo[h] && j < hi[h];
+          float& x = s[nt][2 * h + c];
+          x = seen ? score_log2(p, x * p.scale) : -INFINITY;
+          mx = fmaxf(mx, x);
+        }
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[h], mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key yet: exp2(-inf - 0) = 0, not NaN
+      const float corr = exp2f(m[h] - m_use);
+      m[h] = m_new;
+      float psum = 0.f;
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          float& x = s[nt][2 * h + c];
+          x = exp2f(x - m_use);
+          psum += x;
+        }
+      }
+      l[h] = l[h] * corr + psum;
+#pragma unroll
+      for (int nt = 0; nt < Tl::kONTiles; ++nt) o[nt][2 * h] *= corr, o[nt][2 * h + 1] *= corr;
+    }
+    mma::warp_gemm_kn<T, 1, Tl::kONTiles>(o, mma::AAccumulators<T, 2>{s}, v_tile, P, wn * Tl::kOCols, lane);
+  }
+
+  // ---- stage: merge the key slices in a fixed order (deterministic); the merge buffer
+  // overlays the stages once every copy has landed and every warp is done with them.
+  mma::cp_async_wait<0>();
+  __syncthreads();
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 1);
+    l[h] += __shfl_xor_sync(0xffffffffu, l[h], 2);
+    if (wn == 0 && tq == 0) m_s[wk][g + 8 * h] = m[h], l_s[wk][g + 8 * h] = l[h];
+  }
+  float* o_w = o_merge + wk * kTcRows * D;
+#pragma unroll
+  for (int nt = 0; nt < Tl::kONTiles; ++nt) {
+    const int col = wn * Tl::kOCols + 8 * nt + 2 * tq;
+    *reinterpret_cast<float2*>(o_w + g * D + col) = make_float2(o[nt][0], o[nt][1]);
+    *reinterpret_cast<float2*>(o_w + (g + 8) * D + col) = make_float2(o[nt][2], o[nt][3]);
+  }
+  __syncthreads();
+  if (threadIdx.x < kTcRows) {
+    const int r = threadIdx.x;
+    float mx = -INFINITY, sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) mx = fmaxf(mx, m_s[w][r]);
+#pragma unroll
+    for (int w = 0; w < WK; ++w) {
+      if (m_s[w][r] != -INFINITY) sum += l_s[w][r] * exp2f(m_s[w][r] - mx);
+    }
+    row_max_s[r] = mx, row_sum_s[r] = sum;
+  }
+  __syncthreads();
+
+  // ---- stage: write out/lse (one split) or this split's partial.
+  for (int t = threadIdx.x; t < nrows * D; t += kTcThreads) {
+    const int r = t / D, e = t % D;
+    float acc = 0.f;
+#pragma unroll
+    for (int w = 0; w < WK; ++w) {
+      if (m_s[w][r] != -INFINITY) acc += exp2f(m_s[w][r] - row_max_s[r]) * o_merge[(w * kTcRows + r) * D + e];
+    }
+    store_result<T>(p, b, kvh, row0 + r, split, e, acc, row_max_s[r], row_sum_s[r]);
   }
 }
 
@@ -433,13 +713,40 @@ void check_cache_alignment(const at::Tensor& cache, const char* name) {
               " elements), got strides ", cache.strides());
 }
 
+// Key splits per (batch, kv head, row tile) unit, at most one per kMinKeysPerSplit keys of the
+// capacity (the lengths themselves live on the device). When every split fits in one wave of
+// the GPU's resident slots (SMs x CTAs per SM at this kernel's registers and shared memory),
+// all of them: shorter CTAs, all running at once. Otherwise the smallest count within 85% of
+// the best wave efficiency (CTAs / whole waves of slots).
+int choose_splits(void (*kernel)(KVCacheKernelParams), int threads, size_t smem, int64_t units, int64_t capacity) {
+  int device = 0, sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
+  const int64_t slots = static_cast<int64_t>(sms) * std::max(per_sm, 1);
+  const int max_splits = static_cast<int>(std::clamp<int64_t>(capacity / kMinKeysPerSplit, 1, kMaxSplits));
+  units = std::max<int64_t>(units, 1);
+  if (units * max_splits <= slots) return max_splits;
+  auto efficiency = [&](int s) {
+    const int64_t ctas = units * s;
+    return static_cast<double>(ctas) / static_cast<double>(ceil_div(ctas, slots) * slots);
+  };
+  double best = 0.0;
+  for (int s = 1; s <= max_splits; ++s) best = std::max(best, efficiency(s));
+  for (int s = 1; s <= max_splits; ++s) {
+    if (efficiency(s) >= 0.85 * best) return s;
+  }
+  return 1;
+}
+
 void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   check_cuda_dtype(a.q, "q");
   check_head_dim(a.head_dim);
   check_cache_alignment(a.k_cache, "k_cache");
   check_cache_alignment(a.v_cache, "v_cache");
-  TORCH_CHECK_VALUE(a.capacity <= std::numeric_limits<int32_t>::max() && a.num_blocks <= std::numeric_limits<int32_t>::max(),
-                    "the cache holds more than 2^31 tokens per sequence or blocks");
+  // Key indices are int32 on the device, with a tile of headroom past the length.
+  TORCH_CHECK_VALUE(a.capacity <= kMaxCapacity && a.num_blocks <= std::numeric_limits<int32_t>::max(),
+                    "the cache holds more than 2^30 tokens per sequence or 2^31 blocks");
   const c10::cuda::CUDAGuard guard(a.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -486,46 +793,53 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   p.head_dim = static_cast<int>(a.head_dim);
   p.group = static_cast<int>(a.group());
   p.rows = static_cast<int>(a.group() * a.seq_q);
-  p.row_tiles = static_cast<int>(ceil_div(p.rows, kRows));
+  const bool tensor_cores = a.q.scalar_type() != at::kFloat;
+  p.row_tiles = static_cast<int>(ceil_div(p.rows, tensor_cores ? kTcRows : kRows));
   p.window_left = static_cast<int>(std::min<int64_t>(a.window_left, std::numeric_limits<int32_t>::max()));
   p.window_right = static_cast<int>(std::min<int64_t>(a.window_right, std::numeric_limits<int32_t>::max()));
   p.scale = static_cast<float>(a.scale);
   p.softcap = static_cast<float>(a.softcap);
 
-  TORCH_CHECK_VALUE(a.batch <= 65535 && a.n_kv_heads * p.row_tiles <= 65535,
-                    "batch and n_kv_heads x ceil(n_q_heads / n_kv_heads x seq_q / 8) must be at most 65535");
-  // Splits: enough CTAs to fill the GPU twice over, never fewer than kMinKeysPerSplit keys of
-  // the capacity per split (the lengths themselves live on the device).
-  int device_sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&device_sms, cudaDevAttrMultiProcessorCount, a.q.device().index()));
-  const int64_t units = std::max<int64_t>(1, a.batch * a.n_kv_heads * p.row_tiles);
-  const int64_t want = ceil_div(2 * device_sms, units);
-  p.splits = static_cast<int>(std::clamp<int64_t>(std::min(want, a.capacity / kMinKeysPerSplit), 1, kMaxSplits));
-  at::Tensor partial_out, partial_lse;
+  TORCH_CHECK_VALUE(a.batch <= 65535 && a.n_kv_heads * p.row_tiles <= 65535, "batch and n_kv_heads x ceil(n_q_heads / "
+                    "n_kv_heads x seq_q / ", tensor_cores ? kTcRows : kRows, ") must be at most 65535");
   const int64_t rows_total = a.batch * a.n_q_heads * a.seq_q;
-  if (p.splits > 1 && rows_total > 0) {
-    partial_out = at::empty({p.splits, rows_total, a.head_dim}, a.q.options().dtype(at::kFloat));
-    partial_lse = at::empty({p.splits, rows_total}, a.q.options().dtype(at::kFloat));
-    p.partial_out = partial_out.data_ptr<float>();
-    p.partial_lse = partial_lse.data_ptr<float>();
-  }
-
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(a.q.scalar_type(), "gqa_attention_with_kvcache_cuda", [&] {
     if (a.seq_new > 0 && a.batch > 0) {
       append_kernel<scalar_t><<<static_cast<unsigned>(a.batch * a.seq_new), kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (rows_total == 0) return;
-    const dim3 grid(p.splits, static_cast<unsigned>(a.n_kv_heads * p.row_tiles), static_cast<unsigned>(a.batch));
     attention::dispatch_head_dim(static_cast<int>(a.head_dim), [&](auto d) {
-      attend_kernel<scalar_t, decltype(d)::value><<<grid, kThreads, 0, stream>>>(p);
+      constexpr int D = decltype(d)::value;
+      // The attend kernel of this dtype and head dim, its block and dynamic shared memory.
+      void (*kernel)(KVCacheKernelParams);
+      int threads;
+      size_t smem;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        kernel = attend_simt_kernel<float, D>, threads = kThreads, smem = 0;
+      } else {
+        kernel = attend_tc_kernel<scalar_t, D>, threads = kTcThreads, smem = TcTiling<scalar_t, D>::kSmemBytes;
+        TORCH_CHECK(attention::smem_fits(smem), "gqa_attention_with_kvcache: the ", smem,
+                    " bytes of shared memory of the tensor-core decode kernel exceed this GPU's per-block limit");
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      }
+      p.splits = choose_splits(kernel, threads, smem, a.batch * a.n_kv_heads * p.row_tiles, a.capacity);
+      at::Tensor partial_out, partial_lse;
+      if (p.splits > 1) {
+        partial_out = at::empty({p.splits, rows_total, a.head_dim}, a.q.options().dtype(at::kFloat));
+        partial_lse = at::empty({p.splits, rows_total}, a.q.options().dtype(at::kFloat));
+        p.partial_out = partial_out.data_ptr<float>();
+        p.partial_lse = partial_lse.data_ptr<float>();
+      }
+      const dim3 grid(p.splits, static_cast<unsigned>(a.n_kv_heads * p.row_tiles), static_cast<unsigned>(a.batch));
+      kernel<<<grid, threads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (p.splits > 1) {
+        combine_kernel<scalar_t><<<static_cast<unsigned>(rows_total), kThreads, 0, stream>>>(p);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
       return true;
     });
-    if (p.splits > 1) {
-      combine_kernel<scalar_t><<<static_cast<unsigned>(a.batch * a.n_q_heads * a.seq_q), kThreads, 0, stream>>>(p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
   });
 }
 
