@@ -194,20 +194,15 @@ inline void no_backend_limits(const at::Tensor&, const AttentionShape&) {}
 // rows per group (flash-decoding), the prefill kernels' 64- and 128-row tiles take over beyond.
 inline constexpr int64_t kDecodeRouteMaxSeqQ = 4;
 
-inline bool rows_in_16byte_vectors(const at::Tensor& t) {
-  const int64_t vec = 16 / t.element_size();
-  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % vec == 0 &&
-         t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
-}
-
 inline bool routes_to_kvcache(const AttentionCall& call) {
   const AttentionShape& s = call.shape;
   if (s.varlen) return false;
   if (call.q.is_cuda()) {
     // The CUDA KV-cache kernels read whole 16-byte vectors of the cache rows and index their
-    // grid by batch and n_kv_heads x row tiles (at most 65535 each).
-    return s.seq_q <= kDecodeRouteMaxSeqQ && s.n_q_heads * s.seq_q <= 65535 && rows_in_16byte_vectors(call.k) &&
-           rows_in_16byte_vectors(call.v);
+    // grid by batch and n_kv_heads x row tiles (at most 65535 each; n_q_heads x seq_q bounds the
+    // latter).
+    return s.seq_q <= kDecodeRouteMaxSeqQ && s.batch <= 65535 && s.n_q_heads * s.seq_q <= 65535 &&
+           rows_in_16byte_vectors(call.k) && rows_in_16byte_vectors(call.v);
   }
   return s.seq_q <= kDecodeRouteMaxSeqQ;
 }

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -71,6 +72,15 @@ inline at::Tensor new_output(at::Tensor t) {
   }();
   if (poison && t.numel() > 0) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
+}
+
+// Whether t starts 16-byte aligned and its strides over dims 0..2 are whole 16-byte vectors:
+// the rows of a [batch, seq, heads, head_dim] tensor can be read as 16-byte vectors (the CUDA
+// KV-cache kernels read cache rows so).
+inline bool rows_in_16byte_vectors(const at::Tensor& t) {
+  const int64_t vec = 16 / t.element_size();
+  return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % vec == 0 &&
+         t.stride(1) % vec == 0 && t.stride(2) % vec == 0;
 }
 
 // True when all leading dims of t collapse into one strided row dimension without a copy.

@@ -707,10 +707,8 @@ void check_head_dim(int64_t head_dim) {
 
 void check_cache_alignment(const at::Tensor& cache, const char* name) {
   const int64_t vec = kVecBytes / cache.element_size();
-  const bool ok = is_aligned(cache.const_data_ptr(), kVecBytes) && cache.stride(0) % vec == 0 &&
-                  cache.stride(1) % vec == 0 && cache.stride(2) % vec == 0;
-  TORCH_CHECK(ok, name, " must start 16-byte aligned with 16-byte aligned rows (strides multiple of ", vec,
-              " elements), got strides ", cache.strides());
+  TORCH_CHECK(rows_in_16byte_vectors(cache), name, " must start 16-byte aligned with 16-byte aligned rows (strides ",
+              "multiple of ", vec, " elements), got strides ", cache.strides());
 }
 
 // Key splits per (batch, kv head, row tile) unit, at most one per kMinKeysPerSplit keys of the
