@@ -220,11 +220,14 @@ def attention_edges(d, device):
 
 
 def attention_simt(device):
-    """fp32 inputs take the SIMT kernels, any head_dim at run time: the extremes and a tail."""
+    """fp32 inputs take the SIMT kernels (the decode one too), any head_dim at run time: the
+    extremes and a tail."""
     dims = supported_head_dims(device)
     for d in (dims[0], dims[-1]):
         attention_call(torch.float32, d, 130, 197, device)
         attention_call(torch.float32, d, 197, 130, device, make=misaligned)
+        if hasattr(llama_ext, "gqa_attention_with_kvcache"):
+            kvcache_calls(d, device, torch.float32)
 
 
 def attention_varlen(dtype, d, device):
@@ -248,10 +251,9 @@ def _(device):
 # ---- Decode against a KV cache ------------------------------------------------------------------
 
 
-def kvcache_calls(d, device):
+def kvcache_calls(d, device, dtype=torch.bfloat16):
     """Contiguous and paged caches, a long sequence (split over keys) beside a short and an
     empty one, one and several new tokens appended, fused rotary."""
-    dtype = torch.bfloat16
     batch, h_q, h_kv, capacity = 3, 8, 2, 1200
     seqlens = torch.tensor([1000, 3, 0], device=device, dtype=torch.int32)
     cos, sin = llama_ext.rope_cos_sin(d, capacity, device=device)
