@@ -100,18 +100,14 @@ def _sass_for(sass_by_arch, arch):
 
 def _template_args(name, kernel):
     """(dtype, head_dim, further arguments...) of a mangled `kernel<T, D, ...>` or
-    `kernel<T, Config<D, ...>>` instantiation: after the kernel's name come I, T as
-    <length><identifier>, then a config struct's <length><identifier>I if there is one, and each
-    int or bool argument as Li<value>E / Lb<value>E."""
+    `kernel<T, Config<D, ...>>` instantiation: after the kernel's name come I and T as
+    <length><identifier>; a config struct follows as a (possibly nested, N...E) name with its own I;
+    the first run of int or bool arguments (Li<value>E / Lb<value>E) holds the head dim and the rest."""
     m = re.search(rf"{kernel}I(\d+)", name)
     assert m, f"{name}: no template arguments after {kernel}"
     start = m.end()
     dtype = name[start: start + int(m.group(1))]
-    rest = name[start + int(m.group(1)):]
-    config = re.match(r"(\d+)", rest)
-    if config:
-        rest = rest[len(config.group(1)) + int(config.group(1)):].removeprefix("I")
-    values = re.match(r"((?:L[ib]\d+E)+)", rest)
+    values = re.search(r"((?:L[ib]\d+E)+)", name[start + int(m.group(1)):])
     assert values, f"{name}: no head_dim after the dtype {dtype}"
     return (dtype, *(int(v) for v in re.findall(r"L[ib](\d+)E", values.group(1))))
 
