@@ -125,6 +125,16 @@ def test_long_context_split_path(device, dtype, block_size):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_task_shapes(device, dtype, block_size):
+    """Uneven task shapes: 5 kv heads x 14 rows each (the CPU takes 4 heads a task, then 1, in
+    tiles of 4, 2 and 1 rows), split over keys; and more rows than a task holds (32 query heads
+    x 3 tokens of one kv head)."""
+    Case(device, dtype, [1500, 9], 7, 2, 10, 5, 32, block_size=block_size).check()
+    Case(device, dtype, [700, 3], 3, 3, 32, 1, 64, block_size=block_size).check()
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("interleaved", [False, True], ids=["rotate_half", "interleaved"])
 @pytest.mark.parametrize("rotary_dim", [64, 32], ids=["full", "partial"])
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])

@@ -7,34 +7,38 @@
 //     within the table.
 //  2. Append: each new k/v row is written to its cache slot (k rotated by the table row of
 //     its position, with the rotary op's own code: rotary_head.h), in parallel over tokens.
-//  3. Attention, one task per (batch, kv head, row tile, key split). A task packs the rows of
-//     all G query heads of its group (x seq_q) into one fp32 [rows, d] matrix (q rotated at
-//     positions cache_seqlens[b] + i and rounded to q's dtype first, as apply_rotary would give
-//     it, then pre-multiplied by the scale), and walks its key range in blocks of kKeyBlock
-//     keys. K and V rows are widened to fp32 in registers, chunk by chunk, and each chunk
-//     serves several rows of the group at once (no fp32 copy of the cache is ever stored):
+//  3. Attention, one task per (batch, kv-head group, row tile, key split). A task packs the
+//     rows of all G query heads (x seq_q) of each of its kv heads into one fp32 [rows, d]
+//     matrix (q rotated at positions cache_seqlens[b] + i and rounded to q's dtype first, as
+//     apply_rotary would give it, then pre-multiplied by the scale), and walks its key range in
+//     blocks of kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all
+//     of them): the heads of one token lie side by side in the cache, so the task reads its
+//     K/V in address order, a stream the hardware prefetchers follow, where one head's rows
+//     would be n_kv_heads x d elements apart. K and V rows are widened to fp32 in registers,
+//     chunk by chunk, and each chunk serves several rows of the group at once (no fp32 copy of
+//     the cache is ever stored):
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
 //                                  is left of the rows): 8 accumulators, reduced to their 8
 //                                  scores by one transposing hadd tree
 //       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
 //       online softmax per row, vectorized over the block: m' = max(m, max_j S),
 //       p = exp(S - m'), l' = l e^(m - m') + sum p
-//       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (tiles of 2 rows x 4 keys, p in registers)
+//       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (strips of 4 rows x 2 vectors held in
+//                                  registers over kPvKeys keys, p broadcast per key)
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
 //     (fp32) in a scratch buffer; lse = log sum_s e^(lse_s), out = sum_s e^(lse_s - lse) out_s.
 //     A row that sees no key gets zeros and lse = 0.
-// The split count depends only on the shapes, the lengths and the thread count: a key range is
-// split only as far as needed to give every thread several tasks, and never below
-// kMinKeysPerSplit keys (a split costs one [rows, d] partial write and read).
+// The task shape and split count depend only on the shapes, the lengths and the thread count
+// (see run()), so a call's result does not depend on scheduling.
 //
 // Bytes: every visible K and V element is read once per (group, row tile): 2 L n_kv_heads d
 // elements per sequence, the floor for decode; q and out are negligible. FLOPs: 4 L n_q_heads d
 // per query token, one exp per score. With G query heads sharing each widened K/V row, a
-// decode step is memory-bound: the kernel walks the cache in key order with the math in
-// L1-resident buffers, and prefetches the rows a block needs one stage ahead (a kv head's rows
-// lie n_kv_heads x d elements apart, a few per page, beyond the hardware prefetchers' reach).
+// decode step is bound by memory (fp32) or by the widening and FMAs (bf16/fp16 at 2 bytes per
+// element): the kernel streams the cache in address order with the math in L1/L2-resident
+// buffers.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -56,7 +60,8 @@ using cpu::VecIO;
 
 constexpr int64_t kKeyBlock = 64;         // keys per online-softmax update
 constexpr int64_t kMaxRows = 64;          // query rows (G heads x seq_q tokens) per task, a multiple of 4
-constexpr int64_t kMinKeysPerSplit = 256;
+constexpr int64_t kMinKeyRowsPerSplit = 256;  // keys x kv heads of one split, at least
+constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head of a task
 
 // exp with ~1 ulp error in fp32 (Sleef u20 variant); plain exp in fp64.
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
@@ -86,6 +91,7 @@ struct KVCacheCpuParams {
   int64_t window_left, window_right;
   acc_t scale, softcap;
   int64_t row_tiles, splits;
+  int64_t heads_per_task, head_groups;  // a task's kv heads: ceil(n_kv_heads / heads_per_task) groups
   acc_t* partial_out;  // splits > 1: [task][kMaxRows][dpad] normalized outputs
   acc_t* partial_lse;  // [task][kMaxRows]
 
@@ -243,20 +249,22 @@ inline at::vec::Vectorized<at::opmath_type<T>> load_chunk(const T* row, int64_t 
   return c + IO::kWidth <= d ? IO::load(row + c) : IO::load_partial(row + c, d - c);
 }
 
-// Scores of R query rows (q, dpad apart, scaled) against 8 / R keys: s[r * ld + t] = q_r . k_t.
-// Each K chunk is widened once in registers and serves all R rows.
+// Scores of R query rows (q, dpad apart, scaled) against 8 / R keys: s[r * ld + t] = q_r . k_t,
+// k_t = k[t] + off. Each K chunk is widened once in registers and serves all R rows.
 template <typename T, int R>
-inline void score_tile(const at::opmath_type<T>* q, int64_t dpad, const T* const* k, int64_t d, at::opmath_type<T>* s,
-                       int64_t ld) {
+inline void score_tile(const at::opmath_type<T>* q, int64_t dpad, const T* const* k, int64_t off, int64_t d,
+                       at::opmath_type<T>* s, int64_t ld) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int J = 8 / R;
   constexpr int64_t W = Vec::size();
+  const T* kt[J];
+  for (int t = 0; t < J; ++t) kt[t] = k[t] + off;
   Vec acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = Vec(0);
   for (int64_t c = 0; c < d; c += W) {
     Vec kc[J];
-    for (int t = 0; t < J; ++t) kc[t] = load_chunk<T>(k[t], c, d);
+    for (int t = 0; t < J; ++t) kc[t] = load_chunk<T>(kt[t], c, d);
     for (int r = 0; r < R; ++r) {
       const Vec qc = Vec::loadu(q + r * dpad + c);
       for (int t = 0; t < J; ++t) acc[r * J + t] = at::vec::fmadd(qc, kc[t], acc[r * J + t]);
@@ -268,117 +276,132 @@ inline void score_tile(const at::opmath_type<T>* q, int64_t dpad, const T* const
     for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
 }
 
-// O_r += sum_t p[r, t] v_t for R rows (o and p rows ld_o / ld_p apart) and kPvKeys keys: each V
-// chunk is widened once in registers and serves all R rows; the probabilities stay in registers.
-constexpr int kPvKeys = 4;
-template <typename T, int R>
-inline void pv_tile(const at::opmath_type<T>* p, int64_t ld_p, const T* const* v, int64_t d, at::opmath_type<T>* o,
-                    int64_t ld_o) {
+// O_r[c, c + C W) += sum_j p[r, j] v_j[c, c + C W) for R rows (o and p rows ld_o / ld_p apart)
+// over keys [0, n), v_j = v[j] + off: the output strip stays in registers over the keys, and each
+// V chunk is widened once in registers and serves all R rows. kFull: the strip lies within the
+// row's d elements (no partial loads).
+template <typename T, int R, int C, bool kFull>
+inline void pv_strip(const at::opmath_type<T>* p, int64_t ld_p, const T* const* v, int64_t off, int64_t n, int64_t c,
+                     int64_t d, at::opmath_type<T>* o, int64_t ld_o) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
+  using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
-  Vec pr[R][kPvKeys];
+  Vec acc[R][C];
   for (int r = 0; r < R; ++r)
-    for (int t = 0; t < kPvKeys; ++t) pr[r][t] = Vec(p[r * ld_p + t]);
-  for (int64_t c = 0; c < d; c += W) {
-    Vec vc[kPvKeys];
-    for (int t = 0; t < kPvKeys; ++t) vc[t] = load_chunk<T>(v[t], c, d);
+    for (int cc = 0; cc < C; ++cc) acc[r][cc] = Vec::loadu(o + r * ld_o + c + cc * W);
+  for (int64_t j = 0; j < n; ++j) {
+    const T* vj = v[j] + off + c;
+    Vec vc[C];
+    for (int cc = 0; cc < C; ++cc) vc[cc] = kFull ? IO::load(vj + cc * W) : load_chunk<T>(vj - c, c + cc * W, d);
     for (int r = 0; r < R; ++r) {
-      Vec acc = Vec::loadu(o + r * ld_o + c);
-      for (int t = 0; t < kPvKeys; ++t) acc = at::vec::fmadd(pr[r][t], vc[t], acc);
-      acc.store(o + r * ld_o + c);
+      const Vec pr(p[r * ld_p + j]);
+      for (int cc = 0; cc < C; ++cc) acc[r][cc] = at::vec::fmadd(pr, vc[cc], acc[r][cc]);
     }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int cc = 0; cc < C; ++cc) acc[r][cc].store(o + r * ld_o + c + cc * W);
+}
+
+// O_r += sum_j p[r, j] v_j for R rows over keys [0, n), in strips of two vectors (one for what
+// is left of dpad).
+template <typename T, int R>
+inline void pv_rows(const at::opmath_type<T>* p, int64_t ld_p, const T* const* v, int64_t off, int64_t n, int64_t d,
+                    int64_t dpad, at::opmath_type<T>* o, int64_t ld_o) {
+  constexpr int64_t W = at::vec::Vectorized<at::opmath_type<T>>::size();
+  int64_t c = 0;
+  for (; c + 2 * W <= dpad; c += 2 * W) {
+    if (c + 2 * W <= d) pv_strip<T, R, 2, true>(p, ld_p, v, off, n, c, d, o, ld_o);
+    else pv_strip<T, R, 2, false>(p, ld_p, v, off, n, c, d, o, ld_o);
+  }
+  if (c < dpad) {
+    if (c + W <= d) pv_strip<T, R, 1, true>(p, ld_p, v, off, n, c, d, o, ld_o);
+    else pv_strip<T, R, 1, false>(p, ld_p, v, off, n, c, d, o, ld_o);
   }
 }
 
-// Rows [r0, r0 + nr) of the group (row r: head kvh * G + r / seq_q, query index r % seq_q)
-// against keys [j0, j1) of sequence b: fills o (unnormalized), m and l of each row.
+// Row tiles of 4 rows (then 2, then 1 for what is left) of nr rows: body(r, R) with R a
+// compile-time constant.
+template <typename Body>
+inline void for_row_tiles(int64_t nr, const Body& body) {
+  int64_t r = 0;
+  for (; r + 4 <= nr; r += 4) body(r, std::integral_constant<int, 4>{});
+  if (r + 2 <= nr) body(r, std::integral_constant<int, 2>{}), r += 2;
+  if (r < nr) body(r, std::integral_constant<int, 1>{});
+}
+
+// The task's rows: nr rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh), row
+// hh * nr + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
+// (r0 + r) % seq_q), against keys [j0, j1) of sequence b: fills o (unnormalized), m and l of each
+// row.
 template <typename T>
-void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t b, int64_t kvh, int64_t r0,
-            int64_t nr, int64_t j0, int64_t j1) {
+void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t b, int64_t h0, int64_t nh,
+            int64_t r0, int64_t nr, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t d = a.head_dim, dpad = a.dpad, G = a.group(), L = a.length(b);
+  const int64_t d = a.head_dim, dpad = a.dpad, G = a.group(), L = a.length(b), rows = nh * nr;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   // q rows: rotated (rounded to T, as apply_rotary would return them), widened, scaled.
   alignas(64) T qrot[256];
-  for (int64_t r = 0; r < nr; ++r) {
-    const int64_t h = kvh * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
+  for (int64_t rr = 0; rr < rows; ++rr) {
+    const int64_t r = rr % nr, h = (h0 + rr / nr) * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
     const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
     if (a.cos != nullptr) {
       rotate_head<T>(a, src, qrot, a.seqlens[b] + i);
       src = qrot;
     }
-    acc_t* qr = buf.q.data() + r * dpad;
+    acc_t* qr = buf.q.data() + rr * dpad;
     widen_row<T>(src, qr, d);
     for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(qr + c) * Vec(a.scale)).store(qr + c);
-    std::fill(buf.o.data() + r * dpad, buf.o.data() + (r + 1) * dpad, acc_t(0));
-    buf.m[r] = neg_inf;
-    buf.l[r] = 0;
-    std::tie(buf.lo[r], buf.hi[r]) = a.visible(i, L);
+    std::fill(buf.o.data() + rr * dpad, buf.o.data() + (rr + 1) * dpad, acc_t(0));
+    buf.m[rr] = neg_inf;
+    buf.l[rr] = 0;
+    std::tie(buf.lo[rr], buf.hi[rr]) = a.visible(i, L);
   }
 
-  // Row addresses of the keys [jb, jb + n), walking the pages, padded to a multiple of 8 with
-  // copies of the last one (their scores are masked to -inf, so their probabilities are 0).
+  // Row addresses of head h0 for the keys [jb, jb + n), walking the pages, padded to a multiple
+  // of 8 with copies of the last one (their scores are masked to -inf, so their probabilities
+  // are 0); head h0 + hh is hh head strides further.
   const auto resolve = [&](int64_t jb, int64_t n, const T** kp, const T** vp) {
     int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
     for (int64_t j = 0; j < n; ++j) {
-      kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, kvh);
-      vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, kvh);
+      kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, h0);
+      vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, h0);
       if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
     }
     for (int64_t j = n; j < (n + 7) / 8 * 8; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
   };
-  // Rows of one kv head lie n_kv_heads x d elements apart: a few per 4 KB page, too sparse for
-  // the hardware prefetchers, which stop at page boundaries. The next block's K rows and this
-  // block's V rows are prefetched while this block's scores are computed.
-  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-  const auto prefetch_rows = [&](const T* const* rows, int64_t n) {
-    for (int64_t j = 0; j < n; ++j) {
-      const char* p = reinterpret_cast<const char*>(rows[j]);
-      for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
-    }
-  };
-  const T* kv_rows[2][2][kKeyBlock];  // [current / next][k / v][key]
-  int cur = 0;
-  if (j0 < j1) resolve(j0, std::min(kKeyBlock, j1 - j0), kv_rows[0][0], kv_rows[0][1]);
+  const T* kp[kKeyBlock];
+  const T* vp[kKeyBlock];
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
     const int64_t npad = (n + 7) / 8 * 8;
-    const T* const* kp = kv_rows[cur][0];
-    const T* const* vp = kv_rows[cur][1];
-    prefetch_rows(vp, n);
-    if (jb + kKeyBlock < j1) {
-      const int64_t n_next = std::min(kKeyBlock, j1 - jb - kKeyBlock);
-      resolve(jb + kKeyBlock, n_next, kv_rows[cur ^ 1][0], kv_rows[cur ^ 1][1]);
-      prefetch_rows(kv_rows[cur ^ 1][0], n_next);
-    }
-    // Scores S[r, j] = q_r . k_j: four rows against two keys, two against four, one against
-    // eight, by what is left of the rows.
-    for (int64_t r = 0; r < nr;) {
-      const acc_t* q = buf.q.data() + r * dpad;
-      acc_t* sr = s + r * kKeyBlock;
-      if (nr - r >= 4) {
-        for (int64_t j = 0; j < npad; j += 2) score_tile<T, 4>(q, dpad, kp + j, d, sr + j, kKeyBlock);
-        r += 4;
-      } else if (nr - r >= 2) {
-        for (int64_t j = 0; j < npad; j += 4) score_tile<T, 2>(q, dpad, kp + j, d, sr + j, kKeyBlock);
-        r += 2;
-      } else {
-        for (int64_t j = 0; j < npad; j += 8) score_tile<T, 1>(q, dpad, kp + j, d, sr + j, kKeyBlock);
-        r += 1;
+    resolve(jb, n, kp, vp);
+    // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
+    // heads lie side by side in a cache row, so the K block is read in address order, which the
+    // hardware prefetchers follow.
+    const int64_t step = nr % 4 == 0 ? 2 : 8;
+    for (int64_t j = 0; j < npad; j += step) {
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        for_row_tiles(nr, [&](int64_t r, auto tile) {
+          constexpr int R = decltype(tile)::value;
+          const int64_t rr = hh * nr + r;
+          for (int64_t t = 0; t < step; t += 8 / R)
+            score_tile<T, R>(buf.q.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d,
+                             s + rr * kKeyBlock + j + t, kKeyBlock);
+        });
       }
     }
     // Softcap, masks and the online softmax, per row, over the whole kKeyBlock columns (those
     // past n and outside the row's visible range are -inf); p overwrites s, and is 0 for every
     // key the row does not see.
-    for (int64_t r = 0; r < nr; ++r) {
-      acc_t* sr = s + r * kKeyBlock;
-      const int64_t vlo = std::clamp(buf.lo[r] - jb, int64_t(0), n);
-      const int64_t vhi = std::clamp(buf.hi[r] - jb, int64_t(0), n);
+    for (int64_t rr = 0; rr < rows; ++rr) {
+      acc_t* sr = s + rr * kKeyBlock;
+      const int64_t vlo = std::clamp(buf.lo[rr] - jb, int64_t(0), n);
+      const int64_t vhi = std::clamp(buf.hi[rr] - jb, int64_t(0), n);
       if (vhi <= vlo) {
         std::fill(sr, sr + kKeyBlock, acc_t(0));
         continue;
@@ -392,8 +415,8 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
       Vec mx(neg_inf);
       for (int64_t j = 0; j < kKeyBlock; j += W) mx = at::vec::maximum(mx, Vec::loadu(sr + j));
       const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx);
-      const acc_t m_new = std::max(buf.m[r], tile_max);
-      const acc_t alpha = std::exp(buf.m[r] - m_new);  // 0 on the first visible block (m = -inf)
+      const acc_t m_new = std::max(buf.m[rr], tile_max);
+      const acc_t alpha = std::exp(buf.m[rr] - m_new);  // 0 on the first visible block (m = -inf)
       Vec sum(0);
       const Vec shift(-m_new);
       for (int64_t j = 0; j < kKeyBlock; j += W) {
@@ -401,54 +424,55 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
         e.store(sr + j);
         sum = sum + e;
       }
-      buf.l[r] = buf.l[r] * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
-      buf.m[r] = m_new;
+      buf.l[rr] = buf.l[rr] * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
+      buf.m[rr] = m_new;
       if (alpha != acc_t(1)) {
-        acc_t* o = buf.o.data() + r * dpad;
+        acc_t* o = buf.o.data() + rr * dpad;
         const Vec al(alpha);
         for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(o + c) * al).store(o + c);
       }
     }
-    // O_r += sum_j p[r, j] v_j: two rows against four keys at a time. Keys a row does not see
-    // have p = 0 and lie within the sequence (finite values), so they add nothing.
-    const int64_t nv = (n + kPvKeys - 1) / kPvKeys * kPvKeys;
-    int64_t r = 0;
-    for (; r + 2 <= nr; r += 2) {
-      for (int64_t j = 0; j < nv; j += kPvKeys)
-        pv_tile<T, 2>(s + r * kKeyBlock + j, kKeyBlock, vp + j, d, buf.o.data() + r * dpad, dpad);
+    // O_r += sum_j p[r, j] v_j, kPvKeys keys at a time for every head, in address order as the
+    // scores. Keys a row does not see have p = 0 and lie within the sequence (finite values), so
+    // they add nothing.
+    for (int64_t j = 0; j < n; j += kPvKeys) {
+      const int64_t nj = std::min(kPvKeys, n - j);
+      for (int64_t hh = 0; hh < nh; ++hh) {
+        for_row_tiles(nr, [&](int64_t r, auto tile) {
+          constexpr int R = decltype(tile)::value;
+          const int64_t rr = hh * nr + r;
+          pv_rows<T, R>(s + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2], nj, d, dpad,
+                        buf.o.data() + rr * dpad, dpad);
+        });
+      }
     }
-    if (r < nr) {
-      for (int64_t j = 0; j < nv; j += kPvKeys)
-        pv_tile<T, 1>(s + r * kKeyBlock + j, kKeyBlock, vp + j, d, buf.o.data() + r * dpad, dpad);
-    }
-    cur ^= 1;
   }
 }
 
-// Stores row r's result: out and lse directly (one split) or the split's partial.
+// Stores the task's rows (attend's order): out and lse directly (one split) or the split's
+// partial.
 template <typename T>
 void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t task, int64_t b,
-                int64_t kvh, int64_t r0, int64_t nr) {
+                int64_t h0, int64_t nh, int64_t r0, int64_t nr) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
   using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
   const int64_t d = a.head_dim, G = a.group();
-  for (int64_t r = 0; r < nr; ++r) {
-    const acc_t l = buf.l[r];
+  for (int64_t rr = 0; rr < nh * nr; ++rr) {
+    const acc_t l = buf.l[rr];
     const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
-    const acc_t* o = buf.o.data() + r * a.dpad;
+    const acc_t* o = buf.o.data() + rr * a.dpad;
     if (a.splits > 1) {
-      acc_t* dst = a.partial_out + (task * kMaxRows + r) * a.dpad;
+      acc_t* dst = a.partial_out + (task * kMaxRows + rr) * a.dpad;
       for (int64_t c = 0; c < a.dpad; c += W) (Vec::loadu(o + c) * Vec(inv)).store(dst + c);
-      a.partial_lse[task * kMaxRows + r] =
-          l > 0 ? buf.m[r] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
+      a.partial_lse[task * kMaxRows + rr] = l > 0 ? buf.m[rr] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
       continue;
     }
-    const int64_t h = kvh * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
+    const int64_t r = rr % nr, h = (h0 + rr / nr) * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
     T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
     for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(o + c) * Vec(inv), std::min(W, d - c));
-    a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = l > 0 ? buf.m[r] + std::log(l) : acc_t(0);
+    a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = l > 0 ? buf.m[rr] + std::log(l) : acc_t(0);
   }
 }
 
@@ -466,18 +490,21 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t row = t % R, bh = t / R, tile = row / kMaxRows, r = row % kMaxRows;
       const int64_t b = bh / a.n_kv_heads, kvh = bh % a.n_kv_heads;
-      const int64_t task0 = (bh * a.row_tiles + tile) * a.splits;
+      const int64_t nr = std::min(kMaxRows, R - tile * kMaxRows);
+      const int64_t hg = kvh / a.heads_per_task, hh = kvh % a.heads_per_task;
+      const int64_t task0 = ((b * a.head_groups + hg) * a.row_tiles + tile) * a.splits;
+      const int64_t slot = hh * nr + r;  // the row's index in its task (attend's order)
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t s = 0; s < a.splits; ++s) mx = std::max(mx, a.partial_lse[(task0 + s) * kMaxRows + r]);
+      for (int64_t s = 0; s < a.splits; ++s) mx = std::max(mx, a.partial_lse[(task0 + s) * kMaxRows + slot]);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t sum = 0;
       if (mx != -std::numeric_limits<acc_t>::infinity()) {
         for (int64_t s = 0; s < a.splits; ++s) {
-          const acc_t ls = a.partial_lse[(task0 + s) * kMaxRows + r];
+          const acc_t ls = a.partial_lse[(task0 + s) * kMaxRows + slot];
           if (ls == -std::numeric_limits<acc_t>::infinity()) continue;
           const acc_t w = std::exp(ls - mx);
           sum += w;
-          const acc_t* src = a.partial_out + ((task0 + s) * kMaxRows + r) * a.dpad;
+          const acc_t* src = a.partial_out + ((task0 + s) * kMaxRows + slot) * a.dpad;
           for (int64_t c = 0; c < a.dpad; c += W) at::vec::fmadd(Vec(w), Vec::loadu(src + c), Vec::loadu(&acc[c])).store(&acc[c]);
         }
       }
@@ -543,12 +570,27 @@ void run(const KVCacheAttentionParams& p) {
   const int64_t R = a.rows();
   if (p.batch == 0 || R == 0) return;
 
+  // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
+  // heads, which lie side by side in each cache row and are then read in address order. Its
+  // key range is split only as far as needed to give every thread several tasks, and never
+  // below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split costs one
+  // [rows, d] partial write and read. Short contexts take fewer heads per task, so that there
+  // are still tasks for every thread.
   a.row_tiles = (R + kMaxRows - 1) / kMaxRows;
   int64_t max_len = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, a.length(b));
-  const int64_t units = p.batch * p.n_kv_heads * a.row_tiles;
-  const int64_t want = (4 * at::get_num_threads() + units - 1) / units;
-  a.splits = std::clamp<int64_t>(std::min(want, max_len / kMinKeysPerSplit), 1, 1024);
+  const int64_t threads = at::get_num_threads();
+  const auto max_splits = [&](int64_t heads) { return std::max<int64_t>(1, max_len * heads / kMinKeyRowsPerSplit); };
+  const auto head_groups = [&](int64_t heads) { return (p.n_kv_heads + heads - 1) / heads; };
+  a.heads_per_task = std::clamp<int64_t>(kMaxRows / R, 1, p.n_kv_heads);
+  while (a.heads_per_task > 1 &&
+         p.batch * head_groups(a.heads_per_task) * a.row_tiles * max_splits(a.heads_per_task) < threads) {
+    a.heads_per_task = (a.heads_per_task + 1) / 2;
+  }
+  a.head_groups = head_groups(a.heads_per_task);
+  const int64_t units = p.batch * a.head_groups * a.row_tiles;
+  const int64_t want = (4 * threads + units - 1) / units;
+  a.splits = std::clamp<int64_t>(std::min(want, max_splits(a.heads_per_task)), 1, 1024);
   at::Tensor partial_out, partial_lse;
   const int64_t tasks = units * a.splits;
   if (a.splits > 1) {
@@ -563,8 +605,9 @@ void run(const KVCacheAttentionParams& p) {
     TaskBuffers<acc_t> buf(a.dpad);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % a.splits, unit = task / a.splits;
-      const int64_t tile = unit % a.row_tiles, bh = unit / a.row_tiles;
-      const int64_t b = bh / a.n_kv_heads, kvh = bh % a.n_kv_heads;
+      const int64_t tile = unit % a.row_tiles, bg = unit / a.row_tiles;
+      const int64_t b = bg / a.head_groups, h0 = bg % a.head_groups * a.heads_per_task;
+      const int64_t nh = std::min(a.heads_per_task, p.n_kv_heads - h0);
       const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, R - r0);
       // The tile's key range: the union of its rows' visible ranges, cut into splits.
       const int64_t L = a.length(b);
@@ -576,8 +619,8 @@ void run(const KVCacheAttentionParams& p) {
       const int64_t span = std::max<int64_t>(0, hi - lo);
       const int64_t chunk = (span + a.splits - 1) / a.splits;
       const int64_t j0 = std::min(hi, lo + split * chunk), j1 = std::min(hi, j0 + chunk);
-      attend<T>(a, buf, b, kvh, r0, nr, std::max(j0, lo), std::max(j1, lo));
-      store_rows<T>(a, buf, task, b, kvh, r0, nr);
+      attend<T>(a, buf, b, h0, nh, r0, nr, std::max(j0, lo), std::max(j1, lo));
+      store_rows<T>(a, buf, task, b, h0, nh, r0, nr);
     }
   });
   if (a.splits > 1) combine_splits<T>(a);
