@@ -242,6 +242,27 @@ def test_backward_matches_float64(device, dtype, case):
         assert_close(g, e, dtype, scale=4.0)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_configurations_of_100kb_parts(monkeypatch, dtype):
+    """LLAMA_EXT_CUDA_SMEM_KB=100 makes a large-memory GPU launch what a ~100 KB part (sm_86/89/120)
+    would (the 8-warp forward tile at d=128, the 32x32 backward at d=256, ...): forward, backward
+    and a routed decode call at every head dim against float64."""
+    monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "100")
+    for d in CUDA_HEAD_DIMS:
+        for seq_q, seq_k in [(150, 150), (2, 300)]:  # prefill tiles; a decode-shaped (routed) call
+            q, k, v = qkv(2, seq_q, seq_k, 8, 2, d, "cuda", dtype)
+            grad_out = make(q.shape, "cuda", dtype)
+            got = grads_of(lambda a, b, c: llama_ext.gqa_attention(a, b, c), (q, k, v), grad_out)
+            out = llama_ext.gqa_attention(q, k, v)
+            ref_out = gqa_attention_reference(q, k, v)[0]
+            expected = grads_of(lambda a, b, c: gqa_attention_reference(a, b, c)[0],
+                                [t.double() for t in (q, k, v)], grad_out.double())
+            assert_close(out, ref_out, dtype)
+            for name, g, e in zip("qkv", got, expected):
+                assert_close(g, e, dtype, scale=4.0)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_varlen_backward_matches_float64(device, dtype):
     lens_q, lens_k = [5, 0, 200, 3, 1], [5, 0, 150, 0, 70]

@@ -4,7 +4,9 @@
 // varlen offsets, strides, lse layout) are written once.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 
 #include "../attention_window.h"
 #include "common.cuh"
@@ -146,14 +148,36 @@ __device__ __forceinline__ float capped_score(float s2, const AttentionParams& p
 // A launch with a zero grid dimension is an error: launchers skip empty work (seq 0, batch 0).
 inline bool grid_empty(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
 
-// Whether the current device can give one CTA `bytes` of dynamic shared memory: 163 KB on
-// sm_80, 227 KB on sm_90, but 99 KB on sm_86/sm_89, where the sm_80 binary also runs.
-inline bool smem_fits(size_t bytes) {
-  int device = 0, max_bytes = 0;
+// What a device grants in shared memory: per CTA (cudaDevAttrMaxSharedMemoryPerBlockOptin), per
+// SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor) and reserved by the system per CTA: 163 / 164 KB
+// on sm_80, 227 / 228 KB on sm_90, 99 / 100 KB on sm_86/89/120, where the sm_80 binary also runs.
+struct SmemLimits {
+  int64_t per_block;
+  int64_t per_sm;
+  int64_t reserved_per_block;
+};
+
+// The current device's limits. LLAMA_EXT_CUDA_SMEM_KB=N caps them at N KB per SM and N - 1 KB per
+// CTA, as every supported part pairs them, so that a large-memory GPU launches the configurations
+// a smaller one would (100: those of sm_86/89/120) and one GPU run can test them all.
+inline SmemLimits device_smem_limits() {
+  int device = 0, per_block = 0, per_sm = 0, reserved = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  return bytes <= static_cast<size_t>(max_bytes);
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
+  SmemLimits limits{per_block, per_sm, reserved};
+  if (const char* cap = std::getenv("LLAMA_EXT_CUDA_SMEM_KB")) {
+    const int64_t kb = std::atoll(cap);
+    TORCH_CHECK_VALUE(kb >= 2, "LLAMA_EXT_CUDA_SMEM_KB must be a number of KB >= 2, got '", cap, "'");
+    limits.per_sm = std::min(limits.per_sm, kb * 1024);
+    limits.per_block = std::min(limits.per_block, (kb - 1) * 1024);
+  }
+  return limits;
 }
+
+// Whether the current device can give one CTA `bytes` of dynamic shared memory.
+inline bool smem_fits(size_t bytes) { return static_cast<int64_t>(bytes) <= device_smem_limits().per_block; }
 
 // ---- staging [rows, D] tiles into shared memory ----------------------------------------------
 

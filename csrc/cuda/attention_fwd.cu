@@ -70,13 +70,7 @@ struct FwdTile {
   constexpr int64_t smem_bytes() const { return int64_t{block_m + 4 * block_n} * (head_dim + 8) * 2; }
 };
 
-// What a device grants in shared memory: per CTA (cudaDevAttrMaxSharedMemoryPerBlockOptin), per
-// SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor) and reserved by the system per CTA.
-struct SmemLimits {
-  int64_t per_block;
-  int64_t per_sm;
-  int64_t reserved_per_block;
-};
+// The shared memory of the built archs (SmemLimits: attention_common.cuh).
 inline constexpr SmemLimits kSmemSm80{163 * 1024, 164 * 1024, 1024};
 inline constexpr SmemLimits kSmemSm90{227 * 1024, 228 * 1024, 1024};
 inline constexpr SmemLimits kSmemSm86{99 * 1024, 100 * 1024, 1024};  // also sm_89, sm_120
@@ -129,16 +123,6 @@ static_assert(kFwdTiles[choose_forward_tile(64, kSmemSm86)].block_n == 32 &&
               kFwdTiles[choose_forward_tile(128, kSmemSm86)].warps == 8);
 static_assert(choose_forward_tile(128, SmemLimits{64 * 1024, 64 * 1024, 1024}) == -1 &&
               choose_forward_tile(48, kSmemSm90) == -1);
-
-// The current device's limits.
-SmemLimits device_smem_limits() {
-  int device = 0, per_block = 0, per_sm = 0, reserved = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_block, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, device));
-  return SmemLimits{per_block, per_sm, reserved};
-}
 
 template <int kTile>
 struct FwdConfig {
