@@ -178,10 +178,40 @@ def _extensions():
     return [main] + kernels
 
 
+def _pin_ninja():
+    """Puts the ninja of the building Python's environment (the `ninja` package), when it has one,
+    first on PATH, alone. `make` (the venv first on PATH), pip and `python setup.py` then all run
+    the same ninja; two versions keep incompatible logs in the persistent build folder, and each
+    would recompile everything the other built."""
+    try:
+        import ninja
+    except ImportError:
+        return
+    exe = os.path.join(ninja.BIN_DIR, "ninja")
+    if not os.path.isfile(exe):
+        return
+    pinned = os.path.join(BUILD_DIR, "ninja-bin")
+    link = os.path.join(pinned, "ninja")
+    try:
+        os.makedirs(pinned, exist_ok=True)
+        if not (os.path.islink(link) and os.readlink(link) == exe):
+            if os.path.lexists(link):
+                os.remove(link)
+            os.symlink(exe, link)
+    except OSError:
+        return  # a read-only or link-less folder: the ninja on PATH builds, as without the package
+    os.environ["PATH"] = pinned + os.pathsep + os.environ.get("PATH", "")
+
+
 class BuildExt(cpp_extension.BuildExtension):
     """Objects go to a persistent folder per extension (build/obj-<python>/<extension>), whatever
-    build_temp pip or setuptools picked: ninja then recompiles only what changed, in pip builds
-    too, and the CPU levels' objects of the same source do not overwrite each other."""
+    build_temp pip or setuptools picked: ninja (one version, _pin_ninja) then recompiles only what
+    changed, in pip builds too, and the CPU levels' objects of the same source do not overwrite
+    each other."""
+
+    def run(self):
+        _pin_ninja()
+        super().run()
 
     def build_extension(self, ext):
         given = self.build_temp
