@@ -261,6 +261,10 @@ def test_cuda_configurations_of_100kb_parts(monkeypatch, dtype):
             assert_close(out, ref_out, dtype)
             for name, g, e in zip("qkv", got, expected):
                 assert_close(g, e, dtype, scale=4.0)
+    # The cap is read at each launch: a value below its floor is refused there.
+    monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "1")
+    with pytest.raises(ValueError, match="LLAMA_EXT_CUDA_SMEM_KB"):
+        llama_ext.gqa_attention(q, k, v)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())

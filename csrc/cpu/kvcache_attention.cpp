@@ -98,6 +98,11 @@ struct KVCacheCpuParams {
   int64_t group() const { return n_q_heads / n_kv_heads; }
   int64_t rows() const { return group() * seq_q; }
   int64_t length(int64_t b) const { return static_cast<int64_t>(seqlens[b]) + seq_new; }
+  // (query head, query index) of row `row` of kv head kvh's group: rows run over the G heads,
+  // seq_q tokens each.
+  std::pair<int64_t, int64_t> query_of(int64_t kvh, int64_t row) const {
+    return {kvh * group() + row / seq_q, row % seq_q};
+  }
   int64_t block_of(int64_t b, int64_t page) const {
     return block_table == nullptr ? b : block_table[b * bt_stride[0] + page * bt_stride[1]];
   }
@@ -340,13 +345,13 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t d = a.head_dim, dpad = a.dpad, G = a.group(), L = a.length(b), rows = nh * nr;
+  const int64_t d = a.head_dim, dpad = a.dpad, L = a.length(b), rows = nh * nr;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   // q rows: rotated (rounded to T, as apply_rotary would return them), widened, scaled.
   alignas(64) T qrot[256];
   for (int64_t rr = 0; rr < rows; ++rr) {
-    const int64_t r = rr % nr, h = (h0 + rr / nr) * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
+    const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
     const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
     if (a.cos != nullptr) {
       rotate_head<T>(a, src, qrot, a.seqlens[b] + i);
@@ -458,7 +463,7 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& b
   using Vec = at::vec::Vectorized<acc_t>;
   using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t d = a.head_dim, G = a.group();
+  const int64_t d = a.head_dim;
   for (int64_t rr = 0; rr < nh * nr; ++rr) {
     const acc_t l = buf.l[rr];
     const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
@@ -469,7 +474,7 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& b
       a.partial_lse[task * kMaxRows + rr] = l > 0 ? buf.m[rr] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
       continue;
     }
-    const int64_t r = rr % nr, h = (h0 + rr / nr) * G + (r0 + r) / a.seq_q, i = (r0 + r) % a.seq_q;
+    const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
     T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
     for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(o + c) * Vec(inv), std::min(W, d - c));
     a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = l > 0 ? buf.m[rr] + std::log(l) : acc_t(0);
@@ -484,7 +489,7 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
   using Vec = at::vec::Vectorized<acc_t>;
   using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t d = a.head_dim, G = a.group(), R = a.rows();
+  const int64_t d = a.head_dim, R = a.rows();
   at::parallel_for(0, a.batch * a.n_kv_heads * R, 16, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(a.dpad);
     for (int64_t t = begin; t < end; ++t) {
@@ -509,7 +514,7 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
         }
       }
       const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
-      const int64_t h = kvh * G + row / a.seq_q, i = row % a.seq_q;
+      const auto [h, i] = a.query_of(kvh, row);
       T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
       for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(&acc[c]) * Vec(inv), std::min(W, d - c));
       a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = sum > 0 ? mx + std::log(sum) : acc_t(0);
