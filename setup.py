@@ -93,6 +93,9 @@ CPU_LEVELS = {
     # VCVTNEPS2BF16 (fp32 -> bf16 in one instruction) and the VDPBF16PS tile products of bf16
     # attention (csrc/cpu/bf16_dot.h).
     "avx512_bf16": _AVX512 + ["-mavx512bf16", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    # avx512_bf16 plus the AMX tile products of bf16 attention (csrc/cpu/amx_dot.h).
+    "amx_bf16": _AVX512
+    + ["-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
 }
 
 

@@ -9,11 +9,16 @@
 // level, else the features it lacks, for the error message of a forced level.
 #include <Python.h>
 
-namespace {
-
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LLAMA_EXT_X86 1
+#include <cpuid.h>
 #endif
+#if defined(LLAMA_EXT_X86) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
 
 // __builtin_cpu_supports takes string literals only, hence one function per level. The
 // features are exactly those of the level's compiler flags (setup.py, CPU_LEVELS).
@@ -42,6 +47,24 @@ bool has_avx512_bf16() {
 #endif
 }
 
+// AMX needs the CPU's tile instructions and the OS's leave to use their 8 KB of register
+// state: Linux grants it per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XTILEDATA; without it the first tile instruction faults). Asking is harmless when granted
+// already (torch's oneDNN asks too) and is how the amx_bf16 level's kernels get it: this runs
+// before a level is chosen.
+bool has_amx_bf16() {
+#if defined(LLAMA_EXT_X86) && defined(__linux__)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  constexpr unsigned kAmxBf16 = 1u << 22, kAmxTile = 1u << 24;  // CPUID.(7,0):EDX
+  if ((edx & kAmxBf16) == 0 || (edx & kAmxTile) == 0) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
 bool always() { return true; }
 
 struct Level {
@@ -55,6 +78,7 @@ constexpr Level kLevels[] = {
     {"avx2", "AVX2, FMA and F16C", &has_avx2},
     {"avx512", "AVX-512 F, BW, VL and DQ", &has_avx512},
     {"avx512_bf16", "AVX-512 F, BW, VL, DQ and BF16", &has_avx512_bf16},
+    {"amx_bf16", "AVX-512 F, BW, VL, DQ and BF16, AMX-TILE and AMX-BF16, and Linux's leave to use AMX", &has_amx_bf16},
 };
 
 PyObject* cpu_capabilities(PyObject*, PyObject*) {

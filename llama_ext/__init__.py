@@ -30,8 +30,8 @@ def cuda_kernels_built() -> bool:
 
 
 def cpu_capability() -> str:
-    """The vector ISA level of the CPU kernels in use: ``"avx512_bf16"``, ``"avx512"``,
-    ``"avx2"`` or ``"default"`` (portable). The best one this CPU runs, unless the environment
+    """The vector ISA level of the CPU kernels in use: ``"amx_bf16"``, ``"avx512_bf16"``,
+    ``"avx512"``, ``"avx2"`` or ``"default"`` (portable). The best one this CPU runs, unless the environment
     variable ``LLAMA_EXT_CPU_CAPABILITY`` chose a lower one before import."""
     return _cpu_kernels.CAPABILITY
 

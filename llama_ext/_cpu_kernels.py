@@ -1,9 +1,9 @@
 """Loads the CPU kernels built for the best vector ISA level this CPU runs.
 
 The build holds one library of CPU kernels per level (``_cpu_default``, ``_cpu_avx2``,
-``_cpu_avx512``, ``_cpu_avx512_bf16``; see ``csrc/cpu/capability.h``). Loading one registers
+``_cpu_avx512``, ``_cpu_avx512_bf16``, ``_cpu_amx_bf16``; see ``csrc/cpu/capability.h``). Loading one registers
 its kernels for ``torch.ops.llama_ext``; exactly one is loaded per process. The environment
-variable ``LLAMA_EXT_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512`` or ``avx512_bf16``)
+variable ``LLAMA_EXT_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``, ``avx512_bf16`` or ``amx_bf16``)
 forces a level, e.g. to test or benchmark a lower one; asking for a level this CPU cannot run,
 or one the build left out, raises.
 """

@@ -22,11 +22,11 @@ import sysconfig
 import tempfile
 import zipfile
 
-LEVELS = ("default", "avx2", "avx512", "avx512_bf16")
+LEVELS = ("default", "avx2", "avx512", "avx512_bf16", "amx_bf16")
 # Instructions counted in each CPU library's disassembly: zmm registers are AVX-512, ymm AVX2,
-# vdpbf16ps the AVX512-BF16 dot product of the bf16 tile products. tests/test_cpu_capability.py
+# vdpbf16ps the AVX512-BF16 dot product and tdpbf16ps the AMX one of the bf16 tile products. tests/test_cpu_capability.py
 # asserts which must (not) appear at each level; this prints how many there are.
-COUNTED = ("ymm", "zmm", "vdpbf16ps")
+COUNTED = ("ymm", "zmm", "vdpbf16ps", "tdpbf16ps")
 
 
 def _fail(message):

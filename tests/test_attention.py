@@ -223,6 +223,9 @@ BACKWARD_CASES = [
     # Head dims off the 16-column vector width and an odd row count per group (CPU only).
     (2, 3, 130, 8, 2, 8, False),
     (1, 33, 47, 3, 3, 40, True),
+    # Row tiles of 16 and 32 with tails (3 heads x 67 rows), key blocks ending 13 keys into a
+    # 32-key step, keys in several backward chunks.
+    (1, 200, 333, 6, 2, 128, True),
 ]
 
 

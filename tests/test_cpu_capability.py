@@ -39,7 +39,7 @@ def _run(code_or_args, level, timeout=120):
 
 
 def test_levels_lowest_first_and_default_always_runs():
-    assert LEVELS == ["default", "avx2", "avx512", "avx512_bf16"]
+    assert LEVELS == ["default", "avx2", "avx512", "avx512_bf16", "amx_bf16"]
     levels = _cpu_kernels.levels()
     assert levels["default"] is None
     # A level implies every one below it.
@@ -86,7 +86,8 @@ DISASSEMBLY = {
     "default": (["xmm"], ["ymm", "zmm"]),
     "avx2": (["ymm", "vfmadd", "vcvtph2ps"], ["zmm"]),
     "avx512": (["zmm"], ["vdpbf16ps"]),
-    "avx512_bf16": (["zmm", "vdpbf16ps", "vcvtneps2bf16"], []),
+    "avx512_bf16": (["zmm", "vdpbf16ps", "vcvtneps2bf16"], ["tdpbf16ps"]),
+    "amx_bf16": (["zmm", "vdpbf16ps", "tdpbf16ps", "ldtilecfg", "tileloadd"], []),
 }
 
 

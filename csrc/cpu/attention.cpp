@@ -40,11 +40,12 @@
 //
 // Tile products come from a policy (attention_tiles.h), so the loops above are
 // written once:
-//  - bf16, in builds for AVX512-BF16 hosts (setup.py targets the build host's ISA): bf16 tiles
-//    stay bf16 and multiply on VDPBF16PS (bf16_dot.h), at twice the fp32 FMA rate. As FlashAttention does on GPUs, the
-//    probabilities P (forward) and P, dS (backward) are rounded to bf16 to enter the second
-//    product; scores, softmax statistics and all accumulators are fp32.
-//  - everything else (fp32, fp64, fp16, and bf16 in builds without AVX512-BF16): blocks are
+//  - bf16 at the avx512_bf16 and amx_bf16 CPU levels: bf16 tiles stay bf16 and multiply on
+//    VDPBF16PS (bf16_dot.h, twice the fp32 FMA rate) or, at amx_bf16, on AMX tiles (amx_dot.h)
+//    wherever the A operand is row-major. As FlashAttention does on GPUs, the probabilities P
+//    (forward) and P, dS (backward) are rounded to bf16 to enter the second product; scores,
+//    softmax statistics and all accumulators are fp32.
+//  - everything else (fp32, fp64, fp16, and bf16 below avx512_bf16): blocks are
 //    widened to the op-math type once per block (a K/V block serves G*rows query rows) and
 //    multiplied by ATen's BLAS; reduced-precision inputs are exact in fp32, so these products are exactly the
 //    fp32-accumulated ones.
@@ -170,10 +171,6 @@ void group_row_dots(const at::Tensor& a_seq, const at::Tensor& b_seq, int64_t kv
   }
 }
 
-// exp with ~1 ulp error in fp32 (Sleef u20 variant: faster than the u10 one); plain exp in fp64.
-inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
-
 // Softcap of the visible columns [lo, hi) of a score row, in place: s <- c tanh(scale s / c).
 template <typename acc_t>
 void softcap_row(acc_t* s, int64_t lo, int64_t hi, acc_t scale, acc_t cap) {
@@ -198,10 +195,10 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
   const auto grad = [&](const Vec& s, const Vec& dpv, Vec& pv, Vec& dsv) {
     if constexpr (kSoftcap) {
       const Vec t = (s * in_v).tanh();
-      pv = exp_fast(at::vec::fmadd(t, cap_v, neg_lse_v));
+      pv = cpu::exp_fast(at::vec::fmadd(t, cap_v, neg_lse_v));
       dsv = pv * (dpv - delta_v) * (one_v - t * t);
     } else {
-      pv = exp_fast(at::vec::fmadd(s, scale_v, neg_lse_v));
+      pv = cpu::exp_fast(at::vec::fmadd(s, scale_v, neg_lse_v));
       dsv = pv * (dpv - delta_v);
     }
   };
@@ -226,46 +223,75 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
 
 // ---- forward --------------------------------------------------------------------------------
 
-// Online-softmax update of one score row: writes probabilities exp(scale (s - m')) of s[0, n)
-// to p[0, n) (p may alias s) for the visible columns [lo, hi) and 0 elsewhere, updates the
-// running max m and sum l, and returns the factor by which the row's output accumulator must
-// be rescaled. l sums the probabilities before any rounding to prob_t.
+// The online softmax of a score tile runs in three steps, so that the per-row scalar work (the
+// new running max and its rescale factor, one exp per row) vectorizes across rows:
+//   1. row_max: the max of each row's visible columns (-inf when it has none);
+//   2. update_maxima: m' = max(m, tile max) and alpha = exp(scale (m - m')) for all rows (1
+//      where m' == m: the max did not grow, or the row has seen no key yet);
+//   3. exp_row: p = exp(scale (s - m')) on the visible columns, 0 elsewhere, and its sum; the
+//      caller updates l' = l alpha + sum and rescales the row's output accumulator by alpha.
+template <typename acc_t>
+acc_t row_max(const acc_t* s, int64_t lo, int64_t hi) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec lowest(-std::numeric_limits<acc_t>::infinity());
+  const auto max = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+  Vec max0 = lowest, max1 = lowest;  // two chains: the max's latency, not its throughput, would bound one
+  int64_t j = lo;
+  for (; j + 2 * W <= hi; j += 2 * W) {
+    max0 = max(max0, Vec::loadu(s + j));
+    max1 = max(max1, Vec::loadu(s + j + W));
+  }
+  if (j + W <= hi) {
+    max0 = max(max0, Vec::loadu(s + j));
+    j += W;
+  }
+  if (j < hi) max1 = max(max1, Vec::set(lowest, Vec::loadu(s + j, hi - j), hi - j));
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max(max0, max1));
+}
+
+template <typename acc_t>
+void update_maxima(acc_t* m, const acc_t* tile_max, acc_t* alpha, int64_t rows, acc_t scale) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  const Vec scale_v(scale), one(acc_t(1));
+  const auto update = [&](int64_t r, int64_t count) {
+    const Vec m_old = Vec::loadu(m + r, count);
+    const Vec m_new = at::vec::maximum(m_old, Vec::loadu(tile_max + r, count));
+    // exp(-inf) = 0 on a row's first visited block; exp(-inf - -inf) would be NaN, hence the blend.
+    const Vec a = Vec::blendv(cpu::exp_fast((m_old - m_new) * scale_v), one, m_old == m_new);
+    m_new.store(m + r, count);
+    a.store(alpha + r, count);
+  };
+  int64_t r = 0;
+  for (; r + W <= rows; r += W) update(r, W);
+  if (r < rows) update(r, rows - r);
+}
+
+// Writes p[j] = exp(scale s[j] + shift) (p may alias s) for the visible columns [lo, hi) and 0
+// elsewhere in [0, n); returns the sum of the probabilities before any rounding to prob_t.
 template <typename acc_t, typename prob_t>
-acc_t online_softmax_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t& m,
-                         acc_t& l) {
+acc_t exp_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t shift) {
   using IO = cpu::VecIO<prob_t>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
   static_assert(IO::kWidth == W, "probabilities are stored one score vector at a time");
-  if (lo == hi) {
-    std::fill(p, p + n, prob_t(0));
-    return acc_t(1);
-  }
-  const int64_t vec_end = hi - (hi - lo) % W;
-  Vec max_v(-std::numeric_limits<acc_t>::infinity());
-  for (int64_t j = lo; j < vec_end; j += W) max_v = at::vec::maximum(max_v, Vec::loadu(s + j));
-  acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max_v);
-  for (int64_t j = vec_end; j < hi; ++j) tile_max = std::max(tile_max, s[j]);
-  const acc_t m_new = std::max(m, tile_max);
-  const acc_t alpha = std::exp((m - m_new) * scale);  // 0 on the first visited block (m = -inf)
-  const Vec scale_v(scale), shift_v(-m_new * scale);
+  const Vec scale_v(scale), shift_v(shift);
   Vec sum_v(acc_t(0));
   int64_t j = lo;
   for (; j + W <= hi; j += W) {
-    const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
+    const Vec e = cpu::exp_fast(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
     IO::store(p + j, e);
     sum_v = sum_v + e;
   }
   if (j < hi) {
-    const Vec e = exp_fast(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
+    const Vec e = cpu::exp_fast(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
     IO::store(p + j, e, hi - j);
     sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, hi - j);
   }
   std::fill(p, p + lo, prob_t(0));
   std::fill(p + hi, p + n, prob_t(0));
-  l = l * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum_v);
-  m = m_new;
-  return alpha;
+  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum_v);
 }
 
 template <typename T, typename Tiles>
@@ -285,28 +311,35 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
   at::Tensor acc = tiles.acc.narrow(0, 0, M);
   acc.zero_();
   acc_t* acc_ptr = acc.mutable_data_ptr<acc_t>();
-  std::vector<acc_t> m(M, -std::numeric_limits<acc_t>::infinity()), l(M, acc_t(0));
+  std::vector<acc_t> m(M, -std::numeric_limits<acc_t>::infinity()), l(M, acc_t(0)), tile_max(M), alpha(M);
+  std::vector<std::pair<int64_t, int64_t>> visible(M);
   const acc_t scale = static_cast<acc_t>(pb.scale), cap = static_cast<acc_t>(pb.softcap);
   // Capped scores enter the softmax as they are: its statistics are in units of s'.
   const acc_t softmax_scale = cap > 0 ? acc_t(1) : scale;
 
   // Keys before the first row's window or past the last row's are masked for the whole
-  // block: never visited.
+  // block: never visited. Key blocks start at multiples of kBlockK (from the one holding the
+  // first row's first key), so that a policy can pack each key block once per kv head.
   const int64_t k_begin = pb.window.key_begin(q0, lq, lk);
   const int64_t k_end = pb.window.key_end(q0 + rows - 1, lq, lk);
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += kBlockK) {
+  for (int64_t k0 = k_begin - k_begin % kBlockK; k0 < k_end; k0 += kBlockK) {
     const int64_t n = std::min(kBlockK, k_end - k0);
     tiles.forward_scores(k_seq, v_seq, k0, n);
     const int64_t stride = tiles.score_stride(n);
     acc_t* s = tiles.scores();
     for (int64_t r = 0; r < M; ++r) {
-      const auto [lo, hi] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
+      const auto [lo, hi] = visible[r] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
       if (cap > 0) softcap_row<acc_t>(s + r * stride, lo, hi, scale, cap);
-      const acc_t alpha =
-          online_softmax_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, m[r], l[r]);
-      if (alpha != acc_t(1)) {
+      tile_max[r] = row_max<acc_t>(s + r * stride, lo, hi);
+    }
+    update_maxima<acc_t>(m.data(), tile_max.data(), alpha.data(), M, softmax_scale);
+    for (int64_t r = 0; r < M; ++r) {
+      const auto [lo, hi] = visible[r];
+      l[r] = l[r] * alpha[r] +
+             exp_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, -m[r] * softmax_scale);
+      if (alpha[r] != acc_t(1)) {
         acc_t* o = acc_ptr + r * acc_stride;
-        for (int64_t c = 0; c < d; ++c) o[c] *= alpha;
+        for (int64_t c = 0; c < d; ++c) o[c] *= alpha[r];
       }
     }
     tiles.accumulate_values(n);
@@ -369,7 +402,7 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
                     const at::Tensor& dk, const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1,
                     int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
-  const int64_t G = pb.shape.group(), d = pb.shape.head_dim;
+  const int64_t G = pb.shape.group();
   const int64_t lq = pb.len_q(b), lk = pb.len_k(b);
   key1 = std::min(key1, lk);
   const at::Tensor dq_seq = pb.q_rows(dq_partial, b);
@@ -428,8 +461,8 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
     dq_acc.mul_(scale);
     unpack_group_rows<acc_t>(dq_acc.const_data_ptr<acc_t>(), tiles.acc_stride(), dq_seq, kvh, G, q0, rows);
   }
-  pb.k_rows(dk, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.dk.narrow(1, 0, d).mul_(scale));
-  pb.k_rows(dv, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.dv.narrow(1, 0, d));
+  pb.k_rows(dk, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.key_grad(tiles.dk).mul_(scale));
+  pb.k_rows(dv, b).select(1, kvh).narrow(0, key0, key1 - key0).copy_(tiles.key_grad(tiles.dv));
 }
 
 // out = sum over c of partials[c] (contiguous [chunks, ...out's shape], acc_t), added in chunk

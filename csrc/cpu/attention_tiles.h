@@ -4,7 +4,8 @@
 //    bf16 below the avx512_bf16 level). fp16/bf16 K and V are widened once per (sequence, kv
 //    head) and thread in the forward, once per key chunk in the backward. Reduced-precision
 //    inputs are exact in fp32, so these are exactly the fp32-accumulated products.
-//  - Bf16DotTiles: bf16 tiles multiplied on AVX512-BF16 VDPBF16PS (bf16_dot.h); P (and dS) are
+//  - Bf16DotTiles: bf16 tiles multiplied on AVX512-BF16 VDPBF16PS (bf16_dot.h), or on AMX tiles
+//    at the amx_bf16 level for the products whose A operand is row-major; P (and dS) are
 //    rounded to bf16 before the second product, as FlashAttention does on GPUs.
 #pragma once
 
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <vector>
 
 #include "../common.h"
 #include "bf16_dot.h"
@@ -193,6 +195,8 @@ struct BlasTiles {
     dk = at::zeros(k_chunk.sizes(), q.options());
     dv = at::zeros(v_chunk.sizes(), q.options());
   }
+  // The [chunk keys, d] view of the dK or dV accumulator.
+  at::Tensor key_grad(const at::Tensor& acc) const { return acc; }
   void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
                         int64_t rows) {
     load_queries(q_seq, kvh, G, q0, rows);
@@ -223,43 +227,67 @@ struct Bf16DotTiles {
   int64_t d, d_pad, M = 0;
   at::Tensor q;     // [max_rows, d] bf16 query rows (A of Q K^T)
   at::Tensor s;     // [max_rows, kBlockK] fp32 score tile
-  at::Tensor k_t;   // K^T packed [d/2][ldb][2] (B of Q K^T): ldb = n16 in the forward; in the
-                    // backward one [d/2][kBlockK][2] block per kBlockK keys of the chunk
-  // Forward: bf16 P [max_rows, n16], V packed [n16/2][d_pad][2] (B of P V), fp32 output
-  // accumulator [max_rows, d_pad].
-  at::Tensor p, v_pairs, acc;
+  at::Tensor k_t;   // K^T packed one [d/2][kBlockK][2] block per kBlockK keys (B of Q K^T)
+  // Forward: bf16 P [max_rows, n_pad]; V packed one [kBlockK/2][d_pad][2] block per kBlockK
+  // keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output accumulator
+  // [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head), packed on
+  // first use: a thread's tasks are mostly query blocks of one kv head, each of which reads
+  // every key block up to its diagonal, so each block is packed once per kv head, not once per
+  // query block.
+  at::Tensor p, v_pairs, v_part, acc;
+  const void* packed_k_src = nullptr;
+  const void* packed_v_src = nullptr;
+  std::vector<bool> block_packed;
+  const bf16* v_block = nullptr;  // the B operand of the current block's P V
   // Backward: dO rows (A of dO V^T); Q and dO as row pairs [ceil(max_rows / 2)][d_pad][2] (B of
   // dS^T Q and P^T dO); the fp32 dP / dS tile; bf16 P and dS as row pairs (A of P^T dO, dS^T Q
-  // with strides (2, 2 n16)) and dS row-major (A of dS K); dq accumulator [max_rows, d_pad];
+  // with strides (2, 2 n_pad)) and dS row-major (A of dS K); dq accumulator [max_rows, d_pad];
   // per block of the chunk: V^T packed like k_t (B of dO V^T) and K packed
   // [kBlockK/2][d_pad][2] (B of dS K); dK and dV accumulators [chunk keys, d_pad].
   at::Tensor dout, q_pairs, dout_pairs, dp, p_pairs, ds_pairs, ds, dq, v_t, k_pairs, dk, dv;
+#if defined(LLAMA_EXT_AMX)
+  // At the amx_bf16 level dK and dV accumulate transposed, [d_pad, chunk keys rounded to
+  // kBlockK], as dK^T += Q^T dS and dV^T += dO^T P: their A operands Q^T and dO^T
+  // ([d_pad, M_pad], M_pad = M rounded to kAlignK, zeros past M) are row-major, as AMX tiles
+  // need, and P, dS enter as the row-pair layouts (B, over M_pad rows). Q^T is the word
+  // transpose of q_pairs (word (pair p, column c) = Q rows 2p, 2p+1 at c), built once per query
+  // block.
+  static constexpr bool kTransposedKeyGrads = true;
+#else
+  static constexpr bool kTransposedKeyGrads = false;
+#endif
+  at::Tensor q_t, dout_t;
+  int64_t chunk_keys = 0, M_pad = 0;
 
   Bf16DotTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
       : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)) {
     const auto bf16_opts = acc_opts.dtype(at::kBFloat16);
-    const int64_t rows_even = cpu::bf16_dot::round_up(max_rows, 2);
+    const int64_t rows_pad = cpu::bf16_dot::round_up(max_rows, cpu::bf16_dot::kAlignK);
     q = scratch({max_rows * d}, bf16_opts);
     s = scratch({max_rows * kBlockK}, acc_opts);
     if (pass == Pass::kForward) {
-      k_t = scratch({d * kBlockK}, bf16_opts);
       p = scratch({max_rows * kBlockK}, bf16_opts);
-      v_pairs = scratch({kBlockK * d_pad}, bf16_opts);
+      v_part = scratch({kBlockK * d_pad}, bf16_opts);
       acc = scratch({max_rows, d_pad}, acc_opts);
     } else {
       dout = scratch({max_rows * d}, bf16_opts);
-      q_pairs = scratch({rows_even * d_pad}, bf16_opts);
-      dout_pairs = scratch({rows_even * d_pad}, bf16_opts);
+      q_pairs = scratch({rows_pad * d_pad}, bf16_opts);
+      dout_pairs = scratch({rows_pad * d_pad}, bf16_opts);
       dp = scratch({max_rows * kBlockK}, acc_opts);
-      p_pairs = scratch({rows_even * kBlockK}, bf16_opts);
-      ds_pairs = scratch({rows_even * kBlockK}, bf16_opts);
+      p_pairs = scratch({rows_pad * kBlockK}, bf16_opts);
+      ds_pairs = scratch({rows_pad * kBlockK}, bf16_opts);
+      if (kTransposedKeyGrads) {
+        q_t = scratch({d_pad * rows_pad}, bf16_opts);
+        dout_t = scratch({d_pad * rows_pad}, bf16_opts);
+      }
       ds = scratch({max_rows * kBlockK}, bf16_opts);
       dq = scratch({max_rows, d_pad}, acc_opts);
     }
   }
   static bf16* bf16_ptr(const at::Tensor& t) { return t.mutable_data_ptr<bf16>(); }
   static float* fp32_ptr(const at::Tensor& t) { return t.mutable_data_ptr<float>(); }
-  static int64_t score_stride(int64_t n) { return cpu::bf16_dot::round_up(n, kLanes); }
+  // Whole k steps of the fast P V product (bf16_dot::kAlignK); a multiple of kLanes.
+  static int64_t score_stride(int64_t n) { return cpu::bf16_dot::round_up(n, cpu::bf16_dot::kAlignK); }
   int64_t acc_stride() const { return d_pad; }
   float* scores() { return fp32_ptr(s); }
   float* grad_scores() { return fp32_ptr(dp); }
@@ -278,21 +306,45 @@ struct Bf16DotTiles {
     cpu::bf16_dot::pack_row_pairs(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldk / 2,
                                   d_pad);
   }
-  // out[M, n16] = x[M, d] Y^T with Y^T packed (ldb columns).
+  // out[M, n_pad] = x[M, d] Y^T with Y^T packed (ldb columns).
   void product_with_keys(const at::Tensor& x, const bf16* y_t, int64_t ldb, int64_t n, float* out) const {
-    const int64_t n16 = score_stride(n);
-    cpu::bf16_dot::gemm(M, n16, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n16, /*accumulate=*/false);
+    const int64_t n_pad = score_stride(n);
+    cpu::bf16_dot::gemm(M, n_pad, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n_pad, /*accumulate=*/false);
   }
 
+  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kBlockK.
   void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
-    const int64_t n16 = score_stride(n);
-    pack_keys_transposed(k_seq, k0, n, bf16_ptr(k_t), n16);
-    pack_keys_as_rows(v_seq, k0, n, n16, bf16_ptr(v_pairs));
-    product_with_keys(q, bf16_ptr(k_t), n16, n, fp32_ptr(s));
+    const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
+    if (k_seq.const_data_ptr() != packed_k_src || v_seq.const_data_ptr() != packed_v_src ||
+        static_cast<int64_t>(block_packed.size()) != blocks) {
+      packed_k_src = k_seq.const_data_ptr();
+      packed_v_src = v_seq.const_data_ptr();
+      block_packed.assign(blocks, false);
+      if (!k_t.defined() || k_t.numel() < blocks * d * kBlockK) {  // grows to the longest sequence
+        k_t = scratch({blocks * d * kBlockK}, s.options().dtype(at::kBFloat16));
+        v_pairs = scratch({blocks * kBlockK * d_pad}, s.options().dtype(at::kBFloat16));
+      }
+    }
+    const int64_t keys = std::min(kBlockK, len_k - k0);  // the block's keys; the task uses n of them
+    bf16* k_block = bf16_ptr(k_t) + blk * d * kBlockK;
+    bf16* v_pairs_block = bf16_ptr(v_pairs) + blk * kBlockK * d_pad;
+    if (!block_packed[blk]) {
+      pack_keys_transposed(k_seq, k0, keys, k_block, kBlockK);
+      pack_keys_as_rows(v_seq, k0, keys, kBlockK, v_pairs_block);
+      block_packed[blk] = true;
+    }
+    v_block = v_pairs_block;
+    if (n < keys) {
+      // The P V product reads V rows up to n_pad: past n they must be zeros, not the block's
+      // later keys, which may be non-finite (0 * Inf is NaN) and which the task must not read.
+      pack_keys_as_rows(v_seq, k0, n, kBlockK, bf16_ptr(v_part));
+      v_block = bf16_ptr(v_part);
+    }
+    product_with_keys(q, k_block, kBlockK, n, fp32_ptr(s));
   }
   void accumulate_values(int64_t n) {
-    const int64_t n16 = score_stride(n);
-    cpu::bf16_dot::gemm(M, d_pad, n16 / 2, {bf16_ptr(p), n16, 2}, bf16_ptr(v_pairs), d_pad, fp32_ptr(acc), d_pad,
+    const int64_t n_pad = score_stride(n);
+    cpu::bf16_dot::gemm(M, d_pad, n_pad / 2, {bf16_ptr(p), n_pad, 2}, v_block, d_pad, fp32_ptr(acc), d_pad,
                         /*accumulate=*/true);
   }
 
@@ -310,8 +362,14 @@ struct Bf16DotTiles {
       pack_keys_transposed(v_rows, k0, n, bf16_ptr(v_t) + blk * d * kBlockK, kBlockK);
       pack_keys_as_rows(k_rows, k0, n, kBlockK, bf16_ptr(k_pairs) + blk * kBlockK * d_pad);
     }
-    dk = at::zeros({keys, d_pad}, s.options());
-    dv = at::zeros({keys, d_pad}, s.options());
+    chunk_keys = keys;
+    const auto shape = kTransposedKeyGrads ? std::vector<int64_t>{d_pad, blocks * kBlockK} : std::vector<int64_t>{keys, d_pad};
+    dk = at::zeros(shape, s.options());
+    dv = at::zeros(shape, s.options());
+  }
+  // The [chunk keys, d] view of the dK or dV accumulator.
+  at::Tensor key_grad(const at::Tensor& acc) const {
+    return kTransposedKeyGrads ? acc.narrow(0, 0, d).narrow(1, 0, chunk_keys).t() : acc.narrow(1, 0, d);
   }
   void load_query_grads(const at::Tensor& q_seq, const at::Tensor& dout_seq, int64_t kvh, int64_t G, int64_t q0,
                         int64_t rows) {
@@ -320,6 +378,12 @@ struct Bf16DotTiles {
     const int64_t row_pairs = ceil_div(M, 2);
     cpu::bf16_dot::pack_row_pairs(bf16_ptr(q), d, M, d, bf16_ptr(q_pairs), row_pairs, d_pad);
     cpu::bf16_dot::pack_row_pairs(bf16_ptr(dout), d, M, d, bf16_ptr(dout_pairs), row_pairs, d_pad);
+    M_pad = cpu::bf16_dot::round_up(M, cpu::bf16_dot::kAlignK);
+    if (kTransposedKeyGrads) {
+      cpu::bf16_dot::pack_transposed(bf16_ptr(q_pairs), 2 * d_pad, row_pairs, 2 * d_pad, bf16_ptr(q_t), M_pad / 2);
+      cpu::bf16_dot::pack_transposed(bf16_ptr(dout_pairs), 2 * d_pad, row_pairs, 2 * d_pad, bf16_ptr(dout_t),
+                                     M_pad / 2);
+    }
   }
   // k0 is a multiple of kBlockK (chunks are whole blocks); n <= kBlockK.
   void backward_scores(int64_t k0, int64_t n) {
@@ -329,16 +393,25 @@ struct Bf16DotTiles {
   }
   void accumulate_grads(int64_t k0, int64_t n) {
     namespace dot = cpu::bf16_dot;
-    const int64_t n16 = score_stride(n), row_pairs = ceil_div(M, 2);
-    dot::round_row_pairs(fp32_ptr(s), n16, M, n16, bf16_ptr(p_pairs));
-    dot::round_row_pairs(fp32_ptr(dp), n16, M, n16, bf16_ptr(ds_pairs));
-    dot::round_rows(fp32_ptr(dp), n16, M, n16, bf16_ptr(ds), n16);
-    // As A operands with strides (2, 2 n16) the row-pair layouts read as P^T and dS^T.
-    dot::gemm(n, d_pad, row_pairs, {bf16_ptr(p_pairs), 2, 2 * n16}, bf16_ptr(dout_pairs), d_pad,
-              fp32_ptr(dv) + k0 * d_pad, d_pad, /*accumulate=*/true);
-    dot::gemm(n, d_pad, row_pairs, {bf16_ptr(ds_pairs), 2, 2 * n16}, bf16_ptr(q_pairs), d_pad,
-              fp32_ptr(dk) + k0 * d_pad, d_pad, /*accumulate=*/true);
-    dot::gemm(M, d_pad, n16 / 2, {bf16_ptr(ds), n16, 2}, bf16_ptr(k_pairs) + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
+    // The transposed products contract over M_pad rows (zeros past M); the others over M.
+    const int64_t n_pad = score_stride(n), row_pairs = kTransposedKeyGrads ? M_pad / 2 : ceil_div(M, 2);
+    dot::round_row_pairs(fp32_ptr(s), n_pad, M, n_pad, bf16_ptr(p_pairs), row_pairs);
+    dot::round_row_pairs(fp32_ptr(dp), n_pad, M, n_pad, bf16_ptr(ds_pairs), row_pairs);
+    dot::round_rows(fp32_ptr(dp), n_pad, M, n_pad, bf16_ptr(ds), n_pad);
+    if (kTransposedKeyGrads) {
+      const int64_t ldk = dk.size(1);
+      dot::gemm(d_pad, n_pad, row_pairs, {bf16_ptr(dout_t), M_pad, 2}, bf16_ptr(p_pairs), n_pad, fp32_ptr(dv) + k0,
+                ldk, /*accumulate=*/true);
+      dot::gemm(d_pad, n_pad, row_pairs, {bf16_ptr(q_t), M_pad, 2}, bf16_ptr(ds_pairs), n_pad, fp32_ptr(dk) + k0, ldk,
+                /*accumulate=*/true);
+    } else {
+      // As A operands with strides (2, 2 n_pad) the row-pair layouts read as P^T and dS^T.
+      dot::gemm(n, d_pad, row_pairs, {bf16_ptr(p_pairs), 2, 2 * n_pad}, bf16_ptr(dout_pairs), d_pad,
+                fp32_ptr(dv) + k0 * d_pad, d_pad, /*accumulate=*/true);
+      dot::gemm(n, d_pad, row_pairs, {bf16_ptr(ds_pairs), 2, 2 * n_pad}, bf16_ptr(q_pairs), d_pad,
+                fp32_ptr(dk) + k0 * d_pad, d_pad, /*accumulate=*/true);
+    }
+    dot::gemm(M, d_pad, n_pad / 2, {bf16_ptr(ds), n_pad, 2}, bf16_ptr(k_pairs) + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
               fp32_ptr(dq), d_pad, /*accumulate=*/true);
   }
 };

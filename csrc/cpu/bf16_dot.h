@@ -24,7 +24,12 @@
 // Contract: N (the columns computed) is a multiple of 16, ldb and ldc are at least N, and K is
 // even (callers zero-pad odd K; a zero pair contributes nothing). Accumulation is fp32; the
 // order over k is fixed, so results are deterministic.
+//
+// At the amx_bf16 level, gemm() runs on AMX tiles (amx_dot.h) whenever A is row-major and K is
+// a multiple of 32: callers that size k as a multiple of kAlignK get AMX for those products.
 #pragma once
+
+#include "amx_dot.h"
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 #define LLAMA_EXT_BF16_DOT 1
@@ -42,6 +47,11 @@ namespace llama_ext::cpu::bf16_dot {
 using bf16 = c10::BFloat16;
 
 constexpr int64_t kLanes = 16;  // fp32 lanes per zmm: the column granularity
+#if defined(LLAMA_EXT_AMX)
+constexpr int64_t kAlignK = amx::kTileK;  // a k that fills whole AMX tiles
+#else
+constexpr int64_t kAlignK = kLanes;
+#endif
 constexpr int kTileRows = 6;
 constexpr int kTileVecs = 4;
 
@@ -104,6 +114,12 @@ inline TileFn tile_for(int rows, int vecs) {
 // C[M, N] (+)= A[M, 2 k_pairs] B[2 k_pairs, N], B packed [k_pairs][ldb][2]; N % 16 == 0.
 inline void gemm(int64_t M, int64_t N, int64_t k_pairs, AOperand a, const bf16* b, int64_t ldb, float* c, int64_t ldc,
                  bool accumulate) {
+#if defined(LLAMA_EXT_AMX)
+  if (a.pair_stride == 2 && k_pairs % (amx::kTileK / 2) == 0) {
+    amx::gemm(M, N, k_pairs, a.data, a.row_stride, b, ldb, c, ldc, accumulate);
+    return;
+  }
+#endif
   constexpr int64_t kPanel = kTileVecs * kLanes;
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     const int vecs = static_cast<int>(std::min<int64_t>(kPanel, N - n0) / kLanes);
@@ -205,15 +221,16 @@ inline void round_rows(const float* src, int64_t src_stride, int64_t rows, int64
 }
 
 // Rounds fp32 rows src [rows, N] (N % 16 == 0) to bf16 in the packed-B layout over rows:
-// dst [ceil(rows / 2)][N][2], a missing odd last row is zero. As an A operand with strides
-// (2, 2 N) this is src^T.
-inline void round_row_pairs(const float* src, int64_t src_stride, int64_t rows, int64_t N, bf16* dst) {
-  for (int64_t k = 0; k < rows; k += 2) {
-    const float* even = src + k * src_stride;
-    const float* odd = k + 1 < rows ? even + src_stride : nullptr;
+// dst [k_pairs][N][2] (k_pairs >= ceil(rows / 2)), rows past `rows` zero. As an A operand with
+// strides (2, 2 N) this is src^T.
+inline void round_row_pairs(const float* src, int64_t src_stride, int64_t rows, int64_t N, bf16* dst,
+                            int64_t k_pairs) {
+  for (int64_t k = 0; k < 2 * k_pairs; k += 2) {
+    const float* even = k < rows ? src + k * src_stride : nullptr;
+    const float* odd = k + 1 < rows ? src + (k + 1) * src_stride : nullptr;
     bf16* out = dst + k * N;
     for (int64_t n = 0; n < N; n += kLanes) {
-      const __m512 e = _mm512_loadu_ps(even + n);
+      const __m512 e = even ? _mm512_loadu_ps(even + n) : _mm512_setzero_ps();
       const __m512 o = odd ? _mm512_loadu_ps(odd + n) : _mm512_setzero_ps();
       const __m256i e_bits = (__m256i)_mm512_cvtneps_pbh(e), o_bits = (__m256i)_mm512_cvtneps_pbh(o);
       _mm512_storeu_si512(out + n * 2, interleave16(e_bits, o_bits));

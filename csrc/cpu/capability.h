@@ -2,7 +2,7 @@
 // runs is picked at import, as PyTorch does with its CPU_CAPABILITY builds.
 //
 // How. setup.py compiles every csrc/cpu/*.cpp once per level (CPU_LEVELS there: default, avx2,
-// avx512, avx512_bf16) into its own shared library, llama_ext/_cpu_<level>.so, with that level's
+// avx512, avx512_bf16, amx_bf16) into its own shared library, llama_ext/_cpu_<level>.so, with that level's
 // -m flags and CPU_CAPABILITY macros. At import, llama_ext/_cpu_kernels.py asks csrc/module.cpp
 // which levels the CPU runs and loads the best library (or the one LLAMA_EXT_CPU_CAPABILITY
 // names); loading it runs its TORCH_LIBRARY_IMPL registrations. One library per level, rather
@@ -23,13 +23,16 @@
 // The level of this translation unit, from its compiler flags:
 //   LLAMA_EXT_CPU_LEVEL "default" | "avx2" (AVX2, FMA, F16C) | "avx512" (AVX-512 F/BW/VL/DQ)
 //                       | "avx512_bf16" (avx512 plus AVX512-BF16)
+//                       | "amx_bf16" (avx512_bf16 plus AMX-TILE and AMX-BF16)
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX512)
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VL__) || !defined(__AVX512DQ__)
 #error "CPU_CAPABILITY_AVX512 needs -mavx512f -mavx512bw -mavx512vl -mavx512dq"
 #endif
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define LLAMA_EXT_CPU_LEVEL "amx_bf16"
+#elif defined(__AVX512BF16__)
 #define LLAMA_EXT_CPU_LEVEL "avx512_bf16"
 #else
 #define LLAMA_EXT_CPU_LEVEL "avx512"

@@ -63,10 +63,6 @@ constexpr int64_t kMaxRows = 64;          // query rows (G heads x seq_q tokens)
 constexpr int64_t kMinKeyRowsPerSplit = 256;  // keys x kv heads of one split, at least
 constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head of a task
 
-// exp with ~1 ulp error in fp32 (Sleef u20 variant); plain exp in fp64.
-inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
-inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
-
 template <typename T>
 struct KVCacheCpuParams {
   using acc_t = at::opmath_type<T>;
@@ -425,7 +421,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
       Vec sum(0);
       const Vec shift(-m_new);
       for (int64_t j = 0; j < kKeyBlock; j += W) {
-        const Vec e = exp_fast(Vec::loadu(sr + j) + shift);  // exp(-inf) = 0 on masked columns
+        const Vec e = cpu::exp_fast(Vec::loadu(sr + j) + shift);  // exp(-inf) = 0 on masked columns
         e.store(sr + j);
         sum = sum + e;
       }
