@@ -183,9 +183,20 @@ void softcap_row(acc_t* s, int64_t lo, int64_t hi, acc_t scale, acc_t cap) {
 }
 
 // Backward of one row of a tile, on its visible columns [lo, hi) (0 elsewhere):
+// exp of scores whose probabilities enter a product as prob_t: bf16 ones need only bf16's precision.
+template <typename prob_t, typename acc_t>
+at::vec::Vectorized<acc_t> exp_for(const at::vec::Vectorized<acc_t>& x) {
+  if constexpr (std::is_same_v<prob_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+    return cpu::exp_bf16_grade(x);
+  } else {
+    return cpu::exp_fast(x);
+  }
+}
+
 // p <- P = exp(scale s - lse), dp <- dS = P (dP - D); under softcap (kSoftcap, cap > 0)
-// P = exp(cap t - lse) and dS = P (dP - D) (1 - t^2) with t = tanh(scale s / cap).
-template <bool kSoftcap, typename acc_t>
+// P = exp(cap t - lse) and dS = P (dP - D) (1 - t^2) with t = tanh(scale s / cap). P and dS
+// enter the gradient products as prob_t.
+template <bool kSoftcap, typename prob_t, typename acc_t>
 void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t cap, acc_t lse,
                         acc_t delta) {
   using Vec = at::vec::Vectorized<acc_t>;
@@ -195,10 +206,10 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
   const auto grad = [&](const Vec& s, const Vec& dpv, Vec& pv, Vec& dsv) {
     if constexpr (kSoftcap) {
       const Vec t = (s * in_v).tanh();
-      pv = cpu::exp_fast(at::vec::fmadd(t, cap_v, neg_lse_v));
+      pv = exp_for<prob_t>(at::vec::fmadd(t, cap_v, neg_lse_v));
       dsv = pv * (dpv - delta_v) * (one_v - t * t);
     } else {
-      pv = cpu::exp_fast(at::vec::fmadd(s, scale_v, neg_lse_v));
+      pv = exp_for<prob_t>(at::vec::fmadd(s, scale_v, neg_lse_v));
       dsv = pv * (dpv - delta_v);
     }
   };
@@ -280,12 +291,12 @@ acc_t exp_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_
   Vec sum_v(acc_t(0));
   int64_t j = lo;
   for (; j + W <= hi; j += W) {
-    const Vec e = cpu::exp_fast(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
+    const Vec e = exp_for<prob_t>(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
     IO::store(p + j, e);
     sum_v = sum_v + e;
   }
   if (j < hi) {
-    const Vec e = cpu::exp_fast(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
+    const Vec e = exp_for<prob_t>(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
     IO::store(p + j, e, hi - j);
     sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, hi - j);
   }
@@ -449,10 +460,10 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
       for (int64_t r = 0; r < M; ++r) {
         const auto [lo, hi] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
         if (cap > 0) {
-          probs_and_grad_row<true, acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
+          probs_and_grad_row<true, typename Tiles::prob_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
                                           lse_ptr[r], delta[r]);
         } else {
-          probs_and_grad_row<false, acc_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
+          probs_and_grad_row<false, typename Tiles::prob_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
                                            lse_ptr[r], delta[r]);
         }
       }

@@ -128,4 +128,27 @@ struct VecIO {
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
+// exp for values that are rounded to bf16 next (attention probabilities on the bf16 tile
+// products): 4e-6 relative error, 500x below bf16's rounding, in 8 instructions instead of
+// exp_u20's ~20. exp(x) = 2^n 2^f with n = round(x log2 e) and f in [-1/2, 1/2], 2^f a degree-4
+// fit on Chebyshev nodes, 2^n applied by VSCALEFPS (which flushes to 0 and overflows to Inf as
+// exp does). x log2 e is clamped below at -150 (exp is 0 there) so that -Inf gives 0, not
+// -Inf - -Inf = NaN; a NaN stays NaN (VMAXPS returns its second operand when one is NaN).
+// Other levels use exp_fast.
+inline at::vec::Vectorized<float> exp_bf16_grade(const at::vec::Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 t = _mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_mul_ps(__m512(x), _mm512_set1_ps(1.44269504f)));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(0.00967603710f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0559220356f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240221074f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121034f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000008f));
+  return _mm512_scalef_ps(p, n);
+#else
+  return exp_fast(x);
+#endif
+}
+
 }  // namespace llama_ext::cpu
