@@ -90,17 +90,23 @@ void block(const bf16* a, int64_t lda, const bf16* b, int64_t ldb, int64_t k_pai
     if constexpr (MT == 2) _tile_zero(2);
     if constexpr (MT == 2 && NT == 2) _tile_zero(3);
   }
+  // Each load is issued just before the first product that needs it, so that products start
+  // while the later tiles load, and the next step's first loads wait only on early products.
   for (int64_t p = 0; p < k_pairs; p += kTileK / 2) {
     const bf16* a_k = a + 2 * p;
     const bf16* b_k = b + p * ldb * 2;
     _tile_loadd(4, a_k, a_stride);
-    if constexpr (MT == 2) _tile_loadd(5, a_k + kTileRows * lda, a_stride);
     _tile_loadd(6, b_k, b_stride);
-    if constexpr (NT == 2) _tile_loadd(7, b_k + kTileCols * 2, b_stride);
     _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NT == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (MT == 2) _tile_dpbf16ps(2, 5, 6);
-    if constexpr (MT == 2 && NT == 2) _tile_dpbf16ps(3, 5, 7);
+    if constexpr (NT == 2) {
+      _tile_loadd(7, b_k + kTileCols * 2, b_stride);
+      _tile_dpbf16ps(1, 4, 7);
+    }
+    if constexpr (MT == 2) {
+      _tile_loadd(5, a_k + kTileRows * lda, a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NT == 2) _tile_dpbf16ps(3, 5, 7);
+    }
   }
   _tile_stored(0, c, c_stride);
   if constexpr (NT == 2) _tile_stored(1, c + kTileCols, c_stride);
