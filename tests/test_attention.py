@@ -90,9 +90,10 @@ def test_every_head_dim(device, dtype, d):
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params([torch.bfloat16, torch.float16]))
 @pytest.mark.parametrize("d", [8, 40, 80, 96, 256])
-@pytest.mark.parametrize("seq_k", [129, 135, 136, 137, 143, 144, 145])
+@pytest.mark.parametrize("seq_k", [129, 135, 136, 137, 143, 144, 145, 263])
 def test_key_block_and_row_tails(device, dtype, d, seq_k):
-    """Tails of the blocked products: 1, 7, 8, 9, 15, 16 and 17 keys past a full 128-key block,
+    """Tails of the blocked products: 1, 7, 8, 9, 15, 16 and 17 keys past a full 128-key block
+    (and 7 past a 256-key one, the bf16 CPU forward's block),
     7 query rows per head (an odd number of rows per group), head dims off the vector width, and a
     window whose first key is not a multiple of 16. The outputs start as NaN (poisoned), so an
     unwritten or over-read column fails."""

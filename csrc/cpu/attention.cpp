@@ -329,12 +329,14 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
   const acc_t softmax_scale = cap > 0 ? acc_t(1) : scale;
 
   // Keys before the first row's window or past the last row's are masked for the whole
-  // block: never visited. Key blocks start at multiples of kBlockK (from the one holding the
-  // first row's first key), so that a policy can pack each key block once per kv head.
+  // block: never visited. Key blocks of the policy's kForwardKeys start at multiples of it
+  // (from the one holding the first row's first key), so that a policy can pack each key
+  // block once per kv head.
+  constexpr int64_t kKeys = Tiles::kForwardKeys;
   const int64_t k_begin = pb.window.key_begin(q0, lq, lk);
   const int64_t k_end = pb.window.key_end(q0 + rows - 1, lq, lk);
-  for (int64_t k0 = k_begin - k_begin % kBlockK; k0 < k_end; k0 += kBlockK) {
-    const int64_t n = std::min(kBlockK, k_end - k0);
+  for (int64_t k0 = k_begin - k_begin % kKeys; k0 < k_end; k0 += kKeys) {
+    const int64_t n = std::min(kKeys, k_end - k0);
     tiles.forward_scores(k_seq, v_seq, k0, n);
     const int64_t stride = tiles.score_stride(n);
     acc_t* s = tiles.scores();

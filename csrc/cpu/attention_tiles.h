@@ -110,6 +110,7 @@ template <typename T>
 struct BlasTiles {
   using acc_t = at::opmath_type<T>;
   using prob_t = acc_t;  // the softmax writes P over the scores, in place
+  static constexpr int64_t kForwardKeys = kBlockK;  // keys per forward block
   static constexpr bool kWiden = !std::is_same_v<T, acc_t>;
 
   int64_t d, M = 0;
@@ -226,10 +227,16 @@ struct Bf16DotTiles {
 
   int64_t d, d_pad, M = 0;
   at::Tensor q;     // [max_rows, d] bf16 query rows (A of Q K^T)
-  at::Tensor s;     // [max_rows, kBlockK] fp32 score tile
-  at::Tensor k_t;   // K^T packed one [d/2][kBlockK][2] block per kBlockK keys (B of Q K^T)
-  // Forward: bf16 P [max_rows, n_pad]; V packed one [kBlockK/2][d_pad][2] block per kBlockK
-  // keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output accumulator
+  // Keys per forward block: twice the backward's, which halves the per-row work of the online
+  // softmax (maxima, sums, rescaling) per key; the [max_rows, 256] fp32 score tile and its bf16
+  // probabilities still stay in L2.
+  static constexpr int64_t kForwardKeys = 2 * kBlockK;
+
+  at::Tensor s;     // [max_rows, kForwardKeys] fp32 score tile
+  at::Tensor k_t;   // K^T packed one [d/2][B][2] block per B keys (B of Q K^T): B = kForwardKeys
+                    // in the forward, kBlockK in the backward
+  // Forward: bf16 P [max_rows, n_pad]; V packed one [kForwardKeys/2][d_pad][2] block per
+  // kForwardKeys keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output accumulator
   // [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head), packed on
   // first use: a thread's tasks are mostly query blocks of one kv head, each of which reads
   // every key block up to its diagonal, so each block is packed once per kv head, not once per
@@ -264,10 +271,10 @@ struct Bf16DotTiles {
     const auto bf16_opts = acc_opts.dtype(at::kBFloat16);
     const int64_t rows_pad = cpu::bf16_dot::round_up(max_rows, cpu::bf16_dot::kAlignK);
     q = scratch({max_rows * d}, bf16_opts);
-    s = scratch({max_rows * kBlockK}, acc_opts);
+    s = scratch({max_rows * kForwardKeys}, acc_opts);
     if (pass == Pass::kForward) {
-      p = scratch({max_rows * kBlockK}, bf16_opts);
-      v_part = scratch({kBlockK * d_pad}, bf16_opts);
+      p = scratch({max_rows * kForwardKeys}, bf16_opts);
+      v_part = scratch({kForwardKeys * d_pad}, bf16_opts);
       acc = scratch({max_rows, d_pad}, acc_opts);
     } else {
       dout = scratch({max_rows * d}, bf16_opts);
@@ -312,35 +319,35 @@ struct Bf16DotTiles {
     cpu::bf16_dot::gemm(M, n_pad, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n_pad, /*accumulate=*/false);
   }
 
-  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kBlockK.
+  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kForwardKeys.
   void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
-    const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
+    const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kForwardKeys), blk = k0 / kForwardKeys;
     if (k_seq.const_data_ptr() != packed_k_src || v_seq.const_data_ptr() != packed_v_src ||
         static_cast<int64_t>(block_packed.size()) != blocks) {
       packed_k_src = k_seq.const_data_ptr();
       packed_v_src = v_seq.const_data_ptr();
       block_packed.assign(blocks, false);
-      if (!k_t.defined() || k_t.numel() < blocks * d * kBlockK) {  // grows to the longest sequence
-        k_t = scratch({blocks * d * kBlockK}, s.options().dtype(at::kBFloat16));
-        v_pairs = scratch({blocks * kBlockK * d_pad}, s.options().dtype(at::kBFloat16));
+      if (!k_t.defined() || k_t.numel() < blocks * d * kForwardKeys) {  // grows to the longest sequence
+        k_t = scratch({blocks * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
+        v_pairs = scratch({blocks * kForwardKeys * d_pad}, s.options().dtype(at::kBFloat16));
       }
     }
-    const int64_t keys = std::min(kBlockK, len_k - k0);  // the block's keys; the task uses n of them
-    bf16* k_block = bf16_ptr(k_t) + blk * d * kBlockK;
-    bf16* v_pairs_block = bf16_ptr(v_pairs) + blk * kBlockK * d_pad;
+    const int64_t keys = std::min(kForwardKeys, len_k - k0);  // the block's keys; the task uses n of them
+    bf16* k_block = bf16_ptr(k_t) + blk * d * kForwardKeys;
+    bf16* v_pairs_block = bf16_ptr(v_pairs) + blk * kForwardKeys * d_pad;
     if (!block_packed[blk]) {
-      pack_keys_transposed(k_seq, k0, keys, k_block, kBlockK);
-      pack_keys_as_rows(v_seq, k0, keys, kBlockK, v_pairs_block);
+      pack_keys_transposed(k_seq, k0, keys, k_block, kForwardKeys);
+      pack_keys_as_rows(v_seq, k0, keys, kForwardKeys, v_pairs_block);
       block_packed[blk] = true;
     }
     v_block = v_pairs_block;
     if (n < keys) {
       // The P V product reads V rows up to n_pad: past n they must be zeros, not the block's
       // later keys, which may be non-finite (0 * Inf is NaN) and which the task must not read.
-      pack_keys_as_rows(v_seq, k0, n, kBlockK, bf16_ptr(v_part));
+      pack_keys_as_rows(v_seq, k0, n, kForwardKeys, bf16_ptr(v_part));
       v_block = bf16_ptr(v_part);
     }
-    product_with_keys(q, k_block, kBlockK, n, fp32_ptr(s));
+    product_with_keys(q, k_block, kForwardKeys, n, fp32_ptr(s));
   }
   void accumulate_values(int64_t n) {
     const int64_t n_pad = score_stride(n);
