@@ -7,7 +7,10 @@ native, torch.compile, llama_ext), each of which turns a case's inputs into a cl
 This module decides *how* to measure, identically for every op:
 
 - CPU: ``torch.utils.benchmark.Timer`` with all of torch's threads (its default is 1), samples
-  of at least ~1 ms each after a warm-up call, median and p20/p80 over the samples.
+  of at least ~1 ms each after a warm-up call, median and p20/p80 over the samples. The
+  providers of a case are sampled interleaved, in ``CPU_ROUNDS`` rounds that each take a share
+  of every provider's samples, so that a shared VM's slow and fast spells (which halve or double
+  a kernel's speed for seconds at a time) fall on every provider alike.
 - A time budget per (case, provider): a provider whose warm-up call alone exceeds it (eager
   bf16 attention where the CPU emulates bf16 matmuls) gets one timed call instead of a
   sampling run, marked ``single_call`` in the JSON and with ``*`` in the tables, so that a run
@@ -146,18 +149,35 @@ def _quantiles(samples: List[float]) -> Dict[str, float]:
             "min_ms": ordered[0] * 1e3}
 
 
-def time_cpu(fn: Callable[[], Any], min_run_time: float, budget_s: float = math.inf) -> Dict[str, Any]:
+# Rounds of interleaved CPU sampling (time_cpu_interleaved).
+CPU_ROUNDS = 5
+
+
+def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
+                         budget_s: float = math.inf) -> Dict[str, Dict[str, Any]]:
+    """Times each of fns (warmed up by the caller) as time_cpu does, but in CPU_ROUNDS rounds
+    that each take a share of every fn's samples in turn."""
     from torch.utils import benchmark
 
-    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    first = timer.timeit(1).mean  # the caller has warmed up, so this is a sample too
-    number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
-    # At least 3 samples, more up to min_run_time, fewer (down to 2) to stay within the budget.
-    n_samples = int(min(100, max(3, min_run_time / (first * number)), max(2, budget_s / (first * number))))
-    samples = [first] if number == 1 else []
-    samples += [timer.timeit(number).mean for _ in range(n_samples - len(samples))]
-    return dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
-                method="torch.utils.benchmark.Timer")
+    plans = {}
+    for name, fn in fns.items():
+        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+        first = timer.timeit(1).mean  # the caller has warmed up, so this is a sample too
+        number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
+        # At least 3 samples, more up to min_run_time, fewer (down to 2) to stay within the budget.
+        n_samples = int(min(100, max(3, min_run_time / (first * number)), max(2, budget_s / (first * number))))
+        plans[name] = (timer, number, n_samples, [first] if number == 1 else [])
+    for r in range(CPU_ROUNDS):
+        for timer, number, n_samples, samples in plans.values():
+            share = math.ceil((n_samples - len(samples)) / (CPU_ROUNDS - r))
+            samples += [timer.timeit(number).mean for _ in range(share)]
+    return {name: dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
+                       method=f"torch.utils.benchmark.Timer, providers interleaved in {CPU_ROUNDS} rounds")
+            for name, (_, number, n_samples, samples) in plans.items()}
+
+
+def time_cpu(fn: Callable[[], Any], min_run_time: float, budget_s: float = math.inf) -> Dict[str, Any]:
+    return time_cpu_interleaved({"fn": fn}, min_run_time, budget_s)["fn"]
 
 
 class _L2Flusher:
@@ -478,29 +498,64 @@ def is_headline(case: Case, cfg: RunConfig) -> bool:
     return cfg.is_cuda or case.unit != "GB/s" or case.out_bytes <= CPU_HEADLINE_MAX_OUTPUT_BYTES
 
 
-def _measure(provider: Provider, case: Case, inputs, cfg: RunConfig, eager_out):
-    try:
-        fn = provider.build(case, inputs)
-        synchronize(cfg.device)
-        start = time.perf_counter()
-        out = fn()  # first call: compiles, autotunes, allocates
-        synchronize(cfg.device)
-        if time.perf_counter() - start > cfg.budget_s:
-            timing = time_one_call(fn, cfg.device)
-            memory = {"peak_mem_bytes": None, "peak_mem_method": "not measured (over the time budget)"}
-        else:
-            timing = dict(time_fn(fn, cfg), single_call=False)
-            memory = peak_memory(fn, cfg.device)
-    except Exception as exc:  # a provider that cannot run this case is a result, not a crash
-        return {"status": "n/a", "reason": short_error(exc)}, None
-    finally:
-        if cfg.is_cuda:
-            torch.cuda.empty_cache()
+def _warm_up(provider: Provider, case: Case, inputs, cfg: RunConfig):
+    """Builds the provider's call and makes its first call (which compiles, autotunes and
+    allocates): (fn, out, whether that call exceeded the budget), or raises."""
+    fn = provider.build(case, inputs)
+    synchronize(cfg.device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(cfg.device)
+    return fn, out, time.perf_counter() - start > cfg.budget_s
+
+
+def _result(fn, out, case: Case, timing, memory, eager_out) -> Dict[str, Any]:
     seconds = timing["median_ms"] * 1e-3
-    result = {"status": "ok", **getattr(fn, "details", {}), **timing,
-              "throughput": case.work / seconds / UNIT_SCALE[case.unit], **memory,
-              "max_abs_diff_vs_eager": max_abs_diff(out, eager_out) if eager_out is not None else None}
-    return result, out
+    return {"status": "ok", **getattr(fn, "details", {}), **timing,
+            "throughput": case.work / seconds / UNIT_SCALE[case.unit], **memory,
+            "max_abs_diff_vs_eager": max_abs_diff(out, eager_out) if eager_out is not None else None}
+
+
+def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, Any]:
+    """Every provider's result for one case. A provider over its budget gets one timed call;
+    on CPU the others are sampled interleaved (time_cpu_interleaved), on CUDA one after another."""
+    results, warm, eager_out = {}, {}, None
+    for provider in providers:
+        if provider.skip_reason:
+            results[provider.name] = {"status": "skipped", "reason": provider.skip_reason}
+            continue
+        try:
+            fn, out, over_budget = _warm_up(provider, case, inputs, cfg)
+            if over_budget:
+                memory = {"peak_mem_bytes": None, "peak_mem_method": "not measured (over the time budget)"}
+                results[provider.name] = _result(fn, out, case, time_one_call(fn, cfg.device), memory, eager_out)
+            else:
+                warm[provider.name] = (fn, out)
+                results[provider.name] = None  # keeps the providers' order
+        except Exception as exc:  # a provider that cannot run this case is a result, not a crash
+            results[provider.name] = {"status": "n/a", "reason": short_error(exc)}
+            out = None
+        finally:
+            if cfg.is_cuda:
+                torch.cuda.empty_cache()
+        if provider.name == "eager":
+            eager_out = out
+    if cfg.is_cuda:
+        timings = {name: time_cuda(fn, cfg.device, cfg.cuda_rep_ms) for name, (fn, _) in warm.items()}
+    else:
+        timings = time_cpu_interleaved({name: fn for name, (fn, _) in warm.items()}, cfg.min_run_time, cfg.budget_s)
+    for name, (fn, out) in warm.items():
+        try:
+            memory = peak_memory(fn, cfg.device)
+        except Exception as exc:
+            results[name] = {"status": "n/a", "reason": short_error(exc)}
+            continue
+        finally:
+            if cfg.is_cuda:
+                torch.cuda.empty_cache()
+        results[name] = _result(fn, out, case, dict(timings[name], single_call=False), memory,
+                                eager_out if name != "eager" else None)
+    return results
 
 
 def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = True) -> Dict[str, Any]:
@@ -517,19 +572,12 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
     cases = []
     for case in tqdm(bench.cases, desc=bench.name, unit="case", leave=False, disable=not progress or cfg.smoke):
         inputs = bench.make_inputs(case)
-        results, eager_out = {}, None
-        for provider in bench.providers:
-            if provider.skip_reason:
-                results[provider.name] = {"status": "skipped", "reason": provider.skip_reason}
-                continue
-            results[provider.name], out = _measure(provider, case, inputs, cfg, eager_out)
-            if provider.name == "eager":
-                eager_out = out
+        results = _measure_case(bench.providers, case, inputs, cfg)
         eager_ms = results.get("eager", {}).get("median_ms")
         for r in results.values():
             if r["status"] == "ok":
                 r["speedup_vs_eager"] = eager_ms / r["median_ms"] if eager_ms else None
-        del inputs, eager_out
+        del inputs
         cases.append({
             "mode": case.mode, "dtype": dtype_name(case.dtype), "size": case.size, "label": case.label,
             "unit": case.unit, "work": case.work, "out_bytes": case.out_bytes, "headline": is_headline(case, cfg),

@@ -175,3 +175,21 @@ def test_update_results_md_rewrites_only_its_section(tmp_path):
     text = path.read_text()
     assert "<!-- cpu-default:begin -->" in text and text.index("cpu-default") < text.index("## GPU")
     assert "old avx512" in text and "old gpu" in text
+
+
+def test_cpu_providers_are_sampled_interleaved():
+    """A case's providers take turns in CPU_ROUNDS rounds, so a slow spell of a shared machine
+    falls on all of them rather than on whichever was sampled during it."""
+    order = []
+
+    def sleeper(name):
+        def fn():
+            order.append(name)
+            time.sleep(0.002)  # ~2 ms: one call per sample
+        return fn
+
+    timings = harness.time_cpu_interleaved({"a": sleeper("a"), "b": sleeper("b")}, min_run_time=0.02)
+    turns = sum(1 for x, y in zip(order, order[1:]) if x != y)
+    assert turns >= 2 * harness.CPU_ROUNDS - 1, order
+    for timing in timings.values():
+        assert timing["samples"] >= 3 and timing["median_ms"] >= 2.0
