@@ -9,6 +9,7 @@ import glob
 import os
 import platform
 import shutil
+import subprocess
 import sys
 
 from setuptools import find_packages, setup
@@ -99,20 +100,42 @@ CPU_LEVELS = {
 }
 
 
+def _compiler_takes(flags):
+    """Whether the C++ compiler accepts these flags (GCC before 11 and Clang before 12 know no
+    AMX flags, for one)."""
+    compiler = os.environ.get("CXX", "c++")
+    try:
+        probe = subprocess.run([compiler, "-x", "c++", "-fsyntax-only", *flags, "-"], input=b"int main() {}\n",
+                               capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return True  # no compiler to ask: the build itself will say what is wrong
+    return probe.returncode == 0
+
+
 def _cpu_levels():
     """The levels to build: all of them on x86-64 (only the portable one elsewhere), or the
     comma-separated LLAMA_EXT_CPU_CAPABILITIES, which may only trim ("default" is always built,
-    so the build runs on any CPU)."""
+    so the build runs on any CPU). A level whose flags the compiler lacks is left out, with a
+    warning: the build then runs everywhere, at the best level it has."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ["default"]
     chosen = os.environ.get("LLAMA_EXT_CPU_CAPABILITIES")
-    if not chosen:
-        return list(CPU_LEVELS)
-    names = {n.strip().lower() for n in chosen.split(",") if n.strip()}
-    unknown = names - set(CPU_LEVELS)
-    if unknown:
-        raise ValueError(f"LLAMA_EXT_CPU_CAPABILITIES: unknown level(s) {sorted(unknown)}; known: {list(CPU_LEVELS)}")
-    return [n for n in CPU_LEVELS if n in names or n == "default"]
+    names = set(CPU_LEVELS)
+    if chosen:
+        names = {n.strip().lower() for n in chosen.split(",") if n.strip()}
+        unknown = names - set(CPU_LEVELS)
+        if unknown:
+            raise ValueError(f"LLAMA_EXT_CPU_CAPABILITIES: unknown level(s) {sorted(unknown)}; known: {list(CPU_LEVELS)}")
+    levels = []
+    for name, flags in CPU_LEVELS.items():
+        if name != "default" and name not in names:
+            continue
+        if name != "default" and not _compiler_takes(flags):
+            print(f"warning: llama_ext: the C++ compiler does not take {' '.join(flags)}; "
+                  f"the {name} CPU level is not built", file=sys.stderr)
+            continue
+        levels.append(name)
+    return levels
 
 
 def _sources(*patterns):

@@ -461,12 +461,13 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
       acc_t* dp_ptr = tiles.grad_scores();
       for (int64_t r = 0; r < M; ++r) {
         const auto [lo, hi] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
+        using prob_t = typename Tiles::prob_t;
         if (cap > 0) {
-          probs_and_grad_row<true, typename Tiles::prob_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
-                                          lse_ptr[r], delta[r]);
-        } else {
-          probs_and_grad_row<false, typename Tiles::prob_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
+          probs_and_grad_row<true, prob_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
                                            lse_ptr[r], delta[r]);
+        } else {
+          probs_and_grad_row<false, prob_t>(p_ptr + r * stride, dp_ptr + r * stride, stride, lo, hi, scale, cap,
+                                            lse_ptr[r], delta[r]);
         }
       }
       tiles.accumulate_grads(k0 - key0, n);

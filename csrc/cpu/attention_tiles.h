@@ -236,11 +236,11 @@ struct Bf16DotTiles {
   at::Tensor k_t;   // K^T packed one [d/2][B][2] block per B keys (B of Q K^T): B = kForwardKeys
                     // in the forward, kBlockK in the backward
   // Forward: bf16 P [max_rows, n_pad]; V packed one [kForwardKeys/2][d_pad][2] block per
-  // kForwardKeys keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output accumulator
-  // [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head), packed on
-  // first use: a thread's tasks are mostly query blocks of one kv head, each of which reads
-  // every key block up to its diagonal, so each block is packed once per kv head, not once per
-  // query block.
+  // kForwardKeys keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output
+  // accumulator [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head),
+  // packed on first use: a thread's tasks are mostly query blocks of one kv head, each of which
+  // reads every key block up to its diagonal, so each block is packed once per kv head, not
+  // once per query block.
   at::Tensor p, v_pairs, v_part, acc;
   const void* packed_k_src = nullptr;
   const void* packed_v_src = nullptr;
@@ -370,7 +370,8 @@ struct Bf16DotTiles {
       pack_keys_as_rows(k_rows, k0, n, kBlockK, bf16_ptr(k_pairs) + blk * kBlockK * d_pad);
     }
     chunk_keys = keys;
-    const auto shape = kTransposedKeyGrads ? std::vector<int64_t>{d_pad, blocks * kBlockK} : std::vector<int64_t>{keys, d_pad};
+    const auto shape =
+        kTransposedKeyGrads ? std::vector<int64_t>{d_pad, blocks * kBlockK} : std::vector<int64_t>{keys, d_pad};
     dk = at::zeros(shape, s.options());
     dv = at::zeros(shape, s.options());
   }
@@ -418,8 +419,9 @@ struct Bf16DotTiles {
       dot::gemm(n, d_pad, row_pairs, {bf16_ptr(ds_pairs), 2, 2 * n_pad}, bf16_ptr(q_pairs), d_pad,
                 fp32_ptr(dk) + k0 * d_pad, d_pad, /*accumulate=*/true);
     }
-    dot::gemm(M, d_pad, n_pad / 2, {bf16_ptr(ds), n_pad, 2}, bf16_ptr(k_pairs) + (k0 / kBlockK) * kBlockK * d_pad, d_pad,
-              fp32_ptr(dq), d_pad, /*accumulate=*/true);
+    const bf16* k_block_pairs = bf16_ptr(k_pairs) + (k0 / kBlockK) * kBlockK * d_pad;
+    dot::gemm(M, d_pad, n_pad / 2, {bf16_ptr(ds), n_pad, 2}, k_block_pairs, d_pad, fp32_ptr(dq), d_pad,
+              /*accumulate=*/true);
   }
 };
 #endif
