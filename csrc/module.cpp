@@ -51,7 +51,8 @@ bool has_avx512_bf16() {
 // state: Linux grants it per process on request (arch_prctl ARCH_REQ_XCOMP_PERM for
 // XTILEDATA; without it the first tile instruction faults). Asking is harmless when granted
 // already (torch's oneDNN asks too) and is how the amx_bf16 level's kernels get it: this runs
-// before a level is chosen.
+// before a level is chosen. CPUID is read directly: __builtin_cpu_supports knows no AMX
+// features before GCC 12.
 bool has_amx_bf16() {
 #if defined(LLAMA_EXT_X86) && defined(__linux__)
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;

@@ -182,7 +182,6 @@ void softcap_row(acc_t* s, int64_t lo, int64_t hi, acc_t scale, acc_t cap) {
   if (j < hi) ((Vec::loadu(s + j, hi - j) * in_v).tanh() * cap_v).store(s + j, hi - j);
 }
 
-// Backward of one row of a tile, on its visible columns [lo, hi) (0 elsewhere):
 // exp of scores whose probabilities enter a product as prob_t: bf16 ones need only bf16's precision.
 template <typename prob_t, typename acc_t>
 at::vec::Vectorized<acc_t> exp_for(const at::vec::Vectorized<acc_t>& x) {
@@ -193,6 +192,7 @@ at::vec::Vectorized<acc_t> exp_for(const at::vec::Vectorized<acc_t>& x) {
   }
 }
 
+// Backward of one row of a tile, on its visible columns [lo, hi) (0 elsewhere):
 // p <- P = exp(scale s - lse), dp <- dS = P (dP - D); under softcap (kSoftcap, cap > 0)
 // P = exp(cap t - lse) and dS = P (dP - D) (1 - t^2) with t = tanh(scale s / cap). P and dS
 // enter the gradient products as prob_t.
