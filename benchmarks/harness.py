@@ -25,6 +25,10 @@ This module decides *how* to measure, identically for every op:
   is the best of its own rate and fp32's (a kernel may widen to fp32 where the CPU emulates
   bf16/fp16 matmuls; there its own rate comes from one call at a quarter of the size, since the
   full size would take a minute). A case faster than its ceiling is flagged, not shown as a fraction.
+- CPU bandwidth cases also sample the copy in the same interleaved rounds as their providers:
+  the ceiling is the best copy sample of the run, so on a VM whose memory bandwidth drifts with
+  its neighbours' load it may come from a faster spell than the case's; the fraction of the
+  same-round copy (medians of the same rounds) compares like with like. Both are reported.
 - Peak memory of one call above what was live before it: CUDA ``max_memory_allocated``; CPU
   the largest total of live allocations in a profiler memory trace.
 """
@@ -516,9 +520,27 @@ def _result(fn, out, case: Case, timing, memory, eager_out) -> Dict[str, Any]:
             "max_abs_diff_vs_eager": max_abs_diff(out, eager_out) if eager_out is not None else None}
 
 
+# The interleaved key of the same-round copy (no provider's name starts with a NUL).
+SAME_ROUND_COPY = "\0copy"
+_copy_buffers: Dict[int, Any] = {}
+
+
+def _same_round_copy(cfg: RunConfig):
+    """(fn, bytes) of dst.copy_(src) at the copy ceiling's CPU size, buffers kept for the run."""
+    nbytes = 4 * MB if cfg.smoke else CPU_HEADLINE_MAX_OUTPUT_BYTES
+    if nbytes not in _copy_buffers:
+        src = torch.randn(nbytes // 4)
+        _copy_buffers[nbytes] = (src, torch.empty_like(src))
+    src, dst = _copy_buffers[nbytes]
+    fn = lambda: dst.copy_(src)  # noqa: E731
+    fn()  # warm-up: the page faults of a fresh dst
+    return fn, 2 * nbytes
+
+
 def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, Any]:
     """Every provider's result for one case. A provider over its budget gets one timed call;
-    on CPU the others are sampled interleaved (time_cpu_interleaved), on CUDA one after another."""
+    on CPU the others are sampled interleaved (time_cpu_interleaved), with the copy among them
+    in bandwidth cases, on CUDA one after another."""
     results, warm, eager_out = {}, {}, None
     for provider in providers:
         if provider.skip_reason:
@@ -540,10 +562,16 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
                 torch.cuda.empty_cache()
         if provider.name == "eager":
             eager_out = out
+    copy_bytes = None  # the same-round copy's bytes, where it runs
     if cfg.is_cuda:
         timings = {name: time_cuda(fn, cfg.device, cfg.cuda_rep_ms) for name, (fn, _) in warm.items()}
     else:
-        timings = time_cpu_interleaved({name: fn for name, (fn, _) in warm.items()}, cfg.min_run_time, cfg.budget_s)
+        fns = {name: fn for name, (fn, _) in warm.items()}
+        if case.unit == "GB/s" and fns:
+            fns[SAME_ROUND_COPY], copy_bytes = _same_round_copy(cfg)
+        timings = time_cpu_interleaved(fns, cfg.min_run_time, cfg.budget_s)
+        if copy_bytes:
+            copy_rate = copy_bytes / (timings.pop(SAME_ROUND_COPY)["median_ms"] * 1e-3) / UNIT_SCALE["GB/s"]
     for name, (fn, out) in warm.items():
         try:
             memory = peak_memory(fn, cfg.device)
@@ -555,6 +583,9 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
                 torch.cuda.empty_cache()
         results[name] = _result(fn, out, case, dict(timings[name], single_call=False), memory,
                                 eager_out if name != "eager" else None)
+        if copy_bytes:
+            results[name].update(copy_same_rounds=copy_rate,
+                                 fraction_of_copy_same_rounds=results[name]["throughput"] / copy_rate)
     return results
 
 

@@ -32,6 +32,8 @@ def _case_rows(case: Dict[str, Any]) -> List[str]:
             of_ceiling = f"above {ceiling} ceiling!"
         else:
             of_ceiling = "" if fraction is None else f"{100 * fraction:.0f}% {ceiling}"
+        if r.get("fraction_of_copy_same_rounds") is not None:
+            of_ceiling += f" ({100 * r['fraction_of_copy_same_rounds']:.0f}% same-round copy)"
         cells = [
             _fmt_ms(r["median_ms"]) + ("*" if single else ""),
             "1 call" if single else f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}",
@@ -67,6 +69,10 @@ def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
     results = [r for c in op["cases"] for r in c["results"].values()]
     if any(r.get("single_call") for r in results):
         skipped.append("- \\*: one timed call after the warm-up, which alone exceeded the per-case time budget")
+    if any(r.get("fraction_of_copy_same_rounds") is not None for r in results):
+        skipped.append("- same-round copy: the rate against dst.copy_(src) (the ceiling's size, bytes read + written) "
+                       "sampled in the same interleaved rounds as the providers, medians of both; the ceiling is "
+                       "the run's best copy sample, which a shared VM may reach only in a faster spell")
     if any(r.get("above_ceiling") for r in results):
         skipped.append("- above ceiling: faster than the ceiling measured in this run (a ceiling measured under "
                        "load, or a miscounted amount of work); no fraction is shown")

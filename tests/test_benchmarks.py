@@ -64,10 +64,18 @@ def test_smoke_run_writes_json_tables_and_plots(tmp_path, capsys):
                 diff = case["results"][name].get("max_abs_diff_vs_eager")
                 assert diff is None or diff < 1e-3, (op["op"], case["mode"], name, diff)
     assert all(c["results"]["native"]["sdpa_backend"] for c in ops["attention"]["cases"])
+    # Bandwidth cases carry the copy sampled in their own rounds; FLOP cases do not.
+    for op in ops.values():
+        for case in op["cases"]:
+            for r in case["results"].values():
+                if r["status"] == "ok" and not r["single_call"]:
+                    same_round = r.get("fraction_of_copy_same_rounds")
+                    assert (same_round is not None and same_round > 0) == (case["unit"] == "GB/s"), (op["op"], r)
     for name in ops:
         assert (out / f"{name}-cpu.png").stat().st_size > 0
     stdout = capsys.readouterr().out
     assert f"### RMSNorm [CPU kernels: {llama_ext.cpu_capability()}]" in stdout and "| llama_ext |" in stdout
+    assert "same-round copy)" in stdout
     assert (out / "results-cpu.md").read_text().count("### ") == 3
 
 

@@ -16,7 +16,8 @@
 //     K/V in address order, a stream the hardware prefetchers follow, where one head's rows
 //     would be n_kv_heads x d elements apart. K and V rows are widened to fp32 in registers,
 //     chunk by chunk, and each chunk serves several rows of the group at once (no fp32 copy of
-//     the cache is ever stored):
+//     the cache is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs),
+//     with q and O kept in that order:
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
 //                                  is left of the rows): 8 accumulators, reduced to their 8
 //                                  scores by one transposing hadd tree
@@ -38,7 +39,10 @@
 // per query token, one exp per score. With G query heads sharing each widened K/V row, a
 // decode step is bound by memory (fp32) or by the widening and FMAs (bf16/fp16 at 2 bytes per
 // element): the kernel streams the cache in address order with the math in L1/L2-resident
-// buffers.
+// buffers. Measured on a Sapphire Rapids VM (benchmarks/RESULTS.md), bf16 takes about as long
+// as fp32 per key: the FMAs and the loads' latency bound it, not the bytes. Neither VDPBF16PS
+// (one per ~2 cycles there, a quarter of the FMA rate) nor AMX tiles (4 query rows per kv head
+// fill a quarter of a tile, and tile loads that miss L1 cost ~30-50 ns each) made it faster.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -331,6 +335,154 @@ inline void for_row_tiles(int64_t nr, const Body& body) {
   if (r < nr) body(r, std::integral_constant<int, 1>{});
 }
 
+namespace pairs {
+constexpr int64_t kChunk = 32;  // bf16 per 64-byte load
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- bf16 widened in pairs (AVX-512) ----------------------------------------------------------
+// A 64-byte load holds 32 bf16; its 32-bit lanes hold the pairs (2i, 2i + 1). Shifting the lanes
+// left by 16 gives the even elements as fp32, masking off their low halves the odd ones: two
+// instructions widen 32 elements, where widening them in order takes four (two VPMOVZXWD, which
+// compete with the FMAs' port, and two shifts). The products are indifferent to the order within
+// a chunk, so q is stored with each 32-element chunk's even elements first, then its odd ones
+// (pair_order), the scores pair them with K's as they come, and O is accumulated in that order
+// and put back into natural order once per task (natural_order). d pads to whole chunks.
+namespace pairs {
+
+using bf16 = c10::BFloat16;
+
+inline __m512i load_raw(const bf16* p, int64_t count) {
+  return count >= kChunk ? _mm512_loadu_si512(p)
+                         : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << count) - 1), p);
+}
+inline __m512 even(__m512i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)); }
+inline __m512 odd(__m512i raw) { return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(-65536))); }
+
+// row[0, dpad) in place: each chunk's elements 0, 2, .., 30 then 1, 3, .., 31.
+inline void pair_order(float* row, int64_t dpad) {
+  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd_idx = _mm512_add_epi32(even_idx, _mm512_set1_epi32(1));
+  for (int64_t c = 0; c < dpad; c += kChunk) {
+    const __m512 lo = _mm512_loadu_ps(row + c), hi = _mm512_loadu_ps(row + c + 16);
+    _mm512_storeu_ps(row + c, _mm512_permutex2var_ps(lo, even_idx, hi));
+    _mm512_storeu_ps(row + c + 16, _mm512_permutex2var_ps(lo, odd_idx, hi));
+  }
+}
+
+// The inverse of pair_order.
+inline void natural_order(float* row, int64_t dpad) {
+  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
+  for (int64_t c = 0; c < dpad; c += kChunk) {
+    const __m512 ev = _mm512_loadu_ps(row + c), od = _mm512_loadu_ps(row + c + 16);
+    _mm512_storeu_ps(row + c, _mm512_permutex2var_ps(ev, lo_idx, od));
+    _mm512_storeu_ps(row + c + 16, _mm512_permutex2var_ps(ev, hi_idx, od));
+  }
+}
+
+// score_tile on pair-ordered q.
+template <int R>
+inline void score_tile(const float* q, int64_t dpad, const bf16* const* k, int64_t off, int64_t d, float* s,
+                       int64_t ld) {
+  constexpr int J = 8 / R;
+  const bf16* kt[J];
+  for (int t = 0; t < J; ++t) kt[t] = k[t] + off;
+  const float* qr[R];
+  for (int r = 0; r < R; ++r) qr[r] = q + r * dpad;
+  at::vec::Vectorized<float> acc[8];
+  __m512 sum[8];
+  for (int i = 0; i < 8; ++i) sum[i] = _mm512_setzero_ps();
+  const auto accumulate = [&](int64_t c, int64_t count) {
+    __m512 ke[J], ko[J];
+    for (int t = 0; t < J; ++t) {
+      const __m512i raw = load_raw(kt[t] + c, count);
+      ke[t] = even(raw);
+      ko[t] = odd(raw);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 qe = _mm512_loadu_ps(qr[r] + c), qo = _mm512_loadu_ps(qr[r] + c + 16);
+      for (int t = 0; t < J; ++t) {
+        sum[r * J + t] = _mm512_fmadd_ps(qe, ke[t], sum[r * J + t]);
+        sum[r * J + t] = _mm512_fmadd_ps(qo, ko[t], sum[r * J + t]);
+      }
+    }
+  };
+  int64_t c = 0;
+  for (; c + kChunk <= d; c += kChunk) accumulate(c, kChunk);
+  if (c < d) accumulate(c, d - c);
+  for (int i = 0; i < 8; ++i) acc[i] = sum[i];
+  float sums[8];
+  lane_sums8<float>(acc, sums);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
+}
+
+// pv_strip on pair-ordered O: columns [c, c + 32 C), C chunks.
+template <int R, int C, bool kFull>
+inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t c, int64_t d,
+                     float* o, int64_t ld_o) {
+  __m512 acc[R][2 * C];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2 * C; ++h) acc[r][h] = _mm512_loadu_ps(o + r * ld_o + c + 16 * h);
+  for (int64_t j = 0; j < n; ++j) {
+    const bf16* vj = v[j] + off;
+    __m512 ve[C], vo[C];
+    for (int cc = 0; cc < C; ++cc) {
+      const int64_t at = c + cc * kChunk;
+      const __m512i raw = kFull ? _mm512_loadu_si512(vj + at) : load_raw(vj + at, d - at);
+      ve[cc] = even(raw);
+      vo[cc] = odd(raw);
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512 pr = _mm512_set1_ps(p[r * ld_p + j]);
+      for (int cc = 0; cc < C; ++cc) {
+        acc[r][2 * cc] = _mm512_fmadd_ps(pr, ve[cc], acc[r][2 * cc]);
+        acc[r][2 * cc + 1] = _mm512_fmadd_ps(pr, vo[cc], acc[r][2 * cc + 1]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2 * C; ++h) _mm512_storeu_ps(o + r * ld_o + c + 16 * h, acc[r][h]);
+}
+
+template <int R>
+inline void pv_rows(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t d,
+                    int64_t dpad, float* o, int64_t ld_o) {
+  int64_t c = 0;
+  for (; c + 2 * kChunk <= dpad; c += 2 * kChunk) {
+    if (c + 2 * kChunk <= d) pv_strip<R, 2, true>(p, ld_p, v, off, n, c, d, o, ld_o);
+    else pv_strip<R, 2, false>(p, ld_p, v, off, n, c, d, o, ld_o);
+  }
+  if (c < dpad) {
+    if (c + kChunk <= d) pv_strip<R, 1, true>(p, ld_p, v, off, n, c, d, o, ld_o);
+    else pv_strip<R, 1, false>(p, ld_p, v, off, n, c, d, o, ld_o);
+  }
+}
+
+}  // namespace pairs
+#else
+namespace pairs {
+// No pairs path at this level (kPairs is false): declared for the discarded branches only.
+void pair_order(float* row, int64_t dpad);
+void natural_order(float* row, int64_t dpad);
+template <int R>
+void score_tile(const float* q, int64_t dpad, const c10::BFloat16* const* k, int64_t off, int64_t d, float* s,
+                int64_t ld);
+template <int R>
+void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_t off, int64_t n, int64_t d,
+             int64_t dpad, float* o, int64_t ld_o);
+}  // namespace pairs
+#endif
+
+template <typename T>
+constexpr bool kPairs =
+#if defined(CPU_CAPABILITY_AVX512)
+    std::is_same_v<T, at::BFloat16>;
+#else
+    false;
+#endif
+
 // The task's rows: nr rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh), row
 // hh * nr + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
 // (r0 + r) % seq_q), against keys [j0, j1) of sequence b: fills o (unnormalized), m and l of each
@@ -356,6 +508,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     acc_t* qr = buf.q.data() + rr * dpad;
     widen_row<T>(src, qr, d);
     for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(qr + c) * Vec(a.scale)).store(qr + c);
+    if constexpr (kPairs<T>) pairs::pair_order(qr, dpad);
     std::fill(buf.o.data() + rr * dpad, buf.o.data() + (rr + 1) * dpad, acc_t(0));
     buf.m[rr] = neg_inf;
     buf.l[rr] = 0;
@@ -390,9 +543,15 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
           const int64_t rr = hh * nr + r;
-          for (int64_t t = 0; t < step; t += 8 / R)
-            score_tile<T, R>(buf.q.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d,
-                             s + rr * kKeyBlock + j + t, kKeyBlock);
+          for (int64_t t = 0; t < step; t += 8 / R) {
+            if constexpr (kPairs<T>) {
+              pairs::score_tile<R>(buf.q.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d,
+                                   s + rr * kKeyBlock + j + t, kKeyBlock);
+            } else {
+              score_tile<T, R>(buf.q.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d,
+                               s + rr * kKeyBlock + j + t, kKeyBlock);
+            }
+          }
         });
       }
     }
@@ -442,8 +601,13 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
           const int64_t rr = hh * nr + r;
-          pv_rows<T, R>(s + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2], nj, d, dpad,
-                        buf.o.data() + rr * dpad, dpad);
+          if constexpr (kPairs<T>) {
+            pairs::pv_rows<R>(s + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2], nj, d, dpad,
+                              buf.o.data() + rr * dpad, dpad);
+          } else {
+            pv_rows<T, R>(s + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2], nj, d, dpad,
+                          buf.o.data() + rr * dpad, dpad);
+          }
         });
       }
     }
@@ -463,7 +627,8 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& b
   for (int64_t rr = 0; rr < nh * nr; ++rr) {
     const acc_t l = buf.l[rr];
     const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
-    const acc_t* o = buf.o.data() + rr * a.dpad;
+    acc_t* o = buf.o.data() + rr * a.dpad;
+    if constexpr (kPairs<T>) pairs::natural_order(o, a.dpad);
     if (a.splits > 1) {
       acc_t* dst = a.partial_out + (task * kMaxRows + rr) * a.dpad;
       for (int64_t c = 0; c < a.dpad; c += W) (Vec::loadu(o + c) * Vec(inv)).store(dst + c);
@@ -561,7 +726,8 @@ void run(const KVCacheAttentionParams& p) {
   a.n_q_heads = p.n_q_heads;
   a.n_kv_heads = p.n_kv_heads;
   a.head_dim = p.head_dim;
-  a.dpad = (p.head_dim + W - 1) / W * W;
+  const int64_t row_align = kPairs<T> ? pairs::kChunk : W;  // the pairs path reads 32-element chunks
+  a.dpad = (p.head_dim + row_align - 1) / row_align * row_align;
   a.window_left = p.window_left;
   a.window_right = p.window_right;
   a.scale = static_cast<acc_t>(p.scale);
