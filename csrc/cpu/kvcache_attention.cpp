@@ -365,26 +365,26 @@ inline __m512i load_raw(const bf16* p, int64_t count) {
 inline __m512 even(__m512i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)); }
 inline __m512 odd(__m512i raw) { return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(-65536))); }
 
+// Each 32-element chunk of row[0, dpad), as halves a and b, becomes (a, b)[first] then
+// (a, b)[second] (indices into the pair, as VPERMT2PS reads them).
+inline void permute_chunks(float* row, int64_t dpad, __m512i first, __m512i second) {
+  for (int64_t c = 0; c < dpad; c += kChunk) {
+    const __m512 a = _mm512_loadu_ps(row + c), b = _mm512_loadu_ps(row + c + 16);
+    _mm512_storeu_ps(row + c, _mm512_permutex2var_ps(a, first, b));
+    _mm512_storeu_ps(row + c + 16, _mm512_permutex2var_ps(a, second, b));
+  }
+}
+
 // row[0, dpad) in place: each chunk's elements 0, 2, .., 30 then 1, 3, .., 31.
 inline void pair_order(float* row, int64_t dpad) {
-  const __m512i even_idx = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd_idx = _mm512_add_epi32(even_idx, _mm512_set1_epi32(1));
-  for (int64_t c = 0; c < dpad; c += kChunk) {
-    const __m512 lo = _mm512_loadu_ps(row + c), hi = _mm512_loadu_ps(row + c + 16);
-    _mm512_storeu_ps(row + c, _mm512_permutex2var_ps(lo, even_idx, hi));
-    _mm512_storeu_ps(row + c + 16, _mm512_permutex2var_ps(lo, odd_idx, hi));
-  }
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  permute_chunks(row, dpad, evens, _mm512_add_epi32(evens, _mm512_set1_epi32(1)));
 }
 
 // The inverse of pair_order.
 inline void natural_order(float* row, int64_t dpad) {
-  const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi_idx = _mm512_add_epi32(lo_idx, _mm512_set1_epi32(8));
-  for (int64_t c = 0; c < dpad; c += kChunk) {
-    const __m512 ev = _mm512_loadu_ps(row + c), od = _mm512_loadu_ps(row + c + 16);
-    _mm512_storeu_ps(row + c, _mm512_permutex2var_ps(ev, lo_idx, od));
-    _mm512_storeu_ps(row + c + 16, _mm512_permutex2var_ps(ev, hi_idx, od));
-  }
+  const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  permute_chunks(row, dpad, low, _mm512_add_epi32(low, _mm512_set1_epi32(8)));
 }
 
 // score_tile on pair-ordered q, with kAcc accumulators: R rows x kAcc / R keys.
