@@ -19,8 +19,9 @@
 //     the cache is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs),
 //     with q and O kept in that order:
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
-//                                  is left of the rows): 8 accumulators, reduced to their 8
-//                                  scores by one transposing hadd tree
+//                                  is left of the rows; twice the keys on the pairs path): 8
+//                                  accumulators, reduced to their 8 scores by one transposing
+//                                  hadd tree
 //       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
 //       online softmax per row, vectorized over the block: m' = max(m, max_j S),
 //       p = exp(S - m'), l' = l e^(m - m') + sum p
@@ -39,10 +40,10 @@
 // per query token, one exp per score. With G query heads sharing each widened K/V row, a
 // decode step is bound by memory (fp32) or by the widening and FMAs (bf16/fp16 at 2 bytes per
 // element): the kernel streams the cache in address order with the math in L1/L2-resident
-// buffers. Measured on a Sapphire Rapids VM (benchmarks/RESULTS.md), bf16 takes about as long
-// as fp32 per key: the FMAs and the loads' latency bound it, not the bytes. Neither VDPBF16PS
-// (one per ~2 cycles there, a quarter of the FMA rate) nor AMX tiles (4 query rows per kv head
-// fill a quarter of a tile, and tile loads that miss L1 cost ~30-50 ns each) made it faster.
+// buffers. On a Sapphire Rapids VM (benchmarks/RESULTS.md) bf16 runs only 1.28x faster per key
+// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it. Neither
+// VDPBF16PS (one per ~2 cycles there, a quarter of the FMA rate) nor AMX tiles (4 query rows per
+// kv head fill a quarter of a tile, and a tile load that misses L1 costs ~30-50 ns) is faster.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -521,25 +522,25 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     std::tie(buf.lo[rr], buf.hi[rr]) = a.visible(i, L);
   }
 
-  // Row addresses of head h0 for the keys [jb, jb + n), walking the pages, padded to a multiple
-  // of kScoreKeys with copies of the last one (their scores are masked to -inf, so their probabilities
-  // are 0); head h0 + hh is hh head strides further.
-  const auto resolve = [&](int64_t jb, int64_t n, const T** kp, const T** vp) {
+  // Row addresses of head h0 for the keys [jb, jb + n), walking the pages, padded to `padded`
+  // with copies of the last one (their scores are masked to -inf, so their probabilities are 0);
+  // head h0 + hh is hh head strides further.
+  const auto resolve = [&](int64_t jb, int64_t n, int64_t padded, const T** kp, const T** vp) {
     int64_t page = jb / a.block_size, off = jb % a.block_size, blk = a.block_of(b, page);
     for (int64_t j = 0; j < n; ++j) {
       kp[j] = cache_row(a.k_cache, a.k_stride, blk, off, h0);
       vp[j] = cache_row(a.v_cache, a.v_stride, blk, off, h0);
       if (++off == a.block_size && j + 1 < n) off = 0, blk = a.block_of(b, ++page);
     }
-    for (int64_t j = n; j < (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
+    for (int64_t j = n; j < padded; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
   };
   const T* kp[kKeyBlock];
   const T* vp[kKeyBlock];
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
-    const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;
-    resolve(jb, n, kp, vp);
+    const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // whole score tiles
+    resolve(jb, n, npad, kp, vp);
     // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
     // heads lie side by side in a cache row, so the K block is read in address order, which the
     // hardware prefetchers follow.
