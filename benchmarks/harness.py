@@ -305,6 +305,18 @@ def peak_memory(fn: Callable[[], Any], device: str) -> Dict[str, Any]:
 # ---- ceilings -------------------------------------------------------------------------------
 
 
+def copy_call(cfg: RunConfig):
+    """(dst.copy_(src) with its first call made, bytes of each tensor): the copy ceiling's call,
+    also sampled beside CPU bandwidth cases. CPU: the headline output size (preallocated, so no
+    page faults), so that the copy and the judged cases see the same cache behaviour. CUDA: far
+    beyond L2."""
+    nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_HEADLINE_MAX_OUTPUT_BYTES)
+    src = torch.randn(nbytes // 4, device=cfg.device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    return (lambda: dst.copy_(src)), nbytes
+
+
 class Ceilings:
     """Copy bandwidth and per-dtype matmul rate of this machine. ``measure()`` runs at the start
     and at the end of a run; each time every ceiling takes the best of CEILING_ROUNDS sampling
@@ -327,13 +339,8 @@ class Ceilings:
         return best
 
     def _measure_copy(self) -> None:
-        cfg = self.cfg
-        # CPU: the headline output size (preallocated, so no page faults), so that the ceiling
-        # and the judged cases see the same cache behaviour. CUDA: far beyond L2.
-        nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_HEADLINE_MAX_OUTPUT_BYTES)
-        src = torch.randn(nbytes // 4, device=cfg.device)
-        dst = torch.empty_like(src)
-        self.copy = self._best(self.copy, lambda: dst.copy_(src), 2 * nbytes, 1e9, bytes=2 * nbytes, unit="GB/s",
+        fn, nbytes = copy_call(self.cfg)
+        self.copy = self._best(self.copy, fn, 2 * nbytes, 1e9, bytes=2 * nbytes, unit="GB/s",
                                what=f"dst.copy_(src), {nbytes // MB} MB each, bytes read + written, best sample")
 
     def _measure_matmul(self, dtype: torch.dtype) -> None:
@@ -522,19 +529,6 @@ def _result(fn, out, case: Case, timing, memory, eager_out) -> Dict[str, Any]:
 
 # The interleaved key of the same-round copy (no provider's name starts with a NUL).
 SAME_ROUND_COPY = "\0copy"
-_copy_buffers: Dict[int, Any] = {}
-
-
-def _same_round_copy(cfg: RunConfig):
-    """(fn, bytes) of dst.copy_(src) at the copy ceiling's CPU size, buffers kept for the run."""
-    nbytes = 4 * MB if cfg.smoke else CPU_HEADLINE_MAX_OUTPUT_BYTES
-    if nbytes not in _copy_buffers:
-        src = torch.randn(nbytes // 4)
-        _copy_buffers[nbytes] = (src, torch.empty_like(src))
-    src, dst = _copy_buffers[nbytes]
-    fn = lambda: dst.copy_(src)  # noqa: E731
-    fn()  # warm-up: the page faults of a fresh dst
-    return fn, 2 * nbytes
 
 
 def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, Any]:
@@ -568,7 +562,8 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
     else:
         fns = {name: fn for name, (fn, _) in warm.items()}
         if case.unit == "GB/s" and fns:
-            fns[SAME_ROUND_COPY], copy_bytes = _same_round_copy(cfg)
+            fns[SAME_ROUND_COPY], nbytes = copy_call(cfg)
+            copy_bytes = 2 * nbytes  # read + written, as the ceiling counts them
         timings = time_cpu_interleaved(fns, cfg.min_run_time, cfg.budget_s)
         if copy_bytes:
             copy_rate = copy_bytes / (timings.pop(SAME_ROUND_COPY)["median_ms"] * 1e-3) / UNIT_SCALE["GB/s"]
