@@ -1,6 +1,9 @@
 """gqa_attention_with_kvcache against the float64 reference: contiguous and paged caches, the
 append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
 cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
+import importlib.util
+from pathlib import Path
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -200,6 +203,20 @@ def test_every_head_dim_on_cpu(dtype):
         Case("cpu", dtype, [300], 1, 1, 4, 4, d).check()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [None, 16, 48, 8], ids=["contiguous", "paged16", "paged48", "paged8"])
+def test_score_tile_shapes_on_cpu(dtype, block_size):
+    """The CPU kernel's score tiles (on AMX at the amx_bf16 level: 16 keys one row stride apart,
+    up to 16 rows per kv head, head dims of whole 32-element chunks; FMA tiles otherwise): rows
+    per kv head 1, 4, 8, 9, 16 and 32, head dims 32-256, tiles within a page, across shuffled
+    pages, and a partial last tile; splits that start between tiles; window and softcap."""
+    for n_q, n_kv, seq_q, d in ((4, 4, 1, 64), (8, 2, 1, 128), (16, 2, 1, 32), (6, 2, 3, 96), (16, 1, 1, 256),
+                                (16, 1, 2, 128)):
+        Case("cpu", dtype, [1000, 37], seq_q, 1, n_q, n_kv, d, block_size=block_size).check()
+    case = Case("cpu", dtype, [777], 1, 1, 8, 2, 128, block_size=block_size)
+    case.check(window_size=(300, 0), softcap=20.0)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params((torch.float16, torch.bfloat16)))
 @pytest.mark.parametrize("block_size", [None, 16, 32, 64, 48], ids=["contiguous", "paged16", "paged32", "paged64",
                                                                     "paged48"])
@@ -326,6 +343,21 @@ def test_torch_compile_fullgraph(device, backend):
     torch.testing.assert_close(out, expected)
     # The compiled call wrote the caches in place, as eager does.
     assert torch.equal(case.k_cache, args[0]) and torch.equal(case.v_cache, args[1])
+
+
+@pytest.mark.skipif("cpu" not in DEVICES, reason="CPU half only: the GPU machine runs the kernel itself")
+def test_tensor_core_kernel_emulation():
+    """The CUDA tensor-core decode kernel, transcribed lane by lane from the PTX fragment layouts
+    (tools/emulate_kvcache_attention.py, numpy, no GPU): every head dim, paged and contiguous
+    caches, splits, windows, softcap, rotary; float64 within 1e-13, and each injected kernel bug
+    (ring stage, cp.async wait, zero-fill, merge barrier, masks, fragment layouts) caught."""
+    path = Path(__file__).resolve().parents[1] / "tools" / "emulate_kvcache_attention.py"
+    spec = importlib.util.spec_from_file_location("emulate_kvcache_attention", path)
+    emulation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emulation)
+    results = emulation.run_cases(verbose=False)  # raises on any mismatch, race or missed coverage
+    assert len(results) >= 60 and all(ok for *_, ok in results)
+    assert all(emulation.check_mutants(verbose=False).values())
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA graphs need a GPU")

@@ -27,6 +27,9 @@
 //       p = exp(S - m'), l' = l e^(m - m') + sum p
 //       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (strips of 4 rows x 2 vectors held in
 //                                  registers over kPvKeys keys, p broadcast per key)
+//     bf16 at the amx_bf16 level scores on AMX tiles instead (namespace amx_scores): per 16 keys
+//     and kv head one TDPBF16PS tile product per 32 elements of d, K tile-loaded straight from
+//     the cache; P V stays on the FMAs.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
@@ -41,9 +44,12 @@
 // decode step is bound by memory (fp32) or by the widening and FMAs (bf16/fp16 at 2 bytes per
 // element): the kernel streams the cache in address order with the math in L1/L2-resident
 // buffers. On a Sapphire Rapids VM (benchmarks/RESULTS.md) bf16 runs only 1.28x faster per key
-// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it. Neither
-// VDPBF16PS (one per ~2 cycles there, a quarter of the FMA rate) nor AMX tiles (4 query rows per
-// kv head fill a quarter of a tile, and a tile load that misses L1 costs ~30-50 ns) is faster.
+// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it.
+// VDPBF16PS (one per ~2 cycles there, a quarter of the FMA rate) is no faster. Scores on AMX make
+// a b1 decode step 1.06-1.14x faster (a 16-key x 4-row tile product takes ~6 ns, but the tile
+// unit runs in order and waits for each K tile load that misses L1). P V on AMX would need V
+// repacked into key pairs through memory, and a tile load of what vector stores have just
+// written stalls too (~13 ns): a prototype that did both was slower than the FMAs.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -55,6 +61,7 @@
 #include <vector>
 
 #include "../kvcache_attention.h"
+#include "amx_dot.h"
 #include "cpu_vec.h"
 #include "rotary_head.h"
 
@@ -207,6 +214,7 @@ template <typename acc_t>
 struct TaskBuffers {
   std::vector<acc_t> q, o, s, m, l;
   std::vector<int64_t> lo, hi;
+  std::vector<acc_t> scratch;  // the AMX score path's q tiles, sized on first use
   TaskBuffers(int64_t dpad)
       : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), m(kMaxRows),
         l(kMaxRows), lo(kMaxRows), hi(kMaxRows) {}
@@ -482,6 +490,101 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 }  // namespace pairs
 #endif
 
+#if defined(LLAMA_EXT_AMX)
+// ---- bf16 scores on AMX tiles (amx_bf16) ------------------------------------------------------
+// S^T[key, r] = K q^T: per 16 keys and kv head, one C tile [16 keys, nr rows] (fp32), d/32
+// TDPBF16PS with 16 K rows as A, tile-loaded straight from the cache (one row stride), and the
+// bf16 q rows as B (VNNI pairs, unscaled: the scale multiplies S). The products are exact and
+// accumulate in fp32, as on FMAs (bf16 subnormals read as zero, as TDPBF16PS does). The task's heads are taken one after another for each 16 keys,
+// so the K block is still read in address order. A tile that is not 16 equally spaced rows (a
+// paged block boundary) is scored on FMAs. P V stays on FMAs: P is not rounded.
+namespace amx_scores {
+
+using bf16 = c10::BFloat16;
+constexpr int64_t kMaxRows = 16;  // rows per kv head: the columns of an S^T tile
+constexpr int64_t kKeys = 16;     // keys per S^T tile
+constexpr int64_t kChunk = 32;    // bf16 per 64-byte tile row
+// Tile registers: the tile intrinsics paste their numbers into the assembly.
+#define LLAMA_EXT_TMM_S 0
+#define LLAMA_EXT_TMM_K 1
+#define LLAMA_EXT_TMM_Q 2
+
+inline void configure(int64_t nr) {
+  cpu::amx::TileConfig cfg;
+  cfg.rows[LLAMA_EXT_TMM_S] = kKeys;  // fp32 [16 keys, nr]
+  cfg.bytes_per_row[LLAMA_EXT_TMM_S] = static_cast<uint16_t>(4 * nr);
+  cfg.rows[LLAMA_EXT_TMM_K] = kKeys;  // bf16 [16 keys, 32]
+  cfg.bytes_per_row[LLAMA_EXT_TMM_K] = 64;
+  cfg.rows[LLAMA_EXT_TMM_Q] = kChunk / 2;  // bf16 pairs [16, nr, 2]
+  cfg.bytes_per_row[LLAMA_EXT_TMM_Q] = static_cast<uint16_t>(4 * nr);
+  _tile_loadconfig(&cfg);
+}
+
+// q row n (< nr) of head hh as B tiles: the pair (q[2i], q[2i + 1]) of chunk c at
+// qb[((hh * chunks + c) * 16 + i) * nr + n] (pairs of bf16); d is a multiple of 32.
+inline void store_q(const bf16* q, int64_t d, int64_t hh, int64_t n, int64_t nr, bf16* qb) {
+  const int64_t chunks = d / kChunk;
+  for (int64_t e = 0; e < d; e += 2) {
+    bf16* dst = qb + 2 * (((hh * chunks + e / kChunk) * (kChunk / 2) + e % kChunk / 2) * nr + n);
+    dst[0] = q[e];
+    dst[1] = q[e + 1];
+  }
+}
+
+// s[(hh nr + r) ld + t] = scale (q_r . k_t) for the 16 keys k_t = k[t] + hh head strides (rows
+// k_row_stride elements apart) of each head hh < nh.
+inline void scores(const bf16* qb, int64_t nr, int64_t nh, const bf16* k, int64_t k_head_stride, int64_t k_row_stride,
+                   int64_t d, float scale, float* s, int64_t ld) {
+  const int64_t chunks = d / kChunk;
+  alignas(64) float st[kKeys * kMaxRows];  // S^T [16 keys, nr], rows nr apart
+  const __m512i key_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(nr)));
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t hh = 0; hh < nh; ++hh) {
+    const bf16* kh = k + hh * k_head_stride;
+    const bf16* qh = qb + hh * chunks * kChunk * nr;
+    _tile_zero(LLAMA_EXT_TMM_S);
+    for (int64_t c = 0; c < chunks; ++c) {
+      _tile_loadd(LLAMA_EXT_TMM_K, kh + c * kChunk, k_row_stride * 2);
+      _tile_loadd(LLAMA_EXT_TMM_Q, qh + c * kChunk * nr, 4 * nr);
+      _tile_dpbf16ps(LLAMA_EXT_TMM_S, LLAMA_EXT_TMM_K, LLAMA_EXT_TMM_Q);
+    }
+    _tile_stored(LLAMA_EXT_TMM_S, st, 4 * nr);
+    for (int64_t r = 0; r < nr; ++r) {  // column r of S^T, gathered
+      const __m512 col = _mm512_i32gather_ps(_mm512_add_epi32(key_rows, _mm512_set1_epi32(static_cast<int>(r))), st, 4);
+      _mm512_storeu_ps(s + (hh * nr + r) * ld, _mm512_mul_ps(col, scale_v));
+    }
+  }
+}
+
+#undef LLAMA_EXT_TMM_S
+#undef LLAMA_EXT_TMM_K
+#undef LLAMA_EXT_TMM_Q
+
+}  // namespace amx_scores
+#else
+namespace amx_scores {
+// No AMX at this level (kAmx is false): declared for the discarded branches only (as templates,
+// which need no definition).
+constexpr int64_t kMaxRows = 16, kKeys = 16;
+template <typename = void>
+void configure(int64_t nr);
+template <typename = void>
+void store_q(const c10::BFloat16* q, int64_t d, int64_t hh, int64_t n, int64_t nr, c10::BFloat16* qb);
+template <typename = void>
+void scores(const c10::BFloat16* qb, int64_t nr, int64_t nh, const c10::BFloat16* k, int64_t k_head_stride,
+            int64_t k_row_stride, int64_t d, float scale, float* s, int64_t ld);
+}  // namespace amx_scores
+#endif
+
+template <typename T>
+constexpr bool kAmx =
+#if defined(LLAMA_EXT_AMX)
+    std::is_same_v<T, at::BFloat16>;
+#else
+    false;
+#endif
+
 template <typename T>
 constexpr bool kPairs =
 #if defined(CPU_CAPABILITY_AVX512)
@@ -505,12 +608,22 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
 
   // q rows: rotated (rounded to T, as apply_rotary would return them), widened, scaled.
   alignas(64) T qrot[256];
+  // bf16 scores on AMX: rows of one head fit an S^T tile, d is whole tile rows.
+  const bool amx = kAmx<T> && nr <= amx_scores::kMaxRows && d % 32 == 0;
+  T* qb = nullptr;
+  if (amx) {
+    buf.scratch.resize(std::max<size_t>(buf.scratch.size(), rows * d / 2 + 16));
+    qb = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.scratch.data()) + 63) & ~uintptr_t(63));
+  }
   for (int64_t rr = 0; rr < rows; ++rr) {
     const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
     const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
     if (a.cos != nullptr) {
       rotate_head<T>(a, src, qrot, a.seqlens[b] + i);
       src = qrot;
+    }
+    if constexpr (kAmx<T>) {
+      if (amx) amx_scores::store_q(src, d, rr / nr, rr % nr, nr, qb);
     }
     acc_t* qr = buf.q.data() + rr * dpad;
     widen_row<T>(src, qr, d);
@@ -534,6 +647,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     }
     for (int64_t j = n; j < padded; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
   };
+  if constexpr (kAmx<T>) {
+    if (amx) amx_scores::configure(nr);
+  }
   const T* kp[kKeyBlock];
   const T* vp[kKeyBlock];
   acc_t* const s = buf.s.data();
@@ -547,6 +663,21 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     constexpr int64_t acc_n = kPairs<T> ? pairs::kAcc : 8;  // a score tile's rows x keys
     const int64_t step = nr % 4 == 0 ? acc_n / 4 : acc_n;
     for (int64_t j = 0; j < npad; j += step) {
+      if constexpr (kAmx<T>) {
+        static_assert(amx_scores::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
+        // 16 keys one row stride apart (within a page, none of them padding): an S^T tile per
+        // head. j is a multiple of 16 here.
+        const auto one_stride = [&] {
+          for (int64_t t = 1; t < kScoreKeys; ++t)
+            if (kp[j + t] - kp[j + t - 1] != a.k_stride[1]) return false;
+          return true;
+        };
+        if (amx && j % kScoreKeys == 0 && one_stride()) {
+          amx_scores::scores(qb, nr, nh, kp[j], a.k_stride[2], a.k_stride[1], d, a.scale, s + j, kKeyBlock);
+          j += kScoreKeys - step;
+          continue;
+        }
+      }
       for (int64_t hh = 0; hh < nh; ++hh) {
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
@@ -620,6 +751,10 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
       }
     }
   }
+#if defined(LLAMA_EXT_AMX)
+  // Leaves the thread without tile state (as amx_dot.h's gemm does).
+  if (amx) _tile_release();
+#endif
 }
 
 // Stores the task's rows (attend's order): out and lse directly (one split) or the split's
