@@ -160,19 +160,9 @@ def test_attention_backward_d256_configs(sass_by_arch, arch):
         assert BACKWARD_D256_CONFIGS <= found, f"{arch} {dtype}: backward configs {sorted(found)}"
 
 
-# CUDA 13.0's ptxas spills 4 bytes of the fp32 decode kernel at d = 32 and 64 on sm_120 (see
-# kvcache_attention.cu). Strict: the mark fails as soon as the spill is gone, and goes then.
-KNOWN_SPILLS = {("sm_120", "attend_simt_kernel")}
-
-
 @pytest.mark.parametrize(
     "arch,kernel",
-    [
-        pytest.param(arch, kernel, marks=[pytest.mark.xfail(strict=True, reason="ptxas spills 4 B on sm_120")]
-                     if (arch, kernel) in KNOWN_SPILLS else [])
-        for arch in ARCHS
-        for kernel in sorted(TENSOR_CORE_KERNELS) + list(NO_LOCAL_MEMORY_KERNELS)
-    ],
+    [(arch, kernel) for arch in ARCHS for kernel in sorted(TENSOR_CORE_KERNELS) + list(NO_LOCAL_MEMORY_KERNELS)],
 )
 def test_attention_kernels_do_not_spill(sass_by_arch, arch, kernel):
     # Local-memory traffic (STL/LDL) in the hot kernels would mean register spills.

@@ -61,14 +61,13 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    80/80/80/80/76        41.9 KB  3/2/2/5/2  162/164/164/163/168  3.1 KB   3/3/3/3/3
-//   64    95/95/95/93/95        74.9 KB  2/1/1/3/1  161/163/163/164/168  4.6 KB   3/3/3/3/3
-//   80    114/114/114/119/118   69.4 KB  2/1/1/3/1  157/158/158/161/168  5.3 KB   3/3/3/3/3
-//   96    128/126/126/125/124   55.9 KB  2/1/1/4/1  157/158/158/161/168  6.3 KB   3/3/3/3/3
-//   128   140/142/142/144/124   72.9 KB  2/1/1/3/1  162/162/162/163/174  8.3 KB   3/3/3/3/2
-//   256   132/132/132/134/142   74.6 KB  2/1/1/3/1  215/216/216/217/225  16.3 KB  2/2/2/2/2
-// No spills and no local memory, except the fp32 kernel at d = 32 and 64 on sm_120 (4 bytes
-// spilled, an 8-byte stack frame).
+//   32    80/80/80/80/76        41.9 KB  3/2/2/5/2  141/140/140/145/141  3.1 KB   3/3/3/3/3
+//   64    95/95/95/93/95        74.9 KB  2/1/1/3/1  141/139/139/146/143  4.6 KB   3/3/3/3/3
+//   80    114/114/114/119/118   69.4 KB  2/1/1/3/1  135/136/136/143/141  5.4 KB   3/3/3/3/3
+//   96    128/126/126/125/124   55.9 KB  2/1/1/4/1  135/136/136/143/141  6.4 KB   3/3/3/3/3
+//   128   140/142/142/144/124   72.9 KB  2/1/1/3/1  133/133/133/145/145  8.4 KB   3/3/3/3/3
+//   256   132/132/132/134/142   74.6 KB  2/1/1/3/1  201/201/201/201/212  16.4 KB  2/2/2/2/2
+// No spills and no local memory.
 
 #include <ATen/ops/empty.h>
 #include <c10/util/StringUtil.h>
@@ -292,6 +291,7 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
   __shared__ float m_s[NG][kRows];
   __shared__ float l_s[NG][kRows];
   __shared__ float row_max_s[kRows], row_sum_s[kRows];
+  __shared__ int lo_s[kRows], hi_s[kRows];
 
   const int split = blockIdx.x, kvh = blockIdx.y / p.row_tiles, tile = blockIdx.y % p.row_tiles, b = blockIdx.z;
   const int row0 = tile * kRows, nrows = min(kRows, p.rows - row0);
@@ -303,18 +303,22 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
     const int r = t / D, e = t % D;
     q_s[r][e] = r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) * p.scale : 0.f;
   }
-  int lo[kRows], hi[kRows];
+  // The rows' visible ranges live in shared memory (the key loop reads them once per row and
+  // step): in registers they took 16 more, and the kernel spilled on sm_120.
+  if (threadIdx.x < kRows) {
+    const int r = threadIdx.x;
+    int row_lo = 0, row_hi = 0;
+    if (r < nrows) visible_keys(p, row0 + r, L, row_lo, row_hi);
+    lo_s[r] = row_lo, hi_s[r] = row_hi;
+  }
+  __syncthreads();
   int tile_lo = L, tile_hi = 0;
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
-    int row_lo = 0, row_hi = 0;
-    if (r < nrows) visible_keys(p, row0 + r, L, row_lo, row_hi);
-    if (row_hi > row_lo) tile_lo = min(tile_lo, row_lo), tile_hi = max(tile_hi, row_hi);
-    lo[r] = row_lo, hi[r] = row_hi;
+    if (hi_s[r] > lo_s[r]) tile_lo = min(tile_lo, lo_s[r]), tile_hi = max(tile_hi, hi_s[r]);
   }
   int j_begin, j_end;
   split_range(p, split, tile_lo, tile_hi, 1, j_begin, j_end);
-  __syncthreads();
 
   // ---- stage: stream the key range; each lane group keeps its own (m, l, O).
   // Lane groups are consecutive lanes; a warp's KPW groups take consecutive key steps, and the
@@ -388,7 +392,7 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int j = j0 + u;
-        seen[u] = key_ok[u] && j >= lo[r] && j < hi[r];
+        seen[u] = key_ok[u] && j >= lo_s[r] && j < hi_s[r];
         s[r][u] = seen[u] ? score_log2(p, s[r][u]) : -INFINITY;
         mx = fmaxf(mx, s[r][u]);
       }
