@@ -1,6 +1,8 @@
 """Shared test parametrization: every test runs on CPU and, when a GPU exists, on CUDA."""
+import importlib.util
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +79,24 @@ def assert_close(actual, expected, dtype, scale=1.0):
     that sum many rounded terms); the relative part stays a few ulps of the dtype."""
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+def check_kernel_emulation(name):
+    """Runs tools/<name>.py, a lane-level numpy transcription of a CUDA tensor-core kernel (PTX
+    fragment layouts from tools/ptx_emu.py): every case must match float64 (run_cases raises on
+    a mismatch, a shared-memory race or a case list that misses a path), and every injected
+    kernel bug must be caught (check_mutants)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    emulation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emulation)
+    results = emulation.run_cases(verbose=False)
+    assert results and all(result[-1] for result in results)
+    assert all(emulation.check_mutants(verbose=False).values())
+
+
+# The emulations are the CPU half's check of the CUDA kernels; the GPU machine runs the kernels.
+emulation_only_on_cpu = pytest.mark.skipif("cpu" not in DEVICES, reason="CPU half only: the GPU machine runs the kernel itself")
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,8 @@ from llama_ext.reference import (
 )
 
 # The CUDA kernels have instantiations for CUDA_HEAD_DIMS only; the CPU takes any multiple of 8.
-from conftest import CUDA_DTYPES, CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, device_dtype_params
+from conftest import (CUDA_DTYPES, CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close,
+                      check_kernel_emulation, device_dtype_params, emulation_only_on_cpu)
 
 
 def make(shape, device, dtype, scale=1.0):
@@ -742,3 +743,19 @@ def test_module_trains_and_rejects_bad_heads():
     assert x.grad is not None and all(p.grad is not None for p in attn.parameters())
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         llama_ext.GQAttention(64, 6, 4)
+
+
+@emulation_only_on_cpu
+def test_tensor_core_forward_emulation():
+    """The CUDA tensor-core forward kernel transcribed lane by lane, every tile configuration the
+    launcher picks on sm_80, sm_90 and the ~100 KB parts: causal (bottom-right), windows, softcap,
+    varlen, GQA; float64 within 1e-13 (tools/emulate_attention_fwd.py)."""
+    check_kernel_emulation("emulate_attention_fwd")
+
+
+@emulation_only_on_cpu
+def test_tensor_core_backward_emulation():
+    """The CUDA tensor-core backward kernels (the delta pre-kernel, both warp plans, dQ atomics,
+    group splits) transcribed lane by lane, every configuration the launcher picks: causal,
+    windows, softcap, varlen, GQA; float64 within 1e-13 (tools/emulate_attention_bwd.py)."""
+    check_kernel_emulation("emulate_attention_bwd")

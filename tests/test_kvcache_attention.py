@@ -1,9 +1,6 @@
 """gqa_attention_with_kvcache against the float64 reference: contiguous and paged caches, the
 append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
 cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 from torch.library import opcheck
@@ -11,7 +8,8 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
-from conftest import DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, device_dtype_params
+from conftest import (DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, check_kernel_emulation, device_dtype_params,
+                      emulation_only_on_cpu)
 
 CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 NAN = float("nan")
@@ -345,19 +343,12 @@ def test_torch_compile_fullgraph(device, backend):
     assert torch.equal(case.k_cache, args[0]) and torch.equal(case.v_cache, args[1])
 
 
-@pytest.mark.skipif("cpu" not in DEVICES, reason="CPU half only: the GPU machine runs the kernel itself")
+@emulation_only_on_cpu
 def test_tensor_core_kernel_emulation():
-    """The CUDA tensor-core decode kernel, transcribed lane by lane from the PTX fragment layouts
-    (tools/emulate_kvcache_attention.py, numpy, no GPU): every head dim, paged and contiguous
-    caches, splits, windows, softcap, rotary; float64 within 1e-13, and each injected kernel bug
-    (ring stage, cp.async wait, zero-fill, merge barrier, masks, fragment layouts) caught."""
-    path = Path(__file__).resolve().parents[1] / "tools" / "emulate_kvcache_attention.py"
-    spec = importlib.util.spec_from_file_location("emulate_kvcache_attention", path)
-    emulation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emulation)
-    results = emulation.run_cases(verbose=False)  # raises on any mismatch, race or missed coverage
-    assert len(results) >= 60 and all(ok for *_, ok in results)
-    assert all(emulation.check_mutants(verbose=False).values())
+    """The CUDA tensor-core decode kernel (attend_tc_kernel), with the append and the combine,
+    transcribed lane by lane: every head dim, paged and contiguous caches, splits, windows,
+    softcap, rotary; float64 within 1e-13 (tools/emulate_kvcache_attention.py)."""
+    check_kernel_emulation("emulate_kvcache_attention")
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA graphs need a GPU")

@@ -53,32 +53,16 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptx_emu import (C_COL, C_ROW, GID, LANES, MUT, TIG, DeviceAssert, Race, Smem, ldmatrix, load_a, load_b_kn,  # noqa: E402
-                     load_b_pair_kn, load_b_pair_nk, mma_m16n8k16, pack_a_from_acc, rnd, warp_gemm_kn, warp_gemm_nk)
+import ptx_emu  # noqa: E402
+from ptx_emu import (C_COL, C_ROW, DeviceAssert, GID, LANES, MUT, Race, Smem, TIG, gload, gstore, ldmatrix, load_a,
+                     load_b_kn, load_b_pair_kn, load_b_pair_nk, mma_m16n8k16, pack_a_from_acc, rnd, warp_gemm_kn,
+                     warp_gemm_nk)
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
 class Params:
     """KVCacheKernelParams. Pointers are (flat numpy array, element offset)."""
     pass
-
-
-def gload(ptr, idx):
-    arr, base = ptr
-    idx = base + np.asarray(idx, np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= arr.size):
-        raise DeviceAssert(f'global read outside its buffer: [{idx.min()}, {idx.max()}] of {arr.size}')
-    return arr[idx]
-
-
-def gstore(ptr, idx, vals, count=None):
-    arr, base = ptr
-    idx = base + np.asarray(idx, np.int64)
-    if idx.size and (idx.min() < 0 or idx.max() >= arr.size):
-        raise DeviceAssert(f'global write outside its buffer: [{idx.min()}, {idx.max()}] of {arr.size}')
-    arr[idx] = vals
-    if count is not None:
-        np.add.at(count, idx, 1)
 
 
 def length_ok(p, b):
@@ -886,38 +870,21 @@ def check_mutants(verbose=True):
     """Each injected bug must make some small case fail (error, race, assert or NaN)."""
     picks = [cs for cs in cases() if cs['name'].startswith(('d64 rows4', 'd80 rows16', 'd32 rows10', 'd64 rows3'))]
     refs = [reference(cs['ref']) for cs in picks]
-    caught = {}
-    for mut in MUTANTS:
-        MUT.clear(); MUT.add(mut)
-        why = None
-        try:
-            for cs, ref in zip(picks, refs):
-                for splits in cs['splits']:
-                    try:
-                        out, lse, _ = kvcache_attention_tc(cs, splits, 'exact')
-                    except AssertionError as ex:
-                        why = f"{type(ex).__name__}: {str(ex)[:70]} ({cs['name'][:12]}, splits={splits})"
-                        break
-                    ok, eo, el, nan = compare(out, lse, ref, 'exact', cs['T'])
-                    if not ok:
-                        why = f"out err {eo:.1e}, lse err {el:.1e}, nan {nan} ({cs['name'][:12]}, splits={splits})"
-                        break
-                if why:
-                    break
-        finally:
-            MUT.clear()
-        caught[mut] = why
-        if verbose:
-            print(f"mutant {mut:<14} {'caught: ' + why if why else 'NOT CAUGHT'}", flush=True)
-    missed = [m for m, w in caught.items() if not w]
-    if missed:
-        raise AssertionError(f'mutants not caught: {missed}')
-    return caught
+
+    def find_failure(mut):
+        for cs, ref in zip(picks, refs):
+            for splits in cs['splits']:
+                try:
+                    out, lse, _ = kvcache_attention_tc(cs, splits, 'exact')
+                except AssertionError as ex:
+                    return f"{type(ex).__name__}: {str(ex)[:70]} ({cs['name'][:12]}, splits={splits})"
+                ok, eo, el, nan = compare(out, lse, ref, 'exact', cs['T'])
+                if not ok:
+                    return f"out err {eo:.1e}, lse err {el:.1e}, nan {nan} ({cs['name'][:12]}, splits={splits})"
+        return None
+
+    return ptx_emu.check_mutants(MUTANTS, find_failure, verbose)
 
 
 if __name__ == '__main__':
-    t_start = time.time()
-    run_cases(sys.argv[1:] or None)
-    if len(sys.argv) == 1:
-        check_mutants()
-    print(f'total {time.time() - t_start:.1f}s')
+    ptx_emu.main(run_cases, check_mutants)

@@ -7,6 +7,9 @@ read/write or write/write without a barrier, raise Race.
 
 The kernel transcriptions (tools/emulate_*.py) import this module; MUT holds the mutation hooks
 their check_mutants() switch on one at a time to show that a kind of kernel bug is caught."""
+import sys
+import time
+
 import numpy as np
 
 # ---- PTX semantics (PTX ISA: ldmatrix; mma.m16n8k16 .f32.{f16,bf16}; cp.async) ----------------
@@ -221,3 +224,55 @@ def warp_gemm_kn(sm, acc, a_source, x, ld, n0, kKChunks, kNTiles, warp, ft):
         if kNTiles % 2 == 1:
             b = load_b_kn(sm, x, ld, kc * 16, n0 + (kNTiles - 1) * 8, warp)
             acc[kNTiles - 1] = mma_m16n8k16(acc[kNTiles - 1], a, b, ft)
+
+
+# ---- global memory ---------------------------------------------------------------------------
+# A pointer is (flat numpy array, element offset); every access is bounds-checked (DeviceAssert),
+# and a store may count the writes of each element (to check that each output is written once).
+def gload(ptr, idx):
+    arr, base = ptr
+    idx = base + np.asarray(idx, np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= arr.size):
+        raise DeviceAssert(f'global read outside its buffer: [{idx.min()}, {idx.max()}] of {arr.size}')
+    return arr[idx]
+
+
+def gstore(ptr, idx, vals, count=None):
+    arr, base = ptr
+    idx = base + np.asarray(idx, np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= arr.size):
+        raise DeviceAssert(f'global write outside its buffer: [{idx.min()}, {idx.max()}] of {arr.size}')
+    arr[idx] = vals
+    if count is not None:
+        np.add.at(count, idx, 1)
+
+
+# ---- drivers shared by the transcriptions ------------------------------------------------------
+def check_mutants(mutants, find_failure, verbose=True):
+    """Switches each mutation hook on alone and calls find_failure(mut), which runs the
+    transcription's small cases and returns why one failed (an error, a race, an assert, NaN or a
+    mismatch) or None. Every mutant must be caught; returns {mutant: why}."""
+    caught = {}
+    for mut in mutants:
+        MUT.clear()
+        MUT.add(mut)
+        try:
+            caught[mut] = find_failure(mut)
+        finally:
+            MUT.clear()
+        if verbose:
+            print(f"mutant {mut:<16} {'caught: ' + caught[mut] if caught[mut] else 'NOT CAUGHT'}", flush=True)
+    missed = [m for m, why in caught.items() if not why]
+    if missed:
+        raise AssertionError(f'mutants not caught: {missed}')
+    return caught
+
+
+def main(run_cases, check_mutants):
+    """`python tools/emulate_X.py [case-name-substring ...]`: the cases (all, or those named),
+    then, with no argument, the mutants."""
+    t_start = time.time()
+    run_cases(sys.argv[1:] or None)
+    if len(sys.argv) == 1:
+        check_mutants()
+    print(f'total {time.time() - t_start:.1f}s')
