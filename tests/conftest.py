@@ -96,7 +96,8 @@ def check_kernel_emulation(name):
 
 
 # The emulations are the CPU half's check of the CUDA kernels; the GPU machine runs the kernels.
-emulation_only_on_cpu = pytest.mark.skipif("cpu" not in DEVICES, reason="CPU half only: the GPU machine runs the kernel itself")
+emulation_only_on_cpu = pytest.mark.skipif("cpu" not in DEVICES,
+                                           reason="CPU half only: the GPU machine runs the kernel itself")
 
 
 @pytest.fixture(autouse=True)
