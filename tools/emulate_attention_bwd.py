@@ -71,6 +71,17 @@ import ptx_emu  # noqa: E402
 from ptx_emu import (DeviceAssert, GID, LANES, MUT, Smem, TIG, gload, gstore, load_a, pack_a_from_acc, rnd,
                      warp_gemm_kn, warp_gemm_nk)
 
+# The kernel sources this file transcribes, and their digest when it was last brought in step
+# (ptx_emu.sources_digest): the tests fail when one changes, until the change is transcribed here.
+TRANSCRIBED = (
+    'csrc/cuda/attention_bwd.cu',
+    'csrc/cuda/attention_common.cuh',
+    'csrc/cuda/attention.cu',
+    'csrc/cuda/mma.cuh',
+    'csrc/attention_window.h',
+)
+TRANSCRIBED_DIGEST = '00aab0f1c1582fb4'
+
 kLog2e_f = float(np.float32(1.4426950408889634))  # attention::kLog2e (a float constant)
 UNIT_ROUNDOFF = {'bf16': 2.0 ** -8, 'fp16': 2.0 ** -11}
 

@@ -63,6 +63,17 @@ import ptx_emu  # noqa: E402
 from ptx_emu import (C_COL, C_ROW, DeviceAssert, GID, LANES, MUT, Race, Smem, TIG, gload, gstore, ldmatrix, load_a,
                      load_b_pair_kn, load_b_pair_nk, mma_m16n8k16, pack_a_from_acc, rnd)
 
+# The kernel sources this file transcribes, and their digest when it was last brought in step
+# (ptx_emu.sources_digest): the tests fail when one changes, until the change is transcribed here.
+TRANSCRIBED = (
+    'csrc/cuda/attention_fwd.cu',
+    'csrc/cuda/attention_common.cuh',
+    'csrc/cuda/attention.cu',
+    'csrc/cuda/mma.cuh',
+    'csrc/attention_window.h',
+)
+TRANSCRIBED_DIGEST = '78478523360d7697'
+
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------
 class FwdTile:

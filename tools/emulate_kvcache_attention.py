@@ -58,6 +58,14 @@ from ptx_emu import (C_COL, C_ROW, DeviceAssert, GID, LANES, MUT, Race, Smem, TI
                      load_b_kn, load_b_pair_kn, load_b_pair_nk, mma_m16n8k16, pack_a_from_acc, rnd, warp_gemm_kn,
                      warp_gemm_nk)
 
+# The kernel sources this file transcribes, and their digest when it was last brought in step
+# (ptx_emu.sources_digest): the tests fail when one changes, until the change is transcribed here.
+TRANSCRIBED = (
+    'csrc/cuda/kvcache_attention.cu',
+    'csrc/cuda/mma.cuh',
+)
+TRANSCRIBED_DIGEST = '9a48a7853c2b8db9'
+
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
 class Params:

@@ -7,8 +7,10 @@ read/write or write/write without a barrier, raise Race.
 
 The kernel transcriptions (tools/emulate_*.py) import this module; MUT holds the mutation hooks
 their check_mutants() switch on one at a time to show that a kind of kernel bug is caught."""
+import hashlib
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -245,6 +247,21 @@ def gstore(ptr, idx, vals, count=None):
     arr[idx] = vals
     if count is not None:
         np.add.at(count, idx, 1)
+
+
+# ---- the sources a transcription follows -----------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def sources_digest(paths):
+    """A digest of the kernel sources (paths from the project root) a transcription was written
+    from: each transcription records it (TRANSCRIBED, TRANSCRIBED_DIGEST), and the tests fail when
+    a source changes until the change is transcribed and the digest renewed."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(path.encode())
+        h.update((ROOT / path).read_bytes())
+    return h.hexdigest()[:16]
 
 
 # ---- drivers shared by the transcriptions ------------------------------------------------------

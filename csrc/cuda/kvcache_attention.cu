@@ -305,6 +305,7 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
   }
   // The rows' visible ranges live in shared memory (the key loop reads them once per row and
   // step): in registers they took 16 more, and the kernel spilled on sm_120.
+  static_assert(kThreads >= kRows, "a thread per row computes its visible range");
   if (threadIdx.x < kRows) {
     const int r = threadIdx.x;
     int row_lo = 0, row_hi = 0;
