@@ -29,7 +29,7 @@ def _op_builders() -> Dict[str, Callable]:
     }
 
 
-PROVIDERS = ["eager", "native", "compile", "llama_ext", "sdpa"]
+PROVIDERS = ["eager", "native", "compile", "llama_ext", "llama_ext_100kb", "sdpa"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -42,7 +42,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--provider", action="append", choices=PROVIDERS,
-                   help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e")
+                   help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e; "
+                        "'llama_ext_100kb' (CUDA attention) runs llama_ext with the tiles of ~100 KB-shared-memory GPUs")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
     p.add_argument("--budget", type=float,
                    help="seconds per case and provider: a provider whose warm-up call takes longer gets one timed "

@@ -184,7 +184,9 @@ if [ "$built" -eq 0 ]; then
   fi
   for tool in memcheck racecheck synccheck; do sanitizer "$tool"; done
   mkdir -p "$WORK/bench"
-  bench_args=(--device "$DEVICE" --provider eager --provider native --provider llama_ext --no-progress)
+  # llama_ext_100kb: the attention tiles of ~100 KB GPUs, measured here too (benchmarks/bench_attention.py).
+  bench_args=(--device "$DEVICE" --provider eager --provider native --provider llama_ext --provider llama_ext_100kb
+              --no-progress)
   [ "$DRY_RUN" = 1 ] && bench_args+=(--smoke --threads 1)
   if [ -n "$BENCH_OPS" ]; then
     for op in $BENCH_OPS; do

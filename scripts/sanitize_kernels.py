@@ -18,9 +18,10 @@ Sizes and why (the largest tiles and thresholds the kernels use today, plus a ta
   [b, h, s, d] layout. No shared memory or barriers: memcheck only.
 - Attention, per supported head_dim (probed from the op itself, so a new head_dim is covered
   without an edit): 130 queries x 197 keys crosses every query tile (<= 128) and key tile
-  (<= 64) with a tail; 197 x 130 causal leaves 67 query rows with no visible key; decode (1
+  (<= 128) with a tail; 197 x 130 causal leaves 67 query rows with no visible key; decode (1
   query); non-causal; a misaligned copy of q/k/v (no cp.async); fp16 and bf16 tensor-core
-  instantiations; fp32 (SIMT); varlen with an empty sequence; group sizes 2 and 8.
+  instantiations; fp32 (SIMT); varlen with an empty sequence; group sizes 2 and 8; the tiles of
+  ~100 KB GPUs (LLAMA_EXT_CUDA_SMEM_KB=100) at the head dims where they differ from a large GPU's.
 
 Run as `python scripts/sanitize_kernels.py [--tool memcheck] [--deadline UNIX_TIME]`; `--device cpu`
 walks the same cases on the CPU kernels (the dry run of `make gpu-check`, which checks that the
@@ -239,6 +240,19 @@ def attention_varlen(dtype, d, device):
     v = rnd(total, 2, d, dtype=dtype, device=device).requires_grad_()
     out = llama_ext.gqa_attention_varlen(q, k, v, cu, cu, longest, longest, causal=True)
     out.backward(torch.randn_like(out))
+
+
+@case("attention_100kb_tiles")
+def _(device):
+    # What a ~100 KB GPU (sm_86/89/120) launches, on this GPU: D = 128's 64-key backward blocks,
+    # D = 256's 32 x 32 backward and the forward's smaller tiles.
+    os.environ["LLAMA_EXT_CUDA_SMEM_KB"] = "100"
+    try:
+        for d in (128, 256):
+            if d in supported_head_dims(device):
+                attention_call(torch.bfloat16, d, 130, 197, device)
+    finally:
+        del os.environ["LLAMA_EXT_CUDA_SMEM_KB"]
 
 
 @case("attention_simt_and_varlen")

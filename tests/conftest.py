@@ -81,16 +81,22 @@ def assert_close(actual, expected, dtype, scale=1.0):
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol["atol"] * scale, rtol=tol["rtol"])
 
 
+def load_emulation(name):
+    """The module tools/<name>.py (numpy only; it needs no build)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    emulation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(emulation)
+    return emulation
+
+
 def check_kernel_emulation(name):
     """Runs tools/<name>.py, a lane-level numpy transcription of a CUDA tensor-core kernel (PTX
     fragment layouts from tools/ptx_emu.py): the kernel sources must be those it transcribes
     (their digest), every case must match float64 (run_cases raises on a mismatch, a
     shared-memory race or a case list that misses a path), and every injected kernel bug must be
     caught (check_mutants)."""
-    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    emulation = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(emulation)
+    emulation = load_emulation(name)
     digest = emulation.ptx_emu.sources_digest(emulation.TRANSCRIBED)
     assert digest == emulation.TRANSCRIBED_DIGEST, (
         f"{', '.join(emulation.TRANSCRIBED)} changed since tools/{name}.py transcribed them: transcribe the "

@@ -14,7 +14,7 @@ import subprocess
 
 import pytest
 
-from conftest import CUDA_HEAD_DIMS, CUDA_TC_TYPES
+from conftest import CUDA_HEAD_DIMS, CUDA_TC_TYPES, load_emulation
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 FORWARD_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_fwd.cu")
@@ -41,10 +41,13 @@ TENSOR_CORE_KERNELS = {
     # The decode kernel of gqa_attention_with_kvcache (csrc/cuda/kvcache_attention.cu).
     "attend_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
 }
-# The backward's tile configurations (BwdConfig<D, keys, queries, two warps per key slice>) that
-# must exist besides one per head dim: D = 256 on 64 x 64 tiles (sm_80 / sm_90 shared memory)
-# and on 32 x 32 tiles (the ~100 KB of sm_86 / sm_89 / sm_120).
-BACKWARD_D256_CONFIGS = {(256, 64, 64, 1), (256, 32, 32, 1)}
+# The backward's tile configurations (BwdConfig<D, keys, queries, two warps per key slice>), every
+# one a device may pick by its shared memory (BwdConfigs of csrc/cuda/attention_bwd.cu, as
+# tools/emulate_attention_bwd.py transcribes them: its digest test keeps the two in step).
+BACKWARD_CONFIGS = {
+    (c.kD, c.kBlockN, c.kBlockM, int(c.kSplitRoles))
+    for d in CUDA_HEAD_DIMS for c in load_emulation("emulate_attention_bwd").bwd_configs(d)
+}
 # Kernels that must not touch local memory either (no spills, no stack arrays), beyond the above.
 NO_LOCAL_MEMORY_KERNELS = ("attend_simt_kernel",)
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
@@ -123,7 +126,7 @@ def _functions(sass):
 def test_attention_kernels_use_tensor_cores(sass_by_arch, arch, kernel):
     functions = {name: body for name, body in _functions(_sass_for(sass_by_arch, arch)).items() if kernel in name}
     # Compared on as many leading arguments as the expected entries name (the backward's tile
-    # configurations beyond the head dim are checked by test_attention_backward_d256_configs).
+    # configurations beyond the head dim are checked by test_attention_backward_configs).
     width = len(next(iter(TENSOR_CORE_KERNELS[kernel])))
     found = {_template_args(name, kernel)[:width] for name in functions}
     assert found == TENSOR_CORE_KERNELS[kernel], (
@@ -146,8 +149,8 @@ def test_forward_tiles_cover_every_head_dim():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_attention_backward_d256_configs(sass_by_arch, arch):
-    # Each dtype has both D = 256 backward configurations, so the device picks one by its shared memory.
+def test_attention_backward_configs(sass_by_arch, arch):
+    # Each dtype has every backward configuration, so the device picks one by its shared memory.
     names = [n for n in _functions(_sass_for(sass_by_arch, arch)) if "attention_backward_tc_kernel" in n]
     for dtype in CUDA_TC_TYPES:
         found = {
@@ -157,7 +160,7 @@ def test_attention_backward_d256_configs(sass_by_arch, arch):
             for m in [re.search(r"BwdConfigILi(\d+)ELi(\d+)ELi(\d+)ELb([01])E", n)]
             if m
         }
-        assert BACKWARD_D256_CONFIGS <= found, f"{arch} {dtype}: backward configs {sorted(found)}"
+        assert found == BACKWARD_CONFIGS, f"{arch} {dtype}: backward configs {sorted(found)}"
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 What: a transcription, step by step and lane by lane, of csrc/cuda/attention_bwd.cu for float16 /
 bfloat16: `attention_backward_delta_kernel` (delta = rowsum(dO * O), one warp per (row, head),
 warp_reduce_sum), `attention_backward_tc_kernel<T, C>` for every BwdConfig the launcher can pick
-(BwdConfigs: D = 32 / 64 on 64 x 64 tiles, D = 80 / 96 / 128 on 64 keys x 32 queries, one warp per
-16-key slice with double-buffered Q / dO; D = 256 with two warps per slice (kSplitRoles: the
+(BwdConfigs: D = 32 / 64 on 128 keys x 64 queries, D = 96 / 128 on 128 x 32 (8 warps), D = 80 and
+D = 128 on ~100 KB parts on 64 x 32 (4 warps), one warp per 16-key slice with double-buffered Q / dO;
+D = 256 with two warps per slice (kSplitRoles: the
 "probabilities" warp holds dV, the "gradients" warp dK, P^T (1 - t^2) handed over in fp32 through
 sP) on 64 x 64 tiles (159.5 KB: sm_80 / sm_90) or 32 x 32 (73.8 KB: ~100 KB parts)), with its
 stages under their own names (load_query_tile, prob_grads_t, scores_t, probability,
@@ -80,7 +81,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '00aab0f1c1582fb4'
+TRANSCRIBED_DIGEST = '2a21ed5b40cc7991'
 
 kLog2e_f = float(np.float32(1.4426950408889634))  # attention::kLog2e (a float constant)
 UNIT_ROUNDOFF = {'bf16': 2.0 ** -8, 'fp16': 2.0 ** -11}
@@ -108,6 +109,9 @@ class BwdConfig:
         self.kRowGroups = BlockM // 16
         self.kDimSplits = self.kWarps // self.kRowGroups
         self.kDqTiles = self.kDTiles // self.kDimSplits
+        # dq_pass_tiles() as sm_80 / 90 compile it. sm_120 takes 2 for D = 128 on 128-key blocks; a
+        # pass groups output columns only (same products, same order per element), and that
+        # configuration (111 KB) cannot launch on sm_120's 99 KB anyway.
         self.kDqPassTiles = self.kDqTiles if self.kDqTiles < 8 else 8
         self.kTileBytes = (2 * BlockN + 2 * self.kQueryBuffers * BlockM) * self.kPitch * 2 + BlockM * self.kDsPitch * 2
         self.kPBytes = BlockN * self.kPPitch * 4 if SplitRoles else 0
@@ -128,7 +132,11 @@ HEAD_DIMS = (32, 64, 80, 96, 128, 256)  # LLAMA_EXT_ATTENTION_HEAD_DIMS
 def bwd_configs(D):
     if D == 256:
         return [BwdConfig(256, 64, 64, True), BwdConfig(256, 32, 32, True)]
-    return [BwdConfig(D, 64, 64 if D <= 64 else 32, False)]
+    if D == 80:
+        return [BwdConfig(80, 64, 32, False)]
+    if D == 128:
+        return [BwdConfig(128, 128, 32, False), BwdConfig(128, 64, 32, False)]
+    return [BwdConfig(D, 128, 64 if D <= 64 else 32, False)]
 
 
 # Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin) and the CTAs per SM of
@@ -136,8 +144,8 @@ def bwd_configs(D):
 # gives there), per device kind.
 DEVICES = {'sm80': dict(smem=163 * 1024, sms=108, col=0), 'sm90': dict(smem=227 * 1024, sms=132, col=1),
            'sm86': dict(smem=99 * 1024, sms=84, col=2)}
-CTAS_PER_SM = {(32, 64): (2, 2, 2), (64, 64): (2, 2, 1), (80, 64): (2, 2, 2), (96, 64): (2, 2, 1),
-               (128, 64): (2, 2, 1), (256, 64): (1, 1, 0), (256, 32): (1, 1, 1)}
+CTAS_PER_SM = {(32, 128): (1, 1, 1), (64, 128): (1, 1, 1), (80, 64): (2, 2, 2), (96, 128): (1, 1, 1),
+               (128, 128): (1, 1, 0), (128, 64): (2, 2, 1), (256, 64): (1, 1, 0), (256, 32): (1, 1, 1)}
 
 
 def launch_first_fitting(D, device):
@@ -826,25 +834,30 @@ def cases():
     """Small on purpose (an emulated ldmatrix / mma costs ~0.1 ms): every configuration, each path once.
     The first entry of `splits` runs in every mode, the others in exact mode."""
     C = []
-    # D = 32 (64 x 64): non-causal, 70 queries x 64 keys (unmasked tiles, a query tail), group 2, 2 sequences.
+    # D = 32 (128 x 64): non-causal, 70 queries x 64 keys (unmasked tiles, a query tail), group 2, 2 sequences.
     C.append(make_case('d32 fp16 70x64 G2 B2', 'fp16', 32, 1, 2, 70, 64, batch=2, splits=(1, 2), seed=1))
-    # D = 64 (64 x 64): non-causal window (40, -1) bottom-right, seq_q < seq_k (2 key blocks): the
-    # window's left edge cuts the last rows of a tile whose first row sees every key; group 1, 2 kv heads.
-    C.append(make_case('d64 bf16 window(40,-1) 50x90 G1', 'bf16', 64, 2, 1, 50, 90, window=(40, -1), seed=2))
+    # D = 64 (128 x 64): non-causal window (40, -1) bottom-right, seq_q < seq_k (3 key blocks, the
+    # first seen by no query): in the last block the window's left edge cuts the last rows of a tile
+    # whose first row sees every key; group 1, 2 kv heads.
+    C.append(make_case('d64 bf16 window(40,-1) 100x384 G1', 'bf16', 64, 2, 1, 100, 384, window=(40, -1), seed=2))
     # D = 80 (64 x 32, kDqTiles 5: the .x2.trans tail): causal, seq_q > seq_k (rows that see
     # nothing), group 3 split in 3 (fp32 partials summed and cast in every mode), softcap.
     C.append(make_case('d80 fp16 causal 90x40 G3 softcap', 'fp16', 80, 1, 3, 90, 40, causal=True, softcap=15.0,
                        splits=(3, 1), seed=3))
-    # D = 96 (64 x 32): sliding window (20, 5) non-causal, unaligned rows (load through registers).
+    # D = 96 (128 x 32, kDqTiles 3): sliding window (20, 5) non-causal, unaligned rows (load through registers).
     C.append(make_case('d96 bf16 window(20,5) 60x60 G2 unaligned', 'bf16', 96, 1, 2, 60, 60,
                        window=(20, 5), pad=4, splits=(1, 2), seed=4))
-    # D = 128 (64 x 32): causal + window 30, softcap, group 4 (splits 1, 2 and the launcher's),
+    # D = 128 (128 x 32): causal + window 30, softcap, group 4 (splits 1, 2 and the launcher's),
     # padded (non-contiguous, aligned) rows.
     C.append(make_case('d128 fp16 causal window30 40x40 G4 softcap', 'fp16', 128, 1, 4, 40, 40, causal=True,
                        window=(30, -1), softcap=20.0, splits=(1, 2, 'auto'), pad=8, seed=5))
-    # D = 64 varlen (q 37 / 20, k 37 / 130): causal + window 40: key blocks past a sequence's end,
+    # D = 128 on ~100 KB parts (64 x 32, 4 warps): causal 70 x 150 (3 key blocks adding into the
+    # same dQ rows, seq_q < seq_k), group 2.
+    C.append(make_case('d128 bf16 causal 70x150 G2 (64x32 sm86)', 'bf16', 128, 1, 2, 70, 150, causal=True,
+                       device='sm86', splits=(1, 2), seed=9))
+    # D = 64 varlen (q 37 / 20, k 37 / 300): causal + window 40: key blocks past a sequence's end,
     # a key block no query reaches (n_iters 0), several key blocks adding into one dQ row.
-    C.append(make_case('d64 bf16 varlen causal window40 G2', 'bf16', 64, 1, 2, 0, 0, varlen=([37, 20], [37, 130]),
+    C.append(make_case('d64 bf16 varlen causal window40 G2', 'bf16', 64, 1, 2, 0, 0, varlen=([37, 20], [37, 300]),
                        causal=True, window=(40, -1), splits=(1, 2), seed=6))
     # D = 256 (64 x 64, two warps per slice: sm_80 / sm_90): causal 40 x 40, group 2.
     C.append(make_case('d256 bf16 causal 40x40 G2 (64x64)', 'bf16', 256, 1, 2, 40, 40, causal=True,
@@ -880,12 +893,14 @@ def compare(res, case, mode):
 def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
     t0 = time.time()
     # The file comment's example: 8 kv heads x 32 query heads x 8192 keys at D = 128 on an H100 / H200
-    # (132 SMs x 2 CTAs): 1024 CTAs, split in 2.
-    assert group_splits(8192 // 64 * 8, 4, 132 * 2) == 2
+    # (132 SMs x 1 CTA): 512 CTAs, split in 2.
+    assert group_splits(8192 // 128 * 8, 4, 132 * 1) == 2
     # The file comment's shared memory column (KB).
-    assert [C.kSmemBytes / 1024 for D in HEAD_DIMS for C in bwd_configs(D)] == [40, 64, 49, 57, 73, 159.5, 73.75]
+    assert [C.kSmemBytes / 1024 for D in HEAD_DIMS for C in bwd_configs(D)] == [58, 90, 49, 87, 111, 73, 159.5, 73.75]
     assert launch_first_fitting(256, 'sm90').kBlockN == 64 and launch_first_fitting(256, 'sm80').kBlockN == 64
     assert launch_first_fitting(256, 'sm86').kBlockN == 32
+    assert [launch_first_fitting(128, dev).kBlockN for dev in ('sm80', 'sm90', 'sm86')] == [128, 128, 64]
+    assert all(launch_first_fitting(d, 'sm86').kBlockN == 128 for d in (32, 64, 96))
     if verbose:
         for D in HEAD_DIMS:
             for C in bwd_configs(D):

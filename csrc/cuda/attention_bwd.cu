@@ -48,8 +48,9 @@
 // reaches kMinWaves, else the whole group): each writes its dK, dV partial sums (fp32) to its
 // own slice of a workspace, and the launcher sums the slices in split order and casts them
 // to dK, dV: deterministic, with K and V read once per split. E.g. batch 1 x 8 kv heads x
-// 32 query heads x seq 8192 at D = 128: 128 key blocks x 8 = 1024 CTAs, under 4 waves of the
-// 2 x 132 CTAs an H100 / H200 holds, so the group is split in 2: 2048 CTAs of 2 query heads.
+// 32 query heads x seq 8192 at D = 128: 64 key blocks x 8 = 512 CTAs, under 4 waves of the
+// 132 CTAs an H100 / H200 holds (one per SM), so the group is split in 2: 1024 CTAs of 2 query
+// heads.
 //
 // Cost. 2.5x the forward's FLOPs (5 GEMMs of s_q * s_k * D instead of 2), all on tensor
 // cores; global traffic is K and V once per split, Q, dO, lse, delta once per key block, and
@@ -61,10 +62,11 @@
 // sm_86 / 89 / 120: 64K, 100 KB, 99 KB per block):
 //   D    keys x queries  warps  Q/dO    registers                     shared    CTAs per SM
 //                               buffers sm_80 / 86 / 89 / 90 / 120    memory    sm_80 / 90 / 86, 89, 120
-//   32   64 x 64         4      2       181 / 181 / 181 / 187 / 195   40 KB     2 / 2 / 2
-//   64   64 x 64         4      2       223 / 223 / 223 / 215 / 233   64 KB     2 / 2 / 1
+//   32   128 x 64        8      2       213 / 213 / 213 / 227 / 197   58 KB     1 / 1 / 1
+//   64   128 x 64        8      2       223 / 223 / 223 / 223 / 235   90 KB     1 / 1 / 1
 //   80   64 x 32         4      2       192 / 192 / 192 / 206 / 216   49 KB     2 / 2 / 2
-//   96   64 x 32         4      2       206 / 206 / 206 / 210 / 230   57 KB     2 / 2 / 1
+//   96   128 x 32        8      2       205 / 205 / 205 / 224 / 229   87 KB     1 / 1 / 1
+//   128  128 x 32        8      2       239 / 239 / 239 / 241 / 248   111 KB    1 / 1 / -
 //   128  64 x 32         4      2       244 / 244 / 244 / 244 / 253   73 KB     2 / 2 / 1
 //   256  64 x 64         8      1       243 / 243 / 243 / 250 / 238   159.5 KB  1 / 1 / -
 //   256  32 x 32         4      1       241 / 241 / 241 / 241 / 243   73.8 KB   - / - / 1
@@ -93,7 +95,7 @@ struct BwdConfig {
   static constexpr int kThreads = kWarps * 32;
   static constexpr int kQueryBuffers = kSplitRoles ? 1 : 2;
   static constexpr int kPitch = smem_pitch<D>();
-  static constexpr int kDsPitch = kBlockN + 8;  // 2 N + 16 bytes = 4 (mod 32) words for N = 32, 64: conflict-free
+  static constexpr int kDsPitch = kBlockN + 8;  // 2 N + 16 bytes = 4 (mod 32) words for N = 32, 64, 128: conflict-free
   // fp32 P^T (1 - t^2) rows [key][query]: 8 (mod 32) words, so the float2 stores and loads of a
   // half-warp (4 keys x 4 query pairs) fall on 32 distinct banks.
   static constexpr int kPPitch = kBlockM + 8;
@@ -104,7 +106,6 @@ struct BwdConfig {
   static constexpr int kRowGroups = kBlockM / 16;            // dQ: 16-row groups of the tile
   static constexpr int kDimSplits = kWarps / kRowGroups;     // dQ: warps sharing one row group
   static constexpr int kDqTiles = kDTiles / kDimSplits;      // dQ: n-tiles per warp
-  static constexpr int kDqPassTiles = kDqTiles < 8 ? kDqTiles : 8;  // dQ: n-tiles per pass (registers)
   // Shared memory, in bytes (T is 2 bytes): K, V, Q[buffers], dO[buffers], dS, then fp32
   // P^T (1 - t^2) (two-warp plan only), lse * log2 e [buffers], delta [buffers].
   static constexpr int kTileBytes = (2 * kBlockN + 2 * kQueryBuffers * kBlockM) * kPitch * 2 + kBlockM * kDsPitch * 2;
@@ -113,19 +114,31 @@ struct BwdConfig {
   static_assert(kTileBytes % 16 == 0, "the fp32 arrays after the tiles stay aligned");
   static_assert(kBlockN % 16 == 0 && kBlockM % 16 == 0, "tiles are whole mma shapes");
   static_assert(kWarps % kRowGroups == 0 && kDTiles % kDimSplits == 0, "dQ work splits evenly over warps");
-  static_assert(kDqTiles % kDqPassTiles == 0, "dQ passes are equal");
   static_assert(kDTiles % 2 == 0 && kMTiles % 2 == 0, "B fragments are loaded in n-tile pairs");
 };
 
 // The configurations of each head dim, preferred first. One warp per slice keeps dK + dV
 // (D fp32 registers per lane) plus S^T and dP^T under 255 registers up to D = 128 with
-// kBlockM = 64 for D <= 64, 32 above. D = 256 takes two warps per slice: 64 x 64 tiles
-// (159.5 KB of shared memory: sm_80, sm_90), else 32 x 32 (73.8 KB: ~100 KB GPUs).
+// kBlockM = 64 for D <= 64, 32 above. Key blocks are 128 keys on 8 warps where the dQ stage's
+// n-tiles split evenly over them, as FlashAttention-2's backward: against 64-key blocks that
+// halves the dQ atomics and the Q / dO / lse / delta loads per key, with the same per-warp
+// work and at least as many warps per SM (one CTA of 8 where two of 4 fitted). D = 128's 128-key
+// block needs 111 KB, so ~100 KB GPUs (sm_86/89/120) run its 64-key block; D = 80 (10 dQ n-tiles,
+// not a multiple of the 4 dim splits 8 warps give) stays on 64 keys. D = 256 takes two warps
+// per slice: 64 x 64 tiles (159.5 KB: sm_80, sm_90), else 32 x 32 (73.8 KB: ~100 KB GPUs).
 template <typename... C>
 struct BwdConfigList {};
 template <int D>
 struct BwdConfigs {
-  using type = BwdConfigList<BwdConfig<D, 64, D <= 64 ? 64 : 32, false>>;
+  using type = BwdConfigList<BwdConfig<D, 128, D <= 64 ? 64 : 32, false>>;
+};
+template <>
+struct BwdConfigs<80> {
+  using type = BwdConfigList<BwdConfig<80, 64, 32, false>>;
+};
+template <>
+struct BwdConfigs<128> {
+  using type = BwdConfigList<BwdConfig<128, 128, 32, false>, BwdConfig<128, 64, 32, false>>;
 };
 template <>
 struct BwdConfigs<256> {
@@ -301,18 +314,32 @@ __device__ __forceinline__ void store_score_grads(T* sdS, const float (&ds_t)[C:
   }
 }
 
+// dQ n-tiles per pass of accumulate_dq: at most 8, for registers. D = 128 on 128-key blocks
+// holds 128 dK + dV registers per lane beside an 8-chunk dQ product; there ptxas (CUDA 13.0)
+// spills with 4 tiles per pass on sm_120 and with 2 on sm_80 / 90, so sm_120 takes 2. A pass
+// groups output columns only: every dQ element sums the same products in the same order.
+template <typename C>
+__device__ constexpr int dq_pass_tiles() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 1200
+  if (C::kD == 128 && C::kBlockN == 128) return 2;
+#endif
+  return C::kDqTiles < 8 ? C::kDqTiles : 8;
+}
+
 // Stage: dQ tile += dS K into the fp32 workspace with atomicAdd. Warp w takes 16 query rows
-// (row group w % kRowGroups) x kDqTiles n-tiles of dims (from dim0), kDqPassTiles at a time.
+// (row group w % kRowGroups) x kDqTiles n-tiles of dims (from dim0), dq_pass_tiles at a time.
 template <typename T, typename C>
 __device__ __forceinline__ void accumulate_dq(const T* sdS, const T* sK, const AttentionParams& p, const Seq& seq,
                                               int b, const QueryTile& tile, int warp, int lane) {
+  constexpr int kPassTiles = dq_pass_tiles<C>();
+  static_assert(C::kDqTiles % kPassTiles == 0, "dQ passes are equal");
   const int g = lane / 4, t = lane % 4;
   const int row_group = warp % C::kRowGroups;
 #pragma unroll
-  for (int pass = 0; pass < C::kDqTiles / C::kDqPassTiles; ++pass) {
-    const int dim0 = ((warp / C::kRowGroups) * C::kDqTiles + pass * C::kDqPassTiles) * 8;
-    float dq_acc[C::kDqPassTiles][4] = {};
-    mma::warp_gemm_kn<T, C::kBlockN / 16, C::kDqPassTiles>(
+  for (int pass = 0; pass < C::kDqTiles / kPassTiles; ++pass) {
+    const int dim0 = ((warp / C::kRowGroups) * C::kDqTiles + pass * kPassTiles) * 8;
+    float dq_acc[kPassTiles][4] = {};
+    mma::warp_gemm_kn<T, C::kBlockN / 16, kPassTiles>(
         dq_acc, mma::ATileRows<T>{sdS, C::kDsPitch, row_group * 16}, sK, C::kPitch, dim0, lane);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
@@ -320,7 +347,7 @@ __device__ __forceinline__ void accumulate_dq(const T* sdS, const T* sK, const A
       if (row >= seq.len_q) continue;
       float* dq_row = p.dq_accum + offset(p.dq_strides, b, seq.start_q, row, tile.head) + dim0 + 2 * t;
 #pragma unroll
-      for (int nt = 0; nt < C::kDqPassTiles; ++nt) {
+      for (int nt = 0; nt < kPassTiles; ++nt) {
         atomicAdd(dq_row + nt * 8, dq_acc[nt][2 * r]);
         atomicAdd(dq_row + nt * 8 + 1, dq_acc[nt][2 * r + 1]);
       }
