@@ -4,8 +4,9 @@ Writes the result files (summary.txt, env_build.log, tests.log, sanitize.log, be
 bench.md, bench.json and, on a GPU, RESULTS.md: at most 8, what the device tool brings back)
 and prints the summary. Its first line is the verdict and the first failing stage with why;
 then every failing stage with why, one line per stage (status, time, limit, detail), the
-failing tests, the sanitizer reports, the kernels that spill and the benchmark tables. Needs only
-the standard library and benchmarks/report.py, so it runs whatever else is broken.
+failing tests, the sanitizer reports, the kernels that spill, the performance targets met or
+missed (benchmarks/targets.py) and the benchmark tables. Needs only the standard library,
+benchmarks/report.py and benchmarks/targets.py, so it runs whatever else is broken.
 """
 import argparse
 import glob
@@ -17,6 +18,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import targets  # noqa: E402  (standard library only)
 
 SANITIZERS = ("memcheck", "racecheck", "synccheck")
 EXIT_INCOMPLETE = 3  # scripts/sanitize_kernels.py: --deadline left cases out
@@ -194,7 +196,8 @@ def concat(work, names, dest):
 
 def merge_bench(work, results, dry_run):
     """One JSON and one markdown of the per-op benchmark runs; RESULTS.md's device section
-    rewritten on a GPU. Returns the markdown ('' when no op produced numbers)."""
+    rewritten on a GPU. Returns the merged run and its markdown (None and '' when no op
+    produced numbers)."""
     from benchmarks import report
 
     runs = []
@@ -206,7 +209,7 @@ def merge_bench(work, results, dry_run):
             continue
     runs = [r for r in runs if r.get("ops")]
     if not runs:
-        return ""
+        return None, ""
     merged = dict(runs[0])
     merged["ops"] = [op for r in runs for op in r["ops"]]
     merged["command"] = "; ".join(r["command"] for r in runs)
@@ -222,7 +225,7 @@ def merge_bench(work, results, dry_run):
             shutil.copy(results_md, os.path.join(results, "RESULTS.md"))
         except (OSError, ValueError) as e:
             print(f"RESULTS.md not updated: {e}", file=sys.stderr)
-    return text
+    return merged, text
 
 
 def summarize(work, results, total_limit, grace, elapsed, dry_run):
@@ -263,7 +266,10 @@ def summarize(work, results, total_limit, grace, elapsed, dry_run):
     concat(work, ["tests"], os.path.join(results, "tests.log"))
     concat(work, SANITIZERS, os.path.join(results, "sanitize.log"))
     concat(work, [s["name"] for s in stages if s["name"].startswith("bench")], os.path.join(results, "bench.log"))
-    bench = merge_bench(work, results, dry_run)
+    run, bench = merge_bench(work, results, dry_run)
+    if run is not None:
+        lines += ["", "performance targets (benchmarks/targets.py: issues 12 and 14, bf16):"]
+        lines += [f"  {line}" for line in targets.check(run)]
     lines += ["", "benchmark (bench.md):" if bench else "benchmark: no op produced numbers", bench]
     text = "\n".join(lines).rstrip() + "\n"
     with open(os.path.join(results, "summary.txt"), "w") as f:

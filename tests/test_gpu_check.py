@@ -85,6 +85,8 @@ def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
     assert "failing tests (1):" in summary
     assert "scripts/gpu_check_stubs/test_stub.py::test_stub_fails_on_request" in summary
     assert "memcheck: [" in summary and "Invalid __global__ read" in summary  # the report, with its case
+    # The targets, each named (the smoke sizes have none of their cases).
+    assert "performance targets" in summary and "NO RESULT  attention, causal, seq 8192" in summary, summary
     # The benchmark of what worked, merged.
     bench = (tmp_path / "bench.md").read_text()
     assert "RMSNorm" in bench or "rms_norm" in bench, bench[:500]
@@ -192,3 +194,43 @@ def test_summary_passes_only_when_every_stage_is_ok(tmp_path):
     summary = (results / "summary.txt").read_text()
     assert summary.startswith("gpu-check: PASS - 3 stages"), summary
     assert "register spills:" not in summary
+
+
+def test_targets_read_the_run_and_derive_the_backward():
+    from benchmarks import targets
+
+    def case(mode, size, work, **results):
+        return {"mode": mode, "size": size, "dtype": "bfloat16", "work": work,
+                "results": {p: dict(status="ok", **r) for p, r in results.items()}}
+
+    flops = 4 * 32 * 128 * 8192 * 8193 / 2  # the forward's causal FLOPs
+    run = {"ops": [
+        {"op": "attention", "cases": [
+            # Forward at 400 TFLOP/s; forward + backward: 3.5x the work, the backward at 200.
+            case("fwd", 8192, flops, llama_ext=dict(median_ms=flops / 400e9, throughput=400.0),
+                 native=dict(median_ms=flops / 300e9, throughput=300.0)),
+            case("fwd+bwd", 8192, 3.5 * flops,
+                 llama_ext=dict(median_ms=flops / 400e9 + 2.5 * flops / 200e9, throughput=0.0)),
+        ]},
+        {"op": "rms_norm", "cases": [case("fwd", 32768, 1, llama_ext=dict(median_ms=1.0, fraction_of_ceiling=0.93))]},
+        {"op": "decode", "cases": [case("b1 paged16", 8192, 1, llama_ext=dict(median_ms=1.0, fraction_of_ceiling=0.5),
+                                        llama_ext_100kb=dict(median_ms=1.0, fraction_of_ceiling=0.6))]},
+    ]}
+    lines = targets.check(run)
+    assert len(lines) == len(targets.TARGETS)
+
+    def line_of(*words):
+        found = [line for line in lines if all(w in line for w in words)]
+        assert len(found) == 1, (words, lines)
+        return found[0]
+
+    fwd = line_of("attention", "forward")
+    assert fwd.startswith("MET") and ": 400 TFLOP/s (target >= 350 TFLOP/s); native 300 TFLOP/s" in fwd, fwd
+    bwd = line_of("attention", "backward")  # the native provider has no fwd+bwd case: not shown
+    assert bwd.startswith("MISSED") and bwd.endswith(": 200 TFLOP/s (target >= 250 TFLOP/s)"), bwd
+    norm = line_of("RMSNorm", "forward")
+    assert norm.startswith("MET") and ": 93% of copy (target >= 90% of copy)" in norm, norm
+    paged = line_of("batch 1, paged")
+    assert paged.startswith("MISSED") and "50% of copy" in paged and "llama_ext_100kb 60% of copy" in paged, paged
+    missing = [line for line in lines if line.startswith("NO RESULT")]
+    assert len(missing) == len(targets.TARGETS) - 4, missing
