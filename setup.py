@@ -163,11 +163,15 @@ def _config_stamp(config):
 def _extensions():
     openmp = os.environ.get("LLAMA_EXT_OPENMP", "1") == "1"
     # -g0: Python's own CFLAGS ask for debug info, which makes the template-heavy kernel objects
-    # several times larger and the compile slower.
-    common = ["-O3", "-g0"] + (["-fopenmp"] if openmp else [])
+    # several times larger and the compile slower. -std=c++20 (host and nvcc): the sources' own
+    # language level, which torch's build helpers would otherwise pick by torch version (C++17
+    # in torch 2.11, C++20 in 2.14).
+    std = "-std=c++20"
+    common = ["-O3", "-g0", std] + (["-fopenmp"] if openmp else [])
     link = ["-fopenmp"] if openmp else []
     cuda = _want_cuda()
     nvcc_flags = [
+        std,
         "-O3",
         "--use_fast_math",
         "--expt-relaxed-constexpr",

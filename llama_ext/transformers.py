@@ -315,8 +315,13 @@ def llama_ext_padding_mask(
     if attention_mask is None:
         return None
     attention_mask = attention_mask[:, -kv_length:]
-    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+    # A mask shorter than kv_length covers the tokens so far of a static cache's kv_length slots
+    # (transformers 5.17 hands it over unpadded); the slots after it come after every query, so
+    # the causal mask hides them whatever they hold.
+    if bool(attention_mask.all()):
         return None
+    if attention_mask.shape[1] < kv_length:  # as transformers' prepare_padding_mask: not real tokens
+        attention_mask = F.pad(attention_mask, (0, kv_length - attention_mask.shape[1]))
     return attention_mask
 
 

@@ -251,8 +251,8 @@ def test_backward_matches_float64(device, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_configurations_of_100kb_parts(monkeypatch, dtype):
     """LLAMA_EXT_CUDA_SMEM_KB=100 makes a large-memory GPU launch what a ~100 KB part (sm_86/89/120)
-    would (the 8-warp forward tile at d=128, the 32x32 backward at d=256, ...): forward, backward
-    and a routed decode call at every head dim against float64."""
+    would (the 8-warp forward tile at d=128, the 64-key backward at d=128, the 32x32 backward at
+    d=256, ...): forward, backward and a routed decode call at every head dim against float64."""
     monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "100")
     for d in CUDA_HEAD_DIMS:
         for seq_q, seq_k in [(150, 150), (2, 300)]:  # prefill tiles; a decode-shaped (routed) call

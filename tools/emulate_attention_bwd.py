@@ -4,10 +4,10 @@ What: a transcription, step by step and lane by lane, of csrc/cuda/attention_bwd
 bfloat16: `attention_backward_delta_kernel` (delta = rowsum(dO * O), one warp per (row, head),
 warp_reduce_sum), `attention_backward_tc_kernel<T, C>` for every BwdConfig the launcher can pick
 (BwdConfigs: D = 32 / 64 on 128 keys x 64 queries, D = 96 / 128 on 128 x 32 (8 warps), D = 80 and
-D = 128 on ~100 KB parts on 64 x 32 (4 warps), one warp per 16-key slice with double-buffered Q / dO;
-D = 256 with two warps per slice (kSplitRoles: the
-"probabilities" warp holds dV, the "gradients" warp dK, P^T (1 - t^2) handed over in fp32 through
-sP) on 64 x 64 tiles (159.5 KB: sm_80 / sm_90) or 32 x 32 (73.8 KB: ~100 KB parts)), with its
+D = 128 on ~100 KB parts on 64 x 32 (4 warps), one warp per 16-key slice with double-buffered
+Q / dO; D = 256 with two warps per slice (kSplitRoles: the "probabilities" warp holds dV, the
+"gradients" warp dK, P^T (1 - t^2) handed over in fp32 through sP) on 64 x 64 tiles (159.5 KB:
+sm_80 / sm_90) or 32 x 32 (73.8 KB: ~100 KB parts)), with its
 stages under their own names (load_query_tile, prob_grads_t, scores_t, probability,
 probabilities_and_score_grads_t, probabilities_t, score_grads_t, store_score_grads, accumulate_dq,
 write_back_grad), and the host around it: make_params' scale / window / softcap constants,
@@ -81,7 +81,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '2a21ed5b40cc7991'
+TRANSCRIBED_DIGEST = '3c8622c23ebb813a'
 
 kLog2e_f = float(np.float32(1.4426950408889634))  # attention::kLog2e (a float constant)
 UNIT_ROUNDOFF = {'bf16': 2.0 ** -8, 'fp16': 2.0 ** -11}

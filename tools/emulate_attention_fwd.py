@@ -72,7 +72,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '78478523360d7697'
+TRANSCRIBED_DIGEST = '50d8bdca733acf71'
 
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------

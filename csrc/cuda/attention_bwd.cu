@@ -514,12 +514,9 @@ constexpr int kDeltaWarps = 4;
 
 template <typename T>
 __global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_kernel(const AttentionParams p) {
-  const int b = blockIdx.z;
-  const int head = blockIdx.y;
+  const auto [b, head, row, lane] = warp_row<kDeltaWarps>();
   const Seq seq = sequence(p, b);
-  const int row = blockIdx.x * kDeltaWarps + threadIdx.x / 32;
   if (row >= seq.len_q) return;
-  const int lane = threadIdx.x % 32;
   const T* dout = static_cast<const T*>(p.dout) + offset(p.dout_strides, b, seq.start_q, row, head);
   const T* out = static_cast<const T*>(p.fwd_out) + offset(p.fwd_out_strides, b, seq.start_q, row, head);
   float sum = 0.f;
@@ -593,7 +590,7 @@ bool launch_backward_tc(const AttentionParams& p, const at::Tensor& dk, const at
 
 template <typename T>
 void launch_backward_delta(const AttentionParams& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, kDeltaWarps)), p.n_q_heads, p.batch);
+  const dim3 grid = warp_row_grid<kDeltaWarps>(p.seq_q, p.n_q_heads, p.batch);
   if (grid_empty(grid)) return;
   attention_backward_delta_kernel<T><<<grid, kDeltaWarps * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

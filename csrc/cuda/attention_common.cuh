@@ -148,6 +148,27 @@ __device__ __forceinline__ float capped_score(float s2, const AttentionParams& p
 // A launch with a zero grid dimension is an error: launchers skip empty work (seq 0, batch 0).
 inline bool grid_empty(const dim3& grid) { return grid.x == 0 || grid.y == 0 || grid.z == 0; }
 
+// ---- one warp per row: the SIMT kernels and the backward's delta pre-kernel -------------------
+// Grid (ceil(rows / kWarps), heads, sequences) of kWarps-warp CTAs: warp w of CTA x owns row
+// x * kWarps + w (a query, or a key) of head blockIdx.y (a query or kv head) of sequence blockIdx.z.
+struct WarpRow {
+  int b;
+  int head;
+  int row;
+  int lane;
+};
+
+template <int kWarps>
+__device__ __forceinline__ WarpRow warp_row() {
+  return WarpRow{static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.y),
+                 static_cast<int>(blockIdx.x * kWarps + threadIdx.x / 32), static_cast<int>(threadIdx.x % 32)};
+}
+
+template <int kWarps>
+dim3 warp_row_grid(int64_t rows, int heads, int batch) {
+  return dim3(static_cast<unsigned>(ceil_div(rows, kWarps)), heads, batch);
+}
+
 // What a device grants in shared memory: per CTA (cudaDevAttrMaxSharedMemoryPerBlockOptin), per
 // SM (cudaDevAttrMaxSharedMemoryPerMultiprocessor) and reserved by the system per CTA: 163 / 164 KB
 // on sm_80, 227 / 228 KB on sm_90, 99 / 100 KB on sm_86/89/120, where the sm_80 binary also runs.

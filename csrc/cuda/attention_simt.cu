@@ -74,12 +74,9 @@ __device__ __forceinline__ float probability(float s2, float lse2, const Attenti
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_kernel(const AttentionParams p) {
-  const int b = blockIdx.z;
-  const int head = blockIdx.y;
+  const auto [b, head, row, lane] = warp_row<kWarpsPerBlock>();
   const Seq seq = sequence(p, b);
-  const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= seq.len_q) return;
-  const int lane = threadIdx.x % 32;
   const int kv_head = head / p.group;
   const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, 0, kv_head);
   const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
@@ -113,12 +110,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_ke
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_simt_kernel(const AttentionParams p) {
-  const int b = blockIdx.z;
-  const int head = blockIdx.y;
+  const auto [b, head, row, lane] = warp_row<kWarpsPerBlock>();
   const Seq seq = sequence(p, b);
-  const int row = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (row >= seq.len_q) return;
-  const int lane = threadIdx.x % 32;
   const int kv_head = head / p.group;
   const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, 0, kv_head);
   const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
@@ -148,12 +142,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dq_sim
 
 template <typename T>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dkdv_simt_kernel(const AttentionParams p) {
-  const int b = blockIdx.z;
-  const int kv_head = blockIdx.y;
+  const auto [b, kv_head, key, lane] = warp_row<kWarpsPerBlock>();
   const Seq seq = sequence(p, b);
-  const int key = blockIdx.x * kWarpsPerBlock + threadIdx.x / 32;
   if (key >= seq.len_k) return;
-  const int lane = threadIdx.x % 32;
 
   float k[kSlots], v[kSlots], dk[kSlots] = {}, dv[kSlots] = {};
   load_row(k, static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, key, kv_head), p.head_dim, lane,
@@ -187,15 +178,11 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_backward_dkdv_s
   store_row(static_cast<T*>(p.dv) + offset(p.dv_strides, b, seq.start_k, key, kv_head), dv, p.head_dim, lane, 1.f);
 }
 
-dim3 row_grid(int rows, int heads, int batch) {
-  return dim3(static_cast<unsigned>(ceil_div(rows, kWarpsPerBlock)), heads, batch);
-}
-
 }  // namespace
 
 template <typename T>
 void launch_forward_simt(const AttentionParams& p, cudaStream_t stream) {
-  const dim3 grid = row_grid(p.seq_q, p.n_q_heads, p.batch);
+  const dim3 grid = warp_row_grid<kWarpsPerBlock>(p.seq_q, p.n_q_heads, p.batch);
   if (grid_empty(grid)) return;
   attention_forward_simt_kernel<T><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -203,12 +190,12 @@ void launch_forward_simt(const AttentionParams& p, cudaStream_t stream) {
 
 template <typename T>
 void launch_backward_simt(const AttentionParams& p, cudaStream_t stream) {
-  const dim3 dq_grid = row_grid(p.seq_q, p.n_q_heads, p.batch);
+  const dim3 dq_grid = warp_row_grid<kWarpsPerBlock>(p.seq_q, p.n_q_heads, p.batch);
   if (!grid_empty(dq_grid)) {
     attention_backward_dq_simt_kernel<T><<<dq_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const dim3 dkdv_grid = row_grid(p.seq_k, p.n_kv_heads, p.batch);
+  const dim3 dkdv_grid = warp_row_grid<kWarpsPerBlock>(p.seq_k, p.n_kv_heads, p.batch);
   if (!grid_empty(dkdv_grid)) {
     attention_backward_dkdv_simt_kernel<T><<<dkdv_grid, kWarpsPerBlock * 32, 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
