@@ -196,7 +196,9 @@ def test_cpu_providers_are_sampled_interleaved():
             time.sleep(0.002)  # ~2 ms: one call per sample
         return fn
 
-    timings = harness.time_cpu_interleaved({"a": sleeper("a"), "b": sleeper("b")}, min_run_time=0.02)
+    # Enough samples that every round gets some even when a loaded machine stretches each 2 ms
+    # sleep to 30 ms (fewer than CPU_ROUNDS + 1 samples would leave rounds empty).
+    timings = harness.time_cpu_interleaved({"a": sleeper("a"), "b": sleeper("b")}, min_run_time=0.2)
     turns = sum(1 for x, y in zip(order, order[1:]) if x != y)
     assert turns >= 2 * harness.CPU_ROUNDS - 1, order
     for timing in timings.values():
