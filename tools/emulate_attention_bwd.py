@@ -448,28 +448,27 @@ def bwd_cta(p, C, split, block, c):
             return query, np.ones(query.shape, bool)
         return query, key_visible(m0 + query, n0 + key, seq, p.window)
 
-    def probabilities_and_score_grads_t(warp, ds_t, q_tile, lse2, delta, m0, kw):
-        p_t = scores_t(warp, q_tile, kw)
+    def masked_probabilities_t(warp, q_tile, lse2, m0, kw):
+        """S^T, then P^T and the softcap slope of every element (both warp plans): (query, tid,
+        p_t, slope)."""
+        s_t = scores_t(warp, q_tile, kw)
         masked = tile_needs_mask(m0, C.kBlockM, n0, C.kBlockN, seq, p.window)
         st['masked_tiles' if masked else 'unmasked_tiles'] += 1
         query, visible = visibility(m0, kw, masked)
         tid = np.broadcast_to(lane_tids(warp), query.shape)
-        l2 = ld_float(lse2 + query, tid)
+        p_t, slope = probability(s_t, ld_float(lse2 + query, tid), visible, p, ft)
+        return query, tid, p_t, slope
+
+    def probabilities_and_score_grads_t(warp, ds_t, q_tile, lse2, delta, m0, kw):
+        query, tid, p_t, slope = masked_probabilities_t(warp, q_tile, lse2, m0, kw)
         dl = ld_float(delta + query, tid)
-        p_t, slope = probability(p_t, l2, visible, p, ft)
         if 'ds_no_delta' in MUT:
             dl = dl * 0
         ds_t = ((p_t * (ds_t - dl).astype(ft)).astype(ft) * slope).astype(ft)
         return p_t, ds_t
 
     def probabilities_t(warp, q_tile, m0, kw):
-        p_t = scores_t(warp, q_tile, kw)
-        masked = tile_needs_mask(m0, C.kBlockM, n0, C.kBlockN, seq, p.window)
-        st['masked_tiles' if masked else 'unmasked_tiles'] += 1
-        query, visible = visibility(m0, kw, masked)
-        tid = np.broadcast_to(lane_tids(warp), query.shape)
-        l2 = ld_float(sLse2 + query, tid)
-        p_t, slope = probability(p_t, l2, visible, p, ft)
+        query, tid, p_t, slope = masked_probabilities_t(warp, q_tile, sLse2, m0, kw)
         ps = (p_t * slope).astype(ft)
         key = kw + GID[None, None, :] + 8 * (np.arange(4)[None, :, None] // 2)
         for mt in range(C.kMTiles):
@@ -949,19 +948,9 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
                           f"{max(errs[1::2]):.2f}) tiles={stats['tiles']} ({time.time() - t1:.2f}s)", flush=True)
                 if not ok:
                     failures.append(f"{case['name']} splits={ns} {mode}: errors {errs}")
-    if verbose:
-        print('coverage (all runs):', ', '.join(f'{k_} {v_}' for k_, v_ in coverage.items()))
-        print(f'{len(results)} runs, {len(failures)} failures, {time.time() - t0:.1f}s')
-    if not names:
-        missing = [k_ for k_, v_ in coverage.items() if v_ == 0]
-        if missing:
-            failures.append(f'cases never exercise: {missing}')
-        every = {repr(C) for D in HEAD_DIMS for C in bwd_configs(D)}
-        if configs != every:
-            failures.append(f'configurations never run: {sorted(every - configs)}')
-    if failures:
-        raise AssertionError('\n'.join(failures))
-    return results
+    every = {repr(C) for D in HEAD_DIMS for C in bwd_configs(D)}
+    unrun = [f'configurations never run: {sorted(every - configs)}'] if configs != every else []
+    return ptx_emu.finish_runs(results, failures, coverage, t0, not names, unrun, verbose)
 
 
 # Each injected bug (MUT hook) and the case that must catch it (exact mode, the case's splits in order).

@@ -199,20 +199,20 @@ def tiles_of(n, block):
 
 
 # KeyWindow (attention_window.h), vectorised over i (int64 numpy; the kernel's int never overflows).
-def kw_key_begin(w, i, len_q, len_k):
+def kw_aligned_row(i, len_q, len_k):
+    """Row i's position among the keys, i' = i + len_k - len_q (bottom-right; the mutant: top-left)."""
     i = np.asarray(i, np.int64)
-    ip = i + len_k - len_q
-    if 'top_left' in MUT:
-        ip = i
+    return i if 'top_left' in MUT else i + len_k - len_q
+
+
+def kw_key_begin(w, i, len_q, len_k):
+    ip = kw_aligned_row(i, len_q, len_k)
     left = w[0]
     return np.where((left < 0) | (ip <= left), 0, ip - left)
 
 
 def kw_key_end(w, i, len_q, len_k):
-    i = np.asarray(i, np.int64)
-    ip = i + len_k - len_q
-    if 'top_left' in MUT:
-        ip = i
+    ip = kw_aligned_row(i, len_q, len_k)
     right = w[1]
     end = np.where((right < 0) | (right >= len_k - ip), len_k, ip + right + 1)
     begin = kw_key_begin(w, i, len_q, len_k)
@@ -821,17 +821,9 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
             rs = [r for r in results if r[2] == mode]
             if rs:
                 print(f'     {mode:<6}: max out err {max(r[3] for r in rs):.1e}, max lse err {max(r[4] for r in rs):.1e}')
-        print('coverage (all runs):', ', '.join(f'{k_} {v_}' for k_, v_ in coverage.items()))
-        print(f'{len(results)} runs, {len(failures)} failures, {time.time() - t0:.1f}s')
-    if not names:
-        missing = [k_ for k_, v_ in coverage.items() if v_ == 0]
-        if missing:
-            failures.append(f'cases never exercise: {missing}')
-        if tiles_run != set(range(kNumFwdTiles)):
-            failures.append(f'tile configurations never run: {sorted(set(range(kNumFwdTiles)) - tiles_run)}')
-    if failures:
-        raise AssertionError('\n'.join(failures))
-    return results
+    every = set(range(kNumFwdTiles))
+    unrun = [f'tile configurations never run: {sorted(every - tiles_run)}'] if tiles_run != every else []
+    return ptx_emu.finish_runs(results, failures, coverage, t0, not names, unrun, verbose)
 
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'no_wait', 'q_frag_early', 'mask_lo', 'top_left', 'mask_tail_only',

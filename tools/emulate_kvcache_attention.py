@@ -858,16 +858,8 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
                           f"({time.time() - t1:.2f}s)", flush=True)
                 if not ok:
                     failures.append(f"{case['name']} splits={p.splits} {mode}: out {eo:.2e} lse {el:.2e} nan {nan}")
-    if verbose:
-        print('coverage (CTAs / tiles / rows, all runs):', ', '.join(f'{k_} {v_}' for k_, v_ in coverage.items()))
-        print(f'{len(results)} runs, {len(failures)} failures, {time.time() - t0:.1f}s')
-    if not names:
-        missing = [k_ for k_, v_ in coverage.items() if v_ == 0]
-        if missing:
-            failures.append(f'cases never exercise: {missing}')
-    if failures:
-        raise AssertionError('\n'.join(failures))
-    return results
+    return ptx_emu.finish_runs(results, failures, coverage, t0, not names, verbose=verbose,
+                               label='CTAs / tiles / rows, all runs')
 
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo', 'top_left', 'ldm_b_addr',

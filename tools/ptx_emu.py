@@ -285,6 +285,24 @@ def check_mutants(mutants, find_failure, verbose=True):
     return caught
 
 
+def finish_runs(results, failures, coverage, t0, every_case, unrun=(), verbose=True, label='all runs'):
+    """The end of a transcription's run_cases: prints the coverage counters and the totals; with
+    every case run (every_case), a counter still 0 and the configurations in `unrun` (messages)
+    are failures too. Raises AssertionError listing every failure, else returns results."""
+    if verbose:
+        print(f'coverage ({label}):', ', '.join(f'{k} {v}' for k, v in coverage.items()))
+        print(f'{len(results)} runs, {len(failures)} failures, {time.time() - t0:.1f}s')
+    failures = list(failures)
+    if every_case:
+        missing = [k for k, v in coverage.items() if v == 0]
+        if missing:
+            failures.append(f'cases never exercise: {missing}')
+        failures += list(unrun)
+    if failures:
+        raise AssertionError('\n'.join(failures))
+    return results
+
+
 def main(run_cases, check_mutants):
     """`python tools/emulate_X.py [case-name-substring ...]`: the cases (all, or those named),
     then, with no argument, the mutants."""
