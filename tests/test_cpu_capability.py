@@ -107,6 +107,20 @@ def test_library_holds_its_level_instructions(level):
         assert mnemonic not in text, f"{level}: {mnemonic} in {path}"
 
 
+def test_tile_configurations_load_through_load_config():
+    """Every LDTILECFG goes through cpu::amx::load_config (amx_dot.h), whose asm operand is the
+    whole 64-byte configuration. GCC 12's _tile_loadconfig declares only 8 bytes of it read, so the
+    compiler may drop the stores of the tile rows and widths as dead, and the first tile
+    instruction then raises SIGILL."""
+    offenders = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "csrc")):
+        for name in files:
+            with open(os.path.join(dirpath, name)) as f:
+                if "_tile_loadconfig(" in f.read():
+                    offenders.append(os.path.relpath(os.path.join(dirpath, name), ROOT))
+    assert offenders == [], f"_tile_loadconfig in {offenders}: use cpu::amx::load_config"
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_key_correctness_tests_pass_at_every_level(level):
     if level not in _runnable_built():

@@ -51,6 +51,13 @@ struct alignas(64) TileConfig {
   uint16_t bytes_per_row[16] = {};
   uint8_t rows[16] = {};
 };
+static_assert(sizeof(TileConfig) == 64, "LDTILECFG reads 64 bytes");
+
+// LDTILECFG with the whole 64-byte configuration as its operand. GCC 12's _tile_loadconfig
+// declares only the first 8 bytes as read, so the compiler may drop the stores of the rows and
+// bytes per row of a local configuration as dead (it does once configure() is constant-folded):
+// the tiles are then unconfigured and the first tile instruction raises SIGILL.
+inline void load_config(const TileConfig& config) { __asm__ volatile("ldtilecfg %0" : : "m"(config)); }
 
 // Configures the tiles for a block of row tiles with rows0 and rows1 rows (rows1 = 0: one row
 // tile; its tiles stay unconfigured and unused).
@@ -67,7 +74,7 @@ inline void configure(int rows0, int rows1) {
     config.rows[6 + i] = kTileK / 2;  // B: one row per pair of k
     config.bytes_per_row[6 + i] = kTileBytes;
   }
-  _tile_loadconfig(&config);
+  load_config(config);
 }
 
 // C[MT row tiles, NT column tiles] (+)= A B over K = 2 k_pairs (tile numbers are immediates,

@@ -522,7 +522,7 @@ inline void configure(int64_t nr) {
   cfg.bytes_per_row[LLAMA_EXT_TMM_K] = 64;
   cfg.rows[LLAMA_EXT_TMM_Q] = kChunk / 2;  // bf16 pairs [16, nr, 2]
   cfg.bytes_per_row[LLAMA_EXT_TMM_Q] = static_cast<uint16_t>(4 * nr);
-  _tile_loadconfig(&cfg);
+  cpu::amx::load_config(cfg);
 }
 
 // q row n (< nr) of head hh as B tiles: the pair (q[2i], q[2i + 1]) of chunk c at
