@@ -25,8 +25,9 @@ keeps the change to the one model being patched):
   rotary embedding: transformers calls ``apply_rotary_pos_emb`` as a module-level function of
   ``modeling_<family>``, shared by every model of that family in the process (including unpatched
   ones, e.g. a reference model), so each patched module runs a copy of its forward in which that
-  one global name is bound to :func:`llama_ext.apply_rotary` (checked against the family's own
-  function on probe inputs first). The rotation uses HF's cos/sin, so every rope type (llama3,
+  one global name is bound to :func:`llama_ext.apply_rotary` in the pairing the family's own
+  function computes (Llama's ``rotate_half`` halves, or GLM's and ERNIE's interleaved pairs),
+  found by comparing the two on probe inputs. The rotation uses HF's cos/sin, so every rope type (llama3,
   longrope, per-layer-type bases, partial rotary) is computed from exactly HF's angles.
 
 Exactness: what the kernels cannot reproduce exactly raises ``ValueError`` naming it (attention
@@ -88,6 +89,27 @@ SUPPORTED_FAMILIES = {
     "olmo2": "OLMo 2",
     "granite": "Granite",
     "smollm3": "SmolLM3",
+    "gemma": "Gemma",
+    "vaultgemma": "VaultGemma",
+    "glm": "GLM",
+    "glm4": "GLM-4",
+    "glm4_moe": "GLM-4-MoE",
+    "ernie4_5": "ERNIE 4.5",
+    "ernie4_5_moe": "ERNIE 4.5 MoE",
+    "helium": "Helium",
+    "olmo3": "OLMo 3",
+    "olmoe": "OLMoE",
+    "flex_olmo": "FlexOlmo",
+    "exaone4": "EXAONE 4.0",
+    "ministral": "Ministral",
+    "seed_oss": "Seed-OSS",
+    "arcee": "Arcee",
+    "internlm3": "InternLM3",
+    "hunyuan_v1_dense": "Hunyuan",
+    "hunyuan_v1_moe": "Hunyuan-MoE",
+    "qwen2_moe": "Qwen2-MoE",
+    "granitemoe": "GraniteMoE",
+    "dots1": "dots.llm1",
 }
 
 
@@ -332,10 +354,12 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, llama_ext_padding_mask)
 # ---- attention module forward with llama_ext rotary -----------------------------------------
 
 
-def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tuple[Tensor, Tensor]:
+def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+                          interleaved: bool = False) -> Tuple[Tensor, Tensor]:
     """Rotate q [batch, seq, n_q_heads, d] and k [batch, seq, n_kv_heads, d] by HF's per-token
     cos/sin ([batch or 1, seq, rotary_dim], both halves equal; rotary_dim <= d, the rest of each
-    head passes through, as in HF's partial rotary).
+    head passes through, as in HF's partial rotary), pairing dims (i, i + rotary_dim/2) or, with
+    ``interleaved``, (2i, 2i + 1).
 
     Each token's first half of cos/sin becomes one row of a [rows, rotary_dim/2] table, looked up
     at position = row index: the rotation uses exactly HF's angles, whatever the rope type
@@ -348,54 +372,74 @@ def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> Tup
     cos_table = cos[..., :half].reshape(table_batch * seq, half).to(torch.float32).contiguous()
     sin_table = sin[..., :half].reshape(table_batch * seq, half).to(torch.float32).contiguous()
     positions = torch.arange(table_batch * seq, device=q.device).view(table_batch, seq)
-    return llama_ext.apply_rotary(q, k, cos_table, sin_table, positions[0] if table_batch == 1 else positions)
+    return llama_ext.apply_rotary(q, k, cos_table, sin_table, positions[0] if table_batch == 1 else positions,
+                                  interleaved=interleaved)
 
 
-def _apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
-    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` on llama_ext:
-    q/k are [batch, heads, seq, d] (``unsqueeze_dim=1``, how attention modules call it) or
-    [batch, seq, heads, d] (``unsqueeze_dim=2``); the results have the inputs' layout."""
+def _rotary_in_hf_layout(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int, interleaved: bool):
     if unsqueeze_dim == 2:
-        return _apply_rotary_from_hf(q, k, cos, sin)
+        return _apply_rotary_from_hf(q, k, cos, sin, interleaved)
     if unsqueeze_dim != 1:
         raise ValueError(f"apply_rotary_pos_emb: unsqueeze_dim must be 1 or 2, got {unsqueeze_dim}")
     # The kernel writes its outputs in the inputs' strides, so the rotated [batch, seq, heads, d]
     # views transpose back to contiguous HF-layout tensors.
-    q, k = _apply_rotary_from_hf(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    q, k = _apply_rotary_from_hf(q.transpose(1, 2), k.transpose(1, 2), cos, sin, interleaved)
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
+def _apply_rotary_pos_emb(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+    """transformers' ``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim)`` of the Llama family
+    (``rotate_half``: dims i and i + rotary_dim/2 rotate together) on llama_ext: q/k are
+    [batch, heads, seq, d] (``unsqueeze_dim=1``, how attention modules call it) or
+    [batch, seq, heads, d] (``unsqueeze_dim=2``); the results have the inputs' layout."""
+    return _rotary_in_hf_layout(q, k, cos, sin, unsqueeze_dim, interleaved=False)
+
+
+def _apply_rotary_pos_emb_interleaved(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+    """The same with dims 2i and 2i + 1 rotating together, by the angle of cos/sin's column i (GLM,
+    ERNIE 4.5, Helium: cos[..., :rotary_dim/2].repeat_interleave(2))."""
+    return _rotary_in_hf_layout(q, k, cos, sin, unsqueeze_dim, interleaved=True)
+
+
 _ROTARY_NAME = "apply_rotary_pos_emb"
+# llama_ext's rotary embeddings for HF families, each with the pairing it computes.
+_ROTARIES = {
+    "half-split rotate_half": _apply_rotary_pos_emb,
+    "interleaved (2i, 2i+1)": _apply_rotary_pos_emb_interleaved,
+}
 
 
 @functools.lru_cache(maxsize=None)
-def _check_rotary(rotary_fn) -> None:
-    """Raise unless the family's ``apply_rotary_pos_emb`` computes what :func:`_apply_rotary_pos_emb`
-    does: same parameters, same results on random q/k and angles, full width and (where the
-    family's function takes it) partial."""
+def _check_rotary(rotary_fn):
+    """The llama_ext rotary (of ``_ROTARIES``) that computes what the family's
+    ``apply_rotary_pos_emb`` does: same parameters, same results on random q/k and angles, full
+    width and (where the family's function takes it) partial. Raises if none does."""
     where = f"{rotary_fn.__module__}.{rotary_fn.__qualname__}"
     params = list(inspect.signature(rotary_fn).parameters)
     if params != list(inspect.signature(_apply_rotary_pos_emb).parameters):
-        raise ValueError(f"{where}{inspect.signature(rotary_fn)} is not the rotary embedding llama_ext computes")
+        raise ValueError(f"{where}{inspect.signature(rotary_fn)} is not a rotary embedding llama_ext computes")
     generator = torch.Generator().manual_seed(0)
     batch, seq, head_dim = 2, 5, 16
     q = torch.randn(batch, 4, seq, head_dim, generator=generator)
     k = torch.randn(batch, 2, seq, head_dim, generator=generator)
+    cases = []
     for rotary_dim in (head_dim, head_dim // 2):
         angles = 10 * torch.rand(batch, seq, rotary_dim // 2, generator=generator)
         cos, sin = angles.cos().repeat(1, 1, 2), angles.sin().repeat(1, 1, 2)
         try:
-            expected = rotary_fn(q, k, cos, sin)
+            cases.append((cos, sin, rotary_fn(q, k, cos, sin)))
         except RuntimeError:  # a full-width-only rotation refuses narrower tables: never called with them
             if rotary_dim < head_dim:
                 continue
             raise
-        actual = _apply_rotary_pos_emb(q, k, cos, sin)
-        if not all(torch.allclose(a, e, rtol=1e-5, atol=1e-5) for a, e in zip(actual, expected)):
-            raise ValueError(
-                f"{where} is not the rotary embedding llama_ext computes (half-split rotate_half rotation of the "
-                f"first {rotary_dim} of {head_dim} dims by cos/sin)"
-            )
+    for ours in _ROTARIES.values():
+        if all(torch.allclose(a, e, rtol=1e-5, atol=1e-5)
+               for cos, sin, expected in cases for a, e in zip(ours(q, k, cos, sin), expected)):
+            return ours
+    raise ValueError(
+        f"{where} is not a rotary embedding llama_ext computes (a {' or '.join(_ROTARIES)} rotation of the first "
+        f"rotary_dim dims by cos/sin, tried with rotary_dim {head_dim} and {head_dim // 2} of {head_dim})"
+    )
 
 
 def _with_global(fn, name: str, value):
@@ -439,8 +483,7 @@ def _forward_with_llama_ext_rotary(attention_class):
     inner = inspect.unwrap(forward)
     if _ROTARY_NAME not in inner.__code__.co_names:
         return forward
-    _check_rotary(inner.__globals__[_ROTARY_NAME])
-    return _with_global(forward, _ROTARY_NAME, _apply_rotary_pos_emb)
+    return _with_global(forward, _ROTARY_NAME, _check_rotary(inner.__globals__[_ROTARY_NAME]))
 
 
 def _patched_attention_forward(self, *args, **kwargs):
