@@ -31,7 +31,7 @@ keeps the change to the one model being patched):
   longrope, per-layer-type bases, partial rotary) is computed from exactly HF's angles.
 
 Exactness: what the kernels cannot reproduce exactly raises ``ValueError`` naming it (attention
-dropout in training, ``output_attentions``, 4D, bidirectional or custom masks, a sliding window
+dropout in training, ``output_attentions``, attention sinks, 4D, bidirectional or custom masks, a sliding window
 over a padding mask with holes, padded batches on a static cache, an RMSNorm or rotary that is not
 one the kernels compute, a model family without a parity test); nothing silently falls back to HF
 code. HF's sliding window ``W`` (a query sees itself and the ``W - 1`` keys before it) is the
@@ -110,6 +110,11 @@ SUPPORTED_FAMILIES = {
     "qwen2_moe": "Qwen2-MoE",
     "granitemoe": "GraniteMoE",
     "dots1": "dots.llm1",
+    "granitemoeshared": "GraniteMoE-Shared",
+    "jetmoe": "JetMoE",
+    "bitnet": "BitNet",
+    "qwen3_next": "Qwen3-Next",
+    "minimax": "MiniMax",
 }
 
 
@@ -129,6 +134,8 @@ def _reject_unsupported_attention(module, dropout: float, kwargs) -> None:
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
         raise ValueError("output_attentions=True is not supported: llama_ext attention never forms the attention matrix")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("attention sinks (s_aux, as GPT-OSS passes them) are not supported by llama_ext attention")
 
 
 def _kernel_options(sliding_window: Optional[int], softcap: Optional[float]) -> dict:
@@ -428,10 +435,13 @@ def _check_rotary(rotary_fn):
         cos, sin = angles.cos().repeat(1, 1, 2), angles.sin().repeat(1, 1, 2)
         try:
             cases.append((cos, sin, rotary_fn(q, k, cos, sin)))
-        except RuntimeError:  # a full-width-only rotation refuses narrower tables: never called with them
+        except RuntimeError as error:  # a full-width-only rotation refuses narrower tables: never called with them
             if rotary_dim < head_dim:
                 continue
-            raise
+            raise ValueError(
+                f"{where} is not a rotary embedding llama_ext computes: it fails on cos/sin of HF's usual "
+                f"[batch, seq, rotary_dim] layout ({error})"
+            ) from error
     for ours in _ROTARIES.values():
         if all(torch.allclose(a, e, rtol=1e-5, atol=1e-5)
                for cos, sin, expected in cases for a, e in zip(ours(q, k, cos, sin), expected)):

@@ -106,6 +106,16 @@ FAMILY_CONFIGS = {
     "dots1": ("Dots1Config", dict(
         head_dim=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=96,
         first_k_dense_replace=1, n_group=1, topk_group=1)),
+    "granitemoeshared": ("GraniteMoeSharedConfig", dict(
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, attention_multiplier=0.05)),
+    "jetmoe": ("JetMoeConfig", {}),  # mixture of attention heads: kv heads shared by the experts' queries
+    "bitnet": ("BitNetConfig", {}),  # ternary linears, an RMSNorm before o_proj
+    # hybrids: their linear-attention layers stay HF's, the full-attention ones run on llama_ext
+    "qwen3_next": ("Qwen3NextConfig", dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+        shared_expert_intermediate_size=96, layer_types=["linear_attention", "full_attention"],
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32)),
+    "minimax": ("MiniMaxConfig", dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2)),
 }
 
 
@@ -120,7 +130,7 @@ def family_param(family, *rest):
 
 FAMILIES = [family_param(family) for family in FAMILY_CONFIGS]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "glm4_moe", "ernie4_5_moe", "olmoe", "flex_olmo", "hunyuan_v1_moe",
-                "qwen2_moe", "granitemoe", "dots1")
+                "qwen2_moe", "granitemoe", "dots1", "granitemoeshared", "jetmoe", "qwen3_next", "minimax")
 
 
 def tiny_config(family, **overrides):
@@ -301,6 +311,20 @@ def test_rotary_is_checked_against_the_family_function():
     assert _check_rotary(modeling_glm.apply_rotary_pos_emb) is _apply_rotary_pos_emb_interleaved  # partial
     with pytest.raises(ValueError, match="inverse_apply_rotary_pos_emb is not a rotary embedding llama_ext computes"):
         _check_rotary(inverse_apply_rotary_pos_emb)
+    if hasattr(transformers, "GptOssConfig"):  # half-width cos/sin tables: the probe's layout fails in it
+        from transformers.models.gpt_oss import modeling_gpt_oss
+
+        with pytest.raises(ValueError, match="gpt_oss.apply_rotary_pos_emb is not a rotary embedding llama_ext"):
+            _check_rotary(modeling_gpt_oss.apply_rotary_pos_emb)
+
+
+def test_attention_sinks_raise():
+    from llama_ext.transformers import llama_ext_attention_forward
+
+    q, kv = torch.randn(1, 4, 5, 32), torch.randn(1, 2, 5, 32)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="attention sinks"):
+        llama_ext_attention_forward(module, q, kv, kv, None, s_aux=torch.zeros(4))
 
 
 def test_unsupported_family_raises_naming_the_supported_ones():
