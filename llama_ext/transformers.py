@@ -39,8 +39,9 @@ kernels' ``window_size=(W - 1, 0)``; logit softcapping is the kernels' ``softcap
 
 HF's static cache (``cache_implementation="static"``): the family's forward writes the step's k/v
 into the cache's buffers as usual, and attention then runs on
-:func:`llama_ext.gqa_attention_with_kvcache` over those buffers, with the lengths read from the
-layer's device-side counter, so a ``torch.compile(fullgraph=True)`` decode step has no host sync.
+:func:`llama_ext.gqa_attention_with_kvcache` over what the layer returns, with the lengths read
+from the layer's device-side counter (a sliding-window layer's ring: see
+``_static_cache_attention``), so a ``torch.compile(fullgraph=True)`` decode step has no host sync.
 
 Padded batches are unpadded to :func:`llama_ext.gqa_attention_varlen`, as are packed sequences
 (several per row, restarting position_ids, no attention_mask: transformers detects them). Query rows at padding
@@ -322,15 +323,17 @@ def llama_ext_padding_mask(
     A sliding-window overlay is left to the attention function, which applies each layer's
     ``sliding_window`` in the kernel; any other mask pattern (bidirectional, custom mask functions) raises.
     """
-    # Plain causal (the compiled static-cache decode step's case) skips the closure walk, which
-    # dynamo cannot trace.
-    plain = mask_function is causal_mask_function
-    parts = [mask_function] if plain else _mask_parts(mask_function)
-    packed = [] if plain else [part for part in parts if _is_part(part, "packed_sequence_mask_function")]
+    # The closure walk that tells the mask's parts apart is plain Python, which dynamo cannot
+    # trace: a compiled step (a static-cache decode step, after an eager prefill that walked the
+    # same model's masks) skips it, and so does plain causal attention.
+    walk = mask_function is not causal_mask_function and not torch.compiler.is_compiling()
+    parts = _mask_parts(mask_function) if walk else [mask_function]
+    packed = [part for part in parts if _is_part(part, "packed_sequence_mask_function")] if walk else []
     unsupported = [
         part
         for part in parts
-        if part is not causal_mask_function and not _is_part(part, "sliding_window_overlay") and part not in packed
+        if walk and part is not causal_mask_function and not _is_part(part, "sliding_window_overlay")
+        and part not in packed
     ]
     if unsupported:
         raise ValueError(
@@ -515,26 +518,34 @@ _STATIC_LAYER_KWARG = "llama_ext_static_cache_layer"
 
 def _static_cache_layer(cache, layer_idx: int):
     """The layer of a static (compileable) cache that this attention serves, or None for
-    dynamic caches. Static layers other than transformers' plain StaticLayer (sliding-window
-    rings, quantized or offloaded layers) raise."""
+    dynamic caches. Static layers other than transformers' StaticLayer and its sliding-window
+    ring (quantized or offloaded layers) raise."""
     if not getattr(cache, "is_compileable", False):
         return None
     layers = getattr(cache, "layers", None)
     layer = layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
-    if type(layer).__name__ != "StaticLayer":
+    if type(layer).__name__ not in ("StaticLayer", "StaticSlidingWindowLayer"):
         raise ValueError(
             f"{type(cache).__name__} with {type(layer).__name__} layers is not supported by patch_model; use "
-            'cache_implementation="static" (StaticLayer) or the default DynamicCache'
+            'cache_implementation="static" (StaticLayer, StaticSlidingWindowLayer) or the default DynamicCache'
         )
     return layer
 
 
 def _static_cache_attention(layer, q: Tensor, k: Tensor, v: Tensor, attention_mask, options: dict,
                             scaling: Optional[float]) -> Tensor:
-    """Attention of q [batch, seq, n_q_heads, d] over a static layer's buffers k/v ([batch,
-    max_cache_len, n_kv_heads, d] views), which the family's forward has just appended this step's
-    k/v to: one llama_ext.gqa_attention_with_kvcache call, with the layer's device-side length
-    counter as cache_seqlens, so a compiled decode step needs no host sync."""
+    """Attention of q [batch, seq, n_q_heads, d] over what a static layer's update just returned,
+    k/v [batch, length, n_kv_heads, d] views holding this step's k/v after the earlier tokens: one
+    llama_ext.gqa_attention_with_kvcache call over their first cache_seqlens tokens, the queries
+    aligned to the last of them.
+
+    A StaticLayer returns its buffers; their filled length is its device-side counter, so a
+    compiled decode step needs no host sync. A StaticSlidingWindowLayer keeps the last
+    W = sliding window tokens: it returns its buffers while they are not full (filled length: the
+    counter), then its ring (rolled so that the newest token is last) or, for several new tokens,
+    the ring's tokens followed by them; every returned token is then filled, and its device-side
+    counter is no longer advanced. Its host-side count of every token seen tells the two apart: the
+    filled length is the smaller of that count and the returned length."""
     if attention_mask is not None:
         # A 2D padding mask reaches here only when not all of its tokens are real (the mask
         # function drops all-True masks while it can check them): padded batches need varlen.
@@ -542,7 +553,11 @@ def _static_cache_attention(layer, q: Tensor, k: Tensor, v: Tensor, attention_ma
             "patch_model's static-cache path needs unpadded batches (attention_mask None or all ones); use the "
             "default DynamicCache for padded batches"
         )
-    cache_seqlens = layer.cumulative_length.to(torch.int32).expand(q.shape[0])
+    if getattr(layer, "is_sliding", False):
+        filled = min(layer.cumulative_length_int, k.shape[1])
+        cache_seqlens = torch.full((q.shape[0],), filled, dtype=torch.int32, device=q.device)
+    else:
+        cache_seqlens = layer.cumulative_length.to(torch.int32).expand(q.shape[0])
     return llama_ext.gqa_attention_with_kvcache(q, k, v, cache_seqlens, scale=scaling, **options)
 
 

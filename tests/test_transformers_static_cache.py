@@ -15,6 +15,7 @@ else:
     transformers = pytest.importorskip("transformers", minversion="5.0", reason="needs transformers >= 5.0")
 
 from llama_ext.transformers import patch_model  # noqa: E402
+from test_transformers import build_pair as family_pair  # noqa: E402
 
 VOCAB = 96
 
@@ -47,12 +48,27 @@ def test_static_cache_generate_matches_hf_eager(device, batch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_decode_step_under_static_cache(device):
-    """One decode step compiled with fullgraph=True (a graph break or a data-dependent host read
-    fails the compile) gives HF eager's logits, step after step."""
-    torch._dynamo.reset()
-    hf, ours = build_pair(device)
-    ids = torch.randint(2, VOCAB, (2, 7), device=device)
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("prompt", [5, 20], ids=["within_window", "past_window"])
+def test_static_cache_with_sliding_window_layers_matches_hf_eager(device, family, prompt):
+    """Sliding layers of a static cache (StaticSlidingWindowLayer: a ring of the last W = 8 tokens)
+    beside full ones (Gemma 2 and 3 alternate them): prompts shorter and longer than the window,
+    and more new tokens than it."""
+    hf, ours = family_pair(family, device)
+    hf.eval()
+    ours.eval()
+    ids = torch.randint(2, VOCAB, (2, prompt), device=device)
+    kwargs = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False, use_cache=True, pad_token_id=0)
+    with torch.no_grad():
+        expected = hf.generate(ids, **kwargs)
+        static = ours.generate(ids, cache_implementation="static", **kwargs)
+    assert torch.equal(static, expected), f"static cache tokens differ:\n{static}\n{expected}"
+
+
+def assert_compiled_decode_matches_hf(hf, ours, device, prompt, last_position):
+    """Steps of one decode step compiled with fullgraph=True (a graph break or a data-dependent host
+    read fails the compile; on CUDA a host sync raises) give HF eager's logits, step after step."""
+    ids = torch.randint(2, VOCAB, (2, prompt), device=device)
     cache = transformers.StaticCache(config=ours.config, max_cache_len=32)
     hf_cache = transformers.DynamicCache(config=hf.config)
 
@@ -65,15 +81,35 @@ def test_compiled_decode_step_under_static_cache(device):
         ours(input_ids=ids, past_key_values=cache, use_cache=True)
         hf_logits = hf(input_ids=ids, past_key_values=hf_cache, use_cache=True).logits
         token = hf_logits[:, -1:].argmax(-1)
-        for pos in range(7, 11):
+        for pos in range(prompt, last_position + 1):
             position = torch.tensor([pos], device=device)
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode("error")
             try:
-                logits = compiled(token, position) if pos > 7 else step(token, position)
+                logits = compiled(token, position) if pos > prompt else step(token, position)
             finally:
                 if device == "cuda":
                     torch.cuda.set_sync_debug_mode("default")
             expected = hf(input_ids=token, past_key_values=hf_cache, use_cache=True).logits
             torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
             token = expected[:, -1:].argmax(-1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_step_under_static_cache(device):
+    torch._dynamo.reset()
+    hf, ours = build_pair(device)
+    assert_compiled_decode_matches_hf(hf, ours, device, prompt=7, last_position=10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_decode_step_with_sliding_window_layers(device):
+    """Gemma 2's sliding (window 8) and full layers, decoding past the window. transformers' own
+    mask code reads the sliding layers' host-side token count, so dynamo recompiles the step for
+    each count until the window is full, for HF's attention as for ours: the limit is raised."""
+    torch._dynamo.reset()
+    hf, ours = family_pair("gemma2", device)
+    hf.eval()
+    ours.eval()
+    with torch._dynamo.config.patch(recompile_limit=32):
+        assert_compiled_decode_matches_hf(hf, ours, device, prompt=5, last_position=12)
