@@ -1,4 +1,5 @@
-"""Run HF transformers RMSNorm + RoPE + GQA decoders on llama_ext's kernels: ``patch_model(model)``.
+"""Run HF transformers RMSNorm + RoPE + GQA decoders on llama_ext's kernels: ``patch_model(model)``
+(RoPE decoders with LayerNorms too: their attention and rotary).
 
 Importing this module imports ``transformers`` (an optional dependency: ``pip install
 .[transformers]``) and registers the ``"llama_ext"`` attention implementation, so
@@ -116,6 +117,13 @@ SUPPORTED_FAMILIES = {
     "bitnet": "BitNet",
     "qwen3_next": "Qwen3-Next",
     "minimax": "MiniMax",
+    "stablelm": "StableLM",
+    "starcoder2": "StarCoder2",
+    "phi": "Phi",
+    "olmo": "OLMo",
+    "nemotron": "Nemotron",
+    "gpt_neox": "GPT-NeoX",
+    "persimmon": "Persimmon",
 }
 
 

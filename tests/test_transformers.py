@@ -116,6 +116,14 @@ FAMILY_CONFIGS = {
         shared_expert_intermediate_size=96, layer_types=["linear_attention", "full_attention"],
         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32)),
     "minimax": ("MiniMaxConfig", dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2)),
+    # LayerNorm decoders: attention and rotary on llama_ext, their norms stay HF's
+    "stablelm": ("StableLmConfig", dict(use_qkv_bias=True, qk_layernorm=True)),  # partial rotary
+    "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
+    "phi": ("PhiConfig", dict(partial_rotary_factor=0.5)),
+    "olmo": ("OlmoConfig", {}),
+    "nemotron": ("NemotronConfig", dict(head_dim=32)),
+    "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
+    "persimmon": ("PersimmonConfig", dict(qk_layernorm=True)),
 }
 
 
