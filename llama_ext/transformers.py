@@ -27,8 +27,9 @@ keeps the change to the one model being patched):
   ``modeling_<family>``, shared by every model of that family in the process (including unpatched
   ones, e.g. a reference model), so each patched module runs a copy of its forward in which that
   one global name is bound to :func:`llama_ext.apply_rotary` in the pairing the family's own
-  function computes (Llama's ``rotate_half`` halves, or GLM's and ERNIE's interleaved pairs),
-  found by comparing the two on probe inputs. The rotation uses HF's cos/sin, so every rope type (llama3,
+  function computes (Llama's ``rotate_half`` halves, GLM's and ERNIE's interleaved pairs, or
+  Cohere's interleaved pairs on tables that repeat each angle in adjacent columns), found by
+  comparing them on probe inputs. The rotation uses HF's cos/sin, so every rope type (llama3,
   longrope, per-layer-type bases, partial rotary) is computed from exactly HF's angles.
 
 Exactness: what the kernels cannot reproduce exactly raises ``ValueError`` naming it (attention
@@ -124,6 +125,8 @@ SUPPORTED_FAMILIES = {
     "nemotron": "Nemotron",
     "gpt_neox": "GPT-NeoX",
     "persimmon": "Persimmon",
+    "cohere": "Cohere (Command R)",
+    "cohere2": "Cohere 2 (Command R7B, Command A)",
 }
 
 
@@ -372,36 +375,41 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, llama_ext_padding_mask)
 # ---- attention module forward with llama_ext rotary -----------------------------------------
 
 
-def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
-                          interleaved: bool = False) -> Tuple[Tensor, Tensor]:
+def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interleaved: bool = False,
+                          pair_tables: bool = False) -> Tuple[Tensor, Tensor]:
     """Rotate q [batch, seq, n_q_heads, d] and k [batch, seq, n_kv_heads, d] by HF's per-token
-    cos/sin ([batch or 1, seq, rotary_dim], both halves equal; rotary_dim <= d, the rest of each
-    head passes through, as in HF's partial rotary), pairing dims (i, i + rotary_dim/2) or, with
-    ``interleaved``, (2i, 2i + 1).
+    cos/sin ([batch or 1, seq, rotary_dim]; rotary_dim <= d, the rest of each head passes through,
+    as in HF's partial rotary), pairing dims (i, i + rotary_dim/2) or, with ``interleaved``,
+    (2i, 2i + 1). HF's tables hold each angle twice: in both halves (``cat(f, f)``, most families)
+    or, with ``pair_tables``, in adjacent columns (``repeat_interleave(f, 2)``, Cohere).
 
-    Each token's first half of cos/sin becomes one row of a [rows, rotary_dim/2] table, looked up
-    at position = row index: the rotation uses exactly HF's angles, whatever the rope type
-    (llama3, linear, dynamic, longrope, ... and their attention scaling are all folded into cos/sin).
+    Each token's angles become one row of a [rows, rotary_dim/2] table, looked up at position =
+    row index: the rotation uses exactly HF's angles, whatever the rope type (llama3, linear,
+    dynamic, longrope, ... and their attention scaling are all folded into cos/sin).
     """
     half = cos.shape[-1] // 2
     table_batch, seq = cos.shape[0], cos.shape[1]
     if table_batch not in (1, q.shape[0]):
         raise ValueError(f"rotary cos/sin have batch {table_batch}, expected 1 or {q.shape[0]}")
-    cos_table = cos[..., :half].reshape(table_batch * seq, half).to(torch.float32).contiguous()
-    sin_table = sin[..., :half].reshape(table_batch * seq, half).to(torch.float32).contiguous()
+
+    def table(t: Tensor) -> Tensor:
+        angles = t[..., ::2] if pair_tables else t[..., :half]
+        return angles.reshape(table_batch * seq, half).to(torch.float32).contiguous()
+
     positions = torch.arange(table_batch * seq, device=q.device).view(table_batch, seq)
-    return llama_ext.apply_rotary(q, k, cos_table, sin_table, positions[0] if table_batch == 1 else positions,
+    return llama_ext.apply_rotary(q, k, table(cos), table(sin), positions[0] if table_batch == 1 else positions,
                                   interleaved=interleaved)
 
 
-def _rotary_in_hf_layout(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int, interleaved: bool):
+def _rotary_in_hf_layout(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int, interleaved: bool,
+                         pair_tables: bool = False):
     if unsqueeze_dim == 2:
-        return _apply_rotary_from_hf(q, k, cos, sin, interleaved)
+        return _apply_rotary_from_hf(q, k, cos, sin, interleaved, pair_tables)
     if unsqueeze_dim != 1:
         raise ValueError(f"apply_rotary_pos_emb: unsqueeze_dim must be 1 or 2, got {unsqueeze_dim}")
     # The kernel writes its outputs in the inputs' strides, so the rotated [batch, seq, heads, d]
     # views transpose back to contiguous HF-layout tensors.
-    q, k = _apply_rotary_from_hf(q.transpose(1, 2), k.transpose(1, 2), cos, sin, interleaved)
+    q, k = _apply_rotary_from_hf(q.transpose(1, 2), k.transpose(1, 2), cos, sin, interleaved, pair_tables)
     return q.transpose(1, 2), k.transpose(1, 2)
 
 
@@ -419,47 +427,67 @@ def _apply_rotary_pos_emb_interleaved(q: Tensor, k: Tensor, cos: Tensor, sin: Te
     return _rotary_in_hf_layout(q, k, cos, sin, unsqueeze_dim, interleaved=True)
 
 
+def _apply_rotary_pos_emb_pairs(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, unsqueeze_dim: int = 1):
+    """Dims 2i and 2i + 1 rotating together by the angle of cos/sin's columns 2i and 2i + 1, which
+    hold it twice (Cohere: its rotary embedding repeat_interleaves the angles)."""
+    return _rotary_in_hf_layout(q, k, cos, sin, unsqueeze_dim, interleaved=True, pair_tables=True)
+
+
 _ROTARY_NAME = "apply_rotary_pos_emb"
-# llama_ext's rotary embeddings for HF families, each with the pairing it computes.
+# llama_ext's rotary embeddings for HF families: the pairing each computes, and how the family's
+# cos/sin tables hold each angle twice (in both halves, or in adjacent columns), which is what
+# the family's function is probed with.
 _ROTARIES = {
-    "half-split rotate_half": _apply_rotary_pos_emb,
-    "interleaved (2i, 2i+1)": _apply_rotary_pos_emb_interleaved,
+    "half-split rotate_half": (_apply_rotary_pos_emb, False),
+    "interleaved (2i, 2i+1)": (_apply_rotary_pos_emb_interleaved, False),
+    "interleaved (2i, 2i+1) on pair-duplicated tables": (_apply_rotary_pos_emb_pairs, True),
 }
+
+
+def _rotary_probes(rotary_fn, pair_tables: bool):
+    """(q, k, cos, sin, rotary_fn's result) on random q/k and angles, full width and (where the
+    function takes it) half width; or the error that the function raised at full width."""
+    generator = torch.Generator().manual_seed(0)
+    batch, seq, head_dim = 2, 5, 16
+    q = torch.randn(batch, 4, seq, head_dim, generator=generator)
+    k = torch.randn(batch, 2, seq, head_dim, generator=generator)
+    probes = []
+    for rotary_dim in (head_dim, head_dim // 2):
+        angles = 10 * torch.rand(batch, seq, rotary_dim // 2, generator=generator)
+        twice = (lambda t: t.repeat_interleave(2, -1)) if pair_tables else (lambda t: t.repeat(1, 1, 2))
+        cos, sin = twice(angles.cos()), twice(angles.sin())
+        try:
+            probes.append((q, k, cos, sin, rotary_fn(q, k, cos, sin)))
+        except RuntimeError as error:  # a full-width-only rotation refuses narrower tables: never called with them
+            if rotary_dim == head_dim:
+                return error
+    return probes
 
 
 @functools.lru_cache(maxsize=None)
 def _check_rotary(rotary_fn):
     """The llama_ext rotary (of ``_ROTARIES``) that computes what the family's
-    ``apply_rotary_pos_emb`` does: same parameters, same results on random q/k and angles, full
-    width and (where the family's function takes it) partial. Raises if none does."""
+    ``apply_rotary_pos_emb`` does: same parameters, same results on random q/k and angles in the
+    tables' layout, full width and (where the family's function takes it) partial. Raises if
+    none does."""
     where = f"{rotary_fn.__module__}.{rotary_fn.__qualname__}"
     params = list(inspect.signature(rotary_fn).parameters)
     if params != list(inspect.signature(_apply_rotary_pos_emb).parameters):
         raise ValueError(f"{where}{inspect.signature(rotary_fn)} is not a rotary embedding llama_ext computes")
-    generator = torch.Generator().manual_seed(0)
-    batch, seq, head_dim = 2, 5, 16
-    q = torch.randn(batch, 4, seq, head_dim, generator=generator)
-    k = torch.randn(batch, 2, seq, head_dim, generator=generator)
-    cases = []
-    for rotary_dim in (head_dim, head_dim // 2):
-        angles = 10 * torch.rand(batch, seq, rotary_dim // 2, generator=generator)
-        cos, sin = angles.cos().repeat(1, 1, 2), angles.sin().repeat(1, 1, 2)
-        try:
-            cases.append((cos, sin, rotary_fn(q, k, cos, sin)))
-        except RuntimeError as error:  # a full-width-only rotation refuses narrower tables: never called with them
-            if rotary_dim < head_dim:
-                continue
-            raise ValueError(
-                f"{where} is not a rotary embedding llama_ext computes: it fails on cos/sin of HF's usual "
-                f"[batch, seq, rotary_dim] layout ({error})"
-            ) from error
-    for ours in _ROTARIES.values():
-        if all(torch.allclose(a, e, rtol=1e-5, atol=1e-5)
-               for cos, sin, expected in cases for a, e in zip(ours(q, k, cos, sin), expected)):
+    probes = {pair_tables: _rotary_probes(rotary_fn, pair_tables) for pair_tables in (False, True)}
+    for ours, pair_tables in _ROTARIES.values():
+        cases = probes[pair_tables]
+        if isinstance(cases, list) and all(
+            torch.allclose(a, e, rtol=1e-5, atol=1e-5)
+            for q, k, cos, sin, expected in cases
+            for a, e in zip(ours(q, k, cos, sin), expected)
+        ):
             return ours
+    errors = [probe for probe in probes.values() if isinstance(probe, Exception)]
+    failure = f": it fails on cos/sin of HF's [batch, seq, rotary_dim] layouts ({errors[0]})" if errors else ""
     raise ValueError(
-        f"{where} is not a rotary embedding llama_ext computes (a {' or '.join(_ROTARIES)} rotation of the first "
-        f"rotary_dim dims by cos/sin, tried with rotary_dim {head_dim} and {head_dim // 2} of {head_dim})"
+        f"{where} is not a rotary embedding llama_ext computes (one of: {', '.join(_ROTARIES)}; a rotation of the "
+        f"first rotary_dim dims by cos/sin){failure}"
     )
 
 

@@ -124,6 +124,10 @@ FAMILY_CONFIGS = {
     "nemotron": ("NemotronConfig", dict(head_dim=32)),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
     "persimmon": ("PersimmonConfig", dict(qk_layernorm=True)),
+    # interleaved rotary on tables that hold each angle in adjacent columns; parallel attention + MLP
+    "cohere": ("CohereConfig", dict(use_qk_norm=True, logit_scale=0.5)),
+    "cohere2": ("Cohere2Config", dict(  # rope on the sliding layers only
+        sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"], logit_scale=0.5)),
 }
 
 
@@ -311,12 +315,19 @@ def test_rotary_is_checked_against_the_family_function():
     from transformers.models.llama import modeling_llama
     from transformers.models.phi3 import modeling_phi3
 
-    from llama_ext.transformers import _apply_rotary_pos_emb, _apply_rotary_pos_emb_interleaved
+    from transformers.models.cohere import modeling_cohere
+
+    from llama_ext.transformers import (
+        _apply_rotary_pos_emb,
+        _apply_rotary_pos_emb_interleaved,
+        _apply_rotary_pos_emb_pairs,
+    )
 
     assert _check_rotary(modeling_llama.apply_rotary_pos_emb) is _apply_rotary_pos_emb
     assert _check_rotary(modeling_phi3.apply_rotary_pos_emb) is _apply_rotary_pos_emb  # partial rotary
     assert _check_rotary(interleaved_apply_rotary_pos_emb) is _apply_rotary_pos_emb_interleaved
     assert _check_rotary(modeling_glm.apply_rotary_pos_emb) is _apply_rotary_pos_emb_interleaved  # partial
+    assert _check_rotary(modeling_cohere.apply_rotary_pos_emb) is _apply_rotary_pos_emb_pairs
     with pytest.raises(ValueError, match="inverse_apply_rotary_pos_emb is not a rotary embedding llama_ext computes"):
         _check_rotary(inverse_apply_rotary_pos_emb)
     if hasattr(transformers, "GptOssConfig"):  # half-width cos/sin tables: the probe's layout fails in it

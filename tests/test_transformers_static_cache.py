@@ -48,12 +48,12 @@ def test_static_cache_generate_matches_hf_eager(device, batch):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["mistral", "gemma2", "gemma3", "cohere2"])
 @pytest.mark.parametrize("prompt", [5, 20], ids=["within_window", "past_window"])
 def test_static_cache_with_sliding_window_layers_matches_hf_eager(device, family, prompt):
     """Sliding layers of a static cache (StaticSlidingWindowLayer: a ring of the last W = 8 tokens)
-    beside full ones (Gemma 2 and 3 alternate them): prompts shorter and longer than the window,
-    and more new tokens than it."""
+    beside full ones (Gemma 2 and 3 and Cohere 2 alternate them): prompts shorter and longer than
+    the window, and more new tokens than it."""
     hf, ours = family_pair(family, device)
     hf.eval()
     ours.eval()
