@@ -338,13 +338,12 @@ def llama_ext_padding_mask(
     # trace: a compiled step (a static-cache decode step, after an eager prefill that walked the
     # same model's masks) skips it, and so does plain causal attention.
     walk = mask_function is not causal_mask_function and not torch.compiler.is_compiling()
-    parts = _mask_parts(mask_function) if walk else [mask_function]
-    packed = [part for part in parts if _is_part(part, "packed_sequence_mask_function")] if walk else []
+    parts = _mask_parts(mask_function) if walk else []
+    packed = [part for part in parts if _is_part(part, "packed_sequence_mask_function")]
     unsupported = [
         part
         for part in parts
-        if walk and part is not causal_mask_function and not _is_part(part, "sliding_window_overlay")
-        and part not in packed
+        if part is not causal_mask_function and not _is_part(part, "sliding_window_overlay") and part not in packed
     ]
     if unsupported:
         raise ValueError(
@@ -451,10 +450,10 @@ def _rotary_probes(rotary_fn, pair_tables: bool):
     batch, seq, head_dim = 2, 5, 16
     q = torch.randn(batch, 4, seq, head_dim, generator=generator)
     k = torch.randn(batch, 2, seq, head_dim, generator=generator)
+    twice = (lambda t: t.repeat_interleave(2, -1)) if pair_tables else (lambda t: t.repeat(1, 1, 2))
     probes = []
     for rotary_dim in (head_dim, head_dim // 2):
         angles = 10 * torch.rand(batch, seq, rotary_dim // 2, generator=generator)
-        twice = (lambda t: t.repeat_interleave(2, -1)) if pair_tables else (lambda t: t.repeat(1, 1, 2))
         cos, sin = twice(angles.cos()), twice(angles.sin())
         try:
             probes.append((q, k, cos, sin, rotary_fn(q, k, cos, sin)))

@@ -1,7 +1,6 @@
 """patch_model with HF's static KV cache (cache_implementation="static"), served by
 gqa_attention_with_kvcache: greedy generate() token-identical to HF eager, and a compiled
 decode step (fullgraph) equal to HF's."""
-import copy
 import os
 
 import pytest
@@ -14,29 +13,19 @@ if os.environ.get("CI") == "true":
 else:
     transformers = pytest.importorskip("transformers", minversion="5.0", reason="needs transformers >= 5.0")
 
-from llama_ext.transformers import patch_model  # noqa: E402
-from test_transformers import build_pair as family_pair  # noqa: E402
-
-VOCAB = 96
+from test_transformers import VOCAB, build_pair as family_pair  # noqa: E402
 
 
-def build_pair(device):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=256, intermediate_size=192, num_hidden_layers=2, num_attention_heads=8,
-        num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False,
-        pad_token_id=0, bos_token_id=1, eos_token_id=None,
-    )
-    config._attn_implementation = "eager"
-    hf = transformers.LlamaForCausalLM(config).to(device).eval()
-    ours = patch_model(copy.deepcopy(hf))
-    return hf, ours
+def build_pair(family, device):
+    """(HF eager model, patched copy), both in eval mode: test_transformers' tiny family configs."""
+    hf, ours = family_pair(family, device)
+    return hf.eval(), ours.eval()
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 2])
 def test_static_cache_generate_matches_hf_eager(device, batch):
-    hf, ours = build_pair(device)
+    hf, ours = build_pair("llama", device)
     ids = torch.randint(2, VOCAB, (batch, 9), device=device)
     kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
@@ -54,9 +43,7 @@ def test_static_cache_with_sliding_window_layers_matches_hf_eager(device, family
     """Sliding layers of a static cache (StaticSlidingWindowLayer: a ring of the last W = 8 tokens)
     beside full ones (Gemma 2 and 3 and Cohere 2 alternate them): prompts shorter and longer than
     the window, and more new tokens than it."""
-    hf, ours = family_pair(family, device)
-    hf.eval()
-    ours.eval()
+    hf, ours = build_pair(family, device)
     ids = torch.randint(2, VOCAB, (2, prompt), device=device)
     kwargs = dict(max_new_tokens=14, min_new_tokens=14, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
@@ -98,7 +85,7 @@ def assert_compiled_decode_matches_hf(hf, ours, device, prompt, last_position):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compiled_decode_step_under_static_cache(device):
     torch._dynamo.reset()
-    hf, ours = build_pair(device)
+    hf, ours = build_pair("llama", device)
     assert_compiled_decode_matches_hf(hf, ours, device, prompt=7, last_position=10)
 
 
@@ -108,8 +95,6 @@ def test_compiled_decode_step_with_sliding_window_layers(device):
     mask code reads the sliding layers' host-side token count, so dynamo recompiles the step for
     each count until the window is full, for HF's attention as for ours: the limit is raised."""
     torch._dynamo.reset()
-    hf, ours = family_pair("gemma2", device)
-    hf.eval()
-    ours.eval()
+    hf, ours = build_pair("gemma2", device)
     with torch._dynamo.config.patch(recompile_limit=32):
         assert_compiled_decode_matches_hf(hf, ours, device, prompt=5, last_position=12)
