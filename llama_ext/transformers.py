@@ -30,7 +30,11 @@ keeps the change to the one model being patched):
   function computes (Llama's ``rotate_half`` halves, GLM's and ERNIE's interleaved pairs, or
   Cohere's interleaved pairs on tables that repeat each angle in adjacent columns), found by
   comparing them on probe inputs. The rotation uses HF's cos/sin, so every rope type (llama3,
-  longrope, per-layer-type bases, partial rotary) is computed from exactly HF's angles.
+  longrope, per-layer-type bases, partial rotary, Qwen3-VL's multimodal tables) is computed from
+  exactly HF's angles;
+* in a vision-language model only the text decoder (``get_decoder()``) is changed, and only its
+  sub-config's attention implementation is set: the vision tower and projector, whose attention
+  is not causal, stay HF's.
 
 Exactness: what the kernels cannot reproduce exactly raises ``ValueError`` naming it (attention
 dropout in training, ``output_attentions``, attention sinks, 4D, bidirectional or custom masks, a sliding window
@@ -127,6 +131,13 @@ SUPPORTED_FAMILIES = {
     "persimmon": "Persimmon",
     "cohere": "Cohere (Command R)",
     "cohere2": "Cohere 2 (Command R7B, Command A)",
+    # vision-language models: their text decoder (a family above, or Qwen3-VL's) is patched, the
+    # vision tower and projector stay HF's
+    "qwen3_vl_text": "Qwen3-VL text decoder",
+    "gemma3": "Gemma 3 (vision-language)",
+    "qwen3_vl": "Qwen3-VL",
+    "llava": "LLaVA",
+    "mistral3": "Mistral 3 (Mistral Small 3.1+)",
 }
 
 
@@ -667,6 +678,27 @@ def _rms_norm_replacements(model: nn.Module) -> list:
     return replacements
 
 
+def _text_decoder(model: nn.Module, config) -> Tuple[nn.Module, Optional[str]]:
+    """The module whose norms and attention ``patch_model`` changes, and the key of its config
+    among ``config.sub_configs`` (None when the model is a decoder itself). A vision-language
+    model's is its text decoder (``get_decoder()``, the module holding
+    ``config.get_text_config()``), which must be a supported family too; its vision tower and
+    projector, whose norms and attention are not causal decoders', are left out."""
+    text_config = config.get_text_config(decoder=True)
+    if text_config is config:
+        return model, None
+    key = next((name for name in config.sub_configs if getattr(config, name, None) is text_config), None)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if key is None or getattr(decoder, "config", None) is not text_config:
+        raise ValueError(f"cannot find the text decoder of {type(model).__name__} (model_type {config.model_type!r})")
+    if text_config.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"the text decoder of {type(model).__name__} has model_type {text_config.model_type!r}; patch_model "
+            f"supports {_supported_families_text()}"
+        )
+    return decoder, key
+
+
 def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
     """Run a transformers RMSNorm + RoPE + GQA decoder on llama_ext, in place.
 
@@ -675,7 +707,8 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
     :func:`llama_ext.gqa_attention` / :func:`llama_ext.gqa_attention_varlen` (padded batches), with
     sliding windows and logit softcapping as the model sets them, registered as the
     ``"llama_ext"`` attention implementation; everything else (MLPs and MoE experts, embeddings,
-    final logit softcapping) stays HF's. Families: see ``SUPPORTED_FAMILIES``. Training,
+    final logit softcapping) stays HF's; in a vision-language model, only its text decoder is
+    patched. Families: see ``SUPPORTED_FAMILIES``. Training,
     ``generate()`` with the default DynamicCache (and left-padded batches) or
     ``cache_implementation="static"`` are supported; settings the kernels cannot serve exactly
     raise ``ValueError`` (see the module docstring), before the model is changed where they are
@@ -705,18 +738,21 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
             'use the default dynamic cache or "static"'
         )
 
-    attention_modules = [m for m in model.modules() if _is_registry_attention(m)]
+    decoder, config_key = _text_decoder(model, config)
+    attention_modules = [m for m in decoder.modules() if _is_registry_attention(m)]
     if not attention_modules:
         raise ValueError(f"found no attention module in {type(model).__name__} that uses transformers' attention registry")
     for attention_class in {type(m) for m in attention_modules} - _PATCHED_FORWARDS.keys():
         # raises for a rotary llama_ext does not compute
         _PATCHED_FORWARDS[attention_class] = _forward_with_llama_ext_rotary(attention_class)
-    for parent, name, norm in _rms_norm_replacements(model):
+    for parent, name, norm in _rms_norm_replacements(decoder):
         setattr(parent, name, norm)
     for attention in attention_modules:
         attention.forward = types.MethodType(_patched_attention_forward, attention)
         attention.context_parallel_group = context_parallel_group
-    if hasattr(model, "set_attn_implementation"):
+    if config_key is not None:  # the text decoder's attention and masks only
+        model.set_attn_implementation({config_key: ATTN_IMPLEMENTATION})
+    elif hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     else:
         config._attn_implementation = ATTN_IMPLEMENTATION
