@@ -133,11 +133,20 @@ SUPPORTED_FAMILIES = {
     "cohere2": "Cohere 2 (Command R7B, Command A)",
     # vision-language models: their text decoder (a family above, or Qwen3-VL's) is patched, the
     # vision tower and projector stay HF's
+    "qwen2_vl_text": "Qwen2-VL text decoder",
+    "qwen2_5_vl_text": "Qwen2.5-VL text decoder",
     "qwen3_vl_text": "Qwen3-VL text decoder",
+    "qwen3_vl_moe_text": "Qwen3-VL-MoE text decoder",
     "gemma3": "Gemma 3 (vision-language)",
+    "qwen2_vl": "Qwen2-VL",
+    "qwen2_5_vl": "Qwen2.5-VL",
     "qwen3_vl": "Qwen3-VL",
+    "qwen3_vl_moe": "Qwen3-VL-MoE",
     "llava": "LLaVA",
     "mistral3": "Mistral 3 (Mistral Small 3.1+)",
+    "internvl": "InternVL",
+    "aya_vision": "Aya Vision",
+    "smolvlm": "SmolVLM",
 }
 
 
