@@ -116,6 +116,13 @@ FAMILY_CONFIGS = {
         shared_expert_intermediate_size=96, layer_types=["linear_attention", "full_attention"],
         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32)),
     "minimax": ("MiniMaxConfig", dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_5_text": ("Qwen3_5TextConfig", dict(  # Qwen3.5: gated attention, partial rotary
+        head_dim=32, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32)),
+    "qwen3_5_moe_text": ("Qwen3_5MoeTextConfig", dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+        shared_expert_intermediate_size=96, layer_types=["linear_attention", "full_attention"],
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32)),
     # LayerNorm decoders: attention and rotary on llama_ext, their norms stay HF's
     "stablelm": ("StableLmConfig", dict(use_qkv_bias=True, qk_layernorm=True)),  # partial rotary
     "starcoder2": ("Starcoder2Config", dict(sliding_window=WINDOW)),
@@ -182,7 +189,7 @@ FAMILIES = [family_param(family) for family in FAMILY_CONFIGS]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "glm4_moe", "ernie4_5_moe", "olmoe", "flex_olmo", "hunyuan_v1_moe",
                 "qwen2_moe", "granitemoe", "dots1", "granitemoeshared", "jetmoe", "qwen3_next", "minimax", "afmoe",
                 "aria_text", "cohere2_moe", "exaone_moe", "hy_v3", "kolibri1", "laguna", "mellum", "minimax_m2", "phimoe",
-                "sarvam_moe", "solar_open", "nemotron_h", "lara_mini")
+                "sarvam_moe", "solar_open", "nemotron_h", "lara_mini", "qwen3_5_moe_text")
 
 
 def tiny_config(family, **overrides):

@@ -75,6 +75,19 @@ def qwen3_vl_moe_config():
         vision_end_token_id=IMAGE_END)
 
 
+def qwen3_5_config():  # Qwen3.5: a hybrid text decoder (linear-attention layers stay HF's)
+    return transformers.Qwen3_5Config(
+        text_config=text_settings(
+            head_dim=32, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+            linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                             "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
+        vision_end_token_id=IMAGE_END)
+
+
 def llava_config():
     return transformers.LlavaConfig(
         text_config=transformers.LlamaConfig(**text_settings()),
@@ -131,6 +144,7 @@ VISION_FAMILIES = {
     "qwen3_vl_moe": (qwen3_vl_moe_config, "Qwen3VLMoeConfig"),
     "qwen2_vl": (qwen2_vl_config, "Qwen2VLConfig"),
     "qwen2_5_vl": (qwen2_5_vl_config, "Qwen2_5_VLConfig"),
+    "qwen3_5": (qwen3_5_config, "Qwen3_5Config"),
     "llava": (llava_config, "LlavaConfig"),
     "mistral3": (mistral3_config, "Mistral3Config"),
     "internvl": (internvl_config, "InternVLConfig"),
