@@ -88,6 +88,28 @@ def qwen3_5_config():  # Qwen3.5: a hybrid text decoder (linear-attention layers
         vision_end_token_id=IMAGE_END)
 
 
+def glm4v_config():  # GLM-4.1V: GLM-4's interleaved rotary on multimodal tables
+    return transformers.Glm4vConfig(
+        text_config=text_settings(rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
+                           image_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 4, image_start_token_id=IMAGE_START,
+        image_end_token_id=IMAGE_END, video_start_token_id=VOCAB - 5, video_end_token_id=VOCAB - 6)
+
+
+def glm4v_moe_config():  # GLM-4.5V
+    return transformers.Glm4vMoeConfig(
+        text_config=text_settings(
+            head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, first_k_dense_replace=1,
+            n_group=1, topk_group=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]}),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
+                           image_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=IMAGE, video_token_id=VOCAB - 4, image_start_token_id=IMAGE_START,
+        image_end_token_id=IMAGE_END, video_start_token_id=VOCAB - 5, video_end_token_id=VOCAB - 6)
+
+
 def llava_config():
     return transformers.LlavaConfig(
         text_config=transformers.LlamaConfig(**text_settings()),
@@ -145,6 +167,8 @@ VISION_FAMILIES = {
     "qwen2_vl": (qwen2_vl_config, "Qwen2VLConfig"),
     "qwen2_5_vl": (qwen2_5_vl_config, "Qwen2_5_VLConfig"),
     "qwen3_5": (qwen3_5_config, "Qwen3_5Config"),
+    "glm4v": (glm4v_config, "Glm4vConfig"),
+    "glm4v_moe": (glm4v_moe_config, "Glm4vMoeConfig"),
     "llava": (llava_config, "LlavaConfig"),
     "mistral3": (mistral3_config, "Mistral3Config"),
     "internvl": (internvl_config, "InternVLConfig"),
@@ -187,7 +211,7 @@ def image_prompt(family, text_tokens, device, seed=1, with_image=True):
         return text(5 + text_tokens).to(device), {}
     image = torch.full((1, IMAGE_TOKENS), IMAGE)
     kwargs = {}
-    if family.startswith("qwen"):  # a 4 x 4 patch grid, merged 2 x 2
+    if family.startswith(("qwen", "glm")):  # a 4 x 4 patch grid, merged 2 x 2
         image = torch.cat([torch.tensor([[IMAGE_START]]), image, torch.tensor([[IMAGE_END]])], 1)
         kwargs["pixel_values"] = torch.randn(16, 3 * 2 * 14 * 14, generator=generator)
         kwargs["image_grid_thw"] = torch.tensor([[1, 4, 4]])
@@ -210,7 +234,7 @@ def image_prompt(family, text_tokens, device, seed=1, with_image=True):
 
 def with_token_types(family, ids, kwargs):
     """The token-type ids that the family's processor returns with an image prompt."""
-    if family.startswith("qwen"):
+    if family.startswith(("qwen", "glm")):
         return {**kwargs, "mm_token_type_ids": (ids == IMAGE).int()}
     if family == "gemma3":
         return {**kwargs, "token_type_ids": (ids == IMAGE).long()}
