@@ -757,7 +757,7 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
     attention ring attention over that group (:mod:`llama_ext.distributed`): the model then takes
     this rank's share of every sequence, ``input_ids``, ``position_ids`` (required) and labels
     each passed through :func:`llama_ext.distributed.shard_for_context_parallel`, for training
-    and scoring (no KV cache, padding mask or packing).
+    and scoring (no KV cache, padding mask or packing), of text models.
     """
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -778,6 +778,11 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
         )
 
     decoder, config_key = _text_decoder(model, config)
+    if config_key is not None and context_parallel_group is not None:
+        raise ValueError(
+            f"context_parallel_group is supported for text models only; {type(model).__name__} is a vision-language "
+            "model (its image tokens and multimodal position ids are not sharded)"
+        )
     attention_modules = [m for m in decoder.modules() if _is_registry_attention(m)]
     if not attention_modules:
         raise ValueError(f"found no attention module in {type(model).__name__} that uses transformers' attention registry")

@@ -285,6 +285,13 @@ def test_unsupported_text_decoder_raises():
         patch_model(model)
 
 
+def test_context_parallel_raises():
+    model = transformers.AutoModelForImageTextToText.from_config(llava_config())
+    with pytest.raises(ValueError, match="context_parallel_group is supported for text models only"):
+        patch_model(model, context_parallel_group=object())
+    assert not any(isinstance(m, llama_ext.RMSNorm) for m in model.modules()), "the model was changed"
+
+
 # ---- parity with HF eager -----------------------------------------------------------------
 
 
