@@ -31,111 +31,93 @@ def text_settings(**family_settings):
     )
 
 
-def qwen3_vl_config():
-    return transformers.Qwen3VLConfig(
-        # interleaved multimodal rope: HF's rotary module mixes the t/h/w angles into one table
-        text_config=text_settings(head_dim=32, rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0]),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
-        vision_end_token_id=IMAGE_END)
+def multimodal_rope(section, **settings):
+    """Multimodal rope: HF's rotary module takes each band of the table (``mrope_section``
+    frequencies each) from the t, h or w position angles, or, interleaved, mixes them per column."""
+    return {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, **settings}
 
 
-def qwen2_vl_config():
-    return transformers.Qwen2VLConfig(
-        # multimodal rope: HF's rotary module takes each band of the table from the t, h or w angles
-        text_config=text_settings(rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4]}),
-        vision_config=dict(depth=1, embed_dim=64, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
-        vision_end_token_id=IMAGE_END)
+QWEN_TOKENS = dict(image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
+                   vision_end_token_id=IMAGE_END)
+GLM_TOKENS = dict(image_token_id=IMAGE, video_token_id=VOCAB - 4, image_start_token_id=IMAGE_START,
+                  image_end_token_id=IMAGE_END, video_start_token_id=VOCAB - 5, video_end_token_id=VOCAB - 6)
 
 
-def qwen2_5_vl_config():
-    return transformers.Qwen2_5_VLConfig(
-        text_config=text_settings(rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 4, 4]}),
-        vision_config=dict(depth=2, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=28,
-                           fullatt_block_indexes=[1]),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
-        vision_end_token_id=IMAGE_END)
+def qwen_style_config(config_class, text, vision=None, tokens=QWEN_TOKENS):
+    """A Qwen-VL-style model (Qwen2-VL to Qwen3.5, GLM-4.1V/4.5V): 14-pixel patches of 2 frames,
+    merged 2 x 2 into the text's width; the image's placeholders between start and end markers."""
+    vision_config = {**dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
+                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2), **(vision or {})}
+    return config_class(text_config=text_settings(**text), vision_config=vision_config, **tokens)
 
 
-def qwen3_vl_moe_config():
-    return transformers.Qwen3VLMoeConfig(
-        text_config=text_settings(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
-                                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                   "mrope_section": [8, 4, 4], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, deepstack_visual_indexes=[0]),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
-        vision_end_token_id=IMAGE_END)
+def qwen2_vl_config(config_class):  # its vision width is embed_dim; hidden_size is the text's
+    return qwen_style_config(config_class, dict(rope_parameters=multimodal_rope([8, 4, 4])),
+                             dict(embed_dim=64, hidden_size=256, mlp_ratio=2))
 
 
-def qwen3_5_config():  # Qwen3.5: a hybrid text decoder (linear-attention layers stay HF's)
-    return transformers.Qwen3_5Config(
-        text_config=text_settings(
-            head_dim=32, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
-            linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                             "mrope_section": [4, 2, 2], "mrope_interleaved": True}),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, vision_start_token_id=IMAGE_START,
-        vision_end_token_id=IMAGE_END)
+def qwen2_5_vl_config(config_class):  # windowed vision attention in its first layer
+    return qwen_style_config(config_class, dict(rope_parameters=multimodal_rope([8, 4, 4])),
+                             dict(depth=2, window_size=28, fullatt_block_indexes=[1]))
 
 
-def glm4v_config():  # GLM-4.1V: GLM-4's interleaved rotary on multimodal tables
-    return transformers.Glm4vConfig(
-        text_config=text_settings(rope_parameters={
-            "rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
-                           image_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, image_start_token_id=IMAGE_START,
-        image_end_token_id=IMAGE_END, video_start_token_id=VOCAB - 5, video_end_token_id=VOCAB - 6)
+def qwen3_vl_config(config_class):
+    return qwen_style_config(config_class, dict(head_dim=32, rope_parameters=multimodal_rope([8, 4, 4], mrope_interleaved=True)),
+        dict(deepstack_visual_indexes=[0]))
 
 
-def glm4v_moe_config():  # GLM-4.5V
-    return transformers.Glm4vMoeConfig(
-        text_config=text_settings(
-            head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, first_k_dense_replace=1,
-            n_group=1, topk_group=1, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                                      "partial_rotary_factor": 0.5, "mrope_section": [2, 3, 3]}),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=96, num_heads=2, out_hidden_size=256,
-                           image_size=28, patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=IMAGE, video_token_id=VOCAB - 4, image_start_token_id=IMAGE_START,
-        image_end_token_id=IMAGE_END, video_start_token_id=VOCAB - 5, video_end_token_id=VOCAB - 6)
+def qwen3_vl_moe_config(config_class):
+    return qwen_style_config(config_class,
+        dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+             rope_parameters=multimodal_rope([8, 4, 4], mrope_interleaved=True)),
+        dict(deepstack_visual_indexes=[0]))
 
 
-def llava_config():
-    return transformers.LlavaConfig(
+def qwen3_5_config(config_class):  # a hybrid text decoder (its linear-attention layers stay HF's), partial rotary
+    return qwen_style_config(config_class, dict(
+        head_dim=32, layer_types=["linear_attention", "full_attention"], linear_num_value_heads=4,
+        linear_num_key_heads=2, linear_key_head_dim=32, linear_value_head_dim=32,
+        rope_parameters=multimodal_rope([4, 2, 2], partial_rotary_factor=0.5, mrope_interleaved=True)))
+
+
+def glm4v_config(config_class):  # GLM-4.1V: GLM-4's interleaved rotary on multimodal tables
+    return qwen_style_config(config_class, dict(rope_parameters=multimodal_rope([2, 3, 3], partial_rotary_factor=0.5)),
+        dict(image_size=28), GLM_TOKENS)
+
+
+def glm4v_moe_config(config_class):  # GLM-4.5V
+    return qwen_style_config(config_class,
+        dict(head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, first_k_dense_replace=1,
+             n_group=1, topk_group=1, rope_parameters=multimodal_rope([2, 3, 3], partial_rotary_factor=0.5)),
+        dict(image_size=28), GLM_TOKENS)
+
+
+def llava_config(config_class):
+    return config_class(
         text_config=transformers.LlamaConfig(**text_settings()),
         vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                            num_attention_heads=2, image_size=28, patch_size=14, projection_dim=64),
         image_token_index=IMAGE)  # features from the second-to-last vision layer: the last one gets no gradient
 
 
-def mistral3_config():
-    return transformers.Mistral3Config(
+def mistral3_config(config_class):
+    return config_class(
         text_config=transformers.MistralConfig(**text_settings(head_dim=32, sliding_window=WINDOW)),
         vision_config=dict(model_type="pixtral", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
                            num_attention_heads=2, image_size=56, patch_size=14, head_dim=32),
         image_token_index=IMAGE, spatial_merge_size=2)
 
 
-def internvl_config():
-    return transformers.InternVLConfig(
+def internvl_config(config_class):
+    return config_class(
         text_config=transformers.Qwen2Config(**text_settings()),
         vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
                            image_size=[56, 56], patch_size=[14, 14]),
         image_token_id=IMAGE, downsample_ratio=0.5)
 
 
-def aya_vision_config():  # Cohere 2's interleaved rotary and sliding layers under a SigLIP tower
-    return transformers.AyaVisionConfig(
+def aya_vision_config(config_class):  # Cohere 2's interleaved rotary and sliding layers under a SigLIP tower
+    return config_class(
         text_config=transformers.Cohere2Config(**text_settings(
             sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
         vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=96,
@@ -143,16 +125,16 @@ def aya_vision_config():  # Cohere 2's interleaved rotary and sliding layers und
         image_token_index=IMAGE, downsample_factor=2)
 
 
-def smolvlm_config():
-    return transformers.SmolVLMConfig(
+def smolvlm_config(config_class):
+    return config_class(
         text_config=transformers.LlamaConfig(**text_settings()).to_dict(),
         vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
                            image_size=56, patch_size=14),
         image_token_id=IMAGE, scale_factor=2)
 
 
-def gemma3_config():
-    return transformers.Gemma3Config(
+def gemma3_config(config_class):
+    return config_class(
         text_config=text_settings(head_dim=32, query_pre_attn_scalar=24, sliding_window=WINDOW,
                                   layer_types=["sliding_attention", "full_attention"]),
         vision_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=2,
@@ -160,27 +142,27 @@ def gemma3_config():
         mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=IMAGE_START, eoi_token_index=IMAGE_END)
 
 
-# family -> (config builder, config class name). Each image becomes 4 placeholder tokens (IMAGE_TOKENS).
+# family -> (config class name, builder of its tiny config from the class). Each image becomes 4 placeholder tokens (IMAGE_TOKENS).
 VISION_FAMILIES = {
-    "qwen3_vl": (qwen3_vl_config, "Qwen3VLConfig"),
-    "qwen3_vl_moe": (qwen3_vl_moe_config, "Qwen3VLMoeConfig"),
-    "qwen2_vl": (qwen2_vl_config, "Qwen2VLConfig"),
-    "qwen2_5_vl": (qwen2_5_vl_config, "Qwen2_5_VLConfig"),
-    "qwen3_5": (qwen3_5_config, "Qwen3_5Config"),
-    "glm4v": (glm4v_config, "Glm4vConfig"),
-    "glm4v_moe": (glm4v_moe_config, "Glm4vMoeConfig"),
-    "llava": (llava_config, "LlavaConfig"),
-    "mistral3": (mistral3_config, "Mistral3Config"),
-    "internvl": (internvl_config, "InternVLConfig"),
-    "aya_vision": (aya_vision_config, "AyaVisionConfig"),
-    "smolvlm": (smolvlm_config, "SmolVLMConfig"),
-    "gemma3": (gemma3_config, "Gemma3Config"),
+    "qwen3_vl": ("Qwen3VLConfig", qwen3_vl_config),
+    "qwen3_vl_moe": ("Qwen3VLMoeConfig", qwen3_vl_moe_config),
+    "qwen2_vl": ("Qwen2VLConfig", qwen2_vl_config),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", qwen2_5_vl_config),
+    "qwen3_5": ("Qwen3_5Config", qwen3_5_config),
+    "glm4v": ("Glm4vConfig", glm4v_config),
+    "glm4v_moe": ("Glm4vMoeConfig", glm4v_moe_config),
+    "llava": ("LlavaConfig", llava_config),
+    "mistral3": ("Mistral3Config", mistral3_config),
+    "internvl": ("InternVLConfig", internvl_config),
+    "aya_vision": ("AyaVisionConfig", aya_vision_config),
+    "smolvlm": ("SmolVLMConfig", smolvlm_config),
+    "gemma3": ("Gemma3Config", gemma3_config),
 }
 IMAGE_TOKENS = 4
 
 
 def vision_param(family, *rest):
-    config_class = VISION_FAMILIES[family][1]
+    config_class = VISION_FAMILIES[family][0]
     missing = not hasattr(transformers, config_class)
     reason = f"transformers {transformers.__version__} has no {config_class}"
     return pytest.param(family, *rest, marks=pytest.mark.skipif(missing, reason=reason))
@@ -194,7 +176,9 @@ ALL_FAMILIES = [vision_param(family) for family in VISION_FAMILIES]
 
 def build_vision_pair(family, device):
     torch.manual_seed(0)
-    hf = transformers.AutoModelForImageTextToText.from_config(VISION_FAMILIES[family][0](), attn_implementation="eager")
+    config_class, builder = VISION_FAMILIES[family]
+    config = builder(getattr(transformers, config_class))
+    hf = transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
     hf = hf.to(device)
     return hf, patch_model(copy.deepcopy(hf))
 
@@ -278,7 +262,7 @@ def test_only_the_text_decoder_is_patched(family):
 
 
 def test_unsupported_text_decoder_raises():
-    config = llava_config()
+    config = llava_config(transformers.LlavaConfig)
     config.text_config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=256, n_layer=1, n_head=8)
     model = transformers.AutoModelForImageTextToText.from_config(config)
     with pytest.raises(ValueError, match="text decoder of LlavaForConditionalGeneration has model_type 'gpt2'"):
@@ -286,7 +270,7 @@ def test_unsupported_text_decoder_raises():
 
 
 def test_context_parallel_raises():
-    model = transformers.AutoModelForImageTextToText.from_config(llava_config())
+    model = transformers.AutoModelForImageTextToText.from_config(llava_config(transformers.LlavaConfig))
     with pytest.raises(ValueError, match="context_parallel_group is supported for text models only"):
         patch_model(model, context_parallel_group=object())
     assert not any(isinstance(m, llama_ext.RMSNorm) for m in model.modules()), "the model was changed"
