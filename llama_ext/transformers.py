@@ -173,6 +173,8 @@ SUPPORTED_FAMILIES = {
     "glm4v": "GLM-4.1V",
     "glm4v_moe": "GLM-4.5V",
     "llava": "LLaVA",
+    "llava_next": "LLaVA-NeXT",
+    "llava_onevision": "LLaVA-OneVision",
     "mistral3": "Mistral 3 (Mistral Small 3.1+)",
     "internvl": "InternVL",
     "aya_vision": "Aya Vision",

@@ -100,6 +100,22 @@ def llava_config(config_class):
         image_token_index=IMAGE)  # features from the second-to-last vision layer: the last one gets no gradient
 
 
+def llava_next_config(config_class):  # anyres: the image, downscaled, and its tiles
+    return config_class(
+        text_config=transformers.MistralConfig(**text_settings(head_dim=32)),
+        vision_config=dict(model_type="clip_vision_model", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14, projection_dim=64),
+        image_token_index=IMAGE, image_grid_pinpoints=[[28, 28]])
+
+
+def llava_onevision_config(config_class):
+    return config_class(
+        text_config=transformers.Qwen2Config(**text_settings()),
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=14),
+        image_token_index=IMAGE, image_grid_pinpoints=[[28, 28]], vision_feature_layer=-1)
+
+
 def mistral3_config(config_class):
     return config_class(
         text_config=transformers.MistralConfig(**text_settings(head_dim=32, sliding_window=WINDOW)),
@@ -142,7 +158,8 @@ def gemma3_config(config_class):
         mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=IMAGE_START, eoi_token_index=IMAGE_END)
 
 
-# family -> (config class name, builder of its tiny config from the class). Each image becomes 4 placeholder tokens (IMAGE_TOKENS).
+# family -> (config class name, builder of its tiny config from the class). Each image becomes IMAGE_TOKENS
+# placeholder tokens (LLaVA-NeXT / OneVision: more, image_prompt).
 VISION_FAMILIES = {
     "qwen3_vl": ("Qwen3VLConfig", qwen3_vl_config),
     "qwen3_vl_moe": ("Qwen3VLMoeConfig", qwen3_vl_moe_config),
@@ -153,6 +170,8 @@ VISION_FAMILIES = {
     "glm4v_moe": ("Glm4vMoeConfig", glm4v_moe_config),
     "llava": ("LlavaConfig", llava_config),
     "mistral3": ("Mistral3Config", mistral3_config),
+    "llava_next": ("LlavaNextConfig", llava_next_config),
+    "llava_onevision": ("LlavaOnevisionConfig", llava_onevision_config),
     "internvl": ("InternVLConfig", internvl_config),
     "aya_vision": ("AyaVisionConfig", aya_vision_config),
     "smolvlm": ("SmolVLMConfig", smolvlm_config),
@@ -204,6 +223,11 @@ def image_prompt(family, text_tokens, device, seed=1, with_image=True):
         kwargs["pixel_values"] = torch.randn(1, 3, 28, 28, generator=generator)
     elif family == "llava":  # 2 x 2 patches
         kwargs["pixel_values"] = torch.randn(1, 3, 28, 28, generator=generator)
+    elif family in ("llava_next", "llava_onevision"):
+        # the image and its one 28-pixel tile, 2 x 2 patches each, and a newline after each of the tile's rows
+        image = torch.full((1, 2 * IMAGE_TOKENS + 2), IMAGE)
+        kwargs["pixel_values"] = torch.randn(1, 2, 3, 28, 28, generator=generator)
+        kwargs["image_sizes"] = torch.tensor([[28, 28]])
     elif family == "mistral3":  # 4 x 4 patches, merged 2 x 2
         kwargs["pixel_values"] = torch.randn(1, 3, 56, 56, generator=generator)
         kwargs["image_sizes"] = torch.tensor([[56, 56]])
