@@ -30,8 +30,8 @@ keeps the change to the one model being patched):
   function computes (Llama's ``rotate_half`` halves, GLM's and ERNIE's interleaved pairs, or
   Cohere's interleaved pairs on tables that repeat each angle in adjacent columns), found by
   comparing them on probe inputs. The rotation uses HF's cos/sin, so every rope type (llama3,
-  longrope, per-layer-type bases, partial rotary, Qwen3-VL's multimodal tables) is computed from
-  exactly HF's angles;
+  longrope, per-layer-type bases, partial rotary, the Qwen-VL families' multimodal tables) is
+  computed from exactly HF's angles;
 * in a vision-language model only the text decoder (``get_decoder()``) is changed, and only its
   sub-config's attention implementation is set: the vision tower and projector, whose attention
   is not causal, stay HF's.
@@ -156,8 +156,8 @@ SUPPORTED_FAMILIES = {
     "olmo_hybrid": "OLMo Hybrid",
     "nemotron_h": "Nemotron-H",
     "lara_mini": "Lara Mini",
-    # vision-language models: their text decoder (a family above, or Qwen3-VL's) is patched, the
-    # vision tower and projector stay HF's
+    # vision-language models: their text decoder (a family above, or one of these text decoders)
+    # is patched, the vision tower and projector stay HF's
     "qwen2_vl_text": "Qwen2-VL text decoder",
     "qwen2_5_vl_text": "Qwen2.5-VL text decoder",
     "qwen3_vl_text": "Qwen3-VL text decoder",
