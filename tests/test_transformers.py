@@ -146,22 +146,30 @@ FAMILY_CONFIGS = {
         head_dim=32, num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=96,
         num_dense_layers=1, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
     "aria_text": ("AriaTextConfig", dict(head_dim=32, moe_num_experts=4, moe_topk=2, moe_num_shared_experts=1)),
-    "cohere2_moe": ("Cohere2MoeConfig", dict(head_dim=32, num_experts=4, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
-    "exaone_moe": ("ExaoneMoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+    "cohere2_moe": ("Cohere2MoeConfig", dict(
+        head_dim=32, num_experts=4, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+    "exaone_moe": ("ExaoneMoeConfig", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"])),
     "hy_v3": ("HYV3Config", dict(head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
     "kolibri1": ("Kolibri1Config", dict(
         head_dim=32, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
-        shared_expert_intermediate_size=96, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+        shared_expert_intermediate_size=96, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"])),
     "laguna": ("LagunaConfig", dict(
-        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, shared_expert_intermediate_size=96)),
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+        shared_expert_intermediate_size=96)),
     "mellum": ("MellumConfig", dict(
-        head_dim=32, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
+        head_dim=32, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"])),
     "minimax_m2": ("MiniMaxM2Config", dict(head_dim=32, num_local_experts=4, num_experts_per_tok=2)),
     # routes by sampling in training; 2 experts, both always chosen: with 4, 8 or 16 experts, 13-26% of
     # the bf16 test's tokens route differently in HF's bf16 run and ours (its sparsemixer's near-ties)
     "phimoe": ("PhimoeConfig", dict(num_local_experts=2)),
-    "sarvam_moe": ("SarvamMoEConfig", dict(head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
-    "solar_open": ("SolarOpenConfig", dict(head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
+    "sarvam_moe": ("SarvamMoEConfig", dict(
+        head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
+    "solar_open": ("SolarOpenConfig", dict(
+        head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
     # hybrids with convolution, Mamba or linear-attention layers (those stay HF's)
     "falcon_h1": ("FalconH1Config", dict(  # attention and Mamba 2 side by side in each layer, muP multipliers
         mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16)),
@@ -171,7 +179,8 @@ FAMILY_CONFIGS = {
                                            moe_shared_expert_intermediate_size=96)),
     "lara_mini": ("LaraMiniConfig", dict(
         head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, shared_expert_intermediate_size=96,
-        num_hidden_layers=3, sliding_window=WINDOW, layer_types=["linear_attention", "sliding_attention", "full_attention"],
+        num_hidden_layers=3, sliding_window=WINDOW,
+        layer_types=["linear_attention", "sliding_attention", "full_attention"],
         linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4)),
 }
 
@@ -188,8 +197,8 @@ def family_param(family, *rest):
 FAMILIES = [family_param(family) for family in FAMILY_CONFIGS]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "glm4_moe", "ernie4_5_moe", "olmoe", "flex_olmo", "hunyuan_v1_moe",
                 "qwen2_moe", "granitemoe", "dots1", "granitemoeshared", "jetmoe", "qwen3_next", "minimax", "afmoe",
-                "aria_text", "cohere2_moe", "exaone_moe", "hy_v3", "kolibri1", "laguna", "mellum", "minimax_m2", "phimoe",
-                "sarvam_moe", "solar_open", "nemotron_h", "lara_mini", "qwen3_5_moe_text")
+                "aria_text", "cohere2_moe", "exaone_moe", "hy_v3", "kolibri1", "laguna", "mellum", "minimax_m2",
+                "phimoe", "sarvam_moe", "solar_open", "nemotron_h", "lara_mini", "qwen3_5_moe_text")
 
 
 def tiny_config(family, **overrides):

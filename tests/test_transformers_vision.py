@@ -15,7 +15,8 @@ import torch
 import llama_ext
 
 from conftest import DEVICES
-from test_transformers import VOCAB, WINDOW, NEW_TOKENS, assert_grads_close, assert_rel_close, loss_and_grads, transformers
+from test_transformers import (
+    NEW_TOKENS, VOCAB, WINDOW, assert_grads_close, assert_rel_close, loss_and_grads, transformers)
 
 from llama_ext.transformers import _PATCHED_FORWARDS, _is_registry_attention, patch_model  # noqa: E402
 
@@ -62,7 +63,8 @@ def qwen2_5_vl_config(config_class):  # windowed vision attention in its first l
 
 
 def qwen3_vl_config(config_class):
-    return qwen_style_config(config_class, dict(head_dim=32, rope_parameters=multimodal_rope([8, 4, 4], mrope_interleaved=True)),
+    return qwen_style_config(
+        config_class, dict(head_dim=32, rope_parameters=multimodal_rope([8, 4, 4], mrope_interleaved=True)),
         dict(deepstack_visual_indexes=[0]))
 
 
