@@ -348,21 +348,30 @@ def _closure_values(fn) -> list:
     return [cell.cell_contents for cell in (getattr(fn, "__closure__", None) or ())]
 
 
+def _qualname(fn) -> str:
+    """``fn.__qualname__``, read from its code object where Python has ``co_qualname`` (3.11+):
+    dynamo traces that, not a function's ``__qualname__``, so the mask walk runs in compiled steps."""
+    code = getattr(fn, "__code__", None)
+    if code is not None and hasattr(code, "co_qualname"):
+        return code.co_qualname
+    return getattr(fn, "__qualname__", "")
+
+
 def _mask_parts(mask_function) -> list:
     """The elementary mask functions that transformers' ``and_masks(...)`` and
     ``remap_positions_for_packed_sequence(...)`` wrappers are made of."""
-    if not getattr(mask_function, "__qualname__", "").startswith(("and_masks.", "remap_positions_for_packed_sequence.")):
+    if not _qualname(mask_function).startswith(("and_masks.", "remap_positions_for_packed_sequence.")):
         return [mask_function]
     parts = []
     for value in _closure_values(mask_function):
         for fn in value if isinstance(value, tuple) else (value,):
             if callable(fn):
                 parts += _mask_parts(fn)
-    return parts
+    return parts or [mask_function]  # a wrapper whose parts cannot be read is not one llama_ext computes
 
 
 def _is_part(fn, maker: str) -> bool:
-    return getattr(fn, "__qualname__", "").startswith(maker + ".")
+    return _qualname(fn).startswith(maker + ".")
 
 
 def llama_ext_padding_mask(
@@ -386,11 +395,12 @@ def llama_ext_padding_mask(
     A sliding-window overlay is left to the attention function, which applies each layer's
     ``sliding_window`` in the kernel; any other mask pattern (bidirectional, custom mask functions) raises.
     """
-    # The closure walk that tells the mask's parts apart is plain Python, which dynamo cannot
-    # trace: a compiled step (a static-cache decode step, after an eager prefill that walked the
-    # same model's masks) skips it, and so does plain causal attention.
-    walk = mask_function is not causal_mask_function and not torch.compiler.is_compiling()
-    parts = _mask_parts(mask_function) if walk else []
+    # A compiled decode step (one query, after a prefill that checked the same model's masks)
+    # skips the closure walk: the dynamo of older torch (2.11) cannot read closures. Every other
+    # call walks, compiled or not (torch 2.14 traces the walk; an older one fails loudly in
+    # _mask_parts rather than attend across packed sequences or past a bidirectional part).
+    decode_step = torch.compiler.is_compiling() and q_length == 1
+    parts = [] if mask_function is causal_mask_function or decode_step else _mask_parts(mask_function)
     packed = [part for part in parts if _is_part(part, "packed_sequence_mask_function")]
     unsupported = [
         part
@@ -400,7 +410,7 @@ def llama_ext_padding_mask(
     if unsupported:
         raise ValueError(
             "llama_ext attention supports causal masks with padding or packed sequences only; this model built a "
-            f"mask from {', '.join(getattr(p, '__qualname__', repr(p)) for p in unsupported)} (bidirectional "
+            f"mask from {', '.join(_qualname(p) or repr(p) for p in unsupported)} (bidirectional "
             "attention or a custom mask function)"
         )
     if packed:  # transformers only looks for packing when there is neither a padding mask nor a cache

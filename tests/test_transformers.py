@@ -577,6 +577,18 @@ def test_packed_sequences_match_hf_eager(device, family):
     assert_grads_close(grads, grads_hf, 1e-3)
 
 
+def test_packed_sequences_under_torch_compile_match_hf_eager():
+    """The mask walk that finds the packed sequences runs in compiled code too (a compiled forward
+    that skipped it would attend across the sequences of a row)."""
+    hf, ours = build_pair("llama", "cpu")
+    position_ids = torch.cat([torch.arange(n) for n in (5, 11, 8)]).unsqueeze(0)
+    ids = torch.randint(0, VOCAB, position_ids.shape)
+    with torch.no_grad():
+        expected = hf.eval()(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+        logits = torch.compile(ours.eval())(input_ids=ids, position_ids=position_ids, use_cache=False).logits
+    assert_rel_close(logits, expected, 1e-4, what="logits")
+
+
 def test_bidirectional_mask_raises():
     _, ours = build_pair("llama", "cpu")
     ours.config.is_causal = False  # transformers then builds a bidirectional mask

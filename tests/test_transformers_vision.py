@@ -358,5 +358,8 @@ def test_gemma3_image_attention_raises():
     settings = dict(max_new_tokens=NEW_TOKENS, do_sample=False)
     assert torch.equal(ours.generate(input_ids=text_ids, **settings), hf.generate(input_ids=text_ids, **settings))
     ids, kwargs = image_prompt("gemma3", 9, "cpu")
+    kwargs = with_token_types("gemma3", ids, kwargs)
     with pytest.raises(ValueError, match="bidirectional attention"):
-        ours(input_ids=ids, **with_token_types("gemma3", ids, kwargs))
+        ours(input_ids=ids, **kwargs)
+    with pytest.raises(ValueError, match="bidirectional attention"):  # compiled code checks its masks too
+        torch.compile(ours)(input_ids=ids, **kwargs)
