@@ -44,6 +44,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--provider", action="append", choices=PROVIDERS,
                    help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e; "
                         "'llama_ext_100kb' (CUDA attention) runs llama_ext with the tiles of ~100 KB-shared-memory GPUs")
+    p.add_argument("--cpu-isa", choices=list(harness.CPU_ISA_LIMITS),
+                   help="stand in for a CPU with no more than this llama_ext CPU level: llama_ext, torch, inductor, "
+                        "MKL and oneDNN all run at it (a fresh process with their ISA variables set)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
     p.add_argument("--budget", type=float,
                    help="seconds per case and provider: a provider whose warm-up call takes longer gets one timed "
@@ -63,7 +66,24 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.error("--device cuda, but torch sees no CUDA device")
     if args.smoke and args.update_results_md:
         p.error("--smoke timings are not results: drop --update-results-md")
+    if not args.device.startswith("cuda"):
+        _check_cpu_level(p, args)
     return args
+
+
+def _check_cpu_level(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--cpu-isa names a level this CPU runs. A run whose llama_ext kernels are below the CPU's
+    best level while the other providers' libraries are not (LLAMA_EXT_CPU_CAPABILITY alone)
+    stands for no real CPU: it may compare levels, but not become RESULTS.md's table."""
+    import llama_ext
+
+    runnable = [name for name, missing in llama_ext._cpu_kernels.levels().items() if missing is None]
+    if args.cpu_isa and args.cpu_isa not in runnable:
+        p.error(f"--cpu-isa {args.cpu_isa}: this CPU runs only {', '.join(runnable)}")
+    level = args.cpu_isa or llama_ext.cpu_capability()
+    if args.update_results_md and level != runnable[-1] and not args.cpu_isa:
+        p.error(f"llama_ext runs at {level} on a CPU that runs {runnable[-1]}, but torch, MKL and oneDNN do not: "
+                f"use --cpu-isa {level} for a table of a {level} CPU")
 
 
 def run(args: argparse.Namespace) -> Dict:
@@ -126,12 +146,23 @@ def _argv_of(args: argparse.Namespace) -> List[str]:
     argv = [f"--op {o}" for o in args.op or []] + [f"--dtype {d}" for d in args.dtype or []]
     argv += [f"--provider {p}" for p in args.provider or []] + ([f"--threads {args.threads}"] if args.threads else [])
     argv += [f"--budget {args.budget:g}"] if args.budget else []
+    argv += [f"--cpu-isa {args.cpu_isa}"] if args.cpu_isa else []
     argv += [f"--size {n}" for n in args.size or []] + [f"--device {args.device}"] + [f"--{flag}" for flag in ("full", "e2e", "smoke") if getattr(args, flag)]
     return argv
 
 
+def _run_limited(level: str, argv: List[str]) -> None:
+    """Replaces this process with the same command under --cpu-isa's limits (harness.CPU_ISA_LIMITS)."""
+    env = dict(os.environ, **harness.cpu_isa_environment(level))
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, "-m", "benchmarks", *argv], env)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.cpu_isa and os.environ.get(harness.CPU_ISA_ENV) != args.cpu_isa:
+        _run_limited(args.cpu_isa, argv)
     result = run(args)
     paths = report.write_outputs(result, args.out)
     if args.update_results_md:

@@ -444,6 +444,32 @@ def _version(module_name: str) -> Optional[str]:
     return getattr(module, "__version__", "unknown")
 
 
+# `--cpu-isa LEVEL` makes this machine stand in for a CPU with no more than a llama_ext CPU level:
+# llama_ext's kernels run at that level, and so do the libraries the other providers run on:
+# torch's own kernels and inductor's generated code (ATEN_CPU_CAPABILITY), MKL's fp32 matmuls
+# (MKL_ENABLE_INSTRUCTIONS) and oneDNN's bf16 matmuls (ONEDNN_MAX_CPU_ISA). Each library reads
+# its variable once, when first used, so the run starts a fresh process with them set
+# (cli.main). Caches, clocks and memory stay this machine's. amx_bf16 is every level: no limit.
+CPU_ISA_LIMITS: Dict[str, Dict[str, str]] = {
+    "default": {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512",
+               "ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+    "avx512_bf16": {"ATEN_CPU_CAPABILITY": "avx512", "MKL_ENABLE_INSTRUCTIONS": "AVX512_E4",
+                    "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"},
+    "amx_bf16": {},
+}
+# Set in the process that runs under a limit: the level it was asked for.
+CPU_ISA_ENV = "LLAMA_EXT_BENCH_CPU_ISA"
+
+
+def cpu_isa_environment(level: str) -> Dict[str, str]:
+    """The variables a process limited to `level` starts with (llama_ext's own included)."""
+    import llama_ext
+
+    return dict(CPU_ISA_LIMITS[level], **{llama_ext._cpu_kernels.ENV_VAR: level, CPU_ISA_ENV: level})
+
+
 def environment(device: str) -> Dict[str, Any]:
     import llama_ext
 
@@ -458,6 +484,9 @@ def environment(device: str) -> Dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # torch's own kernels
         "llama_ext_cpu_capability": llama_ext.cpu_capability(),  # the ISA level of llama_ext's CPU kernels
         "cpu_levels": [name for name, missing in llama_ext._cpu_kernels.levels().items() if missing is None],
+        # --cpu-isa: the level every library was limited to, and how (None: no limit).
+        "cpu_isa_limit": os.environ.get(CPU_ISA_ENV),
+        "cpu_isa_limit_env": {k: os.environ[k] for k in CPU_ISA_LIMITS["default"] if k in os.environ} or None,
         "python": sys.version.split()[0],
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,

@@ -92,6 +92,12 @@ def header_text(result: Dict[str, Any]) -> str:
         f"- ISA: llama_ext CPU kernels **{env['llama_ext_cpu_capability']}** (this CPU runs: "
         f"{', '.join(env['cpu_levels'])}); torch's own CPU kernels {env['cpu_capability']}",
     ]
+    if env.get("cpu_isa_limit_env"):
+        how = ", ".join(f"{k}={v}" for k, v in env["cpu_isa_limit_env"].items())
+        lines.append(f"- limited: {how}" + (
+            f" (`--cpu-isa {env['cpu_isa_limit']}`: this {env['cpu_levels'][-1]} CPU stands in for one with no more "
+            f"than {env['cpu_isa_limit']}; torch, inductor, MKL and oneDNN run at that level, caches, clocks and "
+            "memory are this CPU's)" if env.get("cpu_isa_limit") else ""))
     if ceilings["copy"]:
         c = ceilings["copy"]
         lines.append(f"- copy ceiling: {c['rate']:.1f} GB/s ({c['what']}, before and after the ops)")
@@ -109,7 +115,10 @@ def header_text(result: Dict[str, Any]) -> str:
 
 def op_isa(result: Dict[str, Any]) -> Optional[str]:
     env = result["env"]
-    return None if env["device"].startswith("cuda") else env.get("llama_ext_cpu_capability")
+    if env["device"].startswith("cuda"):
+        return None
+    level = env.get("llama_ext_cpu_capability")
+    return f"{level}, on a {env['cpu_levels'][-1]} CPU limited to it" if _limited(env) else level
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -189,9 +198,18 @@ def write_outputs(result: Dict[str, Any], out_dir: str) -> List[str]:
 
 
 def results_md_section(result: Dict[str, Any]) -> str:
-    """RESULTS.md keeps one section per CUDA run and per CPU ISA level: "cuda", "cpu-avx2", ..."""
-    device = result["env"]["device"].split(":")[0]
-    return device if device == "cuda" else f"{device}-{result['env']['llama_ext_cpu_capability']}"
+    """RESULTS.md keeps one section per CUDA run and per CPU ISA level: "cuda", "cpu-avx2", ...;
+    a level run under --cpu-isa on a CPU with more gets its own: "cpu-avx2-limited"."""
+    env = result["env"]
+    device = env["device"].split(":")[0]
+    if device == "cuda":
+        return device
+    level = env["llama_ext_cpu_capability"]
+    return f"{device}-{level}" + ("-limited" if _limited(env) else "")
+
+
+def _limited(env: Dict[str, Any]) -> bool:
+    return bool(env.get("cpu_isa_limit")) and env["llama_ext_cpu_capability"] != env["cpu_levels"][-1]
 
 
 def update_results_md(result: Dict[str, Any], path: str) -> None:
@@ -205,7 +223,9 @@ def update_results_md(result: Dict[str, Any], path: str) -> None:
     if begin in text and end in text:
         text = re.sub(re.escape(begin) + ".*?" + re.escape(end), lambda _: body, text, flags=re.S)
     else:
-        heading = f"### CPU kernels at the {result['env']['llama_ext_cpu_capability']} level\n\n"
+        env = result["env"]
+        heading = f"### CPU kernels at the {env['llama_ext_cpu_capability']} level" + (
+            f", on a {env['cpu_levels'][-1]} CPU limited to it (`--cpu-isa`)" if _limited(env) else "") + "\n\n"
         where = text.find("\n## GPU")
         where = len(text) if where < 0 else where + 1
         text = text[:where] + heading + body + "\n\n" + text[where:]

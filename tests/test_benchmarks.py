@@ -203,3 +203,50 @@ def test_cpu_providers_are_sampled_interleaved():
     assert turns >= 2 * harness.CPU_ROUNDS - 1, order
     for timing in timings.values():
         assert timing["samples"] >= 3 and timing["median_ms"] >= 2.0
+
+
+def _runnable_levels():
+    return [name for name, missing in llama_ext._cpu_kernels.levels().items() if missing is None]
+
+
+@pytest.mark.skipif(_runnable_levels() == ["default"], reason="this CPU runs only the default level: nothing to limit")
+def test_cpu_isa_limit_runs_every_library_at_that_level(tmp_path):
+    """--cpu-isa default: a fresh process in which llama_ext, torch's own kernels, MKL and oneDNN
+    all run at the portable level, recorded in the JSON and in its own RESULTS.md section."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "limited"
+    command = [sys.executable, "-m", "benchmarks", "--smoke", "--no-progress", "--cpu-isa", "default", "--op",
+               "rms_norm", "--dtype", "float32", "--provider", "eager", "--provider", "llama_ext", "--device", "cpu",
+               "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=root)
+    for name in list(harness.CPU_ISA_LIMITS["default"]) + [harness.CPU_ISA_ENV, llama_ext._cpu_kernels.ENV_VAR]:
+        env.pop(name, None)
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    data = json.loads((out / "results-cpu.json").read_text())
+    run_env = data["env"]
+    assert run_env["llama_ext_cpu_capability"] == "default" and run_env["cpu_capability"] == "DEFAULT"
+    assert run_env["cpu_isa_limit"] == "default"
+    assert run_env["cpu_isa_limit_env"] == harness.CPU_ISA_LIMITS["default"]
+    assert "--cpu-isa default" in data["command"]
+    _check_op(data["ops"][0], ["eager", "llama_ext"])
+    assert report.results_md_section(data) == "cpu-default-limited"
+    assert "this " + _runnable_levels()[-1] + " CPU stands in for one with no more than default" in report.markdown(data)
+
+
+def test_cpu_level_below_the_cpu_best_needs_cpu_isa_for_results_md(monkeypatch, capsys):
+    levels = {"default": None, "avx2": None, "avx512": "AVX-512F"}
+    monkeypatch.setattr(llama_ext._cpu_kernels, "levels", lambda: levels)
+    monkeypatch.setattr(llama_ext, "cpu_capability", lambda: "default")
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cpu", "--update-results-md"])
+    assert "use --cpu-isa default" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--device", "cpu", "--cpu-isa", "avx512"])
+    assert "--cpu-isa avx512: this CPU runs only default, avx2" in capsys.readouterr().err
+    assert cli.parse_args(["--device", "cpu", "--update-results-md", "--cpu-isa", "default"]).cpu_isa == "default"
+    assert cli.parse_args(["--device", "cpu", "--cpu-isa", "avx2"]).cpu_isa == "avx2"

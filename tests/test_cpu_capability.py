@@ -21,10 +21,10 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 # Every level a full build holds on x86-64 (setup.py builds fewer only when told to).
 FULL_BUILD = X86 and not os.environ.get("LLAMA_EXT_CPU_CAPABILITIES")
 # The tests that compare every kernel with float64 and HF: forward, backward, every head dim,
-# fully masked rows, strided inputs, determinism, and decode against contiguous and paged caches
-# (one split and several).
+# fully masked rows, strided inputs, determinism, decode against contiguous and paged caches
+# (one split and several), and RMSNorm's NaN / Inf rows (each level rounds bf16 its own way).
 KEY_TESTS = ("matches_float64 or follows_hf or every_head_dim or fully_masked or deterministic or strided "
-             "or unaligned or hf_layout or matches_reference or long_context")
+             "or unaligned or hf_layout or matches_reference or long_context or nan_and_inf")
 
 
 def _runnable_built():
@@ -128,7 +128,7 @@ def test_key_correctness_tests_pass_at_every_level(level):
     if level == llama_ext.cpu_capability():
         pytest.skip(f"{level} is this process's level: the whole suite runs on it")
     tests = ["tests/test_attention.py", "tests/test_rms_norm.py", "tests/test_rotary.py",
-             "tests/test_kvcache_attention.py"]
+             "tests/test_kvcache_attention.py", "tests/test_reliability.py"]
     result = _run(["-m", "pytest", *tests, "-q", "-x", "-p", "no:cacheprovider", "-k", KEY_TESTS], level,
                   timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

@@ -360,8 +360,7 @@ static_assert(pairs::kAcc <= kScoreKeys, "a score tile of one row reads kAcc key
 
 #if defined(CPU_CAPABILITY_AVX512)
 // ---- bf16 widened in pairs (AVX-512) ----------------------------------------------------------
-// A 64-byte load holds 32 bf16; its 32-bit lanes hold the pairs (2i, 2i + 1). Shifting the lanes
-// left by 16 gives the even elements as fp32, masking off their low halves the odd ones: two
+// A 64-byte load holds 32 bf16, widened as even/odd pairs (cpu_vec.h's Bf16Pairs): two
 // instructions widen 32 elements, where widening them in order takes four (two VPMOVZXWD, which
 // compete with the FMAs' port, and two shifts). The products are indifferent to the order within
 // a chunk, so q is stored with each 32-element chunk's even elements first, then its odd ones
@@ -375,8 +374,7 @@ inline __m512i load_raw(const bf16* p, int64_t count) {
   return count >= kChunk ? _mm512_loadu_si512(p)
                          : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << count) - 1), p);
 }
-inline __m512 even(__m512i raw) { return _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16)); }
-inline __m512 odd(__m512i raw) { return _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(-65536))); }
+using cpu::Bf16Pairs;
 
 // Each 32-element chunk of row[0, dpad), as halves a and b, becomes (a, b)[first] then
 // (a, b)[second] (indices into the pair, as VPERMT2PS reads them).
@@ -416,8 +414,8 @@ inline void score_tile(const float* q, int64_t dpad, const bf16* const* k, int64
     __m512 ke[J], ko[J];
     for (int t = 0; t < J; ++t) {
       const __m512i raw = load_raw(kt[t] + c, count);
-      ke[t] = even(raw);
-      ko[t] = odd(raw);
+      ke[t] = Bf16Pairs::even(raw);
+      ko[t] = Bf16Pairs::odd(raw);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 qe = _mm512_loadu_ps(qr[r] + c), qo = _mm512_loadu_ps(qr[r] + c + 16);
@@ -450,8 +448,8 @@ inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t
     for (int cc = 0; cc < C; ++cc) {
       const int64_t at = c + cc * kChunk;
       const __m512i raw = kFull ? _mm512_loadu_si512(vj + at) : load_raw(vj + at, d - at);
-      ve[cc] = even(raw);
-      vo[cc] = odd(raw);
+      ve[cc] = Bf16Pairs::even(raw);
+      vo[cc] = Bf16Pairs::odd(raw);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 pr = _mm512_set1_ps(p[r * ld_p + j]);
