@@ -464,10 +464,19 @@ CPU_ISA_ENV = "LLAMA_EXT_BENCH_CPU_ISA"
 
 
 def cpu_isa_environment(level: str) -> Dict[str, str]:
-    """The variables a process limited to `level` starts with (llama_ext's own included)."""
-    import llama_ext
+    """The variables a process limited to `level` starts with (llama_ext's own included).
 
-    return dict(CPU_ISA_LIMITS[level], **{llama_ext._cpu_kernels.ENV_VAR: level, CPU_ISA_ENV: level})
+    A limited process also compiles into its own inductor cache: inductor does not key its
+    cached code on ATEN_CPU_CAPABILITY, and a run reusing code compiled under another level
+    gave NaN, or corrupted the heap and aborted (torch 2.14)."""
+    import llama_ext
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    env = dict(CPU_ISA_LIMITS[level], **{llama_ext._cpu_kernels.ENV_VAR: level, CPU_ISA_ENV: level})
+    if CPU_ISA_LIMITS[level]:
+        base = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir()
+        env["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, f"cpu-isa-{level}")
+    return env
 
 
 def environment(device: str) -> Dict[str, Any]:

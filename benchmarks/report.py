@@ -95,8 +95,8 @@ def header_text(result: Dict[str, Any]) -> str:
     if env.get("cpu_isa_limit_env"):
         how = ", ".join(f"{k}={v}" for k, v in env["cpu_isa_limit_env"].items())
         lines.append(f"- limited: {how}" + (
-            f" (`--cpu-isa {env['cpu_isa_limit']}`: this {env['cpu_levels'][-1]} CPU stands in for one with no more "
-            f"than {env['cpu_isa_limit']}; torch, inductor, MKL and oneDNN run at that level, caches, clocks and "
+            f" (`--cpu-isa {env['cpu_isa_limit']}`: this CPU, which runs {env['cpu_levels'][-1]}, stands in for one "
+            f"with no more than {env['cpu_isa_limit']}; torch, inductor, MKL and oneDNN run at that level, caches, clocks and "
             "memory are this CPU's)" if env.get("cpu_isa_limit") else ""))
     if ceilings["copy"]:
         c = ceilings["copy"]
@@ -118,7 +118,7 @@ def op_isa(result: Dict[str, Any]) -> Optional[str]:
     if env["device"].startswith("cuda"):
         return None
     level = env.get("llama_ext_cpu_capability")
-    return f"{level}, on a {env['cpu_levels'][-1]} CPU limited to it" if _limited(env) else level
+    return f"{level}, on a CPU with {env['cpu_levels'][-1]} limited to it" if _limited(env) else level
 
 
 def markdown(result: Dict[str, Any]) -> str:
@@ -225,7 +225,7 @@ def update_results_md(result: Dict[str, Any], path: str) -> None:
     else:
         env = result["env"]
         heading = f"### CPU kernels at the {env['llama_ext_cpu_capability']} level" + (
-            f", on a {env['cpu_levels'][-1]} CPU limited to it (`--cpu-isa`)" if _limited(env) else "") + "\n\n"
+            f", on a CPU with {env['cpu_levels'][-1]} limited to it (`--cpu-isa`)" if _limited(env) else "") + "\n\n"
         where = text.find("\n## GPU")
         where = len(text) if where < 0 else where + 1
         text = text[:where] + heading + body + "\n\n" + text[where:]

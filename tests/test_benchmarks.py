@@ -232,10 +232,15 @@ def test_cpu_isa_limit_runs_every_library_at_that_level(tmp_path):
     assert run_env["llama_ext_cpu_capability"] == "default" and run_env["cpu_capability"] == "DEFAULT"
     assert run_env["cpu_isa_limit"] == "default"
     assert run_env["cpu_isa_limit_env"] == harness.CPU_ISA_LIMITS["default"]
+    # Its own inductor cache: code compiled under one level must not be reused under another.
+    limited_cache = harness.cpu_isa_environment("default")["TORCHINDUCTOR_CACHE_DIR"]
+    assert limited_cache.endswith("cpu-isa-default") and limited_cache != os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    assert "TORCHINDUCTOR_CACHE_DIR" not in harness.cpu_isa_environment("amx_bf16")
     assert "--cpu-isa default" in data["command"]
     _check_op(data["ops"][0], ["eager", "llama_ext"])
     assert report.results_md_section(data) == "cpu-default-limited"
-    assert "this " + _runnable_levels()[-1] + " CPU stands in for one with no more than default" in report.markdown(data)
+    assert f"this CPU, which runs {_runnable_levels()[-1]}, stands in for one with no more than default" in report.markdown(data)
+    assert "[CPU kernels: default, on a CPU with" in report.markdown(data)
 
 
 def test_cpu_level_below_the_cpu_best_needs_cpu_isa_for_results_md(monkeypatch, capsys):
