@@ -38,8 +38,8 @@ T* row_of(void* base, int64_t stride, int64_t r) { return static_cast<T*>(base) 
 
 // bf16 rows stream through Bf16Pairs (cpu_vec.h) where they round faster there: the body of
 // each row in accesses of 2 x kWidth elements without shuffles, the rest (n mod 2 kWidth) in
-// element order. Both round to nearest even on the same bits, so the path does not change a
-// result.
+// element order. Both round each element to nearest even alike; the pairs only put the squares
+// in other (still fixed) lanes of the sum.
 template <typename... Ts>
 constexpr bool kPairs = cpu::kBf16PairsRound && (std::is_same_v<Ts, at::BFloat16> && ...);
 using cpu::Bf16Pairs;
