@@ -108,6 +108,26 @@ def test_provider_over_budget_gets_one_marked_call():
     assert "| 1 call |" in table and "one timed call" in table
 
 
+def test_slow_warm_up_of_a_fast_call_is_sampled():
+    # A first call that compiles for longer than the budget (torch.compile on a cold cache) does
+    # not make a fast provider a one-call row: a second call decides.
+    calls = []
+
+    def compiling(case, inputs):
+        def fn():
+            calls.append(1)
+            time.sleep(0.15 if len(calls) == 1 else 0.0)
+            return inputs * 2
+        return fn
+
+    cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.05, budget_s=0.1)
+    bench = _toy_bench([harness.Provider("eager", lambda c, x: lambda: x * 2), harness.Provider("compile", compiling)])
+    op = harness.run_op(bench, cfg, harness.Ceilings(cfg), progress=False)
+    result = op["cases"][0]["results"]["compile"]
+    assert not result["single_call"] and result["samples"] >= 2 and len(calls) > 3
+    assert result["median_ms"] < 100
+
+
 def test_reduced_dtype_ceiling_is_the_best_rate_for_its_math_and_excess_is_flagged():
     cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.01)
     ceilings = harness.Ceilings(cfg)
