@@ -86,7 +86,7 @@ smoke
 
 step "5. tests: $TESTS"
 rm -rf "$CHECK_DIR/src" && mkdir -p "$CHECK_DIR/src"
-cp -r tests csrc benchmarks "$CHECK_DIR/src/"  # conftest reads csrc/cuda/attention_launch.cuh
+cp -r tests csrc benchmarks tools "$CHECK_DIR/src/"  # conftest reads csrc/cuda/attention_launch.cuh and tools/
 # shellcheck disable=SC2086
 (cd "$CHECK_DIR/src" && timed "$VENV/bin/python" -m pytest $TESTS -q -x -p no:cacheprovider)
 
