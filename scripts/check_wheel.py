@@ -7,6 +7,9 @@ carries no sources or build leftovers; prints each library's vector instruction 
 AVX-512 libraries hold AVX-512 code even when built on a CPU without it) and, with ``--cuda``,
 the GPU architectures of the CUDA kernels in ``_C``.
 
+``sdist SDIST``: the source distribution holds every file git tracks (but the CI entry point),
+and no build outputs.
+
 ``smoke``: run from outside the repository in the environment the wheel was installed into:
 ``llama_ext`` comes from that environment, loads the best CPU level this CPU runs, and every op
 matches its float64 reference once (forward, and the backward of the differentiable ones).
@@ -186,6 +189,26 @@ def smoke(args):
     print("every op matches its float64 reference")
 
 
+def sdist_problems(sdist, repo):
+    """(tracked files the sdist lacks, build outputs it carries). Every tracked file belongs in
+    it, but the CI entry point (.ci/) and git's own files."""
+    import tarfile
+
+    with tarfile.open(sdist) as t:
+        names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    missing = [f for f in tracked if not f.startswith((".ci/", ".git")) and f not in names]
+    built = sorted(n for n in names if n.endswith((".so", ".o")) or n.startswith("build/"))
+    return missing, built
+
+
+def sdist(args):
+    missing, built = sdist_problems(args.sdist, os.getcwd())
+    if missing or built:
+        _fail(f"the sdist lacks {missing} / carries build outputs {built}")
+    print(f"{args.sdist}: every tracked source, header, test, tool, benchmark and script; no build outputs")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -193,6 +216,9 @@ def main():
     c.add_argument("wheel")
     c.add_argument("--cuda", action="store_true", help="the wheel must hold CUDA kernels for sm_80 and sm_90")
     c.set_defaults(run=contents)
+    d = sub.add_parser("sdist")
+    d.add_argument("sdist")
+    d.set_defaults(run=sdist)
     s = sub.add_parser("smoke")
     s.set_defaults(run=smoke)
     args = p.parse_args()

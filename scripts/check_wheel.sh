@@ -94,19 +94,7 @@ step "6. sdist"
 rm -rf "$CHECK_DIR/sdist"
 "$PY" setup.py -q sdist -d "$CHECK_DIR/sdist" >/dev/null
 SDIST=$(ls "$CHECK_DIR"/sdist/llama_ext-*.tar.gz)
-"$PY" - "$SDIST" <<'EOF'
-import subprocess, sys, tarfile
-with tarfile.open(sys.argv[1]) as t:
-    names = {n.split("/", 1)[1] for n in t.getnames() if "/" in n}
-tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, check=True).stdout.split()
-# Everything but the CI entry point and git's own files.
-missing = [f for f in tracked if not f.startswith((".ci/", ".git"))  and f not in names]
-built = [n for n in names if n.endswith((".so", ".o")) or n.startswith("build/")]
-print(f"{sys.argv[1]}: {len(names)} files")
-if missing or built:
-    sys.exit(f"FAIL: the sdist lacks {missing} / carries build outputs {built}")
-print("every tracked source, header, test, benchmark and script is in the sdist; no build outputs")
-EOF
+"$PY" scripts/check_wheel.py sdist "$SDIST"
 if [ "$SDIST_BUILD" = 1 ]; then
   step "6b. wheel from the sdist (a full compile)"
   timed "$PY" -m pip wheel -q --no-build-isolation --no-deps -w "$CHECK_DIR/sdist/dist" "$SDIST"

@@ -1,5 +1,10 @@
-"""The build contains what this machine can compile."""
+"""The build contains what this machine can compile, and the source distribution what it needs."""
+import importlib.util
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,3 +32,26 @@ def test_build_runs_the_environments_ninja():
     if not os.path.lexists(link):
         pytest.skip("llama_ext was not built in this tree (an installed wheel)")
     assert os.readlink(link) == os.path.join(ninja.BIN_DIR, "ninja")
+
+
+def test_sdist_carries_every_tracked_file(tmp_path):
+    """The sdist (MANIFEST.in) holds every file git tracks but the CI entry point, so its tests
+    run from it (they load tools/ and read csrc/), and no build outputs. Built from a copy of
+    the tracked files, so this tree's build folder and egg-info do not leak in."""
+    repo = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("needs the git checkout (the tracked files)")
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout.split()
+    src = tmp_path / "src"
+    for name in tracked:
+        if (repo / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / name, src / name)
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], cwd=src, check=True,
+                   capture_output=True, env=dict(os.environ, LLAMA_EXT_CPU_ONLY="1"))
+    (sdist,) = (tmp_path / "dist").glob("llama_ext-*.tar.gz")
+    spec = importlib.util.spec_from_file_location("check_wheel", repo / "scripts" / "check_wheel.py")
+    check_wheel = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_wheel)
+    missing, built = check_wheel.sdist_problems(sdist, src)
+    assert not missing and not built, f"the sdist lacks {missing} / carries build outputs {built}"
