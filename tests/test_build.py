@@ -53,5 +53,5 @@ def test_sdist_carries_every_tracked_file(tmp_path):
     spec = importlib.util.spec_from_file_location("check_wheel", repo / "scripts" / "check_wheel.py")
     check_wheel = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check_wheel)
-    missing, built = check_wheel.sdist_problems(sdist, src)
+    missing, built = check_wheel.sdist_problems(sdist, repo)
     assert not missing and not built, f"the sdist lacks {missing} / carries build outputs {built}"
