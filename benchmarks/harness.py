@@ -6,15 +6,14 @@ An op module (``bench_<op>.py``) describes *what* to measure as an :class:`OpBen
 native, torch.compile, llama_ext), each of which turns a case's inputs into a closure to time.
 This module decides *how* to measure, identically for every op:
 
-- CPU: ``torch.utils.benchmark.Timer`` with all of torch's threads (its default is 1), samples
-  of at least ~1 ms each after a warm-up call, median and p20/p80 over the samples. The
+- CPU: Python's ``timeit`` with all of torch's threads, samples of at least ~1 ms each after a
+  warm-up call, median and p20/p80 over the samples. The
   providers of a case are sampled interleaved, in ``CPU_ROUNDS`` rounds that each take a share
   of every provider's samples, so that a shared VM's slow and fast spells (which halve or double
   a kernel's speed for seconds at a time) fall on every provider alike.
 - A time budget per (case, provider): a provider whose call, after its warm-up, takes more than
-  a third of it (eager bf16 attention where the CPU emulates bf16 matmuls) gets that one timed
-  call instead of a sampling run, which costs at least three calls (two samples and the
-  peak-memory call). It is marked ``single_call`` in the JSON and with ``*`` in the tables, so
+  1/SAMPLED_CALLS of it (eager bf16 attention where the CPU emulates bf16 matmuls) gets that one
+  timed call instead of a sampling run, which costs at least SAMPLED_CALLS calls. It is marked ``single_call`` in the JSON and with ``*`` in the tables, so
   that a run finishes on any CPU. The warm-up call itself does not decide: under
   ``torch.compile`` with a cold cache it compiles for seconds.
 - CUDA: ``triton.testing.do_bench`` (which zeroes a buffer larger than L2 before every call)
@@ -41,6 +40,7 @@ import platform
 import subprocess
 import sys
 import time
+import timeit
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -162,24 +162,29 @@ CPU_ROUNDS = 5
 def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
                          budget_s: float = math.inf) -> Dict[str, Dict[str, Any]]:
     """Times each of fns (warmed up by the caller) as time_cpu does, but in CPU_ROUNDS rounds
-    that each take a share of every fn's samples in turn."""
-    from torch.utils import benchmark
+    that each take a share of every fn's samples in turn, after one untimed call (the other
+    fns ran in between).
 
+    The clock is Python's ``timeit.Timer`` (perf_counter, garbage collection paused), the loop
+    ``torch.utils.benchmark.Timer`` wraps: that one makes two untimed calls before every sample,
+    which tripled the cost of a sampling run."""
     plans = {}
     for name, fn in fns.items():
-        timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-        first = timer.timeit(1).mean  # the caller has warmed up, so this is a sample too
+        timer = timeit.Timer(fn)
+        first = timer.timeit(1)  # the caller has warmed up, so this is a sample too
         number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
         # At least 3 samples, more up to min_run_time, fewer (down to 2) to stay within the budget.
         n_samples = int(min(100, max(3, min_run_time / (first * number)), max(2, budget_s / (first * number))))
-        plans[name] = (timer, number, n_samples, [first] if number == 1 else [])
+        plans[name] = (timer, fn, number, n_samples, [first] if number == 1 else [])
     for r in range(CPU_ROUNDS):
-        for timer, number, n_samples, samples in plans.values():
+        for timer, fn, number, n_samples, samples in plans.values():
             share = math.ceil((n_samples - len(samples)) / (CPU_ROUNDS - r))
-            samples += [timer.timeit(number).mean for _ in range(share)]
+            if share:
+                fn()
+                samples += [timer.timeit(number) / number for _ in range(share)]
     return {name: dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
-                       method=f"torch.utils.benchmark.Timer, providers interleaved in {CPU_ROUNDS} rounds")
-            for name, (_, number, n_samples, samples) in plans.items()}
+                       method=f"timeit, one untimed call per round, providers interleaved in {CPU_ROUNDS} rounds")
+            for name, (_, _, number, n_samples, samples) in plans.items()}
 
 
 def time_cpu(fn: Callable[[], Any], min_run_time: float, budget_s: float = math.inf) -> Dict[str, Any]:
@@ -235,8 +240,9 @@ def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:
     return time_cpu(fn, cfg.min_run_time, cfg.budget_s)
 
 
-# The fewest calls a sampled provider makes after its warm-up: two samples and the peak-memory call.
-SAMPLED_CALLS = 3
+# The fewest calls a sampled provider makes after its warm-up: two samples, the untimed call before
+# the second one's round, and the peak-memory call.
+SAMPLED_CALLS = 4
 
 
 def time_one_call(fn: Callable[[], Any], device: str) -> Dict[str, Any]:

@@ -68,8 +68,8 @@ def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
     skipped = [f"- {name}: skipped ({p['skip_reason']})" for name, p in op["providers"].items() if p["skip_reason"]]
     results = [r for c in op["cases"] for r in c["results"].values()]
     if any(r.get("single_call") for r in results):
-        skipped.append("- \\*: one timed call after the warm-up: a call takes over a third of the per-case time "
-                       "budget (sampling takes at least three)")
+        skipped.append("- \\*: one timed call after the warm-up: sampling a call this slow would exceed the per-case "
+                       "time budget")
     if any(r.get("fraction_of_copy_same_rounds") is not None for r in results):
         skipped.append("- same-round copy: the rate against dst.copy_(src) (the ceiling's size, bytes read + written) "
                        "sampled in the same interleaved rounds as the providers, medians of both; the ceiling is "

@@ -128,6 +128,25 @@ def test_slow_warm_up_of_a_fast_call_is_sampled():
     assert result["median_ms"] < 100
 
 
+def test_sampling_makes_few_calls_beyond_its_samples():
+    # A sample is its calls: no untimed calls per sample (torch.utils.benchmark.Timer.timeit
+    # makes two), one per round, the warm-up, the peak-memory call.
+    calls = []
+
+    def build(case, inputs):
+        def fn():
+            calls.append(1)
+            time.sleep(0.002)
+            return inputs * 2
+        return fn
+
+    cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.05, budget_s=10.0)
+    op = harness.run_op(_toy_bench([harness.Provider("eager", build)]), cfg, harness.Ceilings(cfg), progress=False)
+    result = op["cases"][0]["results"]["eager"]
+    assert result["calls_per_sample"] == 1 and result["samples"] >= 10
+    assert len(calls) <= result["samples"] + 2 + harness.CPU_ROUNDS
+
+
 def test_reduced_dtype_ceiling_is_the_best_rate_for_its_math_and_excess_is_flagged():
     cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.01)
     ceilings = harness.Ceilings(cfg)
