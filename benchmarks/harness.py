@@ -7,15 +7,16 @@ native, torch.compile, llama_ext), each of which turns a case's inputs into a cl
 This module decides *how* to measure, identically for every op:
 
 - CPU: Python's ``timeit`` with all of torch's threads, samples of at least ~1 ms each after a
-  warm-up call, median and p20/p80 over the samples. The
-  providers of a case are sampled interleaved, in ``CPU_ROUNDS`` rounds that each take a share
-  of every provider's samples, so that a shared VM's slow and fast spells (which halve or double
-  a kernel's speed for seconds at a time) fall on every provider alike.
+  warm-up call, median and p20/p80 over the samples. The providers of a case are sampled
+  interleaved, in ``CPU_ROUNDS`` rounds that each take a share of every provider's samples, so
+  that a shared VM's slow and fast spells (which halve or double a kernel's speed for seconds at
+  a time) fall on every provider alike.
 - A time budget per (case, provider): a provider whose call, after its warm-up, takes more than
   1/SAMPLED_CALLS of it (eager bf16 attention where the CPU emulates bf16 matmuls) gets that one
-  timed call instead of a sampling run, which costs at least SAMPLED_CALLS calls. It is marked ``single_call`` in the JSON and with ``*`` in the tables, so
-  that a run finishes on any CPU. The warm-up call itself does not decide: under
-  ``torch.compile`` with a cold cache it compiles for seconds.
+  timed call instead of a sampling run, which costs at least SAMPLED_CALLS calls. It is marked
+  ``single_call`` in the JSON and with ``*`` in the tables, so that a run finishes on any CPU.
+  The warm-up call itself does not decide: under ``torch.compile`` with a cold cache it compiles
+  for seconds.
 - CUDA: ``triton.testing.do_bench`` (which zeroes a buffer larger than L2 before every call)
   when triton is installed, else CUDA events around each call with the same L2 flush between.
 - Throughput from the minimum work a call must do (bytes every implementation has to move,
