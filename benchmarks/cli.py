@@ -50,7 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
     p.add_argument("--budget", type=float,
                    help="seconds per case and provider: a provider whose call (after its warm-up) takes over a "
-                        "quarter of it gets one timed call, marked * (default: 2 on CPU, 20 with --full, 10 on CUDA)")
+                        "fifth of it gets one timed call, marked * (default: 2 on CPU, 20 with --full, 10 on CUDA)")
     p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
     p.add_argument("--size", action="append", type=int,
                    help="size to run instead of the sweep (repeatable): rows for RMSNorm, tokens for rotary, "

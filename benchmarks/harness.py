@@ -163,8 +163,10 @@ CPU_ROUNDS = 5
 def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
                          budget_s: float = math.inf) -> Dict[str, Dict[str, Any]]:
     """Times each of fns (warmed up by the caller) as time_cpu does, but in CPU_ROUNDS rounds
-    that each take a share of every fn's samples in turn, after one untimed call (the other
-    fns ran in between).
+    that each take a share of every fn's samples in turn. The first sample and each round's share
+    come after one untimed call: the other fns ran in between, and may have evicted its data or
+    reset state it shares with them (e.g. dynamo's caches, which a compiled provider then
+    refills in its next call).
 
     The clock is Python's ``timeit.Timer`` (perf_counter, garbage collection paused), the loop
     ``torch.utils.benchmark.Timer`` wraps: that one makes two untimed calls before every sample,
@@ -172,7 +174,8 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
     plans = {}
     for name, fn in fns.items():
         timer = timeit.Timer(fn)
-        first = timer.timeit(1)  # the caller has warmed up, so this is a sample too
+        fn()
+        first = timer.timeit(1)  # a sample too
         number = max(1, int(1e-3 / max(first, 1e-9)))  # samples of >= ~1 ms: timer overhead vanishes
         # At least 3 samples, more up to min_run_time, fewer (down to 2) to stay within the budget.
         n_samples = int(min(100, max(3, min_run_time / (first * number)), max(2, budget_s / (first * number))))
@@ -184,7 +187,7 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
                 fn()
                 samples += [timer.timeit(number) / number for _ in range(share)]
     return {name: dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
-                       method=f"timeit, one untimed call per round, providers interleaved in {CPU_ROUNDS} rounds")
+                       method=f"timeit, an untimed call before each round, providers interleaved in {CPU_ROUNDS} rounds")
             for name, (_, _, number, n_samples, samples) in plans.items()}
 
 
@@ -241,9 +244,9 @@ def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:
     return time_cpu(fn, cfg.min_run_time, cfg.budget_s)
 
 
-# The fewest calls a sampled provider makes after its warm-up: two samples, the untimed call before
-# the second one's round, and the peak-memory call.
-SAMPLED_CALLS = 4
+# The fewest calls a sampled provider makes after its warm-up: two samples, each after an untimed
+# call, and the peak-memory call.
+SAMPLED_CALLS = 5
 
 
 def time_one_call(fn: Callable[[], Any], device: str) -> Dict[str, Any]:

@@ -130,7 +130,8 @@ def test_slow_warm_up_of_a_fast_call_is_sampled():
 
 def test_sampling_makes_few_calls_beyond_its_samples():
     # A sample is its calls: no untimed calls per sample (torch.utils.benchmark.Timer.timeit
-    # makes two), one per round, the warm-up, the peak-memory call.
+    # makes two); the warm-up, an untimed call before the first sample and before each round, and
+    # the peak-memory call.
     calls = []
 
     def build(case, inputs):
@@ -144,7 +145,32 @@ def test_sampling_makes_few_calls_beyond_its_samples():
     op = harness.run_op(_toy_bench([harness.Provider("eager", build)]), cfg, harness.Ceilings(cfg), progress=False)
     result = op["cases"][0]["results"]["eager"]
     assert result["calls_per_sample"] == 1 and result["samples"] >= 10
-    assert len(calls) <= result["samples"] + 2 + harness.CPU_ROUNDS
+    assert len(calls) <= result["samples"] + 3 + harness.CPU_ROUNDS
+
+
+def test_state_another_provider_reset_is_refilled_by_an_untimed_call():
+    # benchmarks/e2e.py builds each generate() provider after torch._dynamo.reset(), so a provider
+    # built earlier recompiles in its next call: that call must not be its first sample (with
+    # two samples, one of them a recompile, the median was 3x the call).
+    state = {"stale": False}
+
+    def resetting(case, inputs):
+        state["stale"] = True
+        return lambda: inputs * 2
+
+    def compiled(case, inputs):
+        def fn():
+            if state["stale"]:
+                state["stale"] = False
+                time.sleep(0.05)
+            return inputs * 2
+        return fn
+
+    cfg = harness.RunConfig(device="cpu", dtypes=[torch.bfloat16], smoke=True, min_run_time=0.05, budget_s=0.1)
+    bench = _toy_bench([harness.Provider("compile", compiled), harness.Provider("eager", resetting)])
+    op = harness.run_op(bench, cfg, harness.Ceilings(cfg), progress=False)
+    result = op["cases"][0]["results"]["compile"]
+    assert not result["single_call"] and result["median_ms"] < 10
 
 
 def test_reduced_dtype_ceiling_is_the_best_rate_for_its_math_and_excess_is_flagged():
