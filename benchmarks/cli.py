@@ -50,7 +50,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own, all cores)")
     p.add_argument("--budget", type=float,
                    help="seconds per case and provider: a provider whose call (after its warm-up) takes over a "
-                        "fifth of it gets one timed call, marked * (default: 2 on CPU, 20 with --full, 10 on CUDA)")
+                        "fifth of it gets one timed call, marked * (default: 3 on CPU, 20 with --full, 10 on CUDA)")
     p.add_argument("--full", action="store_true", help="the whole size sweep (default: a quick one)")
     p.add_argument("--size", action="append", type=int,
                    help="size to run instead of the sweep (repeatable): rows for RMSNorm, tokens for rotary, "
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> Dict:
         torch.set_num_threads(args.threads)
     dtypes = [DTYPES[d] for d in (args.dtype or DEFAULT_DTYPES[args.device.split(":")[0]])]
     cuda = args.device.startswith("cuda")
-    budget = args.budget or (10.0 if cuda else 20.0 if args.full else 2.0)
+    budget = args.budget or (10.0 if cuda else 20.0 if args.full else 3.0)
     cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke, sizes=args.size,
                             min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100,
                             budget_s=budget)

@@ -84,7 +84,7 @@ class RunConfig:
     sizes: Optional[List[int]] = None  # explicit sizes instead of the sweep (--size)
     min_run_time: float = 0.3  # seconds of samples per (case, provider) on CPU
     cuda_rep_ms: int = 100  # do_bench's measuring time per (case, provider) on CUDA
-    budget_s: float = 2.0  # a provider whose call takes over budget_s / SAMPLED_CALLS gets one timed call
+    budget_s: float = 3.0  # a provider whose call takes over budget_s / SAMPLED_CALLS gets one timed call
 
     @property
     def is_cuda(self) -> bool:
