@@ -169,8 +169,8 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
     refills in its next call).
 
     The clock is Python's ``timeit.Timer`` (perf_counter, garbage collection paused), the loop
-    ``torch.utils.benchmark.Timer`` wraps: that one makes two untimed calls before every sample,
-    which tripled the cost of a sampling run."""
+    ``torch.utils.benchmark.Timer`` wraps: its ``timeit`` makes two untimed calls before every
+    sample, three calls where one is timed."""
     plans = {}
     for name, fn in fns.items():
         timer = timeit.Timer(fn)
@@ -187,7 +187,7 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], min_run_time: float,
                 fn()
                 samples += [timer.timeit(number) / number for _ in range(share)]
     return {name: dict(_quantiles(samples), samples=n_samples, calls_per_sample=number,
-                       method=f"timeit, an untimed call before each round, providers interleaved in {CPU_ROUNDS} rounds")
+                       method=f"timeit, providers interleaved in {CPU_ROUNDS} rounds, an untimed call before each")
             for name, (_, _, number, n_samples, samples) in plans.items()}
 
 
