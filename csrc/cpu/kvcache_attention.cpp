@@ -27,9 +27,11 @@
 //       p = exp(S - m'), l' = l e^(m - m') + sum p
 //       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (strips of 4 rows x 2 vectors held in
 //                                  registers over kPvKeys keys, p broadcast per key)
-//     bf16 at the amx_bf16 level scores on AMX tiles instead (namespace amx_scores): per 16 keys
-//     and kv head one TDPBF16PS tile product per 32 elements of d, K tile-loaded straight from
-//     the cache; P V stays on the FMAs.
+//     bf16 at the avx512_bf16 and amx_bf16 levels scores on VDPBF16PS instead (namespace dot):
+//     bf16 q and K as they lie, 32 products per instruction, no widening; amx_bf16 scores whole
+//     tiles on AMX (namespace amx_scores): per 16 keys and kv head one TDPBF16PS tile product
+//     per 32 elements of d, K tile-loaded straight from the cache. P V stays on the FMAs, P in
+//     fp32.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
@@ -44,8 +46,11 @@
 // decode step is bound by memory (fp32) or by the widening and FMAs (bf16/fp16 at 2 bytes per
 // element): the kernel streams the cache in address order with the math in L1/L2-resident
 // buffers. On a Sapphire Rapids VM (benchmarks/RESULTS.md) bf16 runs only 1.28x faster per key
-// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it.
-// VDPBF16PS (one per ~2 cycles there, a quarter of the FMA rate) is no faster. Scores on AMX make
+// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it. There
+// VDPBF16PS issues at half the FMA rate (no faster than the pairs path); on Zen 4 it issues at the
+// FMA rate, and the scores on it make a b1 decode step 1.07x faster with the cache in L2/L3
+// (no change when it streams from DRAM). Software prefetch of the next phase's rows gained
+// nothing measurable on Zen 4 (0.97-1.08x, and 0.92x in cache). Scores on AMX make
 // a b1 decode step 1.06-1.14x faster (a 16-key x 4-row tile product takes ~6 ns, but the tile
 // unit runs in order and waits for each K tile load that misses L1). P V on AMX needs V
 // repacked into key pairs through memory (a tile load of rows vector stores have just written
@@ -66,6 +71,7 @@
 
 #include "../kvcache_attention.h"
 #include "amx_dot.h"
+#include "bf16_dot.h"
 #include "cpu_vec.h"
 #include "rotary_head.h"
 
@@ -214,10 +220,12 @@ inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
 }
 
 // Per-thread buffers of one task, padded to whole vectors (zeros in the padding).
-template <typename acc_t>
+template <typename T>
 struct TaskBuffers {
+  using acc_t = at::opmath_type<T>;
   std::vector<acc_t> q, o, s, m, l;
   std::vector<int64_t> lo, hi;
+  std::vector<T> q_bits;       // the VDPBF16PS score path's q rows: as given (rotated), unscaled
   std::vector<acc_t> scratch;  // the AMX score path's q tiles, sized on first use
   TaskBuffers(int64_t dpad)
       : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), m(kMaxRows),
@@ -492,6 +500,57 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 }  // namespace pairs
 #endif
 
+#if defined(LLAMA_EXT_BF16_DOT)
+// ---- bf16 scores on VDPBF16PS (avx512_bf16 and amx_bf16) --------------------------------------
+// One VDPBF16PS multiplies 32 bf16 of q by 32 of K as they lie in memory and adds them into 16
+// fp32 lanes in pairs: 32 products per instruction with no widening, against 16 per FMA after
+// one. Where it issues at the FMA rate (Zen 4: one 512-bit instruction per cycle either way) the
+// scores take half the FMA port; on Sapphire Rapids it issues at half that rate, no faster
+// than the pairs path, and amx_bf16 scores whole tiles on AMX anyway. q is taken as given
+// (rotated and rounded, unscaled, zero past d) and the scale multiplies S. The products are
+// exact in fp32 and accumulate in fp32; bf16 subnormal inputs read as zero (as on AMX).
+namespace dot {
+
+using bf16 = c10::BFloat16;
+
+// s[r * ld + t] = scale (q_r . k_t) for R rows (q rows dpad apart) x kAcc / R keys.
+template <int R>
+inline void score_tile(const bf16* q, int64_t dpad, const bf16* const* k, int64_t off, int64_t d, float scale,
+                       float* s, int64_t ld) {
+  constexpr int J = pairs::kAcc / R;
+  const bf16* kt[J];
+  for (int t = 0; t < J; ++t) kt[t] = k[t] + off;
+  __m512 sum[pairs::kAcc];
+  for (int i = 0; i < pairs::kAcc; ++i) sum[i] = _mm512_setzero_ps();
+  const auto accumulate = [&](int64_t c, int64_t count) {
+    __m512bh kc[J];
+    for (int t = 0; t < J; ++t) kc[t] = (__m512bh)pairs::load_raw(kt[t] + c, count);
+    for (int r = 0; r < R; ++r) {
+      const __m512bh qc = (__m512bh)_mm512_loadu_si512(q + r * dpad + c);
+      for (int t = 0; t < J; ++t) sum[r * J + t] = _mm512_dpbf16_ps(sum[r * J + t], qc, kc[t]);
+    }
+  };
+  int64_t c = 0;
+  for (; c + pairs::kChunk <= d; c += pairs::kChunk) accumulate(c, pairs::kChunk);
+  if (c < d) accumulate(c, d - c);
+  at::vec::Vectorized<float> acc[pairs::kAcc];
+  for (int i = 0; i < pairs::kAcc; ++i) acc[i] = _mm512_mul_ps(sum[i], _mm512_set1_ps(scale));
+  float sums[pairs::kAcc];
+  for (int i = 0; i < pairs::kAcc; i += 8) lane_sums8<float>(acc + i, sums + i);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
+}
+
+}  // namespace dot
+#else
+namespace dot {
+// No VDPBF16PS at this level (kDot is false): declared for the discarded branches only.
+template <int R>
+void score_tile(const c10::BFloat16* q, int64_t dpad, const c10::BFloat16* const* k, int64_t off, int64_t d,
+                float scale, float* s, int64_t ld);
+}  // namespace dot
+#endif
+
 #if defined(LLAMA_EXT_AMX)
 // ---- bf16 scores on AMX tiles (amx_bf16) ------------------------------------------------------
 // S^T[key, r] = K q^T: per 16 keys and kv head, one C tile [16 keys, nr rows] (fp32), d/32
@@ -589,6 +648,14 @@ constexpr bool kAmx =
 #endif
 
 template <typename T>
+constexpr bool kDot =
+#if defined(LLAMA_EXT_BF16_DOT)
+    std::is_same_v<T, at::BFloat16>;
+#else
+    false;
+#endif
+
+template <typename T>
 constexpr bool kPairs =
 #if defined(CPU_CAPABILITY_AVX512)
     std::is_same_v<T, at::BFloat16>;
@@ -601,7 +668,7 @@ constexpr bool kPairs =
 // (r0 + r) % seq_q), against keys [j0, j1) of sequence b: fills o (unnormalized), m and l of each
 // row.
 template <typename T>
-void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t b, int64_t h0, int64_t nh,
+void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_t h0, int64_t nh,
             int64_t r0, int64_t nr, int64_t j0, int64_t j1) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
@@ -618,6 +685,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     buf.scratch.resize(std::max<size_t>(buf.scratch.size(), rows * d / 2 + 16));
     qb = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.scratch.data()) + 63) & ~uintptr_t(63));
   }
+  if constexpr (kDot<T>) {
+    if (buf.q_bits.empty()) buf.q_bits.assign(kMaxRows * dpad, T(0.f));  // zero past d
+  }
   for (int64_t rr = 0; rr < rows; ++rr) {
     const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
     const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
@@ -628,10 +698,14 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
     if constexpr (kAmx<T>) {
       if (amx) amx_scores::store_q(src, d, rr / nr, rr % nr, nr, qb);
     }
-    acc_t* qr = buf.q.data() + rr * dpad;
-    widen_row<T>(src, qr, d);
-    for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(qr + c) * Vec(a.scale)).store(qr + c);
-    if constexpr (kPairs<T>) pairs::pair_order(qr, dpad);
+    if constexpr (kDot<T>) {
+      std::copy(src, src + d, buf.q_bits.data() + rr * dpad);
+    } else {
+      acc_t* qr = buf.q.data() + rr * dpad;
+      widen_row<T>(src, qr, d);
+      for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(qr + c) * Vec(a.scale)).store(qr + c);
+      if constexpr (kPairs<T>) pairs::pair_order(qr, dpad);
+    }
     std::fill(buf.o.data() + rr * dpad, buf.o.data() + (rr + 1) * dpad, acc_t(0));
     buf.m[rr] = neg_inf;
     buf.l[rr] = 0;
@@ -686,7 +760,10 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
           constexpr int R = decltype(tile)::value;
           const int64_t rr = hh * nr + r;
           for (int64_t t = 0; t < step; t += acc_n / R) {
-            if constexpr (kPairs<T>) {
+            if constexpr (kDot<T>) {
+              dot::score_tile<R>(buf.q_bits.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d, a.scale,
+                                 s + rr * kKeyBlock + j + t, kKeyBlock);
+            } else if constexpr (kPairs<T>) {
               pairs::score_tile<R>(buf.q.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d,
                                    s + rr * kKeyBlock + j + t, kKeyBlock);
             } else {
@@ -763,7 +840,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, 
 // Stores the task's rows (attend's order): out and lse directly (one split) or the split's
 // partial.
 template <typename T>
-void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<at::opmath_type<T>>& buf, int64_t task, int64_t b,
+void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task, int64_t b,
                 int64_t h0, int64_t nh, int64_t r0, int64_t nr) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
@@ -915,7 +992,7 @@ void run(const KVCacheAttentionParams& p) {
   }
 
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    TaskBuffers<acc_t> buf(a.dpad);
+    TaskBuffers<T> buf(a.dpad);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t split = task % a.splits, unit = task / a.splits;
       const int64_t tile = unit % a.row_tiles, bg = unit / a.row_tiles;
