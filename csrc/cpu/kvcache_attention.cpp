@@ -14,7 +14,9 @@
 //     blocks of kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all
 //     of them): the heads of one token lie side by side in the cache, so the task reads its
 //     K/V in address order, a stream the hardware prefetchers follow, where one head's rows
-//     would be n_kv_heads x d elements apart. K and V rows are widened to fp32 in registers,
+//     would be n_kv_heads x d elements apart. Where keys lie under a page apart (bf16/fp16),
+//     each block is first read line by line in address order (touch_rows): the tiles below
+//     read several keys' rows side by side, out of order within a page. K and V rows are widened to fp32 in registers,
 //     chunk by chunk, and each chunk serves several rows of the group at once (no fp32 copy of
 //     the cache is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs),
 //     with q and O kept in that order:
@@ -46,11 +48,13 @@
 // decode step is bound by memory (fp32) or by the widening and FMAs (bf16/fp16 at 2 bytes per
 // element): the kernel streams the cache in address order with the math in L1/L2-resident
 // buffers. On a Sapphire Rapids VM (benchmarks/RESULTS.md) bf16 runs only 1.28x faster per key
-// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it. There
+// than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it (on Zen 4,
+// streaming from DRAM, the out-of-order reads within pages were most of the gap: touch_rows). There
 // VDPBF16PS issues at half the FMA rate (no faster than the pairs path); on Zen 4 it issues at the
 // FMA rate, and the scores on it make a b1 decode step 1.07x faster with the cache in L2/L3
-// (no change when it streams from DRAM). Software prefetch of the next phase's rows gained
-// nothing measurable on Zen 4 (0.97-1.08x, and 0.92x in cache). Scores on AMX make
+// (no change when it streams from DRAM). Software prefetch instead of touch_rows' loads gained
+// less and not reliably on Zen 4: the next phase's rows, 0.97-1.12x (0.92x in cache); four to
+// eight keys ahead, 1.0-1.13x. Scores on AMX make
 // a b1 decode step 1.06-1.14x faster (a 16-key x 4-row tile product takes ~6 ns, but the tile
 // unit runs in order and waits for each K tile load that misses L1). P V on AMX needs V
 // repacked into key pairs through memory (a tile load of rows vector stores have just written
@@ -217,6 +221,31 @@ inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
   int64_t c = 0;
   for (; c + W <= d; c += W) IO::load(src + c).store(dst + c);
   if (c < d) IO::load_partial(src + c, d - c).store(dst + c, d - c);
+}
+
+// Brings a key block's rows into cache in address order: one word of every 64-byte line of the
+// rows rows[j] + hh head_stride (row_bytes each), keys j < n, heads hh < nh. The score tiles read
+// four keys' rows side by side (and the P V strips eight), so where several keys' rows share a
+// 4 KB page the page is read out of order, and the L2 stream prefetcher, which tracks ascending
+// lines within a page, gives up: a bf16 block then streams from DRAM at about a third of a linear
+// read. Read linearly first, the block (2 x 64 keys x the task's heads, 256 KB at 8 x 128 bf16)
+// is then served from L2. On Zen 4 (2026-12-02, b1 32/8 x 128 bf16, cache evicted before each
+// call as in a many-layer model) this makes a decode step 1.45x faster at 4096 keys (1.33x
+// paged, 1.41x at b8 x 1024); a cache that is already in L2/L3 pays for the extra pass, 10-16%
+// at 512-2048 keys.
+template <typename T>
+inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head_stride, int64_t row_bytes) {
+  uint64_t sink = 0;
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t hh = 0; hh < nh; ++hh) {
+      const char* row = reinterpret_cast<const char*>(rows[j] + hh * head_stride);
+      for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+        uint64_t word;
+        std::memcpy(&word, row + byte, sizeof(word));
+        sink ^= word;
+      }
+    }
+  asm volatile("" : : "r"(sink));  // the loads are the point: keep them
 }
 
 // Per-thread buffers of one task, padded to whole vectors (zeros in the padding).
@@ -729,11 +758,18 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   }
   const T* kp[kKeyBlock];
   const T* vp[kKeyBlock];
+  // Keys closer than a page apart share pages: read each block in address order first.
+  constexpr int64_t kPageBytes = 4096;
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const bool touch_k = a.k_stride[1] * static_cast<int64_t>(sizeof(T)) < kPageBytes;
+  const bool touch_v = a.v_stride[1] * static_cast<int64_t>(sizeof(T)) < kPageBytes;
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
     const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // whole score tiles
     resolve(jb, n, npad, kp, vp);
+    if (touch_k) touch_rows(kp, n, nh, a.k_stride[2], row_bytes);
+    if (touch_v) touch_rows(vp, n, nh, a.v_stride[2], row_bytes);
     // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
     // heads lie side by side in a cache row, so the K block is read in address order, which the
     // hardware prefetchers follow.
