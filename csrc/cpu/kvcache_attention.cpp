@@ -230,9 +230,9 @@ inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
 // lines within a page, gives up: a bf16 block then streams from DRAM at about a third of a linear
 // read. Read linearly first, the block (2 x 64 keys x the task's heads, 256 KB at 8 x 128 bf16)
 // is then served from L2. On Zen 4 (2026-12-02, b1 32/8 x 128 bf16, cache evicted before each
-// call as in a many-layer model) this makes a decode step 1.45x faster at 4096 keys (1.33x
-// paged, 1.41x at b8 x 1024); a cache that is already in L2/L3 pays for the extra pass, 10-16%
-// at 512-2048 keys.
+// call as in a many-layer model) this makes a decode step 1.45-1.52x faster at 4096 keys (1.33x
+// paged, 1.41x at b8 x 1024; 1.30-1.47x at the avx2 and avx512 levels); a cache that is already
+// in L2/L3 pays for the extra pass, 10-16% at 512-2048 keys.
 template <typename T>
 inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head_stride, int64_t row_bytes) {
   uint64_t sink = 0;
