@@ -668,29 +668,22 @@ void scores(const c10::BFloat16* qb, int64_t nr, int64_t nh, const c10::BFloat16
 }  // namespace amx_scores
 #endif
 
-template <typename T>
-constexpr bool kAmx =
+// The bf16 paths this level compiles: each level has those of the levels below it.
 #if defined(LLAMA_EXT_AMX)
-    std::is_same_v<T, at::BFloat16>;
+constexpr bool kLevelPairs = true, kLevelDot = true, kLevelAmx = true;
+#elif defined(LLAMA_EXT_BF16_DOT)
+constexpr bool kLevelPairs = true, kLevelDot = true, kLevelAmx = false;
+#elif defined(CPU_CAPABILITY_AVX512)
+constexpr bool kLevelPairs = true, kLevelDot = false, kLevelAmx = false;
 #else
-    false;
+constexpr bool kLevelPairs = false, kLevelDot = false, kLevelAmx = false;
 #endif
-
 template <typename T>
-constexpr bool kDot =
-#if defined(LLAMA_EXT_BF16_DOT)
-    std::is_same_v<T, at::BFloat16>;
-#else
-    false;
-#endif
-
+constexpr bool kPairs = kLevelPairs && std::is_same_v<T, at::BFloat16>;  // widening in pairs
 template <typename T>
-constexpr bool kPairs =
-#if defined(CPU_CAPABILITY_AVX512)
-    std::is_same_v<T, at::BFloat16>;
-#else
-    false;
-#endif
+constexpr bool kDot = kLevelDot && std::is_same_v<T, at::BFloat16>;  // scores on VDPBF16PS
+template <typename T>
+constexpr bool kAmx = kLevelAmx && std::is_same_v<T, at::BFloat16>;  // score tiles on AMX
 
 // The task's rows: nr rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh), row
 // hh * nr + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
