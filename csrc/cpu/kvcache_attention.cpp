@@ -10,16 +10,17 @@
 //  3. Attention, one task per (batch, kv-head group, row tile, key split). A task packs the
 //     rows of all G query heads (x seq_q) of each of its kv heads into one fp32 [rows, d]
 //     matrix (q rotated at positions cache_seqlens[b] + i and rounded to q's dtype first, as
-//     apply_rotary would give it, then pre-multiplied by the scale), and walks its key range in
-//     blocks of kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all
-//     of them): the heads of one token lie side by side in the cache, so the task reads its
-//     K/V in address order, a stream the hardware prefetchers follow, where one head's rows
-//     would be n_kv_heads x d elements apart. Where keys lie under a page apart (bf16/fp16),
-//     each block is first read line by line in address order (touch_rows): the tiles below
-//     read several keys' rows side by side, out of order within a page. K and V rows are widened to fp32 in registers,
-//     chunk by chunk, and each chunk serves several rows of the group at once (no fp32 copy of
-//     the cache is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs),
-//     with q and O kept in that order:
+//     apply_rotary would give it, then pre-multiplied by the scale; the VDPBF16PS path keeps q
+//     in bf16 and scales S), and walks its key range in blocks of kKeyBlock keys. A task takes
+//     several kv heads when their rows fit (decode: all of them): the heads of one token lie
+//     side by side in the cache, so the task reads its K/V in address order, a stream the
+//     hardware prefetchers follow, where one head's rows would be n_kv_heads x d elements
+//     apart. Where keys lie under a page apart (bf16/fp16), each block is first read line by
+//     line in address order (touch_rows): the tiles below read several keys' rows side by side,
+//     out of order within a page. K and V rows are widened to fp32 in registers, chunk by
+//     chunk, and each chunk serves several rows of the group at once (no fp32 copy of the cache
+//     is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs), with q
+//     and O kept in that order:
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
 //                                  is left of the rows; twice the keys on the pairs path): 8
 //                                  accumulators, reduced to their 8 scores by one transposing
@@ -764,8 +765,8 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     if (touch_k) touch_rows(kp, n, nh, a.k_stride[2], row_bytes);
     if (touch_v) touch_rows(vp, n, nh, a.v_stride[2], row_bytes);
     // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
-    // heads lie side by side in a cache row, so the K block is read in address order, which the
-    // hardware prefetchers follow.
+    // heads lie side by side in a cache row, so the K block is read key by key in address order
+    // (line by line, where touch_rows has not read it already).
     constexpr int64_t acc_n = kPairs<T> ? pairs::kAcc : 8;  // a score tile's rows x keys
     const int64_t step = nr % 4 == 0 ? acc_n / 4 : acc_n;
     for (int64_t j = 0; j < npad; j += step) {
