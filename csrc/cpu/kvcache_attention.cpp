@@ -564,9 +564,11 @@ inline void score_tile(const bf16* q, int64_t dpad, const bf16* const* k, int64_
   for (; c + pairs::kChunk <= d; c += pairs::kChunk) accumulate(c, pairs::kChunk);
   if (c < d) accumulate(c, d - c);
   at::vec::Vectorized<float> acc[pairs::kAcc];
-  for (int i = 0; i < pairs::kAcc; ++i) acc[i] = _mm512_mul_ps(sum[i], _mm512_set1_ps(scale));
-  float sums[pairs::kAcc];
+  for (int i = 0; i < pairs::kAcc; ++i) acc[i] = sum[i];
+  alignas(64) float sums[pairs::kAcc];
   for (int i = 0; i < pairs::kAcc; i += 8) lane_sums8<float>(acc + i, sums + i);
+  static_assert(pairs::kAcc == 16, "the scale multiplies the sums as one vector");
+  _mm512_store_ps(sums, _mm512_mul_ps(_mm512_load_ps(sums), _mm512_set1_ps(scale)));
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
 }
