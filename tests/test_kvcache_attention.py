@@ -216,6 +216,20 @@ def test_score_tile_shapes_on_cpu(dtype, block_size):
     case.check(window_size=(300, 0), softcap=20.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_phase_order_on_cpu(dtype, block_size):
+    """2-byte rows of 8 kv heads x 128 (2 KB: two keys a page) on the CPU: 64-key blocks that every
+    row sees are read in phase order (keys a page apart first), blocks that some row sees in part
+    (the causal end of a 4-token query, a window's left edge, the last partial block) in address
+    order after touch_rows; 4 and 6 query heads per kv head (score tiles of 4 and 16 keys: 8 and
+    4 phases)."""
+    for n_q, seq_q in ((32, 1), (32, 4), (48, 1)):
+        case = Case("cpu", dtype, [1000, 130], seq_q, 1, n_q, 8, 128, block_size=block_size)
+        case.check()
+        case.check(window_size=(333, 0))
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params((torch.float16, torch.bfloat16)))
 @pytest.mark.parametrize("block_size", [None, 16, 32, 64, 48], ids=["contiguous", "paged16", "paged32", "paged64",
                                                                     "paged48"])

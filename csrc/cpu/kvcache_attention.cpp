@@ -15,9 +15,10 @@
 //     several kv heads when their rows fit (decode: all of them): the heads of one token lie
 //     side by side in the cache, so the task reads its K/V in address order, a stream the
 //     hardware prefetchers follow, where one head's rows would be n_kv_heads x d elements
-//     apart. Where keys lie under a page apart (bf16/fp16), each block is first read line by
-//     line in address order (touch_rows): the tiles below read several keys' rows side by side,
-//     out of order within a page. K and V rows are widened to fp32 in registers, chunk by
+//     apart. Where keys lie under a page apart (bf16/fp16), the tiles below, which read several
+//     keys' rows side by side, would read each page out of order: a block that every row sees
+//     whole is read in phase order (PhaseOrder: keys a page apart first), any other block is
+//     first read line by line in address order (touch_rows). K and V rows are widened to fp32 in registers, chunk by
 //     chunk, and each chunk serves several rows of the group at once (no fp32 copy of the cache
 //     is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs), with q
 //     and O kept in that order:
@@ -50,12 +51,14 @@
 // element): the kernel streams the cache in address order with the math in L1/L2-resident
 // buffers. On a Sapphire Rapids VM (benchmarks/RESULTS.md) bf16 runs only 1.28x faster per key
 // than fp32 at half the bytes: the FMAs, the widening and the loads' latency bound it (on Zen 4,
-// streaming from DRAM, the out-of-order reads within pages were most of the gap: touch_rows). There
+// streaming from DRAM, the out-of-order reads within pages were most of the gap: PhaseOrder). There
 // VDPBF16PS issues at half the FMA rate (no faster than the pairs path); on Zen 4 it issues at the
 // FMA rate, and the scores on it make a b1 decode step 1.07x faster with the cache in L2/L3
 // (no change when it streams from DRAM). Software prefetch instead of touch_rows' loads gained
 // less and not reliably on Zen 4: the next phase's rows, 0.97-1.12x (0.92x in cache); four to
-// eight keys ahead, 1.0-1.13x. Scores on AMX make
+// eight keys ahead, 1.0-1.13x; the next block's lines in address order, paced over the current
+// block's tiles, 0.80x with the cache evicted; all of the block's lines up front, 0.71-0.78x.
+// Scores on AMX make
 // a b1 decode step 1.06-1.14x faster (a 16-key x 4-row tile product takes ~6 ns, but the tile
 // unit runs in order and waits for each K tile load that misses L1). P V on AMX needs V
 // repacked into key pairs through memory (a tile load of rows vector stores have just written
@@ -89,7 +92,8 @@ constexpr int64_t kKeyBlock = 64;         // keys per online-softmax update
 constexpr int64_t kScoreKeys = 16;        // the most keys of one score tile: blocks pad to it
 constexpr int64_t kMaxRows = 64;          // query rows (G heads x seq_q tokens) per task, a multiple of 4
 constexpr int64_t kMinKeyRowsPerSplit = 256;  // keys x kv heads of one split, at least
-constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head of a task
+constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head of a task (at least)
+constexpr int64_t kPageBytes = 4096;      // the unit within which hardware prefetchers follow a stream
 
 template <typename T>
 struct KVCacheCpuParams {
@@ -225,15 +229,16 @@ inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
 }
 
 // Brings a key block's rows into cache in address order: one word of every 64-byte line of the
-// rows rows[j] + hh head_stride (row_bytes each), keys j < n, heads hh < nh. The score tiles read
-// four keys' rows side by side (and the P V strips eight), so where several keys' rows share a
-// 4 KB page the page is read out of order, and the L2 stream prefetcher, which tracks ascending
-// lines within a page, gives up: a bf16 block then streams from DRAM at about a third of a linear
-// read. Read linearly first, the block (2 x 64 keys x the task's heads, 256 KB at 8 x 128 bf16)
-// is then served from L2. On Zen 4 (2026-12-02, b1 32/8 x 128 bf16, cache evicted before each
-// call as in a many-layer model) this makes a decode step 1.45-1.52x faster at 4096 keys (1.33x
-// paged, 1.41x at b8 x 1024; 1.30-1.47x at the avx2 and avx512 levels); a cache that is already
-// in L2/L3 pays for the extra pass, 10-16% at 512-2048 keys.
+// rows rows[j] + hh head_stride (row_bytes each), keys j < n, heads hh < nh: for the blocks that
+// PhaseOrder does not take. The score tiles read four keys' rows side by side (and the P V
+// strips several), so where several keys' rows share a 4 KB page the page is read out of order,
+// and the L2 stream prefetcher, which tracks ascending lines within a page, gives up: a bf16
+// block then streams from DRAM at about a third of a linear read. Read linearly first, the block
+// (2 x 64 keys x the task's heads, 256 KB at 8 x 128 bf16) is then served from L2. On Zen 4
+// (2026-12-02, b1 32/8 x 128 bf16, cache evicted before each call as in a many-layer model) this
+// made a decode step 1.45-1.52x faster at 4096 keys than the tiles alone (1.33x paged, 1.41x at
+// b8 x 1024; 1.30-1.47x at the avx2 and avx512 levels); a cache that is already in L2/L3 pays
+// for the extra pass, 10-16% at 512-2048 keys, which phase order does not.
 template <typename T>
 inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head_stride, int64_t row_bytes) {
   uint64_t sink = 0;
@@ -248,6 +253,32 @@ inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head
     }
   asm volatile("" : : "r"(sink));  // the loads are the point: keep them
 }
+
+// The phase order of a key block, where keys lie under a page apart (bf16/fp16 rows of 8 heads x
+// 128 are 2 KB: two keys a page). The score tiles read several keys' rows side by side and sweep
+// the task's heads, and the P V strips do the same, so in address order every page is read out of
+// order (row 0's head 0, row 1's head 0, row 0's head 1, ...), and the L2 stream prefetcher, which
+// follows ascending lines within a page, drops it. In phase order the block is read in
+// `phases` phases of kKeyBlock / phases keys, phase p taking keys p, p + phases, p + 2 phases, ...:
+// as the keys per page divide `phases`, a phase reads at most one row of each page, and a page's
+// rows in ascending phases, so every page is read in ascending order, in as many streams as a
+// phase has keys. Phases are the P V passes, and whole score tiles. On Zen 4 (2026-12-02, 32/8 x
+// 128 bf16, in one process, alternating call by call), against touch_rows and address order:
+// - b1 4096 keys: 1.14-1.25x with the cache evicted before each call, 1.23-1.35x with it in L3
+//   (touch_rows' extra pass costs there), against 8-key P V passes; 1.04-1.06x / 1.08-1.23x
+//   (1024 and 4096 keys) against whole-block passes after touch_rows;
+// - paged16 1.14-1.23x, b8 x 1024 1.05-1.16x, fp16 1.07x, the avx512 level 1.08-1.15x, avx2
+//   1.0-1.09x (the last four against whole-block passes).
+// Eight phases beat four (1.06-1.12x) and sixteen (1.09-1.20x); two, 32 streams per P V pass,
+// fall to 0.8x.
+struct PhaseOrder {
+  int64_t phases = 1;  // 1: address order
+  // Key (within the block) of position i of the phase order.
+  int64_t key(int64_t i) const {
+    const int64_t per_phase = kKeyBlock / phases;
+    return i / per_phase + i % per_phase * phases;
+  }
+};
 
 // Per-thread buffers of one task, padded to whole vectors (zeros in the padding).
 template <typename T>
@@ -752,25 +783,47 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kAmx<T>) {
     if (amx) amx_scores::configure(nr);
   }
-  const T* kp[kKeyBlock];
-  const T* vp[kKeyBlock];
-  // Keys closer than a page apart share pages: read each block in address order first.
-  constexpr int64_t kPageBytes = 4096;
+  const T* kn[kKeyBlock];  // the block's rows in address order
+  const T* vn[kKeyBlock];
+  const T* kph[kKeyBlock];  // and in phase order
+  const T* vph[kKeyBlock];
+  constexpr int64_t acc_n = kPairs<T> ? pairs::kAcc : 8;  // a score tile's rows x keys
+  const int64_t step = nr % 4 == 0 ? acc_n / 4 : acc_n;  // keys per score step
+  // How each block is read where keys share pages (see PhaseOrder): a block that every row sees
+  // whole (no mask: the order of its columns does not matter) in phase order, where the keys per
+  // page of K and V divide the phases; other blocks, AMX tiles (16 consecutive keys) and rows that
+  // do not tile a page are first read line by line in address order (touch_rows), then served
+  // from L2.
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-  const bool touch_k = a.k_stride[1] * static_cast<int64_t>(sizeof(T)) < kPageBytes;
-  const bool touch_v = a.v_stride[1] * static_cast<int64_t>(sizeof(T)) < kPageBytes;
+  const int64_t k_row_stride = a.k_stride[1] * static_cast<int64_t>(sizeof(T));
+  const int64_t v_row_stride = a.v_stride[1] * static_cast<int64_t>(sizeof(T));
+  const bool touch_k = k_row_stride < kPageBytes, touch_v = v_row_stride < kPageBytes;
+  PhaseOrder phase;
+  phase.phases = kKeyBlock / std::max(kPvKeys, step);
+  const auto pages_divide_phases = [&](int64_t stride) {
+    return stride > 0 && stride < kPageBytes && kPageBytes % stride == 0 && phase.phases % (kPageBytes / stride) == 0;
+  };
+  const bool phased_rows = !amx && pages_divide_phases(k_row_stride) && pages_divide_phases(v_row_stride);
+  int64_t seen_lo = 0, seen_hi = L;  // keys every row sees
+  for (int64_t rr = 0; rr < rows; ++rr) seen_lo = std::max(seen_lo, buf.lo[rr]), seen_hi = std::min(seen_hi, buf.hi[rr]);
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
     const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // whole score tiles
-    resolve(jb, n, npad, kp, vp);
-    if (touch_k) touch_rows(kp, n, nh, a.k_stride[2], row_bytes);
-    if (touch_v) touch_rows(vp, n, nh, a.v_stride[2], row_bytes);
+    resolve(jb, n, npad, kn, vn);
+    const bool phased = phased_rows && n == kKeyBlock && seen_lo <= jb && jb + n <= seen_hi;
+    const T* const* kp = kn;
+    const T* const* vp = vn;
+    if (phased) {
+      for (int64_t i = 0; i < kKeyBlock; ++i) kph[i] = kn[phase.key(i)], vph[i] = vn[phase.key(i)];
+      kp = kph, vp = vph;
+    } else {
+      if (touch_k) touch_rows(kn, n, nh, a.k_stride[2], row_bytes);
+      if (touch_v) touch_rows(vn, n, nh, a.v_stride[2], row_bytes);
+    }
     // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
     // heads lie side by side in a cache row, so the K block is read key by key in address order
-    // (line by line, where touch_rows has not read it already).
-    constexpr int64_t acc_n = kPairs<T> ? pairs::kAcc : 8;  // a score tile's rows x keys
-    const int64_t step = nr % 4 == 0 ? acc_n / 4 : acc_n;
+    // where keys lie a page or more apart, and in phase order or from L2 where they share pages.
     for (int64_t j = 0; j < npad; j += step) {
       if constexpr (kAmx<T>) {
         static_assert(amx_scores::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
@@ -843,11 +896,14 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(o + c) * al).store(o + c);
       }
     }
-    // O_r += sum_j p[r, j] v_j, kPvKeys keys at a time for every head, in address order as the
-    // scores. Keys a row does not see have p = 0 and lie within the sequence (finite values), so
-    // they add nothing.
-    for (int64_t j = 0; j < n; j += kPvKeys) {
-      const int64_t nj = std::min(kPvKeys, n - j);
+    // O_r += sum_j p[r, j] v_j, a pass of keys at a time for every head, in the scores' order:
+    // kPvKeys keys where V is read in address order, a phase in phase order, and the whole block
+    // from L2 after touch_rows (the output strips are then loaded and stored once per block:
+    // 1.04-1.09x). Keys a row does not see have p = 0 and lie within the sequence (finite
+    // values), so they add nothing.
+    const int64_t pv_keys = phased ? kKeyBlock / phase.phases : touch_v ? kKeyBlock : kPvKeys;
+    for (int64_t j = 0; j < n; j += pv_keys) {
+      const int64_t nj = std::min(pv_keys, n - j);
       for (int64_t hh = 0; hh < nh; ++hh) {
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
