@@ -34,8 +34,11 @@
 //     bf16 at the avx512_bf16 and amx_bf16 levels scores on VDPBF16PS instead (namespace dot):
 //     bf16 q and K as they lie, 32 products per instruction, no widening; amx_bf16 scores whole
 //     tiles on AMX (namespace amx_scores): per 16 keys and kv head one TDPBF16PS tile product
-//     per 32 elements of d, K tile-loaded straight from the cache. P V stays on the FMAs, P in
-//     fp32.
+//     per 32 elements of d, K tile-loaded straight from the cache. At avx512_bf16, P V runs on
+//     VDPBF16PS too, two keys per instruction with P rounded to bf16 (as the prefill kernel at
+//     this level and FlashAttention do): 1.06-1.21x with the cache in L3, 1.03-1.11x evicted
+//     (Zen 4, b1 4096 / b1 1024 / paged16 / b8 1024). Elsewhere P V stays on the FMAs, P in fp32
+//     (at amx_bf16, on Sapphire Rapids, VDPBF16PS issues at half the FMA rate: no faster).
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
@@ -287,6 +290,7 @@ struct TaskBuffers {
   std::vector<acc_t> q, o, s, m, l;
   std::vector<int64_t> lo, hi;
   std::vector<T> q_bits;       // the VDPBF16PS score path's q rows: as given (rotated), unscaled
+  std::vector<T> p_bits;       // the VDPBF16PS P V path's probabilities, rounded: [kMaxRows, kKeyBlock]
   std::vector<acc_t> scratch;  // the AMX score path's q tiles, sized on first use
   TaskBuffers(int64_t dpad)
       : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), m(kMaxRows),
@@ -604,6 +608,74 @@ inline void score_tile(const bf16* q, int64_t dpad, const bf16* const* k, int64_
     for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
 }
 
+// P V on VDPBF16PS: O_r += sum_j p[r, j] v_j with P rounded to bf16, two keys per instruction.
+// The rows of keys j and j + 1 are interleaved element by element (VPUNPCKLWD/HWD, within each
+// 128-bit lane), so each 32-bit lane holds (v_j[e], v_{j+1}[e]) and meets the pair
+// (p[r, j], p[r, j + 1]) broadcast to every lane: 32 products per instruction, with no widening,
+// against 16 per FMA. The unpacks leave a 32-element chunk's elements in lane order
+// 0-3, 8-11, 16-19, 24-27 (first vector), 4-7, 12-15, 20-23, 28-31 (second): O is accumulated in
+// that order and put back once per task (natural_order).
+
+// O_r[chunks c .. c + C) for R rows over key pairs [0, n) (n even), p rows ld_p apart (bf16),
+// v_j = v[j] + off.
+template <int R, int C, bool kFull>
+inline void pv_strip(const bf16* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t c, int64_t d,
+                     float* o, int64_t ld_o) {
+  __m512 acc[R][2 * C];
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2 * C; ++h) acc[r][h] = _mm512_loadu_ps(o + r * ld_o + c + 16 * h);
+  for (int64_t j = 0; j < n; j += 2) {
+    const bf16* v0 = v[j] + off;
+    const bf16* v1 = v[j + 1] + off;
+    __m512i lo[C], hi[C];
+    for (int cc = 0; cc < C; ++cc) {
+      const int64_t at = c + cc * pairs::kChunk;
+      const __m512i r0 = kFull ? _mm512_loadu_si512(v0 + at) : pairs::load_raw(v0 + at, d - at);
+      const __m512i r1 = kFull ? _mm512_loadu_si512(v1 + at) : pairs::load_raw(v1 + at, d - at);
+      lo[cc] = _mm512_unpacklo_epi16(r0, r1);
+      hi[cc] = _mm512_unpackhi_epi16(r0, r1);
+    }
+    for (int r = 0; r < R; ++r) {
+      uint32_t pair;
+      std::memcpy(&pair, p + r * ld_p + j, sizeof(pair));
+      const __m512bh pr = (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+      for (int cc = 0; cc < C; ++cc) {
+        acc[r][2 * cc] = _mm512_dpbf16_ps(acc[r][2 * cc], (__m512bh)lo[cc], pr);
+        acc[r][2 * cc + 1] = _mm512_dpbf16_ps(acc[r][2 * cc + 1], (__m512bh)hi[cc], pr);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < 2 * C; ++h) _mm512_storeu_ps(o + r * ld_o + c + 16 * h, acc[r][h]);
+}
+
+template <int R>
+inline void pv_rows(const bf16* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t d,
+                    int64_t dpad, float* o, int64_t ld_o) {
+  constexpr int64_t kChunk = pairs::kChunk;
+  int64_t c = 0;
+  for (; c + 2 * kChunk <= dpad; c += 2 * kChunk) {
+    if (c + 2 * kChunk <= d) pv_strip<R, 2, true>(p, ld_p, v, off, n, c, d, o, ld_o);
+    else pv_strip<R, 2, false>(p, ld_p, v, off, n, c, d, o, ld_o);
+  }
+  if (c < dpad) {
+    if (c + kChunk <= d) pv_strip<R, 1, true>(p, ld_p, v, off, n, c, d, o, ld_o);
+    else pv_strip<R, 1, false>(p, ld_p, v, off, n, c, d, o, ld_o);
+  }
+}
+
+// row[0, dpad) in place, from the unpacks' order (above) to natural order.
+inline void natural_order(float* row, int64_t dpad) {
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  pairs::permute_chunks(row, dpad, first, _mm512_add_epi32(first, _mm512_set1_epi32(8)));
+}
+
+// p[0, n) <- s[0, n) rounded to bf16 (to nearest even), n a multiple of 16.
+inline void round_probs(const float* s, bf16* p, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
+}
+
 }  // namespace dot
 #else
 namespace dot {
@@ -611,6 +683,11 @@ namespace dot {
 template <int R>
 void score_tile(const c10::BFloat16* q, int64_t dpad, const c10::BFloat16* const* k, int64_t off, int64_t d,
                 float scale, float* s, int64_t ld);
+template <int R>
+void pv_rows(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* const* v, int64_t off, int64_t n, int64_t d,
+             int64_t dpad, float* o, int64_t ld_o);
+void natural_order(float* row, int64_t dpad);
+void round_probs(const float* s, c10::BFloat16* p, int64_t n);
 }  // namespace dot
 #endif
 
@@ -622,7 +699,7 @@ void score_tile(const c10::BFloat16* q, int64_t dpad, const c10::BFloat16* const
 // accumulate in fp32, as on FMAs (bf16 subnormals read as zero, as TDPBF16PS does). The task's
 // heads are taken one after another for each 16 keys, so the K block is still read in address
 // order. A tile that is not 16 equally spaced rows (a paged block boundary, the padded tail) is
-// scored on FMAs. P V stays on FMAs: P is not rounded.
+// scored on FMAs. P V stays on FMAs at this level: P is not rounded.
 namespace amx_scores {
 
 using bf16 = c10::BFloat16;
@@ -718,6 +795,8 @@ template <typename T>
 constexpr bool kDot = kLevelDot && std::is_same_v<T, at::BFloat16>;  // scores on VDPBF16PS
 template <typename T>
 constexpr bool kAmx = kLevelAmx && std::is_same_v<T, at::BFloat16>;  // score tiles on AMX
+template <typename T>
+constexpr bool kDotPv = kDot<T> && !kLevelAmx;  // P V on VDPBF16PS, P rounded to bf16
 
 // The task's rows: nr rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh), row
 // hh * nr + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
@@ -743,6 +822,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   }
   if constexpr (kDot<T>) {
     if (buf.q_bits.empty()) buf.q_bits.assign(kMaxRows * dpad, T(0.f));  // zero past d
+  }
+  if constexpr (kDotPv<T>) {
+    if (buf.p_bits.empty()) buf.p_bits.resize(kMaxRows * kKeyBlock);
   }
   for (int64_t rr = 0; rr < rows; ++rr) {
     const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
@@ -868,6 +950,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       const int64_t vhi = std::clamp(buf.hi[rr] - jb, int64_t(0), n);
       if (vhi <= vlo) {
         std::fill(sr, sr + kKeyBlock, acc_t(0));
+        if constexpr (kDotPv<T>) std::fill(buf.p_bits.data() + rr * kKeyBlock, buf.p_bits.data() + (rr + 1) * kKeyBlock, T(0.f));
         continue;
       }
       if (a.softcap > 0) {
@@ -889,6 +972,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         sum = sum + e;
       }
       buf.l[rr] = buf.l[rr] * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
+      if constexpr (kDotPv<T>) dot::round_probs(sr, buf.p_bits.data() + rr * kKeyBlock, kKeyBlock);
       buf.m[rr] = m_new;
       if (alpha != acc_t(1)) {
         acc_t* o = buf.o.data() + rr * dpad;
@@ -908,7 +992,11 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
           const int64_t rr = hh * nr + r;
-          if constexpr (kPairs<T>) {
+          if constexpr (kDotPv<T>) {
+            // Whole key pairs: a block's columns past n are padding rows with p = 0.
+            dot::pv_rows<R>(buf.p_bits.data() + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2],
+                            (nj + 1) / 2 * 2, d, dpad, buf.o.data() + rr * dpad, dpad);
+          } else if constexpr (kPairs<T>) {
             pairs::pv_rows<R>(s + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2], nj, d, dpad,
                               buf.o.data() + rr * dpad, dpad);
           } else {
@@ -939,7 +1027,11 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
     const acc_t l = buf.l[rr];
     const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
     acc_t* o = buf.o.data() + rr * a.dpad;
-    if constexpr (kPairs<T>) pairs::natural_order(o, a.dpad);
+    if constexpr (kDotPv<T>) {
+      dot::natural_order(o, a.dpad);
+    } else if constexpr (kPairs<T>) {
+      pairs::natural_order(o, a.dpad);
+    }
     if (a.splits > 1) {
       acc_t* dst = a.partial_out + (task * kMaxRows + rr) * a.dpad;
       for (int64_t c = 0; c < a.dpad; c += W) (Vec::loadu(o + c) * Vec(inv)).store(dst + c);
