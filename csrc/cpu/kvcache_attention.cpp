@@ -426,19 +426,28 @@ inline void pv_strip(const at::opmath_type<T>* p, int64_t ld_p, const T* const* 
 
 // O_r += sum_j p[r, j] v_j for R rows over keys [0, n), in strips of two vectors (one for what
 // is left of dpad).
+// The strips of a P V pass over a row of dpad elements: strip(c, chunks, full) for strips of two
+// chunks of kChunkElems elements from c (one for what is left), chunks and full compile-time
+// constants, full where the strip lies within the row's d elements (no partial loads).
+template <int64_t kChunkElems, typename Strip>
+inline void for_strips(int64_t d, int64_t dpad, const Strip& strip) {
+  int64_t c = 0;
+  for (; c + 2 * kChunkElems <= dpad; c += 2 * kChunkElems) {
+    if (c + 2 * kChunkElems <= d) strip(c, std::integral_constant<int, 2>{}, std::true_type{});
+    else strip(c, std::integral_constant<int, 2>{}, std::false_type{});
+  }
+  if (c < dpad) {
+    if (c + kChunkElems <= d) strip(c, std::integral_constant<int, 1>{}, std::true_type{});
+    else strip(c, std::integral_constant<int, 1>{}, std::false_type{});
+  }
+}
+
 template <typename T, int R>
 inline void pv_rows(const at::opmath_type<T>* p, int64_t ld_p, const T* const* v, int64_t off, int64_t n, int64_t d,
                     int64_t dpad, at::opmath_type<T>* o, int64_t ld_o) {
-  constexpr int64_t W = at::vec::Vectorized<at::opmath_type<T>>::size();
-  int64_t c = 0;
-  for (; c + 2 * W <= dpad; c += 2 * W) {
-    if (c + 2 * W <= d) pv_strip<T, R, 2, true>(p, ld_p, v, off, n, c, d, o, ld_o);
-    else pv_strip<T, R, 2, false>(p, ld_p, v, off, n, c, d, o, ld_o);
-  }
-  if (c < dpad) {
-    if (c + W <= d) pv_strip<T, R, 1, true>(p, ld_p, v, off, n, c, d, o, ld_o);
-    else pv_strip<T, R, 1, false>(p, ld_p, v, off, n, c, d, o, ld_o);
-  }
+  for_strips<at::vec::Vectorized<at::opmath_type<T>>::size()>(d, dpad, [&](int64_t c, auto chunks, auto full) {
+    pv_strip<T, R, decltype(chunks)::value, decltype(full)::value>(p, ld_p, v, off, n, c, d, o, ld_o);
+  });
 }
 
 // Row tiles of 4 rows (then 2, then 1 for what is left) of nr rows: body(r, R) with R a
@@ -568,15 +577,9 @@ inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t
 template <int R>
 inline void pv_rows(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t d,
                     int64_t dpad, float* o, int64_t ld_o) {
-  int64_t c = 0;
-  for (; c + 2 * kChunk <= dpad; c += 2 * kChunk) {
-    if (c + 2 * kChunk <= d) pv_strip<R, 2, true>(p, ld_p, v, off, n, c, d, o, ld_o);
-    else pv_strip<R, 2, false>(p, ld_p, v, off, n, c, d, o, ld_o);
-  }
-  if (c < dpad) {
-    if (c + kChunk <= d) pv_strip<R, 1, true>(p, ld_p, v, off, n, c, d, o, ld_o);
-    else pv_strip<R, 1, false>(p, ld_p, v, off, n, c, d, o, ld_o);
-  }
+  for_strips<kChunk>(d, dpad, [&](int64_t c, auto chunks, auto full) {
+    pv_strip<R, decltype(chunks)::value, decltype(full)::value>(p, ld_p, v, off, n, c, d, o, ld_o);
+  });
 }
 
 }  // namespace pairs
@@ -681,16 +684,9 @@ inline void pv_strip(const bf16* p, int64_t ld_p, const bf16* const* v, int64_t 
 template <int R>
 inline void pv_rows(const bf16* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t d,
                     int64_t dpad, float* o, int64_t ld_o) {
-  constexpr int64_t kChunk = pairs::kChunk;
-  int64_t c = 0;
-  for (; c + 2 * kChunk <= dpad; c += 2 * kChunk) {
-    if (c + 2 * kChunk <= d) pv_strip<R, 2, true>(p, ld_p, v, off, n, c, d, o, ld_o);
-    else pv_strip<R, 2, false>(p, ld_p, v, off, n, c, d, o, ld_o);
-  }
-  if (c < dpad) {
-    if (c + kChunk <= d) pv_strip<R, 1, true>(p, ld_p, v, off, n, c, d, o, ld_o);
-    else pv_strip<R, 1, false>(p, ld_p, v, off, n, c, d, o, ld_o);
-  }
+  for_strips<pairs::kChunk>(d, dpad, [&](int64_t c, auto chunks, auto full) {
+    pv_strip<R, decltype(chunks)::value, decltype(full)::value>(p, ld_p, v, off, n, c, d, o, ld_o);
+  });
 }
 
 // row[0, dpad) in place, from the unpacks' order (above) to natural order.
