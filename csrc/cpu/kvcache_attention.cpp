@@ -18,10 +18,11 @@
 //     apart. Where keys lie under a page apart (bf16/fp16), the tiles below, which read several
 //     keys' rows side by side, would read each page out of order: a block that every row sees
 //     whole is read in phase order (PhaseOrder: keys a page apart first), any other block is
-//     first read line by line in address order (touch_rows). K and V rows are widened to fp32 in registers, chunk by
-//     chunk, and each chunk serves several rows of the group at once (no fp32 copy of the cache
-//     is ever stored); bf16 on AVX-512 is widened in even/odd pairs (namespace pairs), with q
-//     and O kept in that order:
+//     first read line by line in address order (touch_rows). Where keys lie a page or more apart
+//     (fp32), the first lines of the rows a few keys ahead are prefetched (prefetch_row_starts).
+//     K and V rows are widened to fp32 in registers, chunk by chunk, and each chunk serves
+//     several rows of the group at once (no fp32 copy of the cache is ever stored); bf16 on
+//     AVX-512 is widened in even/odd pairs (namespace pairs), with q and O kept in that order:
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
 //                                  is left of the rows; twice the keys on the pairs path): 8
 //                                  accumulators, reduced to their 8 scores by one transposing
@@ -258,23 +259,6 @@ inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head
   asm volatile("" : : "r"(sink));  // the loads are the point: keep them
 }
 
-// The phase order of a key block, where keys lie under a page apart (bf16/fp16 rows of 8 heads x
-// 128 are 2 KB: two keys a page). The score tiles read several keys' rows side by side and sweep
-// the task's heads, and the P V strips do the same, so in address order every page is read out of
-// order (row 0's head 0, row 1's head 0, row 0's head 1, ...), and the L2 stream prefetcher, which
-// follows ascending lines within a page, drops it. In phase order the block is read in
-// `phases` phases of kKeyBlock / phases keys, phase p taking keys p, p + phases, p + 2 phases, ...:
-// as the keys per page divide `phases`, a phase reads at most one row of each page, and a page's
-// rows in ascending phases, so every page is read in ascending order, in as many streams as a
-// phase has keys. Phases are the P V passes, and whole score tiles. On Zen 4 (2026-12-02, 32/8 x
-// 128 bf16, in one process, alternating call by call), against touch_rows and address order:
-// - b1 4096 keys: 1.14-1.25x with the cache evicted before each call, 1.23-1.35x with it in L3
-//   (touch_rows' extra pass costs there), against 8-key P V passes; 1.04-1.06x / 1.08-1.23x
-//   (1024 and 4096 keys) against whole-block passes after touch_rows;
-// - paged16 1.14-1.23x, b8 x 1024 1.05-1.16x, fp16 1.07x, the avx512 level 1.08-1.15x, avx2
-//   1.0-1.09x (the last four against whole-block passes).
-// Eight phases beat four (1.06-1.12x) and sixteen (1.09-1.20x); two, 32 streams per P V pass,
-// fall to 0.8x.
 // Where keys lie a page or more apart (fp32 rows of 8 heads x 128 are 4 KB), each key's row starts
 // a page, and the L2 stream prefetcher, which does not cross pages, has to learn every row's stream
 // from demand misses. A prefetch (to L2) of the first four lines of the rows kPrefetchKeys keys
@@ -291,6 +275,23 @@ __attribute__((always_inline)) inline void prefetch_row_starts(const T* const* r
   }
 }
 
+// The phase order of a key block, where keys lie under a page apart (bf16/fp16 rows of 8 heads x
+// 128 are 2 KB: two keys a page). The score tiles read several keys' rows side by side and sweep
+// the task's heads, and the P V strips do the same, so in address order every page is read out of
+// order (row 0's head 0, row 1's head 0, row 0's head 1, ...), and the L2 stream prefetcher, which
+// follows ascending lines within a page, drops it. In phase order the block is read in
+// `phases` phases of kKeyBlock / phases keys, phase p taking keys p, p + phases, p + 2 phases, ...:
+// as the keys per page divide `phases`, a phase reads at most one row of each page, and a page's
+// rows in ascending phases, so every page is read in ascending order, in as many streams as a
+// phase has keys. Phases are the P V passes, and whole score tiles. On Zen 4 (2026-12-02, 32/8 x
+// 128 bf16, in one process, alternating call by call), against touch_rows and address order:
+// - b1 4096 keys: 1.14-1.25x with the cache evicted before each call, 1.23-1.35x with it in L3
+//   (touch_rows' extra pass costs there), against 8-key P V passes; against whole-block passes
+//   after touch_rows, 1.03-1.06x evicted and 1.08-1.23x in L3 (1024 and 4096 keys);
+// - paged16 1.14-1.23x, b8 x 1024 1.05-1.16x, fp16 1.07x, the avx512 level 1.08-1.15x, avx2
+//   1.0-1.09x (the last four against whole-block passes).
+// Eight phases beat four (1.06-1.12x) and sixteen (1.09-1.20x); two, 32 streams per P V pass,
+// fall to 0.8x.
 struct PhaseOrder {
   int64_t phases = 1;  // 1: address order
   // Key (within the block) of position i of the phase order.
@@ -424,8 +425,6 @@ inline void pv_strip(const at::opmath_type<T>* p, int64_t ld_p, const T* const* 
     for (int cc = 0; cc < C; ++cc) acc[r][cc].store(o + r * ld_o + c + cc * W);
 }
 
-// O_r += sum_j p[r, j] v_j for R rows over keys [0, n), in strips of two vectors (one for what
-// is left of dpad).
 // The strips of a P V pass over a row of dpad elements: strip(c, chunks, full) for strips of two
 // chunks of kChunkElems elements from c (one for what is left), chunks and full compile-time
 // constants, full where the strip lies within the row's d elements (no partial loads).
@@ -442,6 +441,8 @@ inline void for_strips(int64_t d, int64_t dpad, const Strip& strip) {
   }
 }
 
+// O_r += sum_j p[r, j] v_j for R rows over keys [0, n), in strips of two vectors (one for what
+// is left of dpad).
 template <typename T, int R>
 inline void pv_rows(const at::opmath_type<T>* p, int64_t ld_p, const T* const* v, int64_t off, int64_t n, int64_t d,
                     int64_t dpad, at::opmath_type<T>* o, int64_t ld_o) {
