@@ -24,14 +24,14 @@
 //     several rows of the group at once (no fp32 copy of the cache is ever stored); bf16 on
 //     AVX-512 is widened in even/odd pairs (namespace pairs), with q and O kept in that order:
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
-//                                  is left of the rows; twice the keys on the pairs path): 8
-//                                  accumulators, reduced to their 8 scores by one transposing
-//                                  hadd tree
+//                                  is left of the rows; twice the keys on the pairs path and
+//                                  for fp32 on AVX-512: kScoreAcc): 8 or 16 accumulators,
+//                                  reduced to their scores by transposing hadd trees
 //       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
 //       online softmax per row, vectorized over the block: m' = max(m, max_j S),
 //       p = exp(S - m'), l' = l e^(m - m') + sum p
 //       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (strips of 4 rows x 2 vectors held in
-//                                  registers over kPvKeys keys, p broadcast per key)
+//                                  registers over a pass of keys, p broadcast per key)
 //     bf16 at the avx512_bf16 and amx_bf16 levels scores on VDPBF16PS instead (namespace dot):
 //     bf16 q and K as they lie, 32 products per instruction, no widening; amx_bf16 scores whole
 //     tiles on AMX (namespace amx_scores): per 16 keys and kv head one TDPBF16PS tile product
@@ -606,7 +606,7 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 #endif
 
 #if defined(LLAMA_EXT_BF16_DOT)
-// ---- bf16 scores on VDPBF16PS (avx512_bf16 and amx_bf16) --------------------------------------
+// ---- bf16 scores (and P V) on VDPBF16PS (avx512_bf16 and amx_bf16) ----------------------------
 // One VDPBF16PS multiplies 32 bf16 of q by 32 of K as they lie in memory and adds them into 16
 // fp32 lanes in pairs: 32 products per instruction with no widening, against 16 per FMA after
 // one. Where it issues at the FMA rate (Zen 4: one 512-bit instruction per cycle either way) the
@@ -716,11 +716,7 @@ inline void natural_order(float* row, int64_t dpad) {
   pairs::permute_chunks(row, dpad, first, _mm512_add_epi32(first, _mm512_set1_epi32(8)));
 }
 
-// p[0, n) <- s[0, n) rounded to bf16 (to nearest even), n a multiple of 16.
-inline void round_probs(const float* s, bf16* p, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + j)));
-}
+using cpu::bf16_dot::round_rows;  // P rounded to bf16 (to nearest even) for pv_rows
 
 }  // namespace dot
 #else
@@ -733,7 +729,8 @@ template <int R>
 void pv_rows(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* const* v, int64_t off, int64_t n, int64_t d,
              int64_t dpad, float* o, int64_t ld_o);
 void natural_order(float* row, int64_t dpad);
-void round_probs(const float* s, c10::BFloat16* p, int64_t n);
+void round_rows(const float* src, int64_t src_stride, int64_t rows, int64_t N, c10::BFloat16* dst,
+                int64_t dst_stride);
 }  // namespace dot
 #endif
 
@@ -1021,7 +1018,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         sum = sum + e;
       }
       buf.l[rr] = buf.l[rr] * alpha + at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, sum);
-      if constexpr (kDotPv<T>) dot::round_probs(sr, buf.p_bits.data() + rr * kKeyBlock, kKeyBlock);
+      if constexpr (kDotPv<T>) dot::round_rows(sr, kKeyBlock, 1, kKeyBlock, buf.p_bits.data() + rr * kKeyBlock, kKeyBlock);
       buf.m[rr] = m_new;
       if (alpha != acc_t(1)) {
         acc_t* o = buf.o.data() + rr * dpad;
