@@ -195,7 +195,8 @@ def test_every_cuda_head_dim_and_strided_q(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_head_dim_on_cpu(dtype):
     """The CPU kernel takes any multiple of 8 up to 256: head dims that end in a partial 16- or
-    32-element chunk (the bf16 pair widening reads whole 32-element chunks, masked at the end)."""
+    32-element chunk (the bf16 pair widening reads whole chunks, 16 elements at the avx2 level and
+    32 at avx512, masked at the end)."""
     for d in (8, 24, 40, 72, 136, 200, 248):
         Case("cpu", dtype, [70, 0, 33], 2, 1, 6, 2, d, block_size=16).check()
         Case("cpu", dtype, [300], 1, 1, 4, 4, d).check()

@@ -22,10 +22,11 @@
 //     (fp32), the first lines of the rows a few keys ahead are prefetched (prefetch_row_starts).
 //     K and V rows are widened to fp32 in registers, chunk by chunk, and each chunk serves
 //     several rows of the group at once (no fp32 copy of the cache is ever stored); bf16 on
-//     AVX-512 is widened in even/odd pairs (namespace pairs), with q and O kept in that order:
+//     AVX2 and AVX-512 is widened in even/odd pairs (namespace pairs), with q and O kept in that
+//     order:
 //       S[r, j] = q_r . k_j        register tiles of 4 rows x 2 keys (2 x 4, 1 x 8 for what
-//                                  is left of the rows; twice the keys on the pairs path and
-//                                  for fp32 on AVX-512: kScoreAcc): 8 or 16 accumulators,
+//                                  is left of the rows; twice the keys on AVX-512's pairs
+//                                  path and for fp32 on AVX-512: kScoreAcc): 8 or 16 accumulators,
 //                                  reduced to their scores by transposing hadd trees
 //       softcap: S = c tanh(S / c); masks: causal / window per row (bottom-right aligned)
 //       online softmax per row, vectorized over the block: m' = max(m, max_j S),
@@ -323,7 +324,9 @@ inline const T* cache_row(const T* base, const int64_t* stride, int64_t blk, int
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
 // Lane sums of eight fp32 vectors, lane i = sum of the lanes of acc[i]: one transposing hadd
 // tree (AVX2, and AVX-512 after folding each vector's halves) instead of eight horizontal sums.
-inline __m256 lane_sums8_m256(const at::vec::Vectorized<float>* acc) {
+// always_inline (and lane_sums8): GCC 12 called it out of line, so the score tiles kept their
+// accumulators on the stack, every FMA a load and a store (perf, Zen 3 at avx2).
+__attribute__((always_inline)) inline __m256 lane_sums8_m256(const at::vec::Vectorized<float>* acc) {
   __m256 v[8];
   for (int i = 0; i < 8; ++i) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -345,7 +348,7 @@ inline __m256 lane_sums8_m256(const at::vec::Vectorized<float>* acc) {
 
 // Lane sums of eight vectors: out[i] = sum of the lanes of acc[i].
 template <typename acc_t>
-inline void lane_sums8(const at::vec::Vectorized<acc_t>* acc, acc_t* out) {
+__attribute__((always_inline)) inline void lane_sums8(const at::vec::Vectorized<acc_t>* acc, acc_t* out) {
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<acc_t, float>) {
     _mm256_storeu_ps(out, lane_sums8_m256(acc));
@@ -469,32 +472,50 @@ inline void for_row_tiles(int64_t nr, const Body& body) {
 }
 
 namespace pairs {
-constexpr int64_t kChunk = 32;  // bf16 per 64-byte load
-// Accumulators of a score tile, R rows x kAcc / R keys: 4 x 4 for a GQA group of 4, so that each
-// q chunk serves four keys and each step has four keys' loads in flight (6-7% faster in decode
-// at 4096 keys than 4 x 2).
+constexpr int64_t kChunk = cpu::Bf16Pairs::kElems;  // bf16 per full-width load: 32 on AVX-512, 16 on AVX2
+// Accumulators of a score tile, R rows x kAcc / R keys: on AVX-512, 4 x 4 for a GQA group of 4,
+// so that each q chunk serves four keys and each step has four keys' loads in flight (6-7% faster
+// in decode at 4096 keys than 4 x 2); AVX2's 16 registers hold 4 x 2.
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr int kAcc = 16;
+#else
+constexpr int kAcc = 8;
+#endif
 }  // namespace pairs
 static_assert(pairs::kAcc <= kScoreKeys, "a score tile of one row reads kAcc keys");
 
-#if defined(CPU_CAPABILITY_AVX512)
-// ---- bf16 widened in pairs (AVX-512) ----------------------------------------------------------
-// A 64-byte load holds 32 bf16, widened as even/odd pairs (cpu_vec.h's Bf16Pairs): two
-// instructions widen 32 elements, where widening them in order takes four (two VPMOVZXWD, which
-// compete with the FMAs' port, and two shifts). The products are indifferent to the order within
-// a chunk, so q is stored with each 32-element chunk's even elements first, then its odd ones
-// (pair_order), the scores pair them with K's as they come, and O is accumulated in that order
-// and put back into natural order once per task (natural_order). d pads to whole chunks.
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// ---- bf16 widened in pairs (AVX-512 and AVX2) --------------------------------------------------
+// A full-width load holds 2 W bf16 (W fp32 lanes), widened as even/odd pairs (cpu_vec.h's
+// Bf16Pairs): a shift and a mask widen them, where widening them in order takes two VPMOVZXWD
+// (shuffles, which compete with the FMAs' port on Intel cores) and two shifts. The products are
+// indifferent to the order within a chunk, so q is stored with each chunk's even elements first,
+// then its odd ones (pair_order), the scores pair them with K's as they come, and O is
+// accumulated in that order and put back into natural order once per task (natural_order). d
+// pads to whole chunks. On Zen 3 at avx2 (2026-12-02, 32/8 x 128, in one process alternating call
+// by call with element order): 1.04-1.28x at b1 1024 and 4096 keys, paged16 and b8 x 1024, with
+// the cache in L3 or evicted.
 namespace pairs {
 
 using bf16 = c10::BFloat16;
+using cpu::Bf16Pairs;
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
 
-inline __m512i load_raw(const bf16* p, int64_t count) {
+// Elements [0, count) of a chunk (count <= kChunk), zeros past count.
+inline Bf16Pairs::Bits load_raw(const bf16* p, int64_t count) {
+#if defined(CPU_CAPABILITY_AVX512)
   return count >= kChunk ? _mm512_loadu_si512(p)
                          : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << count) - 1), p);
+#else
+  if (count >= kChunk) return Bf16Pairs::load_bits(p);
+  alignas(32) bf16 part[kChunk] = {};
+  std::memcpy(part, p, count * sizeof(bf16));
+  return Bf16Pairs::load_bits(part);
+#endif
 }
-using cpu::Bf16Pairs;
 
+#if defined(CPU_CAPABILITY_AVX512)
 // Each 32-element chunk of row[0, dpad), as halves a and b, becomes (a, b)[first] then
 // (a, b)[second] (indices into the pair, as VPERMT2PS reads them).
 inline void permute_chunks(float* row, int64_t dpad, __m512i first, __m512i second) {
@@ -516,6 +537,30 @@ inline void natural_order(float* row, int64_t dpad) {
   const __m512i low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   permute_chunks(row, dpad, low, _mm512_add_epi32(low, _mm512_set1_epi32(8)));
 }
+#else
+// row[0, dpad) in place: each 16-element chunk's elements 0, 2, .., 14 then 1, 3, .., 15.
+inline void pair_order(float* row, int64_t dpad) {
+  for (int64_t c = 0; c < dpad; c += kChunk) {
+    const __m256 a = _mm256_loadu_ps(row + c), b = _mm256_loadu_ps(row + c + 8);
+    // Per 128-bit half: [a0 a2 b0 b2 | a4 a6 b4 b6] (and the odd ones); quarters 0 2 1 3 then
+    // put a's before b's.
+    const __m256 even = _mm256_shuffle_ps(a, b, 0x88), odd = _mm256_shuffle_ps(a, b, 0xDD);
+    _mm256_storeu_ps(row + c, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(even), 0xD8)));
+    _mm256_storeu_ps(row + c + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(odd), 0xD8)));
+  }
+}
+
+// The inverse of pair_order.
+inline void natural_order(float* row, int64_t dpad) {
+  for (int64_t c = 0; c < dpad; c += kChunk) {
+    const __m256 even = _mm256_loadu_ps(row + c), odd = _mm256_loadu_ps(row + c + 8);
+    // [x0 x1 x2 x3 | x8 x9 x10 x11] and [x4 x5 x6 x7 | x12 x13 x14 x15]
+    const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+    _mm256_storeu_ps(row + c, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(row + c + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
+}
+#endif
 
 // score_tile on pair-ordered q, with kAcc accumulators: R rows x kAcc / R keys.
 template <int R>
@@ -526,67 +571,74 @@ inline void score_tile(const float* q, int64_t dpad, const bf16* const* k, int64
   for (int t = 0; t < J; ++t) kt[t] = k[t] + off;
   const float* qr[R];
   for (int r = 0; r < R; ++r) qr[r] = q + r * dpad;
-  at::vec::Vectorized<float> acc[kAcc];
-  __m512 sum[kAcc];
-  for (int i = 0; i < kAcc; ++i) sum[i] = _mm512_setzero_ps();
+  Vec sum[kAcc];
+  for (int i = 0; i < kAcc; ++i) sum[i] = Vec(0.f);
   const auto accumulate = [&](int64_t c, int64_t count) {
-    __m512 ke[J], ko[J];
+    Vec ke[J], ko[J];
     for (int t = 0; t < J; ++t) {
-      const __m512i raw = load_raw(kt[t] + c, count);
+      const Bf16Pairs::Bits raw = load_raw(kt[t] + c, count);
       ke[t] = Bf16Pairs::even(raw);
       ko[t] = Bf16Pairs::odd(raw);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 qe = _mm512_loadu_ps(qr[r] + c), qo = _mm512_loadu_ps(qr[r] + c + 16);
+      const Vec qe = Vec::loadu(qr[r] + c), qo = Vec::loadu(qr[r] + c + W);
       for (int t = 0; t < J; ++t) {
-        sum[r * J + t] = _mm512_fmadd_ps(qe, ke[t], sum[r * J + t]);
-        sum[r * J + t] = _mm512_fmadd_ps(qo, ko[t], sum[r * J + t]);
+        sum[r * J + t] = at::vec::fmadd(qe, ke[t], sum[r * J + t]);
+        sum[r * J + t] = at::vec::fmadd(qo, ko[t], sum[r * J + t]);
       }
     }
   };
   int64_t c = 0;
   for (; c + kChunk <= d; c += kChunk) accumulate(c, kChunk);
   if (c < d) accumulate(c, d - c);
-  for (int i = 0; i < kAcc; ++i) acc[i] = sum[i];
   float sums[kAcc];
-  for (int i = 0; i < kAcc; i += 8) lane_sums8<float>(acc + i, sums + i);
+  for (int i = 0; i < kAcc; i += 8) lane_sums8<float>(sum + i, sums + i);
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < J; ++t) s[r * ld + t] = sums[r * J + t];
 }
 
-// pv_strip on pair-ordered O: columns [c, c + 32 C), C chunks.
+// pv_strip on pair-ordered O: columns [c, c + kChunk C), C chunks. always_inline: GCC 12 called
+// it out of line at AVX2, with its accumulators on the stack.
 template <int R, int C, bool kFull>
-inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t c, int64_t d,
+__attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t c, int64_t d,
                      float* o, int64_t ld_o) {
-  __m512 acc[R][2 * C];
+  Vec acc[R][2 * C];
   for (int r = 0; r < R; ++r)
-    for (int h = 0; h < 2 * C; ++h) acc[r][h] = _mm512_loadu_ps(o + r * ld_o + c + 16 * h);
+    for (int h = 0; h < 2 * C; ++h) acc[r][h] = Vec::loadu(o + r * ld_o + c + W * h);
   for (int64_t j = 0; j < n; ++j) {
     const bf16* vj = v[j] + off;
-    __m512 ve[C], vo[C];
+    Vec ve[C], vo[C];
     for (int cc = 0; cc < C; ++cc) {
       const int64_t at = c + cc * kChunk;
-      const __m512i raw = kFull ? _mm512_loadu_si512(vj + at) : load_raw(vj + at, d - at);
+      const Bf16Pairs::Bits raw = kFull ? Bf16Pairs::load_bits(vj + at) : load_raw(vj + at, d - at);
       ve[cc] = Bf16Pairs::even(raw);
       vo[cc] = Bf16Pairs::odd(raw);
     }
     for (int r = 0; r < R; ++r) {
-      const __m512 pr = _mm512_set1_ps(p[r * ld_p + j]);
+      const Vec pr(p[r * ld_p + j]);
       for (int cc = 0; cc < C; ++cc) {
-        acc[r][2 * cc] = _mm512_fmadd_ps(pr, ve[cc], acc[r][2 * cc]);
-        acc[r][2 * cc + 1] = _mm512_fmadd_ps(pr, vo[cc], acc[r][2 * cc + 1]);
+        acc[r][2 * cc] = at::vec::fmadd(pr, ve[cc], acc[r][2 * cc]);
+        acc[r][2 * cc + 1] = at::vec::fmadd(pr, vo[cc], acc[r][2 * cc + 1]);
       }
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int h = 0; h < 2 * C; ++h) _mm512_storeu_ps(o + r * ld_o + c + 16 * h, acc[r][h]);
+    for (int h = 0; h < 2 * C; ++h) acc[r][h].store(o + r * ld_o + c + W * h);
 }
 
+// Strips of two chunks (one for what is left) where the registers hold their 4 R accumulators
+// (AVX-512's 32); on AVX2's 16, one chunk at a time.
 template <int R>
 inline void pv_rows(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t d,
                     int64_t dpad, float* o, int64_t ld_o) {
   for_strips<kChunk>(d, dpad, [&](int64_t c, auto chunks, auto full) {
-    pv_strip<R, decltype(chunks)::value, decltype(full)::value>(p, ld_p, v, off, n, c, d, o, ld_o);
+    constexpr int kChunks = decltype(chunks)::value;
+    constexpr bool kFull = decltype(full)::value;
+#if defined(CPU_CAPABILITY_AVX512)
+    pv_strip<R, kChunks, kFull>(p, ld_p, v, off, n, c, d, o, ld_o);
+#else
+    for (int cc = 0; cc < kChunks; ++cc) pv_strip<R, 1, kFull>(p, ld_p, v, off, n, c + cc * kChunk, d, o, ld_o);
+#endif
   });
 }
 
@@ -827,7 +879,7 @@ void scores(const c10::BFloat16* qb, int64_t nr, int64_t nh, const c10::BFloat16
 constexpr bool kLevelPairs = true, kLevelDot = true, kLevelAmx = true;
 #elif defined(LLAMA_EXT_BF16_DOT)
 constexpr bool kLevelPairs = true, kLevelDot = true, kLevelAmx = false;
-#elif defined(CPU_CAPABILITY_AVX512)
+#elif defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 constexpr bool kLevelPairs = true, kLevelDot = false, kLevelAmx = false;
 #else
 constexpr bool kLevelPairs = false, kLevelDot = false, kLevelAmx = false;
@@ -1176,7 +1228,7 @@ void run(const KVCacheAttentionParams& p) {
   a.n_q_heads = p.n_q_heads;
   a.n_kv_heads = p.n_kv_heads;
   a.head_dim = p.head_dim;
-  const int64_t row_align = kPairs<T> ? pairs::kChunk : W;  // the pairs path reads 32-element chunks
+  const int64_t row_align = kPairs<T> ? pairs::kChunk : W;  // the pairs path reads whole chunks
   a.dpad = (p.head_dim + row_align - 1) / row_align * row_align;
   a.window_left = p.window_left;
   a.window_right = p.window_right;
