@@ -493,8 +493,8 @@ static_assert(pairs::kAcc <= kScoreKeys, "a score tile of one row reads kAcc key
 // then its odd ones (pair_order), the scores pair them with K's as they come, and O is
 // accumulated in that order and put back into natural order once per task (natural_order). d
 // pads to whole chunks. On Zen 3 at avx2 (2026-12-02, 32/8 x 128, in one process alternating call
-// by call with element order): 1.04-1.28x at b1 1024 and 4096 keys, paged16 and b8 x 1024, with
-// the cache in L3 or evicted.
+// by call with element order, three rounds): 1.00-1.28x (mostly 1.04-1.16x) at b1 1024 and 4096
+// keys, paged16 and b8 x 1024, with the cache in L3 or evicted.
 namespace pairs {
 
 using bf16 = c10::BFloat16;
