@@ -600,8 +600,8 @@ inline void score_tile(const float* q, int64_t dpad, const bf16* const* k, int64
 // pv_strip on pair-ordered O: columns [c, c + kChunk C), C chunks. always_inline: GCC 12 called
 // it out of line at AVX2, with its accumulators on the stack.
 template <int R, int C, bool kFull>
-__attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t off, int64_t n, int64_t c, int64_t d,
-                     float* o, int64_t ld_o) {
+__attribute__((always_inline)) inline void pv_strip(const float* p, int64_t ld_p, const bf16* const* v, int64_t off,
+                                                    int64_t n, int64_t c, int64_t d, float* o, int64_t ld_o) {
   Vec acc[R][2 * C];
   for (int r = 0; r < R; ++r)
     for (int h = 0; h < 2 * C; ++h) acc[r][h] = Vec::loadu(o + r * ld_o + c + W * h);
