@@ -265,7 +265,10 @@ inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head
 // from demand misses. A prefetch (to L2) of the first four lines of the rows kPrefetchKeys keys
 // ahead starts those streams early: on Zen 4 (2026-12-02, fp32 32/8 x 128, in one process,
 // alternating call by call) 1.06-1.14x at b1 4096 keys, paged16 and b8 x 1024, with the cache
-// evicted or in L3. Whole rows instead: 0.80-0.90x; bf16 blocks in phase order: no change.
+// evicted or in L3. Whole rows instead: 0.80-0.90x; bf16 blocks in phase order: no change. Whole
+// rows paced with the tiles (2026-12-03: each head's slice of the rows one score step or P V
+// pass ahead, PREFETCHT1): 1.19-1.32x at 4096 keys in a slow spell of the shared VM, 0.98-1.04x
+// in the three rounds after it (PREFETCHT0, T2 and NTA, or two and three steps ahead, no better).
 // always_inline: GCC 12 judges an out-of-line function of prefetches alone free of side effects
 // and deletes its calls.
 template <typename T>
@@ -645,8 +648,11 @@ inline void pv_rows(const float* p, int64_t ld_p, const bf16* const* v, int64_t 
 }  // namespace pairs
 #else
 namespace pairs {
-// No pairs path at this level (kPairs is false): declared for the discarded branches only.
+// No pairs path at this level (kPairs is false): declared for the discarded branches only (as
+// templates, which need no definition).
+template <typename = void>
 void pair_order(float* row, int64_t dpad);
+template <typename = void>
 void natural_order(float* row, int64_t dpad);
 template <int R>
 void score_tile(const float* q, int64_t dpad, const c10::BFloat16* const* k, int64_t off, int64_t d, float* s,
@@ -773,14 +779,17 @@ using cpu::bf16_dot::round_rows;  // P rounded to bf16 (to nearest even) for pv_
 }  // namespace dot
 #else
 namespace dot {
-// No VDPBF16PS at this level (kDot is false): declared for the discarded branches only.
+// No VDPBF16PS at this level (kDot is false): declared for the discarded branches only (as
+// templates, which need no definition).
 template <int R>
 void score_tile(const c10::BFloat16* q, int64_t dpad, const c10::BFloat16* const* k, int64_t off, int64_t d,
                 float scale, float* s, int64_t ld);
 template <int R>
 void pv_rows(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* const* v, int64_t off, int64_t n, int64_t d,
              int64_t dpad, float* o, int64_t ld_o);
+template <typename = void>
 void natural_order(float* row, int64_t dpad);
+template <typename = void>
 void round_rows(const float* src, int64_t src_stride, int64_t rows, int64_t N, c10::BFloat16* dst,
                 int64_t dst_stride);
 }  // namespace dot
