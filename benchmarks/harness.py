@@ -655,7 +655,11 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
     }
     if bench.skip_reason:
         return dict(record, status="skipped", reason=bench.skip_reason, cases=[])
-    from tqdm import tqdm
+    try:
+        from tqdm import tqdm
+    except ImportError:  # progress bars are all tqdm gives
+        def tqdm(cases, **_):
+            return cases
 
     cases = []
     for case in tqdm(bench.cases, desc=bench.name, unit="case", leave=False, disable=not progress or cfg.smoke):

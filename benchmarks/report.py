@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import sys
 from typing import Any, Dict, List, Optional
 
 CEILING_LABEL = {"copy": "copy", "matmul": "matmul"}
@@ -188,8 +189,15 @@ def write_tables(result: Dict[str, Any], out_dir: str) -> List[str]:
 
 
 def write_outputs(result: Dict[str, Any], out_dir: str) -> List[str]:
-    """The tables and one plot per op."""
+    """The tables and one plot per op. The plots need matplotlib; without it (an existing torch
+    environment) they are skipped with a note, so that the run still ends with its tables and
+    RESULTS.md."""
     paths = write_tables(result, out_dir)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib draws them)", file=sys.stderr)
+        return paths
     device = result["env"]["device"]
     for op in result["ops"]:
         png = plot_op(op, os.path.join(out_dir, f"{op['op']}-{device.split(':')[0]}.png"), device)

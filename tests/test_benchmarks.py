@@ -2,6 +2,7 @@
 every available provider produced a number and every skipped one says why. No speed is asserted."""
 import json
 import math
+import sys
 import time
 
 import pytest
@@ -77,6 +78,20 @@ def test_smoke_run_writes_json_tables_and_plots(tmp_path, capsys):
     assert f"### RMSNorm [CPU kernels: {llama_ext.cpu_capability()}]" in stdout and "| llama_ext |" in stdout
     assert "same-round copy)" in stdout
     assert (out / "results-cpu.md").read_text().count("### ") == 3
+
+
+def test_run_without_matplotlib_or_tqdm_writes_its_tables(tmp_path, monkeypatch, capsys):
+    # An existing torch environment may lack the plotting and progress-bar packages: the run still
+    # ends with its JSON and tables, and says that it skipped the plots.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    out = tmp_path / "bench"
+    assert cli.main(SMOKE_ARGS + ["--op", "rms_norm", "--provider", "llama_ext", "--out", str(out)]) == 0
+    data = json.loads((out / "results-cpu.json").read_text())
+    _check_op(data["ops"][0], ["llama_ext"])
+    assert (out / "results-cpu.md").read_text().count("### ") == 1
+    assert not list(out.glob("*.png"))
+    assert "plots skipped: matplotlib is not installed" in capsys.readouterr().err
 
 
 def _toy_bench(providers, unit="GB/s", work=64.0):
