@@ -203,6 +203,22 @@ def test_every_head_dim_on_cpu(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+@pytest.mark.parametrize("threads", [1, 3, 8])
+def test_thread_counts_on_cpu(dtype, block_size, threads):
+    """The CPU split count follows the thread count (none with one thread, two tasks a thread
+    otherwise), and a sequence's score tiles are dealt out evenly, so a sequence with fewer tiles
+    than splits leaves some splits empty, between others (40 keys in 4 splits: 0, 1, 1, 1 tiles)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        Case("cpu", dtype, [3001, 40, 0, 257], 1, 1, 32, 8, 128, block_size=block_size).check()
+        Case("cpu", dtype, [1500], 2, 2, 8, 2, 64, block_size=block_size).check(window_size=(700, 0))
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [None, 16, 48, 8], ids=["contiguous", "paged16", "paged48", "paged8"])
 def test_score_tile_shapes_on_cpu(dtype, block_size):
     """The CPU kernel's score tiles (on AMX at the amx_bf16 level: 16 keys one row stride apart,

@@ -1252,10 +1252,12 @@ void run(const KVCacheAttentionParams& p) {
 
   // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
   // heads, which lie side by side in each cache row and are then read in address order. Its
-  // key range is split only as far as needed to give every thread several tasks, and never
-  // below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split costs one
-  // [rows, d] partial write and read. Short contexts take fewer heads per task, so that there
-  // are still tasks for every thread.
+  // key range is split only as far as needed to give every thread two tasks (one thread: no
+  // split), and never below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split
+  // costs a task's set-up, its partly filled key blocks and one [rows, d] partial write and
+  // read, 3-5 us on Zen 4, the time of 13-21 keys of 8 kv heads. Four tasks a thread were
+  // 1.1-1.5x slower below 600 keys and no faster above (b1, 32/8 x 128, 2 threads). Short
+  // contexts take fewer heads per task, so that there are still tasks for every thread.
   a.row_tiles = (R + kMaxRows - 1) / kMaxRows;
   int64_t max_len = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, a.length(b));
@@ -1269,7 +1271,8 @@ void run(const KVCacheAttentionParams& p) {
   }
   a.head_groups = head_groups(a.heads_per_task);
   const int64_t units = p.batch * a.head_groups * a.row_tiles;
-  const int64_t want = (4 * threads + units - 1) / units;
+  const int64_t target_tasks = threads > 1 ? 2 * threads : 1;
+  const int64_t want = (target_tasks + units - 1) / units;
   a.splits = std::clamp<int64_t>(std::min(want, max_splits(a.heads_per_task)), 1, 1024);
   at::Tensor partial_out, partial_lse;
   const int64_t tasks = units * a.splits;
@@ -1299,11 +1302,14 @@ void run(const KVCacheAttentionParams& p) {
       // Split boundaries fall on whole score tiles of absolute key positions, so that a tile of
       // a paged cache lies within one page (one row stride) and scores on AMX: cut anywhere,
       // every tile of a split would straddle a page and fall back to the FMAs (8-10% slower).
+      // The tiles are dealt out evenly (the splits' tile counts differ by at most one):
+      // at::parallel_for gives each thread a contiguous run of tasks, so splits of
+      // ceil(tiles / splits) tiles, the short ones last, would give the first threads the most
+      // keys (257 keys in 8 splits on 2 threads: 192 and 65).
       const int64_t base = lo / kScoreKeys * kScoreKeys, end = std::max(lo, hi);
-      const int64_t per_split = (std::max<int64_t>(0, hi - base) + a.splits - 1) / a.splits;
-      const int64_t chunk = (per_split + kScoreKeys - 1) / kScoreKeys * kScoreKeys;
-      const int64_t j0 = std::clamp(base + split * chunk, lo, end);
-      const int64_t j1 = std::clamp(base + (split + 1) * chunk, lo, end);
+      const int64_t tiles = (std::max<int64_t>(0, hi - base) + kScoreKeys - 1) / kScoreKeys;
+      const int64_t j0 = std::clamp(base + tiles * split / a.splits * kScoreKeys, lo, end);
+      const int64_t j1 = std::clamp(base + tiles * (split + 1) / a.splits * kScoreKeys, lo, end);
       attend<T>(a, buf, b, h0, nh, r0, nr, j0, j1);
       store_rows<T>(a, buf, task, b, h0, nh, r0, nr);
     }
