@@ -285,6 +285,45 @@ def test_varlen_backward_matches_float64(device, dtype):
         assert_close(g, e, dtype, scale=4.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_varlen_over_thread_counts_on_cpu(dtype):
+    """The CPU spreads tasks over threads by cost (a long sequence packed with short ones, one
+    with queries but no keys, an empty one): forward and backward match float64 at 1, 3 and 8
+    threads, with bit-identical results whatever the thread count; and calls with fewer tasks
+    than threads."""
+    lens_q, lens_k = [300, 5, 0, 1, 40, 7], [300, 5, 0, 0, 60, 7]
+    q, k, v, cu_q, cu_k = make_varlen(lens_q, lens_k, 8, 2, 64, "cpu", dtype)
+    grad_out = make(q.shape, "cpu", dtype)
+
+    def run(a, b, c):
+        return llama_ext.gqa_attention_varlen(a, b, c, cu_q, cu_k, max(lens_q), max(lens_k), causal=True)
+
+    expected = grads_of(
+        lambda a, b, c: gqa_attention_varlen_reference(a, b, c, cu_q, cu_k)[0], [t.double() for t in (q, k, v)],
+        grad_out.double(),
+    )
+    expected_out = gqa_attention_varlen_reference(q, k, v, cu_q, cu_k)[0]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for run_threads in (1, 3, 8):
+            torch.set_num_threads(run_threads)
+            out = run(q, k, v)
+            assert_close(out, expected_out, dtype)
+            got = grads_of(run, (q, k, v), grad_out)
+            for g, e in zip(got, expected):
+                assert_close(g, e, dtype, scale=4.0)
+            results.append((out, *got))
+            # One sequence, one kv head, one query block: fewer tasks than threads.
+            q1, k1, v1 = qkv(1, 40, 40, 2, 1, 64, "cpu", dtype)
+            assert_close(llama_ext.gqa_attention(q1, k1, v1), gqa_attention_reference(q1, k1, v1)[0], dtype)
+    finally:
+        torch.set_num_threads(threads)
+    for later in results[1:]:
+        for name, a, b in zip(("out", "dq", "dk", "dv"), results[0], later):
+            assert torch.equal(a, b), f"{name} depends on the thread count"
+
+
 @pytest.mark.parametrize(
     "device,dtype,d",
     [("cpu", torch.float32, 64), ("cpu", torch.bfloat16, 64)]

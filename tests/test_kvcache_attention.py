@@ -206,9 +206,11 @@ def test_every_head_dim_on_cpu(dtype):
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_thread_counts_on_cpu(dtype, block_size, threads):
-    """The CPU split count follows the thread count (none with one thread, two tasks a thread
-    otherwise), and a sequence's score tiles are dealt out evenly, so a sequence with fewer tiles
-    than splits leaves some splits empty, between others (40 keys in 4 splits: 0, 1, 1, 1 tiles)."""
+    """The CPU split count follows the thread count and the lengths (none with one thread; with
+    more, enough that the longest sequence's tasks hold at most 1 / (2 x threads) of all keys),
+    tasks spread over threads by cost, and a sequence's score tiles are dealt out evenly, so one
+    with fewer tiles than splits leaves splits empty between others (3 threads: 41 keys in 6
+    splits, 0, 1, 0, 1, 0, 1 tiles)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

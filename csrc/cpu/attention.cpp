@@ -6,9 +6,10 @@
 // batch row, or one cu_seqlens slice), so batched and varlen differ only in how that view is
 // cut. K and V are never repeated or copied as a whole; one block at a time is read.
 //
-// Forward, one task per (sequence, kv head, query block), spread with at::parallel_for. A task
-// packs the block's rows of all G query heads of the group into one [G * rows, d] matrix, so
-// every K/V block it reads serves the whole group with one product each:
+// Forward, one task per (sequence, kv head, query block), spread over the threads by cost
+// (parallel.h), so that varlen sequences of any lengths keep every thread busy. A task packs
+// the block's rows of all G query heads of the group into one [G * rows, d] matrix, so every
+// K/V block it reads serves the whole group with one product each:
 //   S = Q K_blk^T                                 [G*rows, block_k]  (tile product)
 //   online softmax per row: m' = max(m, max S), p = exp(scale (S - m')),
 //   l' = l exp(scale (m - m')) + sum p,  O <- O exp(scale (m - m')) + P V_blk  (tile product)
@@ -65,6 +66,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <type_traits>
@@ -73,6 +75,7 @@
 #include "../attention.h"
 #include "attention_tiles.h"
 #include "cpu_vec.h"
+#include "parallel.h"
 
 namespace llama_ext {
 namespace {
@@ -89,8 +92,8 @@ constexpr int64_t kMaxKeyChunks = 8;
 
 int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(kTargetRows / group, 16, 128); }
 
-// Visits task indices so that contiguous ranges (what at::parallel_for hands each thread) mix
-// cheap and expensive causal blocks: 0, n-1, 1, n-2, ...
+// Visits task indices so that contiguous runs of tasks (what each thread takes) mix
+// cheap and expensive causal blocks: 0, n-1, 1, n-2, ... (finer runs of even cost)
 int64_t zigzag(int64_t p, int64_t n) { return p % 2 == 0 ? p / 2 : n - 1 - p / 2; }
 
 std::vector<int64_t> host_offsets(const std::optional<at::Tensor>& cu_seqlens) {
@@ -134,6 +137,21 @@ struct AttentionParams {
   // lse [batch, heads, seq_q] or [heads, total_q]: the sequence's [heads, len_q] view.
   at::Tensor lse_rows(const at::Tensor& t, int64_t b) const {
     return shape.varlen ? t.narrow(1, q_begin[b], len_q(b)) : t.select(0, b);
+  }
+  // Backward, keys [key0, key1) of sequence b: the rows of the query blocks that see one of
+  // them, [first, end) in whole blocks of block_q. Rows before the first one whose window
+  // reaches key0, and from the first one whose window starts at key1 or later, see none.
+  std::pair<int64_t, int64_t> query_blocks_seeing(int64_t b, int64_t key0, int64_t key1, int64_t block_q) const {
+    const int64_t lq = len_q(b), lk = len_k(b);
+    const int64_t first_row = window.first_row_reaching(key0, lq, lk);
+    const int64_t row_end = window.first_row_past(key1, lq, lk);
+    const int64_t first = first_row - first_row % block_q;
+    return {first, std::clamp(ceil_div(row_end, block_q) * block_q, first, lq)};
+  }
+  // The keys of [key0, key1) that rows [q0, q0 + rows) of sequence b see, as one range.
+  std::pair<int64_t, int64_t> keys_seen(int64_t b, int64_t q0, int64_t rows, int64_t key0, int64_t key1) const {
+    const int64_t lq = len_q(b), lk = len_k(b);
+    return {std::max(key0, window.key_begin(q0, lq, lk)), std::min(key1, window.key_end(q0 + rows - 1, lq, lk))};
   }
   // Columns [lo, hi) of the key block [k0, k0 + n) that row i sees.
   std::pair<int64_t, int64_t> visible_columns(int64_t i, int64_t lq, int64_t lk, int64_t k0, int64_t n) const {
@@ -388,16 +406,30 @@ void attention_forward_cpu(const AttentionCall& call) {
   const int64_t q_blocks = ceil_div(shape.seq_q, block_q);
   const int64_t tasks_per_seq = shape.n_kv_heads * q_blocks;
   const int64_t tasks = shape.batch * tasks_per_seq;
+  // Task t: (sequence, kv head, query block), the blocks of one kv head in zigzag order.
+  const auto forward_task = [&](int64_t t) {
+    const int64_t b = t / tasks_per_seq, rest = t % tasks_per_seq;
+    return std::array<int64_t, 3>{b, rest / q_blocks, zigzag(rest % q_blocks, q_blocks)};
+  };
+  // Its cost: the block's rows times the keys they visit, plus a key block's worth for its
+  // packing and output; a block past its sequence's end (varlen) costs nothing.
+  const auto forward_cost = [&](int64_t t) -> int64_t {
+    const auto [b, kvh, qb] = forward_task(t);
+    const int64_t lq = pb.len_q(b), lk = pb.len_k(b), q0 = qb * block_q;
+    if (q0 >= lq) return 0;
+    const int64_t rows = std::min(block_q, lq - q0);
+    const int64_t keys = pb.window.key_end(q0 + rows - 1, lq, lk) - pb.window.key_begin(q0, lq, lk);
+    return rows * (std::max<int64_t>(keys, 0) + kBlockK);
+  };
 
   LLAMA_EXT_DISPATCH_FLOATING(pb.q.scalar_type(), "gqa_attention_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = pb.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_by_cost(tasks, forward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
       with_tiles<scalar_t>(Pass::kForward, G * block_q, d, acc_opts, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
-          const int64_t b = t / tasks_per_seq, rest = t % tasks_per_seq;
-          const int64_t kvh = rest / q_blocks, qb = zigzag(rest % q_blocks, q_blocks);
+          const auto [b, kvh, qb] = forward_task(t);
           forward_block<scalar_t>(pb, b, kvh, qb, block_q, tiles);
         }
       });
@@ -431,12 +463,8 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
   const at::Tensor dout_seq = pb.q_rows(dout, b);
   std::vector<acc_t> delta(G * block_q);
   const at::Tensor lse_seq = pb.lse_rows(pb.lse, b);
-  // Rows before the first one whose window reaches key0, and from the first one whose window
-  // starts at key1 or later, get nothing from this chunk: their query blocks are skipped.
-  const int64_t first_row = pb.window.first_row_reaching(key0, lq, lk);
-  const int64_t row_end = pb.window.first_row_past(key1, lq, lk);
-  const int64_t first_block_row = first_row - first_row % block_q;
-  const int64_t block_row_end = std::clamp(ceil_div(row_end, block_q) * block_q, first_block_row, lq);
+  // Query blocks that see no key of this chunk get nothing from it: they are skipped.
+  const auto [first_block_row, block_row_end] = pb.query_blocks_seeing(b, key0, key1, block_q);
   group_rows(dq_seq, kvh, G, 0, first_block_row).zero_();
   group_rows(dq_seq, kvh, G, block_row_end, lq - block_row_end).zero_();
   for (int64_t q0 = first_block_row; q0 < block_row_end; q0 += block_q) {
@@ -451,8 +479,7 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
 
     // The block's keys within the chunk, from the key block holding its first row's first
     // key (tiles address the chunk by whole key blocks).
-    const int64_t k_begin = std::max(key0, pb.window.key_begin(q0, lq, lk));
-    const int64_t k_end = std::min(key1, pb.window.key_end(q0 + rows - 1, lq, lk));
+    const auto [k_begin, k_end] = pb.keys_seen(b, q0, rows, key0, key1);
     for (int64_t k0 = key0 + (k_begin - key0) / kBlockK * kBlockK; k0 < k_end; k0 += kBlockK) {
       const int64_t n = std::min(kBlockK, k_end - k0);
       tiles.backward_scores(k0 - key0, n);
@@ -520,6 +547,26 @@ void attention_backward_cpu(const AttentionCall& call) {
                                              std::min(kMaxKeyChunks, std::max<int64_t>(key_blocks, 1)));
   const int64_t chunk_keys = ceil_div(std::max<int64_t>(key_blocks, 1), chunks) * kBlockK;
   const int64_t tasks = seq_heads * chunks;
+  // Task t: (sequence, kv head, key chunk), the chunks of one kv head in zigzag order.
+  const auto backward_task = [&](int64_t t) {
+    const int64_t sh = t / chunks;
+    return std::array<int64_t, 3>{sh / shape.n_kv_heads, sh % shape.n_kv_heads, zigzag(t % chunks, chunks)};
+  };
+  // Its cost: the rows of each query block it visits times the chunk's keys they see, plus a
+  // key block's worth per block for the packing and dq, and one for the chunk's dk and dv.
+  const auto backward_cost = [&](int64_t t) -> int64_t {
+    const auto [b, kvh, c] = backward_task(t);
+    const int64_t key0 = c * chunk_keys, key1 = std::min((c + 1) * chunk_keys, pb.len_k(b));
+    if (key0 >= key1) return 0;
+    int64_t cost = (key1 - key0) * kBlockK;
+    const auto [row0, row1] = pb.query_blocks_seeing(b, key0, key1, block_q);
+    for (int64_t q0 = row0; q0 < row1; q0 += block_q) {
+      const int64_t rows = std::min(block_q, pb.len_q(b) - q0);
+      const auto [k_begin, k_end] = pb.keys_seen(b, q0, rows, key0, key1);
+      cost += rows * (std::max<int64_t>(k_end - k_begin, 0) + kBlockK);
+    }
+    return cost;
+  };
 
   LLAMA_EXT_DISPATCH_FLOATING(pb.q.scalar_type(), "gqa_attention_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -527,12 +574,11 @@ void attention_backward_cpu(const AttentionCall& call) {
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), pb.q.sizes().begin(), pb.q.sizes().end());
     const at::Tensor dq_partial = new_output(at::empty(partial_shape, acc_opts));  // every row written by its task
-    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    cpu::parallel_for_by_cost(tasks, backward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
       with_tiles<scalar_t>(Pass::kBackward, G * block_q, d, acc_opts, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
-          const int64_t sh = t / chunks, c = zigzag(t % chunks, chunks);
-          const int64_t b = sh / shape.n_kv_heads, kvh = sh % shape.n_kv_heads;
+          const auto [b, kvh, c] = backward_task(t);
           backward_chunk<scalar_t>(pb, call.grad_out, dq_partial.select(0, c), call.dk, call.dv, b, kvh,
                                    c * chunk_keys, (c + 1) * chunk_keys, block_q, tiles);
         }

@@ -7,15 +7,16 @@
 //     within the table.
 //  2. Append: each new k/v row is written to its cache slot (k rotated by the table row of
 //     its position, with the rotary op's own code: rotary_head.h), in parallel over tokens.
-//  3. Attention, one task per (batch, kv-head group, row tile, key split). A task packs the
-//     rows of all G query heads (x seq_q) of each of its kv heads into one fp32 [rows, d]
-//     matrix (q rotated at positions cache_seqlens[b] + i and rounded to q's dtype first, as
-//     apply_rotary would give it, then pre-multiplied by the scale; the VDPBF16PS path keeps q
-//     in bf16 and scales S), and walks its key range in blocks of kKeyBlock keys. A task takes
-//     several kv heads when their rows fit (decode: all of them): the heads of one token lie
-//     side by side in the cache, so the task reads its K/V in address order, a stream the
-//     hardware prefetchers follow, where one head's rows would be n_kv_heads x d elements
-//     apart. Where keys lie under a page apart (bf16/fp16), the tiles below, which read several
+//  3. Attention, one task per (batch, kv-head group, row tile, key split), spread over the
+//     threads by cost (parallel.h: sequences of other lengths in a batch keep every thread
+//     busy). A task packs the rows of all G query heads (x seq_q) of each of its kv heads into
+//     one fp32 [rows, d] matrix (q rotated at positions cache_seqlens[b] + i and rounded to
+//     q's dtype first, as apply_rotary would give it, then pre-multiplied by the scale; the
+//     VDPBF16PS path keeps q in bf16 and scales S), and walks its key range in blocks of
+//     kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all of them):
+//     the heads of one token lie side by side in the cache, so the task reads its K/V in
+//     address order, a stream the hardware prefetchers follow, where one head's rows would be
+//     n_kv_heads x d elements apart. Where keys lie under a page apart (bf16/fp16), the tiles below, which read several
 //     keys' rows side by side, would read each page out of order: a block that every row sees
 //     whole is read in phase order (PhaseOrder: keys a page apart first), any other block is
 //     first read line by line in address order (touch_rows). Where keys lie a page or more apart
@@ -86,6 +87,7 @@
 #include "amx_dot.h"
 #include "bf16_dot.h"
 #include "cpu_vec.h"
+#include "parallel.h"
 #include "rotary_head.h"
 
 namespace llama_ext {
@@ -1254,15 +1256,17 @@ void run(const KVCacheAttentionParams& p) {
 
   // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
   // heads, which lie side by side in each cache row and are then read in address order. Its
-  // key range is split only as far as needed to give every thread two tasks (one thread: no
-  // split), and never below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split
+  // key range is split only as far as needed to give every thread two tasks' worth of keys (one
+  // thread: no split), counted so that the longest sequence's tasks are no larger than that
+  // (on 2 threads, a sequence of 4000 keys among seven of 100 takes 4 splits, eight equal ones
+  // none), and never below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split
   // costs a task's set-up, its partly filled key blocks and one [rows, d] partial write and
   // read, 3-5 us on Zen 4, the time of 13-21 keys of 8 kv heads. Four tasks a thread were
   // 1.1-1.5x slower below 600 keys and no faster above (b1, 32/8 x 128, 2 threads). Short
   // contexts take fewer heads per task, so that there are still tasks for every thread.
   a.row_tiles = (R + kMaxRows - 1) / kMaxRows;
-  int64_t max_len = 0;
-  for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, a.length(b));
+  int64_t max_len = 0, sum_len = 0;
+  for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, a.length(b)), sum_len += a.length(b);
   const int64_t threads = at::get_num_threads();
   const auto max_splits = [&](int64_t heads) { return std::max<int64_t>(1, max_len * heads / kMinKeyRowsPerSplit); };
   const auto head_groups = [&](int64_t heads) { return (p.n_kv_heads + heads - 1) / heads; };
@@ -1274,7 +1278,10 @@ void run(const KVCacheAttentionParams& p) {
   a.head_groups = head_groups(a.heads_per_task);
   const int64_t units = p.batch * a.head_groups * a.row_tiles;
   const int64_t target_tasks = threads > 1 ? 2 * threads : 1;
-  const int64_t want = (target_tasks + units - 1) / units;
+  // Splits of each unit such that the longest sequence's tasks hold at most 1 / target_tasks of
+  // all keys: target_tasks / units where the lengths are equal.
+  const int64_t per_length = std::max<int64_t>(sum_len, 1) * a.head_groups * a.row_tiles;
+  const int64_t want = (target_tasks * max_len + per_length - 1) / per_length;
   a.splits = std::clamp<int64_t>(std::min(want, max_splits(a.heads_per_task)), 1, 1024);
   at::Tensor partial_out, partial_lse;
   const int64_t tasks = units * a.splits;
@@ -1286,34 +1293,51 @@ void run(const KVCacheAttentionParams& p) {
     a.partial_lse = partial_lse.mutable_data_ptr<acc_t>();
   }
 
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // Task `task`: rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh) of sequence b,
+  // against keys [j0, j1).
+  struct Task {
+    int64_t b, h0, nh, r0, nr, j0, j1;
+  };
+  const auto task_of = [&](int64_t task) {
+    const int64_t split = task % a.splits, unit = task / a.splits;
+    const int64_t tile = unit % a.row_tiles, bg = unit / a.row_tiles;
+    const int64_t b = bg / a.head_groups, h0 = bg % a.head_groups * a.heads_per_task;
+    const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, R - r0);
+    // The tile's key range: the union of its rows' visible ranges, cut into splits.
+    const int64_t L = a.length(b);
+    int64_t lo = L, hi = 0;
+    for (int64_t r = r0; r < r0 + nr; ++r) {
+      const auto [l, h] = a.visible(r % a.seq_q, L);
+      if (h > l) lo = std::min(lo, l), hi = std::max(hi, h);
+    }
+    // Split boundaries fall on whole score tiles of absolute key positions, so that a tile of a
+    // paged cache lies within one page (one row stride) and scores on AMX: cut anywhere, every
+    // tile of a split would straddle a page and fall back to the FMAs (8-10% slower). The tiles
+    // are dealt out evenly (the splits' tile counts differ by at most one), so that the threads'
+    // runs of tasks can be cut at even costs: with splits of ceil(tiles / splits) tiles, the
+    // short ones last, 257 keys in 8 splits gave 2 threads 192 and 65 keys.
+    const int64_t base = lo / kScoreKeys * kScoreKeys, end = std::max(lo, hi);
+    const int64_t tiles = (std::max<int64_t>(0, hi - base) + kScoreKeys - 1) / kScoreKeys;
+    return Task{b,
+                h0,
+                std::min(a.heads_per_task, p.n_kv_heads - h0),
+                r0,
+                nr,
+                std::clamp(base + tiles * split / a.splits * kScoreKeys, lo, end),
+                std::clamp(base + tiles * (split + 1) / a.splits * kScoreKeys, lo, end)};
+  };
+  // A task's cost: its rows times their keys, plus its set-up, partial and combine, which take
+  // about as long as 16 keys (above).
+  const auto task_cost = [&](int64_t task) {
+    const Task t = task_of(task);
+    return t.nh * t.nr * (t.j1 - t.j0 + kScoreKeys);
+  };
+  cpu::parallel_for_by_cost(tasks, task_cost, [&](int64_t begin, int64_t end) {
     TaskBuffers<T> buf(a.dpad);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t split = task % a.splits, unit = task / a.splits;
-      const int64_t tile = unit % a.row_tiles, bg = unit / a.row_tiles;
-      const int64_t b = bg / a.head_groups, h0 = bg % a.head_groups * a.heads_per_task;
-      const int64_t nh = std::min(a.heads_per_task, p.n_kv_heads - h0);
-      const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, R - r0);
-      // The tile's key range: the union of its rows' visible ranges, cut into splits.
-      const int64_t L = a.length(b);
-      int64_t lo = L, hi = 0;
-      for (int64_t r = r0; r < r0 + nr; ++r) {
-        const auto [l, h] = a.visible(r % a.seq_q, L);
-        if (h > l) lo = std::min(lo, l), hi = std::max(hi, h);
-      }
-      // Split boundaries fall on whole score tiles of absolute key positions, so that a tile of
-      // a paged cache lies within one page (one row stride) and scores on AMX: cut anywhere,
-      // every tile of a split would straddle a page and fall back to the FMAs (8-10% slower).
-      // The tiles are dealt out evenly (the splits' tile counts differ by at most one):
-      // at::parallel_for gives each thread a contiguous run of tasks, so splits of
-      // ceil(tiles / splits) tiles, the short ones last, would give the first threads the most
-      // keys (257 keys in 8 splits on 2 threads: 192 and 65).
-      const int64_t base = lo / kScoreKeys * kScoreKeys, end = std::max(lo, hi);
-      const int64_t tiles = (std::max<int64_t>(0, hi - base) + kScoreKeys - 1) / kScoreKeys;
-      const int64_t j0 = std::clamp(base + tiles * split / a.splits * kScoreKeys, lo, end);
-      const int64_t j1 = std::clamp(base + tiles * (split + 1) / a.splits * kScoreKeys, lo, end);
-      attend<T>(a, buf, b, h0, nh, r0, nr, j0, j1);
-      store_rows<T>(a, buf, task, b, h0, nh, r0, nr);
+      const Task t = task_of(task);
+      attend<T>(a, buf, t.b, t.h0, t.nh, t.r0, t.nr, t.j0, t.j1);
+      store_rows<T>(a, buf, task, t.b, t.h0, t.nh, t.r0, t.nr);
     }
   });
   if (a.splits > 1) combine_splits<T>(a);
