@@ -127,6 +127,36 @@ def test_long_context_split_path(device, dtype, block_size):
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_prefill_shaped_calls(device, dtype, block_size):
+    """Prompts written into the cache: 130-140 query tokens, with partial rotary, a window and
+    softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
+    with unequal lengths. On the CPU a contiguous cache with equal lengths runs on the prefill
+    kernel: its outputs are gqa_attention's bits on the cache's first tokens."""
+    rot = (32, 600)
+    cases = [
+        (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
+        (Case(device, dtype, [200, 200], 130, 130, 8, 2, 64, block_size=block_size),
+         dict(window_size=(90, 0), softcap=30.0)),
+        (Case(device, dtype, [70], 130, 3, 8, 2, 64, block_size=block_size), dict(causal=False)),
+        (Case(device, dtype, [50], 140, 0, 8, 2, 64, block_size=block_size), {}),
+        (Case(device, dtype, [300, 20], 130, 2, 8, 2, 64, block_size=block_size, rotary=rot), {}),
+    ]
+    for case, kw in cases:
+        out, lse = case.check(**kw)
+        seq_new = 0 if case.k is None else case.k.shape[1]
+        lens = (case.cache_seqlens + seq_new).tolist()
+        if device == "cpu" and block_size is None and case.rotary_cos is None and len(set(lens)) == 1:
+            L = lens[0]
+            window = kw.get("window_size", (-1, -1))
+            ref_out, ref_lse = llama_ext.gqa_attention(
+                case.q, case.k_cache[:, :L], case.v_cache[:, :L], causal=kw.get("causal", True),
+                window_size=window, softcap=kw.get("softcap", 0.0), return_lse=True,
+            )
+            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
 def test_task_shapes(device, dtype, block_size):
     """Uneven task shapes: 5 kv heads x 14 rows each (the CPU takes 4 heads a task, then 1, in
     tiles of 4, 2 and 1 rows), split over keys; and more rows than a task holds (32 query heads

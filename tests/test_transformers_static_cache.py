@@ -24,9 +24,12 @@ def build_pair(family, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 2])
-def test_static_cache_generate_matches_hf_eager(device, batch):
+@pytest.mark.parametrize("prompt", [9, 150], ids=["short", "long"])
+def test_static_cache_generate_matches_hf_eager(device, batch, prompt):
+    """A long prompt's prefill is a 150-token call of gqa_attention_with_kvcache (on the CPU it
+    runs on the prefill kernel)."""
     hf, ours = build_pair("llama", device)
-    ids = torch.randint(2, VOCAB, (batch, 9), device=device)
+    ids = torch.randint(2, VOCAB, (batch, prompt), device=device)
     kwargs = dict(max_new_tokens=24, min_new_tokens=24, do_sample=False, use_cache=True, pad_token_id=0)
     with torch.no_grad():
         expected = hf.generate(ids, **kwargs)
