@@ -16,11 +16,12 @@
 //     kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all of them):
 //     the heads of one token lie side by side in the cache, so the task reads its K/V in
 //     address order, a stream the hardware prefetchers follow, where one head's rows would be
-//     n_kv_heads x d elements apart. Where keys lie under a page apart (bf16/fp16), the tiles below, which read several
-//     keys' rows side by side, would read each page out of order: a block that every row sees
-//     whole is read in phase order (PhaseOrder: keys a page apart first), any other block is
-//     first read line by line in address order (touch_rows). Where keys lie a page or more apart
-//     (fp32), the first lines of the rows a few keys ahead are prefetched (prefetch_row_starts).
+//     n_kv_heads x d elements apart. Where keys lie under a page apart (bf16/fp16), the tiles
+//     below, which read several keys' rows side by side, would read each page out of order: a
+//     block that every row sees whole is read in phase order (PhaseOrder: keys a page apart
+//     first), any other block is first read line by line in address order (touch_rows). Where
+//     keys lie a page or more apart (fp32), the first lines of the rows a few keys ahead are
+//     prefetched (prefetch_row_starts).
 //     K and V rows are widened to fp32 in registers, chunk by chunk, and each chunk serves
 //     several rows of the group at once (no fp32 copy of the cache is ever stored); bf16 on
 //     AVX2 and AVX-512 is widened in even/odd pairs (namespace pairs), with q and O kept in that
