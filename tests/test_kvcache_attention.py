@@ -236,16 +236,19 @@ def test_every_head_dim_on_cpu(dtype):
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
 @pytest.mark.parametrize("threads", [1, 3, 8])
 def test_thread_counts_on_cpu(dtype, block_size, threads):
-    """The CPU split count follows the thread count and the lengths (none with one thread; with
-    more, enough that the longest sequence's tasks hold at most 1 / (2 x threads) of all keys),
-    tasks spread over threads by cost, and a sequence's score tiles are dealt out evenly, so one
-    with fewer tiles than splits leaves splits empty between others (3 threads: 41 keys in 6
-    splits, 0, 1, 0, 1, 0, 1 tiles)."""
+    """The CPU split count follows the thread count and each sequence's length (none with one
+    thread; with more, each task holds about 1 / (2 x threads) of all keys, so a short sequence
+    batched with long ones is not split), tasks are spread over threads by cost, and a split
+    range's score tiles are dealt out evenly, so a range of fewer tiles than splits leaves splits
+    empty between others (3 threads: a window of 42 keys, 3 tiles, in 6 splits: 0, 1, 0, 1, 0,
+    1 tiles)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         Case("cpu", dtype, [3001, 40, 0, 257], 1, 1, 32, 8, 128, block_size=block_size).check()
-        Case("cpu", dtype, [1500], 2, 2, 8, 2, 64, block_size=block_size).check(window_size=(700, 0))
+        case = Case("cpu", dtype, [1500], 2, 2, 8, 2, 64, block_size=block_size)
+        case.check(window_size=(700, 0))
+        case.check(window_size=(40, 0))
     finally:
         torch.set_num_threads(before)
 

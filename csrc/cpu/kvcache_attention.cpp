@@ -130,10 +130,14 @@ struct KVCacheCpuParams {
   int64_t batch, seq_q, seq_new, n_q_heads, n_kv_heads, head_dim, dpad;
   int64_t window_left, window_right;
   acc_t scale, softcap;
-  int64_t row_tiles, splits;
+  int64_t row_tiles;
   int64_t heads_per_task, head_groups;  // a task's kv heads: ceil(n_kv_heads / heads_per_task) groups
-  acc_t* partial_out;  // splits > 1: [task][kMaxRows][dpad] normalized outputs
+  // Unit u = (batch, head group, row tile) is split into tasks [unit_tasks[u], unit_tasks[u + 1]).
+  const int64_t* unit_tasks;
+  acc_t* partial_out;  // units of several tasks: [task][kMaxRows][dpad] normalized outputs
   acc_t* partial_lse;  // [task][kMaxRows]
+
+  int64_t splits(int64_t unit) const { return unit_tasks[unit + 1] - unit_tasks[unit]; }
 
   int64_t group() const { return n_q_heads / n_kv_heads; }
   int64_t rows() const { return group() * seq_q; }
@@ -1134,7 +1138,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
 // Stores the task's rows (attend's order): out and lse directly (one split) or the split's
 // partial.
 template <typename T>
-void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task, int64_t b,
+void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task, bool partial, int64_t b,
                 int64_t h0, int64_t nh, int64_t r0, int64_t nr) {
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
@@ -1150,7 +1154,7 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
     } else if constexpr (kPairs<T>) {
       pairs::natural_order(o, a.dpad);
     }
-    if (a.splits > 1) {
+    if (partial) {
       acc_t* dst = a.partial_out + (task * kMaxRows + rr) * a.dpad;
       for (int64_t c = 0; c < a.dpad; c += W) (Vec::loadu(o + c) * Vec(inv)).store(dst + c);
       a.partial_lse[task * kMaxRows + rr] = l > 0 ? buf.m[rr] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
@@ -1179,14 +1183,16 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
       const int64_t b = bh / a.n_kv_heads, kvh = bh % a.n_kv_heads;
       const int64_t nr = std::min(kMaxRows, R - tile * kMaxRows);
       const int64_t hg = kvh / a.heads_per_task, hh = kvh % a.heads_per_task;
-      const int64_t task0 = ((b * a.head_groups + hg) * a.row_tiles + tile) * a.splits;
+      const int64_t unit = (b * a.head_groups + hg) * a.row_tiles + tile;
+      const int64_t task0 = a.unit_tasks[unit], splits = a.splits(unit);
+      if (splits == 1) continue;  // its task wrote out and lse
       const int64_t slot = hh * nr + r;  // the row's index in its task (attend's order)
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t s = 0; s < a.splits; ++s) mx = std::max(mx, a.partial_lse[(task0 + s) * kMaxRows + slot]);
+      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, a.partial_lse[(task0 + s) * kMaxRows + slot]);
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t sum = 0;
       if (mx != -std::numeric_limits<acc_t>::infinity()) {
-        for (int64_t s = 0; s < a.splits; ++s) {
+        for (int64_t s = 0; s < splits; ++s) {
           const acc_t ls = a.partial_lse[(task0 + s) * kMaxRows + slot];
           if (ls == -std::numeric_limits<acc_t>::infinity()) continue;
           const acc_t w = std::exp(ls - mx);
@@ -1310,13 +1316,13 @@ void run(const KVCacheAttentionParams& p) {
   // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
   // heads, which lie side by side in each cache row and are then read in address order. Its
   // key range is split only as far as needed to give every thread two tasks' worth of keys (one
-  // thread: no split), counted so that the longest sequence's tasks are no larger than that
-  // (on 2 threads, a sequence of 4000 keys among seven of 100 takes 4 splits, eight equal ones
-  // none), and never below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split
-  // costs a task's set-up, its partly filled key blocks and one [rows, d] partial write and
-  // read, 3-5 us on Zen 4, the time of 13-21 keys of 8 kv heads. Four tasks a thread were
-  // 1.1-1.5x slower below 600 keys and no faster above (b1, 32/8 x 128, 2 threads). Short
-  // contexts take fewer heads per task, so that there are still tasks for every thread.
+  // thread: no split), each sequence by its own length (on 2 threads, a sequence of 4000 keys
+  // among seven of 100 takes 4 splits and the short ones none; eight equal ones none), and never
+  // below kMinKeyRowsPerSplit key rows (keys x the task's kv heads): a split costs a task's
+  // set-up, its partly filled key blocks and one [rows, d] partial write and read, 3-5 us on Zen
+  // 4, the time of 13-21 keys of 8 kv heads. Four tasks a thread were 1.1-1.5x slower below 600
+  // keys and no faster above (b1, 32/8 x 128, 2 threads). Short contexts take fewer heads per
+  // task, so that there are still tasks for every thread.
   a.row_tiles = (R + kMaxRows - 1) / kMaxRows;
   int64_t max_len = 0, sum_len = 0;
   for (int64_t b = 0; b < p.batch; ++b) max_len = std::max(max_len, a.length(b)), sum_len += a.length(b);
@@ -1331,14 +1337,21 @@ void run(const KVCacheAttentionParams& p) {
   a.head_groups = head_groups(a.heads_per_task);
   const int64_t units = p.batch * a.head_groups * a.row_tiles;
   const int64_t target_tasks = threads > 1 ? 2 * threads : 1;
-  // Splits of each unit such that the longest sequence's tasks hold at most 1 / target_tasks of
-  // all keys: target_tasks / units where the lengths are equal.
-  const int64_t per_length = std::max<int64_t>(sum_len, 1) * a.head_groups * a.row_tiles;
-  const int64_t want = (target_tasks * max_len + per_length - 1) / per_length;
-  a.splits = std::clamp<int64_t>(std::min(want, max_splits(a.heads_per_task)), 1, 1024);
+  // Each unit's share of target_tasks by its length, so that every task holds at most about
+  // 1 / target_tasks of all keys (target_tasks / units splits each where the lengths are
+  // equal), and a short sequence batched with a long one is not split as often as the long one.
+  const int64_t all_keys = std::max<int64_t>(sum_len, 1) * a.head_groups * a.row_tiles;  // over units
+  std::vector<int64_t> unit_tasks(units + 1, 0);
+  for (int64_t unit = 0; unit < units; ++unit) {
+    const int64_t L = a.length(unit / (a.head_groups * a.row_tiles));
+    const int64_t want = (target_tasks * L + all_keys - 1) / all_keys;
+    const int64_t most = std::max<int64_t>(1, L * a.heads_per_task / kMinKeyRowsPerSplit);
+    unit_tasks[unit + 1] = unit_tasks[unit] + std::clamp<int64_t>(std::min(want, most), 1, 1024);
+  }
+  a.unit_tasks = unit_tasks.data();
+  const int64_t tasks = unit_tasks[units];
   at::Tensor partial_out, partial_lse;
-  const int64_t tasks = units * a.splits;
-  if (a.splits > 1) {
+  if (tasks > units) {
     const auto opts = p.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     partial_out = at::empty({tasks, kMaxRows, a.dpad}, opts);
     partial_lse = at::empty({tasks, kMaxRows}, opts);
@@ -1350,9 +1363,11 @@ void run(const KVCacheAttentionParams& p) {
   // against keys [j0, j1).
   struct Task {
     int64_t b, h0, nh, r0, nr, j0, j1;
+    bool partial;  // one of several splits of its unit: leaves a partial for the combine
   };
   const auto task_of = [&](int64_t task) {
-    const int64_t split = task % a.splits, unit = task / a.splits;
+    const int64_t unit = std::upper_bound(unit_tasks.begin(), unit_tasks.end(), task) - unit_tasks.begin() - 1;
+    const int64_t split = task - unit_tasks[unit], splits = a.splits(unit);
     const int64_t tile = unit % a.row_tiles, bg = unit / a.row_tiles;
     const int64_t b = bg / a.head_groups, h0 = bg % a.head_groups * a.heads_per_task;
     const int64_t r0 = tile * kMaxRows, nr = std::min(kMaxRows, R - r0);
@@ -1376,8 +1391,9 @@ void run(const KVCacheAttentionParams& p) {
                 std::min(a.heads_per_task, p.n_kv_heads - h0),
                 r0,
                 nr,
-                std::clamp(base + tiles * split / a.splits * kScoreKeys, lo, end),
-                std::clamp(base + tiles * (split + 1) / a.splits * kScoreKeys, lo, end)};
+                std::clamp(base + tiles * split / splits * kScoreKeys, lo, end),
+                std::clamp(base + tiles * (split + 1) / splits * kScoreKeys, lo, end),
+                splits > 1};
   };
   // A task's cost: its rows times their keys, plus its set-up, partial and combine, which take
   // about as long as 16 keys (above).
@@ -1390,10 +1406,10 @@ void run(const KVCacheAttentionParams& p) {
     for (int64_t task = begin; task < end; ++task) {
       const Task t = task_of(task);
       attend<T>(a, buf, t.b, t.h0, t.nh, t.r0, t.nr, t.j0, t.j1);
-      store_rows<T>(a, buf, task, t.b, t.h0, t.nh, t.r0, t.nr);
+      store_rows<T>(a, buf, task, t.partial, t.b, t.h0, t.nh, t.r0, t.nr);
     }
   });
-  if (a.splits > 1) combine_splits<T>(a);
+  if (tasks > units) combine_splits<T>(a);
 }
 
 void kvcache_attention_cpu(const KVCacheAttentionParams& p) {
