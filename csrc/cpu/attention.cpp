@@ -92,8 +92,9 @@ constexpr int64_t kMaxKeyChunks = 8;
 
 int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(kTargetRows / group, 16, 128); }
 
-// Visits task indices so that contiguous runs of tasks (what each thread takes) mix
-// cheap and expensive causal blocks: 0, n-1, 1, n-2, ... (finer runs of even cost)
+// Visits task indices as 0, n-1, 1, n-2, ...: neighbouring tasks pair a cheap causal block
+// with an expensive one, so the cost cuts between the threads' runs of tasks (parallel.h) fall
+// where the running cost grows evenly.
 int64_t zigzag(int64_t p, int64_t n) { return p % 2 == 0 ? p / 2 : n - 1 - p / 2; }
 
 std::vector<int64_t> host_offsets(const std::optional<at::Tensor>& cu_seqlens) {
