@@ -187,22 +187,28 @@ def _extensions():
                                levels={n: CPU_LEVELS[n] for n in levels}))
     headers = _sources("**/*.h", "**/*.cuh") + [stamp, "setup.py"]
 
+    # Every library uses CPython's limited API only (py_limited_api: torch compiles them with
+    # Py_LIMITED_API, so anything else fails to compile, and links no libtorch_python), so one
+    # build serves every CPython from torch's oldest on: an abi3 wheel (setup's bdist_wheel
+    # option below). The ops reach Python through the dispatcher, not through bindings.
+    limited = dict(py_limited_api=True)
+
     # The module and schemas, plus the CUDA kernels: compiled once, no vector ISA flags.
     main_sources = _sources("*.cpp")
     if cuda:
         main = cpp_extension.CUDAExtension(
             "llama_ext._C", main_sources + _sources("cuda/*.cu"), depends=headers,
-            extra_compile_args={"cxx": common, "nvcc": nvcc_flags}, extra_link_args=link)
+            extra_compile_args={"cxx": common, "nvcc": nvcc_flags}, extra_link_args=link, **limited)
     else:
         main = cpp_extension.CppExtension("llama_ext._C", main_sources, depends=headers,
-                                          extra_compile_args={"cxx": common}, extra_link_args=link)
+                                          extra_compile_args={"cxx": common}, extra_link_args=link, **limited)
     # Hidden symbols: the libraries share inline functions compiled for different ISAs, and none
     # may resolve to another library's copy.
     hidden = ["-fvisibility=hidden", "-fvisibility-inlines-hidden"]
     kernels = [
         cpp_extension.CppExtension(f"llama_ext._cpu_{name}", _sources("cpu/*.cpp"), depends=headers,
                                    extra_compile_args={"cxx": common + hidden + CPU_LEVELS[name]},
-                                   extra_link_args=link)
+                                   extra_link_args=link, **limited)
         for name in levels
     ]
     return [main] + kernels
@@ -251,6 +257,28 @@ class BuildExt(cpp_extension.BuildExtension):
         finally:
             self.build_temp = given
 
+    def copy_extensions_to_source(self):
+        """An in-place build also removes a library left in place under another file name (before
+        the abi3 builds, llama_ext/_C.cpython-311-x86_64-linux-gnu.so): Python's import and
+        llama_ext/_cpu_kernels.py try the interpreter's own suffix before .abi3.so, so the old
+        file would load instead of the new one."""
+        import importlib.machinery
+
+        super().copy_extensions_to_source()
+        for ext in self.extensions:
+            built = os.path.join(ROOT, self.get_ext_filename(ext.name))
+            stem = os.path.join(ROOT, *ext.name.split("."))
+            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+                if stem + suffix != built and os.path.exists(stem + suffix):
+                    os.remove(stem + suffix)
+
+
+def _abi3_tag():
+    """The wheel's abi3 tag: the oldest CPython that torch compiles limited-API extensions for
+    (Py_LIMITED_API, e.g. 0x030A0000 -> cp310)."""
+    version = int(getattr(cpp_extension, "min_supported_cpython", "0x030A0000"), 16)
+    return f"cp{version >> 24}{(version >> 16) & 0xFF}"
+
 
 def _torch_requirement():
     """The torch this build links against, to the minor version: libtorch's C++ ABI changes between
@@ -268,4 +296,5 @@ setup(
     packages=find_packages(include=["llama_ext", "llama_ext.*"]),
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExt},
+    options={"bdist_wheel": {"py_limited_api": _abi3_tag()}},
 )

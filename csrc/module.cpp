@@ -6,7 +6,8 @@
 //   llama_ext._C.cpu_capabilities() -> ((level, missing), ...), lowest level first,
 //
 // where missing is None when the CPU (and its OS, which must save the wider registers) runs the
-// level, else the features it lacks, for the error message of a forced level.
+// level, else the features it lacks, for the error message of a forced level. It uses CPython's
+// limited API only (setup.py builds abi3 libraries, with Py_LIMITED_API).
 #include <Python.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -93,11 +94,10 @@ PyObject* cpu_capabilities(PyObject*, PyObject*) {
     const Level& level = kLevels[i];
     PyObject* entry = level.supported() ? Py_BuildValue("(sO)", level.name, Py_None)
                                         : Py_BuildValue("(ss)", level.name, level.features);
-    if (entry == nullptr) {
+    if (entry == nullptr || PyTuple_SetItem(result, i, entry) != 0) {  // SetItem takes entry, even on failure
       Py_DECREF(result);
       return nullptr;
     }
-    PyTuple_SET_ITEM(result, i, entry);
   }
   return result;
 }

@@ -60,7 +60,12 @@ def contents(args):
         unpacked = tempfile.mkdtemp()
         z.extractall(unpacked, [n for n in names if n.endswith(".so")])
     print(f"{os.path.basename(wheel)}: {len(names)} files, {os.path.getsize(wheel) / 1e6:.1f} MB")
-    suffix = sysconfig.get_config_var("EXT_SUFFIX")
+    # abi3 (setup.py: py_limited_api): one wheel for every CPython from torch's oldest on.
+    python_tag, abi_tag = os.path.basename(wheel)[:-len(".whl")].split("-")[2:4]
+    if abi_tag != "abi3" or not re.fullmatch(r"cp3\d+", python_tag):
+        _fail(f"the wheel is tagged {python_tag}-{abi_tag}, not cp3X-abi3 (the limited API build)")
+    print(f"tags: {python_tag}-{abi_tag}")
+    suffix = ".abi3.so"
     main = f"llama_ext/_C{suffix}"
     levels = [lvl for lvl in LEVELS if f"llama_ext/_cpu_{lvl}{suffix}" in names]
     if main not in names or "default" not in levels:
@@ -84,6 +89,13 @@ def contents(args):
     print(f"Requires-Dist: {', '.join(requires)}")
 
     objdump = shutil.which("objdump")
+    if objdump:  # the limited API holds only without libtorch_python (and without libpython)
+        for name in libraries:
+            headers = subprocess.run([objdump, "-p", os.path.join(unpacked, name)], capture_output=True, text=True,
+                                     check=True).stdout
+            needed = re.findall(r"NEEDED\s+(\S+)", headers)
+            if any(lib.startswith(("libtorch_python", "libpython")) for lib in needed):
+                _fail(f"{name} links {needed}: a limited API library must not need libtorch_python or libpython")
     for name in libraries[1:]:
         path = os.path.join(unpacked, name)
         line = f"  {os.path.basename(name)}: {os.path.getsize(path) / 1e6:.1f} MB"

@@ -22,6 +22,25 @@ def test_cuda_kernels_built_when_expected():
     assert llama_ext.cuda_kernels_built() == expected
 
 
+def test_libraries_use_the_limited_api():
+    """setup.py builds every library against CPython's limited API (py_limited_api, Py_LIMITED_API),
+    so one wheel (tagged abi3) serves every CPython from torch's oldest on: the libraries carry
+    the abi3 suffix and need neither libtorch_python nor libpython (whose ABI is per version)."""
+    from llama_ext import _cpu_kernels
+
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump (binutils) is not on PATH")
+    libraries = [llama_ext._C.__file__] + [p for p in map(_cpu_kernels.library_path, _cpu_kernels.levels()) if p]
+    assert len(libraries) >= 2, libraries  # _C and the portable CPU kernels at least
+    for path in libraries:
+        assert path.endswith(".abi3.so"), path
+        headers = subprocess.run([objdump, "-p", path], capture_output=True, text=True, check=True).stdout
+        needed = [line.split()[1] for line in headers.splitlines() if line.strip().startswith("NEEDED")]
+        assert "libc10.so" in needed, (path, needed)  # the parse found the dynamic section
+        assert not [lib for lib in needed if lib.startswith(("libtorch_python", "libpython"))], (path, needed)
+
+
 def test_build_runs_the_environments_ninja():
     """setup.py puts the building environment's ninja (the `ninja` package) first on PATH, so make,
     pip and `python setup.py` share the persistent build folder instead of each recompiling
