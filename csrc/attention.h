@@ -192,8 +192,8 @@ inline void no_backend_limits(const at::Tensor&, const AttentionShape&) {}
 // kernel) the KV-cache kernel is 1.9x faster at 1 query token and 1.5x at 4, and slower from
 // 16 on, where the prefill tiles become GEMMs; on CUDA the KV-cache kernel is built for a few
 // rows per group (flash-decoding), the prefill kernels' 64- and 128-row tiles take over beyond.
-// The other way round, the CPU KV-cache kernel hands prefill-shaped calls (many query tokens)
-// to the prefill kernel (kPrefillRouteMinSeqQ, csrc/cpu/kvcache_attention.cpp).
+// The other way round, the KV-cache kernels hand prefill-shaped calls (many query tokens) to the
+// prefill kernels (kPrefillRouteMinSeqQ, csrc/kvcache_attention.h).
 inline constexpr int64_t kDecodeRouteMaxSeqQ = 4;
 
 inline bool routes_to_kvcache(const AttentionCall& call) {

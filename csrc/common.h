@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/TensorUtils.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -95,6 +96,21 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   const int64_t cols = t.size(-1);
   const int64_t rows = cols == 0 ? 0 : t.numel() / cols;
   return rows_collapse(t) ? t.view({rows, cols}) : t.contiguous().view({rows, cols});
+}
+
+// Tensors an op writes in place must not alias themselves (an expanded view) or each other, or
+// an element would be read after it was overwritten. Views ATen cannot resolve (non-dense ones
+// of one buffer) go unchecked, as in torch's own in-place ops.
+inline void check_no_internal_overlap(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
+              " is written in place, so no two of its elements may share memory (an expanded view), got strides ",
+              t.strides());
+}
+
+inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  const at::MemOverlapStatus status = at::get_overlap_status(a, b);
+  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, a_name, " and ", b_name,
+              " overlap in memory, but one is written while the other is read: pass separate tensors");
 }
 
 }  // namespace llama_ext

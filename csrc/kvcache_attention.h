@@ -14,9 +14,11 @@
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 #include "common.h"
 
@@ -126,6 +128,10 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
     p.max_blocks = 1;
   }
   p.capacity = p.max_blocks * p.block_size;
+  // A window side longer than the capacity plus the query tokens already reaches every key: clamped
+  // there (as make_key_window does for gqa_attention), the kernels' window arithmetic never overflows.
+  p.window_left = std::min(p.window_left, p.capacity + p.seq_q);
+  p.window_right = std::min(p.window_right, p.capacity + p.seq_q);
 
   TORCH_CHECK_VALUE(k.has_value() == v.has_value(), "k and v must be given together (new tokens) or both be None");
   p.seq_new = 0;
@@ -142,12 +148,12 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
     TORCH_CHECK_VALUE(v->sizes() == k->sizes(), "v must have the shape of k (", k->sizes(), "), got ", v->sizes());
     p.seq_new = k->size(1);
     // The caches are written: they must not alias themselves, each other, or the new tokens.
-    at::assert_no_internal_overlap(k_cache);
-    at::assert_no_internal_overlap(v_cache);
-    at::assert_no_overlap(k_cache, v_cache);
-    for (const at::Tensor* t : {&*k, &*v}) {
-      at::assert_no_overlap(k_cache, *t);
-      at::assert_no_overlap(v_cache, *t);
+    check_no_internal_overlap(k_cache, "k_cache");
+    check_no_internal_overlap(v_cache, "v_cache");
+    check_no_overlap(k_cache, "k_cache", v_cache, "v_cache");
+    for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{*k, "k"}, {*v, "v"}}) {
+      check_no_overlap(k_cache, "k_cache", t, name);
+      check_no_overlap(v_cache, "v_cache", t, name);
     }
   }
   TORCH_CHECK_VALUE(p.seq_new <= p.capacity, "k has ", p.seq_new, " new tokens, more than the cache capacity of ",
@@ -182,6 +188,18 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
   }
   return p;
 }
+
+// ---- prefill-shaped calls ----------------------------------------------------------------------
+// Many query tokens per sequence (a prompt written into a static cache, chunked prefill) are a
+// prefill: the KV-cache kernels tile the rows of one group (G x seq_q of them) by a few (16 on
+// CUDA, 64 on the CPU) and read each K/V row once per tile, where the prefill kernels' tiles are
+// GEMMs over 64-128 query tokens. From this many query tokens on, a contiguous cache runs on the
+// prefill kernels after the append: q (rotated as the KV-cache kernels rotate it) attends over
+// each sequence's first L_b cache rows with the same scale, mask, window and softcap. The CPU
+// takes the route when all sequences hold the same L (a batched call on k_cache[:, :L]), CUDA
+// always (the prefill kernels read each L_b on the device). The CPU measurements behind the
+// threshold: csrc/cpu/kvcache_attention.cpp.
+inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 
 // ---- host side shared by both backends --------------------------------------------------------
 // A launcher writes the new tokens into the caches, then fills p.out and p.lse. It checks the

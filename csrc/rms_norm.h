@@ -245,9 +245,9 @@ void fused_add_rms_norm_inplace(const at::Tensor& input, const at::Tensor& resid
                    "weight makes it float32 while input is ", input.scalar_type(),
                    "; use cast_before_weight=False, a weight of input's dtype, or the out-of-place form");
   // Written tensors must not alias themselves (expanded views) or each other.
-  at::assert_no_internal_overlap(input);
-  at::assert_no_internal_overlap(residual);
-  at::assert_no_overlap(input, residual);
+  check_no_internal_overlap(input, "input");
+  check_no_internal_overlap(residual, "residual");
+  check_no_overlap(input, "input", residual, "residual");
   if (rows_collapse(input) && rows_collapse(residual)) {
     const at::Tensor x = as_rows(input), res = as_rows(residual);
     run_rms_norm<launch>(rms_norm_params(x, res, res, weight, x, at::Tensor(), eps, offset, cast_before_weight),

@@ -141,9 +141,9 @@ void apply_rotary_inplace(const at::Tensor& q, const at::Tensor& k, const at::Te
                           const std::optional<at::Tensor>& positions, bool interleaved, bool inverse) {
   const RotaryGeometry g = check_rotary_args(q, k, cos, sin, positions);
   // Written tensors must not alias themselves (expanded views) or each other.
-  at::assert_no_internal_overlap(q);
-  at::assert_no_internal_overlap(k);
-  at::assert_no_overlap(q, k);
+  check_no_internal_overlap(q, "q");
+  check_no_internal_overlap(k, "k");
+  check_no_overlap(q, "q", k, "k");
   launch(q, k, cos, sin, positions, interleaved, inverse, q, k, g);
 }
 

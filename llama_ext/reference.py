@@ -155,6 +155,8 @@ def attention_mask_bottom_right(
     left, right = window_size
     if causal:
         right = 0
+    # A side longer than both sequences together reaches every key: clamped, int64 cannot overflow.
+    left, right = min(left, seq_q + seq_k), min(right, seq_q + seq_k)
     i = torch.arange(seq_q, device=device)[:, None] + (seq_k - seq_q)
     j = torch.arange(seq_k, device=device)[None, :]
     visible = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device)
@@ -282,8 +284,6 @@ def gqa_attention_with_kvcache_reference(
     block_size = k_cache.shape[1]
     seq_q, seq_new = q.shape[1], 0 if k is None else k.shape[1]
     n_rep = q.shape[2] // k_cache.shape[2]
-    left, right = window_size
-    right = 0 if causal else right
     lens = cache_seqlens.cpu().tolist()
     outs, lses = [], []
     for b, start in enumerate(lens):
@@ -308,13 +308,7 @@ def gqa_attention_with_kvcache_reference(
         scores = (qq @ kk.transpose(-1, -2)) * scale
         if softcap > 0:
             scores = softcap * torch.tanh(scores / softcap)
-        i = torch.arange(seq_q, device=q.device)[:, None] + (length - seq_q)
-        j = torch.arange(length, device=q.device)[None, :]
-        visible = torch.ones(seq_q, length, dtype=torch.bool, device=q.device)
-        if left >= 0:
-            visible &= j >= i - left
-        if right >= 0:
-            visible &= j <= i + right
+        visible = attention_mask_bottom_right(seq_q, length, causal, window_size, q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
         seen = visible.any(-1)
         lse = torch.logsumexp(scores, dim=-1) if length else torch.zeros(scores.shape[:-1], dtype=torch.float64)

@@ -267,7 +267,8 @@ def _(device):
 
 def kvcache_calls(d, device, dtype=torch.bfloat16):
     """Contiguous and paged caches, a long sequence (split over keys) beside a short and an
-    empty one, one and several new tokens appended, fused rotary."""
+    empty one, one and several new tokens appended, fused rotary; and a prompt of 130 tokens
+    (the prefill route: lengths and rotated q from their own kernels, then the prefill kernels)."""
     batch, h_q, h_kv, capacity = 3, 8, 2, 1200
     seqlens = torch.tensor([1000, 3, 0], device=device, dtype=torch.int32)
     cos, sin = llama_ext.rope_cos_sin(d, capacity, device=device)
@@ -286,6 +287,14 @@ def kvcache_calls(d, device, dtype=torch.bfloat16):
             k_pages = rnd(batch * blocks, block, h_kv, d, dtype=dtype, device=device)
             v_pages = rnd(batch * blocks, block, h_kv, d, dtype=dtype, device=device)
             llama_ext.gqa_attention_with_kvcache(q, k_pages, v_pages, seqlens, k=k_new, v=v_new, block_table=table)
+    prompt = 130
+    q = rnd(batch, prompt, h_q, d, dtype=dtype, device=device)
+    k_new = rnd(batch, prompt, h_kv, d, dtype=dtype, device=device)
+    v_new = rnd(batch, prompt, h_kv, d, dtype=dtype, device=device)
+    k_cache = rnd(batch, capacity, h_kv, d, dtype=dtype, device=device)
+    v_cache = rnd(batch, capacity, h_kv, d, dtype=dtype, device=device)
+    llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, return_lse=True)
+    llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, rotary_cos=cos, rotary_sin=sin)
 
 
 # Per head_dim: tiles first (every kernel once), then the edges, which --deadline may leave out.

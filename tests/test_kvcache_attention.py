@@ -130,8 +130,9 @@ def test_long_context_split_path(device, dtype, block_size):
 def test_prefill_shaped_calls(device, dtype, block_size):
     """Prompts written into the cache: 130-140 query tokens, with partial rotary, a window and
     softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
-    with unequal lengths. On the CPU a contiguous cache with equal lengths runs on the prefill
-    kernel: its outputs are gqa_attention's bits on the cache's first tokens."""
+    with unequal lengths. These run on the prefill kernels (a contiguous cache; on the CPU, with
+    equal lengths): with equal lengths and no rotary, their outputs are gqa_attention's bits on the
+    cache's first tokens."""
     rot = (32, 600)
     cases = [
         (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
@@ -145,7 +146,7 @@ def test_prefill_shaped_calls(device, dtype, block_size):
         out, lse = case.check(**kw)
         seq_new = 0 if case.k is None else case.k.shape[1]
         lens = (case.cache_seqlens + seq_new).tolist()
-        if device == "cpu" and block_size is None and case.rotary_cos is None and len(set(lens)) == 1:
+        if block_size is None and case.rotary_cos is None and len(set(lens)) == 1:
             L = lens[0]
             window = kw.get("window_size", (-1, -1))
             ref_out, ref_lse = llama_ext.gqa_attention(
@@ -153,6 +154,52 @@ def test_prefill_shaped_calls(device, dtype, block_size):
                 window_size=window, softcap=kw.get("softcap", 0.0), return_lse=True,
             )
             assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")
+def test_long_prompt_past_the_decode_grid_on_cuda():
+    """A prompt whose rows would need more than 65535 CTA rows of the decode kernel's grid (128
+    heads x ceil(8200 / 16) row tiles): on a contiguous cache it runs on the prefill kernels, the
+    bits of gqa_attention on the cache's first tokens (this backend's deterministic forward)."""
+    case = Case("cuda", torch.float16, [100], 8200, 8200, 128, 128, 32)
+    out, lse = case.call()
+    ref_out, ref_lse = llama_ext.gqa_attention(case.q, case.k_cache[:, :8300], case.v_cache[:, :8300], return_lse=True)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("length", [40, 3000], ids=["one-split", "split"])
+@pytest.mark.parametrize("poison", ["nan-query", "nan-key", "inf-key-row"])
+def test_nonfinite_scores_reach_their_rows(device, dtype, length, poison):
+    """README (NaN and Inf): a NaN in a query row reaches that row, a NaN/Inf in a key the query
+    rows that see it, out and lse both, also when the key range is split over tasks / CTAs and
+    combined (a split's NaN lse is never taken for an empty split). Every other row keeps the
+    clean call's bits; decode-shaped gqa_attention runs on the same kernels."""
+    case = Case(device, dtype, [length, length], 1, 1, 8, 2, 64)
+    case.k_cache.nan_to_num_(0.0)
+    case.v_cache.nan_to_num_(0.0)
+    clean_out, clean_lse = case.call()
+    poisoned = torch.zeros(2, 1, 8, dtype=torch.bool, device=device)  # [batch, seq_q, n_q_heads]
+    if poison == "nan-query":
+        case.q[1, 0, 5, 7] = NAN
+        poisoned[1, 0, 5] = True
+    elif poison == "nan-key":
+        case.k_cache[0, length // 3, 1, 0] = NAN  # kv head 1: query heads 4..7 see it
+        poisoned[0, 0, 4:] = True
+    else:
+        case.k_cache[1, 10, 0] = float("inf")  # a whole key row: q . k = Inf - Inf = NaN
+        poisoned[1, 0, :4] = True
+    out, lse = case.call()  # appends the same new token again
+    lse_rows = poisoned.permute(0, 2, 1)
+    assert (~torch.isfinite(out[poisoned])).any(-1).all()
+    assert (~torch.isfinite(lse[lse_rows])).all()
+    assert torch.equal(out[~poisoned], clean_out[~poisoned])
+    assert torch.equal(lse[~lse_rows], clean_lse[~lse_rows])
+    k, v = case.k_cache[:, : length + 1], case.v_cache[:, : length + 1]
+    out2, lse2 = llama_ext.gqa_attention(case.q, k, v, return_lse=True)
+    assert (~torch.isfinite(out2[poisoned])).any(-1).all() and (~torch.isfinite(lse2[lse_rows])).all()
+    assert torch.equal(out2[~poisoned], out[~poisoned])
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
@@ -191,7 +238,9 @@ def test_fused_rotary(device, dtype, interleaved, rotary_dim, block_size):
 @pytest.mark.parametrize(
     "causal,window,softcap",
     [(True, (0, -1), 0.0), (True, (1, -1), 0.0), (True, (16, -1), 0.0), (True, (1000, -1), 0.0),
-     (False, (7, 3), 0.0), (False, (-1, 2), 0.0), (True, (-1, -1), 5.0), (True, (20, -1), 2.0)],
+     (False, (7, 3), 0.0), (False, (-1, 2), 0.0), (True, (-1, -1), 5.0), (True, (20, -1), 2.0),
+     # sides past any length mean unbounded ones (clamped: no overflow in the window arithmetic)
+     (False, (2**63 - 1, 2**63 - 1), 0.0), (False, (2**63 - 1, -1), 0.0)],
 )
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
 def test_window_and_softcap(device, dtype, causal, window, softcap, block_size):
@@ -419,8 +468,12 @@ def test_tensor_core_kernel_emulation():
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA graphs need a GPU")
-def test_cuda_graph_capture():
-    case = Case("cuda", torch.bfloat16, [100, 3000], 1, 1, 32, 8, 128, block_size=16, rotary=(128, 4096))
+@pytest.mark.parametrize("seq_q,block_size", [(1, 16), (130, None)], ids=["decode-paged16", "prompt-contiguous"])
+def test_cuda_graph_capture(seq_q, block_size):
+    """A decode step, and a prompt written into a contiguous cache (the prefill route), captured
+    in a CUDA graph: no host sync, and the replay reads cache_seqlens' device value."""
+    case = Case("cuda", torch.bfloat16, [100, 3000], seq_q, seq_q, 32, 8, 128, block_size=block_size,
+                rotary=(128, 4096))
     case.k_cache.nan_to_num_(0.0)
     case.v_cache.nan_to_num_(0.0)
     k0, v0 = case.k_cache.clone(), case.v_cache.clone()

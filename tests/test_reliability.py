@@ -337,10 +337,10 @@ def _bad_input_cases():
         ("rotary 0-dim q", lambda: rot(torch.tensor(1.0), t(1, 4, 1, 64)), ValueError, "q"),
         ("attention 0-dim k", lambda: attn(t(1, 4, 2, 32), torch.tensor(1.0), torch.tensor(1.0)), ValueError, "k must be"),
         # in-place arguments that overlap themselves or each other
-        ("fused_ expanded input", lambda: fused_(expanded, t(4, 64)), RuntimeError, "single memory location"),
-        ("fused_ input is residual", lambda: (lambda x: fused_(x, x))(t(4, 64)), RuntimeError, "overlap|single memory location"),
-        ("rotary_ expanded q", lambda: rot_(t(1, 1, 2, 64).expand(1, 4, 2, 64), t(1, 4, 1, 64)), RuntimeError, "single memory location"),
-        ("rotary_ k inside q", lambda: rot_(q_in_storage, k_in_storage), RuntimeError, "overlap|single memory location"),
+        ("fused_ expanded input", lambda: fused_(expanded, t(4, 64)), RuntimeError, "input is written in place"),
+        ("fused_ input is residual", lambda: (lambda x: fused_(x, x))(t(4, 64)), RuntimeError, "input and residual overlap"),
+        ("rotary_ expanded q", lambda: rot_(t(1, 1, 2, 64).expand(1, 4, 2, 64), t(1, 4, 1, 64)), RuntimeError, "q is written in place"),
+        ("rotary_ k inside q", lambda: rot_(q_in_storage, k_in_storage), RuntimeError, "q and k overlap"),
     ]
 
 

@@ -12,7 +12,8 @@ offset / lse_offset / tiles_of / key_begin / key_end (KeyWindow, bottom-right al
 tile_needs_mask / precise_tanh / capped_score / load_tile (cp.async path when aligned16, the
 register path otherwise); and the kernel's stages load_kv_tile, score_tile, scale_and_mask,
 online_softmax, accumulate_pv and write_back. The same kernel serves batched and varlen
-(cu_seqlens) calls; both are run. The warp-level helpers of csrc/cuda/mma.cuh (load_a,
+(cu_seqlens) calls, and batched calls over KV caches whose sequences hold key_lengths[b] keys
+(gqa_attention_with_kvcache's prefill route); all three are run. The warp-level helpers of csrc/cuda/mma.cuh (load_a,
 load_b_pair_nk, load_b_pair_kn, pack_a_from_acc) and the PTX instructions (ldmatrix .x4
 [.trans], mma.sync.m16n8k16 with fp32 accumulation, cp.async with commit/wait groups) are
 tools/ptx_emu.py's, imported unchanged; nothing new is defined at the PTX level here.
@@ -72,7 +73,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '50d8bdca733acf71'
+TRANSCRIBED_DIGEST = '43be375177e2d273'
 
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------
@@ -181,7 +182,7 @@ class Seq:
 
 def sequence(p, b):
     if p.cu_seqlens_q is None:
-        return Seq(0, 0, p.seq_q, p.seq_k)
+        return Seq(0, 0, p.seq_q, p.seq_k if p.key_lengths is None else int(p.key_lengths[b]))
     q0, k0 = int(p.cu_seqlens_q[b]), int(p.cu_seqlens_k[b])
     return Seq(q0, k0, int(p.cu_seqlens_q[b + 1]) - q0, int(p.cu_seqlens_k[b + 1]) - k0)
 
@@ -509,6 +510,7 @@ def attention_forward_tc(case, mode):
     bufs = case['buffers']
     p.q, p.k, p.v = (bufs['q'], pr['q_base']), (bufs['k'], pr['k_base']), (bufs['v'], pr['v_base'])
     p.cu_seqlens_q, p.cu_seqlens_k = bufs.get('cu_q'), bufs.get('cu_k')
+    p.key_lengths = bufs.get('key_lengths')
     scale, softcap = pr['scale'], pr['softcap']
     if mode == 'exact':
         p.scale_log2 = scale / math.log(2)
@@ -555,9 +557,11 @@ def rows_aligned16(base, strides, varlen):
 
 # ---- test cases and the float64 reference -------------------------------------------------------
 def make_case(name, T, D, arch, n_kv, G, lens_q, lens_k, varlen=False, causal=False, window=(-1, -1), softcap=0.0,
-              scale=None, q_pad=0, kv_pad=0, guard=3, seed=0):
+              scale=None, q_pad=0, kv_pad=0, guard=3, seed=0, capacity=None):
     """Batched (varlen=False): every sequence has lens_q[0] / lens_k[0]; q [B, seq_q + guard, H,
     D + q_pad], k/v [B, seq_k + guard, KV, D + kv_pad], the guard rows and pad columns NaN.
+    With a capacity: KV caches (gqa_attention_with_kvcache's prefill route), seq_k = capacity and
+    sequence b holds key_lengths[b] = lens_k[b] keys, its rows past them NaN.
     Varlen: q [total_q + guard, H, D + q_pad] etc., cu_seqlens from the lengths."""
     rng = np.random.default_rng(seed)
     B = len(lens_q)
@@ -569,13 +573,16 @@ def make_case(name, T, D, arch, n_kv, G, lens_q, lens_k, varlen=False, causal=Fa
     vs = [rt(lk, n_kv, D) for lk in lens_k]
     bufs, pr = {}, {}
     if not varlen:
-        assert len(set(lens_q)) == 1 and len(set(lens_k)) == 1
-        seq_q, seq_k = lens_q[0], lens_k[0]
+        assert len(set(lens_q)) == 1 and (capacity is not None or len(set(lens_k)) == 1)
+        seq_q, seq_k = lens_q[0], (lens_k[0] if capacity is None else capacity)
+        if capacity is not None:
+            assert max(lens_k) <= capacity
+            bufs['key_lengths'] = np.array(lens_k, np.int64)
         for n, xs, L, heads, pad in (('q', qs, seq_q, H, q_pad), ('k', ks, seq_k, n_kv, kv_pad),
                                      ('v', vs, seq_k, n_kv, kv_pad)):
             buf = np.full((B, L + guard, heads, D + pad), np.nan)
             for b in range(B):
-                buf[b, :L, :, :D] = xs[b]
+                buf[b, :len(xs[b]), :, :D] = xs[b]
             bufs[n] = buf.reshape(-1)
             pr[n + '_strides'] = ((L + guard) * heads * (D + pad), heads * (D + pad), D + pad)
             pr[n + '_base'] = 0
@@ -706,6 +713,11 @@ def cases():
     # tile 5 again on sm90 limits, non-causal window (0, 3) (right only), varlen G4.
     C.append(make_case('t5 d128 sm90 varlen window(0,3) G4', 'fp16', 128, 'sm90', 1, 4, [33, 9], [40, 70],
                        varlen=True, window=(0, 3), seed=9))
+    # tile 1 over KV caches (the prefill route of gqa_attention_with_kvcache): capacity 160, each
+    # sequence its own length read from key_lengths (one longer than seq_q, one empty, one shorter,
+    # whose first rows see nothing), causal with a window; the cache rows past each length NaN.
+    C.append(make_case('t1 d64 sm90 cache lengths [150, 0, 37] cap 160 causal window50', 'bf16', 64, 'sm90', 2, 2,
+                       [130, 130, 130], [150, 0, 37], causal=True, window=(50, -1), capacity=160, seed=11))
     # tile 2 again: D = 64 on a 100 KB part, non-causal, seq_k = 1, plain.
     C.append(make_case('t2 d64 sm86 noncausal 50/1 B2', 'fp16', 64, 'sm86', 2, 1, [50, 50], [1, 1], seed=10))
     return C
@@ -782,7 +794,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
     coverage = dict.fromkeys(COVERAGE, 0)
     for case in all_cases:
         refs = reference(case['ref'])
-        if have_torch and not case['params']['varlen']:
+        if have_torch and not case['params']['varlen'] and 'key_lengths' not in case['buffers']:
             try:
                 to, tl_ = torch_reference(case)
             except ImportError:

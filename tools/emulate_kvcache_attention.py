@@ -11,6 +11,10 @@ instructions (ldmatrix .x1/.x2/.x4 with and without .trans, mma.sync.m16n8k16 wi
 accumulation, cp.async with commit/wait groups) written from the PTX ISA's fragment layouts, not
 from mma.cuh's comments.
 
+Prefill-shaped calls on a contiguous cache (kPrefillRouteMinSeqQ or more query tokens) leave
+these kernels for the prefill kernels, whose emulation (tools/emulate_attention_fwd.py) runs a
+case over KV caches with per-sequence key_lengths; the cases here stay below that.
+
 As of: the kernel as committed with this file. When attend_tc_kernel, combine_kernel, the
 append or the split choice change, transcribe the change here; tests/test_kvcache_attention.py
 runs this emulation (test_tensor_core_kernel_emulation).
@@ -63,8 +67,9 @@ from ptx_emu import (C_COL, C_ROW, DeviceAssert, GID, LANES, MUT, Race, Smem, TI
 TRANSCRIBED = (
     'csrc/cuda/kvcache_attention.cu',
     'csrc/cuda/mma.cuh',
+    'csrc/cuda/common.cuh',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '9a48a7853c2b8db9'
+TRANSCRIBED_DIGEST = 'd65507180298cc7e'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -193,13 +198,18 @@ def split_range(p, split, tile_lo, tile_hi, align):
     return j_begin, j_end
 
 
+def max_keep_nan(a, b):
+    """common.cuh's max_keep_nan: a NaN in either operand wins (np.fmax would drop it)."""
+    return np.where(np.isnan(a) | (a > b), a, b)
+
+
 def store_result(p, b, kvh, row, split, e, acc, row_max, row_sum, c):
     """Vectorised over (row, e). c: the arithmetic constants (ft, ln2, rounding)."""
     ft = c['ft']
     h, i = kvh * p.group + row // p.seq_q, row % p.seq_q
     out_row = (b * p.seq_q + i) * p.n_q_heads + h
     lse_idx = (b * p.n_q_heads + h) * p.seq_q + i
-    any_ = row_sum > 0
+    any_ = row_sum != 0  # NaN too
     with np.errstate(invalid='ignore', divide='ignore'):
         o = np.where(any_, (acc / np.where(any_, row_sum, 1)).astype(ft), ft(0))
         lse = np.where(any_, ((row_max + np.log2(np.where(any_, row_sum, 1)).astype(ft)) * c['ln2']).astype(ft),
@@ -374,10 +384,10 @@ def attend_tc_cta(p, D, blockIdx, c):
                                 xs = (p.softcap * th).astype(ft)
                             xs = (xs * c['log2e']).astype(ft)
                         s[nt][2 * h + ci] = np.where(seen, xs, ft(-np.inf))
-                        mx = np.fmax(mx, s[nt][2 * h + ci])
-                mx = np.fmax(mx, mx[LANES ^ 1])  # __shfl_xor_sync(.., 1)
-                mx = np.fmax(mx, mx[LANES ^ 2])
-                m_new = np.fmax(m[warp][h], mx)
+                        mx = max_keep_nan(mx, s[nt][2 * h + ci])
+                mx = max_keep_nan(mx, mx[LANES ^ 1])  # __shfl_xor_sync(.., 1)
+                mx = max_keep_nan(mx, mx[LANES ^ 2])
+                m_new = max_keep_nan(m[warp][h], mx)
                 m_use = np.where(m_new == -np.inf, ft(0), m_new)
                 corr = np.exp2((m[warp][h] - m_use).astype(ft)).astype(ft)
                 m[warp][h] = m_new
@@ -462,8 +472,9 @@ def combine_kernel(p, c):
         weight.append(w)
         total = (total + w).astype(ft)
     with np.errstate(invalid='ignore', divide='ignore'):
-        lse = np.where(total > 0, (mx + np.log(np.where(total > 0, total, 1)).astype(ft)).astype(ft), ft(0))
-        inv = np.where(total > 0, (ft(1) / np.where(total > 0, total, 1)).astype(ft), ft(0))
+        saw = total != 0  # NaN too
+        lse = np.where(saw, (mx + np.log(np.where(saw, total, 1)).astype(ft)).astype(ft), ft(0))
+        inv = np.where(saw, (ft(1) / np.where(saw, total, 1)).astype(ft), ft(0))
     gstore(p.lse, lse_idx, lse, p.lse_count)
     out_row = (b * p.seq_q + i) * p.n_q_heads + h
     e = np.arange(p.head_dim)

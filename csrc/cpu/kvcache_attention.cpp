@@ -1083,7 +1083,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       Vec mx(neg_inf);
       for (int64_t j = 0; j < kKeyBlock; j += W) mx = at::vec::maximum(mx, Vec::loadu(sr + j));
       const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx);
-      const acc_t m_new = std::max(buf.m[rr], tile_max);
+      // A NaN score (a NaN in q or in a key the row sees) makes the row's max NaN, and so its p,
+      // l, out and lse (std::max alone would drop it); an Inf one gives Inf - Inf = NaN in p.
+      const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(buf.m[rr], tile_max);
       const acc_t alpha = std::exp(buf.m[rr] - m_new);  // 0 on the first visible block (m = -inf)
       Vec sum(0);
       const Vec shift(-m_new);
@@ -1147,7 +1149,8 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
   const int64_t d = a.head_dim;
   for (int64_t rr = 0; rr < nh * nr; ++rr) {
     const acc_t l = buf.l[rr];
-    const acc_t inv = l > 0 ? acc_t(1) / l : acc_t(0);
+    const bool saw_keys = l != 0;  // NaN too: a NaN score makes out and lse NaN, never 0
+    const acc_t inv = saw_keys ? acc_t(1) / l : acc_t(0);
     acc_t* o = buf.o.data() + rr * a.dpad;
     if constexpr (kDotPv<T>) {
       dot::natural_order(o, a.dpad);
@@ -1157,13 +1160,13 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
     if (partial) {
       acc_t* dst = a.partial_out + (task * kMaxRows + rr) * a.dpad;
       for (int64_t c = 0; c < a.dpad; c += W) (Vec::loadu(o + c) * Vec(inv)).store(dst + c);
-      a.partial_lse[task * kMaxRows + rr] = l > 0 ? buf.m[rr] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
+      a.partial_lse[task * kMaxRows + rr] = saw_keys ? buf.m[rr] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
       continue;
     }
     const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
     T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
     for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(o + c) * Vec(inv), std::min(W, d - c));
-    a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = l > 0 ? buf.m[rr] + std::log(l) : acc_t(0);
+    a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = saw_keys ? buf.m[rr] + std::log(l) : acc_t(0);
   }
 }
 
@@ -1187,8 +1190,12 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
       const int64_t task0 = a.unit_tasks[unit], splits = a.splits(unit);
       if (splits == 1) continue;  // its task wrote out and lse
       const int64_t slot = hh * nr + r;  // the row's index in its task (attend's order)
+      // A split whose lse is NaN (a NaN score) makes the row NaN: mx and then every weight.
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
-      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, a.partial_lse[(task0 + s) * kMaxRows + slot]);
+      for (int64_t s = 0; s < splits; ++s) {
+        const acc_t ls = a.partial_lse[(task0 + s) * kMaxRows + slot];
+        mx = std::isnan(ls) ? ls : std::max(mx, ls);
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t sum = 0;
       if (mx != -std::numeric_limits<acc_t>::infinity()) {
@@ -1201,25 +1208,23 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
           for (int64_t c = 0; c < a.dpad; c += W) at::vec::fmadd(Vec(w), Vec::loadu(src + c), Vec::loadu(&acc[c])).store(&acc[c]);
         }
       }
-      const acc_t inv = sum > 0 ? acc_t(1) / sum : acc_t(0);
+      const bool saw_keys = sum != 0;  // NaN too
+      const acc_t inv = saw_keys ? acc_t(1) / sum : acc_t(0);
       const auto [h, i] = a.query_of(kvh, row);
       T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
       for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(&acc[c]) * Vec(inv), std::min(W, d - c));
-      a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = sum > 0 ? mx + std::log(sum) : acc_t(0);
+      a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = saw_keys ? mx + std::log(sum) : acc_t(0);
     }
   });
 }
 
 // ---- prefill-shaped calls on the prefill kernel --------------------------------------------------
-// Many query tokens per sequence (a prompt written into a static cache, chunked prefill) are a
-// prefill: this kernel's register tiles read each K/V row once per 64 rows of a group, while the
-// prefill kernel's tiles are GEMMs (csrc/cpu/attention.cpp). Side by side (32/8 x 128, 2 threads,
-// Zen 4) the prefill kernel was faster from 128 query tokens on in bf16: 1.37x at 128 over 128
-// keys, 1.84x at 2048 over 2048, 2.08x at 512 over 4096; fp32 0.90x, 1.08x and 1.34x. A
-// contiguous cache whose sequences all hold the same L tokens is then a batched call on its first
-// L rows: after the append, q (rotated as attend rotates it) attends over k_cache[:, :L] and
-// v_cache[:, :L] with the same scale, mask, window and softcap, whose semantics are the same.
-constexpr int64_t kPrefillRouteMinSeqQ = 128;
+// (kvcache_attention.h, kPrefillRouteMinSeqQ.) This kernel's register tiles read each K/V row
+// once per 64 rows of a group, while the prefill kernel's tiles are GEMMs (csrc/cpu/attention.cpp).
+// Side by side (32/8 x 128, 2 threads, Zen 4) the prefill kernel was faster from 128 query tokens
+// on in bf16: 1.37x at 128 over 128 keys, 1.84x at 2048 over 2048, 2.08x at 512 over 4096; fp32
+// 0.90x, 1.08x and 1.34x. A contiguous cache whose sequences all hold the same L tokens is then a
+// batched call on its first L rows, k_cache[:, :L] and v_cache[:, :L].
 
 bool routes_to_prefill(const KVCacheAttentionParams& p, const int32_t* seqlens) {
   if (p.paged || p.seq_q < kPrefillRouteMinSeqQ) return false;

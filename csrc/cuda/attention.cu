@@ -96,12 +96,13 @@ AttentionParams make_params(const AttentionCall& call, const at::Tensor& lse,
   return p;
 }
 
-void attention_forward_cuda(const AttentionCall& call) {
+void attention_forward_cuda(const AttentionCall& call, const int* key_lengths) {
   const AttentionShape& s = call.shape;
   const c10::cuda::CUDAGuard guard(call.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const auto cu_q = contiguous_or_none(call.cu_seqlens_q), cu_k = contiguous_or_none(call.cu_seqlens_k);
   AttentionParams p = make_params(call, call.lse, cu_q, cu_k);
+  p.key_lengths = key_lengths;
   p.out = call.out.data_ptr();
   p.out_strides = strides_of(call.out, s.varlen);
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_forward", [&] {
@@ -147,7 +148,15 @@ void attention_backward_cuda(const AttentionCall& call) {
   });
 }
 
+void attention_forward_cuda(const AttentionCall& call) { attention_forward_cuda(call, nullptr); }
+
 }  // namespace
+
+void cuda::check_attention_limits(const at::Tensor& q, const AttentionShape& shape) { check_cuda_attention(q, shape); }
+
+void cuda::attention_forward_on_cache(const AttentionCall& call, const int* key_lengths) {
+  attention_forward_cuda(call, key_lengths);
+}
 
 TORCH_LIBRARY_IMPL(llama_ext, CUDA, m) {
   m.impl("gqa_attention_forward", &gqa_attention_forward<check_cuda_attention, attention_forward_cuda>);

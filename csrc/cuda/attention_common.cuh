@@ -41,6 +41,10 @@ struct AttentionParams {
   // Varlen prefix sums (nullptr when batched).
   const int* cu_seqlens_q;
   const int* cu_seqlens_k;
+  // Batched calls over whole KV caches (gqa_attention_with_kvcache's prefill route): sequence b
+  // holds key_lengths[b] <= seq_k keys, read on the device, so no host sync is needed. nullptr:
+  // every sequence holds seq_k.
+  const int* key_lengths;
   int batch;
   int seq_q;  // batched: the length; varlen: max_seqlen_q
   int seq_k;
@@ -78,7 +82,7 @@ struct Seq {
 };
 
 __device__ __forceinline__ Seq sequence(const AttentionParams& p, int b) {
-  if (p.cu_seqlens_q == nullptr) return Seq{0, 0, p.seq_q, p.seq_k};
+  if (p.cu_seqlens_q == nullptr) return Seq{0, 0, p.seq_q, p.key_lengths != nullptr ? p.key_lengths[b] : p.seq_k};
   const int q0 = p.cu_seqlens_q[b];
   const int k0 = p.cu_seqlens_k[b];
   return Seq{q0, k0, p.cu_seqlens_q[b + 1] - q0, p.cu_seqlens_k[b + 1] - k0};

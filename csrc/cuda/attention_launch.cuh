@@ -62,3 +62,16 @@ template <typename T>
 void launch_backward_simt(const AttentionParams& p, cudaStream_t stream);
 
 }  // namespace llama_ext::cuda::attention
+
+namespace llama_ext {
+struct AttentionCall;  // attention.h
+struct AttentionShape;
+namespace cuda {
+// gqa_attention_with_kvcache's prefill route (kvcache_attention.cu), over the caches as they lie,
+// with no host sync (attention.cu): the CUDA attention kernels' limits, checked before the route
+// writes anything, then the forward of a checked batched call whose sequence b holds
+// key_lengths[b] of k's and v's rows (device int32 [batch], each at most shape.seq_k).
+void check_attention_limits(const at::Tensor& q, const AttentionShape& shape);
+void attention_forward_on_cache(const AttentionCall& call, const int* key_lengths);
+}  // namespace cuda
+}  // namespace llama_ext

@@ -55,6 +55,10 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
 
+// max that keeps a NaN (fmaxf drops it): softmax statistics that must carry a NaN score into the
+// row's output and lse rather than lose it.
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return isnan(a) || a > b ? a : b; }
+
 // Pointer to a tensor's data as the native element type.
 template <typename T>
 T* data_ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }

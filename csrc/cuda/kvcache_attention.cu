@@ -32,6 +32,9 @@
 //     Either writes out/lse directly (one split) or an fp32 partial per split.
 //  3. combine (splits > 1): per query row, lse = log sum_s e^(lse_s), out = sum_s
 //     e^(lse_s - lse) out_s, in split order.
+//  4. Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) on a contiguous cache run
+//     the prefill kernels instead of 2 and 3, after the append: the sequences' lengths and, with
+//     rotary tables, q's rotated copy come from two small kernels.
 // A block index, length or rotary position that is out of range fires a device-side assert and
 // the access is skipped, never made.
 //
@@ -78,6 +81,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "../attention.h"
 #include "../kvcache_attention.h"
 #include "attention_launch.cuh"
 #include "common.cuh"
@@ -238,7 +242,7 @@ __device__ __forceinline__ void store_result(const KVCacheKernelParams& p, int b
   const int h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
   const int64_t out_row = (static_cast<int64_t>(b) * p.seq_q + i) * p.n_q_heads + h;
   const int64_t lse_idx = (static_cast<int64_t>(b) * p.n_q_heads + h) * p.seq_q + i;
-  const bool any = row_sum > 0.f;
+  const bool any = row_sum != 0.f;  // NaN too: a NaN score makes out and lse NaN, never 0
   const float o = any ? acc / row_sum : 0.f;
   const float lse = any ? (row_max + log2f(row_sum)) * kLn2 : (p.splits == 1 ? 0.f : -INFINITY);
   if (p.splits == 1) {
@@ -395,7 +399,7 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
         const int j = j0 + u;
         seen[u] = key_ok[u] && j >= lo_s[r] && j < hi_s[r];
         s[r][u] = seen[u] ? score_log2(p, s[r][u]) : -INFINITY;
-        mx = fmaxf(mx, s[r][u]);
+        mx = max_keep_nan(mx, s[r][u]);  // a NaN score makes m, p, l and the row's out NaN
       }
       if (mx == -INFINITY) continue;
       const float corr = exp2f(m[r] - mx);
@@ -598,12 +602,12 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
           const bool seen = j < j_end && j >= lo[h] && j < hi[h];
           float& x = s[nt][2 * h + c];
           x = seen ? score_log2(p, x * p.scale) : -INFINITY;
-          mx = fmaxf(mx, x);
+          mx = max_keep_nan(mx, x);  // a NaN score makes m, p, l and the row's out NaN
         }
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      const float m_new = fmaxf(m[h], mx);
+      mx = max_keep_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = max_keep_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = max_keep_nan(m[h], mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key yet: exp2(-inf - 0) = 0, not NaN
       const float corr = exp2f(m[h] - m_use);
       m[h] = m_new;
@@ -686,10 +690,10 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
       sum += weight[s];
     }
     total = sum;
-    p.lse[lse_idx] = sum > 0.f ? mx + logf(sum) : 0.f;
+    p.lse[lse_idx] = sum != 0.f ? mx + logf(sum) : 0.f;  // NaN too (a split's NaN lse)
   }
   __syncthreads();
-  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const float inv = total != 0.f ? 1.f / total : 0.f;
   const int64_t out_row = (static_cast<int64_t>(b) * p.seq_q + i) * p.n_q_heads + h;
   for (int e = threadIdx.x; e < p.head_dim; e += blockDim.x) {
     float o = 0.f;
@@ -698,6 +702,73 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
     }
     static_cast<T*>(p.out)[out_row * p.head_dim + e] = from_float<T>(o * inv);
   }
+}
+
+// ---- 4. prefill-shaped calls on the prefill kernels -------------------------------------------
+// (kvcache_attention.h, kPrefillRouteMinSeqQ.) The attend kernels' 16-row tiles (8 rows in fp32)
+// read each K/V row once per 16 rows of a group: 512 times per kv head for a 2048-token prompt at
+// G = 4, and their grid's n_kv_heads x row tiles stops at 65535 (a 32K-token prompt at 32/8
+// heads). The prefill kernels (attention.cu) read each K/V row once per 64-128 query tokens of a
+// head. A contiguous cache's sequence b is rows [0, L_b) of k_cache[b] and v_cache[b], which the
+// prefill kernels read in place, L_b coming from the device (AttentionParams::key_lengths); with
+// rotary tables, q is rotated into a copy first, each element as the attend kernels see it
+// (query_element). Paged caches stay on the attend kernels, which gather through the table.
+
+bool routes_to_prefill(const KVCacheAttentionParams& a) { return !a.paged && a.seq_q >= kPrefillRouteMinSeqQ; }
+
+// L_b for the prefill kernels, or 0 (after the device-side assert) when it exceeds the capacity:
+// they then read nothing of that sequence, never past its cache rows.
+__global__ void __launch_bounds__(kThreads) key_lengths_kernel(const KVCacheKernelParams p, int* lengths) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b < p.batch) lengths[b] = length_ok(p, b) ? static_cast<int>(p.length(b)) : 0;
+}
+
+// q rotated at positions cache_seqlens[b] + i and rounded to T, [batch, seq_q, n_q_heads, d]
+// contiguous: one CTA per query token, as append_kernel writes k. 0 for a position off the table
+// (after the device-side assert).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rotate_q_kernel(const KVCacheKernelParams p, T* q_rot) {
+  const int token = blockIdx.x;  // b * seq_q + i
+  const int b = token / p.seq_q, i = token % p.seq_q;
+  const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
+  const bool ok = position_ok(p, pos);
+  const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + i * p.q_stride[1];
+  T* dst = q_rot + static_cast<int64_t>(token) * p.n_q_heads * p.head_dim;
+  for (int t = threadIdx.x; t < p.n_q_heads * p.head_dim; t += blockDim.x) {
+    const int h = t / p.head_dim, e = t % p.head_dim;
+    dst[t] = from_float<T>(ok ? rotated(p, src + h * p.q_stride[2], e, pos) : 0.f);
+  }
+}
+
+// The route's call: q (or its rotated copy, written by rotate_q_kernel) over the whole caches,
+// into the op's out and lse. Made before anything is written, so its limits are checked first.
+AttentionCall prefill_call(const KVCacheAttentionParams& a) {
+  AttentionCall call{};
+  call.q = a.rotary_half > 0 ? at::empty(a.q.sizes(), a.q.options()) : a.q;
+  call.k = a.k_cache;
+  call.v = a.v_cache;
+  call.shape = AttentionShape{a.batch, a.seq_q, a.capacity, a.n_q_heads, a.n_kv_heads, a.head_dim, false};
+  call.causal = a.causal;
+  call.scale = a.scale;
+  call.window = make_key_window(call.shape, a.causal, a.window_left, a.window_right, a.softcap);
+  call.softcap = a.softcap;
+  call.out = a.out;
+  call.lse = a.lse;
+  return call;
+}
+
+template <typename T>
+void attend_on_prefill_kernels(const KVCacheKernelParams& p, const AttentionCall& call, cudaStream_t stream) {
+  const at::Tensor lengths = at::empty({p.batch}, call.q.options().dtype(at::kInt));
+  key_lengths_kernel<<<static_cast<unsigned>(ceil_div(p.batch, kThreads)), kThreads, 0, stream>>>(
+      p, lengths.mutable_data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (p.cos != nullptr) {
+    rotate_q_kernel<T><<<static_cast<unsigned>(p.batch * p.seq_q), kThreads, 0, stream>>>(
+        p, static_cast<T*>(call.q.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  attention_forward_on_cache(call, lengths.const_data_ptr<int>());
 }
 
 // ---- host -------------------------------------------------------------------------------------
@@ -803,8 +874,17 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   p.scale = static_cast<float>(a.scale);
   p.softcap = static_cast<float>(a.softcap);
 
-  TORCH_CHECK_VALUE(a.batch <= 65535 && a.n_kv_heads * p.row_tiles <= 65535, "batch and n_kv_heads x ceil(n_q_heads / "
-                    "n_kv_heads x seq_q / ", tensor_cores ? kTcRows : kRows, ") must be at most 65535");
+  const bool prefill = routes_to_prefill(a);
+  AttentionCall call;  // the prefill route's
+  if (prefill) {
+    TORCH_CHECK_VALUE(a.batch * a.seq_q <= std::numeric_limits<int32_t>::max(),
+                      "batch x seq_q must be below 2^31, got ", a.batch, " x ", a.seq_q);
+    call = prefill_call(a);
+    check_attention_limits(call.q, call.shape);
+  } else {
+    TORCH_CHECK_VALUE(a.batch <= 65535 && a.n_kv_heads * p.row_tiles <= 65535, "batch and n_kv_heads x ceil(n_q_heads / "
+                      "n_kv_heads x seq_q / ", tensor_cores ? kTcRows : kRows, ") must be at most 65535");
+  }
   const int64_t rows_total = a.batch * a.n_q_heads * a.seq_q;
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(a.q.scalar_type(), "gqa_attention_with_kvcache_cuda", [&] {
     if (a.seq_new > 0 && a.batch > 0) {
@@ -812,6 +892,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (rows_total == 0) return;
+    if (prefill) return attend_on_prefill_kernels<scalar_t>(p, call, stream);
     attention::dispatch_head_dim(static_cast<int>(a.head_dim), [&](auto d) {
       constexpr int D = decltype(d)::value;
       // The attend kernel of this dtype and head dim, its block and dynamic shared memory.
