@@ -256,21 +256,28 @@ class BuildExt(cpp_extension.BuildExtension):
             super().build_extension(ext)
         finally:
             self.build_temp = given
+        _remove_other_builds(self.get_ext_fullpath(ext.name))
 
     def copy_extensions_to_source(self):
-        """An in-place build also removes a library left in place under another file name (before
-        the abi3 builds, llama_ext/_C.cpython-311-x86_64-linux-gnu.so): Python's import and
-        llama_ext/_cpu_kernels.py try the interpreter's own suffix before .abi3.so, so the old
-        file would load instead of the new one."""
-        import importlib.machinery
-
         super().copy_extensions_to_source()
         for ext in self.extensions:
-            built = os.path.join(ROOT, self.get_ext_filename(ext.name))
-            stem = os.path.join(ROOT, *ext.name.split("."))
-            for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-                if stem + suffix != built and os.path.exists(stem + suffix):
-                    os.remove(stem + suffix)
+            _remove_other_builds(os.path.join(ROOT, self.get_ext_filename(ext.name)))
+
+
+def _remove_other_builds(built):
+    """Removes the libraries left beside `built` under another file name (before the abi3 builds,
+    llama_ext/_C.cpython-311-x86_64-linux-gnu.so), in the build folder, whose contents a wheel
+    takes, and in place: Python's import and llama_ext/_cpu_kernels.py try the interpreter's own
+    suffix before .abi3.so, so the old file would load instead of the new one."""
+    import importlib.machinery
+
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    stem = next((built[: -len(x)] for x in sorted(suffixes, key=len, reverse=True) if built.endswith(x)), None)
+    if stem is None:
+        return
+    for suffix in suffixes:
+        if stem + suffix != built and os.path.exists(stem + suffix):
+            os.remove(stem + suffix)
 
 
 def _abi3_tag():

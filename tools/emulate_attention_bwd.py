@@ -811,13 +811,9 @@ def make_case(name, T, D, n_kv, G, seq_q, seq_k, batch=1, varlen=None, causal=Fa
 
 def torch_reference(case):
     """Gradients by torch float64 autograd through llama_ext/reference.py's gqa_attention_reference
-    (loaded by path: importing the llama_ext package needs the built extension), and its (out, lse)."""
-    import importlib.util
+    (ptx_emu.reference_module), and its (out, lse)."""
     import torch
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'llama_ext', 'reference.py')
-    spec = importlib.util.spec_from_file_location('llama_ext_reference', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = ptx_emu.reference_module()
     rf = case['ref']
     t = {x: torch.from_numpy(rf[x]).requires_grad_(x != 'dout') for x in ('q', 'k', 'v', 'dout')}
     kw = dict(causal=rf['causal'], scale=rf['scale'], window_size=rf['window'], softcap=rf['softcap'])

@@ -649,14 +649,10 @@ def reference(rf):
 
 
 def torch_reference(case):
-    """llama_ext/reference.py's gqa_attention_reference on the same (batched) inputs, loaded by
-    path (importing the llama_ext package needs the built extension)."""
-    import importlib.util
+    """llama_ext/reference.py's gqa_attention_reference on the same (batched) inputs
+    (ptx_emu.reference_module)."""
     import torch
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'llama_ext', 'reference.py')
-    spec = importlib.util.spec_from_file_location('llama_ext_reference', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = ptx_emu.reference_module()
     rf = case['ref']
     t = lambda xs: torch.from_numpy(np.stack(xs))
     out, lse = mod.gqa_attention_reference(t(rf['qs']), t(rf['ks']), t(rf['vs']), causal=rf['causal'],

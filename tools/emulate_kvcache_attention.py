@@ -705,15 +705,10 @@ def reference(rf):
 
 
 def torch_reference(case):
-    """llama_ext/reference.py's gqa_attention_with_kvcache_reference on the same inputs (loaded
-    by path: importing the llama_ext package needs the built extension)."""
-    import importlib.util
-    import os
+    """llama_ext/reference.py's gqa_attention_with_kvcache_reference on the same inputs
+    (ptx_emu.reference_module)."""
     import torch
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'llama_ext', 'reference.py')
-    spec = importlib.util.spec_from_file_location('llama_ext_reference', path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = ptx_emu.reference_module()
     rf, tl, pr = case['ref'], case['torch_layout'], case['params']
     dt = torch.bfloat16 if rf['T'] == 'bf16' else torch.float16
     kc = torch.from_numpy(np.nan_to_num(tl['kview'].copy())).to(dt)

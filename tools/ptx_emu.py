@@ -264,6 +264,22 @@ def sources_digest(paths):
     return h.hexdigest()[:16]
 
 
+def reference_module():
+    """llama_ext/reference.py, the float64 references each transcription cross-checks its own
+    against: loaded by path from this tree (importing the llama_ext package needs the built
+    extension), or from the installed package where the tree has none (a wheel's tests)."""
+    import importlib
+    import importlib.util
+
+    path = ROOT / 'llama_ext' / 'reference.py'
+    if not path.exists():
+        return importlib.import_module('llama_ext.reference')
+    spec = importlib.util.spec_from_file_location('llama_ext_reference', path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 # ---- drivers shared by the transcriptions ------------------------------------------------------
 def check_mutants(mutants, find_failure, verbose=True):
     """Switches each mutation hook on alone and calls find_failure(mut), which runs the
