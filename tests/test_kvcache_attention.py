@@ -171,32 +171,34 @@ def test_long_prompt_past_the_decode_grid_on_cuda():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [40, 3000], ids=["one-split", "split"])
 @pytest.mark.parametrize("poison", ["nan-query", "nan-key", "inf-key-row"])
-def test_nonfinite_scores_reach_their_rows(device, dtype, length, poison):
+@pytest.mark.parametrize("seq_q", [1, 130], ids=["decode", "prompt"])
+def test_nonfinite_scores_reach_their_rows(device, dtype, length, poison, seq_q):
     """README (NaN and Inf): a NaN in a query row reaches that row, a NaN/Inf in a key the query
-    rows that see it, out and lse both, also when the key range is split over tasks / CTAs and
-    combined (a split's NaN lse is never taken for an empty split). Every other row keeps the
-    clean call's bits; decode-shaped gqa_attention runs on the same kernels."""
-    case = Case(device, dtype, [length, length], 1, 1, 8, 2, 64)
+    rows that see it (here all of them), out and lse both, also when the key range is split over
+    tasks / CTAs and combined (a split's NaN lse is never taken for an empty split), and for a
+    prompt on the prefill kernels. Every other row keeps the clean call's bits; gqa_attention on
+    the cache's tokens runs on the same kernels."""
+    case = Case(device, dtype, [length, length], seq_q, seq_q, 8, 2, 64)
     case.k_cache.nan_to_num_(0.0)
     case.v_cache.nan_to_num_(0.0)
     clean_out, clean_lse = case.call()
-    poisoned = torch.zeros(2, 1, 8, dtype=torch.bool, device=device)  # [batch, seq_q, n_q_heads]
+    poisoned = torch.zeros(2, seq_q, 8, dtype=torch.bool, device=device)  # [batch, seq_q, n_q_heads]
     if poison == "nan-query":
         case.q[1, 0, 5, 7] = NAN
         poisoned[1, 0, 5] = True
     elif poison == "nan-key":
         case.k_cache[0, length // 3, 1, 0] = NAN  # kv head 1: query heads 4..7 see it
-        poisoned[0, 0, 4:] = True
+        poisoned[0, :, 4:] = True
     else:
         case.k_cache[1, 10, 0] = float("inf")  # a whole key row: q . k = Inf - Inf = NaN
-        poisoned[1, 0, :4] = True
+        poisoned[1, :, :4] = True
     out, lse = case.call()  # appends the same new token again
     lse_rows = poisoned.permute(0, 2, 1)
     assert (~torch.isfinite(out[poisoned])).any(-1).all()
     assert (~torch.isfinite(lse[lse_rows])).all()
     assert torch.equal(out[~poisoned], clean_out[~poisoned])
     assert torch.equal(lse[~lse_rows], clean_lse[~lse_rows])
-    k, v = case.k_cache[:, : length + 1], case.v_cache[:, : length + 1]
+    k, v = case.k_cache[:, : length + seq_q], case.v_cache[:, : length + seq_q]
     out2, lse2 = llama_ext.gqa_attention(case.q, k, v, return_lse=True)
     assert (~torch.isfinite(out2[poisoned])).any(-1).all() and (~torch.isfinite(lse2[lse_rows])).all()
     assert torch.equal(out2[~poisoned], out[~poisoned])

@@ -100,11 +100,13 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_ke
     }
     row_max = new_max;
   }
-  // A row that sees no key (row_sum 0) gets output 0 and lse 0, as in the tensor-core kernel.
+  // A row that sees no key (row_sum 0) gets output 0 and lse 0, as in the tensor-core kernel; a
+  // NaN score (row_sum NaN) makes both NaN.
+  const bool saw_keys = row_sum != 0.f;
   store_row(static_cast<T*>(p.out) + offset(p.out_strides, b, seq.start_q, row, head), o, p.head_dim, lane,
-            row_sum > 0.f ? 1.f / row_sum : 0.f);
+            saw_keys ? 1.f / row_sum : 0.f);
   if (lane == 0) {
-    p.lse[lse_offset(p, b, seq, row, head)] = row_sum > 0.f ? (row_max + __log2f(row_sum)) / kLog2e : 0.f;
+    p.lse[lse_offset(p, b, seq, row, head)] = saw_keys ? (row_max + __log2f(row_sum)) / kLog2e : 0.f;
   }
 }
 
