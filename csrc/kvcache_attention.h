@@ -11,7 +11,6 @@
 // (query i sits at position i' = i + L_b - seq_q). cache_seqlens is not advanced.
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -196,9 +195,9 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
 // GEMMs over 64-128 query tokens. From this many query tokens on, a contiguous cache runs on the
 // prefill kernels after the append: q (rotated as the KV-cache kernels rotate it) attends over
 // each sequence's first L_b cache rows with the same scale, mask, window and softcap. The CPU
-// takes the route when all sequences hold the same L (a batched call on k_cache[:, :L]), CUDA
-// always (the prefill kernels read each L_b on the device). The CPU measurements behind the
-// threshold: csrc/cpu/kvcache_attention.cpp.
+// makes one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L]), CUDA
+// one call for all (the prefill kernels read each L_b on the device). The CPU measurements behind
+// the threshold: csrc/cpu/kvcache_attention.cpp.
 inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 
 // ---- host side shared by both backends --------------------------------------------------------

@@ -13,7 +13,6 @@
 // multiplies the rounded value by the weight in the promoted dtype), input's dtype in the second.
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/DeviceGuard.h>
 

@@ -2,7 +2,6 @@
 // implementations.
 #pragma once
 
-#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/macros/Macros.h>
 

@@ -130,9 +130,10 @@ def test_long_context_split_path(device, dtype, block_size):
 def test_prefill_shaped_calls(device, dtype, block_size):
     """Prompts written into the cache: 130-140 query tokens, with partial rotary, a window and
     softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
-    with unequal lengths. These run on the prefill kernels (a contiguous cache; on the CPU, with
-    equal lengths): with equal lengths and no rotary, their outputs are gqa_attention's bits on the
-    cache's first tokens."""
+    with unequal lengths (none at all for one sequence). On a contiguous cache these run on the
+    prefill kernels: with equal lengths and no rotary, their outputs are gqa_attention's bits on
+    the cache's first tokens; on the CPU, with unequal ones, those of one gqa_attention call per
+    run of consecutive sequences of equal length."""
     rot = (32, 600)
     cases = [
         (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
@@ -141,19 +142,23 @@ def test_prefill_shaped_calls(device, dtype, block_size):
         (Case(device, dtype, [70], 130, 3, 8, 2, 64, block_size=block_size), dict(causal=False)),
         (Case(device, dtype, [50], 140, 0, 8, 2, 64, block_size=block_size), {}),
         (Case(device, dtype, [300, 20], 130, 2, 8, 2, 64, block_size=block_size, rotary=rot), {}),
+        (Case(device, dtype, [300, 20, 20, 0, 0, 150], 130, 0, 8, 2, 64, block_size=block_size),
+         dict(window_size=(90, 0))),
     ]
     for case, kw in cases:
         out, lse = case.check(**kw)
         seq_new = 0 if case.k is None else case.k.shape[1]
         lens = (case.cache_seqlens + seq_new).tolist()
-        if block_size is None and case.rotary_cos is None and len(set(lens)) == 1:
-            L = lens[0]
-            window = kw.get("window_size", (-1, -1))
+        if block_size is not None or case.rotary_cos is not None or (len(set(lens)) > 1 and device != "cpu"):
+            continue
+        runs = [0] + [b for b in range(1, len(lens)) if lens[b] != lens[b - 1]] + [len(lens)]
+        for b0, b1 in zip(runs, runs[1:]):
+            L = lens[b0]
             ref_out, ref_lse = llama_ext.gqa_attention(
-                case.q, case.k_cache[:, :L], case.v_cache[:, :L], causal=kw.get("causal", True),
-                window_size=window, softcap=kw.get("softcap", 0.0), return_lse=True,
+                case.q[b0:b1], case.k_cache[b0:b1, :L], case.v_cache[b0:b1, :L], causal=kw.get("causal", True),
+                window_size=kw.get("window_size", (-1, -1)), softcap=kw.get("softcap", 0.0), return_lse=True,
             )
-            assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+            assert torch.equal(out[b0:b1], ref_out) and torch.equal(lse[b0:b1], ref_lse), (lens, b0, b1)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")

@@ -45,8 +45,9 @@
 //     (at amx_bf16, on Sapphire Rapids, VDPBF16PS issues at half the FMA rate: no faster).
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
-//     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens, a contiguous cache whose
-//     sequences all hold the same number of tokens) run on the prefill kernel instead.
+//     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens, a contiguous cache) run on
+//     the prefill kernel instead, one batched call per run of consecutive sequences that hold the
+//     same number of tokens.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
 //     (fp32) in a scratch buffer; lse = log sum_s e^(lse_s), out = sum_s e^(lse_s - lse) out_s.
 //     A row that sees no key gets zeros and lse = 0.
@@ -106,6 +107,11 @@ constexpr int64_t kMinKeyRowsPerSplit = 256;  // keys x kv heads of one split, a
 constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head of a task (at least)
 constexpr int64_t kPageBytes = 4096;      // the unit within which hardware prefetchers follow a stream
 constexpr int64_t kPrefetchKeys = 8;      // how far ahead prefetch_row_starts reads, in keys
+
+// max that keeps a NaN from either side (std::max keeps only its first argument's): the softmax
+// statistics that must carry a NaN score into the row's out and lse (common.cuh's twin).
+template <typename F>
+inline F max_keep_nan(F a, F b) { return std::isnan(a) || a > b ? a : b; }
 
 template <typename T>
 struct KVCacheCpuParams {
@@ -1085,7 +1091,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       const acc_t tile_max = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, mx);
       // A NaN score (a NaN in q or in a key the row sees) makes the row's max NaN, and so its p,
       // l, out and lse (std::max alone would drop it); an Inf one gives Inf - Inf = NaN in p.
-      const acc_t m_new = std::isnan(tile_max) ? tile_max : std::max(buf.m[rr], tile_max);
+      const acc_t m_new = max_keep_nan(tile_max, buf.m[rr]);
       const acc_t alpha = std::exp(buf.m[rr] - m_new);  // 0 on the first visible block (m = -inf)
       Vec sum(0);
       const Vec shift(-m_new);
@@ -1194,7 +1200,7 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
       for (int64_t s = 0; s < splits; ++s) {
         const acc_t ls = a.partial_lse[(task0 + s) * kMaxRows + slot];
-        mx = std::isnan(ls) ? ls : std::max(mx, ls);
+        mx = max_keep_nan(ls, mx);
       }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       acc_t sum = 0;
@@ -1223,16 +1229,12 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // once per 64 rows of a group, while the prefill kernel's tiles are GEMMs (csrc/cpu/attention.cpp).
 // Side by side (32/8 x 128, 2 threads, Zen 4) the prefill kernel was faster from 128 query tokens
 // on in bf16: 1.37x at 128 over 128 keys, 1.84x at 2048 over 2048, 2.08x at 512 over 4096; fp32
-// 0.90x, 1.08x and 1.34x. A contiguous cache whose sequences all hold the same L tokens is then a
-// batched call on its first L rows, k_cache[:, :L] and v_cache[:, :L].
+// 0.90x, 1.08x and 1.34x. Consecutive sequences b0 .. b1 - 1 of a contiguous cache that hold the
+// same L tokens are then one batched call on their first L rows, k_cache[b0:b1, :L] and
+// v_cache[b0:b1, :L] (views: nothing is copied but q where it is rotated): all of a static cache's
+// prompts in one call, a batch of other lengths in one call per run (each call parallel within).
 
-bool routes_to_prefill(const KVCacheAttentionParams& p, const int32_t* seqlens) {
-  if (p.paged || p.seq_q < kPrefillRouteMinSeqQ) return false;
-  for (int64_t b = 1; b < p.batch; ++b) {
-    if (seqlens[b] != seqlens[0]) return false;
-  }
-  return true;
-}
+bool routes_to_prefill(const KVCacheAttentionParams& p) { return !p.paged && p.seq_q >= kPrefillRouteMinSeqQ; }
 
 template <typename T>
 void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
@@ -1249,18 +1251,23 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
       }
     });
   }
-  const int64_t L = a.length(0);
   using Signature = std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
       const std::optional<at::Tensor>&, int64_t, int64_t, bool, double, int64_t, int64_t, double);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("llama_ext::gqa_attention_forward", "").typed<Signature>();
-  // At the CPU key: this call is already below autograd and every tracing layer.
-  const auto [out, lse] = op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), q, p.k_cache.narrow(1, 0, L),
-                                        p.v_cache.narrow(1, 0, L), std::nullopt, std::nullopt, 0, 0, p.causal, p.scale,
-                                        p.window_left, p.window_right, p.softcap);
-  p.out.copy_(out);
-  p.lse.copy_(lse);
+  for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
+    const int64_t L = a.length(b0);
+    while (b1 < a.batch && a.length(b1) == L) ++b1;
+    const auto of_run = [&](const at::Tensor& t) { return t.narrow(0, b0, b1 - b0); };
+    // At the CPU key: this call is already below autograd and every tracing layer.
+    const auto [out, lse] = op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), of_run(q),
+                                          of_run(p.k_cache).narrow(1, 0, L), of_run(p.v_cache).narrow(1, 0, L), std::nullopt,
+                                          std::nullopt, 0, 0, p.causal, p.scale, p.window_left, p.window_right,
+                                          p.softcap);
+    of_run(p.out).copy_(out);
+    of_run(p.lse).copy_(lse);
+  }
 }
 
 // ---- driver -----------------------------------------------------------------------------------
@@ -1316,7 +1323,7 @@ void run(const KVCacheAttentionParams& p) {
   if (p.seq_new > 0) append_new_tokens<T>(a, *p.k, *p.v);
   const int64_t R = a.rows();
   if (p.batch == 0 || R == 0) return;
-  if (routes_to_prefill(p, a.seqlens)) return attend_on_prefill_kernel<T>(a, p);
+  if (routes_to_prefill(p)) return attend_on_prefill_kernel<T>(a, p);
 
   // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
   // heads, which lie side by side in each cache row and are then read in address order. Its
