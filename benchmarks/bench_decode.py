@@ -9,7 +9,17 @@ pool (``paged16``). HF eager attention, SDPA and torch.compile of eager attend o
 cache (as HF's ``[batch, heads, seq, d]`` transpose views), without the append (the new token
 equals the cached last one, so all outputs agree): they do less work than llama_ext for the
 same score.
+
+On CPU a case's cache stays in the L3 between calls when it fits (16.8 MB at b1 4096 bf16), which
+a model's decode step never sees: its other layers' caches evict it. The ``contiguous, DRAM``
+cases give every provider the caches of as many layers as fill 256 MB and each call the next
+layer's, so that each call reads its cache from DRAM, and judge them against a copy whose
+buffers are as far beyond the L3 (``dram_copy``). On CUDA every call already reads from HBM
+(the timer flushes L2 before it), so there are none.
 """
+import itertools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -28,6 +38,9 @@ SIZES = {
     "cuda": (([1, 32], [8192]), ([1, 8, 32], [1024, 2048, 4096, 8192, 16384])),
 }
 SMOKE = dict(batches=[2], contexts=[40], heads=(4, 2), head_dim=16)
+# The layers' caches of a DRAM case fill at least this much (harness.CPU_DRAM_COPY_BYTES: 8x L3).
+DRAM_CASE_BYTES = 256 << 20
+DRAM = "contiguous, DRAM"
 
 
 def _cases(cfg):
@@ -39,25 +52,40 @@ def _cases(cfg):
         batches, contexts = full if cfg.full else quick
         contexts = list(cfg.sizes) if cfg.sizes else contexts
         (q_heads, kv_heads), d = HEADS, HEAD_DIM
+    layouts = ("contiguous", "paged16") + (() if cfg.is_cuda else (DRAM,))
     cases = []
     for dtype in cfg.dtypes:
         e = torch.empty((), dtype=dtype).element_size()
-        for layout in ("contiguous", "paged16"):
+        for layout in layouts:
             for batch in batches:
                 for ctx in contexts:
+                    work = 2 * batch * ctx * kv_heads * d * e
+                    layers = 1
+                    if layout == DRAM:
+                        layers = 2 if cfg.smoke else math.ceil(DRAM_CASE_BYTES / work)
                     cases.append(Case(
                         mode=f"b{batch} {layout}", dtype=dtype, size=ctx,
-                        label=f"b{batch} 1x{ctx} {q_heads}/{kv_heads}x{d} {layout}", unit="GB/s",
-                        work=2 * batch * ctx * kv_heads * d * e, out_bytes=batch * q_heads * d * e,
+                        label=f"b{batch} 1x{ctx} {q_heads}/{kv_heads}x{d} {layout}"
+                        + (f" ({layers} layers)" if layers > 1 else ""),
+                        unit="GB/s", work=work, out_bytes=batch * q_heads * d * e,
                         params={"batch": batch, "context": ctx, "q_heads": q_heads, "kv_heads": kv_heads,
-                                "head_dim": d, "paged": layout == "paged16", "scale": d**-0.5},
+                                "head_dim": d, "paged": layout == "paged16", "layers": layers, "scale": d**-0.5},
+                        ceiling_kind="dram_copy" if layout == DRAM else None,
                     ))
     return cases
 
 
 def _make_inputs(case, device):
+    """One layer's inputs, or for a DRAM case the list of every layer's."""
     p = case.params
     rand = random_inputs(case, device)
+    if p["layers"] > 1:
+        return [_layer_inputs(case, device, rand) for _ in range(p["layers"])]
+    return _layer_inputs(case, device, rand)
+
+
+def _layer_inputs(case, device, rand):
+    p = case.params
 
     b, ctx, kvh, d = p["batch"], p["context"], p["kv_heads"], p["head_dim"]
     k_cache, v_cache = rand(b, ctx, kvh, d), rand(b, ctx, kvh, d)
@@ -103,12 +131,15 @@ def build(cfg):
     def provider(get_fn, record_backend=False):
         def make(case, inputs):
             fn, scale = get_fn(), case.params["scale"]
+            layers = inputs if isinstance(inputs, list) else [inputs]
+            calls = itertools.count()  # a DRAM case's calls take its layers in turn, from the first
 
             def closure():
                 with torch.no_grad():
-                    return fn(inputs, scale)
+                    return fn(layers[next(calls) % len(layers)], scale)
             if record_backend:
                 closure.details = {"sdpa_backend": sdpa_backend(closure)}
+                calls = itertools.count()  # that probe took the first layer: the timed calls start there again
             return closure
         return make
 
@@ -129,5 +160,8 @@ def build(cfg):
         make_inputs=lambda case: _make_inputs(case, cfg.device),
         notes=["GB/s counts the K/V cache bytes one decode step reads (2 x batch x context x kv_heads x d)",
                "paged16 cases: llama_ext reads 16-token blocks in random pool order through the block table; "
-               "the other providers read the same tokens contiguously"],
+               "the other providers read the same tokens contiguously",
+               "contiguous, DRAM cases (CPU): each call reads the next of the listed layers' caches, which the "
+               "calls since its last one evicted from the L3, as in a model's decode step; judged against a copy "
+               "from DRAM"],
     )

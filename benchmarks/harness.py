@@ -23,7 +23,9 @@ This module decides *how* to measure, identically for every op:
   or FLOPs), so every provider of a case is scored on the same amount of work.
 - Ceilings measured in the same run, before and after the ops, the best of several rounds:
   copy bandwidth (``dst.copy_(src)``, bytes read plus written; CPU at the 16 MB headline size,
-  CUDA far beyond L2) and a large matmul per dtype. A reduced-precision dtype's matmul ceiling
+  CUDA far beyond L2) and a large matmul per dtype. CPU cases whose data streams from DRAM (a
+  decode step's cache in a model of many layers) are judged against a copy that does too
+  (``dram_copy``: buffers far beyond any L3), measured only in runs that have such cases. A reduced-precision dtype's matmul ceiling
   is the best of its own rate and fp32's (a kernel may widen to fp32 where the CPU emulates
   bf16/fp16 matmuls; there its own rate comes from one call at a quarter of the size, since the
   full size would take a minute). A case faster than its ceiling is flagged, not shown as a fraction.
@@ -56,6 +58,10 @@ MB = 1 << 20
 # and pays ~13 ms of page faults, whatever the kernel; 16 MB pays nothing. CPU cases whose
 # largest output exceeds this are reported separately and not used to judge kernels.
 CPU_HEADLINE_MAX_OUTPUT_BYTES = 16 * MB
+
+# Each of a CPU DRAM copy's two buffers: 8x the 32 MB L3 of the benchmark's machines, so that neither
+# stays in cache between calls.
+CPU_DRAM_COPY_BYTES = 256 * MB
 
 UNIT_SCALE = {"GB/s": 1e9, "TFLOP/s": 1e12, "tokens/s": 1.0}
 # Rounds of each ceiling measurement; a round is a whole sampling run, the best round counts.
@@ -107,6 +113,12 @@ class Case:
     work: float
     out_bytes: int
     params: Dict[str, Any] = field(default_factory=dict)
+    # The measured ceiling it is judged against (Ceilings.KINDS); None: its unit's (UNIT_CEILING).
+    ceiling_kind: Optional[str] = None
+
+    @property
+    def ceiling(self) -> Optional[str]:
+        return self.ceiling_kind or UNIT_CEILING.get(self.unit)
 
 
 @dataclass
@@ -321,12 +333,17 @@ def peak_memory(fn: Callable[[], Any], device: str) -> Dict[str, Any]:
 # ---- ceilings -------------------------------------------------------------------------------
 
 
-def copy_call(cfg: RunConfig):
+def copy_call(cfg: RunConfig, kind: str = "copy"):
     """(dst.copy_(src) with its first call made, bytes of each tensor): the copy ceiling's call,
     also sampled beside CPU bandwidth cases. CPU: the headline output size (preallocated, so no
-    page faults), so that the copy and the judged cases see the same cache behaviour. CUDA: far
-    beyond L2."""
-    nbytes = 4 * MB if cfg.smoke else (1024 * MB if cfg.is_cuda else CPU_HEADLINE_MAX_OUTPUT_BYTES)
+    page faults), so that the copy and the judged cases see the same cache behaviour, or for
+    ``dram_copy`` CPU_DRAM_COPY_BYTES. CUDA: far beyond L2, both kinds."""
+    if cfg.smoke:
+        nbytes = 4 * MB
+    elif cfg.is_cuda:
+        nbytes = 1024 * MB
+    else:
+        nbytes = CPU_DRAM_COPY_BYTES if kind == "dram_copy" else CPU_HEADLINE_MAX_OUTPUT_BYTES
     src = torch.randn(nbytes // 4, device=cfg.device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -337,11 +354,16 @@ class Ceilings:
     """Copy bandwidth and per-dtype matmul rate of this machine. ``measure()`` runs at the start
     and at the end of a run; each time every ceiling takes the best of CEILING_ROUNDS sampling
     rounds, and keeps the best over both times: other processes can only make a measured
-    ceiling lower than the machine's, never higher."""
+    ceiling lower than the machine's, never higher. The DRAM copy is measured first by
+    ``prepare()``, for an op that has cases judged against it, and again by every later
+    ``measure()``."""
+
+    KINDS = ("copy", "dram_copy", "matmul")
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
         self.copy: Optional[Dict[str, Any]] = None
+        self.dram_copy: Optional[Dict[str, Any]] = None
         self.matmul: Dict[str, Dict[str, Any]] = {}  # per dtype, its own math
 
     def _best(self, previous: Optional[Dict[str, Any]], fn: Callable[[], Any], work: float, unit_scale: float,
@@ -354,10 +376,10 @@ class Ceilings:
                 best = dict(t, rate=rate, **what)
         return best
 
-    def _measure_copy(self) -> None:
-        fn, nbytes = copy_call(self.cfg)
-        self.copy = self._best(self.copy, fn, 2 * nbytes, 1e9, bytes=2 * nbytes, unit="GB/s",
-                               what=f"dst.copy_(src), {nbytes // MB} MB each, bytes read + written, best sample")
+    def _measure_copy(self, kind: str = "copy") -> None:
+        fn, nbytes = copy_call(self.cfg, kind)
+        setattr(self, kind, self._best(getattr(self, kind), fn, 2 * nbytes, 1e9, bytes=2 * nbytes, unit="GB/s",
+                                       what=f"dst.copy_(src), {nbytes // MB} MB each, bytes read + written, best sample"))
 
     def _measure_matmul(self, dtype: torch.dtype) -> None:
         cfg = self.cfg
@@ -393,8 +415,15 @@ class Ceilings:
         """(Re)measures the copy ceiling and the matmul ceilings of fp32 (first: a reduced dtype's
         ceiling includes it) and of dtypes, keeping each one's best so far."""
         self._measure_copy()
+        if self.dram_copy is not None:
+            self._measure_copy("dram_copy")
         for dtype in dict.fromkeys([torch.float32, *dtypes]):
             self._measure_matmul(dtype)
+
+    def prepare(self, cases) -> None:
+        """Measures the DRAM copy if one of the cases is judged against it and it was not yet."""
+        if self.dram_copy is None and any(case.ceiling == "dram_copy" for case in cases):
+            self._measure_copy("dram_copy")
 
     def matmul_tflops(self, dtype: torch.dtype) -> Optional[float]:
         """The best matmul rate for dtype's math: its own, or for bf16/fp16 fp32's if higher."""
@@ -402,16 +431,17 @@ class Ceilings:
                  if k in self.matmul and (k == dtype_name(dtype) or dtype in (torch.bfloat16, torch.float16))]
         return max(rates) if rates else None
 
-    def for_unit(self, unit: str, dtype: torch.dtype) -> Optional[float]:
-        kind = UNIT_CEILING.get(unit)
-        if kind == "copy":
-            return self.copy["rate"] if self.copy else None
+    def rate(self, kind: Optional[str], dtype: torch.dtype) -> Optional[float]:
+        """The ceiling of that kind for dtype's case, None where not measured (or no kind)."""
+        if kind in ("copy", "dram_copy"):
+            measured = getattr(self, kind)
+            return measured["rate"] if measured else None
         if kind == "matmul":
             return self.matmul_tflops(dtype)
         return None
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"copy": self.copy, "matmul": self.matmul}
+        return {"copy": self.copy, "dram_copy": self.dram_copy, "matmul": self.matmul}
 
 
 def apply_ceilings(op: Dict[str, Any], ceilings: Ceilings) -> None:
@@ -419,7 +449,7 @@ def apply_ceilings(op: Dict[str, Any], ceilings: Ceilings) -> None:
     (called again after the final measurement). A result above its ceiling gets no fraction and
     ``above_ceiling``: either the ceiling was measured under load or the work count is wrong."""
     for case in op.get("cases", []):
-        ceiling = ceilings.for_unit(case["unit"], getattr(torch, case["dtype"]))
+        ceiling = ceilings.rate(case["ceiling_kind"], getattr(torch, case["dtype"]))
         case["ceiling"] = ceiling
         for r in case["results"].values():
             if r["status"] != "ok":
@@ -624,7 +654,7 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
     else:
         fns = {name: fn for name, (fn, _) in warm.items()}
         if case.unit == "GB/s" and fns:
-            fns[SAME_ROUND_COPY], nbytes = copy_call(cfg)
+            fns[SAME_ROUND_COPY], nbytes = copy_call(cfg, case.ceiling)
             copy_bytes = 2 * nbytes  # read + written, as the ceiling counts them
         timings = time_cpu_interleaved(fns, cfg.min_run_time, cfg.budget_s)
         if copy_bytes:
@@ -661,6 +691,7 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
         def tqdm(cases, **_):
             return cases
 
+    ceilings.prepare(bench.cases)
     cases = []
     for case in tqdm(bench.cases, desc=bench.name, unit="case", leave=False, disable=not progress or cfg.smoke):
         inputs = bench.make_inputs(case)
@@ -673,7 +704,7 @@ def run_op(bench: OpBench, cfg: RunConfig, ceilings: Ceilings, progress: bool = 
         cases.append({
             "mode": case.mode, "dtype": dtype_name(case.dtype), "size": case.size, "label": case.label,
             "unit": case.unit, "work": case.work, "out_bytes": case.out_bytes, "headline": is_headline(case, cfg),
-            "ceiling": None, "ceiling_kind": UNIT_CEILING.get(case.unit), "params": case.params,
+            "ceiling": None, "ceiling_kind": case.ceiling, "params": case.params,
             "results": results,
         })
     op = dict(record, status="ok", cases=cases)

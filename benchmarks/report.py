@@ -5,7 +5,7 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
-CEILING_LABEL = {"copy": "copy", "matmul": "matmul"}
+CEILING_LABEL = {"copy": "copy", "dram_copy": "DRAM copy", "matmul": "matmul"}
 
 
 def _fmt_ms(ms: float) -> str:
@@ -34,7 +34,7 @@ def _case_rows(case: Dict[str, Any]) -> List[str]:
         else:
             of_ceiling = "" if fraction is None else f"{100 * fraction:.0f}% {ceiling}"
         if r.get("fraction_of_copy_same_rounds") is not None:
-            of_ceiling += f" ({100 * r['fraction_of_copy_same_rounds']:.0f}% same-round copy)"
+            of_ceiling += f" ({100 * r['fraction_of_copy_same_rounds']:.0f}% same-round {ceiling})"
         cells = [
             _fmt_ms(r["median_ms"]) + ("*" if single else ""),
             "1 call" if single else f"{_fmt_ms(r['p20_ms'])}-{_fmt_ms(r['p80_ms'])}",
@@ -100,9 +100,10 @@ def header_text(result: Dict[str, Any]) -> str:
             f" (`--cpu-isa {env['cpu_isa_limit']}`: this CPU, which runs {env['cpu_levels'][-1]}, stands in for one "
             f"with no more than {env['cpu_isa_limit']}; torch, inductor, MKL and oneDNN run at that level, caches, clocks and "
             "memory are this CPU's)" if env.get("cpu_isa_limit") else ""))
-    if ceilings["copy"]:
-        c = ceilings["copy"]
-        lines.append(f"- copy ceiling: {c['rate']:.1f} GB/s ({c['what']}, before and after the ops)")
+    for kind in ("copy", "dram_copy"):
+        c = ceilings.get(kind)
+        if c:
+            lines.append(f"- {CEILING_LABEL[kind]} ceiling: {c['rate']:.1f} GB/s ({c['what']}, before and after the ops)")
     for name, m in ceilings["matmul"].items():
         lines.append(f"- matmul rate {name}: {m['rate'] * 1e3:.1f} GFLOP/s ({m['what']}, before and after the ops)")
     reduced = [n for n in ceilings["matmul"] if n in ("bfloat16", "float16")]

@@ -100,6 +100,47 @@ def _toy_bench(providers, unit="GB/s", work=64.0):
                            make_inputs=lambda c: torch.randn(8) + 3)
 
 
+def test_decode_smoke_and_dram_cases(tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli.main(SMOKE_ARGS + ["--op", "decode", "--out", str(out)]) == 0
+    data = json.loads((out / "results-cpu.json").read_text())
+    (op,) = data["ops"]
+    _check_op(op, ["eager", "native", "compile", "llama_ext"])
+    modes = {case["mode"]: case for case in op["cases"]}
+    assert set(modes) == {"b2 contiguous", "b2 paged16", "b2 contiguous, DRAM"}
+    for case in op["cases"]:  # every provider reads the same cache: the same outputs as eager
+        for name in ("native", "compile", "llama_ext"):
+            assert case["results"][name]["max_abs_diff_vs_eager"] < 1e-4, (case["mode"], name)
+    # A DRAM case is judged against the copy from DRAM, the others against the headline copy.
+    dram = modes["b2 contiguous, DRAM"]
+    assert dram["ceiling_kind"] == "dram_copy" and dram["ceiling"] == data["ceilings"]["dram_copy"]["rate"] > 0
+    assert dram["params"]["layers"] == 2 and dram["label"].endswith("(2 layers)")
+    assert modes["b2 contiguous"]["ceiling"] == data["ceilings"]["copy"]["rate"]
+    stdout = capsys.readouterr().out
+    assert "% DRAM copy (" in stdout and "same-round DRAM copy)" in stdout and "- DRAM copy ceiling: " in stdout
+
+
+def test_dram_decode_case_calls_take_the_layers_in_turn():
+    from benchmarks import bench_decode
+
+    cfg = harness.RunConfig(device="cpu", dtypes=[torch.float32], smoke=True)
+    bench = bench_decode.build(cfg)
+    (case,) = [c for c in bench.cases if c.ceiling == "dram_copy"]
+    layers = bench.make_inputs(case)
+    assert len(layers) == case.params["layers"] == 2
+    assert not torch.equal(layers[0]["k_cache"], layers[1]["k_cache"])
+    for provider in bench.providers:
+        call = provider.build(case, layers)
+        first, second, third = call(), call(), call()
+        assert torch.equal(first, third) and not torch.equal(first, second), provider.name
+    # No other run's ceiling needs the DRAM copy: measured only for an op that has such cases.
+    ceilings = harness.Ceilings(cfg)
+    ceilings.prepare([c for c in bench.cases if c.ceiling != "dram_copy"])
+    assert ceilings.dram_copy is None
+    ceilings.prepare(bench.cases)
+    assert ceilings.dram_copy["rate"] > 0
+
+
 def test_provider_over_budget_gets_one_marked_call():
     calls = {"slow": 0, "fast": 0}
 
