@@ -14,7 +14,7 @@ namespace llama_ext {
 // i' - left <= j <= i' + right and 0 <= j < len_k; -1 leaves a side unbounded. Both bounds are
 // non-decreasing in i, which lets kernels skip whole key blocks and query blocks. Shared by the
 // CPU and CUDA kernels. I is int64_t on the CPU; CUDA calls the per-row bounds with int (every
-// length < 2^31, left <= seq_k and right <= seq_q, so no intermediate overflows) and the
+// length <= 2^30, left <= seq_k and right <= seq_q, so no intermediate overflows) and the
 // first_row_* block bounds with int64_t (key + left may pass 2^31).
 struct KeyWindow {
   int64_t left = -1;

@@ -35,8 +35,11 @@ void check_cuda_attention(const at::Tensor& q, const AttentionShape& s) {
   TORCH_CHECK_VALUE(s.batch <= 65535 && s.n_q_heads <= 65535,
                     "the CUDA attention kernels support at most 65535 sequences and 65535 query heads, got batch = ",
                     s.batch, ", n_q_heads = ", s.n_q_heads);
-  TORCH_CHECK_VALUE(s.seq_q <= INT_MAX && s.seq_k <= INT_MAX, "sequence lengths must be below 2^31, got ", s.seq_q,
-                    " and ", s.seq_k);
+  // Rows and keys are int on the device, summed as i + len_k - len_q and padded to whole tiles;
+  // the backward walks a group's heads x query tiles with one int.
+  TORCH_CHECK_VALUE(s.seq_q <= (int64_t{1} << 30) && s.seq_k <= (int64_t{1} << 30) && s.n_q_heads * s.seq_q <= INT_MAX,
+                    "the CUDA attention kernels support sequences of at most 2^30 tokens and n_q_heads x seq_q below "
+                    "2^31, got seq_q = ", s.seq_q, ", seq_k = ", s.seq_k, ", n_q_heads = ", s.n_q_heads);
 }
 
 Strides strides_of(const at::Tensor& t, bool varlen) {

@@ -821,6 +821,12 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   // Key indices are int32 on the device, with a tile of headroom past the length.
   TORCH_CHECK_VALUE(a.capacity <= kMaxCapacity && a.num_blocks <= std::numeric_limits<int32_t>::max(),
                     "the cache holds more than 2^30 tokens per sequence or 2^31 blocks");
+  // Query rows (batch x n_q_heads x seq_q: the combine's grid, and a group's rows as int) and new
+  // tokens (the append's grid) are counted in 31 bits.
+  TORCH_CHECK_VALUE(a.batch * a.n_q_heads * a.seq_q <= std::numeric_limits<int32_t>::max() &&
+                        a.batch * a.seq_new <= std::numeric_limits<int32_t>::max(),
+                    "batch x n_q_heads x seq_q and batch x seq_new must be below 2^31, got batch = ", a.batch,
+                    ", n_q_heads = ", a.n_q_heads, ", seq_q = ", a.seq_q, ", seq_new = ", a.seq_new);
   const c10::cuda::CUDAGuard guard(a.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -877,8 +883,6 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   const bool prefill = routes_to_prefill(a);
   AttentionCall call;  // the prefill route's
   if (prefill) {
-    TORCH_CHECK_VALUE(a.batch * a.seq_q <= std::numeric_limits<int32_t>::max(),
-                      "batch x seq_q must be below 2^31, got ", a.batch, " x ", a.seq_q);
     call = prefill_call(a);
     check_attention_limits(call.q, call.shape);
   } else {
