@@ -25,10 +25,11 @@ This module decides *how* to measure, identically for every op:
   copy bandwidth (``dst.copy_(src)``, bytes read plus written; CPU at the 16 MB headline size,
   CUDA far beyond L2) and a large matmul per dtype. CPU cases whose data streams from DRAM (a
   decode step's cache in a model of many layers) are judged against a copy that does too
-  (``dram_copy``: buffers far beyond any L3), measured only in runs that have such cases. A reduced-precision dtype's matmul ceiling
-  is the best of its own rate and fp32's (a kernel may widen to fp32 where the CPU emulates
-  bf16/fp16 matmuls; there its own rate comes from one call at a quarter of the size, since the
-  full size would take a minute). A case faster than its ceiling is flagged, not shown as a fraction.
+  (``dram_copy``: buffers far beyond any L3), measured only in runs that have such cases. A
+  reduced-precision dtype's matmul ceiling is the best of its own rate and fp32's (a kernel may
+  widen to fp32 where the CPU emulates bf16/fp16 matmuls; there its own rate comes from one call
+  at a quarter of the size, since the full size would take a minute). A case faster than its
+  ceiling is flagged, not shown as a fraction.
 - CPU bandwidth cases also sample the copy in the same interleaved rounds as their providers:
   the ceiling is the best copy sample of the run, so on a VM whose memory bandwidth drifts with
   its neighbours' load it may come from a faster spell than the case's; the fraction of the
@@ -113,7 +114,8 @@ class Case:
     work: float
     out_bytes: int
     params: Dict[str, Any] = field(default_factory=dict)
-    # The measured ceiling it is judged against (Ceilings.KINDS); None: its unit's (UNIT_CEILING).
+    # The measured ceiling it is judged against ("copy", "dram_copy" or "matmul"); None: its unit's
+    # (UNIT_CEILING).
     ceiling_kind: Optional[str] = None
 
     @property
@@ -357,8 +359,6 @@ class Ceilings:
     ceiling lower than the machine's, never higher. The DRAM copy is measured first by
     ``prepare()``, for an op that has cases judged against it, and again by every later
     ``measure()``."""
-
-    KINDS = ("copy", "dram_copy", "matmul")
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
