@@ -69,7 +69,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/cuda/common.cuh',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'd65507180298cc7e'
+TRANSCRIBED_DIGEST = '332e59bbc96bc997'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
