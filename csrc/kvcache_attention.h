@@ -200,6 +200,8 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
 // the threshold: csrc/cpu/kvcache_attention.cpp.
 inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 
+inline bool routes_to_prefill(const KVCacheAttentionParams& p) { return !p.paged && p.seq_q >= kPrefillRouteMinSeqQ; }
+
 // ---- host side shared by both backends --------------------------------------------------------
 // A launcher writes the new tokens into the caches, then fills p.out and p.lse. It checks the
 // tensor values it depends on before writing anything (CPU) or asserts them on the device (CUDA).

@@ -69,7 +69,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/cuda/common.cuh',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '332e59bbc96bc997'
+TRANSCRIBED_DIGEST = '98d2d5f9b9343364'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -1234,8 +1234,6 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // v_cache[b0:b1, :L] (views: nothing is copied but q where it is rotated): all of a static cache's
 // prompts in one call, a batch of other lengths in one call per run (each call parallel within).
 
-bool routes_to_prefill(const KVCacheAttentionParams& p) { return !p.paged && p.seq_q >= kPrefillRouteMinSeqQ; }
-
 template <typename T>
 void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
   at::Tensor q = p.q;

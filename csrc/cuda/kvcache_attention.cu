@@ -714,8 +714,6 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
 // rotary tables, q is rotated into a copy first, each element as the attend kernels see it
 // (query_element). Paged caches stay on the attend kernels, which gather through the table.
 
-bool routes_to_prefill(const KVCacheAttentionParams& a) { return !a.paged && a.seq_q >= kPrefillRouteMinSeqQ; }
-
 // L_b for the prefill kernels, or 0 (after the device-side assert) when it exceeds the capacity:
 // they then read nothing of that sequence, never past its cache rows.
 __global__ void __launch_bounds__(kThreads) key_lengths_kernel(const KVCacheKernelParams p, int* lengths) {
