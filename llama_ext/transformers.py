@@ -531,10 +531,13 @@ def _check_rotary(rotary_fn):
     ``apply_rotary_pos_emb`` does: same parameters, same results on random q/k and angles in the
     tables' layout, full width and (where the family's function takes it) partial. Raises if
     none does."""
-    where = f"{rotary_fn.__module__}.{rotary_fn.__qualname__}"
-    params = list(inspect.signature(rotary_fn).parameters)
+    # With the `kernels` package (a dependency from transformers 5.25), transformers' hub-kernel
+    # decorator makes the family's function an nn.Module whose forward calls it.
+    signed = rotary_fn.forward if isinstance(rotary_fn, nn.Module) else rotary_fn
+    where = f"{rotary_fn.__module__}.{getattr(rotary_fn, '__name__', _ROTARY_NAME)}"
+    params = list(inspect.signature(signed).parameters)
     if params != list(inspect.signature(_apply_rotary_pos_emb).parameters):
-        raise ValueError(f"{where}{inspect.signature(rotary_fn)} is not a rotary embedding llama_ext computes")
+        raise ValueError(f"{where}{inspect.signature(signed)} is not a rotary embedding llama_ext computes")
     probes = {pair_tables: _rotary_probes(rotary_fn, pair_tables) for pair_tables in (False, True)}
     for ours, pair_tables in _ROTARIES.values():
         cases = probes[pair_tables]
