@@ -46,10 +46,14 @@
 //    wherever the A operand is row-major. As FlashAttention does on GPUs, the probabilities P
 //    (forward) and P, dS (backward) are rounded to bf16 to enter the second product; scores,
 //    softmax statistics and all accumulators are fp32.
-//  - everything else (fp32, fp64, fp16, and bf16 below avx512_bf16): blocks are
+//  - the forward at the avx2 level (fp32, fp16, bf16): each K/V block is widened to fp32 and
+//    packed as 16-column panels once per kv head, and multiplied on an AVX2 FMA register tile
+//    (fma_gemm.h), which on these shapes outruns ATen's sgemm (it packs both operands per call).
+//  - everything else (fp64, and fp32, fp16, bf16 elsewhere and in the backward): blocks are
 //    widened to the op-math type once per block (a K/V block serves G*rows query rows) and
-//    multiplied by ATen's BLAS; reduced-precision inputs are exact in fp32, so these products are exactly the
-//    fp32-accumulated ones.
+//    multiplied by ATen's BLAS.
+//  Reduced-precision inputs are exact in fp32, so the fp32 products are exactly the
+//  fp32-accumulated ones.
 // out and the gradients are rounded once to the input dtype; lse stays fp32 (fp64 for fp64).
 //
 // FLOPs: forward 4 b seq_q seq_k n_q_heads d (half of it under causal); backward 2.5x that
@@ -428,7 +432,7 @@ void attention_forward_cpu(const AttentionCall& call) {
     const auto acc_opts = pb.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     cpu::parallel_for_by_cost(tasks, forward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-      with_tiles<scalar_t>(Pass::kForward, G * block_q, d, acc_opts, [&](auto& tiles) {
+      with_tiles<Pass::kForward, scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
           const auto [b, kvh, qb] = forward_task(t);
           forward_block<scalar_t>(pb, b, kvh, qb, block_q, tiles);
@@ -580,7 +584,7 @@ void attention_backward_cpu(const AttentionCall& call) {
     const at::Tensor dq_partial = new_output(at::empty(partial_shape, acc_opts));  // every row written by its task
     cpu::parallel_for_by_cost(tasks, backward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-      with_tiles<scalar_t>(Pass::kBackward, G * block_q, d, acc_opts, [&](auto& tiles) {
+      with_tiles<Pass::kBackward, scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
           const auto [b, kvh, c] = backward_task(t);
           backward_chunk<scalar_t>(pb, call.grad_out, dq_partial.select(0, c), call.dk, call.dv, b, kvh,

@@ -1,9 +1,12 @@
-// The tile products of the CPU attention kernel (attention.cpp), as two interchangeable policies
+// The tile products of the CPU attention kernel (attention.cpp), as interchangeable policies
 // with one interface, and the row copies that pack blocks for them:
-//  - BlasTiles<T>: tiles in the op-math type multiplied by ATen's BLAS (fp32, fp64, fp16, and
-//    bf16 below the avx512_bf16 level). fp16/bf16 K and V are widened once per (sequence, kv
-//    head) and thread in the forward, once per key chunk in the backward. Reduced-precision
-//    inputs are exact in fp32, so these are exactly the fp32-accumulated products.
+//  - BlasTiles<T>: tiles in the op-math type multiplied by ATen's BLAS (fp64 always; fp32, fp16,
+//    and bf16 below the avx512_bf16 level, except the avx2 forward). fp16/bf16 K and V are widened
+//    once per (sequence, kv head) and thread in the forward, once per key chunk in the backward.
+//    Reduced-precision inputs are exact in fp32, so these are exactly the fp32-accumulated
+//    products.
+//  - FmaTiles<T>: the forward at the avx2 level (fp32, fp16, bf16), fp32 tiles on an AVX2 FMA
+//    register tile (fma_gemm.h) with K^T and V packed as panels once per kv head.
 //  - Bf16DotTiles: bf16 tiles multiplied on AVX512-BF16 VDPBF16PS (bf16_dot.h), or on AMX tiles
 //    at the amx_bf16 level for the products whose A operand is row-major; P (and dS) are
 //    rounded to bf16 before the second product, as FlashAttention does on GPUs.
@@ -22,6 +25,7 @@
 #include "../common.h"
 #include "bf16_dot.h"
 #include "cpu_vec.h"
+#include "fma_gemm.h"
 
 namespace llama_ext::cpu::attention {
 
@@ -90,7 +94,7 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
 
 // ---- tile products ----------------------------------------------------------------------------
 //
-// The two policies of the file comment, BlasTiles<T> and Bf16DotTiles, with one interface:
+// The policies of the file comment, with one interface:
 // load the query-side rows of a block, S (and dP) for a key block, then accumulate P V (or
 // the three gradient products). A policy's score tiles are fp32 rows of stride
 // score_stride(n) >= n; columns past n hold scores of zero-padded keys and are masked like any
@@ -218,6 +222,110 @@ struct BlasTiles {
   }
 };
 
+// The key blocks of one (sequence, kv head) that a forward policy has packed. A thread's tasks
+// are mostly query blocks of one kv head, each of which reads every key block up to its
+// diagonal: packing each block on first use packs it once per kv head, not once per query block.
+struct PackedKeyBlocks {
+  const void* k_src = nullptr;
+  const void* v_src = nullptr;
+  std::vector<bool> packed;
+
+  // Starts over when the [len_k, d] views are another (sequence, kv head)'s; true when it did
+  // (the caller then makes room for `blocks` blocks).
+  bool follow(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t blocks) {
+    if (k_seq.const_data_ptr() == k_src && v_seq.const_data_ptr() == v_src &&
+        static_cast<int64_t>(packed.size()) == blocks) {
+      return false;
+    }
+    k_src = k_seq.const_data_ptr();
+    v_src = v_seq.const_data_ptr();
+    packed.assign(blocks, false);
+    return true;
+  }
+  // True the first time block blk is asked for: the caller packs it.
+  bool first_use(int64_t blk) {
+    if (packed[blk]) return false;
+    packed[blk] = true;
+    return true;
+  }
+};
+
+#if defined(LLAMA_EXT_FMA_GEMM)
+// The forward at the avx2 level for fp32, fp16 and bf16: fp32 tiles on fma_gemm.h's register
+// tile instead of ATen's sgemm. Each key block of the (sequence, kv head) is widened and packed
+// on first use (PackedKeyBlocks), K^T and V as 16-column panels (kBlockK keys each, zero
+// columns past d and past the sequence's last key).
+template <typename T>
+struct FmaTiles {
+  using acc_t = float;
+  using prob_t = float;  // the softmax writes P over the scores, in place
+  static constexpr int64_t kForwardKeys = kBlockK;
+  static constexpr int64_t kPanel = cpu::fma_gemm::kPanel;
+
+  int64_t d, d_pad, M = 0;
+  at::Tensor q, s, acc;  // [max_rows, d] query rows; [max_rows, kBlockK] S / P tile; [max_rows, d_pad] output
+  at::Tensor stage;      // [kBlockK, d] one key block's K or V rows widened to fp32 (T != float)
+  // Per key block: K^T panels [kBlockK / 16][d][16], then V panels [d_pad / 16][kBlockK][16].
+  at::Tensor packed;
+  PackedKeyBlocks blocks_packed;
+  const float* v_block = nullptr;  // the current block's V panels
+
+  FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
+      : d(head_dim), d_pad(cpu::fma_gemm::round_up(head_dim, kPanel)) {
+    q = scratch({max_rows, d}, acc_opts);
+    s = scratch({max_rows * kBlockK}, acc_opts);
+    acc = scratch({max_rows, d_pad}, acc_opts);
+    stage = scratch({kBlockK, d}, acc_opts);
+  }
+  static int64_t score_stride(int64_t n) { return cpu::fma_gemm::round_up(n, kPanel); }
+  int64_t acc_stride() const { return d_pad; }
+  int64_t block_floats() const { return kBlockK * (d + d_pad); }
+  float* scores() { return s.mutable_data_ptr<float>(); }
+  prob_t* probs(int64_t row, int64_t n) { return scores() + row * score_stride(n); }
+
+  void load_queries(const at::Tensor& q_seq, int64_t kvh, int64_t G, int64_t q0, int64_t rows) {
+    M = G * rows;
+    pack_group_rows<T, float>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<float>());
+  }
+  // Rows [k0, k0 + rows) of a [len_k, d] view as fp32 rows: (pointer, row stride).
+  std::pair<const float*, int64_t> fp32_rows(const at::Tensor& seq, int64_t k0, int64_t rows) {
+    const T* src = seq.const_data_ptr<T>() + k0 * seq.stride(0);
+    if constexpr (std::is_same_v<T, float>) {
+      return {src, seq.stride(0)};
+    } else {
+      load_rows<T, float>(src, seq.stride(0), stage.mutable_data_ptr<float>(), rows, d);
+      return {stage.const_data_ptr<float>(), d};
+    }
+  }
+  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kBlockK.
+  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
+    const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
+    const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
+    if (restarted && (!packed.defined() || packed.numel() < blocks * block_floats())) {  // grows to the longest sequence
+      packed = scratch({blocks * block_floats()}, s.options());
+    }
+    float* k_panels = packed.mutable_data_ptr<float>() + blk * block_floats();
+    float* v_panels = k_panels + kBlockK * d;
+    if (blocks_packed.first_use(blk)) {
+      const int64_t keys = std::min(kBlockK, len_k - k0);  // the block's keys; the task uses n of them
+      const auto [k_rows, k_stride] = fp32_rows(k_seq, k0, keys);
+      cpu::fma_gemm::pack_transposed(k_rows, k_stride, keys, d, k_panels);
+      const auto [v_rows, v_stride] = fp32_rows(v_seq, k0, keys);
+      cpu::fma_gemm::pack_rows(v_rows, v_stride, keys, d, v_panels, kBlockK);
+    }
+    v_block = v_panels;
+    const int64_t stride = score_stride(n);
+    cpu::fma_gemm::gemm(M, stride, d, q.const_data_ptr<float>(), d, k_panels, d, scores(), stride,
+                        /*accumulate=*/false);
+  }
+  // O += P V over the n keys the task sees (the panels' later rows are never read).
+  void accumulate_values(int64_t n) {
+    cpu::fma_gemm::gemm(M, d_pad, n, scores(), score_stride(n), v_block, kBlockK, acc.mutable_data_ptr<float>(),
+                        d_pad, /*accumulate=*/true);
+  }
+};
+#endif
+
 #if defined(LLAMA_EXT_BF16_DOT)
 struct Bf16DotTiles {
   using acc_t = float;
@@ -238,13 +346,9 @@ struct Bf16DotTiles {
   // Forward: bf16 P [max_rows, n_pad]; V packed one [kForwardKeys/2][d_pad][2] block per
   // kForwardKeys keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output
   // accumulator [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head),
-  // packed on first use: a thread's tasks are mostly query blocks of one kv head, each of which
-  // reads every key block up to its diagonal, so each block is packed once per kv head, not
-  // once per query block.
+  // packed on first use (PackedKeyBlocks).
   at::Tensor p, v_pairs, v_part, acc;
-  const void* packed_k_src = nullptr;
-  const void* packed_v_src = nullptr;
-  std::vector<bool> block_packed;
+  PackedKeyBlocks blocks_packed;
   const bf16* v_block = nullptr;  // the B operand of the current block's P V
   // Backward: dO rows (A of dO V^T); Q and dO as row pairs [ceil(max_rows / 2)][d_pad][2] (B of
   // dS^T Q and P^T dO); the fp32 dP / dS tile; bf16 P and dS as row pairs (A of P^T dO, dS^T Q
@@ -322,23 +426,17 @@ struct Bf16DotTiles {
   // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kForwardKeys.
   void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
     const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kForwardKeys), blk = k0 / kForwardKeys;
-    if (k_seq.const_data_ptr() != packed_k_src || v_seq.const_data_ptr() != packed_v_src ||
-        static_cast<int64_t>(block_packed.size()) != blocks) {
-      packed_k_src = k_seq.const_data_ptr();
-      packed_v_src = v_seq.const_data_ptr();
-      block_packed.assign(blocks, false);
-      if (!k_t.defined() || k_t.numel() < blocks * d * kForwardKeys) {  // grows to the longest sequence
-        k_t = scratch({blocks * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
-        v_pairs = scratch({blocks * kForwardKeys * d_pad}, s.options().dtype(at::kBFloat16));
-      }
+    const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
+    if (restarted && (!k_t.defined() || k_t.numel() < blocks * d * kForwardKeys)) {  // grows to the longest sequence
+      k_t = scratch({blocks * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
+      v_pairs = scratch({blocks * kForwardKeys * d_pad}, s.options().dtype(at::kBFloat16));
     }
     const int64_t keys = std::min(kForwardKeys, len_k - k0);  // the block's keys; the task uses n of them
     bf16* k_block = bf16_ptr(k_t) + blk * d * kForwardKeys;
     bf16* v_pairs_block = bf16_ptr(v_pairs) + blk * kForwardKeys * d_pad;
-    if (!block_packed[blk]) {
+    if (blocks_packed.first_use(blk)) {
       pack_keys_transposed(k_seq, k0, keys, k_block, kForwardKeys);
       pack_keys_as_rows(v_seq, k0, keys, kForwardKeys, v_pairs_block);
-      block_packed[blk] = true;
     }
     v_block = v_pairs_block;
     if (n < keys) {
@@ -426,19 +524,25 @@ struct Bf16DotTiles {
 };
 #endif
 
-// Runs body with the tile policy for dtype T.
-template <typename T, typename Body>
-void with_tiles(Pass pass, int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
+// Runs body with the tile policy for dtype T and the pass.
+template <Pass kPass, typename T, typename Body>
+void with_tiles(int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
 #if defined(LLAMA_EXT_BF16_DOT)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    Bf16DotTiles tiles(pass, max_rows, d, acc_opts);
+    Bf16DotTiles tiles(kPass, max_rows, d, acc_opts);
     body(tiles);
-  } else
-#endif
-  {
-    BlasTiles<T> tiles(pass, max_rows, d, acc_opts);
-    body(tiles);
+    return;
   }
+#endif
+#if defined(LLAMA_EXT_FMA_GEMM)
+  if constexpr (kPass == Pass::kForward && std::is_same_v<at::opmath_type<T>, float>) {
+    FmaTiles<T> tiles(max_rows, d, acc_opts);
+    body(tiles);
+    return;
+  }
+#endif
+  BlasTiles<T> tiles(kPass, max_rows, d, acc_opts);
+  body(tiles);
 }
 
 }  // namespace llama_ext::cpu::attention

@@ -1,0 +1,138 @@
+// fp32 tile products on AVX2 FMA with pre-packed B panels, for the CPU attention forward at the
+// avx2 level.
+//
+// Why. Below avx512_bf16 the attention forward multiplies fp32 tiles (bf16 and fp16 widened,
+// exact in fp32). Through ATen's sgemm every [G*rows, d] x [d, 128] block product packs K^T or
+// V again, although a key block serves every query block of its kv head; and on AMD Zen cores
+// MKL's AVX2 sgemm reaches only part of the FMA rate on these small shapes. Here the policy
+// packs each key block once per kv head (K^T and V as 16-column panels) and this register
+// tile multiplies straight from the panels.
+//
+// Register tile: 6 rows x 16 columns = 12 ymm accumulators + 2 B vectors + 1 broadcast (of 16
+// ymm). Per k: 2 loads of B, 6 broadcasts of A, 12 FMAs (6 cycles of the two FMA ports, 4 of
+// the load ports): FMA-bound. The panel-outer loop keeps one B panel (d x 16 fp32 = 8 KB at
+// d = 128) in L1 while every row tile of A streams past it from L2. FLOPs 2 M N K; bytes per
+// panel: the panel once, A once.
+//
+// Layout. B [K, N] is packed in panels of kPanel columns: element (k, n) at
+// (n / kPanel) * kPanel * ldk + k * kPanel + n % kPanel, where ldk >= K is the panel's k
+// extent (a panel may hold more k than a product uses). A is row-major with row stride lda.
+//
+// Contract: N is a multiple of kPanel; K >= 0 (K = 0 with accumulate leaves C as it is); the
+// order over k is fixed, so results are deterministic.
+#pragma once
+
+#if defined(CPU_CAPABILITY_AVX2)
+#define LLAMA_EXT_FMA_GEMM 1
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace llama_ext::cpu::fma_gemm {
+
+constexpr int64_t kPanel = 16;  // columns per B panel: two ymm of fp32
+constexpr int kTileRows = 6;
+
+inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
+
+// C[R, 16] (+)= A[R, K] B_panel[K, 16]. The accumulators are named registers, not an array:
+// GCC keeps an array of __m256 on the stack and stores it every k.
+template <int R>
+__attribute__((always_inline)) inline void tile(const float* a, int64_t lda, const float* b, int64_t K, float* c,
+                                                int64_t ldc, bool accumulate) {
+  static_assert(R >= 1 && R <= kTileRows);
+#define LLAMA_EXT_FMA_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#define LLAMA_EXT_FMA_INIT(r)                                                   \
+  __m256 lo##r = _mm256_setzero_ps(), hi##r = _mm256_setzero_ps();             \
+  if constexpr (R > r) {                                                        \
+    if (accumulate) {                                                           \
+      lo##r = _mm256_loadu_ps(c + r * ldc);                                     \
+      hi##r = _mm256_loadu_ps(c + r * ldc + 8);                                 \
+    }                                                                           \
+  }
+#define LLAMA_EXT_FMA_STEP(r)                                                   \
+  if constexpr (R > r) {                                                        \
+    const __m256 x = _mm256_broadcast_ss(a + r * lda + k);                      \
+    lo##r = _mm256_fmadd_ps(x, b_lo, lo##r);                                    \
+    hi##r = _mm256_fmadd_ps(x, b_hi, hi##r);                                    \
+  }
+#define LLAMA_EXT_FMA_STORE(r)                                                  \
+  if constexpr (R > r) {                                                        \
+    _mm256_storeu_ps(c + r * ldc, lo##r);                                       \
+    _mm256_storeu_ps(c + r * ldc + 8, hi##r);                                   \
+  }
+  LLAMA_EXT_FMA_ROWS(LLAMA_EXT_FMA_INIT)
+  for (int64_t k = 0; k < K; ++k) {
+    const __m256 b_lo = _mm256_loadu_ps(b + k * kPanel), b_hi = _mm256_loadu_ps(b + k * kPanel + 8);
+    LLAMA_EXT_FMA_ROWS(LLAMA_EXT_FMA_STEP)
+  }
+  LLAMA_EXT_FMA_ROWS(LLAMA_EXT_FMA_STORE)
+#undef LLAMA_EXT_FMA_STORE
+#undef LLAMA_EXT_FMA_STEP
+#undef LLAMA_EXT_FMA_INIT
+#undef LLAMA_EXT_FMA_ROWS
+}
+
+// The last M % 6 rows: one out-of-line call per panel, so the 6-row loop stays tight.
+inline void tail_tile(int rows, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc,
+                      bool accumulate) {
+  switch (rows) {
+    case 1: return tile<1>(a, lda, b, K, c, ldc, accumulate);
+    case 2: return tile<2>(a, lda, b, K, c, ldc, accumulate);
+    case 3: return tile<3>(a, lda, b, K, c, ldc, accumulate);
+    case 4: return tile<4>(a, lda, b, K, c, ldc, accumulate);
+    default: return tile<5>(a, lda, b, K, c, ldc, accumulate);
+  }
+}
+
+// C[M, N] (+)= A[M, K] B[K, N], B packed in panels of k extent ldk; N % kPanel == 0.
+inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldk, float* c,
+                 int64_t ldc, bool accumulate) {
+  const int64_t full_rows = M - M % kTileRows;
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    const float* panel = b + n0 * ldk;
+    for (int64_t m0 = 0; m0 < full_rows; m0 += kTileRows) {
+      tile<kTileRows>(a + m0 * lda, lda, panel, K, c + m0 * ldc + n0, ldc, accumulate);
+    }
+    if (full_rows < M) {
+      tail_tile(static_cast<int>(M - full_rows), a + full_rows * lda, lda, panel, K, c + full_rows * ldc + n0, ldc,
+                accumulate);
+    }
+  }
+}
+
+// ---- packing ----------------------------------------------------------------------------------
+
+// B = src^T for fp32 src [rows, K] (row stride src_stride): panels over the rows, k extent K;
+// columns [rows, round_up(rows, kPanel)) are zero.
+inline void pack_transposed(const float* src, int64_t src_stride, int64_t rows, int64_t K, float* dst) {
+  for (int64_t n0 = 0; n0 < rows; n0 += kPanel) {
+    float* panel = dst + n0 * K;
+    const int64_t width = std::min(kPanel, rows - n0);
+    for (int64_t k = 0; k < K; ++k) {
+      float* out = panel + k * kPanel;
+      for (int64_t i = 0; i < width; ++i) out[i] = src[(n0 + i) * src_stride + k];
+      std::fill(out + width, out + kPanel, 0.0f);
+    }
+  }
+}
+
+// B = src for fp32 src [rows, N] (row stride src_stride): panels over the columns, k extent ldk
+// >= rows; columns [N, round_up(N, kPanel)) are zero, rows [rows, ldk) are left as they are.
+inline void pack_rows(const float* src, int64_t src_stride, int64_t rows, int64_t N, float* dst, int64_t ldk) {
+  for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
+    float* panel = dst + n0 * ldk;
+    const int64_t width = std::min(kPanel, N - n0);
+    for (int64_t k = 0; k < rows; ++k) {
+      float* out = panel + k * kPanel;
+      std::copy(src + k * src_stride + n0, src + k * src_stride + n0 + width, out);
+      std::fill(out + width, out + kPanel, 0.0f);
+    }
+  }
+}
+
+}  // namespace llama_ext::cpu::fma_gemm
+
+#endif
