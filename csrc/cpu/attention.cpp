@@ -205,10 +205,11 @@ void softcap_row(acc_t* s, int64_t lo, int64_t hi, acc_t scale, acc_t cap) {
   if (j < hi) ((Vec::loadu(s + j, hi - j) * in_v).tanh() * cap_v).store(s + j, hi - j);
 }
 
-// exp of scores whose probabilities enter a product as prob_t: bf16 ones need only bf16's precision.
-template <typename prob_t, typename acc_t>
+// exp of scores whose results are rounded to grade_t next (bf16 probabilities entering a
+// product, or the output of a bf16 attention): those need only bf16's precision.
+template <typename grade_t, typename acc_t>
 at::vec::Vectorized<acc_t> exp_for(const at::vec::Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<prob_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
+  if constexpr (std::is_same_v<grade_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
     return cpu::exp_bf16_grade(x);
   } else {
     return cpu::exp_fast(x);
@@ -303,8 +304,9 @@ void update_maxima(acc_t* m, const acc_t* tile_max, acc_t* alpha, int64_t rows, 
 }
 
 // Writes p[j] = exp(scale s[j] + shift) (p may alias s) for the visible columns [lo, hi) and 0
-// elsewhere in [0, n); returns the sum of the probabilities before any rounding to prob_t.
-template <typename acc_t, typename prob_t>
+// elsewhere in [0, n); returns the sum of the probabilities before any rounding to prob_t. T is
+// the attention's dtype, which grades the exp (exp_for).
+template <typename T, typename acc_t, typename prob_t>
 acc_t exp_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t shift) {
   using IO = cpu::VecIO<prob_t>;
   using Vec = at::vec::Vectorized<acc_t>;
@@ -314,12 +316,12 @@ acc_t exp_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_
   Vec sum_v(acc_t(0));
   int64_t j = lo;
   for (; j + W <= hi; j += W) {
-    const Vec e = exp_for<prob_t>(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
+    const Vec e = exp_for<T>(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
     IO::store(p + j, e);
     sum_v = sum_v + e;
   }
   if (j < hi) {
-    const Vec e = exp_for<prob_t>(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
+    const Vec e = exp_for<T>(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
     IO::store(p + j, e, hi - j);
     sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, hi - j);
   }
@@ -360,11 +362,12 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
   const int64_t k_end = pb.window.key_end(q0 + rows - 1, lq, lk);
   for (int64_t k0 = k_begin - k_begin % kKeys; k0 < k_end; k0 += kKeys) {
     const int64_t n = std::min(kKeys, k_end - k0);
-    tiles.forward_scores(k_seq, v_seq, k0, n);
+    for (int64_t r = 0; r < M; ++r) visible[r] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
+    tiles.forward_scores(k_seq, v_seq, k0, n, visible.data());
     const int64_t stride = tiles.score_stride(n);
     acc_t* s = tiles.scores();
     for (int64_t r = 0; r < M; ++r) {
-      const auto [lo, hi] = visible[r] = pb.visible_columns(q0 + r % rows, lq, lk, k0, n);
+      const auto [lo, hi] = visible[r];
       if (cap > 0) softcap_row<acc_t>(s + r * stride, lo, hi, scale, cap);
       tile_max[r] = row_max<acc_t>(s + r * stride, lo, hi);
     }
@@ -372,7 +375,7 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
     for (int64_t r = 0; r < M; ++r) {
       const auto [lo, hi] = visible[r];
       l[r] = l[r] * alpha[r] +
-             exp_row<acc_t>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, -m[r] * softmax_scale);
+             exp_row<T>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, -m[r] * softmax_scale);
       if (alpha[r] != acc_t(1)) {
         acc_t* o = acc_ptr + r * acc_stride;
         for (int64_t c = 0; c < d; ++c) o[c] *= alpha[r];

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../common.h"
@@ -98,7 +99,8 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
 // load the query-side rows of a block, S (and dP) for a key block, then accumulate P V (or
 // the three gradient products). A policy's score tiles are fp32 rows of stride
 // score_stride(n) >= n; columns past n hold scores of zero-padded keys and are masked like any
-// key the row cannot see. The softmax writes probabilities through probs(row, n), in place
+// key the row cannot see. The forward's S is only read on each row's visible columns, which
+// forward_scores is given: a policy may leave the others unwritten. The softmax writes probabilities through probs(row, n), in place
 // over the scores or into the policy's bf16 tile.
 
 enum class Pass { kForward, kBackward };
@@ -178,8 +180,9 @@ struct BlasTiles {
     widened = end;
   }
 
-  // Forward: S = Q K_blk^T for keys [k0, k0 + n) of the [len_k, d] views.
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
+  // Forward: S = Q K_blk^T for keys [k0, k0 + n) of the [len_k, d] views (every column).
+  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n,
+                      const std::pair<int64_t, int64_t>* /*visible*/) {
     if constexpr (kWiden) {
       widen_keys(k_seq, v_seq, k0 + n);
       k_blk = k_wide.narrow(0, k0, n);
@@ -269,6 +272,7 @@ struct FmaTiles {
   at::Tensor packed;
   PackedKeyBlocks blocks_packed;
   const float* v_block = nullptr;  // the current block's V panels
+  std::vector<cpu::fma_gemm::Span> spans;  // the current block's visible columns, per row tile
 
   FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
       : d(head_dim), d_pad(cpu::fma_gemm::round_up(head_dim, kPanel)) {
@@ -297,8 +301,10 @@ struct FmaTiles {
       return {stage.const_data_ptr<float>(), d};
     }
   }
-  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kBlockK.
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
+  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kBlockK; only the row tiles'
+  // visible columns are computed.
+  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n,
+                      const std::pair<int64_t, int64_t>* visible) {
     const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
     const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
     if (restarted && (!packed.defined() || packed.numel() < blocks * block_floats())) {  // grows to the longest sequence
@@ -314,14 +320,16 @@ struct FmaTiles {
       cpu::fma_gemm::pack_rows(v_rows, v_stride, keys, d, v_panels, kBlockK);
     }
     v_block = v_panels;
+    cpu::fma_gemm::tile_spans(visible, M, spans);
     const int64_t stride = score_stride(n);
-    cpu::fma_gemm::gemm(M, stride, d, q.const_data_ptr<float>(), d, k_panels, d, scores(), stride,
-                        /*accumulate=*/false);
+    cpu::fma_gemm::gemm_visible_columns(M, stride, d, q.const_data_ptr<float>(), d, k_panels, d, scores(), stride,
+                                        spans);
   }
-  // O += P V over the n keys the task sees (the panels' later rows are never read).
+  // O += P V over the keys each row tile sees (within the n of the task: the panels' later rows
+  // are never read).
   void accumulate_values(int64_t n) {
-    cpu::fma_gemm::gemm(M, d_pad, n, scores(), score_stride(n), v_block, kBlockK, acc.mutable_data_ptr<float>(),
-                        d_pad, /*accumulate=*/true);
+    cpu::fma_gemm::gemm_visible_k(M, d_pad, scores(), score_stride(n), v_block, kBlockK, acc.mutable_data_ptr<float>(),
+                                  d_pad, spans);
   }
 };
 #endif
@@ -423,8 +431,9 @@ struct Bf16DotTiles {
     cpu::bf16_dot::gemm(M, n_pad, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n_pad, /*accumulate=*/false);
   }
 
-  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kForwardKeys.
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n) {
+  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kForwardKeys (every column).
+  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n,
+                      const std::pair<int64_t, int64_t>* /*visible*/) {
     const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kForwardKeys), blk = k0 / kForwardKeys;
     const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
     if (restarted && (!k_t.defined() || k_t.numel() < blocks * d * kForwardKeys)) {  // grows to the longest sequence

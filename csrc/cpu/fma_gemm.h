@@ -18,8 +18,9 @@
 // (n / kPanel) * kPanel * ldk + k * kPanel + n % kPanel, where ldk >= K is the panel's k
 // extent (a panel may hold more k than a product uses). A is row-major with row stride lda.
 //
-// Contract: N is a multiple of kPanel; K >= 0 (K = 0 with accumulate leaves C as it is); the
-// order over k is fixed, so results are deterministic.
+// Contract: N is a multiple of kPanel; the order over k is fixed, so results are
+// deterministic. A row tile computes only its span (Span) of a product: the columns of S its
+// rows see, or the k of P V where its rows' probabilities are not zero.
 #pragma once
 
 #if defined(CPU_CAPABILITY_AVX2)
@@ -29,6 +30,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
+#include <utility>
+#include <vector>
 
 namespace llama_ext::cpu::fma_gemm {
 
@@ -75,7 +79,7 @@ __attribute__((always_inline)) inline void tile(const float* a, int64_t lda, con
 #undef LLAMA_EXT_FMA_ROWS
 }
 
-// The last M % 6 rows: one out-of-line call per panel, so the 6-row loop stays tight.
+// The last M % 6 rows.
 inline void tail_tile(int rows, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc,
                       bool accumulate) {
   switch (rows) {
@@ -87,20 +91,62 @@ inline void tail_tile(int rows, const float* a, int64_t lda, const float* b, int
   }
 }
 
-// C[M, N] (+)= A[M, K] B[K, N], B packed in panels of k extent ldk; N % kPanel == 0.
-inline void gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b, int64_t ldk, float* c,
-                 int64_t ldc, bool accumulate) {
-  const int64_t full_rows = M - M % kTileRows;
+// The part of a product a row tile needs: [begin, end) of S's columns, or of P V's k (P is zero
+// elsewhere in the tile's rows); begin >= end: nothing. Causal and windowed rows see only part
+// of a key block, so the tiles skip what no row of theirs sees.
+struct Span {
+  int64_t begin, end;
+};
+
+// The union of the rows' visible [lo, hi) column ranges, per row tile of kTileRows rows.
+inline void tile_spans(const std::pair<int64_t, int64_t>* rows, int64_t M, std::vector<Span>& spans) {
+  spans.assign((M + kTileRows - 1) / kTileRows, Span{std::numeric_limits<int64_t>::max(), 0});
+  for (int64_t r = 0; r < M; ++r) {
+    if (rows[r].first >= rows[r].second) continue;
+    Span& span = spans[r / kTileRows];
+    span.begin = std::min(span.begin, rows[r].first);
+    span.end = std::max(span.end, rows[r].second);
+  }
+}
+
+// Runs tile_fn(m0, rows, span) for every row tile, panel by panel (n0), so that one B panel
+// stays in L1 while the row tiles stream past it.
+template <typename TileFn>
+inline void for_each_tile(int64_t M, int64_t N, const std::vector<Span>& spans, const TileFn& tile_fn) {
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
-    const float* panel = b + n0 * ldk;
-    for (int64_t m0 = 0; m0 < full_rows; m0 += kTileRows) {
-      tile<kTileRows>(a + m0 * lda, lda, panel, K, c + m0 * ldc + n0, ldc, accumulate);
-    }
-    if (full_rows < M) {
-      tail_tile(static_cast<int>(M - full_rows), a + full_rows * lda, lda, panel, K, c + full_rows * ldc + n0, ldc,
-                accumulate);
+    for (int64_t m0 = 0, t = 0; m0 < M; m0 += kTileRows, ++t) {
+      if (spans[t].begin < spans[t].end) tile_fn(n0, m0, static_cast<int>(std::min<int64_t>(kTileRows, M - m0)), spans[t]);
     }
   }
+}
+
+inline void run_tile(int rows, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc,
+                     bool accumulate) {
+  if (rows == kTileRows) {
+    tile<kTileRows>(a, lda, b, K, c, ldc, accumulate);
+  } else {
+    tail_tile(rows, a, lda, b, K, c, ldc, accumulate);
+  }
+}
+
+// S[M, N] = A[M, K] B[K, N] (B packed, k extent ldk; N % kPanel == 0) on the panels that meet
+// each row tile's span; S's other columns are not written.
+inline void gemm_visible_columns(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* b,
+                                 int64_t ldk, float* c, int64_t ldc, const std::vector<Span>& spans) {
+  for_each_tile(M, N, spans, [&](int64_t n0, int64_t m0, int rows, Span span) {
+    if (n0 + kPanel <= span.begin || n0 >= span.end) return;
+    run_tile(rows, a + m0 * lda, lda, b + n0 * ldk, K, c + m0 * ldc + n0, ldc, /*accumulate=*/false);
+  });
+}
+
+// C[M, N] += A[M, K] B[K, N] (B packed, k extent ldk; N % kPanel == 0), each row tile
+// contracting over the k of its span only: A must be zero elsewhere in the tile's rows.
+inline void gemm_visible_k(int64_t M, int64_t N, const float* a, int64_t lda, const float* b, int64_t ldk, float* c,
+                           int64_t ldc, const std::vector<Span>& spans) {
+  for_each_tile(M, N, spans, [&](int64_t n0, int64_t m0, int rows, Span span) {
+    run_tile(rows, a + m0 * lda + span.begin, lda, b + n0 * ldk + span.begin * kPanel, span.end - span.begin,
+             c + m0 * ldc + n0, ldc, /*accumulate=*/true);
+  });
 }
 
 // ---- packing ----------------------------------------------------------------------------------
