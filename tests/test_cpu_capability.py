@@ -22,9 +22,11 @@ X86 = platform.machine().lower() in ("x86_64", "amd64")
 FULL_BUILD = X86 and not os.environ.get("LLAMA_EXT_CPU_CAPABILITIES")
 # The tests that compare every kernel with float64 and HF: forward, backward, every head dim,
 # fully masked rows, strided inputs, determinism, decode against contiguous and paged caches
-# (one split and several), and RMSNorm's NaN / Inf rows (each level rounds bf16 its own way).
+# (one split and several), RMSNorm's NaN / Inf rows (each level rounds bf16 its own way), and
+# the attention forward's key and row tails and windows (levels tile the products their own way).
 KEY_TESTS = ("matches_float64 or follows_hf or every_head_dim or fully_masked or deterministic or strided "
-             "or unaligned or hf_layout or matches_reference or long_context or nan_and_inf")
+             "or unaligned or hf_layout or matches_reference or long_context or nan_and_inf "
+             "or row_tails or window_softcap_forward or window_softcap_varlen or never_read")
 
 
 def _runnable_built():
