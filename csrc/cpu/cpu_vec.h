@@ -232,11 +232,21 @@ struct VecIO {
 inline at::vec::Vectorized<float> exp_fast(const at::vec::Vectorized<float>& x) { return x.exp_u20(); }
 inline at::vec::Vectorized<double> exp_fast(const at::vec::Vectorized<double>& x) { return x.exp(); }
 
+// 2^f for f in [-1/2, 1/2]: exp_bf16_grade's degree-4 fit on Chebyshev nodes.
+inline at::vec::Vectorized<float> exp2_fraction(const at::vec::Vectorized<float>& f) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec p(0.00967603710f);
+  p = at::vec::fmadd(p, f, Vec(0.0559220356f));
+  p = at::vec::fmadd(p, f, Vec(0.240221074f));
+  p = at::vec::fmadd(p, f, Vec(0.693121034f));
+  return at::vec::fmadd(p, f, Vec(1.00000008f));
+}
+
 // exp for values that are rounded to bf16 next (attention probabilities on the bf16 tile
 // products, or the output of a bf16 attention): 4e-6 relative error, 500x below bf16's
 // rounding, in 8-10 instructions instead of exp_u20's ~20. exp(x) = 2^n 2^f with
-// n = round(x log2 e) and f in [-1/2, 1/2], 2^f a degree-4 fit on Chebyshev nodes (the same
-// coefficients at both levels). A NaN stays NaN (MAXPS/MINPS return their second operand when
+// n = round(x log2 e) and f in [-1/2, 1/2], 2^f a degree-4 fit on Chebyshev nodes
+// (exp2_fraction). A NaN stays NaN (MAXPS/MINPS return their second operand when
 // one is NaN, and the fit of a NaN f is NaN).
 //  - AVX-512: 2^n applied by VSCALEFPS (which flushes to 0 and overflows to Inf as exp does);
 //    x log2 e clamped below at -150 (exp is 0 there) so that -Inf gives 0, not -Inf - -Inf.
@@ -248,25 +258,13 @@ inline at::vec::Vectorized<float> exp_bf16_grade(const at::vec::Vectorized<float
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 t = _mm512_max_ps(_mm512_set1_ps(-150.0f), _mm512_mul_ps(__m512(x), _mm512_set1_ps(1.44269504f)));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(0.00967603710f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.0559220356f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.240221074f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.693121034f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000008f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(exp2_fraction(_mm512_sub_ps(t, n)), n);
 #elif defined(CPU_CAPABILITY_AVX2)
   const __m256 scaled = _mm256_mul_ps(__m256(x), _mm256_set1_ps(1.44269504f));
   const __m256 t = _mm256_min_ps(_mm256_set1_ps(127.0f), _mm256_max_ps(_mm256_set1_ps(-127.0f), scaled));
   const __m256 n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m256 f = _mm256_sub_ps(t, n);
-  __m256 p = _mm256_set1_ps(0.00967603710f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.0559220356f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.240221074f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.693121034f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.00000008f));
   const __m256i biased = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
+  return _mm256_mul_ps(exp2_fraction(_mm256_sub_ps(t, n)), _mm256_castsi256_ps(_mm256_slli_epi32(biased, 23)));
 #else
   return exp_fast(x);
 #endif
