@@ -100,8 +100,8 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
 // the three gradient products). A policy's score tiles are fp32 rows of stride
 // score_stride(n) >= n; columns past n hold scores of zero-padded keys and are masked like any
 // key the row cannot see. The forward's S is only read on each row's visible columns, which
-// forward_scores is given: a policy may leave the others unwritten. The softmax writes probabilities through probs(row, n), in place
-// over the scores or into the policy's bf16 tile.
+// forward_scores is given: a policy may leave the others unwritten. The softmax writes
+// probabilities through probs(row, n), in place over the scores or into the policy's bf16 tile.
 
 enum class Pass { kForward, kBackward };
 
@@ -307,8 +307,8 @@ struct FmaTiles {
                       const std::pair<int64_t, int64_t>* visible) {
     const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
     const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
-    if (restarted && (!packed.defined() || packed.numel() < blocks * block_floats())) {  // grows to the longest sequence
-      packed = scratch({blocks * block_floats()}, s.options());
+    if (restarted && (!packed.defined() || packed.numel() < blocks * block_floats())) {
+      packed = scratch({blocks * block_floats()}, s.options());  // grows to the longest sequence
     }
     float* k_panels = packed.mutable_data_ptr<float>() + blk * block_floats();
     float* v_panels = k_panels + kBlockK * d;

@@ -115,7 +115,8 @@ template <typename TileFn>
 inline void for_each_tile(int64_t M, int64_t N, const std::vector<Span>& spans, const TileFn& tile_fn) {
   for (int64_t n0 = 0; n0 < N; n0 += kPanel) {
     for (int64_t m0 = 0, t = 0; m0 < M; m0 += kTileRows, ++t) {
-      if (spans[t].begin < spans[t].end) tile_fn(n0, m0, static_cast<int>(std::min<int64_t>(kTileRows, M - m0)), spans[t]);
+      const int rows = static_cast<int>(std::min<int64_t>(kTileRows, M - m0));
+      if (spans[t].begin < spans[t].end) tile_fn(n0, m0, rows, spans[t]);
     }
   }
 }
