@@ -275,13 +275,13 @@ struct FmaTiles {
   std::vector<cpu::fma_gemm::Span> spans;  // the current block's visible columns, per row tile
 
   FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
-      : d(head_dim), d_pad(cpu::fma_gemm::round_up(head_dim, kPanel)) {
+      : d(head_dim), d_pad(ceil_div(head_dim, kPanel) * kPanel) {
     q = scratch({max_rows, d}, acc_opts);
     s = scratch({max_rows * kBlockK}, acc_opts);
     acc = scratch({max_rows, d_pad}, acc_opts);
     stage = scratch({kBlockK, d}, acc_opts);
   }
-  static int64_t score_stride(int64_t n) { return cpu::fma_gemm::round_up(n, kPanel); }
+  static int64_t score_stride(int64_t n) { return ceil_div(n, kPanel) * kPanel; }
   int64_t acc_stride() const { return d_pad; }
   int64_t block_floats() const { return kBlockK * (d + d_pad); }
   float* scores() { return s.mutable_data_ptr<float>(); }

@@ -39,8 +39,6 @@ namespace llama_ext::cpu::fma_gemm {
 constexpr int64_t kPanel = 16;  // columns per B panel: two ymm of fp32
 constexpr int kTileRows = 6;
 
-inline int64_t round_up(int64_t x, int64_t multiple) { return (x + multiple - 1) / multiple * multiple; }
-
 // C[R, 16] (+)= A[R, K] B_panel[K, 16]. The accumulators are named registers, not an array:
 // GCC keeps an array of __m256 on the stack and stores it every k.
 template <int R>
@@ -79,18 +77,6 @@ __attribute__((always_inline)) inline void tile(const float* a, int64_t lda, con
 #undef LLAMA_EXT_FMA_ROWS
 }
 
-// The last M % 6 rows.
-inline void tail_tile(int rows, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc,
-                      bool accumulate) {
-  switch (rows) {
-    case 1: return tile<1>(a, lda, b, K, c, ldc, accumulate);
-    case 2: return tile<2>(a, lda, b, K, c, ldc, accumulate);
-    case 3: return tile<3>(a, lda, b, K, c, ldc, accumulate);
-    case 4: return tile<4>(a, lda, b, K, c, ldc, accumulate);
-    default: return tile<5>(a, lda, b, K, c, ldc, accumulate);
-  }
-}
-
 // The part of a product a row tile needs: [begin, end) of S's columns, or of P V's k (P is zero
 // elsewhere in the tile's rows); begin >= end: nothing. Causal and windowed rows see only part
 // of a key block, so the tiles skip what no row of theirs sees.
@@ -109,7 +95,7 @@ inline void tile_spans(const std::pair<int64_t, int64_t>* rows, int64_t M, std::
   }
 }
 
-// Runs tile_fn(m0, rows, span) for every row tile, panel by panel (n0), so that one B panel
+// Runs tile_fn(n0, m0, rows, span) for every row tile with a non-empty span, panel by panel (n0), so that one B panel
 // stays in L1 while the row tiles stream past it.
 template <typename TileFn>
 inline void for_each_tile(int64_t M, int64_t N, const std::vector<Span>& spans, const TileFn& tile_fn) {
@@ -121,12 +107,16 @@ inline void for_each_tile(int64_t M, int64_t N, const std::vector<Span>& spans, 
   }
 }
 
+// A tile of 1..kTileRows rows (fewer only for the last M % 6 rows).
 inline void run_tile(int rows, const float* a, int64_t lda, const float* b, int64_t K, float* c, int64_t ldc,
                      bool accumulate) {
-  if (rows == kTileRows) {
-    tile<kTileRows>(a, lda, b, K, c, ldc, accumulate);
-  } else {
-    tail_tile(rows, a, lda, b, K, c, ldc, accumulate);
+  switch (rows) {
+    case 1: return tile<1>(a, lda, b, K, c, ldc, accumulate);
+    case 2: return tile<2>(a, lda, b, K, c, ldc, accumulate);
+    case 3: return tile<3>(a, lda, b, K, c, ldc, accumulate);
+    case 4: return tile<4>(a, lda, b, K, c, ldc, accumulate);
+    case 5: return tile<5>(a, lda, b, K, c, ldc, accumulate);
+    default: return tile<kTileRows>(a, lda, b, K, c, ldc, accumulate);
   }
 }
 
