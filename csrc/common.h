@@ -15,6 +15,8 @@
 #include <cstring>
 #include <limits>
 
+#include "common_math.h"
+
 namespace llama_ext {
 
 // float32, float16, bfloat16 and float64. CUDA kernels reject float64 before dispatching.

@@ -67,9 +67,9 @@ from ptx_emu import (C_COL, C_ROW, DeviceAssert, GID, LANES, MUT, Race, Smem, TI
 TRANSCRIBED = (
     'csrc/cuda/kvcache_attention.cu',
     'csrc/cuda/mma.cuh',
-    'csrc/cuda/common.cuh',  # max_keep_nan
+    'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '98d2d5f9b9343364'
+TRANSCRIBED_DIGEST = 'ab3ef534a6142c43'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -199,7 +199,7 @@ def split_range(p, split, tile_lo, tile_hi, align):
 
 
 def max_keep_nan(a, b):
-    """common.cuh's max_keep_nan: a NaN in either operand wins (np.fmax would drop it)."""
+    """common_math.h's max_keep_nan: a NaN in either operand wins (np.fmax would drop it)."""
     return np.where(np.isnan(a) | (a > b), a, b)
 
 

@@ -33,8 +33,6 @@ namespace llama_ext::cpu::attention {
 // Keys per block: a [rows, kBlockK] fp32 score tile of a few hundred rows stays in L2.
 inline constexpr int64_t kBlockK = 128;
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // Row copies between strided T rows and packed rows of U (T, or its op-math type), converting
 // with at::vec (cheaper than a TensorIterator copy_ for the small blocks here, which run once
 // per tile).

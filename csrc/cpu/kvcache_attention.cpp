@@ -108,11 +108,6 @@ constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head o
 constexpr int64_t kPageBytes = 4096;      // the unit within which hardware prefetchers follow a stream
 constexpr int64_t kPrefetchKeys = 8;      // how far ahead prefetch_row_starts reads, in keys
 
-// max that keeps a NaN from either side (std::max keeps only its first argument's): the softmax
-// statistics that must carry a NaN score into the row's out and lse (common.cuh's twin).
-template <typename F>
-inline F max_keep_nan(F a, F b) { return std::isnan(a) || a > b ? a : b; }
-
 template <typename T>
 struct KVCacheCpuParams {
   using acc_t = at::opmath_type<T>;

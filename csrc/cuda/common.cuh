@@ -12,6 +12,8 @@
 
 #include <cstdint>
 
+#include "../common_math.h"  // ceil_div, max_keep_nan
+
 namespace llama_ext::cuda {
 
 // ---- dtypes -------------------------------------------------------------------------------
@@ -54,10 +56,6 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 // The value a tensor of dtype T holds after storing x: one round-to-nearest-even.
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
-
-// max that keeps a NaN (fmaxf drops it): softmax statistics that must carry a NaN score into the
-// row's output and lse rather than lose it.
-__device__ __forceinline__ float max_keep_nan(float a, float b) { return isnan(a) || a > b ? a : b; }
 
 // Pointer to a tensor's data as the native element type.
 template <typename T>
@@ -110,7 +108,5 @@ __device__ __forceinline__ float block_reduce_sum(float x, float* scratch) {
   x = lane < n_warps ? scratch[lane] : 0.f;
   return warp_reduce_sum(x);
 }
-
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace llama_ext::cuda
