@@ -73,21 +73,14 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k, "k");
   check_last_dim_contiguous(v, "v");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a finite number > 0, got ", scale);
+  check_attention_scale(scale);
 
   AttentionShape s{};
   s.varlen = varlen;
   s.head_dim = q.size(-1);
   s.n_q_heads = q.size(-2);
   s.n_kv_heads = k.size(-2);
-  TORCH_CHECK_VALUE(k.size(-1) == s.head_dim, "k's head_dim (", k.size(-1), ") must equal q's head_dim (", s.head_dim,
-                    ")");
-  TORCH_CHECK_VALUE(s.head_dim >= 8 && s.head_dim <= 256 && s.head_dim % 8 == 0,
-                    "head_dim must be a multiple of 8 between 8 and 256, got ", s.head_dim);
-  TORCH_CHECK_VALUE(s.n_kv_heads >= 1 && s.n_q_heads >= 1, "q and k need at least one head, got n_q_heads = ",
-                    s.n_q_heads, ", n_kv_heads = ", s.n_kv_heads);
-  TORCH_CHECK_VALUE(s.n_q_heads % s.n_kv_heads == 0, "n_q_heads (", s.n_q_heads,
-                    ") must be a multiple of n_kv_heads (", s.n_kv_heads, ")");
+  check_attention_heads(s.head_dim, k.size(-1), s.n_q_heads, s.n_kv_heads, "k");
   if (!varlen) {
     s.batch = q.size(0);
     s.seq_q = q.size(1);
@@ -115,17 +108,12 @@ inline AttentionShape check_attention_args(const at::Tensor& q, const at::Tensor
   return s;
 }
 
-// Checks window_size and softcap (ValueError naming them) and folds causal into the window.
+// Checks window_size and softcap and folds causal into the window.
 // Sides longer than both sequences together mean the same as unbounded ones and are clamped
 // there, so the KeyWindow arithmetic never overflows.
 inline KeyWindow make_key_window(const AttentionShape& s, bool causal, int64_t window_left, int64_t window_right,
                                  double softcap) {
-  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (window_left) must be -1 (unbounded) or >= 0, got ",
-                    window_left);
-  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (window_right) must be -1 (unbounded) or >= 0, got ",
-                    window_right);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0 (0: off), got ",
-                    softcap);
+  check_window_softcap(window_left, window_right, softcap);
   const int64_t longest = s.seq_q + s.seq_k;
   KeyWindow w;
   w.left = std::min(window_left, longest);

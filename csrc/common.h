@@ -10,6 +10,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -58,6 +59,38 @@ inline void check_dim(const at::Tensor& t, const char* name, int64_t dim) {
 inline void check_last_dim_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 0 || t.numel() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
               " must be contiguous in its last dimension (stride 1), got strides ", t.strides());
+}
+
+// ---- attention arguments: gqa_attention and gqa_attention_with_kvcache alike ----------------
+
+// head_dim a multiple of 8 in [8, 256] (the CPU kernels' vector chunks and the CUDA kernels'
+// 16-byte rows; the CUDA kernels further take only the dims of attention_launch.cuh's list), the
+// same in the kv tensor, at least one head of each kind, and whole GQA groups. kv names the tensor
+// that holds the kv heads ("k", "k_cache").
+inline void check_attention_heads(int64_t head_dim, int64_t kv_head_dim, int64_t n_q_heads, int64_t n_kv_heads,
+                                  const char* kv) {
+  TORCH_CHECK_VALUE(kv_head_dim == head_dim, kv, "'s head_dim (", kv_head_dim, ") must equal q's head_dim (", head_dim,
+                    ")");
+  TORCH_CHECK_VALUE(head_dim >= 8 && head_dim <= 256 && head_dim % 8 == 0,
+                    "head_dim must be a multiple of 8 between 8 and 256, got ", head_dim);
+  TORCH_CHECK_VALUE(n_kv_heads >= 1 && n_q_heads >= 1, "q and ", kv, " need at least one head, got n_q_heads = ",
+                    n_q_heads, ", n_kv_heads = ", n_kv_heads);
+  TORCH_CHECK_VALUE(n_q_heads % n_kv_heads == 0, "n_q_heads (", n_q_heads, ") must be a multiple of n_kv_heads (",
+                    n_kv_heads, ", ", kv, "'s heads)");
+}
+
+inline void check_attention_scale(double scale) {
+  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a finite number > 0, got ", scale);
+}
+
+// window_size sides: -1 (unbounded) or >= 0; softcap: finite, >= 0 (0: off).
+inline void check_window_softcap(int64_t window_left, int64_t window_right, double softcap) {
+  TORCH_CHECK_VALUE(window_left >= -1, "window_size[0] (window_left) must be -1 (unbounded) or >= 0, got ",
+                    window_left);
+  TORCH_CHECK_VALUE(window_right >= -1, "window_size[1] (window_right) must be -1 (unbounded) or >= 0, got ",
+                    window_right);
+  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0 (0: off), got ",
+                    softcap);
 }
 
 // Row statistics (RMSNorm's rstd, attention's lse) are float32, float64 for float64 inputs.

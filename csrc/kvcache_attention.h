@@ -67,10 +67,8 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
   check_last_dim_contiguous(q, "q");
   check_last_dim_contiguous(k_cache, "k_cache");
   check_last_dim_contiguous(v_cache, "v_cache");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, "scale must be a finite number > 0, got ", scale);
-  TORCH_CHECK_VALUE(std::isfinite(softcap) && softcap >= 0, "softcap must be a finite number >= 0, got ", softcap);
-  TORCH_CHECK_VALUE(window_left >= -1 && window_right >= -1, "window_size entries must be >= -1, got (", window_left,
-                    ", ", window_right, ")");
+  check_attention_scale(scale);
+  check_window_softcap(window_left, window_right, softcap);
 
   KVCacheAttentionParams p{};
   p.q = q;
@@ -94,14 +92,7 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
   p.window_right = causal ? 0 : window_right;
   p.rotary_interleaved = rotary_interleaved;
 
-  TORCH_CHECK_VALUE(k_cache.size(3) == p.head_dim, "k_cache's head_dim (", k_cache.size(3),
-                    ") must equal q's head_dim (", p.head_dim, ")");
-  TORCH_CHECK_VALUE(p.head_dim >= 8 && p.head_dim <= 256 && p.head_dim % 8 == 0,
-                    "head_dim must be a multiple of 8 between 8 and 256, got ", p.head_dim);
-  TORCH_CHECK_VALUE(p.n_kv_heads >= 1 && p.n_q_heads >= 1, "q and k_cache need at least one head, got n_q_heads = ",
-                    p.n_q_heads, ", n_kv_heads = ", p.n_kv_heads);
-  TORCH_CHECK_VALUE(p.n_q_heads % p.n_kv_heads == 0, "n_q_heads (", p.n_q_heads,
-                    ") must be a multiple of k_cache's n_kv_heads (", p.n_kv_heads, ")");
+  check_attention_heads(p.head_dim, k_cache.size(3), p.n_q_heads, p.n_kv_heads, "k_cache");
 
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, "cache_seqlens must be int32, got ",
                    cache_seqlens.scalar_type());

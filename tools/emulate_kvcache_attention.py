@@ -69,7 +69,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'ab3ef534a6142c43'
+TRANSCRIBED_DIGEST = 'b7d53cb459c63c05'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
