@@ -482,6 +482,22 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_pages() -> Dict[str, Any]:
+    """The pages torch's CPU tensors get: the kernel's transparent-huge-page mode and torch's own
+    THP_MEM_ALLOC_ENABLE, with which a tensor of 2 MB or more asks for 2 MB pages where the mode
+    is `madvise`. Decode reads its cache from DRAM faster on them (benchmarks/RESULTS.md), so the
+    tables record which pages the caches had."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+        mode = text[text.index("[") + 1:text.index("]")]
+    except (OSError, ValueError):
+        mode = None
+    requested = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    huge = mode == "always" or (mode == "madvise" and requested == "1")
+    return dict(thp_mode=mode, thp_mem_alloc_enable=requested, huge_pages=huge)
+
+
 def _version(module_name: str) -> Optional[str]:
     try:
         module = __import__(module_name)
@@ -553,6 +569,8 @@ def environment(device: str) -> Dict[str, Any]:
         "git_dirty": bool(status) if status is not None else None,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
+    if not device.startswith("cuda"):
+        env["cpu_pages"] = cpu_pages()
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         env.update(cuda_capability=f"{props.major}.{props.minor}", gpu_memory_gb=round(props.total_memory / 1e9, 1),

@@ -94,6 +94,12 @@ def header_text(result: Dict[str, Any]) -> str:
         f"- ISA: llama_ext CPU kernels **{env['llama_ext_cpu_capability']}** (this CPU runs: "
         f"{', '.join(env['cpu_levels'])}); torch's own CPU kernels {env['cpu_capability']}",
     ]
+    pages = env.get("cpu_pages")
+    if pages:
+        lines.append(
+            f"- pages: {'2 MB' if pages['huge_pages'] else '4 KB'} for CPU tensors of 2 MB or more (transparent huge "
+            f"pages `{pages['thp_mode'] or 'unknown'}`, THP_MEM_ALLOC_ENABLE "
+            f"{pages['thp_mem_alloc_enable'] if pages['thp_mem_alloc_enable'] is not None else 'unset'})")
     if env.get("cpu_isa_limit_env"):
         how = ", ".join(f"{k}={v}" for k, v in env["cpu_isa_limit_env"].items())
         lines.append(f"- limited: {how}" + (

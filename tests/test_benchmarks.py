@@ -100,10 +100,24 @@ def _toy_bench(providers, unit="GB/s", work=64.0):
                            make_inputs=lambda c: torch.randn(8) + 3)
 
 
+def test_cpu_pages_follow_the_kernel_mode_and_torch_switch(monkeypatch):
+    for requested in ("1", "0", None):
+        if requested is None:
+            monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+        else:
+            monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", requested)
+        pages = harness.cpu_pages()
+        assert pages["thp_mem_alloc_enable"] == requested
+        assert pages["huge_pages"] == (pages["thp_mode"] == "always" or (pages["thp_mode"] == "madvise" and requested == "1"))
+
+
 def test_decode_smoke_and_dram_cases(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli.main(SMOKE_ARGS + ["--op", "decode", "--out", str(out)]) == 0
     data = json.loads((out / "results-cpu.json").read_text())
+    # The caches' pages are part of the record (decode from DRAM depends on them).
+    pages = data["env"]["cpu_pages"]
+    assert f"- pages: {'2 MB' if pages['huge_pages'] else '4 KB'} for CPU tensors" in report.header_text(data)
     (op,) = data["ops"]
     _check_op(op, ["eager", "native", "compile", "llama_ext"])
     modes = {case["mode"]: case for case in op["cases"]}
