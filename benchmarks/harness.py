@@ -482,13 +482,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+THP_MODE_PATH = "/sys/kernel/mm/transparent_hugepage/enabled"  # e.g. "always [madvise] never"
+
+
 def cpu_pages() -> Dict[str, Any]:
     """The pages torch's CPU tensors get: the kernel's transparent-huge-page mode and torch's own
     THP_MEM_ALLOC_ENABLE, with which a tensor of 2 MB or more asks for 2 MB pages where the mode
     is `madvise`. Decode reads its cache from DRAM faster on them (benchmarks/RESULTS.md), so the
     tables record which pages the caches had."""
     try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        with open(THP_MODE_PATH) as f:
             text = f.read()
         mode = text[text.index("[") + 1:text.index("]")]
     except (OSError, ValueError):
@@ -569,12 +572,12 @@ def environment(device: str) -> Dict[str, Any]:
         "git_dirty": bool(status) if status is not None else None,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
-    if not device.startswith("cuda"):
-        env["cpu_pages"] = cpu_pages()
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(device)
         env.update(cuda_capability=f"{props.major}.{props.minor}", gpu_memory_gb=round(props.total_memory / 1e9, 1),
                    tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        env["cpu_pages"] = cpu_pages()
     return env
 
 

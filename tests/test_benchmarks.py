@@ -100,15 +100,22 @@ def _toy_bench(providers, unit="GB/s", work=64.0):
                            make_inputs=lambda c: torch.randn(8) + 3)
 
 
-def test_cpu_pages_follow_the_kernel_mode_and_torch_switch(monkeypatch):
-    for requested in ("1", "0", None):
-        if requested is None:
-            monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-        else:
-            monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", requested)
-        pages = harness.cpu_pages()
-        assert pages["thp_mem_alloc_enable"] == requested
-        assert pages["huge_pages"] == (pages["thp_mode"] == "always" or (pages["thp_mode"] == "madvise" and requested == "1"))
+def test_cpu_pages_follow_the_kernel_mode_and_torch_switch(tmp_path, monkeypatch):
+    # 2 MB pages: always under the kernel's `always`, never under `never` (or where the kernel
+    # says nothing), and under `madvise` only where torch asks for them (THP_MEM_ALLOC_ENABLE=1).
+    expected = {"always": (True, True, True), "madvise": (True, False, False), "never": (False, False, False),
+                None: (False, False, False)}
+    for mode, huge in expected.items():
+        path = tmp_path / f"enabled-{mode}"
+        if mode is not None:
+            path.write_text(" ".join(f"[{m}]" if m == mode else m for m in ("always", "madvise", "never")) + "\n")
+        monkeypatch.setattr(harness, "THP_MODE_PATH", str(path))
+        for requested, want in zip(("1", "0", None), huge):
+            if requested is None:
+                monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+            else:
+                monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", requested)
+            assert harness.cpu_pages() == dict(thp_mode=mode, thp_mem_alloc_enable=requested, huge_pages=want)
 
 
 def test_decode_smoke_and_dram_cases(tmp_path, capsys):
