@@ -118,6 +118,19 @@ def test_cpu_pages_follow_the_kernel_mode_and_torch_switch(tmp_path, monkeypatch
             assert harness.cpu_pages() == dict(thp_mode=mode, thp_mem_alloc_enable=requested, huge_pages=want)
 
 
+def test_cpu_model_names_the_x86_family_and_model(tmp_path):
+    # A VM's brand string alone ("AMD EPYC") does not tell Zen 4 from Zen 5: the tables also give
+    # the family and model of the first processor (not of any later one).
+    first = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    later = "processor\t: 1\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: other\n"
+    path = tmp_path / "cpuinfo"
+    path.write_text(first + "\n" + later)
+    assert harness._cpu_model(str(path)) == "AMD EPYC (family 26, model 2)"
+    path.write_text("processor\t: 0\nmodel name\t: Some CPU\n")
+    assert harness._cpu_model(str(path)) == "Some CPU"
+    assert harness._cpu_model(str(tmp_path / "missing"))  # falls back to platform's name
+
+
 def test_decode_smoke_and_dram_cases(tmp_path, capsys):
     out = tmp_path / "bench"
     assert cli.main(SMOKE_ARGS + ["--op", "decode", "--out", str(out)]) == 0
