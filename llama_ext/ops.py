@@ -457,10 +457,10 @@ def gqa_attention_with_kvcache(
                     f"gqa_attention_with_kvcache is an inference op without a gradient, but {name} requires grad; "
                     f"call it under torch.no_grad() (or use gqa_attention for training)"
                 )
-    left, right = window_size
+    left, right = _window(window_size)
     out, lse = _ops.gqa_attention_with_kvcache(
         q, k_cache, v_cache, cache_seqlens, k, v, block_table, causal, _default_scale(q, scale), rotary_cos,
-        rotary_sin, rotary_interleaved, int(left), int(right), float(softcap),
+        rotary_sin, rotary_interleaved, left, right, float(softcap),
     )
     return (out, lse) if return_lse else out
 

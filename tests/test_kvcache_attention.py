@@ -380,7 +380,11 @@ def test_empty_shapes(device):
 def bad_cases(device):
     """(description, kwargs overrides, exception, message) of invalid calls."""
     dev = torch.device(device)
-    return [
+    python_checks = [  # the op's Python wrapper, shared with gqa_attention
+        ("window not a pair", dict(window_size=4), TypeError, "window_size must be a pair"),
+        ("window not ints", dict(window_size=(1.5, 0)), TypeError, r"window_size \(left\) must be an int"),
+    ]
+    return python_checks + [
         ("q dtype", dict(q=lambda c: c.q.half() if c.q.dtype != torch.half else c.q.float()), TypeError, "k_cache"),
         ("seqlens dtype", dict(cache_seqlens=lambda c: c.cache_seqlens.long()), TypeError, "cache_seqlens"),
         ("seqlens shape", dict(cache_seqlens=lambda c: c.cache_seqlens[:1]), ValueError, "cache_seqlens"),
@@ -397,7 +401,7 @@ def bad_cases(device):
         ("window", dict(window_size=(-2, 0)), ValueError, "window_size"),
         ("softcap", dict(softcap=-1.0), ValueError, "softcap"),
         ("head_dim", dict(head_dim=12), ValueError, "head_dim"),
-    ] if dev.type == "cpu" else [
+    ] if dev.type == "cpu" else python_checks + [
         ("q dtype", dict(q=lambda c: c.q.half()), TypeError, "k_cache"),
         ("float64", dict(dtype=torch.float64), TypeError, "float64"),
         ("head_dim", dict(head_dim=40), ValueError, "head_dim"),
