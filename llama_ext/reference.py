@@ -23,10 +23,19 @@ def rms_norm_reference(x: Tensor, weight: Optional[Tensor] = None, eps: float = 
 
 
 def fused_add_rms_norm_reference(
-    x: Tensor, residual: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6, offset: float = 0.0
+    x: Tensor,
+    residual: Tensor,
+    weight: Optional[Tensor] = None,
+    eps: float = 1e-6,
+    offset: float = 0.0,
+    sum_dtype: Optional[torch.dtype] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """float64 ``(rms_norm(x + residual), x + residual)``."""
+    """float64 ``(rms_norm(x + residual), x + residual)``, the sum rounded to ``sum_dtype``
+    (default: the inputs' dtype) as the op rounds it before normalizing. The rounding passes
+    gradients through unchanged, so float64 leaves standing for lower-precision inputs give the
+    op's gradients when ``sum_dtype`` names that precision."""
     res = x.double() + residual.double()
+    res = res + (res.to(sum_dtype or x.dtype).double() - res).detach()
     return rms_norm_reference(res, weight, eps, offset), res
 
 
