@@ -43,6 +43,10 @@
 //     this level and FlashAttention do): 1.06-1.21x with the cache in L3, 1.03-1.11x evicted
 //     (Zen 4, b1 4096 / b1 1024 / paged16 / b8 1024). Elsewhere P V stays on the FMAs, P in fp32
 //     (at amx_bf16, on Sapphire Rapids, VDPBF16PS issues at half the FMA rate: no faster).
+//     At avx512_bf16, a task that covers every kv head of a contiguous cache, with d of 64, 128
+//     or 256 and 1, 2, 4 or 8 heads and rows per head, runs key-major tiles instead (namespace
+//     dot, "Key-major tiles"): each key's row read whole, key after key, with a software
+//     prefetch ahead of it, so that the math overlaps the stream from DRAM.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens, a contiguous cache) run on
@@ -86,6 +90,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <vector>
 
 #include "../kvcache_attention.h"
@@ -107,6 +112,9 @@ constexpr int64_t kMinKeyRowsPerSplit = 256;  // keys x kv heads of one split, a
 constexpr int64_t kPvKeys = 8;            // keys per P V pass over every head of a task (at least)
 constexpr int64_t kPageBytes = 4096;      // the unit within which hardware prefetchers follow a stream
 constexpr int64_t kPrefetchKeys = 8;      // how far ahead prefetch_row_starts reads, in keys
+constexpr int64_t kKeyMajorPvKeys = 8;    // keys per P V step of the key-major tiles
+static_assert(kScoreKeys % kKeyMajorPvKeys == 0, "blocks pad to whole key-major P V steps");
+constexpr int64_t kRowsAhead = 40;        // rows resolved past a block: the key-major prefetches' reach
 
 template <typename T>
 struct KVCacheCpuParams {
@@ -316,6 +324,23 @@ struct PhaseOrder {
   }
 };
 
+// Vectors that start on a cache line (so do their rows, where a row is whole lines): the
+// key-major tiles load and store whole O rows, and rows split across lines made them 1.26x slower
+// with the cache in L3 and lost their overlap with DRAM (Zen 5, 2026-12-03/04).
+template <typename E>
+struct CacheLineAllocator {
+  using value_type = E;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  E* allocate(size_t n) { return static_cast<E*>(::operator new(n * sizeof(E), std::align_val_t(64))); }
+  void deallocate(E* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+};
+template <typename E>
+using AlignedVector = std::vector<E, CacheLineAllocator<E>>;
+
 // Per-thread buffers of one task, padded to whole vectors (zeros in the padding). Made per call:
 // kept across calls (thread_local) they save about 2 us a call (2 threads, Zen 4: 1.13-1.22x at
 // 16 keys, 1.03-1.07x at 100, none from 1K keys), too little for buffers that outlive the call
@@ -323,11 +348,11 @@ struct PhaseOrder {
 template <typename T>
 struct TaskBuffers {
   using acc_t = at::opmath_type<T>;
-  std::vector<acc_t> q, o, s, m, l;
+  AlignedVector<acc_t> q, o, s, m, l;
   std::vector<int64_t> lo, hi;
-  std::vector<T> q_bits;       // the VDPBF16PS score path's q rows: as given (rotated), unscaled
-  std::vector<T> p_bits;       // the VDPBF16PS P V path's probabilities, rounded: [kMaxRows, kKeyBlock]
-  std::vector<acc_t> scratch;  // the AMX score path's q tiles, sized on first use
+  AlignedVector<T> q_bits;       // the VDPBF16PS score path's q rows: as given (rotated), unscaled
+  AlignedVector<T> p_bits;       // the VDPBF16PS P V path's probabilities, rounded: [kMaxRows, kKeyBlock]
+  AlignedVector<acc_t> scratch;  // the AMX score path's q tiles, sized on first use
   TaskBuffers(int64_t dpad)
       : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), m(kMaxRows),
         l(kMaxRows), lo(kMaxRows), hi(kMaxRows) {}
@@ -790,6 +815,123 @@ inline void natural_order(float* row, int64_t dpad) {
 
 using cpu::bf16_dot::round_rows;  // P rounded to bf16 (to nearest even) for pv_rows
 
+// ---- Key-major tiles: decode with the cache streaming from DRAM ----
+// The tiles above read a few keys' rows side by side, head by head, and leave the streaming to
+// the hardware prefetchers (phase order); the math and the memory stalls then barely overlap (a
+// step from DRAM takes about its L3 time plus a plain read's). Where a task covers every kv head
+// of a contiguous cache (whole rows, heads side by side, keys one after the other) and its shape
+// is one compiled below, it reads each key's row whole instead, key after key: the scores take
+// one key against every head and row, the P V eight keys against every head and row, and a
+// software prefetch runs ~16 KB ahead in the same order (the block's K rows, its V rows, the next
+// block's K rows): one ascending run, which the core keeps in flight while it multiplies. The
+// shape (d, heads, rows, and so the head stride) must be compile-time: with the head stride
+// alone a run-time value the overlap was lost. Against the other tiles (Zen 5, 2 threads, bf16,
+// 2026-12-04, alternating in one process; benchmarks/RESULTS.md), from DRAM: b1 4096 32/8 x 128
+// 1.09-1.16x, b1 2048 1.19x, b1 1024 1.11x, b1 16384 1.06x, 32/8 x 64 1.12x, 64/8 x 128 1.07x,
+// 16/8 x 256 1.07x, b8 x 1024 1.01-1.02x; with the cache resident in L3 0.90-0.97x (b1 1024-4096),
+// but in a model's decode step the weights evict a layer's cache between two steps. A paged
+// cache's blocks break the run (paged16: 0.91-0.98x), so paged caches keep the other tiles.
+
+// q of a key-major task, per head and chunk: element e of row r of head x at
+// ((x C + e / 32) R + r) 32 + e % 32, so that a tile's q chunks lie at constant offsets.
+inline int64_t key_major_q_offset(int64_t x, int64_t r, int64_t e, int64_t nr, int64_t chunks) {
+  return ((x * chunks + e / pairs::kChunk) * nr + r) * pairs::kChunk + e % pairs::kChunk;
+}
+
+// Keys the prefetch runs ahead of the scores and the P V: about 16 KB of rows, an even count.
+template <int C, int NH>
+constexpr int64_t kKeyMajorAhead = std::clamp<int64_t>(16384 / (NH * C * 64), 2, 32) / 2 * 2;
+
+// s[(x R + r) ld] = scale (q_{x,r} . k_x) for one key (its row at k, head x at x d elements: the
+// heads side by side), every head x < NH and row r < R: tiles of HT heads x R rows (8
+// accumulators at most), each K chunk loaded once for the R rows of its head.
+template <int C, int NH, int R>
+__attribute__((always_inline)) inline void key_scores(const bf16* q, const bf16* k, float scale, float* s, int64_t ld) {
+  constexpr int64_t kC = pairs::kChunk;
+  constexpr int HT = std::min(NH, 8 / R);
+  static_assert(NH % HT == 0, "whole tiles of heads");
+  for (int x0 = 0; x0 < NH; x0 += HT) {
+    __m512 acc[HT * R];
+    for (int i = 0; i < HT * R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      for (int h = 0; h < HT; ++h) {
+        const __m512bh kc = (__m512bh)_mm512_loadu_si512(k + ((x0 + h) * C + c) * kC);
+        for (int r = 0; r < R; ++r) {
+          const __m512bh qc = (__m512bh)_mm512_loadu_si512(q + (((x0 + h) * C + c) * R + r) * kC);
+          acc[h * R + r] = _mm512_dpbf16_ps(acc[h * R + r], qc, kc);
+        }
+      }
+    for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]) * scale;
+  }
+}
+
+// O_{x,r} += sum_j p[x R + r, j] v_j over the 2P keys j of P key pairs (rows v[j], head x at
+// x d elements), every head x < NH and row r < R: p rows ld_p apart, O rows d apart in the
+// unpacks' order (as pv_strip leaves them). Each O chunk stays in registers over the P pairs
+// (their rows are in L1 by then): through L1 for every pair, the step was 0.74-0.97x as fast with
+// the cache in L3.
+template <int C, int NH, int R, int P>
+__attribute__((always_inline)) inline void key_pairs_pv(const bf16* p, int64_t ld_p, const bf16* const* v, float* o) {
+  constexpr int64_t kC = pairs::kChunk;
+  for (int x = 0; x < NH; ++x)
+    for (int c = 0; c < C; ++c) {
+      __m512 acc[R][2];
+      for (int r = 0; r < R; ++r)
+        for (int half = 0; half < 2; ++half) acc[r][half] = _mm512_loadu_ps(o + ((x * R + r) * C + c) * kC + 16 * half);
+      for (int q = 0; q < P; ++q) {
+        const __m512i a = _mm512_loadu_si512(v[2 * q] + (x * C + c) * kC);
+        const __m512i b = _mm512_loadu_si512(v[2 * q + 1] + (x * C + c) * kC);
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        for (int r = 0; r < R; ++r) {
+          uint32_t bits;
+          std::memcpy(&bits, p + (x * R + r) * ld_p + 2 * q, sizeof(bits));
+          const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, pair);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, pair);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int half = 0; half < 2; ++half) _mm512_storeu_ps(o + ((x * R + r) * C + c) * kC + 16 * half, acc[r][half]);
+    }
+}
+
+// Every line of one key's row (NH heads of d = 32 C), to L1. always_inline: GCC 12 deletes the
+// calls of an out-of-line function of prefetches alone.
+template <int C, int NH>
+__attribute__((always_inline)) inline void prefetch_key_row(const bf16* row) {
+  for (int line = 0; line < NH * C; ++line) _mm_prefetch(reinterpret_cast<const char*>(row) + 64 * line, _MM_HINT_T0);
+}
+
+// Calls f(C, NH, R) (integral constants) for the shapes the key-major tiles compile, d = 32 C of
+// 64, 128 or 256 and NH, R of 1, 2, 4 or 8, and returns true; false for any other shape.
+template <typename F>
+bool with_key_major_shape(int64_t d, int64_t nh, int64_t nr, F&& f) {
+  const auto by_rows = [&](auto c, auto h) {
+    switch (nr) {
+      case 1: return f(c, h, std::integral_constant<int, 1>{}), true;
+      case 2: return f(c, h, std::integral_constant<int, 2>{}), true;
+      case 4: return f(c, h, std::integral_constant<int, 4>{}), true;
+      case 8: return f(c, h, std::integral_constant<int, 8>{}), true;
+      default: return false;
+    }
+  };
+  const auto by_heads = [&](auto c) {
+    switch (nh) {
+      case 1: return by_rows(c, std::integral_constant<int, 1>{});
+      case 2: return by_rows(c, std::integral_constant<int, 2>{});
+      case 4: return by_rows(c, std::integral_constant<int, 4>{});
+      case 8: return by_rows(c, std::integral_constant<int, 8>{});
+      default: return false;
+    }
+  };
+  switch (d) {
+    case 64: return by_heads(std::integral_constant<int, 2>{});
+    case 128: return by_heads(std::integral_constant<int, 4>{});
+    case 256: return by_heads(std::integral_constant<int, 8>{});
+    default: return false;
+  }
+}
+
 }  // namespace dot
 #else
 namespace dot {
@@ -806,6 +948,18 @@ void natural_order(float* row, int64_t dpad);
 template <typename = void>
 void round_rows(const float* src, int64_t src_stride, int64_t rows, int64_t N, c10::BFloat16* dst,
                 int64_t dst_stride);
+template <typename = void>
+int64_t key_major_q_offset(int64_t x, int64_t r, int64_t e, int64_t nr, int64_t chunks);
+template <typename F>
+bool with_key_major_shape(int64_t d, int64_t nh, int64_t nr, F&& f);
+template <int C, int NH>
+constexpr int64_t kKeyMajorAhead = 2;
+template <int C, int NH, int R>
+void key_scores(const c10::BFloat16* q, const c10::BFloat16* k, float scale, float* s, int64_t ld);
+template <int C, int NH>
+void prefetch_key_row(const c10::BFloat16* row);
+template <int C, int NH, int R, int P>
+void key_pairs_pv(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* const* v, float* o);
 }  // namespace dot
 #endif
 
@@ -944,6 +1098,12 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kDotPv<T>) {
     if (buf.p_bits.empty()) buf.p_bits.resize(kMaxRows * kKeyBlock);
   }
+  // The key-major tiles (see dot::with_key_major_shape) where the task reads whole cache rows.
+  bool key_major = false;
+  if constexpr (kDotPv<T>) {
+    key_major = a.block_table == nullptr && !amx && nh == a.n_kv_heads && a.k_stride[2] == d && a.v_stride[2] == d &&
+                dot::with_key_major_shape(d, nh, nr, [](auto, auto, auto) {});
+  }
   for (int64_t rr = 0; rr < rows; ++rr) {
     const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
     const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
@@ -955,7 +1115,13 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       if (amx) amx_scores::store_q(src, d, rr / nr, rr % nr, nr, qb);
     }
     if constexpr (kDot<T>) {
-      std::copy(src, src + d, buf.q_bits.data() + rr * dpad);
+      if (key_major) {
+        for (int64_t e = 0; e < d; e += pairs::kChunk)
+          std::copy(src + e, src + e + pairs::kChunk,
+                    buf.q_bits.data() + dot::key_major_q_offset(rr / nr, rr % nr, e, nr, d / pairs::kChunk));
+      } else {
+        std::copy(src, src + d, buf.q_bits.data() + rr * dpad);
+      }
     } else {
       acc_t* qr = buf.q.data() + rr * dpad;
       widen_row<T>(src, qr, d);
@@ -983,8 +1149,8 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kAmx<T>) {
     if (amx) amx_scores::configure(nr);
   }
-  const T* kn[kKeyBlock + kPrefetchKeys];  // the block's rows in address order, and the next ones
-  const T* vn[kKeyBlock + kPrefetchKeys];
+  const T* kn[kKeyBlock + kRowsAhead];  // the block's rows in address order, and the next ones
+  const T* vn[kKeyBlock + kRowsAhead];
   const T* kph[kKeyBlock];  // and in phase order
   const T* vph[kKeyBlock];
   constexpr int64_t acc_n = kPairs<T> ? pairs::kAcc : kScoreAcc<T>;  // a score tile's rows x keys
@@ -997,21 +1163,23 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   const int64_t k_row_stride = a.k_stride[1] * static_cast<int64_t>(sizeof(T));
   const int64_t v_row_stride = a.v_stride[1] * static_cast<int64_t>(sizeof(T));
-  const bool touch_k = k_row_stride < kPageBytes, touch_v = v_row_stride < kPageBytes;
-  const bool prefetch = !touch_k && !touch_v;  // a row a page (see prefetch_row_starts)
+  const bool touch_k = !key_major && k_row_stride < kPageBytes, touch_v = !key_major && v_row_stride < kPageBytes;
+  const bool prefetch = !key_major && !touch_k && !touch_v;  // a row a page (see prefetch_row_starts)
   PhaseOrder phase;
   phase.phases = kKeyBlock / std::max(kPvKeys, step);
   const auto pages_divide_phases = [&](int64_t stride) {
     return stride > 0 && stride < kPageBytes && kPageBytes % stride == 0 && phase.phases % (kPageBytes / stride) == 0;
   };
-  const bool phased_rows = !amx && pages_divide_phases(k_row_stride) && pages_divide_phases(v_row_stride);
+  const bool phased_rows =
+      !key_major && !amx && pages_divide_phases(k_row_stride) && pages_divide_phases(v_row_stride);
   int64_t seen_lo = 0, seen_hi = L;  // keys every row sees
   for (int64_t rr = 0; rr < rows; ++rr) seen_lo = std::max(seen_lo, buf.lo[rr]), seen_hi = std::min(seen_hi, buf.hi[rr]);
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
     const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // whole score tiles
-    const int64_t n_ahead = prefetch ? std::min(n + kPrefetchKeys, j1 - jb) : n;  // rows resolved
+    const int64_t rows_ahead = prefetch ? kPrefetchKeys : key_major ? kRowsAhead : 0;
+    const int64_t n_ahead = std::min(n + rows_ahead, j1 - jb);  // rows resolved
     resolve(jb, n_ahead, std::max(npad, n_ahead), kn, vn);
     const bool phased = phased_rows && n == kKeyBlock && seen_lo <= jb && jb + n <= seen_hi;
     const T* const* kp = kn;
@@ -1026,7 +1194,22 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
     // heads lie side by side in a cache row, so the K block is read key by key in address order
     // where keys lie a page or more apart, and in phase order or from L2 where they share pages.
-    for (int64_t j = 0; j < npad; j += step) {
+    if constexpr (kDotPv<T>) {
+      if (key_major) {
+        // One key at a time, every head and row; the prefetch runs ahead through this block's K
+        // rows into its V rows (padding copies past n: a short block prefetches less).
+        const float scale = a.scale;
+        dot::with_key_major_shape(d, nh, nr, [&](auto c, auto h, auto r) {
+          constexpr int C = decltype(c)::value, NH = decltype(h)::value, R = decltype(r)::value;
+          constexpr int64_t ahead = dot::kKeyMajorAhead<C, NH>;
+          for (int64_t j = 0; j < n; ++j) {
+            dot::prefetch_key_row<C, NH>(j + ahead < n ? kn[j + ahead] : vn[std::min(j + ahead - n, n - 1)]);
+            dot::key_scores<C, NH, R>(buf.q_bits.data(), kp[j], scale, s + j, kKeyBlock);
+          }
+        });
+      }
+    }
+    for (int64_t j = 0; j < (key_major ? 0 : npad); j += step) {
       if (prefetch) prefetch_row_starts(kn, std::min(j + kPrefetchKeys, n_ahead), std::min(j + kPrefetchKeys + step, n_ahead));
       if constexpr (kAmx<T>) {
         static_assert(amx_scores::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
@@ -1109,8 +1292,24 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     // from L2 after touch_rows (the output strips are then loaded and stored once per block:
     // 1.04-1.09x). Keys a row does not see have p = 0 and lie within the sequence (finite
     // values), so they add nothing.
+    if constexpr (kDotPv<T>) {
+      if (key_major) {
+        // kKeyMajorPvKeys keys at a time (those past n, up to npad, are rows with p = 0), every
+        // head and row; the prefetch runs ahead through this block's V rows into the next
+        // block's K rows.
+        dot::with_key_major_shape(d, nh, nr, [&](auto c, auto h, auto r) {
+          constexpr int C = decltype(c)::value, NH = decltype(h)::value, R = decltype(r)::value;
+          constexpr int64_t ahead = dot::kKeyMajorAhead<C, NH>;
+          for (int64_t j = 0; j < n; j += kKeyMajorPvKeys) {
+            for (int64_t t = j + ahead; t < j + ahead + kKeyMajorPvKeys; ++t)
+              dot::prefetch_key_row<C, NH>(t < n ? vn[t] : kn[std::min(t, n_ahead - 1)]);
+            dot::key_pairs_pv<C, NH, R, kKeyMajorPvKeys / 2>(buf.p_bits.data() + j, kKeyBlock, vp + j, buf.o.data());
+          }
+        });
+      }
+    }
     const int64_t pv_keys = phased ? kKeyBlock / phase.phases : touch_v ? kKeyBlock : kPvKeys;
-    for (int64_t j = 0; j < n; j += pv_keys) {
+    for (int64_t j = 0; j < (key_major ? 0 : n); j += pv_keys) {
       const int64_t nj = std::min(pv_keys, n - j);
       if (prefetch) prefetch_row_starts(vn, std::min(j + kPrefetchKeys, n_ahead), std::min(j + kPrefetchKeys + nj, n_ahead));
       for (int64_t hh = 0; hh < nh; ++hh) {
