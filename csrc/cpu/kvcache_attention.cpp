@@ -861,7 +861,17 @@ __attribute__((always_inline)) inline void key_scores(const bf16* q, const bf16*
           acc[h * R + r] = _mm512_dpbf16_ps(acc[h * R + r], qc, kc);
         }
       }
-    for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]) * scale;
+    // Eight sums by one transposing tree rather than eight horizontal sums: 1.05-1.11x with the
+    // cache in L3, 1.03-1.06x from DRAM (b1 1024/4096, 64/8 and 32/8 x 128, Zen 5, 2026-12-04).
+    if constexpr (HT * R == 8) {
+      at::vec::Vectorized<float> sums8[8];
+      for (int i = 0; i < 8; ++i) sums8[i] = acc[i];
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, _mm256_mul_ps(lane_sums8_m256(sums8), _mm256_set1_ps(scale)));
+      for (int i = 0; i < 8; ++i) s[(x0 * R + i) * ld] = sums[i];
+    } else {
+      for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]) * scale;
+    }
   }
 }
 
