@@ -876,33 +876,15 @@ __attribute__((always_inline)) inline void key_scores(const bf16* q, const bf16*
 }
 
 // O_{x,r} += sum_j p[x R + r, j] v_j over the 2P keys j of P key pairs (rows v[j], head x at
-// x d elements), every head x < NH and row r < R: p rows ld_p apart, O rows d apart in the
-// unpacks' order (as pv_strip leaves them). Each O chunk stays in registers over the P pairs
-// (their rows are in L1 by then): through L1 for every pair, the step was 0.74-0.97x as fast with
-// the cache in L3.
+// x d elements), every head x < NH and row r < R: p rows ld_p apart, O rows d apart. pv_strip
+// per head and chunk, so each O chunk stays in registers over the P pairs (their rows are in L1
+// by then): through L1 for every pair, the step was 0.74-0.97x as fast with the cache in L3.
 template <int C, int NH, int R, int P>
 __attribute__((always_inline)) inline void key_pairs_pv(const bf16* p, int64_t ld_p, const bf16* const* v, float* o) {
-  constexpr int64_t kC = pairs::kChunk;
+  constexpr int64_t d = C * pairs::kChunk;
   for (int x = 0; x < NH; ++x)
-    for (int c = 0; c < C; ++c) {
-      __m512 acc[R][2];
-      for (int r = 0; r < R; ++r)
-        for (int half = 0; half < 2; ++half) acc[r][half] = _mm512_loadu_ps(o + ((x * R + r) * C + c) * kC + 16 * half);
-      for (int q = 0; q < P; ++q) {
-        const __m512i a = _mm512_loadu_si512(v[2 * q] + (x * C + c) * kC);
-        const __m512i b = _mm512_loadu_si512(v[2 * q + 1] + (x * C + c) * kC);
-        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
-        for (int r = 0; r < R; ++r) {
-          uint32_t bits;
-          std::memcpy(&bits, p + (x * R + r) * ld_p + 2 * q, sizeof(bits));
-          const __m512bh pair = (__m512bh)_mm512_set1_epi32(static_cast<int>(bits));
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], lo, pair);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], hi, pair);
-        }
-      }
-      for (int r = 0; r < R; ++r)
-        for (int half = 0; half < 2; ++half) _mm512_storeu_ps(o + ((x * R + r) * C + c) * kC + 16 * half, acc[r][half]);
-    }
+    for (int c = 0; c < C; ++c)
+      pv_strip<R, 1, true>(p + x * R * ld_p, ld_p, v, x * d, 2 * P, c * pairs::kChunk, d, o + x * R * d, d);
 }
 
 // Every line of one key's row (NH heads of d = 32 C), to L1. always_inline: GCC 12 deletes the
