@@ -243,7 +243,7 @@ void append_new_tokens(const KVCacheCpuParams<T>& a, const at::Tensor& k, const 
 
 // ---- stage 3: attention -----------------------------------------------------------------------
 
-// dst[0, d) <- src[0, d) widened to acc_t; dst's padding to dpad stays as it was (zero).
+// dst[0, d) <- src[0, d) widened to acc_t.
 template <typename T>
 inline void widen_row(const T* src, at::opmath_type<T>* dst, int64_t d) {
   using IO = VecIO<T>;
@@ -326,7 +326,10 @@ struct PhaseOrder {
 
 // Vectors that start on a cache line (so do their rows, where a row is whole lines): the
 // key-major tiles load and store whole O rows, and rows split across lines made them 1.26x slower
-// with the cache in L3 and lost their overlap with DRAM (Zen 5, 2026-12-03/04).
+// with the cache in L3 and lost their overlap with DRAM (Zen 5, 2026-12-03/04). Their elements
+// are default-initialized, which for these arithmetic types means not written at all: attend
+// writes every element before it reads it (zeroing only the rows' padding), where zero-filling
+// the ~100 KB of a task's buffers (bf16 element by element) took a fifth of a short decode call.
 template <typename E>
 struct CacheLineAllocator {
   using value_type = E;
@@ -336,15 +339,25 @@ struct CacheLineAllocator {
   E* allocate(size_t n) { return static_cast<E*>(::operator new(n * sizeof(E), std::align_val_t(64))); }
   void deallocate(E* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
   template <typename U>
+  void construct(U* p) noexcept {
+    static_assert(std::is_trivially_default_constructible_v<U>, "left unwritten: trivial types only");
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <typename U, typename... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+  template <typename U>
   bool operator==(const CacheLineAllocator<U>&) const { return true; }
 };
 template <typename E>
 using AlignedVector = std::vector<E, CacheLineAllocator<E>>;
 
-// Per-thread buffers of one task, padded to whole vectors (zeros in the padding). Made per call:
-// kept across calls (thread_local) they save about 2 us a call (2 threads, Zen 4: 1.13-1.22x at
-// 16 keys, 1.03-1.07x at 100, none from 1K keys), too little for buffers that outlive the call
-// and whose padding each head dim would have to zero again.
+// Per-thread buffers of one task, rows padded to whole vectors (attend zeroes the padding of the q
+// rows it writes). Made per call, left unwritten (CacheLineAllocator): kept across calls
+// (thread_local) they saved about 2 us a call when they were zero-filled (2 threads, Zen 4:
+// 1.13-1.22x at 16 keys, 1.03-1.07x at 100, none from 1K keys), too little for buffers that
+// outlive the call.
 template <typename T>
 struct TaskBuffers {
   using acc_t = at::opmath_type<T>;
@@ -1085,7 +1098,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     qb = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.scratch.data()) + 63) & ~uintptr_t(63));
   }
   if constexpr (kDot<T>) {
-    if (buf.q_bits.empty()) buf.q_bits.assign(kMaxRows * dpad, T(0.f));  // zero past d
+    if (buf.q_bits.empty()) buf.q_bits.resize(kMaxRows * dpad);
   }
   if constexpr (kDotPv<T>) {
     if (buf.p_bits.empty()) buf.p_bits.resize(kMaxRows * kKeyBlock);
@@ -1113,10 +1126,12 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
                     buf.q_bits.data() + dot::key_major_q_offset(rr / nr, rr % nr, e, nr, d / pairs::kChunk));
       } else {
         std::copy(src, src + d, buf.q_bits.data() + rr * dpad);
+        std::fill(buf.q_bits.data() + rr * dpad + d, buf.q_bits.data() + (rr + 1) * dpad, T(0.f));
       }
     } else {
       acc_t* qr = buf.q.data() + rr * dpad;
       widen_row<T>(src, qr, d);
+      std::fill(qr + d, qr + dpad, acc_t(0));
       for (int64_t c = 0; c < dpad; c += W) (Vec::loadu(qr + c) * Vec(a.scale)).store(qr + c);
       if constexpr (kPairs<T>) pairs::pair_order(qr, dpad);
     }
