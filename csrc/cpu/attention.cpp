@@ -79,6 +79,7 @@
 #include "../attention.h"
 #include "attention_tiles.h"
 #include "cpu_vec.h"
+#include "online_softmax.h"
 #include "parallel.h"
 
 namespace llama_ext {
@@ -194,28 +195,6 @@ void group_row_dots(const at::Tensor& a_seq, const at::Tensor& b_seq, int64_t kv
   }
 }
 
-// Softcap of the visible columns [lo, hi) of a score row, in place: s <- c tanh(scale s / c).
-template <typename acc_t>
-void softcap_row(acc_t* s, int64_t lo, int64_t hi, acc_t scale, acc_t cap) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec in_v(scale / cap), cap_v(cap);
-  int64_t j = lo;
-  for (; j + W <= hi; j += W) ((Vec::loadu(s + j) * in_v).tanh() * cap_v).store(s + j);
-  if (j < hi) ((Vec::loadu(s + j, hi - j) * in_v).tanh() * cap_v).store(s + j, hi - j);
-}
-
-// exp of scores whose results are rounded to grade_t next (bf16 probabilities entering a
-// product, or the output of a bf16 attention): those need only bf16's precision.
-template <typename grade_t, typename acc_t>
-at::vec::Vectorized<acc_t> exp_for(const at::vec::Vectorized<acc_t>& x) {
-  if constexpr (std::is_same_v<grade_t, at::BFloat16> && std::is_same_v<acc_t, float>) {
-    return cpu::exp_bf16_grade(x);
-  } else {
-    return cpu::exp_fast(x);
-  }
-}
-
 // Backward of one row of a tile, on its visible columns [lo, hi) (0 elsewhere):
 // p <- P = exp(scale s - lse), dp <- dS = P (dP - D); under softcap (kSoftcap, cap > 0)
 // P = exp(cap t - lse) and dS = P (dP - D) (1 - t^2) with t = tanh(scale s / cap). P and dS
@@ -230,10 +209,10 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
   const auto grad = [&](const Vec& s, const Vec& dpv, Vec& pv, Vec& dsv) {
     if constexpr (kSoftcap) {
       const Vec t = (s * in_v).tanh();
-      pv = exp_for<prob_t>(at::vec::fmadd(t, cap_v, neg_lse_v));
+      pv = cpu::exp_for<prob_t>(at::vec::fmadd(t, cap_v, neg_lse_v));
       dsv = pv * (dpv - delta_v) * (one_v - t * t);
     } else {
-      pv = exp_for<prob_t>(at::vec::fmadd(s, scale_v, neg_lse_v));
+      pv = cpu::exp_for<prob_t>(at::vec::fmadd(s, scale_v, neg_lse_v));
       dsv = pv * (dpv - delta_v);
     }
   };
@@ -257,78 +236,6 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
 }
 
 // ---- forward --------------------------------------------------------------------------------
-
-// The online softmax of a score tile runs in three steps, so that the per-row scalar work (the
-// new running max and its rescale factor, one exp per row) vectorizes across rows:
-//   1. row_max: the max of each row's visible columns (-inf when it has none);
-//   2. update_maxima: m' = max(m, tile max) and alpha = exp(scale (m - m')) for all rows (1
-//      where m' == m: the max did not grow, or the row has seen no key yet);
-//   3. exp_row: p = exp(scale (s - m')) on the visible columns, 0 elsewhere, and its sum; the
-//      caller updates l' = l alpha + sum and rescales the row's output accumulator by alpha.
-template <typename acc_t>
-acc_t row_max(const acc_t* s, int64_t lo, int64_t hi) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec lowest(-std::numeric_limits<acc_t>::infinity());
-  const auto max = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
-  Vec max0 = lowest, max1 = lowest;  // two chains: the max's latency, not its throughput, would bound one
-  int64_t j = lo;
-  for (; j + 2 * W <= hi; j += 2 * W) {
-    max0 = max(max0, Vec::loadu(s + j));
-    max1 = max(max1, Vec::loadu(s + j + W));
-  }
-  if (j + W <= hi) {
-    max0 = max(max0, Vec::loadu(s + j));
-    j += W;
-  }
-  if (j < hi) max1 = max(max1, Vec::set(lowest, Vec::loadu(s + j, hi - j), hi - j));
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, max(max0, max1));
-}
-
-template <typename acc_t>
-void update_maxima(acc_t* m, const acc_t* tile_max, acc_t* alpha, int64_t rows, acc_t scale) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  const Vec scale_v(scale), one(acc_t(1));
-  const auto update = [&](int64_t r, int64_t count) {
-    const Vec m_old = Vec::loadu(m + r, count);
-    const Vec m_new = at::vec::maximum(m_old, Vec::loadu(tile_max + r, count));
-    // exp(-inf) = 0 on a row's first visited block; exp(-inf - -inf) would be NaN, hence the blend.
-    const Vec a = Vec::blendv(cpu::exp_fast((m_old - m_new) * scale_v), one, m_old == m_new);
-    m_new.store(m + r, count);
-    a.store(alpha + r, count);
-  };
-  int64_t r = 0;
-  for (; r + W <= rows; r += W) update(r, W);
-  if (r < rows) update(r, rows - r);
-}
-
-// Writes p[j] = exp(scale s[j] + shift) (p may alias s) for the visible columns [lo, hi) and 0
-// elsewhere in [0, n); returns the sum of the probabilities before any rounding to prob_t. T is
-// the attention's dtype, which grades the exp (exp_for).
-template <typename T, typename acc_t, typename prob_t>
-acc_t exp_row(const acc_t* s, prob_t* p, int64_t n, int64_t lo, int64_t hi, acc_t scale, acc_t shift) {
-  using IO = cpu::VecIO<prob_t>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  static_assert(IO::kWidth == W, "probabilities are stored one score vector at a time");
-  const Vec scale_v(scale), shift_v(shift);
-  Vec sum_v(acc_t(0));
-  int64_t j = lo;
-  for (; j + W <= hi; j += W) {
-    const Vec e = exp_for<T>(at::vec::fmadd(Vec::loadu(s + j), scale_v, shift_v));
-    IO::store(p + j, e);
-    sum_v = sum_v + e;
-  }
-  if (j < hi) {
-    const Vec e = exp_for<T>(at::vec::fmadd(Vec::loadu(s + j, hi - j), scale_v, shift_v));
-    IO::store(p + j, e, hi - j);
-    sum_v = sum_v + Vec::set(Vec(acc_t(0)), e, hi - j);
-  }
-  std::fill(p, p + lo, prob_t(0));
-  std::fill(p + hi, p + n, prob_t(0));
-  return at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, sum_v);
-}
 
 template <typename T, typename Tiles>
 void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb, int64_t block_q, Tiles& tiles) {
@@ -368,14 +275,14 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
     acc_t* s = tiles.scores();
     for (int64_t r = 0; r < M; ++r) {
       const auto [lo, hi] = visible[r];
-      if (cap > 0) softcap_row<acc_t>(s + r * stride, lo, hi, scale, cap);
-      tile_max[r] = row_max<acc_t>(s + r * stride, lo, hi);
+      if (cap > 0) cpu::softcap_row<acc_t>(s + r * stride, lo, hi, scale, cap);
+      tile_max[r] = cpu::row_max<acc_t>(s + r * stride, lo, hi);
     }
-    update_maxima<acc_t>(m.data(), tile_max.data(), alpha.data(), M, softmax_scale);
+    cpu::update_maxima<acc_t>(m.data(), tile_max.data(), alpha.data(), M, softmax_scale);
     for (int64_t r = 0; r < M; ++r) {
       const auto [lo, hi] = visible[r];
       l[r] = l[r] * alpha[r] +
-             exp_row<T>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, -m[r] * softmax_scale);
+             cpu::exp_row<T>(s + r * stride, tiles.probs(r, n), stride, lo, hi, softmax_scale, -m[r] * softmax_scale);
       if (alpha[r] != acc_t(1)) {
         acc_t* o = acc_ptr + r * acc_stride;
         for (int64_t c = 0; c < d; ++c) o[c] *= alpha[r];
