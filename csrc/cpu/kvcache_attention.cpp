@@ -893,14 +893,18 @@ __attribute__((always_inline)) inline void key_scores(const bf16* q, const bf16*
 
 // O_{x,r} += sum_j p[x R + r, j] v_j over the 2P keys j of P key pairs (rows v[j], head x at
 // x d elements), every head x < NH and row r < R: p rows ld_p apart, O rows d apart. pv_strip
-// per head and chunk, so each O chunk stays in registers over the P pairs (their rows are in L1
-// by then): through L1 for every pair, the step was 0.74-0.97x as fast with the cache in L3.
+// per head and strip of chunks, so each O strip stays in registers over the P pairs (their rows
+// are in L1 by then): through L1 for every pair, the step was 0.74-0.97x as fast in L3.
 template <int C, int NH, int R, int P>
 __attribute__((always_inline)) inline void key_pairs_pv(const bf16* p, int64_t ld_p, const bf16* const* v, float* o) {
   constexpr int64_t d = C * pairs::kChunk;
+  // Two chunks a strip where their 4 R accumulators fit (with the unpacked V pairs) in the 32
+  // registers, so that each broadcast p pair serves four products: 1.03-1.06x from DRAM (b1
+  // 1024/4096, d 64/128/256), the same in L3 (Zen 5, 2026-12-04).
+  constexpr int kStripChunks = (R <= 4 && C % 2 == 0) ? 2 : 1;
   for (int x = 0; x < NH; ++x)
-    for (int c = 0; c < C; ++c)
-      pv_strip<R, 1, true>(p + x * R * ld_p, ld_p, v, x * d, 2 * P, c * pairs::kChunk, d, o + x * R * d, d);
+    for (int c = 0; c < C; c += kStripChunks)
+      pv_strip<R, kStripChunks, true>(p + x * R * ld_p, ld_p, v, x * d, 2 * P, c * pairs::kChunk, d, o + x * R * d, d);
 }
 
 // Every line of one key's row (NH heads of d = 32 C), to L1. always_inline: GCC 12 deletes the
