@@ -47,10 +47,11 @@
 //     this level and FlashAttention do): 1.06-1.21x with the cache in L3, 1.03-1.11x evicted
 //     (Zen 4, b1 4096 / b1 1024 / paged16 / b8 1024). Elsewhere P V stays on the FMAs, P in fp32
 //     (at amx_bf16, on Sapphire Rapids, VDPBF16PS issues at half the FMA rate: no faster).
-//     At avx512_bf16, a task that covers every kv head of a contiguous cache, with d of 64, 128
-//     or 256 and 1, 2, 4 or 8 heads and rows per head, runs key-major tiles instead (namespace
-//     dot, "Key-major tiles"): each key's row read whole, key after key, with a software
-//     prefetch ahead of it, so that the math overlaps the stream from DRAM.
+//     A task that covers every kv head of a contiguous cache, with d of 64, 128 or 256 and 1, 2,
+//     4 or 8 heads and rows per head, runs key-major tiles instead ("Key-major tiles"): bf16 at
+//     avx512_bf16 (namespace dot), fp32 at the AVX-512 levels where a key's row is at most a
+//     page (namespace fma_key_major). Each key's row is read whole, key after key, with a
+//     software prefetch ahead of it, so that the math overlaps the stream from DRAM.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens, a contiguous cache) run on
@@ -720,6 +721,147 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 }  // namespace pairs
 #endif
 
+// ---- Key-major tiles: decode with the cache streaming from DRAM ------------------------------
+// The tiles above read a few keys' rows side by side, head by head, and leave the streaming to
+// the hardware prefetchers (phase order); the math and the memory stalls then barely overlap (a
+// step from DRAM takes about its L3 time plus a plain read's). Where a task covers every kv head
+// of a contiguous cache (whole rows, heads side by side, keys one after the other) and its shape
+// is one compiled below, it reads each key's row whole instead, key after key: the scores take
+// one key against every head and row, the P V eight keys against every head and row, and a
+// software prefetch runs ~16 KB ahead in the same order (the block's K rows, its V rows, the next
+// block's K rows): one ascending run, which the core keeps in flight while it multiplies. The
+// shape (d, heads, rows, and so the head stride) must be compile-time: with the head stride
+// alone a run-time value the overlap was lost. Against the other tiles (Zen 5, 2 threads, bf16,
+// 2026-12-04, alternating in one process; benchmarks/RESULTS.md), from DRAM: b1 4096 32/8 x 128
+// 1.09-1.16x, b1 2048 1.19x, b1 1024 1.11x, b1 16384 1.06x, 32/8 x 64 1.12x, 64/8 x 128 1.07x,
+// 16/8 x 256 1.07x, b8 x 1024 1.01-1.02x; with the cache resident in L3 0.90-0.97x (b1 1024-4096),
+// but in a model's decode step the weights evict a layer's cache between two steps. A paged
+// cache's blocks break the run (paged16: 0.91-0.98x), so paged caches keep the other tiles.
+
+// fp32 takes them at the AVX-512 levels where a key's row (every head) is at most a page, on the
+// FMAs (namespace fma_key_major): against the other tiles (Zen 5, 2026-12-04, one process, 8-10
+// rounds) from DRAM b1 4096 32/8 x 128 1.12-1.15x, b1 1024 1.09x, b1 2048 1.10x, b8 x 1024 1.14x,
+// b1 16384 1.20x, 32/8 x 64 1.11x, 64/8 x 128 1.22x, 32/4 x 128 1.49x, 16/4 x 256 1.09x; in L3
+// 0.87-0.96x at b1; 8 KB rows (8 heads x 256) lost, 0.90-0.96x from DRAM. bf16 takes them at
+// avx512_bf16 on VDPBF16PS (namespace dot).
+
+// Calls f(D, NH, R) (integral constants) for the shapes the key-major tiles compile, head dim D
+// of 64, 128 or 256 and NH heads, R rows per head of 1, 2, 4 or 8, and returns true; false for
+// any other shape.
+template <typename F>
+bool with_key_major_shape(int64_t d, int64_t nh, int64_t nr, F&& f) {
+  const auto by_rows = [&](auto dd, auto h) {
+    switch (nr) {
+      case 1: return f(dd, h, std::integral_constant<int, 1>{}), true;
+      case 2: return f(dd, h, std::integral_constant<int, 2>{}), true;
+      case 4: return f(dd, h, std::integral_constant<int, 4>{}), true;
+      case 8: return f(dd, h, std::integral_constant<int, 8>{}), true;
+      default: return false;
+    }
+  };
+  const auto by_heads = [&](auto dd) {
+    switch (nh) {
+      case 1: return by_rows(dd, std::integral_constant<int, 1>{});
+      case 2: return by_rows(dd, std::integral_constant<int, 2>{});
+      case 4: return by_rows(dd, std::integral_constant<int, 4>{});
+      case 8: return by_rows(dd, std::integral_constant<int, 8>{});
+      default: return false;
+    }
+  };
+  switch (d) {
+    case 64: return by_heads(std::integral_constant<int, 64>{});
+    case 128: return by_heads(std::integral_constant<int, 128>{});
+    case 256: return by_heads(std::integral_constant<int, 256>{});
+    default: return false;
+  }
+}
+
+// q of a key-major task, per head and 64-byte chunk (kChunk elements of T): element e of row r
+// of head x at ((x C + e / kChunk) R + r) kChunk + e % kChunk with C = d / kChunk, so that a
+// tile's q chunks lie at constant offsets.
+template <typename T>
+inline int64_t key_major_q_offset(int64_t x, int64_t r, int64_t e, int64_t nr, int64_t d) {
+  constexpr int64_t kChunk = 64 / sizeof(T);
+  return ((x * (d / kChunk) + e / kChunk) * nr + r) * kChunk + e % kChunk;
+}
+
+// Keys the prefetch runs ahead of the scores and the P V: about 16 KB of rows, an even count.
+constexpr int64_t key_major_ahead(int64_t row_bytes) { return std::clamp<int64_t>(16384 / row_bytes, 2, 32) / 2 * 2; }
+
+// Every line of one key's row (kRowBytes, every head), to L1 (PREFETCHT0). always_inline: GCC 12
+// deletes the calls of an out-of-line function of prefetches alone.
+template <int64_t kRowBytes>
+__attribute__((always_inline)) inline void prefetch_row(const void* row) {
+  for (int64_t line = 0; line < kRowBytes; line += 64) __builtin_prefetch(static_cast<const char*>(row) + line, 0, 3);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// fp32 key-major tiles on the FMAs: the bf16 ones of namespace dot with 16-float chunks.
+namespace fma_key_major {
+
+// s[(x R + r) ld] = q_{x,r} . k_x (q pre-scaled) for one key (its row at k, head x at x D
+// elements), every head x < NH and row r < R: tiles of HT heads x R rows (8 accumulators at
+// most), each K chunk loaded once for the R rows of its head.
+template <int D, int NH, int R>
+__attribute__((always_inline)) inline void key_scores(const float* q, const float* k, float* s, int64_t ld) {
+  constexpr int C = D / 16, HT = std::min(NH, 8 / R);
+  static_assert(NH % HT == 0, "whole tiles of heads");
+  for (int x0 = 0; x0 < NH; x0 += HT) {
+    __m512 acc[HT * R];
+    for (int i = 0; i < HT * R; ++i) acc[i] = _mm512_setzero_ps();
+    for (int c = 0; c < C; ++c)
+      for (int h = 0; h < HT; ++h) {
+        const __m512 kc = _mm512_loadu_ps(k + ((x0 + h) * C + c) * 16);
+        for (int r = 0; r < R; ++r)
+          acc[h * R + r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (((x0 + h) * C + c) * R + r) * 16), kc, acc[h * R + r]);
+      }
+    if constexpr (HT * R == 8) {
+      at::vec::Vectorized<float> sums8[8];
+      for (int i = 0; i < 8; ++i) sums8[i] = acc[i];
+      alignas(32) float sums[8];
+      _mm256_store_ps(sums, lane_sums8_m256(sums8));
+      for (int i = 0; i < 8; ++i) s[(x0 * R + i) * ld] = sums[i];
+    } else {
+      for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]);
+    }
+  }
+}
+
+// O_{x,r} += sum_j p[x R + r, j] v_j over P keys (rows v[j], head x at x D elements), every head
+// x < NH and row r < R: p rows ld_p apart, O rows D apart; strips of up to 16 accumulators held
+// over the P keys, each broadcast p serving a strip's vectors.
+template <int D, int NH, int R, int P>
+__attribute__((always_inline)) inline void keys_pv(const float* p, int64_t ld_p, const float* const* v, float* o) {
+  constexpr int C = D / 16, kStrip = std::min(C, 16 / R);
+  for (int x = 0; x < NH; ++x)
+    for (int c = 0; c < C; c += kStrip) {
+      __m512 acc[R][kStrip];
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < kStrip; ++u) acc[r][u] = _mm512_loadu_ps(o + (x * R + r) * D + (c + u) * 16);
+      for (int j = 0; j < P; ++j) {
+        __m512 vc[kStrip];
+        for (int u = 0; u < kStrip; ++u) vc[u] = _mm512_loadu_ps(v[j] + x * D + (c + u) * 16);
+        for (int r = 0; r < R; ++r) {
+          const __m512 pr = _mm512_set1_ps(p[(x * R + r) * ld_p + j]);
+          for (int u = 0; u < kStrip; ++u) acc[r][u] = _mm512_fmadd_ps(pr, vc[u], acc[r][u]);
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int u = 0; u < kStrip; ++u) _mm512_storeu_ps(o + (x * R + r) * D + (c + u) * 16, acc[r][u]);
+    }
+}
+
+}  // namespace fma_key_major
+#else
+namespace fma_key_major {
+// No AVX-512 at this level (kFmaKeyMajor is false): declared for the discarded branches only.
+template <int D, int NH, int R>
+void key_scores(const float* q, const float* k, float* s, int64_t ld);
+template <int D, int NH, int R, int P>
+void keys_pv(const float* p, int64_t ld_p, const float* const* v, float* o);
+}  // namespace fma_key_major
+#endif
+
 #if defined(LLAMA_EXT_BF16_DOT)
 // ---- bf16 scores (and P V) on VDPBF16PS (avx512_bf16 and amx_bf16) ----------------------------
 // One VDPBF16PS multiplies 32 bf16 of q by 32 of K as they lie in memory and adds them into 16
@@ -831,32 +973,7 @@ inline void natural_order(float* row, int64_t dpad) {
   pairs::permute_chunks(row, dpad, first, _mm512_add_epi32(first, _mm512_set1_epi32(8)));
 }
 
-// ---- Key-major tiles: decode with the cache streaming from DRAM ----
-// The tiles above read a few keys' rows side by side, head by head, and leave the streaming to
-// the hardware prefetchers (phase order); the math and the memory stalls then barely overlap (a
-// step from DRAM takes about its L3 time plus a plain read's). Where a task covers every kv head
-// of a contiguous cache (whole rows, heads side by side, keys one after the other) and its shape
-// is one compiled below, it reads each key's row whole instead, key after key: the scores take
-// one key against every head and row, the P V eight keys against every head and row, and a
-// software prefetch runs ~16 KB ahead in the same order (the block's K rows, its V rows, the next
-// block's K rows): one ascending run, which the core keeps in flight while it multiplies. The
-// shape (d, heads, rows, and so the head stride) must be compile-time: with the head stride
-// alone a run-time value the overlap was lost. Against the other tiles (Zen 5, 2 threads, bf16,
-// 2026-12-04, alternating in one process; benchmarks/RESULTS.md), from DRAM: b1 4096 32/8 x 128
-// 1.09-1.16x, b1 2048 1.19x, b1 1024 1.11x, b1 16384 1.06x, 32/8 x 64 1.12x, 64/8 x 128 1.07x,
-// 16/8 x 256 1.07x, b8 x 1024 1.01-1.02x; with the cache resident in L3 0.90-0.97x (b1 1024-4096),
-// but in a model's decode step the weights evict a layer's cache between two steps. A paged
-// cache's blocks break the run (paged16: 0.91-0.98x), so paged caches keep the other tiles.
-
-// q of a key-major task, per head and chunk: element e of row r of head x at
-// ((x C + e / 32) R + r) 32 + e % 32, so that a tile's q chunks lie at constant offsets.
-inline int64_t key_major_q_offset(int64_t x, int64_t r, int64_t e, int64_t nr, int64_t chunks) {
-  return ((x * chunks + e / pairs::kChunk) * nr + r) * pairs::kChunk + e % pairs::kChunk;
-}
-
-// Keys the prefetch runs ahead of the scores and the P V: about 16 KB of rows, an even count.
-template <int C, int NH>
-constexpr int64_t kKeyMajorAhead = std::clamp<int64_t>(16384 / (NH * C * 64), 2, 32) / 2 * 2;
+// The bf16 key-major tiles (see "Key-major tiles" above), C 64-byte chunks a head (d = 32 C).
 
 // s[(x R + r) ld] = scale (q_{x,r} . k_x) for one key (its row at k, head x at x d elements: the
 // heads side by side), every head x < NH and row r < R: tiles of HT heads x R rows (8
@@ -907,43 +1024,6 @@ __attribute__((always_inline)) inline void key_pairs_pv(const bf16* p, int64_t l
       pv_strip<R, kStripChunks, true>(p + x * R * ld_p, ld_p, v, x * d, 2 * P, c * pairs::kChunk, d, o + x * R * d, d);
 }
 
-// Every line of one key's row (NH heads of d = 32 C), to L1. always_inline: GCC 12 deletes the
-// calls of an out-of-line function of prefetches alone.
-template <int C, int NH>
-__attribute__((always_inline)) inline void prefetch_key_row(const bf16* row) {
-  for (int line = 0; line < NH * C; ++line) _mm_prefetch(reinterpret_cast<const char*>(row) + 64 * line, _MM_HINT_T0);
-}
-
-// Calls f(C, NH, R) (integral constants) for the shapes the key-major tiles compile, d = 32 C of
-// 64, 128 or 256 and NH, R of 1, 2, 4 or 8, and returns true; false for any other shape.
-template <typename F>
-bool with_key_major_shape(int64_t d, int64_t nh, int64_t nr, F&& f) {
-  const auto by_rows = [&](auto c, auto h) {
-    switch (nr) {
-      case 1: return f(c, h, std::integral_constant<int, 1>{}), true;
-      case 2: return f(c, h, std::integral_constant<int, 2>{}), true;
-      case 4: return f(c, h, std::integral_constant<int, 4>{}), true;
-      case 8: return f(c, h, std::integral_constant<int, 8>{}), true;
-      default: return false;
-    }
-  };
-  const auto by_heads = [&](auto c) {
-    switch (nh) {
-      case 1: return by_rows(c, std::integral_constant<int, 1>{});
-      case 2: return by_rows(c, std::integral_constant<int, 2>{});
-      case 4: return by_rows(c, std::integral_constant<int, 4>{});
-      case 8: return by_rows(c, std::integral_constant<int, 8>{});
-      default: return false;
-    }
-  };
-  switch (d) {
-    case 64: return by_heads(std::integral_constant<int, 2>{});
-    case 128: return by_heads(std::integral_constant<int, 4>{});
-    case 256: return by_heads(std::integral_constant<int, 8>{});
-    default: return false;
-  }
-}
-
 }  // namespace dot
 #else
 namespace dot {
@@ -957,16 +1037,8 @@ void pv_rows(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* const* v
              int64_t dpad, float* o, int64_t ld_o);
 template <typename = void>
 void natural_order(float* row, int64_t dpad);
-template <typename = void>
-int64_t key_major_q_offset(int64_t x, int64_t r, int64_t e, int64_t nr, int64_t chunks);
-template <typename F>
-bool with_key_major_shape(int64_t d, int64_t nh, int64_t nr, F&& f);
-template <int C, int NH>
-constexpr int64_t kKeyMajorAhead = 2;
 template <int C, int NH, int R>
 void key_scores(const c10::BFloat16* q, const c10::BFloat16* k, float scale, float* s, int64_t ld);
-template <int C, int NH>
-void prefetch_key_row(const c10::BFloat16* row);
 template <int C, int NH, int R, int P>
 void key_pairs_pv(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* const* v, float* o);
 }  // namespace dot
@@ -1078,6 +1150,15 @@ template <typename T>
 constexpr bool kAmx = kLevelAmx && std::is_same_v<T, at::BFloat16>;  // score tiles on AMX
 template <typename T>
 constexpr bool kDotPv = kDot<T> && !kLevelAmx;  // P V on VDPBF16PS, P rounded to bf16
+#if defined(CPU_CAPABILITY_AVX512)
+template <typename T>
+constexpr bool kFmaKeyMajor = std::is_same_v<T, float>;  // fp32 key-major tiles on the FMAs
+#else
+template <typename T>
+constexpr bool kFmaKeyMajor = false;
+#endif
+template <typename T>
+constexpr bool kKeyMajor = kDotPv<T> || kFmaKeyMajor<T>;  // key-major tiles compiled for T
 
 // The task's rows: nr rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh), row
 // hh * nr + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
@@ -1107,11 +1188,13 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kDotPv<T>) {
     if (buf.p_bits.empty()) buf.p_bits.resize(kMaxRows * kKeyBlock);
   }
-  // The key-major tiles (see dot::with_key_major_shape) where the task reads whole cache rows.
+  // The key-major tiles (see "Key-major tiles") where the task reads whole cache rows: bf16 at
+  // avx512_bf16, fp32 where a row is at most a page.
   bool key_major = false;
-  if constexpr (kDotPv<T>) {
+  if constexpr (kKeyMajor<T>) {
     key_major = a.block_table == nullptr && !amx && nh == a.n_kv_heads && a.k_stride[2] == d && a.v_stride[2] == d &&
-                dot::with_key_major_shape(d, nh, nr, [](auto, auto, auto) {});
+                (kDotPv<T> || nh * d * static_cast<int64_t>(sizeof(T)) <= kPageBytes) &&
+                with_key_major_shape(d, nh, nr, [](auto, auto, auto) {});
   }
   for (int64_t rr = 0; rr < rows; ++rr) {
     const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
@@ -1127,11 +1210,13 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       if (key_major) {
         for (int64_t e = 0; e < d; e += pairs::kChunk)
           std::copy(src + e, src + e + pairs::kChunk,
-                    buf.q_bits.data() + dot::key_major_q_offset(rr / nr, rr % nr, e, nr, d / pairs::kChunk));
+                    buf.q_bits.data() + key_major_q_offset<T>(rr / nr, rr % nr, e, nr, d));
       } else {
         std::copy(src, src + d, buf.q_bits.data() + rr * dpad);
         std::fill(buf.q_bits.data() + rr * dpad + d, buf.q_bits.data() + (rr + 1) * dpad, T(0.f));
       }
+    } else if (key_major) {  // fp32: scaled
+      for (int64_t e = 0; e < d; ++e) buf.q[key_major_q_offset<T>(rr / nr, rr % nr, e, nr, d)] = src[e] * a.scale;
     } else {
       acc_t* qr = buf.q.data() + rr * dpad;
       widen_row<T>(src, qr, d);
@@ -1205,17 +1290,20 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     // Scores S[r, j] = q_r . k_j, a few keys at a time for every head of the task: the task's
     // heads lie side by side in a cache row, so the K block is read key by key in address order
     // where keys lie a page or more apart, and in phase order or from L2 where they share pages.
-    if constexpr (kDotPv<T>) {
+    if constexpr (kKeyMajor<T>) {
       if (key_major) {
         // One key at a time, every head and row; the prefetch runs ahead through this block's K
         // rows into its V rows (padding copies past n: a short block prefetches less).
-        const float scale = a.scale;
-        dot::with_key_major_shape(d, nh, nr, [&](auto c, auto h, auto r) {
-          constexpr int C = decltype(c)::value, NH = decltype(h)::value, R = decltype(r)::value;
-          constexpr int64_t ahead = dot::kKeyMajorAhead<C, NH>;
+        with_key_major_shape(d, nh, nr, [&](auto dd, auto h, auto r) {
+          constexpr int D = decltype(dd)::value, NH = decltype(h)::value, R = decltype(r)::value;
+          constexpr int64_t kRowBytes = NH * D * sizeof(T), ahead = key_major_ahead(kRowBytes);
           for (int64_t j = 0; j < n; ++j) {
-            dot::prefetch_key_row<C, NH>(j + ahead < n ? kn[j + ahead] : vn[std::min(j + ahead - n, n - 1)]);
-            dot::key_scores<C, NH, R>(buf.q_bits.data(), kp[j], scale, s + j, kKeyBlock);
+            prefetch_row<kRowBytes>(j + ahead < n ? kn[j + ahead] : vn[std::min(j + ahead - n, n - 1)]);
+            if constexpr (kDotPv<T>) {
+              dot::key_scores<D / 32, NH, R>(buf.q_bits.data(), kp[j], a.scale, s + j, kKeyBlock);
+            } else {
+              fma_key_major::key_scores<D, NH, R>(buf.q.data(), kp[j], s + j, kKeyBlock);
+            }
           }
         });
       }
@@ -1295,18 +1383,23 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     // from L2 after touch_rows (the output strips are then loaded and stored once per block:
     // 1.04-1.09x). Keys a row does not see have p = 0 and lie within the sequence (finite
     // values), so they add nothing.
-    if constexpr (kDotPv<T>) {
+    if constexpr (kKeyMajor<T>) {
       if (key_major) {
         // kKeyMajorPvKeys keys at a time (those past n, up to npad, are rows with p = 0), every
         // head and row; the prefetch runs ahead through this block's V rows into the next
         // block's K rows.
-        dot::with_key_major_shape(d, nh, nr, [&](auto c, auto h, auto r) {
-          constexpr int C = decltype(c)::value, NH = decltype(h)::value, R = decltype(r)::value;
-          constexpr int64_t ahead = dot::kKeyMajorAhead<C, NH>;
+        with_key_major_shape(d, nh, nr, [&](auto dd, auto h, auto r) {
+          constexpr int D = decltype(dd)::value, NH = decltype(h)::value, R = decltype(r)::value;
+          constexpr int64_t kRowBytes = NH * D * sizeof(T), ahead = key_major_ahead(kRowBytes);
           for (int64_t j = 0; j < n; j += kKeyMajorPvKeys) {
             for (int64_t t = j + ahead; t < j + ahead + kKeyMajorPvKeys; ++t)
-              dot::prefetch_key_row<C, NH>(t < n ? vn[t] : kn[std::min(t, n_ahead - 1)]);
-            dot::key_pairs_pv<C, NH, R, kKeyMajorPvKeys / 2>(buf.p_bits.data() + j, kKeyBlock, vp + j, buf.o.data());
+              prefetch_row<kRowBytes>(t < n ? vn[t] : kn[std::min(t, n_ahead - 1)]);
+            if constexpr (kDotPv<T>) {
+              dot::key_pairs_pv<D / 32, NH, R, kKeyMajorPvKeys / 2>(buf.p_bits.data() + j, kKeyBlock, vp + j,
+                                                                    buf.o.data());
+            } else {
+              fma_key_major::keys_pv<D, NH, R, kKeyMajorPvKeys>(s + j, kKeyBlock, vp + j, buf.o.data());
+            }
           }
         });
       }
