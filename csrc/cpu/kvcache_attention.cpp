@@ -796,35 +796,49 @@ __attribute__((always_inline)) inline void prefetch_row(const void* row) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// fp32 key-major tiles on the FMAs: the bf16 ones of namespace dot with 16-float chunks.
-namespace fma_key_major {
-
-// s[(x R + r) ld] = q_{x,r} . k_x (q pre-scaled) for one key (its row at k, head x at x D
-// elements), every head x < NH and row r < R: tiles of HT heads x R rows (8 accumulators at
-// most), each K chunk loaded once for the R rows of its head.
-template <int D, int NH, int R>
-__attribute__((always_inline)) inline void key_scores(const float* q, const float* k, float* s, int64_t ld) {
-  constexpr int C = D / 16, HT = std::min(NH, 8 / R);
+// s[(x R + r) ld] = scale (q_{x,r} . k_x) for one key (its row at k, head x at x D elements:
+// the heads side by side), every head x < NH and row r < R, q in key_major_q_offset's layout:
+// tiles of HT heads x R rows (8 accumulators at most), each 64-byte K chunk loaded once for the
+// R rows of its head; madd(acc, q chunk, k chunk) adds a chunk's products into acc.
+template <int D, int NH, int R, typename E, typename Madd>
+__attribute__((always_inline)) inline void key_major_scores(const E* q, const E* k, float scale, float* s, int64_t ld,
+                                                            Madd madd) {
+  constexpr int kChunk = 64 / sizeof(E), C = D / kChunk, HT = std::min(NH, 8 / R);
   static_assert(NH % HT == 0, "whole tiles of heads");
   for (int x0 = 0; x0 < NH; x0 += HT) {
     __m512 acc[HT * R];
     for (int i = 0; i < HT * R; ++i) acc[i] = _mm512_setzero_ps();
     for (int c = 0; c < C; ++c)
       for (int h = 0; h < HT; ++h) {
-        const __m512 kc = _mm512_loadu_ps(k + ((x0 + h) * C + c) * 16);
+        const __m512i kc = _mm512_loadu_si512(k + ((x0 + h) * C + c) * kChunk);
         for (int r = 0; r < R; ++r)
-          acc[h * R + r] = _mm512_fmadd_ps(_mm512_loadu_ps(q + (((x0 + h) * C + c) * R + r) * 16), kc, acc[h * R + r]);
+          acc[h * R + r] = madd(acc[h * R + r], _mm512_loadu_si512(q + (((x0 + h) * C + c) * R + r) * kChunk), kc);
       }
+    // Eight sums by one transposing tree rather than eight horizontal sums: 1.05-1.11x with the
+    // cache in L3, 1.03-1.06x from DRAM (bf16, b1 1024/4096, 64/8 and 32/8 x 128, Zen 5,
+    // 2026-12-04).
     if constexpr (HT * R == 8) {
       at::vec::Vectorized<float> sums8[8];
       for (int i = 0; i < 8; ++i) sums8[i] = acc[i];
       alignas(32) float sums[8];
-      _mm256_store_ps(sums, lane_sums8_m256(sums8));
+      _mm256_store_ps(sums, _mm256_mul_ps(lane_sums8_m256(sums8), _mm256_set1_ps(scale)));
       for (int i = 0; i < 8; ++i) s[(x0 * R + i) * ld] = sums[i];
     } else {
-      for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]);
+      for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]) * scale;
     }
   }
+}
+
+// fp32 key-major tiles on the FMAs: the bf16 ones of namespace dot with 16-float chunks.
+namespace fma_key_major {
+
+// s[(x R + r) ld] = q_{x,r} . k_x (q pre-scaled) for one key, every head x < NH and row r < R
+// (key_major_scores).
+template <int D, int NH, int R>
+__attribute__((always_inline)) inline void key_scores(const float* q, const float* k, float* s, int64_t ld) {
+  key_major_scores<D, NH, R>(q, k, 1.0f, s, ld, [](__m512 acc, __m512i qc, __m512i kc) {
+    return _mm512_fmadd_ps(_mm512_castsi512_ps(qc), _mm512_castsi512_ps(kc), acc);
+  });
 }
 
 // O_{x,r} += sum_j p[x R + r, j] v_j over P keys (rows v[j], head x at x D elements), every head
@@ -975,37 +989,13 @@ inline void natural_order(float* row, int64_t dpad) {
 
 // The bf16 key-major tiles (see "Key-major tiles" above), C 64-byte chunks a head (d = 32 C).
 
-// s[(x R + r) ld] = scale (q_{x,r} . k_x) for one key (its row at k, head x at x d elements: the
-// heads side by side), every head x < NH and row r < R: tiles of HT heads x R rows (8
-// accumulators at most), each K chunk loaded once for the R rows of its head.
+// s[(x R + r) ld] = scale (q_{x,r} . k_x) for one key, every head x < NH and row r < R
+// (key_major_scores), two products a lane per VDPBF16PS.
 template <int C, int NH, int R>
 __attribute__((always_inline)) inline void key_scores(const bf16* q, const bf16* k, float scale, float* s, int64_t ld) {
-  constexpr int64_t kC = pairs::kChunk;
-  constexpr int HT = std::min(NH, 8 / R);
-  static_assert(NH % HT == 0, "whole tiles of heads");
-  for (int x0 = 0; x0 < NH; x0 += HT) {
-    __m512 acc[HT * R];
-    for (int i = 0; i < HT * R; ++i) acc[i] = _mm512_setzero_ps();
-    for (int c = 0; c < C; ++c)
-      for (int h = 0; h < HT; ++h) {
-        const __m512bh kc = (__m512bh)_mm512_loadu_si512(k + ((x0 + h) * C + c) * kC);
-        for (int r = 0; r < R; ++r) {
-          const __m512bh qc = (__m512bh)_mm512_loadu_si512(q + (((x0 + h) * C + c) * R + r) * kC);
-          acc[h * R + r] = _mm512_dpbf16_ps(acc[h * R + r], qc, kc);
-        }
-      }
-    // Eight sums by one transposing tree rather than eight horizontal sums: 1.05-1.11x with the
-    // cache in L3, 1.03-1.06x from DRAM (b1 1024/4096, 64/8 and 32/8 x 128, Zen 5, 2026-12-04).
-    if constexpr (HT * R == 8) {
-      at::vec::Vectorized<float> sums8[8];
-      for (int i = 0; i < 8; ++i) sums8[i] = acc[i];
-      alignas(32) float sums[8];
-      _mm256_store_ps(sums, _mm256_mul_ps(lane_sums8_m256(sums8), _mm256_set1_ps(scale)));
-      for (int i = 0; i < 8; ++i) s[(x0 * R + i) * ld] = sums[i];
-    } else {
-      for (int i = 0; i < HT * R; ++i) s[(x0 * R + i) * ld] = _mm512_reduce_add_ps(acc[i]) * scale;
-    }
-  }
+  key_major_scores<C * 32, NH, R>(q, k, scale, s, ld, [](__m512 acc, __m512i qc, __m512i kc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)qc, (__m512bh)kc);
+  });
 }
 
 // O_{x,r} += sum_j p[x R + r, j] v_j over the 2P keys j of P key pairs (rows v[j], head x at
