@@ -168,7 +168,10 @@ def _extensions():
     # in torch 2.11, C++20 in 2.14).
     std = "-std=c++20"
     common = ["-O3", "-g0", std] + (["-fopenmp"] if openmp else [])
-    link = ["-fopenmp"] if openmp else []
+    # -lstdc++ before the compiler driver's own: the libraries bind to the process's shared
+    # libstdc++ even where the compiler links it statically by default (-static-libstdc++, as
+    # some toolchain wrappers do); see _check_shared_libstdcxx.
+    link = (["-fopenmp"] if openmp else []) + ["-lstdc++"]
     cuda = _want_cuda()
     nvcc_flags = [
         std,
@@ -256,12 +259,36 @@ class BuildExt(cpp_extension.BuildExtension):
             super().build_extension(ext)
         finally:
             self.build_temp = given
+        _check_shared_libstdcxx(self.get_ext_fullpath(ext.name))
         _remove_other_builds(self.get_ext_fullpath(ext.name))
 
     def copy_extensions_to_source(self):
         super().copy_extensions_to_source()
         for ext in self.extensions:
             _remove_other_builds(os.path.join(ROOT, self.get_ext_filename(ext.name)))
+
+
+# std::ostream's integer insertion and std::locale: defined by libstdc++.so, and in a library
+# only when a static copy of libstdc++ was linked into it.
+_LIBSTDCXX_INTERNALS = ("_ZNSo9_M_insertIlEERSoT_", "_ZNSt6localeC1Ev")
+
+
+def _check_shared_libstdcxx(built):
+    """Fails the build of a library that carries its own copy of libstdc++. Such a library mixes
+    its streams with the process's locale: formatting a number into an error message (every
+    TORCH_CHECK with a size in it) prints garbage or crashes the process, as it did on a GPU
+    machine whose compiler wrapper linked libstdc++ statically."""
+    try:
+        out = subprocess.run(["nm", "-D", "--defined-only", built], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return  # no binutils: nothing to check with
+    embedded = [s for s in _LIBSTDCXX_INTERNALS if s in out.split()]
+    if embedded:
+        cxx = os.environ.get("CXX", "c++")
+        raise RuntimeError(
+            f"{built} defines libstdc++'s own symbols ({', '.join(embedded)}): the C++ compiler ({cxx}) linked a "
+            "static copy of libstdc++ into it, and torch extensions built so crash when they format an error "
+            "message. Build with a compiler that links libstdc++ as a shared library, e.g. CC=gcc CXX=g++.")
 
 
 def _remove_other_builds(built):

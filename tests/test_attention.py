@@ -459,7 +459,7 @@ def _bad_inputs(d):
     packed_q, packed_k = torch.randn(6, 4, 32, **f32), torch.randn(6, 2, 32, **f32)
     cu = torch.tensor([0, 2, 6], **i32)
     return [
-        ("heads not divisible", _args(torch.randn(1, 4, 5, 32, **f32), ok_k, ok_k), ValueError, "multiple of n_kv_heads"),
+        ("heads not divisible", _args(torch.randn(1, 4, 5, 32, **f32), ok_k, ok_k), ValueError, r"n_q_heads \(5\) must be a multiple of n_kv_heads \(2, k.s heads\)"),
         ("head_dim mismatch", _args(ok_q, torch.randn(1, 4, 2, 64, **f32), torch.randn(1, 4, 2, 64, **f32)), ValueError, "head_dim"),
         ("head_dim not multiple of 8", _args(torch.randn(1, 4, 4, 12, **f32), torch.randn(1, 4, 2, 12, **f32), torch.randn(1, 4, 2, 12, **f32)), ValueError, "multiple of 8"),
         ("head_dim too large", _args(torch.randn(1, 2, 1, 264, **f32), torch.randn(1, 2, 1, 264, **f32), torch.randn(1, 2, 1, 264, **f32)), ValueError, "between 8 and 256"),

@@ -226,7 +226,7 @@ BAD_INPUTS = [
     ("0-dim input", lambda d: (torch.tensor(1.0, device=d), None), ValueError, "0-dim"),
     ("integer input", lambda d: (torch.ones(2, 4, dtype=torch.int32, device=d), None), TypeError, "floating-point"),
     ("bool input", lambda d: (torch.ones(2, 4, dtype=torch.bool, device=d), None), TypeError, "floating-point"),
-    ("weight size", lambda d: (torch.randn(2, 4, device=d), torch.ones(5, device=d)), ValueError, "weight must have shape"),
+    ("weight size", lambda d: (torch.randn(2, 4, device=d), torch.ones(5, device=d)), ValueError, r"weight must have shape \[4\] \(the hidden size of input\), got \[5\]"),
     ("weight dtype", lambda d: (torch.randn(2, 4, device=d), torch.ones(4, device=d, dtype=torch.float16)), TypeError, "weight must have the same dtype"),
     ("bf16 weight, fp32 input", lambda d: (torch.randn(2, 4, device=d), torch.ones(4, device=d, dtype=torch.bfloat16)), TypeError, "or, with float16/bfloat16 input, be float32"),
     ("fp64 weight, bf16 input", lambda d: (torch.randn(2, 4, device=d, dtype=torch.bfloat16), torch.ones(4, device=d, dtype=torch.float64)), TypeError, "weight must have the same dtype"),

@@ -418,7 +418,7 @@ def _args(device, **overrides):
 BAD_INPUTS = [
     ("integer q", dict(q=lambda d: torch.ones(2, 3, 4, 16, dtype=torch.int32, device=d)), TypeError, "floating-point"),
     ("k dtype", dict(k=lambda d: torch.ones(2, 3, 2, 16, dtype=torch.float16, device=d)), TypeError, "k must have the same dtype"),
-    ("q 3-dim", dict(q=lambda d: torch.ones(6, 4, 16, device=d)), ValueError, "q must be a 4-dim"),
+    ("q 3-dim", dict(q=lambda d: torch.ones(6, 4, 16, device=d)), ValueError, r"q must be a 4-dim tensor, got 3 dims with shape \[6, 4, 16\]"),
     ("k seq", dict(k=lambda d: torch.ones(2, 4, 2, 16, device=d)), ValueError, "k must be \\[batch, seq, n_kv_heads"),
     ("k head_dim", dict(k=lambda d: torch.ones(2, 3, 2, 8, device=d)), ValueError, "k must be \\[batch, seq, n_kv_heads"),
     ("last dim strided", dict(q=lambda d: torch.ones(2, 3, 16, 4, device=d).transpose(2, 3)), RuntimeError, "contiguous in its last"),
