@@ -1,9 +1,10 @@
 """cos/sin tables for rotary position embedding, with every HF transformers ``rope_type``.
 
 Each formula mirrors ``transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS`` op for op (same
-float32 torch ops in the same order), so the inverse frequencies, and the tables
-``cos(p * inv_freq) * attention_scaling``, match HF's rotary embedding to the bit on the same
-device, attention scaling (yarn, longrope) included.
+float32 torch ops in the same order, on the device where HF runs them: see ``rope_inv_freq``),
+so the inverse frequencies, and the tables ``cos(p * inv_freq) * attention_scaling`` computed on
+the tables' device, match HF's rotary embedding to the bit, attention scaling (yarn, longrope)
+included.
 """
 import math
 from typing import Any, Dict, Optional, Tuple
@@ -165,6 +166,16 @@ def rope_inv_freq(
         raise ValueError(f"base (rope_theta) must be > 0, got {base}")
     if "factor" in scaling and not scaling["factor"] > 0:
         raise ValueError(f"rope_scaling['factor'] must be > 0, got {scaling['factor']}")
+    # Where HF computes them: the initial inverse frequencies on the CPU (when it builds the
+    # module, and again in _init_weights), those for a sequence length (dynamic, longrope) in
+    # its forward, on the activations' device. A GPU's pow rounds differently from the CPU's,
+    # and one ulp of inv_freq is p ulps of the angle at position p.
+    where = device if seq_len is not None else None
+    inv_freq, attention_scaling = _inv_freq(rope_type, rotary_dim, max_position, base, scaling, seq_len, where)
+    return (inv_freq if device is None else inv_freq.to(device)), attention_scaling
+
+
+def _inv_freq(rope_type, rotary_dim, max_position, base, scaling, seq_len, device) -> Tuple[Tensor, float]:
     if rope_type == "default":
         return _default(rotary_dim, base, device), 1.0
     if rope_type == "linear":

@@ -66,10 +66,11 @@ from ptx_emu import (C_COL, C_ROW, DeviceAssert, GID, LANES, MUT, Race, Smem, TI
 # (ptx_emu.sources_digest): the tests fail when one changes, until the change is transcribed here.
 TRANSCRIBED = (
     'csrc/cuda/kvcache_attention.cu',
+    'csrc/cuda/common.cuh',  # rotary_y1, rotary_y2
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'b7d53cb459c63c05'
+TRANSCRIBED_DIGEST = '801ef8239f42cfc5'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -104,9 +105,18 @@ def position_ok(p, pos):
     return True
 
 
+def fma(a, b, c, ft):
+    """fmaf(a, b, c) in float32: the float64 product of two floats is exact, and the float64 sum
+    is exact too unless the exponents are over 29 bits apart; then one rounding to float32. In
+    float64 (exact mode) plain arithmetic."""
+    if ft == np.float32:
+        return (a.astype(np.float64) * b.astype(np.float64) + c.astype(np.float64)).astype(np.float32)
+    return a * b + c
+
+
 def rotated(p, xptr, e, pos, ft):
-    """rotated(): element(s) e of the row at xptr rotated at pos; fp32 math (ft). Assumption: no
-    fma contraction of xe c -/+ xp s (nvcc may fuse it: a last-bit fp32 difference)."""
+    """rotated(): element(s) e of the row at xptr rotated at pos; fp32 math (ft), rounded as
+    rotary_y1 / rotary_y2 (common.cuh): one rounded product, one fused multiply-add."""
     e = np.asarray(e, np.int64)
     half = p.rotary_half
     if p.interleaved:
@@ -121,7 +131,7 @@ def rotated(p, xptr, e, pos, ft):
     c = gload(p.cos, pos * p.cos_stride + i).astype(ft)
     s = gload(p.sin, pos * p.sin_stride + i).astype(ft)
     xe, xp = gload(xptr, e).astype(ft), gload(xptr, partner).astype(ft)
-    r = np.where(first, xe * c - xp * s, xe * c + xp * s)
+    r = np.where(first, fma(xe, c, -(xp * s), ft), fma(xe, c, xp * s, ft))
     return np.where(rot, r, xe)
 
 

@@ -57,6 +57,13 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <typename T>
 __device__ __forceinline__ float round_to(float x) { return to_float(from_float<T>(x)); }
 
+// One rotary pair (x1, x2) turned by (c, s): y1 = x1 c - x2 s, y2 = x2 c + x1 s, each as one
+// rounded product and one fused multiply-add, the rounding of the CPU kernels' FMA levels.
+// Spelled out because nvcc's contraction of `a * b - c * d` may fuse either product: written
+// plainly, apply_rotary and the KV-cache op's fused rotation could differ in the last bit.
+__device__ __forceinline__ float rotary_y1(float x1, float x2, float c, float s) { return fmaf(x1, c, -__fmul_rn(x2, s)); }
+__device__ __forceinline__ float rotary_y2(float x1, float x2, float c, float s) { return fmaf(x2, c, __fmul_rn(x1, s)); }
+
 // Pointer to a tensor's data as the native element type.
 template <typename T>
 T* data_ptr(const at::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }

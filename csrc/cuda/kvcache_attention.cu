@@ -171,7 +171,7 @@ __device__ __forceinline__ float rotated(const KVCacheKernelParams& p, const T* 
   }
   const float c = p.cos[pos * p.cos_stride + i], s = p.sin[pos * p.sin_stride + i];
   const float xe = to_float(x[e]), xp = to_float(x[partner]);
-  return first ? xe * c - xp * s : xe * c + xp * s;
+  return first ? rotary_y1(xe, xp, c, s) : rotary_y2(xp, xe, c, s);
 }
 
 // ---- 1. append --------------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 // thread block works on blockDim.z tokens; threadIdx.x walks the chunks of a head and threadIdx.y
 // the heads (q's first, then k's). A thread loads its chunk's cos/sin values from the table row
 // once per token, keeps them in registers, and reuses them for every head it rotates:
-//   y1 = x1 * cos - x2 * sin,  y2 = x2 * cos + x1 * sin   (inverse: sin -> -sin)
+//   y1 = x1 * cos - x2 * sin,  y2 = x2 * cos + x1 * sin   (inverse: sin -> -sin; rotary_y1/y2)
 // in fp32 and rounds once on the store. Chunks past rotary_dim are copied (out of place) or left
 // alone (in place).
 //
@@ -119,8 +119,8 @@ __global__ void rotary_kernel(const RotaryParams<T> p) {
 #pragma unroll
         for (int i = 0; i < kPairs; ++i) {
           const float x1 = x[2 * i], x2 = x[2 * i + 1];
-          x[2 * i] = x1 * cos_v[i] - x2 * sin_v[i];
-          x[2 * i + 1] = x2 * cos_v[i] + x1 * sin_v[i];
+          x[2 * i] = rotary_y1(x1, x2, cos_v[i], sin_v[i]);
+          x[2 * i + 1] = rotary_y2(x1, x2, cos_v[i], sin_v[i]);
         }
         store_chunk<T, V, kVectorized>(dst + 2 * pair0, x);
       } else {
@@ -130,8 +130,8 @@ __global__ void rotary_kernel(const RotaryParams<T> p) {
 #pragma unroll
         for (int i = 0; i < V; ++i) {
           const float a = x1[i], b2 = x2[i];
-          x1[i] = a * cos_v[i] - b2 * sin_v[i];
-          x2[i] = b2 * cos_v[i] + a * sin_v[i];
+          x1[i] = rotary_y1(a, b2, cos_v[i], sin_v[i]);
+          x2[i] = rotary_y2(a, b2, cos_v[i], sin_v[i]);
         }
         store_chunk<T, V, kVectorized>(dst + pair0, x1);
         store_chunk<T, V, kVectorized>(dst + p.half + pair0, x2);
