@@ -61,6 +61,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="rewrite this device's section of benchmarks/RESULTS.md with the run's tables")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and short timings, to check the suite runs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
+    p.add_argument("--no-plots", action="store_true",
+                   help="tables only (matplotlib's first import on a fresh machine takes seconds)")
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda, but torch sees no CUDA device")
@@ -164,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.cpu_isa and os.environ.get(harness.CPU_ISA_ENV) != args.cpu_isa:
         _run_limited(args.cpu_isa, argv)
     result = run(args)
-    paths = report.write_outputs(result, args.out)
+    paths = report.write_outputs(result, args.out, plots=not args.no_plots)
     if args.update_results_md:
         report.update_results_md(result, RESULTS_MD)
         paths.append(RESULTS_MD)

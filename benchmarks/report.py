@@ -195,11 +195,13 @@ def write_tables(result: Dict[str, Any], out_dir: str) -> List[str]:
     return paths
 
 
-def write_outputs(result: Dict[str, Any], out_dir: str) -> List[str]:
-    """The tables and one plot per op. The plots need matplotlib; without it (an existing torch
-    environment) they are skipped with a note, so that the run still ends with its tables and
-    RESULTS.md."""
+def write_outputs(result: Dict[str, Any], out_dir: str, plots: bool = True) -> List[str]:
+    """The tables and, unless plots is False, one plot per op. The plots need matplotlib; without
+    it (an existing torch environment) they are skipped with a note, so that the run still ends
+    with its tables and RESULTS.md."""
     paths = write_tables(result, out_dir)
+    if not plots:
+        return paths
     try:
         import matplotlib  # noqa: F401
     except ImportError:

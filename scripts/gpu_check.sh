@@ -32,19 +32,24 @@ cd "$(dirname "$0")/.."
 # Each stage gets SIGINT at its limit (pytest and the case list then print what they have) and
 # SIGKILL GRACE seconds later; the limits plus a grace each must fit TOTAL_LIMIT, which
 # `scripts/gpu_check.sh --plan` prints and tests/test_gpu_check.py checks.
-#   build: one arch on 16 cores, so the slowest translation units bound it: 25-42 CPU-seconds
-#     each CUDA one for sm_90 alone, 60 for csrc/cpu/attention.cpp, on this project's CI machine;
+# Measured on the H200 machine (2026-12-04; its 16 cores, torch 2.11):
+#   env: 5-9 s.
+#   build: 81 s from nothing for sm_90 alone (43 s when the CPU library was built already);
 #     setuptools builds one extension after the other (_C, then the CPU kernel library).
-#   tests: the CUDA half on 8 pytest-xdist workers, each test under pytest-timeout.
+#   tests: ~2250 CUDA-half tests, 1760 of them in 150 s on 14 workers (with crashed workers
+#     restarting); the kernel tests are listed first, so a run stopped at the limit loses the
+#     model-level ones (tests/test_transformers*.py) first. Each test under pytest-timeout.
 #   sanitizers: the case list starts no case in the last SANITIZE_TAIL seconds (its --deadline),
 #     so a slow tool costs tails, reported, not the whole stage.
-#   bench: per op; every op not named takes bench_other.
+#   bench: per op, tables only (--no-plots: matplotlib's first import took 6+ s): 12 s for the
+#     norms and rotary (ceilings included), 32 s for attention; decode's providers took over 18
+#     s. Every op not named takes bench_other.
 TOTAL_LIMIT=540  # 9 minutes: the device tool's 10-minute command limit minus a margin
 GRACE=3
 declare -A LIMIT=(
-  [env]=20 [build]=150 [tests]=110
-  [memcheck]=55 [racecheck]=35 [synccheck]=25
-  [bench_attention]=40 [bench_other]=18
+  [env]=15 [build]=100 [tests]=170
+  [memcheck]=50 [racecheck]=25 [synccheck]=15
+  [bench_attention]=40 [bench_decode]=35 [bench_other]=18
 )
 SANITIZE_TAIL=8
 
@@ -174,19 +179,24 @@ if [ "$built" -eq 0 ]; then
   plan >"$WORK/plan.txt" || echo "WARNING: the stage limits exceed $TOTAL_LIMIT s: $(tail -n 1 "$WORK/plan.txt")"
   # The CUDA half (CI runs every CPU test); the 2^31-element tests are left to CI too. xdist
   # spreads torch.compile's CPU work over the cores; pytest-timeout stops a hung test alone.
-  pytest_opts=(-v -rfEs -p no:cacheprovider -m "not slow")
-  "$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n 8)
+  pytest_opts=(-v -rfEs -p no:cacheprovider -p scripts.pytest_failure_log -m "not slow")
+  "$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-12}")
   "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 60)
+  # Each failure's report goes to the log as it happens (scripts/pytest_failure_log.py): a run stopped at
+  # its limit still says why.
+  export LLAMA_EXT_FAILURE_LOG="$WORK/test_failures.log"
   if [ "$DRY_RUN" = 1 ]; then
     stage tests "$PY" -m pytest "${pytest_opts[@]}" scripts/gpu_check_stubs/test_stub.py
   else
-    stage tests env LLAMA_EXT_TEST_DEVICES=cuda "$PY" -m pytest "${pytest_opts[@]}" tests
+    # The kernels' tests first (pytest skips the files' second mention in tests/).
+    stage tests env LLAMA_EXT_TEST_DEVICES=cuda "$PY" -m pytest "${pytest_opts[@]}" tests/test_attention.py \
+      tests/test_kvcache_attention.py tests/test_rms_norm.py tests/test_rotary.py tests/test_reliability.py tests
   fi
   for tool in memcheck racecheck synccheck; do sanitizer "$tool"; done
   mkdir -p "$WORK/bench"
   # llama_ext_100kb: the attention tiles of ~100 KB GPUs, measured here too (benchmarks/bench_attention.py).
   bench_args=(--device "$DEVICE" --provider eager --provider native --provider llama_ext --provider llama_ext_100kb
-              --no-progress)
+              --no-progress --no-plots)
   [ "$DRY_RUN" = 1 ] && bench_args+=(--smoke --threads 1)
   if [ -n "$BENCH_OPS" ]; then
     for op in $BENCH_OPS; do

@@ -76,6 +76,18 @@ def failing_tests(log):
     return list(dict.fromkeys(n.rstrip(",") for n in names))
 
 
+def failure_reasons(log):
+    """{test: its error's first 'E' lines} from the failure log the test run appends to as each test
+    fails (scripts/pytest_failure_log.py)."""
+    reasons = {}
+    for block in re.split(r"^=== ", log, flags=re.M)[1:]:
+        head, _, body = block.partition("\n")
+        errors = [l[1:].strip() for l in body.splitlines() if l.startswith("E ")]
+        last = [l.strip() for l in body.splitlines() if l.strip()]
+        reasons[head.split(" (")[0]] = "; ".join(errors[:3]) if errors else (last[-1] if last else "")
+    return reasons
+
+
 def tests_detail(log, status):
     m = None
     for m in re.finditer(r"^=+ (.*\d+ \w+.*) in [\d.]+s", log, re.M):
@@ -250,8 +262,12 @@ def summarize(work, results, total_limit, grace, elapsed, dry_run):
     lines = head + ["", f"{'stage':<26} {'status':<10} time / limit  detail"] + rows
     tests_log = read(os.path.join(work, "tests.log"))
     failed = failing_tests(tests_log)
+    reasons = failure_reasons(read(os.path.join(work, "test_failures.log")))
     if failed:
-        lines += ["", f"failing tests ({len(failed)}):"] + [f"  {n}" for n in failed[:MAX_LISTED]]
+        lines += ["", f"failing tests ({len(failed)}):"]
+        for n in failed[:MAX_LISTED]:  # -v's names stop at a space in a parameter id
+            reason = reasons.get(n) or next((r for test, r in reasons.items() if test.startswith(n)), "")
+            lines.append(f"  {n}" + (f": {clip(reason, 200)}" if reason else ""))
         if len(failed) > MAX_LISTED:
             lines.append(f"  ... and {len(failed) - MAX_LISTED} more (tests.log)")
     reports = [f"{tool}: {r}" for tool in SANITIZERS for r in sanitizer_errors(read(os.path.join(work, f"{tool}.log")))]
@@ -263,7 +279,7 @@ def summarize(work, results, total_limit, grace, elapsed, dry_run):
         lines += ["", "kernels with register spills:"] + [f"  {k}: {v}" for k, v in spills.items()]
 
     concat(work, ["env", "build"], os.path.join(results, "env_build.log"))
-    concat(work, ["tests"], os.path.join(results, "tests.log"))
+    concat(work, ["test_failures", "tests"], os.path.join(results, "tests.log"))
     concat(work, SANITIZERS, os.path.join(results, "sanitize.log"))
     concat(work, [s["name"] for s in stages if s["name"].startswith("bench")], os.path.join(results, "bench.log"))
     run, bench = merge_bench(work, results, dry_run)

@@ -410,3 +410,22 @@ def test_cpu_level_below_the_cpu_best_needs_cpu_isa_for_results_md(monkeypatch, 
     assert "--cpu-isa avx512: this CPU runs only default, avx2" in capsys.readouterr().err
     assert cli.parse_args(["--device", "cpu", "--update-results-md", "--cpu-isa", "default"]).cpu_isa == "default"
     assert cli.parse_args(["--device", "cpu", "--cpu-isa", "avx2"]).cpu_isa == "avx2"
+
+
+def test_cuda_timings_have_the_statistics_of_cpu_timings(monkeypatch):
+    """The ceilings and tables read min_ms, median_ms, p20_ms and p80_ms from either backend's
+    timing; CI has no GPU, so do_bench and the call-length probe are stand-ins here."""
+    triton_testing = pytest.importorskip("triton.testing")
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, quantiles):
+        calls.append(quantiles)
+        return [1.0 + q for q in quantiles]
+
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    monkeypatch.setattr(harness, "_cuda_call_ms", lambda fn: 0.01)
+    cuda = harness.time_cuda(lambda: None, "cuda", rep_ms=10)
+    cpu = harness.time_cpu(lambda: None, min_run_time=0.01)
+    stats = {"min_ms", "median_ms", "p20_ms", "p80_ms"}
+    assert stats <= set(cpu) and stats <= set(cuda)
+    assert cuda["min_ms"] == 1.0 and cuda["median_ms"] == 1.5 and len(calls) == 1

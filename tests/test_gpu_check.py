@@ -83,7 +83,9 @@ def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
     assert rows["bench_rotary"][0] == "TIMEOUT" and rows["bench_attention"][0] == "ok", summary
 
     assert "failing tests (1):" in summary
-    assert "scripts/gpu_check_stubs/test_stub.py::test_stub_fails_on_request" in summary
+    # Why it failed, from the log written as it failed (scripts/pytest_failure_log.py).
+    assert ("scripts/gpu_check_stubs/test_stub.py::test_stub_fails_on_request: AssertionError: "
+            "GPU_CHECK_STUB_FAIL names tests") in summary, summary
     assert "memcheck: [" in summary and "Invalid __global__ read" in summary  # the report, with its case
     # The targets, each named (the smoke sizes have none of their cases).
     assert "performance targets" in summary and "NO RESULT  attention, causal, seq 8192" in summary, summary

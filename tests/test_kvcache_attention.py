@@ -8,10 +8,9 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
-from conftest import (DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, check_kernel_emulation, device_dtype_params,
-                      emulation_only_on_cpu)
+from conftest import (CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, check_kernel_emulation,
+                      device_dtype_params, emulation_only_on_cpu)
 
-CUDA_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 NAN = float("nan")
 
 
