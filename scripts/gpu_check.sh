@@ -162,12 +162,28 @@ stage env bash -c env_report
 # Only the GPU that is here: the quickest build that tests what will run.
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}
+# Whether the C++ compiler $1 still links a static copy of libstdc++ into a shared library behind
+# an explicit -lstdc++ (setup.py's link; it refuses such a library): one tiny library, a second.
+static_libstdcxx() {
+  local dir rc
+  dir=$(mktemp -d)
+  printf '#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n' >"$dir/t.cpp"
+  "$1" -shared -fPIC "$dir/t.cpp" -o "$dir/t.so" -lstdc++ 2>/dev/null && nm -D --defined-only "$dir/t.so" | grep -q ' _ZNSt6localeC1Ev$'
+  rc=$?
+  rm -rf "$dir"
+  return $rc
+}
+export -f static_libstdcxx
 if [ "$DRY_RUN" = 1 ]; then
   stage build "$PY" scripts/gpu_check_stubs/stub_stage.py build
 else
-  # A build without kernels (no nvcc found) fails here rather than in every test; then each
-  # kernel's registers, stack (spills) and shared memory as built.
-  stage build bash -c "LLAMA_EXT_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace || exit; \
+  # A compiler whose libraries would carry their own libstdc++ (the first GPU machine's CXX, a
+  # g++ wrapper, linked it statically) gives way to the system's gcc/g++. A build without kernels
+  # (no nvcc found) fails here rather than in every test; then each kernel's registers, stack
+  # (spills) and shared memory as built.
+  stage build bash -c "if static_libstdcxx \"\${CXX:-c++}\"; then \
+      echo \"\${CXX:-c++} links libstdc++ statically: building with CC=gcc CXX=g++\"; export CC=gcc CXX=g++; fi; \
+    LLAMA_EXT_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace || exit; \
     $PY -c 'import llama_ext; assert llama_ext.cuda_kernels_built(), \"built without CUDA kernels: nvcc not found?\"' || exit; \
     cuobjdump -res-usage llama_ext/_C*.so | grep -A1 llama_ext || echo 'cuobjdump -res-usage: unavailable'"
 fi
