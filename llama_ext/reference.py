@@ -320,7 +320,7 @@ def gqa_attention_with_kvcache_reference(
         visible = attention_mask_bottom_right(seq_q, length, causal, window_size, q.device)
         scores = scores.masked_fill(~visible, float("-inf"))
         seen = visible.any(-1)
-        lse = torch.logsumexp(scores, dim=-1) if length else torch.zeros(scores.shape[:-1], dtype=torch.float64)
+        lse = torch.logsumexp(scores, dim=-1) if length else scores.new_zeros(scores.shape[:-1])
         shift = torch.where(seen, lse, 0.0)[..., None]
         probs = torch.where(seen[:, None], torch.exp(scores - shift), 0.0)
         outs.append((probs @ vv).transpose(0, 1))

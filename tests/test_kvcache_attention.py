@@ -263,6 +263,24 @@ def test_window_and_softcap(device, dtype, causal, window, softcap, block_size):
     case.check(causal=causal, window_size=window, softcap=softcap)
 
 
+def test_reference_stays_on_the_inputs_device():
+    """The float64 reference makes every tensor on its inputs' device: on the first GPU run, its
+    CPU-made lse for an empty sequence failed every CUDA case that had one. Meta tensors enforce
+    CUDA's same-device rule on a machine without a GPU (cache_seqlens and the block table, read
+    on the host, stay on the CPU)."""
+    def meta(t):
+        return None if t is None else t.to("meta")
+
+    empty = Case("cpu", torch.float32, [0, 3], 2, 0, 4, 2, 32)
+    appended = Case("cpu", torch.float32, [0, 3], 2, 2, 4, 2, 32, block_size=16, rotary=(32, 64))
+    for case, kw in ((empty, {}), (appended, dict(window_size=(1, 0), softcap=5.0))):
+        out, lse, k_cache, v_cache = gqa_attention_with_kvcache_reference(
+            meta(case.q), meta(case.k_cache), meta(case.v_cache), case.cache_seqlens, meta(case.k), meta(case.v),
+            case.block_table, rotary_cos=meta(case.rotary_cos), rotary_sin=meta(case.rotary_sin), **kw)
+        assert {t.device.type for t in (out, lse, k_cache, v_cache)} == {"meta"}
+        assert out.shape == case.q.shape and lse.shape == (2, 4, 2)
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_equals_gqa_attention_on_the_cache(device, dtype):
     """A decode step is gqa_attention over the cache slice (lse included)."""
