@@ -584,7 +584,7 @@ def test_gqattention_with_paged_kvcache_module(device, with_rope):
 def test_paged_kvcache_free_and_reuse(device):
     """Freeing a sequence returns its blocks, and its slot restarts at position 0 while the other
     sequence keeps its tokens: each slot then equals a contiguous cache of its own sequence."""
-    hidden, heads, kv_heads, head_dim = 64, 4, 2, 16
+    hidden, heads, kv_heads, head_dim = 64, 4, 2, 32  # a head dim the CUDA kernels take
     rope = llama_ext.RotaryEmbedding(head_dim, max_position_embeddings=64, device=device)
     attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim, rope=rope).to(device)
     first = make((2, 9, hidden), device, torch.float32)
