@@ -58,7 +58,8 @@ class RotaryEmbedding(nn.Module):
     are non-persistent buffers (they follow ``.to()``), ``[max_position_embeddings, rotary_dim // 2]``.
     ``dynamic`` (NTK) recomputes them, as HF does, when a sequence reaches past the cached length,
     and returns to the original ones for sequences within ``max_position_embeddings`` again;
-    ``longrope`` switches to ``long_factor`` tables past ``original_max_position_embeddings``.
+    ``longrope`` switches to ``long_factor`` tables past ``original_max_position_embeddings``
+    (built at the first such call, on the tables' device, as HF builds them).
     Those two types read ``positions.max()`` on the host (one device sync per call, as HF).
     ``interleaved=True`` pairs dims GPT-J style; ``device`` is where the tables are built.
     """
@@ -93,9 +94,10 @@ class RotaryEmbedding(nn.Module):
             self.original_max_position = self.rope_scaling.get(
                 "original_max_position_embeddings", max_position_embeddings
             )
-            long_cos, long_sin = self._tables(device, seq_len=self.original_max_position + 1)
-            self.register_buffer("long_cos_cached", long_cos[:max_position_embeddings], persistent=False)
-            self.register_buffer("long_sin_cached", long_sin[:max_position_embeddings], persistent=False)
+            # Built at the first call past original_max_position, on the tables' device, where HF
+            # builds them (in its forward): a GPU's pow rounds differently from the CPU's.
+            self.register_buffer("long_cos_cached", None, persistent=False)
+            self.register_buffer("long_sin_cached", None, persistent=False)
 
     def _tables(self, device, seq_len=None):
         inv_freq, attention_scaling = rope_inv_freq(
@@ -122,6 +124,10 @@ class RotaryEmbedding(nn.Module):
                 self._dynamic_update(seq_len)
                 cos, sin = self.cos_cached, self.sin_cached
             elif seq_len > self.original_max_position:
+                if self.long_cos_cached is None:
+                    long_cos, long_sin = self._tables(cos.device, seq_len=self.original_max_position + 1)
+                    self.long_cos_cached = long_cos[: self.max_position_embeddings]
+                    self.long_sin_cached = long_sin[: self.max_position_embeddings]
                 cos, sin = self.long_cos_cached, self.long_sin_cached
         return ops.apply_rotary(q, k, cos, sin, positions, self.interleaved)
 

@@ -332,6 +332,17 @@ def test_tables_match_hf_rotary_embedding(device, name):
         assert cos[0, 0].item() == pytest.approx(hf.attention_scaling)
 
 
+def test_longrope_long_tables_are_built_where_the_tables_are():
+    """HF builds longrope's long-factor tables in its forward, on the activations' device (a GPU's
+    pow rounds differently from the CPU's): the module builds them at the first call past
+    original_max_position_embeddings, on its tables' device (meta here, as a module moved there)."""
+    rope = llama_ext.RotaryEmbedding(HEAD_DIM, MAX_POS, 10000.0, ROPE_SCALINGS["longrope"]).to("meta")
+    assert rope.long_cos_cached is None
+    seq = 2 * ORIGINAL_MAX
+    rope(torch.empty(1, seq, 4, HEAD_DIM, device="meta"), torch.empty(1, seq, 2, HEAD_DIM, device="meta"))
+    assert rope.long_cos_cached.device.type == "meta" and rope.long_cos_cached.shape == (MAX_POS, HEAD_DIM // 2)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", list(ROPE_SCALINGS))
 def test_module_matches_hf(device, name):
