@@ -163,7 +163,8 @@ stage env bash -c env_report
 ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}
 # Whether the C++ compiler $1 still links a static copy of libstdc++ into a shared library behind
-# an explicit -lstdc++ (setup.py's link; it refuses such a library): one tiny library, a second.
+# an explicit -lstdc++ (setup.py's link; it refuses such a library, by the symbols of
+# _LIBSTDCXX_INTERNALS): one tiny library, a second.
 static_libstdcxx() {
   local dir rc
   dir=$(mktemp -d)
@@ -198,8 +199,8 @@ if [ "$built" -eq 0 ]; then
   pytest_opts=(-v -rfEs -p no:cacheprovider -p scripts.pytest_failure_log -m "not slow")
   "$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-12}")
   "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 60)
-  # Each failure's report goes to the log as it happens (scripts/pytest_failure_log.py): a run stopped at
-  # its limit still says why.
+  # Each failure's report goes to the log as it happens (scripts/pytest_failure_log.py): a run
+  # stopped at its limit still says why.
   export LLAMA_EXT_FAILURE_LOG="$WORK/test_failures.log"
   if [ "$DRY_RUN" = 1 ]; then
     stage tests "$PY" -m pytest "${pytest_opts[@]}" scripts/gpu_check_stubs/test_stub.py
