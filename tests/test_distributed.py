@@ -460,6 +460,7 @@ def _one_process_training(model, batches, steps, compute_dtype):
 
 
 def _data_parallel_worker(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.nn.parallel import DistributedDataParallel
 
@@ -489,10 +490,13 @@ def _data_parallel_worker(rank, world):
         if name == "ddp":
             losses = run(DistributedDataParallel(model))
         else:
+            # fully_shard's default mesh is the accelerator's where there is one: these processes
+            # test the CPU kernels under gloo on every machine.
+            mesh = init_device_mesh("cpu", (world,))
             policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
             for layer in model.model.layers:
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(model, mp_policy=policy)
+                fully_shard(layer, mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
             losses = run(model)
         with case(name):
             assert_close(torch.tensor(losses), torch.tensor(ref_losses), dtype)

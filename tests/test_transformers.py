@@ -501,20 +501,39 @@ def test_bf16_logits_within_bf16_tolerance(device, family):
         logits = ours.eval()(ids).logits
     assert logits.dtype == logits_hf.dtype  # bf16, or fp32 where the family's head computes in fp32 (Nemotron-H)
     logits, logits_hf = logits.float(), logits_hf.float()
+    if family in MOE_FAMILIES:
+        assert_moe_bf16_routes_as_hf(logits, logits_hf, exact)
+        return
     # Both bf16 runs round differently through two layers of width 256; elementwise they agree
     # to 1/16 of the logit range (their worst element; almost all agree to far less)...
-    if family in MOE_FAMILIES:
-        # ...except where a router's top-k choice is near a tie: either rounding may flip it,
-        # which changes that token's logits wholesale. The other tokens agree elementwise.
-        tol = 2 ** -4 * (logits_hf.abs().max() + logits_hf.abs())
-        agree = ((logits - logits_hf).abs() <= tol).all(-1)
-        assert agree.float().mean() >= 0.9, f"{int((~agree).sum())} of {agree.numel()} tokens differ"
-    else:
-        assert_rel_close(logits, logits_hf, 2 ** -4, what="bf16 logits vs HF bf16")
+    assert_rel_close(logits, logits_hf, 2 ** -4, what="bf16 logits vs HF bf16")
     # ...and, the real criterion, llama_ext is no further from the fp32 model than HF's own bf16
     # computation is (up to 1.5x).
     err, err_hf = (logits - exact).abs().mean(), (logits_hf - exact).abs().mean()
     assert err <= 1.5 * err_hf, f"llama_ext bf16 error {err:.3g} vs HF bf16 error {err_hf:.3g}"
+
+
+def assert_moe_bf16_routes_as_hf(logits, logits_hf, exact):
+    """A router whose top-k choice for a token is near a tie may flip under either bf16 rounding,
+    and a flip changes that token's logits wholesale (in an MoE attention, those of the tokens
+    after it too): a few flips dominate any mean error, and which tokens flip is chance. A token
+    keeps the fp32 model's routes where its logits agree with the fp32 ones to 1/16 of their range.
+    llama_ext's rounding must keep about as many tokens there as HF's own bf16 does (on an H200,
+    29 families x 3 inputs of 96 tokens: up to 7 fewer, and as often more; a real fault moves
+    most), and on the tokens both keep, be no further from the fp32 model than HF is (up to 1.5x;
+    there: 0.49-1.34x)."""
+    tol = 2 ** -4 * (exact.abs().max() + exact.abs())
+    kept = ((logits - exact).abs() <= tol).all(-1)
+    kept_hf = ((logits_hf - exact).abs() <= tol).all(-1)
+    tokens = kept.numel()
+    slack = tokens // 8
+    assert int(kept.sum()) >= int(kept_hf.sum()) - slack, (
+        f"llama_ext bf16 keeps {int(kept.sum())} of {tokens} tokens on the fp32 model's routes, HF bf16 "
+        f"{int(kept_hf.sum())}")
+    both = kept & kept_hf
+    assert both.float().mean() >= 0.5, f"only {int(both.sum())} of {tokens} tokens on the fp32 routes in both"
+    err, err_hf = (logits - exact)[both].abs().mean(), (logits_hf - exact)[both].abs().mean()
+    assert err <= 1.5 * err_hf, f"llama_ext bf16 error {err:.3g} vs HF bf16 error {err_hf:.3g} on {int(both.sum())} tokens"
 
 
 # ---- the registry entry alone ------------------------------------------------------------------

@@ -57,32 +57,42 @@ def test_static_cache_with_sliding_window_layers_matches_hf_eager(device, family
 
 def assert_compiled_decode_matches_hf(hf, ours, device, prompt, last_position):
     """Steps of one decode step compiled with fullgraph=True (a graph break or a data-dependent host
-    read fails the compile; on CUDA a host sync raises) give HF eager's logits, step after step."""
+    read fails the compile) give HF eager's logits, step after step. The decode then runs again from
+    the start of the reset cache, on the graphs the first pass compiled (a recompile raises); on
+    CUDA a host sync in its steps raises. Compiling syncs on its own (inductor reads constants
+    back to the host), hence the second pass."""
     ids = torch.randint(2, VOCAB, (2, prompt), device=device)
     cache = transformers.StaticCache(config=ours.config, max_cache_len=32)
-    hf_cache = transformers.DynamicCache(config=hf.config)
 
     def step(token, position):
         return ours(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None],
                     use_cache=True).logits
 
     compiled = torch.compile(step, fullgraph=True)
-    with torch.no_grad():
-        ours(input_ids=ids, past_key_values=cache, use_cache=True)
-        hf_logits = hf(input_ids=ids, past_key_values=hf_cache, use_cache=True).logits
-        token = hf_logits[:, -1:].argmax(-1)
-        for pos in range(prompt, last_position + 1):
-            position = torch.tensor([pos], device=device)
-            if device == "cuda":
-                torch.cuda.set_sync_debug_mode("error")
-            try:
-                logits = compiled(token, position) if pos > prompt else step(token, position)
-            finally:
-                if device == "cuda":
-                    torch.cuda.set_sync_debug_mode("default")
-            expected = hf(input_ids=token, past_key_values=hf_cache, use_cache=True).logits
-            torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-            token = expected[:, -1:].argmax(-1)
+
+    def decode(syncs_raise):
+        hf_cache = transformers.DynamicCache(config=hf.config)
+        with torch.no_grad():
+            ours(input_ids=ids, past_key_values=cache, use_cache=True)
+            hf_logits = hf(input_ids=ids, past_key_values=hf_cache, use_cache=True).logits
+            token = hf_logits[:, -1:].argmax(-1)
+            for pos in range(prompt, last_position + 1):
+                position = torch.tensor([pos], device=device)
+                if syncs_raise:
+                    torch.cuda.set_sync_debug_mode("error")
+                try:
+                    logits = compiled(token, position) if pos > prompt else step(token, position)
+                finally:
+                    if syncs_raise:
+                        torch.cuda.set_sync_debug_mode("default")
+                expected = hf(input_ids=token, past_key_values=hf_cache, use_cache=True).logits
+                torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+                token = expected[:, -1:].argmax(-1)
+
+    decode(syncs_raise=False)
+    cache.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        decode(syncs_raise=device == "cuda")
 
 
 @pytest.mark.parametrize("device", DEVICES)
