@@ -17,8 +17,9 @@ This module decides *how* to measure, identically for every op:
   ``single_call`` in the JSON and with ``*`` in the tables, so that a run finishes on any CPU.
   The warm-up call itself does not decide: under ``torch.compile`` with a cold cache it compiles
   for seconds.
-- CUDA: ``triton.testing.do_bench`` (which zeroes a buffer larger than L2 before every call)
-  when triton is installed, else CUDA events around each call with the same L2 flush between.
+- CUDA: CUDA events around each call (``CudaClock``); before each, L2 is evicted by reading a
+  buffer twice its size (clean lines: ``triton.testing.do_bench`` zeroes one, whose dirty lines
+  the timed call then writes back) and the GPU is held while the host queues the call.
 - Throughput from the minimum work a call must do (bytes every implementation has to move,
   or FLOPs), so every provider of a case is scored on the same amount of work.
 - Ceilings measured in the same run, before and after the ops, the best of several rounds:
@@ -90,7 +91,7 @@ class RunConfig:
     smoke: bool = False  # tiny sizes and short timing, for the test suite
     sizes: Optional[List[int]] = None  # explicit sizes instead of the sweep (--size)
     min_run_time: float = 0.3  # seconds of samples per (case, provider) on CPU
-    cuda_rep_ms: int = 100  # do_bench's measuring time per (case, provider) on CUDA
+    cuda_rep_ms: int = 100  # the measuring time per (case, provider) on CUDA
     budget_s: float = 3.0  # a provider whose call takes over budget_s / SAMPLED_CALLS gets one timed call
 
     @property
@@ -209,48 +210,85 @@ def time_cpu(fn: Callable[[], Any], min_run_time: float, budget_s: float = math.
     return time_cpu_interleaved({"fn": fn}, min_run_time, budget_s)["fn"]
 
 
-class _L2Flusher:
-    """Zeroes a buffer twice the size of L2 so the next call starts from a cold cache."""
+class CudaClock:
+    """Times calls on one CUDA device with events around each call. Before each call it evicts L2
+    by reading a buffer twice L2's size, then holds the GPU (torch.cuda._sleep) for longer than the
+    host takes to queue the call, so that the timed span holds the call's kernels back to back and
+    no host time.
+
+    Reading leaves L2 full of clean lines. Zeroing a buffer, as triton.testing.do_bench flushes,
+    leaves it full of dirty ones, which the timed call then writes back to DRAM: up to L2's size
+    (50-60 MB on Hopper) of extra traffic, a large share of a call that moves tens of MB (a decode
+    step at batch 1) and a bias against every working set small next to the copy ceiling's."""
 
     def __init__(self, device: str):
+        self.device = device
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 * MB) or 64 * MB
-        self.buffer = torch.empty(2 * l2, dtype=torch.int8, device=device)
+        self.buffer = torch.ones(2 * l2 // 4, dtype=torch.float32, device=device)
+        self.sink = torch.empty((), dtype=torch.float32, device=device)
+        cycles = 1 << 20
+        self.cycles_per_ms = cycles / self._span_ms(lambda: torch.cuda._sleep(cycles))
+        self.evict_ms = min(self._span_ms(self.evict) for _ in range(3))
 
-    def __call__(self):
-        self.buffer.zero_()
-
-
-def _cuda_call_ms(fn: Callable[[], Any]) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    return max(start.elapsed_time(end), 1e-3)
-
-
-def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int) -> Dict[str, Any]:
-    # At least 10 samples, however slow the call (eager attention at long sequences).
-    rep_ms = max(rep_ms, 10 * _cuda_call_ms(fn))
-    try:
-        from triton.testing import do_bench
-    except ImportError:
-        do_bench = None
-    if do_bench is not None:
-        median, p20, p80, fastest = do_bench(fn, warmup=25, rep=int(rep_ms) + 1, quantiles=[0.5, 0.2, 0.8, 0.0])
-        return dict(median_ms=median, p20_ms=p20, p80_ms=p80, min_ms=fastest,
-                    method="triton.testing.do_bench (L2 flushed)")
-    flush = _L2Flusher(device)
-    n = int(min(1000, max(10, rep_ms / _cuda_call_ms(fn))))
-    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for s, e in pairs:
-        flush()
-        s.record()
+    def _span_ms(self, fn: Callable[[], Any]) -> float:
+        start, end = self.event(), self.event()
+        start.record()
         fn()
-        e.record()
-    torch.cuda.synchronize()
-    samples = [s.elapsed_time(e) * 1e-3 for s, e in pairs]
-    return dict(_quantiles(samples), samples=n, method="CUDA events (L2 flushed)")
+        end.record()
+        self.synchronize()
+        return max(start.elapsed_time(end), 1e-3)
+
+    def evict(self):
+        torch.sum(self.buffer, dim=0, out=self.sink)
+
+    def hold(self, ms: float):
+        torch.cuda._sleep(max(1, int(ms * self.cycles_per_ms)))
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    def synchronize(self):
+        torch.cuda.synchronize(self.device)
+
+
+_CUDA_CLOCKS: Dict[str, CudaClock] = {}
+
+
+def cuda_clock(device: str) -> CudaClock:
+    if device not in _CUDA_CLOCKS:
+        _CUDA_CLOCKS[device] = CudaClock(device)
+    return _CUDA_CLOCKS[device]
+
+
+CUDA_WARMUP_MS = 25  # the calls before a CUDA timing: at least this long, and at least 3
+
+
+def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int, clock: Optional[CudaClock] = None) -> Dict[str, Any]:
+    """Median, p20/p80 and minimum of one call over about rep_ms of calls (at least 10 samples,
+    however slow the call), each from a cold L2 (CudaClock)."""
+    clock = clock or cuda_clock(device)
+    call_ms = clock._span_ms(fn)
+    for _ in range(min(100, max(3, math.ceil(CUDA_WARMUP_MS / call_ms)))):
+        fn()
+    clock.synchronize()
+    begin = time.perf_counter()
+    fn()
+    host_ms = (time.perf_counter() - begin) * 1e3  # queueing the call: its kernels run later
+    clock.synchronize()
+    hold_ms = 1.5 * host_ms + 0.02
+    n = int(min(1000, max(10, rep_ms / (call_ms + clock.evict_ms + hold_ms))))
+    pairs = [(clock.event(), clock.event()) for _ in range(n)]
+    for start, end in pairs:
+        clock.evict()
+        clock.hold(hold_ms)
+        start.record()
+        fn()
+        end.record()
+    clock.synchronize()
+    samples = [start.elapsed_time(end) * 1e-3 for start, end in pairs]
+    return dict(_quantiles(samples), samples=n,
+                method="CUDA events, L2 evicted by a read of twice its size before each call, the GPU held "
+                       "while the host queues the call")
 
 
 def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:

@@ -412,20 +412,49 @@ def test_cpu_level_below_the_cpu_best_needs_cpu_isa_for_results_md(monkeypatch, 
     assert cli.parse_args(["--device", "cpu", "--cpu-isa", "avx2"]).cpu_isa == "avx2"
 
 
-def test_cuda_timings_have_the_statistics_of_cpu_timings(monkeypatch):
+def test_cuda_timings_have_the_statistics_of_cpu_timings():
     """The ceilings and tables read min_ms, median_ms, p20_ms and p80_ms from either backend's
-    timing; CI has no GPU, so do_bench and the call-length probe are stand-ins here."""
-    triton_testing = pytest.importorskip("triton.testing")
-    calls = []
+    timing. CI has no GPU: a stand-in clock whose events report the calls' order. Each timed call
+    comes after an L2 eviction and a hold of the GPU longer than the host took to queue it."""
+    log = []
 
-    def fake_do_bench(fn, warmup, rep, quantiles):
-        calls.append(quantiles)
-        return [1.0 + q for q in quantiles]
+    class FakeEvent:
+        def record(self):
+            log.append(("record", self))
 
-    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
-    monkeypatch.setattr(harness, "_cuda_call_ms", lambda fn: 0.01)
-    cuda = harness.time_cuda(lambda: None, "cuda", rep_ms=10)
+        def elapsed_time(self, end):
+            return log.index(("record", end)) - log.index(("record", self))  # ms: 2 for start, fn, end
+
+    class FakeClock:
+        evict_ms = 0.05
+
+        def _span_ms(self, fn):
+            fn()
+            return 0.5
+
+        def evict(self):
+            log.append("evict")
+
+        def hold(self, ms):
+            log.append(("hold", ms))
+
+        event = FakeEvent
+
+        def synchronize(self):
+            log.append("sync")
+
+    def fn():
+        time.sleep(0.002)
+        log.append("fn")
+
+    cuda = harness.time_cuda(fn, "cuda", rep_ms=10, clock=FakeClock())
     cpu = harness.time_cpu(lambda: None, min_run_time=0.01)
     stats = {"min_ms", "median_ms", "p20_ms", "p80_ms"}
     assert stats <= set(cpu) and stats <= set(cuda)
-    assert cuda["min_ms"] == 1.0 and cuda["median_ms"] == 1.5 and len(calls) == 1
+    assert cuda["samples"] == 10 and cuda["min_ms"] == cuda["median_ms"] == 2.0
+    timed = log[-(5 * 10 + 1):]  # each sample's five steps, then the last sync
+    assert timed[-1] == "sync" and log[-(5 * 10 + 2)] == "sync"  # the host-time probe's sync before them
+    for i in range(10):
+        evict, hold, start, call, end = timed[5 * i:5 * i + 5]
+        assert evict == "evict" and hold[0] == "hold" and hold[1] >= 1.5 * 2.0
+        assert start[0] == "record" and call == "fn" and end[0] == "record"
