@@ -15,7 +15,7 @@ a model's decode step never sees: its other layers' caches evict it. The ``conti
 cases give every provider the caches of as many layers as fill 256 MB and each call the next
 layer's, so that each call reads its cache from DRAM, and judge them against a copy whose
 buffers are as far beyond the L3 (``dram_copy``). On CUDA every call already reads from HBM
-(the timer flushes L2 before it), so there are none.
+(the timer evicts L2 before it), so there are none.
 """
 import itertools
 import math

@@ -51,6 +51,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
+from .report import PROFILED_CALLS
+
 # Kineto logs every profiler start and stop to stderr; the CPU peak-memory trace starts one per
 # measurement. Read at the first profiler use, so setting it here is early enough.
 os.environ.setdefault("KINETO_LOG_LEVEL", "6")
@@ -289,6 +291,35 @@ def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int, clock: Optional[C
     return dict(_quantiles(samples), samples=n,
                 method="CUDA events, L2 evicted by a read of twice its size before each call, the GPU held "
                        "while the host queues the call")
+
+
+def kernel_name(name: str) -> str:
+    """A profiled kernel's function name without namespaces, template arguments and parameters."""
+    name = name.replace("(anonymous namespace)", "").split("(")[0].split("<")[0]
+    return name.split("::")[-1].replace("void ", "").strip()
+
+
+def kernel_times(fn: Callable[[], Any], calls: int = PROFILED_CALLS, activity: str = "CUDA") -> List[Dict[str, Any]]:
+    """The kernels of one call of fn, from torch.profiler over `calls` calls, slowest first: name,
+    launches per call and mean device time per call in us. A call's time (its median) can exceed
+    their sum by the gaps between them. activity: the profiler activity and event device type
+    (CPU: the aten ops, for tests on a machine without a GPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
+        for _ in range(calls):
+            fn()
+        if activity == "CUDA":
+            torch.cuda.synchronize()
+    totals: Dict[str, List[float]] = {}
+    for event in prof.events():
+        if event.device_type == getattr(DeviceType, activity):
+            entry = totals.setdefault(kernel_name(event.name), [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.time_range.elapsed_us()
+    rows = [{"kernel": name, "launches": launches / calls, "us": us / calls} for name, (launches, us) in totals.items()]
+    return sorted(rows, key=lambda row: -row["us"])
 
 
 def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:
@@ -739,6 +770,11 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
                 torch.cuda.empty_cache()
         results[name] = _result(fn, out, case, dict(timings[name], single_call=False), memory,
                                 eager_out if name != "eager" else None)
+        if cfg.is_cuda and name.startswith("llama_ext"):
+            try:
+                results[name]["kernels"] = kernel_times(fn)
+            except Exception as exc:  # the breakdown is an extra: its failure is noted, not fatal
+                results[name]["kernels_error"] = short_error(exc)
         if copy_bytes:
             results[name].update(copy_same_rounds=copy_rate,
                                  fraction_of_copy_same_rounds=results[name]["throughput"] / copy_rate)

@@ -5,6 +5,9 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
+# Calls profiled for a CUDA result's kernel breakdown (harness.kernel_times).
+PROFILED_CALLS = 10
+
 CEILING_LABEL = {"copy": "copy", "dram_copy": "DRAM copy", "matmul": "matmul"}
 
 
@@ -79,8 +82,28 @@ def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
         skipped.append("- above ceiling: faster than the ceiling measured in this run (a ceiling measured under "
                        "load, or a miscounted amount of work); no fraction is shown")
     sources = [f"- {name}: {p['source']}" for name, p in op["providers"].items() if p["source"] and not p["skip_reason"]]
-    lines += [""] + sources + skipped + [f"- {note}" for note in op["notes"]] + [""]
+    lines += [""] + sources + skipped + [f"- {note}" for note in op["notes"]] + _kernel_lines(op) + [""]
     return "\n".join(lines)
+
+
+def _kernel_lines(op: Dict[str, Any]) -> List[str]:
+    """The CUDA kernels of each llama_ext result (harness.kernel_times): their mean device time
+    per call, against the call's median time; the difference is the gaps between them."""
+    lines = []
+    for case in op["cases"]:
+        for name, r in case["results"].items():
+            if r.get("kernels"):
+                kernels = ", ".join(f"{k['kernel']} {k['us']:.1f}" + (f" (x{k['launches']:g})" if k["launches"] != 1 else "")
+                                    for k in r["kernels"])
+                total = sum(k["us"] for k in r["kernels"])
+                lines.append(f"  - {case['mode']} {case['dtype']} {case['label']}, {name}: {kernels}; "
+                             f"sum {total:.1f} of the {1e3 * r['median_ms']:.1f} us median")
+            elif r.get("kernels_error"):
+                lines.append(f"  - {case['mode']} {case['dtype']} {case['label']}, {name}: no kernel profile "
+                             f"({r['kernels_error']})")
+    if lines:
+        lines.insert(0, f"- kernels, us per call (torch.profiler over {PROFILED_CALLS} calls after the timing):")
+    return lines
 
 
 def header_text(result: Dict[str, Any]) -> str:

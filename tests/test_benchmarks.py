@@ -458,3 +458,30 @@ def test_cuda_timings_have_the_statistics_of_cpu_timings():
         evict, hold, start, call, end = timed[5 * i:5 * i + 5]
         assert evict == "evict" and hold[0] == "hold" and hold[1] >= 1.5 * 2.0
         assert start[0] == "record" and call == "fn" and end[0] == "record"
+
+
+def test_kernel_breakdown_names_times_and_reports_each_kernel():
+    """CUDA results carry their kernels (harness.kernel_times; CI has no GPU, so the profiler's CPU
+    ops stand in for kernels) and the tables list them against the call's median."""
+    assert harness.kernel_name(
+        "void llama_ext::cuda::(anonymous namespace)::attend_tc_kernel<__nv_bfloat16, 128>(llama_ext::cuda::"
+        "(anonymous namespace)::KVCacheKernelParams)") == "attend_tc_kernel"
+    assert harness.kernel_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
+                               "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)"
+                               ) == "vectorized_elementwise_kernel"
+    x = torch.randn(64)
+    rows = harness.kernel_times(lambda: (x + 1).mul_(2), calls=4, activity="CPU")
+    by_name = {row["kernel"]: row for row in rows}
+    assert by_name["add"]["launches"] == 1 and by_name["mul_"]["launches"] == 1
+    assert all(row["us"] > 0 for row in rows) and rows == sorted(rows, key=lambda row: -row["us"])
+    op = {"title": "t", "status": "ok", "size_name": "n", "notes": [], "providers": {},
+          "cases": [{"mode": "b1", "dtype": "bfloat16", "label": "b1 8192", "unit": "GB/s", "headline": True,
+                     "ceiling_kind": "copy", "results": {"llama_ext": {
+                         "status": "ok", "median_ms": 0.0415, "p20_ms": 0.04, "p80_ms": 0.042, "throughput": 808.0,
+                         "fraction_of_ceiling": 0.19, "max_abs_diff_vs_eager": None, "peak_mem_bytes": 0,
+                         "kernels": [{"kernel": "attend_tc_kernel", "launches": 1, "us": 20.0},
+                                     {"kernel": "combine_kernel", "launches": 2, "us": 3.5}]}}}]}
+    table = report.op_table(op)
+    assert (f"- kernels, us per call (torch.profiler over {report.PROFILED_CALLS} calls after the timing):" in table)
+    assert ("  - b1 bfloat16 b1 8192, llama_ext: attend_tc_kernel 20.0, combine_kernel 3.5 (x2); "
+            "sum 23.5 of the 41.5 us median") in table
