@@ -521,7 +521,7 @@ __global__ void __launch_bounds__(kDeltaWarps * 32) attention_backward_delta_ker
   const T* out = static_cast<const T*>(p.fwd_out) + offset(p.fwd_out_strides, b, seq.start_q, row, head);
   float sum = 0.f;
   for (int d = lane; d < p.head_dim; d += 32) sum += to_float(dout[d]) * to_float(out[d]);
-  sum = warp_reduce_sum(sum);
+  sum = warp_reduce(sum);
   if (lane == 0) p.delta[lse_offset(p, b, seq, row, head)] = sum;
 }
 

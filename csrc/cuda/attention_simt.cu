@@ -58,7 +58,7 @@ __device__ __forceinline__ float dot_row(const float (&x)[kSlots], const T* row,
     const int d = lane + 32 * i;
     if (d < head_dim) sum += x[i] * to_float(row[d]);
   }
-  return warp_reduce_sum(sum);
+  return warp_reduce(sum);
 }
 
 // P = exp2(capped s2 - lse2) of a base-2 score s2; slope = d capped / d s2 (1 without softcap).

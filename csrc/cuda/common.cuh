@@ -96,24 +96,37 @@ inline bool rows_vectorizable(const void* base, int64_t row_stride, int64_t n, i
 
 // ---- reductions ---------------------------------------------------------------------------
 
-__device__ __forceinline__ float warp_reduce_sum(float x) {
+struct SumOp {
+  static constexpr float kIdentity = 0.f;
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+
+// fmaxf: a NaN operand gives the other one.
+struct MaxOp {
+  static constexpr float kIdentity = -INFINITY;
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename Op = SumOp>
+__device__ __forceinline__ float warp_reduce(float x) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(0xffffffffu, x, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) x = Op()(x, __shfl_xor_sync(0xffffffffu, x, offset));
   return x;
 }
 
-// Sum over the whole block (blockDim.x a multiple of 32, at most 1024); every thread gets the
-// result. `scratch` is 32 floats of shared memory, reusable after the call returns.
-__device__ __forceinline__ float block_reduce_sum(float x, float* scratch) {
+// Op over the whole block (blockDim.x a multiple of 32, at most 1024), in a fixed order; every
+// thread gets the result. `scratch` is 32 floats of shared memory, reusable after the call returns.
+template <typename Op = SumOp>
+__device__ __forceinline__ float block_reduce(float x, float* scratch) {
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   const int n_warps = blockDim.x / 32;
-  x = warp_reduce_sum(x);
+  x = warp_reduce<Op>(x);
   __syncthreads();  // scratch may still be read by a previous call
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  x = lane < n_warps ? scratch[lane] : 0.f;
-  return warp_reduce_sum(x);
+  x = lane < n_warps ? scratch[lane] : Op::kIdentity;
+  return warp_reduce<Op>(x);
 }
 
 }  // namespace llama_ext::cuda

@@ -30,8 +30,9 @@
 //     reading 16-byte chunks directly, per-thread dots with a shuffle butterfly, the same online
 //     softmax per lane group, merged in group order. fp32 has no tensor-core path.
 //     Either writes out/lse directly (one split) or an fp32 partial per split.
-//  3. combine (splits > 1): per query row, lse = log sum_s e^(lse_s), out = sum_s
-//     e^(lse_s - lse) out_s, in split order.
+//  3. combine (splits > 1): per query row, lse = log sum_s e^(lse_s) (the splits' lse read in
+//     parallel, block reductions in a fixed order), out = sum_s e^(lse_s - lse) out_s in split
+//     order.
 //  4. Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) on a contiguous cache run
 //     the prefill kernels instead of 2 and 3, after the append: the sequences' lengths and, with
 //     rotary tables, q's rotated copy come from two small kernels.
@@ -673,32 +674,50 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
 
 // ---- 3. combine -------------------------------------------------------------------------------
 
+// One CTA per query row. The splits' lse values are read at once, one per thread (one thread
+// reading them in turn would put two passes of global-load latency per split on every row's
+// path), then their max and the weights' sum by block reductions, in a fixed order; each thread
+// then sums its dims of the splits' partial outputs in split order, the loads unrolled ahead of
+// the sums.
+static_assert(kMaxSplits <= kThreads, "one thread per split's lse");
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelParams p) {
   __shared__ float weight[kMaxSplits];
-  __shared__ float total;
+  __shared__ float scratch[32];
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.n_q_heads * p.seq_q;
   const int64_t lse_idx = blockIdx.x;  // (b, h, i) in lse order
   const int i = lse_idx % p.seq_q, h = lse_idx / p.seq_q % p.n_q_heads, b = lse_idx / (p.seq_q * p.n_q_heads);
-  if (threadIdx.x == 0) {
-    float mx = -INFINITY;
-    for (int s = 0; s < p.splits; ++s) mx = fmaxf(mx, p.partial_lse[s * rows_total + lse_idx]);
-    float sum = 0.f;
-    for (int s = 0; s < p.splits; ++s) {
-      const float ls = p.partial_lse[s * rows_total + lse_idx];
-      weight[s] = ls == -INFINITY ? 0.f : expf(ls - mx);
-      sum += weight[s];
-    }
-    total = sum;
-    p.lse[lse_idx] = sum != 0.f ? mx + logf(sum) : 0.f;  // NaN too (a split's NaN lse)
-  }
-  __syncthreads();
+
+  // lse = log sum_s e^(lse_s), from max m: m + log sum_s e^(lse_s - m). A split that saw no key
+  // has lse -inf and weight 0; a NaN lse is passed over by the max and makes its weight, the sum
+  // and so lse and out NaN.
+  const int s = threadIdx.x;
+  const float lse_s = s < p.splits ? p.partial_lse[s * rows_total + lse_idx] : -INFINITY;
+  const float mx = block_reduce<MaxOp>(lse_s, scratch);
+  const float w = lse_s == -INFINITY ? 0.f : expf(lse_s - mx);
+  if (s < p.splits) weight[s] = w;
+  const float total = block_reduce<SumOp>(w, scratch);  // its barriers publish weight[]
+  if (threadIdx.x == 0) p.lse[lse_idx] = total != 0.f ? mx + logf(total) : 0.f;  // NaN too
+
   const float inv = total != 0.f ? 1.f / total : 0.f;
   const int64_t out_row = (static_cast<int64_t>(b) * p.seq_q + i) * p.n_q_heads + h;
+  const float* partial = p.partial_out + lse_idx * p.head_dim;
+  const int64_t split_stride = rows_total * p.head_dim;
+  constexpr int kBatch = 8;  // splits whose loads are in flight together
   for (int e = threadIdx.x; e < p.head_dim; e += blockDim.x) {
     float o = 0.f;
-    for (int s = 0; s < p.splits; ++s) {
-      if (weight[s] != 0.f) o += weight[s] * p.partial_out[(s * rows_total + lse_idx) * p.head_dim + e];
+    for (int t0 = 0; t0 < p.splits; t0 += kBatch) {
+      float v[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {  // past the last split: its load again, weighted 0 below
+        v[u] = __ldg(partial + min(t0 + u, p.splits - 1) * split_stride + e);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const float w = t0 + u < p.splits ? weight[t0 + u] : 0.f;
+        o = w != 0.f ? fmaf(w, v[u], o) : o;  // a split without keys adds nothing, even an inf of V
+      }
     }
     static_cast<T*>(p.out)[out_row * p.head_dim + e] = from_float<T>(o * inv);
   }

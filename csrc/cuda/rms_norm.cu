@@ -124,7 +124,7 @@ __device__ __forceinline__ float group_reduce_sum(float x, int group, float* scr
     for (int offset = group / 2; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
     return x;
   }
-  return block_reduce_sum(x, scratch);
+  return block_reduce(x, scratch);
 }
 
 // ---- chunk access -----------------------------------------------------------------------------
