@@ -60,6 +60,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--update-results-md", action="store_true",
                    help="rewrite this device's section of benchmarks/RESULTS.md with the run's tables")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and short timings, to check the suite runs")
+    p.add_argument("--kernels", action="store_true",
+                   help="CUDA: list each llama_ext result's kernels with their device times (torch.profiler)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bars")
     p.add_argument("--no-plots", action="store_true",
                    help="tables only (matplotlib's first import on a fresh machine takes seconds)")
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> Dict:
     budget = args.budget or (10.0 if cuda else 20.0 if args.full else 3.0)
     cfg = harness.RunConfig(device=args.device, dtypes=dtypes, full=args.full, smoke=args.smoke, sizes=args.size,
                             min_run_time=0.02 if args.smoke else 0.3, cuda_rep_ms=10 if args.smoke else 100,
-                            budget_s=budget)
+                            budget_s=budget, kernel_times=args.kernels)
     env = harness.environment(cfg.device)
     warning = harness.load_warning(env)
     if warning:

@@ -95,6 +95,7 @@ class RunConfig:
     min_run_time: float = 0.3  # seconds of samples per (case, provider) on CPU
     cuda_rep_ms: int = 100  # the measuring time per (case, provider) on CUDA
     budget_s: float = 3.0  # a provider whose call takes over budget_s / SAMPLED_CALLS gets one timed call
+    kernel_times: bool = False  # CUDA: each llama_ext result's kernels (kernel_times)
 
     @property
     def is_cuda(self) -> bool:
@@ -770,7 +771,7 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
                 torch.cuda.empty_cache()
         results[name] = _result(fn, out, case, dict(timings[name], single_call=False), memory,
                                 eager_out if name != "eager" else None)
-        if cfg.is_cuda and name.startswith("llama_ext"):
+        if cfg.is_cuda and cfg.kernel_times and name.startswith("llama_ext"):
             try:
                 results[name]["kernels"] = kernel_times(fn)
             except Exception as exc:  # the breakdown is an extra: its failure is noted, not fatal
