@@ -230,10 +230,10 @@ class CudaClock:
         self.buffer = torch.ones(2 * l2 // 4, dtype=torch.float32, device=device)
         self.sink = torch.empty((), dtype=torch.float32, device=device)
         cycles = 1 << 20
-        self.cycles_per_ms = cycles / self._span_ms(lambda: torch.cuda._sleep(cycles))
-        self.evict_ms = min(self._span_ms(self.evict) for _ in range(3))
+        self.cycles_per_ms = cycles / self.span_ms(lambda: torch.cuda._sleep(cycles))
+        self.evict_ms = min(self.span_ms(self.evict) for _ in range(3))
 
-    def _span_ms(self, fn: Callable[[], Any]) -> float:
+    def span_ms(self, fn: Callable[[], Any]) -> float:
         start, end = self.event(), self.event()
         start.record()
         fn()
@@ -263,15 +263,15 @@ def cuda_clock(device: str) -> CudaClock:
     return _CUDA_CLOCKS[device]
 
 
-CUDA_WARMUP_MS = 25  # the calls before a CUDA timing: at least this long, and at least 3
+CUDA_WARMUP_MS = 25  # the calls before a CUDA timing: at least this long, and at least one
 
 
 def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int, clock: Optional[CudaClock] = None) -> Dict[str, Any]:
     """Median, p20/p80 and minimum of one call over about rep_ms of calls (at least 10 samples,
     however slow the call), each from a cold L2 (CudaClock)."""
     clock = clock or cuda_clock(device)
-    call_ms = clock._span_ms(fn)
-    for _ in range(min(100, max(3, math.ceil(CUDA_WARMUP_MS / call_ms)))):
+    call_ms = clock.span_ms(fn)
+    for _ in range(min(100, max(1, math.ceil(CUDA_WARMUP_MS / call_ms)))):
         fn()
     clock.synchronize()
     begin = time.perf_counter()

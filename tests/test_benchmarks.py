@@ -428,7 +428,7 @@ def test_cuda_timings_have_the_statistics_of_cpu_timings():
     class FakeClock:
         evict_ms = 0.05
 
-        def _span_ms(self, fn):
+        def span_ms(self, fn):
             fn()
             return 0.5
 
