@@ -2,7 +2,7 @@
 
 What: a transcription, step by step and lane by lane, of csrc/cuda/attention_bwd.cu for float16 /
 bfloat16: `attention_backward_delta_kernel` (delta = rowsum(dO * O), one warp per (row, head),
-warp_reduce_sum), `attention_backward_tc_kernel<T, C>` for every BwdConfig the launcher can pick
+warp_reduce<SumOp>), `attention_backward_tc_kernel<T, C>` for every BwdConfig the launcher can pick
 (BwdConfigs: D = 32 / 64 on 128 keys x 64 queries, D = 96 / 128 on 128 x 32 (8 warps), D = 80 and
 D = 128 on ~100 KB parts on 64 x 32 (4 warps), one warp per 16-key slice with double-buffered
 Q / dO; D = 256 with two warps per slice (kSplitRoles: the "probabilities" warp holds dV, the
@@ -81,7 +81,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '14ba6fa0fd286d28'
+TRANSCRIBED_DIGEST = '9f47160ea9e78811'
 
 kLog2e_f = float(np.float32(1.4426950408889634))  # attention::kLog2e (a float constant)
 UNIT_ROUNDOFF = {'bf16': 2.0 ** -8, 'fp16': 2.0 ** -11}
@@ -285,7 +285,7 @@ def attention_backward_delta_kernel(p, c):
                 dd = np.where(on, d, 0)[None, :]
                 prod = (gload(p.dout, dout + dd).astype(ft) * gload(p.fwd_out, out + dd).astype(ft)).astype(ft)
                 s = np.where(on[None, :], (s + prod).astype(ft), s)  # exact products: fma or not alike
-            for off in (16, 8, 4, 2, 1):  # warp_reduce_sum
+            for off in (16, 8, 4, 2, 1):  # warp_reduce<SumOp>
                 s = (s + s[:, LANES ^ off]).astype(ft)
             gstore(p.delta, lse_offset(p, b, seq, rows, head), s[:, 0], p.delta_count)
 
