@@ -70,7 +70,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'e1eaf62e03bb0119'
+TRANSCRIBED_DIGEST = '769b7879c2e9d4cd'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -695,9 +695,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
   const int s = threadIdx.x;
   const float lse_s = s < p.splits ? p.partial_lse[s * rows_total + lse_idx] : -INFINITY;
   const float mx = block_reduce<MaxOp>(lse_s, scratch);
-  const float w = lse_s == -INFINITY ? 0.f : expf(lse_s - mx);
-  if (s < p.splits) weight[s] = w;
-  const float total = block_reduce<SumOp>(w, scratch);  // its barriers publish weight[]
+  const float weight_s = lse_s == -INFINITY ? 0.f : expf(lse_s - mx);
+  if (s < p.splits) weight[s] = weight_s;
+  const float total = block_reduce<SumOp>(weight_s, scratch);  // its barriers publish weight[]
   if (threadIdx.x == 0) p.lse[lse_idx] = total != 0.f ? mx + logf(total) : 0.f;  // NaN too
 
   const float inv = total != 0.f ? 1.f / total : 0.f;
