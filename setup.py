@@ -169,8 +169,9 @@ def _extensions():
     std = "-std=c++20"
     common = ["-O3", "-g0", std] + (["-fopenmp"] if openmp else [])
     # -lstdc++ before the compiler driver's own: the libraries bind to the process's shared
-    # libstdc++ even where the compiler links it statically by default (-static-libstdc++, as
-    # some toolchain wrappers do); see _check_shared_libstdcxx.
+    # libstdc++ where a driver adds -static-libstdc++ (checked with such a g++ wrapper). The H200
+    # machine's /opt/gcc g++ embeds libstdc++ even so (gpu-check's probe links with -lstdc++):
+    # _check_shared_libstdcxx refuses what that builds.
     link = (["-fopenmp"] if openmp else []) + ["-lstdc++"]
     cuda = _want_cuda()
     nvcc_flags = [
