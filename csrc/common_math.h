@@ -9,7 +9,7 @@
 namespace llama_ext {
 
 // Ceiling of a / b for a >= 0, b > 0: tile, block and grid counts.
-C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+C10_HOST_DEVICE constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // max that keeps a NaN from either side (fmaxf drops it, std::max keeps only its first
 // argument's): the softmax statistics that must carry a NaN score into the row's out and lse.

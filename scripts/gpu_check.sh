@@ -9,8 +9,16 @@
 #   memcheck   compute-sanitizer over scripts/sanitize_kernels.py: every kernel and tail
 #   racecheck  the same, the cases with shared memory
 #   synccheck  the same, the cases with barriers
-#   bench_OP   the benchmark, one process per op, so that an op that crashes costs only its own
-#              numbers
+#   bench_attention  the benchmark of attention (compute-bound, the longest op) in its own process
+#   bench_memory     the benchmark of every other op (the memory-bound ones: decode first, then the
+#              rest as benchmarks/cli.py lists them) in ONE process, with each llama_ext result's
+#              kernels and their device times (--kernels). One process pays the cold imports
+#              (torch, transformers, torchvision) and the bandwidth ceilings, measured before and
+#              after the ops, once instead of once per op; every op has run on the H200 without a
+#              crash (2026-12-04), so the isolation of one process per op (a crash costing only
+#              its own numbers) is given up for the time it cost.
+#              The benchmark writes its tables after each op, so a stage stopped at its limit keeps
+#              the ops it finished.
 # Every stage after the build runs whatever failed before it. The summary (summary.txt, printed
 # last) opens with the verdict and the first failing stage and why, then one line per stage, the
 # failing tests, the sanitizer reports, spills and the benchmark tables.
@@ -32,7 +40,7 @@ cd "$(dirname "$0")/.."
 # Each stage gets SIGINT at its limit (pytest and the case list then print what they have) and
 # SIGKILL GRACE seconds later; the limits plus a grace each must fit TOTAL_LIMIT, which
 # `scripts/gpu_check.sh --plan` prints and tests/test_gpu_check.py checks.
-# Measured on the H200 machine (2026-12-04, three runs; its 16 cores, torch 2.11):
+# Measured on the H200 machine (2026-12-04, several runs; its 16 cores, torch 2.11):
 #   env: 5-10 s.
 #   build: 68-81 s from nothing for sm_90 alone; setuptools builds one extension after the other
 #     (_C, then the CPU kernel library).
@@ -40,20 +48,26 @@ cd "$(dirname "$0")/.."
 #     of them at a 60 s per-test limit that they pass in ~90 s; the other 51 took 120 s more.
 #     The CPU-only modules and tests are now left out; the kernel tests are listed first, so a
 #     run stopped at the limit loses the model-level ones (tests/test_transformers*.py) first.
-#   sanitizers: the case list starts no case in the last SANITIZE_TAIL seconds (its --deadline),
-#     so a slow tool costs tails, reported, not the whole stage. memcheck 7 s, synccheck 6 s,
-#     racecheck 18 s for the head dims to 80 and 26 s for 96, 128 and 256.
-#   bench: per op, tables only (--no-plots: matplotlib's first import took 6+ s), ceilings
-#     included: 17 s for the norms and rotary, 27 s for attention, 20 s for decode. Every op not
-#     named takes bench_other.
-TOTAL_LIMIT=540  # 9 minutes: the device tool's 10-minute command limit minus a margin
+#     The latest run: 201 s of 203 (pytest's own count 195 s).
+#   sanitizers: the case list starts no case in the tool's last SANITIZE_TAIL seconds (--deadline),
+#     so a slow tool costs tails, reported, not the whole stage. Python, torch and CUDA start
+#     under the tool first: up to ~10 s. memcheck: all 24 cases in 10 s. racecheck: ~50 s of
+#     cases, the last three the longest (kvcache_d256 10 s, kvcache_d128 6 s,
+#     attention_tiles_d256 4 s). synccheck: ~1 s of cases.
+#   bench: tables only (--no-plots: matplotlib's first import took 6+ s), ceilings included.
+#     attention 27-34 s; decode 26 s alone, and RMSNorm, the fused add and rotary over 20 s each
+#     in their own processes, each paying the imports and the ceilings: bench_memory pays them once.
+# 9 minutes (the device tool's 10-minute command limit minus a margin) less ~10 s for the summary.
+TOTAL_LIMIT=530
 GRACE=3
 declare -A LIMIT=(
-  [env]=12 [build]=90 [tests]=203
-  [memcheck]=20 [racecheck]=45 [synccheck]=12
-  [bench_attention]=35 [bench_decode]=30 [bench_other]=20
+  [env]=12 [build]=90 [tests]=205
+  [memcheck]=20 [racecheck]=65 [synccheck]=20
+  [bench_attention]=35 [bench_memory]=55
 )
-SANITIZE_TAIL=8
+# Per tool: no case starts in its last SANITIZE_TAIL seconds, about its longest case (racecheck's
+# kvcache_d256: 10 s; every synccheck case well under 1 s).
+declare -A SANITIZE_TAIL=([memcheck]=4 [racecheck]=11 [synccheck]=2)
 
 RESULTS=${OUT:-$PWD/gpu-results}
 WORK=$(mktemp -d)
@@ -76,10 +90,10 @@ export LLAMA_EXT_NVCC_THREADS=1  # one arch: nvcc has nothing to run in parallel
 # tests CUDA, and each library is a separate, sequential extension build.
 export LLAMA_EXT_CPU_CAPABILITIES=default
 
-limit_of() {  # limit_of STAGE: GPU_CHECK_LIMIT_<stage> if set, else the table's
-  local override="GPU_CHECK_LIMIT_$1" key=$1
-  [ -n "${LIMIT[$key]:-}" ] || key=bench_other
-  echo "${!override:-${LIMIT[$key]}}"
+limit_of() {  # limit_of STAGE: GPU_CHECK_LIMIT_<stage> if set, else the table's, else (bench_all and
+  # the skipped `bench`: every op in one stage) the two benchmark stages' limits together
+  local override="GPU_CHECK_LIMIT_$1"
+  echo "${!override:-${LIMIT[$1]:-$((LIMIT[bench_attention] + LIMIT[bench_memory]))}}"
 }
 
 # stage NAME COMMAND...: runs COMMAND under NAME's limit (SIGINT first, so pytest and the case
@@ -107,7 +121,7 @@ skip() {  # skip NAME REASON: a stage that cannot run, recorded as such
 }
 
 sanitizer() {  # sanitizer TOOL: compute-sanitizer's TOOL over the case list, bounded by --deadline
-  local tool=$1 deadline=$(( $(date +%s) + $(limit_of "$1") - SANITIZE_TAIL ))
+  local tool=$1 deadline=$(( $(date +%s) + $(limit_of "$1") - ${SANITIZE_TAIL[$1]} ))
   local opts=(--tool "$tool" --error-exitcode 1 --print-limit 20)
   # Only our kernels are instrumented (torch's own run at full speed); CUDA API errors are ours
   # to check (every launch is checked), torch probes some on purpose.
@@ -119,13 +133,29 @@ sanitizer() {  # sanitizer TOOL: compute-sanitizer's TOOL over the case list, bo
   stage "$tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer "${opts[@]}" "$PY" scripts/sanitize_kernels.py "${cases[@]}"
 }
 
-# The benchmark's ops, one stage each (they import the extension: known after the build).
+# The benchmark's ops (they import the extension: known after the build): attention in
+# bench_attention, the others in bench_memory, decode first.
 BENCH_OPS=
-list_bench_ops() { BENCH_OPS=$("$PY" -c "from benchmarks import cli; print(*cli._op_builders())" 2>"$WORK/bench_ops.err"); }
+MEMORY_OPS=()
+list_bench_ops() {
+  local op
+  BENCH_OPS=$("$PY" -c "from benchmarks import cli; print(*cli._op_builders())" 2>"$WORK/bench_ops.err")
+  MEMORY_OPS=()
+  [[ " $BENCH_OPS " == *" decode "* ]] && MEMORY_OPS+=(decode)
+  for op in $BENCH_OPS; do
+    [ "$op" = attention ] || [ "$op" = decode ] || MEMORY_OPS+=("$op")
+  done
+}
+bench_stages() {  # the benchmark's stages, in order
+  if [ -z "$BENCH_OPS" ]; then echo bench_all; return; fi
+  [[ " $BENCH_OPS " == *" attention "* ]] && echo bench_attention
+  [ "${#MEMORY_OPS[@]}" -gt 0 ] && echo bench_memory
+  return 0
+}
 
 plan() {  # the stages in order with their limits, and whether they fit TOTAL_LIMIT
   local total=0 s
-  for s in env build tests memcheck racecheck synccheck $(printf 'bench_%s ' ${BENCH_OPS:-all}); do
+  for s in env build tests memcheck racecheck synccheck $(bench_stages); do
     printf '%-28s %4s s\n' "$s" "$(limit_of "$s")"
     total=$((total + $(limit_of "$s") + GRACE))
   done
@@ -222,10 +252,14 @@ if [ "$built" -eq 0 ]; then
               --no-progress --no-plots)
   [ "$DRY_RUN" = 1 ] && bench_args+=(--smoke --threads 1)
   if [ -n "$BENCH_OPS" ]; then
-    for op in $BENCH_OPS; do
-      # The kernels' device times where a call runs several (the profiler adds to a stage's time).
-      kernels=$([ "$op" = decode ] && echo --kernels)
-      stage "bench_$op" "$PY" -m benchmarks "${bench_args[@]}" $kernels --op "$op" --out "$WORK/bench/$op"
+    for s in $(bench_stages); do
+      if [ "$s" = bench_attention ]; then
+        stage bench_attention "$PY" -m benchmarks "${bench_args[@]}" --op attention --out "$WORK/bench/attention"
+      else
+        # The kernels' device times of every memory-bound op (the profiler adds to the stage's time).
+        stage bench_memory "$PY" -m benchmarks "${bench_args[@]}" --kernels $(printf -- '--op %s ' "${MEMORY_OPS[@]}") \
+          --out "$WORK/bench/memory"
+      fi
     done
   else  # the op list itself failed to import: one run of everything shows why
     stage bench_all "$PY" -m benchmarks "${bench_args[@]}" --out "$WORK/bench/all"

@@ -267,8 +267,12 @@ def _(device):
 
 def kvcache_calls(d, device, dtype=torch.bfloat16):
     """Contiguous and paged caches, a long sequence (split over keys) beside a short and an
-    empty one, one and several new tokens appended, fused rotary; and a prompt of 130 tokens
-    (the prefill route: lengths and rotated q from their own kernels, then the prefill kernels)."""
+    empty one, one and several new tokens appended, with and without fused rotary; and a prompt
+    of 130 tokens (the prefill route: lengths and rotated q from their own kernels, then the
+    prefill kernels) with rotary only. Without rotary the route runs the same append (rotation is
+    a run-time branch, taken both ways by the decode calls), key-lengths and prefill-forward
+    kernels, less the rotate-q one; lse is computed either way (return_lse only picks what Python
+    returns). A second prompt call would add racecheck time and no kernel."""
     batch, h_q, h_kv, capacity = 3, 8, 2, 1200
     seqlens = torch.tensor([1000, 3, 0], device=device, dtype=torch.int32)
     cos, sin = llama_ext.rope_cos_sin(d, capacity, device=device)
@@ -278,9 +282,10 @@ def kvcache_calls(d, device, dtype=torch.bfloat16):
         v_new = rnd(batch, seq_new, h_kv, d, dtype=dtype, device=device)
         k_cache = rnd(batch, capacity, h_kv, d, dtype=dtype, device=device)
         v_cache = rnd(batch, capacity, h_kv, d, dtype=dtype, device=device)
-        llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, return_lse=True)
+        if seq_new < 130:
+            llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new, return_lse=True)
         llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new,
-                                             rotary_cos=cos, rotary_sin=sin)
+                                             rotary_cos=cos, rotary_sin=sin, return_lse=seq_new == 130)
         if seq_new > 3:
             continue  # a paged prompt runs the decode kernels, as the calls below do for decode
         for block in (16, 64):

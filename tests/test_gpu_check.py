@@ -3,6 +3,7 @@
 stubbed; the real control flow, limits, sanitizer case list on the CPU kernels, CPU benchmark
 and summary), its stage plan against the 9-minute limit, and the summary's reading of real tool
 output. The first GPU run is rare: these make sure it cannot be lost to the script itself."""
+import json
 import os
 import pathlib
 import re
@@ -27,8 +28,7 @@ MAX_RESULT_FILES = 8  # what the device tool brings back from $OUT
 
 
 # The limits are sized for the GPU machine; a loaded CI machine takes longer over the stubbed stages.
-WIDENED = {f"GPU_CHECK_LIMIT_{s}": "400" for s in STAGE_ORDER + ["bench_rms_norm", "bench_fused_add_rms_norm",
-                                                                 "bench_attention"]}
+WIDENED = {f"GPU_CHECK_LIMIT_{s}": "400" for s in STAGE_ORDER + ["bench_attention", "bench_memory"]}
 
 
 def dry_run(out, **env):
@@ -60,18 +60,18 @@ def test_stage_limits_fit_nine_minutes():
                           env=dict(os.environ, PYTHON=sys.executable), timeout=300)
     assert proc.returncode == 0, f"the stage limits do not fit:\n{proc.stdout}{proc.stderr}"
     stages = [line.split()[0] for line in proc.stdout.splitlines()[:-1]]
-    assert stages[:6] == STAGE_ORDER and "bench_attention" in stages and "bench_rms_norm" in stages
+    assert stages == STAGE_ORDER + ["bench_attention", "bench_memory"], proc.stdout
 
 
 def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
-    # The CUDA tests and memcheck fail, one benchmark op hangs past its (shortened) limit.
-    proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="tests,memcheck", GPU_CHECK_STUB_HANG="bench_rotary",
-                            GPU_CHECK_LIMIT_bench_rotary="3", **WIDENED)
+    # The CUDA tests and memcheck fail, the attention benchmark hangs past its (shortened) limit.
+    proc, summary = dry_run(tmp_path, GPU_CHECK_STUB_FAIL="tests,memcheck", GPU_CHECK_STUB_HANG="bench_attention",
+                            **dict(WIDENED, GPU_CHECK_LIMIT_bench_attention="3"))
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = summary.splitlines()[0]
     assert first.startswith("gpu-check: FAIL (DRY RUN"), summary
     assert "first failure: tests FAIL" in first and "test_stub_fails_on_request" in first, first
-    assert "also: memcheck FAIL" in summary and "also: bench_rotary TIMEOUT" in summary, summary
+    assert "also: memcheck FAIL" in summary and "also: bench_attention TIMEOUT" in summary, summary
 
     rows = stage_rows(summary)
     assert list(rows)[:6] == STAGE_ORDER, summary
@@ -80,7 +80,7 @@ def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
     for tool in ("racecheck", "synccheck"):
         m = re.search(r"(\d+) of (\d+) cases", rows[tool][1])
         assert m and m.group(1) == m.group(2) and int(m.group(1)) > 0, rows[tool]
-    assert rows["bench_rotary"][0] == "TIMEOUT" and rows["bench_attention"][0] == "ok", summary
+    assert rows["bench_attention"][0] == "TIMEOUT" and rows["bench_memory"][0] == "ok", summary
 
     assert "failing tests (1):" in summary
     # Why it failed, from the log written as it failed (scripts/pytest_failure_log.py).
@@ -89,9 +89,11 @@ def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
     assert "memcheck: [" in summary and "Invalid __global__ read" in summary  # the report, with its case
     # The targets, each named (the smoke sizes have none of their cases).
     assert "performance targets" in summary and "NO RESULT  attention, causal, seq 8192" in summary, summary
-    # The benchmark of what worked, merged.
+    # The benchmark of what worked: every memory-bound op, from one process.
     bench = (tmp_path / "bench.md").read_text()
     assert "RMSNorm" in bench or "rms_norm" in bench, bench[:500]
+    ops = [op["op"] for op in json.loads((tmp_path / "bench.json").read_text())["ops"]]
+    assert ops == ["decode", "rms_norm", "fused_add_rms_norm", "rotary"], ops
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= MAX_RESULT_FILES and all((tmp_path / f).is_file() for f in files), files
     assert proc.stdout.rstrip().splitlines()[-1] == first  # the verdict is also the last line printed
@@ -159,14 +161,14 @@ def test_summary_reads_pytest_sanitizer_and_ptxas_output(tmp_path, capsys):
     work, results = tmp_path / "work", tmp_path / "results"
     results.mkdir()
     write_work(work, [("env", 0, 3, 30), ("build", 0, 90, 150), ("tests", 1, 41, 120), ("memcheck", 1, 55, 60),
-                      ("racecheck", 3, 30, 30), ("synccheck", 124, 25, 20), ("bench_rotary", 1, 4, 20)],
+                      ("racecheck", 3, 30, 30), ("synccheck", 124, 25, 20), ("bench_memory", 1, 4, 55)],
                {"env": "NVIDIA H200, 580.159.04, 143771 MiB, 9.0\n", "build": BUILD_LOG, "tests": PYTEST_XDIST_LOG,
                 "memcheck": MEMCHECK_LOG,
                 "racecheck": "case rms_norm_vector ...\ncase rms_norm_vector ok 1.0s\n"
                              "sanitize cases (racecheck, cuda): 1 of 8 run in 16s\n"
                              "left out at the deadline: attention_tiles_d32\n========= ERROR SUMMARY: 0 errors\n",
                 "synccheck": "case rms_norm_vector ...\ncase rms_norm_vector ok 1.0s\ncase attention_tiles_d32 ...\n",
-                "bench_rotary": "Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"})
+                "bench_memory": "Traceback (most recent call last):\nRuntimeError: CUDA error: an illegal memory access\n"})
     rc = gpu_check_summary.summarize(str(work), str(results), total_limit=540, grace=5, elapsed=300, dry_run=False)
     assert rc == 1
     summary = (results / "summary.txt").read_text()
@@ -180,7 +182,7 @@ def test_summary_reads_pytest_sanitizer_and_ptxas_output(tmp_path, capsys):
     assert rows["racecheck"][0] == "INCOMPLETE" and "attention_tiles_d32" in rows["racecheck"][1]
     assert rows["synccheck"] == ("TIMEOUT", "stopped at its limit in case attention_tiles_d32; "
                                             "case list did not finish")
-    assert rows["bench_rotary"] == ("FAIL", "RuntimeError: CUDA error: an illegal memory access")
+    assert rows["bench_memory"] == ("FAIL", "RuntimeError: CUDA error: an illegal memory access")
     assert "_ZN9llama_ext4cuda6kernelILi1EEEvv: 4 bytes spill stores, 4 bytes spill loads" in summary
     assert "failing tests (1):" in summary
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == first

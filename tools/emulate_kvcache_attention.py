@@ -70,7 +70,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '769b7879c2e9d4cd'
+TRANSCRIBED_DIGEST = '4e17948925b54dd7'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -87,16 +87,25 @@ def length_ok(p, b):
     return ok
 
 
-def cache_block(p, b, j):
-    """Vectorised over j (only j of keys the kernel asks for)."""
+def block_entry(p, b, j):
+    """Vectorised over j (only j of keys the kernel asks for): the entry as stored, unchecked."""
     j = np.asarray(j, np.int64)
     if p.block_table is None:
         return np.full(j.shape, b, np.int64)
-    blk = gload(p.block_table, b * p.bt_stride[0] + (j // p.block_size) * p.bt_stride[1]).astype(np.int64)
-    ok = (blk >= 0) & (blk < p.num_blocks)
+    return gload(p.block_table, b * p.bt_stride[0] + (j // p.block_size) * p.bt_stride[1]).astype(np.int64)
+
+
+def checked_block(p, entry):
+    if p.block_table is None:
+        return entry
+    ok = (entry >= 0) & (entry < p.num_blocks)
     if not ok.all():
         raise DeviceAssert('block_table entry outside the cache')
-    return np.where(ok, blk, -1)
+    return np.where(ok, entry, -1)
+
+
+def cache_block(p, b, j):
+    return checked_block(p, block_entry(p, b, j))
 
 
 def position_ok(p, pos):
@@ -136,34 +145,27 @@ def rotated(p, xptr, e, pos, ft):
 
 
 def append_kernel(p, ft):
-    """append_kernel: one CTA per new token, threads over n_kv_heads x head_dim."""
+    """append_kernel: one CTA per (new token, kv head), threads over head_dim; the new k/v
+    elements loaded before the position is read, every load before the first store."""
     for token in range(p.batch * p.seq_new):
         b, i = token // p.seq_new, token % p.seq_new
-        if not length_ok(p, b):
-            continue
-        pos = int(gload(p.seqlens, b)) + i
-        if p.cos is not None and not position_ok(p, pos):
-            continue
-        blk = int(cache_block(p, b, pos))
-        if blk < 0:
-            continue
-        off = pos % p.block_size
-        t = np.arange(p.n_kv_heads * p.head_dim)
-        h, e = t // p.head_dim, t % p.head_dim
-        k_src = b * p.kn_stride[0] + i * p.kn_stride[1]
-        v_src = b * p.vn_stride[0] + i * p.vn_stride[1]
-        k_dst = blk * p.k_stride[0] + off * p.k_stride[1]
-        v_dst = blk * p.v_stride[0] + off * p.v_stride[1]
-        if p.cos is not None:
-            kv = np.empty(t.shape)
-            for hh in range(p.n_kv_heads):
-                sel = h == hh
-                row = (p.k_new[0], p.k_new[1] + k_src + hh * p.kn_stride[2])
-                kv[sel] = rnd(rotated(p, row, e[sel], pos, ft), p.T)
-        else:
-            kv = gload(p.k_new, k_src + h * p.kn_stride[2] + e)
-        gstore(p.k_cache, k_dst + h * p.k_stride[2] + e, kv)
-        gstore(p.v_cache, v_dst + h * p.v_stride[2] + e, gload(p.v_new, v_src + h * p.vn_stride[2] + e))
+        for h in range(p.n_kv_heads):
+            e = np.arange(p.head_dim)
+            k_row = (p.k_new[0], p.k_new[1] + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2])
+            v_row = b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2]
+            k_raw, v_val = gload(k_row, e), gload(p.v_new, v_row + e)
+            if not length_ok(p, b):
+                break  # the CTA returns
+            pos = int(gload(p.seqlens, b)) + i
+            if p.cos is not None and not position_ok(p, pos):
+                break
+            blk = int(cache_block(p, b, pos))
+            if blk < 0:
+                break
+            off = pos % p.block_size
+            kv = rnd(rotated(p, k_row, e, pos, ft), p.T) if p.cos is not None else k_raw
+            gstore(p.k_cache, blk * p.k_stride[0] + off * p.k_stride[1] + h * p.k_stride[2] + e, kv)
+            gstore(p.v_cache, blk * p.v_stride[0] + off * p.v_stride[1] + h * p.v_stride[2] + e, v_val)
 
 
 def query_element(p, b, kvh, row, e, valid_len, ft):
@@ -297,13 +299,7 @@ def attend_tc_cta(p, D, blockIdx, c):
     tid_all = np.arange(kTcThreads)
     g_all = (tid_all % 32) // 4
 
-    # ---- stage: q rows (rotated, rounded to T) into shared memory; visible ranges.
-    t = np.arange(kTcRows * D)
-    r, e = t // D, t % D
-    qv = np.zeros(t.shape)
-    live = r < nrows
-    qv[live] = query_element(p, b, kvh, row0 + r[live], e[live], valid_len, ft)
-    sm.write(q_s + r * P + e, rnd(qv, p.T), t % kTcThreads)  # from_float<T>
+    # ---- stage: visible ranges.
     tile_lo, tile_hi = L, 0
     for rr in range(nrows):
         lo1, hi1 = visible_keys(p, row0 + rr, L)
@@ -331,17 +327,32 @@ def attend_tc_cta(p, D, blockIdx, c):
     k_base = (p.k_cache[0], p.k_cache[1] + kvh * p.k_stride[2])
     v_base = (p.v_cache[0], p.v_cache[1] + kvh * p.v_stride[2])
 
-    def load_kv(stage, jt):
+    PAST_SPLIT = None  # kPastSplit: no block entry, a key past j_end
+    next_block = [PAST_SPLIT] * Tl.kChunksPerThread  # per chunk: entries (or None) of the next tile issued
+    fetched = {'jt': None}  # which tile next_block holds (emulation bookkeeping, checked by load_kv)
+
+    def fetch_blocks(jt):
+        for i in range(Tl.kChunksPerThread):
+            j = jt + (tid_all + i * kTcThreads) // Tl.kChunksPerRow
+            inr = j < j_end if 'no_zero_fill' not in MUT else j >= 0  # every key of the tile read
+            entry = np.zeros(j.shape, np.int64)
+            if inr.any():
+                entry[inr] = block_entry(p, b, j[inr])
+            next_block[i] = (inr, entry)
+        fetched['jt'] = jt
+
+    def load_kv(stage, jt):  # from next_block, fetched for jt
+        assert fetched['jt'] == jt, 'load_kv of a tile whose block entries were not fetched'
         k_dst = k_s + stage * Tl.kTileElems
         v_dst = v_s + stage * Tl.kTileElems
         for i in range(Tl.kChunksPerThread):
             cc = tid_all + i * kTcThreads
             rr, col = cc // Tl.kChunksPerRow, cc % Tl.kChunksPerRow * Tl.kVec
             j = jt + rr
+            inr, entry = next_block[i]
             blk = np.full(j.shape, -1, np.int64)
-            inr = j < j_end if 'no_zero_fill' not in MUT else j >= 0  # every key of the tile read
             if inr.any():
-                blk[inr] = cache_block(p, b, j[inr])
+                blk[inr] = checked_block(p, entry[inr])
             ok = blk >= 0
             c['stats']['zero_filled_rows'] += int((~ok).sum())
             off = j % p.block_size
@@ -355,8 +366,19 @@ def attend_tc_cta(p, D, blockIdx, c):
 
     for s_ in range(S - 1):
         if s_ < n_tiles:
+            fetch_blocks(j_begin + s_ * KEYS)
             load_kv(s_, j_begin + s_ * KEYS)
         sm.commit()
+    if S - 1 < n_tiles:
+        fetch_blocks(j_begin + (S - 1) * KEYS)
+
+    # ---- stage: q rows (rotated, rounded to T) into shared memory, the first tiles in flight.
+    t = np.arange(kTcRows * D)
+    r, e = t // D, t % D
+    qv = np.zeros(t.shape)
+    live = r < nrows
+    qv[live] = query_element(p, b, kvh, row0 + r[live], e[live], valid_len, ft)
+    sm.write(q_s + r * P + e, rnd(qv, p.T), t % kTcThreads)  # from_float<T>
 
     # ---- stage: the key loop.
     o = [np.zeros((Tl.kONTiles, 4, 32), ft) for _ in range(Tl.kWarps)]
@@ -367,6 +389,8 @@ def attend_tc_cta(p, D, blockIdx, c):
         syncthreads()
         if t + S - 1 < n_tiles:
             load_kv((t + S - 1) % S if 'ring_stage' not in MUT else t % S, j_begin + (t + S - 1) * KEYS)
+            if t + S < n_tiles:
+                fetch_blocks(j_begin + (t + S) * KEYS)
         sm.commit()
         for warp in range(Tl.kWarps):
             wk, wn = warp // Tl.kWarpsN, warp % Tl.kWarpsN

@@ -4,8 +4,8 @@
 // lengths are read on the device, so a decode step captures in a CUDA graph.
 //
 // Kernels, in stream order:
-//  1. append: one CTA per new token writes its k (rotated: pairs (i, i + half) or (2i, 2i+1),
-//     fp32 math from the fp32 tables, one rounding) and v rows into their cache slots.
+//  1. append: one CTA per (new token, kv head) writes its k row (rotated: pairs (i, i + half) or
+//     (2i, 2i+1), fp32 math from the fp32 tables, one rounding) and v row into their cache slot.
 //  2. attend: one CTA per (key split, kv head x row tile, batch). A row tile holds query rows of
 //     one kv head's group, row = (query head in group) x seq_q + (query token), so each K/V
 //     element is read once per group (per row tile when G x seq_q exceeds a tile). A CTA walks
@@ -50,9 +50,12 @@
 // Bytes in flight. At d = 128 a stage is 64 keys x (K + V) x 256 B = 32 KB of data (34 KB with
 // the row padding); two stages: while a tile is multiplied the next one is in flight, so a CTA
 // keeps 32-64 KB in flight and an H200 SM (3 CTAs) 96-192 KB, against a bandwidth-delay product
-// of about 29 KB per SM (4.8 TB/s / 132 SMs x ~0.8 us), i.e. more than 3x. Deeper rings for
-// smaller d (4 stages at d = 32 and 64, 3 at 80), within 72 KB of stages per CTA so that every
-// sm_80+ GPU (99 KB per block on sm_86/89/120) runs every head dim.
+// of about 29 KB per SM (4.8 TB/s / 132 SMs x ~0.8 us). Deeper rings for smaller d (4 stages at
+// d = 32 and 64, 3 at 80), within 72 KB of stages per CTA so that every sm_80+ GPU (99 KB per
+// block on sm_86/89/120) runs every head dim. Bytes in flight are not what bounds it on the
+// H200: at d = 128, 32-key tiles in a ring of 4 (48 KB in flight per CTA) made the batch-32
+// attend 32% slower than 64-key tiles in 2 (401 us against 303, 2026-12-04): per key, twice
+// the barriers and tile issues, and Q K^T made by two warps each, cost more than it gained.
 //
 // Bytes: K and V once per (group, row tile), q and out once; splits add 2 x rows x d fp32 of
 // partials per split. FLOPs: 4 x 16 x L x d per (kv head, row tile) on tensor cores; decode
@@ -65,12 +68,12 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    80/80/80/80/76        41.9 KB  3/2/2/5/2  141/140/140/145/141  3.1 KB   3/3/3/3/3
-//   64    95/95/95/93/95        74.9 KB  2/1/1/3/1  141/139/139/146/143  4.6 KB   3/3/3/3/3
-//   80    114/114/114/119/118   69.4 KB  2/1/1/3/1  135/136/136/143/141  5.4 KB   3/3/3/3/3
-//   96    128/126/126/125/124   55.9 KB  2/1/1/4/1  135/136/136/143/141  6.4 KB   3/3/3/3/3
-//   128   140/142/142/144/124   72.9 KB  2/1/1/3/1  133/133/133/145/145  8.4 KB   3/3/3/3/3
-//   256   132/132/132/134/142   74.6 KB  2/1/1/3/1  201/201/201/201/212  16.4 KB  2/2/2/2/2
+//   32    78/78/78/72/72        41.9 KB  3/2/2/5/2  141/140/140/145/141  3.1 KB   3/3/3/3/3
+//   64    96/96/96/105/95       74.9 KB  2/1/1/3/1  141/139/139/147/143  4.6 KB   3/3/3/3/3
+//   80    128/126/126/126/118   69.4 KB  2/1/1/3/1  135/136/136/146/141  5.4 KB   3/3/3/3/3
+//   96    127/127/127/127/125   55.9 KB  2/1/1/4/1  135/136/136/146/141  6.4 KB   3/3/3/3/3
+//   128   146/146/146/148/157   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   256   146/146/146/148/147   74.6 KB  2/1/1/3/1  201/201/201/201/211  16.4 KB  2/2/2/2/2
 // No spills and no local memory.
 
 #include <ATen/ops/empty.h>
@@ -141,15 +144,24 @@ __device__ __forceinline__ bool length_ok(const KVCacheKernelParams& p, int b) {
   return ok;
 }
 
-// The cache block of token j of sequence b, or -1 (after a device-side assert) when the block
-// table names a block outside the cache.
+// The block-table entry of token j of sequence b as stored, unchecked (b: a contiguous cache).
 // Keys are int: a length is at most the capacity, below 2^31 (checked on the host).
-__device__ __forceinline__ int64_t cache_block(const KVCacheKernelParams& p, int b, int j) {
+__device__ __forceinline__ int64_t block_entry(const KVCacheKernelParams& p, int b, int j) {
   if (p.block_table == nullptr) return b;
-  const int64_t blk = p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(j / p.block_size) * p.bt_stride[1]];
-  const bool ok = blk >= 0 && blk < p.num_blocks;
+  return p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(j / p.block_size) * p.bt_stride[1]];
+}
+
+// A block_entry, or -1 (after a device-side assert) when it names a block outside the cache.
+__device__ __forceinline__ int64_t checked_block(const KVCacheKernelParams& p, int64_t entry) {
+  if (p.block_table == nullptr) return entry;
+  const bool ok = entry >= 0 && entry < p.num_blocks;
   CUDA_KERNEL_ASSERT(ok && "gqa_attention_with_kvcache: block_table entry outside the cache");
-  return ok ? blk : -1;
+  return ok ? entry : -1;
+}
+
+// The cache block of token j of sequence b, or -1 (after a device-side assert).
+__device__ __forceinline__ int64_t cache_block(const KVCacheKernelParams& p, int b, int j) {
+  return checked_block(p, block_entry(p, b, j));
 }
 
 __device__ __forceinline__ bool position_ok(const KVCacheKernelParams& p, int64_t pos) {
@@ -158,44 +170,84 @@ __device__ __forceinline__ bool position_ok(const KVCacheKernelParams& p, int64_
   return ok;
 }
 
-// Element e of x rotated by the table row at pos (rotary_dim = 2 * half; later dims pass through).
-template <typename T>
-__device__ __forceinline__ float rotated(const KVCacheKernelParams& p, const T* x, int e, int64_t pos) {
+// The rotary pairing of element e (rotary_dim = 2 * half): false when e is past the rotary dims
+// (it passes through); else its pair index i, its partner and whether e is the pair's first.
+__device__ __forceinline__ bool rotary_pair(const KVCacheKernelParams& p, int e, int& i, int& partner, bool& first) {
   const int half = p.rotary_half;
-  if (e >= 2 * half) return to_float(x[e]);
-  int i, partner;
-  bool first;
+  if (e >= 2 * half) return false;
   if (p.interleaved) {
     i = e / 2, first = e % 2 == 0, partner = first ? e + 1 : e - 1;
   } else {
     first = e < half, i = first ? e : e - half, partner = first ? e + half : e - half;
   }
+  return true;
+}
+
+// Element e of a row by the table row at pos, from the element xe and its partner xp.
+__device__ __forceinline__ float rotate_element(const KVCacheKernelParams& p, int e, float xe, float xp, int64_t pos) {
+  int i, partner;
+  bool first;
+  if (!rotary_pair(p, e, i, partner, first)) return xe;
   const float c = p.cos[pos * p.cos_stride + i], s = p.sin[pos * p.sin_stride + i];
-  const float xe = to_float(x[e]), xp = to_float(x[partner]);
   return first ? rotary_y1(xe, xp, c, s) : rotary_y2(xp, xe, c, s);
+}
+
+// Element e of x rotated by the table row at pos (later dims pass through).
+template <typename T>
+__device__ __forceinline__ float rotated(const KVCacheKernelParams& p, const T* x, int e, int64_t pos) {
+  int i, partner;
+  bool first;
+  const bool paired = rotary_pair(p, e, i, partner, first);
+  return rotate_element(p, e, to_float(x[e]), paired ? to_float(x[partner]) : 0.f, pos);
 }
 
 // ---- 1. append --------------------------------------------------------------------------------
 
+// Elements of a head row per thread: every head dim fits one CTA's threads this many times.
+constexpr int kAppendElems =
+    static_cast<int>(ceil_div(*std::max_element(attention::kHeadDims.begin(), attention::kHeadDims.end()), kThreads));
+
+// One CTA per (new token, kv head). The new k and v elements are loaded before the token's
+// position is known (they do not depend on it), and every load before the first store (the
+// cache may alias k/v as far as the compiler knows): the row costs two round trips of memory
+// latency, cache_seqlens then the block table and the rotary tables, rather than one per element.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelParams p) {
   const int token = blockIdx.x;  // b * seq_new + i
   const int b = token / p.seq_new, i = token % p.seq_new;
-  if (!length_ok(p, b)) return;
-  const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
-  if (p.cos != nullptr && !position_ok(p, pos)) return;
-  const int64_t blk = cache_block(p, b, static_cast<int>(pos));
-  if (blk < 0) return;
-  const int64_t off = pos % p.block_size;
-  const T* k_src = static_cast<const T*>(p.k_new) + b * p.kn_stride[0] + i * p.kn_stride[1];
-  const T* v_src = static_cast<const T*>(p.v_new) + b * p.vn_stride[0] + i * p.vn_stride[1];
-  T* k_dst = static_cast<T*>(p.k_cache) + blk * p.k_stride[0] + off * p.k_stride[1];
-  T* v_dst = static_cast<T*>(p.v_cache) + blk * p.v_stride[0] + off * p.v_stride[1];
-  for (int t = threadIdx.x; t < p.n_kv_heads * p.head_dim; t += blockDim.x) {
-    const int h = t / p.head_dim, e = t % p.head_dim;
-    const T* k_row = k_src + h * p.kn_stride[2];
-    k_dst[h * p.k_stride[2] + e] = p.cos != nullptr ? from_float<T>(rotated(p, k_row, e, pos)) : k_row[e];
-    v_dst[h * p.v_stride[2] + e] = v_src[h * p.vn_stride[2] + e];
+  for (int h = blockIdx.y; h < p.n_kv_heads; h += gridDim.y) {
+    const T* k_src = static_cast<const T*>(p.k_new) + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2];
+    const T* v_src = static_cast<const T*>(p.v_new) + b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2];
+    T k_elem[kAppendElems], k_partner[kAppendElems], v_elem[kAppendElems];
+#pragma unroll
+    for (int u = 0; u < kAppendElems; ++u) {
+      const int e = threadIdx.x + u * kThreads;
+      int pair, partner;
+      bool first;
+      if (e < p.head_dim) {
+        k_elem[u] = k_src[e];
+        k_partner[u] = p.cos != nullptr && rotary_pair(p, e, pair, partner, first) ? k_src[partner] : k_elem[u];
+        v_elem[u] = v_src[e];
+      }
+    }
+    if (!length_ok(p, b)) return;
+    const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
+    if (p.cos != nullptr && !position_ok(p, pos)) return;
+    const int64_t blk = cache_block(p, b, static_cast<int>(pos));
+    if (blk < 0) return;
+    const int64_t off = pos % p.block_size;
+    T* k_dst = static_cast<T*>(p.k_cache) + blk * p.k_stride[0] + off * p.k_stride[1] + h * p.k_stride[2];
+    T* v_dst = static_cast<T*>(p.v_cache) + blk * p.v_stride[0] + off * p.v_stride[1] + h * p.v_stride[2];
+#pragma unroll
+    for (int u = 0; u < kAppendElems; ++u) {
+      const int e = threadIdx.x + u * kThreads;
+      if (e < p.head_dim) {
+        k_dst[e] = p.cos != nullptr
+                       ? from_float<T>(rotate_element(p, e, to_float(k_elem[u]), to_float(k_partner[u]), pos))
+                       : k_elem[u];
+        v_dst[e] = v_elem[u];
+      }
+    }
   }
 }
 
@@ -523,12 +575,7 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int wk = warp / Tl::kWarpsN, wn = warp % Tl::kWarpsN, g = lane / 4, tq = lane % 4;
 
-  // ---- stage: the 16 query rows (rotated, rounded to T) into shared memory; visible ranges of
-  // the tile and of this thread's two fragment rows, g and g + 8.
-  for (int t = threadIdx.x; t < kTcRows * D; t += kTcThreads) {
-    const int r = t / D, e = t % D;
-    q_s[r * P + e] = from_float<T>(r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) : 0.f);
-  }
+  // ---- stage: the visible ranges of the tile and of this thread's two fragment rows, g and g + 8.
   int tile_lo = L, tile_hi = 0;
   for (int r = 0; r < nrows; ++r) {
     int lo, hi;
@@ -547,10 +594,25 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
 
   // ---- stage: K/V tiles [jt, jt + KEYS) into shared memory with cp.async, each key row
   // gathered through the block table; keys past j_end (and unreadable blocks) are zero-filled,
-  // so the products never meet the cache's unwritten slots.
+  // so the products never meet the cache's unwritten slots. The block-table entries of a tile's
+  // rows are fetched one tile ahead of its copies (next_block): their latency then overlaps a
+  // tile's products instead of standing before every copy of a paged cache.
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_stride[2];
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_stride[2];
-  auto load_kv = [&](int stage, int jt) {
+  static_assert(Tl::kChunksPerThread <= 32, "one bit per chunk in next_past");
+  int32_t next_block[Tl::kChunksPerThread];  // the entries of this thread's chunks in the next tile issued
+  uint32_t next_past = 0;                    // bit i: chunk i's key is past j_end (no entry)
+  auto fetch_blocks = [&](int jt) {
+    next_past = 0;
+#pragma unroll
+    for (int i = 0; i < Tl::kChunksPerThread; ++i) {
+      const int j = jt + (threadIdx.x + i * kTcThreads) / Tl::kChunksPerRow;
+      const bool past = j >= j_end;
+      next_block[i] = past ? 0 : static_cast<int32_t>(block_entry(p, b, j));
+      next_past |= static_cast<uint32_t>(past) << i;
+    }
+  };
+  auto load_kv = [&](int stage, int jt) {  // from next_block, fetched for jt
     T* k_dst = k_s + stage * Tl::kTileElems;
     T* v_dst = v_s + stage * Tl::kTileElems;
 #pragma unroll
@@ -558,7 +620,7 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
       const int c = threadIdx.x + i * kTcThreads;
       const int r = c / Tl::kChunksPerRow, col = c % Tl::kChunksPerRow * Tl::kVec;
       const int j = jt + r;
-      const int64_t blk = j < j_end ? cache_block(p, b, j) : -1;
+      const int64_t blk = next_past >> i & 1u ? -1 : checked_block(p, next_block[i]);
       const bool ok = blk >= 0;
       const int64_t off = j % p.block_size;
       const T* k_src = ok ? k_base + blk * p.k_stride[0] + off * p.k_stride[1] + col : k_base;
@@ -569,8 +631,16 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   };
 #pragma unroll
   for (int s = 0; s < S - 1; ++s) {
-    if (s < n_tiles) load_kv(s, j_begin + s * KEYS);
+    if (s < n_tiles) fetch_blocks(j_begin + s * KEYS), load_kv(s, j_begin + s * KEYS);
     mma::cp_async_commit();
+  }
+  if (S - 1 < n_tiles) fetch_blocks(j_begin + (S - 1) * KEYS);
+
+  // ---- stage: the 16 query rows (rotated, rounded to T) into shared memory, while the first
+  // tiles are in flight (the first key-loop barrier publishes them).
+  for (int t = threadIdx.x; t < kTcRows * D; t += kTcThreads) {
+    const int r = t / D, e = t % D;
+    q_s[r * P + e] = from_float<T>(r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) : 0.f);
   }
 
   // ---- stage: the key loop. Warp (wk, wn) takes keys [16 wk, 16 wk + 16) of each tile and
@@ -583,7 +653,10 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   for (int t = 0; t < n_tiles; ++t) {
     mma::cp_async_wait<S - 2>();
     __syncthreads();  // tile t landed for every thread; every warp is done with tile t - 1's stage
-    if (t + S - 1 < n_tiles) load_kv((t + S - 1) % S, j_begin + (t + S - 1) * KEYS);
+    if (t + S - 1 < n_tiles) {
+      load_kv((t + S - 1) % S, j_begin + (t + S - 1) * KEYS);
+      if (t + S < n_tiles) fetch_blocks(j_begin + (t + S) * KEYS);
+    }
     mma::cp_async_commit();
 
     const T* k_tile = k_s + (t % S) * Tl::kTileElems + wk * 16 * P;
@@ -909,7 +982,9 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   const int64_t rows_total = a.batch * a.n_q_heads * a.seq_q;
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(a.q.scalar_type(), "gqa_attention_with_kvcache_cuda", [&] {
     if (a.seq_new > 0 && a.batch > 0) {
-      append_kernel<scalar_t><<<static_cast<unsigned>(a.batch * a.seq_new), kThreads, 0, stream>>>(p);
+      const dim3 grid(static_cast<unsigned>(a.batch * a.seq_new),
+                      static_cast<unsigned>(std::min<int64_t>(a.n_kv_heads, 65535)));
+      append_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
     if (rows_total == 0) return;
