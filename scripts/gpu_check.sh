@@ -228,7 +228,8 @@ if [ "$built" -eq 0 ]; then
   plan >"$WORK/plan.txt" || echo "WARNING: the stage limits exceed $TOTAL_LIMIT s: $(tail -n 1 "$WORK/plan.txt")"
   # The CUDA half (CI runs every CPU test); the 2^31-element tests are left to CI too. xdist
   # spreads torch.compile's CPU work over the cores; pytest-timeout stops a hung test alone.
-  pytest_opts=(-v -rfEs -p no:cacheprovider -p scripts.pytest_failure_log -m "not slow")
+  # --durations: the slowest tests in tests.log, to size this stage's limit by.
+  pytest_opts=(-v -rfEs -p no:cacheprovider -p scripts.pytest_failure_log -m "not slow" --durations=25)
   "$PY" -c "import xdist" 2>/dev/null && pytest_opts+=(-n "${GPU_CHECK_WORKERS:-12}")
   "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_opts+=(--timeout 150)
   # Each failure's report goes to the log as it happens (scripts/pytest_failure_log.py): a run
