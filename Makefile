@@ -12,7 +12,7 @@ CUDA_HOME ?= $(if $(wildcard /usr/local/cuda/bin/nvcc),/usr/local/cuda,)
 export CUDA_HOME MAX_JOBS
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: all build test bench wheel gpu-check clean FORCE
+.PHONY: all build test bench wheel gpu-check gpu-profile clean FORCE
 
 all: test
 
@@ -53,6 +53,11 @@ wheel: $(VENV)/.installed
 # flow without a GPU, GPU stages stubbed.
 gpu-check:
 	MAX_JOBS=$$(nproc) bash scripts/gpu_check.sh
+
+# On a lent GPU machine, best in the call after gpu-check (it reuses the in-place build): Nsight
+# Compute over the performance targets' shapes, one report per group of ops.
+gpu-profile:
+	bash scripts/gpu_profile.sh
 
 clean:
 	rm -rf build dist *.egg-info llama_ext/*.so

@@ -238,3 +238,20 @@ def test_targets_read_the_run_and_derive_the_backward():
     assert paged.startswith("MISSED") and "50% of copy" in paged and "llama_ext_100kb 60% of copy" in paged, paged
     missing = [line for line in lines if line.startswith("NO RESULT")]
     assert len(missing) == len(targets.TARGETS) - 4, missing
+
+
+def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
+    """`make gpu-profile` (scripts/gpu_profile.sh) without a GPU: ncu a stub, the cases of
+    scripts/profile_cases.py at their --smoke shapes on the CPU kernels, one report per group."""
+    env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable,
+               PYTHONPATH=str(ROOT))
+    listing = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_cases.py"), "--list"], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=120, check=True).stdout
+    groups = dict(line.split(": ") for line in listing.splitlines())
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_profile.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"ncu_{g}.txt" for g in groups)
+    for group, cases in groups.items():
+        report = (tmp_path / f"ncu_{group}.txt").read_text()
+        assert re.findall(r"^case (\S+)$", report, re.M) == cases.split(), report[-2000:]

@@ -42,7 +42,8 @@ round_to<T> / from_float<T> do; the reference is cross-checked against llama_ext
 check_mutants() re-runs small cases with one injected kernel bug at a time (MUT hooks) and
 checks each is caught: missing zero-fill, wrong ring stage, too shallow cp.async wait, missing
 merge barrier, dropped window-start mask, top-left causal alignment, swapped ldmatrix matrices,
-wrong P fragment packing, missing rescale of O.
+wrong P fragment packing, missing rescale of O, block-table entries not fetched ahead (a tile
+copied through the previous tile's blocks).
 
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
 (no argument: every case in every mode, then the mutants; ~20 s on one core)
@@ -327,9 +328,7 @@ def attend_tc_cta(p, D, blockIdx, c):
     k_base = (p.k_cache[0], p.k_cache[1] + kvh * p.k_stride[2])
     v_base = (p.v_cache[0], p.v_cache[1] + kvh * p.v_stride[2])
 
-    PAST_SPLIT = None  # kPastSplit: no block entry, a key past j_end
-    next_block = [PAST_SPLIT] * Tl.kChunksPerThread  # per chunk: entries (or None) of the next tile issued
-    fetched = {'jt': None}  # which tile next_block holds (emulation bookkeeping, checked by load_kv)
+    next_block = [None] * Tl.kChunksPerThread  # per chunk: (in split, entry) of the next tile issued
 
     def fetch_blocks(jt):
         for i in range(Tl.kChunksPerThread):
@@ -339,10 +338,8 @@ def attend_tc_cta(p, D, blockIdx, c):
             if inr.any():
                 entry[inr] = block_entry(p, b, j[inr])
             next_block[i] = (inr, entry)
-        fetched['jt'] = jt
 
     def load_kv(stage, jt):  # from next_block, fetched for jt
-        assert fetched['jt'] == jt, 'load_kv of a tile whose block entries were not fetched'
         k_dst = k_s + stage * Tl.kTileElems
         v_dst = v_s + stage * Tl.kTileElems
         for i in range(Tl.kChunksPerThread):
@@ -389,7 +386,7 @@ def attend_tc_cta(p, D, blockIdx, c):
         syncthreads()
         if t + S - 1 < n_tiles:
             load_kv((t + S - 1) % S if 'ring_stage' not in MUT else t % S, j_begin + (t + S - 1) * KEYS)
-            if t + S < n_tiles:
+            if t + S < n_tiles and 'stale_blocks' not in MUT:
                 fetch_blocks(j_begin + (t + S) * KEYS)
         sm.commit()
         for warp in range(Tl.kWarps):
@@ -927,12 +924,14 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
 
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo', 'top_left', 'ldm_b_addr',
-           'p_layout', 'no_corr']
+           'p_layout', 'no_corr', 'stale_blocks']
 
 
 def check_mutants(verbose=True):
     """Each injected bug must make some small case fail (error, race, assert or NaN)."""
-    picks = [cs for cs in cases() if cs['name'].startswith(('d64 rows4', 'd80 rows16', 'd32 rows10', 'd64 rows3'))]
+    # d128 rows1: more tiles than ring stages, so blocks fetched inside the key loop.
+    picks = [cs for cs in cases()
+             if cs['name'].startswith(('d64 rows4', 'd80 rows16', 'd32 rows10', 'd64 rows3', 'd128 rows1'))]
     refs = [reference(cs['ref']) for cs in picks]
 
     def find_failure(mut):
