@@ -71,7 +71,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '4e17948925b54dd7'
+TRANSCRIBED_DIGEST = '26cdd6c569760516'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -329,8 +329,11 @@ def attend_tc_cta(p, D, blockIdx, c):
     v_base = (p.v_cache[0], p.v_cache[1] + kvh * p.v_stride[2])
 
     next_block = [None] * Tl.kChunksPerThread  # per chunk: (in split, entry) of the next tile issued
+    contiguous = p.block_table is None
 
     def fetch_blocks(jt):
+        if contiguous:
+            return
         for i in range(Tl.kChunksPerThread):
             j = jt + (tid_all + i * kTcThreads) // Tl.kChunksPerRow
             inr = j < j_end if 'no_zero_fill' not in MUT else j >= 0  # every key of the tile read
@@ -339,25 +342,32 @@ def attend_tc_cta(p, D, blockIdx, c):
                 entry[inr] = block_entry(p, b, j[inr])
             next_block[i] = (inr, entry)
 
-    def load_kv(stage, jt):  # from next_block, fetched for jt
+    def load_kv(stage, jt):  # paged: from next_block, fetched for jt
         k_dst = k_s + stage * Tl.kTileElems
         v_dst = v_s + stage * Tl.kTileElems
         for i in range(Tl.kChunksPerThread):
             cc = tid_all + i * kTcThreads
             rr, col = cc // Tl.kChunksPerRow, cc % Tl.kChunksPerRow * Tl.kVec
             j = jt + rr
-            inr, entry = next_block[i]
-            blk = np.full(j.shape, -1, np.int64)
-            if inr.any():
-                blk[inr] = checked_block(p, entry[inr])
-            ok = blk >= 0
+            if contiguous:  # row j of sequence b's cache: one multiply-add from the tile's row jt
+                ok = j < j_end if 'no_zero_fill' not in MUT else j >= 0
+                k_off = b * p.k_stride[0] + jt * p.k_stride[1] + rr * p.k_stride[1] + col
+                v_off = b * p.v_stride[0] + jt * p.v_stride[1] + rr * p.v_stride[1] + col
+            else:
+                inr, entry = next_block[i]
+                blk = np.full(j.shape, -1, np.int64)
+                if inr.any():
+                    blk[inr] = checked_block(p, entry[inr])
+                ok = blk >= 0
+                off = j % p.block_size
+                k_off = blk * p.k_stride[0] + off * p.k_stride[1] + col
+                v_off = blk * p.v_stride[0] + off * p.v_stride[1] + col
             c['stats']['zero_filled_rows'] += int((~ok).sum())
-            off = j % p.block_size
             kv = np.zeros((kTcThreads, Tl.kVec)); vv = np.zeros((kTcThreads, Tl.kVec))
             el = np.arange(Tl.kVec)
             if ok.any():  # src_size 16: 16 bytes read; src_size 0: nothing read, zeros written
-                kv[ok] = gload(k_base, (blk * p.k_stride[0] + off * p.k_stride[1] + col)[ok, None] + el)
-                vv[ok] = gload(v_base, (blk * p.v_stride[0] + off * p.v_stride[1] + col)[ok, None] + el)
+                kv[ok] = gload(k_base, k_off[ok, None] + el)
+                vv[ok] = gload(v_base, v_off[ok, None] + el)
             sm.cp_async((k_dst + rr * P + col)[:, None] + el, kv, tid_all[:, None])
             sm.cp_async((v_dst + rr * P + col)[:, None] + el, vv, tid_all[:, None])
 

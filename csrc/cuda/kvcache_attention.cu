@@ -14,11 +14,12 @@
 //     rounded to T in shared memory), 4 warps. Key tiles of kKeys = 64 (32 at d = 256) keys of
 //     K and V are staged in shared memory by cp.async in a kStages-deep ring (the prologue
 //     fills kStages - 1, each step refills the stage freed by the previous step): each 16-byte
-//     chunk of a key row is gathered through the block table on its own, so any block size
-//     works and tiles need no alignment to blocks; keys past the split (and blocks outside the
-//     cache, after a device-side assert) are zero-filled by the copy, never read. Warp w takes
-//     keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice and split
-//     O's columns, so O stays at 64 fp32 registers per thread):
+//     chunk of a key row is gathered through the block table on its own (entries fetched a tile
+//     ahead), so any block size works and tiles need no alignment to blocks, while a contiguous
+//     cache's rows are addressed from their tile's first row; keys past the split (and blocks
+//     outside the cache, after a device-side assert) are zero-filled by the copy, never read.
+//     Warp w takes keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice
+//     and split O's columns, so O stays at 64 fp32 registers per thread):
 //       S = Q K^T (mma.m16n8k16, Q from shared memory by ldmatrix, K by ldmatrix),
 //       x = scale S, softcap tanh(x / softcap) (the precise tanh), causal/window masks per row
 //       (bottom-right aligned), log2 domain; m' = max(m, rowmax), P = 2^(x - m') (quad
@@ -68,12 +69,12 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    78/78/78/72/72        41.9 KB  3/2/2/5/2  141/140/140/145/141  3.1 KB   3/3/3/3/3
-//   64    96/96/96/105/95       74.9 KB  2/1/1/3/1  141/139/139/147/143  4.6 KB   3/3/3/3/3
-//   80    128/126/126/126/118   69.4 KB  2/1/1/3/1  135/136/136/146/141  5.4 KB   3/3/3/3/3
-//   96    127/127/127/127/125   55.9 KB  2/1/1/4/1  135/136/136/146/141  6.4 KB   3/3/3/3/3
-//   128   146/146/146/148/157   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
-//   256   146/146/146/148/147   74.6 KB  2/1/1/3/1  201/201/201/201/211  16.4 KB  2/2/2/2/2
+//   32    96/96/96/96/80        41.9 KB  3/2/2/5/2  141/140/140/145/141  3.1 KB   3/3/3/3/3
+//   64    112/112/112/110/114   74.9 KB  2/1/1/3/1  141/139/139/147/143  4.6 KB   3/3/3/3/3
+//   80    128/128/128/128/164   69.4 KB  2/1/1/3/1  135/136/136/146/141  5.4 KB   3/3/3/3/3
+//   96    130/128/128/128/162   55.9 KB  2/1/1/4/1  135/136/136/146/141  6.4 KB   3/3/3/3/3
+//   128   168/168/168/168/162   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   256   168/168/168/168/162   74.6 KB  2/1/1/3/1  201/201/201/201/211  16.4 KB  2/2/2/2/2
 // No spills and no local memory.
 
 #include <ATen/ops/empty.h>
@@ -602,7 +603,11 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   static_assert(Tl::kChunksPerThread <= 32, "one bit per chunk in next_past");
   int32_t next_block[Tl::kChunksPerThread];  // the entries of this thread's chunks in the next tile issued
   uint32_t next_past = 0;                    // bit i: chunk i's key is past j_end (no entry)
+  // A contiguous cache's key j is row j of sequence b's cache (j < L <= capacity): no block table
+  // to fetch, no division, and a row's address is one multiply-add from its tile's.
+  const bool contiguous = p.block_table == nullptr;
   auto fetch_blocks = [&](int jt) {
+    if (contiguous) return;
     next_past = 0;
 #pragma unroll
     for (int i = 0; i < Tl::kChunksPerThread; ++i) {
@@ -612,9 +617,22 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
       next_past |= static_cast<uint32_t>(past) << i;
     }
   };
-  auto load_kv = [&](int stage, int jt) {  // from next_block, fetched for jt
+  auto load_kv = [&](int stage, int jt) {  // paged: from next_block, fetched for jt
     T* k_dst = k_s + stage * Tl::kTileElems;
     T* v_dst = v_s + stage * Tl::kTileElems;
+    if (contiguous) {
+      const T* k_rows = k_base + b * p.k_stride[0] + static_cast<int64_t>(jt) * p.k_stride[1];
+      const T* v_rows = v_base + b * p.v_stride[0] + static_cast<int64_t>(jt) * p.v_stride[1];
+#pragma unroll
+      for (int i = 0; i < Tl::kChunksPerThread; ++i) {
+        const int c = threadIdx.x + i * kTcThreads;
+        const int r = c / Tl::kChunksPerRow, col = c % Tl::kChunksPerRow * Tl::kVec;
+        const bool ok = jt + r < j_end;
+        mma::cp_async_16(k_dst + r * P + col, ok ? k_rows + r * p.k_stride[1] + col : k_base, ok);
+        mma::cp_async_16(v_dst + r * P + col, ok ? v_rows + r * p.v_stride[1] + col : v_base, ok);
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < Tl::kChunksPerThread; ++i) {
       const int c = threadIdx.x + i * kTcThreads;
