@@ -71,7 +71,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '26cdd6c569760516'
+TRANSCRIBED_DIGEST = '312fa7358baf97a2'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -124,9 +124,9 @@ def fma(a, b, c, ft):
     return a * b + c
 
 
-def rotated(p, xptr, e, pos, ft):
-    """rotated(): element(s) e of the row at xptr rotated at pos; fp32 math (ft), rounded as
-    rotary_y1 / rotary_y2 (common.cuh): one rounded product, one fused multiply-add."""
+def rotary_pair(p, e):
+    """rotary_pair(), vectorised over e: (paired, pair index i, partner, first); an unpaired e
+    (past the rotary dims) gets i = 0 and itself as partner."""
     e = np.asarray(e, np.int64)
     half = p.rotary_half
     if p.interleaved:
@@ -137,17 +137,31 @@ def rotated(p, xptr, e, pos, ft):
         i = np.where(first, e, e - half)
         partner = np.where(first, e + half, e - half)
     rot = e < 2 * half
-    i, partner = np.where(rot, i, 0), np.where(rot, partner, e)
+    return rot, np.where(rot, i, 0), np.where(rot, partner, e), first
+
+
+def rotate_element(p, e, xe, xp, pos, ft):
+    """rotate_element(): element(s) e from themselves (xe) and their partners (xp) by the table
+    row at pos; fp32 math (ft), rounded as rotary_y1 / rotary_y2 (common.cuh): one rounded
+    product, one fused multiply-add. Unpaired elements pass through."""
+    rot, i, _, first = rotary_pair(p, e)
     c = gload(p.cos, pos * p.cos_stride + i).astype(ft)
     s = gload(p.sin, pos * p.sin_stride + i).astype(ft)
-    xe, xp = gload(xptr, e).astype(ft), gload(xptr, partner).astype(ft)
+    xe, xp = xe.astype(ft), xp.astype(ft)
     r = np.where(first, fma(xe, c, -(xp * s), ft), fma(xe, c, xp * s, ft))
     return np.where(rot, r, xe)
 
 
+def rotated(p, xptr, e, pos, ft):
+    """rotated(): element(s) e of the row at xptr rotated at pos."""
+    _, _, partner, _ = rotary_pair(p, e)
+    return rotate_element(p, e, gload(xptr, e), gload(xptr, partner), pos, ft)
+
+
 def append_kernel(p, ft):
     """append_kernel: one CTA per (new token, kv head), threads over head_dim; the new k/v
-    elements loaded before the position is read, every load before the first store."""
+    elements (and k's rotary partners) loaded before the position is read, k rotated before its
+    slot is looked up, every load before the first store."""
     for token in range(p.batch * p.seq_new):
         b, i = token // p.seq_new, token % p.seq_new
         for h in range(p.n_kv_heads):
@@ -155,17 +169,18 @@ def append_kernel(p, ft):
             k_row = (p.k_new[0], p.k_new[1] + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2])
             v_row = b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2]
             k_raw, v_val = gload(k_row, e), gload(p.v_new, v_row + e)
+            k_partner = gload(k_row, rotary_pair(p, e)[2]) if p.cos is not None else k_raw
             if not length_ok(p, b):
                 break  # the CTA returns
             pos = int(gload(p.seqlens, b)) + i
             if p.cos is not None and not position_ok(p, pos):
                 break
+            k_out = rnd(rotate_element(p, e, k_raw, k_partner, pos, ft), p.T) if p.cos is not None else k_raw
             blk = int(cache_block(p, b, pos))
             if blk < 0:
                 break
             off = pos % p.block_size
-            kv = rnd(rotated(p, k_row, e, pos, ft), p.T) if p.cos is not None else k_raw
-            gstore(p.k_cache, blk * p.k_stride[0] + off * p.k_stride[1] + h * p.k_stride[2] + e, kv)
+            gstore(p.k_cache, blk * p.k_stride[0] + off * p.k_stride[1] + h * p.k_stride[2] + e, k_out)
             gstore(p.v_cache, blk * p.v_stride[0] + off * p.v_stride[1] + h * p.v_stride[2] + e, v_val)
 
 
@@ -826,6 +841,14 @@ def cases():
     # d = 80: 32 rows (2 full row tiles), window (10, 5) non-causal, paged block 48.
     C.append(make_case('d80 rows32 window(10,5) paged48 L=90', 'fp16', 80, 1, 1, 16, 2, [90], block_size=48,
                        window=(10, 5), splits=(1, 2), seed=10))
+    # More tiles than ring stages at 4 and 3 stages (d = 64 and 32: 4, d = 80: 3), so the key loop
+    # itself fetches block entries ahead (paged) and addresses whole tiles (contiguous).
+    C.append(make_case('d64 rows2 paged16 ring-wrap L=600', 'fp16', 64, 1, 1, 2, 1, [600], block_size=16,
+                       splits=(1,), seed=11))
+    C.append(make_case('d80 rows1 paged13 ring-wrap L=500', 'bf16', 80, 1, 1, 1, 1, [500], block_size=13,
+                       splits=(1, 2), seed=12))
+    C.append(make_case('d32 rows2 contiguous ring-wrap append1 rotary L=700', 'bf16', 32, 1, 1, 2, 1, [699],
+                       seq_new=1, rotary=(16, False), splits=(1,), seed=13))
     return C
 
 
@@ -939,9 +962,10 @@ MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo
 
 def check_mutants(verbose=True):
     """Each injected bug must make some small case fail (error, race, assert or NaN)."""
-    # d128 rows1: more tiles than ring stages, so blocks fetched inside the key loop.
+    # The ring-wrap cases and d128 rows1: more tiles than ring stages, blocks fetched in the key loop.
     picks = [cs for cs in cases()
-             if cs['name'].startswith(('d64 rows4', 'd80 rows16', 'd32 rows10', 'd64 rows3', 'd128 rows1'))]
+             if cs['name'].startswith(('d64 rows4', 'd80 rows16', 'd32 rows10', 'd64 rows3', 'd128 rows1',
+                                       'd64 rows2'))]
     refs = [reference(cs['ref']) for cs in picks]
 
     def find_failure(mut):

@@ -14,10 +14,11 @@
 //     rounded to T in shared memory), 4 warps. Key tiles of kKeys = 64 (32 at d = 256) keys of
 //     K and V are staged in shared memory by cp.async in a kStages-deep ring (the prologue
 //     fills kStages - 1, each step refills the stage freed by the previous step): each 16-byte
-//     chunk of a key row is gathered through the block table on its own (entries fetched a tile
-//     ahead), so any block size works and tiles need no alignment to blocks, while a contiguous
-//     cache's rows are addressed from their tile's first row; keys past the split (and blocks
-//     outside the cache, after a device-side assert) are zero-filled by the copy, never read.
+//     chunk of a key row is gathered through the block table on its own (in the key loop, the
+//     entries fetched a tile ahead), so any block size works and tiles need no alignment to
+//     blocks, while a contiguous cache's rows are addressed from their tile's first row; keys
+//     past the split (and blocks outside the cache, after a device-side assert) are zero-filled
+//     by the copy, never read.
 //     Warp w takes keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice
 //     and split O's columns, so O stays at 64 fp32 registers per thread):
 //       S = Q K^T (mma.m16n8k16, Q from shared memory by ldmatrix, K by ldmatrix),
@@ -209,9 +210,10 @@ constexpr int kAppendElems =
     static_cast<int>(ceil_div(*std::max_element(attention::kHeadDims.begin(), attention::kHeadDims.end()), kThreads));
 
 // One CTA per (new token, kv head). The new k and v elements are loaded before the token's
-// position is known (they do not depend on it), and every load before the first store (the
-// cache may alias k/v as far as the compiler knows): the row costs two round trips of memory
-// latency, cache_seqlens then the block table and the rotary tables, rather than one per element.
+// position is known (they do not depend on it), k is rotated before its slot is known, and
+// every load comes before the first store (the cache may alias k/v and the tables as far as the
+// compiler knows): the row costs two round trips of memory latency, cache_seqlens, then the
+// block table and the rotary tables together, rather than one per element.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelParams p) {
   const int token = blockIdx.x;  // b * seq_new + i
@@ -234,6 +236,16 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
     if (!length_ok(p, b)) return;
     const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
     if (p.cos != nullptr && !position_ok(p, pos)) return;
+    T k_out[kAppendElems];  // k as the cache holds it: rotated and rounded once, else as given
+#pragma unroll
+    for (int u = 0; u < kAppendElems; ++u) {
+      const int e = threadIdx.x + u * kThreads;
+      if (e < p.head_dim) {
+        k_out[u] = p.cos != nullptr
+                       ? from_float<T>(rotate_element(p, e, to_float(k_elem[u]), to_float(k_partner[u]), pos))
+                       : k_elem[u];
+      }
+    }
     const int64_t blk = cache_block(p, b, static_cast<int>(pos));
     if (blk < 0) return;
     const int64_t off = pos % p.block_size;
@@ -242,12 +254,7 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
 #pragma unroll
     for (int u = 0; u < kAppendElems; ++u) {
       const int e = threadIdx.x + u * kThreads;
-      if (e < p.head_dim) {
-        k_dst[e] = p.cos != nullptr
-                       ? from_float<T>(rotate_element(p, e, to_float(k_elem[u]), to_float(k_partner[u]), pos))
-                       : k_elem[u];
-        v_dst[e] = v_elem[u];
-      }
+      if (e < p.head_dim) k_dst[e] = k_out[u], v_dst[e] = v_elem[u];
     }
   }
 }
@@ -595,9 +602,10 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
 
   // ---- stage: K/V tiles [jt, jt + KEYS) into shared memory with cp.async, each key row
   // gathered through the block table; keys past j_end (and unreadable blocks) are zero-filled,
-  // so the products never meet the cache's unwritten slots. The block-table entries of a tile's
-  // rows are fetched one tile ahead of its copies (next_block): their latency then overlaps a
-  // tile's products instead of standing before every copy of a paged cache.
+  // so the products never meet the cache's unwritten slots. From the prologue's last tile on,
+  // the block-table entries of a tile's rows are fetched one tile ahead of its copies
+  // (next_block): their latency then overlaps a tile's products instead of standing before
+  // every copy of a paged cache.
   const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_stride[2];
   const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_stride[2];
   static_assert(Tl::kChunksPerThread <= 32, "one bit per chunk in next_past");
@@ -832,8 +840,8 @@ __global__ void __launch_bounds__(kThreads) key_lengths_kernel(const KVCacheKern
 }
 
 // q rotated at positions cache_seqlens[b] + i and rounded to T, [batch, seq_q, n_q_heads, d]
-// contiguous: one CTA per query token, as append_kernel writes k. 0 for a position off the table
-// (after the device-side assert).
+// contiguous: one CTA per query token (prefill-shaped calls only, once per call). 0 for a
+// position off the table (after the device-side assert).
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rotate_q_kernel(const KVCacheKernelParams p, T* q_rot) {
   const int token = blockIdx.x;  // b * seq_q + i
