@@ -31,7 +31,7 @@ class Case:
     def __init__(self, device, dtype, lens, seq_q, seq_new, n_q, n_kv, d, block_size=None, capacity=None, rotary=None):
         self.device, self.dtype = device, dtype
         batch = len(lens)
-        capacity = capacity or max(lens) + seq_new + 5
+        capacity = max(lens) + seq_new + 5 if capacity is None else capacity
         self.cache_seqlens = torch.tensor(lens, dtype=torch.int32, device=device)
         self.q = make((batch, seq_q, n_q, d), device, dtype)
         self.k = make((batch, seq_new, n_kv, d), device, dtype) if seq_new else None
@@ -389,9 +389,11 @@ def test_empty_shapes(device):
     assert out.shape == (2, 0, 4, 32) and lse.shape == (2, 4, 0)
     ref = case.reference()
     assert torch.equal(bits(case.k_cache), bits(ref[2]))
-    case = Case(device, torch.float32, [0, 0], 1, 0, 4, 2, 32)  # nothing cached: zeros, lse 0
-    out, lse = case.call()
-    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))
+    for capacity in (None, 0):  # nothing cached (a cache of capacity 0: no block size to divide by)
+        for dtype in (torch.float32, torch.bfloat16):
+            case = Case(device, dtype, [0, 0], 1, 0, 4, 2, 32, capacity=capacity)
+            out, lse = case.call()  # zeros, lse 0
+            assert torch.equal(out, torch.zeros_like(out)) and torch.equal(lse, torch.zeros_like(lse))
 
 
 def bad_cases(device):

@@ -71,7 +71,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '312fa7358baf97a2'
+TRANSCRIBED_DIGEST = '9059f41f9ef26654'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -80,9 +80,31 @@ class Params:
     pass
 
 
+class FastDivisor:
+    """common_math.h's FastDivisor: n / d as (mulhi(magic, n) + n) >> shift in uint32 arithmetic
+    (vectorised over n)."""
+
+    def __init__(self, d):
+        self.d, self.shift = d, 0
+        while (1 << self.shift) < d:
+            self.shift += 1
+        self.magic = (1 << (32 + self.shift)) // d - (1 << 32) + 1
+        assert 0 < self.magic < 1 << 32
+
+    def div(self, n):
+        n = np.asarray(n, np.int64)
+        assert ((n >= 0) & (n < 1 << 31)).all(), 'FastDivisor takes 0 <= n < 2^31'
+        mulhi = (n.astype(np.uint64) * np.uint64(self.magic)) >> np.uint64(32)
+        total = (mulhi + n.astype(np.uint64)) & np.uint64(0xffffffff)  # the uint32 sum (no wrap: n < 2^31)
+        return (total >> np.uint64(self.shift)).astype(np.int64)
+
+    def mod(self, n):
+        return np.asarray(n, np.int64) - self.div(n) * self.d
+
+
 def length_ok(p, b):
     start = int(gload(p.seqlens, b))
-    ok = start >= 0 and start + p.seq_new <= p.max_blocks * p.block_size
+    ok = start >= 0 and start + p.seq_new <= p.capacity
     if not ok:
         raise DeviceAssert('cache_seqlens + seq_new exceeds the cache capacity')
     return ok
@@ -93,15 +115,23 @@ def block_entry(p, b, j):
     j = np.asarray(j, np.int64)
     if p.block_table is None:
         return np.full(j.shape, b, np.int64)
-    return gload(p.block_table, b * p.bt_stride[0] + (j // p.block_size) * p.bt_stride[1]).astype(np.int64)
+    return gload(p.block_table, b * p.bt_stride[0] + p.block_size.div(j) * p.bt_stride[1]).astype(np.int64)
+
+
+def block_in_cache(p, entry):
+    return (entry >= 0) & (entry < p.num_blocks)
+
+
+def assert_blocks_in_cache(ok):
+    if not ok:
+        raise DeviceAssert('block_table entry outside the cache')
 
 
 def checked_block(p, entry):
     if p.block_table is None:
         return entry
-    ok = (entry >= 0) & (entry < p.num_blocks)
-    if not ok.all():
-        raise DeviceAssert('block_table entry outside the cache')
+    ok = block_in_cache(p, entry)
+    assert_blocks_in_cache(ok.all())
     return np.where(ok, entry, -1)
 
 
@@ -125,8 +155,8 @@ def fma(a, b, c, ft):
 
 
 def rotary_pair(p, e):
-    """rotary_pair(), vectorised over e: (paired, pair index i, partner, first); an unpaired e
-    (past the rotary dims) gets i = 0 and itself as partner."""
+    """rotary_pair(), vectorised over e: (rotated, pair index i, partner, first) as RotaryPair's
+    fields; an unpaired e (past the rotary dims) gets i = 0, itself as partner, first."""
     e = np.asarray(e, np.int64)
     half = p.rotary_half
     if p.interleaved:
@@ -137,14 +167,14 @@ def rotary_pair(p, e):
         i = np.where(first, e, e - half)
         partner = np.where(first, e + half, e - half)
     rot = e < 2 * half
-    return rot, np.where(rot, i, 0), np.where(rot, partner, e), first
+    return rot, np.where(rot, i, 0), np.where(rot, partner, e), np.where(rot, first, True)
 
 
-def rotate_element(p, e, xe, xp, pos, ft):
-    """rotate_element(): element(s) e from themselves (xe) and their partners (xp) by the table
-    row at pos; fp32 math (ft), rounded as rotary_y1 / rotary_y2 (common.cuh): one rounded
-    product, one fused multiply-add. Unpaired elements pass through."""
-    rot, i, _, first = rotary_pair(p, e)
+def rotate_element(p, pair, xe, xp, pos, ft):
+    """rotate_element(): elements paired as `pair` (rotary_pair's) from themselves (xe) and their
+    partners (xp) by the table row at pos; fp32 math (ft), rounded as rotary_y1 / rotary_y2
+    (common.cuh): one rounded product, one fused multiply-add. Unpaired elements pass through."""
+    rot, i, _, first = pair
     c = gload(p.cos, pos * p.cos_stride + i).astype(ft)
     s = gload(p.sin, pos * p.sin_stride + i).astype(ft)
     xe, xp = xe.astype(ft), xp.astype(ft)
@@ -154,8 +184,8 @@ def rotate_element(p, e, xe, xp, pos, ft):
 
 def rotated(p, xptr, e, pos, ft):
     """rotated(): element(s) e of the row at xptr rotated at pos."""
-    _, _, partner, _ = rotary_pair(p, e)
-    return rotate_element(p, e, gload(xptr, e), gload(xptr, partner), pos, ft)
+    pair = rotary_pair(p, e)
+    return rotate_element(p, pair, gload(xptr, e), gload(xptr, pair[2]), pos, ft)
 
 
 def append_kernel(p, ft):
@@ -168,18 +198,19 @@ def append_kernel(p, ft):
             e = np.arange(p.head_dim)
             k_row = (p.k_new[0], p.k_new[1] + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2])
             v_row = b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2]
+            pair = rotary_pair(p, e)  # without tables (rotary_half 0) no element is rotated
             k_raw, v_val = gload(k_row, e), gload(p.v_new, v_row + e)
-            k_partner = gload(k_row, rotary_pair(p, e)[2]) if p.cos is not None else k_raw
+            k_partner = gload(k_row, pair[2])
             if not length_ok(p, b):
                 break  # the CTA returns
             pos = int(gload(p.seqlens, b)) + i
             if p.cos is not None and not position_ok(p, pos):
                 break
-            k_out = rnd(rotate_element(p, e, k_raw, k_partner, pos, ft), p.T) if p.cos is not None else k_raw
+            k_out = rnd(rotate_element(p, pair, k_raw, k_partner, pos, ft), p.T) if p.cos is not None else k_raw
             blk = int(cache_block(p, b, pos))
             if blk < 0:
                 break
-            off = pos % p.block_size
+            off = int(p.block_size.mod(pos))
             gstore(p.k_cache, blk * p.k_stride[0] + off * p.k_stride[1] + h * p.k_stride[2] + e, k_out)
             gstore(p.v_cache, blk * p.v_stride[0] + off * p.v_stride[1] + h * p.v_stride[2] + e, v_val)
 
@@ -345,6 +376,7 @@ def attend_tc_cta(p, D, blockIdx, c):
 
     next_block = [None] * Tl.kChunksPerThread  # per chunk: (in split, entry) of the next tile issued
     contiguous = p.block_table is None
+    blocks_ok = [True]  # asserted once, after the key loop
 
     def fetch_blocks(jt):
         if contiguous:
@@ -369,12 +401,10 @@ def attend_tc_cta(p, D, blockIdx, c):
                 k_off = b * p.k_stride[0] + jt * p.k_stride[1] + rr * p.k_stride[1] + col
                 v_off = b * p.v_stride[0] + jt * p.v_stride[1] + rr * p.v_stride[1] + col
             else:
-                inr, entry = next_block[i]
-                blk = np.full(j.shape, -1, np.int64)
-                if inr.any():
-                    blk[inr] = checked_block(p, entry[inr])
-                ok = blk >= 0
-                off = j % p.block_size
+                inr, blk = next_block[i]
+                ok = inr & block_in_cache(p, blk)
+                blocks_ok[0] &= bool((ok | ~inr).all())
+                off = p.block_size.mod(j)
                 k_off = blk * p.k_stride[0] + off * p.k_stride[1] + col
                 v_off = blk * p.v_stride[0] + off * p.v_stride[1] + col
             c['stats']['zero_filled_rows'] += int((~ok).sum())
@@ -459,6 +489,8 @@ def attend_tc_cta(p, D, blockIdx, c):
                     o[warp][:, 2 * h + 1] = (o[warp][:, 2 * h + 1] * corr).astype(ft)
             warp_gemm_kn(sm, o[warp], lambda kc: pack_a_from_acc(s[2 * kc], s[2 * kc + 1], p.T, c['round']),
                          v_tile, P, wn * Tl.kOCols, 1, Tl.kONTiles, warp, ft)
+
+    assert_blocks_in_cache(blocks_ok[0])
 
     # ---- stage: merge the key slices in warp order over the dead stages.
     sm.wait(0)
@@ -599,6 +631,8 @@ def kvcache_attention_tc(case, splits, mode):
     p = Params()
     for k_, v_ in case['params'].items():
         setattr(p, k_, v_)
+    p.capacity = p.max_blocks * p.block_size
+    p.block_size = FastDivisor(max(p.block_size, 1))
     # Fresh copies of the written buffers (the append writes the cache).
     bufs = {name: arr.copy() for name, arr in case['buffers'].items()}
     ptr = lambda pr: None if pr is None else (bufs[pr[0]], pr[1])
@@ -608,7 +642,7 @@ def kvcache_attention_tc(case, splits, mode):
     p.rows = p.group * p.seq_q
     p.row_tiles = -(-p.rows // kTcRows)
     if splits == 'auto':
-        splits = choose_splits(p.batch * p.n_kv_heads * p.row_tiles, p.max_blocks * p.block_size, 132,
+        splits = choose_splits(p.batch * p.n_kv_heads * p.row_tiles, p.capacity, 132,
                                case.get('per_sm', 3))
     p.splits = splits
     rows_total = p.batch * p.n_q_heads * p.seq_q
@@ -902,9 +936,25 @@ def compare(out, lse, ref, mode, T):
     return ok, eo, el, nan
 
 
+def check_block_assert():
+    """An entry outside the cache among a sequence's blocks: the attend kernel asserts (once its
+    key loop is done, the row zero-filled meanwhile) at every split count."""
+    case = next(cs for cs in cases() if cs['name'].startswith('d64 rows4 paged16'))
+    case = dict(case, buffers=dict(case['buffers']))
+    bt = case['buffers']['bt'] = case['buffers']['bt'].copy()
+    bt[2] = case['params']['num_blocks']  # sequence 0, keys 32..47
+    for splits in case['splits']:
+        try:
+            kvcache_attention_tc(case, splits, 'kernel')
+        except DeviceAssert:
+            continue
+        raise AssertionError(f'a block_table entry outside the cache, splits={splits}: no device-side assert')
+
+
 def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
     t0 = time.time()
     ptx_selftest()
+    check_block_assert()
     assert choose_splits(8, 8192, 132, 3) == 32 and choose_splits(256, 8192, 132, 3) == 3  # the file's H200 example
     failures, results = [], []
     if verbose:

@@ -15,10 +15,11 @@
 //     K and V are staged in shared memory by cp.async in a kStages-deep ring (the prologue
 //     fills kStages - 1, each step refills the stage freed by the previous step): each 16-byte
 //     chunk of a key row is gathered through the block table on its own (in the key loop, the
-//     entries fetched a tile ahead), so any block size works and tiles need no alignment to
-//     blocks, while a contiguous cache's rows are addressed from their tile's first row; keys
-//     past the split (and blocks outside the cache, after a device-side assert) are zero-filled
-//     by the copy, never read.
+//     entries fetched a tile ahead; block and offset from a FastDivisor, a multiply-high where a
+//     division would cost ~20 instructions per row), so any block size works and tiles need no
+//     alignment to blocks, while a contiguous cache's rows are addressed from their tile's first
+//     row; keys past the split (and blocks outside the cache, after a device-side assert) are
+//     zero-filled by the copy, never read.
 //     Warp w takes keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice
 //     and split O's columns, so O stays at 64 fp32 registers per thread):
 //       S = Q K^T (mma.m16n8k16, Q from shared memory by ldmatrix, K by ldmatrix),
@@ -70,12 +71,14 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    96/96/96/96/80        41.9 KB  3/2/2/5/2  141/140/140/145/141  3.1 KB   3/3/3/3/3
-//   64    112/112/112/110/114   74.9 KB  2/1/1/3/1  141/139/139/147/143  4.6 KB   3/3/3/3/3
-//   80    128/128/128/128/164   69.4 KB  2/1/1/3/1  135/136/136/146/141  5.4 KB   3/3/3/3/3
-//   96    130/128/128/128/162   55.9 KB  2/1/1/4/1  135/136/136/146/141  6.4 KB   3/3/3/3/3
-//   128   168/168/168/168/162   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
-//   256   168/168/168/168/162   74.6 KB  2/1/1/3/1  201/201/201/201/211  16.4 KB  2/2/2/2/2
+//   32    96/96/96/96/72        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
+//   64    141/128/128/145/109   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
+//   80    128/128/128/128/162   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
+//   96    159/159/159/166/156   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
+//   128   167/167/167/168/154   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   256   167/167/167/166/147   74.6 KB  2/1/1/3/1  201/201/201/202/211  16.4 KB  2/2/2/2/2
+// At d = 64 and 96 the paged gather's FastDivisor addressing (~55 instructions a row, ~105 with
+// divisions) costs registers: at d = 96 on sm_90, 3 CTAs per SM where 128 registers would fit 4.
 // No spills and no local memory.
 
 #include <ATen/ops/empty.h>
@@ -118,7 +121,8 @@ struct KVCacheKernelParams {
   const int32_t* seqlens;
   const int32_t* block_table;  // null: contiguous cache, block = batch row
   int64_t bt_stride[2];
-  int block_size, max_blocks, num_blocks;
+  FastDivisor block_size;  // tokens per block (a contiguous cache: its capacity, 1 when that is 0)
+  int num_blocks, capacity;
   const float* cos;  // null: no rotary
   const float* sin;
   int64_t cos_stride, sin_stride;
@@ -141,7 +145,7 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 // Checks sequence b's length against the capacity (device-side assert); false: skip it.
 __device__ __forceinline__ bool length_ok(const KVCacheKernelParams& p, int b) {
   const int64_t start = p.seqlens[b];
-  const bool ok = start >= 0 && start + p.seq_new <= static_cast<int64_t>(p.max_blocks) * p.block_size;
+  const bool ok = start >= 0 && start + p.seq_new <= p.capacity;
   CUDA_KERNEL_ASSERT(ok && "gqa_attention_with_kvcache: cache_seqlens + seq_new exceeds the cache capacity");
   return ok;
 }
@@ -150,14 +154,22 @@ __device__ __forceinline__ bool length_ok(const KVCacheKernelParams& p, int b) {
 // Keys are int: a length is at most the capacity, below 2^31 (checked on the host).
 __device__ __forceinline__ int64_t block_entry(const KVCacheKernelParams& p, int b, int j) {
   if (p.block_table == nullptr) return b;
-  return p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(j / p.block_size) * p.bt_stride[1]];
+  return p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(p.block_size.div(j)) * p.bt_stride[1]];
+}
+
+__device__ __forceinline__ bool block_in_cache(const KVCacheKernelParams& p, int64_t entry) {
+  return entry >= 0 && entry < p.num_blocks;
+}
+
+__device__ __forceinline__ void assert_blocks_in_cache(bool ok) {
+  CUDA_KERNEL_ASSERT(ok && "gqa_attention_with_kvcache: block_table entry outside the cache");
 }
 
 // A block_entry, or -1 (after a device-side assert) when it names a block outside the cache.
 __device__ __forceinline__ int64_t checked_block(const KVCacheKernelParams& p, int64_t entry) {
   if (p.block_table == nullptr) return entry;
-  const bool ok = entry >= 0 && entry < p.num_blocks;
-  CUDA_KERNEL_ASSERT(ok && "gqa_attention_with_kvcache: block_table entry outside the cache");
+  const bool ok = block_in_cache(p, entry);
+  assert_blocks_in_cache(ok);
   return ok ? entry : -1;
 }
 
@@ -172,35 +184,40 @@ __device__ __forceinline__ bool position_ok(const KVCacheKernelParams& p, int64_
   return ok;
 }
 
-// The rotary pairing of element e (rotary_dim = 2 * half): false when e is past the rotary dims
-// (it passes through); else its pair index i, its partner and whether e is the pair's first.
-__device__ __forceinline__ bool rotary_pair(const KVCacheKernelParams& p, int e, int& i, int& partner, bool& first) {
+// The rotary pairing of element e (rotary_dim = 2 * half): past the rotary dims e is not rotated
+// (it passes through, its own partner); else its pair's index in the tables, its partner and
+// whether e is the pair's first.
+struct RotaryPair {
+  bool rotated;
+  int index, partner;
+  bool first;
+};
+
+__device__ __forceinline__ RotaryPair rotary_pair(const KVCacheKernelParams& p, int e) {
   const int half = p.rotary_half;
-  if (e >= 2 * half) return false;
+  if (e >= 2 * half) return {false, 0, e, true};
   if (p.interleaved) {
-    i = e / 2, first = e % 2 == 0, partner = first ? e + 1 : e - 1;
-  } else {
-    first = e < half, i = first ? e : e - half, partner = first ? e + half : e - half;
+    const bool first = e % 2 == 0;
+    return {true, e / 2, first ? e + 1 : e - 1, first};
   }
-  return true;
+  const bool first = e < half;
+  return {true, first ? e : e - half, first ? e + half : e - half, first};
 }
 
-// Element e of a row by the table row at pos, from the element xe and its partner xp.
-__device__ __forceinline__ float rotate_element(const KVCacheKernelParams& p, int e, float xe, float xp, int64_t pos) {
-  int i, partner;
-  bool first;
-  if (!rotary_pair(p, e, i, partner, first)) return xe;
-  const float c = p.cos[pos * p.cos_stride + i], s = p.sin[pos * p.sin_stride + i];
-  return first ? rotary_y1(xe, xp, c, s) : rotary_y2(xp, xe, c, s);
+// An element paired as `pair`, rotated by the table row at pos, from itself (xe) and its
+// partner (xp).
+__device__ __forceinline__ float rotate_element(const KVCacheKernelParams& p, const RotaryPair& pair, float xe,
+                                                float xp, int64_t pos) {
+  if (!pair.rotated) return xe;
+  const float c = p.cos[pos * p.cos_stride + pair.index], s = p.sin[pos * p.sin_stride + pair.index];
+  return pair.first ? rotary_y1(xe, xp, c, s) : rotary_y2(xp, xe, c, s);
 }
 
 // Element e of x rotated by the table row at pos (later dims pass through).
 template <typename T>
 __device__ __forceinline__ float rotated(const KVCacheKernelParams& p, const T* x, int e, int64_t pos) {
-  int i, partner;
-  bool first;
-  const bool paired = rotary_pair(p, e, i, partner, first);
-  return rotate_element(p, e, to_float(x[e]), paired ? to_float(x[partner]) : 0.f, pos);
+  const RotaryPair pair = rotary_pair(p, e);
+  return rotate_element(p, pair, to_float(x[e]), to_float(x[pair.partner]), pos);
 }
 
 // ---- 1. append --------------------------------------------------------------------------------
@@ -222,14 +239,14 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
     const T* k_src = static_cast<const T*>(p.k_new) + b * p.kn_stride[0] + i * p.kn_stride[1] + h * p.kn_stride[2];
     const T* v_src = static_cast<const T*>(p.v_new) + b * p.vn_stride[0] + i * p.vn_stride[1] + h * p.vn_stride[2];
     T k_elem[kAppendElems], k_partner[kAppendElems], v_elem[kAppendElems];
+    RotaryPair pair[kAppendElems];  // without tables (rotary_half 0) no element is rotated
 #pragma unroll
     for (int u = 0; u < kAppendElems; ++u) {
       const int e = threadIdx.x + u * kThreads;
-      int pair, partner;
-      bool first;
       if (e < p.head_dim) {
+        pair[u] = rotary_pair(p, e);
         k_elem[u] = k_src[e];
-        k_partner[u] = p.cos != nullptr && rotary_pair(p, e, pair, partner, first) ? k_src[partner] : k_elem[u];
+        k_partner[u] = k_src[pair[u].partner];
         v_elem[u] = v_src[e];
       }
     }
@@ -242,13 +259,13 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
       const int e = threadIdx.x + u * kThreads;
       if (e < p.head_dim) {
         k_out[u] = p.cos != nullptr
-                       ? from_float<T>(rotate_element(p, e, to_float(k_elem[u]), to_float(k_partner[u]), pos))
+                       ? from_float<T>(rotate_element(p, pair[u], to_float(k_elem[u]), to_float(k_partner[u]), pos))
                        : k_elem[u];
       }
     }
     const int64_t blk = cache_block(p, b, static_cast<int>(pos));
     if (blk < 0) return;
-    const int64_t off = pos % p.block_size;
+    const int64_t off = p.block_size.mod(static_cast<uint32_t>(pos));
     T* k_dst = static_cast<T*>(p.k_cache) + blk * p.k_stride[0] + off * p.k_stride[1] + h * p.k_stride[2];
     T* v_dst = static_cast<T*>(p.v_cache) + blk * p.v_stride[0] + off * p.v_stride[1] + h * p.v_stride[2];
 #pragma unroll
@@ -409,7 +426,7 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
       const int j = j0 + u;
       const int64_t blk = j < j_end ? cache_block(p, b, j) : -1;
       key_ok[u] = blk >= 0;
-      const int64_t off = j % p.block_size;
+      const int64_t off = p.block_size.mod(j);
 #pragma unroll
       for (int c = 0; c < Tl::kChunksPerLane; ++c) {
         const int chunk_idx = lane + c * LANES;
@@ -611,6 +628,9 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   static_assert(Tl::kChunksPerThread <= 32, "one bit per chunk in next_past");
   int32_t next_block[Tl::kChunksPerThread];  // the entries of this thread's chunks in the next tile issued
   uint32_t next_past = 0;                    // bit i: chunk i's key is past j_end (no entry)
+  // An entry outside the cache zero-fills its row and is asserted on once, after the key loop:
+  // a branch to the assert per gathered row cost as much as the row's addressing.
+  bool blocks_ok = true;
   // A contiguous cache's key j is row j of sequence b's cache (j < L <= capacity): no block table
   // to fetch, no division, and a row's address is one multiply-add from its tile's.
   const bool contiguous = p.block_table == nullptr;
@@ -646,9 +666,10 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
       const int c = threadIdx.x + i * kTcThreads;
       const int r = c / Tl::kChunksPerRow, col = c % Tl::kChunksPerRow * Tl::kVec;
       const int j = jt + r;
-      const int64_t blk = next_past >> i & 1u ? -1 : checked_block(p, next_block[i]);
-      const bool ok = blk >= 0;
-      const int64_t off = j % p.block_size;
+      const int32_t blk = next_block[i];
+      const bool in_split = !(next_past >> i & 1u), ok = in_split && block_in_cache(p, blk);
+      blocks_ok &= ok || !in_split;
+      const int64_t off = p.block_size.mod(j);
       const T* k_src = ok ? k_base + blk * p.k_stride[0] + off * p.k_stride[1] + col : k_base;
       const T* v_src = ok ? v_base + blk * p.v_stride[0] + off * p.v_stride[1] + col : v_base;
       mma::cp_async_16(k_dst + r * P + col, k_src, ok);
@@ -727,6 +748,8 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
     }
     mma::warp_gemm_kn<T, 1, Tl::kONTiles>(o, mma::AAccumulators<T, 2>{s}, v_tile, P, wn * Tl::kOCols, lane);
   }
+
+  assert_blocks_in_cache(blocks_ok);
 
   // ---- stage: merge the key slices in a fixed order (deterministic); the merge buffer
   // overlays the stages once every copy has landed and every warp is done with them.
@@ -967,8 +990,9 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
     p.bt_stride[0] = a.block_table->stride(0);
     p.bt_stride[1] = a.block_table->stride(1);
   }
-  p.block_size = static_cast<int>(a.block_size);
-  p.max_blocks = static_cast<int>(a.max_blocks);
+  // A contiguous cache of capacity 0 holds no key to divide, and its divisor must not be 0.
+  p.block_size = FastDivisor(static_cast<uint32_t>(std::max<int64_t>(a.block_size, 1)));
+  p.capacity = static_cast<int>(a.capacity);
   p.num_blocks = static_cast<int>(a.num_blocks);
   if (a.rotary_half > 0) {
     p.cos = a.rotary_cos->const_data_ptr<float>();
