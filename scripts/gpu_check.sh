@@ -84,11 +84,6 @@ else
   export PATH="$CUDA_HOME/bin:$PATH"
   DEVICE=cuda
 fi
-export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-export LLAMA_EXT_NVCC_THREADS=1  # one arch: nvcc has nothing to run in parallel
-# One CPU kernel library (the portable one) where the build makes one per vector ISA: this run
-# tests CUDA, and each library is a separate, sequential extension build.
-export LLAMA_EXT_CPU_CAPABILITIES=default
 
 limit_of() {  # limit_of STAGE: GPU_CHECK_LIMIT_<stage> if set, else the table's, else (bench_all and
   # the skipped `bench`: every op in one stage) the two benchmark stages' limits together
@@ -191,34 +186,10 @@ export PY DRY_RUN
 stage env bash -c env_report
 
 # ---- build ----------------------------------------------------------------------------------
-# Only the GPU that is here: the quickest build that tests what will run.
-ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d ' ')
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-${ARCH:-9.0}}
-# Whether the C++ compiler $1 still links a static copy of libstdc++ into a shared library behind
-# an explicit -lstdc++ (setup.py's link; it refuses such a library, by the symbols of
-# _LIBSTDCXX_INTERNALS): one tiny library, a second.
-static_libstdcxx() {
-  local dir rc
-  dir=$(mktemp -d)
-  printf '#include <sstream>\nstd::string f(long x) { std::ostringstream s; s << x; return s.str(); }\n' >"$dir/t.cpp"
-  "$1" -shared -fPIC "$dir/t.cpp" -o "$dir/t.so" -lstdc++ 2>/dev/null && nm -D --defined-only "$dir/t.so" | grep -q ' _ZNSt6localeC1Ev$'
-  rc=$?
-  rm -rf "$dir"
-  return $rc
-}
-export -f static_libstdcxx
 if [ "$DRY_RUN" = 1 ]; then
   stage build "$PY" scripts/gpu_check_stubs/stub_stage.py build
 else
-  # A compiler whose libraries would carry their own libstdc++ (the first GPU machine's CXX, a
-  # g++ wrapper, linked it statically) gives way to the system's gcc/g++. A build without kernels
-  # (no nvcc found) fails here rather than in every test; then each kernel's registers, stack
-  # (spills) and shared memory as built.
-  stage build bash -c "if static_libstdcxx \"\${CXX:-c++}\"; then \
-      echo \"\${CXX:-c++} links libstdc++ statically: building with CC=gcc CXX=g++\"; export CC=gcc CXX=g++; fi; \
-    LLAMA_EXT_PTXAS_VERBOSE=1 $PY setup.py build_ext --inplace || exit; \
-    $PY -c 'import llama_ext; assert llama_ext.cuda_kernels_built(), \"built without CUDA kernels: nvcc not found?\"' || exit; \
-    cuobjdump -res-usage llama_ext/_C*.so | grep -A1 llama_ext || echo 'cuobjdump -res-usage: unavailable'"
+  stage build bash scripts/gpu_build.sh
 fi
 built=$?
 

@@ -7,9 +7,8 @@
 # printed here.
 #
 # For the call after `make gpu-check` on the same warm machine, which keeps its in-place build;
-# without one it first builds for this GPU alone (~80 s), with the system's gcc/g++
-# (scripts/gpu_check.sh says why). Not yet run on a GPU (2026-12-04): each group should take its
-# process's start and set-up plus some 40 replays of each profiled kernel, well under a minute.
+# without one it first builds for this GPU alone (scripts/gpu_build.sh, ~80 s). On the H200
+# (2026-12-04) the three groups took 63 s together.
 # The clocks are left alone (--clock-control none: the device notes' METHOD.md), so durations
 # are the benchmark's; ncu replays each kernel once per metric pass, restoring its memory.
 #
@@ -32,10 +31,7 @@ if [ "${LLAMA_EXT_GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
   CASE_ARGS=(--device cpu --smoke)
 elif ! "$PY" -c 'import sys, llama_ext; sys.exit(not llama_ext.cuda_kernels_built())' 2>/dev/null; then
   echo "=== build (no CUDA build in place)"
-  ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d ' ')
-  TORCH_CUDA_ARCH_LIST=${ARCH:-9.0} LLAMA_EXT_CPU_CAPABILITIES=default MAX_JOBS=$(nproc) CC=gcc CXX=g++ \
-    "$PY" setup.py build_ext --inplace >"$RESULTS/profile_build.log" 2>&1 ||
-    { tail -n 30 "$RESULTS/profile_build.log"; exit 1; }
+  bash scripts/gpu_build.sh >"$RESULTS/profile_build.log" 2>&1 || { tail -n 30 "$RESULTS/profile_build.log"; exit 1; }
 fi
 
 # Nsight Compute: on PATH, else where its installer puts it.
