@@ -124,9 +124,11 @@ def test_matches_reference(device, dtype, heads, block_size, seq_new, seq_q):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-@pytest.mark.parametrize("block_size", [None, 32, 64], ids=["contiguous", "paged32", "paged64"])
+@pytest.mark.parametrize("block_size", [None, 32, 64, 17], ids=["contiguous", "paged32", "paged64", "paged17"])
 def test_long_context_split_path(device, dtype, block_size):
-    """Several thousand keys: the key range is split over tasks (CPU) / CTAs (CUDA) and combined."""
+    """Several thousand keys: the key range is split over tasks (CPU) / CTAs (CUDA) and combined.
+    A block size of 17 takes CUDA's block divisions (FastDivisor) through a magic number near
+    2^32 over thousands of keys."""
     case = Case(device, dtype, [3001, 4099], 1, 1, 8, 1, 128, block_size=block_size)
     case.check()
     case = Case(device, dtype, [2500], 2, 2, 32, 8, 128, block_size=block_size)

@@ -876,10 +876,11 @@ def cases():
     C.append(make_case('d80 rows32 window(10,5) paged48 L=90', 'fp16', 80, 1, 1, 16, 2, [90], block_size=48,
                        window=(10, 5), splits=(1, 2), seed=10))
     # More tiles than ring stages at 4 and 3 stages (d = 64 and 32: 4, d = 80: 3), so the key loop
-    # itself fetches block entries ahead (paged) and addresses whole tiles (contiguous).
+    # itself fetches block entries ahead (paged) and addresses whole tiles (contiguous); block size
+    # 17, a FastDivisor magic number near 2^32.
     C.append(make_case('d64 rows2 paged16 ring-wrap L=600', 'fp16', 64, 1, 1, 2, 1, [600], block_size=16,
                        splits=(1,), seed=11))
-    C.append(make_case('d80 rows1 paged13 ring-wrap L=500', 'bf16', 80, 1, 1, 1, 1, [500], block_size=13,
+    C.append(make_case('d80 rows1 paged17 ring-wrap L=500', 'bf16', 80, 1, 1, 1, 1, [500], block_size=17,
                        splits=(1, 2), seed=12))
     C.append(make_case('d32 rows2 contiguous ring-wrap append1 rotary L=700', 'bf16', 32, 1, 1, 2, 1, [699],
                        seq_new=1, rotary=(16, False), splits=(1,), seed=13))
