@@ -71,7 +71,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '9059f41f9ef26654'
+TRANSCRIBED_DIGEST = '105f4d62a66e28ef'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

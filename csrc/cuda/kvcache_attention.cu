@@ -18,8 +18,8 @@
 //     entries fetched a tile ahead; block and offset from a FastDivisor, a multiply-high where a
 //     division would cost ~20 instructions per row), so any block size works and tiles need no
 //     alignment to blocks, while a contiguous cache's rows are addressed from their tile's first
-//     row; keys past the split (and blocks outside the cache, after a device-side assert) are
-//     zero-filled by the copy, never read.
+//     row; keys past the split and rows of blocks outside the cache (which fire a device-side
+//     assert after the key loop) are zero-filled by the copy, never read.
 //     Warp w takes keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice
 //     and split O's columns, so O stays at 64 fp32 registers per thread):
 //       S = Q K^T (mma.m16n8k16, Q from shared memory by ldmatrix, K by ldmatrix),
