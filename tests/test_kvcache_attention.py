@@ -182,6 +182,30 @@ def test_long_prompt_past_the_decode_grid_on_cuda():
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_DECODE_SPLITS steers the CUDA launcher")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [None, 17], ids=["contiguous", "paged17"])
+def test_forced_split_counts_on_cuda(monkeypatch, dtype, block_size):
+    """LLAMA_EXT_CUDA_DECODE_SPLITS=N forces the key split count whatever the GPU: one split (no
+    combine), a few, and more splits than key tiles (empty splits) all match the reference, and
+    repeat their bits; a value out of range raises, naming the variable, before anything is
+    written."""
+    for splits in (1, 2, 5, 33, 128):
+        monkeypatch.setenv("LLAMA_EXT_CUDA_DECODE_SPLITS", str(splits))
+        case = Case("cuda", dtype, [700, 77, 0], 1, 1, 8, 2, 128, block_size=block_size)
+        out, lse = case.check()
+        out2, lse2 = case.call()  # the same new tokens written again: the same bits
+        assert torch.equal(bits(out2), bits(out)) and torch.equal(bits(lse2), bits(lse))
+    for bad in ("0", "129", "-3", "4x", ""):
+        monkeypatch.setenv("LLAMA_EXT_CUDA_DECODE_SPLITS", bad)
+        case = Case("cuda", dtype, [700, 77, 0], 1, 1, 8, 2, 128, block_size=block_size)
+        k0, v0 = case.k_cache.clone(), case.v_cache.clone()
+        with pytest.raises(ValueError, match="LLAMA_EXT_CUDA_DECODE_SPLITS must be a split count from 1 to 128"):
+            case.call()
+        torch.cuda.synchronize()
+        assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [40, 3000], ids=["one-split", "split"])

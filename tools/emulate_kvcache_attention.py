@@ -71,7 +71,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '105f4d62a66e28ef'
+TRANSCRIBED_DIGEST = 'e96d822dd836d636'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -49,6 +49,7 @@
 // of slots) is within 85% of the best.
 // H200 (132 SMs, 3 CTAs per SM at d = 128), 32/8 heads, context 8192: batch 1 -> 32 splits of
 // 256 keys, 256 CTAs in one wave; batch 32 -> 3 splits, 768 CTAs in 1.94 waves.
+// LLAMA_EXT_CUDA_DECODE_SPLITS=N overrides the rule (tests of every split count; tuning).
 //
 // Bytes in flight. At d = 128 a stage is 64 keys x (K + V) x 256 B = 32 KB of data (34 KB with
 // the row padding); two stages: while a tile is multiplied the next one is in flight, so a CTA
@@ -87,6 +88,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 
@@ -926,6 +928,19 @@ void check_cache_alignment(const at::Tensor& cache, const char* name) {
               "multiple of ", vec, " elements), got strides ", cache.strides());
 }
 
+// LLAMA_EXT_CUDA_DECODE_SPLITS=N forces N key splits (1 to kMaxSplits), whatever the GPU and the
+// shapes: so that one GPU's tests run every split count, and the rule below can be tuned by
+// measurement (scripts/decode_splits.py). 0: not set. Read before anything is launched.
+int forced_decode_splits() {
+  const char* forced = std::getenv("LLAMA_EXT_CUDA_DECODE_SPLITS");
+  if (forced == nullptr) return 0;
+  char* end = nullptr;
+  const long n = std::strtol(forced, &end, 10);
+  TORCH_CHECK_VALUE(end != forced && *end == '\0' && n >= 1 && n <= kMaxSplits,
+                    "LLAMA_EXT_CUDA_DECODE_SPLITS must be a split count from 1 to ", kMaxSplits, ", got '", forced, "'");
+  return static_cast<int>(n);
+}
+
 // Key splits per (batch, kv head, row tile) unit, at most one per kMinKeysPerSplit keys of the
 // capacity (the lengths themselves live on the device). When every split fits in one wave of
 // the GPU's resident slots (SMs x CTAs per SM at this kernel's registers and shared memory),
@@ -966,6 +981,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                         a.batch * a.seq_new <= std::numeric_limits<int32_t>::max(),
                     "batch x n_q_heads x seq_q and batch x seq_new must be below 2^31, got batch = ", a.batch,
                     ", n_q_heads = ", a.n_q_heads, ", seq_q = ", a.seq_q, ", seq_new = ", a.seq_new);
+  const int forced_splits = forced_decode_splits();
   const c10::cuda::CUDAGuard guard(a.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -1053,7 +1069,8 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                     " bytes of shared memory of the tensor-core decode kernel exceed this GPU's per-block limit");
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
       }
-      p.splits = choose_splits(kernel, threads, smem, a.batch * a.n_kv_heads * p.row_tiles, a.capacity);
+      p.splits = forced_splits > 0 ? forced_splits
+                                   : choose_splits(kernel, threads, smem, a.batch * a.n_kv_heads * p.row_tiles, a.capacity);
       at::Tensor partial_out, partial_lse;
       if (p.splits > 1) {
         partial_out = at::empty({p.splits, rows_total, a.head_dim}, a.q.options().dtype(at::kFloat));

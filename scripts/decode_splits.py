@@ -1,0 +1,94 @@
+"""The decode targets' shapes (scripts/profile_cases.py's decode group: batch 1 and 32, context
+8192, contiguous and paged) timed at forced key split counts (LLAMA_EXT_CUDA_DECODE_SPLITS) next
+to the launcher's own choice, as the benchmark times CUDA calls (benchmarks/harness.py: L2
+evicted before each call). A table of µs per call and the K/V bytes' share of the copy ceiling,
+measured in the same run: the measurements that tune the split rule in
+csrc/cuda/kvcache_attention.cu. On a lent GPU, after `make gpu-check` (it reuses the build):
+
+    python3 scripts/decode_splits.py [--splits 1,2,4,...] [--rep-ms 100]
+
+--device cpu --smoke runs the same flow on small shapes (the CPU test of this file); the CPU
+kernels ignore the variable, so every column there times the same calls.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from benchmarks import harness  # noqa: E402
+from scripts import profile_cases  # noqa: E402
+
+VARIABLE = "LLAMA_EXT_CUDA_DECODE_SPLITS"
+DEFAULT_SPLITS = (1, 2, 3, 4, 6, 8, 16, 24, 32, 48, 64, 96, 128)
+
+
+def time_call(fn, device, rep_ms):
+    """Median seconds of one call."""
+    if device == "cuda":
+        return harness.time_cuda(fn, device, rep_ms)["median_ms"] * 1e-3
+    return harness.time_cpu(fn, rep_ms * 1e-3)["median_ms"] * 1e-3
+
+
+def copy_ceiling(device, smoke, rep_ms):
+    """Bytes per second of dst.copy_(src), read plus written (the benchmark's copy ceiling)."""
+    cfg = harness.RunConfig(device=device, dtypes=[torch.bfloat16], smoke=smoke)
+    call, nbytes = harness.copy_call(cfg)
+    return 2 * nbytes / min(time_call(call, device, rep_ms) for _ in range(3))
+
+
+def kv_bytes(name, sizes):
+    """The K/V cache bytes one decode step reads: 2 x batch x context x kv_heads x d, bf16."""
+    batch = int(name.split("_")[1][1:])
+    return 2 * batch * sizes["context"] * sizes["kv_heads"] * sizes["head_dim"] * 2
+
+
+def run(device, smoke, splits, rep_ms):
+    sizes = profile_cases._sizes(smoke)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
+
+    ceiling = copy_ceiling(device, smoke, rep_ms)
+    print(f"copy ceiling {ceiling / 1e9:.0f} GB/s; {device}; context {sizes['context']}, "
+          f"{sizes['heads']}/{sizes['kv_heads']} heads x {sizes['head_dim']}, bf16")
+    columns = ["auto"] + [str(s) for s in splits]
+    print("| case | " + " | ".join(f"{c} splits" for c in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for name, build in profile_cases.GROUPS["decode"].items():
+        call = build(rand, sizes, device)
+        cells = []
+        for column in columns:
+            if column == "auto":
+                os.environ.pop(VARIABLE, None)
+            else:
+                os.environ[VARIABLE] = column
+            try:
+                seconds = time_call(call, device, rep_ms)
+            finally:
+                os.environ.pop(VARIABLE, None)
+            share = kv_bytes(name, sizes) / seconds / ceiling
+            cells.append(f"{seconds * 1e6:.1f} us {100 * share:.0f}%")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--smoke", action="store_true", help="small shapes (the CPU test of this file)")
+    p.add_argument("--splits", default=",".join(map(str, DEFAULT_SPLITS)),
+                   help="comma-separated split counts, 1 to 128 (default: %(default)s)")
+    p.add_argument("--rep-ms", type=int, default=100, help="time per timing (default: %(default)s)")
+    args = p.parse_args(argv)
+    splits = [int(s) for s in args.splits.split(",") if s]
+    bad = [s for s in splits if not 1 <= s <= 128]
+    if bad:
+        p.error(f"--splits: split counts run from 1 to 128, got {bad}")
+    run(args.device, args.smoke, splits, args.rep_ms)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
