@@ -4,8 +4,9 @@
 // of the dtype: 8 half/bfloat16, 4 float). A rotate_half chunk covers x1 = x[i, i+V) and
 // x2 = x[half+i, half+i+V); a GPT-J (interleaved) chunk covers the V/2 pairs in x[i, i+V). The
 // thread block works on blockDim.z tokens; threadIdx.x walks the chunks of a head and threadIdx.y
-// the heads (q's first, then k's). A thread loads its chunk's cos/sin values from the table row
-// once per token, keeps them in registers, and reuses them for every head it rotates:
+// the heads (q's first, then k's), kHeadsPerThread at a time with all their loads issued before
+// any store. A thread loads its chunk's cos/sin values from the table row once per token, keeps
+// them in registers, and reuses them for every head it rotates:
 //   y1 = x1 * cos - x2 * sin,  y2 = x2 * cos + x1 * sin   (inverse: sin -> -sin; rotary_y1/y2)
 // in fp32 and rounds once on the store. Chunks past rotary_dim are copied (out of place) or left
 // alone (in place).
@@ -55,15 +56,16 @@ constexpr int chunk_elems() {
   return kVectorized ? vec_elems<T>() : (kInterleaved ? 2 : 1);
 }
 
+// A chunk as loaded (one 16-byte load on the vector path), kept packed until it is rotated.
 template <typename T, int N, bool kVectorized>
-__device__ __forceinline__ void load_chunk(const T* p, float (&out)[N]) {
+__device__ __forceinline__ Vec<T, N> load_chunk(const T* p) {
   if constexpr (kVectorized) {
-    const Vec<T, N> v = Vec<T, N>::load(p);
-#pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float(v.v[i]);
+    return Vec<T, N>::load(p);
   } else {
+    Vec<T, N> v;
 #pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = to_float(p[i]);
+    for (int i = 0; i < N; ++i) v.v[i] = p[i];
+    return v;
   }
 }
 
@@ -83,6 +85,11 @@ __device__ __forceinline__ void store_chunk(T* p, const float (&in)[N]) {
 __device__ __forceinline__ int64_t head_offset(const int64_t (&stride)[3], int64_t b, int64_t s, int64_t h) {
   return b * stride[0] + s * stride[1] + h * stride[2];
 }
+
+// Heads each thread rotates per chunk, their loads issued together: the kernel waits on its
+// loads (ncu on the H200: most of a warp's cycles stalled on L1TEX), so each thread keeps two
+// heads' chunks in flight instead of one.
+constexpr int kHeadsPerThread = 2;
 
 template <typename T, bool kVectorized, bool kInterleaved>
 __global__ void rotary_kernel(const RotaryParams<T> p) {
@@ -107,34 +114,49 @@ __global__ void rotary_kernel(const RotaryParams<T> p) {
       cos_v[i] = cos_row[pair0 + i];
       sin_v[i] = p.inverse ? -sin_row[pair0 + i] : sin_row[pair0 + i];
     }
-    for (int h = threadIdx.y; h < heads; h += blockDim.y) {
-      const bool is_q = h < p.q.heads;
-      const Operand<T>& op = is_q ? p.q : p.k;
-      const int64_t head = is_q ? h : h - p.q.heads;
-      const T* src = op.src + head_offset(op.src_stride, b, s, head);
-      T* dst = op.dst + head_offset(op.dst_stride, b, s, head);
-      if constexpr (kInterleaved) {
-        float x[V];
-        load_chunk<T, V, kVectorized>(src + 2 * pair0, x);
+    // A thread's kHeadsPerThread heads: every load before the first store (in place, src is dst).
+    for (int h0 = threadIdx.y * kHeadsPerThread; h0 < heads; h0 += blockDim.y * kHeadsPerThread) {
+      T* dst[kHeadsPerThread];
+      Vec<T, V> c1[kHeadsPerThread], c2[kHeadsPerThread];  // x1 and x2 chunks; interleaved: c1 only
 #pragma unroll
-        for (int i = 0; i < kPairs; ++i) {
-          const float x1 = x[2 * i], x2 = x[2 * i + 1];
-          x[2 * i] = rotary_y1(x1, x2, cos_v[i], sin_v[i]);
-          x[2 * i + 1] = rotary_y2(x1, x2, cos_v[i], sin_v[i]);
+      for (int u = 0; u < kHeadsPerThread; ++u) {
+        const int h = h0 + u;
+        if (h >= heads) break;
+        const bool is_q = h < p.q.heads;
+        const Operand<T>& op = is_q ? p.q : p.k;
+        const int64_t head = is_q ? h : h - p.q.heads;
+        const T* src = op.src + head_offset(op.src_stride, b, s, head);
+        dst[u] = op.dst + head_offset(op.dst_stride, b, s, head);
+        if constexpr (kInterleaved) {
+          c1[u] = load_chunk<T, V, kVectorized>(src + 2 * pair0);
+        } else {
+          c1[u] = load_chunk<T, V, kVectorized>(src + pair0);
+          c2[u] = load_chunk<T, V, kVectorized>(src + p.half + pair0);
         }
-        store_chunk<T, V, kVectorized>(dst + 2 * pair0, x);
-      } else {
-        float x1[V], x2[V];
-        load_chunk<T, V, kVectorized>(src + pair0, x1);
-        load_chunk<T, V, kVectorized>(src + p.half + pair0, x2);
+      }
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const float a = x1[i], b2 = x2[i];
-          x1[i] = rotary_y1(a, b2, cos_v[i], sin_v[i]);
-          x2[i] = rotary_y2(a, b2, cos_v[i], sin_v[i]);
+      for (int u = 0; u < kHeadsPerThread; ++u) {
+        if (h0 + u >= heads) break;
+        if constexpr (kInterleaved) {
+          float y[V];
+#pragma unroll
+          for (int i = 0; i < kPairs; ++i) {
+            const float a = to_float(c1[u].v[2 * i]), b2 = to_float(c1[u].v[2 * i + 1]);
+            y[2 * i] = rotary_y1(a, b2, cos_v[i], sin_v[i]);
+            y[2 * i + 1] = rotary_y2(a, b2, cos_v[i], sin_v[i]);
+          }
+          store_chunk<T, V, kVectorized>(dst[u] + 2 * pair0, y);
+        } else {
+          float y1[V], y2[V];
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            const float a = to_float(c1[u].v[i]), b2 = to_float(c2[u].v[i]);
+            y1[i] = rotary_y1(a, b2, cos_v[i], sin_v[i]);
+            y2[i] = rotary_y2(a, b2, cos_v[i], sin_v[i]);
+          }
+          store_chunk<T, V, kVectorized>(dst[u] + pair0, y1);
+          store_chunk<T, V, kVectorized>(dst[u] + p.half + pair0, y2);
         }
-        store_chunk<T, V, kVectorized>(dst + pair0, x1);
-        store_chunk<T, V, kVectorized>(dst + p.half + pair0, x2);
       }
     }
   }
@@ -193,14 +215,15 @@ void launch(const RotaryParams<T>& base, cudaStream_t stream) {
   const int pass_dims = p.head_dim - 2 * p.half;
   p.pass_chunks = p.copy_pass_through ? pass_dims / P : 0;
 
-  // x over chunks (at most 128), y over heads with an even share per thread (at most 512
-  // threads per token), z over tokens to fill small blocks up to 128 threads.
+  // x over chunks (at most 128), y over groups of kHeadsPerThread heads with an even share per
+  // thread (at most 512 threads per token), z over tokens to fill small blocks up to 128 threads.
   const int heads = p.q.heads + p.k.heads;
+  const int head_groups = static_cast<int>(ceil_div(heads, kHeadsPerThread));
   const int chunks = std::max(p.rotary_chunks, p.pass_chunks);
   const int bx = std::min(chunks, 128);
   const int max_by = std::max(1, 512 / bx);
-  const int rounds = static_cast<int>(ceil_div(heads, max_by));
-  const int by = static_cast<int>(ceil_div(heads, rounds));
+  const int rounds = static_cast<int>(ceil_div(head_groups, max_by));
+  const int by = static_cast<int>(ceil_div(head_groups, rounds));
   const int bz = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({p.tokens, 128 / (bx * by), 64})));  // blockDim.z <= 64
   const dim3 block(bx, by, bz);
   const int64_t blocks = ceil_div(p.tokens, bz);
