@@ -3,7 +3,8 @@
 to the launcher's own choice, as the benchmark times CUDA calls (benchmarks/harness.py: L2
 evicted before each call). A table of µs per call and the K/V bytes' share of the copy ceiling,
 measured in the same run: the measurements that tune the split rule in
-csrc/cuda/kvcache_attention.cu. On a lent GPU, after `make gpu-check` (it reuses the build):
+csrc/cuda/kvcache_attention.cu. `make gpu-profile` runs it last (its group `splits`); alone, on a
+GPU with an in-place build:
 
     python3 scripts/decode_splits.py [--splits 1,2,4,...] [--rep-ms 100]
 

@@ -4,7 +4,8 @@
 # speed of light (DRAM, L2, shared memory, SM issue), its warps' stall reasons, its occupancy
 # and its launch. One process and one report per group of cases (decode, attention, norms), in
 # $OUT (else ./gpu-results): ncu_GROUP.txt, whole, and the lines that say where the time goes
-# printed here.
+# printed here. Then, without ncu, the group `splits`: the decode targets timed at every forced
+# split count (scripts/decode_splits.py), in decode_splits.txt.
 #
 # For the call after `make gpu-check` on the same warm machine, which keeps its in-place build;
 # without one it first builds for this GPU alone (scripts/gpu_build.sh, ~80 s). On the H200
@@ -26,9 +27,11 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # LLAMA_EXT_GPU_CHECK_DRY_RUN=1: the same flow without a GPU, ncu a stub (scripts/gpu_check_stubs/)
 # and the cases at their --smoke shapes on the CPU kernels, no build.
 CASE_ARGS=()
+SPLITS_ARGS=()
 if [ "${LLAMA_EXT_GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
   export PATH="$PWD/scripts/gpu_check_stubs:$PATH"
   CASE_ARGS=(--device cpu --smoke)
+  SPLITS_ARGS=(--device cpu --smoke --rep-ms 5 --splits 1,2)
 elif ! "$PY" -c 'import sys, llama_ext; sys.exit(not llama_ext.cuda_kernels_built())' 2>/dev/null; then
   echo "=== build (no CUDA build in place)"
   bash scripts/gpu_build.sh >"$RESULTS/profile_build.log" 2>&1 || { tail -n 30 "$RESULTS/profile_build.log"; exit 1; }
@@ -44,15 +47,23 @@ KEY='^  [A-Za-z_].*\(|^case |Stall|WRN|OPT|^    (Duration|DRAM Throughput|Memory
 KEY+='|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Theoretical Occupancy'
 KEY+='|Registers Per Thread|Block Limit)'
 status=0
-for group in ${PROFILE_GROUPS:-decode attention norms}; do
+for group in ${PROFILE_GROUPS:-decode attention norms splits}; do
   echo "=== $group"
-  timeout "${PROFILE_LIMIT:-150}" "$NCU" --clock-control none --profile-from-start off "${SECTIONS[@]}" \
-    "$PY" scripts/profile_cases.py --group "$group" "${CASE_ARGS[@]}" >"$RESULTS/ncu_$group.txt" 2>&1
-  rc=$?
-  grep -E "$KEY" "$RESULTS/ncu_$group.txt" | cut -c1-160 | head -n 150
+  if [ "$group" = splits ]; then
+    report="$RESULTS/decode_splits.txt"
+    timeout "${PROFILE_LIMIT:-150}" "$PY" scripts/decode_splits.py "${SPLITS_ARGS[@]}" >"$report" 2>&1
+    rc=$?
+    tail -n 8 "$report"
+  else
+    report="$RESULTS/ncu_$group.txt"
+    timeout "${PROFILE_LIMIT:-150}" "$NCU" --clock-control none --profile-from-start off "${SECTIONS[@]}" \
+      "$PY" scripts/profile_cases.py --group "$group" "${CASE_ARGS[@]}" >"$report" 2>&1
+    rc=$?
+    grep -E "$KEY" "$report" | cut -c1-160 | head -n 150
+  fi
   if [ "$rc" -ne 0 ]; then
-    echo "$group: ncu exited with $rc (124: past PROFILE_LIMIT)"
-    tail -n 15 "$RESULTS/ncu_$group.txt"
+    echo "$group: exited with $rc (124: past PROFILE_LIMIT)"
+    tail -n 15 "$report"
     status=1
   fi
 done

@@ -242,7 +242,8 @@ def test_targets_read_the_run_and_derive_the_backward():
 
 def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
     """`make gpu-profile` (scripts/gpu_profile.sh) without a GPU: ncu a stub, the cases of
-    scripts/profile_cases.py at their --smoke shapes on the CPU kernels, one report per group."""
+    scripts/profile_cases.py at their --smoke shapes on the CPU kernels, one report per group,
+    then the decode split sweep's table (scripts/decode_splits.py) with a row per decode case."""
     env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable,
                PYTHONPATH=str(ROOT))
     listing = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_cases.py"), "--list"], cwd=ROOT,
@@ -251,10 +252,12 @@ def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_profile.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"ncu_{g}.txt" for g in groups)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"ncu_{g}.txt" for g in groups] + ["decode_splits.txt"])
     for group, cases in groups.items():
         report = (tmp_path / f"ncu_{group}.txt").read_text()
         assert re.findall(r"^case (\S+)$", report, re.M) == cases.split(), report[-2000:]
+    splits = (tmp_path / "decode_splits.txt").read_text()
+    assert re.findall(r"^\| (decode_\S+) \|", splits, re.M) == groups["decode"].split(), splits[-2000:]
 
 
 def test_decode_splits_table_on_the_cpu():
