@@ -39,27 +39,23 @@ def copy_ceiling(device, smoke, rep_ms):
     return 2 * nbytes / min(time_call(call, device, rep_ms) for _ in range(3))
 
 
-def kv_bytes(name, sizes):
+def kv_bytes(batch, sizes):
     """The K/V cache bytes one decode step reads: 2 x batch x context x kv_heads x d, bf16."""
-    batch = int(name.split("_")[1][1:])
     return 2 * batch * sizes["context"] * sizes["kv_heads"] * sizes["head_dim"] * 2
 
 
 def run(device, smoke, splits, rep_ms):
     sizes = profile_cases._sizes(smoke)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
-
+    rand = profile_cases.bf16_rand(device)
     ceiling = copy_ceiling(device, smoke, rep_ms)
     print(f"copy ceiling {ceiling / 1e9:.0f} GB/s; {device}; context {sizes['context']}, "
           f"{sizes['heads']}/{sizes['kv_heads']} heads x {sizes['head_dim']}, bf16")
     columns = ["auto"] + [str(s) for s in splits]
     print("| case | " + " | ".join(f"{c} splits" for c in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
-    for name, build in profile_cases.GROUPS["decode"].items():
-        call = build(rand, sizes, device)
+    for batch, paged in ((b, paged) for b in profile_cases.DECODE_BATCHES for paged in (False, True)):
+        name = profile_cases.decode_name(batch, paged)
+        call = profile_cases.decode_case(batch, paged)(rand, sizes, device)
         cells = []
         for column in columns:
             if column == "auto":
@@ -70,10 +66,9 @@ def run(device, smoke, splits, rep_ms):
                 seconds = time_call(call, device, rep_ms)
             finally:
                 os.environ.pop(VARIABLE, None)
-            share = kv_bytes(name, sizes) / seconds / ceiling
+            share = kv_bytes(batch, sizes) / seconds / ceiling
             cells.append(f"{seconds * 1e6:.1f} us {100 * share:.0f}%")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
-
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -21,6 +21,7 @@ DECODE_CONTEXT = 8192
 ATTENTION_SEQ = 8192
 NORM_SHAPE = (32768, 4096)
 ROTARY_TOKENS = 32768
+DECODE_BATCHES = (1, 32)
 
 
 def _sizes(smoke):
@@ -28,6 +29,19 @@ def _sizes(smoke):
         return dict(heads=4, kv_heads=2, head_dim=16, context=96, seq=64, norm=(64, 256), tokens=64)
     return dict(heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, context=DECODE_CONTEXT, seq=ATTENTION_SEQ,
                 norm=NORM_SHAPE, tokens=ROTARY_TOKENS)
+
+
+def bf16_rand(device):
+    """Seeded standard-normal bf16 tensors on `device`, the cases' inputs."""
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(torch.bfloat16)
+    return rand
+
+
+def decode_name(batch, paged):
+    return f"decode_b{batch}_{'paged16' if paged else 'contiguous'}"
 
 
 def decode_case(batch, paged, block_size=16):
@@ -95,8 +109,7 @@ def rotary_case(backward):
 
 
 GROUPS = {
-    "decode": {f"decode_b{b}_{'paged16' if paged else 'contiguous'}": decode_case(b, paged)
-               for b in (1, 32) for paged in (False, True)},
+    "decode": {decode_name(b, paged): decode_case(b, paged) for b in DECODE_BATCHES for paged in (False, True)},
     "attention": {"attention_fwd": attention_case(False), "attention_bwd": attention_case(True)},
     "norms": {"rms_norm_fwd": norm_case(False, False), "rms_norm_bwd": norm_case(False, True),
               "fused_add_rms_norm_fwd": norm_case(True, False), "fused_add_rms_norm_bwd": norm_case(True, True),
@@ -120,12 +133,7 @@ def profiled(device):
 
 def run(group, device, smoke):
     sizes = _sizes(smoke)
-    gen = torch.Generator(device=device).manual_seed(0)
-    dtype = torch.bfloat16
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-
+    rand = bf16_rand(device)
     for name, build in GROUPS[group].items():
         call = build(rand, sizes, device)
         for _ in range(WARMUP_CALLS):
