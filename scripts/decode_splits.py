@@ -1,9 +1,9 @@
 """The decode targets' shapes (scripts/profile_cases.py's decode group: batch 1 and 32, context
 8192, contiguous and paged) timed at forced key split counts (LLAMA_EXT_CUDA_DECODE_SPLITS) next
-to the launcher's own choice, as the benchmark times CUDA calls (benchmarks/harness.py: L2
-evicted before each call). A table of µs per call and the K/V bytes' share of the copy ceiling,
-measured in the same run: the measurements that tune the split rule in
-csrc/cuda/kvcache_attention.cu. `make gpu-profile` runs it last (its group `splits`); alone, on a
+to the launcher's own choice, with and without the launch overlap (LLAMA_EXT_CUDA_PDL=0 turns it
+off), as the benchmark times CUDA calls (benchmarks/harness.py: L2 evicted before each call). A
+table of µs per call and the K/V bytes' share of the copy ceiling, measured in the same run: the
+measurements that tune the split rule in csrc/cuda/kvcache_attention.cu and judge the overlap. `make gpu-profile` runs it last (its group `splits`); alone, on a
 GPU with an in-place build:
 
     python3 scripts/decode_splits.py [--splits 1,2,4,...] [--rep-ms 100]
@@ -22,6 +22,7 @@ from benchmarks import harness  # noqa: E402
 from scripts import profile_cases  # noqa: E402
 
 VARIABLE = "LLAMA_EXT_CUDA_DECODE_SPLITS"
+NO_OVERLAP = ("LLAMA_EXT_CUDA_PDL", "0")
 DEFAULT_SPLITS = (1, 2, 3, 4, 6, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -50,22 +51,24 @@ def run(device, smoke, splits, rep_ms):
     ceiling = copy_ceiling(device, smoke, rep_ms)
     print(f"copy ceiling {ceiling / 1e9:.0f} GB/s; {device}; context {sizes['context']}, "
           f"{sizes['heads']}/{sizes['kv_heads']} heads x {sizes['head_dim']}, bf16")
-    columns = ["auto"] + [str(s) for s in splits]
-    print("| case | " + " | ".join(f"{c} splits" for c in columns) + " |")
+    # (heading, environment): the launcher's choice with and without the overlap, then each count.
+    for variable in (VARIABLE, NO_OVERLAP[0]):
+        os.environ.pop(variable, None)  # "auto splits" is the launcher as shipped
+    columns = [("auto splits", {}), ("auto, no overlap", dict([NO_OVERLAP]))]
+    columns += [(f"{s} splits", {VARIABLE: str(s)}) for s in splits]
+    print("| case | " + " | ".join(heading for heading, _ in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for batch, paged in ((b, paged) for b in profile_cases.DECODE_BATCHES for paged in (False, True)):
         name = profile_cases.decode_name(batch, paged)
         call = profile_cases.decode_case(batch, paged)(rand, sizes, device)
         cells = []
-        for column in columns:
-            if column == "auto":
-                os.environ.pop(VARIABLE, None)
-            else:
-                os.environ[VARIABLE] = column
+        for _, environment in columns:
+            os.environ.update(environment)
             try:
                 seconds = time_call(call, device, rep_ms)
             finally:
-                os.environ.pop(VARIABLE, None)
+                for variable in environment:
+                    os.environ.pop(variable, None)
             share = kv_bytes(batch, sizes) / seconds / ceiling
             cells.append(f"{seconds * 1e6:.1f} us {100 * share:.0f}%")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)

@@ -182,3 +182,38 @@ def test_attention_softcap_uses_no_approximate_tanh(sass_by_arch, arch):
     assert functions, f"{arch}: no attention kernels in the SASS"
     for name, body in functions.items():
         assert "MUFU.TANH" not in body, f"{arch} {name} uses the approximate tanh"
+
+
+# The decode's launch overlap (programmatic dependent launch; common.cuh, kvcache_attention.cu):
+# from sm_90 on, the append and the attend kernels let their successor launch early
+# (griddepcontrol.launch_dependents: PREEXIT), and the attend kernels and the combine wait for
+# their predecessor (griddepcontrol.wait: ACQBULK) before the first load of what it writes: the
+# K/V copies (LDGSTS; the fp32 kernel's 16-byte LDG) and the partials (any LDG). Before sm_90
+# both compile to nothing. A load hoisted above the wait would read the new tokens' cache rows
+# before the append writes them.
+DECODE_OVERLAP = {
+    # kernel: (opcodes it must hold from sm_90 on, the first opcode the wait must precede)
+    "append_kernel": (("PREEXIT",), None),
+    "attend_tc_kernel": (("PREEXIT", "ACQBULK"), r"LDGSTS"),
+    "attend_simt_kernel": (("PREEXIT", "ACQBULK"), r"LDG\.E\.128"),
+    "combine_kernel": (("ACQBULK",), r"LDG"),
+}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_kernels_overlap_their_launches(sass_by_arch, arch):
+    functions = _functions(_sass_for(sass_by_arch, arch))
+    overlap = int(arch.split("_")[1]) >= 90
+    for kernel, (opcodes, guarded) in DECODE_OVERLAP.items():
+        bodies = {n: b for n, b in functions.items() if kernel in n and "kvcache_attention" in n}
+        assert bodies, f"{arch}: no {kernel} in the SASS"
+        for name, body in bodies.items():
+            if not overlap:
+                assert not re.search(r"\b(PREEXIT|ACQBULK)\b", body), f"{arch} {name}: launch-overlap instructions"
+                continue
+            for opcode in opcodes:
+                assert re.search(rf"\b{opcode}\b", body), f"{arch} {name} lacks {opcode}"
+            if guarded:
+                wait = re.search(r"\bACQBULK\b", body).start()
+                first = re.search(rf"\b{guarded}\b", body)
+                assert first and wait < first.start(), f"{arch} {name}: a {guarded} before the wait (ACQBULK)"

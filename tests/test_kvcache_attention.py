@@ -1,6 +1,8 @@
 """gqa_attention_with_kvcache against the float64 reference: contiguous and paged caches, the
 append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
 cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
+import copy
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -204,6 +206,31 @@ def test_forced_split_counts_on_cuda(monkeypatch, dtype, block_size):
             case.call()
         torch.cuda.synchronize()
         assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_PDL steers the CUDA launcher")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_launch_overlap_matches_serial_launches_on_cuda(monkeypatch, dtype, block_size):
+    """The append, attend and combine launched overlapping (programmatic dependent launch, sm_90+)
+    and one after another (LLAMA_EXT_CUDA_PDL=0) give the same bits: the attend waits for the
+    new tokens' rows (rotated, several per sequence, the last split reading them) and the
+    combine for the partials. Each run starts from the same caches."""
+    base = Case("cuda", dtype, [3000, 1, 0, 517], 3, 3, 8, 2, 128, block_size=block_size, rotary=(128, 4096))
+    results = {}
+    for overlap in ("1", "0"):
+        monkeypatch.setenv("LLAMA_EXT_CUDA_PDL", overlap)
+        for splits in (None, 1, 7):
+            if splits is None:
+                monkeypatch.delenv("LLAMA_EXT_CUDA_DECODE_SPLITS", raising=False)
+            else:
+                monkeypatch.setenv("LLAMA_EXT_CUDA_DECODE_SPLITS", str(splits))
+            case = copy.deepcopy(base)
+            out, lse = case.check()
+            results[overlap, splits] = (bits(out), bits(lse), bits(case.k_cache), bits(case.v_cache))
+    for splits in (None, 1, 7):
+        for mine, theirs in zip(results["1", splits], results["0", splits]):
+            assert torch.equal(mine, theirs), f"splits {splits}: overlapped launches differ from serial ones"
 
 
 @pytest.mark.parametrize("device", DEVICES)

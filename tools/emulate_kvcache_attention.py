@@ -43,7 +43,8 @@ check_mutants() re-runs small cases with one injected kernel bug at a time (MUT 
 checks each is caught: missing zero-fill, wrong ring stage, too shallow cp.async wait, missing
 merge barrier, dropped window-start mask, top-left causal alignment, swapped ldmatrix matrices,
 wrong P fragment packing, missing rescale of O, block-table entries not fetched ahead (a tile
-copied through the previous tile's blocks).
+copied through the previous tile's blocks), K/V copies issued before wait_for_prior_kernel()
+(which, run ahead of the append, read the new tokens' slots before they are written).
 
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
 (no argument: every case in every mode, then the mutants; ~20 s on one core)
@@ -71,7 +72,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'e96d822dd836d636'
+TRANSCRIBED_DIGEST = '21c73f84d776fc25'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -310,7 +311,9 @@ class TcTiling:
 
 def attend_tc_cta(p, D, blockIdx, c):
     """One CTA of attend_tc_kernel<T, D>; warps run one after another between barriers, lanes
-    as 32-wide vectors."""
+    as 32-wide vectors. A generator: it yields once, at wait_for_prior_kernel() (the launcher runs
+    every CTA's work before the wait ahead of the append, the earliest a programmatic dependent
+    launch may run it)."""
     Tl = TcTiling(D)
     ft = c['ft']
     P, KEYS, S, WK = Tl.kPitch, Tl.kKeys, Tl.kStages, Tl.kWarpsK
@@ -416,11 +419,19 @@ def attend_tc_cta(p, D, blockIdx, c):
             sm.cp_async((k_dst + rr * P + col)[:, None] + el, kv, tid_all[:, None])
             sm.cp_async((v_dst + rr * P + col)[:, None] + el, vv, tid_all[:, None])
 
+    # The append writes cache rows read from here on; the first tile's entries come before.
+    if n_tiles > 0:
+        fetch_blocks(j_begin)
+    if 'kv_before_wait' not in MUT:
+        yield  # wait_for_prior_kernel()
     for s_ in range(S - 1):
-        if s_ < n_tiles:
+        if 0 < s_ < n_tiles:
             fetch_blocks(j_begin + s_ * KEYS)
+        if s_ < n_tiles:
             load_kv(s_, j_begin + s_ * KEYS)
         sm.commit()
+    if 'kv_before_wait' in MUT:
+        yield  # the wait after the first copies: they may read rows before the append writes them
     if S - 1 < n_tiles:
         fetch_blocks(j_begin + (S - 1) * KEYS)
 
@@ -654,14 +665,24 @@ def kvcache_attention_tc(case, splits, mode):
         po, pl = np.full(p.splits * rows_total * p.head_dim, np.nan), np.full(p.splits * rows_total, np.nan)
         p.partial_out, p.partial_lse = (po, 0), (pl, 0)
         p.pout_count, p.plse_count = np.zeros(po.size, int), np.zeros(pl.size, int)
-    if p.seq_new > 0 and p.batch > 0:
-        append_kernel(p, ft)
+    # Launch overlap: every attend CTA runs up to its wait_for_prior_kernel() before the append
+    # (the earliest a programmatic dependent launch allows), the rest after it. The combine waits
+    # first thing, so it runs after the attend as a whole.
+    ctas = []
     if rows_total:
         for bz in range(p.batch):
             for by in range(p.n_kv_heads * p.row_tiles):
                 for bx in range(p.splits):
-                    attend_tc_cta(p, p.head_dim, (bx, by, bz), c)
+                    ctas.append(attend_tc_cta(p, p.head_dim, (bx, by, bz), c))
                     c['stats']['ctas'] += 1
+    for cta in ctas:
+        next(cta)  # to the wait
+    if p.seq_new > 0 and p.batch > 0:
+        append_kernel(p, ft)
+    for cta in ctas:
+        for _ in cta:
+            raise AssertionError('an attend CTA waits twice')
+    if rows_total:
         if p.splits > 1:
             assert (p.pout_count == 1).all() and (p.plse_count == 1).all(), 'partials not written exactly once'
             combine_kernel(p, c)
@@ -1008,7 +1029,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
 
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo', 'top_left', 'ldm_b_addr',
-           'p_layout', 'no_corr', 'stale_blocks']
+           'p_layout', 'no_corr', 'stale_blocks', 'kv_before_wait']
 
 
 def check_mutants(verbose=True):

@@ -545,12 +545,8 @@ bool launch_backward_kernel(const AttentionParams& p, const at::Tensor& dk, cons
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
   const int64_t ctas = ceil_div(p.seq_k, C::kBlockN) * p.batch * p.n_kv_heads;
   if (ctas == 0) return true;
-  int device = 0, sms = 0, ctas_per_sm = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ctas_per_sm, kernel, C::kThreads, C::kSmemBytes));
   GroupSplit split{};
-  split.splits = group_splits(ctas, p.group, static_cast<int64_t>(sms) * std::max(ctas_per_sm, 1));
+  split.splits = group_splits(ctas, p.group, kernel_residency(kernel, C::kThreads, C::kSmemBytes).slots());
   split.heads = p.group / split.splits;
   TORCH_CHECK(ctas * split.splits <= INT_MAX, "gqa_attention_backward: ", ctas * split.splits,
               " CTAs exceed the CUDA grid (2^31 - 1); use fewer sequences per call");

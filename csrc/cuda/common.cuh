@@ -1,6 +1,6 @@
 // Shared CUDA building blocks: dtype dispatch to native half types, 16-byte vector access,
-// warp and block reductions. Kept light (no ATen/cuda/CUDAContext.h, no cuBLAS headers) so
-// every .cu compiles fast.
+// warp and block reductions, launches. Kept light (no ATen/cuda/CUDAContext.h, no cuBLAS
+// headers) so every .cu compiles fast.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +11,12 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <utility>
 
 #include "../common_math.h"  // ceil_div, max_keep_nan
 
@@ -127,6 +133,93 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
   __syncthreads();
   x = lane < n_warps ? scratch[lane] : Op::kIdentity;
   return warp_reduce<Op>(x);
+}
+
+// ---- launches -----------------------------------------------------------------------------
+
+// Resident CTAs per SM of `kernel` at `threads` threads and `smem` bytes of dynamic shared memory
+// on the current device, and its SM count: the runtime's occupancy query costs microseconds, a
+// decode step's kernels tens, so each (kernel, device, threads, smem) is asked once and kept.
+struct Residency {
+  int sms;
+  int ctas_per_sm;
+  // CTAs the device holds at once; one per SM for a kernel that fits none (its launch then
+  // fails on its own, with the runtime's error).
+  int64_t slots() const { return static_cast<int64_t>(sms) * (ctas_per_sm > 0 ? ctas_per_sm : 1); }
+};
+
+template <typename... Params>
+Residency kernel_residency(void (*kernel)(Params...), int threads, size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, int, size_t>, Residency> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_tuple(reinterpret_cast<const void*>(kernel), device, threads, smem);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  Residency r{};
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&r.sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&r.ctas_per_sm, kernel, threads, smem));
+  known.emplace(key, r);
+  return r;
+}
+
+// Programmatic dependent launch (sm_90 and later): a kernel launched with `overlap_prior` may be
+// scheduled while the stream's previous kernel still runs, once every CTA of that kernel has
+// called allow_dependent_launch() (or exited). Such a kernel must call wait_for_prior_kernel(),
+// in every thread, before it reads what the previous kernel writes or writes what it reads;
+// the wait returns once that kernel has completed and its writes are visible. What comes before
+// the wait (launch, index math, loads of inputs no earlier kernel of the op writes) overlaps the
+// previous kernel's tail. Both are no-ops before sm_90 and in a kernel launched without it.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prior_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Whether launches on `stream`'s device may overlap the previous kernel: compute capability 9.0
+// or later, unless LLAMA_EXT_CUDA_PDL=0 (read at every call, so that one process can time both:
+// scripts/decode_splits.py). CUDA graphs capture such launches from CUDA 12.3 on; a build against
+// an older runtime launches one after another while the stream is being captured.
+inline bool dependent_launch_supported(cudaStream_t stream) {
+  const char* setting = std::getenv("LLAMA_EXT_CUDA_PDL");
+  if (setting != nullptr && std::strcmp(setting, "0") == 0) return false;
+  int device = 0, major = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (major < 9) return false;
+#if CUDART_VERSION < 12030
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return false;
+#else
+  (void)stream;
+#endif
+  return true;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), checked; with `overlap_prior` (the caller has
+// checked dependent_launch_supported()) as a programmatic dependent launch.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   bool overlap_prior, Args&&... args) {
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = overlap_prior ? &overlap : nullptr;
+  config.numAttrs = overlap_prior ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
 }
 
 }  // namespace llama_ext::cuda

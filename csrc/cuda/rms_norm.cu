@@ -511,13 +511,6 @@ __global__ void reduce_dweight_kernel(const float* __restrict__ workspace, int64
   dweight[j] = from_float<W>(sum);
 }
 
-inline int sm_count() {
-  int device = 0, sms = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
-}
-
 template <typename T, typename W, typename O>
 void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& options, cudaStream_t stream) {
   constexpr int N = vec_elems<T>();
@@ -543,14 +536,12 @@ void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& op
       const size_t smem = sums_in_smem ? rows_per_cta * ws_stride * sizeof(float) : 0;
       // The grid, and with it the dweight summation order, must not depend on the alignment:
       // size it for whichever of the two kernels fits fewer CTAs per SM.
-      int fit_aligned = 0, fit_unaligned = 0;
-      C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit_aligned, aligned_kernel, layout.threads, smem));
-      C10_CUDA_CHECK(
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit_unaligned, unaligned_kernel, layout.threads, smem));
-      const int ctas_per_sm = std::min(fit_aligned, fit_unaligned);
+      const Residency fit_aligned = kernel_residency(aligned_kernel, layout.threads, smem);
+      const Residency fit_unaligned = kernel_residency(unaligned_kernel, layout.threads, smem);
+      const int ctas_per_sm = std::min(fit_aligned.ctas_per_sm, fit_unaligned.ctas_per_sm);
       TORCH_CHECK(ctas_per_sm > 0, "rms_norm_backward: the kernel does not fit an SM (", layout.threads,
                   " threads, ", smem, " bytes of shared memory)");
-      const int64_t grid = std::min<int64_t>(ceil_div(p.rows, rows_per_cta), int64_t(ctas_per_sm) * sm_count());
+      const int64_t grid = std::min<int64_t>(ceil_div(p.rows, rows_per_cta), int64_t(ctas_per_sm) * fit_aligned.sms);
       at::Tensor workspace;
       if (want_dw) workspace = at::empty({grid, ws_stride}, options.dtype(at::kFloat));
       float* ws = want_dw ? workspace.mutable_data_ptr<float>() : nullptr;
