@@ -743,7 +743,11 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 // rounds) from DRAM b1 4096 32/8 x 128 1.12-1.15x, b1 1024 1.09x, b1 2048 1.10x, b8 x 1024 1.14x,
 // b1 16384 1.20x, 32/8 x 64 1.11x, 64/8 x 128 1.22x, 32/4 x 128 1.49x, 16/4 x 256 1.09x; in L3
 // 0.87-0.96x at b1; 8 KB rows (8 heads x 256) lost, 0.90-0.96x from DRAM. bf16 takes them at
-// avx512_bf16 on VDPBF16PS (namespace dot).
+// avx512_bf16 on VDPBF16PS (namespace dot). At the avx2 level they lost: the same tiles on 8-float
+// vectors (scores of up to 8 head x row accumulators per key, P V strips of 4 rows x 2 vectors),
+// fp32 and bf16 widened in pairs, with the prefetch and without, ran 0.55-0.75x as fast as the
+// other tiles on Zen 3 (2026-12-04, 2 threads, alternating in one process: b1 4096 32/8 x 128
+// bf16 0.74x in L3 and 0.60x from DRAM, fp32 0.64x and 0.62x, b8 x 1024 0.64x, b1 16384 0.65x).
 
 // Calls f(D, NH, R) (integral constants) for the shapes the key-major tiles compile, head dim D
 // of 64, 128 or 256 and NH heads, R rows per head of 1, 2, 4 or 8, and returns true; false for
