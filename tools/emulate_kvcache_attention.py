@@ -72,7 +72,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '21c73f84d776fc25'
+TRANSCRIBED_DIGEST = '7d551486ad413518'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -16,7 +16,6 @@
 #include <map>
 #include <mutex>
 #include <tuple>
-#include <utility>
 
 #include "../common_math.h"  // ceil_div, max_keep_nan
 
@@ -205,10 +204,12 @@ inline bool dependent_launch_supported(cudaStream_t stream) {
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), checked; with `overlap_prior` (the caller has
-// checked dependent_launch_supported()) as a programmatic dependent launch.
+// checked dependent_launch_supported()) as a programmatic dependent launch. The overlap only
+// saves time: where the runtime refuses it (a launch that fails launches nothing), the kernel is
+// launched plainly, after one warning. An error left by earlier work fails both and is raised.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
-                   bool overlap_prior, Args&&... args) {
+                   bool overlap_prior, const Args&... args) {
   cudaLaunchAttribute overlap{};
   overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap.val.programmaticStreamSerializationAllowed = 1;
@@ -219,7 +220,16 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   config.stream = stream;
   config.attrs = overlap_prior ? &overlap : nullptr;
   config.numAttrs = overlap_prior ? 1 : 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  cudaError_t status = cudaLaunchKernelEx(&config, kernel, args...);
+  if (status != cudaSuccess && overlap_prior) {
+    (void)cudaGetLastError();  // the refused launch's error, not a sticky one (which the retry meets again)
+    TORCH_WARN_ONCE("llama_ext: a programmatic dependent launch failed (", cudaGetErrorString(status),
+                    "); launching the decode kernels one after another");
+    config.attrs = nullptr;
+    config.numAttrs = 0;
+    status = cudaLaunchKernelEx(&config, kernel, args...);
+  }
+  C10_CUDA_CHECK(status);
 }
 
 }  // namespace llama_ext::cuda
