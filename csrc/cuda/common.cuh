@@ -137,8 +137,9 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
 // ---- launches -----------------------------------------------------------------------------
 
 // Resident CTAs per SM of `kernel` at `threads` threads and `smem` bytes of dynamic shared memory
-// on the current device, and its SM count: the runtime's occupancy query costs microseconds, a
-// decode step's kernels tens, so each (kernel, device, threads, smem) is asked once and kept.
+// on the current device, and its SM count. Each (kernel, device, threads, smem) is asked of the
+// runtime once and kept, off the host path of every later call (a decode step's whole budget is
+// tens of microseconds).
 struct Residency {
   int sms;
   int ctas_per_sm;
@@ -224,7 +225,7 @@ void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem
   if (status != cudaSuccess && overlap_prior) {
     (void)cudaGetLastError();  // the refused launch's error, not a sticky one (which the retry meets again)
     TORCH_WARN_ONCE("llama_ext: a programmatic dependent launch failed (", cudaGetErrorString(status),
-                    "); launching the decode kernels one after another");
+                    "); launching without the overlap");
     config.attrs = nullptr;
     config.numAttrs = 0;
     status = cudaLaunchKernelEx(&config, kernel, args...);
