@@ -72,7 +72,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '7d551486ad413518'
+TRANSCRIBED_DIGEST = '93726f00162f94f9'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
