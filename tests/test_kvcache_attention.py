@@ -233,6 +233,25 @@ def test_launch_overlap_matches_serial_launches_on_cuda(monkeypatch, dtype, bloc
             assert torch.equal(mine, theirs), f"splits {splits}: overlapped launches differ from serial ones"
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the 32-bit stride bound is the CUDA kernels'")
+def test_cache_stride_past_32_bits_raises_on_cuda():
+    """The attend kernels address a row as a 32-bit index times a 32-bit byte stride: a paged
+    cache whose blocks lie 2^31 bytes apart (2 GB of storage) is refused, naming the cache, and
+    nothing is written."""
+    q = torch.randn(1, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    storage = torch.zeros(2**30 + 16 * 64, device="cuda", dtype=torch.bfloat16)
+    k_cache = storage.as_strided((2, 16, 1, 64), (2**30, 64, 64, 1))
+    v_cache = torch.zeros(2, 16, 1, 64, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(1, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    seqlens = torch.tensor([5], device="cuda", dtype=torch.int32)
+    block_table = torch.tensor([[0, 1]], device="cuda", dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"k_cache: the CUDA kernels take the block stride \(dim 0\) below 2\^31"):
+        llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k, k.clone(), block_table=block_table)
+    torch.cuda.synchronize()
+    assert not k_cache.any() and not v_cache.any()
+    del storage, k_cache
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [40, 3000], ids=["one-split", "split"])

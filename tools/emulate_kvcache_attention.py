@@ -44,7 +44,10 @@ checks each is caught: missing zero-fill, wrong ring stage, too shallow cp.async
 merge barrier, dropped window-start mask, top-left causal alignment, swapped ldmatrix matrices,
 wrong P fragment packing, missing rescale of O, block-table entries not fetched ahead (a tile
 copied through the previous tile's blocks), K/V copies issued before wait_for_prior_kernel()
-(which, run ahead of the append, read the new tokens' slots before they are written).
+(which, run ahead of the append, read the new tokens' slots before they are written), the
+padding half's skip applied to tiles of more than 8 rows, O's rescale voted on by lane 0 alone,
+a zero-filled chunk addressed at its own row or block entry (outside the cache) rather than
+at the tile's first row or block 0.
 
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
 (no argument: every case in every mode, then the mutants; ~20 s on one core)
@@ -72,7 +75,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '93726f00162f94f9'
+TRANSCRIBED_DIGEST = 'ba4f7306b41f0f7b'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -399,17 +402,23 @@ def attend_tc_cta(p, D, blockIdx, c):
             cc = tid_all + i * kTcThreads
             rr, col = cc // Tl.kChunksPerRow, cc % Tl.kChunksPerRow * Tl.kVec
             j = jt + rr
-            if contiguous:  # row j of sequence b's cache: one multiply-add from the tile's row jt
+            # A zero-filled chunk's address stays inside the cache: row jt (contiguous), block 0.
+            if contiguous:  # row j of sequence b's cache
                 ok = j < j_end if 'no_zero_fill' not in MUT else j >= 0
-                k_off = b * p.k_stride[0] + jt * p.k_stride[1] + rr * p.k_stride[1] + col
-                v_off = b * p.v_stride[0] + jt * p.v_stride[1] + rr * p.v_stride[1] + col
+                row = np.where(ok, j, jt) if 'unclamped_fill' not in MUT else j
+                k_off = b * p.k_stride[0] + row * p.k_stride[1] + col
+                v_off = b * p.v_stride[0] + row * p.v_stride[1] + col
             else:
                 inr, blk = next_block[i]
                 ok = inr & block_in_cache(p, blk)
                 blocks_ok[0] &= bool((ok | ~inr).all())
-                off = p.block_size.mod(j)
-                k_off = blk * p.k_stride[0] + off * p.k_stride[1] + col
-                v_off = blk * p.v_stride[0] + off * p.v_stride[1] + col
+                block = np.where(ok, blk, 0) if 'unclamped_fill' not in MUT else blk
+                off = np.where(ok, p.block_size.mod(j), 0)
+                k_off = block * p.k_stride[0] + off * p.k_stride[1] + col
+                v_off = block * p.v_stride[0] + off * p.v_stride[1] + col
+            if (~ok).any():  # src_size 0 reads nothing, but the address is the cache's
+                gload(k_base, k_off[~ok, None] + np.arange(Tl.kVec))
+                gload(v_base, v_off[~ok, None] + np.arange(Tl.kVec))
             c['stats']['zero_filled_rows'] += int((~ok).sum())
             kv = np.zeros((kTcThreads, Tl.kVec)); vv = np.zeros((kTcThreads, Tl.kVec))
             el = np.arange(Tl.kVec)
@@ -447,6 +456,7 @@ def attend_tc_cta(p, D, blockIdx, c):
     o = [np.zeros((Tl.kONTiles, 4, 32), ft) for _ in range(Tl.kWarps)]
     m = [np.full((2, 32), -np.inf, ft) for _ in range(Tl.kWarps)]
     l = [np.zeros((2, 32), ft) for _ in range(Tl.kWarps)]
+    row_halves = 2 if nrows > 8 and 'one_half' not in MUT else 1
     for t in range(n_tiles):
         sm.wait(S - 2 if 'wait_depth' not in MUT else S - 1)
         syncthreads()
@@ -463,7 +473,12 @@ def attend_tc_cta(p, D, blockIdx, c):
             warp_gemm_nk(sm, s, lambda kc: load_a(sm, q_s, P, 0, kc * 16, warp), k_tile, P, 0, D // 16, 2, warp, ft)
             key0 = j_begin + t * KEYS + wk * 16
             lo_w, hi_w = lo[:, warp * 32 + LANES], hi[:, warp * 32 + LANES]
+            corr = [np.ones(32, ft), np.ones(32, ft)]
             for h in range(2):
+                if h >= row_halves:  # rows g + 8 are padding: P = 0
+                    for nt in range(2):
+                        s[nt][2 * h] = s[nt][2 * h + 1] = 0
+                    continue
                 mx = np.full(32, -np.inf, ft)
                 for nt in range(2):
                     for ci in range(2):
@@ -486,7 +501,7 @@ def attend_tc_cta(p, D, blockIdx, c):
                 mx = max_keep_nan(mx, mx[LANES ^ 2])
                 m_new = max_keep_nan(m[warp][h], mx)
                 m_use = np.where(m_new == -np.inf, ft(0), m_new)
-                corr = np.exp2((m[warp][h] - m_use).astype(ft)).astype(ft)
+                corr[h] = np.exp2((m[warp][h] - m_use).astype(ft)).astype(ft)
                 m[warp][h] = m_new
                 psum = np.zeros(32, ft)
                 for nt in range(2):
@@ -494,10 +509,14 @@ def attend_tc_cta(p, D, blockIdx, c):
                         x = np.exp2((s[nt][2 * h + ci] - m_use).astype(ft)).astype(ft)
                         s[nt][2 * h + ci] = x
                         psum = (psum + x).astype(ft)
-                l[warp][h] = (l[warp][h] * corr + psum).astype(ft)
-                if 'no_corr' not in MUT:
-                    o[warp][:, 2 * h] = (o[warp][:, 2 * h] * corr).astype(ft)
-                    o[warp][:, 2 * h + 1] = (o[warp][:, 2 * h + 1] * corr).astype(ft)
+                l[warp][h] = (l[warp][h] * corr[h] + psum).astype(ft)
+            rescale = bool(((corr[0] != 1) | (corr[1] != 1)).any())  # __any_sync
+            if 'corr_first_lane' in MUT:  # the vote of lane 0 alone
+                rescale = bool(corr[0][0] != 1 or corr[1][0] != 1)
+            if rescale and 'no_corr' not in MUT:
+                for h in range(2):
+                    o[warp][:, 2 * h] = (o[warp][:, 2 * h] * corr[h]).astype(ft)
+                    o[warp][:, 2 * h + 1] = (o[warp][:, 2 * h + 1] * corr[h]).astype(ft)
             warp_gemm_kn(sm, o[warp], lambda kc: pack_a_from_acc(s[2 * kc], s[2 * kc + 1], p.T, c['round']),
                          v_tile, P, wn * Tl.kOCols, 1, Tl.kONTiles, warp, ft)
 
@@ -1029,7 +1048,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
 
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo', 'top_left', 'ldm_b_addr',
-           'p_layout', 'no_corr', 'stale_blocks', 'kv_before_wait']
+           'p_layout', 'no_corr', 'stale_blocks', 'kv_before_wait', 'one_half', 'corr_first_lane', 'unclamped_fill']
 
 
 def check_mutants(verbose=True):

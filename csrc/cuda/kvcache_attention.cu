@@ -17,16 +17,20 @@
 //     chunk of a key row is gathered through the block table on its own (in the key loop, the
 //     entries fetched a tile ahead; block and offset from a FastDivisor, a multiply-high where a
 //     division would cost ~20 instructions per row), so any block size works and tiles need no
-//     alignment to blocks, while a contiguous cache's rows are addressed from their tile's first
-//     row; keys past the split and rows of blocks outside the cache (which fire a device-side
-//     assert after the key loop) are zero-filled by the copy, never read.
+//     alignment to blocks, while a contiguous cache's rows need no table; a row's address is one
+//     32 x 32 -> 64-bit multiply-add per stride (the token and block strides in bytes are below
+//     2^31, checked on the host); keys past the split and rows of blocks outside the cache
+//     (which fire a device-side assert after the key loop) are zero-filled by the copy, never
+//     read, their address kept inside the cache.
 //     Warp w takes keys [16 w, 16 w + 16) of every tile (at d = 256 two warps share a key slice
 //     and split O's columns, so O stays at 64 fp32 registers per thread):
 //       S = Q K^T (mma.m16n8k16, Q from shared memory by ldmatrix, K by ldmatrix),
 //       x = scale S, softcap tanh(x / softcap) (the precise tanh), causal/window masks per row
 //       (bottom-right aligned), log2 domain; m' = max(m, rowmax), P = 2^(x - m') (quad
 //       shuffles), l' = l 2^(m - m') + rowsum P, O = O 2^(m - m') + P V with P rounded to T
-//       in registers as the A fragment (V by ldmatrix.trans).
+//       in registers as the A fragment (V by ldmatrix.trans). With 8 rows or fewer (decode at
+//       G <= 8) the fragment rows 8-15 are padding and skip the softmax (P = 0); a warp
+//       rescales O only when a row's max rose.
 //     The warps' (m, l, O) are merged in shared memory (over the dead stages) in warp order,
 //     so the result is deterministic.
 //     float32, CUDA cores (attend_simt_kernel): 8 rows, lane groups of up to 32 threads per key
@@ -80,14 +84,15 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    96/95/95/96/72        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
-//   64    139/128/128/128/110   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
-//   80    128/128/128/128/164   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
-//   96    159/159/159/162/156   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
-//   128   168/168/168/168/154   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
-//   256   168/168/168/166/147   74.6 KB  2/1/1/3/1  201/201/201/202/211  16.4 KB  2/2/2/2/2
-// At d = 96 the paged gather's FastDivisor addressing (~55 instructions a row, ~105 with
-// divisions) costs registers: on sm_90, 3 CTAs per SM where 128 registers would fit 4.
+//   32    86/86/86/92/99        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
+//   64    101/101/101/102/125   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
+//   80    132/132/132/138/152   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
+//   96    138/138/138/135/175   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
+//   128   148/148/148/149/176   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   256   148/148/148/150/176   74.6 KB  2/1/1/3/1  201/201/201/202/211  16.4 KB  2/2/2/2/2
+// The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
+// without that hint ptxas capped it at 128 registers on sm_80 at d = 128 and spilled. At d =
+// 96 on sm_90, 135 registers leave 3 CTAs per SM where 128 would fit 4.
 // No spills and no local memory.
 
 #include <ATen/ops/empty.h>
@@ -124,6 +129,8 @@ struct KVCacheKernelParams {
   void* v_cache;
   int64_t k_stride[3];  // block (batch), token, head
   int64_t v_stride[3];
+  int k_token_bytes, v_token_bytes;  // stride[1] in bytes, and a paged cache's stride[0]: below 2^31
+  int k_block_bytes, v_block_bytes;  // (checked on the host), so a row is one wide multiply-add away
   const void* k_new;
   const void* v_new;
   int64_t kn_stride[3];  // batch, seq, head
@@ -572,6 +579,7 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
 constexpr int kTcRows = 16;                 // query rows per CTA: one m16 tile
 constexpr int kTcThreads = 128;             // 4 warps
 constexpr int kTcStageBudget = 72 * 1024;   // bytes of K/V stages per CTA
+constexpr int kTcMinCtasPerSm = 2;          // sm_80's shared memory holds 2 at d >= 64 (header)
 
 template <typename T, int D>
 struct TcTiling {
@@ -588,6 +596,12 @@ struct TcTiling {
   static constexpr int kVec = vec_elems<T>();
   static constexpr int kChunksPerRow = D / kVec;
   static constexpr int kChunksPerThread = kKeys * kChunksPerRow / kTcThreads;
+  // Chunk i of a thread's share of a tile is chunk threadIdx.x + i kTcThreads of the tile's rows.
+  // When a row's chunks divide the threads (d = 32, 64, 128, 256) that is one column for all of a
+  // thread's chunks, rows kRowStep apart, and is spelled so: the compiler kept the general form's
+  // rows and columns in a register per chunk.
+  static constexpr bool kColumnPerThread = kTcThreads % kChunksPerRow == 0;
+  static constexpr int kRowStep = kColumnPerThread ? kTcThreads / kChunksPerRow : 0;
   static constexpr size_t kSmemBytes = static_cast<size_t>(kTcRows * kPitch + 2 * kStages * kTileElems) * sizeof(T);
   static_assert(kKeys * kChunksPerRow % kTcThreads == 0, "a tile is whole 16-byte chunks per thread");
   static_assert(kONTiles % 2 == 0 && D % 16 == 0, "P V takes n-tile pairs, Q K^T 16-wide k-chunks");
@@ -596,7 +610,7 @@ struct TcTiling {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKernelParams p) {
+__global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(const KVCacheKernelParams p) {
   using Tl = TcTiling<T, D>;
   constexpr int P = Tl::kPitch, KEYS = Tl::kKeys, S = Tl::kStages, WK = Tl::kWarpsK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -637,8 +651,26 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   // the block-table entries of a tile's rows are fetched one tile ahead of its copies
   // (next_block): their latency then overlaps a tile's products instead of standing before
   // every copy of a paged cache.
-  const T* k_base = static_cast<const T*>(p.k_cache) + kvh * p.k_stride[2];
-  const T* v_base = static_cast<const T*>(p.v_cache) + kvh * p.v_stride[2];
+  // Byte addresses: a row of a tile (contiguous) or of a block (paged) is a 32-bit index times a
+  // 32-bit stride added to a 64-bit base, one IMAD.WIDE.U32, where 64-bit element arithmetic cost
+  // about six instructions per address.
+  auto row_at = [](const char* base, int index, int stride_bytes) {  // both at least 0
+    return base + static_cast<uint64_t>(static_cast<uint32_t>(index)) * static_cast<uint32_t>(stride_bytes);
+  };
+  auto chunk_row = [](int i) {
+    const int c = threadIdx.x + i * kTcThreads;
+    return Tl::kColumnPerThread ? static_cast<int>(threadIdx.x) / Tl::kChunksPerRow + i * Tl::kRowStep
+                                : c / Tl::kChunksPerRow;
+  };
+  auto chunk_col = [](int i) {
+    const int c = Tl::kColumnPerThread ? threadIdx.x : threadIdx.x + i * kTcThreads;
+    return c % Tl::kChunksPerRow * Tl::kVec;
+  };
+  const char* k_base = static_cast<const char*>(p.k_cache) + kvh * p.k_stride[2] * static_cast<int64_t>(sizeof(T));
+  const char* v_base = static_cast<const char*>(p.v_cache) + kvh * p.v_stride[2] * static_cast<int64_t>(sizeof(T));
+  // A contiguous cache: sequence b's rows.
+  const char* k_seq = k_base + b * p.k_stride[0] * static_cast<int64_t>(sizeof(T));
+  const char* v_seq = v_base + b * p.v_stride[0] * static_cast<int64_t>(sizeof(T));
   static_assert(Tl::kChunksPerThread <= 32, "one bit per chunk in next_past");
   int32_t next_block[Tl::kChunksPerThread];  // the entries of this thread's chunks in the next tile issued
   uint32_t next_past = 0;                    // bit i: chunk i's key is past j_end (no entry)
@@ -646,48 +678,49 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
   // a branch to the assert per gathered row cost as much as the row's addressing.
   bool blocks_ok = true;
   // A contiguous cache's key j is row j of sequence b's cache (j < L <= capacity): no block table
-  // to fetch, no division, and a row's address is one multiply-add from its tile's.
+  // to fetch, no division.
   const bool contiguous = p.block_table == nullptr;
   auto fetch_blocks = [&](int jt) {
     if (contiguous) return;
     next_past = 0;
 #pragma unroll
     for (int i = 0; i < Tl::kChunksPerThread; ++i) {
-      const int j = jt + (threadIdx.x + i * kTcThreads) / Tl::kChunksPerRow;
+      const int j = jt + chunk_row(i);
       const bool past = j >= j_end;
       next_block[i] = past ? 0 : static_cast<int32_t>(block_entry(p, b, j));
       next_past |= static_cast<uint32_t>(past) << i;
     }
   };
+  // A zero-filled chunk still gets an address inside the cache (the tile's first row, block 0),
+  // picked by a 32-bit select of its row rather than a 64-bit one per pointer.
   auto load_kv = [&](int stage, int jt) {  // paged: from next_block, fetched for jt
     T* k_dst = k_s + stage * Tl::kTileElems;
     T* v_dst = v_s + stage * Tl::kTileElems;
     if (contiguous) {
-      const T* k_rows = k_base + b * p.k_stride[0] + static_cast<int64_t>(jt) * p.k_stride[1];
-      const T* v_rows = v_base + b * p.v_stride[0] + static_cast<int64_t>(jt) * p.v_stride[1];
 #pragma unroll
       for (int i = 0; i < Tl::kChunksPerThread; ++i) {
-        const int c = threadIdx.x + i * kTcThreads;
-        const int r = c / Tl::kChunksPerRow, col = c % Tl::kChunksPerRow * Tl::kVec;
+        const int r = chunk_row(i), col = chunk_col(i);
         const bool ok = jt + r < j_end;
-        mma::cp_async_16(k_dst + r * P + col, ok ? k_rows + r * p.k_stride[1] + col : k_base, ok);
-        mma::cp_async_16(v_dst + r * P + col, ok ? v_rows + r * p.v_stride[1] + col : v_base, ok);
+        const int row = ok ? jt + r : jt;
+        const uint32_t col_bytes = col * sizeof(T);
+        mma::cp_async_16(k_dst + r * P + col, row_at(k_seq + col_bytes, row, p.k_token_bytes), ok);
+        mma::cp_async_16(v_dst + r * P + col, row_at(v_seq + col_bytes, row, p.v_token_bytes), ok);
       }
       return;
     }
 #pragma unroll
     for (int i = 0; i < Tl::kChunksPerThread; ++i) {
-      const int c = threadIdx.x + i * kTcThreads;
-      const int r = c / Tl::kChunksPerRow, col = c % Tl::kChunksPerRow * Tl::kVec;
-      const int j = jt + r;
+      const int r = chunk_row(i), col = chunk_col(i);
       const int32_t blk = next_block[i];
       const bool in_split = !(next_past >> i & 1u), ok = in_split && block_in_cache(p, blk);
       blocks_ok &= ok || !in_split;
-      const int64_t off = p.block_size.mod(j);
-      const T* k_src = ok ? k_base + blk * p.k_stride[0] + off * p.k_stride[1] + col : k_base;
-      const T* v_src = ok ? v_base + blk * p.v_stride[0] + off * p.v_stride[1] + col : v_base;
-      mma::cp_async_16(k_dst + r * P + col, k_src, ok);
-      mma::cp_async_16(v_dst + r * P + col, v_src, ok);
+      const int block = ok ? blk : 0;
+      const int off = ok ? static_cast<int>(p.block_size.mod(jt + r)) : 0;
+      const uint32_t col_bytes = col * sizeof(T);
+      mma::cp_async_16(k_dst + r * P + col,
+                       row_at(row_at(k_base + col_bytes, block, p.k_block_bytes), off, p.k_token_bytes), ok);
+      mma::cp_async_16(v_dst + r * P + col,
+                       row_at(row_at(v_base + col_bytes, block, p.v_block_bytes), off, p.v_token_bytes), ok);
     }
   };
   // The append writes cache rows this kernel reads from here on: the lengths, the ranges and
@@ -716,6 +749,9 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
 #pragma unroll
   for (int nt = 0; nt < Tl::kONTiles; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  // Decode packs G x seq_q rows, 8 or fewer for most models (G = 4 to 8 at seq_q = 1): then the
+  // fragment rows g + 8 are all padding, and their softmax and rescale are skipped (P = 0).
+  const int row_halves = nrows > 8 ? 2 : 1;
   for (int t = 0; t < n_tiles; ++t) {
     mma::cp_async_wait<S - 2>();
     __syncthreads();  // tile t landed for every thread; every warp is done with tile t - 1's stage
@@ -731,8 +767,13 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
     mma::warp_gemm_nk<T, D / 16, 2>(s, mma::ATileRows<T>{q_s, P, 0}, k_tile, P, 0, lane);
 
     const int key0 = j_begin + t * KEYS + wk * 16;
+    float corr[2] = {1.f, 1.f};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
+      if (h >= row_halves) {
+        s[0][2 * h] = s[0][2 * h + 1] = s[1][2 * h] = s[1][2 * h + 1] = 0.f;
+        continue;
+      }
       float mx = -INFINITY;
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
@@ -749,7 +790,7 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
       mx = max_keep_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       const float m_new = max_keep_nan(m[h], mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;  // no key yet: exp2(-inf - 0) = 0, not NaN
-      const float corr = exp2f(m[h] - m_use);
+      corr[h] = exp2f(m[h] - m_use);
       m[h] = m_new;
       float psum = 0.f;
 #pragma unroll
@@ -761,9 +802,15 @@ __global__ void __launch_bounds__(kTcThreads) attend_tc_kernel(const KVCacheKern
           psum += x;
         }
       }
-      l[h] = l[h] * corr + psum;
+      l[h] = l[h] * corr[h] + psum;
+    }
+    // Once the running max has settled most tiles leave it, and multiplying by 1 changes no bit:
+    // the warp rescales O only when one of its rows' max rose (or is NaN).
+    if (__any_sync(0xffffffffu, corr[0] != 1.f || corr[1] != 1.f)) {
 #pragma unroll
-      for (int nt = 0; nt < Tl::kONTiles; ++nt) o[nt][2 * h] *= corr, o[nt][2 * h + 1] *= corr;
+      for (int nt = 0; nt < Tl::kONTiles; ++nt) {
+        o[nt][0] *= corr[0], o[nt][1] *= corr[0], o[nt][2] *= corr[1], o[nt][3] *= corr[1];
+      }
     }
     mma::warp_gemm_kn<T, 1, Tl::kONTiles>(o, mma::AAccumulators<T, 2>{s}, v_tile, P, wn * Tl::kOCols, lane);
   }
@@ -946,6 +993,14 @@ void check_cache_alignment(const at::Tensor& cache, const char* name) {
               "multiple of ", vec, " elements), got strides ", cache.strides());
 }
 
+// The cache's stride along dim in bytes, which the attend kernels take as a 32-bit factor.
+int stride_bytes_32(const at::Tensor& cache, int dim, const char* name) {
+  const int64_t bytes = cache.stride(dim) * cache.element_size();
+  TORCH_CHECK_VALUE(bytes >= 0 && bytes <= std::numeric_limits<int32_t>::max(), name, ": the CUDA kernels take the ",
+                    dim == 0 ? "block" : "token", " stride (dim ", dim, ") below 2^31 bytes, got ", bytes, " bytes");
+  return static_cast<int>(bytes);
+}
+
 // LLAMA_EXT_CUDA_DECODE_SPLITS=N forces N key splits (1 to kMaxSplits), whatever the GPU and the
 // shapes: so that one GPU's tests run every split count, and the rule below can be tuned by
 // measurement (scripts/decode_splits.py). 0: not set. Read before anything is launched.
@@ -1005,6 +1060,12 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
     p.q_stride[i] = a.q.stride(i);
     p.k_stride[i] = a.k_cache.stride(i);
     p.v_stride[i] = a.v_cache.stride(i);
+  }
+  p.k_token_bytes = stride_bytes_32(a.k_cache, 1, "k_cache");
+  p.v_token_bytes = stride_bytes_32(a.v_cache, 1, "v_cache");
+  if (a.paged) {
+    p.k_block_bytes = stride_bytes_32(a.k_cache, 0, "k_cache");
+    p.v_block_bytes = stride_bytes_32(a.v_cache, 0, "v_cache");
   }
   p.k_cache = a.k_cache.data_ptr();
   p.v_cache = a.v_cache.data_ptr();
