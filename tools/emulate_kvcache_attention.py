@@ -47,7 +47,7 @@ copied through the previous tile's blocks), K/V copies issued before wait_for_pr
 (which, run ahead of the append, read the new tokens' slots before they are written), the
 padding half's skip applied to tiles of more than 8 rows, O's rescale voted on by lane 0 alone,
 a zero-filled chunk addressed at its own row or block entry (outside the cache) rather than
-at the tile's first row or block 0.
+at the tile's first row or block 0, Q K^T's second chain reading K's first half of d.
 
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
 (no argument: every case in every mode, then the mutants; ~20 s on one core)
@@ -75,7 +75,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'ba4f7306b41f0f7b'
+TRANSCRIBED_DIGEST = 'efe71f85438c86f4'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -469,8 +469,15 @@ def attend_tc_cta(p, D, blockIdx, c):
             wk, wn = warp // Tl.kWarpsN, warp % Tl.kWarpsN
             k_tile = k_s + (t % S) * Tl.kTileElems + wk * 16 * P
             v_tile = v_s + (t % S) * Tl.kTileElems + wk * 16 * P
+            # Q K^T as two mma chains over the halves of d, summed.
+            low = (D // 16 + 1) // 2
             s = np.zeros((2, 4, 32), ft)
-            warp_gemm_nk(sm, s, lambda kc: load_a(sm, q_s, P, 0, kc * 16, warp), k_tile, P, 0, D // 16, 2, warp, ft)
+            s_high = np.zeros((2, 4, 32), ft)
+            warp_gemm_nk(sm, s, lambda kc: load_a(sm, q_s, P, 0, kc * 16, warp), k_tile, P, 0, low, 2, warp, ft)
+            if D // 16 > low:
+                warp_gemm_nk(sm, s_high, lambda kc: load_a(sm, q_s + 16 * low, P, 0, kc * 16, warp),
+                             k_tile + 16 * low * ('high_chain_k' not in MUT), P, 0, D // 16 - low, 2, warp, ft)
+            s = (s + s_high).astype(ft)
             key0 = j_begin + t * KEYS + wk * 16
             lo_w, hi_w = lo[:, warp * 32 + LANES], hi[:, warp * 32 + LANES]
             corr = [np.ones(32, ft), np.ones(32, ft)]
@@ -1048,7 +1055,8 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
 
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo', 'top_left', 'ldm_b_addr',
-           'p_layout', 'no_corr', 'stale_blocks', 'kv_before_wait', 'one_half', 'corr_first_lane', 'unclamped_fill']
+           'p_layout', 'no_corr', 'stale_blocks', 'kv_before_wait', 'one_half', 'corr_first_lane', 'unclamped_fill',
+           'high_chain_k']
 
 
 def check_mutants(verbose=True):

@@ -84,15 +84,15 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    86/86/86/92/99        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
-//   64    101/101/101/102/125   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
-//   80    132/132/132/138/152   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
-//   96    138/138/138/135/175   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
-//   128   148/148/148/149/176   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
-//   256   148/148/148/150/176   74.6 KB  2/1/1/3/1  201/201/201/202/211  16.4 KB  2/2/2/2/2
+//   32    86/88/88/92/98        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
+//   64    114/114/114/119/135   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
+//   80    164/164/164/168/162   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
+//   96    164/162/162/164/183   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
+//   128   162/162/162/162/178   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   256   162/162/162/162/178   74.6 KB  2/1/1/3/1  201/201/201/202/211  16.4 KB  2/2/2/2/2
 // The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
-// without that hint ptxas capped it at 128 registers on sm_80 at d = 128 and spilled. At d =
-// 96 on sm_90, 135 registers leave 3 CTAs per SM where 128 would fit 4.
+// without that bound ptxas may cap it at 128 registers and spill (sm_80, d = 128). At d = 96 on
+// sm_90 shared memory would fit 4 CTAs per SM, the registers fit 3.
 // No spills and no local memory.
 
 #include <ATen/ops/empty.h>
@@ -763,8 +763,18 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(
 
     const T* k_tile = k_s + (t % S) * Tl::kTileElems + wk * 16 * P;
     const T* v_tile = v_s + (t % S) * Tl::kTileElems + wk * 16 * P;
-    float s[2][4] = {};
-    mma::warp_gemm_nk<T, D / 16, 2>(s, mma::ATileRows<T>{q_s, P, 0}, k_tile, P, 0, lane);
+    // S = Q K^T as two chains of mma over the halves of d, summed: a decode tile's path is
+    // serial (few warps per scheduler), and the chains halve its dependent mma latency.
+    constexpr int kChunksQK = D / 16, kChunksLow = (kChunksQK + 1) / 2;
+    float s[2][4] = {}, s_high[2][4] = {};
+    mma::warp_gemm_nk<T, kChunksLow, 2>(s, mma::ATileRows<T>{q_s, P, 0}, k_tile, P, 0, lane);
+    mma::warp_gemm_nk<T, kChunksQK - kChunksLow, 2>(s_high, mma::ATileRows<T>{q_s + 16 * kChunksLow, P, 0},
+                                                     k_tile + 16 * kChunksLow, P, 0, lane);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[nt][i] += s_high[nt][i];
+    }
 
     const int key0 = j_begin + t * KEYS + wk * 16;
     float corr[2] = {1.f, 1.f};
