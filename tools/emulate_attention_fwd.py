@@ -73,7 +73,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '1d1e591d45f4c6b1'
+TRANSCRIBED_DIGEST = '708e3ba6cec46144'
 
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------

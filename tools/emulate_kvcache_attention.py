@@ -75,7 +75,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'efe71f85438c86f4'
+TRANSCRIBED_DIGEST = '0936e0a0fa2c5e1e'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

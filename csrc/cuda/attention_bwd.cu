@@ -542,7 +542,7 @@ bool launch_backward_kernel(const AttentionParams& p, const at::Tensor& dk, cons
                             cudaStream_t stream) {
   if (!smem_fits(C::kSmemBytes)) return false;
   auto kernel = attention_backward_tc_kernel<T, C>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::kSmemBytes));
+  allow_dynamic_smem(kernel, C::kSmemBytes);
   const int64_t ctas = ceil_div(p.seq_k, C::kBlockN) * p.batch * p.n_kv_heads;
   if (ctas == 0) return true;
   GroupSplit split{};

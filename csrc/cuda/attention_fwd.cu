@@ -416,7 +416,7 @@ void launch_forward_kernel(const AttentionParams& p, cudaStream_t stream) {
   using C = FwdConfig<kTile>;
   constexpr size_t smem_bytes = C::kSmemElems * sizeof(T);
   auto kernel = attention_forward_tc_kernel<T, C::kD, kTile>;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_bytes)));
+  allow_dynamic_smem(kernel, smem_bytes);
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, p.batch);
   if (grid_empty(grid)) return;
   kernel<<<grid, C::kThreads, smem_bytes, stream>>>(p);

@@ -16,6 +16,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <utility>
 
 #include "../common_math.h"  // ceil_div, max_keep_nan
 
@@ -135,6 +136,23 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
 }
 
 // ---- launches -----------------------------------------------------------------------------
+
+// Lets `kernel` launch with `smem` bytes of dynamic shared memory on the current device
+// (cudaFuncAttributeMaxDynamicSharedMemorySize). The attribute is a ceiling, so the largest
+// size granted per (kernel, device) is kept and the driver call is made only for a larger one:
+// a decode step calls its launcher once per layer, and the call cost host time on each.
+template <typename... Params>
+void allow_dynamic_smem(void (*kernel)(Params...), size_t smem) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& ceiling = granted[{reinterpret_cast<const void*>(kernel), device}];
+  if (smem <= ceiling) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  ceiling = smem;
+}
 
 // Resident CTAs per SM of `kernel` at `threads` threads and `smem` bytes of dynamic shared memory
 // on the current device, and its SM count. Each (kernel, device, threads, smem) is asked of the

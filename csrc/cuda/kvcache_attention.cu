@@ -1156,7 +1156,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
         kernel = attend_tc_kernel<scalar_t, D>, threads = kTcThreads, smem = TcTiling<scalar_t, D>::kSmemBytes;
         TORCH_CHECK(attention::smem_fits(smem), "gqa_attention_with_kvcache: the ", smem,
                     " bytes of shared memory of the tensor-core decode kernel exceed this GPU's per-block limit");
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        allow_dynamic_smem(kernel, smem);
       }
       p.splits = forced_splits > 0 ? forced_splits
                                    : choose_splits(kernel, threads, smem, a.batch * a.n_kv_heads * p.row_tiles, a.capacity);
