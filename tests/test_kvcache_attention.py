@@ -252,6 +252,25 @@ def test_cache_stride_past_32_bits_raises_on_cuda():
     del storage, k_cache
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="the 32-bit stride bound is the CUDA kernels'")
+def test_stride_of_a_single_element_dim_is_not_bounded_on_cuda():
+    """A dim of one element is indexed at 0 only: its stride, however large, is no reason to
+    refuse (a one-block table, a one-token cache), and the results are those of a plain one."""
+    q = torch.randn(2, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(3, 16, 1, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    seqlens = torch.tensor([5, 15], device="cuda", dtype=torch.int32)
+    table = torch.tensor([[2], [0]], device="cuda", dtype=torch.int32)
+    far = table.as_strided((2, 1), (1, 2**40))
+    expected = llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=table)
+    got = llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, block_table=far)
+    assert torch.equal(bits(got), bits(expected))
+    one_token = torch.randn(2, 1, 1, 64, device="cuda", dtype=torch.bfloat16)
+    far_token = one_token.as_strided((2, 1, 1, 64), (64, 2**40, 64, 1))
+    lens = torch.ones(2, device="cuda", dtype=torch.int32)
+    expected = llama_ext.gqa_attention_with_kvcache(q, one_token, one_token, lens)
+    assert torch.equal(bits(llama_ext.gqa_attention_with_kvcache(q, far_token, far_token, lens)), bits(expected))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("length", [40, 3000], ids=["one-split", "split"])

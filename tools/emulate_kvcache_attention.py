@@ -47,7 +47,9 @@ copied through the previous tile's blocks), K/V copies issued before wait_for_pr
 (which, run ahead of the append, read the new tokens' slots before they are written), the
 padding half's skip applied to tiles of more than 8 rows, O's rescale voted on by lane 0 alone,
 a zero-filled chunk addressed at its own row or block entry (outside the cache) rather than
-at the tile's first row or block 0, Q K^T's second chain reading K's first half of d.
+at the tile's first row or block 0, Q K^T's second chain reading K's first half of d, a chunk
+past the split loading its own key's block-table entry (past the table row) rather than the
+tile's first key's.
 
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
 (no argument: every case in every mode, then the mutants; ~20 s on one core)
@@ -75,7 +77,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '0936e0a0fa2c5e1e'
+TRANSCRIBED_DIGEST = '2a93a6d6fe436e02'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -390,9 +392,8 @@ def attend_tc_cta(p, D, blockIdx, c):
         for i in range(Tl.kChunksPerThread):
             j = jt + (tid_all + i * kTcThreads) // Tl.kChunksPerRow
             inr = j < j_end if 'no_zero_fill' not in MUT else j >= 0  # every key of the tile read
-            entry = np.zeros(j.shape, np.int64)
-            if inr.any():
-                entry[inr] = block_entry(p, b, j[inr])
+            # A chunk past the split loads the entry of the tile's first key, unused.
+            entry = block_entry(p, b, np.where(inr, j, jt) if 'unclamped_entry' not in MUT else j)
             next_block[i] = (inr, entry)
 
     def load_kv(stage, jt):  # paged: from next_block, fetched for jt
@@ -1056,7 +1057,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'wait_depth', 'merge_barrier', 'mask_lo', 'top_left', 'ldm_b_addr',
            'p_layout', 'no_corr', 'stale_blocks', 'kv_before_wait', 'one_half', 'corr_first_lane', 'unclamped_fill',
-           'high_chain_k']
+           'high_chain_k', 'unclamped_entry']
 
 
 def check_mutants(verbose=True):

@@ -84,12 +84,12 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    86/88/88/92/98        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
-//   64    114/114/114/119/135   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
-//   80    164/164/164/168/162   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
-//   96    164/162/162/164/183   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
-//   128   162/162/162/162/178   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
-//   256   162/162/162/162/178   74.6 KB  2/1/1/3/1  201/201/201/202/211  16.4 KB  2/2/2/2/2
+//   32    87/87/87/94/94        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
+//   64    111/111/111/114/130   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
+//   80    162/162/162/166/160   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
+//   96    164/158/158/160/182   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
+//   128   162/162/162/162/176   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   256   162/162/162/162/176   74.6 KB  2/1/1/3/1  201/201/201/201/215  16.4 KB  2/2/2/2/2
 // The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
 // without that bound ptxas may cap it at 128 registers and spill (sm_80, d = 128). At d = 96 on
 // sm_90 shared memory would fit 4 CTAs per SM, the registers fit 3.
@@ -138,6 +138,7 @@ struct KVCacheKernelParams {
   const int32_t* seqlens;
   const int32_t* block_table;  // null: contiguous cache, block = batch row
   int64_t bt_stride[2];
+  int bt_entry_stride;  // bt_stride[1], below 2^31 (checked on the host)
   FastDivisor block_size;  // tokens per block (a contiguous cache: its capacity, 1 when that is 0)
   int num_blocks, capacity;
   const float* cos;  // null: no rotary
@@ -668,9 +669,11 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(
   };
   const char* k_base = static_cast<const char*>(p.k_cache) + kvh * p.k_stride[2] * static_cast<int64_t>(sizeof(T));
   const char* v_base = static_cast<const char*>(p.v_cache) + kvh * p.v_stride[2] * static_cast<int64_t>(sizeof(T));
-  // A contiguous cache: sequence b's rows.
+  // A contiguous cache: sequence b's rows; a paged one: sequence b's row of the block table.
   const char* k_seq = k_base + b * p.k_stride[0] * static_cast<int64_t>(sizeof(T));
   const char* v_seq = v_base + b * p.v_stride[0] * static_cast<int64_t>(sizeof(T));
+  const bool contiguous = p.block_table == nullptr;
+  const int32_t* table_row = contiguous ? nullptr : p.block_table + b * p.bt_stride[0];
   static_assert(Tl::kChunksPerThread <= 32, "one bit per chunk in next_past");
   int32_t next_block[Tl::kChunksPerThread];  // the entries of this thread's chunks in the next tile issued
   uint32_t next_past = 0;                    // bit i: chunk i's key is past j_end (no entry)
@@ -678,8 +681,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(
   // a branch to the assert per gathered row cost as much as the row's addressing.
   bool blocks_ok = true;
   // A contiguous cache's key j is row j of sequence b's cache (j < L <= capacity): no block table
-  // to fetch, no division.
-  const bool contiguous = p.block_table == nullptr;
+  // to fetch, no division. A paged chunk past the split loads the entry of the tile's first key
+  // (jt < j_end), unused, so that every entry's load and address are unconditional.
   auto fetch_blocks = [&](int jt) {
     if (contiguous) return;
     next_past = 0;
@@ -687,7 +690,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(
     for (int i = 0; i < Tl::kChunksPerThread; ++i) {
       const int j = jt + chunk_row(i);
       const bool past = j >= j_end;
-      next_block[i] = past ? 0 : static_cast<int32_t>(block_entry(p, b, j));
+      const uint32_t table_index = p.block_size.div(past ? jt : j);
+      next_block[i] = table_row[static_cast<uint64_t>(table_index) * static_cast<uint32_t>(p.bt_entry_stride)];
       next_past |= static_cast<uint32_t>(past) << i;
     }
   };
@@ -1003,8 +1007,10 @@ void check_cache_alignment(const at::Tensor& cache, const char* name) {
               "multiple of ", vec, " elements), got strides ", cache.strides());
 }
 
-// The cache's stride along dim in bytes, which the attend kernels take as a 32-bit factor.
+// The cache's stride along dim in bytes, which the attend kernels take as a 32-bit factor (0
+// along a dim of one element, whose index is always 0).
 int stride_bytes_32(const at::Tensor& cache, int dim, const char* name) {
+  if (cache.size(dim) <= 1) return 0;
   const int64_t bytes = cache.stride(dim) * cache.element_size();
   TORCH_CHECK_VALUE(bytes >= 0 && bytes <= std::numeric_limits<int32_t>::max(), name, ": the CUDA kernels take the ",
                     dim == 0 ? "block" : "token", " stride (dim ", dim, ") below 2^31 bytes, got ", bytes, " bytes");
@@ -1090,6 +1096,10 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
     p.block_table = a.block_table->const_data_ptr<int32_t>();
     p.bt_stride[0] = a.block_table->stride(0);
     p.bt_stride[1] = a.block_table->stride(1);
+    const bool one_entry = a.block_table->size(1) <= 1;  // its index is always 0
+    TORCH_CHECK_VALUE(one_entry || p.bt_stride[1] <= std::numeric_limits<int32_t>::max(), "block_table: the CUDA ",
+                      "kernels take its stride along blocks (dim 1) below 2^31 entries, got ", p.bt_stride[1]);
+    p.bt_entry_stride = one_entry ? 0 : static_cast<int>(p.bt_stride[1]);
   }
   // A contiguous cache of capacity 0 holds no key to divide, and its divisor must not be 0.
   p.block_size = FastDivisor(static_cast<uint32_t>(std::max<int64_t>(a.block_size, 1)));
