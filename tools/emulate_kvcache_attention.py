@@ -77,7 +77,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '2a93a6d6fe436e02'
+TRANSCRIBED_DIGEST = '0f7d6094d6457fc4'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -622,7 +622,7 @@ def combine_kernel(p, c):
     out_row = (b * p.seq_q + i) * p.n_q_heads + h
     e = np.arange(p.head_dim)
     oo = np.zeros((rows_total, p.head_dim), ft)
-    kBatch = 8
+    kBatch = 32
     for t0 in range(0, p.splits, kBatch):
         # A batch's loads past the last split load the last split again; their weight is 0.
         parts = [gload(p.partial_out, (min(t0 + u, p.splits - 1) * rows_total + lse_idx)[:, None] * p.head_dim + e)
