@@ -637,6 +637,8 @@ def environment(device: str) -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # torch's own kernels
         "llama_ext_cpu_capability": llama_ext.cpu_capability(),  # the ISA level of llama_ext's CPU kernels
+        # decode against a contiguous cache on the key-major tiles (llama_ext/_cpu_kernels.py)
+        "llama_ext_cpu_key_major_decode": llama_ext._cpu_kernels.KEY_MAJOR_DECODE,
         "cpu_levels": [name for name, missing in llama_ext._cpu_kernels.levels().items() if missing is None],
         # --cpu-isa: the level every library was limited to, and how (None: no limit).
         "cpu_isa_limit": os.environ.get(CPU_ISA_ENV),

@@ -106,6 +106,14 @@ def _kernel_lines(op: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _key_major_text(env: Dict[str, Any]) -> str:
+    """Which tiles the CPU decode ran on a contiguous cache (absent from older results)."""
+    key_major = env.get("llama_ext_cpu_key_major_decode")
+    if key_major is None:
+        return ""
+    return f"; key-major decode tiles {'on' if key_major else 'off'}"
+
+
 def header_text(result: Dict[str, Any]) -> str:
     env, ceilings = result["env"], result["ceilings"]
     lines = [
@@ -115,7 +123,8 @@ def header_text(result: Dict[str, Any]) -> str:
         f"- software: torch {env['torch']} (CUDA {env['torch_cuda']}), python {env['python']}, transformers "
         f"{env['transformers']}, triton {env['triton']}",
         f"- ISA: llama_ext CPU kernels **{env['llama_ext_cpu_capability']}** (this CPU runs: "
-        f"{', '.join(env['cpu_levels'])}); torch's own CPU kernels {env['cpu_capability']}",
+        f"{', '.join(env['cpu_levels'])}); torch's own CPU kernels {env['cpu_capability']}"
+        + _key_major_text(env),
     ]
     pages = env.get("cpu_pages")
     if pages:

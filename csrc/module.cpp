@@ -1,14 +1,18 @@
 // The Python module llama_ext._C. Loading this library runs the op schemas' registration
 // (csrc/registration.cpp) and the CUDA kernels' TORCH_LIBRARY_IMPL; the CPU kernels live in one
 // library per vector ISA level (csrc/cpu/capability.h), of which llama_ext/_cpu_kernels.py loads
-// one. This module's one function tells which levels this CPU can run:
+// one. This module's functions tell which levels this CPU can run and which CPU it is:
 //
 //   llama_ext._C.cpu_capabilities() -> ((level, missing), ...), lowest level first,
+//   llama_ext._C.cpu_model() -> (vendor, family), e.g. ("AuthenticAMD", 26) for Zen 5,
 //
 // where missing is None when the CPU (and its OS, which must save the wider registers) runs the
-// level, else the features it lacks, for the error message of a forced level. It uses CPython's
-// limited API only (setup.py builds abi3 libraries, with Py_LIMITED_API).
+// level, else the features it lacks, for the error message of a forced level; the model picks
+// between kernels that are equally correct but fast on different cores (_cpu_kernels.py). It
+// uses CPython's limited API only (setup.py builds abi3 libraries, with Py_LIMITED_API).
 #include <Python.h>
+
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define LLAMA_EXT_X86 1
@@ -102,10 +106,29 @@ PyObject* cpu_capabilities(PyObject*, PyObject*) {
   return result;
 }
 
+// CPUID leaf 0's vendor string and leaf 1's display family (the base family, plus the extended
+// family where the base is 0xF, as both vendors define it); ("", 0) off x86.
+PyObject* cpu_model(PyObject*, PyObject*) {
+  char vendor[13] = {};
+  unsigned family = 0;
+#if defined(LLAMA_EXT_X86)
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+    std::memcpy(vendor, &ebx, 4), std::memcpy(vendor + 4, &edx, 4), std::memcpy(vendor + 8, &ecx, 4);
+  }
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx)) {
+    family = (eax >> 8) & 0xF;
+    if (family == 0xF) family += (eax >> 20) & 0xFF;
+  }
+#endif
+  return Py_BuildValue("(sI)", vendor, family);
+}
+
 PyMethodDef methods[] = {
     {"cpu_capabilities", &cpu_capabilities, METH_NOARGS,
      "((level, missing), ...), lowest level first: missing is None when this CPU runs the level, else the "
      "CPU features it lacks."},
+    {"cpu_model", &cpu_model, METH_NOARGS, "(vendor, family) from CPUID, e.g. ('AuthenticAMD', 26); ('', 0) off x86."},
     {nullptr, nullptr, 0, nullptr},
 };
 

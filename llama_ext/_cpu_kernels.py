@@ -6,6 +6,12 @@ its kernels for ``torch.ops.llama_ext``; exactly one is loaded per process. The 
 variable ``LLAMA_EXT_CPU_CAPABILITY`` (``default``, ``avx2``, ``avx512``, ``avx512_bf16`` or ``amx_bf16``)
 forces a level, e.g. to test or benchmark a lower one; asking for a level this CPU cannot run,
 or one the build left out, raises.
+
+Where two kernels are equally correct but fast on different cores, the loader also tells the
+library which to run, from the CPU's vendor and family: decode against a contiguous KV cache
+takes the key-major tiles of the AVX-512 levels on Zen 5 and later, where they won, and the
+other tiles elsewhere (``csrc/cpu/kvcache_attention.cpp``, "Key-major tiles").
+``LLAMA_EXT_CPU_DECODE_KEY_MAJOR=1`` (or ``0``) overrides that choice.
 """
 import ctypes
 import importlib.machinery
@@ -17,6 +23,7 @@ import torch
 from . import _C
 
 ENV_VAR = "LLAMA_EXT_CPU_CAPABILITY"
+KEY_MAJOR_ENV_VAR = "LLAMA_EXT_CPU_DECODE_KEY_MAJOR"
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -65,4 +72,35 @@ def _load(level: str) -> str:
     return level
 
 
+def key_major_decode_pays(vendor: str, family: int) -> bool:
+    """Whether decode's key-major tiles beat the other tiles on this CPU: measured to win on
+    AMD family 0x1A (Zen 5), to lose on family 0x19 (Zen 4); not compared on Intel, which keeps
+    the other tiles."""
+    return vendor == "AuthenticAMD" and family >= 0x1A
+
+
+def _choose_key_major() -> bool:
+    requested = os.environ.get(KEY_MAJOR_ENV_VAR, "").strip()
+    if not requested:
+        return key_major_decode_pays(*_C.cpu_model())
+    if requested not in ("0", "1"):
+        raise ValueError(f"{KEY_MAJOR_ENV_VAR}={requested!r}: use 1 (key-major decode tiles) or 0 (the other tiles)")
+    return requested == "1"
+
+
+def _set_key_major(level: str, wanted: bool) -> bool:
+    """Tells the loaded library whether decode takes the key-major tiles; returns whether it does
+    (only the AVX-512 levels have them)."""
+    set_key_major = ctypes.CDLL(library_path(level)).llama_ext_cpu_decode_key_major
+    set_key_major.argtypes = [ctypes.c_int]
+    set_key_major.restype = ctypes.c_int
+    runs = bool(set_key_major(int(wanted)))
+    if wanted and not runs and os.environ.get(KEY_MAJOR_ENV_VAR, "").strip():
+        raise RuntimeError(f"{KEY_MAJOR_ENV_VAR}=1, but the {level} level has no key-major decode tiles "
+                           "(the AVX-512 levels have them)")
+    return runs
+
+
 CAPABILITY = _load(_choose())
+# Whether decode against a contiguous cache runs the key-major tiles (see the module's docstring).
+KEY_MAJOR_DECODE = _set_key_major(CAPABILITY, _choose_key_major())

@@ -123,6 +123,63 @@ def test_tile_configurations_load_through_load_config():
     assert offenders == [], f"_tile_loadconfig in {offenders}: use cpu::amx::load_config"
 
 
+# The levels that compile decode's key-major tiles (csrc/cpu/kvcache_attention.cpp, kKeyMajor).
+KEY_MAJOR_LEVELS = ("avx512", "avx512_bf16", "amx_bf16")
+
+
+def test_key_major_decode_tiles_where_measured_to_win():
+    pays = _cpu_kernels.key_major_decode_pays
+    assert pays("AuthenticAMD", 0x1A)  # Zen 5
+    assert pays("AuthenticAMD", 0x1B)
+    assert not pays("AuthenticAMD", 0x19)  # Zen 4, Zen 3
+    assert not pays("GenuineIntel", 6)
+    assert not pays("", 0)
+    forced = os.environ.get(_cpu_kernels.KEY_MAJOR_ENV_VAR, "").strip()
+    wanted = forced == "1" if forced else pays(*llama_ext._C.cpu_model())
+    has_tiles = llama_ext.cpu_capability() in KEY_MAJOR_LEVELS
+    assert _cpu_kernels.KEY_MAJOR_DECODE == (wanted and has_tiles)
+
+
+def _key_major_env_run(value, level=None):
+    env = dict(os.environ, **{_cpu_kernels.KEY_MAJOR_ENV_VAR: value})
+    if level is not None:
+        env[_cpu_kernels.ENV_VAR] = level
+    code = "from llama_ext import _cpu_kernels as c; print(c.CAPABILITY, c.KEY_MAJOR_DECODE)"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_key_major_decode_override():
+    level = llama_ext.cpu_capability()
+    has_tiles = level in KEY_MAJOR_LEVELS
+    off = _key_major_env_run("0", level)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == [level, "False"]
+    on = _key_major_env_run("1", level)
+    if has_tiles:
+        assert on.returncode == 0, on.stderr
+        assert on.stdout.split() == [level, "True"]
+    else:  # a level without the tiles refuses the request rather than ignoring it
+        assert on.returncode == 1
+        assert f"{_cpu_kernels.KEY_MAJOR_ENV_VAR}=1, but the {level} level has no key-major" in on.stderr
+    bad = _key_major_env_run("yes", level)
+    assert bad.returncode == 1
+    assert f"ValueError: {_cpu_kernels.KEY_MAJOR_ENV_VAR}='yes': use 1" in bad.stderr
+
+
+def test_decode_tests_pass_with_the_other_decode_tiles():
+    """The decode tests run in this process on the tiles this CPU takes; here they run again on
+    the others, so both stay tested on every AVX-512 CPU."""
+    if llama_ext.cpu_capability() not in KEY_MAJOR_LEVELS:
+        pytest.skip(f"the {llama_ext.cpu_capability()} level has no key-major decode tiles to switch between")
+    env = dict(os.environ, **{_cpu_kernels.KEY_MAJOR_ENV_VAR: "0" if _cpu_kernels.KEY_MAJOR_DECODE else "1"})
+    result = subprocess.run([sys.executable, "-m", "pytest", "tests/test_kvcache_attention.py", "-q", "-x", "-p",
+                             "no:cacheprovider", "-k", KEY_TESTS], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=1800)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
 @pytest.mark.parametrize("level", LEVELS)
 def test_key_correctness_tests_pass_at_every_level(level):
     if level not in _runnable_built():

@@ -47,11 +47,12 @@
 //     this level and FlashAttention do): 1.06-1.21x with the cache in L3, 1.03-1.11x evicted
 //     (Zen 4, b1 4096 / b1 1024 / paged16 / b8 1024). Elsewhere P V stays on the FMAs, P in fp32
 //     (at amx_bf16, on Sapphire Rapids, VDPBF16PS issues at half the FMA rate: no faster).
-//     A task that covers every kv head of a contiguous cache, with d of 64, 128 or 256 and 1, 2,
-//     4 or 8 heads and rows per head, runs key-major tiles instead ("Key-major tiles"): bf16 at
-//     avx512_bf16 (namespace dot), fp32 at the AVX-512 levels where a key's row is at most a
-//     page (namespace fma_key_major). Each key's row is read whole, key after key, with a
-//     software prefetch ahead of it, so that the math overlaps the stream from DRAM.
+//     On CPUs where they pay (Zen 5; the loader chooses, "Key-major tiles"), a task that covers
+//     every kv head of a contiguous cache, with d of 64, 128 or 256 and 1, 2, 4 or 8 heads and
+//     rows per head, runs key-major tiles instead: bf16 at avx512_bf16 (namespace dot), fp32 at
+//     the AVX-512 levels where a key's row is at most a page (namespace fma_key_major). Each
+//     key's row is read whole, key after key, with a software prefetch ahead of it, so that the
+//     math overlaps the stream from DRAM.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
 //     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens, a contiguous cache) run on
@@ -92,6 +93,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -737,6 +739,20 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 // 16/8 x 256 1.07x, b8 x 1024 1.01-1.02x; with the cache resident in L3 0.90-0.97x (b1 1024-4096),
 // but in a model's decode step the weights evict a layer's cache between two steps. A paged
 // cache's blocks break the run (paged16: 0.91-0.98x), so paged caches keep the other tiles.
+//
+// On Zen 4 they lose everywhere (2026-12-05, a 2-core VM of AMD family 25 model 17, DRAM copy
+// 37 GB/s; the same cache read as contiguous and as a one-block paged cache, which takes the other
+// tiles, alternating in one process, 12 rounds; benchmarks/RESULTS.md): from DRAM, bf16 b1 4096
+// 32/8 x 128 0.68-0.74x, b1 1024 0.73x, b1 16384 0.70x, b8 x 1024 0.72x, 32/8 x 64 0.70x, 64/8 x
+// 128 0.67x, 16/8 x 256 0.87x; fp32 b1 1024 0.73x, b1 16384 0.74x, b8 x 1024 0.75x, 32/4 x 128
+// 0.65x; in L3 bf16 0.83x. There the other tiles' phase order already overlaps the stream with
+// the math (bf16 b1 4096 at 0.55-0.62 ms from DRAM, 0.31 ms in L3), and the software prefetch
+// costs: the key-major tiles without it took 0.70 ms against 0.83, with PREFETCHT1 0.60 ms; 2-8
+// KB ahead instead of 16 KB changed nothing. So the tiles run where they were measured to win,
+// AMD family 0x1A (Zen 5) and later, and the other tiles everywhere else (Zen 4, and Intel, where
+// neither was measured against the other). The loader chooses (llama_ext/_cpu_kernels.py);
+// LLAMA_EXT_CPU_DECODE_KEY_MAJOR=1 or 0 overrides it, which the tests use to run both on any
+// AVX-512 CPU. The two give the same bits in fp32 and agree within bf16's rounding of P.
 
 // fp32 takes them at the AVX-512 levels where a key's row (every head) is at most a page, on the
 // FMAs (namespace fma_key_major): against the other tiles (Zen 5, 2026-12-04, one process, 8-10
@@ -748,6 +764,10 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 // fp32 and bf16 widened in pairs, with the prefetch and without, ran 0.55-0.75x as fast as the
 // other tiles on Zen 3 (2026-12-04, 2 threads, alternating in one process: b1 4096 32/8 x 128
 // bf16 0.74x in L3 and 0.60x from DRAM, fp32 0.64x and 0.62x, b8 x 1024 0.64x, b1 16384 0.65x).
+
+// Whether decode takes the key-major tiles where they apply: set by the loader at import, before
+// any op runs (llama_ext_cpu_decode_key_major below).
+std::atomic<bool> g_key_major_tiles{false};
 
 // Calls f(D, NH, R) (integral constants) for the shapes the key-major tiles compile, head dim D
 // of 64, 128 or 256 and NH heads, R rows per head of 1, 2, 4 or 8, and returns true; false for
@@ -1182,11 +1202,12 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kDotPv<T>) {
     if (buf.p_bits.empty()) buf.p_bits.resize(kMaxRows * kKeyBlock);
   }
-  // The key-major tiles (see "Key-major tiles") where the task reads whole cache rows: bf16 at
-  // avx512_bf16, fp32 where a row is at most a page.
+  // The key-major tiles (see "Key-major tiles") where the CPU takes them and the task reads whole
+  // cache rows: bf16 at avx512_bf16, fp32 where a row is at most a page.
   bool key_major = false;
   if constexpr (kKeyMajor<T>) {
-    key_major = a.block_table == nullptr && !amx && nh == a.n_kv_heads && a.k_stride[2] == d && a.v_stride[2] == d &&
+    key_major = g_key_major_tiles.load(std::memory_order_relaxed) && a.block_table == nullptr && !amx &&
+                nh == a.n_kv_heads && a.k_stride[2] == d && a.v_stride[2] == d &&
                 (kDotPv<T> || nh * d * static_cast<int64_t>(sizeof(T)) <= kPageBytes) &&
                 with_key_major_shape(d, nh, nr, [](auto, auto, auto) {});
   }
@@ -1718,3 +1739,11 @@ TORCH_LIBRARY_IMPL(llama_ext, CPU, m) {
 }
 
 }  // namespace llama_ext
+
+// For the loader (llama_ext/_cpu_kernels.py): request 1 asks decode to take the key-major tiles
+// where they apply, 0 the other tiles, -1 changes nothing; returns whether the key-major tiles now
+// run, which they can only at a level that compiles them (AVX-512).
+extern "C" __attribute__((visibility("default"))) int llama_ext_cpu_decode_key_major(int request) {
+  if (request >= 0) llama_ext::g_key_major_tiles.store(request != 0, std::memory_order_relaxed);
+  return llama_ext::kKeyMajor<float> && llama_ext::g_key_major_tiles.load(std::memory_order_relaxed);
+}
