@@ -739,20 +739,6 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 // 16/8 x 256 1.07x, b8 x 1024 1.01-1.02x; with the cache resident in L3 0.90-0.97x (b1 1024-4096),
 // but in a model's decode step the weights evict a layer's cache between two steps. A paged
 // cache's blocks break the run (paged16: 0.91-0.98x), so paged caches keep the other tiles.
-//
-// On Zen 4 they lose everywhere (2026-12-05, a 2-core VM of AMD family 25 model 17, DRAM copy
-// 37 GB/s; the same cache read as contiguous and as a one-block paged cache, which takes the other
-// tiles, alternating in one process, 12 rounds; benchmarks/RESULTS.md): from DRAM, bf16 b1 4096
-// 32/8 x 128 0.68-0.74x, b1 1024 0.73x, b1 16384 0.70x, b8 x 1024 0.72x, 32/8 x 64 0.70x, 64/8 x
-// 128 0.67x, 16/8 x 256 0.87x; fp32 b1 1024 0.73x, b1 16384 0.74x, b8 x 1024 0.75x, 32/4 x 128
-// 0.65x; in L3 bf16 0.83x. There the other tiles' phase order already overlaps the stream with
-// the math (bf16 b1 4096 at 0.55-0.62 ms from DRAM, 0.31 ms in L3), and the software prefetch
-// costs: the key-major tiles without it took 0.70 ms against 0.83, with PREFETCHT1 0.60 ms; 2-8
-// KB ahead instead of 16 KB changed nothing. So the tiles run where they were measured to win,
-// AMD family 0x1A (Zen 5) and later, and the other tiles everywhere else (Zen 4, and Intel, where
-// neither was measured against the other). The loader chooses (llama_ext/_cpu_kernels.py);
-// LLAMA_EXT_CPU_DECODE_KEY_MAJOR=1 or 0 overrides it, which the tests use to run both on any
-// AVX-512 CPU. The two give the same bits in fp32 and agree within bf16's rounding of P.
 
 // fp32 takes them at the AVX-512 levels where a key's row (every head) is at most a page, on the
 // FMAs (namespace fma_key_major): against the other tiles (Zen 5, 2026-12-04, one process, 8-10
@@ -764,6 +750,20 @@ void pv_rows(const float* p, int64_t ld_p, const c10::BFloat16* const* v, int64_
 // fp32 and bf16 widened in pairs, with the prefetch and without, ran 0.55-0.75x as fast as the
 // other tiles on Zen 3 (2026-12-04, 2 threads, alternating in one process: b1 4096 32/8 x 128
 // bf16 0.74x in L3 and 0.60x from DRAM, fp32 0.64x and 0.62x, b8 x 1024 0.64x, b1 16384 0.65x).
+
+// On Zen 4 they lose everywhere (2026-12-05, a 2-core VM of AMD family 25 model 17, DRAM copy 36-52
+// GB/s; the same contiguous caches read by both tiles in alternation in one process, 12 rounds;
+// benchmarks/RESULTS.md): from DRAM, bf16 b1 4096 32/8 x 128 0.68-0.74x, b1 1024 0.73x, b1 16384
+// 0.70x, b8 x 1024 0.72x, 32/8 x 64 0.70x, 64/8 x 128 0.67x, 16/8 x 256 0.87x; fp32 b1 4096
+// 0.72-0.73x, b1 1024 0.73x, b1 16384 0.74x, b8 x 1024 0.75x, 32/4 x 128 0.65x; in L3 bf16
+// 0.82-0.83x. There the other tiles' phase order already overlaps the stream with the math (bf16 b1
+// 4096 at 0.54-0.62 ms from DRAM, 0.31-0.33 ms in L3), and the software prefetch costs: the
+// key-major tiles without it took 0.70 ms against 0.83, with PREFETCHT1 0.60 ms; 2-8 KB ahead
+// instead of 16 KB changed nothing. So the tiles run where they were measured to win, AMD family
+// 0x1A (Zen 5) and later, and the other tiles everywhere else (Zen 4, and Intel, where neither was
+// measured against the other). The loader chooses (llama_ext/_cpu_kernels.py);
+// LLAMA_EXT_CPU_DECODE_KEY_MAJOR=1 or 0 overrides it, which the tests use to run both on any
+// AVX-512 CPU. The two give the same bits in fp32 and agree within bf16's rounding of P.
 
 // Whether decode takes the key-major tiles where they apply: set by the loader at import, before
 // any op runs (llama_ext_cpu_decode_key_major below).
