@@ -79,10 +79,11 @@ def key_major_decode_pays(vendor: str, family: int) -> bool:
     return vendor == "AuthenticAMD" and family >= 0x1A
 
 
-def _choose_key_major() -> bool:
+def _requested_key_major() -> Optional[bool]:
+    """LLAMA_EXT_CPU_DECODE_KEY_MAJOR as a bool; None when unset."""
     requested = os.environ.get(KEY_MAJOR_ENV_VAR, "").strip()
     if not requested:
-        return key_major_decode_pays(*_C.cpu_model())
+        return None
     if requested not in ("0", "1"):
         raise ValueError(f"{KEY_MAJOR_ENV_VAR}={requested!r}: use 1 (key-major decode tiles) or 0 (the other tiles)")
     return requested == "1"
@@ -94,13 +95,14 @@ def _set_key_major(level: str, wanted: bool) -> bool:
     set_key_major = ctypes.CDLL(library_path(level)).llama_ext_cpu_decode_key_major
     set_key_major.argtypes = [ctypes.c_int]
     set_key_major.restype = ctypes.c_int
-    runs = bool(set_key_major(int(wanted)))
-    if wanted and not runs and os.environ.get(KEY_MAJOR_ENV_VAR, "").strip():
-        raise RuntimeError(f"{KEY_MAJOR_ENV_VAR}=1, but the {level} level has no key-major decode tiles "
-                           "(the AVX-512 levels have them)")
-    return runs
+    return bool(set_key_major(int(wanted)))
 
 
 CAPABILITY = _load(_choose())
+_key_major_request = _requested_key_major()
 # Whether decode against a contiguous cache runs the key-major tiles (see the module's docstring).
-KEY_MAJOR_DECODE = _set_key_major(CAPABILITY, _choose_key_major())
+KEY_MAJOR_DECODE = _set_key_major(
+    CAPABILITY, key_major_decode_pays(*_C.cpu_model()) if _key_major_request is None else _key_major_request)
+if _key_major_request and not KEY_MAJOR_DECODE:
+    raise RuntimeError(f"{KEY_MAJOR_ENV_VAR}=1, but the {CAPABILITY} level has no key-major decode tiles (the "
+                       "AVX-512 levels have them)")
