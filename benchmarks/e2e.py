@@ -13,7 +13,6 @@ same weights from the same seed; "max diff vs eager" compares the prefill logits
 decoded token ids (0 means the same greedy tokens).
 """
 import copy
-import inspect
 from typing import Optional
 
 import torch
@@ -100,8 +99,9 @@ def _closure(case: Case, inputs, model, smoke: bool):
         return prefill
     if case.mode == "generate":
         return _generate(case, prompt, model, smoke)
-    # transformers renamed past_key_values to cache (argument and output) in 5.x.
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    from llama_ext.transformers import _cache_kwarg
+
+    cache_name = _cache_kwarg(model)
     with torch.no_grad():
         first = model(input_ids=prompt, use_cache=True)
     prefilled, first_token = getattr(first, cache_name), first.logits[:, -1:].argmax(-1)

@@ -599,6 +599,12 @@ def _forward_with_llama_ext_rotary(attention_class):
     return _with_global(forward, _ROTARY_NAME, _check_rotary(inner.__globals__[_ROTARY_NAME]))
 
 
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name under which ``model.forward`` takes and returns its KV cache: transformers 5.x
+    renamed ``past_key_values`` to ``cache`` (argument and output), and warns at the old name."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _patched_attention_forward(self, *args, **kwargs):
     """The attention module's own HF forward, with the rotary on llama_ext (attention reaches
     llama_ext through the registry). A static cache's layer travels to the attention function in

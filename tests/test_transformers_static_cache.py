@@ -13,6 +13,7 @@ if os.environ.get("CI") == "true":
 else:
     transformers = pytest.importorskip("transformers", minversion="5.0", reason="needs transformers >= 5.0")
 
+from llama_ext.transformers import _cache_kwarg  # noqa: E402
 from test_transformers import VOCAB, build_pair as family_pair  # noqa: E402
 
 
@@ -63,18 +64,19 @@ def assert_compiled_decode_matches_hf(hf, ours, device, prompt, last_position):
     back to the host), hence the second pass."""
     ids = torch.randint(2, VOCAB, (2, prompt), device=device)
     cache = transformers.StaticCache(config=ours.config, max_cache_len=32)
+    cache_name = _cache_kwarg(ours)  # the same class as hf's: patch_model keeps the forward's signature
 
     def step(token, position):
-        return ours(input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None],
-                    use_cache=True).logits
+        return ours(input_ids=token, cache_position=position, position_ids=position[None], use_cache=True,
+                    **{cache_name: cache}).logits
 
     compiled = torch.compile(step, fullgraph=True)
 
     def decode(syncs_raise):
         hf_cache = transformers.DynamicCache(config=hf.config)
         with torch.no_grad():
-            ours(input_ids=ids, past_key_values=cache, use_cache=True)
-            hf_logits = hf(input_ids=ids, past_key_values=hf_cache, use_cache=True).logits
+            ours(input_ids=ids, use_cache=True, **{cache_name: cache})
+            hf_logits = hf(input_ids=ids, use_cache=True, **{cache_name: hf_cache}).logits
             token = hf_logits[:, -1:].argmax(-1)
             for pos in range(prompt, last_position + 1):
                 position = torch.tensor([pos], device=device)
@@ -85,7 +87,7 @@ def assert_compiled_decode_matches_hf(hf, ours, device, prompt, last_position):
                 finally:
                     if syncs_raise:
                         torch.cuda.set_sync_debug_mode("default")
-                expected = hf(input_ids=token, past_key_values=hf_cache, use_cache=True).logits
+                expected = hf(input_ids=token, use_cache=True, **{cache_name: hf_cache}).logits
                 torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
                 token = expected[:, -1:].argmax(-1)
 
