@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 
 # Every op output starts as NaN (see new_output in csrc/common.h): an element a kernel does not
@@ -36,6 +37,17 @@ def _cuda_attention_kernel_list():
 
 
 CUDA_HEAD_DIMS, CUDA_TC_TYPES = _cuda_attention_kernel_list()
+
+# Property tests: deterministic and bounded. A fixed seed per test (derandomize), no example
+# database on disk, a fixed number of examples, no per-example deadline (the first call may
+# compile or warm up).
+PROPERTY_SETTINGS = settings(
+    derandomize=True,
+    database=None,
+    max_examples=int(os.environ.get("LLAMA_EXT_PROPERTY_EXAMPLES", "40")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _decode_route_max_seq_q():

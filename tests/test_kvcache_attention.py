@@ -5,13 +5,15 @@ import copy
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from torch.library import opcheck
 
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
-from conftest import (CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, assert_close, check_kernel_emulation,
-                      device_dtype_params, emulation_only_on_cpu)
+from conftest import (CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
+                      check_kernel_emulation, device_dtype_params, dtypes_for, emulation_only_on_cpu)
 
 NAN = float("nan")
 
@@ -54,10 +56,11 @@ class Case:
             self.k_cache = torch.full((num_blocks, block_size, n_kv, d), NAN, device=device, dtype=dtype)
             self.v_cache = torch.full_like(self.k_cache, NAN)
             for b, n in enumerate(lens):
-                for j in range(n):
-                    blk = int(perm[b, j // block_size])
-                    self.k_cache[blk, j % block_size] = make((n_kv, d), device, dtype)
-                    self.v_cache[blk, j % block_size] = make((n_kv, d), device, dtype)
+                blocks = perm[b, : -(-n // block_size)].to(device)
+                for cache in (self.k_cache, self.v_cache):
+                    rows = torch.full((len(blocks) * block_size, n_kv, d), NAN, device=device, dtype=dtype)
+                    rows[:n] = make((n, n_kv, d), device, dtype)
+                    cache[blocks] = rows.view(-1, block_size, n_kv, d)
         self.rotary_cos = self.rotary_sin = None
         if rotary is not None:
             rotary_dim, positions = rotary
@@ -123,6 +126,46 @@ def test_matches_reference(device, dtype, heads, block_size, seq_new, seq_q):
     n_q, n_kv, d = heads
     case = Case(device, dtype, LENS, seq_q, seq_new, n_q, n_kv, d, block_size=block_size)
     case.check()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@PROPERTY_SETTINGS
+@given(data=st.data())
+def test_property_matches_reference(device, data):
+    """Random decode problems, each knob drawn independently: dtype, kv heads and group size (odd
+    groups leave partial row tiles), head dim (any multiple of 8 on CPU, the kernel list on CUDA),
+    one to three sequences of up to 150 or of 600-2500 tokens (the split path), query and new tokens
+    (prefill-shaped calls of 20 included), contiguous or paged with any block size, fused rotary
+    over part or all of d, causal or not, a window on either side, softcap, and on CPU the thread
+    count; the caches' unused slots hold NaN."""
+    dtype = data.draw(st.sampled_from(dtypes_for(device)))
+    n_kv = data.draw(st.integers(1, 4))
+    group = data.draw(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 16]))
+    d = data.draw(st.sampled_from(CUDA_HEAD_DIMS)) if device == "cuda" else 8 * data.draw(st.integers(1, 32))
+    shortest, longest = data.draw(st.sampled_from([(0, 150), (600, 2500)]))
+    lens = data.draw(st.lists(st.integers(shortest, longest), min_size=1, max_size=3))
+    seq_q = data.draw(st.sampled_from([1, 1, 2, 3, 4, 5, 8, 20]))
+    seq_new = data.draw(st.integers(0, seq_q))
+    block_size = data.draw(st.sampled_from([None, None, 1, 5, 16, 32, 64]))
+    rotary = None
+    if seq_new > 0 and data.draw(st.booleans()):
+        rotary_dim = 2 * data.draw(st.integers(1, d // 2))
+        rotary = (rotary_dim, max(lens) + seq_q + data.draw(st.integers(0, 5)))  # q's positions run furthest
+    side = st.one_of(st.just(-1), st.integers(0, 300))
+    kw = dict(causal=data.draw(st.booleans()), window_size=(data.draw(side), data.draw(side)),
+              softcap=data.draw(st.sampled_from([0.0, 0.0, 5.0, 30.0])))
+    threads = data.draw(st.integers(1, 3)) if device == "cpu" else None
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if device == "cuda" else []):
+        torch.manual_seed(seed)
+        case = Case(device, dtype, lens, seq_q, seq_new, group * n_kv, n_kv, d, block_size=block_size, rotary=rotary)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        case.check(**kw)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import llama_ext
@@ -19,17 +19,7 @@ from llama_ext.reference import (
     rotary_reference,
 )
 
-from conftest import CUDA_HEAD_DIMS, DEVICES, TOLERANCES, assert_close, dtypes_for
-
-# Deterministic and bounded: a fixed seed per test (derandomize), no example database on disk,
-# a fixed number of examples, no per-example deadline (the first call may compile or warm up).
-PROPERTY_SETTINGS = settings(
-    derandomize=True,
-    database=None,
-    max_examples=int(os.environ.get("LLAMA_EXT_PROPERTY_EXAMPLES", "40")),
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+from conftest import CUDA_HEAD_DIMS, DEVICES, PROPERTY_SETTINGS, TOLERANCES, assert_close, dtypes_for
 
 
 @st.composite
