@@ -32,6 +32,18 @@ inline void store_half_bits(void* p, HalfBits b) { _mm_storeu_si128(reinterpret_
 #endif
 
 #if defined(LLAMA_EXT_FAST_REDUCED_IO)
+// v, made to live in a register. A compiler may fold a vector's load into each instruction that
+// uses it (a memory operand), so a value loaded once for several FMAs is read from L1 once per FMA,
+// and the loads rather than the FMAs can bound a loop.
+template <typename Raw>
+__attribute__((always_inline)) inline Raw in_register(Raw v) {
+  asm("" : "+v"(v));
+  return v;
+}
+__attribute__((always_inline)) inline at::vec::Vectorized<float> in_register(at::vec::Vectorized<float> v) {
+  return in_register(static_cast<FloatReg>(v));
+}
+
 template <typename T>
 inline HalfBits float_to_bits(FloatReg v) {
   if constexpr (std::is_same_v<T, at::BFloat16>) {
