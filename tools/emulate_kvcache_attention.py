@@ -28,9 +28,10 @@ strides; every global index is bounds-checked, cache slots past each sequence's 
 blocks hold NaN, and block-table entries past a sequence's blocks hold an out-of-range id (a
 device-side assert in the emulation), so a read past a sequence fails loudly or shows as NaN.
 
-Three arithmetic modes, each compared with one float64 reference computed from the same
-T-valued inputs (q and the appended k rotated in float64 and rounded to T, as the kernel's
-round_to<T> / from_float<T> do; the reference is cross-checked against llama_ext/reference.py):
+Three arithmetic modes, each compared with a float64 reference computed from the same T-valued
+inputs (q and the appended k rotated and rounded to T, as the kernel's round_to<T> /
+from_float<T> do: in float64 for the exact mode, a reference cross-checked against
+llama_ext/reference.py; in fp32 as the kernel rotates for the other two, rotate_as_kernel):
   exact : float64 everywhere; only the kernel's roundings of what it *stores* in T (q_s, the
           appended cache rows) kept; P and out not rounded. Must match to ~1e-13 (observed
           <= 1e-15): any index, fragment, mask, split, ring or merge error shows.
@@ -52,7 +53,9 @@ past the split loading its own key's block-table entry (past the table row) rath
 tile's first key's.
 
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
-(no argument: every case in every mode, then the mutants; ~20 s on one core)
+(no argument: every case in every mode, then the mutants; ~20 s on one core), or
+.venv/bin/python tools/emulate_kvcache_attention.py --random COUNT [SEED] (random_cases: COUNT
+random shapes, each at three split counts in every mode; ~0.3 s a case)
 (numpy only; torch, if importable, cross-checks this file's float64 reference against
 llama_ext/reference.py's on every case).
 """
@@ -819,10 +822,27 @@ def rotate64(x, cos, sin, pos, interleaved):
     return x
 
 
-def reference(rf):
+def rotate_as_kernel(x, cos, sin, pos, interleaved):
+    """x [..., D] rotated by table row pos as the kernel rotates it (rotate_element): in fp32, one
+    rounded product and one fused multiply-add per element (rotary_y1 / rotary_y2, common.cuh).
+    Rounded to T, it can differ from rotate64's rounding by one unit of T, which moves the scores
+    by far more than fp32's rounding: the fp32 and kernel modes are held to a reference that
+    rotates this way (the exact mode's float64 rotation is rotate64's)."""
+    half = cos.shape[1]
+    c, s = cos[pos].astype(np.float32), sin[pos].astype(np.float32)
+    x = x.copy()
+    lo, hi = (slice(0, 2 * half, 2), slice(1, 2 * half, 2)) if interleaved else (slice(0, half), slice(half, 2 * half))
+    x1, x2 = x[..., lo].astype(np.float32), x[..., hi].astype(np.float32)
+    x[..., lo] = fma(x1, c, -(x2 * s), np.float32)
+    x[..., hi] = fma(x2, c, x1 * s, np.float32)
+    return x
+
+
+def reference(rf, rotate=rotate64):
     """float64 (out [B, seq_q, H, D], lse [B, H, seq_q], out_abs): the semantics of
-    kvcache_attention.h; out_abs = sum_j p_j |v_j|, the scale of the error that rounding P to T
-    can make (|sum_j (rnd(p_j) - p_j) v_j| <= u_T out_abs)."""
+    kvcache_attention.h, q and the new k rotated by `rotate` and rounded to T; out_abs = sum_j p_j
+    |v_j|, the scale of the error that rounding P to T can make (|sum_j (rnd(p_j) - p_j) v_j| <=
+    u_T out_abs)."""
     q, T, G = rf['q'], rf['T'], rf['G']
     B, seq_q, H, D = q.shape
     out, lse = np.zeros((B, seq_q, H, D)), np.zeros((B, H, seq_q))
@@ -836,11 +856,11 @@ def reference(rf):
         if rf['seq_new']:
             kn = rf['k_new'][b]
             if rf['rotary']:
-                kn = np.stack([rnd(rotate64(kn[i], rf['cos'], rf['sin'], start + i, rf['rotary'][1]), T)
+                kn = np.stack([rnd(rotate(kn[i], rf['cos'], rf['sin'], start + i, rf['rotary'][1]), T)
                                for i in range(rf['seq_new'])])
             k, v = np.concatenate([k, kn]), np.concatenate([v, rf['v_new'][b]])
         if rf['rotary']:
-            qb = np.stack([rnd(rotate64(qb[i], rf['cos'], rf['sin'], start + i, rf['rotary'][1]), T)
+            qb = np.stack([rnd(rotate(qb[i], rf['cos'], rf['sin'], start + i, rf['rotary'][1]), T)
                            for i in range(seq_q)])
         L = k.shape[0]
         ii = np.arange(seq_q)[:, None] + L - seq_q
@@ -935,6 +955,35 @@ def cases():
     return C
 
 
+def random_cases(count, seed=0):
+    """`count` cases drawn at random over the knobs the fixed cases pick by hand: dtype, head
+    dim, 1-3 sequences of 0-400 tokens, 1-2 kv heads, groups of 1-16 (up to 40 rows), query and
+    new tokens, contiguous or paged (blocks of 1, 5, 16, 17, 32, 64), causal, a window on either
+    side, softcap, rotary of either pairing (its table covers the new tokens' positions plus
+    two), k/v interleaved in one tensor, q row padding; split counts 1, one of 2-9, and the
+    host's choice."""
+    rng = np.random.default_rng(seed)
+    pick = lambda options: options[int(rng.integers(len(options)))]
+    out = []
+    for n in range(count):
+        T, D = pick(['bf16', 'fp16']), pick([32, 64, 80, 96, 128, 256])
+        batch, n_kv, G = int(rng.integers(1, 4)), int(rng.integers(1, 3)), pick([1, 2, 3, 4, 5, 7, 8, 16])
+        seq_q = pick([1, 1, 2, 3, 4, 5, 8]) if G <= 5 else 1
+        seq_new = int(rng.integers(0, seq_q + 1))
+        seqlens = [int(rng.integers(0, pick([1, 41, 401]))) for _ in range(batch)]
+        side = lambda: pick([-1, -1, 0, int(rng.integers(0, 61))])
+        rotary = None
+        if seq_new and seq_q <= seq_new + 2 and rng.random() < 0.5:
+            rotary = (int(rng.integers(1, D // 2 + 1)), bool(rng.random() < 0.5))
+        out.append(make_case(
+            f'random{n} seed{seed}', T, D, batch, n_kv, G, seq_q, seqlens, seq_new=seq_new,
+            block_size=pick([None, None, 1, 5, 16, 17, 32, 64]), causal=bool(rng.random() < 0.5),
+            window=(side(), side()), softcap=pick([0.0, 0.0, 5.0, 30.0]), rotary=rotary,
+            kv_interleaved=bool(rng.random() < 0.2), q_pad=pick([0, 0, 8]),
+            splits=(1, int(rng.integers(2, 10)), 'auto'), seed=int(rng.integers(1 << 30))))
+    return out
+
+
 def ptx_selftest():
     """ldmatrix x1/x2/x4 (.trans) and mma against plain matrix products."""
     rng = np.random.default_rng(123)
@@ -1000,7 +1049,9 @@ def check_block_assert():
         raise AssertionError(f'a block_table entry outside the cache, splits={splits}: no device-side assert')
 
 
-def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
+def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True, case_list=None):
+    """Runs cases() (those whose names contain one of `names`), or case_list, at each of their
+    split counts in each mode."""
     t0 = time.time()
     ptx_selftest()
     check_block_assert()
@@ -1012,13 +1063,14 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
             static = (2 * Tl.kWarpsK * kTcRows + 2 * kTcRows) * 4
             print(f'     D={D:<3}: keys/tile {Tl.kKeys}, warps sharing a key slice {Tl.kWarpsN}, stages {Tl.kStages}, '
                   f'O n-tiles/warp {Tl.kONTiles}, smem {Tl.kSmemBytes} + {static} B = {(Tl.kSmemBytes + static) / 1024:.1f} KB')
-    all_cases = cases()
+    all_cases = cases() if case_list is None else case_list
     if names:
         all_cases = [cs for cs in all_cases if any(n in cs['name'] for n in names)]
     have_torch = True
     coverage = dict.fromkeys(COVERAGE, 0)
     for case in all_cases:
         ref = reference(case['ref'])
+        ref_as_kernel = reference(case['ref'], rotate_as_kernel) if case['ref']['rotary'] else ref
         ro, rl = ref[:2]
         if have_torch:
             try:
@@ -1041,7 +1093,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
                     if verbose:
                         print(f"FAIL {case['name']} splits={splits} {mode}: {type(ex).__name__}: {ex}")
                     continue
-                ok, eo, el, nan = compare(out, lse, ref, mode, case['T'])
+                ok, eo, el, nan = compare(out, lse, ref if mode == 'exact' else ref_as_kernel, mode, case['T'])
                 for k_ in COVERAGE:
                     coverage[k_] += p.stats[k_]
                 results.append((case['name'], p.splits, mode, eo, el, nan, ok))
@@ -1051,7 +1103,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
                           f"({time.time() - t1:.2f}s)", flush=True)
                 if not ok:
                     failures.append(f"{case['name']} splits={p.splits} {mode}: out {eo:.2e} lse {el:.2e} nan {nan}")
-    return ptx_emu.finish_runs(results, failures, coverage, t0, not names, verbose=verbose,
+    return ptx_emu.finish_runs(results, failures, coverage, t0, not names and case_list is None, verbose=verbose,
                                label='CTAs / tiles / rows, all runs')
 
 
@@ -1084,4 +1136,9 @@ def check_mutants(verbose=True):
 
 
 if __name__ == '__main__':
-    ptx_emu.main(run_cases, check_mutants)
+    if sys.argv[1:2] == ['--random']:
+        count, seed = int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 0
+        run_cases(case_list=random_cases(count, seed), verbose=False)
+        print(f'{count} random cases (seed {seed}): every split count and mode matches')
+    else:
+        ptx_emu.main(run_cases, check_mutants)
