@@ -30,8 +30,9 @@ device-side assert in the emulation), so a read past a sequence fails loudly or 
 
 Three arithmetic modes, each compared with a float64 reference computed from the same T-valued
 inputs (q and the appended k rotated and rounded to T, as the kernel's round_to<T> /
-from_float<T> do: in float64 for the exact mode, a reference cross-checked against
-llama_ext/reference.py; in fp32 as the kernel rotates for the other two, rotate_as_kernel):
+from_float<T> do: in float64 for the exact mode; in fp32 as the kernel rotates for the other two,
+rotate_as_kernel). The float64 reference is cross-checked against llama_ext/reference.py's, whose
+rotated values torch rounds to T through fp32 (rotate_as_torch):
   exact : float64 everywhere; only the kernel's roundings of what it *stores* in T (q_s, the
           appended cache rows) kept; P and out not rounded. Must match to ~1e-13 (observed
           <= 1e-15): any index, fragment, mask, split, ring or merge error shows.
@@ -838,6 +839,13 @@ def rotate_as_kernel(x, cos, sin, pos, interleaved):
     return x
 
 
+def rotate_as_torch(x, cos, sin, pos, interleaved):
+    """rotate64 rounded to fp32: llama_ext/reference.py rotates in float64 too, but torch converts
+    float64 to bf16/fp16 through fp32, so where that first rounding lands on a tie of T the two
+    roundings differ from one (rnd). The cross-check with it rotates this way."""
+    return rotate64(x, cos, sin, pos, interleaved).astype(np.float32).astype(np.float64)
+
+
 def reference(rf, rotate=rotate64):
     """float64 (out [B, seq_q, H, D], lse [B, H, seq_q], out_abs): the semantics of
     kvcache_attention.h, q and the new k rotated by `rotate` and rounded to T; out_abs = sum_j p_j
@@ -1070,9 +1078,10 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True, case_
     coverage = dict.fromkeys(COVERAGE, 0)
     for case in all_cases:
         ref = reference(case['ref'])
-        ref_as_kernel = reference(case['ref'], rotate_as_kernel) if case['ref']['rotary'] else ref
-        ro, rl = ref[:2]
+        rotary = case['ref']['rotary']
+        ref_as_kernel = reference(case['ref'], rotate_as_kernel) if rotary else ref
         if have_torch:
+            ro, rl = (reference(case['ref'], rotate_as_torch) if rotary else ref)[:2]
             try:
                 to, tlse = torch_reference(case)
             except ImportError:
