@@ -56,7 +56,7 @@ tile's first key's.
 Run: .venv/bin/python tools/emulate_kvcache_attention.py [case-name-substring ...]
 (no argument: every case in every mode, then the mutants; ~20 s on one core), or
 .venv/bin/python tools/emulate_kvcache_attention.py --random COUNT [SEED] (random_cases: COUNT
-random shapes, each at three split counts in every mode; ~0.3 s a case)
+random shapes, each at three split counts in every mode; ~1 s a case)
 (numpy only; torch, if importable, cross-checks this file's float64 reference against
 llama_ext/reference.py's on every case).
 """
