@@ -134,8 +134,8 @@ def test_key_major_decode_tiles_where_measured_to_win():
     assert not pays("AuthenticAMD", 0x19)  # Zen 4, Zen 3
     assert not pays("GenuineIntel", 6)
     assert not pays("", 0)
-    forced = os.environ.get(_cpu_kernels.KEY_MAJOR_ENV_VAR, "").strip()
-    wanted = forced == "1" if forced else pays(*llama_ext._C.cpu_model())
+    requested = _cpu_kernels._requested_key_major()
+    wanted = pays(*llama_ext._C.cpu_model()) if requested is None else requested
     has_tiles = llama_ext.cpu_capability() in KEY_MAJOR_LEVELS
     assert _cpu_kernels.KEY_MAJOR_DECODE == (wanted and has_tiles)
 
