@@ -119,46 +119,6 @@ def test_rms_norm_backward_matches_float64(device, dtype, hidden, with_weight):
 
 
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
-@pytest.mark.parametrize("rows", [150, 230])  # dweight chunks of 5 and 8 rows (the last of 6)
-@pytest.mark.parametrize("hidden", [7, 769, 4096])
-def test_backward_over_chunks_of_several_rows(device, dtype, rows, hidden):
-    """Enough rows that each of dweight's fixed row chunks holds several: the CPU adds a chunk's
-    rows four at a time and then the rest one by one, with and without the fused add's residual
-    gradient. On the CPU the bits do not depend on the thread count."""
-    x = make((rows, hidden), device, dtype).requires_grad_()
-    residual = make((rows, hidden), device, dtype).requires_grad_()
-    weight = make((hidden,), device, dtype).requires_grad_()
-    g_y, g_res = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
-
-    def grads(threads):
-        before = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            leaves = [t.detach().clone().requires_grad_() for t in (x, residual, weight)]
-            y, res = llama_ext.fused_add_rms_norm(*leaves)
-            torch.autograd.backward([y, res], [g_y, g_res])
-            plain = [t.detach().clone().requires_grad_() for t in (x, weight)]
-            llama_ext.rms_norm(*plain).backward(g_y)
-            return [t.grad for t in leaves + plain]
-        finally:
-            torch.set_num_threads(before)
-
-    got = grads(2)
-    leaves = [t.detach().double().requires_grad_() for t in (x, residual, weight)]
-    y64, res64 = fused_add_rms_norm_reference(*leaves, 1e-6, sum_dtype=dtype)
-    torch.autograd.backward([y64, res64], [g_y.double(), g_res.double()])
-    plain = [t.detach().double().requires_grad_() for t in (x, weight)]
-    rms_norm_reference(*plain).backward(g_y.double())
-    refs = [t.grad for t in leaves + plain]
-    for i, (g, ref) in enumerate(zip(got, refs)):
-        # dweight (2 and 4) sums `rows` products, each of an xhat rounded to dtype.
-        assert_close(g, ref, dtype, scale=32.0 if i in (2, 4) else 8.0)
-    if device == "cpu":
-        for threads in (1, 3):
-            assert all(torch.equal(a, b) for a, b in zip(grads(threads), got))
-
-
-@pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("magnitude,eps", [(1.0, 1e-6), (1e-3, 0.0)])
 def test_fused_add_rms_norm_backward_matches_float64(device, dtype, magnitude, eps):
     """Small inputs with eps 0: dx is a difference of terms ~1/rms, where the sum's rounding
@@ -383,6 +343,49 @@ def test_variants_backward_match_float64(device, dtype, offset, cast_before_weig
         rms_norm_reference(x64, w64, 1e-6, offset).backward(g_y.double())
         assert_close(x.grad, x64.grad, dtype, scale=8.0)
         assert_close(weight.grad, w64.grad, dtype, scale=16.0)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("offset,cast_before_weight", VARIANTS)
+@pytest.mark.parametrize("rows", [150, 230])  # dweight chunks of 5 and 8 rows (the last of 6)
+@pytest.mark.parametrize("hidden", [7, 769, 4120])  # 4120: a tail past a whole vector
+def test_backward_over_chunks_of_several_rows(device, dtype, offset, cast_before_weight, rows, hidden):
+    """Enough rows that each of dweight's fixed row chunks holds several: the CPU adds a chunk's
+    rows four at a time and then the rest one by one, with and without the fused add's residual
+    gradient, for each weight dtype. On the CPU the bits do not depend on the thread count."""
+    for weight_dtype in weight_dtypes(dtype):
+        out_dtype = expected_out_dtype(dtype, weight_dtype, cast_before_weight)
+        x = make((rows, hidden), device, dtype)
+        residual = make((rows, hidden), device, dtype)
+        weight = make((hidden,), device, weight_dtype, scale=0.5)
+        g_y, g_res = make((rows, hidden), device, out_dtype), make((rows, hidden), device, dtype)
+        args = (1e-6, offset, cast_before_weight)
+
+        def grads(threads):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                fused = [t.detach().clone().requires_grad_() for t in (x, residual, weight)]
+                y, res = llama_ext.fused_add_rms_norm(*fused, *args)
+                torch.autograd.backward([y, res], [g_y, g_res])
+                plain = [t.detach().clone().requires_grad_() for t in (x, weight)]
+                llama_ext.rms_norm(*plain, *args).backward(g_y)
+                return [t.grad for t in fused + plain]
+            finally:
+                torch.set_num_threads(before)
+
+        got = grads(2)
+        fused = [t.detach().double().requires_grad_() for t in (x, residual, weight)]
+        y64, res64 = fused_add_rms_norm_reference(*fused, 1e-6, offset, sum_dtype=dtype)
+        torch.autograd.backward([y64, res64], [g_y.double(), g_res.double()])
+        plain = [t.detach().double().requires_grad_() for t in (x, weight)]
+        rms_norm_reference(*plain, 1e-6, offset).backward(g_y.double())
+        for i, (g, ref) in enumerate(zip(got, [t.grad for t in fused + plain])):
+            # dweight (2 and 4) sums `rows` products, each of an xhat rounded to dtype when cast first.
+            assert_close(g, ref, dtype, scale=32.0 if i in (2, 4) else 8.0)
+        if device == "cpu" and hidden >= 769:  # narrower rows stay on one thread
+            for threads in (1, 3):
+                assert all(torch.equal(a, b) for a, b in zip(grads(threads), got))
 
 
 def _hf_norm_classes():

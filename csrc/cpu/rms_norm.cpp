@@ -10,12 +10,11 @@
 //
 // Backward, per row: dot = sum(g * w' * x), dx = rstd * g * w' - x * rstd^3 * dot / n
 // (+ grad_residual_out), and dweight partial sums g * xhat (xhat = x * rstd, rounded to the
-// input dtype when cast_before_weight) accumulated in fp32 per fixed chunk of rows, then reduced
-// over chunks in order: deterministic for any thread count. Rows are spread over threads with
-// at::parallel_for.
+// input dtype when cast_before_weight) accumulated in the op-math type (fp32; double for double)
+// per fixed chunk of rows, then reduced over chunks in order: deterministic for any thread
+// count. Rows are spread over threads with at::parallel_for.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -373,28 +372,28 @@ void rms_norm_backward_typed(const RMSNormBackwardParams& p, const at::TensorOpt
     }
   });
   // dweight = the chunks' partial sums added in chunk order, a vector of columns at a time, in
-  // units of the row blocks' steps (pairs: the even elements' sums, then the odd ones').
+  // units of the row blocks' steps (pairs: the even elements' sums, then the odd ones'). Each
+  // sum is cast to W alone: c10's rounding, NaN and subnormals included.
   using Vec = typename VecIO<T>::Vec;
   constexpr int64_t kW = VecIO<T>::kWidth, kUnit = kPairs<T, W, O> ? Bf16Pairs::kElems : kW;
   W* dw = static_cast<W*>(p.grad_weight);
-  const auto column_sums = [&](int64_t j, int64_t count) {
+  // The sums of the partials' columns [j, j + count), written to dw[first + i * step].
+  const auto reduce_columns = [&](int64_t j, int64_t count, int64_t first, int64_t step) {
     Vec sum(acc_t(0));
     for (int64_t c = 0; c < chunks; ++c) sum = sum + Vec::loadu(partial_ptr + c * n + j, count);
-    return sum;
+    acc_t sums[kW];
+    sum.store(sums, count);
+    for (int64_t i = 0; i < count; ++i) dw[first + i * step] = static_cast<W>(sums[i]);
   };
   at::parallel_for(0, (n + kUnit - 1) / kUnit, 4096 / kUnit, [&](int64_t begin, int64_t end) {
     for (int64_t u = begin; u < end; ++u) {
       const int64_t j0 = u * kUnit;
-      if constexpr (kPairs<T, W, O>) {
-        if (j0 + kUnit <= n) {
-          Bf16Pairs::store(dw + j0, column_sums(j0, kW), column_sums(j0 + kW, kW));
-          continue;
-        }
+      if (kPairs<T, W, O> && j0 + kUnit <= n) {
+        reduce_columns(j0, kW, j0, 2);
+        reduce_columns(j0 + kW, kW, j0 + 1, 2);
+        continue;
       }
-      for (int64_t j = j0; j < std::min(n, j0 + kUnit); j += kW) {
-        const int64_t count = std::min(kW, n - j);
-        VecIO<W>::store(dw + j, column_sums(j, count), count);
-      }
+      for (int64_t j = j0; j < std::min(n, j0 + kUnit); j += kW) reduce_columns(j, std::min(kW, n - j), j, 1);
     }
   });
 }
