@@ -380,9 +380,11 @@ def test_backward_over_chunks_of_several_rows(device, dtype, offset, cast_before
         torch.autograd.backward([y64, res64], [g_y.double(), g_res.double()])
         plain = [t.detach().double().requires_grad_() for t in (x, weight)]
         rms_norm_reference(*plain, 1e-6, offset).backward(g_y.double())
+        # dweight (2 and 4) sums `rows` products, each of an xhat rounded to dtype when cast first:
+        # their rounding errors grow as sqrt(rows), from the 30-row tests' scale of 16.
+        dweight_scale = 16.0 * (rows / 30) ** 0.5
         for i, (g, ref) in enumerate(zip(got, [t.grad for t in fused + plain])):
-            # dweight (2 and 4) sums `rows` products, each of an xhat rounded to dtype when cast first.
-            assert_close(g, ref, dtype, scale=32.0 if i in (2, 4) else 8.0)
+            assert_close(g, ref, dtype, scale=dweight_scale if i in (2, 4) else 8.0)
         if device == "cpu" and hidden >= 769:  # narrower rows stay on one thread
             for threads in (1, 3):
                 assert all(torch.equal(a, b) for a, b in zip(grads(threads), got))

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cpu_vec.h"
 #include "../rms_norm.h"
@@ -278,18 +279,28 @@ void rms_norm_backward_row_block(const RMSNormBackwardParams& p, int64_t r0, con
   }
   // The flags as locals: the stores to dx could alias p, which would reload them every step.
   const bool residual = p.grad_residual != nullptr, grad = dweight_partial != nullptr, cast = p.cast_before_weight;
+  // Row r's dx at one vector of its values (gres: grad_residual's, read only with a residual),
+  // and their g * xhat added to dweight; round_in rounds to the input dtype.
+  const auto dx_and_dweight = [&](int r, Vec gv, Vec xv, Vec wv, Vec gres_v, Vec& dweight, auto round_in)
+      __attribute__((always_inline)) {
+    Vec d = at::vec::fmadd(xv, x_coef[r], gv * wv * rstd_v[r]);
+    if (residual) d = d + gres_v;
+    if (grad) dweight = at::vec::fmadd(gv, cast ? round_in(xv * rstd_v[r]) : xv * rstd_v[r], dweight);
+    return d;
+  };
   const auto step = [&](int64_t j, int64_t count) __attribute__((always_inline)) {
     const bool full = count == kW;
+    const auto load = [&](const auto* row) {
+      using E = std::remove_cv_t<std::remove_pointer_t<decltype(row)>>;
+      return full ? VecIO<E>::load(row + j) : VecIO<E>::load_partial(row + j, count);
+    };
     const Vec wv = full ? w.load(j) : w.load(j, count);
     Vec dweight = grad && !first ? Vec::loadu(dweight_partial + j, count) : Vec(acc_t(0));
 #pragma GCC unroll 4
     for (int r = 0; r < NR; ++r) {
-      const Vec gv = full ? OIO::load(g[r] + j) : OIO::load_partial(g[r] + j, count);
-      const Vec xv = full ? IO::load(x[r] + j) : IO::load_partial(x[r] + j, count);
-      Vec d = at::vec::fmadd(xv, x_coef[r], gv * wv * rstd_v[r]);
-      if (residual) d = d + (full ? IO::load(gres[r] + j) : IO::load_partial(gres[r] + j, count));
+      const Vec d = dx_and_dweight(r, load(g[r]), load(x[r]), wv, residual ? load(gres[r]) : Vec(acc_t(0)), dweight,
+                                   [](Vec v) { return IO::round(v); });
       IO::store(dx[r] + j, d, count);
-      if (grad) dweight = at::vec::fmadd(gv, cast ? IO::round(xv * rstd_v[r]) : xv * rstd_v[r], dweight);
     }
     if (grad) dweight.store(dweight_partial + j, count);
   };
@@ -307,23 +318,13 @@ void rms_norm_backward_row_block(const RMSNormBackwardParams& p, int64_t r0, con
       }
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) {
-        Vec g_even, g_odd, x_even, x_odd;
+        Vec g_even, g_odd, x_even, x_odd, res_even(acc_t(0)), res_odd(acc_t(0));
         Bf16Pairs::load(g[r] + j, g_even, g_odd);
         Bf16Pairs::load(x[r] + j, x_even, x_odd);
-        Vec d_even = at::vec::fmadd(x_even, x_coef[r], g_even * w_even * rstd_v[r]);
-        Vec d_odd = at::vec::fmadd(x_odd, x_coef[r], g_odd * w_odd * rstd_v[r]);
-        if (residual) {
-          Vec res_even, res_odd;
-          Bf16Pairs::load(gres[r] + j, res_even, res_odd);
-          d_even = d_even + res_even;
-          d_odd = d_odd + res_odd;
-        }
-        Bf16Pairs::store(dx[r] + j, d_even, d_odd);
-        if (grad) {
-          const Vec xhat_even = x_even * rstd_v[r], xhat_odd = x_odd * rstd_v[r];
-          dweight_even = at::vec::fmadd(g_even, cast ? Bf16Pairs::round(xhat_even) : xhat_even, dweight_even);
-          dweight_odd = at::vec::fmadd(g_odd, cast ? Bf16Pairs::round(xhat_odd) : xhat_odd, dweight_odd);
-        }
+        if (residual) Bf16Pairs::load(gres[r] + j, res_even, res_odd);
+        const auto round_in = [](Vec v) { return Bf16Pairs::round(v); };
+        Bf16Pairs::store(dx[r] + j, dx_and_dweight(r, g_even, x_even, w_even, res_even, dweight_even, round_in),
+                         dx_and_dweight(r, g_odd, x_odd, w_odd, res_odd, dweight_odd, round_in));
       }
       if (grad) {
         dweight_even.store(dweight_partial + j);
