@@ -9,10 +9,13 @@ the script starts no case after that time and names the ones it left out (exit 3
 limit costs coverage of tails, never a silent pass.
 
 Sizes and why (the largest tiles and thresholds the kernels use today, plus a tail):
-- RMSNorm rows of 1, 7, 128 (67 rows: warp-sized rows, several per block), 769 (odd: scalar
+- RMSNorm rows of 1, 7, 128 (67 rows: warp-sized rows, several per block), 384 (67 rows of two
+  chunks a lane: the backward's row-ahead kernel with several rows per block), 769 (odd: scalar
   path), 4104 (16-byte vectors, register-cached row, one partial block), 65544 (longer than any
   register cache: the looped path in the forward and the backward's workspace), an aligned and an
-  unaligned strided view. Shared memory: the block reduction, hence every tool.
+  unaligned strided view; for memcheck, 600 x 4104 and 6003 x 384 (more row blocks than the
+  backward's grid has CTAs: rows loaded ahead up to the last). Shared memory: the block
+  reduction, hence every tool.
 - Rotary: vector (16-byte chunks) and scalar (a rotary half that is no multiple of a vector, a
   misaligned view) paths, both pairings, pass-through dims, positions in int64 and int32, the HF
   [b, h, s, d] layout. No shared memory or barriers: memcheck only.
@@ -114,7 +117,7 @@ def rms_norm_rows(sizes, dtypes, device, make=rnd):
 @case("rms_norm_vector")
 def _(device):
     rms_norm_rows(((67, 128), (3, 4104), (2, 65544)), (torch.float32, torch.bfloat16), device)
-    rms_norm_rows(((3, 4104),), (torch.float16,), device)
+    rms_norm_rows(((3, 4104), (67, 384)), (torch.float16,), device)
     # Rows of an aligned strided view: vectorized, with a row stride that is not the length.
     rms_norm_rows(((5, 1024),), (torch.bfloat16,), device,
                   make=lambda r, n, dtype, device: rnd(r, 3 * n, dtype=dtype, device=device)[:, n:2 * n])
@@ -124,6 +127,18 @@ def _(device):
 def _(device):
     rms_norm_rows(((67, 1), (67, 7), (3, 769), (2, 16411)), (torch.float32, torch.bfloat16), device)
     rms_norm_rows(((3, 4104), (2, 65544)), (torch.bfloat16,), device, make=misaligned)
+
+
+@case("rms_norm_rows_ahead", MEMCHECK)
+def _(device):
+    # More row blocks than the backward's grid holds CTAs, so that each CTA of the row-ahead kernel
+    # loads rows ahead of the one it reduces, up to the last (a partial one for the short rows):
+    # long rows and short ones; then an fp32 weight, whose fp32 output makes g's chunks 32 bytes.
+    rms_norm_rows(((600, 4104), (6003, 384)), (torch.bfloat16,), device)
+    x = rnd(600, 4104, dtype=torch.bfloat16, device=device).requires_grad_()
+    w = rnd(4104, dtype=torch.float32, device=device).requires_grad_()
+    y = llama_ext.rms_norm(x, w)
+    y.backward(torch.randn_like(y))
 
 
 # ---- Rotary -----------------------------------------------------------------------------------

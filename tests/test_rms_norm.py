@@ -580,3 +580,38 @@ def test_misaligned_rows_give_the_same_bits(device, dtype, hidden, offset, cast_
                                                        cast_before_weight)
     dx, dw = torch.ops.llama_ext.rms_norm_backward(g, res, w, rstd, g_res, True, offset, cast_before_weight)
     assert torch.equal(dx_s, dx) and torch.equal(dw_s, dw)
+
+
+@pytest.mark.parametrize("device,dtype", device_dtype_params(CUDA_DTYPES))
+@pytest.mark.parametrize("rows,hidden", [(20003, 384), (4000, 1536), (3000, 4096)])
+@pytest.mark.parametrize("offset,cast_before_weight", [VARIANTS[0], VARIANTS[2]])
+def test_backward_over_many_rows_per_cta(device, dtype, rows, hidden, offset, cast_before_weight):
+    """Enough rows that every CUDA CTA takes several row blocks, the short rows' last one partial.
+    These widths are two chunks a thread in bf16/fp16 (short rows of 384, long rows of 1536 and
+    4096), where the launcher takes the row-ahead kernel if it fits as many CTAs per SM as the
+    plain one (on sm_90: every bf16/fp16 case at 384 and 4096; fp32 and some of 1536 stay plain):
+    it loads each row while the one before is reduced and written, and keeps dweight's sums in
+    registers over all its rows. dx and dweight, plain and with the fused add's residual gradient,
+    for each weight dtype, match float64, and the same rows one element off their alignment (the
+    element-wise kernel, its sums in memory, a row's loads at its start) give the same bits."""
+    def misaligned(t):
+        wide = torch.empty(t.shape[0], t.shape[1] + 1, device=device, dtype=t.dtype)
+        wide[:, 1:] = t
+        return wide[:, 1:]
+
+    x, g_res = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
+    args = (1e-6, offset, cast_before_weight)
+    for weight_dtype in weight_dtypes(dtype):
+        w = make((hidden,), device, weight_dtype, scale=0.5)
+        g = make((rows, hidden), device, expected_out_dtype(dtype, weight_dtype, cast_before_weight))
+        rstd = torch.ops.llama_ext.rms_norm(x, w, *args)[1]
+        x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
+        rms_norm_reference(x64, w64, 1e-6, offset).backward(g.double())
+        for gres in (None, g_res):
+            dx, dw = torch.ops.llama_ext.rms_norm_backward(g, x, w, rstd, gres, True, offset, cast_before_weight)
+            dx_s, dw_s = torch.ops.llama_ext.rms_norm_backward(
+                misaligned(g), misaligned(x), w, rstd, None if gres is None else misaligned(gres), True, offset,
+                cast_before_weight)
+            assert torch.equal(dx_s, dx) and torch.equal(dw_s, dw)
+            assert_close(dx, x64.grad + (0.0 if gres is None else gres.double()), dtype, scale=8.0)
+            assert_close(dw, w64.grad, dtype, scale=16.0 * (rows / 30) ** 0.5)  # as in the chunk test

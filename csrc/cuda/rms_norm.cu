@@ -26,12 +26,20 @@
 // Backward: a grid sized to fill the GPU (occupancy API) strides over row blocks. Per row:
 // dot = sum(g*w'*x) (group reduction), dx = rstd*g*w' - x*rstd^3*dot/n (+ grad of residual_out),
 // and dweight += g * xhat (xhat = x*rstd, rounded to the input dtype when cast_before_weight) in
-// fp32, each thread into its own chunks of its group's row of sums with 16-byte accesses: in
-// shared memory when the CTA's rows of sums fit 32 KB (all short rows; one CTA per row up to
-// 8192 elements), else in the CTA's row of the [grid, chunks*kChunk] workspace. The CTA adds its
-// groups' rows in group order into its workspace row; a second kernel sums the workspace over
-// CTAs in order: deterministic, no atomics. The grid is the same for the aligned and unaligned
-// kernels, so dweight's bits do not depend on the layout either.
+// fp32, each thread for its own chunks: in registers (row-ahead kernels), else in its group's row
+// of sums, in shared memory when the CTA's rows of sums fit 32 KB (all short rows; one CTA per
+// row up to 8192 elements) or in the CTA's row of the [grid, chunks*kChunk] workspace. The CTA
+// adds its groups' sums in group order into its workspace row; a second kernel sums the
+// workspace over CTAs in order: deterministic, no atomics. The grid is the same for the aligned
+// and unaligned kernels, so dweight's bits do not depend on the layout either.
+// Bytes per row: read 2n elements (g, x; +n grad_residual), write n (dx): bandwidth-bound. A CTA
+// that waits for a row's loads and then reduces and writes it has nothing in flight for the
+// second half. So with kRowAheadCache chunks per thread (rows of 257-512 and 1025-8192 bf16/fp16
+// elements, 129-256 and 513-4096 fp32) a group can load its next row before it reduces the
+// current one. That kernel needs more registers, and the launcher takes it only where the
+// occupancy API gives it as many CTAs per SM as the plain kernel (on sm_90 at n = 4096: bf16 and
+// fp16, not fp32, whose plain kernel fits twice the CTAs). Without it, on the H200 at 2802fae:
+// 50% of copy at 32768 x 4096 bf16, 2 CTAs of 256 threads per SM, against the forward's 76%.
 //
 // ptxas -v (CUDA 13.0, setup.py's flags), registers per thread over the 7 <input, weight, out>
 // dtype combinations, sm_80 / sm_90; 128 B static shared memory (block reduction), plus for the
@@ -43,15 +51,20 @@
 //   forward  aligned   cache 8:  64-72 / 64-105    25% /  25%
 //   forward  aligned   loop:     32-39 / 32-40     75% /  75%
 //   forward  unaligned loop:     40-64 / 32-64     50% /  50%
-//   backward aligned   cache 1:  48-75 / 48-96     25% /  25%
-//   backward aligned   cache 2:  64-95 / 63-126    25% /  25%
-//   backward aligned   cache 4:  94-128 / 92-128   25% /  25%
-//   backward aligned   loop:     56-77 / 56-95     25% /  25%
-//   backward unaligned loop:     56-96 / 56-104    25% /  25%
+//   backward aligned   cache 1:  48-72 / 48-93     25% /  25%
+//   backward aligned   cache 2:  62-94 / 62-114    25% /  25%
+//   backward row-ahead cache 2:  87-126 / 88-128   25% /  25%   (two rows' g and x, and the sums)
+//   backward aligned   cache 4:  90-126 / 91-127   25% /  25%
+//   backward aligned   loop:     54-72 / 56-79     37% /  25%
+//   backward unaligned loop:     55-96 / 55-96     25% /  25%
 //   reduce_dweight:              24 / 28
-// No spills in any of the 160 kernels (the backward's explicit minimum of one CTA per SM keeps
-// ptxas from trading a spill for 64 registers). Every aligned kernel moves rows with
-// LDG.E.128 / STG.E.128 (cuobjdump -sass).
+// No spills in any of the 87 kernels on sm_80 to sm_90 (the backward's explicit minimum of one CTA
+// per SM keeps ptxas from trading a spill for 64 registers). On sm_120, the forward's aligned
+// loop kernels for bf16 input keep one 8-byte value in local memory (stored before the first pass
+// over the row, loaded once after its reduction) and the backward's cache-4 kernels for bf16
+// input spill (20-26 bytes stored, 20-30 loaded). tests/test_attention_sass.py checks that the
+// row-ahead kernels touch no local memory on any architecture. Every aligned kernel moves rows
+// with LDG.E.128 / STG.E.128 (cuobjdump -sass).
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
 
@@ -70,6 +83,7 @@ constexpr int kShortRowThreads = 256;   // CTA size of the short-row layout
 constexpr int kShortRowMaxChunks = 128;  // 32 lanes x 4 chunks
 constexpr int kMaxCacheFwd = 8;          // chunks per thread kept in registers, forward
 constexpr int kMaxCacheBwd = 4;          // backward holds g and x per chunk
+constexpr int kRowAheadCache = 2;        // the backward's cache that also has a row-ahead kernel
 constexpr int64_t kMaxSmemSums = 32 * 1024;  // bytes of fp32 dweight sums a backward CTA keeps on chip
 
 // ---- layout ---------------------------------------------------------------------------------
@@ -344,78 +358,134 @@ void rms_norm_cuda(const RMSNormParams& p) {
 
 // ---- backward -------------------------------------------------------------------------------
 
-template <typename T, typename O>
-struct BwdRow {
-  const O* g;
-  const T* x;
-  const T* grad_residual;  // null: none
-  T* dx;
-  float rstd;
-};
-
-// Stage 1: chunk c's share of dot = sum(g * w' * x).
-template <bool kAligned, int N, typename T, typename W, typename O>
-__device__ __forceinline__ void add_dot(const AppliedWeight<W>& aw, int64_t c, int64_t n, const Chunk<O, N>& g,
-                                        const Chunk<T, N>& x, float& dot) {
-  float w[N];
-  aw.template load<kAligned, N>(c, n, w);
+// Stage 2: chunk c's share of dot = sum(g * w' * x), w its applied weight.
+template <int N, typename T, typename O>
+__device__ __forceinline__ void add_dot(const float (&w)[N], const Chunk<O, N>& g, const Chunk<T, N>& x, float& dot) {
 #pragma unroll
   for (int e = 0; e < N; ++e) dot = fmaf(__fmul_rn(to_float(g.v[e]), w[e]), to_float(x.v[e]), dot);
 }
 
-// Stage 3: dx = rstd*g*w' + x_coef*x (+ grad_residual) for chunk c; with want_dw, adds g * xhat
+// Stage 3: dx = rstd*g*w' + x_coef*x (+ grad_residual) of one chunk; with want_dw, adds g * xhat
 // to dw.
-template <bool kAligned, int N, typename T, typename W, typename O>
-__device__ __forceinline__ void write_dx(const BwdRow<T, O>& r, const AppliedWeight<W>& aw, bool cast, int64_t c,
-                                         int64_t n, const Chunk<O, N>& g, const Chunk<T, N>& x, float x_coef,
-                                         bool want_dw, float (&dw)[N]) {
-  float w[N];
-  aw.template load<kAligned, N>(c, n, w);
-  Chunk<T, N> gres;
-  if (r.grad_residual != nullptr) gres = load_chunk<kAligned, N>(r.grad_residual, c, n);
+template <int N, typename T, typename O>
+__device__ __forceinline__ Chunk<T, N> chunk_dx(const float (&w)[N], const Chunk<O, N>& g, const Chunk<T, N>& x,
+                                               bool has_gres, const Chunk<T, N>& gres, float rstd, float x_coef,
+                                               bool cast, bool want_dw, float (&dw)[N]) {
   Chunk<T, N> out;
 #pragma unroll
   for (int e = 0; e < N; ++e) {
     const float gf = to_float(g.v[e]), xf = to_float(x.v[e]);
-    float d = fmaf(x_coef, xf, __fmul_rn(r.rstd, __fmul_rn(gf, w[e])));
-    if (r.grad_residual != nullptr) d = __fadd_rn(d, to_float(gres.v[e]));
+    float d = fmaf(x_coef, xf, __fmul_rn(rstd, __fmul_rn(gf, w[e])));
+    if (has_gres) d = __fadd_rn(d, to_float(gres.v[e]));
     out.v[e] = from_float<T>(d);
     if (want_dw) {
-      float xhat = __fmul_rn(xf, r.rstd);
+      float xhat = __fmul_rn(xf, rstd);
       if (cast) xhat = round_to<T>(xhat);
       dw[e] = fmaf(gf, xhat, dw[e]);
     }
   }
-  store_chunk<kAligned, N>(r.dx, c, n, out);
+  return out;
 }
 
-// N fp32 sums of chunk c in a workspace row, moved as 16-byte vectors (N is 4 or 8).
+// N fp32 sums of chunk c in a row of sums, moved as 16-byte vectors (N is 4 or 8).
 template <int N>
-__device__ __forceinline__ void load_sums(const float* ws_row, int64_t c, float (&s)[N]) {
+__device__ __forceinline__ void load_sums(const float* sums_row, int64_t c, float (&s)[N]) {
 #pragma unroll
   for (int q = 0; q < N / 4; ++q) {
-    const Vec<float> v = Vec<float>::load(ws_row + c * N + q * 4);
+    const Vec<float> v = Vec<float>::load(sums_row + c * N + q * 4);
 #pragma unroll
     for (int e = 0; e < 4; ++e) s[q * 4 + e] = v.v[e];
   }
 }
 template <int N>
-__device__ __forceinline__ void store_sums(float* ws_row, int64_t c, const float (&s)[N]) {
+__device__ __forceinline__ void store_sums(float* sums_row, int64_t c, const float (&s)[N]) {
 #pragma unroll
   for (int q = 0; q < N / 4; ++q) {
     Vec<float> v;
 #pragma unroll
     for (int e = 0; e < 4; ++e) v.v[e] = s[q * 4 + e];
-    v.store(ws_row + c * N + q * 4);
+    v.store(sums_row + c * N + q * 4);
   }
 }
 
-// Grid-stride over row blocks. With p.grad_weight, each group of threads adds g * xhat of its
-// rows into its own fp32 row of sums, each thread into the chunks it owns: in shared memory
-// (sums_in_smem: rows_per_cta x ws_stride floats, ws_stride = chunks * N) when that fits,
-// else straight into the CTA's workspace row (one row per CTA then). The CTA's result goes to
-// workspace[blockIdx.x]: its groups' rows added in group order.
-template <typename T, typename W, typename O, bool kAligned, int kCache>
+// One row of the backward as this thread sees it: its index (row 0 past the last row, which has
+// no chunks) and rstd. The rows' pointers are formed where they are used, from the kernel's
+// parameters, so that a row loaded ahead costs no registers for them.
+struct BwdRow {
+  int64_t row;
+  bool valid;
+  float rstd;
+};
+
+template <int N>
+__device__ __forceinline__ BwdRow bwd_row(const RMSNormBackwardParams& p, int64_t row_block, int group) {
+  const RowSlot slot = row_slot(row_block, group, p.rows, p.n, N);
+  const int64_t row = slot.valid ? slot.row : 0;
+  return {row, slot.valid, slot.valid ? static_cast<const float*>(p.rstd)[row] : 0.f};
+}
+
+// A chunk of an aligned row as the 16-byte vectors it is loaded in, kept packed (two bf16/fp16
+// elements a register) until it is used.
+template <typename E, int N>
+struct PackedChunk {
+  uint4 words[sizeof(E) * N / kVecBytes];
+
+  __device__ __forceinline__ static PackedChunk load(const E* row, int64_t c) {
+    PackedChunk out;
+#pragma unroll
+    for (int q = 0; q < int(sizeof(E)) * N / kVecBytes; ++q)
+      out.words[q] = *reinterpret_cast<const uint4*>(row + c * N + q * vec_elems<E>());
+    return out;
+  }
+  __device__ __forceinline__ Chunk<E, N> unpack() const {
+    Chunk<E, N> out;
+    static_assert(sizeof(out) == sizeof(words), "a chunk is whole 16-byte vectors");
+    memcpy(&out, words, sizeof(out));
+    return out;
+  }
+};
+
+// The chunks of g and x of one aligned row that a thread owns (lane + i * group, i < kCache).
+template <typename T, typename O, int N, int kCache>
+struct RowChunks {
+  PackedChunk<O, N> g[kCache];
+  PackedChunk<T, N> x[kCache];
+};
+
+template <typename T, typename O, int N, int kCache>
+__device__ __forceinline__ void load_row_chunks(const RMSNormBackwardParams& p, const BwdRow& r, int lane, int group,
+                                                int64_t n_chunks, RowChunks<T, O, N, kCache>& out) {
+  if (!r.valid) return;
+  const O* g = row_ptr<O>(p.grad_out, p.grad_out_stride, r.row);
+  const T* x = row_ptr<T>(p.x, p.x_stride, r.row);
+#pragma unroll
+  for (int i = 0; i < kCache; ++i) {
+    const int c = lane + i * group;
+    if (c < n_chunks) {
+      out.g[i] = PackedChunk<O, N>::load(g, c);
+      out.x[i] = PackedChunk<T, N>::load(x, c);
+    }
+  }
+}
+
+// Grid-stride over row blocks; every thread owns the same chunks of each of its rows. With
+// p.grad_weight, each group of threads sums g * xhat over its rows in row order, each thread for
+// the chunks it owns; the CTA's result goes to workspace[blockIdx.x], its groups' sums added in
+// group order (through shared memory, sums_in_smem: rows_per_cta x ws_stride floats, ws_stride =
+// chunks * N).
+//   kRowAhead (kCache = kRowAheadCache, aligned rows): a thread's chunks of g and x stay in
+//     registers between the dot and dx, and so do its dweight sums over all its rows. A row's g
+//     and x are loaded while the row before it is reduced and written: a group keeps a row's
+//     loads in flight through the whole of the row before, where it would otherwise have none
+//     from its loads' arrival to its next row. grad_residual (fused), which only dx reads, is
+//     loaded at the row's start.
+//   Else the row's chunks are loaded at its start, kept in registers (kCache > 0) or re-read
+//     (from L1/L2) for dx (kCache == 0: rows wider than the cache, unaligned rows), and the sums
+//     live in the CTA's shared memory or, when they do not fit it (one row per CTA then), in its
+//     workspace row.
+// The per-element arithmetic and the order of every sum are the same on every path, so the bits
+// do not depend on the row's alignment or on the kernel the launcher picks.
+template <typename T, typename W, typename O, bool kAligned, int kCache, bool kRowAhead>
 __global__ void __launch_bounds__(kMaxThreads, 1)
     rms_norm_bwd_kernel(const RMSNormBackwardParams p, const int group, float* __restrict__ workspace,
                         const int64_t ws_stride, const bool sums_in_smem) {
@@ -423,80 +493,157 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
   __shared__ float scratch[32];
   extern __shared__ float4 smem_sums[];  // float4: 16-byte aligned
   const bool want_dw = p.grad_weight != nullptr;
+  const bool has_gres = p.grad_residual != nullptr;
   const float inv_n = 1.f / float(p.n);
   const AppliedWeight<W> aw(p.weight, p.offset);
   const int rows_per_cta = blockDim.x / group;
   const int64_t n_row_blocks = (p.rows + rows_per_cta - 1) / rows_per_cta;
   const int64_t n_chunks = (p.n + N - 1) / N;
   const int lane = threadIdx.x % group;
-  float* ws_row = want_dw ? workspace + blockIdx.x * ws_stride : nullptr;
-  float* sums = sums_in_smem ? reinterpret_cast<float*>(smem_sums) + (threadIdx.x / group) * ws_stride : ws_row;
+  // The CTA's workspace row; this group's row of sums in shared memory (formed where used: no
+  // registers held through the row loop).
+  auto ws_row = [&] { return workspace + blockIdx.x * ws_stride; };
+  auto smem_row = [&] { return reinterpret_cast<float*>(smem_sums) + (threadIdx.x / group) * ws_stride; };
+  // Stage 2's reduction: the row's coefficient of x, identical in every lane.
+  auto x_coef_of = [&](const BwdRow& r, float dot) {
+    return -r.rstd * r.rstd * r.rstd * group_reduce_sum(dot, group, scratch) * inv_n;
+  };
+  // Stage 3 for one chunk: dx stored, g * xhat added to dw.
+  auto write_dx = [&](const BwdRow& r, int64_t c, const Chunk<O, N>& g, const Chunk<T, N>& x, const Chunk<T, N>& gres,
+                      float x_coef, float(&dw)[N]) {
+    float w[N];
+    aw.template load<kAligned, N>(c, p.n, w);
+    store_chunk<kAligned, N>(row_ptr<T>(p.grad_x, p.grad_x_stride, r.row), c, p.n,
+                             chunk_dx(w, g, x, has_gres, gres, r.rstd, x_coef, p.cast_before_weight, want_dw, dw));
+  };
+  auto dot_of_chunk = [&](int64_t c, const Chunk<O, N>& g, const Chunk<T, N>& x, float& dot) {
+    float w[N];
+    aw.template load<kAligned, N>(c, p.n, w);
+    add_dot(w, g, x, dot);
+  };
 
-  // Stage 0: zero the sums of the chunks this thread owns.
-  if (want_dw) {
-    const float zeros[N] = {};
-    for (int64_t c = lane; c < n_chunks; c += group) store_sums<N>(sums, c, zeros);
-  }
-
-  for (int64_t rb = blockIdx.x; rb < n_row_blocks; rb += gridDim.x) {
-    const RowSlot slot = row_slot(rb, group, p.rows, p.n, N);
-    const int64_t row = slot.valid ? slot.row : 0;
-    BwdRow<T, O> r{row_ptr<O>(p.grad_out, p.grad_out_stride, row), row_ptr<T>(p.x, p.x_stride, row),
-                   p.grad_residual != nullptr ? row_ptr<T>(p.grad_residual, p.grad_residual_stride, row) : nullptr,
-                   row_ptr<T>(p.grad_x, p.grad_x_stride, row), slot.valid ? static_cast<const float*>(p.rstd)[row] : 0.f};
-
-    // Stage 1: dot over the row (cached chunks stay for stage 3).
-    Chunk<O, N> g_cache[kCache > 0 ? kCache : 1];
-    Chunk<T, N> x_cache[kCache > 0 ? kCache : 1];
-    float dot = 0.f;
-    if constexpr (kCache > 0) {
+  if constexpr (kRowAhead) {
+    static_assert(kAligned && kCache > 0, "the row-ahead kernel holds 16-byte vectors of aligned rows");
+    float dw[kCache][N];
 #pragma unroll
-      for (int i = 0; i < kCache; ++i) {
-        const int64_t c = slot.lane + int64_t(i) * group;
-        if (c < slot.n_chunks) {
-          g_cache[i] = load_chunk<kAligned, N>(r.g, c, p.n);
-          x_cache[i] = load_chunk<kAligned, N>(r.x, c, p.n);
-          add_dot<kAligned, N>(aw, c, p.n, g_cache[i], x_cache[i], dot);
+    for (int i = 0; i < kCache; ++i)
+#pragma unroll
+      for (int e = 0; e < N; ++e) dw[i][e] = 0.f;
+
+    BwdRow r = bwd_row<N>(p, blockIdx.x, group), r_next{0, false, 0.f};
+    RowChunks<T, O, N, kCache> cur, next{};
+    load_row_chunks(p, r, lane, group, n_chunks, cur);
+    for (int64_t rb = blockIdx.x; rb < n_row_blocks; rb += gridDim.x) {
+      // Stage 1: the next row's chunks, in flight through this row's reduction and stores.
+      if (rb + gridDim.x < n_row_blocks) {
+        r_next = bwd_row<N>(p, rb + gridDim.x, group);
+        load_row_chunks(p, r_next, lane, group, n_chunks, next);
+      }
+      const int row_chunks = r.valid ? int(n_chunks) : 0;  // at most kCache x kMaxThreads
+      // grad_residual joins only dx: this row's, in flight through its reduction.
+      Chunk<T, N> gres[kCache];
+      if (has_gres) {
+        const T* gres_row = row_ptr<T>(p.grad_residual, p.grad_residual_stride, r.row);
+#pragma unroll
+        for (int i = 0; i < kCache; ++i) {
+          const int c = lane + i * group;
+          if (c < row_chunks) gres[i] = load_chunk<kAligned, N>(gres_row, c, p.n);
         }
       }
-    } else {
-#pragma unroll 1
-      for (int64_t c = slot.lane; c < slot.n_chunks; c += group)
-        add_dot<kAligned, N>(aw, c, p.n, load_chunk<kAligned, N>(r.g, c, p.n), load_chunk<kAligned, N>(r.x, c, p.n),
-                             dot);
-    }
 
-    // Stage 2: the row's coefficient of x, identical in every lane.
-    const float x_coef = -r.rstd * r.rstd * r.rstd * group_reduce_sum(dot, group, scratch) * inv_n;
-
-    // Stage 3: dx, and the dweight sums.
-    auto write = [&](int64_t c, const Chunk<O, N>& g, const Chunk<T, N>& x) {
-      float dw[N];
-      if (want_dw) load_sums<N>(sums, c, dw);
-      write_dx<kAligned, N>(r, aw, p.cast_before_weight, c, p.n, g, x, x_coef, want_dw, dw);
-      if (want_dw) store_sums<N>(sums, c, dw);
-    };
-    if constexpr (kCache > 0) {
+      // Stage 2: dot over the row.
+      float dot = 0.f;
 #pragma unroll
       for (int i = 0; i < kCache; ++i) {
-        const int64_t c = slot.lane + int64_t(i) * group;
-        if (c < slot.n_chunks) write(c, g_cache[i], x_cache[i]);
+        const int c = lane + i * group;
+        if (c < row_chunks) dot_of_chunk(c, cur.g[i].unpack(), cur.x[i].unpack(), dot);
       }
-    } else {
-#pragma unroll 1
-      for (int64_t c = slot.lane; c < slot.n_chunks; c += group)
-        write(c, load_chunk<kAligned, N>(r.g, c, p.n), load_chunk<kAligned, N>(r.x, c, p.n));
+      const float x_coef = x_coef_of(r, dot);
+
+      // Stage 3: dx, and the dweight sums.
+#pragma unroll
+      for (int i = 0; i < kCache; ++i) {
+        const int c = lane + i * group;
+        if (c < row_chunks) write_dx(r, c, cur.g[i].unpack(), cur.x[i].unpack(), gres[i], x_coef, dw[i]);
+      }
+      r = r_next;
+      cur = next;
     }
+
+    // Stage 4: the sums out of the registers; with one row per CTA they are the CTA's.
+    if (!want_dw) return;
+    float* dest = rows_per_cta == 1 ? ws_row() : smem_row();
+#pragma unroll
+    for (int i = 0; i < kCache; ++i) {
+      const int c = lane + i * group;
+      if (c < n_chunks) store_sums<N>(dest, c, dw[i]);
+    }
+    if (rows_per_cta == 1) return;
+  } else {
+    float* sums = want_dw ? (sums_in_smem ? smem_row() : ws_row()) : nullptr;
+    // Stage 0: zero the sums of the chunks this thread owns.
+    if (want_dw) {
+      const float zeros[N] = {};
+      for (int64_t c = lane; c < n_chunks; c += group) store_sums<N>(sums, c, zeros);
+    }
+    for (int64_t rb = blockIdx.x; rb < n_row_blocks; rb += gridDim.x) {
+      const BwdRow r = bwd_row<N>(p, rb, group);
+      const int64_t row_chunks = r.valid ? n_chunks : 0;
+      const O* g = row_ptr<O>(p.grad_out, p.grad_out_stride, r.row);
+      const T* x = row_ptr<T>(p.x, p.x_stride, r.row);
+      // Stages 1 and 2: the row's chunks (kept for stage 3 when cached) and dot.
+      Chunk<O, N> g_cache[kCache > 0 ? kCache : 1];
+      Chunk<T, N> x_cache[kCache > 0 ? kCache : 1];
+      float dot = 0.f;
+      if constexpr (kCache > 0) {
+#pragma unroll
+        for (int i = 0; i < kCache; ++i) {
+          const int64_t c = lane + int64_t(i) * group;
+          if (c < row_chunks) {
+            g_cache[i] = load_chunk<kAligned, N>(g, c, p.n);
+            x_cache[i] = load_chunk<kAligned, N>(x, c, p.n);
+            dot_of_chunk(c, g_cache[i], x_cache[i], dot);
+          }
+        }
+      } else {
+#pragma unroll 1
+        for (int64_t c = lane; c < row_chunks; c += group)
+          dot_of_chunk(c, load_chunk<kAligned, N>(g, c, p.n), load_chunk<kAligned, N>(x, c, p.n), dot);
+      }
+      const float x_coef = x_coef_of(r, dot);
+
+      // Stage 3: dx, and the dweight sums.
+      auto write = [&](int64_t c, const Chunk<O, N>& g_chunk, const Chunk<T, N>& x_chunk) {
+        Chunk<T, N> gres;
+        if (has_gres)
+          gres = load_chunk<kAligned, N>(row_ptr<T>(p.grad_residual, p.grad_residual_stride, r.row), c, p.n);
+        float dw[N];
+        if (want_dw) load_sums<N>(sums, c, dw);
+        write_dx(r, c, g_chunk, x_chunk, gres, x_coef, dw);
+        if (want_dw) store_sums<N>(sums, c, dw);
+      };
+      if constexpr (kCache > 0) {
+#pragma unroll
+        for (int i = 0; i < kCache; ++i) {
+          const int64_t c = lane + int64_t(i) * group;
+          if (c < row_chunks) write(c, g_cache[i], x_cache[i]);
+        }
+      } else {
+#pragma unroll 1
+        for (int64_t c = lane; c < row_chunks; c += group)
+          write(c, load_chunk<kAligned, N>(g, c, p.n), load_chunk<kAligned, N>(x, c, p.n));
+      }
+    }
+    if (!want_dw || !sums_in_smem) return;
   }
 
-  // Stage 4: the CTA's sums to its workspace row, groups added in order.
-  if (!want_dw || !sums_in_smem) return;
+  // Stage 5: the CTA's groups' sums, added in group order, to its workspace row.
   __syncthreads();
   const float* all_sums = reinterpret_cast<const float*>(smem_sums);
   for (int64_t j = threadIdx.x; j < ws_stride; j += blockDim.x) {
     float sum = all_sums[j];
     for (int gi = 1; gi < rows_per_cta; ++gi) sum = __fadd_rn(sum, all_sums[gi * ws_stride + j]);
-    ws_row[j] = sum;
+    ws_row()[j] = sum;
   }
 }
 
@@ -527,16 +674,27 @@ void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& op
   with_cache(layout.cache, [&]<int kCache>() {
     if constexpr (kCache <= kMaxCacheBwd) {
       using Kernel = void (*)(const RMSNormBackwardParams, const int, float*, const int64_t, const bool);
-      const Kernel aligned_kernel = &rms_norm_bwd_kernel<T, W, O, true, kCache>;
-      const Kernel unaligned_kernel = &rms_norm_bwd_kernel<T, W, O, false, 0>;
+      const Kernel unaligned_kernel = &rms_norm_bwd_kernel<T, W, O, false, 0, false>;
       const bool sums_in_smem = want_dw && rows_per_cta * ws_stride * int64_t(sizeof(float)) <= kMaxSmemSums;
       // Short rows need a row of sums per group, which only shared memory holds.
       TORCH_CHECK(!want_dw || rows_per_cta == 1 || sums_in_smem, "rms_norm_backward: ", rows_per_cta,
                   " rows of ", ws_stride, " sums exceed the shared memory budget");
       const size_t smem = sums_in_smem ? rows_per_cta * ws_stride * sizeof(float) : 0;
+      Kernel aligned_kernel = &rms_norm_bwd_kernel<T, W, O, true, kCache, false>;
+      Residency fit_aligned = kernel_residency(aligned_kernel, layout.threads, smem);
+      if constexpr (kCache == kRowAheadCache) {
+        // A CTA with its next row in flight moves a row per load latency, two CTAs that wait for
+        // their rows' loads move two per latency and reduction: the row-ahead kernel (more
+        // registers) only where it keeps as many CTAs per SM.
+        const Kernel row_ahead_kernel = &rms_norm_bwd_kernel<T, W, O, true, kCache, true>;
+        const Residency fit_row_ahead = kernel_residency(row_ahead_kernel, layout.threads, smem);
+        if (fit_row_ahead.ctas_per_sm >= fit_aligned.ctas_per_sm) {
+          aligned_kernel = row_ahead_kernel;
+          fit_aligned = fit_row_ahead;
+        }
+      }
       // The grid, and with it the dweight summation order, must not depend on the alignment:
       // size it for whichever of the two kernels fits fewer CTAs per SM.
-      const Residency fit_aligned = kernel_residency(aligned_kernel, layout.threads, smem);
       const Residency fit_unaligned = kernel_residency(unaligned_kernel, layout.threads, smem);
       const int ctas_per_sm = std::min(fit_aligned.ctas_per_sm, fit_unaligned.ctas_per_sm);
       TORCH_CHECK(ctas_per_sm > 0, "rms_norm_backward: the kernel does not fit an SM (", layout.threads,
