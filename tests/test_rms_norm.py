@@ -547,6 +547,14 @@ def test_variants_bad_input():
 # ---- layout independence ----------------------------------------------------------------------
 
 
+def misaligned(t):
+    """The rows of t, copied into a buffer one element wider and viewed from its second element:
+    off their 16-byte alignment (the first row one element past it)."""
+    wide = torch.empty(t.shape[0], t.shape[1] + 1, device=t.device, dtype=t.dtype)
+    wide[:, 1:] = t
+    return wide[:, 1:]
+
+
 @pytest.mark.parametrize("device,dtype", device_dtype_params(CUDA_DTYPES))
 @pytest.mark.parametrize("hidden", [128, 1024, 4096, 16384, 65536])
 @pytest.mark.parametrize("offset,cast_before_weight", [VARIANTS[0], VARIANTS[2]])
@@ -555,11 +563,6 @@ def test_misaligned_rows_give_the_same_bits(device, dtype, hidden, offset, cast_
     exactly the bits of its contiguous copy (the vectorized path): forward, fused, in place and
     backward (dx and dweight), for short (per-row warp), register-cached and looped rows."""
     rows = 3 if hidden >= 16384 else 37
-    def misaligned(t):
-        wide = torch.empty(t.shape[0], t.shape[1] + 1, device=device, dtype=t.dtype)
-        wide[:, 1:] = t
-        return wide[:, 1:]
-
     x, r = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
     g, g_res = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
     w = make((hidden,), device, dtype)
@@ -594,11 +597,6 @@ def test_backward_over_many_rows_per_cta(device, dtype, rows, hidden, offset, ca
     registers over all its rows. dx and dweight, plain and with the fused add's residual gradient,
     for each weight dtype, match float64, and the same rows one element off their alignment (the
     element-wise kernel, its sums in memory, a row's loads at its start) give the same bits."""
-    def misaligned(t):
-        wide = torch.empty(t.shape[0], t.shape[1] + 1, device=device, dtype=t.dtype)
-        wide[:, 1:] = t
-        return wide[:, 1:]
-
     x, g_res = make((rows, hidden), device, dtype), make((rows, hidden), device, dtype)
     args = (1e-6, offset, cast_before_weight)
     for weight_dtype in weight_dtypes(dtype):
