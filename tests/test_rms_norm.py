@@ -381,10 +381,9 @@ def test_backward_over_chunks_of_several_rows(device, dtype, offset, cast_before
         plain = [t.detach().double().requires_grad_() for t in (x, weight)]
         rms_norm_reference(*plain, 1e-6, offset).backward(g_y.double())
         # dweight (2 and 4) sums `rows` products, each of an xhat rounded to dtype when cast first:
-        # their rounding errors grow as sqrt(rows), from the 30-row tests' scale of 16.
-        dweight_scale = 16.0 * (rows / 30) ** 0.5
+        # the 30-row tests' scale of 16 holds here too (on the CPU these cases need at most 5.1).
         for i, (g, ref) in enumerate(zip(got, [t.grad for t in fused + plain])):
-            assert_close(g, ref, dtype, scale=dweight_scale if i in (2, 4) else 8.0)
+            assert_close(g, ref, dtype, scale=16.0 if i in (2, 4) else 8.0)
         if device == "cpu" and hidden >= 769:  # narrower rows stay on one thread
             for threads in (1, 3):
                 assert all(torch.equal(a, b) for a, b in zip(grads(threads), got))
@@ -612,4 +611,6 @@ def test_backward_over_many_rows_per_cta(device, dtype, rows, hidden, offset, ca
                 cast_before_weight)
             assert torch.equal(dx_s, dx) and torch.equal(dw_s, dw)
             assert_close(dx, x64.grad + (0.0 if gres is None else gres.double()), dtype, scale=8.0)
-            assert_close(dw, w64.grad, dtype, scale=16.0 * (rows / 30) ** 0.5)  # as in the chunk test
+            # dweight sums up to 20003 products of an xhat rounded to dtype (cast first) against
+            # float64's exact ones: on the CPU these cases need an absolute scale of at most 29.
+            assert_close(dw, w64.grad, dtype, scale=64.0)
