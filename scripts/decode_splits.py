@@ -4,7 +4,7 @@ to the launcher's own choice, with and without the launch overlap (LLAMA_EXT_CUD
 off), as the benchmark times CUDA calls (benchmarks/harness.py: L2 evicted before each call). A
 table of µs per call and the K/V bytes' share of the copy ceiling, measured in the same run: the
 measurements that tune the split rule in csrc/cuda/kvcache_attention.cu and judge the overlap.
-`make gpu-profile` runs it last (its group `splits`); alone, on a GPU with an in-place build:
+`make gpu-profile` runs it (its group `splits`); alone, on a GPU with an in-place build:
 
     python3 scripts/decode_splits.py [--splits 1,2,4,...] [--rep-ms 100]
 

@@ -179,6 +179,52 @@ def test_attention_kernels_do_not_spill(sass_by_arch, arch, kernel):
         assert not re.search(r"\b(STL|LDL)\b", body), f"{arch} {name} spills to local memory"
 
 
+# The RMSNorm kernels that keep a thread's chunks of a row in registers (csrc/cuda/rms_norm.cu,
+# <T, W, O, aligned, cache[, plain]>) issue every load of those chunks before the first FFMA that
+# uses one: in the forward x and residual, one 16-byte load each a chunk; in the plain backward g
+# (sizeof(O) / sizeof(T) loads a chunk) and x, and at least the first chunk's weight. Loading a
+# chunk and using it before loading the next leaves one chunk a thread in flight.
+RMS_NORM_CACHED_KERNELS = {
+    r"rms_norm_fwd_kernelI(\w+?)Lb1ELi([1-9])EEE": lambda cache, t, w, o: 2 * cache,
+    r"rms_norm_bwd_kernelI(\w+?)Lb1ELi([1-9])ELb0EE": lambda cache, t, w, o: cache * (o // t + 1) + w // t,
+}
+
+
+def _rms_norm_dtype_sizes(mangled):
+    """Element sizes of <T, W, O> mangled as a length-prefixed name (__nv_bfloat16, __half), f
+    (float), or a substitution S<n>_ (T again: the only named type before it)."""
+    sizes, rest = [], mangled
+    while rest:
+        named = re.match(r"(\d+)", rest)
+        if named:
+            sizes.append(2)
+            rest = rest[named.end() + int(named.group(1)):]
+        elif rest[0] == "f":
+            sizes.append(4)
+            rest = rest[1:]
+        else:
+            substitution = re.match(r"S\d*_", rest)
+            assert substitution and sizes, f"{mangled}: unexpected {rest!r}"
+            sizes.append(sizes[0])
+            rest = rest[substitution.end():]
+    assert len(sizes) == 3, f"{mangled}: not three dtypes"
+    return sizes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", sorted(RMS_NORM_CACHED_KERNELS))
+def test_rms_norm_row_loads_precede_their_use(sass_by_arch, arch, kernel):
+    functions = _functions(_sass_for(sass_by_arch, arch))
+    found = {(m.group(1), int(m.group(2))): body for n, body in functions.items() for m in [re.search(kernel, n)] if m}
+    caches = (1, 2, 4, 8) if "fwd" in kernel else (1, 2, 4)
+    assert {c for _, c in found} == set(caches) and len(found) == 7 * len(caches), (
+        f"{arch}: {sorted(found)} are not the 7 dtype combinations of each of the caches {caches}")
+    for (types, cache), body in found.items():
+        expected = RMS_NORM_CACHED_KERNELS[kernel](cache, *_rms_norm_dtype_sizes(types))
+        ahead = len(re.findall(r"\bLDG\.E\.128\b", body.split("FFMA")[0]))
+        assert ahead >= expected, f"{arch} {kernel} <{types}, cache {cache}>: {ahead} 16-byte loads before the first FFMA"
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_attention_softcap_uses_no_approximate_tanh(sass_by_arch, arch):
     # --use_fast_math would turn tanhf into MUFU.TANH (~2^-11 relative error): the softcap's

@@ -243,7 +243,8 @@ def test_targets_read_the_run_and_derive_the_backward():
 def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
     """`make gpu-profile` (scripts/gpu_profile.sh) without a GPU: ncu a stub, the cases of
     scripts/profile_cases.py at their --smoke shapes on the CPU kernels, one report per group,
-    then the decode split sweep's table (scripts/decode_splits.py) with a row per decode case."""
+    then the decode split sweep's table (scripts/decode_splits.py) with a row per decode case and
+    the RMSNorm backward's kernel table (scripts/row_ahead.py)."""
     env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable,
                PYTHONPATH=str(ROOT))
     listing = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_cases.py"), "--list"], cwd=ROOT,
@@ -252,12 +253,31 @@ def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_profile.sh")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"ncu_{g}.txt" for g in groups] + ["decode_splits.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"ncu_{g}.txt" for g in groups] + ["decode_splits.txt", "row_ahead.txt"])
     for group, cases in groups.items():
         report = (tmp_path / f"ncu_{group}.txt").read_text()
         assert re.findall(r"^case (\S+)$", report, re.M) == cases.split(), report[-2000:]
     splits = (tmp_path / "decode_splits.txt").read_text()
     assert re.findall(r"^\| (decode_\S+) \|", splits, re.M) == groups["decode"].split(), splits[-2000:]
+    row_ahead = (tmp_path / "row_ahead.txt").read_text()
+    assert len(re.findall(r"^\| (?:fused_add_)?rms_norm \d+x\d+ ", row_ahead, re.M)) == 8, row_ahead[-2000:]
+
+
+def test_row_ahead_table_on_the_cpu():
+    """scripts/row_ahead.py at its --smoke shapes on the CPU kernels: a row per shape, dtype and
+    form (plain, fused), each with three cells (time and share of the copy ceiling): the
+    launcher's choice, the plain kernel and the row-ahead kernel."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "row_ahead.py"), "--device", "cpu", "--smoke", "--rep-ms", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\| (fused_add_)?rms_norm ", line)]
+    assert [row.split(" | ")[0][2:] for row in rows] == [
+        f"{form} {shape} {dtype}" for shape in ("64x256", "96x48") for dtype in ("bfloat16", "float32")
+        for form in ("rms_norm", "fused_add_rms_norm")], proc.stdout
+    for row in rows:
+        assert len(re.findall(r"\d+\.\d us \d+%", row)) == 3, row
 
 
 def test_decode_splits_table_on_the_cpu():

@@ -591,7 +591,7 @@ def test_backward_over_many_rows_per_cta(device, dtype, rows, hidden, offset, ca
     """Enough rows that every CUDA CTA takes several row blocks, the short rows' last one partial.
     These widths are two chunks a thread in bf16/fp16 (short rows of 384, long rows of 1536 and
     4096), where the launcher takes the row-ahead kernel if it fits as many CTAs per SM as the
-    plain one (on sm_90: every bf16/fp16 case at 384 and 4096; fp32 and some of 1536 stay plain):
+    plain one (on sm_90: every bf16/fp16 case at 384 and 4096; fp32 and 1536 stay plain):
     it loads each row while the one before is reduced and written, and keeps dweight's sums in
     registers over all its rows. dx and dweight, plain and with the fused add's residual gradient,
     for each weight dtype, match float64, and the same rows one element off their alignment (the
@@ -614,3 +614,45 @@ def test_backward_over_many_rows_per_cta(device, dtype, rows, hidden, offset, ca
             # dweight sums up to 20003 products of an xhat rounded to dtype (cast first) against
             # float64's exact ones: on the CPU these cases need an absolute scale of at most 29.
             assert_close(dw, w64.grad, dtype, scale=64.0)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_ROW_AHEAD steers the CUDA launcher")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("rows,hidden", [(20003, 384), (3000, 1536), (3000, 4096)])
+def test_backward_kernel_override_keeps_the_bits_on_cuda(monkeypatch, dtype, rows, hidden):
+    """LLAMA_EXT_CUDA_ROW_AHEAD=0 (the plain kernel) and =1 (the row-ahead kernel wherever the
+    layout has one) run on the launcher's own grid, so dx and dweight keep the bits of the
+    launcher's choice, plain and fused, with either weight dtype; in fp32 at 4096, where sm_90's
+    rule keeps the plain kernel, =1 runs the row-ahead one on a grid sized for more CTAs than fit
+    at once."""
+    x, g_res = make((rows, hidden), "cuda", dtype), make((rows, hidden), "cuda", dtype)
+    for weight_dtype in weight_dtypes(dtype):
+        w = make((hidden,), "cuda", weight_dtype, scale=0.5)
+        g = make((rows, hidden), "cuda", expected_out_dtype(dtype, weight_dtype, True))
+        rstd = torch.ops.llama_ext.rms_norm(x, w, 1e-6)[1]
+        for gres in (None, g_res):
+            results = {}
+            for setting in (None, "0", "1"):
+                if setting is None:
+                    monkeypatch.delenv("LLAMA_EXT_CUDA_ROW_AHEAD", raising=False)
+                else:
+                    monkeypatch.setenv("LLAMA_EXT_CUDA_ROW_AHEAD", setting)
+                results[setting] = torch.ops.llama_ext.rms_norm_backward(g, x, w, rstd, gres, True, 0.0, True)
+            for setting in ("0", "1"):
+                assert all(torch.equal(mine, auto) for mine, auto in zip(results[setting], results[None])), setting
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_ROW_AHEAD steers the CUDA launcher")
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+def test_backward_kernel_override_refuses_other_values_on_cuda(monkeypatch, dtype):
+    """A LLAMA_EXT_CUDA_ROW_AHEAD other than 0 or 1 raises, naming the variable, in every backward
+    call: rows with a row-ahead kernel (4096) and without one (64, 20000: cache 1, loop)."""
+    for hidden in (4096, 64, 20000):
+        x, g = make((8, hidden), "cuda", dtype), make((8, hidden), "cuda", dtype)
+        w = make((hidden,), "cuda", dtype)
+        rstd = torch.ops.llama_ext.rms_norm(x, w, 1e-6)[1]
+        for bad in ("2", "yes", ""):
+            monkeypatch.setenv("LLAMA_EXT_CUDA_ROW_AHEAD", bad)
+            with pytest.raises(ValueError, match="LLAMA_EXT_CUDA_ROW_AHEAD must be 0 or 1"):
+                torch.ops.llama_ext.rms_norm_backward(g, x, w, rstd, None, True, 0.0, True)
+        monkeypatch.delenv("LLAMA_EXT_CUDA_ROW_AHEAD")

@@ -15,7 +15,12 @@
 // A thread keeps its chunks in registers (kCache per thread, the next power of two of what the
 // layout gives it: 1, 2, 4 or 8) so x (and residual, g) are read from DRAM once; rows wider than
 // the cache (forward: 4096 chunks, 32768 bf16 / 16384 fp32; backward: 2048 chunks) and the
-// unaligned kernels loop and re-read the row from L1/L2 in the second pass.
+// unaligned kernels loop and re-read the row from L1/L2 in the second pass. A thread issues every
+// load of its cached chunks of a row before it uses any: a use between two loads makes the second
+// wait for the first's round trip. Loading a chunk and using it before loading the next left a
+// thread one chunk in flight at a time: the forward at 2802fae (one LDG.E.128 before the first
+// FFMA on its plain path) reached 76% of copy at 32768 x 4096 bf16 on the H200, while its fused
+// form, whose x and residual chunks went out together, reached 91%.
 //
 // Forward, per row: s = x (or round(x + residual), written to residual_out), rstd =
 // rsqrt(sum(s^2)/n + eps), y = round_out(w' * [round_in](s * rstd)), w' = offset + w (see
@@ -45,30 +50,34 @@
 // dtype combinations, sm_80 / sm_90; 128 B static shared memory (block reduction), plus for the
 // backward's dweight sums up to 32 KB dynamic. Occupancy: resident warps of 64 at the highest
 // count, for 256-thread CTAs (short rows) / the 512-thread worst case of long rows.
-//   forward  aligned   cache 1:  23-32 / 24-32    100% / 100%
-//   forward  aligned   cache 2:  30-34 / 30-40     75% /  75%
-//   forward  aligned   cache 4:  44-52 / 44-64     50% /  50%
-//   forward  aligned   cache 8:  64-72 / 64-105    25% /  25%
-//   forward  aligned   loop:     32-39 / 32-40     75% /  75%
-//   forward  unaligned loop:     40-64 / 32-64     50% /  50%
-//   backward aligned   cache 1:  48-72 / 48-93     25% /  25%
-//   backward aligned   cache 2:  62-94 / 62-114    25% /  25%
+//   forward  aligned   cache 1:  24-31 / 23-33     75% /  75%
+//   forward  aligned   cache 2:  32-35 / 32-44     62% /  50%   (bf16 input and weight: 35 / 40)
+//   forward  aligned   cache 4:  53-54 / 52-66     37% /  25%
+//   forward  aligned   cache 8:  94-98 / 94-116    25% /  25%
+//   forward  aligned   loop:     32-40 / 32-45     62% /  50%
+//   forward  unaligned loop:     36-54 / 34-62     50% /  50%
+//   backward aligned   cache 1:  48-72 / 48-80     37% /  25%
+//   backward aligned   cache 2:  70-96 / 64-96     25% /  25%
 //   backward row-ahead cache 2:  87-126 / 88-128   25% /  25%   (two rows' g and x, and the sums)
-//   backward aligned   cache 4:  90-126 / 91-127   25% /  25%
+//   backward aligned   cache 4:  112-127 / 106-128 25% /  25%
 //   backward aligned   loop:     54-72 / 56-79     37% /  25%
 //   backward unaligned loop:     55-96 / 55-96     25% /  25%
 //   reduce_dweight:              24 / 28
-// No spills in any of the 87 kernels on sm_80 to sm_90 (the backward's explicit minimum of one CTA
-// per SM keeps ptxas from trading a spill for 64 registers). On sm_120, the forward's aligned
-// loop kernels for bf16 input keep one 8-byte value in local memory (stored before the first pass
-// over the row, loaded once after its reduction) and the backward's cache-4 kernels for bf16
-// input spill (20-26 bytes stored, 20-30 loaded). tests/test_attention_sass.py checks that the
-// row-ahead kernels touch no local memory on any architecture. Every aligned kernel moves rows
-// with LDG.E.128 / STG.E.128 (cuobjdump -sass).
+// The forward's plain and fused forms share their kernels, so the plain form holds registers for
+// the residual it never loads. No spills in the 87 kernels on sm_80 to sm_120 (the backward's
+// explicit minimum of one CTA per SM keeps ptxas from trading a spill for 64 registers) but one:
+// on sm_90 the forward's cache-4 kernel for bf16 input, fp32 weight and bf16 output keeps an
+// 8-byte value in local memory (stored once, loaded twice, no loop), which holds it at 64
+// registers, two 512-thread CTAs per SM; allowed 66 it fits one. tests/test_attention_sass.py
+// checks that the row-ahead kernels touch no local memory on any architecture, and that the
+// cached kernels issue their row's loads first. Every aligned kernel moves rows with LDG.E.128 /
+// STG.E.128 (cuobjdump -sass).
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
 
+#include <cstdlib>
 #include <limits>
+#include <string_view>
 
 #include "../rms_norm.h"
 #include "common.cuh"
@@ -189,6 +198,27 @@ __device__ __forceinline__ void store_chunk(E* row, int64_t c, int64_t n, const 
   }
 }
 
+// A chunk of an aligned row as the 16-byte vectors it is loaded in, kept packed (two bf16/fp16
+// elements a register) until it is used.
+template <typename E, int N>
+struct PackedChunk {
+  uint4 words[sizeof(E) * N / kVecBytes];
+
+  __device__ __forceinline__ static PackedChunk load(const E* row, int64_t c) {
+    PackedChunk out;
+#pragma unroll
+    for (int q = 0; q < int(sizeof(E)) * N / kVecBytes; ++q)
+      out.words[q] = *reinterpret_cast<const uint4*>(row + c * N + q * vec_elems<E>());
+    return out;
+  }
+  __device__ __forceinline__ Chunk<E, N> unpack() const {
+    Chunk<E, N> out;
+    static_assert(sizeof(out) == sizeof(words), "a chunk is whole 16-byte vectors");
+    memcpy(&out, words, sizeof(out));
+    return out;
+  }
+};
+
 // The weight applied, offset + weight[j] (ones without a weight), as fp32.
 template <typename W>
 struct AppliedWeight {
@@ -233,12 +263,12 @@ struct FwdRow {
 
 // Stage 1: chunk c of s = x or round(x + residual) (stored to residual_out); adds its squares.
 template <bool kAligned, int N, typename T>
-__device__ __forceinline__ Chunk<T, N> load_input(const FwdRow<T>& r, int64_t c, int64_t n, float& sum_sq) {
-  Chunk<T, N> s = load_chunk<kAligned, N>(r.x, c, n);
+__device__ __forceinline__ Chunk<T, N> sum_input(const FwdRow<T>& r, int64_t c, int64_t n, const Chunk<T, N>& x,
+                                                 const Chunk<T, N>& residual, float& sum_sq) {
+  Chunk<T, N> s = x;
   if (r.residual != nullptr) {
-    const Chunk<T, N> res = load_chunk<kAligned, N>(r.residual, c, n);
 #pragma unroll
-    for (int e = 0; e < N; ++e) s.v[e] = from_float<T>(__fadd_rn(to_float(s.v[e]), to_float(res.v[e])));
+    for (int e = 0; e < N; ++e) s.v[e] = from_float<T>(__fadd_rn(to_float(x.v[e]), to_float(residual.v[e])));
     store_chunk<kAligned, N>(r.residual_out, c, n, s);
   }
 #pragma unroll
@@ -280,13 +310,30 @@ __global__ void __launch_bounds__(kMaxThreads) rms_norm_fwd_kernel(const RMSNorm
   Chunk<T, N> cache[kCache > 0 ? kCache : 1];
   float sum_sq = 0.f;
   if constexpr (kCache > 0) {
+    // Every load of the row is issued before any is used (a use between two loads would make the
+    // second wait for the first's round trip), and kept packed as loaded until used.
+    static_assert(kAligned, "register-cached rows are aligned");
+    PackedChunk<T, N> x[kCache], residual[kCache];
 #pragma unroll
     for (int i = 0; i < kCache; ++i) {
       const int64_t c = slot.lane + int64_t(i) * group;
-      if (c < slot.n_chunks) cache[i] = load_input<kAligned, N>(r, c, p.n, sum_sq);
+      if (c < slot.n_chunks) {
+        x[i] = PackedChunk<T, N>::load(r.x, c);
+        if (r.residual != nullptr) residual[i] = PackedChunk<T, N>::load(r.residual, c);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kCache; ++i) {
+      const int64_t c = slot.lane + int64_t(i) * group;
+      if (c < slot.n_chunks) cache[i] = sum_input<kAligned, N>(r, c, p.n, x[i].unpack(), residual[i].unpack(), sum_sq);
     }
   } else {
-    for (int64_t c = slot.lane; c < slot.n_chunks; c += group) load_input<kAligned, N>(r, c, p.n, sum_sq);
+    for (int64_t c = slot.lane; c < slot.n_chunks; c += group) {
+      const Chunk<T, N> x = load_chunk<kAligned, N>(r.x, c, p.n);
+      Chunk<T, N> residual;
+      if (r.residual != nullptr) residual = load_chunk<kAligned, N>(r.residual, c, p.n);
+      sum_input<kAligned, N>(r, c, p.n, x, residual, sum_sq);
+    }
   }
 
   // Stage 2: the row's rstd, identical in every lane.
@@ -423,27 +470,6 @@ __device__ __forceinline__ BwdRow bwd_row(const RMSNormBackwardParams& p, int64_
   const int64_t row = slot.valid ? slot.row : 0;
   return {row, slot.valid, slot.valid ? static_cast<const float*>(p.rstd)[row] : 0.f};
 }
-
-// A chunk of an aligned row as the 16-byte vectors it is loaded in, kept packed (two bf16/fp16
-// elements a register) until it is used.
-template <typename E, int N>
-struct PackedChunk {
-  uint4 words[sizeof(E) * N / kVecBytes];
-
-  __device__ __forceinline__ static PackedChunk load(const E* row, int64_t c) {
-    PackedChunk out;
-#pragma unroll
-    for (int q = 0; q < int(sizeof(E)) * N / kVecBytes; ++q)
-      out.words[q] = *reinterpret_cast<const uint4*>(row + c * N + q * vec_elems<E>());
-    return out;
-  }
-  __device__ __forceinline__ Chunk<E, N> unpack() const {
-    Chunk<E, N> out;
-    static_assert(sizeof(out) == sizeof(words), "a chunk is whole 16-byte vectors");
-    memcpy(&out, words, sizeof(out));
-    return out;
-  }
-};
 
 // The chunks of g and x of one aligned row that a thread owns (lane + i * group, i < kCache).
 template <typename T, typename O, int N, int kCache>
@@ -591,19 +617,17 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
       const int64_t row_chunks = r.valid ? n_chunks : 0;
       const O* g = row_ptr<O>(p.grad_out, p.grad_out_stride, r.row);
       const T* x = row_ptr<T>(p.x, p.x_stride, r.row);
-      // Stages 1 and 2: the row's chunks (kept for stage 3 when cached) and dot.
-      Chunk<O, N> g_cache[kCache > 0 ? kCache : 1];
-      Chunk<T, N> x_cache[kCache > 0 ? kCache : 1];
+      // Stages 1 and 2: the row's chunks (kept for stage 3 when cached) and dot. Cached, every
+      // load of the row is issued before any is used (a use between two loads would make the
+      // second wait for the first's round trip).
+      RowChunks<T, O, N, (kCache > 0 ? kCache : 1)> cached;
       float dot = 0.f;
       if constexpr (kCache > 0) {
+        load_row_chunks(p, r, lane, group, n_chunks, cached);
 #pragma unroll
         for (int i = 0; i < kCache; ++i) {
           const int64_t c = lane + int64_t(i) * group;
-          if (c < row_chunks) {
-            g_cache[i] = load_chunk<kAligned, N>(g, c, p.n);
-            x_cache[i] = load_chunk<kAligned, N>(x, c, p.n);
-            dot_of_chunk(c, g_cache[i], x_cache[i], dot);
-          }
+          if (c < row_chunks) dot_of_chunk(c, cached.g[i].unpack(), cached.x[i].unpack(), dot);
         }
       } else {
 #pragma unroll 1
@@ -626,7 +650,7 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 #pragma unroll
         for (int i = 0; i < kCache; ++i) {
           const int64_t c = lane + int64_t(i) * group;
-          if (c < row_chunks) write(c, g_cache[i], x_cache[i]);
+          if (c < row_chunks) write(c, cached.g[i].unpack(), cached.x[i].unpack());
         }
       } else {
 #pragma unroll 1
@@ -645,6 +669,23 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
     for (int gi = 1; gi < rows_per_cta; ++gi) sum = __fadd_rn(sum, all_sums[gi * ws_stride + j]);
     ws_row()[j] = sum;
   }
+}
+
+// The backward launcher runs its row-ahead kernel where it fits as many CTAs per SM as the plain
+// kernel: a CTA with its next row in flight moves a row per load latency; two CTAs that each wait
+// for their row's loads move two rows per latency plus reduction, so the row-ahead kernel (more
+// registers) must not cost a CTA. LLAMA_EXT_CUDA_ROW_AHEAD=1 runs it wherever the layout has one,
+// 0 never, on the rule's grid either way, so every result keeps its bits: for tests of both
+// kernels on one GPU and for measuring the rule side by side (scripts/row_ahead.py). Read at each
+// call, before anything is launched.
+enum class RowAheadOverride { kNone, kNever, kAlways };
+
+RowAheadOverride row_ahead_override() {
+  const char* forced = std::getenv("LLAMA_EXT_CUDA_ROW_AHEAD");
+  if (forced == nullptr) return RowAheadOverride::kNone;
+  const std::string_view value(forced);
+  TORCH_CHECK_VALUE(value == "0" || value == "1", "LLAMA_EXT_CUDA_ROW_AHEAD must be 0 or 1, got '", value, "'");
+  return value == "1" ? RowAheadOverride::kAlways : RowAheadOverride::kNever;
 }
 
 // dweight[j] = sum over CTAs b of workspace[b, j], in order b = 0, 1, ...: deterministic.
@@ -667,6 +708,7 @@ void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& op
                        (p.weight == nullptr || is_aligned(p.weight, kVecBytes)) &&
                        (p.grad_residual == nullptr ||
                         rows_vectorizable(p.grad_residual, p.grad_residual_stride, p.n, sizeof(T)));
+  const RowAheadOverride forced = row_ahead_override();
   const RowLayout layout = row_layout(p.n, N, kMaxCacheBwd);
   const int rows_per_cta = layout.rows_per_cta();
   const bool want_dw = p.grad_weight != nullptr;
@@ -683,18 +725,15 @@ void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& op
       Kernel aligned_kernel = &rms_norm_bwd_kernel<T, W, O, true, kCache, false>;
       Residency fit_aligned = kernel_residency(aligned_kernel, layout.threads, smem);
       if constexpr (kCache == kRowAheadCache) {
-        // A CTA with its next row in flight moves a row per load latency, two CTAs that wait for
-        // their rows' loads move two per latency and reduction: the row-ahead kernel (more
-        // registers) only where it keeps as many CTAs per SM.
         const Kernel row_ahead_kernel = &rms_norm_bwd_kernel<T, W, O, true, kCache, true>;
         const Residency fit_row_ahead = kernel_residency(row_ahead_kernel, layout.threads, smem);
-        if (fit_row_ahead.ctas_per_sm >= fit_aligned.ctas_per_sm) {
+        const bool by_rule = fit_row_ahead.ctas_per_sm >= fit_aligned.ctas_per_sm;
+        if (by_rule) fit_aligned = fit_row_ahead;  // the grid follows the rule, never the override
+        if (forced == RowAheadOverride::kAlways || (forced == RowAheadOverride::kNone && by_rule))
           aligned_kernel = row_ahead_kernel;
-          fit_aligned = fit_row_ahead;
-        }
       }
-      // The grid, and with it the dweight summation order, must not depend on the alignment:
-      // size it for whichever of the two kernels fits fewer CTAs per SM.
+      // The grid, and with it the dweight summation order, must not depend on the alignment (or
+      // on LLAMA_EXT_CUDA_ROW_AHEAD): size it for whichever kernel fits fewer CTAs per SM.
       const Residency fit_unaligned = kernel_residency(unaligned_kernel, layout.threads, smem);
       const int ctas_per_sm = std::min(fit_aligned.ctas_per_sm, fit_unaligned.ctas_per_sm);
       TORCH_CHECK(ctas_per_sm > 0, "rms_norm_backward: the kernel does not fit an SM (", layout.threads,
