@@ -1,15 +1,17 @@
 """The decode targets' shapes (scripts/profile_cases.py's decode group: batch 1 and 32, context
 8192, contiguous and paged) timed at forced key split counts (LLAMA_EXT_CUDA_DECODE_SPLITS) next
 to the launcher's own choice, with and without the launch overlap (LLAMA_EXT_CUDA_PDL=0 turns it
-off), as the benchmark times CUDA calls (benchmarks/harness.py: L2 evicted before each call). A
-table of µs per call and the K/V bytes' share of the copy ceiling, measured in the same run: the
-measurements that tune the split rule in csrc/cuda/kvcache_attention.cu and judge the overlap.
+off), and with the attend kernel's ring of two stages and its deep ring of three at head dim 128
+(LLAMA_EXT_CUDA_DECODE_DEEP_RING=0 / 1), as the benchmark times CUDA calls (benchmarks/harness.py:
+L2 evicted before each call). A table of µs per call and the K/V bytes' share of the copy
+ceiling, measured in the same run: the measurements that tune the split rule in
+csrc/cuda/kvcache_attention.cu and judge the overlap and the deep ring.
 `make gpu-profile` runs it (its group `splits`); alone, on a GPU with an in-place build:
 
     python3 scripts/decode_splits.py [--splits 1,2,4,...] [--rep-ms 100]
 
 --device cpu --smoke runs the same flow on small shapes (the CPU test of this file); the CPU
-kernels ignore both variables, so every column there times the same calls.
+kernels ignore these variables, so every column there times the same calls.
 """
 import argparse
 import os
@@ -23,6 +25,7 @@ from scripts import profile_cases  # noqa: E402
 
 VARIABLE = "LLAMA_EXT_CUDA_DECODE_SPLITS"
 NO_OVERLAP = ("LLAMA_EXT_CUDA_PDL", "0")
+DEEP_RING = "LLAMA_EXT_CUDA_DECODE_DEEP_RING"
 DEFAULT_SPLITS = (1, 2, 3, 4, 6, 8, 16, 24, 32, 48, 64, 96, 128)
 
 
@@ -52,10 +55,12 @@ def run(device, smoke, splits, rep_ms):
     print(f"copy ceiling {ceiling / 1e9:.0f} GB/s; {device}; context {sizes['context']}, "
           f"{sizes['heads']}/{sizes['kv_heads']} heads x {sizes['head_dim']}, bf16")
     # (heading, environment): the launcher's choice with and without the overlap, then each count.
-    for variable in (VARIABLE, NO_OVERLAP[0]):
+    for variable in (VARIABLE, NO_OVERLAP[0], DEEP_RING):
         os.environ.pop(variable, None)  # "auto splits" is the launcher as shipped
-    columns = [("auto splits", {}), ("auto, no overlap", dict([NO_OVERLAP]))]
-    columns += [(f"{s} splits", {VARIABLE: str(s)}) for s in splits]
+    # The forced counts run the ring of two, so that they compare split counts of one kernel.
+    columns = [("auto splits", {}), ("auto, no overlap", dict([NO_OVERLAP])),
+               ("auto, ring of 2", {DEEP_RING: "0"}), ("auto, deep ring", {DEEP_RING: "1"})]
+    columns += [(f"{s} splits, ring of 2", {VARIABLE: str(s), DEEP_RING: "0"}) for s in splits]
     print("| case | " + " | ".join(heading for heading, _ in columns) + " |")
     print("|---" * (len(columns) + 1) + "|")
     for batch, paged in ((b, paged) for b in profile_cases.DECODE_BATCHES for paged in (False, True)):
@@ -66,6 +71,11 @@ def run(device, smoke, splits, rep_ms):
             os.environ.update(environment)
             try:
                 seconds = time_call(call, device, rep_ms)
+            except ValueError as e:  # the deep ring on a GPU whose shared memory does not hold it
+                if "exceed this GPU's per-block limit" not in str(e):
+                    raise
+                cells.append("n/a (does not fit)")
+                continue
             finally:
                 for variable in environment:
                     os.environ.pop(variable, None)

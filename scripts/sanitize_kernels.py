@@ -311,6 +311,18 @@ def kvcache_calls(d, device, dtype=torch.bfloat16):
             llama_ext.gqa_attention_with_kvcache(q, k_pages, v_pages, seqlens, k=k_new, v=v_new, block_table=table)
 
 
+if hasattr(llama_ext, "gqa_attention_with_kvcache"):
+    @case("kvcache_ring_of_two_d128")
+    def _(device):
+        # Where the GPU holds the deep ring, kvcache_d128's small grids take it under the
+        # launcher's rule; the ring of two, which larger batches run, gets the same calls here.
+        os.environ["LLAMA_EXT_CUDA_DECODE_DEEP_RING"] = "0"
+        try:
+            kvcache_calls(128, device)
+        finally:
+            os.environ.pop("LLAMA_EXT_CUDA_DECODE_DEEP_RING", None)
+
+
 # Per head_dim: tiles first (every kernel once), then the edges, which --deadline may leave out.
 # The per-head-dim cases need the device to probe the supported dims, so they are registered in
 # main() through these makers.

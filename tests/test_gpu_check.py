@@ -283,8 +283,8 @@ def test_row_ahead_table_on_the_cpu():
 def test_decode_splits_table_on_the_cpu():
     """scripts/decode_splits.py at its --smoke shapes on the CPU kernels: one row per decode case
     of scripts/profile_cases.py, one cell (time and share of the copy ceiling) per split count
-    asked for and two for the launcher's own (with and without the launch overlap); split counts
-    outside 1..128 are refused."""
+    asked for and four for the launcher's own (as shipped, without the launch overlap, with the
+    ring of two and with the deep ring); split counts outside 1..128 are refused."""
     cmd = [sys.executable, str(ROOT / "scripts" / "decode_splits.py"), "--device", "cpu", "--smoke", "--rep-ms", "5"]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(cmd + ["--splits", "1,3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -295,6 +295,6 @@ def test_decode_splits_table_on_the_cpu():
     decode = dict(line.split(": ") for line in cases.splitlines())["decode"].split()
     assert [row.split(" | ")[0][2:] for row in rows] == decode, proc.stdout
     for row in rows:
-        assert len(re.findall(r"\d+\.\d us \d+%", row)) == 4, row
+        assert len(re.findall(r"\d+\.\d us \d+%", row)) == 6, row
     proc = subprocess.run(cmd + ["--splits", "0,129"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "split counts run from 1 to 128" in proc.stderr, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
 from conftest import (CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
-                      check_kernel_emulation, device_dtype_params, dtypes_for, emulation_only_on_cpu)
+                      check_kernel_emulation, device_dtype_params, dtypes_for, emulation_only_on_cpu, load_emulation)
 
 NAN = float("nan")
 
@@ -251,6 +251,24 @@ def test_forced_split_counts_on_cuda(monkeypatch, dtype, block_size):
         assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0))
 
 
+def bits_by_setting(monkeypatch, base, variable, values, split_counts):
+    """{(value, splits): the bits of out, lse and both caches} of runs of a fresh copy of `base`
+    checked against the reference, with `variable` at each value and LLAMA_EXT_CUDA_DECODE_SPLITS
+    at each count (None: unset)."""
+    results = {}
+    for value in values:
+        for splits in split_counts:
+            for name, setting in ((variable, value), ("LLAMA_EXT_CUDA_DECODE_SPLITS", splits)):
+                if setting is None:
+                    monkeypatch.delenv(name, raising=False)
+                else:
+                    monkeypatch.setenv(name, str(setting))
+            case = copy.deepcopy(base)
+            out, lse = case.check()
+            results[value, splits] = (bits(out), bits(lse), bits(case.k_cache), bits(case.v_cache))
+    return results
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_PDL steers the CUDA launcher")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
@@ -260,20 +278,52 @@ def test_launch_overlap_matches_serial_launches_on_cuda(monkeypatch, dtype, bloc
     new tokens' rows (rotated, several per sequence, the last split reading them) and the
     combine for the partials. Each run starts from the same caches."""
     base = Case("cuda", dtype, [3000, 1, 0, 517], 3, 3, 8, 2, 128, block_size=block_size, rotary=(128, 4096))
-    results = {}
-    for overlap in ("1", "0"):
-        monkeypatch.setenv("LLAMA_EXT_CUDA_PDL", overlap)
-        for splits in (None, 1, 7):
-            if splits is None:
-                monkeypatch.delenv("LLAMA_EXT_CUDA_DECODE_SPLITS", raising=False)
-            else:
-                monkeypatch.setenv("LLAMA_EXT_CUDA_DECODE_SPLITS", str(splits))
-            case = copy.deepcopy(base)
-            out, lse = case.check()
-            results[overlap, splits] = (bits(out), bits(lse), bits(case.k_cache), bits(case.v_cache))
+    results = bits_by_setting(monkeypatch, base, "LLAMA_EXT_CUDA_PDL", ("1", "0"), (None, 1, 7))
     for splits in (None, 1, 7):
         for mine, theirs in zip(results["1", splits], results["0", splits]):
             assert torch.equal(mine, theirs), f"splits {splits}: overlapped launches differ from serial ones"
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_DECODE_DEEP_RING steers the CUDA launcher")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_deep_ring_matches_the_ring_of_two_on_cuda(monkeypatch, dtype, block_size):
+    """At head dim 128 the attend kernel's deep ring (three K/V stages, LLAMA_EXT_CUDA_DECODE_DEEP_RING=1)
+    and its ring of two (=0) give the same bits, and so does the launcher's own choice: the ring's
+    depth moves only when tiles are loaded. Long and short sequences (many tiles past the ring, one
+    partial tile, none), new tokens rotated on append, the launcher's split count and forced ones
+    (one split, 7, more splits than tiles); each run starts from the same caches. =1 runs where the
+    GPU's shared memory per block holds the kernel (its size from the emulation's transcription of
+    the tiling) and raises elsewhere; under LLAMA_EXT_CUDA_SMEM_KB=100 (a 100 KB part) it raises on
+    any GPU, as does a value other than 0 or 1, naming the variable, before anything is written."""
+    emulation = load_emulation("emulate_kvcache_attention")
+    deep_smem = emulation.TcTiling(emulation.kDeepRingHeadDim, stage_budget=emulation.kTcDeepStageBudget).kSmemBytes
+    holds_deep_ring = torch.cuda.get_device_properties(0).shared_memory_per_block_optin >= deep_smem
+    base = Case("cuda", dtype, [3000, 1, 0, 517], 2, 2, 8, 2, 128, block_size=block_size, rotary=(128, 4096))
+
+    def refused(match):
+        case = copy.deepcopy(base)
+        k0, v0 = case.k_cache.clone(), case.v_cache.clone()
+        with pytest.raises(ValueError, match=match):
+            case.call()
+        torch.cuda.synchronize()
+        assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0))
+
+    rings = (None, "0", "1") if holds_deep_ring else (None, "0")
+    results = bits_by_setting(monkeypatch, base, "LLAMA_EXT_CUDA_DECODE_DEEP_RING", rings, (None, 1, 7, 100))
+    for ring, splits in results:
+        for mine, theirs in zip(results[ring, splits], results["0", splits]):
+            assert torch.equal(mine, theirs), f"ring {ring}, splits {splits}: differs from the ring of two"
+    monkeypatch.delenv("LLAMA_EXT_CUDA_DECODE_SPLITS", raising=False)
+    monkeypatch.setenv("LLAMA_EXT_CUDA_DECODE_DEEP_RING", "1")
+    if not holds_deep_ring:
+        refused("LLAMA_EXT_CUDA_DECODE_DEEP_RING=1: the deep-ring kernel's")
+    monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "100")
+    refused("LLAMA_EXT_CUDA_DECODE_DEEP_RING=1: the deep-ring kernel's")
+    monkeypatch.delenv("LLAMA_EXT_CUDA_SMEM_KB")
+    for bad in ("2", "yes", ""):
+        monkeypatch.setenv("LLAMA_EXT_CUDA_DECODE_DEEP_RING", bad)
+        refused("LLAMA_EXT_CUDA_DECODE_DEEP_RING must be 0 or 1")
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the 32-bit stride bound is the CUDA kernels'")

@@ -1,12 +1,13 @@
 """Lane-level numpy emulation of the tensor-core decode kernel of gqa_attention_with_kvcache.
 
-What: a transcription, step by step and lane by lane, of `attend_tc_kernel<T, D>` (float16 /
-bfloat16, tensor cores) in csrc/cuda/kvcache_attention.cu, with what it needs around it: the
-host's parameter set-up and grid, `append_kernel` (new tokens written into the cache, k rotated),
-`query_element` / `rotated` / `visible_keys` / `split_range` / `cache_block` / `store_result`,
-`combine_kernel` (splits > 1), and `choose_splits` (host split count, given an SM count and an
-occupancy). The warp-level helpers of csrc/cuda/mma.cuh (load_a, load_b_pair_nk, load_b_pair_kn,
-load_b_kn, pack_a_from_acc, warp_gemm_nk, warp_gemm_kn) run on an emulation of the PTX
+What: a transcription, step by step and lane by lane, of `attend_tc_kernel<T, D, kStageBudget>`
+(float16 / bfloat16, tensor cores; at d = 128 both rings) in csrc/cuda/kvcache_attention.cu, with
+what it needs around it: the host's parameter set-up and grid, `append_kernel` (new tokens
+written into the cache, k rotated), `query_element` / `rotated` / `visible_keys` /
+`split_range` / `cache_block` / `store_result`, `combine_kernel` (splits > 1), and
+`choose_splits` (host split count, given an SM count and an occupancy). The warp-level helpers
+of csrc/cuda/mma.cuh (load_a, load_b_pair_nk, load_b_pair_kn, load_b_kn, pack_a_from_acc,
+warp_gemm_nk, warp_gemm_kn) run on an emulation of the PTX
 instructions (ldmatrix .x1/.x2/.x4 with and without .trans, mma.sync.m16n8k16 with fp32
 accumulation, cp.async with commit/wait groups) written from the PTX ISA's fragment layouts, not
 from mma.cuh's comments.
@@ -81,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '0f7d6094d6457fc4'
+TRANSCRIBED_DIGEST = '485760fc655859a9'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -295,10 +296,11 @@ def store_result(p, b, kvh, row, split, e, acc, row_max, row_sum, c):
 
 # ---- 2b. attend on tensor cores ------------------------------------------------------------------
 kTcRows, kTcThreads, kTcStageBudget = 16, 128, 72 * 1024
+kDeepRingHeadDim, kTcDeepStageBudget = 128, 108 * 1024
 
 
 class TcTiling:
-    def __init__(self, D, sizeof_T=2):
+    def __init__(self, D, sizeof_T=2, stage_budget=kTcStageBudget):
         self.kWarps = kTcThreads // 32
         self.kWarpsN = 2 if D > 128 else 1
         self.kWarpsK = self.kWarps // self.kWarpsN
@@ -306,7 +308,7 @@ class TcTiling:
         self.kPitch = D + 8  # attention::smem_pitch<D>()
         self.kTileElems = self.kKeys * self.kPitch
         self.kStageBytes = 2 * self.kTileElems * sizeof_T
-        self.kStages = min(max(kTcStageBudget // self.kStageBytes, 2), 4)
+        self.kStages = min(max(stage_budget // self.kStageBytes, 2), 4)
         self.kOCols = D // self.kWarpsN
         self.kONTiles = self.kOCols // 8
         self.kVec = 16 // sizeof_T
@@ -323,7 +325,7 @@ def attend_tc_cta(p, D, blockIdx, c):
     as 32-wide vectors. A generator: it yields once, at wait_for_prior_kernel() (the launcher runs
     every CTA's work before the wait ahead of the append, the earliest a programmatic dependent
     launch may run it)."""
-    Tl = TcTiling(D)
+    Tl = TcTiling(D, stage_budget=p.stage_budget)
     ft = c['ft']
     P, KEYS, S, WK = Tl.kPitch, Tl.kKeys, Tl.kStages, Tl.kWarpsK
     sm = Smem(Tl.kSmemBytes // 2, 'smem_raw')  # 2-byte slots
@@ -683,6 +685,9 @@ def kvcache_attention_tc(case, splits, mode):
     p.scale, p.softcap = ft(case['params']['scale']), ft(case['params']['softcap'])
     p.rows = p.group * p.seq_q
     p.row_tiles = -(-p.rows // kTcRows)
+    # The deep-ring kernel (d = kDeepRingHeadDim, 3 stages), as the launcher runs it.
+    p.stage_budget = kTcDeepStageBudget if case.get('deep_ring') else kTcStageBudget
+    assert not case.get('deep_ring') or p.head_dim == kDeepRingHeadDim
     if splits == 'auto':
         splits = choose_splits(p.batch * p.n_kv_heads * p.row_tiles, p.capacity, 132,
                                case.get('per_sm', 3))
@@ -960,6 +965,14 @@ def cases():
                        splits=(1, 2), seed=12))
     C.append(make_case('d32 rows2 contiguous ring-wrap append1 rotary L=700', 'bf16', 32, 1, 1, 2, 1, [699],
                        seq_new=1, rotary=(16, False), splits=(1,), seed=13))
+    # The deep-ring kernel at d = 128 (3 stages, 2 CTAs per SM for the host's choice): more tiles
+    # than stages, paged and contiguous, the contiguous one with an appended, rotated token.
+    C.append(make_case('d128 rows1 paged64 deep-ring L=777', 'bf16', 128, 1, 1, 1, 1, [777], block_size=64,
+                       splits=(1, 6, 'auto'), seed=14))
+    C.append(make_case('d128 rows4 contiguous deep-ring append1 rotary L=300,5', 'fp16', 128, 2, 1, 4, 1, [299, 4],
+                       seq_new=1, rotary=(64, True), splits=(1, 2), seed=15))
+    for case in C[-2:]:
+        case.update(deep_ring=True, per_sm=2)
     return C
 
 
@@ -1064,6 +1077,8 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True, case_
     ptx_selftest()
     check_block_assert()
     assert choose_splits(8, 8192, 132, 3) == 32 and choose_splits(256, 8192, 132, 3) == 3  # the file's H200 example
+    # The deep ring's (2 CTAs per SM): the same 32 splits at batch 1, all 256 CTAs resident; not batch 32.
+    assert choose_splits(8, 8192, 132, 2) == 32 and 8 * 32 <= 132 * 2 and choose_splits(256, 8192, 132, 2) != 3
     failures, results = [], []
     if verbose:
         for D in (32, 64, 80, 96, 128, 256):

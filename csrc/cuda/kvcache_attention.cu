@@ -73,6 +73,19 @@
 // attend 32% slower than 64-key tiles in 2 (401 us against 303, 2026-12-04): per key, twice
 // the barriers and tile issues, and Q K^T made by two warps each, cost more than it gained.
 //
+// Deep ring (d = 128, fp16 / bf16). A step waits for its tile before it issues the next one, so a
+// ring of two has one tile in flight at each wait, and a CTA pays about a load latency per tile.
+// That is what a CTA of batch 1 at context 8192 does on an H200 (4 tiles: 32 splits of 256 keys,
+// 256 CTAs that all fit at once). A second kernel has three 64-key stages (kTcDeepStageBudget; 106 KB of
+// shared memory: 2 CTAs per SM on an H100/H200, 1 on an A100, none on the 99 KB parts), two tiles
+// in flight at each wait. The launcher takes it where the GPU holds it, its own split count is
+// the two-stage kernel's, and all of its CTAs are resident at once: there the CTA per SM it
+// costs would have run nothing. On an H200, batch 1 at context 8192 takes it (32 splits either
+// way, 256 CTAs of its 264 slots); batch 32 (1.94 waves) keeps two stages and 3 CTAs per SM; on
+// an A100 (1 CTA per SM) batch 1 splits differently and keeps two. The ring's depth moves only
+// when tiles are loaded: the same bits.
+// LLAMA_EXT_CUDA_DECODE_DEEP_RING=0/1 overrides the rule.
+//
 // Bytes: K and V once per (group, row tile), q and out once; splits add 2 x rows x d fp32 of
 // partials per split. FLOPs: 4 x 16 x L x d per (kv head, row tile) on tensor cores; decode
 // (G x seq_q <= 16) moves 2 L d x 2 bytes for them, 16 FLOPs/byte at most, far under the
@@ -89,6 +102,7 @@
 //   80    162/162/162/166/160   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
 //   96    164/158/158/160/182   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
 //   128   162/162/162/162/176   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
+//   128, deep ring (3 stages): 162/162/162/160/175   106.9 KB 1/0/0/2/0 (taken only where it fits)
 //   256   162/162/162/162/176   74.6 KB  2/1/1/3/1  201/201/201/201/215  16.4 KB  2/2/2/2/2
 // The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
 // without that bound ptxas may cap it at 128 registers and spill (sm_80, d = 128). At d = 96 on
@@ -103,6 +117,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 
 #include "../attention.h"
@@ -581,8 +596,12 @@ constexpr int kTcRows = 16;                 // query rows per CTA: one m16 tile
 constexpr int kTcThreads = 128;             // 4 warps
 constexpr int kTcStageBudget = 72 * 1024;   // bytes of K/V stages per CTA
 constexpr int kTcMinCtasPerSm = 2;          // sm_80's shared memory holds 2 at d >= 64 (header)
+// The deep ring: at d = kDeepRingHeadDim a second kernel with kTcDeepStageBudget of stages, 3
+// where the budget gives 2, for grids that fit one wave of its CTAs (the header's "Deep ring").
+constexpr int kDeepRingHeadDim = 128;
+constexpr int kTcDeepStageBudget = 108 * 1024;
 
-template <typename T, int D>
+template <typename T, int D, int kStageBudget = kTcStageBudget>
 struct TcTiling {
   static constexpr int kWarps = kTcThreads / 32;
   static constexpr int kWarpsN = D > 128 ? 2 : 1;   // warps sharing a key slice, splitting O's columns
@@ -591,7 +610,7 @@ struct TcTiling {
   static constexpr int kPitch = attention::smem_pitch<D>();
   static constexpr int kTileElems = kKeys * kPitch;  // one K or V tile in shared memory
   static constexpr int kStageBytes = 2 * kTileElems * static_cast<int>(sizeof(T));
-  static constexpr int kStages = std::clamp(kTcStageBudget / kStageBytes, 2, 4);
+  static constexpr int kStages = std::clamp(kStageBudget / kStageBytes, 2, 4);
   static constexpr int kOCols = D / kWarpsN;        // O columns per warp
   static constexpr int kONTiles = kOCols / 8;
   static constexpr int kVec = vec_elems<T>();
@@ -610,9 +629,9 @@ struct TcTiling {
                 "the merge buffer overlays the K/V stages");
 };
 
-template <typename T, int D>
+template <typename T, int D, int kStageBudget = kTcStageBudget>
 __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(const KVCacheKernelParams p) {
-  using Tl = TcTiling<T, D>;
+  using Tl = TcTiling<T, D, kStageBudget>;
   constexpr int P = Tl::kPitch, KEYS = Tl::kKeys, S = Tl::kStages, WK = Tl::kWarpsK;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [kTcRows][P]
@@ -1034,6 +1053,23 @@ int forced_decode_splits() {
   return static_cast<int>(n);
 }
 
+// LLAMA_EXT_CUDA_DECODE_DEEP_RING=1 runs the deep-ring kernel at d = kDeepRingHeadDim (raising,
+// before anything is written, where the GPU's shared memory does not hold it), 0 never; unset,
+// where it fits, its split count is the two-stage kernel's and the whole grid is resident at
+// once. The ring's depth moves only when tiles are loaded, so the bits are the same: for tests
+// of both kernels on one GPU and for measuring the rule (scripts/decode_splits.py). Read before
+// anything is launched.
+enum class DeepRing { kRule, kNever, kAlways };
+
+DeepRing forced_deep_ring() {
+  const char* forced = std::getenv("LLAMA_EXT_CUDA_DECODE_DEEP_RING");
+  if (forced == nullptr) return DeepRing::kRule;
+  const std::string_view value(forced);
+  TORCH_CHECK_VALUE(value == "0" || value == "1", "LLAMA_EXT_CUDA_DECODE_DEEP_RING must be 0 or 1, got '", value,
+                    "'");
+  return value == "1" ? DeepRing::kAlways : DeepRing::kNever;
+}
+
 // Key splits per (batch, kv head, row tile) unit, at most one per kMinKeysPerSplit keys of the
 // capacity (the lengths themselves live on the device). When every split fits in one wave of
 // the GPU's resident slots (SMs x CTAs per SM at this kernel's registers and shared memory),
@@ -1071,6 +1107,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                     "batch x n_q_heads x seq_q and batch x seq_new must be below 2^31, got batch = ", a.batch,
                     ", n_q_heads = ", a.n_q_heads, ", seq_q = ", a.seq_q, ", seq_new = ", a.seq_new);
   const int forced_splits = forced_decode_splits();
+  const DeepRing deep_ring = forced_deep_ring();
   const c10::cuda::CUDAGuard guard(a.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -1145,6 +1182,11 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                       "n_kv_heads x seq_q / ", tensor_cores ? kTcRows : kRows, ") must be at most 65535");
   }
   const int64_t rows_total = a.batch * a.n_q_heads * a.seq_q;
+  const size_t deep_ring_smem = TcTiling<__half, kDeepRingHeadDim, kTcDeepStageBudget>::kSmemBytes;
+  TORCH_CHECK_VALUE(deep_ring != DeepRing::kAlways || prefill || !tensor_cores || a.head_dim != kDeepRingHeadDim ||
+                        rows_total == 0 || attention::smem_fits(deep_ring_smem),
+                    "LLAMA_EXT_CUDA_DECODE_DEEP_RING=1: the deep-ring kernel's ", deep_ring_smem,
+                    " bytes of shared memory exceed this GPU's per-block limit");
   // The attend kernel overlaps the append's tail and the combine the attend's (sm_90+): each
   // waits for its predecessor before touching what that one writes. The append itself follows
   // whatever the stream ran before, which may read or write the cache: it waits for all of it.
@@ -1172,8 +1214,29 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                     " bytes of shared memory of the tensor-core decode kernel exceed this GPU's per-block limit");
         allow_dynamic_smem(kernel, smem);
       }
-      p.splits = forced_splits > 0 ? forced_splits
-                                   : choose_splits(kernel, threads, smem, a.batch * a.n_kv_heads * p.row_tiles, a.capacity);
+      const int64_t units = a.batch * a.n_kv_heads * p.row_tiles;
+      p.splits = forced_splits > 0 ? forced_splits : choose_splits(kernel, threads, smem, units, a.capacity);
+      if constexpr (!std::is_same_v<scalar_t, float> && D == kDeepRingHeadDim) {
+        // Deep ring: a CTA keeps two tiles in flight instead of one, at fewer CTAs per SM (2 on
+        // an H100/H200 instead of 3). Where every CTA of the grid is resident at once either way
+        // (batch 1 at long contexts), that costs nothing and halves the CTA's exposed latency.
+        using Deep = TcTiling<scalar_t, D, kTcDeepStageBudget>;
+        static_assert(Deep::kStages == 3 && TcTiling<scalar_t, D>::kStages == 2, "the deep ring adds a stage");
+        void (*const deep_kernel)(KVCacheKernelParams) = attend_tc_kernel<scalar_t, D, kTcDeepStageBudget>;
+        bool deep = deep_ring == DeepRing::kAlways;  // it fits: checked before the append
+        if (deep_ring == DeepRing::kRule && attention::smem_fits(Deep::kSmemBytes)) {
+          allow_dynamic_smem(deep_kernel, Deep::kSmemBytes);
+          const int deep_splits =
+              forced_splits > 0 ? forced_splits : choose_splits(deep_kernel, threads, Deep::kSmemBytes, units, a.capacity);
+          const int64_t deep_slots = kernel_residency(deep_kernel, threads, Deep::kSmemBytes).slots();
+          // The same split count, all of its CTAs resident at once.
+          deep = deep_splits == p.splits && units * deep_splits <= deep_slots;
+        }
+        if (deep) {
+          kernel = deep_kernel, smem = Deep::kSmemBytes;
+          allow_dynamic_smem(kernel, smem);
+        }
+      }
       at::Tensor partial_out, partial_lse;
       if (p.splits > 1) {
         partial_out = at::empty({p.splits, rows_total, a.head_dim}, a.q.options().dtype(at::kFloat));
