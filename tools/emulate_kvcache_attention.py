@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '485760fc655859a9'
+TRANSCRIBED_DIGEST = '80661666cec6bc8c'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

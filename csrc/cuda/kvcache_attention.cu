@@ -75,15 +75,15 @@
 //
 // Deep ring (d = 128, fp16 / bf16). A step waits for its tile before it issues the next one, so a
 // ring of two has one tile in flight at each wait, and a CTA pays about a load latency per tile.
-// That is what a CTA of batch 1 at context 8192 does on an H200 (4 tiles: 32 splits of 256 keys,
-// 256 CTAs that all fit at once). A second kernel has three 64-key stages (kTcDeepStageBudget; 106 KB of
-// shared memory: 2 CTAs per SM on an H100/H200, 1 on an A100, none on the 99 KB parts), two tiles
-// in flight at each wait. The launcher takes it where the GPU holds it, its own split count is
-// the two-stage kernel's, and all of its CTAs are resident at once: there the CTA per SM it
-// costs would have run nothing. On an H200, batch 1 at context 8192 takes it (32 splits either
-// way, 256 CTAs of its 264 slots); batch 32 (1.94 waves) keeps two stages and 3 CTAs per SM; on
-// an A100 (1 CTA per SM) batch 1 splits differently and keeps two. The ring's depth moves only
-// when tiles are loaded: the same bits.
+// That is what a CTA of batch 1 at context 8192 does on an H200 (4 tiles: 32 splits of 256
+// keys, 256 CTAs that all fit at once). A second kernel has three 64-key stages
+// (kTcDeepStageBudget; 106 KB of shared memory: 2 CTAs per SM on an H100/H200, 1 on an A100,
+// none on the 99 KB parts), two tiles in flight at each wait. The launcher takes it where the
+// GPU holds it, its own split count is the two-stage kernel's, and all of its CTAs are resident
+// at once: there the CTA per SM it costs would have run nothing. On an H200, batch 1 at context
+// 8192 takes it (32 splits either way, 256 CTAs of its 264 slots); batch 32 (1.94 waves) keeps
+// two stages and 3 CTAs per SM; on an A100 (1 CTA per SM) batch 1 splits differently and keeps
+// two. The ring's depth moves only when tiles are loaded: the same bits.
 // LLAMA_EXT_CUDA_DECODE_DEEP_RING=0/1 overrides the rule.
 //
 // Bytes: K and V once per (group, row tile), q and out once; splits add 2 x rows x d fp32 of
@@ -1219,15 +1219,16 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
       if constexpr (!std::is_same_v<scalar_t, float> && D == kDeepRingHeadDim) {
         // Deep ring: a CTA keeps two tiles in flight instead of one, at fewer CTAs per SM (2 on
         // an H100/H200 instead of 3). Where every CTA of the grid is resident at once either way
-        // (batch 1 at long contexts), that costs nothing and halves the CTA's exposed latency.
+        // (batch 1 at long contexts), the CTA it costs would have run nothing.
         using Deep = TcTiling<scalar_t, D, kTcDeepStageBudget>;
         static_assert(Deep::kStages == 3 && TcTiling<scalar_t, D>::kStages == 2, "the deep ring adds a stage");
         void (*const deep_kernel)(KVCacheKernelParams) = attend_tc_kernel<scalar_t, D, kTcDeepStageBudget>;
         bool deep = deep_ring == DeepRing::kAlways;  // it fits: checked before the append
         if (deep_ring == DeepRing::kRule && attention::smem_fits(Deep::kSmemBytes)) {
           allow_dynamic_smem(deep_kernel, Deep::kSmemBytes);
-          const int deep_splits =
-              forced_splits > 0 ? forced_splits : choose_splits(deep_kernel, threads, Deep::kSmemBytes, units, a.capacity);
+          const int deep_splits = forced_splits > 0
+                                      ? forced_splits
+                                      : choose_splits(deep_kernel, threads, Deep::kSmemBytes, units, a.capacity);
           const int64_t deep_slots = kernel_residency(deep_kernel, threads, Deep::kSmemBytes).slots();
           // The same split count, all of its CTAs resident at once.
           deep = deep_splits == p.splits && units * deep_splits <= deep_slots;
