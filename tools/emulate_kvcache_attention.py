@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '80661666cec6bc8c'
+TRANSCRIBED_DIGEST = '19b7b120cf862a7e'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

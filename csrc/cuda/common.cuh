@@ -201,6 +201,19 @@ __device__ __forceinline__ void wait_for_prior_kernel() {
 #endif
 }
 
+// A launcher's 0/1 override from the environment (a kernel choice forced for tests of both
+// kernels on one GPU and for side-by-side timings), read at each call: kUnset when `name` is not
+// set, a ValueError naming it for anything but 0 or 1.
+enum class EnvSwitch { kUnset, kOff, kOn };
+
+inline EnvSwitch env_switch(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return EnvSwitch::kUnset;
+  TORCH_CHECK_VALUE(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, name, " must be 0 or 1, got '",
+                    value, "'");
+  return value[0] == '1' ? EnvSwitch::kOn : EnvSwitch::kOff;
+}
+
 // Whether launches on `stream`'s device may overlap the previous kernel: compute capability 9.0
 // or later, unless LLAMA_EXT_CUDA_PDL=0 (read at every call, so that one process can time both:
 // scripts/decode_splits.py). CUDA graphs capture such launches from CUDA 12.3 on; a build against

@@ -117,7 +117,6 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
-#include <string_view>
 #include <type_traits>
 
 #include "../attention.h"
@@ -1054,21 +1053,12 @@ int forced_decode_splits() {
 }
 
 // LLAMA_EXT_CUDA_DECODE_DEEP_RING=1 runs the deep-ring kernel at d = kDeepRingHeadDim (raising,
-// before anything is written, where the GPU's shared memory does not hold it), 0 never; unset,
-// where it fits, its split count is the two-stage kernel's and the whole grid is resident at
-// once. The ring's depth moves only when tiles are loaded, so the bits are the same: for tests
-// of both kernels on one GPU and for measuring the rule (scripts/decode_splits.py). Read before
-// anything is launched.
-enum class DeepRing { kRule, kNever, kAlways };
-
-DeepRing forced_deep_ring() {
-  const char* forced = std::getenv("LLAMA_EXT_CUDA_DECODE_DEEP_RING");
-  if (forced == nullptr) return DeepRing::kRule;
-  const std::string_view value(forced);
-  TORCH_CHECK_VALUE(value == "0" || value == "1", "LLAMA_EXT_CUDA_DECODE_DEEP_RING must be 0 or 1, got '", value,
-                    "'");
-  return value == "1" ? DeepRing::kAlways : DeepRing::kNever;
-}
+// before anything is written, where the GPU's shared memory does not hold it), 0 never
+// (env_switch); unset, where it fits, its split count is the two-stage kernel's and the whole
+// grid is resident at once. The ring's depth moves only when tiles are loaded, so the bits are
+// the same: for tests of both kernels on one GPU and for measuring the rule
+// (scripts/decode_splits.py).
+constexpr const char* kDeepRingVariable = "LLAMA_EXT_CUDA_DECODE_DEEP_RING";
 
 // Key splits per (batch, kv head, row tile) unit, at most one per kMinKeysPerSplit keys of the
 // capacity (the lengths themselves live on the device). When every split fits in one wave of
@@ -1107,7 +1097,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                     "batch x n_q_heads x seq_q and batch x seq_new must be below 2^31, got batch = ", a.batch,
                     ", n_q_heads = ", a.n_q_heads, ", seq_q = ", a.seq_q, ", seq_new = ", a.seq_new);
   const int forced_splits = forced_decode_splits();
-  const DeepRing deep_ring = forced_deep_ring();
+  const EnvSwitch deep_ring = env_switch(kDeepRingVariable);  // read before anything is launched
   const c10::cuda::CUDAGuard guard(a.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -1183,7 +1173,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   }
   const int64_t rows_total = a.batch * a.n_q_heads * a.seq_q;
   const size_t deep_ring_smem = TcTiling<__half, kDeepRingHeadDim, kTcDeepStageBudget>::kSmemBytes;
-  TORCH_CHECK_VALUE(deep_ring != DeepRing::kAlways || prefill || !tensor_cores || a.head_dim != kDeepRingHeadDim ||
+  TORCH_CHECK_VALUE(deep_ring != EnvSwitch::kOn || prefill || !tensor_cores || a.head_dim != kDeepRingHeadDim ||
                         rows_total == 0 || attention::smem_fits(deep_ring_smem),
                     "LLAMA_EXT_CUDA_DECODE_DEEP_RING=1: the deep-ring kernel's ", deep_ring_smem,
                     " bytes of shared memory exceed this GPU's per-block limit");
@@ -1223,9 +1213,11 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
         using Deep = TcTiling<scalar_t, D, kTcDeepStageBudget>;
         static_assert(Deep::kStages == 3 && TcTiling<scalar_t, D>::kStages == 2, "the deep ring adds a stage");
         void (*const deep_kernel)(KVCacheKernelParams) = attend_tc_kernel<scalar_t, D, kTcDeepStageBudget>;
-        bool deep = deep_ring == DeepRing::kAlways;  // it fits: checked before the append
-        if (deep_ring == DeepRing::kRule && attention::smem_fits(Deep::kSmemBytes)) {
-          allow_dynamic_smem(deep_kernel, Deep::kSmemBytes);
+        // =1 fits: checked before the append.
+        const bool fits = deep_ring == EnvSwitch::kOn || attention::smem_fits(Deep::kSmemBytes);
+        if (deep_ring != EnvSwitch::kOff && fits) allow_dynamic_smem(deep_kernel, Deep::kSmemBytes);
+        bool deep = deep_ring == EnvSwitch::kOn;
+        if (deep_ring == EnvSwitch::kUnset && fits) {
           const int deep_splits = forced_splits > 0
                                       ? forced_splits
                                       : choose_splits(deep_kernel, threads, Deep::kSmemBytes, units, a.capacity);
@@ -1233,10 +1225,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
           // The same split count, all of its CTAs resident at once.
           deep = deep_splits == p.splits && units * deep_splits <= deep_slots;
         }
-        if (deep) {
-          kernel = deep_kernel, smem = Deep::kSmemBytes;
-          allow_dynamic_smem(kernel, smem);
-        }
+        if (deep) kernel = deep_kernel, smem = Deep::kSmemBytes;
       }
       at::Tensor partial_out, partial_lse;
       if (p.splits > 1) {

@@ -76,9 +76,7 @@
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
 
-#include <cstdlib>
 #include <limits>
-#include <string_view>
 
 #include "../rms_norm.h"
 #include "common.cuh"
@@ -676,18 +674,9 @@ __global__ void __launch_bounds__(kMaxThreads, 1)
 // kernel: a CTA with its next row in flight moves a row per load latency; two CTAs that each wait
 // for their row's loads move two rows per latency plus reduction, so the row-ahead kernel (more
 // registers) must not cost a CTA. LLAMA_EXT_CUDA_ROW_AHEAD=1 runs it wherever the layout has one,
-// 0 never, on the rule's grid either way, so every result keeps its bits: for tests of both
-// kernels on one GPU and for measuring the rule side by side (scripts/row_ahead.py). Read at each
-// call, before anything is launched.
-enum class RowAheadOverride { kNone, kNever, kAlways };
-
-RowAheadOverride row_ahead_override() {
-  const char* forced = std::getenv("LLAMA_EXT_CUDA_ROW_AHEAD");
-  if (forced == nullptr) return RowAheadOverride::kNone;
-  const std::string_view value(forced);
-  TORCH_CHECK_VALUE(value == "0" || value == "1", "LLAMA_EXT_CUDA_ROW_AHEAD must be 0 or 1, got '", value, "'");
-  return value == "1" ? RowAheadOverride::kAlways : RowAheadOverride::kNever;
-}
+// 0 never (env_switch), on the rule's grid either way, so every result keeps its bits: for tests
+// of both kernels on one GPU and for measuring the rule side by side (scripts/row_ahead.py).
+constexpr const char* kRowAheadVariable = "LLAMA_EXT_CUDA_ROW_AHEAD";
 
 // dweight[j] = sum over CTAs b of workspace[b, j] (ws: [n_partials, ws_stride] floats). A CTA takes
 // 32 columns; warp w sums rows [w * per_warp, (w + 1) * per_warp) in order, and warp 0 adds the
@@ -727,7 +716,7 @@ void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& op
                        (p.weight == nullptr || is_aligned(p.weight, kVecBytes)) &&
                        (p.grad_residual == nullptr ||
                         rows_vectorizable(p.grad_residual, p.grad_residual_stride, p.n, sizeof(T)));
-  const RowAheadOverride forced = row_ahead_override();
+  const EnvSwitch forced = env_switch(kRowAheadVariable);  // read before anything is launched
   const RowLayout layout = row_layout(p.n, N, kMaxCacheBwd);
   const int rows_per_cta = layout.rows_per_cta();
   const bool want_dw = p.grad_weight != nullptr;
@@ -748,7 +737,7 @@ void launch_backward(const RMSNormBackwardParams& p, const at::TensorOptions& op
         const Residency fit_row_ahead = kernel_residency(row_ahead_kernel, layout.threads, smem);
         const bool by_rule = fit_row_ahead.ctas_per_sm >= fit_aligned.ctas_per_sm;
         if (by_rule) fit_aligned = fit_row_ahead;  // the grid follows the rule, never the override
-        if (forced == RowAheadOverride::kAlways || (forced == RowAheadOverride::kNone && by_rule))
+        if (forced == EnvSwitch::kOn || (forced == EnvSwitch::kUnset && by_rule))
           aligned_kernel = row_ahead_kernel;
       }
       // The grid, and with it the dweight summation order, must not depend on the alignment (or
