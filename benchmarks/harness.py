@@ -266,6 +266,17 @@ def cuda_clock(device: str) -> CudaClock:
 CUDA_WARMUP_MS = 25  # the calls before a CUDA timing: at least this long, and at least one
 
 
+def hold_for(fn: Callable[[], Any], clock: "CudaClock") -> float:
+    """How long to hold the GPU before a call of fn so that the host queues all of it meanwhile:
+    1.5x the host time of one call, measured from an idle GPU, plus 20 us."""
+    clock.synchronize()
+    begin = time.perf_counter()
+    fn()
+    host_ms = (time.perf_counter() - begin) * 1e3  # queueing the call: its kernels run later
+    clock.synchronize()
+    return 1.5 * host_ms + 0.02
+
+
 def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int, clock: Optional[CudaClock] = None) -> Dict[str, Any]:
     """Median, p20/p80 and minimum of one call over about rep_ms of calls (at least 10 samples,
     however slow the call), each from a cold L2 (CudaClock)."""
@@ -273,12 +284,7 @@ def time_cuda(fn: Callable[[], Any], device: str, rep_ms: int, clock: Optional[C
     call_ms = clock.span_ms(fn)
     for _ in range(min(100, max(1, math.ceil(CUDA_WARMUP_MS / call_ms)))):
         fn()
-    clock.synchronize()
-    begin = time.perf_counter()
-    fn()
-    host_ms = (time.perf_counter() - begin) * 1e3  # queueing the call: its kernels run later
-    clock.synchronize()
-    hold_ms = 1.5 * host_ms + 0.02
+    hold_ms = hold_for(fn, clock)
     n = int(min(1000, max(10, rep_ms / (call_ms + clock.evict_ms + hold_ms))))
     pairs = [(clock.event(), clock.event()) for _ in range(n)]
     for start, end in pairs:
@@ -300,27 +306,77 @@ def kernel_name(name: str) -> str:
     return name.split("::")[-1].replace("void ", "").strip()
 
 
-def kernel_times(fn: Callable[[], Any], calls: int = PROFILED_CALLS, activity: str = "CUDA") -> List[Dict[str, Any]]:
-    """The kernels of one call of fn, from torch.profiler over `calls` calls, slowest first: name,
-    launches per call and mean device time per call in us. A call's time (its median) can exceed
-    their sum by the gaps between them. activity: the profiler activity and event device type
-    (CPU: the aten ops, for tests on a machine without a GPU)."""
+def calls_between_markers(spans: List[Any], markers: set) -> List[List[Any]]:
+    """Splits kernels (name, start_us, end_us), in any order, into the calls they belong to: the
+    runs between marker kernels (those of the preamble before each call) in start order. What
+    precedes the first marker, and a run without kernels, is no call."""
+    calls: List[List[Any]] = []
+    current = None
+    for span in sorted(spans, key=lambda s: s[1]):
+        if span[0] in markers:
+            if current:
+                calls.append(current)
+            current = []
+        elif current is not None:
+            current.append(span)
+    if current:
+        calls.append(current)
+    return calls
+
+
+def call_kernels(calls: List[List[Any]]) -> Dict[str, Any]:
+    """Per kernel name, launches and mean device time per call, slowest first; and the median over
+    the calls of their kernels' span, first start to last end (the sum of the kernels' times
+    plus the gaps between them, less any overlap)."""
+    totals: Dict[str, List[float]] = {}
+    for call in calls:
+        for name, start, end in call:
+            entry = totals.setdefault(name, [0, 0.0])
+            entry[0] += 1
+            entry[1] += end - start
+    n = len(calls)
+    rows = [{"kernel": name, "launches": launches / n, "us": us / n} for name, (launches, us) in totals.items()]
+    spans = sorted(max(end for _, _, end in call) - min(start for _, start, _ in call) for call in calls)
+    return {"kernels": sorted(rows, key=lambda row: -row["us"]), "span_us": spans[len(spans) // 2], "calls": n}
+
+
+def kernel_times(fn: Callable[[], Any], device: str = "cuda", calls: int = PROFILED_CALLS, activity: str = "CUDA",
+                 preamble: Optional[Callable[[], Any]] = None) -> Dict[str, Any]:
+    """The kernels of one call of fn (call_kernels), from torch.profiler over `calls` calls, each
+    after the preamble: on CUDA by default the timer's own (an L2 eviction, then the GPU held
+    while the host queues the call), so that the kernels' times are those of the timed calls and
+    the span holds no host time. The preamble's kernels, named from a profile of it alone, mark
+    where each call begins, so fn must not launch a kernel of theirs. activity: the profiler
+    activity and event device type (CPU: the top-level aten ops, for tests on a machine without a
+    GPU)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
+    device_type = getattr(DeviceType, activity)
+    sync = torch.cuda.synchronize if activity == "CUDA" else (lambda: None)
+    if preamble is None:
+        clock = cuda_clock(device)
+        hold_ms = 2 * hold_for(fn, clock)  # the profiler slows the host's launches
+
+        def preamble():
+            clock.evict()
+            clock.hold(hold_ms)
+
+    def profiled(body):
+        with profile(activities=[getattr(ProfilerActivity, activity)]) as prof:
+            body()
+            sync()
+        top_level = activity != "CPU"  # kernels nest in nothing; aten ops nest in their callers
+        return [(kernel_name(e.name), e.time_range.start, e.time_range.end) for e in prof.events()
+                if e.device_type == device_type and (top_level or e.cpu_parent is None)]
+
+    markers = {name for name, _, _ in profiled(preamble)}
+
+    def body():
         for _ in range(calls):
+            preamble()
             fn()
-        if activity == "CUDA":
-            torch.cuda.synchronize()
-    totals: Dict[str, List[float]] = {}
-    for event in prof.events():
-        if event.device_type == getattr(DeviceType, activity):
-            entry = totals.setdefault(kernel_name(event.name), [0, 0.0])
-            entry[0] += 1
-            entry[1] += event.time_range.elapsed_us()
-    rows = [{"kernel": name, "launches": launches / calls, "us": us / calls} for name, (launches, us) in totals.items()]
-    return sorted(rows, key=lambda row: -row["us"])
+    return call_kernels(calls_between_markers(profiled(body), markers))
 
 
 def time_fn(fn: Callable[[], Any], cfg: RunConfig) -> Dict[str, Any]:
@@ -775,7 +831,8 @@ def _measure_case(providers, case: Case, inputs, cfg: RunConfig) -> Dict[str, An
                                 eager_out if name != "eager" else None)
         if cfg.is_cuda and cfg.kernel_times and name.startswith("llama_ext"):
             try:
-                results[name]["kernels"] = kernel_times(fn)
+                profile = kernel_times(fn, cfg.device)
+                results[name].update(kernels=profile["kernels"], kernel_span_us=profile["span_us"])
             except Exception as exc:  # the breakdown is an extra: its failure is noted, not fatal
                 results[name]["kernels_error"] = short_error(exc)
         if copy_bytes:

@@ -88,7 +88,8 @@ def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
 
 def _kernel_lines(op: Dict[str, Any]) -> List[str]:
     """The CUDA kernels of each llama_ext result (harness.kernel_times): their mean device time
-    per call, against the call's median time; the difference is the gaps between them."""
+    per call, their span from the first kernel's start to the last one's end (the sum plus the
+    gaps between them, less any overlap), and the call's median time."""
     lines = []
     for case in op["cases"]:
         for name, r in case["results"].items():
@@ -96,13 +97,15 @@ def _kernel_lines(op: Dict[str, Any]) -> List[str]:
                 kernels = ", ".join(f"{k['kernel']} {k['us']:.1f}" + (f" (x{k['launches']:g})" if k["launches"] != 1 else "")
                                     for k in r["kernels"])
                 total = sum(k["us"] for k in r["kernels"])
+                span = f", span {r['kernel_span_us']:.1f}" if r.get("kernel_span_us") is not None else ""
                 lines.append(f"  - {case['mode']} {case['dtype']} {case['label']}, {name}: {kernels}; "
-                             f"sum {total:.1f} of the {1e3 * r['median_ms']:.1f} us median")
+                             f"sum {total:.1f}{span} of the {1e3 * r['median_ms']:.1f} us median")
             elif r.get("kernels_error"):
                 lines.append(f"  - {case['mode']} {case['dtype']} {case['label']}, {name}: no kernel profile "
                              f"({r['kernels_error']})")
     if lines:
-        lines.insert(0, f"- kernels, us per call (torch.profiler over {PROFILED_CALLS} calls after the timing):")
+        lines.insert(0, f"- kernels, us per call (torch.profiler over {PROFILED_CALLS} calls after the timing, each "
+                        "from an evicted L2 as timed; span: first kernel's start to last one's end):")
     return lines
 
 

@@ -462,26 +462,51 @@ def test_cuda_timings_have_the_statistics_of_cpu_timings():
 
 def test_kernel_breakdown_names_times_and_reports_each_kernel():
     """CUDA results carry their kernels (harness.kernel_times; CI has no GPU, so the profiler's CPU
-    ops stand in for kernels) and the tables list them against the call's median."""
+    ops stand in for kernels), each call's found between its preamble's, and the tables list them
+    with their span against the call's median."""
     assert harness.kernel_name(
         "void llama_ext::cuda::(anonymous namespace)::attend_tc_kernel<__nv_bfloat16, 128>(llama_ext::cuda::"
         "(anonymous namespace)::KVCacheKernelParams)") == "attend_tc_kernel"
     assert harness.kernel_name("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, "
                                "std::array<char*, 1ul> >(int, at::native::FillFunctor<float>, std::array<char*, 1ul>)"
                                ) == "vectorized_elementwise_kernel"
-    x = torch.randn(64)
-    rows = harness.kernel_times(lambda: (x + 1).mul_(2), calls=4, activity="CPU")
-    by_name = {row["kernel"]: row for row in rows}
+    x, marker = torch.randn(64), torch.randn(8)
+    profile = harness.kernel_times(lambda: (x + 1).mul_(2), calls=4, activity="CPU", preamble=lambda: marker.neg())
+    by_name = {row["kernel"]: row for row in profile["kernels"]}
+    assert profile["calls"] == 4 and set(by_name) == {"add", "mul_"}
     assert by_name["add"]["launches"] == 1 and by_name["mul_"]["launches"] == 1
+    rows = profile["kernels"]
     assert all(row["us"] > 0 for row in rows) and rows == sorted(rows, key=lambda row: -row["us"])
+    assert profile["span_us"] > 0
     op = {"title": "t", "status": "ok", "size_name": "n", "notes": [], "providers": {},
           "cases": [{"mode": "b1", "dtype": "bfloat16", "label": "b1 8192", "unit": "GB/s", "headline": True,
                      "ceiling_kind": "copy", "results": {"llama_ext": {
                          "status": "ok", "median_ms": 0.0415, "p20_ms": 0.04, "p80_ms": 0.042, "throughput": 808.0,
                          "fraction_of_ceiling": 0.19, "max_abs_diff_vs_eager": None, "peak_mem_bytes": 0,
                          "kernels": [{"kernel": "attend_tc_kernel", "launches": 1, "us": 20.0},
-                                     {"kernel": "combine_kernel", "launches": 2, "us": 3.5}]}}}]}
+                                     {"kernel": "combine_kernel", "launches": 2, "us": 3.5}],
+                         "kernel_span_us": 25.25}}}]}
     table = report.op_table(op)
-    assert (f"- kernels, us per call (torch.profiler over {report.PROFILED_CALLS} calls after the timing):" in table)
+    assert (f"- kernels, us per call (torch.profiler over {report.PROFILED_CALLS} calls after the timing, each from "
+            "an evicted L2 as timed; span: first kernel's start to last one's end):") in table
     assert ("  - b1 bfloat16 b1 8192, llama_ext: attend_tc_kernel 20.0, combine_kernel 3.5 (x2); "
-            "sum 23.5 of the 41.5 us median") in table
+            "sum 23.5, span 25.2 of the 41.5 us median") in table
+
+
+def test_kernel_breakdown_splits_calls_at_the_preamble_and_measures_their_span():
+    """Kernels are grouped into calls by the preamble's kernels between them, whatever order the
+    profiler lists them in; what runs before the first preamble is no call; the span is each
+    call's first start to last end, so overlapping kernels (programmatic dependent launch) give a
+    span below their sum, and gaps one above."""
+    spans = [("warm", 0.0, 5.0), ("evict", 10.0, 20.0), ("hold", 20.0, 30.0),
+             ("append", 31.0, 33.0), ("attend", 32.0, 52.0), ("combine", 51.0, 55.0),
+             ("evict", 60.0, 70.0), ("hold", 70.0, 80.0),
+             ("append", 82.0, 84.0), ("attend", 86.0, 106.0), ("combine", 108.0, 112.0)]
+    calls = harness.calls_between_markers(list(reversed(spans)), {"evict", "hold"})
+    assert [[name for name, _, _ in call] for call in calls] == [["append", "attend", "combine"]] * 2
+    profile = harness.call_kernels(calls)
+    assert profile["calls"] == 2
+    assert [(row["kernel"], row["launches"], row["us"]) for row in profile["kernels"]] == [
+        ("attend", 1, 20.0), ("combine", 1, 4.0), ("append", 1, 2.0)]
+    assert profile["span_us"] == 30.0  # the calls' spans are 24 (overlapped) and 30 (gaps): the upper median
+    assert harness.calls_between_markers([("evict", 0.0, 1.0), ("evict", 2.0, 3.0)], {"evict"}) == []
