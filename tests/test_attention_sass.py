@@ -18,6 +18,7 @@ from conftest import CUDA_HEAD_DIMS, CUDA_TC_TYPES, load_emulation
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
 FORWARD_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_fwd.cu")
+KVCACHE_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "kvcache_attention.cu")
 
 
 def _forward_tiles():
@@ -268,3 +269,41 @@ def test_decode_kernels_overlap_their_launches(sass_by_arch, arch):
                 wait = re.search(r"\bACQBULK\b", body).start()
                 first = re.search(rf"\b{guarded}\b", body)
                 assert first and wait < first.start(), f"{arch} {name}: a {guarded} before the wait (ACQBULK)"
+
+
+# The decode attend kernels stage their query rows (stage_query_rows in kvcache_attention.cu): a
+# thread takes a run of one row's elements and issues the loads of up to kQueryBatch of them
+# (each element, and with rotary tables its partner and its pair's cos and sin) before it stores
+# any to shared memory. Element by element, a thread waited for a round trip to memory per row of
+# the tile. Checked as the longest run of the query's global loads with no shared-memory store
+# among them: the tensor-core kernels' 16-bit loads are the query's alone (x and partner per
+# element), the CUDA-core kernel's fp32 query shares LDG.E with the tables (four per element).
+DECODE_QUERY_LOADS = {
+    # kernel: (its query load, query rows per CTA, loads per element with rotary tables)
+    "attend_tc_kernel": ("LDG.E.U16", 16, 2),
+    "attend_simt_kernel": ("LDG.E", 8, 4),
+}
+
+
+def _longest_load_run(body, load):
+    longest = run = 0
+    for m in re.finditer(r"\b(LDG\.E(?:\.U16|\.64|\.128)?|STS(?:\.\w+)?)\b", body):
+        run = 0 if m.group(1).startswith("STS") else run + (m.group(1) == load)
+        longest = max(longest, run)
+    return longest
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kernel", sorted(DECODE_QUERY_LOADS))
+def test_decode_query_loads_precede_their_stores(sass_by_arch, arch, kernel):
+    load, rows, per_element = DECODE_QUERY_LOADS[kernel]
+    batch = int(re.search(r"constexpr int kQueryBatch = (\d+);", open(KVCACHE_SOURCE).read()).group(1))
+    bodies = {n: b for n, b in _functions(_sass_for(sass_by_arch, arch)).items()
+              if kernel in n and "kvcache_attention" in n}
+    head_dim = {n: int(re.search(rf"{kernel}I\w+?Li(\d+)E", n).group(1)) for n in bodies}  # <T, D, ...>
+    assert set(head_dim.values()) == set(CUDA_HEAD_DIMS), f"{arch}: {kernel} at head dims {sorted(head_dim.values())}"
+    for name, body in bodies.items():
+        d = head_dim[name]
+        expected = per_element * min(rows * d // 128, batch)  # 128 threads: a run of rows x d / 128
+        run = _longest_load_run(body, load)
+        assert run >= expected, f"{arch} {kernel} d = {d}: {run} query loads in flight before a store, not {expected}"

@@ -3,7 +3,7 @@
 What: a transcription, step by step and lane by lane, of `attend_tc_kernel<T, D, kStageBudget>`
 (float16 / bfloat16, tensor cores; at d = 128 both rings) in csrc/cuda/kvcache_attention.cu, with
 what it needs around it: the host's parameter set-up and grid, `append_kernel` (new tokens
-written into the cache, k rotated), `query_element` / `rotated` / `visible_keys` /
+written into the cache, k rotated), `stage_query_rows` / `rotated` / `visible_keys` /
 `split_range` / `cache_block` / `store_result`, `combine_kernel` (splits > 1), and
 `choose_splits` (host split count, given an SM count and an occupancy). The warp-level helpers
 of csrc/cuda/mma.cuh (load_a, load_b_pair_nk, load_b_pair_kn, load_b_kn, pack_a_from_acc,
@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '19b7b120cf862a7e'
+TRANSCRIBED_DIGEST = '50d03d4ff03d4fd8'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -227,7 +227,7 @@ def append_kernel(p, ft):
 
 
 def query_element(p, b, kvh, row, e, valid_len, ft):
-    """Vectorised over (row, e): the query element as the attention sees it (before from_float)."""
+    """Vectorised over (row, e): the query element as stage_query_rows gives it (before from_float)."""
     row, e = np.broadcast_arrays(np.asarray(row, np.int64), np.asarray(e, np.int64))
     h, i = kvh * p.group + row // p.seq_q, row % p.seq_q
     src = b * p.q_stride[0] + i * p.q_stride[1] + h * p.q_stride[2]
@@ -244,6 +244,21 @@ def query_element(p, b, kvh, row, e, valid_len, ft):
                 out[s2] = rnd(rotated(p, (p.q[0], p.q[1] + ss), e[s2], pos, ft), p.T)  # round_to<T>
         return out
     return gload(p.q, src + e)
+
+
+def stage_query_rows(p, b, kvh, row0, nrows, valid_len, ft, rows, threads, D):
+    """stage_query_rows(): (r, e, thread, value) for every element of a tile of `rows` query rows.
+    Thread t takes a run of D / (threads / rows) consecutive elements of tile row t / (threads /
+    rows); rows past nrows are 0."""
+    runs_per_row = threads // rows
+    run = D // runs_per_row
+    assert threads % rows == 0 and D % runs_per_row == 0
+    t = np.arange(rows * D)
+    r, e = t // D, t % D
+    value = np.zeros(t.shape)
+    live = r < nrows
+    value[live] = query_element(p, b, kvh, row0 + r[live], e[live], valid_len, ft)
+    return r, e, r * runs_per_row + e // run, value
 
 
 def visible_keys(p, row, L):
@@ -452,12 +467,8 @@ def attend_tc_cta(p, D, blockIdx, c):
         fetch_blocks(j_begin + (S - 1) * KEYS)
 
     # ---- stage: q rows (rotated, rounded to T) into shared memory, the first tiles in flight.
-    t = np.arange(kTcRows * D)
-    r, e = t // D, t % D
-    qv = np.zeros(t.shape)
-    live = r < nrows
-    qv[live] = query_element(p, b, kvh, row0 + r[live], e[live], valid_len, ft)
-    sm.write(q_s + r * P + e, rnd(qv, p.T), t % kTcThreads)  # from_float<T>
+    r, e, thread, qv = stage_query_rows(p, b, kvh, row0, nrows, valid_len, ft, kTcRows, kTcThreads, D)
+    sm.write(q_s + r * P + e, rnd(qv, p.T), thread)  # from_float<T>
 
     # ---- stage: the key loop.
     o = [np.zeros((Tl.kONTiles, 4, 32), ft) for _ in range(Tl.kWarps)]

@@ -10,9 +10,11 @@
 //     one kv head's group, row = (query head in group) x seq_q + (query token), so each K/V
 //     element is read once per group (per row tile when G x seq_q exceeds a tile). A CTA walks
 //     its split of the union of its rows' visible key ranges.
-//     float16 / bfloat16, tensor cores (attend_tc_kernel): 16 rows (one m16 tile, q rotated and
-//     rounded to T in shared memory), 4 warps. Key tiles of kKeys = 64 (32 at d = 256) keys of
-//     K and V are staged in shared memory by cp.async in a kStages-deep ring (the prologue
+//     The q rows go to shared memory first (stage_query_rows: rotated, rounded to T), each
+//     thread taking a run of one row's elements with the loads of up to 16 in flight at once.
+//     float16 / bfloat16, tensor cores (attend_tc_kernel): 16 rows (one m16 tile), 4 warps. Key
+//     tiles of kKeys = 64 (32 at d = 256) keys of K and V are staged in shared memory by
+//     cp.async in a kStages-deep ring (the prologue
 //     fills kStages - 1, each step refills the stage freed by the previous step): each 16-byte
 //     chunk of a key row is gathered through the block table on its own (in the key loop, the
 //     entries fetched a tile ahead; block and offset from a FastDivisor, a multiply-high where a
@@ -97,13 +99,13 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    87/87/87/94/94        41.9 KB  3/2/2/5/2  141/140/140/145/164  3.1 KB   3/3/3/3/3
-//   64    111/111/111/114/130   74.9 KB  2/1/1/3/1  141/139/139/147/166  4.6 KB   3/3/3/3/3
-//   80    162/162/162/166/160   69.4 KB  2/1/1/3/1  135/136/136/146/163  5.4 KB   3/3/3/3/3
-//   96    164/158/158/160/182   55.9 KB  2/1/1/3/1  135/136/136/146/163  6.4 KB   3/3/3/3/3
-//   128   162/162/162/162/176   72.9 KB  2/1/1/3/1  133/133/133/145/148  8.4 KB   3/3/3/3/3
-//   128, deep ring (3 stages): 162/162/162/160/175   106.9 KB 1/0/0/2/0 (taken only where it fits)
-//   256   162/162/162/162/176   74.6 KB  2/1/1/3/1  201/201/201/201/215  16.4 KB  2/2/2/2/2
+//   32    85/86/86/90/95        41.9 KB  3/2/2/5/2  141/140/140/150/163  3.1 KB   3/3/3/3/3
+//   64    111/111/111/117/128   74.9 KB  2/1/1/3/1  140/141/141/150/164  4.6 KB   3/3/3/3/3
+//   80    162/162/162/167/160   69.4 KB  2/1/1/3/1  135/136/136/148/148  5.4 KB   3/3/3/3/3
+//   96    162/158/158/164/182   55.9 KB  2/1/1/3/1  135/136/136/148/148  6.4 KB   3/3/3/3/3
+//   128   162/162/162/164/176   72.9 KB  2/1/1/3/1  133/133/133/144/146  8.4 KB   3/3/3/3/3
+//   128, deep ring (3 stages): 162/162/162/162/175   106.9 KB 1/0/0/2/0 (taken only where it fits)
+//   256   162/162/162/164/176   74.6 KB  2/1/1/3/1  201/201/201/202/210  16.4 KB  2/2/2/2/2
 // The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
 // without that bound ptxas may cap it at 128 registers and spill (sm_80, d = 128). At d = 96 on
 // sm_90 shared memory would fit 4 CTAs per SM, the registers fit 3.
@@ -236,13 +238,18 @@ __device__ __forceinline__ RotaryPair rotary_pair(const KVCacheKernelParams& p, 
   return {true, first ? e : e - half, first ? e + half : e - half, first};
 }
 
-// An element paired as `pair`, rotated by the table row at pos, from itself (xe) and its
-// partner (xp).
+// An element paired as `pair`, rotated by its pair's table entries (c, s), from itself (xe) and
+// its partner (xp).
+__device__ __forceinline__ float rotate_with(const RotaryPair& pair, float xe, float xp, float c, float s) {
+  if (!pair.rotated) return xe;
+  return pair.first ? rotary_y1(xe, xp, c, s) : rotary_y2(xp, xe, c, s);
+}
+
+// The same, rotated by the table row at pos.
 __device__ __forceinline__ float rotate_element(const KVCacheKernelParams& p, const RotaryPair& pair, float xe,
                                                 float xp, int64_t pos) {
   if (!pair.rotated) return xe;
-  const float c = p.cos[pos * p.cos_stride + pair.index], s = p.sin[pos * p.sin_stride + pair.index];
-  return pair.first ? rotary_y1(xe, xp, c, s) : rotary_y2(xp, xe, c, s);
+  return rotate_with(pair, xe, xp, p.cos[pos * p.cos_stride + pair.index], p.sin[pos * p.sin_stride + pair.index]);
 }
 
 // Element e of x rotated by the table row at pos (later dims pass through).
@@ -311,19 +318,61 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
 
 // ---- 2. attend: what both kernels share --------------------------------------------------------
 
-// Element e of query row `row` of kv head kvh's group (row = head in group x seq_q + token), as
-// the attention sees it: rotated at cache_seqlens[b] + i and rounded to T (what apply_rotary
-// would return) when tables are given, else as stored. 0 for a rotary position off the table.
-template <typename T>
-__device__ __forceinline__ float query_element(const KVCacheKernelParams& p, int b, int kvh, int row, int e,
-                                               bool valid_len) {
-  const int h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
-  const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + i * p.q_stride[1] + h * p.q_stride[2];
-  if (p.cos != nullptr && valid_len) {
-    const int64_t pos = static_cast<int64_t>(p.seqlens[b]) + i;
-    return position_ok(p, pos) ? round_to<T>(rotated(p, src, e, pos)) : 0.f;
+// The ROWS query rows [row0, row0 + ROWS) of kv head kvh's group (row = head in group x seq_q +
+// token) as the attention sees them: rotated at cache_seqlens[b] + i and rounded to T (what
+// apply_rotary would return) when tables are given, else as stored; 0 for a rotary position off
+// the table and for rows past nrows. store(r, e, value) takes element e of tile row r.
+// Each thread takes a run of D / (THREADS / ROWS) consecutive elements of one row, so that a row's
+// head, token and position are worked out once, and issues the loads of up to kQueryBatch of its
+// elements (q, and with tables each element's partner and its pair's cos and sin) before it uses
+// any. Element by element (a row of the tile per step), a thread waited for one round trip to
+// memory per row, one after another, at the start of every CTA: 4 at batch 1 with 4 query heads
+// per kv head, against the 4 key tiles of a CTA at context 8192.
+constexpr int kQueryBatch = 16;
+
+template <typename T, int ROWS, int D, int THREADS, typename Store>
+__device__ __forceinline__ void stage_query_rows(const KVCacheKernelParams& p, int b, int kvh, int row0, int nrows,
+                                                 bool valid_len, Store store) {
+  constexpr int kRunsPerRow = THREADS / ROWS, kRun = D / kRunsPerRow;
+  constexpr int kBatch = kRun < kQueryBatch ? kRun : kQueryBatch;
+  static_assert(THREADS % ROWS == 0 && D % kRunsPerRow == 0 && kRun % kBatch == 0,
+                "a thread's run is whole batches of one row");
+  const int r = threadIdx.x / kRunsPerRow, e0 = threadIdx.x % kRunsPerRow * kRun;
+  if (r >= nrows) {
+#pragma unroll
+    for (int u = 0; u < kRun; ++u) store(r, e0 + u, 0.f);
+    return;
   }
-  return to_float(src[e]);
+  const int row = row0 + r, h = kvh * p.group + row / p.seq_q, i = row % p.seq_q;
+  const T* src = static_cast<const T*>(p.q) + b * p.q_stride[0] + i * p.q_stride[1] + h * p.q_stride[2];
+  const bool rotary = p.cos != nullptr && valid_len;
+  const int64_t pos = rotary ? static_cast<int64_t>(p.seqlens[b]) + i : 0;
+  const bool rotate = rotary && position_ok(p, pos);
+#pragma unroll
+  for (int u0 = 0; u0 < kRun; u0 += kBatch) {
+    T x[kBatch], partner[kBatch];
+    float c[kBatch], s[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u0 + u;
+      x[u] = src[e];
+      if (rotate) {
+        const RotaryPair pair = rotary_pair(p, e);
+        partner[u] = src[pair.partner];
+        const int index = pair.rotated ? pair.index : 0;  // a row's first entry: unused
+        c[u] = p.cos[pos * p.cos_stride + index];
+        s[u] = p.sin[pos * p.sin_stride + index];
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const RotaryPair pair = rotary_pair(p, e0 + u0 + u);  // recomputed: cheaper than held
+      const float value = !rotary  ? to_float(x[u])
+                          : rotate ? round_to<T>(rotate_with(pair, to_float(x[u]), to_float(partner[u]), c[u], s[u]))
+                                   : 0.f;
+      store(r, e0 + u0 + u, value);
+    }
+  }
 }
 
 // The keys [lo, hi) query row `row` sees in a sequence of L keys (bottom-right aligned causal
@@ -415,10 +464,8 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
   const int L = valid_len ? static_cast<int>(p.length(b)) : 0;
 
   // ---- stage: q rows (rotated, rounded to T, scaled) into shared memory; visible ranges.
-  for (int t = threadIdx.x; t < kRows * D; t += blockDim.x) {
-    const int r = t / D, e = t % D;
-    q_s[r][e] = r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) * p.scale : 0.f;
-  }
+  stage_query_rows<T, kRows, D, kThreads>(p, b, kvh, row0, nrows, valid_len,
+                                          [&](int r, int e, float value) { q_s[r][e] = value * p.scale; });
   // The rows' visible ranges live in shared memory (the key loop reads them once per row and
   // step): in registers they took 16 more, and the kernel spilled on sm_120.
   static_assert(kThreads >= kRows, "a thread per row computes its visible range");
@@ -759,10 +806,8 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(
 
   // ---- stage: the 16 query rows (rotated, rounded to T) into shared memory, while the first
   // tiles are in flight (the first key-loop barrier publishes them).
-  for (int t = threadIdx.x; t < kTcRows * D; t += kTcThreads) {
-    const int r = t / D, e = t % D;
-    q_s[r * P + e] = from_float<T>(r < nrows ? query_element<T>(p, b, kvh, row0 + r, e, valid_len) : 0.f);
-  }
+  stage_query_rows<T, kTcRows, D, kTcThreads>(p, b, kvh, row0, nrows, valid_len,
+                                              [&](int r, int e, float value) { q_s[r * P + e] = from_float<T>(value); });
 
   // ---- stage: the key loop. Warp (wk, wn) takes keys [16 wk, 16 wk + 16) of each tile and
   // O's columns [wn kOCols, (wn + 1) kOCols): S = Q K^T (16 x 16), masks and the online
@@ -956,7 +1001,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
 // head. A contiguous cache's sequence b is rows [0, L_b) of k_cache[b] and v_cache[b], which the
 // prefill kernels read in place, L_b coming from the device (AttentionParams::key_lengths); with
 // rotary tables, q is rotated into a copy first, each element as the attend kernels see it
-// (query_element). Paged caches stay on the attend kernels, which gather through the table.
+// (stage_query_rows). Paged caches stay on the attend kernels, which gather through the table.
 
 // L_b for the prefill kernels, or 0 (after the device-side assert) when it exceeds the capacity:
 // they then read nothing of that sequence, never past its cache rows.
