@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '50d03d4ff03d4fd8'
+TRANSCRIBED_DIGEST = 'e6100340a7422b82'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
