@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'e6100340a7422b82'
+TRANSCRIBED_DIGEST = 'cc69aaca5a4d98ca'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

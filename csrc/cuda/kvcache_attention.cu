@@ -464,8 +464,9 @@ __global__ void __launch_bounds__(kThreads) attend_simt_kernel(const KVCacheKern
   const int L = valid_len ? static_cast<int>(p.length(b)) : 0;
 
   // ---- stage: q rows (rotated, rounded to T, scaled) into shared memory; visible ranges.
-  stage_query_rows<T, kRows, D, kThreads>(p, b, kvh, row0, nrows, valid_len,
-                                          [&](int r, int e, float value) { q_s[r][e] = value * p.scale; });
+  stage_query_rows<T, kRows, D, kThreads>(p, b, kvh, row0, nrows, valid_len, [&](int r, int e, float value) {
+    q_s[r][e] = r < nrows ? value * p.scale : 0.f;  // padding rows 0 whatever the scale
+  });
   // The rows' visible ranges live in shared memory (the key loop reads them once per row and
   // step): in registers they took 16 more, and the kernel spilled on sm_120.
   static_assert(kThreads >= kRows, "a thread per row computes its visible range");
