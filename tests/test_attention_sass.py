@@ -307,3 +307,17 @@ def test_decode_query_loads_precede_their_stores(sass_by_arch, arch, kernel):
         expected = per_element * min(rows * d // 128, batch)  # 128 threads: a run of rows x d / 128
         run = _longest_load_run(body, load)
         assert run >= expected, f"{arch} {kernel} d = {d}: {run} query loads in flight before a store, not {expected}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decode_combine_loads_partials_with_the_lse(sass_by_arch, arch):
+    # combine_kernel issues the first batch of a thread's partial outputs (kBatch splits) with its
+    # split's lse, before the block reductions of the lse values (their first SHFL) that the
+    # weights need: the partials wait for the attend kernel, not for the weights.
+    batch = int(re.search(r"constexpr int kBatch = (\d+);", open(KVCACHE_SOURCE).read()).group(1))
+    bodies = {n: b for n, b in _functions(_sass_for(sass_by_arch, arch)).items()
+              if "combine_kernel" in n and "kvcache_attention" in n}
+    assert len(bodies) == 3, f"{arch}: {sorted(bodies)} are not the combine's three dtypes"
+    for name, body in bodies.items():
+        loads = len(re.findall(r"\bLDG\.E\b", body[:re.search(r"\bSHFL\b", body).start()]))
+        assert loads >= batch + 1, f"{arch} {name}: {loads} loads before the first reduction, not {batch} + 1"

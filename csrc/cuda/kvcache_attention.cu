@@ -944,7 +944,7 @@ __global__ void __launch_bounds__(kTcThreads, kTcMinCtasPerSm) attend_tc_kernel(
 // reading them in turn would put two passes of global-load latency per split on every row's
 // path), then their max and the weights' sum by block reductions, in a fixed order; each thread
 // then sums its dims of the splits' partial outputs in split order, the loads unrolled ahead of
-// the sums.
+// the sums, the first batch of them issued with the lse loads.
 static_assert(kMaxSplits <= kThreads, "one thread per split's lse");
 
 template <typename T>
@@ -959,8 +959,25 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
   // has lse -inf and weight 0; a NaN lse is passed over by the max and makes its weight, the sum
   // and so lse and out NaN.
   const int s = threadIdx.x;
+  const float* partial = p.partial_out + lse_idx * p.head_dim;
+  const int64_t split_stride = rows_total * p.head_dim;
+  // Splits whose loads are issued together. A batch costs about a round trip to L2: 32 take
+  // batch 1's split counts (32 on an H200 at context 8192) in two (ptxas keeps 10-20 loads
+  // ahead of the sums), where batches of 8 took four; the repeated loads past the last split
+  // hit L1.
+  constexpr int kBatch = 32;
+  auto load_batch = [&](float (&v)[kBatch], int t0, int e) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {  // past the last split: its load again, weighted 0 below
+      v[u] = __ldg(partial + min(t0 + u, p.splits - 1) * split_stride + e);
+    }
+  };
   wait_for_prior_kernel();  // the attend kernel's partials
   const float lse_s = s < p.splits ? p.partial_lse[s * rows_total + lse_idx] : -INFINITY;
+  // The first batch of this thread's first dim goes out with the lse values: it waits for the
+  // attend kernel, not for the weights, so the reductions below overlap its round trip.
+  float first[kBatch];
+  if (threadIdx.x < p.head_dim) load_batch(first, 0, threadIdx.x);
   const float mx = block_reduce<MaxOp>(lse_s, scratch);
   const float weight_s = lse_s == -INFINITY ? 0.f : expf(lse_s - mx);
   if (s < p.splits) weight[s] = weight_s;
@@ -969,25 +986,22 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
 
   const float inv = total != 0.f ? 1.f / total : 0.f;
   const int64_t out_row = (static_cast<int64_t>(b) * p.seq_q + i) * p.n_q_heads + h;
-  const float* partial = p.partial_out + lse_idx * p.head_dim;
-  const int64_t split_stride = rows_total * p.head_dim;
-  // Splits whose loads are issued together. A batch costs about a round trip to L2: 32 take
-  // batch 1's split counts (32 on an H200 at context 8192) in two (ptxas keeps 10-20 loads
-  // ahead of the sums), where batches of 8 took four; the repeated loads past the last split
-  // hit L1.
-  constexpr int kBatch = 32;
+  auto add_batch = [&](float& o, const float (&v)[kBatch], int t0) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const float w = t0 + u < p.splits ? weight[t0 + u] : 0.f;
+      o = w != 0.f ? fmaf(w, v[u], o) : o;  // a split without keys adds nothing, even an inf of V
+    }
+  };
   for (int e = threadIdx.x; e < p.head_dim; e += blockDim.x) {
     float o = 0.f;
     for (int t0 = 0; t0 < p.splits; t0 += kBatch) {
-      float v[kBatch];
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {  // past the last split: its load again, weighted 0 below
-        v[u] = __ldg(partial + min(t0 + u, p.splits - 1) * split_stride + e);
-      }
-#pragma unroll
-      for (int u = 0; u < kBatch; ++u) {
-        const float w = t0 + u < p.splits ? weight[t0 + u] : 0.f;
-        o = w != 0.f ? fmaf(w, v[u], o) : o;  // a split without keys adds nothing, even an inf of V
+      if (e == threadIdx.x && t0 == 0) {
+        add_batch(o, first, 0);
+      } else {
+        float v[kBatch];
+        load_batch(v, t0, e);
+        add_batch(o, v, t0);
       }
     }
     static_cast<T*>(p.out)[out_row * p.head_dim + e] = from_float<T>(o * inv);
