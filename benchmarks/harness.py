@@ -328,6 +328,8 @@ def call_kernels(calls: List[List[Any]]) -> Dict[str, Any]:
     """Per kernel name, launches and mean device time per call, slowest first; and the median over
     the calls of their kernels' span, first start to last end (the sum of the kernels' times
     plus the gaps between them, less any overlap)."""
+    if not calls:
+        raise RuntimeError("the profile holds no kernels between the preamble's: the call launched none")
     totals: Dict[str, List[float]] = {}
     for call in calls:
         for name, start, end in call:

@@ -510,3 +510,5 @@ def test_kernel_breakdown_splits_calls_at_the_preamble_and_measures_their_span()
         ("attend", 1, 20.0), ("combine", 1, 4.0), ("append", 1, 2.0)]
     assert profile["span_us"] == 30.0  # the calls' spans are 24 (overlapped) and 30 (gaps): the upper median
     assert harness.calls_between_markers([("evict", 0.0, 1.0), ("evict", 2.0, 3.0)], {"evict"}) == []
+    with pytest.raises(RuntimeError, match="no kernels between the preamble's"):
+        harness.call_kernels([])
