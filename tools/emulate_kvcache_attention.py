@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '4763432017dc6166'
+TRANSCRIBED_DIGEST = 'fa63982a3ec2c066'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -325,9 +325,9 @@ __global__ void __launch_bounds__(kThreads) append_kernel(const KVCacheKernelPar
 // Each thread takes a run of D / (THREADS / ROWS) consecutive elements of one row, so that a row's
 // head, token and position are worked out once, and issues the loads of up to kQueryBatch of its
 // elements (q, and with tables each element's partner and its pair's cos and sin) before it uses
-// any. Element by element (a row of the tile per step), a thread waited for one round trip to
-// memory per row, one after another, at the start of every CTA: 4 at batch 1 with 4 query heads
-// per kv head, against the 4 key tiles of a CTA at context 8192.
+// any: a load used before the next is issued puts a round trip to memory per row of the tile on
+// the start of every CTA, 4 at batch 1 with 4 query heads per kv head, against the 4 key tiles
+// of a CTA at context 8192.
 constexpr int kQueryBatch = 16;
 
 template <typename T, int ROWS, int D, int THREADS, typename Store>

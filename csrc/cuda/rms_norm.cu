@@ -17,10 +17,9 @@
 // the cache (forward: 4096 chunks, 32768 bf16 / 16384 fp32; backward: 2048 chunks) and the
 // unaligned kernels loop and re-read the row from L1/L2 in the second pass. A thread issues every
 // load of its cached chunks of a row before it uses any: a use between two loads makes the second
-// wait for the first's round trip. Loading a chunk and using it before loading the next left a
-// thread one chunk in flight at a time: the forward at 2802fae (one LDG.E.128 before the first
-// FFMA on its plain path) reached 76% of copy at 32768 x 4096 bf16 on the H200, while its fused
-// form, whose x and residual chunks went out together, reached 91%.
+// wait for the first's round trip, leaving one chunk a thread in flight, and these kernels are
+// bound by the bytes they keep in flight (on the H200 the forward read at 76% of copy with one
+// chunk a thread in flight, its fused form at 91% with x and residual in flight together).
 //
 // Forward, per row: s = x (or round(x + residual), written to residual_out), rstd =
 // rsqrt(sum(s^2)/n + eps), y = round_out(w' * [round_in](s * rstd)), w' = offset + w (see
@@ -682,7 +681,8 @@ constexpr const char* kRowAheadVariable = "LLAMA_EXT_CUDA_ROW_AHEAD";
 // 32 columns; warp w sums rows [w * per_warp, (w + 1) * per_warp) in order, and warp 0 adds the
 // warps' sums in warp order: deterministic. Split over kReduceWarps warps, so that n / 32 CTAs
 // of 16 warps, each thread with a few of the partials' loads in flight, read the workspace
-// (4.3 MB at 4096 x 264 CTAs on an H200) where one thread per column read all its rows.
+// (4.3 MB at 4096 x 264 CTAs on an H200): one thread per column reading all its rows would
+// leave 16 CTAs at n = 4096 to read it.
 constexpr int kReduceWarps = 16;
 
 template <typename W>
