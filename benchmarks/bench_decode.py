@@ -16,6 +16,13 @@ cases give every provider the caches of as many layers as fill 256 MB and each c
 layer's, so that each call reads its cache from DRAM, and judge them against a copy whose
 buffers are as far beyond the L3 (``dram_copy``). On CUDA every call already reads from HBM
 (the timer evicts L2 before it), so there are none.
+
+Chunked prefill (``build_chunked_prefill``): a chunk of new tokens per sequence, appended after
+the cache's earlier ones and attending over all of them with the causal mask aligned
+bottom-right, as a serving engine's chunked prefill or a prompt written into a static cache does:
+compute-bound, so judged in TFLOP/s of the visible (query, key) pairs against the matmul ceiling,
+on a contiguous and a paged cache. The other providers attend with an explicit mask (SDPA's
+``is_causal`` aligns top-left).
 """
 import itertools
 import math
@@ -24,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import llama_ext
+from llama_ext import reference
 
-from .bench_attention import _eager_attention, sdpa_backend
+from .bench_attention import _eager_attention, _visible_pairs, sdpa_backend
 from .common import compiled, llama_ext_cuda_skip, random_inputs
 from .harness import Case, OpBench, Provider
 
@@ -38,6 +46,12 @@ SIZES = {
     "cuda": (([1, 32], [8192]), ([1, 8, 32], [1024, 2048, 4096, 8192, 16384])),
 }
 SMOKE = dict(batches=[2], contexts=[40], heads=(4, 2), head_dim=16)
+# Chunked prefill, (chunk, contexts) quick and --full, per device: a chunk of new tokens at the end
+# of each context. On CUDA only with --full: gpu-check's time goes to the decode targets.
+CHUNKS = {"cpu": ((512, [4096]), (512, [1024, 2048, 4096])), "cuda": (None, (2048, [4096, 8192, 16384]))}
+PAGED_NOTE = ("paged16 cases: llama_ext reads 16-token blocks in random pool order through the block table; "
+              "the other providers read the same tokens contiguously")
+SMOKE_CHUNK = dict(chunk=130, contexts=[160])  # the prefill route's 128 query tokens and more
 # The layers' caches of a DRAM case fill at least this much (harness.CPU_DRAM_COPY_BYTES: 8x L3).
 DRAM_CASE_BYTES = 256 << 20
 DRAM = "contiguous, DRAM"
@@ -75,6 +89,31 @@ def _cases(cfg):
     return cases
 
 
+def _chunk_cases(cfg):
+    if cfg.smoke:
+        chunk, contexts = SMOKE_CHUNK["chunk"], SMOKE_CHUNK["contexts"]
+        (q_heads, kv_heads), d = SMOKE["heads"], SMOKE["head_dim"]
+    else:
+        chunk, contexts = CHUNKS["cuda" if cfg.is_cuda else "cpu"][1 if cfg.full else 0]
+        contexts = list(cfg.sizes) if cfg.sizes else contexts
+        (q_heads, kv_heads), d = HEADS, HEAD_DIM
+    cases = []
+    for dtype in cfg.dtypes:
+        e = torch.empty((), dtype=dtype).element_size()
+        for layout in ("contiguous", "paged16"):
+            for ctx in contexts:
+                if ctx < chunk:
+                    continue
+                cases.append(Case(
+                    mode=f"b1 chunk {layout}", dtype=dtype, size=ctx,
+                    label=f"b1 {chunk}x{ctx} {q_heads}/{kv_heads}x{d} {layout}", unit="TFLOP/s",
+                    work=4 * _visible_pairs(chunk, ctx, 0) * q_heads * d, out_bytes=chunk * q_heads * d * e,
+                    params={"batch": 1, "context": ctx, "seq_q": chunk, "q_heads": q_heads, "kv_heads": kv_heads,
+                            "head_dim": d, "paged": layout == "paged16", "layers": 1, "scale": d**-0.5},
+                ))
+    return cases
+
+
 def _make_inputs(case, device):
     """One layer's inputs, or for a DRAM case the list of every layer's."""
     p = case.params
@@ -87,12 +126,18 @@ def _make_inputs(case, device):
 def _layer_inputs(case, device, rand):
     p = case.params
 
-    b, ctx, kvh, d = p["batch"], p["context"], p["kv_heads"], p["head_dim"]
+    b, ctx, kvh, d, seq_q = p["batch"], p["context"], p["kv_heads"], p["head_dim"], p.get("seq_q", 1)
     k_cache, v_cache = rand(b, ctx, kvh, d), rand(b, ctx, kvh, d)
-    # The step's new k/v are the cache's last token, so every provider computes the same output.
-    inputs = {"q": rand(b, 1, p["q_heads"], d), "k": k_cache[:, -1:].clone(), "v": v_cache[:, -1:].clone(),
-              "k_cache": k_cache, "v_cache": v_cache,
-              "cache_seqlens": torch.full((b,), ctx - 1, dtype=torch.int32, device=device)}
+    # The call's new k/v are the cache's last seq_q tokens, so every provider computes the same output.
+    inputs = {"q": rand(b, seq_q, p["q_heads"], d), "k": k_cache[:, -seq_q:].clone(),
+              "v": v_cache[:, -seq_q:].clone(), "k_cache": k_cache, "v_cache": v_cache,
+              "cache_seqlens": torch.full((b,), ctx - seq_q, dtype=torch.int32, device=device)}
+    inputs["visible"] = inputs["mask"] = None
+    if seq_q > 1:  # the causal mask aligned bottom-right: HF's additive form, SDPA's boolean one
+        visible = reference.attention_mask_bottom_right(seq_q, ctx, True, (-1, -1), device)
+        inputs["visible"] = visible
+        inputs["mask"] = torch.zeros(seq_q, ctx, dtype=case.dtype, device=device).masked_fill(
+            ~visible, torch.finfo(case.dtype).min)[None, None]
     if p["paged"]:
         # The same tokens in BLOCK_SIZE-token blocks, scattered over the pool in random order.
         blocks = -(-ctx // BLOCK_SIZE)
@@ -107,16 +152,17 @@ def _layer_inputs(case, device, rand):
     return inputs
 
 
-def build(cfg):
+def _providers(cfg):
+    """eager, native, compile and llama_ext over a case's cache, for both ops."""
     attend_hf, eager_src = _eager_attention()
 
     def eager(inputs, scale):
         q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k_cache", "v_cache"))
-        return attend_hf(q, k, v, None, scale)
+        return attend_hf(q, k, v, inputs["mask"], scale)
 
     def native(inputs, scale):
         q, k, v = (inputs[n].transpose(1, 2) for n in ("q", "k_cache", "v_cache"))
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs["visible"], scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
 
     def ours(inputs, scale):
@@ -143,25 +189,45 @@ def build(cfg):
             return closure
         return make
 
+    return [
+        Provider("eager", provider(lambda: eager), eager_src + " on the cache slice"),
+        Provider("native", provider(lambda: native, record_backend=True),
+                 "F.scaled_dot_product_attention(enable_gqa=True) on the cache slice"),
+        Provider("compile", provider(compiled(eager)), "torch.compile of eager"),
+        Provider("llama_ext", provider(lambda: ours),
+                 "llama_ext.gqa_attention_with_kvcache (appends the call's k/v, then attends)",
+                 llama_ext_cuda_skip(cfg, "gqa_attention_with_kvcache")),
+    ]
+
+
+def build(cfg):
     return OpBench(
         name="decode",
         title="Decode against a KV cache (gqa_attention_with_kvcache), K/V bytes read",
         size_name="context length (cached tokens)",
         cases=_cases(cfg),
-        providers=[
-            Provider("eager", provider(lambda: eager), eager_src + " on the cache slice"),
-            Provider("native", provider(lambda: native, record_backend=True),
-                     "F.scaled_dot_product_attention(enable_gqa=True) on the cache slice"),
-            Provider("compile", provider(compiled(eager)), "torch.compile of eager"),
-            Provider("llama_ext", provider(lambda: ours),
-                     "llama_ext.gqa_attention_with_kvcache (appends the step's k/v, then attends)",
-                     llama_ext_cuda_skip(cfg, "gqa_attention_with_kvcache")),
-        ],
+        providers=_providers(cfg),
         make_inputs=lambda case: _make_inputs(case, cfg.device),
         notes=["GB/s counts the K/V cache bytes one decode step reads (2 x batch x context x kv_heads x d)",
-               "paged16 cases: llama_ext reads 16-token blocks in random pool order through the block table; "
-               "the other providers read the same tokens contiguously",
+               PAGED_NOTE,
                "contiguous, DRAM cases (CPU): each call reads the next of the listed layers' caches, which the "
                "calls since its last one evicted from the L3, as in a model's decode step; judged against a copy "
                "from DRAM"],
+    )
+
+
+def build_chunked_prefill(cfg):
+    cases = _chunk_cases(cfg)
+    return OpBench(
+        name="chunked_prefill",
+        title="Chunked prefill into a KV cache (gqa_attention_with_kvcache), attention FLOPs",
+        size_name="context length (cached tokens, the chunk's included)",
+        cases=cases,
+        providers=_providers(cfg),
+        make_inputs=lambda case: _make_inputs(case, cfg.device),
+        skip_reason=None if cases else "on CUDA with --full only (gpu-check's time goes to the decode targets)",
+        notes=["TFLOP/s counts 4 x q_heads x d per visible (query, key) pair, the causal mask aligned bottom-right",
+               "llama_ext appends the chunk's k/v, then attends: with 128 or more query tokens on the prefill "
+               "kernels (on CUDA from a contiguous cache only; a paged one runs the decode kernels)",
+               PAGED_NOTE],
     )

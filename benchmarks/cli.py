@@ -26,6 +26,7 @@ def _op_builders() -> Dict[str, Callable]:
         "rotary": bench_rotary.build,
         "attention": bench_attention.build,
         "decode": bench_decode.build,
+        "chunked_prefill": bench_decode.build_chunked_prefill,
     }
 
 

@@ -183,15 +183,17 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
 // Many query tokens per sequence (a prompt written into a static cache, chunked prefill) are a
 // prefill: the KV-cache kernels tile the rows of one group (G x seq_q of them) by a few (16 on
 // CUDA, 64 on the CPU) and read each K/V row once per tile, where the prefill kernels' tiles are
-// GEMMs over 64-128 query tokens. From this many query tokens on, a contiguous cache runs on the
-// prefill kernels after the append: q (rotated as the KV-cache kernels rotate it) attends over
-// each sequence's first L_b cache rows with the same scale, mask, window and softcap. The CPU
-// makes one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L]), CUDA
-// one call for all (the prefill kernels read each L_b on the device). The CPU measurements behind
-// the threshold: csrc/cpu/kvcache_attention.cpp.
+// GEMMs over 64-128 query tokens. From this many query tokens on, a call runs on the prefill
+// kernels after the append: q (rotated as the KV-cache kernels rotate it) attends over each
+// sequence's first L_b cache tokens with the same scale, mask, window and softcap. The CPU makes
+// one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L], or a paged
+// cache's blocks gathered into contiguous rows), CUDA one call for all on a contiguous cache (the
+// prefill kernels read each L_b on the device; a gather would need the lengths on the host, so a
+// paged cache stays on the KV-cache kernels). The CPU measurements behind the threshold:
+// csrc/cpu/kvcache_attention.cpp.
 inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 
-inline bool routes_to_prefill(const KVCacheAttentionParams& p) { return !p.paged && p.seq_q >= kPrefillRouteMinSeqQ; }
+inline bool prefill_shaped(const KVCacheAttentionParams& p) { return p.seq_q >= kPrefillRouteMinSeqQ; }
 
 // ---- host side shared by both backends --------------------------------------------------------
 // A launcher writes the new tokens into the caches, then fills p.out and p.lse. It checks the

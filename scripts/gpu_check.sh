@@ -11,7 +11,8 @@
 #   synccheck  the same, the cases with barriers
 #   bench_attention  the benchmark of attention (compute-bound, the longest op) in its own process
 #   bench_memory     the benchmark of every other op (the memory-bound ones: decode first, then the
-#              rest as benchmarks/cli.py lists them) in ONE process, with each llama_ext result's
+#              rest as benchmarks/cli.py lists them; chunked prefill, compute-bound, runs on CUDA
+#              with --full only and is recorded as skipped) in ONE process, with each llama_ext result's
 #              kernels and their device times (--kernels). One process pays the cold imports
 #              (torch, transformers, torchvision) and the bandwidth ceilings, measured before and
 #              after the ops, once instead of once per op; every op has run on the H200 without a

@@ -93,7 +93,7 @@ def test_dry_run_reports_the_first_failure_first_and_still_benchmarks(tmp_path):
     bench = (tmp_path / "bench.md").read_text()
     assert "RMSNorm" in bench or "rms_norm" in bench, bench[:500]
     ops = [op["op"] for op in json.loads((tmp_path / "bench.json").read_text())["ops"]]
-    assert ops == ["decode", "rms_norm", "fused_add_rms_norm", "rotary"], ops
+    assert ops == ["decode", "rms_norm", "fused_add_rms_norm", "rotary", "chunked_prefill"], ops
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) <= MAX_RESULT_FILES and all((tmp_path / f).is_file() for f in files), files
     assert proc.stdout.rstrip().splitlines()[-1] == first  # the verdict is also the last line printed

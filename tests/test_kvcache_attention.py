@@ -74,6 +74,13 @@ class Case:
             rotary_cos=self.rotary_cos, rotary_sin=self.rotary_sin, return_lse=True, **kw,
         )
 
+    def tokens(self, b0, b1, n):
+        """The first n cache tokens of sequences b0 .. b1 - 1, [b1 - b0, n, n_kv_heads, d]."""
+        if self.block_table is None:
+            return self.k_cache[b0:b1, :n], self.v_cache[b0:b1, :n]
+        blocks = self.block_table[b0:b1, : -(-n // self.k_cache.shape[1])].long()
+        return tuple(cache[blocks].flatten(1, 2)[:, :n] for cache in (self.k_cache, self.v_cache))
+
     def reference(self, **kw):
         return gqa_attention_with_kvcache_reference(
             self.q, self.k_cache, self.v_cache, self.cache_seqlens, self.k, self.v, self.block_table,
@@ -185,10 +192,11 @@ def test_long_context_split_path(device, dtype, block_size):
 def test_prefill_shaped_calls(device, dtype, block_size):
     """Prompts written into the cache: 130-140 query tokens, with partial rotary, a window and
     softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
-    with unequal lengths (none at all for one sequence). On a contiguous cache these run on the
-    prefill kernels: with equal lengths and no rotary, their outputs are gqa_attention's bits on
-    the cache's first tokens; on the CPU, with unequal ones, those of one gqa_attention call per
-    run of consecutive sequences of equal length."""
+    with unequal lengths (none at all for one sequence). These run on the prefill kernels (on
+    CUDA only with a contiguous cache): with equal lengths and no rotary, their outputs are
+    gqa_attention's bits on the cache's first tokens; on the CPU, with unequal ones, those of one
+    gqa_attention call per run of consecutive sequences of equal length, the pages of a paged
+    cache gathered."""
     rot = (32, 600)
     cases = [
         (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
@@ -204,16 +212,33 @@ def test_prefill_shaped_calls(device, dtype, block_size):
         out, lse = case.check(**kw)
         seq_new = 0 if case.k is None else case.k.shape[1]
         lens = (case.cache_seqlens + seq_new).tolist()
-        if block_size is not None or case.rotary_cos is not None or (len(set(lens)) > 1 and device != "cpu"):
+        if case.rotary_cos is not None or (device != "cpu" and (len(set(lens)) > 1 or block_size is not None)):
             continue
         runs = [0] + [b for b in range(1, len(lens)) if lens[b] != lens[b - 1]] + [len(lens)]
         for b0, b1 in zip(runs, runs[1:]):
-            L = lens[b0]
             ref_out, ref_lse = llama_ext.gqa_attention(
-                case.q[b0:b1], case.k_cache[b0:b1, :L], case.v_cache[b0:b1, :L], causal=kw.get("causal", True),
+                case.q[b0:b1], *case.tokens(b0, b1, lens[b0]), causal=kw.get("causal", True),
                 window_size=kw.get("window_size", (-1, -1)), softcap=kw.get("softcap", 0.0), return_lse=True,
             )
             assert torch.equal(out[b0:b1], ref_out) and torch.equal(lse[b0:b1], ref_lse), (lens, b0, b1)
+
+
+def test_paged_prefill_gathers_a_long_run_in_several_calls():
+    """The CPU gathers a paged cache's K/V for the prefill kernel at most 128 MB at a time
+    (kPrefillGatherBytes): three sequences of 52 MB each (800 tokens of 32 kv heads x 256 fp32,
+    K and V) take a call of two, then one of one; each gives the bits of gqa_attention on its
+    gathered tokens, with the new tokens written as on a contiguous cache. The block table's
+    entries past each sequence's last block are -1, as a serving engine pads them: never read."""
+    lens, seq_new = [672, 672, 672], 128
+    case = Case("cpu", torch.float32, lens, seq_new, seq_new, 32, 32, 256, block_size=64, capacity=1000)
+    case.block_table[:, -(-(lens[0] + seq_new) // 64):] = -1  # 13 blocks of 16 used
+    out, lse = case.call()
+    for b in range(len(lens)):
+        ref_out, ref_lse = llama_ext.gqa_attention(case.q[b:b + 1], *case.tokens(b, b + 1, lens[b] + seq_new),
+                                                   return_lse=True)
+        assert torch.equal(out[b:b + 1], ref_out) and torch.equal(lse[b:b + 1], ref_lse), b
+    k, v = case.tokens(0, len(lens), lens[0] + seq_new)
+    assert torch.equal(k[:, lens[0]:], case.k) and torch.equal(v[:, lens[0]:], case.v)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")

@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'fa63982a3ec2c066'
+TRANSCRIBED_DIGEST = '6b0d864e209da1da'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -55,9 +55,9 @@
 //     math overlaps the stream from DRAM.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
-//     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens, a contiguous cache) run on
-//     the prefill kernel instead, one batched call per run of consecutive sequences that hold the
-//     same number of tokens.
+//     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) run on the prefill kernel
+//     instead, one batched call per run of consecutive sequences that hold the same number of
+//     tokens; a paged cache's K/V are gathered into contiguous rows for it.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
 //     (fp32) in a scratch buffer; lse = log sum_s e^(lse_s), out = sum_s e^(lse_s - lse) out_s.
 //     A row that sees no key gets zeros and lse = 0.
@@ -1539,10 +1539,15 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // once per 64 rows of a group, while the prefill kernel's tiles are GEMMs (csrc/cpu/attention.cpp).
 // Side by side (32/8 x 128, 2 threads, Zen 4) the prefill kernel was faster from 128 query tokens
 // on in bf16: 1.37x at 128 over 128 keys, 1.84x at 2048 over 2048, 2.08x at 512 over 4096; fp32
-// 0.90x, 1.08x and 1.34x. Consecutive sequences b0 .. b1 - 1 of a contiguous cache that hold the
-// same L tokens are then one batched call on their first L rows, k_cache[b0:b1, :L] and
-// v_cache[b0:b1, :L] (views: nothing is copied but q where it is rotated): all of a static cache's
-// prompts in one call, a batch of other lengths in one call per run (each call parallel within).
+// 0.90x, 1.08x and 1.34x. Consecutive sequences b0 .. b1 - 1 that hold the same L tokens are then
+// one batched call on their first L rows: all of a static cache's prompts in one call, a batch of
+// other lengths in one call per run (each call parallel within). A contiguous cache's rows are
+// k_cache[b0:b1, :L] and v_cache[b0:b1, :L], views (nothing is copied but q where it is rotated).
+// A paged cache's are gathered block by block into contiguous K and V first, at most
+// kPrefillGatherBytes of them per call (a run of long sequences takes several calls): the copy
+// reads the visible K/V once, where the register tiles would read it once per 64 rows and, in
+// bf16, out of address order (page after page of the pool).
+constexpr int64_t kPrefillGatherBytes = int64_t{128} << 20;
 
 template <typename T>
 void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
@@ -1564,17 +1569,29 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
       const std::optional<at::Tensor>&, int64_t, int64_t, bool, double, int64_t, int64_t, double);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("llama_ext::gqa_attention_forward", "").typed<Signature>();
+  // Sequences [b0, b0 + n), of L tokens each: K and V as [n, L, n_kv_heads, d].
+  const auto keys_of = [&](const at::Tensor& cache, int64_t b0, int64_t n, int64_t L) {
+    if (!p.paged) return cache.narrow(0, b0, n).narrow(1, 0, L);
+    const int64_t pages = (L + a.block_size - 1) / a.block_size;  // entries checked by check_values
+    const at::Tensor blocks = p.block_table->narrow(0, b0, n).narrow(1, 0, pages).reshape({-1});
+    return cache.index_select(0, blocks).view({n, pages * a.block_size, a.n_kv_heads, a.head_dim}).narrow(1, 0, L);
+  };
+  const int64_t token_bytes = 2 * a.n_kv_heads * a.head_dim * static_cast<int64_t>(sizeof(T));  // K and V
   for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
     const int64_t L = a.length(b0);
     while (b1 < a.batch && a.length(b1) == L) ++b1;
-    const auto of_run = [&](const at::Tensor& t) { return t.narrow(0, b0, b1 - b0); };
-    // At the CPU key: this call is already below autograd and every tracing layer.
-    const auto [out, lse] = op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), of_run(q),
-                                          of_run(p.k_cache).narrow(1, 0, L), of_run(p.v_cache).narrow(1, 0, L), std::nullopt,
-                                          std::nullopt, 0, 0, p.causal, p.scale, p.window_left, p.window_right,
-                                          p.softcap);
-    of_run(p.out).copy_(out);
-    of_run(p.lse).copy_(lse);
+    const int64_t per_call = p.paged ? std::max<int64_t>(1, kPrefillGatherBytes / std::max<int64_t>(1, L * token_bytes))
+                                     : b1 - b0;
+    for (int64_t s0 = b0; s0 < b1; s0 += per_call) {
+      const int64_t n = std::min(per_call, b1 - s0);
+      // At the CPU key: this call is already below autograd and every tracing layer.
+      const auto [out, lse] = op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), q.narrow(0, s0, n),
+                                            keys_of(p.k_cache, s0, n, L), keys_of(p.v_cache, s0, n, L), std::nullopt,
+                                            std::nullopt, 0, 0, p.causal, p.scale, p.window_left, p.window_right,
+                                            p.softcap);
+      p.out.narrow(0, s0, n).copy_(out);
+      p.lse.narrow(0, s0, n).copy_(lse);
+    }
   }
 }
 
@@ -1631,7 +1648,7 @@ void run(const KVCacheAttentionParams& p) {
   if (p.seq_new > 0) append_new_tokens<T>(a, *p.k, *p.v);
   const int64_t R = a.rows();
   if (p.batch == 0 || R == 0) return;
-  if (routes_to_prefill(p)) return attend_on_prefill_kernel<T>(a, p);
+  if (prefill_shaped(p)) return attend_on_prefill_kernel<T>(a, p);
 
   // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
   // heads, which lie side by side in each cache row and are then read in address order. Its

@@ -1222,7 +1222,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   p.scale = static_cast<float>(a.scale);
   p.softcap = static_cast<float>(a.softcap);
 
-  const bool prefill = routes_to_prefill(a);
+  const bool prefill = prefill_shaped(a) && !a.paged;  // kvcache_attention.h: why not paged
   AttentionCall call;  // the prefill route's
   if (prefill) {
     call = prefill_call(a);
