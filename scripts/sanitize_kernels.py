@@ -302,13 +302,32 @@ def kvcache_calls(d, device, dtype=torch.bfloat16):
         llama_ext.gqa_attention_with_kvcache(q, k_cache, v_cache, seqlens, k=k_new, v=v_new,
                                              rotary_cos=cos, rotary_sin=sin, return_lse=seq_new == 130)
         if seq_new > 3:
-            continue  # a paged prompt runs the decode kernels, as the calls below do for decode
+            continue  # a paged prompt: kvcache_paged_prompt_d{d} (memcheck)
         for block in (16, 64):
             blocks = -(-capacity // block)
             table = torch.randperm(batch * blocks, device=device).to(torch.int32).view(batch, blocks)
             k_pages = rnd(batch * blocks, block, h_kv, d, dtype=dtype, device=device)
             v_pages = rnd(batch * blocks, block, h_kv, d, dtype=dtype, device=device)
             llama_ext.gqa_attention_with_kvcache(q, k_pages, v_pages, seqlens, k=k_new, v=v_new, block_table=table)
+
+
+def kvcache_paged_prompt(d, device, dtype=torch.bfloat16):
+    """A prompt of 130 tokens written into a paged cache of 16-token blocks and attended on the
+    prefill kernels through the block table (fp16 / bf16), whose entries past each sequence's last
+    page are -1, beside a sequence with no tokens before the prompt; lse returned."""
+    batch, h_q, h_kv, block, seq_new = 3, 8, 2, 16, 130
+    seqlens = torch.tensor([300, 3, 0], device=device, dtype=torch.int32)
+    max_blocks = -(-(300 + seq_new + 40) // block)
+    table = torch.randperm(batch * max_blocks, device=device).to(torch.int32).view(batch, max_blocks)
+    for b, n in enumerate((seqlens + seq_new).tolist()):
+        table[b, -(-n // block):] = -1
+    k_pages = rnd(batch * max_blocks, block, h_kv, d, dtype=dtype, device=device)
+    v_pages = rnd(batch * max_blocks, block, h_kv, d, dtype=dtype, device=device)
+    q = rnd(batch, seq_new, h_q, d, dtype=dtype, device=device)
+    k_new = rnd(batch, seq_new, h_kv, d, dtype=dtype, device=device)
+    v_new = rnd(batch, seq_new, h_kv, d, dtype=dtype, device=device)
+    llama_ext.gqa_attention_with_kvcache(q, k_pages, v_pages, seqlens, k=k_new, v=v_new, block_table=table,
+                                         return_lse=True)
 
 
 if hasattr(llama_ext, "gqa_attention_with_kvcache"):
@@ -334,6 +353,8 @@ if hasattr(llama_ext, "gqa_attention_with_kvcache"):
 PER_HEAD_DIM_EDGES = [
     ("attention_edges_d{}", MEMCHECK, attention_edges),
 ]
+if hasattr(llama_ext, "gqa_attention_with_kvcache"):
+    PER_HEAD_DIM_EDGES.append(("kvcache_paged_prompt_d{}", MEMCHECK, kvcache_paged_prompt))
 
 
 def register_per_head_dim(device):

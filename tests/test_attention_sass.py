@@ -35,9 +35,11 @@ def _forward_tiles():
 FORWARD_TILES = _forward_tiles()
 # Kernel name fragments (they appear verbatim inside the mangled names) and the instantiations
 # each must have: (dtype, head_dim) from the one list in csrc/cuda/attention_launch.cuh, plus the
-# forward's tile index.
+# forward's tile index and whether it reads a paged cache (kPaged: gqa_attention_with_kvcache's
+# prefill route).
 TENSOR_CORE_KERNELS = {
-    "attention_forward_tc_kernel": {(t, d, i) for t in CUDA_TC_TYPES for i, (d, *_) in enumerate(FORWARD_TILES)},
+    "attention_forward_tc_kernel": {(t, d, i, paged) for t in CUDA_TC_TYPES for i, (d, *_) in enumerate(FORWARD_TILES)
+                                    for paged in (0, 1)},
     "attention_backward_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},
     # The decode kernel of gqa_attention_with_kvcache (csrc/cuda/kvcache_attention.cu).
     "attend_tc_kernel": {(t, d) for t in CUDA_TC_TYPES for d in CUDA_HEAD_DIMS},

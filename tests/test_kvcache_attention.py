@@ -2,6 +2,8 @@
 append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
 cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -193,10 +195,10 @@ def test_prefill_shaped_calls(device, dtype, block_size):
     """Prompts written into the cache: 130-140 query tokens, with partial rotary, a window and
     softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
     with unequal lengths (none at all for one sequence). These run on the prefill kernels (on
-    CUDA only with a contiguous cache): with equal lengths and no rotary, their outputs are
-    gqa_attention's bits on the cache's first tokens; on the CPU, with unequal ones, those of one
-    gqa_attention call per run of consecutive sequences of equal length, the pages of a paged
-    cache gathered."""
+    CUDA a paged cache in fp16 / bf16 only): with equal lengths and no rotary, their outputs are
+    gqa_attention's bits on the cache's first tokens, a paged cache's read through the block table
+    (CUDA) or gathered (CPU); on the CPU, with unequal ones, those of one gqa_attention call per
+    run of consecutive sequences of equal length."""
     rot = (32, 600)
     cases = [
         (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
@@ -212,7 +214,8 @@ def test_prefill_shaped_calls(device, dtype, block_size):
         out, lse = case.check(**kw)
         seq_new = 0 if case.k is None else case.k.shape[1]
         lens = (case.cache_seqlens + seq_new).tolist()
-        if case.rotary_cos is not None or (device != "cpu" and (len(set(lens)) > 1 or block_size is not None)):
+        paged_on_decode_kernels = block_size is not None and dtype == torch.float32
+        if case.rotary_cos is not None or (device != "cpu" and (len(set(lens)) > 1 or paged_on_decode_kernels)):
             continue
         runs = [0] + [b for b in range(1, len(lens)) if lens[b] != lens[b - 1]] + [len(lens)]
         for b0, b1 in zip(runs, runs[1:]):
@@ -242,14 +245,35 @@ def test_paged_prefill_gathers_a_long_run_in_several_calls():
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")
-def test_long_prompt_past_the_decode_grid_on_cuda():
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_long_prompt_past_the_decode_grid_on_cuda(block_size):
     """A prompt whose rows would need more than 65535 CTA rows of the decode kernel's grid (128
-    heads x ceil(8200 / 16) row tiles): on a contiguous cache it runs on the prefill kernels, the
-    bits of gqa_attention on the cache's first tokens (this backend's deterministic forward)."""
-    case = Case("cuda", torch.float16, [100], 8200, 8200, 128, 128, 32)
+    heads x ceil(8200 / 16) row tiles): it runs on the prefill kernels, a paged cache's rows read
+    through the block table, the bits of gqa_attention on the cache's first tokens (this backend's
+    deterministic forward)."""
+    case = Case("cuda", torch.float16, [100], 8200, 8200, 128, 128, 32, block_size=block_size)
     out, lse = case.call()
-    ref_out, ref_lse = llama_ext.gqa_attention(case.q, case.k_cache[:, :8300], case.v_cache[:, :8300], return_lse=True)
+    ref_out, ref_lse = llama_ext.gqa_attention(case.q, *case.tokens(0, 1, 8300), return_lse=True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="a device-side assert needs a GPU")
+def test_paged_prompt_with_a_block_outside_the_cache_asserts_on_cuda():
+    """The prefill route reads a paged cache through the block table after checking each
+    sequence's entries on the device: an entry outside the cache is a device-side assert (in a
+    child process: it poisons the CUDA context), never a read out of bounds."""
+    code = (
+        "import torch, llama_ext\n"
+        "kc = torch.randn(8, 16, 2, 64, device='cuda', dtype=torch.bfloat16); vc = torch.randn_like(kc)\n"
+        "q = torch.randn(1, 130, 4, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "table = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 8]], device='cuda', dtype=torch.int32)\n"
+        "seqlens = torch.tensor([120], device='cuda', dtype=torch.int32)\n"
+        "llama_ext.gqa_attention_with_kvcache(q, kc, vc, seqlens, block_table=table)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "device-side assert" in result.stderr or "block_table entry outside the cache" in result.stderr
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_DECODE_SPLITS steers the CUDA launcher")

@@ -13,7 +13,9 @@ tile_needs_mask / precise_tanh / capped_score / load_tile (cp.async path when al
 register path otherwise); and the kernel's stages load_kv_tile, score_tile, scale_and_mask,
 online_softmax, accumulate_pv and write_back. The same kernel serves batched and varlen
 (cu_seqlens) calls, and batched calls over KV caches whose sequences hold key_lengths[b] keys
-(gqa_attention_with_kvcache's prefill route); all three are run. The warp-level helpers of csrc/cuda/mma.cuh (load_a,
+(gqa_attention_with_kvcache's prefill route), contiguous or paged (kPaged: each key's row found
+through the block table, blocks shuffled over a pool with NaN spares and -1 past each sequence's
+last page); all are run. The warp-level helpers of csrc/cuda/mma.cuh (load_a,
 load_b_pair_nk, load_b_pair_kn, pack_a_from_acc) and the PTX instructions (ldmatrix .x4
 [.trans], mma.sync.m16n8k16 with fp32 accumulation, cp.async with commit/wait groups) are
 tools/ptx_emu.py's, imported unchanged; nothing new is defined at the PTX level here.
@@ -73,7 +75,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '708e3ba6cec46144'
+TRANSCRIBED_DIGEST = 'e65d87eda5d1b35a'
 
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------
@@ -284,8 +286,36 @@ def load_tile(sm, dst, src, row_stride, valid_rows, D, kRows, kThreads, async_, 
 
 
 # ---- the kernel's stages -----------------------------------------------------------------------
-def load_kv_tile(sm, sK, sV, k, v, p, seq, block, buf, C, c):
+def load_kv_tile(sm, sK, sV, k, v, pages, p, seq, block, buf, C, c):
     n0 = block * C.kBlockN
+    if pages is not None:  # kPaged: each row's cache block from the block table, one lookup for K and V
+        kChunksPerRow, kElems = C.kD * 2 // 16, 8
+        cc = np.arange(C.kBlockN * kChunksPerRow)
+        tid = cc % C.kThreads
+        r, col = cc // kChunksPerRow, (cc % kChunksPerRow) * kElems
+        key = n0 + r
+        valid = key < seq.len_k
+        page = key // p.block_size
+        el = np.arange(kElems)
+        st = c['stats']
+        st['zero_filled_rows'] += 2 * int((~valid).sum()) // kChunksPerRow
+        st['paged_rows'] += 2 * int(valid.sum()) // kChunksPerRow
+        for base, src, strides in ((sK, k, p.k_strides), (sV, v, p.v_strides)):
+            d = base + buf * C.kBlockN * C.kPitch + r * C.kPitch + col
+            at = np.zeros(cc.size, np.int64)
+            if valid.any():
+                cache_block = gload(pages, page[valid] * p.block_table_strides[1]).astype(np.int64)
+                row = key[valid] - page[valid] * p.block_size if 'paged_row' not in MUT else key[valid]
+                at[valid] = cache_block * strides[0] + row * strides[1] + col[valid]
+            # cp.async whatever p.aligned16 (q's alignment): the route checked the caches' rows.
+            vals = np.zeros((cc.size, kElems))
+            if not (0 <= src[1] < src[0].size) or src[1] % kElems or ((src[1] + at) % kElems).any():
+                raise DeviceAssert('cp.async source outside its buffer or not 16-byte aligned')
+            if valid.any():
+                vals[valid] = gload(src, at[valid][:, None] + el)
+            st['async_loads'] += 1
+            sm.cp_async(d[:, None] + el, vals, tid[:, None])
+        return
     load_tile(sm, sK + buf * C.kBlockN * C.kPitch, (k[0], k[1] + n0 * p.k_strides[1]), p.k_strides[1],
               seq.len_k - n0, C.kD, C.kBlockN, C.kThreads, p.aligned16, c)
     load_tile(sm, sV + buf * C.kBlockN * C.kPitch, (v[0], v[1] + n0 * p.v_strides[1]), p.v_strides[1],
@@ -423,8 +453,14 @@ def attention_forward_cta(p, C, blockIdx, gridDim_x, c):
     st['ctas'] += 1
     kv_head = head // p.group
     q = (p.q[0], p.q[1] + offset(p.q_strides, b, seq.start_q, m0, head))
-    k = (p.k[0], p.k[1] + offset(p.k_strides, b, seq.start_k, 0, kv_head))
-    v = (p.v[0], p.v[1] + offset(p.v_strides, b, seq.start_k, 0, kv_head))
+    pages = None
+    if p.block_table is not None:  # kPaged: the kv head's element 0 in cache block 0
+        k = (p.k[0], p.k[1] + kv_head * p.k_strides[2])
+        v = (p.v[0], p.v[1] + kv_head * p.v_strides[2])
+        pages = (p.block_table, b * p.block_table_strides[0])
+    else:
+        k = (p.k[0], p.k[1] + offset(p.k_strides, b, seq.start_k, 0, kv_head))
+        v = (p.v[0], p.v[1] + offset(p.v_strides, b, seq.start_k, 0, kv_head))
 
     rows_end = min(m0 + C.kBlockM, seq.len_q)
     first_key_block = int(key_begin(m0, seq, p.window)) // C.kBlockN
@@ -438,7 +474,7 @@ def attention_forward_cta(p, C, blockIdx, gridDim_x, c):
 
     load_tile(sm, sQ, q, p.q_strides[1], seq.len_q - m0, C.kD, C.kBlockM, C.kThreads, p.aligned16, c)
     if n_key_blocks > 0:
-        load_kv_tile(sm, sK, sV, k, v, p, seq, first_key_block, 0, C, c)
+        load_kv_tile(sm, sK, sV, k, v, pages, p, seq, first_key_block, 0, C, c)
     sm.commit()
 
     rows, o_acc, state, q_frag = [], [], [], []
@@ -470,7 +506,7 @@ def attention_forward_cta(p, C, blockIdx, gridDim_x, c):
                                 for mt in range(C.kMTiles)]
         if it + 1 < n_key_blocks:
             buf = (it + 1) % 2 if 'ring_stage' not in MUT else it % 2
-            load_kv_tile(sm, sK, sV, k, v, p, seq, first_key_block + it + 1, buf, C, c)
+            load_kv_tile(sm, sK, sV, k, v, pages, p, seq, first_key_block + it + 1, buf, C, c)
         sm.commit()
 
         k_tile = sK + (it % 2) * C.kBlockN * P
@@ -494,7 +530,7 @@ def attention_forward_cta(p, C, blockIdx, gridDim_x, c):
 
 # ---- host ----------------------------------------------------------------------------------------
 COVERAGE = ['ctas', 'idle_ctas', 'tiles', 'masked_tiles', 'unmasked_tiles', 'skipped_lead_blocks', 'no_key_ctas',
-            'key_tail', 'zero_filled_rows', 'blind_rows', 'partial_row_tile', 'async_loads', 'sync_loads']
+            'key_tail', 'zero_filled_rows', 'blind_rows', 'partial_row_tile', 'async_loads', 'sync_loads', 'paged_rows']
 
 
 def attention_forward_tc(case, mode):
@@ -511,6 +547,10 @@ def attention_forward_tc(case, mode):
     p.q, p.k, p.v = (bufs['q'], pr['q_base']), (bufs['k'], pr['k_base']), (bufs['v'], pr['v_base'])
     p.cu_seqlens_q, p.cu_seqlens_k = bufs.get('cu_q'), bufs.get('cu_k')
     p.key_lengths = bufs.get('key_lengths')
+    # attention_forward_cuda: a paged cache's table and block size (k's dim 1).
+    p.block_table = bufs.get('block_table')
+    p.block_table_strides = pr.get('block_table_strides')
+    p.block_size = pr.get('block_size')
     scale, softcap = pr['scale'], pr['softcap']
     if mode == 'exact':
         p.scale_log2 = scale / math.log(2)
@@ -557,11 +597,14 @@ def rows_aligned16(base, strides, varlen):
 
 # ---- test cases and the float64 reference -------------------------------------------------------
 def make_case(name, T, D, arch, n_kv, G, lens_q, lens_k, varlen=False, causal=False, window=(-1, -1), softcap=0.0,
-              scale=None, q_pad=0, kv_pad=0, guard=3, seed=0, capacity=None):
+              scale=None, q_pad=0, kv_pad=0, guard=3, seed=0, capacity=None, block_size=None):
     """Batched (varlen=False): every sequence has lens_q[0] / lens_k[0]; q [B, seq_q + guard, H,
     D + q_pad], k/v [B, seq_k + guard, KV, D + kv_pad], the guard rows and pad columns NaN.
     With a capacity: KV caches (gqa_attention_with_kvcache's prefill route), seq_k = capacity and
-    sequence b holds key_lengths[b] = lens_k[b] keys, its rows past them NaN.
+    sequence b holds key_lengths[b] = lens_k[b] keys, its rows past them NaN; with a block_size
+    too, paged: k/v [num_blocks, block_size, KV, D + kv_pad], the ceil(capacity / block_size)
+    pages of each sequence shuffled over the pool with two NaN spare blocks, block_table
+    [B, max_blocks] (-1 past each sequence's last page: never to be read).
     Varlen: q [total_q + guard, H, D + q_pad] etc., cu_seqlens from the lengths."""
     rng = np.random.default_rng(seed)
     B = len(lens_q)
@@ -586,6 +629,23 @@ def make_case(name, T, D, arch, n_kv, G, lens_q, lens_k, varlen=False, causal=Fa
             bufs[n] = buf.reshape(-1)
             pr[n + '_strides'] = ((L + guard) * heads * (D + pad), heads * (D + pad), D + pad)
             pr[n + '_base'] = 0
+        if block_size is not None:
+            assert capacity is not None
+            max_blocks = -(-capacity // block_size)
+            num_blocks = B * max_blocks + 2
+            perm = rng.permutation(num_blocks)[:B * max_blocks].reshape(B, max_blocks)
+            table = np.full((B, max_blocks), -1, np.int64)
+            for n, xs in (('k', ks), ('v', vs)):
+                pool = np.full((num_blocks, block_size, n_kv, D + kv_pad), np.nan)
+                for b in range(B):
+                    for page in range(-(-len(xs[b]) // block_size)):
+                        rows = xs[b][page * block_size:(page + 1) * block_size]
+                        pool[perm[b, page], :len(rows), :, :D] = rows
+                        table[b, page] = perm[b, page]
+                bufs[n] = pool.reshape(-1)
+                pr[n + '_strides'] = (block_size * n_kv * (D + kv_pad), n_kv * (D + kv_pad), D + kv_pad)
+            bufs['block_table'] = table.reshape(-1)
+            pr.update(block_table_strides=(max_blocks, 1), block_size=block_size)
         pr['out_strides'] = (seq_q * H * D, H * D, D)
         bufs['out_size'] = B * seq_q * H * D
         bufs['lse_size'] = B * H * seq_q
@@ -714,6 +774,15 @@ def cases():
     # whose first rows see nothing), causal with a window; the cache rows past each length NaN.
     C.append(make_case('t1 d64 sm90 cache lengths [150, 0, 37] cap 160 causal window50', 'bf16', 64, 'sm90', 2, 2,
                        [130, 130, 130], [150, 0, 37], causal=True, window=(50, -1), capacity=160, seed=11))
+    # The same over a paged cache of 17-token blocks (a 64-key tile spans 4-5 of them, none
+    # aligned to it), 10 pages per sequence, unused entries -1.
+    C.append(make_case('t1 d64 sm90 paged17 lengths [150, 0, 37] cap 160 causal window50', 'fp16', 64, 'sm90', 2, 2,
+                       [130, 130, 130], [150, 0, 37], causal=True, window=(50, -1), capacity=160, block_size=17,
+                       seed=12))
+    # tile 6 over a paged cache of 16-token blocks (2 per 32-key tile), q rows unaligned (q through
+    # registers, the paged K/V still by cp.async), non-causal, a sequence ending mid-block.
+    C.append(make_case('t6 d128 sm86 paged16 unaligned q lengths [77, 64]', 'bf16', 128, 'sm86', 2, 1, [40, 40],
+                       [77, 64], capacity=96, block_size=16, q_pad=4, seed=13))
     # tile 2 again: D = 64 on a 100 KB part, non-causal, seq_k = 1, plain.
     C.append(make_case('t2 d64 sm86 noncausal 50/1 B2', 'fp16', 64, 'sm86', 2, 1, [50, 50], [1, 1], seed=10))
     return C
@@ -836,7 +905,7 @@ def run_cases(names=None, modes=('exact', 'fp32', 'kernel'), verbose=True):
 
 MUTANTS = ['no_zero_fill', 'ring_stage', 'no_wait', 'q_frag_early', 'mask_lo', 'top_left', 'mask_tail_only',
            'last_row_m0', 'cap_after_mask', 'no_quad_max', 'no_alpha', 'no_quad_sum', 'lse_no_ln2', 'ldm_b_addr',
-           'p_layout']
+           'p_layout', 'paged_row']
 
 
 def check_mutants(verbose=True):

@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '6b0d864e209da1da'
+TRANSCRIBED_DIGEST = '3da0edc3d8b7e12b'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -99,7 +99,8 @@ AttentionParams make_params(const AttentionCall& call, const at::Tensor& lse,
   return p;
 }
 
-void attention_forward_cuda(const AttentionCall& call, const int* key_lengths) {
+void attention_forward_cuda(const AttentionCall& call, const int* key_lengths,
+                            const std::optional<at::Tensor>& block_table) {
   const AttentionShape& s = call.shape;
   const c10::cuda::CUDAGuard guard(call.q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -108,9 +109,19 @@ void attention_forward_cuda(const AttentionCall& call, const int* key_lengths) {
   p.key_lengths = key_lengths;
   p.out = call.out.data_ptr();
   p.out_strides = strides_of(call.out, s.varlen);
+  if (block_table.has_value()) {  // k, v: [num_blocks, block_size, n_kv_heads, d]
+    // The paged loads are cp.async only (attention_fwd.cu): the route checked the caches' rows.
+    TORCH_INTERNAL_ASSERT(rows_aligned16(call.k) && rows_aligned16(call.v), "paged caches with unaligned rows");
+    p.block_table = block_table->const_data_ptr<int>();
+    p.block_table_strides[0] = block_table->stride(0);
+    p.block_table_strides[1] = block_table->stride(1);
+    p.block_size = static_cast<int>(call.k.size(1));
+  }
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_forward", [&] {
     bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) launched = cuda::attention::launch_forward_tc<scalar_t>(p, stream);
+    // The SIMT kernels read no paged cache: the route sends none where the tensor cores cannot.
+    TORCH_INTERNAL_ASSERT(launched || p.block_table == nullptr, "a paged cache reached the SIMT attention forward");
     if (!launched) cuda::attention::launch_forward_simt<scalar_t>(p, stream);
   });
 }
@@ -151,14 +162,15 @@ void attention_backward_cuda(const AttentionCall& call) {
   });
 }
 
-void attention_forward_cuda(const AttentionCall& call) { attention_forward_cuda(call, nullptr); }
+void attention_forward_cuda(const AttentionCall& call) { attention_forward_cuda(call, nullptr, std::nullopt); }
 
 }  // namespace
 
 void cuda::check_attention_limits(const at::Tensor& q, const AttentionShape& shape) { check_cuda_attention(q, shape); }
 
-void cuda::attention_forward_on_cache(const AttentionCall& call, const int* key_lengths) {
-  attention_forward_cuda(call, key_lengths);
+void cuda::attention_forward_on_cache(const AttentionCall& call, const int* key_lengths,
+                                      const std::optional<at::Tensor>& block_table) {
+  attention_forward_cuda(call, key_lengths, block_table);
 }
 
 TORCH_LIBRARY_IMPL(llama_ext, CUDA, m) {

@@ -45,6 +45,14 @@ struct AttentionParams {
   // holds key_lengths[b] <= seq_k keys, read on the device, so no host sync is needed. nullptr:
   // every sequence holds seq_k.
   const int* key_lengths;
+  // A paged KV cache (that route, forward on tensor cores only): key n of sequence b is row
+  // n % block_size of cache block block_table[b * block_table_strides[0] + (n / block_size) *
+  // block_table_strides[1]], a block's element stride k_strides.batch (v_strides.batch). The
+  // route checks the entries of each sequence's keys on the device first. nullptr: key n is row n
+  // of sequence b.
+  const int* block_table;
+  int64_t block_table_strides[2];
+  int block_size;
   int batch;
   int seq_q;  // batched: the length; varlen: max_seqlen_q
   int seq_k;

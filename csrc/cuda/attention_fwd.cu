@@ -17,7 +17,10 @@
 // edge or the key tail pay for per-element masking, against each row's [begin, end), computed
 // on those tiles only. With a logit softcap the fp32 scores become softcap tanh(s / softcap) (in
 // base 2, attention_common.cuh) before masking. Query/key tails are zero-filled by the loads
-// and masked, so any sequence length works.
+// and masked, so any sequence length works. Over a paged KV cache (kPaged: the prefill route of
+// gqa_attention_with_kvcache) each K/V row is found through the block table as it is staged;
+// everything else is the same kernel (registers within -18..+5 of the contiguous one's below, no
+// spills).
 //
 // Cost. 4 * s_q * s_k * D FLOPs per head (halved causal), all on tensor cores. Global traffic is
 // Q and O once plus K and V once per CTA: block_m FLOPs per byte of K/V (L2 serves the repeats
@@ -158,15 +161,45 @@ struct SoftmaxRows {
 };
 
 // Stage: load key/value tile `block` (kBlockN keys from key block * kBlockN) into buffer `buf`;
-// keys past the sequence are zero-filled.
-template <typename T, typename C>
-__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const AttentionParams& p,
-                                             const Seq& seq, int block, int buf) {
+// keys past the sequence are zero-filled. k and v point at the sequence's kv head: its key 0, or
+// with kPaged its element 0 in cache block 0, the sequence's keys found through its row of the
+// block table (`pages`). A paged tile's rows may lie in several cache blocks (block_size below
+// kBlockN, or not a multiple of it), so each row is looked up: one table entry and one division
+// per row a thread stages, shared by its K and V chunks. The route checked the entries of keys
+// below len_k; no other is read. Paged rows are 16-byte aligned (kvcache_attention.cu checks the
+// caches), so they always go by cp.async, whatever q's alignment.
+template <typename T, typename C, bool kPaged>
+__device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* v, const int* pages,
+                                             const AttentionParams& p, const Seq& seq, int block, int buf) {
   const int n0 = block * C::kBlockN;
-  load_tile<T, C::kD, C::kBlockN, C::kThreads>(sK + buf * C::kBlockN * C::kPitch, k + n0 * p.k_strides.row,
-                                               p.k_strides.row, seq.len_k - n0, p.aligned16);
-  load_tile<T, C::kD, C::kBlockN, C::kThreads>(sV + buf * C::kBlockN * C::kPitch, v + n0 * p.v_strides.row,
-                                               p.v_strides.row, seq.len_k - n0, p.aligned16);
+  T* k_tile = sK + buf * C::kBlockN * C::kPitch;
+  T* v_tile = sV + buf * C::kBlockN * C::kPitch;
+  if constexpr (kPaged) {
+    constexpr int kChunksPerRow = C::kD * static_cast<int>(sizeof(T)) / 16;
+    constexpr int kElems = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+    for (int c = threadIdx.x; c < C::kBlockN * kChunksPerRow; c += C::kThreads) {
+      const int r = c / kChunksPerRow;
+      const int col = (c % kChunksPerRow) * kElems;
+      const int key = n0 + r;
+      const bool valid = key < seq.len_k;
+      int64_t k_at = 0, v_at = 0;  // zero-filled rows pass the (aligned) kv head base, unread
+      if (valid) {
+        const int page = key / p.block_size;
+        const int64_t cache_block = pages[page * p.block_table_strides[1]];
+        const int64_t row = key - page * p.block_size;
+        k_at = cache_block * p.k_strides.batch + row * p.k_strides.row + col;
+        v_at = cache_block * p.v_strides.batch + row * p.v_strides.row + col;
+      }
+      mma::cp_async_16(k_tile + r * C::kPitch + col, k + k_at, valid);
+      mma::cp_async_16(v_tile + r * C::kPitch + col, v + v_at, valid);
+    }
+  } else {
+    load_tile<T, C::kD, C::kBlockN, C::kThreads>(k_tile, k + n0 * p.k_strides.row, p.k_strides.row, seq.len_k - n0,
+                                                 p.aligned16);
+    load_tile<T, C::kD, C::kBlockN, C::kThreads>(v_tile, v + n0 * p.v_strides.row, p.v_strides.row, seq.len_k - n0,
+                                                 p.aligned16);
+  }
 }
 
 // Stage: S = Q K^T for the warp's kMTiles x 16 rows x kBlockN keys (fp32 accumulators,
@@ -326,7 +359,7 @@ __device__ __forceinline__ void write_back(const float (&o_acc)[C::kDTiles][4], 
   }
 }
 
-template <typename T, int D, int kTile>
+template <typename T, int D, int kTile, bool kPaged>
 __global__ void __launch_bounds__(FwdConfig<kTile>::kThreads, FwdConfig<kTile>::kMinCtasPerSm)
     attention_forward_tc_kernel(const AttentionParams p) {
   using C = FwdConfig<kTile>;
@@ -349,15 +382,20 @@ __global__ void __launch_bounds__(FwdConfig<kTile>::kThreads, FwdConfig<kTile>::
   const int g = lane / 4, t = lane % 4;
 
   const T* q = static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, m0, head);
-  const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, 0, kv_head);
-  const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
+  // Paged: the kv head's element 0 in cache block 0, the keys' blocks from the sequence's row of
+  // the block table (the route's calls are batched, start_k = 0).
+  const T* k = static_cast<const T*>(p.k) +
+               (kPaged ? kv_head * p.k_strides.head : offset(p.k_strides, b, seq.start_k, 0, kv_head));
+  const T* v = static_cast<const T*>(p.v) +
+               (kPaged ? kv_head * p.v_strides.head : offset(p.v_strides, b, seq.start_k, 0, kv_head));
+  const int* pages = kPaged ? p.block_table + b * p.block_table_strides[0] : nullptr;
 
   const int rows_end = min(m0 + C::kBlockM, seq.len_q);
   const int first_key_block = key_begin(m0, seq, p.window) / C::kBlockN;
   const int n_key_blocks = max(0, tiles_of(key_end(rows_end - 1, seq, p.window), C::kBlockN) - first_key_block);
 
   load_tile<T, D, C::kBlockM, C::kThreads>(sQ, q, p.q_strides.row, seq.len_q - m0, p.aligned16);
-  if (n_key_blocks > 0) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block, 0);
+  if (n_key_blocks > 0) load_kv_tile<T, C, kPaged>(sK, sV, k, v, pages, p, seq, first_key_block, 0);
   mma::cp_async_commit();
 
   // The warp's rows are warp_row0 + [0, kRowsPerWarp) of the tile; this thread holds rows g and
@@ -389,7 +427,9 @@ __global__ void __launch_bounds__(FwdConfig<kTile>::kThreads, FwdConfig<kTile>::
         }
       }
     }
-    if (it + 1 < n_key_blocks) load_kv_tile<T, C>(sK, sV, k, v, p, seq, first_key_block + it + 1, (it + 1) % 2);
+    if (it + 1 < n_key_blocks) {
+      load_kv_tile<T, C, kPaged>(sK, sV, k, v, pages, p, seq, first_key_block + it + 1, (it + 1) % 2);
+    }
     mma::cp_async_commit();
 
     const T* k_tile = sK + (it % 2) * C::kBlockN * C::kPitch;
@@ -415,7 +455,8 @@ template <typename T, int kTile>
 void launch_forward_kernel(const AttentionParams& p, cudaStream_t stream) {
   using C = FwdConfig<kTile>;
   constexpr size_t smem_bytes = C::kSmemElems * sizeof(T);
-  auto kernel = attention_forward_tc_kernel<T, C::kD, kTile>;
+  auto kernel = p.block_table != nullptr ? attention_forward_tc_kernel<T, C::kD, kTile, true>
+                                         : attention_forward_tc_kernel<T, C::kD, kTile, false>;
   allow_dynamic_smem(kernel, smem_bytes);
   const dim3 grid(static_cast<unsigned>(ceil_div(p.seq_q, C::kBlockM)), p.n_q_heads, p.batch);
   if (grid_empty(grid)) return;
@@ -431,6 +472,8 @@ void launch_forward_tile(int tile, const AttentionParams& p, cudaStream_t stream
 }
 
 }  // namespace
+
+bool forward_tc_has_tile(int head_dim) { return choose_forward_tile(head_dim, device_smem_limits()) >= 0; }
 
 template <typename T>
 bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream) {

@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <optional>
 #include <type_traits>
 
 #include "attention_common.cuh"
@@ -42,6 +43,9 @@ bool dispatch_head_dim(int head_dim, F&& f) {
 // lacks the kernel's shared memory (the caller falls back to the SIMT kernels).
 template <typename T>
 bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream);
+// Whether launch_forward_tc has a tile for head_dim on the current device (only they read paged
+// caches: p.block_table).
+bool forward_tc_has_tile(int head_dim);
 
 // Tensor cores: dk and dv (p.dk, p.dv; the tensors themselves for the deterministic sum of
 // the group split's partials) written, dq accumulated into p.dq_accum (fp32, zeroed by the
@@ -70,8 +74,12 @@ namespace cuda {
 // gqa_attention_with_kvcache's prefill route (kvcache_attention.cu), over the caches as they lie,
 // with no host sync (attention.cu): the CUDA attention kernels' limits, checked before the route
 // writes anything, then the forward of a checked batched call whose sequence b holds
-// key_lengths[b] of k's and v's rows (device int32 [batch], each at most shape.seq_k).
+// key_lengths[b] of k's and v's rows (device int32 [batch], each at most shape.seq_k). With a
+// block_table (int32 [batch, max_blocks], its entries for each sequence's keys checked), k and v
+// are paged caches [num_blocks, block_size, n_kv_heads, d], fp16 / bf16 only, on a device that
+// forward_tc_has_tile(head_dim).
 void check_attention_limits(const at::Tensor& q, const AttentionShape& shape);
-void attention_forward_on_cache(const AttentionCall& call, const int* key_lengths);
+void attention_forward_on_cache(const AttentionCall& call, const int* key_lengths,
+                                const std::optional<at::Tensor>& block_table);
 }  // namespace cuda
 }  // namespace llama_ext

@@ -42,9 +42,10 @@
 //  3. combine (splits > 1): per query row, lse = log sum_s e^(lse_s) (the splits' lse read in
 //     parallel, block reductions in a fixed order), out = sum_s e^(lse_s - lse) out_s in split
 //     order.
-//  4. Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) on a contiguous cache run
-//     the prefill kernels instead of 2 and 3, after the append: the sequences' lengths and, with
-//     rotary tables, q's rotated copy come from two small kernels.
+//  4. Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens; on a paged cache fp16 /
+//     bf16) run the prefill kernels instead of 2 and 3, after the append: the sequences' lengths
+//     (their block-table entries checked) and, with rotary tables, q's rotated copy come from two
+//     small kernels.
 // A block index, length or rotary position that is out of range fires a device-side assert and
 // the access is skipped, never made.
 //
@@ -1016,13 +1017,31 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
 // head. A contiguous cache's sequence b is rows [0, L_b) of k_cache[b] and v_cache[b], which the
 // prefill kernels read in place, L_b coming from the device (AttentionParams::key_lengths); with
 // rotary tables, q is rotated into a copy first, each element as the attend kernels see it
-// (stage_query_rows). Paged caches stay on the attend kernels, which gather through the table.
+// (stage_query_rows). A paged cache's (fp16 / bf16: the prefill kernels read pages on tensor cores
+// only) is read through the block table, each sequence's entries checked first by
+// key_lengths_kernel.
 
-// L_b for the prefill kernels, or 0 (after the device-side assert) when it exceeds the capacity:
-// they then read nothing of that sequence, never past its cache rows.
+// L_b for the prefill kernels, or 0 (after a device-side assert) when it exceeds the capacity or,
+// paged, a block-table entry of its first L_b tokens names a block outside the cache: they then
+// read nothing of that sequence, never past its cache rows. One CTA per sequence, its threads
+// over the sequence's pages.
 __global__ void __launch_bounds__(kThreads) key_lengths_kernel(const KVCacheKernelParams p, int* lengths) {
-  const int b = blockIdx.x * blockDim.x + threadIdx.x;
-  if (b < p.batch) lengths[b] = length_ok(p, b) ? static_cast<int>(p.length(b)) : 0;
+  const int b = blockIdx.x;
+  // Thread 0 checks (and asserts) once; every thread learns the verdict.
+  const bool length_fits = __syncthreads_or(threadIdx.x == 0 && length_ok(p, b));
+  const int length = length_fits ? static_cast<int>(p.length(b)) : 0;
+  bool blocks_fit = true;
+  if (p.block_table != nullptr) {
+    const int pages = length > 0 ? static_cast<int>(p.block_size.div(length - 1)) + 1 : 0;
+    for (int page = threadIdx.x; page < pages; page += blockDim.x) {
+      blocks_fit &= block_in_cache(p, p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(page) * p.bt_stride[1]]);
+    }
+  }
+  blocks_fit = __syncthreads_and(blocks_fit);
+  if (threadIdx.x == 0) {
+    assert_blocks_in_cache(blocks_fit);
+    lengths[b] = blocks_fit ? length : 0;
+  }
 }
 
 // q rotated at positions cache_seqlens[b] + i and rounded to T, [batch, seq_q, n_q_heads, d]
@@ -1060,17 +1079,17 @@ AttentionCall prefill_call(const KVCacheAttentionParams& a) {
 }
 
 template <typename T>
-void attend_on_prefill_kernels(const KVCacheKernelParams& p, const AttentionCall& call, cudaStream_t stream) {
+void attend_on_prefill_kernels(const KVCacheKernelParams& p, const AttentionCall& call,
+                               const std::optional<at::Tensor>& block_table, cudaStream_t stream) {
   const at::Tensor lengths = at::empty({p.batch}, call.q.options().dtype(at::kInt));
-  key_lengths_kernel<<<static_cast<unsigned>(ceil_div(p.batch, kThreads)), kThreads, 0, stream>>>(
-      p, lengths.mutable_data_ptr<int>());
+  key_lengths_kernel<<<static_cast<unsigned>(p.batch), kThreads, 0, stream>>>(p, lengths.mutable_data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (p.cos != nullptr) {
     rotate_q_kernel<T><<<static_cast<unsigned>(p.batch * p.seq_q), kThreads, 0, stream>>>(
         p, static_cast<T*>(call.q.mutable_data_ptr()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  attention_forward_on_cache(call, lengths.const_data_ptr<int>());
+  attention_forward_on_cache(call, lengths.const_data_ptr<int>(), block_table);
 }
 
 // ---- host -------------------------------------------------------------------------------------
@@ -1222,7 +1241,9 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   p.scale = static_cast<float>(a.scale);
   p.softcap = static_cast<float>(a.softcap);
 
-  const bool prefill = prefill_shaped(a) && !a.paged;  // kvcache_attention.h: why not paged
+  // The prefill kernels read a paged cache on tensor cores only (4. above).
+  const bool prefill = prefill_shaped(a) && (!a.paged || (a.q.scalar_type() != at::kFloat &&
+                                                         attention::forward_tc_has_tile(static_cast<int>(a.head_dim))));
   AttentionCall call;  // the prefill route's
   if (prefill) {
     call = prefill_call(a);
@@ -1249,7 +1270,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
       launch_kernel(append_kernel<scalar_t>, grid, kThreads, 0, stream, /*overlap_prior=*/false, p);
     }
     if (rows_total == 0) return;
-    if (prefill) return attend_on_prefill_kernels<scalar_t>(p, call, stream);
+    if (prefill) return attend_on_prefill_kernels<scalar_t>(p, call, a.block_table, stream);
     attention::dispatch_head_dim(static_cast<int>(a.head_dim), [&](auto d) {
       constexpr int D = decltype(d)::value;
       // The attend kernel of this dtype and head dim, its block and dynamic shared memory.
