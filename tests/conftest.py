@@ -2,6 +2,8 @@
 import importlib.util
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +93,15 @@ def assert_close(actual, expected, dtype, scale=1.0):
     that sum many rounded terms); the relative part stays a few ulps of the dtype."""
     tol = TOLERANCES[dtype]
     torch.testing.assert_close(actual.double(), expected.double(), atol=tol["atol"] * scale, rtol=tol["rtol"])
+
+
+def assert_device_assert(code, message):
+    """Runs `code` (it imports torch and llama_ext itself) in a child process, since a device-side
+    assert poisons the CUDA context, and checks that it died of one: CUDA's report or the
+    assert's own message."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "device-side assert" in result.stderr or message in result.stderr, result.stderr[-2000:]
 
 
 def load_emulation(name):
