@@ -210,9 +210,18 @@ def test_prefill_shaped_calls(device, dtype, block_size):
          dict(window_size=(90, 0))),
     ]
     for case, kw in cases:
-        out, lse = case.check(**kw)
         seq_new = 0 if case.k is None else case.k.shape[1]
         lens = (case.cache_seqlens + seq_new).tolist()
+        if block_size is not None:
+            # As a serving engine holds it: -1 past each sequence's last block, and a column slice
+            # of a wider table (its rows max_blocks + 2 entries apart).
+            table = case.block_table.clone()
+            for b, n in enumerate(lens):
+                table[b, -(-n // block_size):] = -1
+            wide = torch.full((table.shape[0], table.shape[1] + 2), -1, dtype=table.dtype, device=device)
+            wide[:, :table.shape[1]] = table
+            case.block_table = wide[:, :table.shape[1]]
+        out, lse = case.check(**kw)
         paged_on_decode_kernels = block_size is not None and dtype == torch.float32
         if case.rotary_cos is not None or (device != "cpu" and (len(set(lens)) > 1 or paged_on_decode_kernels)):
             continue
@@ -227,8 +236,8 @@ def test_prefill_shaped_calls(device, dtype, block_size):
 
 def test_paged_prefill_gathers_a_long_run_in_several_calls():
     """The CPU gathers a paged cache's K/V for the prefill kernel at most 128 MB at a time
-    (kPrefillGatherBytes): three sequences of 52 MB each (800 tokens of 32 kv heads x 256 fp32,
-    K and V) take a call of two, then one of one; each gives the bits of gqa_attention on its
+    (kPrefillGatherBytes), counting whole blocks: three sequences of 800 tokens in 13 blocks of 64
+    (55 MB each: 32 kv heads x 256 fp32, K and V) take a call of two, then one of one; each gives the bits of gqa_attention on its
     gathered tokens, with the new tokens written as on a contiguous cache. The block table's
     entries past each sequence's last block are -1, as a serving engine pads them: never read."""
     lens, seq_new = [672, 672, 672], 128

@@ -1543,10 +1543,10 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // one batched call on their first L rows: all of a static cache's prompts in one call, a batch of
 // other lengths in one call per run (each call parallel within). A contiguous cache's rows are
 // k_cache[b0:b1, :L] and v_cache[b0:b1, :L], views (nothing is copied but q where it is rotated).
-// A paged cache's are gathered block by block into contiguous K and V first, at most
-// kPrefillGatherBytes of them per call (a run of long sequences takes several calls): the copy
-// reads the visible K/V once, where the register tiles would read it once per 64 rows and, in
-// bf16, out of address order (page after page of the pool).
+// A paged cache's are gathered block by block into contiguous K and V first, the blocks of as
+// many sequences as fit kPrefillGatherBytes per call (one at least: a run of long sequences takes
+// several calls): the copy reads the visible K/V once, where the register tiles would read it
+// once per 64 rows and, in bf16, out of address order (page after page of the pool).
 constexpr int64_t kPrefillGatherBytes = int64_t{128} << 20;
 
 template <typename T>
@@ -1580,8 +1580,11 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
   for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
     const int64_t L = a.length(b0);
     while (b1 < a.batch && a.length(b1) == L) ++b1;
-    const int64_t per_call = p.paged ? std::max<int64_t>(1, kPrefillGatherBytes / std::max<int64_t>(1, L * token_bytes))
-                                     : b1 - b0;
+    int64_t per_call = b1 - b0;
+    if (p.paged) {  // the gather copies whole blocks: a sequence's bytes are its pages'
+      const int64_t gathered = (L + a.block_size - 1) / a.block_size * a.block_size * token_bytes;
+      per_call = std::max<int64_t>(1, kPrefillGatherBytes / std::max<int64_t>(1, gathered));
+    }
     for (int64_t s0 = b0; s0 < b1; s0 += per_call) {
       const int64_t n = std::min(per_call, b1 - s0);
       // At the CPU key: this call is already below autograd and every tracing layer.
