@@ -265,6 +265,21 @@ def test_long_prompt_past_the_decode_grid_on_cuda(block_size):
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_SMEM_KB caps a GPU's shared memory")
+@pytest.mark.parametrize("seq_q", [1, 130], ids=["decode", "paged-prompt"])
+def test_decode_kernel_without_its_shared_memory_refuses_before_writing(monkeypatch, seq_q):
+    """Under LLAMA_EXT_CUDA_SMEM_KB=2 neither the tensor-core decode kernel nor a prefill tile fits:
+    a decode step, and a prompt on a paged cache (whose prefill kernels then have no tile, so it
+    takes the decode kernels), raise naming the shared memory before the append writes anything."""
+    case = Case("cuda", torch.bfloat16, [40, 7], seq_q, seq_q, 8, 2, 64, block_size=16)
+    k0, v0 = case.k_cache.clone(), case.v_cache.clone()
+    monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "2")
+    with pytest.raises(RuntimeError, match="shared memory of the tensor-core decode kernel"):
+        case.call()
+    torch.cuda.synchronize()
+    assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0))
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="a device-side assert needs a GPU")
 def test_paged_prompt_with_a_block_outside_the_cache_asserts_on_cuda():
     """The prefill route reads a paged cache through the block table after checking each
@@ -746,10 +761,11 @@ def test_tensor_core_kernel_emulation():
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("seq_q,block_size", [(1, 16), (130, None)], ids=["decode-paged16", "prompt-contiguous"])
+@pytest.mark.parametrize("seq_q,block_size", [(1, 16), (130, None), (130, 16)],
+                         ids=["decode-paged16", "prompt-contiguous", "prompt-paged16"])
 def test_cuda_graph_capture(seq_q, block_size):
-    """A decode step, and a prompt written into a contiguous cache (the prefill route), captured
-    in a CUDA graph: no host sync, and the replay reads cache_seqlens' device value."""
+    """A decode step, and a prompt written into a contiguous or a paged cache (the prefill route),
+    captured in a CUDA graph: no host sync, and the replay reads cache_seqlens' device value."""
     case = Case("cuda", torch.bfloat16, [100, 3000], seq_q, seq_q, 32, 8, 128, block_size=block_size,
                 rotary=(128, 4096))
     case.k_cache.nan_to_num_(0.0)

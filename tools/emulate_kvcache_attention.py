@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '3da0edc3d8b7e12b'
+TRANSCRIBED_DIGEST = '4e7600e34456a0e5'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -1258,6 +1258,17 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
                         rows_total == 0 || attention::smem_fits(deep_ring_smem),
                     "LLAMA_EXT_CUDA_DECODE_DEEP_RING=1: the deep-ring kernel's ", deep_ring_smem,
                     " bytes of shared memory exceed this GPU's per-block limit");
+  // The tensor-core attend kernel's shared memory (the same for fp16 and bf16), checked before
+  // the append writes anything.
+  if (!prefill && tensor_cores && rows_total > 0) {
+    attention::dispatch_head_dim(static_cast<int>(a.head_dim), [&](auto d) {
+      constexpr size_t smem = TcTiling<__half, decltype(d)::value>::kSmemBytes;
+      static_assert(smem == TcTiling<__nv_bfloat16, decltype(d)::value>::kSmemBytes);
+      TORCH_CHECK(attention::smem_fits(smem), "gqa_attention_with_kvcache: the ", smem,
+                  " bytes of shared memory of the tensor-core decode kernel exceed this GPU's per-block limit");
+      return true;
+    });
+  }
   // The attend kernel overlaps the append's tail and the combine the attend's (sm_90+): each
   // waits for its predecessor before touching what that one writes. The append itself follows
   // whatever the stream ran before, which may read or write the cache: it waits for all of it.
@@ -1281,9 +1292,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
         kernel = attend_simt_kernel<float, D>, threads = kThreads, smem = 0;
       } else {
         kernel = attend_tc_kernel<scalar_t, D>, threads = kTcThreads, smem = TcTiling<scalar_t, D>::kSmemBytes;
-        TORCH_CHECK(attention::smem_fits(smem), "gqa_attention_with_kvcache: the ", smem,
-                    " bytes of shared memory of the tensor-core decode kernel exceed this GPU's per-block limit");
-        allow_dynamic_smem(kernel, smem);
+        allow_dynamic_smem(kernel, smem);  // it fits: checked before the append
       }
       const int64_t units = a.batch * a.n_kv_heads * p.row_tiles;
       p.splits = forced_splits > 0 ? forced_splits : choose_splits(kernel, threads, smem, units, a.capacity);
