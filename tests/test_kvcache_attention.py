@@ -237,12 +237,13 @@ def test_prefill_shaped_calls(device, dtype, block_size):
 def test_paged_prefill_gathers_a_long_run_in_several_calls():
     """The CPU gathers a paged cache's K/V for the prefill kernel at most 128 MB at a time
     (kPrefillGatherBytes), counting whole blocks: three sequences of 800 tokens in 13 blocks of 64
-    (55 MB each: 32 kv heads x 256 fp32, K and V) take a call of two, then one of one; each gives the bits of gqa_attention on its
-    gathered tokens, with the new tokens written as on a contiguous cache. The block table's
-    entries past each sequence's last block are -1, as a serving engine pads them: never read."""
+    (55 MB each: 32 kv heads x 256 fp32, K and V) take a call of two, then one of one; each gives
+    the bits of gqa_attention on its gathered tokens, with the new tokens written as on a
+    contiguous cache. The block table's entries past each sequence's last block are -1, as a
+    serving engine pads them: never read."""
     lens, seq_new = [672, 672, 672], 128
     case = Case("cpu", torch.float32, lens, seq_new, seq_new, 32, 32, 256, block_size=64, capacity=1000)
-    case.block_table[:, -(-(lens[0] + seq_new) // 64):] = -1  # 13 blocks of 16 used
+    case.block_table[:, -(-(lens[0] + seq_new) // 64):] = -1  # 13 of each sequence's 16 blocks used
     out, lse = case.call()
     for b in range(len(lens)):
         ref_out, ref_lse = llama_ext.gqa_attention(case.q[b:b + 1], *case.tokens(b, b + 1, lens[b] + seq_new),
