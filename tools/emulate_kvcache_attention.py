@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = '4e7600e34456a0e5'
+TRANSCRIBED_DIGEST = 'b90121bbc4fd4bf7'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

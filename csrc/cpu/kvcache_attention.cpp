@@ -1569,27 +1569,26 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
       const std::optional<at::Tensor>&, int64_t, int64_t, bool, double, int64_t, int64_t, double);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("llama_ext::gqa_attention_forward", "").typed<Signature>();
-  // Sequences [b0, b0 + n), of L tokens each: K and V as [n, L, n_kv_heads, d].
-  const auto keys_of = [&](const at::Tensor& cache, int64_t b0, int64_t n, int64_t L) {
-    if (!p.paged) return cache.narrow(0, b0, n).narrow(1, 0, L);
-    const int64_t pages = (L + a.block_size - 1) / a.block_size;  // entries checked by check_values
-    const at::Tensor blocks = p.block_table->narrow(0, b0, n).narrow(1, 0, pages).reshape({-1});
-    return cache.index_select(0, blocks).view({n, pages * a.block_size, a.n_kv_heads, a.head_dim}).narrow(1, 0, L);
-  };
   const int64_t token_bytes = 2 * a.n_kv_heads * a.head_dim * static_cast<int64_t>(sizeof(T));  // K and V
   for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
     const int64_t L = a.length(b0);
     while (b1 < a.batch && a.length(b1) == L) ++b1;
-    int64_t per_call = b1 - b0;
-    if (p.paged) {  // the gather copies whole blocks: a sequence's bytes are its pages'
-      const int64_t gathered = (L + a.block_size - 1) / a.block_size * a.block_size * token_bytes;
-      per_call = std::max<int64_t>(1, kPrefillGatherBytes / std::max<int64_t>(1, gathered));
-    }
+    // A paged cache's gather copies whole pages (their entries checked by check_values).
+    const int64_t pages = p.paged ? (L + a.block_size - 1) / a.block_size : 0;
+    const int64_t per_call =
+        p.paged ? std::max<int64_t>(1, kPrefillGatherBytes / std::max<int64_t>(1, pages * a.block_size * token_bytes))
+                : b1 - b0;
+    // Sequences [s0, s0 + n): K and V as [n, L, n_kv_heads, d].
+    const auto keys_of = [&](const at::Tensor& cache, int64_t s0, int64_t n) {
+      if (!p.paged) return cache.narrow(0, s0, n).narrow(1, 0, L);
+      const at::Tensor blocks = p.block_table->narrow(0, s0, n).narrow(1, 0, pages).reshape({-1});
+      return cache.index_select(0, blocks).view({n, pages * a.block_size, a.n_kv_heads, a.head_dim}).narrow(1, 0, L);
+    };
     for (int64_t s0 = b0; s0 < b1; s0 += per_call) {
       const int64_t n = std::min(per_call, b1 - s0);
       // At the CPU key: this call is already below autograd and every tracing layer.
       const auto [out, lse] = op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), q.narrow(0, s0, n),
-                                            keys_of(p.k_cache, s0, n, L), keys_of(p.v_cache, s0, n, L), std::nullopt,
+                                            keys_of(p.k_cache, s0, n), keys_of(p.v_cache, s0, n), std::nullopt,
                                             std::nullopt, 0, 0, p.causal, p.scale, p.window_left, p.window_right,
                                             p.softcap);
       p.out.narrow(0, s0, n).copy_(out);

@@ -100,11 +100,11 @@
 // limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
 //   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
 //         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    85/86/86/90/95        41.9 KB  3/2/2/5/2  141/140/140/150/163  3.1 KB   3/3/3/3/3
-//   64    111/111/111/117/128   74.9 KB  2/1/1/3/1  140/141/141/150/164  4.6 KB   3/3/3/3/3
-//   80    162/162/162/167/160   69.4 KB  2/1/1/3/1  135/136/136/148/148  5.4 KB   3/3/3/3/3
-//   96    162/158/158/164/182   55.9 KB  2/1/1/3/1  135/136/136/148/148  6.4 KB   3/3/3/3/3
-//   128   162/162/162/164/176   72.9 KB  2/1/1/3/1  133/133/133/144/146  8.4 KB   3/3/3/3/3
+//   32    85/86/86/90/95        41.9 KB  3/2/2/5/2  141/140/140/150/168  3.1 KB   3/3/3/3/3
+//   64    111/111/111/117/128   74.9 KB  2/1/1/3/1  140/141/141/150/168  4.6 KB   3/3/3/3/3
+//   80    162/162/162/167/160   69.4 KB  2/1/1/3/1  135/136/136/148/145  5.4 KB   3/3/3/3/3
+//   96    162/158/158/164/182   55.9 KB  2/1/1/3/1  135/136/136/148/145  6.4 KB   3/3/3/3/3
+//   128   162/162/162/164/176   72.9 KB  2/1/1/3/1  133/133/133/144/144  8.4 KB   3/3/3/3/3
 //   128, deep ring (3 stages): 162/162/162/162/175   106.9 KB 1/0/0/2/0 (taken only where it fits)
 //   256   162/162/162/164/176   74.6 KB  2/1/1/3/1  201/201/201/202/210  16.4 KB  2/2/2/2/2
 // The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
@@ -185,11 +185,16 @@ __device__ __forceinline__ bool length_ok(const KVCacheKernelParams& p, int b) {
   return ok;
 }
 
+// The block-table entry of page `page` of sequence b (a paged cache) as stored, unchecked.
+__device__ __forceinline__ int64_t page_entry(const KVCacheKernelParams& p, int b, int64_t page) {
+  return p.block_table[b * p.bt_stride[0] + page * p.bt_stride[1]];
+}
+
 // The block-table entry of token j of sequence b as stored, unchecked (b: a contiguous cache).
 // Keys are int: a length is at most the capacity, below 2^31 (checked on the host).
 __device__ __forceinline__ int64_t block_entry(const KVCacheKernelParams& p, int b, int j) {
   if (p.block_table == nullptr) return b;
-  return p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(p.block_size.div(j)) * p.bt_stride[1]];
+  return page_entry(p, b, p.block_size.div(j));
 }
 
 __device__ __forceinline__ bool block_in_cache(const KVCacheKernelParams& p, int64_t entry) {
@@ -1034,7 +1039,7 @@ __global__ void __launch_bounds__(kThreads) key_lengths_kernel(const KVCacheKern
   if (p.block_table != nullptr) {
     const int pages = length > 0 ? static_cast<int>(p.block_size.div(length - 1)) + 1 : 0;
     for (int page = threadIdx.x; page < pages; page += blockDim.x) {
-      blocks_fit &= block_in_cache(p, p.block_table[b * p.bt_stride[0] + static_cast<int64_t>(page) * p.bt_stride[1]]);
+      blocks_fit &= block_in_cache(p, page_entry(p, b, page));
     }
   }
   blocks_fit = __syncthreads_and(blocks_fit);
