@@ -188,8 +188,8 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
 // sequence's first L_b cache tokens with the same scale, mask, window and softcap. The CPU makes
 // one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L], or a paged
 // cache's blocks gathered into contiguous rows), CUDA one call for all (the prefill kernels read
-// each L_b on the device, and a paged cache's rows through the block table, in fp16 / bf16; fp32
-// on a paged cache stays on the KV-cache kernels). The CPU measurements behind the threshold:
+// each L_b on the device, and a paged cache's rows through the block table). The CPU
+// measurements behind the threshold:
 // csrc/cpu/kvcache_attention.cpp.
 inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 

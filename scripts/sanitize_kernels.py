@@ -313,8 +313,9 @@ def kvcache_calls(d, device, dtype=torch.bfloat16):
 
 def kvcache_paged_prompt(d, device, dtype=torch.bfloat16):
     """A prompt of 130 tokens written into a paged cache of 16-token blocks and attended on the
-    prefill kernels through the block table (fp16 / bf16), whose entries past each sequence's last
-    page are -1, beside a sequence with no tokens before the prompt; lse returned."""
+    prefill kernels through the block table (tensor cores in fp16 / bf16, CUDA cores in fp32),
+    whose entries past each sequence's last page are -1, beside a sequence with no tokens before
+    the prompt; lse returned."""
     batch, h_q, h_kv, block, seq_new = 3, 8, 2, 16, 130
     seqlens = torch.tensor([300, 3, 0], device=device, dtype=torch.int32)
     max_blocks = -(-(300 + seq_new + 40) // block)
@@ -340,6 +341,12 @@ if hasattr(llama_ext, "gqa_attention_with_kvcache"):
             kvcache_calls(128, device)
         finally:
             os.environ.pop("LLAMA_EXT_CUDA_DECODE_DEEP_RING", None)
+
+    @case("kvcache_paged_prompt_fp32", MEMCHECK)
+    def _(device):
+        # The SIMT prefill kernel reads the pages (no shared memory: memcheck alone); it takes any
+        # head dim at run time, so one suffices.
+        kvcache_paged_prompt(64, device, torch.float32)
 
 
 # Per head_dim: tiles first (every kernel once), then the edges, which --deadline may leave out.

@@ -193,11 +193,11 @@ def test_long_context_split_path(device, dtype, block_size):
 def test_prefill_shaped_calls(device, dtype, block_size):
     """Prompts written into the cache: 130-140 query tokens, with partial rotary, a window and
     softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
-    with unequal lengths (none at all for one sequence). These run on the prefill kernels (on
-    CUDA a paged cache in fp16 / bf16 only): with equal lengths and no rotary, their outputs are
-    gqa_attention's bits on the cache's first tokens, a paged cache's read through the block table
-    (CUDA) or gathered (CPU); on the CPU, with unequal ones, those of one gqa_attention call per
-    run of consecutive sequences of equal length."""
+    with unequal lengths (none at all for one sequence). These run on the prefill kernels: with
+    equal lengths and no rotary, their outputs are gqa_attention's bits on the cache's first
+    tokens, a paged cache's read through the block table (CUDA, on tensor cores in fp16 / bf16 and
+    CUDA cores in fp32) or gathered (CPU); on the CPU, with unequal ones, those of one
+    gqa_attention call per run of consecutive sequences of equal length."""
     rot = (32, 600)
     cases = [
         (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
@@ -222,8 +222,7 @@ def test_prefill_shaped_calls(device, dtype, block_size):
             wide[:, :table.shape[1]] = table
             case.block_table = wide[:, :table.shape[1]]
         out, lse = case.check(**kw)
-        paged_on_decode_kernels = block_size is not None and dtype == torch.float32
-        if case.rotary_cos is not None or (device != "cpu" and (len(set(lens)) > 1 or paged_on_decode_kernels)):
+        if case.rotary_cos is not None or (device != "cpu" and len(set(lens)) > 1):
             continue
         runs = [0] + [b for b in range(1, len(lens)) if lens[b] != lens[b - 1]] + [len(lens)]
         for b0, b1 in zip(runs, runs[1:]):
@@ -254,31 +253,45 @@ def test_paged_prefill_gathers_a_long_run_in_several_calls():
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
-def test_long_prompt_past_the_decode_grid_on_cuda(block_size):
+def test_long_prompt_past_the_decode_grid_on_cuda(block_size, dtype):
     """A prompt whose rows would need more than 65535 CTA rows of the decode kernel's grid (128
-    heads x ceil(8200 / 16) row tiles): it runs on the prefill kernels, a paged cache's rows read
-    through the block table, the bits of gqa_attention on the cache's first tokens (this backend's
-    deterministic forward)."""
-    case = Case("cuda", torch.float16, [100], 8200, 8200, 128, 128, 32, block_size=block_size)
+    heads x ceil(8200 / 16) row tiles, 8 rows a tile in fp32): it runs on the prefill kernels
+    (tensor cores in fp16, CUDA cores in fp32), a paged cache's rows read through the block table,
+    the bits of gqa_attention on the cache's first tokens (this backend's deterministic forward)."""
+    case = Case("cuda", dtype, [100], 8200, 8200, 128, 128, 32, block_size=block_size)
     out, lse = case.call()
     ref_out, ref_lse = llama_ext.gqa_attention(case.q, *case.tokens(0, 1, 8300), return_lse=True)
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_SMEM_KB caps a GPU's shared memory")
-@pytest.mark.parametrize("seq_q", [1, 130], ids=["decode", "paged-prompt"])
-def test_decode_kernel_without_its_shared_memory_refuses_before_writing(monkeypatch, seq_q):
-    """Under LLAMA_EXT_CUDA_SMEM_KB=2 neither the tensor-core decode kernel nor a prefill tile fits:
-    a decode step, and a prompt on a paged cache (whose prefill kernels then have no tile, so it
-    takes the decode kernels), raise naming the shared memory before the append writes anything."""
-    case = Case("cuda", torch.bfloat16, [40, 7], seq_q, seq_q, 8, 2, 64, block_size=16)
+def test_decode_kernel_without_its_shared_memory_refuses_before_writing(monkeypatch):
+    """Under LLAMA_EXT_CUDA_SMEM_KB=2 the tensor-core decode kernel does not fit: a decode step
+    raises naming the shared memory before the append writes anything."""
+    case = Case("cuda", torch.bfloat16, [40, 7], 1, 1, 8, 2, 64, block_size=16)
     k0, v0 = case.k_cache.clone(), case.v_cache.clone()
     monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "2")
     with pytest.raises(RuntimeError, match="shared memory of the tensor-core decode kernel"):
         case.call()
     torch.cuda.synchronize()
     assert torch.equal(bits(case.k_cache), bits(k0)) and torch.equal(bits(case.v_cache), bits(v0))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="LLAMA_EXT_CUDA_SMEM_KB caps a GPU's shared memory")
+def test_paged_prompt_without_tensor_core_tiles_runs_on_cuda_cores(monkeypatch):
+    """Under LLAMA_EXT_CUDA_SMEM_KB=2 no prefill tile fits either: a bf16 prompt on a paged cache
+    runs the SIMT prefill kernel through the block table, gqa_attention's bits (under the same cap)
+    on the cache's first tokens, its table -1 past each sequence's last block."""
+    case = Case("cuda", torch.bfloat16, [40, 40], 130, 130, 8, 2, 64, block_size=16, capacity=250)
+    table = case.block_table.clone()
+    table[:, -(-170 // 16):] = -1
+    case.block_table = table
+    monkeypatch.setenv("LLAMA_EXT_CUDA_SMEM_KB", "2")
+    out, lse = case.check()
+    ref_out, ref_lse = llama_ext.gqa_attention(case.q, *case.tokens(0, 2, 170), return_lse=True)
+    assert torch.equal(bits(out), bits(ref_out)) and torch.equal(lse, ref_lse)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="a device-side assert needs a GPU")
@@ -414,6 +427,23 @@ def test_cache_stride_past_32_bits_raises_on_cuda():
     torch.cuda.synchronize()
     assert not k_cache.any() and not v_cache.any()
     del storage, k_cache
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_paged_cache_with_huge_blocks(device):
+    """A paged cache of no blocks and a table of no columns holds no token, whatever its block
+    size: the CPU returns zeros (lse 0); CUDA, whose kernels divide by the block size in 31 bits,
+    refuses a block of 2^32 tokens with a ValueError rather than dividing by it."""
+    q = torch.randn(1, 1, 8, 128, device=device, dtype=torch.float16)
+    cache = torch.empty(0, 2**32, 2, 128, device=device, dtype=torch.float16)
+    table = torch.empty(1, 0, device=device, dtype=torch.int32)
+    seqlens = torch.zeros(1, device=device, dtype=torch.int32)
+    if device == "cuda":
+        with pytest.raises(ValueError, match=r"more than 2\^30 tokens per sequence or per block"):
+            llama_ext.gqa_attention_with_kvcache(q, cache, cache, seqlens, block_table=table)
+        return
+    out, lse = llama_ext.gqa_attention_with_kvcache(q, cache, cache, seqlens, block_table=table, return_lse=True)
+    assert not out.any() and not lse.any()
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the 32-bit stride bound is the CUDA kernels'")

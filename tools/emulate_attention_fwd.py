@@ -75,7 +75,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = 'e65d87eda5d1b35a'
+TRANSCRIBED_DIGEST = 'bc866a1a79e3fdad'
 
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------
@@ -288,7 +288,7 @@ def load_tile(sm, dst, src, row_stride, valid_rows, D, kRows, kThreads, async_, 
 # ---- the kernel's stages -----------------------------------------------------------------------
 def load_kv_tile(sm, sK, sV, k, v, pages, p, seq, block, buf, C, c):
     n0 = block * C.kBlockN
-    if pages is not None:  # kPaged: each row's cache block from the block table, one lookup for K and V
+    if pages is not None:  # kPaged: each row's cache block and row (paged_key), one lookup for K and V
         kChunksPerRow, kElems = C.kD * 2 // 16, 8
         cc = np.arange(C.kBlockN * kChunksPerRow)
         tid = cc % C.kThreads

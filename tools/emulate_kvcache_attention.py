@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'b90121bbc4fd4bf7'
+TRANSCRIBED_DIGEST = 'de95972ec2f31a22'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------

@@ -110,7 +110,8 @@ void attention_forward_cuda(const AttentionCall& call, const int* key_lengths,
   p.out = call.out.data_ptr();
   p.out_strides = strides_of(call.out, s.varlen);
   if (block_table.has_value()) {  // k, v: [num_blocks, block_size, n_kv_heads, d]
-    // The paged loads are cp.async only (attention_fwd.cu): the route checked the caches' rows.
+    // The tensor-core kernel's paged loads are cp.async only (attention_fwd.cu): the route checked
+    // the caches' rows.
     TORCH_INTERNAL_ASSERT(rows_aligned16(call.k) && rows_aligned16(call.v), "paged caches with unaligned rows");
     p.block_table = block_table->const_data_ptr<int>();
     p.block_table_strides[0] = block_table->stride(0);
@@ -120,8 +121,6 @@ void attention_forward_cuda(const AttentionCall& call, const int* key_lengths,
   LLAMA_EXT_DISPATCH_CUDA_FLOATING(call.q.scalar_type(), "gqa_attention_forward", [&] {
     bool launched = false;
     if constexpr (!std::is_same_v<scalar_t, float>) launched = cuda::attention::launch_forward_tc<scalar_t>(p, stream);
-    // The SIMT kernels read no paged cache: the route sends none where the tensor cores cannot.
-    TORCH_INTERNAL_ASSERT(launched || p.block_table == nullptr, "a paged cache reached the SIMT attention forward");
     if (!launched) cuda::attention::launch_forward_simt<scalar_t>(p, stream);
   });
 }

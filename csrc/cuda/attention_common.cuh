@@ -45,11 +45,11 @@ struct AttentionParams {
   // holds key_lengths[b] <= seq_k keys, read on the device, so no host sync is needed. nullptr:
   // every sequence holds seq_k.
   const int* key_lengths;
-  // A paged KV cache (that route, forward on tensor cores only): key n of sequence b is row
-  // n % block_size of cache block block_table[b * block_table_strides[0] + (n / block_size) *
-  // block_table_strides[1]], a block's element stride k_strides.batch (v_strides.batch). The
-  // route checks the entries of each sequence's keys on the device first. nullptr: key n is row n
-  // of sequence b.
+  // A paged KV cache (that route, forward only): key n of sequence b is row n % block_size of
+  // cache block block_table[b * block_table_strides[0] + (n / block_size) * block_table_strides[1]]
+  // (paged_key below), a block's element stride k_strides.batch (v_strides.batch). The route
+  // checks the entries of each sequence's keys on the device first. nullptr: key n is row n of
+  // sequence b.
   const int* block_table;
   int64_t block_table_strides[2];
   int block_size;
@@ -103,6 +103,24 @@ __device__ __forceinline__ int64_t offset(const Strides& s, int b, int64_t seq_s
 
 __device__ __forceinline__ int64_t lse_offset(const AttentionParams& p, int b, const Seq& seq, int64_t row, int head) {
   return b * p.lse_batch + head * p.lse_head + seq.start_q + row;
+}
+
+// ---- paged KV caches (AttentionParams::block_table) ----------------------------------------
+// Key `key` of a sequence whose block-table row is `pages`: its cache block and its row in it,
+// one table entry and one division. A forward kernel's k and v point at the kv head's element 0
+// in cache block 0, so the key's row is at paged_offset(k_strides, at) from k.
+struct PagedKey {
+  int64_t block;
+  int64_t row;
+};
+
+__device__ __forceinline__ PagedKey paged_key(const int* pages, const AttentionParams& p, int key) {
+  const int page = key / p.block_size;
+  return PagedKey{pages[page * p.block_table_strides[1]], key - page * p.block_size};
+}
+
+__device__ __forceinline__ int64_t paged_offset(const Strides& s, const PagedKey& at) {
+  return at.block * s.batch + at.row * s.row;
 }
 
 // Number of `block`-sized tiles covering n >= 0 items (device code; common.cuh's ceil_div is host-only).

@@ -185,11 +185,9 @@ __device__ __forceinline__ void load_kv_tile(T* sK, T* sV, const T* k, const T* 
       const bool valid = key < seq.len_k;
       int64_t k_at = 0, v_at = 0;  // zero-filled rows pass the (aligned) kv head base, unread
       if (valid) {
-        const int page = key / p.block_size;
-        const int64_t cache_block = pages[page * p.block_table_strides[1]];
-        const int64_t row = key - page * p.block_size;
-        k_at = cache_block * p.k_strides.batch + row * p.k_strides.row + col;
-        v_at = cache_block * p.v_strides.batch + row * p.v_strides.row + col;
+        const PagedKey at = paged_key(pages, p, key);
+        k_at = paged_offset(p.k_strides, at) + col;
+        v_at = paged_offset(p.v_strides, at) + col;
       }
       mma::cp_async_16(k_tile + r * C::kPitch + col, k + k_at, valid);
       mma::cp_async_16(v_tile + r * C::kPitch + col, v + v_at, valid);
@@ -472,8 +470,6 @@ void launch_forward_tile(int tile, const AttentionParams& p, cudaStream_t stream
 }
 
 }  // namespace
-
-bool forward_tc_has_tile(int head_dim) { return choose_forward_tile(head_dim, device_smem_limits()) >= 0; }
 
 template <typename T>
 bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream) {

@@ -43,9 +43,6 @@ bool dispatch_head_dim(int head_dim, F&& f) {
 // lacks the kernel's shared memory (the caller falls back to the SIMT kernels).
 template <typename T>
 bool launch_forward_tc(const AttentionParams& p, cudaStream_t stream);
-// Whether launch_forward_tc has a tile for head_dim on the current device (only they read paged
-// caches: p.block_table).
-bool forward_tc_has_tile(int head_dim);
 
 // Tensor cores: dk and dv (p.dk, p.dv; the tensors themselves for the deterministic sum of
 // the group split's partials) written, dq accumulated into p.dq_accum (fp32, zeroed by the
@@ -76,8 +73,7 @@ namespace cuda {
 // writes anything, then the forward of a checked batched call whose sequence b holds
 // key_lengths[b] of k's and v's rows (device int32 [batch], each at most shape.seq_k). With a
 // block_table (int32 [batch, max_blocks], its entries for each sequence's keys checked), k and v
-// are paged caches [num_blocks, block_size, n_kv_heads, d], fp16 / bf16 only, on a device that
-// forward_tc_has_tile(head_dim).
+// are paged caches [num_blocks, block_size, n_kv_heads, d] with 16-byte aligned rows.
 void check_attention_limits(const at::Tensor& q, const AttentionShape& shape);
 void attention_forward_on_cache(const AttentionCall& call, const int* key_lengths,
                                 const std::optional<at::Tensor>& block_table);

@@ -7,7 +7,9 @@
 //   forward: one query row; for each key it sees (the row's causal / sliding-window range) the
 //            dot product q.k is reduced across the warp, capped under a logit softcap, then
 //            the same online softmax as the tensor-core kernel (base 2, running max and sum,
-//            O rescaled) accumulates O in registers.
+//            O rescaled) accumulates O in registers. Over a paged KV cache (kPaged:
+//            gqa_attention_with_kvcache's prefill-shaped calls in float32, or where the device
+//            has no tensor-core tile) each key's row comes through the block table (paged_key).
 //   dq:      one query row; P and dS are recomputed per key from lse and delta, dq += dS k
 //            (dS times 1 - t^2 under softcap).
 //   dk, dv:  one key row; it loops over every query head of its group and every query that
@@ -21,7 +23,7 @@
 // from L2 by every row: correct and memory-light (O(sequence)), not fast.
 //
 // Resources (ptxas -v, CUDA 13.0, sm_80; 128 threads, no shared memory, no spills): forward 56
-// registers (9 CTAs = 36 warps per SM), dq 56-62 (8-9 CTAs), dk/dv 91 (5 CTAs).
+// registers, contiguous or paged (9 CTAs = 36 warps per SM), dq 56-62 (8-9 CTAs), dk/dv 91 (5 CTAs).
 #include "attention_launch.cuh"
 
 namespace llama_ext::cuda::attention {
@@ -72,14 +74,21 @@ __device__ __forceinline__ float probability(float s2, float lse2, const Attenti
   return exp2f(s2 - lse2);
 }
 
-template <typename T>
+// kPaged: k and v are a paged KV cache (gqa_attention_with_kvcache's prefill route), each key's
+// row found through the sequence's row of the block table, whose entries below len_k the route
+// checked on the device.
+template <typename T, bool kPaged>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_kernel(const AttentionParams p) {
   const auto [b, head, row, lane] = warp_row<kWarpsPerBlock>();
   const Seq seq = sequence(p, b);
   if (row >= seq.len_q) return;
   const int kv_head = head / p.group;
-  const T* k = static_cast<const T*>(p.k) + offset(p.k_strides, b, seq.start_k, 0, kv_head);
-  const T* v = static_cast<const T*>(p.v) + offset(p.v_strides, b, seq.start_k, 0, kv_head);
+  // The sequence's key 0, or with kPaged the kv head's element 0 in cache block 0.
+  const T* k = static_cast<const T*>(p.k) +
+               (kPaged ? kv_head * p.k_strides.head : offset(p.k_strides, b, seq.start_k, 0, kv_head));
+  const T* v = static_cast<const T*>(p.v) +
+               (kPaged ? kv_head * p.v_strides.head : offset(p.v_strides, b, seq.start_k, 0, kv_head));
+  const int* pages = kPaged ? p.block_table + b * p.block_table_strides[0] : nullptr;
 
   float q[kSlots], o[kSlots] = {};
   load_row(q, static_cast<const T*>(p.q) + offset(p.q_strides, b, seq.start_q, row, head), p.head_dim, lane,
@@ -87,12 +96,18 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32) attention_forward_simt_ke
   float row_max = -INFINITY, row_sum = 0.f;
   const int key_hi = key_end(row, seq, p.window);
   for (int j = key_begin(row, seq, p.window); j < key_hi; ++j) {
-    const float s = capped_score(dot_row(q, k + j * p.k_strides.row, p.head_dim, lane), p);
+    int64_t k_at = j * p.k_strides.row, v_at = j * p.v_strides.row;
+    if constexpr (kPaged) {
+      const PagedKey at = paged_key(pages, p, j);
+      k_at = paged_offset(p.k_strides, at);
+      v_at = paged_offset(p.v_strides, at);
+    }
+    const float s = capped_score(dot_row(q, k + k_at, p.head_dim, lane), p);
     const float new_max = fmaxf(row_max, s);
     const float alpha = exp2f(row_max - new_max);  // 0 for the first key (row_max = -inf)
     const float pj = exp2f(s - new_max);
     row_sum = row_sum * alpha + pj;
-    const T* v_row = v + j * p.v_strides.row;
+    const T* v_row = v + v_at;
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       const int d = lane + 32 * i;
@@ -186,7 +201,9 @@ template <typename T>
 void launch_forward_simt(const AttentionParams& p, cudaStream_t stream) {
   const dim3 grid = warp_row_grid<kWarpsPerBlock>(p.seq_q, p.n_q_heads, p.batch);
   if (grid_empty(grid)) return;
-  attention_forward_simt_kernel<T><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  const auto kernel = p.block_table != nullptr ? attention_forward_simt_kernel<T, true>
+                                               : attention_forward_simt_kernel<T, false>;
+  kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -42,10 +42,9 @@
 //  3. combine (splits > 1): per query row, lse = log sum_s e^(lse_s) (the splits' lse read in
 //     parallel, block reductions in a fixed order), out = sum_s e^(lse_s - lse) out_s in split
 //     order.
-//  4. Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens; on a paged cache fp16 /
-//     bf16) run the prefill kernels instead of 2 and 3, after the append: the sequences' lengths
-//     (their block-table entries checked) and, with rotary tables, q's rotated copy come from two
-//     small kernels.
+//  4. Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) run the prefill kernels
+//     instead of 2 and 3, after the append: the sequences' lengths (their block-table entries
+//     checked) and, with rotary tables, q's rotated copy come from two small kernels.
 // A block index, length or rotary position that is out of range fires a device-side assert and
 // the access is skipped, never made.
 //
@@ -1022,9 +1021,9 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
 // head. A contiguous cache's sequence b is rows [0, L_b) of k_cache[b] and v_cache[b], which the
 // prefill kernels read in place, L_b coming from the device (AttentionParams::key_lengths); with
 // rotary tables, q is rotated into a copy first, each element as the attend kernels see it
-// (stage_query_rows). A paged cache's (fp16 / bf16: the prefill kernels read pages on tensor cores
-// only) is read through the block table, each sequence's entries checked first by
-// key_lengths_kernel.
+// (stage_query_rows). A paged cache is read through the block table (by the tensor-core kernel
+// or, in fp32 and where the device has no tensor-core tile, the SIMT one), each sequence's
+// entries checked first by key_lengths_kernel.
 
 // L_b for the prefill kernels, or 0 (after a device-side assert) when it exceeds the capacity or,
 // paged, a block-table entry of its first L_b tokens names a block outside the cache: they then
@@ -1171,9 +1170,12 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   check_head_dim(a.head_dim);
   check_cache_alignment(a.k_cache, "k_cache");
   check_cache_alignment(a.v_cache, "v_cache");
-  // Key indices are int32 on the device, with a tile of headroom past the length.
-  TORCH_CHECK_VALUE(a.capacity <= kMaxCapacity && a.num_blocks <= std::numeric_limits<int32_t>::max(),
-                    "the cache holds more than 2^30 tokens per sequence or 2^31 blocks");
+  // Key indices are int32 on the device, with a tile of headroom past the length; so is the block
+  // size, a FastDivisor's divisor (below 2^31), which a table of no columns leaves unbounded.
+  TORCH_CHECK_VALUE(a.capacity <= kMaxCapacity && a.block_size <= kMaxCapacity &&
+                        a.num_blocks <= std::numeric_limits<int32_t>::max(),
+                    "the cache holds more than 2^30 tokens per sequence or per block, or 2^31 blocks (k_cache shape ",
+                    a.k_cache.sizes(), ", block_table columns ", a.max_blocks, ")");
   // Query rows (batch x n_q_heads x seq_q: the combine's grid, and a group's rows as int) and new
   // tokens (the append's grid) are counted in 31 bits.
   TORCH_CHECK_VALUE(a.batch * a.n_q_heads * a.seq_q <= std::numeric_limits<int32_t>::max() &&
@@ -1246,9 +1248,7 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
   p.scale = static_cast<float>(a.scale);
   p.softcap = static_cast<float>(a.softcap);
 
-  // The prefill kernels read a paged cache on tensor cores only (4. above).
-  const bool prefill = prefill_shaped(a) && (!a.paged || (a.q.scalar_type() != at::kFloat &&
-                                                         attention::forward_tc_has_tile(static_cast<int>(a.head_dim))));
+  const bool prefill = prefill_shaped(a);
   AttentionCall call;  // the prefill route's
   if (prefill) {
     call = prefill_call(a);
