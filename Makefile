@@ -26,7 +26,7 @@ $(VENV)/.installed: requirements-dev.txt
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 BUILT := build/.built
 # The environment setup.py reads is an input too: build/.env changes only when it does.
-BUILD_ENV := $(LLAMA_EXT_CPU_ONLY):$(LLAMA_EXT_CPU_CAPABILITIES):$(LLAMA_EXT_OPENMP):$(TORCH_CUDA_ARCH_LIST):$(CUDA_HOME)
+BUILD_ENV := $(LLAMA_EXT_CPU_ONLY):$(LLAMA_EXT_CPU_CAPABILITIES):$(LLAMA_EXT_OPENMP):$(TORCH_CUDA_ARCH_LIST):$(CUDA_HOME):$(LLAMA_EXT_PTXAS_VERBOSE):$(LLAMA_EXT_NVCC_THREADS)
 
 build/.env: FORCE
 	@mkdir -p build

@@ -10,11 +10,15 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <utility>
+#include <vector>
 
 #include "common_math.h"
 
@@ -133,9 +137,63 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   return rows_collapse(t) ? t.view({rows, cols}) : t.contiguous().view({rows, cols});
 }
 
+// Whether some element offset of strided view a (sizes, strides, offset, in elements) equals one
+// of b: whether delta = b's offset - a's is sum_k x_k w_k, the dims of both merged by |stride| into
+// terms w_k > 0 with x_k in [lo_k, hi_k] (a's index minus b's along that stride). Solved from the
+// largest term down, each keeping only the x_k that leave a remainder the smaller terms can
+// still make: for views of one [.., heads, d] buffer (slices of a fused qkv) that is one or two
+// candidates per term. nullopt when the search would exceed its budget of candidates.
+inline std::optional<bool> views_share_an_element(const at::Tensor& a, const at::Tensor& b) {
+  struct Term {
+    int64_t w, lo, hi;
+  };
+  std::vector<Term> terms;
+  const auto add = [&](int64_t size, int64_t stride, bool of_b) {
+    if (size <= 1 || stride == 0) return;
+    const int64_t w = std::abs(stride);
+    // a's index counts +w, b's -w; a negative stride flips the sign.
+    const bool positive = (stride > 0) != of_b;
+    const int64_t lo = positive ? 0 : -(size - 1), hi = positive ? size - 1 : 0;
+    for (Term& t : terms) {
+      if (t.w == w) {
+        t.lo += lo, t.hi += hi;
+        return;
+      }
+    }
+    terms.push_back({w, lo, hi});
+  };
+  for (int64_t d = 0; d < a.dim(); ++d) add(a.size(d), a.stride(d), false);
+  for (int64_t d = 0; d < b.dim(); ++d) add(b.size(d), b.stride(d), true);
+  std::sort(terms.begin(), terms.end(), [](const Term& x, const Term& y) { return x.w > y.w; });
+  const size_t n = terms.size();
+  // reach[k]: the least and greatest sums of the terms after k.
+  std::vector<std::pair<int64_t, int64_t>> reach(n + 1, {0, 0});
+  for (size_t k = n; k-- > 0;) {
+    reach[k] = {reach[k + 1].first + terms[k].lo * terms[k].w, reach[k + 1].second + terms[k].hi * terms[k].w};
+  }
+  int64_t budget = int64_t{1} << 16;
+  const auto solve = [&](auto&& self, size_t k, int64_t rest) -> std::optional<bool> {
+    if (k == n) return rest == 0;
+    const Term& t = terms[k];
+    const auto [least, most] = reach[k + 1];
+    // x with least <= rest - x w <= most: floor division, whatever the signs.
+    const auto floor_div = [](int64_t x, int64_t y) { return x / y - ((x % y != 0) && ((x < 0) != (y < 0))); };
+    const int64_t x_lo = std::max(t.lo, -floor_div(most - rest, t.w));
+    const int64_t x_hi = std::min(t.hi, floor_div(rest - least, t.w));
+    for (int64_t x = x_lo; x <= x_hi; ++x) {
+      if (--budget < 0) return std::nullopt;
+      const std::optional<bool> found = self(self, k + 1, rest - x * t.w);
+      if (!found.has_value() || *found) return found;
+    }
+    return false;
+  };
+  return solve(solve, 0, b.storage_offset() - a.storage_offset());
+}
+
 // Tensors an op writes in place must not alias themselves (an expanded view) or each other, or
-// an element would be read after it was overwritten. Views ATen cannot resolve (non-dense ones
-// of one buffer) go unchecked, as in torch's own in-place ops.
+// an element would be read after it was overwritten. Two non-dense views of one buffer, which
+// ATen cannot resolve, are resolved by views_share_an_element when they have one element size;
+// what that cannot resolve goes unchecked, as in torch's own in-place ops.
 inline void check_no_internal_overlap(const at::Tensor& t, const char* name) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
               " is written in place, so no two of its elements may share memory (an expanded view), got strides ",
@@ -144,7 +202,12 @@ inline void check_no_internal_overlap(const at::Tensor& t, const char* name) {
 
 inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
   const at::MemOverlapStatus status = at::get_overlap_status(a, b);
-  TORCH_CHECK(status != at::MemOverlapStatus::Full && status != at::MemOverlapStatus::Partial, a_name, " and ", b_name,
+  bool overlap = status == at::MemOverlapStatus::Full || status == at::MemOverlapStatus::Partial;
+  if (status == at::MemOverlapStatus::TooHard && a.numel() > 0 && b.numel() > 0 && a.has_storage() &&
+      b.has_storage() && a.storage().is_alias_of(b.storage()) && a.element_size() == b.element_size()) {
+    overlap = views_share_an_element(a, b).value_or(false);
+  }
+  TORCH_CHECK(!overlap, a_name, " and ", b_name,
               " overlap in memory, but one is written while the other is read: pass separate tensors");
 }
 

@@ -2,7 +2,7 @@
 
     python examples/patch_hf_llama.py [--device cuda] [--steps 5]
 
-(with llama_ext installed, e.g. by `make build`; from an in-place build run it from the repo root
+(with llama_ext installed by pip; after `make build`, an in-place build, run it from the repo root
 as `PYTHONPATH=. python examples/patch_hf_llama.py`).
 
 Builds a small random Llama (no download), copies it, patches the copy with

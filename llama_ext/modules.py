@@ -85,6 +85,11 @@ class RotaryEmbedding(nn.Module):
         self.base = base
         self.rope_scaling = dict(rope_scaling) if rope_scaling is not None else None
         self.rope_type = rope_type_of(rope_scaling)
+        if self.rope_type == "proportional" and self.rotary_dim != head_dim:
+            raise ValueError(
+                "proportional rope spans the whole head: give its partial_rotary_factor in rope_scaling, "
+                f"not as the module's ({partial_rotary_factor})"
+            )
         self.interleaved = interleaved
         cos, sin = self._tables(device)
         self.register_buffer("cos_cached", cos, persistent=False)

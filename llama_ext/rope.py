@@ -12,7 +12,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 
 # Keys HF reads without a default, per rope_type.
 _REQUIRED_KEYS = {
@@ -22,6 +22,7 @@ _REQUIRED_KEYS = {
     "yarn": ("factor",),
     "longrope": ("long_factor", "short_factor"),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "proportional": (),
 }
 
 
@@ -140,6 +141,16 @@ def _llama3(rotary_dim, max_position, base, scaling, device) -> Tensor:
     return torch.where(is_medium_freq, smoothed_inv_freq, inv_freq_llama)
 
 
+def _proportional(rotary_dim, base, scaling, device) -> Tensor:
+    """Gemma 4's full-attention layers: the first partial_rotary_factor of the pairs turn at the
+    frequencies of the whole head (exponents over rotary_dim, the head dim here: the table always
+    spans it), the others not at all (inv_freq 0: cos 1, sin 0); all divided by factor."""
+    angles = int(scaling.get("partial_rotary_factor", 1.0) * rotary_dim // 2)
+    exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / rotary_dim
+    still = torch.zeros(rotary_dim // 2 - angles, dtype=torch.float32, device=device)
+    return torch.cat((1.0 / (base**exponents), still)) / scaling.get("factor", 1.0)
+
+
 def rope_inv_freq(
     rotary_dim: int,
     max_position: int,
@@ -154,6 +165,8 @@ def rope_inv_freq(
     table serves, used by ``dynamic`` (NTK base grows past ``max_position``) and ``longrope``
     (``long_factor`` past ``original_max_position_embeddings``); ``None`` is the initial table.
     A ``rope_theta`` key in ``rope_scaling`` (HF's ``rope_parameters``) overrides ``base``.
+    ``proportional`` reads its ``partial_rotary_factor`` from ``rope_scaling`` and spans the whole
+    head: pass the head dim as ``rotary_dim``.
     """
     if rotary_dim < 2 or rotary_dim % 2:
         raise ValueError(f"rotary_dim must be an even number >= 2, got {rotary_dim}")
@@ -186,6 +199,8 @@ def _inv_freq(rope_type, rotary_dim, max_position, base, scaling, seq_len, devic
         return _yarn(rotary_dim, max_position, base, scaling, device)
     if rope_type == "longrope":
         return _longrope(rotary_dim, max_position, base, scaling, seq_len, device)
+    if rope_type == "proportional":
+        return _proportional(rotary_dim, base, scaling, device), 1.0
     return _llama3(rotary_dim, max_position, base, scaling, device), 1.0
 
 
@@ -210,8 +225,8 @@ def rope_cos_sin(
     :func:`llama_ext.apply_rotary`.
 
     ``rope_scaling`` is HF transformers' dict: ``rope_type`` (or legacy ``type``) one of
-    ``"default"``, ``"linear"``, ``"dynamic"``, ``"yarn"``, ``"longrope"``, ``"llama3"``, with the
-    keys HF reads for it. ``max_position`` plays the role of HF's ``max_position_embeddings`` in
+    ``"default"``, ``"linear"``, ``"dynamic"``, ``"yarn"``, ``"longrope"``, ``"llama3"``,
+    ``"proportional"``, with the keys HF reads for it. ``max_position`` plays the role of HF's ``max_position_embeddings`` in
     the scaling formulas (and is the default for ``original_max_position_embeddings``). The tables
     include HF's attention scaling (yarn's and longrope's ``attention_factor``) and match HF's
     rotary embedding for the same config to fp32 rounding. ``seq_len`` (keyword) asks for the

@@ -281,6 +281,8 @@ def _bad_input_cases():
     expanded = torch.randn(1, 64).expand(4, 64)
     storage = torch.randn(4 * 3 * 64)
     q_in_storage, k_in_storage = storage.view(1, 4, 3, 64), storage[512:].view(1, 4, 1, 64)  # k aliases q's end
+    rows = torch.randn(8 * 64)  # every other row, and rows half a row later: views ATen cannot resolve
+    even_rows, shifted_rows = rows.as_strided((4, 64), (128, 1)), rows.as_strided((4, 64), (128, 1), 32)
     return [
         # wrong dtype: int, bool, mixed
         ("rms_norm int", lambda: rms(t(2, 8, dtype=i32)), TypeError, "input must be a floating-point"),
@@ -331,6 +333,7 @@ def _bad_input_cases():
         ("fused_ input is residual", lambda: (lambda x: fused_(x, x))(t(4, 64)), RuntimeError, "input and residual overlap"),
         ("rotary_ expanded q", lambda: rot_(t(1, 1, 2, 64).expand(1, 4, 2, 64), t(1, 4, 1, 64)), RuntimeError, "q is written in place"),
         ("rotary_ k inside q", lambda: rot_(q_in_storage, k_in_storage), RuntimeError, "q and k overlap"),
+        ("fused_ strided rows overlap", lambda: fused_(even_rows, shifted_rows), RuntimeError, "input and residual overlap"),
     ]
 
 

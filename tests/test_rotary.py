@@ -185,6 +185,51 @@ def test_inplace_matches_out_of_place(device, dtype, interleaved):
     torch.testing.assert_close(k, k_ref, atol=0, rtol=0)
 
 
+def _offsets(t):
+    """The storage offsets of t's elements, as a set."""
+    idx = torch.tensor(t.storage_offset())
+    for size, stride in zip(t.shape, t.stride()):
+        idx = (idx.unsqueeze(-1) + torch.arange(size) * stride).flatten()
+    return set(idx.tolist())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_views_of_one_buffer(device):
+    """q and k written in place as strided views of one buffer (slices of a fused qkv, at any
+    head and token strides and offsets), which ATen's overlap check cannot resolve: refused,
+    naming both and writing nothing, exactly when some element of q is one of k (brute force over
+    their offsets); otherwise rotated as out of place."""
+    gen = torch.Generator().manual_seed(0)
+    buffer = torch.randn(4096, generator=gen).to(device)
+    cos, sin = tables(8, device)
+    refused = ran = 0
+    for _ in range(300):
+        d, seq = 8, int(torch.randint(1, 4, (), generator=gen))
+        views = []
+        for heads in (int(torch.randint(1, 4, (), generator=gen)), int(torch.randint(1, 3, (), generator=gen))):
+            inner = int(torch.randint(d, 3 * d + 1, (), generator=gen))
+            gap = int(torch.randint(0, 3 * d, (), generator=gen))
+            if torch.rand((), generator=gen) < 0.5:  # [.., seq, heads, d] rows
+                head_stride, token_stride = inner, heads * inner + gap
+            else:  # heads outermost, as HF's [batch, heads, seq, d] transposed
+                token_stride, head_stride = inner, seq * inner + gap
+            offset = int(torch.randint(0, 2 * d * 8, (), generator=gen))
+            views.append(buffer.as_strided((1, seq, heads, d), (4096, token_stride, head_stride, 1), offset))
+        q, k = views
+        before = buffer.clone()
+        if _offsets(q) & _offsets(k):
+            with pytest.raises(RuntimeError, match="q and k overlap in memory"):
+                llama_ext.apply_rotary_(q, k, cos, sin)
+            assert torch.equal(buffer, before)
+            refused += 1
+        else:
+            q_ref, k_ref = llama_ext.apply_rotary(q, k, cos, sin)
+            llama_ext.apply_rotary_(q, k, cos, sin)
+            assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+            ran += 1
+    assert refused > 30 and ran > 30, (refused, ran)
+
+
 def test_inplace_refuses_autograd():
     q = torch.randn(1, 2, 2, 8, requires_grad=True)
     cos, sin = tables(8, "cpu")
@@ -294,6 +339,8 @@ ROPE_SCALINGS = {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": ORIGINAL_MAX,
     },
+    "proportional": {"rope_type": "proportional", "partial_rotary_factor": 0.25},
+    "proportional-factor": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "factor": 2.0},
 }
 
 
@@ -307,6 +354,15 @@ def hf_rotary_embedding(rope_scaling, base, device):
         max_position_embeddings=MAX_POS, rope_parameters=params,
     )
     return LlamaRotaryEmbedding(config).to(device)
+
+
+def test_every_hf_rope_type_has_tables():
+    """The rope types this transformers knows (its ROPE_INIT_FUNCTIONS, and "default") are the ones
+    rope_cos_sin builds, each checked against HF's tables below."""
+    rope_utils = pytest.importorskip("transformers.modeling_rope_utils")
+    hf_types = set(rope_utils.ROPE_INIT_FUNCTIONS) | {"default"}
+    assert hf_types <= set(llama_ext.rope.ROPE_TYPES), sorted(hf_types - set(llama_ext.rope.ROPE_TYPES))
+    assert set(llama_ext.rope.ROPE_TYPES) <= {name.split("-")[0] for name in ROPE_SCALINGS}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -387,6 +443,9 @@ def test_rope_cos_sin_errors():
         llama_ext.rope_cos_sin(7, 128)
     with pytest.raises(ValueError, match="even number in"):
         llama_ext.RotaryEmbedding(64, partial_rotary_factor=1.5)
+    with pytest.raises(ValueError, match="proportional rope spans the whole head"):
+        llama_ext.RotaryEmbedding(64, rope_scaling={"rope_type": "proportional", "partial_rotary_factor": 0.25},
+                                  partial_rotary_factor=0.5)
     # legacy "type" spelling is accepted
     cos, _ = llama_ext.rope_cos_sin(8, 4, rope_scaling={"type": "linear", "factor": 2.0})
     torch.testing.assert_close(cos, llama_ext.rope_cos_sin(8, 4, rope_scaling={"rope_type": "linear", "factor": 2.0})[0])
