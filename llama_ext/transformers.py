@@ -153,6 +153,7 @@ SUPPORTED_FAMILIES = {
     "solar_open": "Solar Open",
     "falcon_h1": "Falcon-H1",
     "lfm2": "LFM2",
+    "lfm3": "LFM3",
     "olmo_hybrid": "OLMo Hybrid",
     "nemotron_h": "Nemotron-H",
     "lara_mini": "Lara Mini",

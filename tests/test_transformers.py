@@ -174,6 +174,9 @@ FAMILY_CONFIGS = {
     "falcon_h1": ("FalconH1Config", dict(  # attention and Mamba 2 side by side in each layer, muP multipliers
         mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16)),
     "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention"])),
+    "lfm3": ("Lfm3Config", dict(  # proportional rope on its full layers, sandwich norms, gated attention
+        head_dim=32, sliding_window=WINDOW, num_hidden_layers=3,
+        layer_types=["conv", "sliding_attention", "full_attention"])),
     "olmo_hybrid": ("OlmoHybridConfig", {}),
     "nemotron_h": ("NemotronHConfig", dict(head_dim=32, n_routed_experts=4, moe_intermediate_size=96,
                                            moe_shared_expert_intermediate_size=96)),
