@@ -34,12 +34,17 @@ class RMSNorm(nn.Module):
         self.cast_before_weight = cast_before_weight
 
     def forward(self, x: Tensor, residual: Tensor = None):
-        """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``."""
+        """``norm(x)``, or with ``residual``: ``(norm(x + residual), x + residual)``.
+
+        float32 activations under a float16/bfloat16 weight (a model that keeps its residual stream
+        in float32 after ``.to(bfloat16)``) meet the weight in float32, as HF's norms promote it:
+        exactly, since widening is exact."""
+        weight = self.weight
+        if x.dtype == torch.float32 and weight.dtype in (torch.float16, torch.bfloat16):
+            weight = weight.float()
         if residual is None:
-            return ops.rms_norm(x, self.weight, self.variance_epsilon, self.offset, self.cast_before_weight)
-        return ops.fused_add_rms_norm(
-            x, residual, self.weight, self.variance_epsilon, self.offset, self.cast_before_weight
-        )
+            return ops.rms_norm(x, weight, self.variance_epsilon, self.offset, self.cast_before_weight)
+        return ops.fused_add_rms_norm(x, residual, weight, self.variance_epsilon, self.offset, self.cast_before_weight)
 
     def extra_repr(self) -> str:
         return (

@@ -120,6 +120,7 @@ SUPPORTED_FAMILIES = {
     "granitemoeshared": "GraniteMoE-Shared",
     "jetmoe": "JetMoE",
     "bitnet": "BitNet",
+    "apertus": "Apertus",
     "qwen3_next": "Qwen3-Next",
     "minimax": "MiniMax",
     "qwen3_5_text": "Qwen3.5",
@@ -131,6 +132,9 @@ SUPPORTED_FAMILIES = {
     "nemotron": "Nemotron",
     "gpt_neox": "GPT-NeoX",
     "persimmon": "Persimmon",
+    "falcon": "Falcon",
+    "dbrx": "DBRX",
+    "modernbert-decoder": "ModernBERT decoder",
     "cohere": "Cohere (Command R)",
     "cohere2": "Cohere 2 (Command R7B, Command A)",
     "exaone": "EXAONE 3",
@@ -139,6 +143,8 @@ SUPPORTED_FAMILIES = {
     "hyperclovax": "HyperCLOVA X",
     "iquestcoder": "IQuest-Coder",
     "jais2": "Jais 2",
+    "apertus1p5_text": "Apertus 1.5 (text)",
+    "dory": "Dory",
     "afmoe": "AFMoE (Trinity)",
     "aria_text": "Aria (text)",
     "cohere2_moe": "Cohere 2 MoE",
@@ -151,12 +157,24 @@ SUPPORTED_FAMILIES = {
     "phimoe": "Phi-3.5-MoE",
     "sarvam_moe": "Sarvam MoE",
     "solar_open": "Solar Open",
+    "beam": "Beam",
+    "minicpm5_moe": "MiniCPM5-MoE",
+    "param2moe": "Param-2 MoE",
+    "ergo": "Ergo",
+    "zaya": "ZAYA",
     "falcon_h1": "Falcon-H1",
     "lfm2": "LFM2",
+    "lfm2_moe": "LFM2-MoE",
     "lfm3": "LFM3",
     "olmo_hybrid": "OLMo Hybrid",
     "nemotron_h": "Nemotron-H",
     "lara_mini": "Lara Mini",
+    "jamba": "Jamba",
+    "bamba": "Bamba",
+    "granitemoehybrid": "GraniteMoeHybrid (Granite 4.0)",
+    "zamba": "Zamba",
+    "zamba2": "Zamba2",
+    "recurrent_gemma": "RecurrentGemma",
     # vision-language models: their text decoder (a family above, or one of these text decoders)
     # is patched, the vision tower and projector stay HF's
     "qwen2_vl_text": "Qwen2-VL text decoder",
@@ -190,6 +208,23 @@ def _supported_families_text() -> str:
 # ---- attention function (the "llama_ext" entry of the registry) ----------------------------
 
 
+def _rows_contiguous(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """The kernels read rows with a contiguous last dim; a projection may leave another dim
+    innermost (Zaya's convolutional q/k/v): such a tensor is copied into one, the others pass."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in tensors)
+
+
+# Arguments of the attention interface that change what attention computes, which the kernels
+# do not: a model that passes one is refused rather than given dense attention.
+_UNSUPPORTED_ATTENTION_KWARGS = {
+    "s_aux": "attention sinks (as GPT-OSS passes them)",
+    "sinks": "attention sinks",
+    "position_bias": "additive position biases (T5-style relative attention)",
+    "indices": "sparse attention's selected keys (DeepSeek-V3.2-style indexers)",
+    "block_indices": "block-sparse attention's selected key blocks (as MiniMax-M3 passes them)",
+}
+
+
 def _reject_unsupported_attention(module, dropout: float, kwargs) -> None:
     if dropout > 0:
         raise ValueError(
@@ -199,8 +234,9 @@ def _reject_unsupported_attention(module, dropout: float, kwargs) -> None:
     config = getattr(module, "config", None)
     if kwargs.get("output_attentions", getattr(config, "output_attentions", False)):
         raise ValueError("output_attentions=True is not supported: llama_ext attention never forms the attention matrix")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError("attention sinks (s_aux, as GPT-OSS passes them) are not supported by llama_ext attention")
+    for name, what in _UNSUPPORTED_ATTENTION_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"{what} ({name}) are not supported by llama_ext attention")
 
 
 def _kernel_options(sliding_window: Optional[int], softcap: Optional[float]) -> dict:
@@ -318,7 +354,7 @@ def llama_ext_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     # The kernels take [batch, seq, heads, d] with any strides but a contiguous last dim: HF's
     # [batch, heads, seq, d] tensors pass as transposed views, with no copy.
-    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    q, k, v = _rows_contiguous(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
     if static_layer is not None:
         return _static_cache_attention(static_layer, q, k, v, attention_mask, options, scaling), None
     group = getattr(module, "context_parallel_group", None)
@@ -459,6 +495,7 @@ def _apply_rotary_from_hf(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, interl
         return angles.reshape(table_batch * seq, half).to(torch.float32).contiguous()
 
     positions = torch.arange(table_batch * seq, device=q.device).view(table_batch, seq)
+    q, k = _rows_contiguous(q, k)
     return llama_ext.apply_rotary(q, k, table(cos), table(sin), positions[0] if table_batch == 1 else positions,
                                   interleaved=interleaved)
 

@@ -412,12 +412,14 @@ def _hf_norm_classes():
 HF_NORMS = ["LlamaRMSNorm", "Qwen3RMSNorm", "Olmo2RMSNorm", "GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"]
 
 
-# (device, input dtype, weight dtype): the module in the input's dtype, and fp32 modules on fp16/bf16.
+# (device, input dtype, weight dtype): the module in the input's dtype, fp32 modules on fp16/bf16,
+# and fp16/bf16 modules on fp32 activations (a model whose residual stream stays fp32 after
+# .to(bfloat16)), whose weight the module widens, as HF's norms promote it.
 HF_DTYPES = [
     pytest.param(d, t, w, id=f"{d}-{str(t).split('.')[-1]}-weight-{str(w).split('.')[-1]}")
     for d in DEVICES
     for t in CUDA_DTYPES
-    for w in weight_dtypes(t)
+    for w in weight_dtypes(t) + ((torch.float16, torch.bfloat16) if t == torch.float32 else ())
 ]
 
 

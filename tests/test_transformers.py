@@ -110,6 +110,7 @@ FAMILY_CONFIGS = {
         num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, attention_multiplier=0.05)),
     "jetmoe": ("JetMoeConfig", {}),  # mixture of attention heads: kv heads shared by the experts' queries
     "bitnet": ("BitNetConfig", {}),  # ternary linears, an RMSNorm before o_proj
+    "apertus": ("ApertusConfig", dict(rope_parameters=LLAMA31_ROPE)),  # xIELU MLP, QK norms
     # hybrids: their linear-attention layers stay HF's, the full-attention ones run on llama_ext
     "qwen3_next": ("Qwen3NextConfig", dict(
         head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
@@ -131,6 +132,12 @@ FAMILY_CONFIGS = {
     "nemotron": ("NemotronConfig", dict(head_dim=32)),
     "gpt_neox": ("GPTNeoXConfig", dict(rotary_pct=0.5)),
     "persimmon": ("PersimmonConfig", dict(qk_layernorm=True)),
+    "falcon": ("FalconConfig", dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False)),  # parallel
+    "dbrx": ("DbrxConfig", dict(  # fused, clipped qkv; d_model too: its ffn_config copies it before hidden_size
+        d_model=256, attn_config=dict(kv_n_heads=2, clip_qkv=8.0, rope_theta=10000.0),
+        ffn_config=dict(moe_num_experts=4, moe_top_k=2, ffn_hidden_size=96))),
+    # layer 0 full attention, layer 1 sliding (local_attention is twice HF's window)
+    "modernbert-decoder": ("ModernBertDecoderConfig", dict(local_attention=2 * WINDOW, global_attn_every_n_layers=2)),
     # interleaved rotary on tables that hold each angle in adjacent columns; parallel attention + MLP
     "cohere": ("CohereConfig", dict(use_qk_norm=True, logit_scale=0.5)),
     "cohere2": ("Cohere2Config", dict(  # rope on the sliding layers only
@@ -142,6 +149,9 @@ FAMILY_CONFIGS = {
     "hyperclovax": ("HyperCLOVAXConfig", {}),
     "iquestcoder": ("IQuestCoderConfig", {}),
     "jais2": ("Jais2Config", {}),
+    "apertus1p5_text": ("Apertus1p5TextConfig", dict(rope_parameters=LLAMA31_ROPE)),
+    # nGPT: no norm modules (hidden states on the unit sphere); 1 input, 1 recurrent (run twice), 1 output layer
+    "dory": ("DoryConfig", dict(num_hidden_layers=3, n_input_layers=1, n_output_layers=1, n_recurrent_loops=2)),
     "afmoe": ("AfmoeConfig", dict(
         head_dim=32, num_experts=4, num_experts_per_tok=2, num_shared_experts=1, moe_intermediate_size=96,
         num_dense_layers=1, sliding_window=WINDOW, layer_types=["sliding_attention", "full_attention"])),
@@ -170,10 +180,29 @@ FAMILY_CONFIGS = {
         head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
     "solar_open": ("SolarOpenConfig", dict(
         head_dim=32, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)),
+    "beam": ("BeamConfig", dict(
+        head_dim=32, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["dense", "sparse"], n_group=1,
+        topk_group=1, final_logit_softcapping=10.0)),
+    "ergo": ("ErgoConfig", dict(  # its residual stream stays float32 under a bf16 model
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, shared_intermediate_size=96,
+        first_dense_intermediate_size=192, num_dense_blocks=1, sliding_window=WINDOW,
+        global_attention_every_n_layers=2)),
+    "zaya": ("ZayaConfig", dict(  # convolutional q/k/v projections: the sequence dim innermost
+        head_dim=32, num_experts=4, num_experts_per_tok=1, moe_intermediate_size=96, router_hidden_size=32)),
+    "minicpm5_moe": ("MiniCPM5MoeConfig", dict(
+        head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=96,
+        mlp_layer_types=["dense", "sparse"])),
+    "param2moe": ("Param2MoeConfig", dict(
+        head_dim=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=96,
+        first_k_dense_replace=1)),
     # hybrids with convolution, Mamba or linear-attention layers (those stay HF's)
     "falcon_h1": ("FalconH1Config", dict(  # attention and Mamba 2 side by side in each layer, muP multipliers
         mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_d_state=16, mamba_chunk_size=16)),
     "lfm2": ("Lfm2Config", dict(layer_types=["conv", "full_attention"])),
+    "lfm2_moe": ("Lfm2MoeConfig", dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96, num_dense_layers=1,
+        layer_types=["conv", "full_attention"])),
     "lfm3": ("Lfm3Config", dict(  # proportional rope on its full layers, sandwich norms, gated attention
         head_dim=32, sliding_window=WINDOW, num_hidden_layers=3,
         layer_types=["conv", "sliding_attention", "full_attention"])),
@@ -185,6 +214,26 @@ FAMILY_CONFIGS = {
         num_hidden_layers=3, sliding_window=WINDOW,
         layer_types=["linear_attention", "sliding_attention", "full_attention"],
         linear_key_head_dim=32, linear_value_head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4)),
+    # Mamba layer, then attention layer (Jamba's and Zamba's attention has no rope)
+    "jamba": ("JambaConfig", dict(
+        num_experts=4, num_experts_per_tok=2, expert_layer_period=2, expert_layer_offset=1, attn_layer_period=2,
+        attn_layer_offset=1, mamba_dt_rank=16)),
+    "bamba": ("BambaConfig", dict(
+        attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=64, mamba_d_state=16, mamba_chunk_size=16)),
+    "granitemoehybrid": ("GraniteMoeHybridConfig", dict(  # rope on, as the family allows
+        num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=96, position_embedding_type="rope",
+        layer_types=["mamba", "attention"], mamba_n_heads=8, mamba_d_head=64, mamba_d_state=16,
+        mamba_chunk_size=16, attention_multiplier=0.05, embedding_multiplier=2.0, residual_multiplier=0.5,
+        logits_scaling=4.0)),
+    # a shared attention block (over the embeddings concatenated to the hidden states) beside Mamba
+    "zamba": ("ZambaConfig", dict(layers_block_type=["linear_attention", "hybrid"], n_mamba_heads=2, mamba_dt_rank=16)),
+    # without the shared-attention LoRA adapters: HF's add a q-sized output to the GQA keys (a shape error)
+    "zamba2": ("Zamba2Config", dict(
+        layers_block_type=["linear_attention", "hybrid"], use_mem_rope=True, n_mamba_heads=8, mamba_d_state=16,
+        chunk_size=16)),
+    "recurrent_gemma": ("RecurrentGemmaConfig", dict(  # RG-LRU layer, then local attention with partial rotary
+        head_dim=32, lru_width=256, attention_window_size=WINDOW, block_types=["recurrent", "attention"],
+        logits_soft_cap=10.0)),
 }
 
 
@@ -201,7 +250,8 @@ FAMILIES = [family_param(family) for family in FAMILY_CONFIGS]
 MOE_FAMILIES = ("mixtral", "qwen3_moe", "glm4_moe", "ernie4_5_moe", "olmoe", "flex_olmo", "hunyuan_v1_moe",
                 "qwen2_moe", "granitemoe", "dots1", "granitemoeshared", "jetmoe", "qwen3_next", "minimax", "afmoe",
                 "aria_text", "cohere2_moe", "exaone_moe", "hy_v3", "kolibri1", "laguna", "mellum", "minimax_m2",
-                "phimoe", "sarvam_moe", "solar_open", "nemotron_h", "lara_mini", "qwen3_5_moe_text")
+                "phimoe", "sarvam_moe", "solar_open", "nemotron_h", "lara_mini", "qwen3_5_moe_text",
+                "granitemoehybrid", "jamba", "lfm2_moe", "minicpm5_moe", "beam", "param2moe", "dbrx", "ergo", "zaya")
 
 
 def tiny_config(family, **overrides):
@@ -401,13 +451,33 @@ def test_rotary_is_checked_against_the_family_function():
             _check_rotary(modeling_gpt_oss.apply_rotary_pos_emb)
 
 
-def test_attention_sinks_raise():
+@pytest.mark.parametrize("name,what", [
+    ("s_aux", "attention sinks"), ("sinks", "attention sinks"), ("position_bias", "additive position biases"),
+    ("indices", "sparse attention's selected keys"), ("block_indices", "block-sparse attention"),
+])
+def test_attention_arguments_the_kernels_do_not_compute_raise(name, what):
+    """Attention-interface arguments that change what attention computes (sinks, biases, sparse key
+    selections) are refused by name, never dropped for dense attention."""
     from llama_ext.transformers import llama_ext_attention_forward
 
     q, kv = torch.randn(1, 4, 5, 32), torch.randn(1, 2, 5, 32)
     module = torch.nn.Module()
-    with pytest.raises(ValueError, match="attention sinks"):
-        llama_ext_attention_forward(module, q, kv, kv, None, s_aux=torch.zeros(4))
+    with pytest.raises(ValueError, match=f"{what}.*\\({name}\\) are not supported"):
+        llama_ext_attention_forward(module, q, kv, kv, None, **{name: torch.zeros(4)})
+    out, _ = llama_ext_attention_forward(module, q, kv, kv, None, **{name: None})  # an absent one passes
+    assert out.shape == (1, 5, 4, 32)
+
+
+def test_attention_takes_rows_without_a_contiguous_last_dim():
+    """q, k, v whose innermost dim is not d (a convolutional projection's layout) are copied into
+    rows the kernels read: the result of the same values laid out contiguously."""
+    from llama_ext.transformers import llama_ext_attention_forward
+
+    module = torch.nn.Module()
+    q, k, v = (torch.randn(1, h, 32, 5).transpose(2, 3) for h in (4, 2, 2))  # [1, heads, 5, 32], stride(-1) = 5
+    out, _ = llama_ext_attention_forward(module, q, k, v, None)
+    ref, _ = llama_ext_attention_forward(module, q.contiguous(), k.contiguous(), v.contiguous(), None)
+    assert torch.equal(out, ref)
 
 
 def test_unsupported_family_raises_naming_the_supported_ones():
