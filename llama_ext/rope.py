@@ -226,8 +226,9 @@ def rope_cos_sin(
 
     ``rope_scaling`` is HF transformers' dict: ``rope_type`` (or legacy ``type``) one of
     ``"default"``, ``"linear"``, ``"dynamic"``, ``"yarn"``, ``"longrope"``, ``"llama3"``,
-    ``"proportional"``, with the keys HF reads for it. ``max_position`` plays the role of HF's ``max_position_embeddings`` in
-    the scaling formulas (and is the default for ``original_max_position_embeddings``). The tables
+    ``"proportional"``, with the keys HF reads for it. ``max_position`` plays the role of HF's
+    ``max_position_embeddings`` in the scaling formulas (and is the default for
+    ``original_max_position_embeddings``). The tables
     include HF's attention scaling (yarn's and longrope's ``attention_factor``) and match HF's
     rotary embedding for the same config to fp32 rounding. ``seq_len`` (keyword) asks for the
     table HF uses at that sequence length (see :func:`rope_inv_freq`). Unknown rope types and
