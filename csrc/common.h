@@ -137,67 +137,101 @@ inline at::Tensor as_rows(const at::Tensor& t) {
   return rows_collapse(t) ? t.view({rows, cols}) : t.contiguous().view({rows, cols});
 }
 
-// Whether some element offset of strided view a (sizes, strides, offset, in elements) equals one
-// of b: whether delta = b's offset - a's is sum_k x_k w_k, the dims of both merged by |stride| into
-// terms w_k > 0 with x_k in [lo_k, hi_k] (a's index minus b's along that stride). Solved from the
-// largest term down, each keeping only the x_k that leave a remainder the smaller terms can
-// still make: for views of one [.., heads, d] buffer (slices of a fused qkv) that is one or two
+// Element offsets of strided views as sums: offset + sum_k x_k w_k over terms w_k > 0 (the dims
+// of one or two views merged by |stride|), x_k in [lo_k, hi_k]. solve() says whether some choice
+// of the x_k makes the sum `delta` (with `nonzero`, one with some x_k != 0), from the largest term
+// down, each keeping only the x_k that leave a remainder the smaller terms can still make: for
+// views of one [.., heads, d] buffer (slices of a fused qkv, transposed views) that is one or two
 // candidates per term. nullopt when the search would exceed its budget of candidates.
-inline std::optional<bool> views_share_an_element(const at::Tensor& a, const at::Tensor& b) {
-  struct Term {
-    int64_t w, lo, hi;
-  };
-  std::vector<Term> terms;
-  const auto add = [&](int64_t size, int64_t stride, bool of_b) {
+class StrideSums {
+ public:
+  // x counts along a dim of `size` elements of stride `stride`, with `sign` +1 or -1.
+  void add(int64_t size, int64_t stride, int sign, bool merge) {
     if (size <= 1 || stride == 0) return;
     const int64_t w = std::abs(stride);
-    // a's index counts +w, b's -w; a negative stride flips the sign.
-    const bool positive = (stride > 0) != of_b;
+    const bool positive = (stride > 0) == (sign > 0);
     const int64_t lo = positive ? 0 : -(size - 1), hi = positive ? size - 1 : 0;
-    for (Term& t : terms) {
+    for (Term& t : terms_) {
       if (t.w == w) {
+        if (!merge) repeated_ = true;
         t.lo += lo, t.hi += hi;
         return;
       }
     }
-    terms.push_back({w, lo, hi});
-  };
-  for (int64_t d = 0; d < a.dim(); ++d) add(a.size(d), a.stride(d), false);
-  for (int64_t d = 0; d < b.dim(); ++d) add(b.size(d), b.stride(d), true);
-  std::sort(terms.begin(), terms.end(), [](const Term& x, const Term& y) { return x.w > y.w; });
-  const size_t n = terms.size();
-  // reach[k]: the least and greatest sums of the terms after k.
-  std::vector<std::pair<int64_t, int64_t>> reach(n + 1, {0, 0});
-  for (size_t k = n; k-- > 0;) {
-    reach[k] = {reach[k + 1].first + terms[k].lo * terms[k].w, reach[k + 1].second + terms[k].hi * terms[k].w};
+    terms_.push_back({w, lo, hi});
   }
-  int64_t budget = int64_t{1} << 16;
-  const auto solve = [&](auto&& self, size_t k, int64_t rest) -> std::optional<bool> {
-    if (k == n) return rest == 0;
-    const Term& t = terms[k];
-    const auto [least, most] = reach[k + 1];
-    // x with least <= rest - x w <= most: floor division, whatever the signs.
-    const auto floor_div = [](int64_t x, int64_t y) { return x / y - ((x % y != 0) && ((x < 0) != (y < 0))); };
+  // Two dims added without merging share a stride.
+  bool repeated() const { return repeated_; }
+
+  std::optional<bool> solve(int64_t delta, bool nonzero) {
+    std::sort(terms_.begin(), terms_.end(), [](const Term& x, const Term& y) { return x.w > y.w; });
+    reach_.assign(terms_.size() + 1, {0, 0});
+    for (size_t k = terms_.size(); k-- > 0;) {
+      reach_[k] = {reach_[k + 1].first + terms_[k].lo * terms_[k].w, reach_[k + 1].second + terms_[k].hi * terms_[k].w};
+    }
+    budget_ = int64_t{1} << 16;
+    return search(0, delta, nonzero);
+  }
+
+ private:
+  struct Term {
+    int64_t w, lo, hi;
+  };
+
+  static int64_t floor_div(int64_t x, int64_t y) { return x / y - ((x % y != 0) && ((x < 0) != (y < 0))); }
+
+  std::optional<bool> search(size_t k, int64_t rest, bool nonzero) {
+    if (k == terms_.size()) return rest == 0 && !nonzero;
+    const Term& t = terms_[k];
+    const auto [least, most] = reach_[k + 1];
+    // x with least <= rest - x w <= most.
     const int64_t x_lo = std::max(t.lo, -floor_div(most - rest, t.w));
     const int64_t x_hi = std::min(t.hi, floor_div(rest - least, t.w));
     for (int64_t x = x_lo; x <= x_hi; ++x) {
-      if (--budget < 0) return std::nullopt;
-      const std::optional<bool> found = self(self, k + 1, rest - x * t.w);
+      if (--budget_ < 0) return std::nullopt;
+      const std::optional<bool> found = search(k + 1, rest - x * t.w, nonzero && x == 0);
       if (!found.has_value() || *found) return found;
     }
     return false;
-  };
-  return solve(solve, 0, b.storage_offset() - a.storage_offset());
+  }
+
+  std::vector<Term> terms_;
+  std::vector<std::pair<int64_t, int64_t>> reach_;
+  int64_t budget_ = 0;
+  bool repeated_ = false;
+};
+
+// Whether some element of strided view a is one of b (offsets in elements of one size): a's index
+// minus b's along each stride.
+inline std::optional<bool> views_share_an_element(const at::Tensor& a, const at::Tensor& b) {
+  StrideSums sums;
+  for (int64_t d = 0; d < a.dim(); ++d) sums.add(a.size(d), a.stride(d), +1, /*merge=*/true);
+  for (int64_t d = 0; d < b.dim(); ++d) sums.add(b.size(d), b.stride(d), -1, /*merge=*/true);
+  return sums.solve(b.storage_offset() - a.storage_offset(), /*nonzero=*/false);
+}
+
+// Whether two elements of strided view t share an offset: a nonzero difference of indices whose
+// sum over the strides is 0 (each dim's difference in [-(size - 1), size - 1]).
+inline std::optional<bool> view_overlaps_itself(const at::Tensor& t) {
+  StrideSums sums;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    sums.add(t.size(d), t.stride(d), +1, /*merge=*/false);
+    sums.add(t.size(d), t.stride(d), -1, /*merge=*/true);
+  }
+  if (sums.repeated()) return true;
+  return sums.solve(0, /*nonzero=*/true);
 }
 
 // Tensors an op writes in place must not alias themselves (an expanded view) or each other, or
-// an element would be read after it was overwritten. Two non-dense views of one buffer, which
-// ATen cannot resolve, are resolved by views_share_an_element when they have one element size;
-// what that cannot resolve goes unchecked, as in torch's own in-place ops.
+// an element would be read after it was overwritten. Non-dense views, which ATen cannot resolve,
+// are resolved by view_overlaps_itself and views_share_an_element (two of one element size); what
+// those cannot resolve within their budget goes unchecked, as in torch's own in-place ops.
 inline void check_no_internal_overlap(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, name,
-              " is written in place, so no two of its elements may share memory (an expanded view), got strides ",
-              t.strides());
+  const at::MemOverlap status = at::has_internal_overlap(t);
+  const bool overlap =
+      status == at::MemOverlap::Yes || (status == at::MemOverlap::TooHard && view_overlaps_itself(t).value_or(false));
+  TORCH_CHECK(!overlap, name, " is written in place, so no two of its elements may share memory (an expanded or ",
+              "self-overlapping view), got sizes ", t.sizes(), " and strides ", t.strides());
 }
 
 inline void check_no_overlap(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {

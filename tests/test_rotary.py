@@ -230,6 +230,36 @@ def test_inplace_views_of_one_buffer(device):
     assert refused > 30 and ran > 30, (refused, ran)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_inplace_view_that_overlaps_itself(device):
+    """q written in place as a strided view of a buffer at any head and token strides (some of
+    which make two of its elements one, which ATen's check cannot tell): refused, naming q and
+    writing nothing, exactly when two of its offsets coincide (brute force); otherwise rotated as
+    out of place."""
+    gen = torch.Generator().manual_seed(1)
+    buffer = torch.randn(4096, generator=gen).to(device)
+    cos, sin = tables(8, device)
+    k = torch.randn(1, 3, 1, 8, generator=gen).to(device)
+    refused = ran = 0
+    for _ in range(300):
+        seq, heads = int(torch.randint(2, 4, (), generator=gen)), int(torch.randint(2, 4, (), generator=gen))
+        head_stride, token_stride = (int(torch.randint(1, 40, (), generator=gen)) for _ in range(2))
+        q = buffer.as_strided((1, seq, heads, 8), (4096, token_stride, head_stride, 1), 16)
+        q_k = k[:, :seq]
+        before = buffer.clone()
+        if len(_offsets(q)) < q.numel():
+            with pytest.raises(RuntimeError, match="q is written in place"):
+                llama_ext.apply_rotary_(q, q_k, cos, sin)
+            assert torch.equal(buffer, before)
+            refused += 1
+        else:
+            q_ref, _ = llama_ext.apply_rotary(q, q_k, cos, sin)
+            llama_ext.apply_rotary_(q, q_k.clone(), cos, sin)
+            assert torch.equal(q, q_ref)
+            ran += 1
+    assert refused > 30 and ran > 30, (refused, ran)
+
+
 def test_inplace_refuses_autograd():
     q = torch.randn(1, 2, 2, 8, requires_grad=True)
     cos, sin = tables(8, "cpu")
