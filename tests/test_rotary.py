@@ -193,6 +193,21 @@ def _offsets(t):
     return set(idx.tolist())
 
 
+def _rotates_in_place_unless(overlap, message, buffer, q, k, cos, sin):
+    """apply_rotary_ on q (a view into `buffer`) and k: where they overlap, refused with `message`,
+    writing nothing; else rotated as out of place. Whether it rotated."""
+    before = buffer.clone()
+    if overlap:
+        with pytest.raises(RuntimeError, match=message):
+            llama_ext.apply_rotary_(q, k, cos, sin)
+        assert torch.equal(buffer, before)
+        return False
+    q_ref, k_ref = llama_ext.apply_rotary(q, k, cos, sin)
+    llama_ext.apply_rotary_(q, k, cos, sin)
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+    return True
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_inplace_views_of_one_buffer(device):
     """q and k written in place as strided views of one buffer (slices of a fused qkv, at any
@@ -216,17 +231,11 @@ def test_inplace_views_of_one_buffer(device):
             offset = int(torch.randint(0, 2 * d * 8, (), generator=gen))
             views.append(buffer.as_strided((1, seq, heads, d), (4096, token_stride, head_stride, 1), offset))
         q, k = views
-        before = buffer.clone()
-        if _offsets(q) & _offsets(k):
-            with pytest.raises(RuntimeError, match="q and k overlap in memory"):
-                llama_ext.apply_rotary_(q, k, cos, sin)
-            assert torch.equal(buffer, before)
-            refused += 1
-        else:
-            q_ref, k_ref = llama_ext.apply_rotary(q, k, cos, sin)
-            llama_ext.apply_rotary_(q, k, cos, sin)
-            assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
+        overlap = bool(_offsets(q) & _offsets(k))
+        if _rotates_in_place_unless(overlap, "q and k overlap in memory", buffer, q, k, cos, sin):
             ran += 1
+        else:
+            refused += 1
     assert refused > 30 and ran > 30, (refused, ran)
 
 
@@ -245,18 +254,11 @@ def test_inplace_view_that_overlaps_itself(device):
         seq, heads = int(torch.randint(2, 4, (), generator=gen)), int(torch.randint(2, 4, (), generator=gen))
         head_stride, token_stride = (int(torch.randint(1, 40, (), generator=gen)) for _ in range(2))
         q = buffer.as_strided((1, seq, heads, 8), (4096, token_stride, head_stride, 1), 16)
-        q_k = k[:, :seq]
-        before = buffer.clone()
-        if len(_offsets(q)) < q.numel():
-            with pytest.raises(RuntimeError, match="q is written in place"):
-                llama_ext.apply_rotary_(q, q_k, cos, sin)
-            assert torch.equal(buffer, before)
-            refused += 1
-        else:
-            q_ref, _ = llama_ext.apply_rotary(q, q_k, cos, sin)
-            llama_ext.apply_rotary_(q, q_k.clone(), cos, sin)
-            assert torch.equal(q, q_ref)
+        overlap = len(_offsets(q)) < q.numel()
+        if _rotates_in_place_unless(overlap, "q is written in place", buffer, q, k[:, :seq].clone(), cos, sin):
             ran += 1
+        else:
+            refused += 1
     assert refused > 30 and ran > 30, (refused, ran)
 
 
