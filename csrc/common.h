@@ -145,22 +145,19 @@ inline at::Tensor as_rows(const at::Tensor& t) {
 // candidates per term. nullopt when the search would exceed its budget of candidates.
 class StrideSums {
  public:
-  // x counts along a dim of `size` elements of stride `stride`, with `sign` +1 or -1.
-  void add(int64_t size, int64_t stride, int sign, bool merge) {
+  // An index along a dim of `size` elements of stride `stride`, counted with `sign` (+1: view a's,
+  // -1: view b's); dims of one |stride| merge into one term.
+  void add(int64_t size, int64_t stride, int sign) {
     if (size <= 1 || stride == 0) return;
-    const int64_t w = std::abs(stride);
     const bool positive = (stride > 0) == (sign > 0);
-    const int64_t lo = positive ? 0 : -(size - 1), hi = positive ? size - 1 : 0;
-    for (Term& t : terms_) {
-      if (t.w == w) {
-        if (!merge) repeated_ = true;
-        t.lo += lo, t.hi += hi;
-        return;
-      }
-    }
-    terms_.push_back({w, lo, hi});
+    insert(std::abs(stride), positive ? 0 : -(size - 1), positive ? size - 1 : 0);
   }
-  // Two dims added without merging share a stride.
+  // The difference of two indices along a dim of one view; two such dims of one |stride| make a
+  // nonzero difference that sums to 0 (repeated()).
+  void add_difference(int64_t size, int64_t stride) {
+    if (size <= 1 || stride == 0) return;
+    repeated_ |= insert(std::abs(stride), -(size - 1), size - 1);
+  }
   bool repeated() const { return repeated_; }
 
   std::optional<bool> solve(int64_t delta, bool nonzero) {
@@ -177,6 +174,18 @@ class StrideSums {
   struct Term {
     int64_t w, lo, hi;
   };
+
+  // Adds [lo, hi] to the term of weight w, or a new term; whether the term was there.
+  bool insert(int64_t w, int64_t lo, int64_t hi) {
+    for (Term& t : terms_) {
+      if (t.w == w) {
+        t.lo += lo, t.hi += hi;
+        return true;
+      }
+    }
+    terms_.push_back({w, lo, hi});
+    return false;
+  }
 
   static int64_t floor_div(int64_t x, int64_t y) { return x / y - ((x % y != 0) && ((x < 0) != (y < 0))); }
 
@@ -205,8 +214,8 @@ class StrideSums {
 // minus b's along each stride.
 inline std::optional<bool> views_share_an_element(const at::Tensor& a, const at::Tensor& b) {
   StrideSums sums;
-  for (int64_t d = 0; d < a.dim(); ++d) sums.add(a.size(d), a.stride(d), +1, /*merge=*/true);
-  for (int64_t d = 0; d < b.dim(); ++d) sums.add(b.size(d), b.stride(d), -1, /*merge=*/true);
+  for (int64_t d = 0; d < a.dim(); ++d) sums.add(a.size(d), a.stride(d), +1);
+  for (int64_t d = 0; d < b.dim(); ++d) sums.add(b.size(d), b.stride(d), -1);
   return sums.solve(b.storage_offset() - a.storage_offset(), /*nonzero=*/false);
 }
 
@@ -214,10 +223,7 @@ inline std::optional<bool> views_share_an_element(const at::Tensor& a, const at:
 // sum over the strides is 0 (each dim's difference in [-(size - 1), size - 1]).
 inline std::optional<bool> view_overlaps_itself(const at::Tensor& t) {
   StrideSums sums;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    sums.add(t.size(d), t.stride(d), +1, /*merge=*/false);
-    sums.add(t.size(d), t.stride(d), -1, /*merge=*/true);
-  }
+  for (int64_t d = 0; d < t.dim(); ++d) sums.add_difference(t.size(d), t.stride(d));
   if (sums.repeated()) return true;
   return sums.solve(0, /*nonzero=*/true);
 }
