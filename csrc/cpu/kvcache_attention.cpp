@@ -1105,6 +1105,30 @@ inline void store_q(const bf16* q, int64_t d, int64_t hh, int64_t n, int64_t nr,
   }
 }
 
+// s[r ld + t] = scale st[t nr + r]: S^T [16 keys, nr] (rows nr apart) transposed, for nr a power
+// of two up to 16. log2(nr) rounds unzip pairs of registers into their even and odd elements, the
+// evens to the first half: each round halves the rows interleaved in a register, and register r
+// ends as row r. nr log2(nr) two-register permutes, where a gather per row loads 16 elements one
+// by one. At 4 rows (32/8 x 128 bf16, b1, 1024-4096 keys, contiguous and paged16, in one process
+// alternating with the gathers, Emerald Rapids) a decode step ran 1.01-1.07x as fast.
+template <int NR>
+inline void store_rows_of_columns(const float* st, __m512 scale, float* s, int64_t ld) {
+  static_assert(NR >= 1 && NR <= 16 && (NR & (NR - 1)) == 0, "rows: a power of two up to 16");
+  __m512 z[NR];
+  for (int i = 0; i < NR; ++i) z[i] = _mm512_load_ps(st + 16 * i);
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (int interleaved = NR; interleaved > 1; interleaved /= 2) {
+    __m512 unzipped[NR];
+    for (int i = 0; i < NR / 2; ++i) {
+      unzipped[i] = _mm512_permutex2var_ps(z[2 * i], even, z[2 * i + 1]);
+      unzipped[NR / 2 + i] = _mm512_permutex2var_ps(z[2 * i], odd, z[2 * i + 1]);
+    }
+    for (int i = 0; i < NR; ++i) z[i] = unzipped[i];
+  }
+  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(s + r * ld, _mm512_mul_ps(z[r], scale));
+}
+
 // s[(hh nr + r) ld + t] = scale (q_r . k_t) for the 16 keys k_t = k[t] + hh head strides (rows
 // k_row_stride elements apart) of each head hh < nh.
 inline void scores(const bf16* qb, int64_t nr, int64_t nh, const bf16* k, int64_t k_head_stride, int64_t k_row_stride,
@@ -1124,9 +1148,18 @@ inline void scores(const bf16* qb, int64_t nr, int64_t nh, const bf16* k, int64_
       _tile_dpbf16ps(LLAMA_EXT_TMM_S, LLAMA_EXT_TMM_K, LLAMA_EXT_TMM_Q);
     }
     _tile_stored(LLAMA_EXT_TMM_S, st, 4 * nr);
-    for (int64_t r = 0; r < nr; ++r) {  // column r of S^T, gathered
-      const __m512 col = _mm512_i32gather_ps(_mm512_add_epi32(key_rows, _mm512_set1_epi32(static_cast<int>(r))), st, 4);
-      _mm512_storeu_ps(s + (hh * nr + r) * ld, _mm512_mul_ps(col, scale_v));
+    float* const sh = s + hh * nr * ld;
+    switch (nr) {
+      case 1: store_rows_of_columns<1>(st, scale_v, sh, ld); break;
+      case 2: store_rows_of_columns<2>(st, scale_v, sh, ld); break;
+      case 4: store_rows_of_columns<4>(st, scale_v, sh, ld); break;
+      case 8: store_rows_of_columns<8>(st, scale_v, sh, ld); break;
+      case 16: store_rows_of_columns<16>(st, scale_v, sh, ld); break;
+      default:
+        for (int64_t r = 0; r < nr; ++r) {  // column r of S^T, gathered
+          const __m512 col = _mm512_i32gather_ps(_mm512_add_epi32(key_rows, _mm512_set1_epi32(static_cast<int>(r))), st, 4);
+          _mm512_storeu_ps(sh + r * ld, _mm512_mul_ps(col, scale_v));
+        }
     }
   }
 }
