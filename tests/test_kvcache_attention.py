@@ -626,11 +626,11 @@ def test_score_tile_shapes_on_cpu(dtype, block_size):
     """The CPU kernel's score tiles (on AMX at the amx_bf16 level: 16 keys one row stride apart,
     up to 16 rows per kv head, head dims of whole 32-element chunks, transposed by permutes for
     1, 2, 4, 8 and 16 rows, by gathers otherwise; FMA tiles otherwise): rows per kv head 1, 2, 4,
-    8, 9, 16 and 32, head dims 32-256, tiles within a page, across shuffled
-    pages, and a partial last tile; splits cut at whole tiles, and a window whose first split
-    starts between tiles; softcap."""
-    for n_q, n_kv, seq_q, d in ((4, 4, 1, 64), (4, 2, 1, 64), (8, 2, 1, 128), (16, 2, 1, 32), (6, 2, 3, 96), (16, 1, 1, 256),
-                                (16, 1, 2, 128)):
+    8, 9, 16 and 32, head dims 32-256, tiles within a page, across shuffled pages, and a partial
+    last tile; splits cut at whole tiles, and a window whose first split starts between tiles;
+    softcap."""
+    for n_q, n_kv, seq_q, d in ((4, 4, 1, 64), (4, 2, 1, 64), (8, 2, 1, 128), (16, 2, 1, 32), (6, 2, 3, 96),
+                                (16, 1, 1, 256), (16, 1, 2, 128)):
         Case("cpu", dtype, [1000, 37], seq_q, 1, n_q, n_kv, d, block_size=block_size).check()
     case = Case("cpu", dtype, [777], 1, 1, 8, 2, 128, block_size=block_size)
     case.check(window_size=(300, 0), softcap=20.0)
