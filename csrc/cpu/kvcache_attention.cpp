@@ -80,7 +80,8 @@
 // block's tiles, 0.80x with the cache evicted; all of the block's lines up front, 0.71-0.78x.
 // Scores on AMX make
 // a b1 decode step 1.06-1.14x faster (a 16-key x 4-row tile product takes ~6 ns, but the tile
-// unit runs in order and waits for each K tile load that misses L1). P V on AMX needs V
+// unit runs in order; K rows pulled into L1 before their tile loads did not make it faster:
+// benchmarks/RESULTS.md, 2026-12-05). P V on AMX needs V
 // repacked into key pairs through memory (a tile load of rows vector stores have just written
 // stalls ~13 ns, so the repack runs an item ahead) and P rounded to bf16; it added only 2-10%
 // over the AMX scores, not worth rounding P. Without the repack (V rows as B tiles straight from
