@@ -228,6 +228,6 @@ def build_chunked_prefill(cfg):
         skip_reason=None if cases else "on CUDA with --full only (gpu-check's time goes to the decode targets)",
         notes=["TFLOP/s counts 4 x q_heads x d per visible (query, key) pair, the causal mask aligned bottom-right",
                "llama_ext appends the chunk's k/v, then attends: with 128 or more query tokens on the prefill "
-               "kernels (the CPU gathers a paged cache's blocks first, CUDA reads them through the block table)",
+               "kernels, which read a paged cache's blocks through the block table",
                PAGED_NOTE],
     )

@@ -186,10 +186,9 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
 // GEMMs over 64-128 query tokens. From this many query tokens on, a call runs on the prefill
 // kernels after the append: q (rotated as the KV-cache kernels rotate it) attends over each
 // sequence's first L_b cache tokens with the same scale, mask, window and softcap. The CPU makes
-// one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L], or a paged
-// cache's blocks gathered into contiguous rows), CUDA one call for all (the prefill kernels read
-// each L_b on the device, and a paged cache's rows through the block table). The CPU
-// measurements behind the threshold:
+// one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L]), CUDA one
+// call for all (the prefill kernels read each L_b on the device); both read a paged cache's rows
+// through the block table. The CPU measurements behind the threshold:
 // csrc/cpu/kvcache_attention.cpp.
 inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 

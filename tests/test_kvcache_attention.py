@@ -195,9 +195,9 @@ def test_prefill_shaped_calls(device, dtype, block_size):
     softcap, without the causal mask, with fewer keys than queries (the first rows see none), and
     with unequal lengths (none at all for one sequence). These run on the prefill kernels: with
     equal lengths and no rotary, their outputs are gqa_attention's bits on the cache's first
-    tokens, a paged cache's read through the block table (CUDA, on tensor cores in fp16 / bf16 and
-    CUDA cores in fp32) or gathered (CPU); on the CPU, with unequal ones, those of one
-    gqa_attention call per run of consecutive sequences of equal length."""
+    tokens, a paged cache's read through the block table (CUDA on tensor cores in fp16 / bf16 and
+    CUDA cores in fp32; the CPU packs each key block from its pages); on the CPU, with unequal
+    ones, those of one gqa_attention call per run of consecutive sequences of equal length."""
     rot = (32, 600)
     cases = [
         (Case(device, dtype, [0, 0], 130, 130, 8, 2, 64, block_size=block_size, rotary=rot), {}),
@@ -233,23 +233,28 @@ def test_prefill_shaped_calls(device, dtype, block_size):
             assert torch.equal(out[b0:b1], ref_out) and torch.equal(lse[b0:b1], ref_lse), (lens, b0, b1)
 
 
-def test_paged_prefill_gathers_a_long_run_in_several_calls():
-    """The CPU gathers a paged cache's K/V for the prefill kernel at most 128 MB at a time
-    (kPrefillGatherBytes), counting whole blocks: three sequences of 800 tokens in 13 blocks of 64
-    (55 MB each: 32 kv heads x 256 fp32, K and V) take a call of two, then one of one; each gives
-    the bits of gqa_attention on its gathered tokens, with the new tokens written as on a
-    contiguous cache. The block table's entries past each sequence's last block are -1, as a
-    serving engine pads them: never read."""
-    lens, seq_new = [672, 672, 672], 128
-    case = Case("cpu", torch.float32, lens, seq_new, seq_new, 32, 32, 256, block_size=64, capacity=1000)
-    case.block_table[:, -(-(lens[0] + seq_new) // 64):] = -1  # 13 of each sequence's 16 blocks used
-    out, lse = case.call()
-    for b in range(len(lens)):
-        ref_out, ref_lse = llama_ext.gqa_attention(case.q[b:b + 1], *case.tokens(b, b + 1, lens[b] + seq_new),
-                                                   return_lse=True)
-        assert torch.equal(out[b:b + 1], ref_out) and torch.equal(lse[b:b + 1], ref_lse), b
-    k, v = case.tokens(0, len(lens), lens[0] + seq_new)
-    assert torch.equal(k[:, lens[0]:], case.k) and torch.equal(v[:, lens[0]:], case.v)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("block_size", [17, 64])
+def test_paged_prefill_matches_reference_reading_pages_in_place(device, dtype, block_size):
+    """A prompt of 130 tokens after 300 cached ones in each of two sequences, on a paged cache of
+    17- or 64-token pages in shuffled pool order (17 straddles every key block of the prefill
+    kernels), its pools strided (every other kv head of a wider pool): the float64 reference's
+    results, nothing written outside the new tokens' slots, and the bits of gqa_attention on the
+    gathered tokens. The table's entries past each sequence's last block are -1, as a serving
+    engine pads them: never read. The kernels read the pages in place (the CPU packs each key block
+    from its pages, with no copy of the cache)."""
+    lens, seq_new = [300, 300], 130
+    case = Case(device, dtype, lens, seq_new, seq_new, 8, 2, 64, block_size=block_size, capacity=500)
+    for name in ("k_cache", "v_cache"):
+        pool = getattr(case, name)
+        wide = torch.full((*pool.shape[:2], 2 * pool.shape[2], pool.shape[3]), NAN, device=device, dtype=dtype)
+        wide[:, :, ::2] = pool
+        setattr(case, name, wide[:, :, ::2])
+    case.block_table[:, -(-(lens[0] + seq_new) // block_size):] = -1
+    case.check()
+    out, lse = case.call()  # the same new tokens written again
+    ref_out, ref_lse = llama_ext.gqa_attention(case.q, *case.tokens(0, 2, lens[0] + seq_new), return_lse=True)
+    assert torch.equal(bits(out), bits(ref_out)) and torch.equal(lse, ref_lse)
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")

@@ -4,7 +4,9 @@
 // Layout. q [.., seq_q, n_q_heads, d], k/v [.., seq_k, n_kv_heads, d]; query head h reads kv
 // head h / G (G = n_q_heads / n_kv_heads). A sequence is a strided view of the inputs (one
 // batch row, or one cu_seqlens slice), so batched and varlen differ only in how that view is
-// cut. K and V are never repeated or copied as a whole; one block at a time is read.
+// cut; the forward also reads the K/V of a paged KV cache page by page (KeyRows,
+// attention_forward.h). K and V are never repeated or copied as a whole; one block at a time is
+// read.
 //
 // Forward, one task per (sequence, kv head, query block), spread over the threads by cost
 // (parallel.h), so that varlen sequences of any lengths keep every thread busy. A task packs
@@ -77,6 +79,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "attention_forward.h"
 #include "attention_tiles.h"
 #include "cpu_vec.h"
 #include "online_softmax.h"
@@ -112,18 +115,20 @@ std::vector<int64_t> host_offsets(const std::optional<at::Tensor>& cu_seqlens) {
 // The call's tensors cut into per-sequence views: q/out/grads [len_q, heads, d], lse [heads, len_q].
 struct AttentionParams {
   at::Tensor q, k, v, out, lse;
+  std::optional<at::Tensor> block_table;  // the forward's keys from a paged cache (attention_forward.h)
   std::vector<int64_t> q_begin, k_begin;  // varlen: cu_seqlens on the host; empty when batched
   AttentionShape shape;
   KeyWindow window;  // causal folded in
   double scale;
   double softcap;  // 0: off
 
-  explicit AttentionParams(const AttentionCall& call)
+  explicit AttentionParams(const AttentionCall& call, const std::optional<at::Tensor>& block_table = std::nullopt)
       : q(call.q),
         k(call.k),
         v(call.v),
         out(call.out),
         lse(call.lse),
+        block_table(block_table),
         q_begin(host_offsets(call.cu_seqlens_q)),
         k_begin(host_offsets(call.cu_seqlens_k)),
         shape(call.shape),
@@ -139,6 +144,21 @@ struct AttentionParams {
   }
   at::Tensor k_rows(const at::Tensor& t, int64_t b) const {
     return shape.varlen ? t.narrow(0, k_begin[b], len_k(b)) : t.select(0, b);
+  }
+  // The forward's rows of kv head kvh in sequence b of t (k or v): of its [len_k, heads, d]
+  // view, or of the pages its block table names in the pool t [num_blocks, block_size, heads, d].
+  template <typename T>
+  KeyRows<T> key_rows(const at::Tensor& t, int64_t b, int64_t kvh) const {
+    if (!block_table.has_value()) return KeyRows<T>::of(k_rows(t, b).select(1, kvh));
+    KeyRows<T> rows;
+    rows.base = t.const_data_ptr<T>() + kvh * t.stride(2);
+    rows.len = len_k(b);
+    rows.stride = t.stride(1);
+    rows.pages = block_table->const_data_ptr<int32_t>() + b * block_table->stride(0);
+    rows.page_step = block_table->stride(1);
+    rows.page_size = t.size(1);
+    rows.page_stride = t.stride(0);
+    return rows;
   }
   // lse [batch, heads, seq_q] or [heads, total_q]: the sequence's [heads, len_q] view.
   at::Tensor lse_rows(const at::Tensor& t, int64_t b) const {
@@ -246,8 +266,8 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
   if (q0 >= lq) return;
   const int64_t rows = std::min(block_q, lq - q0);
   const int64_t M = G * rows;
-  const at::Tensor k_seq = pb.k_rows(pb.k, b).select(1, kvh);  // [lk, d]
-  const at::Tensor v_seq = pb.k_rows(pb.v, b).select(1, kvh);
+  const KeyRows<T> k_seq = pb.key_rows<T>(pb.k, b, kvh);
+  const KeyRows<T> v_seq = pb.key_rows<T>(pb.v, b, kvh);
 
   tiles.load_queries(pb.q_rows(pb.q, b), kvh, G, q0, rows);
   const int64_t acc_stride = tiles.acc_stride();
@@ -311,10 +331,12 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
   pb.lse_rows(pb.lse, b).narrow(0, kvh * G, G).narrow(1, q0, rows).copy_(lse_block.view({G, rows}));
 }
 
-void attention_forward_cpu(const AttentionCall& call) {
+}  // namespace
+
+void cpu::attention_forward(const AttentionCall& call, const std::optional<at::Tensor>& block_table) {
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
-  const AttentionParams pb(call);
+  const AttentionParams pb(call, block_table);
   const AttentionShape& shape = pb.shape;
   const int64_t G = shape.group(), d = shape.head_dim;
   const int64_t block_q = block_q_for(G);
@@ -351,6 +373,10 @@ void attention_forward_cpu(const AttentionCall& call) {
     });
   });
 }
+
+namespace {
+
+void attention_forward_cpu(const AttentionCall& call) { cpu::attention_forward(call, std::nullopt); }
 
 // ---- backward -------------------------------------------------------------------------------
 

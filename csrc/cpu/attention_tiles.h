@@ -1,8 +1,9 @@
 // The tile products of the CPU attention kernel (attention.cpp), as interchangeable policies
 // with one interface, and the row copies that pack blocks for them:
 //  - BlasTiles<T>: tiles in the op-math type multiplied by ATen's BLAS (fp64 always; fp32, fp16,
-//    and bf16 below the avx512_bf16 level, except the avx2 forward). fp16/bf16 K and V are widened
-//    once per (sequence, kv head) and thread in the forward, once per key chunk in the backward.
+//    and bf16 below the avx512_bf16 level, except the avx2 forward). K and V are copied into
+//    op-math rows side by side (widened from fp16/bf16) once per (sequence, kv head) and thread
+//    in the forward; fp16/bf16 ones are widened once per key chunk in the backward.
 //    Reduced-precision inputs are exact in fp32, so these are exactly the fp32-accumulated
 //    products.
 //  - FmaTiles<T>: the forward at the avx2 level (fp32, fp16, bf16), fp32 tiles on an AVX2 FMA
@@ -33,6 +34,40 @@ namespace llama_ext::cpu::attention {
 // Keys per block: a [rows, kBlockK] fp32 score tile of a few hundred rows stays in L2.
 inline constexpr int64_t kBlockK = 128;
 
+// The K or V rows [0, len) of one (sequence, kv head) as the forward reads them: row t at
+// base + t * stride, or, from a paged KV cache, row t % page_size of page
+// pages[(t / page_size) * page_step], the page at base + page * page_stride.
+template <typename T>
+struct KeyRows {
+  const T* base = nullptr;
+  int64_t len = 0, stride = 0;
+  const int32_t* pages = nullptr;  // null: not paged
+  int64_t page_step = 0, page_size = 0, page_stride = 0;
+
+  // A [len, d] view's rows.
+  static KeyRows of(const at::Tensor& seq) { return {seq.const_data_ptr<T>(), seq.size(0), seq.stride(0)}; }
+
+  bool paged() const { return pages != nullptr; }
+  // Whether both are the rows of one (sequence, kv head).
+  bool same_rows(const KeyRows& other) const {
+    return base == other.base && pages == other.pages && len == other.len;
+  }
+  // Calls run(first, src) for each run [first, first + count) of rows [k0, k0 + n) that lie
+  // stride apart from src (the whole range, or the part of it in one page): one lookup a page.
+  template <typename Run>
+  void for_each_run(int64_t k0, int64_t n, const Run& run) const {
+    if (!paged()) {
+      run(k0, base + k0 * stride, n);
+      return;
+    }
+    for (int64_t t = k0, end = k0 + n; t < end;) {
+      const int64_t in_page = t % page_size, count = std::min(page_size - in_page, end - t);
+      run(t, base + pages[t / page_size * page_step] * page_stride + in_page * stride, count);
+      t += count;
+    }
+  }
+};
+
 // Row copies between strided T rows and packed rows of U (T, or its op-math type), converting
 // with at::vec (cheaper than a TensorIterator copy_ for the small blocks here, which run once
 // per tile).
@@ -51,6 +86,25 @@ void load_rows(const T* src, int64_t src_stride, U* dst, int64_t rows, int64_t d
       if (c < d) IO::load_partial(in + c, d - c).store(out + c, d - c);
     }
   }
+}
+
+// Rows [k0, k0 + n) of `rows` into dst, d elements apart.
+template <typename T, typename U>
+void load_rows(const KeyRows<T>& rows, int64_t k0, int64_t n, U* dst, int64_t d) {
+  rows.for_each_run(k0, n, [&](int64_t first, const T* src, int64_t count) {
+    load_rows<T, U>(src, rows.stride, dst + (first - k0) * d, count, d);
+  });
+}
+
+// Rows [k0, k0 + n) of `rows` as U rows (pointer, row stride): where they are, when they lie
+// stride apart (not paged) and are U already; else copied into stage ([n, d]).
+template <typename U, typename T>
+std::pair<const U*, int64_t> rows_as(const KeyRows<T>& rows, int64_t k0, int64_t n, int64_t d, U* stage) {
+  if constexpr (std::is_same_v<T, U>) {
+    if (!rows.paged()) return {rows.base + k0 * rows.stride, rows.stride};
+  }
+  load_rows<T, U>(rows, k0, n, stage, d);
+  return {stage, d};
 }
 
 template <typename T>
@@ -115,20 +169,21 @@ struct BlasTiles {
   using acc_t = at::opmath_type<T>;
   using prob_t = acc_t;  // the softmax writes P over the scores, in place
   static constexpr int64_t kForwardKeys = kBlockK;  // keys per forward block
-  static constexpr bool kWiden = !std::is_same_v<T, acc_t>;
 
   int64_t d, M = 0;
   at::Tensor q, s;            // [max_rows, d] packed query rows; [max_rows * kBlockK] S / P tile
   at::Tensor acc;             // forward: [max_rows, d] output accumulator
-  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block (a view of the inputs or of k_wide/v_wide)
-  // Forward, T != acc_t: the op-math copies of the K and V rows of the (sequence, kv head) the
-  // last block came from, widened block by block on first use. A thread's tasks are mostly
+  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block, of k_wide/v_wide
+  // Forward: the op-math copies of the K and V rows of the (sequence, kv head) the last block
+  // came from, side by side, copied block by block on first use. A thread's tasks are mostly
   // query blocks of one kv head, each of which reads every key block up to its diagonal:
-  // widening each key once per kv head, not once per query block, takes the conversion (and
-  // its reads of the strided bf16 rows) out of the inner loop.
+  // copying each key once per kv head, not once per query block, takes the conversion (and its
+  // reads of the strided rows, or of a paged cache's pages) out of the inner loop. fp32 copies
+  // too: the BLAS products on its [n, d] rows ran 1.02-1.15x as fast as on the inputs' rows,
+  // n_kv_heads x d apart (gqa_attention forward, 1K-4K tokens, 32/8 x 128 and 16/16 x 64,
+  // Emerald Rapids, 2026-12-05).
   at::Tensor k_wide, v_wide;  // [>= len_k, d], allocated by the first forward block
-  const void* wide_k_src = nullptr;
-  const void* wide_v_src = nullptr;
+  KeyRows<T> wide_k, wide_v;  // the rows they copy
   int64_t widened = 0;        // rows [0, widened) of k_wide/v_wide hold the current K/V
   at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
   at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], widened once per chunk
@@ -155,40 +210,31 @@ struct BlasTiles {
     M = G * rows;
     pack_group_rows<T, acc_t>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<acc_t>());
   }
-  // Widens K/V rows up to `end` of the [len_k, d] views into k_wide/v_wide (restarting when the
-  // views are another (sequence, kv head)'s).
-  void widen_keys(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t end) {
-    const int64_t len_k = k_seq.size(0);
-    const bool fits = k_wide.defined() && k_wide.size(0) >= len_k;
-    if (k_seq.const_data_ptr() != wide_k_src || v_seq.const_data_ptr() != wide_v_src || !fits) {
-      wide_k_src = k_seq.const_data_ptr();
-      wide_v_src = v_seq.const_data_ptr();
+  // Copies K/V rows up to `end` into k_wide/v_wide, in acc_t (restarting when the rows are
+  // another (sequence, kv head)'s).
+  void widen_keys(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t end) {
+    const bool fits = k_wide.defined() && k_wide.size(0) >= k_seq.len;
+    if (!k_seq.same_rows(wide_k) || !v_seq.same_rows(wide_v) || !fits) {
+      wide_k = k_seq;
+      wide_v = v_seq;
       widened = 0;
       if (!fits) {  // grows to the longest sequence
-        k_wide = scratch({len_k, d}, q.options());
-        v_wide = scratch({len_k, d}, q.options());
+        k_wide = scratch({k_seq.len, d}, q.options());
+        v_wide = scratch({k_seq.len, d}, q.options());
       }
     }
     if (widened >= end) return;
-    const int64_t rows = end - widened;
-    load_rows<T, acc_t>(k_seq.const_data_ptr<T>() + widened * k_seq.stride(0), k_seq.stride(0),
-                        k_wide.mutable_data_ptr<acc_t>() + widened * d, rows, d);
-    load_rows<T, acc_t>(v_seq.const_data_ptr<T>() + widened * v_seq.stride(0), v_seq.stride(0),
-                        v_wide.mutable_data_ptr<acc_t>() + widened * d, rows, d);
+    load_rows<T, acc_t>(k_seq, widened, end - widened, k_wide.mutable_data_ptr<acc_t>() + widened * d, d);
+    load_rows<T, acc_t>(v_seq, widened, end - widened, v_wide.mutable_data_ptr<acc_t>() + widened * d, d);
     widened = end;
   }
 
-  // Forward: S = Q K_blk^T for keys [k0, k0 + n) of the [len_k, d] views (every column).
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n,
+  // Forward: S = Q K_blk^T for keys [k0, k0 + n) (every column).
+  void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    if constexpr (kWiden) {
-      widen_keys(k_seq, v_seq, k0 + n);
-      k_blk = k_wide.narrow(0, k0, n);
-      v_blk = v_wide.narrow(0, k0, n);
-    } else {
-      k_blk = k_seq.narrow(0, k0, n);
-      v_blk = v_seq.narrow(0, k0, n);
-    }
+    widen_keys(k_seq, v_seq, k0 + n);
+    k_blk = k_wide.narrow(0, k0, n);
+    v_blk = v_wide.narrow(0, k0, n);
     at::Tensor out = tile(s, n);
     at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
   }
@@ -226,20 +272,19 @@ struct BlasTiles {
 // The key blocks of one (sequence, kv head) that a forward policy has packed. A thread's tasks
 // are mostly query blocks of one kv head, each of which reads every key block up to its
 // diagonal: packing each block on first use packs it once per kv head, not once per query block.
+template <typename T>
 struct PackedKeyBlocks {
-  const void* k_src = nullptr;
-  const void* v_src = nullptr;
+  KeyRows<T> k_src, v_src;
   std::vector<bool> packed;
 
-  // Starts over when the [len_k, d] views are another (sequence, kv head)'s; true when it did
-  // (the caller then makes room for `blocks` blocks).
-  bool follow(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t blocks) {
-    if (k_seq.const_data_ptr() == k_src && v_seq.const_data_ptr() == v_src &&
-        static_cast<int64_t>(packed.size()) == blocks) {
+  // Starts over when the rows are another (sequence, kv head)'s; true when it did (the caller
+  // then makes room for `blocks` blocks).
+  bool follow(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t blocks) {
+    if (k_seq.same_rows(k_src) && v_seq.same_rows(v_src) && static_cast<int64_t>(packed.size()) == blocks) {
       return false;
     }
-    k_src = k_seq.const_data_ptr();
-    v_src = v_seq.const_data_ptr();
+    k_src = k_seq;
+    v_src = v_seq;
     packed.assign(blocks, false);
     return true;
   }
@@ -265,10 +310,10 @@ struct FmaTiles {
 
   int64_t d, d_pad, M = 0;
   at::Tensor q, s, acc;  // [max_rows, d] query rows; [max_rows, kBlockK] S / P tile; [max_rows, d_pad] output
-  at::Tensor stage;      // [kBlockK, d] one key block's K or V rows widened to fp32 (T != float)
+  at::Tensor stage;      // [kBlockK, d] one key block's K or V rows in fp32 (T != float, or paged)
   // Per key block: K^T panels [kBlockK / 16][d][16], then V panels [d_pad / 16][kBlockK][16].
   at::Tensor packed;
-  PackedKeyBlocks blocks_packed;
+  PackedKeyBlocks<T> blocks_packed;
   const float* v_block = nullptr;  // the current block's V panels
   std::vector<cpu::fma_gemm::Span> spans;  // the current block's visible columns, per row tile
 
@@ -289,21 +334,11 @@ struct FmaTiles {
     M = G * rows;
     pack_group_rows<T, float>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<float>());
   }
-  // Rows [k0, k0 + rows) of a [len_k, d] view as fp32 rows: (pointer, row stride).
-  std::pair<const float*, int64_t> fp32_rows(const at::Tensor& seq, int64_t k0, int64_t rows) {
-    const T* src = seq.const_data_ptr<T>() + k0 * seq.stride(0);
-    if constexpr (std::is_same_v<T, float>) {
-      return {src, seq.stride(0)};
-    } else {
-      load_rows<T, float>(src, seq.stride(0), stage.mutable_data_ptr<float>(), rows, d);
-      return {stage.const_data_ptr<float>(), d};
-    }
-  }
-  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kBlockK; only the row tiles'
-  // visible columns are computed.
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n,
+  // Keys [k0, k0 + n), k0 a multiple of kBlockK; only the row tiles' visible columns are
+  // computed.
+  void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* visible) {
-    const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
+    const int64_t len_k = k_seq.len, blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
     const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
     if (restarted && (!packed.defined() || packed.numel() < blocks * block_floats())) {
       packed = scratch({blocks * block_floats()}, s.options());  // grows to the longest sequence
@@ -312,9 +347,9 @@ struct FmaTiles {
     float* v_panels = k_panels + kBlockK * d;
     if (blocks_packed.first_use(blk)) {
       const int64_t keys = std::min(kBlockK, len_k - k0);  // the block's keys; the task uses n of them
-      const auto [k_rows, k_stride] = fp32_rows(k_seq, k0, keys);
+      const auto [k_rows, k_stride] = rows_as<float>(k_seq, k0, keys, d, stage.mutable_data_ptr<float>());
       cpu::fma_gemm::pack_transposed(k_rows, k_stride, keys, d, k_panels);
-      const auto [v_rows, v_stride] = fp32_rows(v_seq, k0, keys);
+      const auto [v_rows, v_stride] = rows_as<float>(v_seq, k0, keys, d, stage.mutable_data_ptr<float>());
       cpu::fma_gemm::pack_rows(v_rows, v_stride, keys, d, v_panels, kBlockK);
     }
     v_block = v_panels;
@@ -354,7 +389,8 @@ struct Bf16DotTiles {
   // accumulator [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head),
   // packed on first use (PackedKeyBlocks).
   at::Tensor p, v_pairs, v_part, acc;
-  PackedKeyBlocks blocks_packed;
+  PackedKeyBlocks<bf16> blocks_packed;
+  at::Tensor stage;  // [kForwardKeys, d] one block's K or V rows side by side (a paged cache's)
   const bf16* v_block = nullptr;  // the B operand of the current block's P V
   // Backward: dO rows (A of dO V^T); Q and dO as row pairs [ceil(max_rows / 2)][d_pad][2] (B of
   // dS^T Q and P^T dO); the fp32 dP / dS tile; bf16 P and dS as row pairs (A of P^T dO, dS^T Q
@@ -382,6 +418,7 @@ struct Bf16DotTiles {
     const int64_t rows_pad = cpu::bf16_dot::round_up(max_rows, cpu::bf16_dot::kAlignK);
     q = scratch({max_rows * d}, bf16_opts);
     s = scratch({max_rows * kForwardKeys}, acc_opts);
+    stage = scratch({kForwardKeys * d}, bf16_opts);
     if (pass == Pass::kForward) {
       p = scratch({max_rows * kForwardKeys}, bf16_opts);
       v_part = scratch({kForwardKeys * d_pad}, bf16_opts);
@@ -414,14 +451,15 @@ struct Bf16DotTiles {
     M = G * rows;
     pack_group_rows<bf16, bf16>(q_seq, kvh, G, q0, rows, bf16_ptr(q));
   }
-  // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K^T.
-  void pack_keys_transposed(const at::Tensor& seq, int64_t k0, int64_t n, bf16* dst, int64_t ldb) const {
-    cpu::bf16_dot::pack_transposed(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldb);
+  // Packs keys [k0, k0 + n) as the B operand of X K^T.
+  void pack_keys_transposed(const KeyRows<bf16>& rows, int64_t k0, int64_t n, bf16* dst, int64_t ldb) const {
+    const auto [src, stride] = rows_as<bf16>(rows, k0, n, d, bf16_ptr(stage));
+    cpu::bf16_dot::pack_transposed(src, stride, n, d, dst, ldb);
   }
-  // Packs keys [k0, k0 + n) of a [len_k, d] view as the B operand of X K (K rows padded to ldk).
-  void pack_keys_as_rows(const at::Tensor& seq, int64_t k0, int64_t n, int64_t ldk, bf16* dst) const {
-    cpu::bf16_dot::pack_row_pairs(seq.const_data_ptr<bf16>() + k0 * seq.stride(0), seq.stride(0), n, d, dst, ldk / 2,
-                                  d_pad);
+  // Packs keys [k0, k0 + n) as the B operand of X K (K rows padded to ldk).
+  void pack_keys_as_rows(const KeyRows<bf16>& rows, int64_t k0, int64_t n, int64_t ldk, bf16* dst) const {
+    const auto [src, stride] = rows_as<bf16>(rows, k0, n, d, bf16_ptr(stage));
+    cpu::bf16_dot::pack_row_pairs(src, stride, n, d, dst, ldk / 2, d_pad);
   }
   // out[M, n_pad] = x[M, d] Y^T with Y^T packed (ldb columns).
   void product_with_keys(const at::Tensor& x, const bf16* y_t, int64_t ldb, int64_t n, float* out) const {
@@ -429,10 +467,10 @@ struct Bf16DotTiles {
     cpu::bf16_dot::gemm(M, n_pad, d / 2, {bf16_ptr(x), d, 2}, y_t, ldb, out, n_pad, /*accumulate=*/false);
   }
 
-  // Keys [k0, k0 + n) of the [len_k, d] views, k0 a multiple of kForwardKeys (every column).
-  void forward_scores(const at::Tensor& k_seq, const at::Tensor& v_seq, int64_t k0, int64_t n,
+  // Keys [k0, k0 + n), k0 a multiple of kForwardKeys (every column).
+  void forward_scores(const KeyRows<bf16>& k_seq, const KeyRows<bf16>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    const int64_t len_k = k_seq.size(0), blocks = ceil_div(len_k, kForwardKeys), blk = k0 / kForwardKeys;
+    const int64_t len_k = k_seq.len, blocks = ceil_div(len_k, kForwardKeys), blk = k0 / kForwardKeys;
     const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
     if (restarted && (!k_t.defined() || k_t.numel() < blocks * d * kForwardKeys)) {  // grows to the longest sequence
       k_t = scratch({blocks * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
@@ -460,8 +498,9 @@ struct Bf16DotTiles {
                         /*accumulate=*/true);
   }
 
-  void load_key_chunk(const at::Tensor& k_rows, const at::Tensor& v_rows) {
-    const int64_t keys = k_rows.size(0), blocks = ceil_div(keys, kBlockK);
+  void load_key_chunk(const at::Tensor& k_chunk, const at::Tensor& v_chunk) {
+    const auto k_rows = KeyRows<bf16>::of(k_chunk), v_rows = KeyRows<bf16>::of(v_chunk);
+    const int64_t keys = k_rows.len, blocks = ceil_div(keys, kBlockK);
     const auto bf16_opts = s.options().dtype(at::kBFloat16);
     if (!k_t.defined() || k_t.numel() < blocks * d * kBlockK) {  // grows to the largest chunk
       k_t = scratch({blocks * d * kBlockK}, bf16_opts);

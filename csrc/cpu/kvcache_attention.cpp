@@ -57,7 +57,7 @@
 //     once per key block by walking the pages, never by a division per key.
 //     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) run on the prefill kernel
 //     instead, one batched call per run of consecutive sequences that hold the same number of
-//     tokens; a paged cache's K/V are gathered into contiguous rows for it.
+//     tokens, a paged cache's K/V read through the block table.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
 //     (fp32) in a scratch buffer; lse = log sum_s e^(lse_s), out = sum_s e^(lse_s - lse) out_s.
 //     A row that sees no key gets zeros and lse = 0.
@@ -89,7 +89,6 @@
 // parity's slots, P kept exact enough as two bf16 parts) it is slower still: 0.88x, every V tile
 // load stalls the tile unit; staged through L1 one tile ahead, 0.94-1.04x.
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -103,6 +102,7 @@
 
 #include "../kvcache_attention.h"
 #include "amx_dot.h"
+#include "attention_forward.h"
 #include "bf16_dot.h"
 #include "cpu_vec.h"
 #include "online_softmax.h"
@@ -1575,14 +1575,10 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // on in bf16: 1.37x at 128 over 128 keys, 1.84x at 2048 over 2048, 2.08x at 512 over 4096; fp32
 // 0.90x, 1.08x and 1.34x. Consecutive sequences b0 .. b1 - 1 that hold the same L tokens are then
 // one batched call on their first L rows: all of a static cache's prompts in one call, a batch of
-// other lengths in one call per run (each call parallel within). A contiguous cache's rows are
-// k_cache[b0:b1, :L] and v_cache[b0:b1, :L], views (nothing is copied but q where it is rotated).
-// A paged cache's are gathered block by block into contiguous K and V first, the blocks of as
-// many sequences as fit kPrefillGatherBytes per call (one at least: a run of long sequences takes
-// several calls): the copy reads the visible K/V once, where the register tiles would read it
-// once per 64 rows and, in bf16, out of address order (page after page of the pool).
-constexpr int64_t kPrefillGatherBytes = int64_t{128} << 20;
-
+// other lengths in one call per run (each call parallel within), written straight into out and
+// lse. A contiguous cache's rows are k_cache[b0:b1, :L] and v_cache[b0:b1, :L], views; a paged
+// cache's are read in place through the block table (attention_forward.h), each block packed
+// from its pages, so that nothing is copied but q where it is rotated.
 template <typename T>
 void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
   at::Tensor q = p.q;
@@ -1598,36 +1594,27 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
       }
     });
   }
-  using Signature = std::tuple<at::Tensor, at::Tensor>(
-      const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-      const std::optional<at::Tensor>&, int64_t, int64_t, bool, double, int64_t, int64_t, double);
-  static const auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("llama_ext::gqa_attention_forward", "").typed<Signature>();
-  const int64_t token_bytes = 2 * a.n_kv_heads * a.head_dim * static_cast<int64_t>(sizeof(T));  // K and V
   for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
     const int64_t L = a.length(b0);
     while (b1 < a.batch && a.length(b1) == L) ++b1;
-    // A paged cache's gather copies whole pages (their entries checked by check_values).
-    const int64_t pages = p.paged ? (L + a.block_size - 1) / a.block_size : 0;
-    const int64_t per_call =
-        p.paged ? std::max<int64_t>(1, kPrefillGatherBytes / std::max<int64_t>(1, pages * a.block_size * token_bytes))
-                : b1 - b0;
-    // Sequences [s0, s0 + n): K and V as [n, L, n_kv_heads, d].
-    const auto keys_of = [&](const at::Tensor& cache, int64_t s0, int64_t n) {
-      if (!p.paged) return cache.narrow(0, s0, n).narrow(1, 0, L);
-      const at::Tensor blocks = p.block_table->narrow(0, s0, n).narrow(1, 0, pages).reshape({-1});
-      return cache.index_select(0, blocks).view({n, pages * a.block_size, a.n_kv_heads, a.head_dim}).narrow(1, 0, L);
-    };
-    for (int64_t s0 = b0; s0 < b1; s0 += per_call) {
-      const int64_t n = std::min(per_call, b1 - s0);
-      // At the CPU key: this call is already below autograd and every tracing layer.
-      const auto [out, lse] = op.redispatch(c10::DispatchKeySet(c10::DispatchKey::CPU), q.narrow(0, s0, n),
-                                            keys_of(p.k_cache, s0, n), keys_of(p.v_cache, s0, n), std::nullopt,
-                                            std::nullopt, 0, 0, p.causal, p.scale, p.window_left, p.window_right,
-                                            p.softcap);
-      p.out.narrow(0, s0, n).copy_(out);
-      p.lse.narrow(0, s0, n).copy_(lse);
+    const int64_t n = b1 - b0;
+    AttentionCall call{};
+    call.q = q.narrow(0, b0, n);
+    call.out = p.out.narrow(0, b0, n);
+    call.lse = p.lse.narrow(0, b0, n);
+    if (L == 0) {  // no row sees a key
+      call.out.zero_();
+      call.lse.zero_();
+      continue;
     }
+    call.k = p.paged ? p.k_cache : p.k_cache.narrow(0, b0, n).narrow(1, 0, L);
+    call.v = p.paged ? p.v_cache : p.v_cache.narrow(0, b0, n).narrow(1, 0, L);
+    call.shape = AttentionShape{n, a.seq_q, L, a.n_q_heads, a.n_kv_heads, a.head_dim, /*varlen=*/false};
+    call.causal = p.causal;
+    call.scale = p.scale;
+    call.window = make_key_window(call.shape, p.causal, p.window_left, p.window_right, p.softcap);
+    call.softcap = p.softcap;
+    cpu::attention_forward(call, p.paged ? std::optional(p.block_table->narrow(0, b0, n)) : std::nullopt);
   }
 }
 
