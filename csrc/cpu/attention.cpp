@@ -517,7 +517,7 @@ void attention_backward_cpu(const AttentionCall& call) {
     const auto acc_opts = pb.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), pb.q.sizes().begin(), pb.q.sizes().end());
-    const at::Tensor dq_partial = new_output(at::empty(partial_shape, acc_opts));  // every row written by its task
+    const at::Tensor dq_partial = cpu::scratch(partial_shape, acc_opts);  // every row written by its task
     cpu::parallel_for_by_cost(tasks, backward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
       with_tiles<Pass::kBackward, scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {

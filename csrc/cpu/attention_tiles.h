@@ -28,6 +28,7 @@
 #include "bf16_dot.h"
 #include "cpu_vec.h"
 #include "fma_gemm.h"
+#include "scratch.h"
 
 namespace llama_ext::cpu::attention {
 
@@ -156,13 +157,6 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
 // probabilities through probs(row, n), in place over the scores or into the policy's bf16 tile.
 
 enum class Pass { kForward, kBackward };
-
-// Per-thread scratch, uninitialized. Allocated like an output so that under the test suite's
-// LLAMA_EXT_POISON_OUTPUTS=1 it starts as NaN: a product that reads an element no pack or
-// product wrote fails the comparison instead of reading zeros by luck.
-inline at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  return new_output(at::empty(shape, opts));
-}
 
 template <typename T>
 struct BlasTiles {

@@ -1,0 +1,40 @@
+// Scratch tensors of the CPU kernels: uninitialized, large ones in transparent huge pages.
+#pragma once
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/util/Exception.h>
+#include <sys/mman.h>
+
+#include <cstdlib>
+#include <new>
+
+#include "../common.h"
+
+namespace llama_ext::cpu {
+
+inline constexpr int64_t kHugePageBytes = int64_t{2} << 20;
+
+// A fresh, uninitialized tensor. Allocated like an output (new_output), so that under the test
+// suite's LLAMA_EXT_POISON_OUTPUTS=1 it starts as NaN: a kernel that reads an element nothing
+// wrote fails the comparison instead of reading zeros by luck.
+//
+// From 2 MB on its memory is 2 MB-aligned and asked for in transparent huge pages
+// (madvise(MADV_HUGEPAGE): Linux's default THP mode, "madvise", gives them to no one else), as
+// PyTorch's own allocator does only under THP_MEM_ALLOC_ENABLE=1. Allocations above glibc's mmap
+// threshold (32 MB at most) are fresh pages on every call, each 4 KB page a fault and a zeroing:
+// the backward's dq partials (64 MB fp32 at 1K tokens, 32 heads x 128, 4 key chunks) took a
+// quarter of a bf16 backward so (Emerald Rapids, 2026-12-05); in 2 MB pages, 1/512 of the faults.
+inline at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  int64_t numel = 1;
+  for (const int64_t size : shape) numel *= size;
+  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
+  if (bytes < kHugePageBytes) return new_output(at::empty(shape, opts));
+  const int64_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+  void* data = std::aligned_alloc(kHugePageBytes, padded);
+  if (data == nullptr) throw std::bad_alloc();
+  madvise(data, padded, MADV_HUGEPAGE);  // advice only: where THP is off, 4 KB pages as before
+  return new_output(at::from_blob(data, shape, [](void* p) { std::free(p); }, opts));
+}
+
+}  // namespace llama_ext::cpu
