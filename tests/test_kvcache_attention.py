@@ -257,6 +257,16 @@ def test_paged_prefill_matches_reference_reading_pages_in_place(device, dtype, b
     assert torch.equal(bits(out), bits(ref_out)) and torch.equal(lse, ref_lse)
 
 
+@pytest.mark.parametrize("block_size", [None, 64], ids=["contiguous", "paged64"])
+def test_long_fp32_prompt_matches_reference_past_the_whole_copies(block_size):
+    """A 130-token fp32 prompt after 16500 cached tokens, d = 128: its kv head's K and V (17 MB)
+    are more than the CPU's BLAS tiles copy whole (16 MB), so they read a contiguous cache's rows
+    where they lie and copy a paged one's one block at a time (the avx2 level packs its blocks at
+    any length): the float64 reference's results."""
+    case = Case("cpu", torch.float32, [16500], 130, 130, 4, 2, 128, block_size=block_size)
+    case.check()
+
+
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])

@@ -5,8 +5,8 @@
 // head h / G (G = n_q_heads / n_kv_heads). A sequence is a strided view of the inputs (one
 // batch row, or one cu_seqlens slice), so batched and varlen differ only in how that view is
 // cut; the forward also reads the K/V of a paged KV cache page by page (KeyRows,
-// attention_forward.h). K and V are never repeated or copied as a whole; one block at a time is
-// read.
+// attention_forward.h). K and V are never repeated per query head nor gathered: the tile
+// policies pack or copy the blocks they read, per thread.
 //
 // Forward, one task per (sequence, kv head, query block), spread over the threads by cost
 // (parallel.h), so that varlen sequences of any lengths keep every thread busy. A task packs
@@ -51,9 +51,10 @@
 //  - the forward at the avx2 level (fp32, fp16, bf16): each K/V block is widened to fp32 and
 //    packed as 16-column panels once per kv head, and multiplied on an AVX2 FMA register tile
 //    (fma_gemm.h), which on these shapes outruns ATen's sgemm (it packs both operands per call).
-//  - everything else (fp64, and fp32, fp16, bf16 elsewhere and in the backward): blocks are
-//    widened to the op-math type once per block (a K/V block serves G*rows query rows) and
-//    multiplied by ATen's BLAS.
+//  - everything else (fp64, and fp32, fp16, bf16 elsewhere and in the backward): K/V rows are
+//    copied in the op-math type, once per (sequence, kv head) and thread in the forward (fp32 and
+//    fp64 up to 16 MB of them), once per key chunk in the backward, and multiplied by ATen's
+//    BLAS.
 //  Reduced-precision inputs are exact in fp32, so the fp32 products are exactly the
 //  fp32-accumulated ones.
 // out and the gradients are rounded once to the input dtype; lse stays fp32 (fp64 for fp64).
@@ -336,6 +337,7 @@ void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb
 void cpu::attention_forward(const AttentionCall& call, const std::optional<at::Tensor>& block_table) {
   // The tile products below are ATen ops on views of the inputs: keep autograd out of them.
   const at::AutoDispatchBelowADInplaceOrView no_autograd;
+  TORCH_INTERNAL_ASSERT(!block_table.has_value() || !call.shape.varlen, "a block table needs a batched call");
   const AttentionParams pb(call, block_table);
   const AttentionShape& shape = pb.shape;
   const int64_t G = shape.group(), d = shape.head_dim;

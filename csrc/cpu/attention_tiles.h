@@ -163,11 +163,12 @@ struct BlasTiles {
   using acc_t = at::opmath_type<T>;
   using prob_t = acc_t;  // the softmax writes P over the scores, in place
   static constexpr int64_t kForwardKeys = kBlockK;  // keys per forward block
+  static constexpr bool kWiden = !std::is_same_v<T, acc_t>;
 
   int64_t d, M = 0;
   at::Tensor q, s;            // [max_rows, d] packed query rows; [max_rows * kBlockK] S / P tile
   at::Tensor acc;             // forward: [max_rows, d] output accumulator
-  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block, of k_wide/v_wide
+  at::Tensor k_blk, v_blk;    // forward: the current [n, d] block
   // Forward: the op-math copies of the K and V rows of the (sequence, kv head) the last block
   // came from, side by side, copied block by block on first use. A thread's tasks are mostly
   // query blocks of one kv head, each of which reads every key block up to its diagonal:
@@ -175,10 +176,16 @@ struct BlasTiles {
   // reads of the strided rows, or of a paged cache's pages) out of the inner loop. fp32 copies
   // too: the BLAS products on its [n, d] rows ran 1.02-1.15x as fast as on the inputs' rows,
   // n_kv_heads x d apart (gqa_attention forward, 1K-4K tokens, 32/8 x 128 and 16/16 x 64,
-  // Emerald Rapids, 2026-12-05).
+  // Emerald Rapids, 2026-12-05); but only up to kCopyBytes of K and V, past which its copies
+  // would grow with the sequence (2 len_k d floats a thread) where reading the rows in place
+  // needs none: a longer fp32 / fp64 sequence's blocks are views of the inputs, or, paged,
+  // copied one block at a time into k_stage / v_stage. fp16 and bf16, which the products need
+  // widened, are copied whole at any length.
+  static constexpr int64_t kCopyBytes = int64_t{16} << 20;
   at::Tensor k_wide, v_wide;  // [>= len_k, d], allocated by the first forward block
   KeyRows<T> wide_k, wide_v;  // the rows they copy
   int64_t widened = 0;        // rows [0, widened) of k_wide/v_wide hold the current K/V
+  at::Tensor k_stage, v_stage;  // [kBlockK, d]: one block of a long paged sequence
   at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
   at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], copied in acc_t once per chunk
 
@@ -226,9 +233,27 @@ struct BlasTiles {
   // Forward: S = Q K_blk^T for keys [k0, k0 + n) (every column).
   void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    widen_keys(k_seq, v_seq, k0 + n);
-    k_blk = k_wide.narrow(0, k0, n);
-    v_blk = v_wide.narrow(0, k0, n);
+    if (kWiden || 2 * k_seq.len * d * static_cast<int64_t>(sizeof(acc_t)) <= kCopyBytes) {
+      widen_keys(k_seq, v_seq, k0 + n);
+      k_blk = k_wide.narrow(0, k0, n);
+      v_blk = v_wide.narrow(0, k0, n);
+    } else if (!k_seq.paged()) {  // T is acc_t here
+      const auto view = [&](const KeyRows<T>& rows) {
+        return at::from_blob(const_cast<T*>(rows.base + k0 * rows.stride), {n, d}, {rows.stride, 1},
+                             q.options().dtype(c10::CppTypeToScalarType<T>::value));
+      };
+      k_blk = view(k_seq);
+      v_blk = view(v_seq);
+    } else {
+      if (!k_stage.defined()) {
+        k_stage = scratch({kBlockK, d}, q.options());
+        v_stage = scratch({kBlockK, d}, q.options());
+      }
+      load_rows<T, acc_t>(k_seq, k0, n, k_stage.mutable_data_ptr<acc_t>(), d);
+      load_rows<T, acc_t>(v_seq, k0, n, v_stage.mutable_data_ptr<acc_t>(), d);
+      k_blk = k_stage.narrow(0, 0, n);
+      v_blk = v_stage.narrow(0, 0, n);
+    }
     at::Tensor out = tile(s, n);
     at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
   }

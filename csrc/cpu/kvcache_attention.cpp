@@ -1577,8 +1577,9 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // one batched call on their first L rows: all of a static cache's prompts in one call, a batch of
 // other lengths in one call per run (each call parallel within), written straight into out and
 // lse. A contiguous cache's rows are k_cache[b0:b1, :L] and v_cache[b0:b1, :L], views; a paged
-// cache's are read in place through the block table (attention_forward.h), each block packed
-// from its pages, so that nothing is copied but q where it is rotated.
+// cache's are read where they lie through the block table (attention_forward.h), with no gathered
+// copy of the cache: the prefill kernel packs or copies each block from its pages, per thread,
+// as it does a contiguous cache's.
 template <typename T>
 void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
   at::Tensor q = p.q;

@@ -1,13 +1,17 @@
-// Scratch tensors of the CPU kernels: uninitialized, large ones in transparent huge pages.
+// Scratch tensors of the CPU attention kernels: uninitialized, large ones in transparent huge
+// pages.
 #pragma once
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
 #include <c10/util/Exception.h>
-#include <sys/mman.h>
 
 #include <cstdlib>
-#include <new>
+#include <memory>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "../common.h"
 
@@ -19,22 +23,28 @@ inline constexpr int64_t kHugePageBytes = int64_t{2} << 20;
 // suite's LLAMA_EXT_POISON_OUTPUTS=1 it starts as NaN: a kernel that reads an element nothing
 // wrote fails the comparison instead of reading zeros by luck.
 //
-// From 2 MB on its memory is 2 MB-aligned and asked for in transparent huge pages
-// (madvise(MADV_HUGEPAGE): Linux's default THP mode, "madvise", gives them to no one else), as
-// PyTorch's own allocator does only under THP_MEM_ALLOC_ENABLE=1. Allocations above glibc's mmap
-// threshold (32 MB at most) are fresh pages on every call, each 4 KB page a fault and a zeroing:
-// the backward's dq partials (64 MB fp32 at 1K tokens, 32 heads x 128, 4 key chunks) took a
-// quarter of a bf16 backward so (Emerald Rapids, 2026-12-05); in 2 MB pages, 1/512 of the faults.
+// From 2 MB on, on Linux, its memory is 2 MB-aligned and advised into transparent huge pages
+// (madvise(MADV_HUGEPAGE), which THP's common "madvise" mode needs), as PyTorch's own allocator
+// does only under THP_MEM_ALLOC_ENABLE=1. Allocations above glibc's mmap threshold (32 MB at
+// most) are fresh pages on every call, each 4 KB page a fault and a zeroing: the backward's dq
+// partials (64 MB fp32 at 1K tokens, 32 heads x 128, 4 key chunks) took a quarter of a bf16
+// backward so (Emerald Rapids, 2026-12-05); in 2 MB pages, 1/512 of the faults.
 inline at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
-  int64_t numel = 1;
-  for (const int64_t size : shape) numel *= size;
-  const int64_t bytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(opts.dtype())));
-  if (bytes < kHugePageBytes) return new_output(at::empty(shape, opts));
-  const int64_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
-  void* data = std::aligned_alloc(kHugePageBytes, padded);
-  if (data == nullptr) throw std::bad_alloc();
-  madvise(data, padded, MADV_HUGEPAGE);  // advice only: where THP is off, 4 KB pages as before
-  return new_output(at::from_blob(data, shape, [](void* p) { std::free(p); }, opts));
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  int64_t bytes = static_cast<int64_t>(opts.dtype().itemsize());
+  for (const int64_t size : shape) bytes *= size;
+  if (bytes >= kHugePageBytes) {
+    const int64_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+    std::unique_ptr<void, void (*)(void*)> data(std::aligned_alloc(kHugePageBytes, padded), std::free);
+    TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "llama_ext: cannot allocate ", padded,
+                     " bytes of CPU scratch");
+    madvise(data.get(), padded, MADV_HUGEPAGE);  // advice only: where THP is off, 4 KB pages as before
+    at::Tensor t = at::from_blob(data.get(), shape, [](void* p) { std::free(p); }, opts);
+    data.release();  // t owns it now
+    return new_output(std::move(t));
+  }
+#endif
+  return new_output(at::empty(shape, opts));
 }
 
 }  // namespace llama_ext::cpu
