@@ -237,22 +237,18 @@ struct BlasTiles {
       widen_keys(k_seq, v_seq, k0 + n);
       k_blk = k_wide.narrow(0, k0, n);
       v_blk = v_wide.narrow(0, k0, n);
-    } else if (!k_seq.paged()) {  // T is acc_t here
-      const auto view = [&](const KeyRows<T>& rows) {
-        return at::from_blob(const_cast<T*>(rows.base + k0 * rows.stride), {n, d}, {rows.stride, 1},
-                             q.options().dtype(c10::CppTypeToScalarType<T>::value));
-      };
-      k_blk = view(k_seq);
-      v_blk = view(v_seq);
-    } else {
-      if (!k_stage.defined()) {
+    } else {  // T is acc_t: the rows where they lie, or a paged sequence's copied into the stages
+      if (k_seq.paged() && !k_stage.defined()) {
         k_stage = scratch({kBlockK, d}, q.options());
         v_stage = scratch({kBlockK, d}, q.options());
       }
-      load_rows<T, acc_t>(k_seq, k0, n, k_stage.mutable_data_ptr<acc_t>(), d);
-      load_rows<T, acc_t>(v_seq, k0, n, v_stage.mutable_data_ptr<acc_t>(), d);
-      k_blk = k_stage.narrow(0, 0, n);
-      v_blk = v_stage.narrow(0, 0, n);
+      const auto block = [&](const KeyRows<T>& rows, const at::Tensor& stage) {
+        const auto [src, stride] =
+            rows_as<acc_t>(rows, k0, n, d, stage.defined() ? stage.mutable_data_ptr<acc_t>() : nullptr);
+        return at::from_blob(const_cast<acc_t*>(src), {n, d}, {stride, 1}, q.options());
+      };
+      k_blk = block(k_seq, k_stage);
+      v_blk = block(v_seq, v_stage);
     }
     at::Tensor out = tile(s, n);
     at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
