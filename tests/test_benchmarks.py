@@ -512,3 +512,26 @@ def test_kernel_breakdown_splits_calls_at_the_preamble_and_measures_their_span()
     assert harness.calls_between_markers([("evict", 0.0, 1.0), ("evict", 2.0, 3.0)], {"evict"}) == []
     with pytest.raises(RuntimeError, match="no kernels between the preamble's"):
         harness.call_kernels([])
+
+
+def test_cpu_peak_memory_sees_the_attention_scratch():
+    # The CPU attention kernels take their large scratch (the backward's dq partials: here 4 key
+    # chunks x a fp32 copy of q, 64 MB) from outside PyTorch's allocator (csrc/cpu/scratch.h). The
+    # benchmark's peak MB reads the profiler's memory trace, so that scratch must be reported to
+    # it: the traced peak may not fall short of the resident set's growth over the same call.
+    q = torch.randn(1, 1024, 32, 128, requires_grad=True)
+    k, v = (torch.randn(1, 1024, 8, 128, requires_grad=True) for _ in range(2))
+    grad = torch.randn(1, 1024, 32, 128)
+
+    def step():
+        return torch.autograd.grad(llama_ext.gqa_attention(q, k, v), (q, k, v), grad)
+
+    step()  # first-call growth (code, thread pools) out of the way
+    try:
+        rss_growth = harness._cpu_peak_from_rss(step)
+    except OSError as exc:
+        pytest.skip(f"no VmHWM reset here: {exc}")
+    traced = harness.peak_memory(step, "cpu")
+    assert traced["peak_mem_method"] == "profiler memory trace"
+    assert rss_growth >= 64 << 20, rss_growth  # the partials are fresh pages each call
+    assert traced["peak_mem_bytes"] >= 0.9 * rss_growth, (traced, rss_growth)
