@@ -78,6 +78,10 @@ def op_table(op: Dict[str, Any], isa: Optional[str] = None) -> str:
         skipped.append("- same-round copy: the rate against dst.copy_(src) (the ceiling's size, bytes read + written) "
                        "sampled in the same interleaved rounds as the providers, medians of both; the ceiling is "
                        "the run's best copy sample, which a shared VM may reach only in a faster spell")
+    if any(r.get("peak_mem_method") in ("profiler memory trace", "resident growth") for r in results):
+        skipped.append("- peak MB (CPU): the larger of the profiler's memory trace of one call (exact, but the "
+                       "calling thread's allocations only) and the resident set's growth over another (every "
+                       "thread's, at page grain, after trimming the C heap)")
     if any(r.get("above_ceiling") for r in results):
         skipped.append("- above ceiling: faster than the ceiling measured in this run (a ceiling measured under "
                        "load, or a miscounted amount of work); no fraction is shown")
