@@ -12,7 +12,7 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
 
-from conftest import (CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
+from conftest import (CPU_DTYPES, CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
                       assert_device_assert, check_kernel_emulation, device_dtype_params, dtypes_for,
                       emulation_only_on_cpu, load_emulation)
 
@@ -257,14 +257,50 @@ def test_paged_prefill_matches_reference_reading_pages_in_place(device, dtype, b
     assert torch.equal(bits(out), bits(ref_out)) and torch.equal(lse, ref_lse)
 
 
-@pytest.mark.parametrize("block_size", [None, 64], ids=["contiguous", "paged64"])
-def test_long_fp32_prompt_matches_reference_past_the_whole_copies(block_size):
-    """A 130-token fp32 prompt after 16500 cached tokens, d = 128: its kv head's K and V (17 MB)
-    are more than the CPU's BLAS tiles copy whole (16 MB), so they read a contiguous cache's rows
-    where they lie and copy a paged one's one block at a time (the avx2 level packs its blocks at
-    any length): the float64 reference's results."""
-    case = Case("cpu", torch.float32, [16500], 130, 130, 4, 2, 128, block_size=block_size)
-    case.check()
+KEPT_KEY_CASES = [
+    pytest.param("0", [300, 300], {}, id="one-block-kept"),
+    pytest.param("1", [5000], {}, id="1MB"),
+    pytest.param("1", [5000], {"window_size": (1500, 0)}, id="1MB-window"),
+]
+
+
+@pytest.fixture
+def two_threads():
+    """torch's thread count pinned to 2 for the test, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [None, 17], ids=["contiguous", "paged17"])
+@pytest.mark.parametrize("kept_mb,lens,kw", KEPT_KEY_CASES)
+def test_prompt_matches_reference_past_the_kept_key_blocks(monkeypatch, two_threads, dtype, block_size, kept_mb,
+                                                          lens, kw):
+    """A CPU forward thread keeps the key blocks it packs (or copies) for its next query blocks,
+    up to a budget; a block that finds no kept slot is packed again on each use into a spare one,
+    or, fp32 and fp64 on a contiguous cache, read where it lies. LLAMA_EXT_CPU_KEPT_KEY_MB shrinks
+    the budget, as a long sequence would outgrow it: to one block (0 MB), or to 1 MB, under which a
+    5000-token cache at d = 64 has 1.3x (bf16 tiles) to 5.7x (fp64) the keys that fit, its blocks
+    in kept slots by their index modulo the slots, from the first block or (sliding window) from
+    the window's. A 130-token prompt (3 query blocks a kv head) on 2 threads, so that a thread
+    reads again the blocks it kept for its last query block: the float64 reference's results, and
+    the bits of the default budget, which keeps every block here."""
+    case = Case("cpu", dtype, lens, 130, 130, 8, 2, 64, block_size=block_size)
+    monkeypatch.setenv("LLAMA_EXT_CPU_KEPT_KEY_MB", kept_mb)
+    out, lse = case.check(**kw)
+    monkeypatch.delenv("LLAMA_EXT_CPU_KEPT_KEY_MB")
+    kept_out, kept_lse = case.call(**kw)  # the same new tokens written again
+    assert torch.equal(bits(out), bits(kept_out)) and torch.equal(bits(lse), bits(kept_lse))
+
+
+@pytest.mark.parametrize("setting", ["16MB", "", "-1", "1e3", str(1 << 40)])
+def test_kept_key_budget_rejects_a_bad_setting(monkeypatch, setting):
+    case = Case("cpu", torch.float32, [300], 130, 130, 8, 2, 64)
+    monkeypatch.setenv("LLAMA_EXT_CPU_KEPT_KEY_MB", setting)
+    with pytest.raises(ValueError, match="LLAMA_EXT_CPU_KEPT_KEY_MB must be a whole number of MB"):
+        case.call()
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="the CUDA decode grid's limit needs a GPU")

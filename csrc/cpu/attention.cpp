@@ -52,8 +52,9 @@
 //    packed as 16-column panels once per kv head, and multiplied on an AVX2 FMA register tile
 //    (fma_gemm.h), which on these shapes outruns ATen's sgemm (it packs both operands per call).
 //  - everything else (fp64, and fp32, fp16, bf16 elsewhere and in the backward): K/V rows are
-//    copied in the op-math type, once per (sequence, kv head) and thread in the forward (fp32 and
-//    fp64 up to 16 MB of them), once per key chunk in the backward, and multiplied by ATen's
+//    copied in the op-math type, block by block on first use in the forward (a thread keeps
+//    16 MB of them, or its share of the call's keys: kept_blocks), once per key chunk in the
+//    backward, and multiplied by ATen's
 //    BLAS.
 //  Reduced-precision inputs are exact in fp32, so the fp32 products are exactly the
 //  fp32-accumulated ones.
@@ -75,6 +76,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -258,6 +260,23 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
 
 // ---- forward --------------------------------------------------------------------------------
 
+// What each of `threads` forward threads may keep of its packed key blocks (kept_blocks):
+// kKeptKeyBytes, or its share of the call's keys (every sequence's and kv head's) where that is
+// more. LLAMA_EXT_CPU_KEPT_KEY_MB=N, read at each call, makes it N MB exactly: for the tests of
+// the blocks past it, and for a machine short of memory.
+KeptKeys kept_keys_per_thread(const AttentionParams& pb, int64_t threads) {
+  if (const char* mb = std::getenv("LLAMA_EXT_CPU_KEPT_KEY_MB")) {
+    char* end = nullptr;
+    const long long value = std::strtoll(mb, &end, 10);
+    TORCH_CHECK_VALUE(end != mb && *end == '\0' && value >= 0 && value < (1LL << 30),
+                      "LLAMA_EXT_CPU_KEPT_KEY_MB must be a whole number of MB, 0 or more, got '", mb, "'");
+    return {static_cast<int64_t>(value) << 20, 0};
+  }
+  int64_t keys = 0;
+  for (int64_t b = 0; b < pb.shape.batch; ++b) keys += pb.len_k(b);
+  return {kKeptKeyBytes, ceil_div(keys * pb.shape.n_kv_heads, threads)};
+}
+
 template <typename T, typename Tiles>
 void forward_block(const AttentionParams& pb, int64_t b, int64_t kvh, int64_t qb, int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
@@ -360,13 +379,14 @@ void cpu::attention_forward(const AttentionCall& call, const std::optional<at::T
     const int64_t keys = pb.window.key_end(q0 + rows - 1, lq, lk) - pb.window.key_begin(q0, lq, lk);
     return rows * (std::max<int64_t>(keys, 0) + kBlockK);
   };
+  const KeptKeys kept_keys = kept_keys_per_thread(pb, cpu::threads_for(tasks));
 
   LLAMA_EXT_DISPATCH_FLOATING(pb.q.scalar_type(), "gqa_attention_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_opts = pb.q.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     cpu::parallel_for_by_cost(tasks, forward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-      with_tiles<Pass::kForward, scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
+      with_tiles<Pass::kForward, scalar_t>(G * block_q, d, acc_opts, kept_keys, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
           const auto [b, kvh, qb] = forward_task(t);
           forward_block<scalar_t>(pb, b, kvh, qb, block_q, tiles);
@@ -522,7 +542,7 @@ void attention_backward_cpu(const AttentionCall& call) {
     const at::Tensor dq_partial = cpu::scratch(partial_shape, acc_opts);  // every row written by its task
     cpu::parallel_for_by_cost(tasks, backward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
-      with_tiles<Pass::kBackward, scalar_t>(G * block_q, d, acc_opts, [&](auto& tiles) {
+      with_tiles<Pass::kBackward, scalar_t>(G * block_q, d, acc_opts, KeptKeys{}, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
           const auto [b, kvh, c] = backward_task(t);
           backward_chunk<scalar_t>(pb, call.grad_out, dq_partial.select(0, c), call.dk, call.dv, b, kvh,

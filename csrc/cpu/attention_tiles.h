@@ -2,12 +2,13 @@
 // with one interface, and the row copies that pack blocks for them:
 //  - BlasTiles<T>: tiles in the op-math type multiplied by ATen's BLAS (fp64 always; fp32, fp16,
 //    and bf16 below the avx512_bf16 level, except the avx2 forward). K and V are copied into
-//    op-math rows side by side (widened from fp16/bf16) once per (sequence, kv head) and thread
-//    in the forward, once per key chunk in the backward.
+//    op-math rows side by side (widened from fp16/bf16), block by block on first use in the
+//    forward (kept_blocks), once per key chunk in the backward.
 //    Reduced-precision inputs are exact in fp32, so these are exactly the fp32-accumulated
 //    products.
 //  - FmaTiles<T>: the forward at the avx2 level (fp32, fp16, bf16), fp32 tiles on an AVX2 FMA
-//    register tile (fma_gemm.h) with K^T and V packed as panels once per kv head.
+//    register tile (fma_gemm.h) with K^T and V packed as panels, block by block on first use
+//    (kept_blocks).
 //  - Bf16DotTiles: bf16 tiles multiplied on AVX512-BF16 VDPBF16PS (bf16_dot.h), or on AMX tiles
 //    at the amx_bf16 level for the products whose A operand is row-major; P (and dS) are
 //    rounded to bf16 before the second product, as FlashAttention does on GPUs.
@@ -34,6 +35,28 @@ namespace llama_ext::cpu::attention {
 
 // Keys per block: a [rows, kBlockK] fp32 score tile of a few hundred rows stays in L2.
 inline constexpr int64_t kBlockK = 128;
+
+// How many packed (or copied) K/V blocks of one (sequence, kv head) a forward thread keeps for
+// its next query blocks. A thread's tasks are mostly query blocks of one kv head, each of which
+// reads every key block up to its diagonal: kept, a block is packed once per kv head, not once
+// per query block, which takes the packing (and its reads of strided rows or of pages) out of
+// the inner loop. Packed again on every use instead, a forward took 1.02-1.11x as long (1x2048
+// and 1x4096, 32/8 x 128, every dtype and tile policy, Emerald Rapids, 2026-12-06). But kept
+// whole, the blocks would grow with the sequence on every thread: 4 d bytes a key in bf16
+// tiles, 8 d in fp32 ones, 64 MB a thread at 128K tokens and d = 128; on 64 threads that is 8x
+// a bf16 cache of 8 kv heads. So a thread keeps kKeptKeyBytes of blocks, or its share of the
+// call's keys (all sequences' and kv heads' keys over the threads) where that is more: the
+// threads together keep at most 16 MB each or one packed copy of the call's K and V.
+inline constexpr int64_t kKeptKeyBytes = int64_t{16} << 20;
+// What a forward thread may keep: `bytes` of packed blocks, or the blocks that hold `keys` keys
+// where that is more.
+struct KeptKeys {
+  int64_t bytes = kKeptKeyBytes;
+  int64_t keys = 0;
+};
+inline int64_t kept_blocks(int64_t block_keys, int64_t block_bytes, const KeptKeys& kept) {
+  return std::max(kept.bytes / block_bytes, ceil_div(kept.keys, block_keys));
+}
 
 // The K or V rows [0, len) of one (sequence, kv head) as the forward reads them: row t at
 // base + t * stride, or, from a paged KV cache, row t % page_size of page
@@ -156,6 +179,45 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
 // forward_scores is given: a policy may leave the others unwritten. The softmax writes
 // probabilities through probs(row, n), in place over the scores or into the policy's bf16 tile.
 
+// The key blocks of one (sequence, kv head) that a forward policy has packed, in `kept` slots
+// that keep their blocks (kept_blocks) and, when the sequence has more blocks, one more that
+// does not, the spare. Block blk takes slot blk % kept when that slot is free or holds it
+// already: it is packed there on first use and kept. Else it is packed again on each use into
+// the spare, slot `kept`. A
+// thread's blocks are a few runs of consecutive ones (the key ranges of its query blocks), so
+// they collide only when its keys outnumber its slots; then the first blocks to come stay.
+template <typename T>
+struct PackedKeyBlocks {
+  KeyRows<T> k_src, v_src;
+  int64_t blocks = 0, kept = 0;
+  std::vector<int64_t> held;  // the block each kept slot holds; -1: none
+
+  // Starts over when the rows are another (sequence, kv head)'s; true when it did (the caller
+  // then makes room for slots() slots).
+  bool follow(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t block_keys, int64_t keep) {
+    const int64_t n_blocks = ceil_div(k_seq.len, block_keys);
+    if (k_seq.same_rows(k_src) && v_seq.same_rows(v_src) && blocks == n_blocks) return false;
+    k_src = k_seq;
+    v_src = v_seq;
+    blocks = n_blocks;
+    // Where the spare slot is needed, it comes out of the budget.
+    kept = n_blocks <= keep ? std::max<int64_t>(n_blocks, 1) : std::max<int64_t>(keep - 1, 1);
+    held.assign(kept, -1);
+    return true;
+  }
+  int64_t slots() const { return kept + (blocks > kept ? 1 : 0); }
+  // Block blk's slot, and whether the caller must pack the block into it now.
+  std::pair<int64_t, bool> slot(int64_t blk) {
+    int64_t& holder = held[blk % kept];
+    if (holder == blk) return {blk % kept, false};
+    if (holder < 0) {
+      holder = blk;
+      return {blk % kept, true};
+    }
+    return {kept, true};
+  }
+};
+
 enum class Pass { kForward, kBackward };
 
 template <typename T>
@@ -169,27 +231,21 @@ struct BlasTiles {
   at::Tensor q, s;            // [max_rows, d] packed query rows; [max_rows * kBlockK] S / P tile
   at::Tensor acc;             // forward: [max_rows, d] output accumulator
   at::Tensor k_blk, v_blk;    // forward: the current [n, d] block
-  // Forward: the op-math copies of the K and V rows of the (sequence, kv head) the last block
-  // came from, side by side, copied block by block on first use. A thread's tasks are mostly
-  // query blocks of one kv head, each of which reads every key block up to its diagonal:
-  // copying each key once per kv head, not once per query block, takes the conversion (and its
-  // reads of the strided rows, or of a paged cache's pages) out of the inner loop. fp32 copies
-  // too: the BLAS products on its [n, d] rows ran 1.02-1.15x as fast as on the inputs' rows,
+  // Forward: the op-math copies of the K and V blocks of the (sequence, kv head) the last
+  // block came from, [kBlockK, d] a slot (PackedKeyBlocks), copied on first use. fp32 too: the
+  // BLAS products on its [n, d] rows ran 1.02-1.15x as fast as on the inputs' rows,
   // n_kv_heads x d apart (gqa_attention forward, 1K-4K tokens, 32/8 x 128 and 16/16 x 64,
-  // Emerald Rapids, 2026-12-05); but only up to kCopyBytes of K and V, past which its copies
-  // would grow with the sequence (2 len_k d floats a thread) where reading the rows in place
-  // needs none: a longer fp32 / fp64 sequence's blocks are views of the inputs, or, paged,
-  // copied one block at a time into k_stage / v_stage. fp16 and bf16, which the products need
-  // widened, are copied whole at any length.
-  static constexpr int64_t kCopyBytes = int64_t{16} << 20;
-  at::Tensor k_wide, v_wide;  // [>= len_k, d], allocated by the first forward block
-  KeyRows<T> wide_k, wide_v;  // the rows they copy
-  int64_t widened = 0;        // rows [0, widened) of k_wide/v_wide hold the current K/V
-  at::Tensor k_stage, v_stage;  // [kBlockK, d]: one block of a long paged sequence
+  // Emerald Rapids, 2026-12-05). A block that finds no slot of its own is copied into the spare
+  // one on each use, or, fp32 / fp64 and not paged, read where it lies.
+  KeptKeys kept_keys;
+  at::Tensor k_wide, v_wide;  // [slots * kBlockK, d]
+  PackedKeyBlocks<T> blocks_copied;
   at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
   at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], copied in acc_t once per chunk
 
-  BlasTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts) : d(head_dim) {
+  BlasTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts,
+            KeptKeys kept_keys = {})
+      : d(head_dim), kept_keys(kept_keys) {
     q = scratch({max_rows, d}, acc_opts);
     s = scratch({max_rows * kBlockK}, acc_opts);
     if (pass == Pass::kForward) {
@@ -211,44 +267,34 @@ struct BlasTiles {
     M = G * rows;
     pack_group_rows<T, acc_t>(q_seq, kvh, G, q0, rows, q.mutable_data_ptr<acc_t>());
   }
-  // Copies K/V rows up to `end` into k_wide/v_wide, in acc_t (restarting when the rows are
-  // another (sequence, kv head)'s).
-  void widen_keys(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t end) {
-    const bool fits = k_wide.defined() && k_wide.size(0) >= k_seq.len;
-    if (!k_seq.same_rows(wide_k) || !v_seq.same_rows(wide_v) || !fits) {
-      wide_k = k_seq;
-      wide_v = v_seq;
-      widened = 0;
-      if (!fits) {  // grows to the longest sequence
-        k_wide = scratch({k_seq.len, d}, q.options());
-        v_wide = scratch({k_seq.len, d}, q.options());
-      }
-    }
-    if (widened >= end) return;
-    load_rows<T, acc_t>(k_seq, widened, end - widened, k_wide.mutable_data_ptr<acc_t>() + widened * d, d);
-    load_rows<T, acc_t>(v_seq, widened, end - widened, v_wide.mutable_data_ptr<acc_t>() + widened * d, d);
-    widened = end;
-  }
-
-  // Forward: S = Q K_blk^T for keys [k0, k0 + n) (every column).
+  // Forward: S = Q K_blk^T for keys [k0, k0 + n) (every column), k0 a multiple of kBlockK.
   void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    if (kWiden || 2 * k_seq.len * d * static_cast<int64_t>(sizeof(acc_t)) <= kCopyBytes) {
-      widen_keys(k_seq, v_seq, k0 + n);
-      k_blk = k_wide.narrow(0, k0, n);
-      v_blk = v_wide.narrow(0, k0, n);
-    } else {  // T is acc_t: the rows where they lie, or a paged sequence's copied into the stages
-      if (k_seq.paged() && !k_stage.defined()) {
-        k_stage = scratch({kBlockK, d}, q.options());
-        v_stage = scratch({kBlockK, d}, q.options());
-      }
-      const auto block = [&](const KeyRows<T>& rows, const at::Tensor& stage) {
-        const auto [src, stride] =
-            rows_as<acc_t>(rows, k0, n, d, stage.defined() ? stage.mutable_data_ptr<acc_t>() : nullptr);
-        return at::from_blob(const_cast<acc_t*>(src), {n, d}, {stride, 1}, q.options());
+    const int64_t block_bytes = 2 * kBlockK * d * int64_t{sizeof(acc_t)};
+    const bool restarted =
+        blocks_copied.follow(k_seq, v_seq, kBlockK, kept_blocks(kBlockK, block_bytes, kept_keys));
+    const int64_t rows = blocks_copied.slots() * kBlockK;
+    if (restarted && (!k_wide.defined() || k_wide.size(0) < rows)) {  // grows to the longest sequence's slots
+      k_wide = scratch({rows, d}, q.options());
+      v_wide = scratch({rows, d}, q.options());
+    }
+    const auto [slot, copy] = blocks_copied.slot(k0 / kBlockK);
+    if (!kWiden && !k_seq.paged() && slot == blocks_copied.kept) {  // used once: read where it lies
+      const auto in_place = [&](const KeyRows<T>& rows) {
+        return at::from_blob(const_cast<T*>(rows.base + k0 * rows.stride), {n, d}, {rows.stride, 1}, q.options());
       };
-      k_blk = block(k_seq, k_stage);
-      v_blk = block(v_seq, v_stage);
+      k_blk = in_place(k_seq);
+      v_blk = in_place(v_seq);
+    } else {
+      const int64_t keys = std::min(kBlockK, k_seq.len - k0);  // the block's keys; the task uses n of them
+      acc_t* k_rows = k_wide.mutable_data_ptr<acc_t>() + slot * kBlockK * d;
+      acc_t* v_rows = v_wide.mutable_data_ptr<acc_t>() + slot * kBlockK * d;
+      if (copy) {
+        load_rows<T, acc_t>(k_seq, k0, keys, k_rows, d);
+        load_rows<T, acc_t>(v_seq, k0, keys, v_rows, d);
+      }
+      k_blk = k_wide.narrow(0, slot * kBlockK, n);
+      v_blk = v_wide.narrow(0, slot * kBlockK, n);
     }
     at::Tensor out = tile(s, n);
     at::mm_out(out, q.narrow(0, 0, M), k_blk.t());
@@ -287,33 +333,6 @@ struct BlasTiles {
   }
 };
 
-// The key blocks of one (sequence, kv head) that a forward policy has packed. A thread's tasks
-// are mostly query blocks of one kv head, each of which reads every key block up to its
-// diagonal: packing each block on first use packs it once per kv head, not once per query block.
-template <typename T>
-struct PackedKeyBlocks {
-  KeyRows<T> k_src, v_src;
-  std::vector<bool> packed;
-
-  // Starts over when the rows are another (sequence, kv head)'s; true when it did (the caller
-  // then makes room for `blocks` blocks).
-  bool follow(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t blocks) {
-    if (k_seq.same_rows(k_src) && v_seq.same_rows(v_src) && static_cast<int64_t>(packed.size()) == blocks) {
-      return false;
-    }
-    k_src = k_seq;
-    v_src = v_seq;
-    packed.assign(blocks, false);
-    return true;
-  }
-  // True the first time block blk is asked for: the caller packs it.
-  bool first_use(int64_t blk) {
-    if (packed[blk]) return false;
-    packed[blk] = true;
-    return true;
-  }
-};
-
 #if defined(LLAMA_EXT_FMA_GEMM)
 // The forward at the avx2 level for fp32, fp16 and bf16: fp32 tiles on fma_gemm.h's register
 // tile instead of ATen's sgemm. Each key block of the (sequence, kv head) is widened and packed
@@ -327,16 +346,18 @@ struct FmaTiles {
   static constexpr int64_t kPanel = cpu::fma_gemm::kPanel;
 
   int64_t d, d_pad, M = 0;
+  KeptKeys kept_keys;
   at::Tensor q, s, acc;  // [max_rows, d] query rows; [max_rows, kBlockK] S / P tile; [max_rows, d_pad] output
   at::Tensor stage;      // [kBlockK, d] one key block's K or V rows in fp32 (T != float, or paged)
-  // Per key block: K^T panels [kBlockK / 16][d][16], then V panels [d_pad / 16][kBlockK][16].
+  // Per slot (PackedKeyBlocks): K^T panels [kBlockK / 16][d][16], then V panels
+  // [d_pad / 16][kBlockK][16].
   at::Tensor packed;
   PackedKeyBlocks<T> blocks_packed;
   const float* v_block = nullptr;  // the current block's V panels
   std::vector<cpu::fma_gemm::Span> spans;  // the current block's visible columns, per row tile
 
-  FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
-      : d(head_dim), d_pad(ceil_div(head_dim, kPanel) * kPanel) {
+  FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts, KeptKeys kept_keys)
+      : d(head_dim), d_pad(ceil_div(head_dim, kPanel) * kPanel), kept_keys(kept_keys) {
     q = scratch({max_rows, d}, acc_opts);
     s = scratch({max_rows * kBlockK}, acc_opts);
     acc = scratch({max_rows, d_pad}, acc_opts);
@@ -356,15 +377,17 @@ struct FmaTiles {
   // computed.
   void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* visible) {
-    const int64_t len_k = k_seq.len, blocks = ceil_div(len_k, kBlockK), blk = k0 / kBlockK;
-    const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
-    if (restarted && (!packed.defined() || packed.numel() < blocks * block_floats())) {
-      packed = scratch({blocks * block_floats()}, s.options());  // grows to the longest sequence
+    const int64_t keep = kept_blocks(kBlockK, block_floats() * int64_t{sizeof(float)}, kept_keys);
+    const bool restarted = blocks_packed.follow(k_seq, v_seq, kBlockK, keep);
+    const int64_t slots = blocks_packed.slots();
+    if (restarted && (!packed.defined() || packed.numel() < slots * block_floats())) {
+      packed = scratch({slots * block_floats()}, s.options());  // grows to the longest sequence's slots
     }
-    float* k_panels = packed.mutable_data_ptr<float>() + blk * block_floats();
+    const auto [slot, pack] = blocks_packed.slot(k0 / kBlockK);
+    float* k_panels = packed.mutable_data_ptr<float>() + slot * block_floats();
     float* v_panels = k_panels + kBlockK * d;
-    if (blocks_packed.first_use(blk)) {
-      const int64_t keys = std::min(kBlockK, len_k - k0);  // the block's keys; the task uses n of them
+    if (pack) {
+      const int64_t keys = std::min(kBlockK, k_seq.len - k0);  // the block's keys; the task uses n of them
       const auto [k_rows, k_stride] = rows_as<float>(k_seq, k0, keys, d, stage.mutable_data_ptr<float>());
       cpu::fma_gemm::pack_transposed(k_rows, k_stride, keys, d, k_panels);
       const auto [v_rows, v_stride] = rows_as<float>(v_seq, k0, keys, d, stage.mutable_data_ptr<float>());
@@ -393,6 +416,7 @@ struct Bf16DotTiles {
   static constexpr int64_t kLanes = cpu::bf16_dot::kLanes;
 
   int64_t d, d_pad, M = 0;
+  KeptKeys kept_keys;  // forward: kept_blocks
   at::Tensor q;     // [max_rows, d] bf16 query rows (A of Q K^T)
   // Keys per forward block: twice the backward's, which halves the per-row work of the online
   // softmax (maxima, sums, rescaling) per key; the [max_rows, 256] fp32 score tile and its bf16
@@ -405,7 +429,7 @@ struct Bf16DotTiles {
   // Forward: bf16 P [max_rows, n_pad]; V packed one [kForwardKeys/2][d_pad][2] block per
   // kForwardKeys keys (B of P V), and a zero-padded copy of one block (v_part); fp32 output
   // accumulator [max_rows, d_pad]. The K^T and V blocks are those of one (sequence, kv head),
-  // packed on first use (PackedKeyBlocks).
+  // a block a slot (PackedKeyBlocks).
   at::Tensor p, v_pairs, v_part, acc;
   PackedKeyBlocks<bf16> blocks_packed;
   at::Tensor stage;  // [kForwardKeys, d] one block's K or V rows side by side (a paged cache's)
@@ -430,8 +454,9 @@ struct Bf16DotTiles {
   at::Tensor q_t, dout_t;
   int64_t chunk_keys = 0, M_pad = 0;
 
-  Bf16DotTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts)
-      : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)) {
+  Bf16DotTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts,
+               KeptKeys kept_keys = {})
+      : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)), kept_keys(kept_keys) {
     const auto bf16_opts = acc_opts.dtype(at::kBFloat16);
     const int64_t rows_pad = cpu::bf16_dot::round_up(max_rows, cpu::bf16_dot::kAlignK);
     q = scratch({max_rows * d}, bf16_opts);
@@ -488,16 +513,19 @@ struct Bf16DotTiles {
   // Keys [k0, k0 + n), k0 a multiple of kForwardKeys (every column).
   void forward_scores(const KeyRows<bf16>& k_seq, const KeyRows<bf16>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    const int64_t len_k = k_seq.len, blocks = ceil_div(len_k, kForwardKeys), blk = k0 / kForwardKeys;
-    const bool restarted = blocks_packed.follow(k_seq, v_seq, blocks);
-    if (restarted && (!k_t.defined() || k_t.numel() < blocks * d * kForwardKeys)) {  // grows to the longest sequence
-      k_t = scratch({blocks * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
-      v_pairs = scratch({blocks * kForwardKeys * d_pad}, s.options().dtype(at::kBFloat16));
+    const int64_t block_bytes = (d + d_pad) * kForwardKeys * int64_t{sizeof(bf16)};
+    const bool restarted =
+        blocks_packed.follow(k_seq, v_seq, kForwardKeys, kept_blocks(kForwardKeys, block_bytes, kept_keys));
+    const int64_t slots = blocks_packed.slots();
+    if (restarted && (!k_t.defined() || k_t.numel() < slots * d * kForwardKeys)) {  // grows to the longest's slots
+      k_t = scratch({slots * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
+      v_pairs = scratch({slots * kForwardKeys * d_pad}, s.options().dtype(at::kBFloat16));
     }
-    const int64_t keys = std::min(kForwardKeys, len_k - k0);  // the block's keys; the task uses n of them
-    bf16* k_block = bf16_ptr(k_t) + blk * d * kForwardKeys;
-    bf16* v_pairs_block = bf16_ptr(v_pairs) + blk * kForwardKeys * d_pad;
-    if (blocks_packed.first_use(blk)) {
+    const int64_t keys = std::min(kForwardKeys, k_seq.len - k0);  // the block's keys; the task uses n of them
+    const auto [slot, pack] = blocks_packed.slot(k0 / kForwardKeys);
+    bf16* k_block = bf16_ptr(k_t) + slot * d * kForwardKeys;
+    bf16* v_pairs_block = bf16_ptr(v_pairs) + slot * kForwardKeys * d_pad;
+    if (pack) {
       pack_keys_transposed(k_seq, k0, keys, k_block, kForwardKeys);
       pack_keys_as_rows(v_seq, k0, keys, kForwardKeys, v_pairs_block);
     }
@@ -588,24 +616,26 @@ struct Bf16DotTiles {
 };
 #endif
 
-// Runs body with the tile policy for dtype T and the pass.
+// Runs body with the tile policy for dtype T and the pass; kept_keys: what a forward thread may
+// keep of its packed key blocks.
 template <Pass kPass, typename T, typename Body>
-void with_tiles(int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const Body& body) {
+void with_tiles(int64_t max_rows, int64_t d, const at::TensorOptions& acc_opts, const KeptKeys& kept_keys,
+                const Body& body) {
 #if defined(LLAMA_EXT_BF16_DOT)
   if constexpr (std::is_same_v<T, at::BFloat16>) {
-    Bf16DotTiles tiles(kPass, max_rows, d, acc_opts);
+    Bf16DotTiles tiles(kPass, max_rows, d, acc_opts, kept_keys);
     body(tiles);
     return;
   }
 #endif
 #if defined(LLAMA_EXT_FMA_GEMM)
   if constexpr (kPass == Pass::kForward && std::is_same_v<at::opmath_type<T>, float>) {
-    FmaTiles<T> tiles(max_rows, d, acc_opts);
+    FmaTiles<T> tiles(max_rows, d, acc_opts, kept_keys);
     body(tiles);
     return;
   }
 #endif
-  BlasTiles<T> tiles(kPass, max_rows, d, acc_opts);
+  BlasTiles<T> tiles(kPass, max_rows, d, acc_opts, kept_keys);
   body(tiles);
 }
 

@@ -18,13 +18,18 @@
 
 namespace llama_ext::cpu {
 
+// The threads parallel_for_by_cost runs n tasks on: one inside a parallel region.
+inline int64_t threads_for(int64_t n) {
+  return at::in_parallel_region() ? 1 : std::clamp<int64_t>(at::get_num_threads(), 1, std::max<int64_t>(n, 1));
+}
+
 // Runs body(begin, end) over runs of the tasks [0, n) that together cover each task once, one
 // run per thread, cut by cost(task) >= 0 (an estimate in any unit; only the ratios count).
 template <typename Cost, typename Body>
 void parallel_for_by_cost(int64_t n, const Cost& cost, const Body& body) {
   if (n <= 0) return;
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
-  if (threads <= 1 || at::in_parallel_region()) {
+  const int64_t threads = threads_for(n);
+  if (threads <= 1) {
     body(0, n);
     return;
   }
