@@ -56,8 +56,7 @@
 //  - everything else (fp64, and fp32, fp16, bf16 elsewhere and in the backward): K/V rows are
 //    copied in the op-math type, block by block on first use in the forward (a thread keeps
 //    16 MB of them, or its share of the call's keys: kept_blocks), once per key chunk in the
-//    backward, and multiplied by ATen's
-//    BLAS.
+//    backward, and multiplied by ATen's BLAS.
 //  Reduced-precision inputs are exact in fp32, so the fp32 products are exactly the
 //  fp32-accumulated ones.
 // out and the gradients are rounded once to the input dtype; lse stays fp32 (fp64 for fp64).
@@ -102,7 +101,6 @@ constexpr int64_t kTargetRows = 256;
 // has work even with batch 1 and few kv heads; at most kMaxKeyChunks dQ partials.
 constexpr int64_t kTargetBackwardTasks = 32;
 constexpr int64_t kMaxKeyChunks = 8;
-static_assert(kMaxKeyChunks <= 32, "sum_partials keeps a row's chunks in 32 bits");
 
 int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(kTargetRows / group, 16, 128); }
 
@@ -411,30 +409,30 @@ void attention_forward_cpu(const AttentionCall& call) { cpu::attention_forward(c
 
 // ---- backward -------------------------------------------------------------------------------
 
-// The query rows [first, end) of a sequence whose dq partial a backward task wrote, for the G
-// heads of its kv head: the rows that can see one of its keys, in whole query blocks. It never
-// touches the others, which sum_partials skips: under causal masking the rows before its first
-// key, 3/8 of all partial rows with 4 key chunks. Without their zeros (written, summed, and their
-// pages faulted in) a b1 32/8 x 128 backward ran 1.07-1.18x as fast in bf16 and 1.05x in fp32 at
-// 1K-4K tokens, its resident growth at 2K tokens in bf16 110 MB against 156 (Emerald Rapids,
-// 2026-12-06).
+// The query rows [first, end) of a sequence that can see one of a key chunk's keys, in whole
+// query blocks of block_q (the same for every kv head): the rows whose dq partial the chunk's
+// tasks write. The others' they never touch, and sum_partials skips them: under causal masking
+// the rows before the chunk's first key, 3/8 of all partial rows with 4 key chunks. Without their
+// zeros (written, summed, and their pages faulted in) a b1 32/8 x 128 backward ran 1.07-1.18x as
+// fast in bf16 and 1.03-1.08x in fp32 at 1K-4K tokens, its resident growth at 2K tokens in bf16
+// 110 MB against 156 (Emerald Rapids, 2026-12-06).
 struct RowsReached {
   int64_t first = 0, end = 0;
   bool has(int64_t row) const { return first <= row && row < end; }
 };
 
-// One task: keys [key0, key1) of kv head kvh in sequence b. dk/dv of these keys are written
-// here; the task's share of dq goes to dq_partial (its own chunk slice), on the rows `reached`.
+// One task: keys [key0, key1) of kv head kvh in sequence b, which query rows `reached` see. dk/dv
+// of these keys are written here; the task's share of dq goes to dq_partial (its own chunk
+// slice), on those rows.
 template <typename T, typename Tiles>
 void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at::Tensor& dq_partial,
                     const at::Tensor& dk, const at::Tensor& dv, int64_t b, int64_t kvh, int64_t key0, int64_t key1,
-                    int64_t block_q, Tiles& tiles, RowsReached& reached) {
+                    const RowsReached& reached, int64_t block_q, Tiles& tiles) {
   using acc_t = at::opmath_type<T>;
   const int64_t G = pb.shape.group();
   const int64_t lq = pb.len_q(b), lk = pb.len_k(b);
   key1 = std::min(key1, lk);
   const at::Tensor dq_seq = pb.q_rows(dq_partial, b);
-  reached = {};
   if (key0 >= key1) return;  // no keys in this chunk: it contributes nothing to dq
   tiles.load_key_chunk(pb.k_rows(pb.k, b).select(1, kvh).narrow(0, key0, key1 - key0),
                        pb.k_rows(pb.v, b).select(1, kvh).narrow(0, key0, key1 - key0));
@@ -445,9 +443,7 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
   std::vector<acc_t> delta(G * block_q);
   const at::Tensor lse_seq = pb.lse_rows(pb.lse, b);
   // Query blocks that see no key of this chunk get nothing from it: they are skipped.
-  const auto [first_block_row, block_row_end] = pb.query_blocks_seeing(b, key0, key1, block_q);
-  reached = {first_block_row, block_row_end};
-  for (int64_t q0 = first_block_row; q0 < block_row_end; q0 += block_q) {
+  for (int64_t q0 = reached.first; q0 < reached.end; q0 += block_q) {
     const int64_t rows = std::min(block_q, lq - q0);
     const int64_t M = G * rows;
     tiles.load_query_grads(q_seq, dout_seq, kvh, G, q0, rows);
@@ -487,9 +483,9 @@ void backward_chunk(const AttentionParams& pb, const at::Tensor& dout, const at:
 }
 
 // out = the sum over key chunks c of partials[c] (contiguous [chunks, ...out's shape], acc_t) on
-// the rows each chunk reached (reached[(sequence * n_kv_heads + kv head) * chunks + c]), added in
-// chunk order and rounded once to T: the fixed order keeps dq bit-identical for any thread count.
-// A row that no chunk reached (it sees no key) is 0.
+// the rows each chunk reached (reached[sequence * chunks + c]), added in chunk order and rounded
+// once to T: the fixed order keeps dq bit-identical for any thread count. A row that no chunk
+// reached (it sees no key) is 0.
 template <typename T>
 void sum_partials(const AttentionParams& pb, const at::Tensor& partials, const std::vector<RowsReached>& reached,
                   const at::Tensor& out) {
@@ -497,48 +493,28 @@ void sum_partials(const AttentionParams& pb, const at::Tensor& partials, const s
   using IO = cpu::VecIO<T>;
   using Vec = typename IO::Vec;
   constexpr int64_t W = IO::kWidth;
-  const AttentionShape& shape = pb.shape;
   const int64_t chunks = partials.size(0), numel = out.numel();
-  const int64_t n_kv = shape.n_kv_heads, group_elems = shape.group() * shape.head_dim;
-  const int64_t token_elems = n_kv * group_elems, tokens = numel / std::max<int64_t>(token_elems, 1);
+  const int64_t token_elems = pb.shape.n_q_heads * pb.shape.head_dim, tokens = numel / token_elems;
   const acc_t* in = partials.const_data_ptr<acc_t>();
   T* dst = out.mutable_data_ptr<T>();
-  // Sums count elements of the n_src partials into span.
-  const auto sum_span = [&](const acc_t* const* src, int64_t n_src, T* span, int64_t count) {
-    const auto load = [&](const acc_t* p, int64_t n) { return n == W ? Vec::loadu(p) : Vec::loadu(p, n); };
-    const auto sum_at = [&](int64_t e, int64_t n) {
-      Vec sum = n_src > 0 ? load(src[0] + e, n) : Vec(acc_t(0));
-      for (int64_t i = 1; i < n_src; ++i) sum = sum + load(src[i] + e, n);
-      IO::store(span + e, sum, n);
-    };
-    int64_t e = 0;
-    for (; e + W <= count; e += W) sum_at(e, W);
-    if (e < count) sum_at(e, count - e);
-  };
-  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / std::max<int64_t>(token_elems, 1)), [&](int64_t begin,
-                                                                                                    int64_t end) {
+  at::parallel_for(0, tokens, std::max<int64_t>(1, 16384 / token_elems), [&](int64_t begin, int64_t end) {
     std::vector<const acc_t*> src(chunks);
     for (int64_t t = begin; t < end; ++t) {
       const auto [b, row] = pb.token_row(t);
-      // The chunks that reached this row for kv head kvh, as bits.
-      const auto chunks_reaching = [&, b = b, row = row](int64_t kvh) {
-        const RowsReached* by_chunk = reached.data() + (b * n_kv + kvh) * chunks;
-        uint32_t mask = 0;
-        for (int64_t c = 0; c < chunks; ++c) mask |= uint32_t{by_chunk[c].has(row)} << c;
-        return mask;
-      };
-      // The G query heads of a kv head lie side by side in a token's row (group_elems), and
-      // neighbouring kv heads reached by the same chunks (all of them, batched) form one span.
-      for (int64_t kvh = 0, next; kvh < n_kv; kvh = next) {
-        const uint32_t mask = chunks_reaching(kvh);
-        for (next = kvh + 1; next < n_kv && chunks_reaching(next) == mask;) ++next;
-        const int64_t offset = t * token_elems + kvh * group_elems;
-        int64_t n_src = 0;
-        for (int64_t c = 0; c < chunks; ++c) {
-          if (mask >> c & 1) src[n_src++] = in + c * numel + offset;
-        }
-        sum_span(src.data(), n_src, dst + offset, (next - kvh) * group_elems);
+      const int64_t offset = t * token_elems;
+      int64_t n_src = 0;
+      for (int64_t c = 0; c < chunks; ++c) {
+        if (reached[b * chunks + c].has(row)) src[n_src++] = in + c * numel + offset;
       }
+      const auto sum_at = [&](int64_t e, int64_t n) {
+        const auto load = [&](const acc_t* p) { return n == W ? Vec::loadu(p + e) : Vec::loadu(p + e, n); };
+        Vec sum = n_src > 0 ? load(src[0]) : Vec(acc_t(0));
+        for (int64_t i = 1; i < n_src; ++i) sum = sum + load(src[i]);
+        IO::store(dst + offset + e, sum, n);
+      };
+      int64_t e = 0;
+      for (; e + W <= token_elems; e += W) sum_at(e, W);
+      if (e < token_elems) sum_at(e, token_elems - e);
     }
   });
 }
@@ -560,6 +536,18 @@ void attention_backward_cpu(const AttentionCall& call) {
                                              std::min(kMaxKeyChunks, std::max<int64_t>(key_blocks, 1)));
   const int64_t chunk_keys = ceil_div(std::max<int64_t>(key_blocks, 1), chunks) * kBlockK;
   const int64_t tasks = seq_heads * chunks;
+  const auto chunk_keys_of = [&](int64_t b, int64_t c) {
+    return std::pair<int64_t, int64_t>{c * chunk_keys, std::min((c + 1) * chunk_keys, pb.len_k(b))};
+  };
+  std::vector<RowsReached> reached(shape.batch * chunks);  // [sequence * chunks + chunk]
+  for (int64_t b = 0; b < shape.batch; ++b) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      const auto [key0, key1] = chunk_keys_of(b, c);
+      if (key0 >= key1) continue;
+      const auto [first, end] = pb.query_blocks_seeing(b, key0, key1, block_q);
+      reached[b * chunks + c] = {first, end};
+    }
+  }
   // Task t: (sequence, kv head, key chunk), the chunks of one kv head in zigzag order.
   const auto backward_task = [&](int64_t t) {
     const int64_t sh = t / chunks;
@@ -569,11 +557,11 @@ void attention_backward_cpu(const AttentionCall& call) {
   // key block's worth per block for the packing and dq, and one for the chunk's dk and dv.
   const auto backward_cost = [&](int64_t t) -> int64_t {
     const auto [b, kvh, c] = backward_task(t);
-    const int64_t key0 = c * chunk_keys, key1 = std::min((c + 1) * chunk_keys, pb.len_k(b));
+    const auto [key0, key1] = chunk_keys_of(b, c);
     if (key0 >= key1) return 0;
     int64_t cost = (key1 - key0) * kBlockK;
-    const auto [row0, row1] = pb.query_blocks_seeing(b, key0, key1, block_q);
-    for (int64_t q0 = row0; q0 < row1; q0 += block_q) {
+    const RowsReached& rows_reached = reached[b * chunks + c];
+    for (int64_t q0 = rows_reached.first; q0 < rows_reached.end; q0 += block_q) {
       const int64_t rows = std::min(block_q, pb.len_q(b) - q0);
       const auto [k_begin, k_end] = pb.keys_seen(b, q0, rows, key0, key1);
       cost += rows * (std::max<int64_t>(k_end - k_begin, 0) + kBlockK);
@@ -587,15 +575,14 @@ void attention_backward_cpu(const AttentionCall& call) {
     std::vector<int64_t> partial_shape{chunks};
     partial_shape.insert(partial_shape.end(), pb.q.sizes().begin(), pb.q.sizes().end());
     const at::Tensor dq_partial = cpu::scratch(partial_shape, acc_opts);  // written on the rows reached
-    std::vector<RowsReached> reached(tasks);
     cpu::parallel_for_by_cost(tasks, backward_cost, [&](int64_t begin, int64_t end) {
       const at::AutoDispatchBelowADInplaceOrView no_autograd;  // per worker thread
       with_tiles<Pass::kBackward, scalar_t>(G * block_q, d, acc_opts, KeptKeys{}, [&](auto& tiles) {
         for (int64_t t = begin; t < end; ++t) {
           const auto [b, kvh, c] = backward_task(t);
-          backward_chunk<scalar_t>(pb, call.grad_out, dq_partial.select(0, c), call.dk, call.dv, b, kvh,
-                                   c * chunk_keys, (c + 1) * chunk_keys, block_q, tiles,
-                                   reached[(b * shape.n_kv_heads + kvh) * chunks + c]);
+          const auto [key0, key1] = chunk_keys_of(b, c);
+          backward_chunk<scalar_t>(pb, call.grad_out, dq_partial.select(0, c), call.dk, call.dv, b, kvh, key0, key1,
+                                   reached[b * chunks + c], block_q, tiles);
         }
       });
     });
