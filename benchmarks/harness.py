@@ -36,7 +36,8 @@ This module decides *how* to measure, identically for every op:
   its neighbours' load it may come from a faster spell than the case's; the fraction of the
   same-round copy (medians of the same rounds) compares like with like. Both are reported.
 - Peak memory of one call above what was live before it: CUDA ``max_memory_allocated``; CPU
-  the largest total of live allocations in a profiler memory trace.
+  the larger of the largest total of live allocations in a profiler memory trace (the calling
+  thread's) and the resident set's high-water growth (every thread's), one call each.
 """
 import ctypes
 import datetime

@@ -519,7 +519,8 @@ def test_cpu_peak_memory_sees_the_attention_scratch():
     # chunks x a fp32 copy of q, 64 MB, allocated on the calling thread) from outside PyTorch's
     # allocator (csrc/cpu/scratch.h). The profiler's memory trace, one of the benchmark's two
     # measures of peak MB, sees it only as reported: its peak may not fall short of the resident
-    # set's growth over the same call.
+    # set's growth over the same call (~84 MB: the partials' rows that the key chunks reach, 5/8
+    # of them under causal masking, and the gradients; the trace without the partials: ~42 MB).
     q = torch.randn(1, 1024, 32, 128, requires_grad=True)
     k, v = (torch.randn(1, 1024, 8, 128, requires_grad=True) for _ in range(2))
     grad = torch.randn(1, 1024, 32, 128)
@@ -533,6 +534,6 @@ def test_cpu_peak_memory_sees_the_attention_scratch():
     except OSError as exc:
         pytest.skip(f"no VmHWM reset here: {exc}")
     traced = harness._cpu_peak_from_profiler(step)
-    assert rss_growth >= 64 << 20, rss_growth  # the partials are fresh pages each call
+    assert rss_growth >= 48 << 20, rss_growth  # the partials' reached rows are fresh pages each call
     assert traced >= 0.9 * rss_growth, (traced, rss_growth)
     assert harness.peak_memory(step, "cpu")["peak_mem_bytes"] >= 0.9 * rss_growth
