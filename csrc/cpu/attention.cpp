@@ -55,7 +55,7 @@
 //    (fma_gemm.h), which on these shapes outruns ATen's sgemm (it packs both operands per call).
 //  - everything else (fp64, and fp32, fp16, bf16 elsewhere and in the backward): K/V rows are
 //    copied in the op-math type, block by block on first use in the forward (a thread keeps
-//    16 MB of them, or its share of the call's keys: kept_blocks), once per key chunk in the
+//    16 MB of them, or its share of the call's keys: PackedKeyBlocks), once per key chunk in the
 //    backward, and multiplied by ATen's BLAS.
 //  Reduced-precision inputs are exact in fp32, so the fp32 products are exactly the
 //  fp32-accumulated ones.
@@ -267,7 +267,7 @@ void probs_and_grad_row(acc_t* p, acc_t* dp, int64_t n, int64_t lo, int64_t hi, 
 
 // ---- forward --------------------------------------------------------------------------------
 
-// What each of `threads` forward threads may keep of its packed key blocks (kept_blocks):
+// What each of `threads` forward threads may keep of its packed key blocks (PackedKeyBlocks):
 // kKeptKeyBytes, or its share of the call's keys (every sequence's and kv head's) where that is
 // more. LLAMA_EXT_CPU_KEPT_KEY_MB=N, read at each call, makes it N MB exactly: for the tests of
 // the blocks past it, and for a machine short of memory.

@@ -3,12 +3,12 @@
 //  - BlasTiles<T>: tiles in the op-math type multiplied by ATen's BLAS (fp64 always; fp32, fp16,
 //    and bf16 below the avx512_bf16 level, except the avx2 forward). K and V are copied into
 //    op-math rows side by side (widened from fp16/bf16), block by block on first use in the
-//    forward (kept_blocks), once per key chunk in the backward.
+//    forward (PackedKeyBlocks), once per key chunk in the backward.
 //    Reduced-precision inputs are exact in fp32, so these are exactly the fp32-accumulated
 //    products.
 //  - FmaTiles<T>: the forward at the avx2 level (fp32, fp16, bf16), fp32 tiles on an AVX2 FMA
 //    register tile (fma_gemm.h) with K^T and V packed as panels, block by block on first use
-//    (kept_blocks).
+//    (PackedKeyBlocks).
 //  - Bf16DotTiles: bf16 tiles multiplied on AVX512-BF16 VDPBF16PS (bf16_dot.h), or on AMX tiles
 //    at the amx_bf16 level for the products whose A operand is row-major; P (and dS) are
 //    rounded to bf16 before the second product, as FlashAttention does on GPUs.
@@ -54,9 +54,6 @@ struct KeptKeys {
   int64_t bytes = kKeptKeyBytes;
   int64_t keys = 0;
 };
-inline int64_t kept_blocks(int64_t block_keys, int64_t block_bytes, const KeptKeys& kept) {
-  return std::max(kept.bytes / block_bytes, ceil_div(kept.keys, block_keys));
-}
 
 // The K or V rows [0, len) of one (sequence, kv head) as the forward reads them: row t at
 // base + t * stride, or, from a paged KV cache, row t % page_size of page
@@ -179,28 +176,34 @@ void unpack_group_rows(const at::opmath_type<T>* src, int64_t src_stride, const 
 // forward_scores is given: a policy may leave the others unwritten. The softmax writes
 // probabilities through probs(row, n), in place over the scores or into the policy's bf16 tile.
 
-// The key blocks of one (sequence, kv head) that a forward policy has packed, in `kept` slots
-// that keep their blocks (kept_blocks) and, when the sequence has more blocks, one more that
-// does not, the spare. Block blk takes slot blk % kept when that slot is free or holds it
-// already: it is packed there on first use and kept. Else it is packed again on each use into
-// the spare, slot `kept`. A
-// thread's blocks are a few runs of consecutive ones (the key ranges of its query blocks), so
-// they collide only when its keys outnumber its slots; then the first blocks to come stay.
+// The key blocks of one (sequence, kv head) that a forward policy has packed, block_keys keys
+// and block_bytes each, in `kept` slots that keep their blocks (KeptKeys' worth) and, when the
+// sequence has more blocks, one more that does not, the spare. Block blk takes slot blk % kept
+// when that slot is free or holds it already: it is packed there on first use and kept. Else it
+// is packed again on each use into the spare, slot `kept`. A thread's blocks are a few runs of
+// consecutive ones (the key ranges of its query blocks), so they collide only when its keys
+// outnumber its slots; then the first blocks to come stay.
 template <typename T>
 struct PackedKeyBlocks {
+  int64_t block_keys, block_bytes;
+  KeptKeys budget;
   KeyRows<T> k_src, v_src;
   int64_t blocks = 0, kept = 0;
   std::vector<int64_t> held;  // the block each kept slot holds; -1: none
 
+  PackedKeyBlocks(int64_t block_keys, int64_t block_bytes, const KeptKeys& budget)
+      : block_keys(block_keys), block_bytes(block_bytes), budget(budget) {}
+
   // Starts over when the rows are another (sequence, kv head)'s; true when it did (the caller
   // then makes room for slots() slots).
-  bool follow(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t block_keys, int64_t keep) {
+  bool follow(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq) {
     const int64_t n_blocks = ceil_div(k_seq.len, block_keys);
     if (k_seq.same_rows(k_src) && v_seq.same_rows(v_src) && blocks == n_blocks) return false;
     k_src = k_seq;
     v_src = v_seq;
     blocks = n_blocks;
     // Where the spare slot is needed, it comes out of the budget.
+    const int64_t keep = std::max(budget.bytes / block_bytes, ceil_div(budget.keys, block_keys));
     kept = n_blocks <= keep ? std::max<int64_t>(n_blocks, 1) : std::max<int64_t>(keep - 1, 1);
     held.assign(kept, -1);
     return true;
@@ -237,15 +240,14 @@ struct BlasTiles {
   // n_kv_heads x d apart (gqa_attention forward, 1K-4K tokens, 32/8 x 128 and 16/16 x 64,
   // Emerald Rapids, 2026-12-05). A block that finds no slot of its own is copied into the spare
   // one on each use, or, fp32 / fp64 and not paged, read where it lies.
-  KeptKeys kept_keys;
   at::Tensor k_wide, v_wide;  // [slots * kBlockK, d]
   PackedKeyBlocks<T> blocks_copied;
   at::Tensor dout, dp, dq;    // backward: packed dO rows, dP / dS tile, dq accumulator
   at::Tensor k_chunk, v_chunk, dk, dv;  // backward: [chunk keys, d], copied in acc_t once per chunk
 
   BlasTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts,
-            KeptKeys kept_keys = {})
-      : d(head_dim), kept_keys(kept_keys) {
+            const KeptKeys& kept_keys = {})
+      : d(head_dim), blocks_copied(kBlockK, 2 * kBlockK * head_dim * int64_t{sizeof(acc_t)}, kept_keys) {
     q = scratch({max_rows, d}, acc_opts);
     s = scratch({max_rows * kBlockK}, acc_opts);
     if (pass == Pass::kForward) {
@@ -270,9 +272,7 @@ struct BlasTiles {
   // Forward: S = Q K_blk^T for keys [k0, k0 + n) (every column), k0 a multiple of kBlockK.
   void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    const int64_t block_bytes = 2 * kBlockK * d * int64_t{sizeof(acc_t)};
-    const bool restarted =
-        blocks_copied.follow(k_seq, v_seq, kBlockK, kept_blocks(kBlockK, block_bytes, kept_keys));
+    const bool restarted = blocks_copied.follow(k_seq, v_seq);
     const int64_t rows = blocks_copied.slots() * kBlockK;
     if (restarted && (!k_wide.defined() || k_wide.size(0) < rows)) {  // grows to the longest sequence's slots
       k_wide = scratch({rows, d}, q.options());
@@ -346,7 +346,6 @@ struct FmaTiles {
   static constexpr int64_t kPanel = cpu::fma_gemm::kPanel;
 
   int64_t d, d_pad, M = 0;
-  KeptKeys kept_keys;
   at::Tensor q, s, acc;  // [max_rows, d] query rows; [max_rows, kBlockK] S / P tile; [max_rows, d_pad] output
   at::Tensor stage;      // [kBlockK, d] one key block's K or V rows in fp32 (T != float, or paged)
   // Per slot (PackedKeyBlocks): K^T panels [kBlockK / 16][d][16], then V panels
@@ -356,8 +355,10 @@ struct FmaTiles {
   const float* v_block = nullptr;  // the current block's V panels
   std::vector<cpu::fma_gemm::Span> spans;  // the current block's visible columns, per row tile
 
-  FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts, KeptKeys kept_keys)
-      : d(head_dim), d_pad(ceil_div(head_dim, kPanel) * kPanel), kept_keys(kept_keys) {
+  FmaTiles(int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts, const KeptKeys& kept_keys)
+      : d(head_dim),
+        d_pad(ceil_div(head_dim, kPanel) * kPanel),
+        blocks_packed(kBlockK, block_floats() * int64_t{sizeof(float)}, kept_keys) {
     q = scratch({max_rows, d}, acc_opts);
     s = scratch({max_rows * kBlockK}, acc_opts);
     acc = scratch({max_rows, d_pad}, acc_opts);
@@ -377,8 +378,7 @@ struct FmaTiles {
   // computed.
   void forward_scores(const KeyRows<T>& k_seq, const KeyRows<T>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* visible) {
-    const int64_t keep = kept_blocks(kBlockK, block_floats() * int64_t{sizeof(float)}, kept_keys);
-    const bool restarted = blocks_packed.follow(k_seq, v_seq, kBlockK, keep);
+    const bool restarted = blocks_packed.follow(k_seq, v_seq);
     const int64_t slots = blocks_packed.slots();
     if (restarted && (!packed.defined() || packed.numel() < slots * block_floats())) {
       packed = scratch({slots * block_floats()}, s.options());  // grows to the longest sequence's slots
@@ -416,7 +416,6 @@ struct Bf16DotTiles {
   static constexpr int64_t kLanes = cpu::bf16_dot::kLanes;
 
   int64_t d, d_pad, M = 0;
-  KeptKeys kept_keys;  // forward: kept_blocks
   at::Tensor q;     // [max_rows, d] bf16 query rows (A of Q K^T)
   // Keys per forward block: twice the backward's, which halves the per-row work of the online
   // softmax (maxima, sums, rescaling) per key; the [max_rows, 256] fp32 score tile and its bf16
@@ -455,8 +454,10 @@ struct Bf16DotTiles {
   int64_t chunk_keys = 0, M_pad = 0;
 
   Bf16DotTiles(Pass pass, int64_t max_rows, int64_t head_dim, const at::TensorOptions& acc_opts,
-               KeptKeys kept_keys = {})
-      : d(head_dim), d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)), kept_keys(kept_keys) {
+               const KeptKeys& kept_keys = {})
+      : d(head_dim),
+        d_pad(cpu::bf16_dot::round_up(head_dim, kLanes)),
+        blocks_packed(kForwardKeys, (d + d_pad) * kForwardKeys * int64_t{sizeof(bf16)}, kept_keys) {
     const auto bf16_opts = acc_opts.dtype(at::kBFloat16);
     const int64_t rows_pad = cpu::bf16_dot::round_up(max_rows, cpu::bf16_dot::kAlignK);
     q = scratch({max_rows * d}, bf16_opts);
@@ -513,9 +514,7 @@ struct Bf16DotTiles {
   // Keys [k0, k0 + n), k0 a multiple of kForwardKeys (every column).
   void forward_scores(const KeyRows<bf16>& k_seq, const KeyRows<bf16>& v_seq, int64_t k0, int64_t n,
                       const std::pair<int64_t, int64_t>* /*visible*/) {
-    const int64_t block_bytes = (d + d_pad) * kForwardKeys * int64_t{sizeof(bf16)};
-    const bool restarted =
-        blocks_packed.follow(k_seq, v_seq, kForwardKeys, kept_blocks(kForwardKeys, block_bytes, kept_keys));
+    const bool restarted = blocks_packed.follow(k_seq, v_seq);
     const int64_t slots = blocks_packed.slots();
     if (restarted && (!k_t.defined() || k_t.numel() < slots * d * kForwardKeys)) {  // grows to the longest's slots
       k_t = scratch({slots * d * kForwardKeys}, s.options().dtype(at::kBFloat16));
