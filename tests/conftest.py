@@ -129,6 +129,26 @@ def check_kernel_emulation(name):
     assert all(emulation.check_mutants(verbose=False).values())
 
 
+_PTX_MODULES = {}
+
+
+def ptx_kernel(source_stem, match):
+    """A kernel of csrc/cuda/<source_stem>.cu as the built extension embeds it in PTX, ready to run
+    in tools/ptx_run.py: the one whose demangled signature contains `match` (a template list, say
+    "rotary_kernel<__half, true, false>"). Skips where the extension was built without CUDA."""
+    if "ptx_run" not in _PTX_MODULES:
+        _PTX_MODULES["ptx_run"] = load_emulation("ptx_run")
+    run = _PTX_MODULES["ptx_run"]
+    if run.extension_library() is None or run.cuobjdump() is None:
+        pytest.skip("needs a CUDA build of llama_ext._C and cuobjdump")
+    if source_stem not in _PTX_MODULES:
+        _PTX_MODULES[source_stem] = run.load(source_stem)
+    module = _PTX_MODULES[source_stem]
+    names = module.kernels(lambda signature: match in signature)
+    assert len(names) == 1, f"{len(names)} kernels of {source_stem}.cu match {match!r}"
+    return run, run.Program(module, names[0])
+
+
 # The emulations are the CPU half's check of the CUDA kernels; the GPU machine runs the kernels.
 emulation_only_on_cpu = pytest.mark.skipif("cpu" not in DEVICES,
                                            reason="CPU half only: the GPU machine runs the kernel itself")

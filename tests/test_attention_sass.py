@@ -9,7 +9,6 @@ ones, saying so, and must contain at least one of them."""
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -59,18 +58,7 @@ NO_LOCAL_MEMORY_KERNELS = ("attend_simt_kernel", r"rms_norm_bwd_kernelI\w*Lb1ELi
 REQUIRED_OPCODES = ("HMMA", "LDSM", "LDGSTS")
 
 
-def _cuobjdump():
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    candidates = []
-    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
-    candidates.append(os.path.join(cuda_home, "bin", "cuobjdump"))
-    triton = importlib.util.find_spec("triton")
-    if triton is not None and triton.submodule_search_locations:
-        for root in triton.submodule_search_locations:
-            candidates.append(os.path.join(root, "backends", "nvidia", "bin", "cuobjdump"))
-    return next((c for c in candidates if os.access(c, os.X_OK)), None)
+_cuobjdump = load_emulation("ptx_run").cuobjdump
 
 
 def _extension_path():

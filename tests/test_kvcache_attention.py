@@ -2,6 +2,8 @@
 append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
 cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
 import copy
+import ctypes
+import math
 
 import pytest
 import torch
@@ -14,7 +16,7 @@ from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvca
 
 from conftest import (CPU_DTYPES, CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
                       assert_device_assert, check_kernel_emulation, device_dtype_params, dtypes_for,
-                      emulation_only_on_cpu, load_emulation)
+                      emulation_only_on_cpu, load_emulation, ptx_kernel)
 
 NAN = float("nan")
 
@@ -1014,3 +1016,97 @@ def test_gqa_attention_backward_through_routed_forward(device, causal, window, s
         gqa_attention_reference(q64, k64, v64, causal=causal, window_size=window, softcap=softcap)[0].backward(grad.double())
         for got, ref in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
             assert_close(got, ref, dtype, scale=4.0)
+
+
+# ---- the SIMT prompt kernel's own PTX over a paged cache, run on the CPU (tools/ptx_run.py) -------
+# The host side of attention.cu's make_params for the interpreter: AttentionParams of
+# csrc/cuda/attention_common.cuh (checked against the kernel's parameter size).
+
+class _Strides(ctypes.Structure):
+    _fields_ = [("batch", ctypes.c_int64), ("row", ctypes.c_int64), ("head", ctypes.c_int64)]
+
+
+class _KeyWindow(ctypes.Structure):
+    _fields_ = [("left", ctypes.c_int64), ("right", ctypes.c_int64)]
+
+
+class _AttentionParams(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_uint64), ("k", ctypes.c_uint64), ("v", ctypes.c_uint64), ("out", ctypes.c_uint64),
+                ("lse", ctypes.c_uint64), ("q_strides", _Strides), ("k_strides", _Strides), ("v_strides", _Strides),
+                ("out_strides", _Strides), ("lse_batch", ctypes.c_int64), ("lse_head", ctypes.c_int64),
+                ("cu_seqlens_q", ctypes.c_uint64), ("cu_seqlens_k", ctypes.c_uint64),
+                ("key_lengths", ctypes.c_uint64), ("block_table", ctypes.c_uint64),
+                ("block_table_strides", ctypes.c_int64 * 2), ("block_size", ctypes.c_int32),
+                ("batch", ctypes.c_int32), ("seq_q", ctypes.c_int32), ("seq_k", ctypes.c_int32),
+                ("n_q_heads", ctypes.c_int32), ("n_kv_heads", ctypes.c_int32), ("group", ctypes.c_int32),
+                ("head_dim", ctypes.c_int32), ("scale", ctypes.c_float), ("scale_log2", ctypes.c_float),
+                ("window", _KeyWindow), ("softcap_log2", ctypes.c_float), ("inv_softcap_log2", ctypes.c_float),
+                ("aligned16", ctypes.c_bool), ("dout", ctypes.c_uint64), ("dout_strides", _Strides),
+                ("fwd_out", ctypes.c_uint64), ("fwd_out_strides", _Strides), ("delta", ctypes.c_uint64),
+                ("dq_accum", ctypes.c_uint64), ("dq", ctypes.c_uint64), ("dq_strides", _Strides),
+                ("dk", ctypes.c_uint64), ("dv", ctypes.c_uint64), ("dk_strides", _Strides),
+                ("dv_strides", _Strides)]
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged5"])
+@pytest.mark.parametrize("window", [-1, 3], ids=["causal", "window3"])
+def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
+    """attention_forward_simt_kernel as compiled (its embedded PTX, thread by thread in
+    tools/ptx_run.py), the kernel of prefill-shaped calls on a paged cache in fp32: 5-token pages
+    in shuffled pool order with -1 past each sequence's pages, a strided pool, sequences of 7 and
+    12 keys (key_lengths) against 3 query rows each, head_dim 40 (lanes past it idle), 4/2 heads,
+    causal with and without a sliding window; out and lse against float64, every row written."""
+    batch, seq_q, heads, d, block = 2, 3, (4, 2), 40, 5
+    lengths = [7, 12]
+    q = torch.randn(batch, seq_q, heads[0], d).to(dtype)
+    keys = [torch.randn(n, heads[1], d).to(dtype) for n in lengths]
+    values = [torch.randn(n, heads[1], d).to(dtype) for n in lengths]
+    run, program = ptx_kernel("attention_simt", f"attention_forward_simt_kernel<{'float' if dtype == torch.float32 else '__nv_bfloat16'}, {str(paged).lower()}>")
+    mem = run.DeviceMemory()
+    p = _AttentionParams()
+    if paged:
+        pages = [-(-n // block) for n in lengths]
+        order = torch.randperm(sum(pages) + 2)  # two blocks no sequence owns
+        table = torch.full((batch, max(pages) + 1), -1, dtype=torch.int32)
+        pool_k = torch.randn(sum(pages) + 2, block, heads[1], d + 8).to(dtype)[..., :d]  # strided rows
+        pool_v = torch.randn(sum(pages) + 2, block, heads[1], d + 8).to(dtype)[..., :d]
+        used = 0
+        for b, n in enumerate(lengths):
+            for page in range(pages[b]):
+                slot = int(order[used])
+                used += 1
+                table[b, page] = slot
+                rows = slice(page * block, min(n, (page + 1) * block))
+                pool_k[slot, : rows.stop - rows.start] = keys[b][rows]
+                pool_v[slot, : rows.stop - rows.start] = values[b][rows]
+        k_cache, v_cache = pool_k, pool_v
+        p.block_table, p.block_size = mem.upload(table, "block_table"), block
+        p.block_table_strides[:] = list(table.stride())
+    else:
+        k_cache = torch.randn(batch, max(lengths), heads[1], d).to(dtype)
+        v_cache = torch.randn(batch, max(lengths), heads[1], d).to(dtype)
+        for b, n in enumerate(lengths):
+            k_cache[b, :n], v_cache[b, :n] = keys[b], values[b]
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, heads[0], seq_q), float("nan"))
+    p.q, p.k, p.v = mem.upload(q, "q"), mem.upload(k_cache, "k_cache"), mem.upload(v_cache, "v_cache")
+    p.out, p.lse = mem.upload(out, "out"), mem.upload(lse, "lse")
+    p.q_strides, p.out_strides = _Strides(*q.stride()[:3]), _Strides(*out.stride()[:3])
+    p.k_strides, p.v_strides = _Strides(*k_cache.stride()[:3]), _Strides(*v_cache.stride()[:3])
+    p.lse_batch, p.lse_head = lse.stride(0), lse.stride(1)
+    p.key_lengths = mem.upload(torch.tensor(lengths, dtype=torch.int32), "key_lengths")
+    p.batch, p.seq_q, p.seq_k = batch, seq_q, k_cache.shape[1] * (table.shape[1] if paged else 1)
+    p.n_q_heads, p.n_kv_heads, p.group, p.head_dim = heads[0], heads[1], heads[0] // heads[1], d
+    p.scale = d**-0.5
+    p.scale_log2 = p.scale * math.log2(math.e)
+    p.window.left, p.window.right = min(window, p.seq_k) if window >= 0 else -1, 0
+    assert ctypes.sizeof(p) == program.kernel.params[0].size
+    program.launch(mem, [bytes(p)], grid=(-(-seq_q // 4), heads[0], batch), block=(128,))
+    out, lse = mem.download(p.out, out), mem.download(p.lse, lse)
+    for b in range(batch):
+        ref_out, ref_lse = gqa_attention_reference(q[b:b + 1], keys[b][None], values[b][None], causal=True,
+                                                   window_size=(window, 0))
+        assert_close(out[b:b + 1], ref_out, dtype, scale=2.0)
+        torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, atol=1e-4, rtol=1e-5)

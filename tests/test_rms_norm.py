@@ -1,3 +1,5 @@
+import ctypes
+
 import pytest
 import torch
 from torch.library import opcheck
@@ -5,7 +7,7 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import fused_add_rms_norm_reference, hf_rms_norm, rms_norm_reference
 
-from conftest import CUDA_DTYPES, DEVICES, assert_close, device_dtype_params
+from conftest import CUDA_DTYPES, DEVICES, assert_close, device_dtype_params, emulation_only_on_cpu, ptx_kernel
 
 REDUCED = (torch.float16, torch.bfloat16)
 
@@ -658,3 +660,193 @@ def test_backward_kernel_override_refuses_other_values_on_cuda(monkeypatch, dtyp
             with pytest.raises(ValueError, match="LLAMA_EXT_CUDA_ROW_AHEAD must be 0 or 1"):
                 torch.ops.llama_ext.rms_norm_backward(g, x, w, rstd, None, True, 0.0, True)
         monkeypatch.delenv("LLAMA_EXT_CUDA_ROW_AHEAD")
+
+
+# ---- the CUDA kernels' own PTX, run on the CPU (tools/ptx_run.py) ---------------------------------
+# The host side of rms_norm.cu for the interpreter: the parameter structs of csrc/rms_norm.h
+# (checked against each kernel's parameter size) and the launchers' row layout.
+
+class _FwdParams(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64 if kind == "p" else ctypes.c_int64 if kind == "i" else ctypes.c_double)
+                for name, kind in (("x", "p"), ("x_stride", "i"), ("residual", "p"), ("residual_stride", "i"),
+                                   ("residual_out", "p"), ("residual_out_stride", "i"), ("weight", "p"), ("y", "p"),
+                                   ("y_stride", "i"), ("rstd", "p"), ("rows", "i"), ("n", "i"), ("eps", "d"),
+                                   ("offset", "d"))] + [
+        ("cast_before_weight", ctypes.c_bool), ("dtype", ctypes.c_int8), ("weight_dtype", ctypes.c_int8),
+        ("out_dtype", ctypes.c_int8)]
+
+
+class _BwdParams(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64 if kind == "p" else ctypes.c_int64 if kind == "i" else ctypes.c_double)
+                for name, kind in (("grad_out", "p"), ("grad_out_stride", "i"), ("x", "p"), ("x_stride", "i"),
+                                   ("weight", "p"), ("rstd", "p"), ("grad_residual", "p"),
+                                   ("grad_residual_stride", "i"), ("grad_x", "p"), ("grad_x_stride", "i"),
+                                   ("grad_weight", "p"), ("rows", "i"), ("n", "i"), ("offset", "d"))] + [
+        ("cast_before_weight", ctypes.c_bool), ("dtype", ctypes.c_int8), ("weight_dtype", ctypes.c_int8),
+        ("out_dtype", ctypes.c_int8)]
+
+
+_PTX_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_SCALAR_TYPES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}  # at::ScalarType
+
+
+def _row_layout(n, dtype, max_cache):
+    """rms_norm.cu's row_layout: (group, threads, cache)."""
+    chunk = 16 // dtype.itemsize
+    chunks = -(-n // chunk)
+    pow2 = lambda v: 1 << max(0, (int(v) - 1).bit_length())
+    if chunks <= 128:
+        group = min(32, pow2(chunks))
+        return group, 256, pow2(-(-chunks // group))
+    threads = min(512, -(-(-(-chunks // 2)) // 32) * 32)
+    per_thread = -(-chunks // threads)
+    return threads, threads, pow2(per_thread) if per_thread <= max_cache else 0
+
+
+def _rms_norm_fwd_in_ptx(x, weight, residual, eps, offset, cast, out_dtype, aligned):
+    """rms_norm_fwd_kernel's PTX over the rows of x: (y, residual_out, rstd)."""
+    rows, n = x.shape
+    group, threads, cache = _row_layout(n, x.dtype, 8)
+    w_dtype = weight.dtype if weight is not None else x.dtype
+    kind = (f"rms_norm_fwd_kernel<{_PTX_TYPES[x.dtype]}, {_PTX_TYPES[w_dtype]}, {_PTX_TYPES[out_dtype]}, "
+            f"{str(aligned).lower()}, {cache if aligned else 0}>")
+    run, program = ptx_kernel("rms_norm", kind)
+    mem = run.DeviceMemory()
+    y = torch.full((rows, n), float("nan"), dtype=out_dtype)
+    rstd = torch.full((rows,), float("nan"))
+    res_out = torch.full_like(x, float("nan"))
+    p = _FwdParams(x=mem.upload(x, "x"), x_stride=x.stride(0), y=mem.upload(y, "y"), y_stride=n,
+                   rstd=mem.upload(rstd, "rstd"), rows=rows, n=n, eps=eps, offset=offset, cast_before_weight=cast,
+                   dtype=_SCALAR_TYPES[x.dtype], weight_dtype=_SCALAR_TYPES[w_dtype],
+                   out_dtype=_SCALAR_TYPES[out_dtype])
+    if weight is not None:
+        p.weight = mem.upload(weight, "weight")
+    if residual is not None:
+        p.residual, p.residual_stride = mem.upload(residual, "residual"), residual.stride(0)
+        p.residual_out, p.residual_out_stride = mem.upload(res_out, "residual_out"), n
+    assert ctypes.sizeof(p) == program.kernel.params[0].size
+    program.launch(mem, [bytes(p), group], grid=(-(-rows // (threads // group)),), block=(threads,))
+    return mem.download(p.y, y), mem.download(p.residual_out, res_out) if residual is not None else None, \
+        mem.download(p.rstd, rstd)
+
+
+def _rms_norm_bwd_in_ptx(grad, x, weight, rstd, grad_residual, offset, cast, aligned, row_ahead, grid):
+    """rms_norm_bwd_kernel's PTX on `grid` CTAs, then reduce_dweight_kernel's: (dx, dweight)."""
+    rows, n = x.shape
+    group, threads, cache = _row_layout(n, x.dtype, 4)
+    cache = cache if aligned else 0
+    w_dtype = weight.dtype
+    chunk = 16 // x.dtype.itemsize
+    ws_stride = -(-n // chunk) * chunk
+    rows_per_cta = threads // group
+    sums_in_smem = rows_per_cta * ws_stride * 4 <= 32 * 1024
+    kind = (f"rms_norm_bwd_kernel<{_PTX_TYPES[x.dtype]}, {_PTX_TYPES[w_dtype]}, {_PTX_TYPES[grad.dtype]}, "
+            f"{str(aligned).lower()}, {cache}, {str(row_ahead).lower()}>")
+    run, program = ptx_kernel("rms_norm", kind)
+    mem = run.DeviceMemory()
+    dx = torch.full_like(x, float("nan"))
+    dw = torch.full((n,), float("nan"), dtype=w_dtype)
+    workspace = torch.full((grid, ws_stride), float("nan"))
+    p = _BwdParams(grad_out=mem.upload(grad, "grad_out"), grad_out_stride=grad.stride(0), x=mem.upload(x, "x"),
+                   x_stride=x.stride(0), weight=mem.upload(weight, "weight"), rstd=mem.upload(rstd, "rstd"),
+                   grad_x=mem.upload(dx, "grad_x"), grad_x_stride=n, grad_weight=mem.upload(dw, "grad_weight"),
+                   rows=rows, n=n, offset=offset, cast_before_weight=cast, dtype=_SCALAR_TYPES[x.dtype],
+                   weight_dtype=_SCALAR_TYPES[w_dtype], out_dtype=_SCALAR_TYPES[grad.dtype])
+    if grad_residual is not None:
+        p.grad_residual = mem.upload(grad_residual, "grad_residual")
+        p.grad_residual_stride = grad_residual.stride(0)
+    assert ctypes.sizeof(p) == program.kernel.params[0].size
+    ws = mem.upload(workspace, "workspace")
+    program.launch(mem, [bytes(p), group, ws, ws_stride, sums_in_smem], grid=(grid,), block=(threads,),
+                   dynamic_shared=rows_per_cta * ws_stride * 4 if sums_in_smem else 0)
+    _, reduce = ptx_kernel("rms_norm", f"reduce_dweight_kernel<{_PTX_TYPES[w_dtype]}>")
+    # Wide rows: the first two and the last of reduce_dweight's CTAs (32 columns each) only.
+    reduce_grid = -(-n // 32)
+    ctas = None if reduce_grid <= 8 else [(0, 0, 0), (1, 0, 0), (reduce_grid - 1, 0, 0)]
+    reduce.launch(mem, [ws, grid, ws_stride, n, p.grad_weight], grid=(reduce_grid,), block=(512,), ctas=ctas)
+    columns = torch.arange(n) if ctas is None else torch.cat([torch.arange(32 * c[0], min(n, 32 * c[0] + 32))
+                                                              for c in ctas])
+    return mem.download(p.grad_x, dx), mem.download(p.grad_weight, dw), columns
+
+
+# (input, weight, out) dtypes and cast_before_weight as the ops pair them, and the row length of
+# each layout: short rows (group 16 / 32 of a 256-thread CTA), long rows cached in 2 or 4 chunks a
+# thread, and unaligned rows (the loop).
+_PTX_VARIANTS = [(torch.bfloat16, torch.bfloat16, False), (torch.bfloat16, torch.float32, True),
+                 (torch.float16, torch.float32, False), (torch.float32, torch.float32, False)]
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype,weight_dtype,cast", _PTX_VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("n,rows", [(128, 20), (200, 9), (2048, 2), (100, 3), (8200, 1), (32776, 1)])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_cuda_forward_in_ptx_matches_float64(dtype, weight_dtype, cast, n, rows, fused):
+    """rms_norm_fwd_kernel as compiled (its embedded PTX, thread by thread in tools/ptx_run.py):
+    each layout (short rows, rows cached 1 to 8 chunks a thread, rows past the cache looped, and
+    unaligned rows) with the rows of its last CTA only partly valid, with and without the fused add,
+    strided rows; rstd and every element written, nothing outside the tensors."""
+    vec = 16 // dtype.itemsize
+    aligned = n % vec == 0
+    out_dtype = torch.promote_types(dtype, weight_dtype) if cast else dtype
+    x = make((rows, n + vec), "cpu", dtype, scale=3.0)[:, :n]  # rows a vector apart
+    residual = make((rows, n), "cpu", dtype) if fused else None
+    weight = make((n,), "cpu", weight_dtype, scale=0.5)
+    offset = 1.0 if cast else 0.0
+    y, res_out, rstd = _rms_norm_fwd_in_ptx(x, weight, residual, 1e-5, offset, cast, out_dtype, aligned)
+    s = x if residual is None else res_out
+    if fused:
+        assert_close(res_out, x.double() + residual.double(), dtype)
+    assert_close(y, rms_norm_reference(s, weight, 1e-5, offset), dtype, scale=2.0)
+    torch.testing.assert_close(rstd.double(), s.double().pow(2).mean(-1).add(1e-5).rsqrt(), rtol=1e-5, atol=0)
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype,weight_dtype,cast", _PTX_VARIANTS, ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("n,rows,kernel", [(128, 40, "cached"), (2048, 5, "cached"), (2048, 5, "row_ahead"),
+                                           (100, 7, "unaligned"), (8200, 3, "cached")])
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_cuda_backward_in_ptx_matches_float64(dtype, weight_dtype, cast, n, rows, kernel, fused):
+    """rms_norm_bwd_kernel (plain, row-ahead and unaligned) and reduce_dweight_kernel as compiled,
+    on 2 CTAs so that each strides over several row blocks, the last partly valid: dx and dweight
+    against float64, with and without the fused add's residual gradient."""
+    if kernel == "row_ahead" and _row_layout(n, dtype, 4)[2] != 2:
+        pytest.skip("the row-ahead kernel exists for a cache of 2 chunks only")
+    out_dtype = torch.promote_types(dtype, weight_dtype) if cast else dtype
+    x = make((rows, n), "cpu", dtype)
+    weight = make((n,), "cpu", weight_dtype, scale=0.5)
+    grad = make((rows, n), "cpu", out_dtype)
+    grad_residual = make((rows, n), "cpu", dtype) if fused else None
+    offset = 1.0 if cast else 0.0
+    rstd = x.float().pow(2).mean(-1).add(1e-6).rsqrt()
+    dx, dw, columns = _rms_norm_bwd_in_ptx(grad, x, weight, rstd, grad_residual, offset, cast,
+                                           aligned=kernel != "unaligned", row_ahead=kernel == "row_ahead", grid=2)
+    x64, w64 = (t.detach().double().requires_grad_() for t in (x, weight))
+    rms_norm_reference(x64, w64, 1e-6, offset).backward(grad.double())
+    expected_dx = x64.grad + (grad_residual.double() if fused else 0)
+    assert_close(dx, expected_dx, dtype, scale=8.0)
+    assert_close(dw[columns], w64.grad[columns], dtype, scale=16.0)
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("weight_dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("n_partials", [1, 16, 37])
+def test_cuda_dweight_reduction_in_ptx_sums_in_its_fixed_order(weight_dtype, n_partials):
+    """reduce_dweight_kernel as compiled, over workspace rows a padded stride apart: 40 columns
+    (its second CTA's 32 only partly used), partials fewer than, equal to and not a multiple of
+    its 16 warps; the result is the sum in its documented order (each warp a contiguous range of
+    rows in order, then the warps in order), rounded once to the weight's dtype."""
+    n, ws_stride = 40, 48
+    workspace = torch.randn(n_partials, ws_stride)
+    run, program = ptx_kernel("rms_norm", f"reduce_dweight_kernel<{_PTX_TYPES[weight_dtype]}>")
+    mem = run.DeviceMemory()
+    dw = torch.full((n,), float("nan"), dtype=weight_dtype)
+    address = mem.upload(dw, "dweight")
+    program.launch(mem, [mem.upload(workspace, "workspace"), n_partials, ws_stride, n, address], grid=(2,), block=(512,))
+    per_warp = -(-n_partials // 16)
+    expected = torch.zeros(n)
+    for warp in range(16):
+        part = torch.zeros(n)
+        for b in range(warp * per_warp, min((warp + 1) * per_warp, n_partials)):
+            part = part + workspace[b, :n]
+        expected = expected + part
+    assert torch.equal(mem.download(address, dw), expected.to(weight_dtype))

@@ -1,3 +1,4 @@
+import ctypes
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ try:  # the external reference: transformers' own code; the project's copy only 
 except ImportError:
     from llama_ext.reference import hf_apply_rotary_pos_emb
 
-from conftest import CUDA_DTYPES, DEVICES, assert_close, assert_device_assert, device_dtype_params
+from conftest import (CUDA_DTYPES, DEVICES, assert_close, assert_device_assert, device_dtype_params,
+                      emulation_only_on_cpu, ptx_kernel)
 
 HEAD_DIMS = [64, 80, 128, 256]
 HEAD_COUNTS = [(12, 4), (5, 1)]
@@ -580,3 +582,105 @@ def test_devices_must_match():
     with pytest.raises(TypeError, match="float64"):
         llama_ext.apply_rotary(**_args("cuda", q=lambda d: torch.ones(2, 3, 4, 16, dtype=torch.float64, device=d),
                                        k=lambda d: torch.ones(2, 3, 2, 16, dtype=torch.float64, device=d)))
+
+
+# ---- the CUDA kernel's own PTX, run on the CPU (tools/ptx_run.py) ---------------------------------
+# The host side of rotary.cu's launch(), for the interpreter: its parameter struct (checked against
+# the kernel's parameter size) and its block shape rule.
+
+class _Operand(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_uint64), ("dst", ctypes.c_uint64), ("src_stride", ctypes.c_int64 * 3),
+                ("dst_stride", ctypes.c_int64 * 3), ("heads", ctypes.c_int32)]
+
+
+class _Tables(ctypes.Structure):
+    _fields_ = [("cos", ctypes.c_uint64), ("sin", ctypes.c_uint64), ("cos_stride", ctypes.c_int64),
+                ("sin_stride", ctypes.c_int64), ("positions", ctypes.c_uint64), ("positions_int64", ctypes.c_bool),
+                ("pos_batch_stride", ctypes.c_int64), ("pos_seq_stride", ctypes.c_int64)]
+
+
+class _RotaryParams(ctypes.Structure):
+    _fields_ = [("q", _Operand), ("k", _Operand), ("tables", _Tables), ("tokens", ctypes.c_int64),
+                ("seq", ctypes.c_int64), ("max_position", ctypes.c_int64), ("head_dim", ctypes.c_int32),
+                ("half", ctypes.c_int32), ("rotary_chunks", ctypes.c_int32), ("pass_chunks", ctypes.c_int32),
+                ("inverse", ctypes.c_bool), ("copy_pass_through", ctypes.c_bool)]
+
+
+_PTX_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def _rotary_in_ptx(q, k, cos, sin, positions, interleaved, inverse, in_place, block=None):
+    """rotary_kernel's PTX over (q, k), as rotary.cu's launcher would launch it (or with `block`);
+    returns (q_out, k_out) and the launch."""
+    elem = q.element_size()
+    vec = 16 // elem
+    half = cos.shape[1]
+    span = 2 * half if interleaved else half
+    vectorized = span % vec == 0 and all(
+        t.stride(d) * elem % 16 == 0 or t.shape[d] == 1 for t in (q, k) for d in range(3)) and q.shape[3] % vec == 0
+    kind = f"rotary_kernel<{_PTX_TYPES[q.dtype]}, {str(vectorized).lower()}, {str(interleaved).lower()}>"
+    run, program = ptx_kernel("rotary", kind)
+    mem = run.DeviceMemory()
+    q_out = q.clone() if in_place else torch.full_like(q, float("nan"))
+    k_out = k.clone() if in_place else torch.full_like(k, float("nan"))
+    addresses = {}
+
+    def device(t, name):
+        addresses[name] = mem.upload(t, name)
+        return addresses[name]
+
+    def operand(src, dst, name):
+        op = _Operand(device(src, name) if not in_place else 0, 0, (0, 0, 0), (0, 0, 0), src.shape[2])
+        op.dst = device(dst, name + "_out")
+        if in_place:
+            op.src = op.dst
+        strides = [0 if src.shape[d] == 1 else src.stride(d) for d in range(3)]
+        op.src_stride[:] = strides
+        op.dst_stride[:] = [0 if dst.shape[d] == 1 else dst.stride(d) for d in range(3)]
+        return op
+
+    p = _RotaryParams()
+    p.q, p.k = operand(q, q_out, "q"), operand(k, k_out, "k")
+    p.tables.cos, p.tables.sin = device(cos, "cos"), device(sin, "sin")
+    p.tables.cos_stride, p.tables.sin_stride = cos.stride(0), sin.stride(0)
+    if positions is not None:
+        p.tables.positions = device(positions, "positions")
+        p.tables.positions_int64 = positions.dtype == torch.int64
+        p.tables.pos_batch_stride, p.tables.pos_seq_stride = (
+            (0, positions.stride(0)) if positions.dim() == 1 else (positions.stride(0), positions.stride(1)))
+    p.tokens, p.seq, p.max_position = q.shape[0] * q.shape[1], q.shape[1], cos.shape[0]
+    p.head_dim, p.half = q.shape[3], half
+    chunk = vec if vectorized else (2 if interleaved else 1)
+    p.rotary_chunks = span // chunk
+    p.pass_chunks = 0 if in_place else (q.shape[3] - 2 * half) // (chunk if vectorized else 1)
+    p.inverse, p.copy_pass_through = inverse, not in_place
+    assert ctypes.sizeof(p) == program.kernel.params[0].size
+    if block is None:  # launch()'s rule
+        heads = q.shape[2] + k.shape[2]
+        groups = -(-heads // 2)
+        bx = min(max(p.rotary_chunks, p.pass_chunks), 128)
+        rounds = -(-groups // max(1, 512 // bx))
+        by = -(-groups // rounds)
+        block = (bx, by, max(1, min(p.tokens, 128 // (bx * by), 64)))
+    launch = program.launch(mem, [bytes(p)], grid=(-(-p.tokens // block[2]),), block=block)
+    return (mem.download(addresses["q_out"], q_out), mem.download(addresses["k_out"], k_out)), launch
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=str)
+@pytest.mark.parametrize("rotary_dim,interleaved", [(32, False), (48, True), (20, False), (20, True)],
+                         ids=["half-vector", "interleaved-vector", "half-scalar", "interleaved-scalar"])
+@pytest.mark.parametrize("in_place", [False, True], ids=["out", "inplace"])
+def test_cuda_kernel_in_ptx_matches_float64(dtype, rotary_dim, interleaved, in_place):
+    """rotary_kernel as compiled (its embedded PTX, thread by thread in tools/ptx_run.py): 3 q heads
+    and 2 k heads (a thread's head pair straddles q and k, and the last pair has one head), partial
+    rotary with pass-through dims, positions, the inverse, the launcher's block shape and one that
+    loops over chunks, heads and tokens; every element written, none outside the tensors."""
+    q, k = qk(2, 3, (3, 2), 64, "cpu", dtype)
+    cos, sin = tables(rotary_dim, "cpu", max_position=16)
+    positions = random_positions(2, 3, "cpu", torch.int32, max_position=16)
+    for inverse, block in ((False, None), (True, (1, 1, 2))):
+        (q_out, k_out), _ = _rotary_in_ptx(q, k, cos, sin, positions, interleaved, inverse, in_place, block)
+        for x, out in ((q, q_out), (k, k_out)):
+            expected = rotary_reference(x, cos, sin, positions, interleaved, inverse)
+            assert_close(out, expected, dtype)
