@@ -1110,3 +1110,178 @@ def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
                                                    window_size=(window, 0))
         assert_close(out[b:b + 1], ref_out, dtype, scale=2.0)
         torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+# ---- the decode kernels' own PTX, run on the CPU (tools/ptx_run.py) --------------------------------
+# The host side of kvcache_attention.cu for the interpreter: KVCacheKernelParams (checked against the
+# kernels' parameter size), FastDivisor (common_math.h), and the launcher's grids and the attend
+# kernel's shared memory (TcTiling::kSmemBytes).
+
+class _FastDivisor(ctypes.Structure):
+    _fields_ = [("d", ctypes.c_uint32), ("magic", ctypes.c_uint32), ("shift", ctypes.c_uint32)]
+
+    @classmethod
+    def of(cls, d):
+        shift = max(0, (d - 1).bit_length())
+        return cls(d, ((1 << (32 + shift)) // d - (1 << 32) + 1) & 0xFFFFFFFF, shift)
+
+
+_I64x3 = ctypes.c_int64 * 3
+
+
+class _KVCacheKernelParams(ctypes.Structure):
+    _fields_ = [("q", ctypes.c_uint64), ("q_stride", _I64x3), ("k_cache", ctypes.c_uint64),
+                ("v_cache", ctypes.c_uint64), ("k_stride", _I64x3), ("v_stride", _I64x3)] + [
+        (name, ctypes.c_int32) for name in ("k_token_bytes", "v_token_bytes", "k_block_bytes", "v_block_bytes")] + [
+        ("k_new", ctypes.c_uint64), ("v_new", ctypes.c_uint64), ("kn_stride", _I64x3), ("vn_stride", _I64x3),
+        ("seqlens", ctypes.c_uint64), ("block_table", ctypes.c_uint64), ("bt_stride", ctypes.c_int64 * 2),
+        ("bt_entry_stride", ctypes.c_int32), ("block_size", _FastDivisor), ("num_blocks", ctypes.c_int32),
+        ("capacity", ctypes.c_int32), ("cos", ctypes.c_uint64), ("sin", ctypes.c_uint64),
+        ("cos_stride", ctypes.c_int64), ("sin_stride", ctypes.c_int64), ("rotary_half", ctypes.c_int32),
+        ("rotary_positions", ctypes.c_int32), ("interleaved", ctypes.c_bool), ("out", ctypes.c_uint64),
+        ("lse", ctypes.c_uint64), ("partial_out", ctypes.c_uint64), ("partial_lse", ctypes.c_uint64)] + [
+        (name, ctypes.c_int32) for name in ("batch", "seq_q", "seq_new", "n_q_heads", "n_kv_heads", "head_dim",
+                                            "group", "rows", "row_tiles", "splits", "window_left", "window_right")] + [
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
+
+
+_PTX_HALF = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
+def _kvcache_kernel_params(mem, q, k_cache, v_cache, seqlens, k, v, block_table, rotary=None):
+    """kvcache_attention_cuda's KVCacheKernelParams over device copies in `mem`, without out/lse."""
+    p = _KVCacheKernelParams()
+    p.q, p.k_cache, p.v_cache = mem.upload(q, "q"), mem.upload(k_cache, "k_cache"), mem.upload(v_cache, "v_cache")
+    p.q_stride[:], p.k_stride[:], p.v_stride[:] = q.stride()[:3], k_cache.stride()[:3], v_cache.stride()[:3]
+    elem = k_cache.element_size()
+    p.k_token_bytes = k_cache.stride(1) * elem if k_cache.shape[1] > 1 else 0
+    p.v_token_bytes = v_cache.stride(1) * elem if v_cache.shape[1] > 1 else 0
+    if k is not None:
+        p.k_new, p.v_new = mem.upload(k, "k"), mem.upload(v, "v")
+        p.kn_stride[:], p.vn_stride[:], p.seq_new = k.stride()[:3], v.stride()[:3], k.shape[1]
+    p.seqlens = mem.upload(seqlens, "cache_seqlens")
+    batch, seq_q, n_q_heads, d = q.shape
+    if block_table is not None:
+        p.k_block_bytes = k_cache.stride(0) * elem if k_cache.shape[0] > 1 else 0
+        p.v_block_bytes = v_cache.stride(0) * elem if v_cache.shape[0] > 1 else 0
+        p.block_table = mem.upload(block_table, "block_table")
+        p.bt_stride[:] = block_table.stride()
+        p.bt_entry_stride = 0 if block_table.shape[1] <= 1 else block_table.stride(1)
+        p.num_blocks, p.capacity = k_cache.shape[0], block_table.shape[1] * k_cache.shape[1]
+    else:
+        p.num_blocks, p.capacity = batch, k_cache.shape[1]
+    p.block_size = _FastDivisor.of(max(k_cache.shape[1], 1))
+    if rotary is not None:
+        cos, sin = rotary
+        p.cos, p.sin = mem.upload(cos, "rotary_cos"), mem.upload(sin, "rotary_sin")
+        p.cos_stride, p.sin_stride = cos.stride(0), sin.stride(0)
+        p.rotary_half, p.rotary_positions = cos.shape[1], cos.shape[0]
+    p.batch, p.seq_q, p.n_q_heads, p.n_kv_heads, p.head_dim = batch, seq_q, n_q_heads, k_cache.shape[2], d
+    p.group = n_q_heads // k_cache.shape[2]
+    p.rows = p.group * seq_q
+    p.row_tiles = -(-p.rows // 16)
+    p.window_left, p.window_right = -1, 0
+    p.scale = d**-0.5
+    return p
+
+
+def _tc_smem_bytes(d, stage_budget):
+    """TcTiling<T, d, stage_budget>::kSmemBytes (fp16 / bf16)."""
+    pitch, warps_k = d + 8, 4 // (2 if d > 128 else 1)
+    tile = 16 * warps_k * pitch
+    stages = min(max(stage_budget // (2 * tile * 2), 2), 4)
+    return (16 * pitch + 2 * stages * tile) * 2
+
+
+def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, splits, stage_budget):
+    """append_kernel, attend_tc_kernel<T, d, stage_budget> on `splits` key splits and (splits > 1)
+    combine_kernel, as the launcher runs them: (out, lse, k_cache', v_cache')."""
+    T, d = _PTX_HALF[q.dtype], q.shape[3]
+    run, attend = ptx_kernel("kvcache_attention", f"attend_tc_kernel<{T}, {d}, {stage_budget}>(")
+    mem = run.DeviceMemory()
+    p = _kvcache_kernel_params(mem, q, k_cache, v_cache, seqlens, k, v, block_table, rotary)
+    batch, seq_q, n_q_heads, _ = q.shape
+    rows_total = batch * n_q_heads * seq_q
+    out = torch.full_like(q, float("nan"))
+    lse = torch.full((batch, n_q_heads, seq_q), float("nan"))
+    p.out, p.lse, p.splits = mem.upload(out, "out"), mem.upload(lse, "lse"), splits
+    if splits > 1:
+        p.partial_out = mem.upload(torch.full((splits, rows_total, d), float("nan")), "partial_out")
+        p.partial_lse = mem.upload(torch.full((splits, rows_total), float("nan")), "partial_lse")
+    assert ctypes.sizeof(p) == attend.kernel.params[0].size
+    if k is not None:
+        _, append = ptx_kernel("kvcache_attention", f"append_kernel<{T}>(")
+        append.launch(mem, [bytes(p)], grid=(batch * k.shape[1], k_cache.shape[2]), block=(128,))
+    attend.launch(mem, [bytes(p)], grid=(splits, p.n_kv_heads * p.row_tiles, batch), block=(128,),
+                  dynamic_shared=_tc_smem_bytes(d, stage_budget))
+    if splits > 1:
+        _, combine = ptx_kernel("kvcache_attention", f"combine_kernel<{T}>(")
+        combine.launch(mem, [bytes(p)], grid=(rows_total,), block=(128,))
+    return (mem.download(p.out, out), mem.download(p.lse, lse), mem.download(p.k_cache, k_cache),
+            mem.download(p.v_cache, v_cache))
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype,d,stage_budget,paged,splits,rotary", [
+    (torch.bfloat16, 64, 73728, True, 3, False),
+    (torch.float16, 64, 73728, False, 1, True),
+    (torch.bfloat16, 128, 110592, True, 2, True),   # the deep ring: three 64-key stages
+    (torch.bfloat16, 128, 73728, False, 2, False),  # its ring of two
+], ids=["bf16-d64-paged16-3splits", "fp16-d64-contiguous-rotary", "bf16-d128-deep-ring-paged16",
+        "bf16-d128-ring-of-two"])
+def test_decode_kernels_in_ptx_match_float64(dtype, d, stage_budget, paged, splits, rotary):
+    """The decode step's kernels as compiled (their embedded PTX, thread by thread in
+    tools/ptx_run.py, mma and ldmatrix as the PTX ISA defines them): the append of a new token
+    (rotated with rotary tables), the tensor-core attend kernel over 38 and 71 keys (a partial
+    last tile) split 1 to 3 ways, paged (16-token pages in shuffled order, -1 past each
+    sequence's pages) and contiguous, and the combine; out, lse and the written cache slots
+    against float64, the other slots untouched."""
+    batch, heads = 2, (8, 2)
+    seqlens = torch.tensor([37, 70], dtype=torch.int32)
+    q = torch.randn(batch, 1, heads[0], d).to(dtype)
+    k, v = (torch.randn(batch, 1, heads[1], d).to(dtype) for _ in range(2))
+    if paged:
+        table = torch.full((batch, 6), -1, dtype=torch.int32)
+        order = torch.randperm(12).to(torch.int32)
+        table[0, :3], table[1, :5] = order[:3], order[3:8]
+        k_cache, v_cache = (torch.randn(12, 16, heads[1], d).to(dtype) for _ in range(2))
+    else:
+        table = None
+        k_cache, v_cache = (torch.randn(batch, 80, heads[1], d).to(dtype) for _ in range(2))
+    tables = llama_ext.rope_cos_sin(d, 96) if rotary else None
+    out, lse, k_after, v_after = _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, table, tables, splits,
+                                                stage_budget)
+    ref_out, ref_lse, ref_k, ref_v = gqa_attention_with_kvcache_reference(
+        q, k_cache, v_cache, seqlens, k, v, table, rotary_cos=tables and tables[0], rotary_sin=tables and tables[1])
+    assert_close(k_after, ref_k, dtype)  # rotated in fp32 against float64: an ulp apart at most
+    assert torch.equal(v_after, ref_v)
+    assert_close(out, ref_out, dtype, scale=2.0)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-4)
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged4"])
+def test_key_lengths_kernel_in_ptx(paged):
+    """key_lengths_kernel as compiled (the prefill route's lengths, read on the device): each
+    sequence's cache_seqlens + seq_new, and on a paged cache 0 after a device-side assert for the
+    sequence whose pages name a block outside the cache."""
+    batch, d = 3, 32
+    seqlens = torch.tensor([3, 0, 9], dtype=torch.int32)
+    q = torch.randn(batch, 2, 2, d, dtype=torch.bfloat16)
+    k = torch.randn(batch, 2, 1, d, dtype=torch.bfloat16)
+    if paged:
+        table = torch.tensor([[0, 5, -1], [1, -1, -1], [2, 3, 7]], dtype=torch.int32)  # block 7: outside
+        k_cache = torch.randn(6, 4, 1, d, dtype=torch.bfloat16)
+    else:
+        table, k_cache = None, torch.randn(batch, 12, 1, d, dtype=torch.bfloat16)
+    run, program = ptx_kernel("kvcache_attention", "key_lengths_kernel(")
+    mem = run.DeviceMemory()
+    p = _kvcache_kernel_params(mem, q, k_cache, k_cache, seqlens, k, k, table)
+    lengths = mem.upload(torch.full((batch,), -7, dtype=torch.int32), "lengths")
+    assert ctypes.sizeof(p) == program.kernel.params[0].size
+    launch = program.launch(mem, [bytes(p), lengths], grid=(batch,), block=(128,), record_asserts=True)
+    got = mem.download(lengths, torch.zeros(batch, dtype=torch.int32)).tolist()
+    if paged:
+        assert got == [5, 2, 0] and len(launch.asserts) == 1 and "CTA (2, 0, 0)" in launch.asserts[0]
+    else:
+        assert got == [5, 2, 11] and launch.asserts == []

@@ -16,7 +16,9 @@ What it models:
   launch() (DeviceMemory), shared accesses only inside the CTA's static + dynamic allocation;
   a shared read of bytes never written, or written by another thread since the last barrier
   (another warp's, or this warp's before its last collective), raises Race;
-- device asserts (a call to __assertfail) raise DeviceAssert;
+- device asserts (a call to __assertfail) raise DeviceAssert, or with record_asserts are listed
+  in the launch's `asserts` and the thread goes on (what the kernel does where asserts are
+  compiled out);
 - a register read before any write (C++'s unused uninitialized values, which the compiler keeps
   as they are) reads all ones: NaN as a float, -1 as an integer, so that a use shows;
 - fp32 arithmetic rounded to fp32 at every instruction (fma as a product and a sum in float64,
@@ -24,8 +26,13 @@ What it models:
   conversions with round to nearest even, and the .approx functions computed exactly (the GPU's
   are within 2 ulp of them).
 
-What it does not: tensor-core instructions (mma, ldmatrix: see ptx_emu.py), atomics across CTAs
-in parallel (CTAs run one after another), timing, caches. It is slow (Python, ~1 us per
+- cp.async: the source read at issue, the destination landing at the wait_group that retires its
+  group (a read of it before is a race); ldmatrix and mma.m16n8k16 as the PTX ISA lays out their
+  fragments, the product in float64 rounded once to fp32;
+- bar.red (__syncthreads_or / _and) and vote.sync.
+
+What it does not: CTAs in parallel (they run one after another: no cross-CTA races or atomics
+contention), timing, caches, the other mma shapes. It is slow (Python, ~1 us per
 instruction per thread): launches of a few CTAs."""
 
 import bisect
@@ -301,6 +308,7 @@ class SharedMemory:
         self.epoch = np.zeros(size, np.int64)       # the writer's CTA barrier interval
         self.warp_epoch = np.zeros(size, np.int64)  # the writer's warp collective count then
         self.cta_epoch = 0
+        self.in_flight = np.zeros(size, bool)
 
     def _range(self, address, size, t):
         if address < 0 or address + size > len(self.data):
@@ -310,6 +318,9 @@ class SharedMemory:
 
     def read(self, address, size, t):
         s = self._range(address, size, t)
+        if self.in_flight[s].any():
+            raise Race(f"thread {t.tid} reads shared bytes [{address}, {address + size}) whose cp.async has not "
+                       f"been waited for")
         w = self.writer[s]
         if (w < 0).any():
             raise Race(f"thread {t.tid} reads shared bytes [{address}, {address + size}) never written")
@@ -323,6 +334,15 @@ class SharedMemory:
                 raise Race(f"thread {t.tid} reads shared byte {address + j} that thread {int(w[j])} wrote "
                            f"with no barrier between")
         return bytes(self.data[s])
+
+    def reserve(self, address, size, t):
+        """A cp.async's destination, in flight until land(): read it, and it is a race."""
+        s = self._range(address, size, t)
+        self.in_flight[s] = True
+
+    def land(self, address, data, t):
+        self.in_flight[address: address + len(data)] = False
+        self.write(address, data, t)
 
     def write(self, address, data, t):
         s = self._range(address, len(data), t)
@@ -1112,7 +1132,10 @@ class Compiler:
             target = ops[1].strip()
         if target == "__assertfail":
             def f(th):
-                raise DeviceAssert(f"device-side assert in thread {th.tid} of CTA {th.cta.ctaid}")
+                where = f"device-side assert in thread {th.tid} of CTA {th.cta.ctaid}"
+                if not th.cta.launch.record_asserts:
+                    raise DeviceAssert(where)
+                th.cta.launch.asserts.append(where)
             return f
         if target == "vprintf":
             return lambda th: None
@@ -1123,9 +1146,15 @@ class Compiler:
         if mods and mods[0] == "warp":  # bar.warp.sync mask
             g = self.src(ops[0], "b32")
             return None, ("warpsync", g, None)
-        gid = self.src(ops[0], "u32")
-        gcount = self.src(ops[1], "u32") if len(ops) > 1 else None
-        return None, ("bar", gid, gcount)
+        spec = dict(count=None, reduce=None)
+        if mods and mods[0] == "red":  # bar.red.OP.pred d, id, [count,] a: the CTA's OR / AND of a
+            d, *rest = ops
+            a = rest.pop()
+            spec["reduce"] = (mods[1], self.src(a.lstrip("!"), "pred"), a.startswith("!"), self.dst(d))
+            ops = rest
+        if len(ops) > 1:
+            spec["count"] = self.src(ops[1], "u32")
+        return None, ("bar", self.src(ops[0], "u32"), spec)
 
     op_barrier = op_bar
 
@@ -1143,6 +1172,58 @@ class Compiler:
         neg = a.startswith("!")
         spec = dict(mode=mode, a=self.src(a.lstrip("!"), "pred"), neg=neg, put=self.dst(d))
         return None, ("vote", self.src(mask, "b32"), spec)
+
+    def op_cp(self, mods, ops):
+        """cp.async.{ca,cg}.shared.global [dst], [src], size[, src_size]: the source is read now and
+        lands in shared memory when a cp.async.wait_group retires its group (reads of it before
+        then are races); bytes past src_size are zeros. commit_group / wait_group / wait_all."""
+        kind = mods[1]
+        if kind == "commit_group":
+            return lambda th: th.async_groups.append(th.async_open) or setattr(th, "async_open", [])
+        if kind in ("wait_group", "wait_all"):
+            keep = int(ops[0]) if kind == "wait_group" else 0
+            def wait(th):
+                if kind == "wait_all":
+                    th.async_groups.append(th.async_open)
+                    th.async_open = []
+                while len(th.async_groups) > keep:
+                    for dst, data in th.async_groups.pop(0):
+                        th.cta.smem.land(dst, data, th)
+            return wait
+        dst_text, src_text, size_text, *rest = ops
+        dst, src = self.address(dst_text), self.address(src_text)
+        size = int(size_text, 0)
+        src_size = self.src(rest[0], "u32") if rest else (lambda th: size)
+        def copy(th):
+            n = min(src_size(th), size)
+            data = (th.cta.launch.mem.read(src(th), n) if n else b"") + bytes(size - n)
+            address = th._resolve("shared", dst(th))[1]
+            th.cta.smem.reserve(address, size, th)
+            th.async_open.append((address, data))
+        return copy
+
+    def op_ldmatrix(self, mods, ops):
+        """ldmatrix.sync.aligned.m8n8.xN[.trans].shared.b16: lanes 8i..8i+7 give the rows of matrix
+        i; lane l gets row l/4, columns 2(l%4) and 2(l%4)+1 of each (transposed: column l/4, rows
+        2(l%4) and 2(l%4)+1), the lower column (row) in the lower half."""
+        count = int(next(m for m in mods if m.startswith("x"))[1:])
+        d, a = ops
+        names = [x.strip() for x in d[1:-1].split(",")] if d.startswith("{") else [d]
+        spec = dict(count=count, trans="trans" in mods, addr=self.address(a), puts=[self.dst(n) for n in names])
+        return None, ("ldmatrix", lambda th: 0xFFFFFFFF, spec)
+
+    def op_mma(self, mods, ops):
+        """mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: D = A B + C with g =
+        lane / 4, t = lane % 4: a0..a3 = A[g][2t:2t+2], A[g+8][2t:], A[g][2t+8:], A[g+8][2t+8:];
+        b0, b1 = B[2t:2t+2][g], B[2t+8:2t+10][g]; c0..c3 = C[g][2t], C[g][2t+1], C[g+8][2t],
+        C[g+8][2t+1]. Products exact, the sum in float64, rounded once to fp32."""
+        if mods[2:6] != ["m16n8k16", "row", "col", "f32"] or mods[-1] != "f32" or mods[6] != mods[7]:
+            raise NotImplementedError("mma." + ".".join(mods))
+        half = Float(mods[6], False)
+        regs = [[x.strip() for x in o[1:-1].split(",")] for o in ops]
+        spec = dict(half=half, a=[self.src(r, "b32") for r in regs[1]], b=[self.src(r, "b32") for r in regs[2]],
+                    c=[self.src(r, "f32") for r in regs[3]], d=[self.dst(r) for r in regs[0]])
+        return None, ("mma", lambda th: 0xFFFFFFFF, spec)
 
     def op_activemask(self, mods, ops):
         put = self.dst(ops[0])
@@ -1198,7 +1279,8 @@ class Warp:
 
 
 class Thread:
-    __slots__ = ("tid", "tidxyz", "r", "pc", "done", "wait", "cta", "warp", "local", "lane")
+    __slots__ = ("tid", "tidxyz", "r", "pc", "done", "wait", "cta", "warp", "local", "lane", "async_groups",
+                 "async_open")
 
     def __init__(self, cta, tid, tidxyz, local_size):
         self.tid, self.tidxyz, self.cta = tid, tidxyz, cta
@@ -1206,6 +1288,7 @@ class Thread:
         self.warp = cta.warps[tid // 32]
         self.r, self.pc, self.done, self.wait = {}, 0, False, None
         self.local = bytearray(local_size)
+        self.async_groups, self.async_open = [], []
 
     def special(self, name):
         c = self.cta
@@ -1370,14 +1453,21 @@ class Launch:
             # CTA barriers
             at_bar = [th for th in live if th.wait is not None and th.wait[0][0] == "bar"]
             if at_bar and not progressed:
-                (kind, gid, gcount), neg, pname = at_bar[0].wait
-                ids = {gid(th) for th in at_bar}
+                ids = {th.wait[0][1](th) for th in at_bar}
                 for bid in ids:
-                    group = [th for th in at_bar if gid(th) == bid]
+                    group = [th for th in at_bar if th.wait[0][1](th) == bid]
+                    spec = group[0].wait[0][2]
+                    gcount = spec["count"]
                     need = gcount(group[0]) if gcount else len(cta.threads)
                     exited = sum(th.done for th in threads) if not gcount else 0
                     if len(group) + exited >= need and (gcount or len(group) == len(live)):
                         cta.smem.cta_epoch += 1
+                        if spec["reduce"]:
+                            op, get, neg, put = spec["reduce"]
+                            votes = [bool(get(th)) ^ neg for th in group]
+                            result = {"or": any(votes), "and": all(votes), "popc": sum(votes)}[op]
+                            for th in group:
+                                put(th, int(result))
                         for th in group:
                             th.wait, th.pc = None, th.pc + 1
                         progressed = True
@@ -1388,6 +1478,38 @@ class Launch:
     def collective_op(self, kind, spec, group):
         if kind in ("warpsync",):
             return
+        if len(group) == 32 and kind == "ldmatrix":
+            rows = [th.cta.smem.read(th._resolve("shared", spec["addr"](th))[1], 16, th) for th in group[:8 * spec["count"]]]
+            for i in range(spec["count"]):
+                m = [[int.from_bytes(rows[8 * i + r][2 * c: 2 * c + 2], "little") for c in range(8)] for r in range(8)]
+                if spec["trans"]:
+                    m = [list(col) for col in zip(*m)]
+                for th in group:
+                    r, c = th.lane // 4, 2 * (th.lane % 4)
+                    spec["puts"][i](th, m[r][c] | (m[r][c + 1] << 16))
+            return
+        if len(group) == 32 and kind == "mma":
+            h = spec["half"].get
+            A = [[0.0] * 16 for _ in range(16)]
+            B = [[0.0] * 8 for _ in range(16)]
+            C = [[0.0] * 8 for _ in range(16)]
+            for th in group:
+                g, t = th.lane // 4, th.lane % 4
+                a = [f(th) for f in spec["a"]]
+                for i, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
+                    A[row][col], A[row][col + 1] = h(a[i]), h(a[i] >> 16)
+                b = [f(th) for f in spec["b"]]
+                for i, k in enumerate((2 * t, 2 * t + 8)):
+                    B[k][g], B[k + 1][g] = h(b[i]), h(b[i] >> 16)
+                c = [f32_of(f(th)) for f in spec["c"]]
+                C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1] = c
+            for th in group:
+                g, t = th.lane // 4, th.lane % 4
+                for put, (row, col) in zip(spec["d"], ((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
+                    put(th, bits_of_f32(math.fsum([A[row][k] * B[k][col] for k in range(16)] + [C[row][col]])))
+            return
+        if kind in ("ldmatrix", "mma"):
+            raise Deadlock(f"{kind} with {len(group)} lanes: it takes the whole warp")
         if kind == "activemask":
             mask = sum(1 << th.lane for th in group)
             for th in group:
@@ -1469,7 +1591,8 @@ class Program:
             address += len(raw) + 4096
         self.code = self.collective = None
 
-    def launch(self, mem: DeviceMemory, params, grid, block, dynamic_shared=0, ctas=None, max_steps=5e8):
+    def launch(self, mem: DeviceMemory, params, grid, block, dynamic_shared=0, ctas=None, max_steps=5e8,
+               record_asserts=False):
         """Runs the kernel over `grid` (or only the CTAs listed in `ctas`) with `block` threads.
         `params`: one bytes-like or int/float per kernel parameter (a struct by value as bytes of
         exactly its size)."""
@@ -1495,6 +1618,7 @@ class Program:
         block = tuple(block) + (1,) * (3 - len(block))
         run = Launch(k, self.code, self.collective, mem, blob, grid, block, self.dynamic_offset + dynamic_shared,
                      self.local_bytes, int(max_steps))
+        run.record_asserts, run.asserts = record_asserts, []
         run.run(ctas)
         return run
 
