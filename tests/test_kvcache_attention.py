@@ -1022,6 +1022,9 @@ def test_gqa_attention_backward_through_routed_forward(device, causal, window, s
 # The host side of attention.cu's make_params for the interpreter: AttentionParams of
 # csrc/cuda/attention_common.cuh (checked against the kernel's parameter size).
 
+_PTX_HALF = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+
+
 class _Strides(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("row", ctypes.c_int64), ("head", ctypes.c_int64)]
 
@@ -1048,22 +1051,17 @@ class _AttentionParams(ctypes.Structure):
                 ("dv_strides", _Strides)]
 
 
-@emulation_only_on_cpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged5"])
-@pytest.mark.parametrize("window", [-1, 3], ids=["causal", "window3"])
-def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
-    """attention_forward_simt_kernel as compiled (its embedded PTX, thread by thread in
-    tools/ptx_run.py), the kernel of prefill-shaped calls on a paged cache in fp32: 5-token pages
-    in shuffled pool order with -1 past each sequence's pages, a strided pool, sequences of 7 and
-    12 keys (key_lengths) against 3 query rows each, head_dim 40 (lanes past it idle), 4/2 heads,
-    causal with and without a sliding window; out and lse against float64, every row written."""
-    batch, seq_q, heads, d, block = 2, 3, (4, 2), 40, 5
-    lengths = [7, 12]
+def _prompt_in_ptx(kernel, dtype, paged, window, d, block, grid_m, threads, smem=0, seq_q=3, lengths=(7, 12)):
+    """A prefill kernel of attention_simt.cu / attention_fwd.cu (`kernel`: source stem and
+    signature) as the kvcache route launches it over two sequences of `lengths` keys
+    (key_lengths) against seq_q query rows each, 4/2 heads: a contiguous cache, or `block`-token pages in
+    shuffled pool order with -1 past each sequence's pages in a strided pool. Checks out and lse
+    against float64."""
+    batch, heads = 2, (4, 2)
     q = torch.randn(batch, seq_q, heads[0], d).to(dtype)
     keys = [torch.randn(n, heads[1], d).to(dtype) for n in lengths]
     values = [torch.randn(n, heads[1], d).to(dtype) for n in lengths]
-    run, program = ptx_kernel("attention_simt", f"attention_forward_simt_kernel<{'float' if dtype == torch.float32 else '__nv_bfloat16'}, {str(paged).lower()}>")
+    run, program = ptx_kernel(*kernel)
     mem = run.DeviceMemory()
     p = _AttentionParams()
     if paged:
@@ -1102,14 +1100,46 @@ def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
     p.scale = d**-0.5
     p.scale_log2 = p.scale * math.log2(math.e)
     p.window.left, p.window.right = min(window, p.seq_k) if window >= 0 else -1, 0
+    p.aligned16 = not paged and d % 8 == 0
     assert ctypes.sizeof(p) == program.kernel.params[0].size
-    program.launch(mem, [bytes(p)], grid=(-(-seq_q // 4), heads[0], batch), block=(128,))
+    program.launch(mem, [bytes(p)], grid=(-(-seq_q // grid_m), heads[0], batch), block=(threads,),
+                   dynamic_shared=smem)
     out, lse = mem.download(p.out, out), mem.download(p.lse, lse)
     for b in range(batch):
         ref_out, ref_lse = gqa_attention_reference(q[b:b + 1], keys[b][None], values[b][None], causal=True,
                                                    window_size=(window, 0))
         assert_close(out[b:b + 1], ref_out, dtype, scale=2.0)
         torch.testing.assert_close(lse[b:b + 1].double(), ref_lse, atol=1e-4, rtol=1e-5)
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged5"])
+@pytest.mark.parametrize("window", [-1, 3], ids=["causal", "window3"])
+def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
+    """attention_forward_simt_kernel as compiled (its embedded PTX, thread by thread in
+    tools/ptx_run.py), the kernel of prefill-shaped calls on a paged cache in fp32: 5-token pages,
+    head_dim 40 (lanes past it idle), causal with and without a sliding window."""
+    signature = f"attention_forward_simt_kernel<{'float' if dtype == torch.float32 else '__nv_bfloat16'}, {str(paged).lower()}>"
+    _prompt_in_ptx(("attention_simt", signature), dtype, paged, window, d=40, block=5, grid_m=4, threads=128)
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype,paged,tile,d", [
+    (torch.float16, False, 2, 64), (torch.bfloat16, True, 2, 64), (torch.bfloat16, False, 5, 128),
+    (torch.float16, True, 5, 128)], ids=["fp16-contiguous-d64-q-in-registers", "bf16-paged17-d64-q-in-registers",
+                                         "bf16-contiguous-d128-q-in-smem", "fp16-paged17-d128-q-in-smem"])
+def test_tensor_core_prompt_kernel_in_ptx_matches_float64(dtype, paged, tile, d):
+    """attention_forward_tc_kernel as compiled (mma and ldmatrix in tools/ptx_run.py), the kernel of
+    prefill-shaped calls in fp16 / bf16, contiguous and over 17-token pages (which straddle its
+    32-key tiles), at two of attention_fwd.cu's kFwdTiles: d = 64 (128 x 32, Q in registers) and
+    d = 128 (128 x 32, Q from shared memory), 20 query rows over 45 and 70 keys (2 and 3 key
+    tiles, the last partial), causal, and windowed on the paged cache."""
+    block_m, block_n, warps = 128, 32, 4  # kFwdTiles[2] and kFwdTiles[5]
+    signature = f"attention_forward_tc_kernel<{_PTX_HALF[dtype]}, {d}, {tile}, {str(paged).lower()}>"
+    smem = (block_m + 4 * block_n) * (d + 8) * 2
+    _prompt_in_ptx(("attention_fwd", signature), dtype, paged, 6 if paged else -1, d=d, block=17, grid_m=block_m,
+                   threads=32 * warps, smem=smem, seq_q=20, lengths=(45, 70))
 
 
 # ---- the decode kernels' own PTX, run on the CPU (tools/ptx_run.py) --------------------------------
@@ -1143,9 +1173,6 @@ class _KVCacheKernelParams(ctypes.Structure):
         (name, ctypes.c_int32) for name in ("batch", "seq_q", "seq_new", "n_q_heads", "n_kv_heads", "head_dim",
                                             "group", "rows", "row_tiles", "splits", "window_left", "window_right")] + [
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float)]
-
-
-_PTX_HALF = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 
 
 def _kvcache_kernel_params(mem, q, k_cache, v_cache, seqlens, k, v, block_table, rotary=None):
