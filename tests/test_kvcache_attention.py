@@ -1022,7 +1022,7 @@ def test_gqa_attention_backward_through_routed_forward(device, causal, window, s
 # The host side of attention.cu's make_params for the interpreter: AttentionParams of
 # csrc/cuda/attention_common.cuh (checked against the kernel's parameter size).
 
-_PTX_HALF = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
+_PTX_HALF = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
 
 
 class _Strides(ctypes.Structure):
@@ -1206,7 +1206,7 @@ def _kvcache_kernel_params(mem, q, k_cache, v_cache, seqlens, k, v, block_table,
     p.batch, p.seq_q, p.n_q_heads, p.n_kv_heads, p.head_dim = batch, seq_q, n_q_heads, k_cache.shape[2], d
     p.group = n_q_heads // k_cache.shape[2]
     p.rows = p.group * seq_q
-    p.row_tiles = -(-p.rows // 16)
+    p.row_tiles = -(-p.rows // (8 if q.dtype == torch.float32 else 16))  # kRows, kTcRows
     p.window_left, p.window_right = -1, 0
     p.scale = d**-0.5
     return p
@@ -1221,10 +1221,13 @@ def _tc_smem_bytes(d, stage_budget):
 
 
 def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, splits, stage_budget):
-    """append_kernel, attend_tc_kernel<T, d, stage_budget> on `splits` key splits and (splits > 1)
-    combine_kernel, as the launcher runs them: (out, lse, k_cache', v_cache')."""
+    """append_kernel, attend_tc_kernel<T, d, stage_budget> (fp32: attend_simt_kernel<float, d>) on
+    `splits` key splits and (splits > 1) combine_kernel, as the launcher runs them: (out, lse,
+    k_cache', v_cache')."""
     T, d = _PTX_HALF[q.dtype], q.shape[3]
-    run, attend = ptx_kernel("kvcache_attention", f"attend_tc_kernel<{T}, {d}, {stage_budget}>(")
+    simt = q.dtype == torch.float32
+    attend_signature = f"attend_simt_kernel<float, {d}>(" if simt else f"attend_tc_kernel<{T}, {d}, {stage_budget}>("
+    run, attend = ptx_kernel("kvcache_attention", attend_signature)
     mem = run.DeviceMemory()
     p = _kvcache_kernel_params(mem, q, k_cache, v_cache, seqlens, k, v, block_table, rotary)
     batch, seq_q, n_q_heads, _ = q.shape
@@ -1240,7 +1243,7 @@ def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, spli
         _, append = ptx_kernel("kvcache_attention", f"append_kernel<{T}>(")
         append.launch(mem, [bytes(p)], grid=(batch * k.shape[1], k_cache.shape[2]), block=(128,))
     attend.launch(mem, [bytes(p)], grid=(splits, p.n_kv_heads * p.row_tiles, batch), block=(128,),
-                  dynamic_shared=_tc_smem_bytes(d, stage_budget))
+                  dynamic_shared=0 if simt else _tc_smem_bytes(d, stage_budget))
     if splits > 1:
         _, combine = ptx_kernel("kvcache_attention", f"combine_kernel<{T}>(")
         combine.launch(mem, [bytes(p)], grid=(rows_total,), block=(128,))
@@ -1254,13 +1257,14 @@ def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, spli
     (torch.float16, 64, 73728, False, 1, True),
     (torch.bfloat16, 128, 110592, True, 2, True),   # the deep ring: three 64-key stages
     (torch.bfloat16, 128, 73728, False, 2, False),  # its ring of two
+    (torch.float32, 64, None, True, 2, True),       # the CUDA-core attend kernel
 ], ids=["bf16-d64-paged16-3splits", "fp16-d64-contiguous-rotary", "bf16-d128-deep-ring-paged16",
-        "bf16-d128-ring-of-two"])
+        "bf16-d128-ring-of-two", "fp32-d64-paged16-simt-rotary"])
 def test_decode_kernels_in_ptx_match_float64(dtype, d, stage_budget, paged, splits, rotary):
     """The decode step's kernels as compiled (their embedded PTX, thread by thread in
     tools/ptx_run.py, mma and ldmatrix as the PTX ISA defines them): the append of a new token
-    (rotated with rotary tables), the tensor-core attend kernel over 38 and 71 keys (a partial
-    last tile) split 1 to 3 ways, paged (16-token pages in shuffled order, -1 past each
+    (rotated with rotary tables), the tensor-core attend kernel (and fp32's CUDA-core one) over 38
+    and 71 keys (a partial last tile) split 1 to 3 ways, paged (16-token pages in shuffled order, -1 past each
     sequence's pages) and contiguous, and the combine; out, lse and the written cache slots
     against float64, the other slots untouched."""
     batch, heads = 2, (8, 2)
