@@ -1239,14 +1239,20 @@ def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, spli
         p.partial_out = mem.upload(torch.full((splits, rows_total, d), float("nan")), "partial_out")
         p.partial_lse = mem.upload(torch.full((splits, rows_total), float("nan")), "partial_lse")
     assert ctypes.sizeof(p) == attend.kernel.params[0].size
-    if k is not None:
-        _, append = ptx_kernel("kvcache_attention", f"append_kernel<{T}>(")
-        append.launch(mem, [bytes(p)], grid=(batch * k.shape[1], k_cache.shape[2]), block=(128,))
-    attend.launch(mem, [bytes(p)], grid=(splits, p.n_kv_heads * p.row_tiles, batch), block=(128,),
-                  dynamic_shared=0 if simt else _tc_smem_bytes(d, stage_budget))
+    # As on sm_90 (launch overlap): the attend kernel is a dependent launch of the append and the
+    # combine of the attend, each CTA up to its griddepcontrol.wait before its prior grid runs.
+    append_runs = k is not None
+    attend_run = attend.launch(mem, [bytes(p)], grid=(splits, p.n_kv_heads * p.row_tiles, batch), block=(128,),
+                               dynamic_shared=0 if simt else _tc_smem_bytes(d, stage_budget), dependent=append_runs)
     if splits > 1:
         _, combine = ptx_kernel("kvcache_attention", f"combine_kernel<{T}>(")
-        combine.launch(mem, [bytes(p)], grid=(rows_total,), block=(128,))
+        combine_run = combine.launch(mem, [bytes(p)], grid=(rows_total,), block=(128,), dependent=True)
+    if append_runs:
+        _, append = ptx_kernel("kvcache_attention", f"append_kernel<{T}>(")
+        append.launch(mem, [bytes(p)], grid=(batch * k.shape[1], k_cache.shape[2]), block=(128,))
+    attend_run.resume()
+    if splits > 1:
+        combine_run.resume()
     return (mem.download(p.out, out), mem.download(p.lse, lse), mem.download(p.k_cache, k_cache),
             mem.download(p.v_cache, v_cache))
 
@@ -1266,7 +1272,9 @@ def test_decode_kernels_in_ptx_match_float64(dtype, d, stage_budget, paged, spli
     (rotated with rotary tables), the tensor-core attend kernel (and fp32's CUDA-core one) over 38
     and 71 keys (a partial last tile) split 1 to 3 ways, paged (16-token pages in shuffled order, -1 past each
     sequence's pages) and contiguous, and the combine; out, lse and the written cache slots
-    against float64, the other slots untouched."""
+    against float64, the other slots untouched. Launched as on sm_90: each kernel's CTAs run up to
+    their griddepcontrol.wait before the kernel they depend on runs, and the new token's cache
+    slots hold NaN until the append writes them."""
     batch, heads = 2, (8, 2)
     seqlens = torch.tensor([37, 70], dtype=torch.int32)
     q = torch.randn(batch, 1, heads[0], d).to(dtype)
@@ -1279,6 +1287,9 @@ def test_decode_kernels_in_ptx_match_float64(dtype, d, stage_budget, paged, spli
     else:
         table = None
         k_cache, v_cache = (torch.randn(batch, 80, heads[1], d).to(dtype) for _ in range(2))
+    for b, start in enumerate(seqlens.tolist()):  # the appended token's slots: NaN until the append
+        slot = (table[b, start // 16], start % 16) if paged else (b, start)
+        k_cache[slot], v_cache[slot] = float("nan"), float("nan")
     tables = llama_ext.rope_cos_sin(d, 96) if rotary else None
     out, lse, k_after, v_after = _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, table, tables, splits,
                                                 stage_budget)

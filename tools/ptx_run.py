@@ -736,6 +736,10 @@ class Compiler:
     op_membar = op_fence
 
     def op_griddepcontrol(self, mods, ops):
+        """launch_dependents: nothing to model (a dependent launch starts when launched, below);
+        wait: the thread waits until the prior grid has completed (Launch.resume)."""
+        if mods[0] == "wait":
+            return None, ("gridwait", None, None)
         return lambda th: None
 
     # -- integer arithmetic
@@ -1384,10 +1388,18 @@ class Launch:
         self.steps = 0
 
     def run(self, ctas=None):
+        """Every CTA to its end or, in a dependent launch, up to its griddepcontrol.wait (kept in
+        `paused` for resume())."""
         gx, gy, gz = self.grid
         order = ctas if ctas is not None else [(x, y, z) for z in range(gz) for y in range(gy) for x in range(gx)]
-        for ctaid in order:
-            self.run_cta(CTA(self, ctaid))
+        self.paused = [cta for cta in (CTA(self, ctaid) for ctaid in order) if not self.run_cta(cta)]
+
+    def resume(self):
+        """The prior grid has completed: its writes are visible, every CTA goes on past its wait."""
+        self.prior_done = True
+        for cta in self.paused:
+            assert self.run_cta(cta)
+        self.paused = []
 
     def run_thread(self, th):
         code, coll = self.code, self.collective
@@ -1413,14 +1425,19 @@ class Launch:
                     self.run_thread(th)
             live = [th for th in threads if not th.done]
             if not live:
-                return
+                return True
             progressed = False
+            at_gridwait = [th for th in live if th.wait is not None and th.wait[0][0] == "gridwait"]
+            if at_gridwait and self.prior_done:
+                for th in at_gridwait:
+                    th.wait, th.pc = None, th.pc + 1
+                continue
             # warp collectives, per warp and instruction
             for w in range(len(cta.warps)):
                 lanes = threads[32 * w: 32 * w + 32]
                 waiting = {}
                 for th in lanes:
-                    if not th.done and th.wait is not None and th.wait[0][0] != "bar":
+                    if not th.done and th.wait is not None and th.wait[0][0] not in ("bar", "gridwait"):
                         waiting.setdefault(th.pc, []).append(th)
                 for pc, group in waiting.items():
                     (kind, gmask, spec), neg, pname = group[0].wait
@@ -1471,6 +1488,8 @@ class Launch:
                         for th in group:
                             th.wait, th.pc = None, th.pc + 1
                         progressed = True
+            if not progressed and at_gridwait:
+                return False  # paused (with any threads that wait at a barrier for these) until resume()
             if not progressed:
                 places = sorted({(th.pc, th.wait[0][0]) for th in live})
                 raise Deadlock(f"CTA {cta.ctaid}: {len(live)} live threads wait at {places}")
@@ -1592,10 +1611,13 @@ class Program:
         self.code = self.collective = None
 
     def launch(self, mem: DeviceMemory, params, grid, block, dynamic_shared=0, ctas=None, max_steps=5e8,
-               record_asserts=False):
+               record_asserts=False, dependent=False):
         """Runs the kernel over `grid` (or only the CTAs listed in `ctas`) with `block` threads.
         `params`: one bytes-like or int/float per kernel parameter (a struct by value as bytes of
-        exactly its size)."""
+        exactly its size). `dependent`: a programmatic dependent launch (PDL) made before its prior
+        grid has run: each CTA runs up to its griddepcontrol.wait, and the returned launch's
+        resume() runs the rest once the caller has run the prior grid; what a CTA reads before its
+        wait is what memory held before the prior grid."""
         k = self.kernel
         for address, raw, gname in self.globals:
             mem.place(address, raw, gname)
@@ -1618,7 +1640,7 @@ class Program:
         block = tuple(block) + (1,) * (3 - len(block))
         run = Launch(k, self.code, self.collective, mem, blob, grid, block, self.dynamic_offset + dynamic_shared,
                      self.local_bytes, int(max_steps))
-        run.record_asserts, run.asserts = record_asserts, []
+        run.record_asserts, run.asserts, run.prior_done = record_asserts, [], not dependent
         run.run(ctas)
         return run
 
