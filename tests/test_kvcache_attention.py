@@ -1127,15 +1127,16 @@ def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
 @emulation_only_on_cpu
 @pytest.mark.parametrize("dtype,paged,tile,d", [
     (torch.float16, False, 2, 64), (torch.bfloat16, True, 2, 64), (torch.bfloat16, False, 5, 128),
-    (torch.float16, True, 5, 128)], ids=["fp16-contiguous-d64-q-in-registers", "bf16-paged17-d64-q-in-registers",
-                                         "bf16-contiguous-d128-q-in-smem", "fp16-paged17-d128-q-in-smem"])
+    (torch.float16, True, 5, 128), (torch.bfloat16, True, 3, 80), (torch.float16, True, 7, 256)],
+    ids=["fp16-contiguous-d64-q-in-registers", "bf16-paged17-d64-q-in-registers", "bf16-contiguous-d128-q-in-smem",
+         "fp16-paged17-d128-q-in-smem", "bf16-paged17-d80-8-warps", "fp16-paged17-d256-64-rows"])
 def test_tensor_core_prompt_kernel_in_ptx_matches_float64(dtype, paged, tile, d):
     """attention_forward_tc_kernel as compiled (mma and ldmatrix in tools/ptx_run.py), the kernel of
     prefill-shaped calls in fp16 / bf16, contiguous and over 17-token pages (which straddle its
-    32-key tiles), at two of attention_fwd.cu's kFwdTiles: d = 64 (128 x 32, Q in registers) and
-    d = 128 (128 x 32, Q from shared memory), 20 query rows over 45 and 70 keys (2 and 3 key
-    tiles, the last partial), causal, and windowed on the paged cache."""
-    block_m, block_n, warps = 128, 32, 4  # kFwdTiles[2] and kFwdTiles[5]
+    32-key tiles), at four of attention_fwd.cu's kFwdTiles: d = 64 (128 x 32, Q in registers),
+    d = 80 (8 warps), d = 128 (Q from shared memory) and d = 256 (64 x 32), 20 query rows over 45
+    and 70 keys (2 and 3 key tiles, the last partial), causal, and windowed on the paged cache."""
+    block_m, block_n, warps = {2: (128, 32, 4), 3: (128, 32, 8), 5: (128, 32, 4), 7: (64, 32, 4)}[tile]  # kFwdTiles
     signature = f"attention_forward_tc_kernel<{_PTX_HALF[dtype]}, {d}, {tile}, {str(paged).lower()}>"
     smem = (block_m + 4 * block_n) * (d + 8) * 2
     _prompt_in_ptx(("attention_fwd", signature), dtype, paged, 6 if paged else -1, d=d, block=17, grid_m=block_m,
@@ -1263,9 +1264,11 @@ def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, spli
     (torch.float16, 64, 73728, False, 1, True),
     (torch.bfloat16, 128, 110592, True, 2, True),   # the deep ring: three 64-key stages
     (torch.bfloat16, 128, 73728, False, 2, False),  # its ring of two
+    (torch.float16, 80, 73728, False, 2, True),     # rows of 10 chunks: no column per thread
+    (torch.bfloat16, 256, 73728, True, 1, False),   # two warps per key slice, splitting O
     (torch.float32, 64, None, True, 2, True),       # the CUDA-core attend kernel
 ], ids=["bf16-d64-paged16-3splits", "fp16-d64-contiguous-rotary", "bf16-d128-deep-ring-paged16",
-        "bf16-d128-ring-of-two", "fp32-d64-paged16-simt-rotary"])
+        "bf16-d128-ring-of-two", "fp16-d80-contiguous-rotary", "bf16-d256-paged16", "fp32-d64-paged16-simt-rotary"])
 def test_decode_kernels_in_ptx_match_float64(dtype, d, stage_budget, paged, splits, rotary):
     """The decode step's kernels as compiled (their embedded PTX, thread by thread in
     tools/ptx_run.py, mma and ldmatrix as the PTX ISA defines them): the append of a new token
