@@ -1220,12 +1220,13 @@ class Compiler:
         """mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32: D = A B + C with g =
         lane / 4, t = lane % 4: a0..a3 = A[g][2t:2t+2], A[g+8][2t:], A[g][2t+8:], A[g+8][2t+8:];
         b0, b1 = B[2t:2t+2][g], B[2t+8:2t+10][g]; c0..c3 = C[g][2t], C[g][2t+1], C[g+8][2t],
-        C[g+8][2t+1]. Products exact, the sum in float64, rounded once to fp32."""
+        C[g+8][2t+1]. Products exact, their sum with C in float64, rounded once to fp32."""
         if mods[2:6] != ["m16n8k16", "row", "col", "f32"] or mods[-1] != "f32" or mods[6] != mods[7]:
             raise NotImplementedError("mma." + ".".join(mods))
-        half = Float(mods[6], False)
+        halves = {"f16": lambda u: u.astype(np.uint16).view(np.float16).astype(np.float64),
+                  "bf16": lambda u: (u.astype(np.uint32) << 16).view(np.float32).astype(np.float64)}[mods[6]]
         regs = [[x.strip() for x in o[1:-1].split(",")] for o in ops]
-        spec = dict(half=half, a=[self.src(r, "b32") for r in regs[1]], b=[self.src(r, "b32") for r in regs[2]],
+        spec = dict(halves=halves, a=[self.src(r, "b32") for r in regs[1]], b=[self.src(r, "b32") for r in regs[2]],
                     c=[self.src(r, "f32") for r in regs[3]], d=[self.dst(r) for r in regs[0]])
         return None, ("mma", lambda th: 0xFFFFFFFF, spec)
 
@@ -1276,6 +1277,15 @@ def _directed32(x, mode):
 
 
 # ---- Running ------------------------------------------------------------------------------------------------
+
+# mma.m16n8k16's fragments by lane (g = lane / 4, t = lane % 4): each A register's first element
+# (row, column), each B register's first row (column g), each C / D element (row, column).
+_LANES = np.arange(32)
+_G, _T = _LANES // 4, _LANES % 4
+_MMA_A = [(_G, 2 * _T), (_G + 8, 2 * _T), (_G, 2 * _T + 8), (_G + 8, 2 * _T + 8)]
+_MMA_B = [2 * _T, 2 * _T + 8]
+_MMA_C = [(_G, 2 * _T), (_G, 2 * _T + 1), (_G + 8, 2 * _T), (_G + 8, 2 * _T + 1)]
+
 
 class Warp:
     def __init__(self):
@@ -1508,24 +1518,20 @@ class Launch:
                     spec["puts"][i](th, m[r][c] | (m[r][c + 1] << 16))
             return
         if len(group) == 32 and kind == "mma":
-            h = spec["half"].get
-            A = [[0.0] * 16 for _ in range(16)]
-            B = [[0.0] * 8 for _ in range(16)]
-            C = [[0.0] * 8 for _ in range(16)]
+            a = np.array([[f(th) for f in spec["a"]] for th in group], np.uint32)  # [lane, a0..a3]
+            b = np.array([[f(th) for f in spec["b"]] for th in group], np.uint32)
+            c = np.array([[f(th) for f in spec["c"]] for th in group], np.uint32).view(np.float32)
+            A, B, C = np.zeros((16, 16)), np.zeros((16, 8)), np.zeros((16, 8))
+            for i, (row, col) in enumerate(_MMA_A):
+                A[row, col], A[row, col + 1] = spec["halves"](a[:, i] & 0xFFFF), spec["halves"](a[:, i] >> 16)
+            for i, row in enumerate(_MMA_B):
+                B[row, _G], B[row + 1, _G] = spec["halves"](b[:, i] & 0xFFFF), spec["halves"](b[:, i] >> 16)
+            for i, (row, col) in enumerate(_MMA_C):
+                C[row, col] = c[:, i]
+            D = (A @ B + C).astype(np.float32).view(np.uint32)
             for th in group:
-                g, t = th.lane // 4, th.lane % 4
-                a = [f(th) for f in spec["a"]]
-                for i, (row, col) in enumerate(((g, 2 * t), (g + 8, 2 * t), (g, 2 * t + 8), (g + 8, 2 * t + 8))):
-                    A[row][col], A[row][col + 1] = h(a[i]), h(a[i] >> 16)
-                b = [f(th) for f in spec["b"]]
-                for i, k in enumerate((2 * t, 2 * t + 8)):
-                    B[k][g], B[k + 1][g] = h(b[i]), h(b[i] >> 16)
-                c = [f32_of(f(th)) for f in spec["c"]]
-                C[g][2 * t], C[g][2 * t + 1], C[g + 8][2 * t], C[g + 8][2 * t + 1] = c
-            for th in group:
-                g, t = th.lane // 4, th.lane % 4
-                for put, (row, col) in zip(spec["d"], ((g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1))):
-                    put(th, bits_of_f32(math.fsum([A[row][k] * B[k][col] for k in range(16)] + [C[row][col]])))
+                for put, (row, col) in zip(spec["d"], _MMA_C):
+                    put(th, int(D[row[th.lane], col[th.lane]]))
             return
         if kind in ("ldmatrix", "mma"):
             raise Deadlock(f"{kind} with {len(group)} lanes: it takes the whole warp")
