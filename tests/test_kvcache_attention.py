@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from torch.library import opcheck
 
 import llama_ext
-from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference
+from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference, rotary_reference
 
 from conftest import (CPU_DTYPES, CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
                       assert_device_assert, check_kernel_emulation, device_dtype_params, dtypes_for,
@@ -1120,7 +1120,7 @@ def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
     """attention_forward_simt_kernel as compiled (its embedded PTX, thread by thread in
     tools/ptx_run.py), the kernel of prefill-shaped calls on a paged cache in fp32: 5-token pages,
     head_dim 40 (lanes past it idle), causal with and without a sliding window."""
-    signature = f"attention_forward_simt_kernel<{'float' if dtype == torch.float32 else '__nv_bfloat16'}, {str(paged).lower()}>"
+    signature = f"attention_forward_simt_kernel<{_PTX_HALF[dtype]}, {str(paged).lower()}>"
     _prompt_in_ptx(("attention_simt", signature), dtype, paged, window, d=40, block=5, grid_m=4, threads=128)
 
 
@@ -1330,3 +1330,32 @@ def test_key_lengths_kernel_in_ptx(paged):
         assert got == [5, 2, 0] and len(launch.asserts) == 1 and "CTA (2, 0, 0)" in launch.asserts[0]
     else:
         assert got == [5, 2, 11] and launch.asserts == []
+
+
+@emulation_only_on_cpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+def test_rotate_q_kernel_in_ptx(dtype, interleaved):
+    """rotate_q_kernel as compiled (the prefill route's rotated copy of q): each query token at
+    cache_seqlens[b] + i, a partial rotary dim (pass-through dims copied), strided q, and 0 for a
+    position past the table after a device-side assert."""
+    batch, seq_q, heads, d = 2, 3, (3, 1), 40
+    q = torch.randn(batch, seq_q, heads[0], d + 8).to(dtype)[..., :d]
+    seqlens = torch.tensor([5, 13], dtype=torch.int32)  # sequence 1's last token: position 15, past the table
+    cos, sin = llama_ext.rope_cos_sin(24, 15)
+    k_cache = torch.zeros(batch, 16, heads[1], d, dtype=dtype)
+    k = torch.zeros(batch, seq_q, heads[1], d, dtype=dtype)
+    run, program = ptx_kernel("kvcache_attention", f"rotate_q_kernel<{_PTX_HALF[dtype]}>(")
+    mem = run.DeviceMemory()
+    p = _kvcache_kernel_params(mem, q, k_cache, k_cache, seqlens, k, k, None, (cos, sin))
+    p.interleaved = interleaved
+    q_rot = torch.full((batch, seq_q, heads[0], d), float("nan"), dtype=dtype)
+    address = mem.upload(q_rot, "q_rot")
+    launch = program.launch(mem, [bytes(p), address], grid=(batch * seq_q,), block=(128,), record_asserts=True)
+    got = mem.download(address, q_rot)
+    positions = seqlens[:, None].long() + torch.arange(seq_q)
+    inside = positions < cos.shape[0]
+    expected = rotary_reference(q, cos, sin, positions.clamp(max=cos.shape[0] - 1), interleaved)
+    assert_close(got[inside], expected[inside], dtype)
+    assert torch.equal(got[~inside], torch.zeros_like(got[~inside]))
+    assert launch.asserts and all("CTA (5, 0, 0)" in where for where in launch.asserts)  # that token's alone
