@@ -24,7 +24,8 @@ What it models:
 - fp32 arithmetic rounded to fp32 at every instruction (fma as a product and a sum in float64,
   then one rounding: exact products, a rare double rounding), .ftz flushes, fp16 and bf16
   conversions with round to nearest even, and the .approx functions computed exactly (the GPU's
-  are within 2 ulp of them).
+  differ by a few ulp, more for tanh / sin / cos and near their range limits, e.g. div.approx of
+  a divisor above 2^126 gives 0 there: code that leans on those edges is not checked here).
 
 - cp.async: the source read at issue, the destination landing at the wait_group that retires its
   group (a read of it before is a race); ldmatrix and mma.m16n8k16 as the PTX ISA lays out their
@@ -32,7 +33,8 @@ What it models:
 - bar.red (__syncthreads_or / _and) and vote.sync.
 
 What it does not: CTAs in parallel (they run one after another: no cross-CTA races or atomics
-contention), timing, caches, the other mma shapes. It is slow (Python, ~1 us per
+contention), races through global memory inside a CTA, timing, caches, the other mma shapes;
+modifiers it does not model (saturation, directed rounding, relu, ...) are refused. It is slow (Python, ~1 us per
 instruction per thread): launches of a few CTAs."""
 
 import bisect
@@ -274,9 +276,19 @@ class DeviceMemory:
         buf, off = self._find(address, size, "read")
         return buf[off: off + size].tobytes()
 
-    def write(self, address, data):
+    def write(self, address, data, written=None):
+        """`written`: a launch's record (buffer -> bytes it wrote), for check_unwritten."""
         buf, off = self._find(address, len(data), "write")
         buf[off: off + len(data)] = np.frombuffer(data, np.uint8)
+        if written is not None:
+            written.setdefault(id(buf), np.zeros(len(buf), bool))[off: off + len(data)] = True
+
+    def check_unwritten(self, address, size, written):
+        """ld.global.nc (the read-only path) of bytes the same launch wrote reads stale data."""
+        buf, off = self._find(address, size, "read")
+        mask = written.get(id(buf))
+        if mask is not None and mask[off: off + size].any():
+            raise Race(f"ld.global.nc of {size} bytes at {address:#x} that this launch wrote")
 
 
 def _storage_span(array):
@@ -304,17 +316,30 @@ class SharedMemory:
 
     def __init__(self, size):
         self.data = bytearray(size)
-        self.writer = np.full(size, -1, np.int64)   # thread id of the last write, -1: never
-        self.epoch = np.zeros(size, np.int64)       # the writer's CTA barrier interval
-        self.warp_epoch = np.zeros(size, np.int64)  # the writer's warp collective count then
-        self.cta_epoch = 0
+        self.cta_epoch = 0  # barrier intervals so far
         self.in_flight = np.zeros(size, bool)
+        # Per byte, its last write's and its last read's thread (-1: none), barrier interval and
+        # that thread's warp's __syncwarp count then.
+        self.writer, self.reader = np.full(size, -1, np.int64), np.full(size, -1, np.int64)
+        self.write_epoch, self.read_epoch = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        self.write_warp_epoch, self.read_warp_epoch = np.zeros(size, np.int64), np.zeros(size, np.int64)
 
     def _range(self, address, size, t):
         if address < 0 or address + size > len(self.data):
             raise MemoryFault(f"shared access of {size} bytes at {address} outside the CTA's {len(self.data)} bytes "
                               f"(thread {t.tid})")
         return slice(address, address + size)
+
+    def _unordered(self, who, epoch, warp_epoch, t):
+        """Which of these accesses (by thread `who` in barrier interval `epoch`) another thread made
+        since the last barrier and, within t's warp, since its last __syncwarp: a race with t's."""
+        same_warp = (who // 32) == t.tid // 32
+        return (who >= 0) & (who != t.tid) & (epoch == self.cta_epoch) & ~(same_warp & (warp_epoch < t.warp.epoch))
+
+    def _race(self, mask, who, address, what):
+        if mask.any():
+            j = int(np.argmax(mask))
+            raise Race(what.format(other=int(who[j]), byte=address + j))
 
     def read(self, address, size, t):
         s = self._range(address, size, t)
@@ -324,15 +349,9 @@ class SharedMemory:
         w = self.writer[s]
         if (w < 0).any():
             raise Race(f"thread {t.tid} reads shared bytes [{address}, {address + size}) never written")
-        other = w != t.tid
-        if other.any():
-            same_interval = self.epoch[s] == self.cta_epoch
-            same_warp = (w // 32) == t.tid // 32
-            unsynced = other & same_interval & ~(same_warp & (self.warp_epoch[s] < t.warp.epoch))
-            if unsynced.any():
-                j = int(np.argmax(unsynced))
-                raise Race(f"thread {t.tid} reads shared byte {address + j} that thread {int(w[j])} wrote "
-                           f"with no barrier between")
+        self._race(self._unordered(w, self.write_epoch[s], self.write_warp_epoch[s], t), w, address,
+                   f"thread {t.tid} reads shared byte {{byte}} that thread {{other}} wrote with no barrier between")
+        self.reader[s], self.read_epoch[s], self.read_warp_epoch[s] = t.tid, self.cta_epoch, t.warp.epoch
         return bytes(self.data[s])
 
     def reserve(self, address, size, t):
@@ -342,19 +361,20 @@ class SharedMemory:
 
     def land(self, address, data, t):
         self.in_flight[address: address + len(data)] = False
-        self.write(address, data, t)
+        self.write(address, data, t, landing=True)
 
-    def write(self, address, data, t):
+    def write(self, address, data, t, landing=False):
         s = self._range(address, len(data), t)
-        w = self.writer[s]
-        clash = (w >= 0) & (w != t.tid) & (self.epoch[s] == self.cta_epoch) & (w // 32 != t.tid // 32)
-        if clash.any():
-            j = int(np.argmax(clash))
-            raise Race(f"threads {int(w[j])} and {t.tid} write shared byte {address + j} with no barrier between")
+        if not landing and self.in_flight[s].any():
+            raise Race(f"thread {t.tid} writes shared bytes [{address}, {address + len(data)}) that a cp.async has "
+                       f"in flight")
+        r, w = self.reader[s], self.writer[s]
+        self._race(self._unordered(r, self.read_epoch[s], self.read_warp_epoch[s], t), r, address,
+                   f"thread {t.tid} writes shared byte {{byte}} that thread {{other}} read with no barrier between")
+        self._race(self._unordered(w, self.write_epoch[s], self.write_warp_epoch[s], t), w, address,
+                   f"threads {{other}} and {t.tid} write shared byte {{byte}} with no barrier between")
         self.data[s] = data
-        self.writer[s] = t.tid
-        self.epoch[s] = self.cta_epoch
-        self.warp_epoch[s] = t.warp.epoch
+        self.writer[s], self.write_epoch[s], self.write_warp_epoch[s] = t.tid, self.cta_epoch, t.warp.epoch
 
 
 # ---- Parsing ------------------------------------------------------------------------------------------
@@ -454,8 +474,27 @@ class Module:
                 break
         body = self.text[body_open + 1: i - 1]
         statements, shared, local, reg_width = [], [], [], {}
+        scopes = []  # per open scope: its registers' names -> names unique in the kernel
         for raw in _statements(body):
             stmt = " ".join(raw.split())
+            if stmt == "{":
+                scopes.append({})
+                continue
+            if stmt == "}":
+                scopes.pop()
+                continue
+            if stmt.startswith(".reg") and scopes:  # a scope's own register(s), renamed for the kernel
+                m = _REG_DECL.match(stmt)
+                if m:
+                    width, declared, count = width_of(m.group(1)), m.group(2), m.group(3)
+                    for reg in ([declared] if count is None else [f"{declared}{i}" for i in range(int(count))]):
+                        unique = f"{reg}__scope{len(reg_width)}"
+                        scopes[-1][reg] = unique
+                        reg_width[unique] = width
+                continue
+            renames = {k: v for scope in scopes for k, v in scope.items()}  # the innermost last
+            if renames:
+                stmt = _REGISTER_TOKEN.sub(lambda m: renames.get(m.group(0), m.group(0)), stmt)
             while True:  # labels end with ':'
                 m = re.match(r"^([\w$]+):\s*(.*)$", stmt)
                 if not m:
@@ -493,17 +532,22 @@ class Module:
         return k
 
 
+_REGISTER_TOKEN = re.compile(r"(?<![\w$.%])%?[A-Za-z_$][\w$]*")
 _LABELS_ONLY = re.compile(r"^\s*([\w$]+:\s*)*$")
 
 
 def _statements(body):
     """A body's statements without their ';'. Line-info directives (.loc, no ';') are dropped; a
-    brace where a statement would begin opens or closes a scope (inlined code, a call sequence)
-    and is dropped too; a brace inside a statement is a vector operand's."""
+    brace where a statement would begin opens or closes a scope (inline asm, a call sequence) and
+    is a statement of its own, "{" or "}"; a brace inside a statement is a vector operand's."""
     text = " ".join(ln for ln in body.splitlines() if not ln.strip().startswith((".loc", ".file")))
     out, cur = [], []
     for c in text:
         if c in "{}" and _LABELS_ONLY.match("".join(cur)):
+            if "".join(cur).strip():
+                out.append("".join(cur))
+                cur = []
+            out.append(c)  # a scope's start or end: its registers are its own
             continue
         if c == ";":
             out.append("".join(cur))
@@ -552,6 +596,13 @@ def parse_immediate(text, t):
     v = int(text.rstrip("U"), 0)
     w = width_of(t) if t not in ("pred",) else 1
     return v & ((1 << w) - 1)
+
+
+# Modifiers that change an instruction's result and that the handlers do not model (saturation,
+# directed rounding, relu, NaN propagation, carries): an instruction with one is refused rather
+# than computed as if it were absent. cvt models .sat and, from integers to f32, rz / rm / rp.
+_UNMODELLED = {"sat", "satfinite", "relu", "NaN", "xorsign", "abs", "cc", "rz", "rm", "rp", "rna", "rs", "oob"}
+_CVT_MODELLED = {"sat", "rz", "rm", "rp"}
 
 
 class Compiler:
@@ -628,21 +679,30 @@ class Compiler:
             if pred is not None:
                 neg, pname = pred
                 inner = fn
+                if coll and coll[0] == "bar":
+                    raise NotImplementedError(f"a predicated barrier: @{pname} {op} {rest}")
                 if coll:
                     coll = (coll, neg, pname)
                 else:
                     def fn(th, inner=inner, neg=neg, pname=pname):
-                        if th.r[pname] ^ neg:
+                        if th.r.get(pname, 1) ^ neg:
                             inner(th)
             elif coll:
                 coll = (coll, False, None)
             code.append(fn)
             collective.append(coll)
+        def off_the_end(th):
+            raise DeviceAssert(f"thread {th.tid} of CTA {th.cta.ctaid} ran past the kernel's last instruction")
+        code.append(off_the_end)
+        collective.append(None)
         return code, collective
 
     def instruction(self, op, rest):
         parts = op.split(".")
         base, mods = parts[0], parts[1:]
+        unmodelled = _UNMODELLED & set(mods) - (_CVT_MODELLED if base == "cvt" else set())
+        if unmodelled:
+            raise NotImplementedError(f"PTX instruction {op}: modifier {sorted(unmodelled)} is not modelled")
         ops = split_operands(rest)
         handler = getattr(self, "op_" + base, None)
         if handler is None:
@@ -704,8 +764,9 @@ class Compiler:
         names = [x.strip() for x in d[1:-1].split(",")] if d.startswith("{") else [d]
         puts = [self.dst(n) for n in names]
         addr = self.address(a)
+        non_coherent = "nc" in mods
         def f(th):
-            raw = th.load(space, addr(th), size * vec)
+            raw = th.load(space, addr(th), size * vec, non_coherent)
             for i, p in enumerate(puts):
                 v = int.from_bytes(raw[i * size:(i + 1) * size], "little", signed=signed)
                 p(th, v)
@@ -898,12 +959,11 @@ class Compiler:
             if ln == 0:
                 put(th, 0)
                 return
-            field = (v >> pos) & ((1 << ln) - 1) if pos < w else 0
-            if signed:
-                sbit = (v >> min(pos + ln - 1, w - 1)) & 1
-                if sbit:
-                    field |= ~((1 << ln) - 1)
-            put(th, field)
+            sbit = (v >> min(pos + ln - 1, w - 1)) & 1 if signed else 0
+            field = 0
+            for i in range(min(ln, w)):
+                field |= ((v >> (pos + i)) & 1 if pos + i < w else sbit) << i
+            put(th, field - (1 << ln) if signed and sbit else field)
         return f
 
     def op_bfi(self, mods, ops):
@@ -1003,6 +1063,8 @@ class Compiler:
         g = self.src(srcs[0], st)
         s_float = st.startswith("f") or st.startswith("bf")
         d_float = dt.startswith("f") or dt.startswith("bf")
+        if rnd in ("rz", "rm", "rp") and (s_float or dt != "f32"):
+            raise NotImplementedError(f"cvt.{rnd}.{dt}.{st} is not modelled")
         sw, dw = width_of(st), width_of(dt)
         if s_float:
             dec = Float(st, flush).get
@@ -1017,8 +1079,10 @@ class Compiler:
             def f(th):
                 x = get_value(th)
                 if isinstance(x, float) and rnd in ("rni", "rzi", "rmi", "rpi") and math.isfinite(x):
-                    x = float({"rni": _round_half_even, "rzi": math.trunc, "rmi": math.floor, "rpi": math.ceil}[rnd](x))
-                x = float(x)
+                    r = {"rni": _round_half_even, "rzi": math.trunc, "rmi": math.floor, "rpi": math.ceil}[rnd](x)
+                    x = math.copysign(float(r), x)
+                elif not isinstance(x, float):
+                    x = _int_to_float(x, 24 if dt == "f32" else 53)
                 if dt == "f32" and not s_float and rnd in ("rz", "rm", "rp"):
                     x = _directed32(x, rnd)
                 if sat:
@@ -1041,7 +1105,10 @@ class Compiler:
             return f
         if sat:
             return lambda th: put(th, min(max(get_value(th), lo), hi))
-        return lambda th: put(th, get_value(th))
+        # to the destination type's width (then sign- or zero-extended into the register)
+        if signed:
+            return lambda th: put(th, to_signed(get_value(th), dw))
+        return lambda th: put(th, get_value(th) & ((1 << dw) - 1))
 
     # -- floating point
     def _float_op(self, mods, ops, fn):
@@ -1084,7 +1151,8 @@ class Compiler:
         return self._float_op(mods, ops, lambda a: math.sqrt(a) if a >= 0 else (a if a == 0 else math.nan))
 
     def op_rsqrt(self, mods, ops):
-        return self._float_op(mods, ops, lambda a: (math.inf if a == 0 else (1 / math.sqrt(a) if a > 0 else math.nan)))
+        return self._float_op(mods, ops, lambda a: (math.copysign(math.inf, a) if a == 0
+                                                    else (1 / math.sqrt(a) if a > 0 else math.nan)))
 
     def op_ex2(self, mods, ops):
         return self._float_op(mods, ops, lambda a: _exp2(a))
@@ -1156,8 +1224,8 @@ class Compiler:
             a = rest.pop()
             spec["reduce"] = (mods[1], self.src(a.lstrip("!"), "pred"), a.startswith("!"), self.dst(d))
             ops = rest
-        if len(ops) > 1:
-            spec["count"] = self.src(ops[1], "u32")
+        if len(ops) > 1:  # a thread count: a barrier of some warps, whose epochs are not modelled
+            raise NotImplementedError(f"bar with a thread count: {' '.join(mods)} {ops}")
         return None, ("bar", self.src(ops[0], "u32"), spec)
 
     op_barrier = op_bar
@@ -1200,8 +1268,10 @@ class Compiler:
         src_size = self.src(rest[0], "u32") if rest else (lambda th: size)
         def copy(th):
             n = min(src_size(th), size)
-            data = (th.cta.launch.mem.read(src(th), n) if n else b"") + bytes(size - n)
-            address = th._resolve("shared", dst(th))[1]
+            source, address = src(th), th._resolve("shared", dst(th))[1]
+            _check_aligned("global", source, size, th)
+            _check_aligned("shared", address, size, th)
+            data = (th.cta.launch.mem.read(source, n) if n else b"") + bytes(size - n)
             th.cta.smem.reserve(address, size, th)
             th.async_open.append((address, data))
         return copy
@@ -1259,6 +1329,19 @@ def _ignoring_nan(pick):
 _fmin, _fmax = _ignoring_nan(min), _ignoring_nan(max)
 
 
+def _int_to_float(v, bits):
+    """An integer rounded once (to nearest even) to `bits` significant bits, as a float."""
+    n = abs(v)
+    if n.bit_length() <= bits:
+        return float(v)
+    shift = n.bit_length() - bits
+    q, r = divmod(n, 1 << shift)
+    half = 1 << (shift - 1)
+    if r > half or (r == half and q & 1):
+        q += 1
+    return math.copysign(math.ldexp(q, shift), v)
+
+
 def _round_half_even(x):
     return round(x)
 
@@ -1301,7 +1384,7 @@ class Thread:
         self.lane = tid % 32
         self.warp = cta.warps[tid // 32]
         self.r, self.pc, self.done, self.wait = {}, 0, False, None
-        self.local = bytearray(local_size)
+        self.local = bytearray(b"\xff" * local_size)  # never written: all ones, as registers
         self.async_groups, self.async_open = [], []
 
     def special(self, name):
@@ -1338,17 +1421,19 @@ class Thread:
             if PARAM_WINDOW <= address < PARAM_WINDOW + (1 << 32):
                 return "param", address - PARAM_WINDOW
             return "global", address
-        if space == "param" and address >= PARAM_WINDOW:
+        if space == "param" and address >= PARAM_WINDOW:  # a kernel parameter's symbol
             return "param", address - PARAM_WINDOW
-        if space == "local" and address >= LOCAL_WINDOW:
-            return "local", address - LOCAL_WINDOW
-        if space == "shared" and address >= SHARED_WINDOW:
-            return "shared", address - SHARED_WINDOW
+        if space in ("shared", "local") and address >= GLOBAL_BASE:
+            raise MemoryFault(f"a .{space} access at {address:#x}: a generic address where the instruction takes a "
+                              f".{space} one (thread {self.tid})")
         return space, address
 
-    def load(self, space, address, size):
+    def load(self, space, address, size, non_coherent=False):
         space, address = self._resolve(space, address)
+        _check_aligned(space, address, size, self)
         if space in ("global", "const"):
+            if non_coherent:
+                self.cta.launch.mem.check_unwritten(address, size, self.cta.launch.written)
             return self.cta.launch.mem.read(address, size)
         if space == "shared":
             return self.cta.smem.read(address, size, self)
@@ -1363,8 +1448,9 @@ class Thread:
 
     def store(self, space, address, data):
         space, address = self._resolve(space, address)
+        _check_aligned(space, address, len(data), self)
         if space == "global":
-            self.cta.launch.mem.write(address, data)
+            self.cta.launch.mem.write(address, data, self.cta.launch.written)
         elif space == "shared":
             self.cta.smem.write(address, data, self)
         elif space == "local" or space == "param":
@@ -1375,6 +1461,13 @@ class Thread:
             self.local[address: address + len(data)] = data
         else:
             raise MemoryFault(f"store to {space} space")
+
+
+def _check_aligned(space, address, size, th):
+    """An access of `size` bytes (a vector's whole size) must be aligned to it, as on the GPU."""
+    if address % size:
+        raise MemoryFault(f"misaligned {size}-byte .{space} access at {address:#x} (thread {th.tid} of CTA "
+                          f"{th.cta.ctaid})")
 
 
 class CTA:
@@ -1451,7 +1544,7 @@ class Launch:
                         waiting.setdefault(th.pc, []).append(th)
                 for pc, group in waiting.items():
                     (kind, gmask, spec), neg, pname = group[0].wait
-                    active = [th for th in group if pname is None or (th.r[pname] ^ neg)]
+                    active = [th for th in group if pname is None or (th.r.get(pname, 1) ^ neg)]
                     skipped = [th for th in group if th not in active]
                     for th in skipped:
                         th.wait, th.pc = None, th.pc + 1
@@ -1473,7 +1566,8 @@ class Launch:
                     if extra:
                         raise Deadlock(f"warp {w}: lanes {[t.lane for t in extra]} at a {kind} outside its mask")
                     self.collective_op(kind, spec, active)
-                    cta.warps[w].epoch += 1
+                    if kind == "warpsync":  # __syncwarp orders the warp's memory; shuffles do not
+                        cta.warps[w].epoch += 1
                     for th in active:
                         th.wait, th.pc = None, th.pc + 1
                     progressed = True
@@ -1488,6 +1582,9 @@ class Launch:
                     need = gcount(group[0]) if gcount else len(cta.threads)
                     exited = sum(th.done for th in threads) if not gcount else 0
                     if len(group) + exited >= need and (gcount or len(group) == len(live)):
+                        if len({th.pc for th in group}) > 1:
+                            raise Deadlock(f"CTA {cta.ctaid}: barrier {bid} reached at different instructions "
+                                           f"{sorted({th.pc for th in group})} (bar.sync is .aligned)")
                         cta.smem.cta_epoch += 1
                         if spec["reduce"]:
                             op, get, neg, put = spec["reduce"]
@@ -1508,7 +1605,11 @@ class Launch:
         if kind in ("warpsync",):
             return
         if len(group) == 32 and kind == "ldmatrix":
-            rows = [th.cta.smem.read(th._resolve("shared", spec["addr"](th))[1], 16, th) for th in group[:8 * spec["count"]]]
+            rows = []
+            for th in group[:8 * spec["count"]]:
+                address = th._resolve("shared", spec["addr"](th))[1]
+                _check_aligned("shared", address, 16, th)
+                rows.append(th.cta.smem.read(address, 16, th))
             for i in range(spec["count"]):
                 m = [[int.from_bytes(rows[8 * i + r][2 * c: 2 * c + 2], "little") for c in range(8)] for r in range(8)]
                 if spec["trans"]:
@@ -1555,7 +1656,7 @@ class Launch:
         values = {th.lane: spec["a"](th) for th in group}
         results = []
         for th in group:
-            lane, b, c = th.lane, spec["b"](th), spec["c"](th)
+            lane, b, c = th.lane, spec["b"](th) & 0x1F, spec["c"](th)
             clamp, segmask = c & 0x1F, (c >> 8) & 0x1F
             min_lane = lane & segmask
             max_lane = min_lane | (clamp & ~segmask & 0x1F)
@@ -1647,6 +1748,7 @@ class Program:
         run = Launch(k, self.code, self.collective, mem, blob, grid, block, self.dynamic_offset + dynamic_shared,
                      self.local_bytes, int(max_steps))
         run.record_asserts, run.asserts, run.prior_done = record_asserts, [], not dependent
+        run.written = {}
         run.run(ctas)
         return run
 
