@@ -139,10 +139,11 @@ def ptx_kernel(source_stem, match):
     if "ptx_run" not in _PTX_MODULES:
         _PTX_MODULES["ptx_run"] = load_emulation("ptx_run")
     run = _PTX_MODULES["ptx_run"]
-    if run.extension_library() is None or run.cuobjdump() is None:
-        pytest.skip("needs a CUDA build of llama_ext._C and cuobjdump")
     if source_stem not in _PTX_MODULES:
-        _PTX_MODULES[source_stem] = run.load(source_stem)
+        try:
+            _PTX_MODULES[source_stem] = run.load(source_stem)
+        except FileNotFoundError as e:  # a CPU-only build, or no cuobjdump
+            pytest.skip(f"the CUDA kernels' PTX: {e}")
     module = _PTX_MODULES[source_stem]
     names = module.kernels(lambda signature: match in signature)
     assert len(names) == 1, f"{len(names)} kernels of {source_stem}.cu match {match!r}"

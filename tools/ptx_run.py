@@ -4,18 +4,26 @@ Where tools/ptx_emu.py and the emulate_*.py files transcribe the tensor-core ker
 this module interprets the compiler's own output: the PTX that `cuobjdump -xptx` extracts from
 llama_ext/_C*.so (the arch the build embeds as PTX, its last one: compute_120 or compute_90). So
 a kernel that has only compiled can run here on small launches, with its real index math, tails,
-barriers and shuffles, and its results can be compared with the CPU kernels'.
+barriers and shuffles, and its results can be compared with float64 references.
 
 What it models:
 - every thread of a CTA, each with its own registers and program counter; threads run one after
-  another up to their next barrier or warp collective (bar.sync, shfl.sync, vote.sync), which the
-  scheduler then resolves: a barrier when every live thread of the CTA waits at it, a collective
-  when every lane of its member mask waits at the same instruction. Anything else is a deadlock
-  (or a divergent collective), reported with the waiting threads' places;
-- memory as in compute-sanitizer's memcheck: global accesses only inside buffers handed to
-  launch() (DeviceMemory), shared accesses only inside the CTA's static + dynamic allocation;
-  a shared read of bytes never written, or written by another thread since the last barrier
-  (another warp's, or this warp's before its last collective), raises Race;
+  another up to their next barrier or warp collective, which the scheduler then resolves: a
+  barrier (bar.sync, bar.red) when every live thread of the CTA waits at it, at one instruction
+  (.aligned); a collective (shfl.sync, vote.sync, ldmatrix, mma, bar.warp.sync) when every lane
+  of its member mask waits at the same instruction. Anything else is a deadlock or a divergent
+  collective, reported with the waiting threads' places;
+- ldmatrix and mma.m16n8k16 with their fragments as the PTX ISA lays them out, the product in
+  float64 rounded once to fp32; cp.async with the source read at issue and the destination
+  landing at the wait_group that retires its group;
+- a dependent launch (launch(dependent=True)): each CTA runs up to its griddepcontrol.wait, and
+  resume() runs the rest once the caller has run the grid it depends on;
+- memory as compute-sanitizer's memcheck sees it: global accesses only inside the buffers handed
+  to launch() (DeviceMemory), shared ones only inside the CTA's allocation, each aligned to its
+  size; and as racecheck does for shared memory: a read of bytes never written or whose cp.async
+  is in flight, or a read or write against another thread's access since the last barrier (or,
+  within a warp, since its last __syncwarp), raises Race; so does ld.global.nc of bytes the same
+  launch wrote;
 - device asserts (a call to __assertfail) raise DeviceAssert, or with record_asserts are listed
   in the launch's `asserts` and the thread goes on (what the kernel does where asserts are
   compiled out);
@@ -27,15 +35,10 @@ What it models:
   differ by a few ulp, more for tanh / sin / cos and near their range limits, e.g. div.approx of
   a divisor above 2^126 gives 0 there: code that leans on those edges is not checked here).
 
-- cp.async: the source read at issue, the destination landing at the wait_group that retires its
-  group (a read of it before is a race); ldmatrix and mma.m16n8k16 as the PTX ISA lays out their
-  fragments, the product in float64 rounded once to fp32;
-- bar.red (__syncthreads_or / _and) and vote.sync.
-
-What it does not: CTAs in parallel (they run one after another: no cross-CTA races or atomics
-contention), races through global memory inside a CTA, timing, caches, the other mma shapes;
-modifiers it does not model (saturation, directed rounding, relu, ...) are refused. It is slow (Python, ~1 us per
-instruction per thread): launches of a few CTAs."""
+What it does not: CTAs in parallel (they run one after another: no races between CTAs), races
+through global memory inside a CTA, timing, caches, the other mma shapes; an instruction with a
+modifier it does not model (saturation, directed rounding, relu, ...) is refused. It is slow
+(Python, a few microseconds per instruction per thread): launches of a few CTAs."""
 
 import bisect
 import ctypes
@@ -46,6 +49,7 @@ import re
 import shutil
 import struct
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,12 +102,11 @@ def embedded_ptx(source_stem: str, library=None) -> str:
     tool, library = cuobjdump(), library or extension_library()
     if tool is None or library is None:
         raise FileNotFoundError("needs cuobjdump and a CUDA build of llama_ext._C")
-    listing = subprocess.run([tool, "-lptx", str(library)], capture_output=True, text=True, check=True).stdout
+    listing = subprocess.run([tool, "-lptx", str(library)], capture_output=True, text=True).stdout  # none: no CUDA
     names = re.findall(r"PTX file\s+\d+:\s+(\S+)", listing)
     matches = [n for n in names if n.split(".")[0] == source_stem]
     if not matches:
         raise FileNotFoundError(f"no embedded PTX for {source_stem}.cu in {library} (found {names})")
-    import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run([tool, "-xptx", matches[-1], str(library)], cwd=tmp, capture_output=True, check=True)
         return (Path(tmp) / matches[-1]).read_text()
