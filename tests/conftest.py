@@ -130,6 +130,7 @@ def check_kernel_emulation(name):
 
 
 _PTX_MODULES = {}
+CUDA_TYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}  # in signatures
 
 
 def ptx_kernel(source_stem, match):

@@ -14,8 +14,8 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import gqa_attention_reference, gqa_attention_with_kvcache_reference, rotary_reference
 
-from conftest import (CPU_DTYPES, CUDA_HEAD_DIMS, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS, assert_close,
-                      assert_device_assert, check_kernel_emulation, device_dtype_params, dtypes_for,
+from conftest import (CPU_DTYPES, CUDA_HEAD_DIMS, CUDA_TYPE_NAMES, DECODE_ROUTE_MAX_SEQ_Q, DEVICES, PROPERTY_SETTINGS,
+                      assert_close, assert_device_assert, check_kernel_emulation, device_dtype_params, dtypes_for,
                       emulation_only_on_cpu, load_emulation, ptx_kernel)
 
 NAN = float("nan")
@@ -1022,9 +1022,6 @@ def test_gqa_attention_backward_through_routed_forward(device, causal, window, s
 # The host side of attention.cu's make_params for the interpreter: AttentionParams of
 # csrc/cuda/attention_common.cuh (checked against the kernel's parameter size).
 
-_PTX_HALF = {torch.float16: "__half", torch.bfloat16: "__nv_bfloat16", torch.float32: "float"}
-
-
 class _Strides(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("row", ctypes.c_int64), ("head", ctypes.c_int64)]
 
@@ -1120,7 +1117,7 @@ def test_simt_prompt_kernel_in_ptx_matches_float64(dtype, paged, window):
     """attention_forward_simt_kernel as compiled (its embedded PTX, thread by thread in
     tools/ptx_run.py), the kernel of prefill-shaped calls on a paged cache in fp32: 5-token pages,
     head_dim 40 (lanes past it idle), causal with and without a sliding window."""
-    signature = f"attention_forward_simt_kernel<{_PTX_HALF[dtype]}, {str(paged).lower()}>"
+    signature = f"attention_forward_simt_kernel<{CUDA_TYPE_NAMES[dtype]}, {str(paged).lower()}>"
     _prompt_in_ptx(("attention_simt", signature), dtype, paged, window, d=40, block=5, grid_m=4, threads=128)
 
 
@@ -1137,7 +1134,7 @@ def test_tensor_core_prompt_kernel_in_ptx_matches_float64(dtype, paged, tile, d)
     d = 80 (8 warps), d = 128 (Q from shared memory) and d = 256 (64 x 32), 20 query rows over 45
     and 70 keys (2 and 3 key tiles, the last partial), causal, and windowed on the paged cache."""
     block_m, block_n, warps = {2: (128, 32, 4), 3: (128, 32, 8), 5: (128, 32, 4), 7: (64, 32, 4)}[tile]  # kFwdTiles
-    signature = f"attention_forward_tc_kernel<{_PTX_HALF[dtype]}, {d}, {tile}, {str(paged).lower()}>"
+    signature = f"attention_forward_tc_kernel<{CUDA_TYPE_NAMES[dtype]}, {d}, {tile}, {str(paged).lower()}>"
     smem = (block_m + 4 * block_n) * (d + 8) * 2
     _prompt_in_ptx(("attention_fwd", signature), dtype, paged, 6 if paged else -1, d=d, block=17, grid_m=block_m,
                    threads=32 * warps, smem=smem, seq_q=20, lengths=(45, 70))
@@ -1225,7 +1222,7 @@ def _decode_in_ptx(q, k_cache, v_cache, seqlens, k, v, block_table, rotary, spli
     """append_kernel, attend_tc_kernel<T, d, stage_budget> (fp32: attend_simt_kernel<float, d>) on
     `splits` key splits and (splits > 1) combine_kernel, as the launcher runs them: (out, lse,
     k_cache', v_cache')."""
-    T, d = _PTX_HALF[q.dtype], q.shape[3]
+    T, d = CUDA_TYPE_NAMES[q.dtype], q.shape[3]
     simt = q.dtype == torch.float32
     attend_signature = f"attend_simt_kernel<float, {d}>(" if simt else f"attend_tc_kernel<{T}, {d}, {stage_budget}>("
     run, attend = ptx_kernel("kvcache_attention", attend_signature)
@@ -1345,7 +1342,7 @@ def test_rotate_q_kernel_in_ptx(dtype, interleaved):
     cos, sin = llama_ext.rope_cos_sin(24, 15)
     k_cache = torch.zeros(batch, 16, heads[1], d, dtype=dtype)
     k = torch.zeros(batch, seq_q, heads[1], d, dtype=dtype)
-    run, program = ptx_kernel("kvcache_attention", f"rotate_q_kernel<{_PTX_HALF[dtype]}>(")
+    run, program = ptx_kernel("kvcache_attention", f"rotate_q_kernel<{CUDA_TYPE_NAMES[dtype]}>(")
     mem = run.DeviceMemory()
     p = _kvcache_kernel_params(mem, q, k_cache, k_cache, seqlens, k, k, None, (cos, sin))
     p.interleaved = interleaved

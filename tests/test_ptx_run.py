@@ -107,8 +107,8 @@ st.global.u32 [%rd3+512], %r6;"""
     ("mov.u32 %r1, sm;\nst.shared.u32 [%r1+512], %r2;", ptx_run.MemoryFault, "outside the CTA"),
     ("mov.f32 %f1, 0f3F333333;\nadd.sat.f32 %f2, %f1, %f1;", NotImplementedError, "not modelled"),
     ("mov.f32 %f1, 0f3F800000;\ncvt.rz.f16.f32 %rs1, %f1;", NotImplementedError, "not modelled"),
-    ("mov.u32 %r1, %tid.x;\nsetp.eq.u32 %p1, %r1, 0;\n@%p1 bra SKIP;\nbar.sync 0;\nbra.uni DONE;\nSKIP:\nbar.sync 0;\nDONE:",
-     ptx_run.Deadlock, "different instructions"),
+    ("mov.u32 %r1, %tid.x;\nsetp.eq.u32 %p1, %r1, 0;\n@%p1 bra SKIP;\nbar.sync 0;\nbra.uni DONE;\n"
+     "SKIP:\nbar.sync 0;\nDONE:", ptx_run.Deadlock, "different instructions"),
 ])
 def test_faults_are_reported(body, fault, message):
     with pytest.raises(fault, match=message):

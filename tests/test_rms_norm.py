@@ -7,7 +7,8 @@ from torch.library import opcheck
 import llama_ext
 from llama_ext.reference import fused_add_rms_norm_reference, hf_rms_norm, rms_norm_reference
 
-from conftest import CUDA_DTYPES, DEVICES, assert_close, device_dtype_params, emulation_only_on_cpu, ptx_kernel
+from conftest import (CUDA_DTYPES, CUDA_TYPE_NAMES, DEVICES, assert_close, device_dtype_params, emulation_only_on_cpu,
+                      ptx_kernel)
 
 REDUCED = (torch.float16, torch.bfloat16)
 
@@ -686,7 +687,6 @@ class _BwdParams(ctypes.Structure):
         ("out_dtype", ctypes.c_int8)]
 
 
-_PTX_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
 _SCALAR_TYPES = {torch.float16: 5, torch.float32: 6, torch.bfloat16: 15}  # at::ScalarType
 
 
@@ -708,7 +708,8 @@ def _rms_norm_fwd_in_ptx(x, weight, residual, eps, offset, cast, out_dtype, alig
     rows, n = x.shape
     group, threads, cache = _row_layout(n, x.dtype, 8)
     w_dtype = weight.dtype if weight is not None else x.dtype
-    kind = (f"rms_norm_fwd_kernel<{_PTX_TYPES[x.dtype]}, {_PTX_TYPES[w_dtype]}, {_PTX_TYPES[out_dtype]}, "
+    names = ", ".join(CUDA_TYPE_NAMES[t] for t in (x.dtype, w_dtype, out_dtype))
+    kind = (f"rms_norm_fwd_kernel<{names}, "
             f"{str(aligned).lower()}, {cache if aligned else 0}>")
     run, program = ptx_kernel("rms_norm", kind)
     mem = run.DeviceMemory()
@@ -740,7 +741,8 @@ def _rms_norm_bwd_in_ptx(grad, x, weight, rstd, grad_residual, offset, cast, ali
     ws_stride = -(-n // chunk) * chunk
     rows_per_cta = threads // group
     sums_in_smem = rows_per_cta * ws_stride * 4 <= 32 * 1024
-    kind = (f"rms_norm_bwd_kernel<{_PTX_TYPES[x.dtype]}, {_PTX_TYPES[w_dtype]}, {_PTX_TYPES[grad.dtype]}, "
+    names = ", ".join(CUDA_TYPE_NAMES[t] for t in (x.dtype, w_dtype, grad.dtype))
+    kind = (f"rms_norm_bwd_kernel<{names}, "
             f"{str(aligned).lower()}, {cache}, {str(row_ahead).lower()}>")
     run, program = ptx_kernel("rms_norm", kind)
     mem = run.DeviceMemory()
@@ -759,7 +761,7 @@ def _rms_norm_bwd_in_ptx(grad, x, weight, rstd, grad_residual, offset, cast, ali
     ws = mem.upload(workspace, "workspace")
     program.launch(mem, [bytes(p), group, ws, ws_stride, sums_in_smem], grid=(grid,), block=(threads,),
                    dynamic_shared=rows_per_cta * ws_stride * 4 if sums_in_smem else 0)
-    _, reduce = ptx_kernel("rms_norm", f"reduce_dweight_kernel<{_PTX_TYPES[w_dtype]}>")
+    _, reduce = ptx_kernel("rms_norm", f"reduce_dweight_kernel<{CUDA_TYPE_NAMES[w_dtype]}>")
     # Wide rows: the first two and the last of reduce_dweight's CTAs (32 columns each) only.
     reduce_grid = -(-n // 32)
     ctas = None if reduce_grid <= 8 else [(0, 0, 0), (1, 0, 0), (reduce_grid - 1, 0, 0)]
@@ -837,11 +839,12 @@ def test_cuda_dweight_reduction_in_ptx_sums_in_its_fixed_order(weight_dtype, n_p
     rows in order, then the warps in order), rounded once to the weight's dtype."""
     n, ws_stride = 40, 48
     workspace = torch.randn(n_partials, ws_stride)
-    run, program = ptx_kernel("rms_norm", f"reduce_dweight_kernel<{_PTX_TYPES[weight_dtype]}>")
+    run, program = ptx_kernel("rms_norm", f"reduce_dweight_kernel<{CUDA_TYPE_NAMES[weight_dtype]}>")
     mem = run.DeviceMemory()
     dw = torch.full((n,), float("nan"), dtype=weight_dtype)
     address = mem.upload(dw, "dweight")
-    program.launch(mem, [mem.upload(workspace, "workspace"), n_partials, ws_stride, n, address], grid=(2,), block=(512,))
+    program.launch(mem, [mem.upload(workspace, "workspace"), n_partials, ws_stride, n, address], grid=(2,),
+                   block=(512,))
     per_warp = -(-n_partials // 16)
     expected = torch.zeros(n)
     for warp in range(16):

@@ -12,8 +12,8 @@ try:  # the external reference: transformers' own code; the project's copy only 
 except ImportError:
     from llama_ext.reference import hf_apply_rotary_pos_emb
 
-from conftest import (CUDA_DTYPES, DEVICES, assert_close, assert_device_assert, device_dtype_params,
-                      emulation_only_on_cpu, ptx_kernel)
+from conftest import (CUDA_DTYPES, CUDA_TYPE_NAMES, DEVICES, assert_close, assert_device_assert,
+                      device_dtype_params, emulation_only_on_cpu, ptx_kernel)
 
 HEAD_DIMS = [64, 80, 128, 256]
 HEAD_COUNTS = [(12, 4), (5, 1)]
@@ -606,9 +606,6 @@ class _RotaryParams(ctypes.Structure):
                 ("inverse", ctypes.c_bool), ("copy_pass_through", ctypes.c_bool)]
 
 
-_PTX_TYPES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}
-
-
 def _rotary_in_ptx(q, k, cos, sin, positions, interleaved, inverse, in_place, block=None):
     """rotary_kernel's PTX over (q, k), as rotary.cu's launcher would launch it (or with `block`);
     returns (q_out, k_out) and the launch."""
@@ -618,7 +615,7 @@ def _rotary_in_ptx(q, k, cos, sin, positions, interleaved, inverse, in_place, bl
     span = 2 * half if interleaved else half
     vectorized = span % vec == 0 and all(
         t.stride(d) * elem % 16 == 0 or t.shape[d] == 1 for t in (q, k) for d in range(3)) and q.shape[3] % vec == 0
-    kind = f"rotary_kernel<{_PTX_TYPES[q.dtype]}, {str(vectorized).lower()}, {str(interleaved).lower()}>"
+    kind = f"rotary_kernel<{CUDA_TYPE_NAMES[q.dtype]}, {str(vectorized).lower()}, {str(interleaved).lower()}>"
     run, program = ptx_kernel("rotary", kind)
     mem = run.DeviceMemory()
     q_out = q.clone() if in_place else torch.full_like(q, float("nan"))

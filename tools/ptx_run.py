@@ -403,7 +403,8 @@ class Kernel:
 
 
 _REG_DECL = re.compile(r"\.reg\s+\.(\w+)\s+(%?[\w$]+?)(?:<(\d+)>)?$")
-_VAR_DECL = re.compile(r"(?:\.extern\s+)?\.(shared|local|global|const)\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+([\w$.]+)(?:\[(\d*)\])?(?:\s*=\s*\{(.*)\})?$")
+_VAR_DECL = re.compile(r"(?:\.extern\s+)?\.(shared|local|global|const)\s+(?:\.align\s+(\d+)\s+)?\.(\w+)\s+"
+                       r"([\w$.]+)(?:\[(\d*)\])?(?:\s*=\s*\{(.*)\})?$")
 
 
 class Module:
