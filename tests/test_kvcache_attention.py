@@ -1,6 +1,7 @@
 """gqa_attention_with_kvcache against the float64 reference: contiguous and paged caches, the
 append of new tokens (with fused rotary), windows and softcap, the split-KV path, untouched
-cache slots, bad input, opcheck, torch.compile and CUDA graphs."""
+cache slots, bad input, opcheck, torch.compile and CUDA graphs; and the CUDA kernels' compiled
+PTX run on the CPU (tools/ptx_run.py)."""
 import copy
 import ctypes
 import math
@@ -1018,9 +1019,9 @@ def test_gqa_attention_backward_through_routed_forward(device, causal, window, s
             assert_close(got, ref, dtype, scale=4.0)
 
 
-# ---- the SIMT prompt kernel's own PTX over a paged cache, run on the CPU (tools/ptx_run.py) -------
-# The host side of attention.cu's make_params for the interpreter: AttentionParams of
-# csrc/cuda/attention_common.cuh (checked against the kernel's parameter size).
+# ---- the prompt kernels' own PTX (SIMT and tensor-core) on contiguous and paged caches, run on the
+# CPU (tools/ptx_run.py). The host side of attention.cu's make_params for the interpreter:
+# AttentionParams of csrc/cuda/attention_common.cuh (checked against the kernel's parameter size).
 
 class _Strides(ctypes.Structure):
     _fields_ = [("batch", ctypes.c_int64), ("row", ctypes.c_int64), ("head", ctypes.c_int64)]
