@@ -1,4 +1,5 @@
 """Shared test parametrization: every test runs on CPU and, when a GPU exists, on CUDA."""
+import functools
 import importlib.util
 import os
 import re
@@ -129,26 +130,31 @@ def check_kernel_emulation(name):
     assert all(emulation.check_mutants(verbose=False).values())
 
 
-_PTX_MODULES = {}
 CUDA_TYPE_NAMES = {torch.float32: "float", torch.float16: "__half", torch.bfloat16: "__nv_bfloat16"}  # in signatures
+
+
+@functools.lru_cache(maxsize=None)
+def _ptx_run():
+    return load_emulation("ptx_run")
+
+
+@functools.lru_cache(maxsize=None)
+def _ptx_module(source_stem):
+    return _ptx_run().load(source_stem)
 
 
 def ptx_kernel(source_stem, match):
     """A kernel of csrc/cuda/<source_stem>.cu as the built extension embeds it in PTX, ready to run
-    in tools/ptx_run.py: the one whose demangled signature contains `match` (a template list, say
-    "rotary_kernel<__half, true, false>"). Skips where the extension was built without CUDA."""
-    if "ptx_run" not in _PTX_MODULES:
-        _PTX_MODULES["ptx_run"] = load_emulation("ptx_run")
-    run = _PTX_MODULES["ptx_run"]
-    if source_stem not in _PTX_MODULES:
-        try:
-            _PTX_MODULES[source_stem] = run.load(source_stem)
-        except FileNotFoundError as e:  # a CPU-only build, or no cuobjdump
-            pytest.skip(f"the CUDA kernels' PTX: {e}")
-    module = _PTX_MODULES[source_stem]
+    in tools/ptx_run.py: (the module, its Program) for the one kernel whose demangled signature
+    contains `match` (say "rotary_kernel<__half, true, false>"). Skips where the extension was
+    built without CUDA."""
+    try:
+        module = _ptx_module(source_stem)
+    except FileNotFoundError as e:  # a CPU-only build, or no cuobjdump
+        pytest.skip(f"the CUDA kernels' PTX: {e}")
     names = module.kernels(lambda signature: match in signature)
     assert len(names) == 1, f"{len(names)} kernels of {source_stem}.cu match {match!r}"
-    return run, run.Program(module, names[0])
+    return _ptx_run(), _ptx_run().Program(module, names[0])
 
 
 # The emulations are the CPU half's check of the CUDA kernels; the GPU machine runs the kernels.
