@@ -1486,13 +1486,17 @@ class CTA:
 
 
 class Launch:
-    def __init__(self, kernel, code, collective, mem, params, grid, block, shared_bytes, local_bytes, max_steps):
+    def __init__(self, kernel, code, collective, mem, params, grid, block, shared_bytes, local_bytes, max_steps,
+                 record_asserts, dependent):
         self.kernel, self.code, self.collective = kernel, code, collective
         self.mem, self.params = mem, params
         self.grid, self.block = grid, block
         self.shared_bytes, self.local_bytes = shared_bytes, local_bytes
         self.max_steps = max_steps
         self.steps = 0
+        self.record_asserts, self.asserts = record_asserts, []
+        self.prior_done = not dependent  # a dependent launch's CTAs wait at griddepcontrol.wait until resume()
+        self.written = {}  # global buffer -> the bytes this launch wrote (ld.global.nc's check)
 
     def run(self, ctas=None):
         """Every CTA to its end or, in a dependent launch, up to its griddepcontrol.wait (kept in
@@ -1704,7 +1708,6 @@ class Program:
         for p in k.params:
             symbols[p.name] = PARAM_WINDOW + p.offset
         offset = _lay_out(k.shared, symbols)
-        self.static_shared = offset
         if module.extern_shared:
             self.dynamic_offset = (offset + 15) // 16 * 16
             symbols[module.extern_shared] = self.dynamic_offset
@@ -1750,9 +1753,7 @@ class Program:
         grid = tuple(grid) + (1,) * (3 - len(grid))
         block = tuple(block) + (1,) * (3 - len(block))
         run = Launch(k, self.code, self.collective, mem, blob, grid, block, self.dynamic_offset + dynamic_shared,
-                     self.local_bytes, int(max_steps))
-        run.record_asserts, run.asserts, run.prior_done = record_asserts, [], not dependent
-        run.written = {}
+                     self.local_bytes, int(max_steps), record_asserts, dependent)
         run.run(ctas)
         return run
 
