@@ -181,7 +181,8 @@ inline void no_backend_limits(const at::Tensor&, const AttentionShape&) {}
 // 16 on, where the prefill tiles become GEMMs; on CUDA the KV-cache kernel is built for a few
 // rows per group (flash-decoding), the prefill kernels' 64- and 128-row tiles take over beyond.
 // The other way round, the KV-cache kernels hand prefill-shaped calls (many query tokens) to the
-// prefill kernels (kPrefillRouteMinSeqQ, csrc/kvcache_attention.h).
+// prefill kernels (kPrefillRouteMinSeqQ, csrc/kvcache_attention.h), and the CPU's also calls of
+// more than kDecodeRouteMaxSeqQ tokens with many rows per kv head (csrc/cpu/kvcache_attention.cpp).
 inline constexpr int64_t kDecodeRouteMaxSeqQ = 4;
 
 inline bool routes_to_kvcache(const AttentionCall& call) {

@@ -188,8 +188,8 @@ inline KVCacheAttentionParams check_kvcache_attention_args(
 // sequence's first L_b cache tokens with the same scale, mask, window and softcap. The CPU makes
 // one batched call per run of consecutive sequences of equal L (k_cache[b0:b1, :L]), CUDA one
 // call for all (the prefill kernels read each L_b on the device); both read a paged cache's rows
-// through the block table. The CPU measurements behind the threshold:
-// csrc/cpu/kvcache_attention.cpp.
+// through the block table. The CPU measurements behind the threshold, and the CPU's own rule for
+// fewer query tokens (runs_on_prefill_kernel): csrc/cpu/kvcache_attention.cpp.
 inline constexpr int64_t kPrefillRouteMinSeqQ = 128;
 
 inline bool prefill_shaped(const KVCacheAttentionParams& p) { return p.seq_q >= kPrefillRouteMinSeqQ; }

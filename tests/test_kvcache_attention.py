@@ -678,16 +678,65 @@ def test_thread_counts_on_cpu(dtype, block_size, threads):
 @pytest.mark.parametrize("block_size", [None, 16, 48, 8], ids=["contiguous", "paged16", "paged48", "paged8"])
 def test_score_tile_shapes_on_cpu(dtype, block_size):
     """The CPU kernel's score tiles (on AMX at the amx_bf16 level: 16 keys one row stride apart,
-    up to 16 rows per kv head, head dims of whole 32-element chunks, transposed by permutes for
-    1, 2, 4, 8 and 16 rows, by gathers otherwise; FMA tiles otherwise): rows per kv head 1, 2, 4,
-    8, 9, 16 and 32, head dims 32-256, tiles within a page, across shuffled pages, and a partial
-    last tile; splits cut at whole tiles, and a window whose first split starts between tiles;
-    softcap."""
+    head dims of whole 32-element chunks, up to 16 rows per kv head a sub-tile, S^T tiles of a
+    power of two columns transposed by permutes, P V on the tiles from 6 rows; FMA tiles
+    otherwise): rows per kv head 1, 2, 4, 8, 9, 16 and 32, head dims 32-256, tiles within a page,
+    across shuffled pages, and a partial last tile; splits cut at whole tiles, and a window whose
+    first split starts between tiles; softcap."""
     for n_q, n_kv, seq_q, d in ((4, 4, 1, 64), (4, 2, 1, 64), (8, 2, 1, 128), (16, 2, 1, 32), (6, 2, 3, 96),
                                 (16, 1, 1, 256), (16, 1, 2, 128)):
         Case("cpu", dtype, [1000, 37], seq_q, 1, n_q, n_kv, d, block_size=block_size).check()
     case = Case("cpu", dtype, [777], 1, 1, 8, 2, 128, block_size=block_size)
     case.check(window_size=(300, 0), softcap=20.0)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [None, 16, 17], ids=["contiguous", "paged16", "paged17"])
+def test_rows_past_a_tile_matches_reference_on_cpu(dtype, block_size):
+    """Many rows per kv head (G x seq_q) on the CPU kernel. At the amx_bf16 level a head's rows run
+    as AMX sub-tiles of up to 16: 20 rows as 2 x 10, 42 as 3 x 14, 40 as 3 x 14 with 2 padding rows
+    (which see no key and are never stored); S^T tiles of 8 columns for 6 and 7 rows; P V on the
+    tiles from 6 rows, V restaged in key pairs, a paged17 block's tiles across pages. 70 rows are
+    two row tiles (64 + 6) where this kernel keeps them: on 8 threads, more than the prefill
+    kernel's tasks. Elsewhere the FMA tiles. Sequences of 1001 and 38 keys (partial key blocks)."""
+    before = torch.get_num_threads()
+    try:
+        for n_q, n_kv, seq_q, d, threads in ((12, 2, 1, 128, 2), (14, 2, 1, 64, 2), (4, 1, 5, 128, 2),
+                                             (7, 1, 6, 96, 2), (8, 1, 5, 128, 2), (5, 1, 14, 64, 8)):
+            torch.set_num_threads(threads)
+            case = Case("cpu", dtype, [1000, 37], seq_q, 1, n_q, n_kv, d, block_size=block_size)
+            case.check()
+            case.check(window_size=(300, 0), softcap=20.0)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+def test_few_query_tokens_of_many_rows_on_the_prefill_kernel_matches_reference(dtype, block_size):
+    """On the CPU, past DECODE_ROUTE_MAX_SEQ_Q query tokens, a call whose rows per kv head pass a
+    task's 64 (fewer at some levels) runs on the prefill kernel where each of its calls has a task
+    for every thread: with equal lengths and no rotary, gqa_attention's bits on the cache's first
+    tokens (which takes the prefill kernel for these too); with rotary, the float64 reference.
+    6 query heads per kv head x 12 tokens = 72 rows; on 2 threads, 2 kv heads x 1 query block x 2
+    sequences of equal length."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seq_q = 12
+        assert seq_q > DECODE_ROUTE_MAX_SEQ_Q
+        for lens, kw, rotary in (([500, 500], {}, None), ([300, 300], dict(window_size=(90, 0), softcap=30.0), None),
+                                 ([700, 700], {}, (64, 800))):
+            case = Case("cpu", dtype, lens, seq_q, 3, 12, 2, 64, block_size=block_size, rotary=rotary)
+            out, lse = case.check(**kw)
+            if rotary is None:
+                n = lens[0] + 3
+                ref_out, ref_lse = llama_ext.gqa_attention(case.q, *case.tokens(0, 2, n), return_lse=True,
+                                                           window_size=kw.get("window_size", (-1, -1)),
+                                                           softcap=kw.get("softcap", 0.0))
+                assert torch.equal(bits(out), bits(ref_out)) and torch.equal(bits(lse), bits(ref_lse))
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -94,15 +94,10 @@ namespace {
 
 using namespace cpu::attention;
 
-// Rows of all G heads of a query block together: G * block_q ~ kTargetRows keeps the score
-// tile in L2 and the products large enough for BLAS to run at full rate.
-constexpr int64_t kTargetRows = 256;
 // Backward: aim for this many tasks (sequences * kv heads * key chunks) so that every thread
 // has work even with batch 1 and few kv heads; at most kMaxKeyChunks dQ partials.
 constexpr int64_t kTargetBackwardTasks = 32;
 constexpr int64_t kMaxKeyChunks = 8;
-
-int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(kTargetRows / group, 16, 128); }
 
 // Visits task indices as 0, n-1, 1, n-2, ...: neighbouring tasks pair a cheap causal block
 // with an expensive one, so the cost cuts between the threads' runs of tasks (parallel.h) fall
@@ -525,7 +520,7 @@ void attention_backward_cpu(const AttentionCall& call) {
   const AttentionParams pb(call);
   const AttentionShape& shape = pb.shape;
   const int64_t G = shape.group(), d = shape.head_dim;
-  const int64_t block_q = block_q_for(G);
+  const int64_t block_q = cpu::block_q_for(G);
   const int64_t key_blocks = ceil_div(shape.seq_k, kBlockK);
   const int64_t seq_heads = shape.batch * shape.n_kv_heads;
   // Depends on the shapes only (never on the thread count): the dq sum order is fixed. More

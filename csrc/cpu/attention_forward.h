@@ -4,11 +4,18 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <optional>
 
 #include "../attention.h"
 
 namespace llama_ext::cpu {
+
+// Query tokens per forward task (one task per sequence, kv head and query block; keys are not
+// split): the rows of all G heads of a query block together, G * block_q ~ 256, keep the score
+// tile in L2 and the products large enough for BLAS to run at full rate.
+inline int64_t block_q_for(int64_t group) { return std::clamp<int64_t>(256 / group, 16, 128); }
 
 // Runs a checked, batched or varlen call whose q and k hold a token each, into call.out and
 // call.lse (views allowed). With a block table (int32 [batch, >= ceil(seq_k / block_size)], the

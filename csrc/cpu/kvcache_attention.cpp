@@ -41,8 +41,10 @@
 //                                  registers over a pass of keys, p broadcast per key)
 //     bf16 at the avx512_bf16 and amx_bf16 levels scores on VDPBF16PS instead (namespace dot):
 //     bf16 q and K as they lie, 32 products per instruction, no widening; amx_bf16 scores whole
-//     tiles on AMX (namespace amx_scores): per 16 keys and kv head one TDPBF16PS tile product
-//     per 32 elements of d, K tile-loaded straight from the cache. At avx512_bf16, P V runs on
+//     tiles on AMX (namespace amx_tiles): per 16 keys and sub-tile of up to 16 rows of a kv head
+//     one TDPBF16PS tile product per 32 elements of d, K tile-loaded straight from the cache,
+//     and from kAmxPvMinRows rows per kv head runs P V on the tiles too, P split into two bf16
+//     parts (exact to 2^-16 of itself). At avx512_bf16, P V runs on
 //     VDPBF16PS too, two keys per instruction with P rounded to bf16 (as the prefill kernel at
 //     this level and FlashAttention do): 1.06-1.21x with the cache in L3, 1.03-1.11x evicted
 //     (Zen 4, b1 4096 / b1 1024 / paged16 / b8 1024). Elsewhere P V stays on the FMAs, P in fp32
@@ -55,7 +57,9 @@
 //     math overlaps the stream from DRAM.
 //     Paged caches are gathered through the block table: the rows' addresses are resolved
 //     once per key block by walking the pages, never by a division per key.
-//     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens) run on the prefill kernel
+//     Prefill-shaped calls (kPrefillRouteMinSeqQ or more query tokens), and from
+//     kDecodeRouteMaxSeqQ + 1 tokens those of many rows per kv head where the prefill kernel is
+//     faster and has a task for every thread (runs_on_prefill_kernel), run on the prefill kernel
 //     instead, one batched call per run of consecutive sequences that hold the same number of
 //     tokens, a paged cache's K/V read through the block table.
 //  4. Combine: with more than one split, each split leaves its normalized output and lse
@@ -83,11 +87,14 @@
 // unit runs in order; K rows pulled into L1 before their tile loads did not make it faster:
 // benchmarks/RESULTS.md, 2026-12-05). P V on AMX needs V
 // repacked into key pairs through memory (a tile load of rows vector stores have just written
-// stalls ~13 ns, so the repack runs an item ahead) and P rounded to bf16; it added only 2-10%
-// over the AMX scores, not worth rounding P. Without the repack (V rows as B tiles straight from
-// the cache, contracted over key x element parity against P rows with zeros in the other
-// parity's slots, P kept exact enough as two bf16 parts) it is slower still: 0.88x, every V tile
-// load stalls the tile unit; staged through L1 one tile ahead, 0.94-1.04x.
+// stalls ~13 ns, so the repack runs a head ahead); at 4 rows per kv head it adds too little over
+// the AMX scores: with P rounded to bf16 2-10%, with P exact as two bf16 parts 0.94x. The FMAs'
+// share grows with the rows and the tiles' does not, so from 6 rows it pays (amx_tiles,
+// 2026-12-06: 32/8 x 128 b1 4096, in one process alternating with the FMAs, 6 rows 1.02x,
+// 7 rows 1.07-1.09x, 8 rows 1.05-1.07x, 16 rows 1.14x). Without the repack (V rows as B tiles
+// straight from the cache, contracted over key x element parity against P rows with zeros in
+// the other parity's slots) it is slower still at 4 rows: 0.88x, every V tile load stalls the
+// tile unit; staged through L1 one tile ahead, 0.94-1.04x.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -373,7 +380,9 @@ struct TaskBuffers {
   AlignedVector<acc_t> q, o, s, m, l;
   std::vector<int64_t> lo, hi;
   AlignedVector<T> q_bits;       // the VDPBF16PS score path's q rows: as given (rotated), unscaled
-  AlignedVector<T> p_bits;       // the VDPBF16PS P V path's probabilities, rounded: [kMaxRows, kKeyBlock]
+  AlignedVector<T> p_bits;       // P rounded: [kMaxRows, kKeyBlock] (the VDPBF16PS and AMX P V paths)
+  AlignedVector<T> p_rest;       // P - p_bits rounded, [kMaxRows, kKeyBlock] (AMX P V)
+  AlignedVector<T> v_pairs;      // a block's V of two heads as AMX key pairs (AMX P V)
   AlignedVector<acc_t> scratch;  // the AMX score path's q tiles, sized on first use
   TaskBuffers(int64_t dpad)
       : q(kMaxRows * dpad), o(kMaxRows * dpad), s(kMaxRows * kKeyBlock), m(kMaxRows),
@@ -1064,56 +1073,109 @@ void key_pairs_pv(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* con
 }  // namespace dot
 #endif
 
+constexpr int64_t kAmxPvMinRows = 6;  // rows per kv head from which P V runs on AMX (amx_tiles)
+constexpr int64_t kAmxTileRows = 16;  // rows of a head an AMX tile holds: S^T's columns, O's rows
+
+// A head's nr rows (up to kMaxRows) on AMX tiles: `count` sub-tiles of `rows` rows each, padded by
+// fewer than `count` rows, which see no key and are never stored. More than 16 rows a head (G x
+// seq_q: 5 query tokens of a group of 4, 3 of a group of 8) keep the tiles instead of falling back
+// to the FMAs, and each K/V block, read once, serves every sub-tile.
+struct AmxRowTiles {
+  int64_t count, rows;
+  explicit AmxRowTiles(int64_t nr)
+      : count(std::max<int64_t>(1, (nr + kAmxTileRows - 1) / kAmxTileRows)), rows((nr + count - 1) / count) {}
+  int64_t head_rows() const { return count * rows; }
+};
+
 #if defined(LLAMA_EXT_AMX)
 // ---- bf16 scores on AMX tiles (amx_bf16) ------------------------------------------------------
-// S^T[key, r] = K q^T: per 16 keys and kv head, one C tile [16 keys, nr rows] (fp32), d/32
+// S^T[key, r] = K q^T: per 16 keys and sub-tile of a kv head's rows (AmxRowTiles), one C tile
+// [16 keys, cols] (fp32; cols: its rows rounded up to a power of two, score_columns), d/32
 // TDPBF16PS with 16 K rows as A, tile-loaded straight from the cache (one row stride), and the
 // bf16 q rows as B (VNNI pairs, unscaled: the scale multiplies S). The products are exact and
 // accumulate in fp32, as on FMAs (bf16 subnormals read as zero, as TDPBF16PS does). The task's
 // heads are taken one after another for each 16 keys, so the K block is still read in address
 // order. A tile that is not 16 equally spaced rows (a paged block boundary, the padded tail) is
-// scored on FMAs. P V stays on FMAs at this level: P is not rounded.
-namespace amx_scores {
+// scored on FMAs.
+//
+// P V on AMX where a head has kAmxPvMinRows rows or more (namespace amx_tiles, pv): O [nr, 16
+// columns] C tiles += P [nr, 32 keys] x V [32 keys, 16 columns]. V is restaged into key pairs
+// (stage_v: two rows' 64-byte chunks into a chunk's even and odd columns, a shift and a blend
+// each), the columns of pair order (pairs::pair_order), so O keeps the FMA path's order and a task
+// may mix the two. P is exact to about 2^-16 of itself: its bf16 rounding plus the rounded rest
+// (split_p), two products each. The FMAs' cost grows with the rows, the tiles' hardly: P V on
+// them takes 4 R FMAs per key and 32-element chunk, the tiles a product per 32 keys and 16
+// columns whatever the rows (up to 16), plus the restaging of V. A tile load of rows that vector
+// stores have just written stalls (~13 ns): each head's V is staged while the last head's
+// products run, and P is split for every head before the first product.
+namespace amx_tiles {
 
 using bf16 = c10::BFloat16;
-constexpr int64_t kMaxRows = 16;  // rows per kv head: the columns of an S^T tile
 constexpr int64_t kKeys = 16;     // keys per S^T tile
 constexpr int64_t kChunk = 32;    // bf16 per 64-byte tile row
-// Tile registers: the tile intrinsics paste their numbers into the assembly.
-#define LLAMA_EXT_TMM_S 0
-#define LLAMA_EXT_TMM_K 1
-#define LLAMA_EXT_TMM_Q 2
+constexpr int64_t kPvKeys = 32;   // keys per P V product (a B tile's pairs)
+// Tile registers: the tile intrinsics paste their numbers into the assembly. V's odd columns
+// take K's tile, which has V's shape (16 rows of 64 bytes) and is idle during P V.
+#define LLAMA_EXT_TMM_S 0       // S^T, fp32 [16 keys, nr]
+#define LLAMA_EXT_TMM_K 1       // K, bf16 [16 keys, 32]; in P V, V's odd columns
+#define LLAMA_EXT_TMM_Q 2       // q, bf16 pairs [16, nr, 2]
+#define LLAMA_EXT_TMM_P_HI 3    // P rounded to bf16 [nr, 32 keys]
+#define LLAMA_EXT_TMM_P_LO 4    // P - P_HI rounded to bf16
+#define LLAMA_EXT_TMM_V_EVEN 5  // V's even columns, bf16 key pairs [16, 16, 2]
+#define LLAMA_EXT_TMM_O_EVEN 6  // O, fp32 [nr, 16]: a chunk's even columns (pair order: its first 16)
+#define LLAMA_EXT_TMM_O_ODD 7   // and its odd ones
+#define LLAMA_EXT_TMM_V_ODD LLAMA_EXT_TMM_K
 
-inline void configure(int64_t nr) {
+// The score tiles (S^T with `cols` columns, score_columns(nr)), and with pv the P V tiles too,
+// for nr rows per head.
+inline void configure(int64_t nr, int64_t cols, bool pv) {
   cpu::amx::TileConfig cfg;
-  cfg.rows[LLAMA_EXT_TMM_S] = kKeys;  // fp32 [16 keys, nr]
-  cfg.bytes_per_row[LLAMA_EXT_TMM_S] = static_cast<uint16_t>(4 * nr);
-  cfg.rows[LLAMA_EXT_TMM_K] = kKeys;  // bf16 [16 keys, 32]
-  cfg.bytes_per_row[LLAMA_EXT_TMM_K] = 64;
-  cfg.rows[LLAMA_EXT_TMM_Q] = kChunk / 2;  // bf16 pairs [16, nr, 2]
-  cfg.bytes_per_row[LLAMA_EXT_TMM_Q] = static_cast<uint16_t>(4 * nr);
+  const auto set = [&](int tile, int64_t rows, int64_t bytes) {
+    cfg.rows[tile] = static_cast<uint8_t>(rows);
+    cfg.bytes_per_row[tile] = static_cast<uint16_t>(bytes);
+  };
+  set(LLAMA_EXT_TMM_S, kKeys, 4 * cols);
+  set(LLAMA_EXT_TMM_K, kKeys, 64);
+  set(LLAMA_EXT_TMM_Q, kChunk / 2, 4 * cols);
+  if (pv) {
+    set(LLAMA_EXT_TMM_P_HI, nr, 64);
+    set(LLAMA_EXT_TMM_P_LO, nr, 64);
+    set(LLAMA_EXT_TMM_V_EVEN, kPvKeys / 2, 64);
+    set(LLAMA_EXT_TMM_O_EVEN, nr, 64);
+    set(LLAMA_EXT_TMM_O_ODD, nr, 64);
+  }
   cpu::amx::load_config(cfg);
 }
 
-// q row n (< nr) of head hh as B tiles: the pair (q[2i], q[2i + 1]) of chunk c at
-// qb[((hh * chunks + c) * 16 + i) * nr + n] (pairs of bf16); d is a multiple of 32.
-inline void store_q(const bf16* q, int64_t d, int64_t hh, int64_t n, int64_t nr, bf16* qb) {
+// The columns of the S^T tiles for nr rows per head: nr rounded up to a power of two, so that
+// store_rows_of_columns transposes them by unzipping registers (a row past nr is a column of
+// zeros in q, its scores never stored).
+inline int64_t score_columns(int64_t nr) {
+  int64_t cols = 1;
+  while (cols < nr) cols *= 2;
+  return cols;
+}
+
+// q row n (< cols) of head hh as B tiles of `cols` columns: the pair (q[2i], q[2i + 1]) of chunk
+// c at qb[((hh * chunks + c) * 16 + i) * cols + n] (pairs of bf16); d is a multiple of 32.
+inline void store_q(const bf16* q, int64_t d, int64_t hh, int64_t n, int64_t cols, bf16* qb) {
   const int64_t chunks = d / kChunk;
   for (int64_t e = 0; e < d; e += 2) {
-    bf16* dst = qb + 2 * (((hh * chunks + e / kChunk) * (kChunk / 2) + e % kChunk / 2) * nr + n);
+    bf16* dst = qb + 2 * (((hh * chunks + e / kChunk) * (kChunk / 2) + e % kChunk / 2) * cols + n);
     dst[0] = q[e];
     dst[1] = q[e + 1];
   }
 }
 
-// s[r ld + t] = scale st[t nr + r]: S^T [16 keys, nr] (rows nr apart) transposed, for nr a power
-// of two up to 16. log2(nr) rounds unzip pairs of registers into their even and odd elements, the
-// evens to the first half: each round halves the rows interleaved in a register, and register r
-// ends as row r. nr log2(nr) two-register permutes, where a gather per row loads 16 elements one
-// by one. At 4 rows (32/8 x 128 bf16, b1, 1024-4096 keys, contiguous and paged16, in one process
-// alternating with the gathers, Emerald Rapids) a decode step ran 1.01-1.07x as fast.
+// s[r ld + t] = scale st[t NR + r] for rows r < nr: S^T [16 keys, NR] (rows NR apart) transposed,
+// for NR a power of two up to 16. log2(NR) rounds unzip pairs of registers into their even and
+// odd elements, the evens to the first half: each round halves the rows interleaved in a
+// register, and register r ends as row r. NR log2(NR) two-register permutes, where a gather per
+// row loads 16 elements one by one. At 4 rows (32/8 x 128 bf16, b1, 1024-4096 keys, contiguous
+// and paged16, in one process alternating with the gathers, Emerald Rapids) a decode step ran
+// 1.01-1.07x as fast.
 template <int NR>
-inline void store_rows_of_columns(const float* st, __m512 scale, float* s, int64_t ld) {
+inline void store_rows_of_columns(const float* st, __m512 scale, float* s, int64_t ld, int64_t nr) {
   static_assert(NR >= 1 && NR <= 16 && (NR & (NR - 1)) == 0, "rows: a power of two up to 16");
   __m512 z[NR];
   for (int i = 0; i < NR; ++i) z[i] = _mm512_load_ps(st + 16 * i);
@@ -1127,65 +1189,151 @@ inline void store_rows_of_columns(const float* st, __m512 scale, float* s, int64
     }
     for (int i = 0; i < NR; ++i) z[i] = unzipped[i];
   }
-  for (int r = 0; r < NR; ++r) _mm512_storeu_ps(s + r * ld, _mm512_mul_ps(z[r], scale));
+  for (int r = 0; r < NR; ++r)
+    if (r < nr) _mm512_storeu_ps(s + r * ld, _mm512_mul_ps(z[r], scale));
 }
 
-// s[(hh nr + r) ld + t] = scale (q_r . k_t) for the 16 keys k_t = k[t] + hh head strides (rows
-// k_row_stride elements apart) of each head hh < nh.
-inline void scores(const bf16* qb, int64_t nr, int64_t nh, const bf16* k, int64_t k_head_stride, int64_t k_row_stride,
-                   int64_t d, float scale, float* s, int64_t ld) {
-  const int64_t chunks = d / kChunk;
-  alignas(64) float st[kKeys * kMaxRows];  // S^T [16 keys, nr], rows nr apart
-  const __m512i key_rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(static_cast<int>(nr)));
+// s[(hh tiles.head_rows() + r) ld + t] = scale (q_r . k_t) for the 16 keys k_t = k[t] + hh head
+// strides (rows k_row_stride elements apart) of each head hh < nh, its rows r in sub-tiles of
+// tiles.rows; q as store_q wrote it, `cols` columns (score_columns(tiles.rows)) a sub-tile.
+// noinline: inlined into attend, the b1 4 rows-a-head decode step ran ~1% slower.
+__attribute__((noinline)) void scores(const bf16* qb, AmxRowTiles tiles, int64_t cols, int64_t nh, const bf16* k,
+                                      int64_t k_head_stride, int64_t k_row_stride, int64_t d, float scale, float* s,
+                                      int64_t ld) {
+  const int64_t chunks = d / kChunk, nr = tiles.rows;
+  alignas(64) float st[kKeys * kAmxTileRows];  // S^T [16 keys, cols], rows cols apart
   const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t hh = 0; hh < nh; ++hh) {
     const bf16* kh = k + hh * k_head_stride;
-    const bf16* qh = qb + hh * chunks * kChunk * nr;
-    _tile_zero(LLAMA_EXT_TMM_S);
-    for (int64_t c = 0; c < chunks; ++c) {
-      _tile_loadd(LLAMA_EXT_TMM_K, kh + c * kChunk, k_row_stride * 2);
-      _tile_loadd(LLAMA_EXT_TMM_Q, qh + c * kChunk * nr, 4 * nr);
-      _tile_dpbf16ps(LLAMA_EXT_TMM_S, LLAMA_EXT_TMM_K, LLAMA_EXT_TMM_Q);
+    for (int64_t ht = hh * tiles.count; ht < (hh + 1) * tiles.count; ++ht) {  // the head's sub-tiles
+      const bf16* qh = qb + ht * chunks * kChunk * cols;
+      _tile_zero(LLAMA_EXT_TMM_S);
+      for (int64_t c = 0; c < chunks; ++c) {
+        _tile_loadd(LLAMA_EXT_TMM_K, kh + c * kChunk, k_row_stride * 2);
+        _tile_loadd(LLAMA_EXT_TMM_Q, qh + c * kChunk * cols, 4 * cols);
+        _tile_dpbf16ps(LLAMA_EXT_TMM_S, LLAMA_EXT_TMM_K, LLAMA_EXT_TMM_Q);
+      }
+      _tile_stored(LLAMA_EXT_TMM_S, st, 4 * cols);
+      float* const sh = s + ht * nr * ld;
+      switch (cols) {
+        case 1: store_rows_of_columns<1>(st, scale_v, sh, ld, nr); break;
+        case 2: store_rows_of_columns<2>(st, scale_v, sh, ld, nr); break;
+        case 4: store_rows_of_columns<4>(st, scale_v, sh, ld, nr); break;
+        case 8: store_rows_of_columns<8>(st, scale_v, sh, ld, nr); break;
+        default: store_rows_of_columns<16>(st, scale_v, sh, ld, nr); break;
+      }
     }
-    _tile_stored(LLAMA_EXT_TMM_S, st, 4 * nr);
-    float* const sh = s + hh * nr * ld;
-    switch (nr) {
-      case 1: store_rows_of_columns<1>(st, scale_v, sh, ld); break;
-      case 2: store_rows_of_columns<2>(st, scale_v, sh, ld); break;
-      case 4: store_rows_of_columns<4>(st, scale_v, sh, ld); break;
-      case 8: store_rows_of_columns<8>(st, scale_v, sh, ld); break;
-      case 16: store_rows_of_columns<16>(st, scale_v, sh, ld); break;
-      default:
-        for (int64_t r = 0; r < nr; ++r) {  // column r of S^T, gathered
-          const __m512 col = _mm512_i32gather_ps(_mm512_add_epi32(key_rows, _mm512_set1_epi32(static_cast<int>(r))), st, 4);
-          _mm512_storeu_ps(sh + r * ld, _mm512_mul_ps(col, scale_v));
-        }
+  }
+}
+
+// P's rows [0, rows), keys [0, keys) (a multiple of 16), as p_hi (P rounded to bf16) and p_lo
+// (the rest, rounded): p = p_hi + p_lo within 2^-16 p (bf16 subnormal rests read as zero in the
+// products, below 2^-126 absolute). Rows ld_s (s) and ld_p (p_hi, p_lo) apart.
+inline void split_p(const float* s, int64_t ld_s, int64_t rows, int64_t keys, bf16* p_hi, bf16* p_lo, int64_t ld_p) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < keys; j += 16) {
+      const __m512 x = _mm512_loadu_ps(s + r * ld_s + j);
+      const __m256i hi = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+      // widened: each 32-bit lane's bf16 moved to its upper half by a byte shift
+      const __m512 hi_f = _mm512_castsi512_ps(_mm512_bslli_epi128(_mm512_cvtepu16_epi32(hi), 2));
+      const __m256i lo = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_sub_ps(x, hi_f)));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_hi + r * ld_p + j), hi);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_lo + r * ld_p + j), lo);
     }
+}
+
+// V rows v[j] + off, keys [0, keys) (a multiple of kPvKeys), as B tiles of key pairs in pair
+// order: for 32 keys t, chunk c and parity e, the tile at vb + ((t chunks + c) 2 + e) 512 holds in
+// row i, column n the pair (V[32 t + 2 i][32 c + 2 n + e], V[32 t + 2 i + 1][32 c + 2 n + e]).
+inline void stage_v(const bf16* const* v, int64_t off, int64_t keys, int64_t d, bf16* vb) {
+  const int64_t chunks = d / kChunk;
+  constexpr int64_t kTileElems = kPvKeys / 2 * kChunk;  // 512 bf16, 1 KB
+  for (int64_t t = 0; t < keys / kPvKeys; ++t)
+    for (int64_t i = 0; i < kPvKeys / 2; ++i) {
+      const bf16* first = v[kPvKeys * t + 2 * i] + off;
+      const bf16* second = v[kPvKeys * t + 2 * i + 1] + off;
+      for (int64_t c = 0; c < chunks; ++c) {
+        // 32-bit lane n of a row's chunk holds its elements 2n (low half) and 2n + 1. The byte
+        // shifts move each element to its neighbour's half of the lane (across lanes too, but
+        // the blends keep only the halves that came from within it).
+        const __m512i a = _mm512_loadu_si512(first + kChunk * c), b = _mm512_loadu_si512(second + kChunk * c);
+        const __m512i even = _mm512_mask_blend_epi16(0xAAAAAAAA, a, _mm512_bslli_epi128(b, 2));
+        const __m512i odd = _mm512_mask_blend_epi16(0xAAAAAAAA, _mm512_bsrli_epi128(a, 2), b);
+        bf16* tile = vb + (t * chunks + c) * 2 * kTileElems + i * kChunk;
+        _mm512_store_si512(tile, even);
+        _mm512_store_si512(tile + kTileElems, odd);
+      }
+    }
+}
+
+// O rows (pair order, ld_o floats apart) += (p_hi + p_lo) V over keys [0, keys): P rows ld_p bf16
+// apart, V staged by stage_v.
+inline void pv(const bf16* p_hi, const bf16* p_lo, int64_t ld_p, const bf16* vb, int64_t keys, int64_t d, float* o,
+               int64_t ld_o) {
+  const int64_t chunks = d / kChunk;
+  constexpr int64_t kTileElems = kPvKeys / 2 * kChunk;
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* oc = o + kChunk * c;
+    _tile_loadd(LLAMA_EXT_TMM_O_EVEN, oc, 4 * ld_o);
+    _tile_loadd(LLAMA_EXT_TMM_O_ODD, oc + kChunk / 2, 4 * ld_o);
+    for (int64_t t = 0; t < keys / kPvKeys; ++t) {
+      const bf16* tiles = vb + (t * chunks + c) * 2 * kTileElems;
+      _tile_loadd(LLAMA_EXT_TMM_P_HI, p_hi + kPvKeys * t, 2 * ld_p);
+      _tile_loadd(LLAMA_EXT_TMM_P_LO, p_lo + kPvKeys * t, 2 * ld_p);
+      _tile_loadd(LLAMA_EXT_TMM_V_EVEN, tiles, 64);
+      _tile_loadd(LLAMA_EXT_TMM_V_ODD, tiles + kTileElems, 64);
+      _tile_dpbf16ps(LLAMA_EXT_TMM_O_EVEN, LLAMA_EXT_TMM_P_HI, LLAMA_EXT_TMM_V_EVEN);
+      _tile_dpbf16ps(LLAMA_EXT_TMM_O_ODD, LLAMA_EXT_TMM_P_HI, LLAMA_EXT_TMM_V_ODD);
+      _tile_dpbf16ps(LLAMA_EXT_TMM_O_EVEN, LLAMA_EXT_TMM_P_LO, LLAMA_EXT_TMM_V_EVEN);
+      _tile_dpbf16ps(LLAMA_EXT_TMM_O_ODD, LLAMA_EXT_TMM_P_LO, LLAMA_EXT_TMM_V_ODD);
+    }
+    _tile_stored(LLAMA_EXT_TMM_O_EVEN, oc, 4 * ld_o);
+    _tile_stored(LLAMA_EXT_TMM_O_ODD, oc + kChunk / 2, 4 * ld_o);
   }
 }
 
 #undef LLAMA_EXT_TMM_S
 #undef LLAMA_EXT_TMM_K
 #undef LLAMA_EXT_TMM_Q
+#undef LLAMA_EXT_TMM_P_HI
+#undef LLAMA_EXT_TMM_P_LO
+#undef LLAMA_EXT_TMM_V_EVEN
+#undef LLAMA_EXT_TMM_V_ODD
+#undef LLAMA_EXT_TMM_O_EVEN
+#undef LLAMA_EXT_TMM_O_ODD
 
-}  // namespace amx_scores
+}  // namespace amx_tiles
 #else
-namespace amx_scores {
+namespace amx_tiles {
 // No AMX at this level (kAmx is false): declared for the discarded branches only (as templates,
 // which need no definition).
-constexpr int64_t kMaxRows = 16, kKeys = 16;
+constexpr int64_t kKeys = 16, kPvKeys = 32;
 template <typename = void>
-void configure(int64_t nr);
+int64_t score_columns(int64_t nr);
 template <typename = void>
-void store_q(const c10::BFloat16* q, int64_t d, int64_t hh, int64_t n, int64_t nr, c10::BFloat16* qb);
+void configure(int64_t nr, int64_t cols, bool pv);
 template <typename = void>
-void scores(const c10::BFloat16* qb, int64_t nr, int64_t nh, const c10::BFloat16* k, int64_t k_head_stride,
-            int64_t k_row_stride, int64_t d, float scale, float* s, int64_t ld);
-}  // namespace amx_scores
+void split_p(const float* s, int64_t ld_s, int64_t rows, int64_t keys, c10::BFloat16* p_hi, c10::BFloat16* p_lo,
+             int64_t ld_p);
+template <typename = void>
+void stage_v(const c10::BFloat16* const* v, int64_t off, int64_t keys, int64_t d, c10::BFloat16* vb);
+template <typename = void>
+void pv(const c10::BFloat16* p_hi, const c10::BFloat16* p_lo, int64_t ld_p, const c10::BFloat16* vb, int64_t keys,
+        int64_t d, float* o, int64_t ld_o);
+template <typename = void>
+void store_q(const c10::BFloat16* q, int64_t d, int64_t hh, int64_t n, int64_t cols, c10::BFloat16* qb);
+template <typename = void>
+void scores(const c10::BFloat16* qb, AmxRowTiles tiles, int64_t cols, int64_t nh, const c10::BFloat16* k,
+            int64_t k_head_stride, int64_t k_row_stride, int64_t d, float scale, float* s, int64_t ld);
+}  // namespace amx_tiles
 #endif
 
 // The bf16 paths this level compiles: each level has those of the levels below it.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kLevelAvx512 = true;
+#else
+constexpr bool kLevelAvx512 = false;
+#endif
 #if defined(LLAMA_EXT_AMX)
 constexpr bool kLevelPairs = true, kLevelDot = true, kLevelAmx = true;
 #elif defined(LLAMA_EXT_BF16_DOT)
@@ -1213,8 +1361,20 @@ constexpr bool kFmaKeyMajor = false;
 template <typename T>
 constexpr bool kKeyMajor = kDotPv<T> || kFmaKeyMajor<T>;  // key-major tiles compiled for T
 
+// Whether a call's tasks score on AMX tiles (bf16 at amx_bf16, head dims of whole 32-element
+// chunks), and so the buffer rows a task gives each kv head: its nr rows, padded to whole AMX
+// sub-tiles (AmxRowTiles) there. The rows of a task's head hh lie at hh * task_head_rows + r.
+template <typename T>
+bool on_amx(const KVCacheCpuParams<T>& a) {
+  return kAmx<T> && a.head_dim % 32 == 0;
+}
+template <typename T>
+int64_t task_head_rows(const KVCacheCpuParams<T>& a, int64_t nr) {
+  return on_amx(a) ? AmxRowTiles(nr).head_rows() : nr;
+}
+
 // The task's rows: nr rows [r0, r0 + nr) of the group of each kv head [h0, h0 + nh), row
-// hh * nr + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
+// hh * task_head_rows + r for head h0 + hh (query head (h0 + hh) G + (r0 + r) / seq_q, query index
 // (r0 + r) % seq_q), against keys [j0, j1) of sequence b: fills o (unnormalized), m and l of each
 // row.
 template <typename T>
@@ -1223,17 +1383,33 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   using acc_t = at::opmath_type<T>;
   using Vec = at::vec::Vectorized<acc_t>;
   constexpr int64_t W = Vec::size();
-  const int64_t d = a.head_dim, dpad = a.dpad, L = a.length(b), rows = nh * nr;
+  // bf16 scores on AMX: d is whole tile rows; a head's rows in sub-tiles (AmxRowTiles), each
+  // head's rows hr apart in the buffers (rows past nr: padding that sees no key).
+  const bool amx = on_amx(a);
+  const bool amx_pv = amx && nr >= kAmxPvMinRows;  // and P V
+  const AmxRowTiles tiles(amx ? nr : 0);
+  const int64_t hr = task_head_rows(a, nr);
+  const int64_t d = a.head_dim, dpad = a.dpad, L = a.length(b), rows = nh * hr;
   const acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
 
   // q rows: rotated (rounded to T, as apply_rotary would return them), widened, scaled.
   alignas(64) T qrot[256];
-  // bf16 scores on AMX: rows of one head fit an S^T tile, d is whole tile rows.
-  const bool amx = kAmx<T> && nr <= amx_scores::kMaxRows && d % 32 == 0;
   T* qb = nullptr;
-  if (amx) {
-    buf.scratch.resize(std::max<size_t>(buf.scratch.size(), rows * d / 2 + 16));
-    qb = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.scratch.data()) + 63) & ~uintptr_t(63));
+  int64_t cols = 0;  // of the S^T tiles
+  if constexpr (kAmx<T>) {
+    if (amx) {
+      cols = amx_tiles::score_columns(tiles.rows);
+      const size_t q_elems = nh * tiles.count * cols * d;  // bf16
+      buf.scratch.resize(std::max<size_t>(buf.scratch.size(), q_elems / 2 + 16));
+      qb = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(buf.scratch.data()) + 63) & ~uintptr_t(63));
+      // The columns of padding rows: their scores are never used, but the tiles read them.
+      if (cols * tiles.count != nr) std::fill(qb, qb + q_elems, T(0.f));
+    }
+  }
+  if (amx_pv && buf.p_rest.empty()) {
+    buf.p_bits.resize(kMaxRows * kKeyBlock);
+    buf.p_rest.resize(kMaxRows * kKeyBlock);
+    buf.v_pairs.resize(2 * kKeyBlock * d);
   }
   if constexpr (kDot<T>) {
     if (buf.q_bits.empty()) buf.q_bits.resize(kMaxRows * dpad);
@@ -1251,14 +1427,21 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
                 with_key_major_shape(d, nh, nr, [](auto, auto, auto) {});
   }
   for (int64_t rr = 0; rr < rows; ++rr) {
-    const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
+    if (rr % hr >= nr) {  // a padding row (AMX sub-tiles): q stays zero, it sees no key
+      std::fill(buf.o.data() + rr * dpad, buf.o.data() + (rr + 1) * dpad, acc_t(0));
+      buf.m[rr] = neg_inf;
+      buf.l[rr] = 0;
+      buf.lo[rr] = buf.hi[rr] = 0;
+      continue;
+    }
+    const auto [h, i] = a.query_of(h0 + rr / hr, r0 + rr % hr);
     const T* src = a.q + b * a.q_stride[0] + i * a.q_stride[1] + h * a.q_stride[2];
     if (a.cos != nullptr) {
       rotate_head<T>(a, src, qrot, a.seqlens[b] + i);
       src = qrot;
     }
     if constexpr (kAmx<T>) {
-      if (amx) amx_scores::store_q(src, d, rr / nr, rr % nr, nr, qb);
+      if (amx) amx_tiles::store_q(src, d, rr / tiles.rows, rr % tiles.rows, cols, qb);
     }
     if constexpr (kDot<T>) {
       if (key_major) {
@@ -1297,7 +1480,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     for (int64_t j = n; j < padded; ++j) kp[j] = kp[n - 1], vp[j] = vp[n - 1];
   };
   if constexpr (kAmx<T>) {
-    if (amx) amx_scores::configure(nr);
+    if (amx) amx_tiles::configure(tiles.rows, cols, amx_pv);
   }
   const T* kn[kKeyBlock + kRowsAhead];  // the block's rows in address order, and the next ones
   const T* vn[kKeyBlock + kRowsAhead];
@@ -1330,7 +1513,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // whole score tiles
     const int64_t rows_ahead = prefetch ? kPrefetchKeys : key_major ? kRowsAhead : 0;
     const int64_t n_ahead = std::min(n + rows_ahead, j1 - jb);  // rows resolved
-    resolve(jb, n_ahead, std::max(npad, n_ahead), kn, vn);
+    // AMX P V reads whole products of kPvKeys keys (p = 0 past n).
+    const int64_t pv_pad = amx_pv ? (n + amx_tiles::kPvKeys - 1) / amx_tiles::kPvKeys * amx_tiles::kPvKeys : npad;
+    resolve(jb, n_ahead, std::max(pv_pad, n_ahead), kn, vn);
     const bool phased = phased_rows && n == kKeyBlock && seen_lo <= jb && jb + n <= seen_hi;
     const T* const* kp = kn;
     const T* const* vp = vn;
@@ -1365,7 +1550,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     for (int64_t j = 0; j < (key_major ? 0 : npad); j += step) {
       if (prefetch) prefetch_row_starts(kn, std::min(j + kPrefetchKeys, n_ahead), std::min(j + kPrefetchKeys + step, n_ahead));
       if constexpr (kAmx<T>) {
-        static_assert(amx_scores::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
+        static_assert(amx_tiles::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
         // 16 keys one row stride apart (within a page, none of them padding): an S^T tile per
         // head. j is a multiple of 16 here.
         const auto one_stride = [&] {
@@ -1374,7 +1559,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
           return true;
         };
         if (amx && j % kScoreKeys == 0 && one_stride()) {
-          amx_scores::scores(qb, nr, nh, kp[j], a.k_stride[2], a.k_stride[1], d, a.scale, s + j, kKeyBlock);
+          amx_tiles::scores(qb, tiles, cols, nh, kp[j], a.k_stride[2], a.k_stride[1], d, a.scale, s + j, kKeyBlock);
           j += kScoreKeys - step;
           continue;
         }
@@ -1382,7 +1567,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       for (int64_t hh = 0; hh < nh; ++hh) {
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
-          const int64_t rr = hh * nr + r;
+          const int64_t rr = hh * hr + r;
           for (int64_t t = 0; t < step; t += acc_n / R) {
             if constexpr (kDot<T>) {
               dot::score_tile<R>(buf.q_bits.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d, a.scale,
@@ -1458,6 +1643,21 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         });
       }
     }
+    if constexpr (kAmx<T>) {
+      if (amx_pv) {
+        // Each head's V is staged while the last head's products run (see amx_tiles).
+        amx_tiles::split_p(s, kKeyBlock, rows, pv_pad, buf.p_bits.data(), buf.p_rest.data(), kKeyBlock);
+        T* const staged[2] = {buf.v_pairs.data(), buf.v_pairs.data() + kKeyBlock * d};
+        amx_tiles::stage_v(vp, 0, pv_pad, d, staged[0]);
+        for (int64_t hh = 0; hh < nh; ++hh) {
+          if (hh + 1 < nh) amx_tiles::stage_v(vp, (hh + 1) * a.v_stride[2], pv_pad, d, staged[(hh + 1) % 2]);
+          for (int64_t r = hh * hr; r < (hh + 1) * hr; r += tiles.rows)  // each sub-tile's rows
+            amx_tiles::pv(buf.p_bits.data() + r * kKeyBlock, buf.p_rest.data() + r * kKeyBlock, kKeyBlock,
+                          staged[hh % 2], pv_pad, d, buf.o.data() + r * dpad, dpad);
+        }
+        continue;
+      }
+    }
     const int64_t pv_keys = phased ? kKeyBlock / phase.phases : touch_v ? kKeyBlock : kPvKeys;
     for (int64_t j = 0; j < (key_major ? 0 : n); j += pv_keys) {
       const int64_t nj = std::min(pv_keys, n - j);
@@ -1465,7 +1665,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       for (int64_t hh = 0; hh < nh; ++hh) {
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
-          const int64_t rr = hh * nr + r;
+          const int64_t rr = hh * hr + r;
           if constexpr (kDotPv<T>) {
             // Whole key pairs: a block's columns past n are padding rows with p = 0.
             dot::pv_rows<R>(buf.p_bits.data() + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2],
@@ -1496,8 +1696,9 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
   using Vec = at::vec::Vectorized<acc_t>;
   using IO = VecIO<T>;
   constexpr int64_t W = Vec::size();
-  const int64_t d = a.head_dim;
-  for (int64_t rr = 0; rr < nh * nr; ++rr) {
+  const int64_t d = a.head_dim, hr = task_head_rows(a, nr);
+  for (int64_t rr = 0; rr < nh * hr; ++rr) {
+    if (rr % hr >= nr) continue;  // padding
     const acc_t l = buf.l[rr];
     const bool saw_keys = l != 0;  // NaN too: a NaN score makes out and lse NaN, never 0
     const acc_t inv = saw_keys ? acc_t(1) / l : acc_t(0);
@@ -1513,7 +1714,7 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
       a.partial_lse[task * kMaxRows + rr] = saw_keys ? buf.m[rr] + std::log(l) : -std::numeric_limits<acc_t>::infinity();
       continue;
     }
-    const auto [h, i] = a.query_of(h0 + rr / nr, r0 + rr % nr);
+    const auto [h, i] = a.query_of(h0 + rr / hr, r0 + rr % hr);
     T* dst = a.out + ((b * a.seq_q + i) * a.n_q_heads + h) * d;
     for (int64_t c = 0; c < d; c += W) IO::store(dst + c, Vec::loadu(o + c) * Vec(inv), std::min(W, d - c));
     a.lse[(b * a.n_q_heads + h) * a.seq_q + i] = saw_keys ? buf.m[rr] + std::log(l) : acc_t(0);
@@ -1539,7 +1740,7 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
       const int64_t unit = (b * a.head_groups + hg) * a.row_tiles + tile;
       const int64_t task0 = a.unit_tasks[unit], splits = a.splits(unit);
       if (splits == 1) continue;  // its task wrote out and lse
-      const int64_t slot = hh * nr + r;  // the row's index in its task (attend's order)
+      const int64_t slot = hh * task_head_rows(a, nr) + r;  // the row's index in its task (attend's order)
       // A split whose lse is NaN (a NaN score) makes the row NaN: mx and then every weight.
       acc_t mx = -std::numeric_limits<acc_t>::infinity();
       for (int64_t s = 0; s < splits; ++s) {
@@ -1619,6 +1820,40 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
   }
 }
 
+// Which calls run there: the prefill-shaped ones (kvcache_attention.h), and with fewer query
+// tokens those where the prefill kernel is faster. Its tiles cost less per row than this
+// kernel's from about as many rows per kv head (R = G x seq_q) on every CPU level: at R = 32,
+// 48, 64 and 80 of 32/8 and 64/8 x 128 over 4096 keys (b1, 2 threads, one process, Emerald
+// Rapids, 2026-12-06), this kernel's time over the prefill kernel's:
+//   level        bf16                    fp16                    fp32
+//   amx_bf16     1.18 1.06 1.15 1.33     0.98 1.25 1.37 1.52     0.69 0.85 0.91 1.09   (R32 R48 R64 R80)
+//   avx512_bf16  0.95 1.09 1.11 1.18     0.95 1.19 1.29 1.50     0.69 0.88 0.93 1.14
+//   avx512       0.73 0.94 1.03 1.18     0.96 1.18 1.29 1.48     0.76 0.87 0.94 1.15
+//   avx2         0.71 0.88 0.94 1.05     0.83 1.00 1.05 1.15     0.80 0.95 0.99 1.12
+// (the same within 0.1 at 64/8; 1.1-2.2x past R96). So a call runs there from 48 rows where its
+// 2-byte products run on bf16 dot products (avx512_bf16, amx_bf16) or fp16 widened on AVX-512,
+// and past one task's kMaxRows rows elsewhere (this kernel then reads K/V once per row tile).
+// The prefill kernel does not split keys: its tasks are (sequence, kv head, query block), one call
+// per run of equal lengths, so a call runs there only when each call gives every thread a task,
+// and only past kDecodeRouteMaxSeqQ query tokens (fewer: gqa_attention takes this kernel, and a
+// decode step stays on it whatever the group).
+template <typename T>
+constexpr int64_t kPrefillMinRows =
+    (kDot<T> || (std::is_same_v<T, at::Half> && kLevelAvx512)) ? 48 : kMaxRows + 1;
+
+template <typename T>
+bool runs_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
+  if (prefill_shaped(p)) return true;
+  if (p.seq_q <= kDecodeRouteMaxSeqQ || a.rows() < kPrefillMinRows<T>) return false;
+  int64_t shortest_run = a.batch;  // of consecutive sequences of equal length: one call each
+  for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
+    while (b1 < a.batch && a.length(b1) == a.length(b0)) ++b1;
+    shortest_run = std::min(shortest_run, b1 - b0);
+  }
+  const int64_t q_blocks = (p.seq_q + cpu::block_q_for(a.group()) - 1) / cpu::block_q_for(a.group());
+  return shortest_run * a.n_kv_heads * q_blocks >= at::get_num_threads();
+}
+
 // ---- driver -----------------------------------------------------------------------------------
 
 template <typename T>
@@ -1672,7 +1907,7 @@ void run(const KVCacheAttentionParams& p) {
   if (p.seq_new > 0) append_new_tokens<T>(a, *p.k, *p.v);
   const int64_t R = a.rows();
   if (p.batch == 0 || R == 0) return;
-  if (prefill_shaped(p)) return attend_on_prefill_kernel<T>(a, p);
+  if (runs_on_prefill_kernel(a, p)) return attend_on_prefill_kernel<T>(a, p);
 
   // A task holds up to kMaxRows rows: a tile of one kv head's rows, or the rows of several kv
   // heads, which lie side by side in each cache row and are then read in address order. Its
@@ -1690,7 +1925,7 @@ void run(const KVCacheAttentionParams& p) {
   const int64_t threads = at::get_num_threads();
   const auto max_splits = [&](int64_t heads) { return std::max<int64_t>(1, max_len * heads / kMinKeyRowsPerSplit); };
   const auto head_groups = [&](int64_t heads) { return (p.n_kv_heads + heads - 1) / heads; };
-  a.heads_per_task = std::clamp<int64_t>(kMaxRows / R, 1, p.n_kv_heads);
+  a.heads_per_task = std::clamp<int64_t>(kMaxRows / task_head_rows(a, std::min(R, kMaxRows)), 1, p.n_kv_heads);
   while (a.heads_per_task > 1 &&
          p.batch * head_groups(a.heads_per_task) * a.row_tiles * max_splits(a.heads_per_task) < threads) {
     a.heads_per_task = (a.heads_per_task + 1) / 2;
