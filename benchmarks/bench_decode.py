@@ -46,6 +46,9 @@ SIZES = {
     "cuda": (([1, 32], [8192]), ([1, 8, 32], [1024, 2048, 4096, 8192, 16384])),
 }
 SMOKE = dict(batches=[2], contexts=[40], heads=(4, 2), head_dim=16)
+# CPU: a step of this many query tokens too (speculative decoding's verify step: 32 query rows a kv
+# head at 32/8), on a contiguous cache. On CUDA gpu-check's time goes to the decode targets.
+VERIFY_TOKENS = 8
 # Chunked prefill, (chunk, contexts) quick and --full, per device: a chunk of new tokens at the end
 # of each context. On CUDA only with --full: gpu-check's time goes to the decode targets.
 CHUNKS = {"cpu": ((512, [4096]), (512, [1024, 2048, 4096])), "cuda": (None, (2048, [4096, 8192, 16384]))}
@@ -67,10 +70,12 @@ def _cases(cfg):
         contexts = list(cfg.sizes) if cfg.sizes else contexts
         (q_heads, kv_heads), d = HEADS, HEAD_DIM
     layouts = ("contiguous", "paged16") + (() if cfg.is_cuda else (DRAM,))
+    verify = () if cfg.is_cuda or cfg.smoke else (f"contiguous, {VERIFY_TOKENS} query tokens",)
     cases = []
     for dtype in cfg.dtypes:
         e = torch.empty((), dtype=dtype).element_size()
-        for layout in layouts:
+        for layout in layouts + verify:
+            seq_q = VERIFY_TOKENS if layout in verify else 1
             for batch in batches:
                 for ctx in contexts:
                     work = 2 * batch * ctx * kv_heads * d * e
@@ -79,11 +84,12 @@ def _cases(cfg):
                         layers = 2 if cfg.smoke else math.ceil(DRAM_CASE_BYTES / work)
                     cases.append(Case(
                         mode=f"b{batch} {layout}", dtype=dtype, size=ctx,
-                        label=f"b{batch} 1x{ctx} {q_heads}/{kv_heads}x{d} {layout}"
+                        label=f"b{batch} {seq_q}x{ctx} {q_heads}/{kv_heads}x{d} {layout}"
                         + (f" ({layers} layers)" if layers > 1 else ""),
-                        unit="GB/s", work=work, out_bytes=batch * q_heads * d * e,
-                        params={"batch": batch, "context": ctx, "q_heads": q_heads, "kv_heads": kv_heads,
-                                "head_dim": d, "paged": layout == "paged16", "layers": layers, "scale": d**-0.5},
+                        unit="GB/s", work=work, out_bytes=batch * seq_q * q_heads * d * e,
+                        params={"batch": batch, "context": ctx, "seq_q": seq_q, "q_heads": q_heads,
+                                "kv_heads": kv_heads, "head_dim": d, "paged": layout == "paged16", "layers": layers,
+                                "scale": d**-0.5},
                         ceiling_kind="dram_copy" if layout == DRAM else None,
                     ))
     return cases
@@ -210,6 +216,8 @@ def build(cfg):
         make_inputs=lambda case: _make_inputs(case, cfg.device),
         notes=["GB/s counts the K/V cache bytes one decode step reads (2 x batch x context x kv_heads x d)",
                PAGED_NOTE,
+               f"{VERIFY_TOKENS} query tokens (CPU): a step of {VERIFY_TOKENS} new tokens (speculative decoding's "
+               "verify step), the causal mask aligned bottom-right",
                "contiguous, DRAM cases (CPU): each call reads the next of the listed layers' caches, which the "
                "calls since its last one evicted from the L3, as in a model's decode step; judged against a copy "
                "from DRAM"],
