@@ -1116,10 +1116,10 @@ constexpr int64_t kChunk = 32;    // bf16 per 64-byte tile row
 constexpr int64_t kPvKeys = 32;   // keys per P V product (a B tile's pairs)
 // Tile registers: the tile intrinsics paste their numbers into the assembly. V's odd columns
 // take K's tile, which has V's shape (16 rows of 64 bytes) and is idle during P V.
-#define LLAMA_EXT_TMM_S 0       // S^T, fp32 [16 keys, nr]
+#define LLAMA_EXT_TMM_S 0       // S^T, fp32 [16 keys, cols]
 #define LLAMA_EXT_TMM_K 1       // K, bf16 [16 keys, 32]; in P V, V's odd columns
-#define LLAMA_EXT_TMM_Q 2       // q, bf16 pairs [16, nr, 2]
-#define LLAMA_EXT_TMM_P_HI 3    // P rounded to bf16 [nr, 32 keys]
+#define LLAMA_EXT_TMM_Q 2       // q, bf16 pairs [16, cols, 2]
+#define LLAMA_EXT_TMM_P_HI 3    // P rounded to bf16 [nr, 32 keys] (nr: a sub-tile's rows)
 #define LLAMA_EXT_TMM_P_LO 4    // P - P_HI rounded to bf16
 #define LLAMA_EXT_TMM_V_EVEN 5  // V's even columns, bf16 key pairs [16, 16, 2]
 #define LLAMA_EXT_TMM_O_EVEN 6  // O, fp32 [nr, 16]: a chunk's even columns (pair order: its first 16)
@@ -1127,7 +1127,7 @@ constexpr int64_t kPvKeys = 32;   // keys per P V product (a B tile's pairs)
 #define LLAMA_EXT_TMM_V_ODD LLAMA_EXT_TMM_K
 
 // The score tiles (S^T with `cols` columns, score_columns(nr)), and with pv the P V tiles too,
-// for nr rows per head.
+// for sub-tiles of nr rows (AmxRowTiles::rows).
 inline void configure(int64_t nr, int64_t cols, bool pv) {
   cpu::amx::TileConfig cfg;
   const auto set = [&](int tile, int64_t rows, int64_t bytes) {
