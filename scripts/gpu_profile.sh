@@ -5,8 +5,10 @@
 # and its launch. One process and one report per group of cases (decode, attention, norms), in
 # $OUT (else ./gpu-results): ncu_GROUP.txt, whole, and the lines that say where the time goes
 # printed here. Then, without ncu, the group `splits`: the decode targets timed at every forced
-# split count (scripts/decode_splits.py), in decode_splits.txt; and the group `row_ahead`: the
-# RMSNorm backward with each of its kernels (scripts/row_ahead.py), in row_ahead.txt.
+# split count (scripts/decode_splits.py), in decode_splits.txt; the group `row_ahead`: the
+# RMSNorm backward with each of its kernels (scripts/row_ahead.py), in row_ahead.txt; and the group
+# `query_tokens`: the KV-cache op at 1-128 query tokens next to gqa_attention
+# (scripts/query_tokens.py), in query_tokens.txt.
 #
 # For the call after `make gpu-check` on the same warm machine, which keeps its in-place build;
 # without one it first builds for this GPU alone (scripts/gpu_build.sh, ~80 s). On the H200
@@ -30,11 +32,13 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 CASE_ARGS=()
 SPLITS_ARGS=()
 ROW_AHEAD_ARGS=()
+TOKENS_ARGS=()
 if [ "${LLAMA_EXT_GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
   export PATH="$PWD/scripts/gpu_check_stubs:$PATH"
   CASE_ARGS=(--device cpu --smoke)
   SPLITS_ARGS=(--device cpu --smoke --rep-ms 5 --splits 1,2)
   ROW_AHEAD_ARGS=(--device cpu --smoke --rep-ms 5)
+  TOKENS_ARGS=(--device cpu --smoke --rep-ms 5)
 elif ! "$PY" -c 'import sys, llama_ext; sys.exit(not llama_ext.cuda_kernels_built())' 2>/dev/null; then
   echo "=== build (no CUDA build in place)"
   bash scripts/gpu_build.sh >"$RESULTS/profile_build.log" 2>&1 || { tail -n 30 "$RESULTS/profile_build.log"; exit 1; }
@@ -50,7 +54,7 @@ KEY='^  [A-Za-z_].*\(|^case |Stall|WRN|OPT|^    (Duration|DRAM Throughput|Memory
 KEY+='|Compute \(SM\) Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Theoretical Occupancy'
 KEY+='|Registers Per Thread|Block Limit)'
 status=0
-for group in ${PROFILE_GROUPS:-decode attention norms splits row_ahead}; do
+for group in ${PROFILE_GROUPS:-decode attention norms splits row_ahead query_tokens}; do
   echo "=== $group"
   if [ "$group" = splits ]; then
     report="$RESULTS/decode_splits.txt"
@@ -62,6 +66,11 @@ for group in ${PROFILE_GROUPS:-decode attention norms splits row_ahead}; do
     timeout "${PROFILE_LIMIT:-150}" "$PY" scripts/row_ahead.py "${ROW_AHEAD_ARGS[@]}" >"$report" 2>&1
     rc=$?
     tail -n 16 "$report"
+  elif [ "$group" = query_tokens ]; then
+    report="$RESULTS/query_tokens.txt"
+    timeout "${PROFILE_LIMIT:-150}" "$PY" scripts/query_tokens.py "${TOKENS_ARGS[@]}" >"$report" 2>&1
+    rc=$?
+    tail -n 12 "$report"
   else
     report="$RESULTS/ncu_$group.txt"
     timeout "${PROFILE_LIMIT:-150}" "$NCU" --clock-control none --profile-from-start off "${SECTIONS[@]}" \

@@ -243,8 +243,9 @@ def test_targets_read_the_run_and_derive_the_backward():
 def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
     """`make gpu-profile` (scripts/gpu_profile.sh) without a GPU: ncu a stub, the cases of
     scripts/profile_cases.py at their --smoke shapes on the CPU kernels, one report per group,
-    then the decode split sweep's table (scripts/decode_splits.py) with a row per decode case and
-    the RMSNorm backward's kernel table (scripts/row_ahead.py)."""
+    then the decode split sweep's table (scripts/decode_splits.py) with a row per decode case, the
+    RMSNorm backward's kernel table (scripts/row_ahead.py) and the query-token table
+    (scripts/query_tokens.py)."""
     env = dict(os.environ, LLAMA_EXT_GPU_CHECK_DRY_RUN="1", OUT=str(tmp_path), PYTHON=sys.executable,
                PYTHONPATH=str(ROOT))
     listing = subprocess.run([sys.executable, str(ROOT / "scripts" / "profile_cases.py"), "--list"], cwd=ROOT,
@@ -254,7 +255,7 @@ def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [f"ncu_{g}.txt" for g in groups] + ["decode_splits.txt", "row_ahead.txt"])
+        [f"ncu_{g}.txt" for g in groups] + ["decode_splits.txt", "row_ahead.txt", "query_tokens.txt"])
     for group, cases in groups.items():
         report = (tmp_path / f"ncu_{group}.txt").read_text()
         assert re.findall(r"^case (\S+)$", report, re.M) == cases.split(), report[-2000:]
@@ -262,6 +263,21 @@ def test_profile_dry_run_runs_every_case_in_its_group(tmp_path):
     assert re.findall(r"^\| (decode_\S+) \|", splits, re.M) == groups["decode"].split(), splits[-2000:]
     row_ahead = (tmp_path / "row_ahead.txt").read_text()
     assert len(re.findall(r"^\| (?:fused_add_)?rms_norm \d+x\d+ ", row_ahead, re.M)) == 8, row_ahead[-2000:]
+    tokens = (tmp_path / "query_tokens.txt").read_text()
+    assert re.findall(r"^\| (\d+) \|", tokens, re.M) == ["1", "5", "8"], tokens[-2000:]
+
+
+def test_query_tokens_table_on_the_cpu():
+    """scripts/query_tokens.py at its --smoke shapes on the CPU kernels: a row per query-token
+    count, the KV-cache op's time and gqa_attention's on the same cache, and their ratio."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "query_tokens.py"), "--device", "cpu", "--smoke", "--rep-ms", "5"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if re.match(r"\| \d+ \|", line)]
+    assert [row.split(" | ")[0][2:] for row in rows] == ["1", "5", "8"], proc.stdout
+    for row in rows:
+        assert re.fullmatch(r"\| \d+ \| \d+\.\d us \| \d+\.\d us \| \d+\.\d\d \|", row), row
 
 
 def test_row_ahead_table_on_the_cpu():
