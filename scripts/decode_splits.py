@@ -83,13 +83,27 @@ def run(device, smoke, splits, rep_ms):
             cells.append(f"{seconds * 1e6:.1f} us {100 * share:.0f}%")
         print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def timing_parser(doc):
+    """The command line of gpu-profile's timing scripts (this one, row_ahead.py, query_tokens.py):
+    --device, --smoke and --rep-ms; the description is the first paragraph of `doc`."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--smoke", action="store_true", help="small shapes (the CPU test of this file)")
+    p.add_argument("--rep-ms", type=int, default=100, help="time per timing (default: %(default)s)")
+    return p
+
+
+def timing_main(doc, run, argv=None):
+    """The main of a timing script whose run(device, smoke, rep_ms) takes timing_parser's line."""
+    args = timing_parser(doc).parse_args(argv)
+    run(args.device, args.smoke, args.rep_ms)
+    return 0
+
+
+def main(argv=None):
+    p = timing_parser(__doc__)
     p.add_argument("--splits", default=",".join(map(str, DEFAULT_SPLITS)),
                    help="comma-separated split counts, 1 to 128 (default: %(default)s)")
-    p.add_argument("--rep-ms", type=int, default=100, help="time per timing (default: %(default)s)")
     args = p.parse_args(argv)
     splits = [int(s) for s in args.splits.split(",") if s]
     bad = [s for s in splits if not 1 <= s <= 128]

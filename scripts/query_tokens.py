@@ -12,7 +12,6 @@ profile_cases.py), bf16, a contiguous cache, every call over all of it. `make gp
 
 --device cpu --smoke runs the same flow on small shapes (the CPU test of this file).
 """
-import argparse
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import llama_ext  # noqa: E402
 from scripts import profile_cases  # noqa: E402
-from scripts.decode_splits import time_call  # noqa: E402
+from scripts.decode_splits import time_call, timing_main  # noqa: E402
 
 TOKENS = (1, 2, 4, 5, 8, 16, 32, 64, 127, 128)
 SMOKE_TOKENS = (1, 5, 8)
@@ -52,15 +51,5 @@ def run(device, smoke, rep_ms):
         print(f"| {tokens} | {first * 1e6:.1f} us | {second * 1e6:.1f} us | {first / second:.2f} |", flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--smoke", action="store_true", help="small shapes (the CPU test of this file)")
-    p.add_argument("--rep-ms", type=int, default=100, help="time per timing (default: %(default)s)")
-    args = p.parse_args(argv)
-    run(args.device, args.smoke, args.rep_ms)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(timing_main(__doc__, run))

@@ -11,7 +11,6 @@ fused. `make gpu-profile` runs it (its group `row_ahead`); alone, on a GPU with 
 --device cpu --smoke runs the same flow on small shapes (the CPU test of this file); the CPU
 kernels ignore the variable, so every column there times the same calls.
 """
-import argparse
 import os
 import sys
 
@@ -20,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import llama_ext  # noqa: E402
 from benchmarks.common import backward_closure  # noqa: E402
-from scripts.decode_splits import copy_ceiling, time_call  # noqa: E402
+from scripts.decode_splits import copy_ceiling, time_call, timing_main  # noqa: E402
 
 VARIABLE = "LLAMA_EXT_CUDA_ROW_AHEAD"
 COLUMNS = (("auto", None), ("plain (0)", "0"), ("row-ahead (1)", "1"))
@@ -75,15 +74,5 @@ def run(device, smoke, rep_ms):
                 print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--smoke", action="store_true", help="small shapes (the CPU test of this file)")
-    p.add_argument("--rep-ms", type=int, default=100, help="time per timing (default: %(default)s)")
-    args = p.parse_args(argv)
-    run(args.device, args.smoke, args.rep_ms)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(timing_main(__doc__, run))
