@@ -679,7 +679,7 @@ def test_thread_counts_on_cpu(dtype, block_size, threads):
 def test_score_tile_shapes_on_cpu(dtype, block_size):
     """The CPU kernel's score tiles (on AMX at the amx_bf16 level: 16 keys one row stride apart,
     head dims of whole 32-element chunks, up to 16 rows per kv head a sub-tile, S^T tiles of a
-    power of two columns transposed by permutes, P V on the tiles from 6 rows; FMA tiles
+    power of two columns transposed by permutes, P V on the tiles from 7 rows; FMA tiles
     otherwise): rows per kv head 1, 2, 4, 8, 9, 16 and 32, head dims 32-256, tiles within a page,
     across shuffled pages, and a partial last tile; splits cut at whole tiles, and a window whose
     first split starts between tiles; softcap."""
@@ -696,7 +696,7 @@ def test_rows_past_a_tile_matches_reference_on_cpu(dtype, block_size):
     """Many rows per kv head (G x seq_q) on the CPU kernel. At the amx_bf16 level a head's rows run
     as AMX sub-tiles of up to 16: 20 rows as 2 x 10, 42 as 3 x 14, 40 as 3 x 14 with 2 padding rows
     (which see no key and are never stored); S^T tiles of 8 columns for 6 and 7 rows; P V on the
-    tiles from 6 rows, V restaged in key pairs, a paged17 block's tiles across pages. 70 rows are
+    tiles from 7 rows, V restaged in key pairs, a paged17 block's tiles across pages. 70 rows are
     two row tiles (64 + 6) where this kernel keeps them: on 8 threads, more than the prefill
     kernel's tasks. Elsewhere the FMA tiles. Sequences of 1001 and 38 keys (partial key blocks)."""
     before = torch.get_num_threads()

@@ -89,9 +89,11 @@
 // repacked into key pairs through memory (a tile load of rows vector stores have just written
 // stalls ~13 ns, so the repack runs a head ahead); at 4 rows per kv head it adds too little over
 // the AMX scores: with P rounded to bf16 2-10%, with P exact as two bf16 parts 0.94x. The FMAs'
-// share grows with the rows and the tiles' does not, so from 6 rows it pays (amx_tiles,
-// 2026-12-06: 32/8 x 128 b1 4096, in one process alternating with the FMAs, 6 rows 1.02x,
-// 7 rows 1.07-1.09x, 8 rows 1.05-1.07x, 16 rows 1.14x). Without the repack (V rows as B tiles
+// share grows with the rows and the tiles' does not, so from 7 rows it pays (amx_tiles,
+// 2026-12-06, b1 4096 x 128: in one process alternating with the FMAs, 6 rows 1.02x at 48/8,
+// 7 rows 1.07-1.09x, 8 rows 1.05-1.07x, 16 rows 1.14x; builds alternating, 6 rows 0.93-0.96x at
+// 12/2 and 0.96x at 48/8 x 256, 7 rows 1.02x at 14/2, 1.08-1.11x at 28/4 and 56/8, 8 rows
+// 1.01x at 16/2 and 1.05x at 64/8 x 256). Without the repack (V rows as B tiles
 // straight from the cache, contracted over key x element parity against P rows with zeros in
 // the other parity's slots) it is slower still at 4 rows: 0.88x, every V tile load stalls the
 // tile unit; staged through L1 one tile ahead, 0.94-1.04x.
@@ -1073,7 +1075,7 @@ void key_pairs_pv(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* con
 }  // namespace dot
 #endif
 
-constexpr int64_t kAmxPvMinRows = 6;  // rows per kv head from which P V runs on AMX (amx_tiles)
+constexpr int64_t kAmxPvMinRows = 7;  // rows per kv head from which P V runs on AMX (amx_tiles)
 constexpr int64_t kAmxTileRows = 16;  // rows of a head an AMX tile holds: S^T's columns, O's rows
 
 // A head's nr rows (up to kMaxRows) on AMX tiles: `count` sub-tiles of `rows` rows each, padded by
