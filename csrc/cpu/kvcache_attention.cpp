@@ -1783,6 +1783,17 @@ void combine_splits(const KVCacheCpuParams<T>& a) {
 // cache's are read where they lie through the block table (attention_forward.h), with no gathered
 // copy of the cache: the prefill kernel packs or copies each block from its pages, per thread,
 // as it does a contiguous cache's.
+
+// Calls fn(b0, b1) for each run b0 .. b1 - 1 of consecutive sequences that hold the same number
+// of tokens, in batch order: the prefill kernel's calls.
+template <typename T, typename Fn>
+void for_each_equal_length_run(const KVCacheCpuParams<T>& a, Fn&& fn) {
+  for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
+    while (b1 < a.batch && a.length(b1) == a.length(b0)) ++b1;
+    fn(b0, b1);
+  }
+}
+
 template <typename T>
 void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
   at::Tensor q = p.q;
@@ -1798,10 +1809,8 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
       }
     });
   }
-  for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
-    const int64_t L = a.length(b0);
-    while (b1 < a.batch && a.length(b1) == L) ++b1;
-    const int64_t n = b1 - b0;
+  for_each_equal_length_run(a, [&](int64_t b0, int64_t b1) {
+    const int64_t L = a.length(b0), n = b1 - b0;
     AttentionCall call{};
     call.q = q.narrow(0, b0, n);
     call.out = p.out.narrow(0, b0, n);
@@ -1809,7 +1818,7 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
     if (L == 0) {  // no row sees a key
       call.out.zero_();
       call.lse.zero_();
-      continue;
+      return;
     }
     call.k = p.paged ? p.k_cache : p.k_cache.narrow(0, b0, n).narrow(1, 0, L);
     call.v = p.paged ? p.v_cache : p.v_cache.narrow(0, b0, n).narrow(1, 0, L);
@@ -1819,7 +1828,7 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
     call.window = make_key_window(call.shape, p.causal, p.window_left, p.window_right, p.softcap);
     call.softcap = p.softcap;
     cpu::attention_forward(call, p.paged ? std::optional(p.block_table->narrow(0, b0, n)) : std::nullopt);
-  }
+  });
 }
 
 // Which calls run there: the prefill-shaped ones (kvcache_attention.h), and with fewer query
@@ -1847,11 +1856,8 @@ template <typename T>
 bool runs_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
   if (prefill_shaped(p)) return true;
   if (p.seq_q <= kDecodeRouteMaxSeqQ || a.rows() < kPrefillMinRows<T>) return false;
-  int64_t shortest_run = a.batch;  // of consecutive sequences of equal length: one call each
-  for (int64_t b0 = 0, b1 = 0; b0 < a.batch; b0 = b1) {
-    while (b1 < a.batch && a.length(b1) == a.length(b0)) ++b1;
-    shortest_run = std::min(shortest_run, b1 - b0);
-  }
+  int64_t shortest_run = a.batch;  // one prefill-kernel call each
+  for_each_equal_length_run(a, [&](int64_t b0, int64_t b1) { shortest_run = std::min(shortest_run, b1 - b0); });
   const int64_t q_blocks = (p.seq_q + cpu::block_q_for(a.group()) - 1) / cpu::block_q_for(a.group());
   return shortest_run * a.n_kv_heads * q_blocks >= at::get_num_threads();
 }
