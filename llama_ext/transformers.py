@@ -201,6 +201,11 @@ SUPPORTED_FAMILIES = {
 }
 
 
+# model_type -> the transformers release from which the family's HF attention calls the attention
+# registry; before it the attention is computed inline, out of patch_model's reach.
+REGISTRY_SINCE = {"falcon": "5.25"}
+
+
 def _supported_families_text() -> str:
     return ", ".join(f"{name} (model_type '{key}')" for key, name in SUPPORTED_FAMILIES.items())
 
@@ -844,7 +849,12 @@ def patch_model(model: nn.Module, context_parallel_group=None) -> nn.Module:
         )
     attention_modules = [m for m in decoder.modules() if _is_registry_attention(m)]
     if not attention_modules:
-        raise ValueError(f"found no attention module in {type(model).__name__} that uses transformers' attention registry")
+        since = REGISTRY_SINCE.get(model_type)
+        later = (f": {SUPPORTED_FAMILIES[model_type]} attention goes through it from transformers {since} on, "
+                 f"this is {transformers.__version__}") if since else ""
+        raise ValueError(
+            f"found no attention module in {type(model).__name__} that uses transformers' attention registry{later}"
+        )
     for attention_class in {type(m) for m in attention_modules} - _PATCHED_FORWARDS.keys():
         # raises for a rotary llama_ext does not compute
         _PATCHED_FORWARDS[attention_class] = _forward_with_llama_ext_rotary(attention_class)

@@ -26,7 +26,7 @@ else:
         "transformers", minversion="5.0", reason="needs transformers >= 5.0 (pip install .[transformers])"
     )
 
-from llama_ext.transformers import _check_rotary, _rms_norm_variant, patch_model  # noqa: E402
+from llama_ext.transformers import REGISTRY_SINCE, _check_rotary, _rms_norm_variant, patch_model  # noqa: E402
 
 
 VOCAB = 96
@@ -237,13 +237,22 @@ FAMILY_CONFIGS = {
 }
 
 
+def _release(version):
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def family_param(family, *rest):
     """The family as a test parameter, skipped (saying why) where the installed transformers
-    predates the family's model."""
+    predates the family's model, or its attention's use of the registry (REGISTRY_SINCE)."""
     config_class = FAMILY_CONFIGS[family][0]
-    missing = not hasattr(transformers, config_class)
-    reason = f"transformers {transformers.__version__} has no {config_class}"
-    return pytest.param(family, *rest, marks=pytest.mark.skipif(missing, reason=reason))
+    since = REGISTRY_SINCE.get(family)
+    if not hasattr(transformers, config_class):
+        reason = f"transformers {transformers.__version__} has no {config_class}"
+    elif since is not None and _release(transformers.__version__) < _release(since):
+        reason = f"transformers {transformers.__version__}: {config_class}'s attention bypasses the registry until {since}"
+    else:
+        reason = None
+    return pytest.param(family, *rest, marks=pytest.mark.skipif(reason is not None, reason=reason or ""))
 
 
 FAMILIES = [family_param(family) for family in FAMILY_CONFIGS]
@@ -485,6 +494,20 @@ def test_unsupported_family_raises_naming_the_supported_ones():
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(ValueError, match=r"Llama.*Mistral.*Qwen2.*Gemma 2.*OLMo 2.*SmolLM3.*gpt2"):
         patch_model(model)
+
+
+def test_family_before_its_registry_release_raises_naming_the_release(monkeypatch):
+    """A supported family whose installed HF model computes attention inline (Falcon before
+    transformers 5.25) is refused, naming the release it needs, and left as it was."""
+    import llama_ext.transformers as lt
+
+    hf = transformers.AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="eager")
+    monkeypatch.setitem(lt.REGISTRY_SINCE, "llama", "99.0")
+    monkeypatch.setattr(lt, "_is_registry_attention", lambda module: False)
+    with pytest.raises(ValueError, match=r"no attention module in LlamaForCausalLM .*Llama attention goes through "
+                                         r"it from transformers 99\.0 on"):
+        patch_model(hf)
+    assert hf.config._attn_implementation == "eager"
 
 
 # ---- fp32 parity: logits and gradients ---------------------------------------------------------
