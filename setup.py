@@ -43,23 +43,26 @@ def _find_cuda_home():
 
 def _default_cuda_arch_list(cuda_home):
     """Every current NVIDIA GPU generation: A100 (8.0), RTX 30xx / A10 (8.6), RTX 40xx / L4 / L40
-    (8.9), H100 / H200 (9.0) and, where nvcc and torch know it, RTX 50xx (12.0); PTX of the
-    newest lets later GPUs compile the kernels at load time."""
+    (8.9), H100 / H200 (9.0) and, where nvcc and torch know them, B200 / B300 (10.0, whose image
+    10.3 runs) and RTX 50xx / DGX Spark (12.0, whose image 12.1 runs). PTX of 9.0, the oldest
+    generation with every feature the kernels use (the launch overlap's wait), lets every later GPU
+    without an image of its own (Jetson Thor's 11.0, and newer) compile them at load time: PTX
+    compiles only for its own generation and later ones, so PTX of 12.0 would leave 10.x and 11.0
+    with no kernels."""
     import subprocess
 
     import torch
 
-    archs = ["8.0", "8.6", "8.9", "9.0"]
+    archs = ["8.0", "8.6", "8.9", "9.0+PTX"]
     try:
         nvcc_archs = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"],
                                     capture_output=True, text=True, check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
         nvcc_archs = []
-    # torch.utils.cpp_extension accepts 12.0 from torch 2.7 on.
-    torch_knows_sm120 = tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 7)
-    if "compute_120" in nvcc_archs and torch_knows_sm120:
-        archs.append("12.0")
-    return ";".join(archs) + "+PTX"
+    # torch.utils.cpp_extension accepts 10.0 and 12.0 from torch 2.7 on.
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 7):
+        archs += [arch for arch in ("10.0", "12.0") if f"compute_{arch.replace('.', '')}" in nvcc_archs]
+    return ";".join(archs)
 
 
 def _want_cuda():

@@ -1,7 +1,7 @@
 """The CUDA attention kernels really run on tensor cores: their SASS, read from the built
 extension with cuobjdump, holds HMMA (mma.sync), LDSM (ldmatrix) and LDGSTS (cp.async), and no
 local-memory traffic (spills), for every architecture the extension targets by default
-(TORCH_CUDA_ARCH_LIST 8.0;8.6;8.9;9.0;12.0), in every instantiation the sources list (the forward:
+(TORCH_CUDA_ARCH_LIST 8.0;8.6;8.9;9.0+PTX;10.0;12.0), in every instantiation the sources list (the forward:
 one per dtype and tile configuration of kFwdTiles in csrc/cuda/attention_fwd.cu). Needs no GPU,
 only a CUDA build and cuobjdump (on PATH, in $CUDA_HOME/bin, or shipped in triton's package). A
 build for other architectures only (`make gpu-check` builds for the local GPU) skips the missing
@@ -15,7 +15,7 @@ import pytest
 
 from conftest import CUDA_HEAD_DIMS, CUDA_TC_TYPES, load_emulation
 
-ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_120")
+ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90", "sm_100", "sm_120")
 FORWARD_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "attention_fwd.cu")
 KVCACHE_SOURCE = os.path.join(os.path.dirname(__file__), "..", "csrc", "cuda", "kvcache_attention.cu")
 

@@ -81,7 +81,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = '45d6095fbd123498'
+TRANSCRIBED_DIGEST = '066de451b6f24da3'
 
 kLog2e_f = float(np.float32(1.4426950408889634))  # attention::kLog2e (a float constant)
 UNIT_ROUNDOFF = {'bf16': 2.0 ** -8, 'fp16': 2.0 ** -11}

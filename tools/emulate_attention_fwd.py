@@ -75,7 +75,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/attention_window.h',
 )
-TRANSCRIBED_DIGEST = 'bc866a1a79e3fdad'
+TRANSCRIBED_DIGEST = '4ccfbc550efc22fb'
 
 
 # ---- the tile table and its choice (attention_fwd.cu) ---------------------------------------------

@@ -82,7 +82,7 @@ TRANSCRIBED = (
     'csrc/cuda/mma.cuh',
     'csrc/common_math.h',  # max_keep_nan
 )
-TRANSCRIBED_DIGEST = 'de95972ec2f31a22'
+TRANSCRIBED_DIGEST = '47bf519a8956a334'
 
 
 # ---- kernel parameters, global memory ----------------------------------------------------------
@@ -631,6 +631,7 @@ def combine_kernel(p, c):
         with np.errstate(invalid='ignore'):
             weight.append(np.where(ls[s] == -np.inf, ft(0), np.exp((ls[s] - mx).astype(ft)).astype(ft)))
     total = block_reduce(weight, lambda a, b_: (a + b_).astype(ft), 0)
+    weight += [np.zeros(rows_total, ft)] * (kThreads - p.splits)  # the threads past the last split
     with np.errstate(invalid='ignore', divide='ignore'):
         saw = total != 0  # NaN too
         lse = np.where(saw, (mx + np.log(np.where(saw, total, 1)).astype(ft)).astype(ft), ft(0))
@@ -645,7 +646,7 @@ def combine_kernel(p, c):
         parts = [gload(p.partial_out, (min(t0 + u, p.splits - 1) * rows_total + lse_idx)[:, None] * p.head_dim + e)
                  .astype(ft) for u in range(kBatch)]
         for u in range(kBatch):
-            w = weight[t0 + u] if t0 + u < p.splits else np.zeros(rows_total, ft)
+            w = weight[t0 + u]
             with np.errstate(invalid='ignore'):
                 fused = (w[:, None].astype(np.float64) * parts[u] + oo).astype(ft)  # fmaf: one rounding
             oo = np.where((w != 0)[:, None], fused, oo)

@@ -98,7 +98,7 @@ def extension_library():
 
 
 def embedded_ptx(source_stem: str, library=None) -> str:
-    """The PTX the library embeds for csrc/cuda/<source_stem>.cu (its last arch's)."""
+    """The PTX the library embeds for csrc/cuda/<source_stem>.cu (the last, where there are several)."""
     tool, library = cuobjdump(), library or extension_library()
     if tool is None or library is None:
         raise FileNotFoundError("needs cuobjdump and a CUDA build of llama_ext._C")

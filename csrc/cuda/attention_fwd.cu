@@ -51,6 +51,8 @@
 //   128  128 x 32           4 x 32        smem  68 KB   249 / 251 / 255  2 (8) sm_80, sm_90
 //   128  128 x 32           8 x 16        regs  68 KB   184 / 188 / 208  1 (8) 100 KB parts
 //   256  64 x 32            4 x 16        smem  99 KB   242 / 243 / 255  1 (4) sm_80, 100 KB parts; 2 (8) sm_90
+// sm_100 (228 KB, as sm_90) takes sm_90's tiles at sm_90's CTAs per SM, without spills: 168, 255,
+// 235, 128, 128, 254, 206 and 255 registers down the table.
 #include "attention_launch.cuh"
 
 #include <utility>
@@ -75,7 +77,7 @@ struct FwdTile {
 
 // The shared memory of the built archs (SmemLimits: attention_common.cuh).
 inline constexpr SmemLimits kSmemSm80{163 * 1024, 164 * 1024, 1024};
-inline constexpr SmemLimits kSmemSm90{227 * 1024, 228 * 1024, 1024};
+inline constexpr SmemLimits kSmemSm90{227 * 1024, 228 * 1024, 1024};  // also sm_100
 inline constexpr SmemLimits kSmemSm86{99 * 1024, 100 * 1024, 1024};  // also sm_89, sm_120
 
 // The forward's tile configurations, each head dim's in order of preference (the opening comment

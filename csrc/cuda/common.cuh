@@ -235,13 +235,34 @@ inline bool dependent_launch_supported(cudaStream_t stream) {
   return true;
 }
 
+// Whether the image of `kernel` that runs on the current device was compiled for sm_90 or later,
+// and so holds wait_for_prior_kernel()'s instruction: an sm_90 GPU runs a build whose newest image
+// is older (TORCH_CUDA_ARCH_LIST="8.0+PTX") from that PTX, without the wait, and such a kernel
+// launched overlapping its predecessor would race it. Asked of the runtime once per (kernel,
+// device).
+template <typename... Params>
+bool compiled_with_dependent_launch(void (*kernel)(Params...)) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, bool> known;
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), device);
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = known.find(key); it != known.end()) return it->second;
+  cudaFuncAttributes attributes{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  return known.emplace(key, attributes.ptxVersion >= 90).first->second;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), checked; with `overlap_prior` (the caller has
-// checked dependent_launch_supported()) as a programmatic dependent launch. The overlap only
-// saves time: where the runtime refuses it (a launch that fails launches nothing), the kernel is
-// launched plainly, after one warning. An error left by earlier work fails both and is raised.
+// checked dependent_launch_supported()) as a programmatic dependent launch where the kernel's
+// image holds the wait (compiled_with_dependent_launch). The overlap only saves time: where the
+// runtime refuses it (a launch that fails launches nothing), the kernel is launched plainly,
+// after one warning. An error left by earlier work fails both and is raised.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
                    bool overlap_prior, const Args&... args) {
+  overlap_prior = overlap_prior && compiled_with_dependent_launch(kernel);
   cudaLaunchAttribute overlap{};
   overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap.val.programmaticStreamSerializationAllowed = 1;

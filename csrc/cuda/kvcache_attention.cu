@@ -96,16 +96,16 @@
 //
 // Registers (ptxas -v, CUDA 13.0; fp16 and bf16 alike), shared memory per CTA (dynamic +
 // static) and resident CTAs per SM (the least of the register, shared-memory and thread
-// limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_120:
-//   d     tensor-core kernel (fp16, bf16)          CUDA-core kernel (fp32)
-//         registers             smem     CTAs/SM   registers             smem     CTAs/SM
-//   32    85/86/86/90/95        41.9 KB  3/2/2/5/2  141/140/140/150/168  3.1 KB   3/3/3/3/3
-//   64    111/111/111/117/128   74.9 KB  2/1/1/3/1  140/141/141/150/168  4.6 KB   3/3/3/3/3
-//   80    162/162/162/167/160   69.4 KB  2/1/1/3/1  135/136/136/148/145  5.4 KB   3/3/3/3/3
-//   96    162/158/158/164/182   55.9 KB  2/1/1/3/1  135/136/136/148/145  6.4 KB   3/3/3/3/3
-//   128   162/162/162/164/176   72.9 KB  2/1/1/3/1  133/133/133/144/144  8.4 KB   3/3/3/3/3
-//   128, deep ring (3 stages): 162/162/162/162/175   106.9 KB 1/0/0/2/0 (taken only where it fits)
-//   256   162/162/162/164/176   74.6 KB  2/1/1/3/1  201/201/201/202/210  16.4 KB  2/2/2/2/2
+// limits; 1 KB reserved per CTA), for sm_80 / sm_86 / sm_89 / sm_90 / sm_100 / sm_120:
+//   d     tensor-core kernel (fp16, bf16)              CUDA-core kernel (fp32)
+//         registers                 smem     CTAs/SM     registers                 smem     CTAs/SM
+//   32    85/86/86/90/96/95         41.9 KB  3/2/2/5/5/2 141/140/140/150/161/168   3.1 KB   3 on each
+//   64    111/111/111/117/131/128   74.9 KB  2/1/1/3/3/1 140/141/141/150/160/168   4.6 KB   3 on each
+//   80    162/162/162/167/170/160   69.4 KB  2/1/1/3/2/1 135/136/136/148/142/145   5.4 KB   3 on each
+//   96    162/158/158/164/200/182   55.9 KB  2/1/1/3/2/1 135/136/136/148/142/145   6.4 KB   3 on each
+//   128   162/162/162/164/194/176   72.9 KB  2/1/1/3/2/1 133/133/133/144/143/144   8.4 KB   3 on each
+//   128, deep ring (3 stages): 162/162/162/162/192/175  106.9 KB 1/0/0/2/2/0 (taken only where it fits)
+//   256   162/162/162/164/194/176   74.6 KB  2/1/1/3/2/1 201/201/201/202/207/210   16.4 KB  2 on each
 // The tensor-core kernel is bounded for 2 CTAs per SM, what sm_80 holds of it at d >= 64:
 // without that bound ptxas may cap it at 128 registers and spill (sm_80, d = 128). At d = 96 on
 // sm_90 shared memory would fit 4 CTAs per SM, the registers fit 3.
@@ -954,7 +954,7 @@ static_assert(kMaxSplits <= kThreads, "one thread per split's lse");
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelParams p) {
-  __shared__ float weight[kMaxSplits];
+  __shared__ float weight[kThreads];  // thread s's split's weight, 0 for s past the last split
   __shared__ float scratch[32];
   const int64_t rows_total = static_cast<int64_t>(p.batch) * p.n_q_heads * p.seq_q;
   const int64_t lse_idx = blockIdx.x;  // (b, h, i) in lse order
@@ -971,6 +971,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
   // ahead of the sums), where batches of 8 took four; the repeated loads past the last split
   // hit L1.
   constexpr int kBatch = 32;
+  static_assert((kMaxSplits + kBatch - 1) / kBatch * kBatch <= kThreads, "each split of a batch has a weight slot");
   auto load_batch = [&](float (&v)[kBatch], int t0, int e) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {  // past the last split: its load again, weighted 0 below
@@ -985,7 +986,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
   if (threadIdx.x < p.head_dim) load_batch(first, 0, threadIdx.x);
   const float mx = block_reduce<MaxOp>(lse_s, scratch);
   const float weight_s = lse_s == -INFINITY ? 0.f : expf(lse_s - mx);
-  if (s < p.splits) weight[s] = weight_s;
+  weight[s] = weight_s;  // every slot a batch reads is written: the loads need no bounds
   const float total = block_reduce<SumOp>(weight_s, scratch);  // its barriers publish weight[]
   if (threadIdx.x == 0) p.lse[lse_idx] = total != 0.f ? mx + logf(total) : 0.f;  // NaN too
 
@@ -994,7 +995,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(const KVCacheKernelPa
   auto add_batch = [&](float& o, const float (&v)[kBatch], int t0) {
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
-      const float w = t0 + u < p.splits ? weight[t0 + u] : 0.f;
+      const float w = weight[t0 + u];
       o = w != 0.f ? fmaf(w, v[u], o) : o;  // a split without keys adds nothing, even an inf of V
     }
   };
@@ -1316,9 +1317,10 @@ void kvcache_attention_cuda(const KVCacheAttentionParams& a) {
           const int deep_splits = forced_splits > 0
                                       ? forced_splits
                                       : choose_splits(deep_kernel, threads, Deep::kSmemBytes, units, a.capacity);
-          const int64_t deep_slots = kernel_residency(deep_kernel, threads, Deep::kSmemBytes).slots();
+          const Residency deep_residency = kernel_residency(deep_kernel, threads, Deep::kSmemBytes);
           // The same split count, all of its CTAs resident at once.
-          deep = deep_splits == p.splits && units * deep_splits <= deep_slots;
+          deep = deep_residency.ctas_per_sm > 0 && deep_splits == p.splits &&
+                 units * deep_splits <= deep_residency.slots();
         }
         if (deep) kernel = deep_kernel, smem = Deep::kSmemBytes;
       }
