@@ -740,14 +740,17 @@ def test_few_query_tokens_of_many_rows_on_the_prefill_kernel_matches_reference(d
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
+@pytest.mark.parametrize("block_size", [None, 16, 64], ids=["contiguous", "paged16", "paged64"])
 def test_phase_order_on_cpu(dtype, block_size):
     """2-byte rows of 8 kv heads x 128 (2 KB: two keys a page) on the CPU: 64-key blocks that every
     row sees are read in phase order (keys a page apart first), blocks that some row sees in part
     (the causal end of a 4-token query, a window's left edge, the last partial block) in address
     order after touch_rows; 4 and 6 query heads per kv head (score tiles of 4 and 16 keys: 8 and
-    4 phases)."""
-    for n_q, seq_q in ((32, 1), (32, 4), (48, 1)):
+    4 phases). At the amx_bf16 level in bf16: S^T tiles of 16 keys four apart (4 phases) where a
+    block lies in one cache block (contiguous, paged64; paged16's blocks span four), with P V on
+    the FMAs (4 and 6 rows per kv head) or on the tiles (8 rows); from 16 rows the next block
+    prefetched instead (4 and 8 query tokens), each block after a task's first read as it lies."""
+    for n_q, seq_q in ((32, 1), (32, 4), (48, 1), (64, 1), (32, 8)):
         case = Case("cpu", dtype, [1000, 130], seq_q, 1, n_q, 8, 128, block_size=block_size)
         case.check()
         case.check(window_size=(333, 0))

@@ -297,6 +297,41 @@ inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head
   asm volatile("" : : "r"(sink));  // the loads are the point: keep them
 }
 
+// The next key block's K and V lines (rows [from, to) of k and of v, the task's nh heads each,
+// row_bytes a head), prefetched to L2 (PREFETCHT1) a few at a time over this block's tiles, where
+// its math outlasts its reads (AMX P V, see attend): `until(share, of)` issues the lines up to that
+// fraction of them, K's rows first, each row's heads in address order. A burst instead (a score
+// group's K rows before its tiles, a head's V rows before its P V) left the prefetches waiting on
+// each other for a third of the time they saved.
+template <typename T>
+class PacedPrefetch {
+ public:
+  PacedPrefetch() = default;
+  PacedPrefetch(const T* const* k, const T* const* v, int64_t from, int64_t to, int64_t nh, int64_t k_head_stride,
+                int64_t v_head_stride, int64_t row_bytes)
+      : rows_{k, v}, head_stride_{k_head_stride, v_head_stride}, from_(from), to_(to), nh_(nh),
+        row_bytes_(row_bytes), row_(from), total_(2 * std::max<int64_t>(to - from, 0) * nh * (row_bytes / 64)) {}
+
+  __attribute__((always_inline)) void until(int64_t share, int64_t of) {
+    if (issued_ == total_) return;  // all issued, or none to issue: no division on other paths
+    for (const int64_t target = total_ * share / of; issued_ < target; ++issued_) {
+      __builtin_prefetch(reinterpret_cast<const char*>(rows_[kv_][row_] + head_ * head_stride_[kv_]) + byte_, 0, 2);
+      if ((byte_ += 64) < row_bytes_) continue;
+      byte_ = 0;
+      if (++head_ < nh_) continue;
+      head_ = 0;
+      if (++row_ < to_) continue;
+      row_ = from_, kv_ = 1;
+    }
+  }
+
+ private:
+  const T* const* rows_[2] = {nullptr, nullptr};
+  int64_t head_stride_[2] = {0, 0};
+  int64_t from_ = 0, to_ = 0, nh_ = 0, row_bytes_ = 64;
+  int64_t kv_ = 0, row_ = 0, head_ = 0, byte_ = 0, issued_ = 0, total_ = 0;
+};
+
 // Where keys lie a page or more apart (fp32 rows of 8 heads x 128 are 4 KB), each key's row starts
 // a page, and the L2 stream prefetcher, which does not cross pages, has to learn every row's stream
 // from demand misses. A prefetch (to L2) of the first four lines of the rows kPrefetchKeys keys
@@ -1076,6 +1111,7 @@ void key_pairs_pv(const c10::BFloat16* p, int64_t ld_p, const c10::BFloat16* con
 #endif
 
 constexpr int64_t kAmxPvMinRows = 7;  // rows per kv head from which P V runs on AMX (amx_tiles)
+constexpr int64_t kPrefetchNextMinRows = 16;  // and from which the next block is prefetched (PacedPrefetch)
 constexpr int64_t kAmxTileRows = 16;  // rows of a head an AMX tile holds: S^T's columns, O's rows
 
 // A head's nr rows (up to kMaxRows) on AMX tiles: `count` sub-tiles of `rows` rows each, padded by
@@ -1351,8 +1387,12 @@ template <typename T>
 constexpr bool kDot = kLevelDot && std::is_same_v<T, at::BFloat16>;  // scores on VDPBF16PS
 template <typename T>
 constexpr bool kAmx = kLevelAmx && std::is_same_v<T, at::BFloat16>;  // score tiles on AMX
+// Score tiles and P V on VDPBF16PS (P rounded to bf16): the avx512_bf16 level. CPUs with AMX issue
+// VDPBF16PS at half the FMA rate; there the tiles off AMX are the pairs path's, on the FMAs (a b1
+// 4096 x 32/8 x 128 bf16 paged16 decode step, 4 rows per kv head, in L3: 0.49 ms with VDPBF16PS
+// scores, 0.42 on the FMAs; Emerald Rapids, 2026-12-06).
 template <typename T>
-constexpr bool kDotPv = kDot<T> && !kLevelAmx;  // P V on VDPBF16PS, P rounded to bf16
+constexpr bool kDotTiles = kDot<T> && !kLevelAmx;
 #if defined(CPU_CAPABILITY_AVX512)
 template <typename T>
 constexpr bool kFmaKeyMajor = std::is_same_v<T, float>;  // fp32 key-major tiles on the FMAs
@@ -1361,14 +1401,27 @@ template <typename T>
 constexpr bool kFmaKeyMajor = false;
 #endif
 template <typename T>
-constexpr bool kKeyMajor = kDotPv<T> || kFmaKeyMajor<T>;  // key-major tiles compiled for T
+constexpr bool kKeyMajor = kDotTiles<T> || kFmaKeyMajor<T>;  // key-major tiles compiled for T
+
+// Whether a paged cache's blocks end within key blocks (block_size not a multiple of kKeyBlock):
+// its key blocks then span cache blocks, and AMX S^T tiles (16 keys at one stride) cannot take a
+// block's keys in phase order.
+template <typename T>
+bool pages_split_blocks(const KVCacheCpuParams<T>& a) {
+  return a.block_table != nullptr && a.block_size % kKeyBlock != 0;
+}
 
 // Whether a call's tasks score on AMX tiles (bf16 at amx_bf16, head dims of whole 32-element
 // chunks), and so the buffer rows a task gives each kv head: its nr rows, padded to whole AMX
 // sub-tiles (AmxRowTiles) there. The rows of a task's head hh lie at hh * task_head_rows + r.
+// Below kAmxPvMinRows rows per kv head (P V on the FMAs) a paged cache whose key blocks span
+// cache blocks runs the pairs path instead, its blocks in phase order: a b1 4096 x 32/8 x 128
+// paged16 decode step ran 1.17-1.26x faster in L3 and 1.10-1.18x with each call on another of 16
+// layers' caches than on AMX tiles after touch_rows; at 8 rows the tiles were 1.08x faster
+// (Emerald Rapids, 2026-12-06).
 template <typename T>
 bool on_amx(const KVCacheCpuParams<T>& a) {
-  return kAmx<T> && a.head_dim % 32 == 0;
+  return kAmx<T> && a.head_dim % 32 == 0 && (a.rows() >= kAmxPvMinRows || !pages_split_blocks(a));
 }
 template <typename T>
 int64_t task_head_rows(const KVCacheCpuParams<T>& a, int64_t nr) {
@@ -1413,10 +1466,10 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     buf.p_rest.resize(kMaxRows * kKeyBlock);
     buf.v_pairs.resize(2 * kKeyBlock * d);
   }
-  if constexpr (kDot<T>) {
+  if constexpr (kDotTiles<T>) {
     if (buf.q_bits.empty()) buf.q_bits.resize(kMaxRows * dpad);
   }
-  if constexpr (kDotPv<T>) {
+  if constexpr (kDotTiles<T>) {
     if (buf.p_bits.empty()) buf.p_bits.resize(kMaxRows * kKeyBlock);
   }
   // The key-major tiles (see "Key-major tiles") where the CPU takes them and the task reads whole
@@ -1425,7 +1478,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kKeyMajor<T>) {
     key_major = g_key_major_tiles.load(std::memory_order_relaxed) && a.block_table == nullptr && !amx &&
                 nh == a.n_kv_heads && a.k_stride[2] == d && a.v_stride[2] == d &&
-                (kDotPv<T> || nh * d * static_cast<int64_t>(sizeof(T)) <= kPageBytes) &&
+                (kDotTiles<T> || nh * d * static_cast<int64_t>(sizeof(T)) <= kPageBytes) &&
                 with_key_major_shape(d, nh, nr, [](auto, auto, auto) {});
   }
   for (int64_t rr = 0; rr < rows; ++rr) {
@@ -1445,7 +1498,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     if constexpr (kAmx<T>) {
       if (amx) amx_tiles::store_q(src, d, rr / tiles.rows, rr % tiles.rows, cols, qb);
     }
-    if constexpr (kDot<T>) {
+    if constexpr (kDotTiles<T>) {
       if (key_major) {
         for (int64_t e = 0; e < d; e += pairs::kChunk)
           std::copy(src + e, src + e + pairs::kChunk,
@@ -1484,47 +1537,60 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   if constexpr (kAmx<T>) {
     if (amx) amx_tiles::configure(tiles.rows, cols, amx_pv);
   }
-  const T* kn[kKeyBlock + kRowsAhead];  // the block's rows in address order, and the next ones
-  const T* vn[kKeyBlock + kRowsAhead];
+  // The block's rows in address order, and the next ones (the next block's with prefetch_next).
+  const T* kn[kKeyBlock + std::max(kRowsAhead, kKeyBlock)];
+  const T* vn[kKeyBlock + std::max(kRowsAhead, kKeyBlock)];
   const T* kph[kKeyBlock];  // and in phase order
   const T* vph[kKeyBlock];
   constexpr int64_t acc_n = kPairs<T> ? pairs::kAcc : kScoreAcc<T>;  // a score tile's rows x keys
   const int64_t step = nr % 4 == 0 ? acc_n / 4 : acc_n;  // keys per score step
   // How each block is read where keys share pages (see PhaseOrder): a block that every row sees
   // whole (no mask: the order of its columns does not matter) in phase order, where the keys per
-  // page of K and V divide the phases; other blocks, AMX tiles (16 consecutive keys) and rows that
-  // do not tile a page are first read line by line in address order (touch_rows), then served
-  // from L2.
+  // page of K and V divide the phases; on AMX, four phases of 16 keys, a phase an S^T tile of rows
+  // four keys apart, for a block within one cache block; other blocks and rows that do not tile a
+  // page are first read line by line in address order (touch_rows), then served from L2, or where
+  // the next block is prefetched (prefetch_next), read as they are. Against touch_rows, AMX tiles
+  // in phase order made a b1 4096 x 32/8 x 128 bf16 decode step 1.27-1.33x faster (4 rows per kv
+  // head, in L3; 1.21-1.28x with each call on another of 16 layers' caches), 1.14-1.17x at 8 rows
+  // (1 and 2 query tokens), 1.23-1.30x paged64; at 32 rows, with the next block prefetched,
+  // 0.92-0.95x, so not there (Emerald Rapids, 2026-12-06).
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
   const int64_t k_row_stride = a.k_stride[1] * static_cast<int64_t>(sizeof(T));
   const int64_t v_row_stride = a.v_stride[1] * static_cast<int64_t>(sizeof(T));
   const bool touch_k = !key_major && k_row_stride < kPageBytes, touch_v = !key_major && v_row_stride < kPageBytes;
   const bool prefetch = !key_major && !touch_k && !touch_v;  // a row a page (see prefetch_row_starts)
+  // With P V on AMX the block's math takes several times its reads: the next block is prefetched
+  // during this one's (PacedPrefetch: a third over the scores, a third over the softmax's rows, a
+  // third over the heads' P V), and only a task's first block is read by touch_rows.
+  const bool prefetch_next = amx_pv && nr >= kPrefetchNextMinRows && touch_k && touch_v;
   PhaseOrder phase;
-  phase.phases = kKeyBlock / std::max(kPvKeys, step);
+  phase.phases = amx ? kKeyBlock / kScoreKeys : kKeyBlock / std::max(kPvKeys, step);
   const auto pages_divide_phases = [&](int64_t stride) {
     return stride > 0 && stride < kPageBytes && kPageBytes % stride == 0 && phase.phases % (kPageBytes / stride) == 0;
   };
   const bool phased_rows =
-      !key_major && !amx && pages_divide_phases(k_row_stride) && pages_divide_phases(v_row_stride);
+      !key_major && !prefetch_next && pages_divide_phases(k_row_stride) && pages_divide_phases(v_row_stride);
   int64_t seen_lo = 0, seen_hi = L;  // keys every row sees
   for (int64_t rr = 0; rr < rows; ++rr) seen_lo = std::max(seen_lo, buf.lo[rr]), seen_hi = std::min(seen_hi, buf.hi[rr]);
   acc_t* const s = buf.s.data();
   for (int64_t jb = j0; jb < j1; jb += kKeyBlock) {
     const int64_t n = std::min(kKeyBlock, j1 - jb);
     const int64_t npad = (n + kScoreKeys - 1) / kScoreKeys * kScoreKeys;  // whole score tiles
-    const int64_t rows_ahead = prefetch ? kPrefetchKeys : key_major ? kRowsAhead : 0;
+    const int64_t rows_ahead = prefetch ? kPrefetchKeys : key_major ? kRowsAhead : prefetch_next ? kKeyBlock : 0;
     const int64_t n_ahead = std::min(n + rows_ahead, j1 - jb);  // rows resolved
     // AMX P V reads whole products of kPvKeys keys (p = 0 past n).
     const int64_t pv_pad = amx_pv ? (n + amx_tiles::kPvKeys - 1) / amx_tiles::kPvKeys * amx_tiles::kPvKeys : npad;
     resolve(jb, n_ahead, std::max(pv_pad, n_ahead), kn, vn);
-    const bool phased = phased_rows && n == kKeyBlock && seen_lo <= jb && jb + n <= seen_hi;
+    const bool phased = phased_rows && n == kKeyBlock && seen_lo <= jb && jb + n <= seen_hi &&
+                        (!amx || jb % a.block_size + n <= a.block_size);
     const T* const* kp = kn;
     const T* const* vp = vn;
+    PacedPrefetch<T> next;  // none: no line to prefetch
+    if (prefetch_next) next = PacedPrefetch<T>(kn, vn, n, n_ahead, nh, a.k_stride[2], a.v_stride[2], row_bytes);
     if (phased) {
       for (int64_t i = 0; i < kKeyBlock; ++i) kph[i] = kn[phase.key(i)], vph[i] = vn[phase.key(i)];
       kp = kph, vp = vph;
-    } else {
+    } else if (!prefetch_next || jb == j0) {  // (a block after the first: prefetched)
       if (touch_k) touch_rows(kn, n, nh, a.k_stride[2], row_bytes);
       if (touch_v) touch_rows(vn, n, nh, a.v_stride[2], row_bytes);
     }
@@ -1540,7 +1606,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
           constexpr int64_t kRowBytes = NH * D * sizeof(T), ahead = key_major_ahead(kRowBytes);
           for (int64_t j = 0; j < n; ++j) {
             prefetch_row<kRowBytes>(j + ahead < n ? kn[j + ahead] : vn[std::min(j + ahead - n, n - 1)]);
-            if constexpr (kDotPv<T>) {
+            if constexpr (kDotTiles<T>) {
               dot::key_scores<D / 32, NH, R>(buf.q_bits.data(), kp[j], a.scale, s + j, kKeyBlock);
             } else {
               fma_key_major::key_scores<D, NH, R>(buf.q.data(), kp[j], s + j, kKeyBlock);
@@ -1551,17 +1617,19 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
     }
     for (int64_t j = 0; j < (key_major ? 0 : npad); j += step) {
       if (prefetch) prefetch_row_starts(kn, std::min(j + kPrefetchKeys, n_ahead), std::min(j + kPrefetchKeys + step, n_ahead));
+      if (j % kScoreKeys == 0) next.until(j / kScoreKeys + 1, 3 * npad / kScoreKeys);
       if constexpr (kAmx<T>) {
         static_assert(amx_tiles::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
-        // 16 keys one row stride apart (within a page, none of them padding): an S^T tile per
-        // head. j is a multiple of 16 here.
+        // 16 keys at one stride (consecutive rows of a cache block, or a phase's rows four keys
+        // apart; none of them padding, whose copies repeat a row): an S^T tile per head. j is a
+        // multiple of 16 here.
         const auto one_stride = [&] {
           for (int64_t t = 1; t < kScoreKeys; ++t)
-            if (kp[j + t] - kp[j + t - 1] != a.k_stride[1]) return false;
-          return true;
+            if (kp[j + t] - kp[j + t - 1] != kp[j + 1] - kp[j]) return false;
+          return kp[j + 1] - kp[j] > 0;
         };
         if (amx && j % kScoreKeys == 0 && one_stride()) {
-          amx_tiles::scores(qb, tiles, cols, nh, kp[j], a.k_stride[2], a.k_stride[1], d, a.scale, s + j, kKeyBlock);
+          amx_tiles::scores(qb, tiles, cols, nh, kp[j], a.k_stride[2], kp[j + 1] - kp[j], d, a.scale, s + j, kKeyBlock);
           j += kScoreKeys - step;
           continue;
         }
@@ -1571,7 +1639,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
           constexpr int R = decltype(tile)::value;
           const int64_t rr = hh * hr + r;
           for (int64_t t = 0; t < step; t += acc_n / R) {
-            if constexpr (kDot<T>) {
+            if constexpr (kDotTiles<T>) {
               dot::score_tile<R>(buf.q_bits.data() + rr * dpad, dpad, kp + j + t, hh * a.k_stride[2], d, a.scale,
                                  s + rr * kKeyBlock + j + t, kKeyBlock);
             } else if constexpr (kPairs<T>) {
@@ -1607,12 +1675,13 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
       const auto [lo, hi] = visible_columns(rr);
       acc_t* sr = s + rr * kKeyBlock;
       acc_t sum;
-      if constexpr (kDotPv<T>) {
+      if constexpr (kDotTiles<T>) {
         sum = cpu::exp_row<T>(sr, buf.p_bits.data() + rr * kKeyBlock, kKeyBlock, lo, hi, acc_t(1), -buf.m[rr]);
       } else {
         sum = cpu::exp_row<T>(sr, sr, kKeyBlock, lo, hi, acc_t(1), -buf.m[rr]);
       }
       buf.l[rr] = buf.l[rr] * alpha[rr] + sum;
+      next.until(rows + rr + 1, 3 * rows);
       if (alpha[rr] != acc_t(1)) {
         acc_t* o = buf.o.data() + rr * dpad;
         const Vec al(alpha[rr]);
@@ -1635,7 +1704,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
           for (int64_t j = 0; j < n; j += kKeyMajorPvKeys) {
             for (int64_t t = j + ahead; t < j + ahead + kKeyMajorPvKeys; ++t)
               prefetch_row<kRowBytes>(t < n ? vn[t] : kn[std::min(t, n_ahead - 1)]);
-            if constexpr (kDotPv<T>) {
+            if constexpr (kDotTiles<T>) {
               dot::key_pairs_pv<D / 32, NH, R, kKeyMajorPvKeys / 2>(buf.p_bits.data() + j, kKeyBlock, vp + j,
                                                                     buf.o.data());
             } else {
@@ -1653,6 +1722,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         amx_tiles::stage_v(vp, 0, pv_pad, d, staged[0]);
         for (int64_t hh = 0; hh < nh; ++hh) {
           if (hh + 1 < nh) amx_tiles::stage_v(vp, (hh + 1) * a.v_stride[2], pv_pad, d, staged[(hh + 1) % 2]);
+          next.until(2 * nh + hh + 1, 3 * nh);
           for (int64_t r = hh * hr; r < (hh + 1) * hr; r += tiles.rows)  // each sub-tile's rows
             amx_tiles::pv(buf.p_bits.data() + r * kKeyBlock, buf.p_rest.data() + r * kKeyBlock, kKeyBlock,
                           staged[hh % 2], pv_pad, d, buf.o.data() + r * dpad, dpad);
@@ -1668,7 +1738,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         for_row_tiles(nr, [&](int64_t r, auto tile) {
           constexpr int R = decltype(tile)::value;
           const int64_t rr = hh * hr + r;
-          if constexpr (kDotPv<T>) {
+          if constexpr (kDotTiles<T>) {
             // Whole key pairs: a block's columns past n are padding rows with p = 0.
             dot::pv_rows<R>(buf.p_bits.data() + rr * kKeyBlock + j, kKeyBlock, vp + j, hh * a.v_stride[2],
                             (nj + 1) / 2 * 2, d, dpad, buf.o.data() + rr * dpad, dpad);
@@ -1705,7 +1775,7 @@ void store_rows(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t task,
     const bool saw_keys = l != 0;  // NaN too: a NaN score makes out and lse NaN, never 0
     const acc_t inv = saw_keys ? acc_t(1) / l : acc_t(0);
     acc_t* o = buf.o.data() + rr * a.dpad;
-    if constexpr (kDotPv<T>) {
+    if constexpr (kDotTiles<T>) {
       dot::natural_order(o, a.dpad);
     } else if constexpr (kPairs<T>) {
       pairs::natural_order(o, a.dpad);
@@ -1841,16 +1911,18 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
 //   avx512_bf16  0.95 1.09 1.11 1.18     0.95 1.19 1.29 1.50     0.69 0.88 0.93 1.14
 //   avx512       0.73 0.94 1.03 1.18     0.96 1.18 1.29 1.48     0.76 0.87 0.94 1.15
 //   avx2         0.71 0.88 0.94 1.05     0.83 1.00 1.05 1.15     0.80 0.95 0.99 1.12
-// (the same within 0.1 at 64/8; 1.1-2.2x past R96). So a call runs there from 48 rows where its
-// 2-byte products run on bf16 dot products (avx512_bf16, amx_bf16) or fp16 widened on AVX-512,
-// and past one task's kMaxRows rows elsewhere (this kernel then reads K/V once per row tile).
+// (the same within 0.1 at 64/8; 1.1-2.2x past R96). Since amx_bf16's tiles read blocks in phase
+// order and prefetch the next one (2026-12-06), bf16 there: R48 0.94 (paged16 0.86), R64
+// 1.01-1.02 (32/8 x 16 tokens, 64/8 x 8). So a call runs there from 48 rows where its 2-byte
+// products run on VDPBF16PS (avx512_bf16) or fp16 widened on AVX-512, and past one task's kMaxRows
+// rows elsewhere (this kernel then reads K/V once per row tile).
 // The prefill kernel does not split keys: its tasks are (sequence, kv head, query block), one call
 // per run of equal lengths, so a call runs there only when each call gives every thread a task,
 // and only past kDecodeRouteMaxSeqQ query tokens (fewer: gqa_attention takes this kernel, and a
 // decode step stays on it whatever the group).
 template <typename T>
 constexpr int64_t kPrefillMinRows =
-    (kDot<T> || (std::is_same_v<T, at::Half> && kLevelAvx512)) ? 48 : kMaxRows + 1;
+    (kDotTiles<T> || (std::is_same_v<T, at::Half> && kLevelAvx512)) ? 48 : kMaxRows + 1;
 
 template <typename T>
 bool runs_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttentionParams& p) {
