@@ -39,10 +39,12 @@
 //       1.02-1.03x (Zen 5, 2026-12-04)
 //       O_r <- O_r e^(m - m') + sum_j p[r, j] v_j   (strips of 4 rows x 2 vectors held in
 //                                  registers over a pass of keys, p broadcast per key)
-//     bf16 at the avx512_bf16 and amx_bf16 levels scores on VDPBF16PS instead (namespace dot):
+//     bf16 at the avx512_bf16 level scores on VDPBF16PS instead (namespace dot):
 //     bf16 q and K as they lie, 32 products per instruction, no widening; amx_bf16 scores whole
 //     tiles on AMX (namespace amx_tiles): per 16 keys and sub-tile of up to 16 rows of a kv head
-//     one TDPBF16PS tile product per 32 elements of d, K tile-loaded straight from the cache,
+//     one TDPBF16PS tile product per 32 elements of d, K tile-loaded straight from the cache (a
+//     block in phase order as four tiles of keys four apart, from 16 rows the next block
+//     prefetched instead: PacedPrefetch), and off the tiles the pairs path's FMAs,
 //     and from kAmxPvMinRows rows per kv head runs P V on the tiles too, P split into two bf16
 //     parts (exact to 2^-16 of itself). At avx512_bf16, P V runs on
 //     VDPBF16PS too, two keys per instruction with P rounded to bf16 (as the prefill kernel at
