@@ -1386,7 +1386,7 @@ constexpr bool kLevelPairs = false, kLevelDot = false, kLevelAmx = false;
 template <typename T>
 constexpr bool kPairs = kLevelPairs && std::is_same_v<T, at::BFloat16>;  // widening in pairs
 template <typename T>
-constexpr bool kDot = kLevelDot && std::is_same_v<T, at::BFloat16>;  // scores on VDPBF16PS
+constexpr bool kDot = kLevelDot && std::is_same_v<T, at::BFloat16>;  // bf16 where the level has VDPBF16PS
 template <typename T>
 constexpr bool kAmx = kLevelAmx && std::is_same_v<T, at::BFloat16>;  // score tiles on AMX
 // Score tiles and P V on VDPBF16PS (P rounded to bf16): the avx512_bf16 level. CPUs with AMX issue

@@ -69,10 +69,10 @@
 // on sm_90 the forward's cache-4 kernel for bf16 input, fp32 weight and bf16 output keeps an
 // 8-byte value in local memory (stored once, loaded twice, no loop), which holds it at 64
 // registers, two 512-thread CTAs per SM; allowed 66 it fits one. On sm_100 the fp32 forward
-// without a row cache keeps 12 bytes there, at 40 registers, where sm_90 uses 32 and none. tests/test_attention_sass.py
-// checks that the row-ahead kernels touch no local memory on any architecture, and that the
-// cached kernels issue their row's loads first. Every aligned kernel moves rows with LDG.E.128 /
-// STG.E.128 (cuobjdump -sass).
+// without a row cache keeps 12 bytes there, at 40 registers, where sm_90 uses 32 and none.
+// tests/test_attention_sass.py checks that the row-ahead kernels touch no local memory on any
+// architecture, and that the cached kernels issue their row's loads first. Every aligned kernel
+// moves rows with LDG.E.128 / STG.E.128 (cuobjdump -sass).
 #include <torch/library.h>
 #include <ATen/ops/empty.h>
 
