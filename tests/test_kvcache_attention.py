@@ -748,8 +748,9 @@ def test_phase_order_on_cpu(dtype, block_size):
     order after touch_rows; 4 and 6 query heads per kv head (score tiles of 4 and 16 keys: 8 and
     4 phases). At the amx_bf16 level in bf16: S^T tiles of 16 keys four apart (4 phases) where a
     block lies in one cache block (contiguous, paged64; paged16's blocks span four), with P V on
-    the FMAs (4 and 6 rows per kv head) or on the tiles (8 rows); from 16 rows the next block
-    prefetched instead (4 and 8 query tokens), each block after a task's first read as it lies."""
+    the FMAs (4 and 6 rows per kv head) or on the tiles (8 rows); from 16 rows (4 and 8 query
+    tokens), and paged16's from 8, the next block prefetched instead, each block after a task's
+    first read as it lies."""
     for n_q, seq_q in ((32, 1), (32, 4), (48, 1), (64, 1), (32, 8)):
         case = Case("cpu", dtype, [1000, 130], seq_q, 1, n_q, 8, 128, block_size=block_size)
         case.check()
