@@ -1439,6 +1439,17 @@ template <typename T>
 bool on_amx(const KVCacheCpuParams<T>& a) {
   return kAmx<T> && a.head_dim % 32 == 0 && (a.rows() >= kAmxPvMinRows || !pages_split_blocks(a));
 }
+// Whether a task of nr rows per kv head prefetches the next key block over this one's math
+// (PacedPrefetch; see attend): with P V on AMX, where K's and V's rows lie within a page, from
+// kPrefetchNextMinRows rows, and from kAmxPvMinRows where a paged cache's blocks end within key
+// blocks (no phase order on the tiles).
+template <typename T>
+bool prefetches_next_block(const KVCacheCpuParams<T>& a, int64_t nr) {
+  constexpr int64_t bytes = sizeof(T);
+  return on_amx(a) && nr >= kAmxPvMinRows && (nr >= kPrefetchNextMinRows || pages_split_blocks(a)) &&
+         a.k_stride[1] * bytes < kPageBytes && a.v_stride[1] * bytes < kPageBytes;
+}
+
 template <typename T>
 int64_t task_head_rows(const KVCacheCpuParams<T>& a, int64_t nr) {
   return on_amx(a) ? AmxRowTiles(nr).head_rows() : nr;
@@ -1582,8 +1593,7 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
   // cache's blocks that end within key blocks) from kAmxPvMinRows: at 8 and 12 rows, against
   // touch_rows, paged16 and paged32 ran 1.07-1.10x faster, while against phase order contiguous
   // caches ran 0.95x at 8 rows and 0.89x at 12 (b1 4096 x 128 bf16, Emerald Rapids, 2026-12-06).
-  const bool prefetch_next =
-      amx_pv && (nr >= kPrefetchNextMinRows || pages_split_blocks(a)) && touch_k && touch_v;
+  const bool prefetch_next = prefetches_next_block(a, nr);
   PhaseOrder phase;
   phase.phases = amx ? kKeyBlock / kScoreKeys : kKeyBlock / std::max(kPvKeys, step);
   const auto pages_divide_phases = [&](int64_t stride) {
@@ -2030,7 +2040,16 @@ void run(const KVCacheAttentionParams& p) {
   const int64_t threads = at::get_num_threads();
   const auto max_splits = [&](int64_t heads) { return std::max<int64_t>(1, max_len * heads / kMinKeyRowsPerSplit); };
   const auto head_groups = [&](int64_t heads) { return (p.n_kv_heads + heads - 1) / heads; };
-  a.heads_per_task = std::clamp<int64_t>(kMaxRows / task_head_rows(a, std::min(R, kMaxRows)), 1, p.n_kv_heads);
+  // Where the next block is prefetched from kPrefetchNextMinRows rows, one kv head a task: its
+  // buffers (scores, P's two parts, staged V, O) then stay closer to L1's size beside the K tiles.
+  // At 16 and 32 rows per kv head (4 and 8 query tokens of 32/8, 2 tokens of 64/8), b1 4096
+  // contiguous and paged16 and b8 x 1024, it ran 1.02-1.08x faster than tasks of up to kMaxRows
+  // rows with the cache in L3, 1.02-1.05x with each call on another of 16 layers' caches; at 8
+  // rows (paged16) fewer heads a task ran 0.89x (Emerald Rapids, 2026-12-06).
+  const int64_t head_rows = std::min(R, kMaxRows);
+  a.heads_per_task = prefetches_next_block(a, head_rows) && head_rows >= kPrefetchNextMinRows
+                         ? 1
+                         : std::clamp<int64_t>(kMaxRows / task_head_rows(a, head_rows), 1, p.n_kv_heads);
   while (a.heads_per_task > 1 &&
          p.batch * head_groups(a.heads_per_task) * a.row_tiles * max_splits(a.heads_per_task) < threads) {
     a.heads_per_task = (a.heads_per_task + 1) / 2;
