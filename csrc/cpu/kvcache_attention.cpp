@@ -304,12 +304,12 @@ inline void touch_rows(const T* const* rows, int64_t n, int64_t nh, int64_t head
 // row_bytes a head), prefetched to L2 (PREFETCHT1) a few at a time over this block's math, where
 // it outlasts the block's reads (AMX P V, see attend), K's rows first, each row's heads in address
 // order. Each of the block's three stages (BlockStage) issues a third of the lines, in as many
-// parts as it has steps: after(stage, i, n), its share up to step i of n. The steps are a sub-tile's score
-// tiles, a row's softmax, a 32-column chunk of a sub-tile's P V: tens of lines at most. A prefetch
-// that finds the core's fill buffers taken waits for one, and so bursts wait on each other: with
-// a burst per score group and per head's P V, perf put a fifth of the block's time on the
-// prefetches, and steps this fine made an 8-token b1 4096 x 32/8 x 128 bf16 verify step 1.17x
-// faster (Emerald Rapids, 2026-12-06).
+// parts as it has steps: after(stage, i, n) issues its share up to step i of n. The steps are a
+// sub-tile's score tiles, a row's softmax, a 32-column chunk of a sub-tile's P V: tens of lines
+// at most. A prefetch that finds the core's fill buffers taken waits for one, and so bursts wait
+// on each other: with a burst per score group and per head's P V, perf put a fifth of the
+// block's time on the prefetches, and steps this fine made an 8-token b1 4096 x 32/8 x 128 bf16
+// verify step 1.13-1.16x faster (Emerald Rapids, 2026-12-06).
 enum BlockStage : int64_t { kScoreStage, kSoftmaxStage, kPvStage };
 
 template <typename T>
@@ -1646,9 +1646,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         });
       }
     }
+    const int64_t groups = npad / kScoreKeys;  // of 16 keys
     for (int64_t j = 0; j < (key_major ? 0 : npad); j += step) {
       if (prefetch) prefetch_row_starts(kn, std::min(j + kPrefetchKeys, n_ahead), std::min(j + kPrefetchKeys + step, n_ahead));
-      const int64_t groups = npad / kScoreKeys;
       if constexpr (kAmx<T>) {
         static_assert(amx_tiles::kKeys == kScoreKeys, "AMX score tiles are the blocks' padding unit");
         // 16 keys at one stride (consecutive rows of a cache block, or a phase's rows four keys
@@ -1661,7 +1661,9 @@ void attend(const KVCacheCpuParams<T>& a, TaskBuffers<T>& buf, int64_t b, int64_
         };
         if (amx && j % kScoreKeys == 0 && one_stride()) {
           amx_tiles::scores(qb, tiles, cols, nh, kp[j], a.k_stride[2], kp[j + 1] - kp[j], d, a.scale, s + j, kKeyBlock,
-                            [&](int64_t t, int64_t of) { next.after(kScoreStage, j / kScoreKeys * of + t, groups * of); });
+                            [&](int64_t t, int64_t of) {
+                              next.after(kScoreStage, j / kScoreKeys * of + t, groups * of);
+                            });
           j += kScoreKeys - step;
           continue;
         }
@@ -2044,7 +2046,7 @@ void run(const KVCacheAttentionParams& p) {
   // head group x row tile), the most that divide the kv heads into groups of equal heads. The
   // threads take runs of whole tasks, and a few tasks of unequal cost cannot be cut evenly: with
   // 8 kv heads of 12 rows (3 query tokens of 32/8) at b1, groups of 5 and 3 heads left one thread
-  // idle for a quarter of the step. Groups of 4 made a b1 4096 x 128 step 1.17-1.23x faster (bf16
+  // idle for two fifths of the step. Groups of 4 made a b1 4096 x 128 step 1.17-1.23x faster (bf16
   // at amx_bf16, contiguous and paged16; avx512 and avx2 bf16; fp32 1.11x), and 2 heads instead
   // of 3 at 20 rows 1.05-1.07x (avx512, avx2); at b8 x 1024, 2 instead of 3 ran 0.95-0.96x
   // (Emerald Rapids, 2026-12-06).
