@@ -559,10 +559,17 @@ def test_nonfinite_scores_reach_their_rows(device, dtype, length, poison, seq_q)
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("block_size", [None, 16], ids=["contiguous", "paged16"])
 def test_task_shapes(device, dtype, block_size):
-    """Uneven task shapes: 5 kv heads x 14 rows each (the CPU takes 4 heads a task, then 1, in
-    tiles of 4, 2 and 1 rows), split over keys; and more rows than a task holds (32 query heads
-    x 3 tokens of one kv head)."""
-    Case(device, dtype, [1500, 9], 7, 2, 10, 5, 32, block_size=block_size).check()
+    """Uneven task shapes: 5 kv heads x 14 rows each, split over keys, in tiles of 4, 2 and 1 rows.
+    On one CPU thread (four units a thread) a task takes 4 heads, then 1; on two, with fewer units
+    than four a thread, the kv heads go in equal groups, here of 1 head. And more rows than a task
+    holds (32 query heads x 3 tokens of one kv head)."""
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            Case(device, dtype, [1500, 9], 7, 2, 10, 5, 32, block_size=block_size).check()
+    finally:
+        torch.set_num_threads(before)
     Case(device, dtype, [700, 3], 3, 3, 32, 1, 64, block_size=block_size).check()
 
 
