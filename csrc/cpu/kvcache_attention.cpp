@@ -44,7 +44,7 @@
 //     tiles on AMX (namespace amx_tiles): per 16 keys and sub-tile of up to 16 rows of a kv head
 //     one TDPBF16PS tile product per 32 elements of d, K tile-loaded straight from the cache (a
 //     block in phase order as four tiles of keys four apart; from 16 rows, and from 7 on paged
-//     caches of blocks shorter than a key block, the next block prefetched over this one's
+//     caches whose blocks end within key blocks, the next block prefetched over this one's
 //     math instead: PacedPrefetch), and off the tiles the pairs path's FMAs,
 //     and from kAmxPvMinRows rows per kv head runs P V on the tiles too, P split into two bf16
 //     parts (exact to 2^-16 of itself). At avx512_bf16, P V runs on
