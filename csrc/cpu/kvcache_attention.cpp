@@ -13,8 +13,10 @@
 //     one fp32 [rows, d] matrix (q rotated at positions cache_seqlens[b] + i and rounded to
 //     q's dtype first, as apply_rotary would give it, then pre-multiplied by the scale; the
 //     VDPBF16PS path keeps q in bf16 and scales S), and walks its key range in blocks of
-//     kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all of them):
-//     the heads of one token lie side by side in the cache, so the task reads its K/V in
+//     kKeyBlock keys. A task takes several kv heads when their rows fit (decode: all of them;
+//     with few units a thread, as many as divide the kv heads into equal groups; at amx_bf16,
+//     where the next block is prefetched from 16 rows a head, one: see run()): the heads of
+//     one token lie side by side in the cache, so the task reads its K/V in
 //     address order, a stream the hardware prefetchers follow, where one head's rows would be
 //     n_kv_heads x d elements apart. Where keys lie under a page apart (bf16/fp16), the tiles
 //     below, which read several keys' rows side by side, would read each page out of order: a
