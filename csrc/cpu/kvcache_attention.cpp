@@ -1951,8 +1951,9 @@ void attend_on_prefill_kernel(const KVCacheCpuParams<T>& a, const KVCacheAttenti
 //   avx512       0.73 0.94 1.03 1.18     0.96 1.18 1.29 1.48     0.76 0.87 0.94 1.15
 //   avx2         0.71 0.88 0.94 1.05     0.83 1.00 1.05 1.15     0.80 0.95 0.99 1.12
 // (the same within 0.1 at 64/8; 1.1-2.2x past R96). Since amx_bf16's tiles read blocks in phase
-// order and prefetch the next one (2026-12-06), bf16 there: R48 0.94 (paged16 0.86), R64
-// 1.01-1.02 (32/8 x 16 tokens, 64/8 x 8). So a call runs there from 48 rows where its 2-byte
+// order and prefetch the next one in steps, a task a kv head from 16 rows (2026-12-06), bf16
+// there: R48 0.86 (paged16 0.79), R64 0.95-1.05 (paged16 0.97), R80 1.16-1.28 (32/8 x 12, 16
+// and 20 tokens, both kernels forced). So a call runs there from 48 rows where its 2-byte
 // products run on VDPBF16PS (avx512_bf16) or fp16 widened on AVX-512, and past one task's kMaxRows
 // rows elsewhere (this kernel then reads K/V once per row tile).
 // The prefill kernel does not split keys: its tasks are (sequence, kv head, query block), one call
