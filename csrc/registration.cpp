@@ -72,4 +72,7 @@ TORCH_LIBRARY(llama_ext, m) {
       " Tensor? k, Tensor? v, Tensor? block_table, bool causal, float scale, Tensor? rotary_cos,"
       " Tensor? rotary_sin, bool rotary_interleaved, int window_left, int window_right, float softcap)"
       " -> (Tensor out, Tensor lse)");
+  // An uninitialized floating-point tensor for a KV cache: on the CPU, from 2 MB on, in 2 MB
+  // transparent huge pages (csrc/kv_cache_memory.cpp); elsewhere as torch.empty.
+  m.def("empty_kv_cache(int[] size, ScalarType dtype, Device device) -> Tensor");
 }

@@ -10,6 +10,7 @@ from . import _cpu_kernels  # loads the CPU kernels of the best ISA level this C
 from .ops import (
     apply_rotary,
     apply_rotary_,
+    empty_kv_cache,
     fused_add_rms_norm,
     fused_add_rms_norm_,
     gqa_attention,
@@ -46,6 +47,7 @@ __all__ = [
     "apply_rotary_",
     "cpu_capability",
     "cuda_kernels_built",
+    "empty_kv_cache",
     "fused_add_rms_norm",
     "fused_add_rms_norm_",
     "gqa_attention",

@@ -184,8 +184,8 @@ class KVCache:
         if self.k_cache is not None and needed <= self.k_cache.shape[1]:
             return
         capacity = max(self.capacity, needed, 2 * (0 if self.k_cache is None else self.k_cache.shape[1]))
-        k_cache = k.new_empty((batch, capacity, heads, d))
-        v_cache = torch.empty_like(k_cache)
+        k_cache = ops.empty_kv_cache((batch, capacity, heads, d), k.dtype, k.device)
+        v_cache = ops.empty_kv_cache(k_cache.shape, k.dtype, k.device)
         if self.k_cache is not None:
             k_cache[:, : self.offset] = self.k_cache[:, : self.offset]
             v_cache[:, : self.offset] = self.v_cache[:, : self.offset]
@@ -284,8 +284,8 @@ class PagedKVCache:
     def _allocate(self, k: Tensor) -> None:
         batch, _, heads, d = k.shape
         if self.k_cache is None:
-            self.k_cache = k.new_empty((self.num_blocks, self.block_size, heads, d))
-            self.v_cache = torch.empty_like(self.k_cache)
+            self.k_cache = ops.empty_kv_cache((self.num_blocks, self.block_size, heads, d), k.dtype, k.device)
+            self.v_cache = ops.empty_kv_cache(self.k_cache.shape, k.dtype, k.device)
             self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
             self.lengths = [0] * batch
             self.blocks = [[] for _ in range(batch)]
@@ -295,7 +295,12 @@ class PagedKVCache:
     def _take_block(self) -> int:
         if not self.free_blocks:  # grow the pool: existing block ids stay valid
             old = self.k_cache.shape[0]
-            grow = lambda t: torch.cat([t, torch.empty_like(t)])  # noqa: E731
+
+            def grow(t: Tensor) -> Tensor:
+                grown = ops.empty_kv_cache((2 * old,) + tuple(t.shape[1:]), t.dtype, t.device)
+                grown[:old] = t
+                return grown
+
             self.k_cache, self.v_cache = grow(self.k_cache), grow(self.v_cache)
             self.free_blocks = list(range(2 * old - 1, old - 1, -1))
         return self.free_blocks.pop()

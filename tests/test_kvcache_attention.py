@@ -5,6 +5,7 @@ PTX run on the CPU (tools/ptx_run.py)."""
 import copy
 import ctypes
 import math
+import os
 
 import pytest
 import torch
@@ -1013,6 +1014,79 @@ def test_paged_kvcache_free_and_reuse(device):
     torch.testing.assert_close(got[1:], expected1, atol=1e-5, rtol=1e-5)
     cache.reset()
     assert cache.lengths == [0, 0] and len(cache.free_blocks) == cache.k_cache.shape[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_on_huge_page_caches(device):
+    """KVCache and PagedKVCache over caches of 2 MB and more (on the CPU, empty_kv_cache's huge
+    pages; NaN until written under the suite's poisoning), the paged pool grown past them: each
+    decodes as the full forward, and the CPU caches start on 2 MB boundaries."""
+    hidden, heads, kv_heads, head_dim = 256, 4, 2, 128
+    attn = llama_ext.GQAttention(hidden, heads, kv_heads, head_dim=head_dim).to(device)
+    x = make((2, 1100, hidden), device, torch.float32)
+    chunks = [(0, 600), (600, 601), (601, 1099), (1099, 1100)]
+    with torch.no_grad():
+        full = attn(x)
+        contiguous = llama_ext.KVCache(capacity=2048)  # 2 x 2048 x 2 x 128 fp32: 4 MB each
+        paged = llama_ext.PagedKVCache(num_blocks=8, block_size=256)  # 2 MB each; 2 x 5 blocks grow it
+        pools = []
+        outs = {"contiguous": [], "paged": []}
+        for s, e in chunks:
+            outs["contiguous"].append(attn(x[:, s:e], cache=contiguous))
+            outs["paged"].append(attn(x[:, s:e], cache=paged))
+            pools.append(paged.k_cache.shape[0])
+    assert pools == [8, 8, 16, 16]
+    for name, steps in outs.items():
+        torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5, msg=name)
+    if device == "cpu":
+        for t in (contiguous.k_cache, contiguous.v_cache, paged.k_cache, paged.v_cache):
+            assert t.data_ptr() % (2 << 20) == 0
+
+
+@pytest.mark.parametrize("device", DEVICES + ["meta"])
+def test_empty_kv_cache(device):
+    """empty_kv_cache is torch.empty's tensor (NaN under the suite's poisoning), on the CPU 2 MB-
+    aligned from 2 MB on; bad sizes and dtypes raise naming them; opcheck (not its comparison of
+    repeated outputs, which are uninitialized) and compile."""
+    for size, dtype in [((1, 4096, 8, 128), torch.bfloat16), ((3, 5), torch.float32), ((0, 16, 2, 64), torch.float16)]:
+        t = llama_ext.empty_kv_cache(size, dtype, device)
+        assert (t.shape, t.dtype, t.device.type) == (size, dtype, device) and t.is_contiguous()
+        if device != "meta":
+            assert t.isnan().all()
+        if device == "cpu" and t.numel() * t.element_size() >= 2 << 20:
+            assert t.data_ptr() % (2 << 20) == 0
+    assert llama_ext.empty_kv_cache([4]).dtype == torch.get_default_dtype()
+    with pytest.raises(ValueError, match=r"size\[1\] = -1 is negative"):
+        llama_ext.empty_kv_cache((2, -1), torch.float32, device)
+    with pytest.raises(ValueError, match="dtype must be a floating-point type, got Int"):
+        llama_ext.empty_kv_cache((2, 3), torch.int32, device)
+    for size in ([2, 3], [4, 1024, 8, 128]):
+        opcheck(torch.ops.llama_ext.empty_kv_cache, (size, torch.float32, torch.device(device)),
+                test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    compiled = torch.compile(lambda: llama_ext.empty_kv_cache((2, 8, 2, 64), torch.float32, device).fill_(2),
+                             fullgraph=True)
+    out = compiled()
+    assert out.shape == (2, 8, 2, 64) and (device == "meta" or bool((out == 2).all()))
+
+
+def test_empty_kv_cache_advises_huge_pages():
+    """A CPU cache of 2 MB or more lies in a mapping advised into transparent huge pages (smaps'
+    VmFlags "hg": madvise(MADV_HUGEPAGE)), whether or not the kernel then finds free 2 MB pages."""
+    if not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"):
+        pytest.skip("this kernel has no transparent huge pages")
+    t = llama_ext.empty_kv_cache((1, 1024, 8, 128), torch.float32)  # 4 MB
+    address, flags = t.data_ptr(), None
+    with open("/proc/self/smaps") as smaps:
+        inside = False
+        for line in smaps:
+            first = line.split()[0]
+            if "-" in first and not first.endswith(":"):
+                start, end = (int(x, 16) for x in first.split("-"))
+                inside = start <= address < end
+            elif inside and first == "VmFlags:":
+                flags = line.split()[1:]
+                break
+    assert flags is not None and "hg" in flags, flags
 
 
 # ---- gqa_attention routes decode-shaped calls to the KV-cache kernels --------------------------

@@ -1,5 +1,5 @@
-// Scratch tensors of the CPU attention kernels: uninitialized, large ones in transparent huge
-// pages.
+// Scratch tensors of the CPU attention kernels and the memory of CPU KV caches
+// (csrc/kv_cache_memory.cpp): uninitialized, large ones in transparent huge pages.
 #pragma once
 
 #include <ATen/ops/empty.h>
@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <limits>
 #include <memory>
 
 #if defined(__linux__)
@@ -51,8 +52,9 @@ inline void report_huge_scratch(void* data, int64_t bytes) {
 inline at::Tensor scratch(at::IntArrayRef shape, const at::TensorOptions& opts) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   int64_t bytes = static_cast<int64_t>(opts.dtype().itemsize());
-  for (const int64_t size : shape) bytes *= size;
-  if (bytes >= kHugePageBytes) {
+  bool valid = true;  // sizes >= 0 whose product fits: otherwise at::empty below raises
+  for (const int64_t size : shape) valid = valid && size >= 0 && !__builtin_mul_overflow(bytes, size, &bytes);
+  if (valid && bytes >= kHugePageBytes && bytes <= std::numeric_limits<int64_t>::max() - kHugePageBytes) {
     const int64_t padded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
     std::unique_ptr<void, void (*)(void*)> data(std::aligned_alloc(kHugePageBytes, padded), std::free);
     TORCH_CHECK_WITH(OutOfMemoryError, data != nullptr, "llama_ext: cannot allocate ", padded,
