@@ -483,10 +483,9 @@ def empty_kv_cache(
     On the CPU, a tensor of 2 MB or more is 2 MB-aligned and advised into transparent huge pages
     (``madvise(MADV_HUGEPAGE)``; without effect where THP is off), as PyTorch's allocator does for
     every tensor only under ``THP_MEM_ALLOC_ENABLE=1``: a decode step reads the whole cache, and in
-    4 KB pages nearly every page it reads is a TLB miss (on a Xeon VM, b1 x 4096 x 32/8 x 128: steps
-    1.02-1.07x faster with the cache in L3, 1.08-1.11x from DRAM; ``csrc/kv_cache_memory.cpp``).
-    :class:`KVCache` and :class:`PagedKVCache` allocate their caches here. Elsewhere it is
-    ``torch.empty``."""
+    4 KB pages nearly every page it reads is a TLB miss (what 2 MB pages gained:
+    ``csrc/kv_cache_memory.cpp``). :class:`KVCache` and :class:`PagedKVCache` allocate their caches
+    here. Elsewhere it is ``torch.empty``."""
     dtype = torch.get_default_dtype() if dtype is None else dtype
     device = torch.device("cpu" if device is None else device)
     return _ops.empty_kv_cache([int(n) for n in size], dtype, device)
