@@ -158,8 +158,19 @@ def _layer_inputs(case, device, rand):
     return inputs
 
 
-def _providers(cfg):
-    """eager, native, compile and llama_ext over a case's cache, for both ops."""
+def _in_kv_cache_memory(inputs):
+    """A layer's inputs with its caches copied into llama_ext.empty_kv_cache tensors (on the CPU,
+    2 MB pages, as KVCache and PagedKVCache allocate them)."""
+    names = ("pool_k", "pool_v") if "block_table" in inputs else ("k_cache", "v_cache")
+    copies = {n: llama_ext.empty_kv_cache(inputs[n].shape, inputs[n].dtype, inputs[n].device).copy_(inputs[n])
+              for n in names}
+    return {**inputs, **copies}
+
+
+def _providers(cfg, kv_cache_memory=False):
+    """eager, native, compile and llama_ext over a case's cache, for both ops; with
+    kv_cache_memory on the CPU, also llama_ext_2mb: llama_ext over the same caches copied into
+    empty_kv_cache's memory (outside the timing)."""
     attend_hf, eager_src = _eager_attention()
 
     def eager(inputs, scale):
@@ -180,10 +191,12 @@ def _providers(cfg):
             inputs["q"], inputs["k_cache"], inputs["v_cache"], inputs["cache_seqlens"], inputs["k"], inputs["v"],
             scale=scale)
 
-    def provider(get_fn, record_backend=False):
+    def provider(get_fn, record_backend=False, prepare=None):
         def make(case, inputs):
             fn, scale = get_fn(), case.params["scale"]
             layers = inputs if isinstance(inputs, list) else [inputs]
+            if prepare is not None:
+                layers = [prepare(layer) for layer in layers]
             calls = itertools.count()  # a DRAM case's calls take its layers in turn, from the first
 
             def closure():
@@ -203,7 +216,12 @@ def _providers(cfg):
         Provider("llama_ext", provider(lambda: ours),
                  "llama_ext.gqa_attention_with_kvcache (appends the call's k/v, then attends)",
                  llama_ext_cuda_skip(cfg, "gqa_attention_with_kvcache")),
-    ]
+    ] + ([
+        Provider("llama_ext_2mb", provider(lambda: ours, prepare=_in_kv_cache_memory),
+                 "llama_ext over the caches copied into llama_ext.empty_kv_cache tensors (2 MB transparent huge "
+                 "pages, as KVCache and PagedKVCache allocate them; the other providers' caches come from "
+                 "torch's allocator)"),
+    ] if kv_cache_memory and not cfg.is_cuda else [])
 
 
 def build(cfg):
@@ -212,7 +230,7 @@ def build(cfg):
         title="Decode against a KV cache (gqa_attention_with_kvcache), K/V bytes read",
         size_name="context length (cached tokens)",
         cases=_cases(cfg),
-        providers=_providers(cfg),
+        providers=_providers(cfg, kv_cache_memory=True),
         make_inputs=lambda case: _make_inputs(case, cfg.device),
         notes=["GB/s counts the K/V cache bytes one decode step reads (2 x batch x context x kv_heads x d)",
                PAGED_NOTE,

@@ -30,7 +30,7 @@ def _op_builders() -> Dict[str, Callable]:
     }
 
 
-PROVIDERS = ["eager", "native", "compile", "llama_ext", "llama_ext_100kb", "sdpa"]
+PROVIDERS = ["eager", "native", "compile", "llama_ext", "llama_ext_100kb", "llama_ext_2mb", "sdpa"]
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -44,7 +44,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="cpu or cuda[:N] (default: cuda when available)")
     p.add_argument("--provider", action="append", choices=PROVIDERS,
                    help="provider to run (repeatable; default: all). 'sdpa' is HF's SDPA model in --e2e; "
-                        "'llama_ext_100kb' (CUDA attention) runs llama_ext with the tiles of ~100 KB-shared-memory GPUs")
+                        "'llama_ext_100kb' (CUDA attention) runs llama_ext with the tiles of ~100 KB-shared-memory GPUs; "
+                        "'llama_ext_2mb' (CPU decode) runs llama_ext over caches in 2 MB pages (empty_kv_cache)")
     p.add_argument("--cpu-isa", choices=list(harness.CPU_ISA_LIMITS),
                    help="stand in for a CPU with no more than this llama_ext CPU level: llama_ext, torch, inductor, "
                         "MKL and oneDNN all run at it (a fresh process with their ISA variables set)")

@@ -6,12 +6,13 @@
 // page in fp32 (two rows a page in bf16): in 4 KB pages nearly every page the step reads is a
 // TLB miss, whose walk in a virtual machine goes through the host's page tables as well. So
 // from 2 MB on the cache lies in 2 MB transparent huge pages (cpu::scratch), as PyTorch's own
-// allocator puts every tensor only under THP_MEM_ALLOC_ENABLE=1. b1 x 32/8 x 128, 2 threads, in
-// one process alternating calls over caches in each kind of page, two rounds (a 2-vCPU Xeon VM
-// with AMX, 2026-12-06): 4096 keys in L3, bf16 1.02-1.03x (paged16 1.05x), fp32 1.04-1.07x;
-// each call on another of 16 (bf16) or 8 (fp32) layers' caches, bf16 1.08-1.10x (paged16
-// 1.06-1.10x), fp32 1.10-1.11x; 8 query tokens, bf16 1.09-1.13x, fp32 1.03-1.08x; 1024 keys bf16
-// 1.02x. Elsewhere (CUDA, meta) it is at::empty.
+// allocator puts every tensor only under THP_MEM_ALLOC_ENABLE=1. In the decode benchmark
+// (provider llama_ext_2mb beside llama_ext, b1 4096 x 32/8 x 128, 2 threads, five runs on a 2-vCPU
+// Xeon VM with AMX, 2026-12-06): a call on another of 8 (fp32) or 16 (bf16) layers' caches each
+// time, as in a model's decode step, 1.15-1.25x (fp32) and 1.01-1.18x (bf16); the cache in L3,
+// 1.01-1.08x with llama_ext alone in the rounds but 0.92-0.98x with eager, SDPA and
+// torch.compile's calls between (paged16 1.00-1.09x); 8 query tokens 1.03-1.12x (fp32),
+// 0.93-1.12x (bf16). Elsewhere (CUDA, meta) it is at::empty.
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 

@@ -139,11 +139,11 @@ def test_decode_smoke_and_dram_cases(tmp_path, capsys):
     pages = data["env"]["cpu_pages"]
     assert f"- pages: {'2 MB' if pages['huge_pages'] else '4 KB'} for CPU tensors" in report.header_text(data)
     (op,) = data["ops"]
-    _check_op(op, ["eager", "native", "compile", "llama_ext"])
+    _check_op(op, ["eager", "native", "compile", "llama_ext", "llama_ext_2mb"])
     modes = {case["mode"]: case for case in op["cases"]}
     assert set(modes) == {"b2 contiguous", "b2 paged16", "b2 contiguous, DRAM"}
-    for case in op["cases"]:  # every provider reads the same cache: the same outputs as eager
-        for name in ("native", "compile", "llama_ext"):
+    for case in op["cases"]:  # every provider reads the same tokens: the same outputs as eager
+        for name in ("native", "compile", "llama_ext", "llama_ext_2mb"):
             assert case["results"][name]["max_abs_diff_vs_eager"] < 1e-4, (case["mode"], name)
     # A DRAM case is judged against the copy from DRAM, the others against the headline copy.
     dram = modes["b2 contiguous, DRAM"]
@@ -152,6 +152,25 @@ def test_decode_smoke_and_dram_cases(tmp_path, capsys):
     assert modes["b2 contiguous"]["ceiling"] == data["ceilings"]["copy"]["rate"]
     stdout = capsys.readouterr().out
     assert "% DRAM copy (" in stdout and "same-round DRAM copy)" in stdout and "- DRAM copy ceiling: " in stdout
+
+
+def test_decode_provider_on_kv_cache_memory():
+    """llama_ext_2mb reads copies of a case's caches (contiguous, or the paged pools) from
+    empty_kv_cache: equal to them, in other memory, on the CPU 2 MB-aligned from 2 MB on."""
+    from benchmarks import bench_decode
+
+    for paged in (False, True):
+        cache = torch.randn(1, 2048, 8, 128)  # 8 MB
+        inputs = {"k_cache": cache, "v_cache": cache + 1, "q": torch.randn(1, 1, 32, 128)}
+        if paged:
+            inputs.update(pool_k=cache.view(128, 16, 8, 128), pool_v=(cache + 2).view(128, 16, 8, 128),
+                          block_table=torch.zeros(1, 128, dtype=torch.int32))
+        copied = bench_decode._in_kv_cache_memory(inputs)
+        names = ("pool_k", "pool_v") if paged else ("k_cache", "v_cache")
+        for name in names:
+            assert torch.equal(copied[name], inputs[name])
+            assert copied[name].data_ptr() != inputs[name].data_ptr() and copied[name].data_ptr() % (2 << 20) == 0
+        assert copied["q"] is inputs["q"]
 
 
 def test_dram_decode_case_calls_take_the_layers_in_turn():
