@@ -9,7 +9,7 @@
 // allocator puts every tensor only under THP_MEM_ALLOC_ENABLE=1. In the decode benchmark
 // (provider llama_ext_2mb beside llama_ext, b1 4096 x 32/8 x 128, 2 threads, five runs on a 2-vCPU
 // Xeon VM with AMX, 2026-12-06): a call on another of 8 (fp32) or 16 (bf16) layers' caches each
-// time, as in a model's decode step, 1.15-1.25x (fp32) and 1.01-1.18x (bf16); the cache in L3,
+// time, as in a model's decode step, 1.14-1.25x (fp32) and 1.01-1.18x (bf16); the cache in L3,
 // 1.01-1.08x with llama_ext alone in the rounds but 0.92-0.98x with eager, SDPA and
 // torch.compile's calls between (paged16 1.00-1.09x); 8 query tokens 1.03-1.12x (fp32),
 // 0.93-1.12x (bf16). Elsewhere (CUDA, meta) it is at::empty.
