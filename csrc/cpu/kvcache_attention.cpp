@@ -1208,9 +1208,9 @@ inline int64_t score_columns(int64_t nr) {
 }
 
 // q row n (< cols) of head hh as B tiles of `cols` columns: the pair (q[2i], q[2i + 1]) of chunk
-// c at qb[((hh * chunks + c) * 16 + i) * cols + n] (pairs of bf16); d is a multiple of 32. Chunk c's
-// pair i is the row's pair p = 16 c + i, so pair p lands in pair row hh * d / 2 + p, whole pairs
-// copied as 4 bytes (q's rows may start at any bf16).
+// c at qb[((hh * chunks + c) * 16 + i) * cols + n] (pairs of bf16), with chunks = d / 32; d is a
+// multiple of 32. Chunk c's pair i is the row's pair p = 16 c + i, so pair p lands in pair row
+// hh * d / 2 + p, whole pairs copied as 4 bytes (q's rows may start at any bf16).
 inline void store_q(const bf16* q, int64_t d, int64_t hh, int64_t n, int64_t cols, bf16* qb) {
   static_assert(kChunk % 2 == 0, "a chunk holds whole pairs");
   bf16* dst = qb + 2 * (hh * (d / 2) * cols + n);
