@@ -28,11 +28,13 @@ namespace llama_ext {
 #define LLAMA_EXT_DISPATCH_FLOATING(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::ScalarType::Half, at::ScalarType::BFloat16, TYPE, NAME, __VA_ARGS__)
 
-inline void check_floating(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_TYPE(at::isFloatingType(t.scalar_type()), name,
-                   " must be a floating-point tensor (float32, float16, bfloat16 or float64), got ",
-                   t.scalar_type());
+// `what` names the argument's kind in the message: a tensor, or a dtype argument ("type").
+inline void check_floating(at::ScalarType dtype, const char* name, const char* what = "tensor") {
+  TORCH_CHECK_TYPE(at::isFloatingType(dtype), name, " must be a floating-point ", what,
+                   " (float32, float16, bfloat16 or float64), got ", dtype);
 }
+
+inline void check_floating(const at::Tensor& t, const char* name) { check_floating(t.scalar_type(), name); }
 
 inline void check_cuda_dtype(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.scalar_type() != at::kDouble, name,

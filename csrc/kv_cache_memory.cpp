@@ -28,7 +28,7 @@ at::Tensor empty_kv_cache(at::IntArrayRef size, at::ScalarType dtype, at::Device
   // The caches gqa_attention_with_kvcache reads are floating point; under the test suite's
   // LLAMA_EXT_POISON_OUTPUTS=1 a fresh cache starts as NaN, so that a kernel that reads a slot
   // nothing wrote fails.
-  TORCH_CHECK_VALUE(at::isFloatingType(dtype), "empty_kv_cache: dtype must be a floating-point type, got ", dtype);
+  check_floating(dtype, "empty_kv_cache: dtype", "type");
   const auto options = at::TensorOptions().dtype(dtype).device(device);
   if (device.is_cpu()) return cpu::scratch(size, options);
   return new_output(at::empty(size, options));

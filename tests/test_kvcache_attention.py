@@ -1058,7 +1058,7 @@ def test_empty_kv_cache(device):
     assert llama_ext.empty_kv_cache([4]).dtype == torch.get_default_dtype()
     with pytest.raises(ValueError, match=r"size\[1\] = -1 is negative"):
         llama_ext.empty_kv_cache((2, -1), torch.float32, device)
-    with pytest.raises(ValueError, match="dtype must be a floating-point type, got Int"):
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point type \(float32, float16, bfloat16 or float64\), got Int"):
         llama_ext.empty_kv_cache((2, 3), torch.int32, device)
     for size in ([2, 3], [4, 1024, 8, 128]):
         opcheck(torch.ops.llama_ext.empty_kv_cache, (size, torch.float32, torch.device(device)),
